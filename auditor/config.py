@@ -1,0 +1,429 @@
+"""Typed configuration: one TOML file plus `AUDITOR_<SECTION>__<KEY>` environment overrides, validated once.
+
+Secrets (the Katapult token, the API token, webhook URLs, routing keys, passwords) are `SecretStr`: their repr
+and str are masked, so they cannot reach a log line or an error message by accident.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from auditor.errors import ConfigError
+
+ENV_PREFIX = "AUDITOR_"
+CONFIG_ENV = "AUDITOR_CONFIG"
+TOKEN_ENV = "KATAPULT_API_TOKEN"
+DEFAULT_CONFIG_PATH = Path("config/auditor.toml")
+
+# Rule ids are a public contract (waivers, alerts and reports use them). They are listed here, not imported from
+# the domain, because config may import nothing of ours but errors; a test checks both lists agree.
+RULE_IDS = (
+    "unprotected-disk",
+    "retention-below-minimum",
+    "retention-window-too-short",
+    "interval-too-infrequent",
+    "schedule-stale",
+    "disk-not-found",
+    "disk-in-trash",
+)
+SEVERITIES = ("low", "medium", "high", "critical")
+INTERVALS = ("hourly", "daily", "weekly", "monthly")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """Returns a timedelta from "90s", "15m", "2h", "7d", a bare number of seconds or a timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 90s, 15m, 2h or 7d")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2) or "s"])
+    raise ValueError(f"expected a duration like 90s, 15m, 2h or 7d, got {value!r}")
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+SeverityName = Literal["low", "medium", "high", "critical"]
+IntervalName = Literal["hourly", "daily", "weekly", "monthly"]
+GroupLabel = Literal["rule", "severity", "disk_id"]
+
+
+class Section(BaseModel):
+    """A config table: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _read_secret_file(path: str, key: str) -> SecretStr:
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError([f"{key}: cannot read {path}: {exc.strerror}"]) from None
+    if not text:
+        raise ConfigError([f"{key}: {path} is empty"])
+    return SecretStr(text)
+
+
+class KatapultSettings(Section):
+    """[katapult]: where and how fast to talk to Katapult."""
+
+    api_url: str = "https://api.katapult.io/core/v1"
+    api_token_file: str = ""
+    timeout_seconds: float = Field(default=30, gt=0, le=600)
+    max_requests_per_minute: int = Field(default=1000, gt=0)
+    max_concurrency: int = Field(default=8, ge=1, le=64)
+    per_page: int = Field(default=200, ge=1, le=200)
+    max_attempts: int = Field(default=6, ge=1, le=20)
+
+    @field_validator("api_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http(s) URL like https://api.katapult.io/core/v1")
+        return value.rstrip("/")
+
+    def token(self) -> SecretStr:
+        """Returns the Katapult API token from `api_token_file` or env KATAPULT_API_TOKEN; ConfigError if unset."""
+        if self.api_token_file:
+            return _read_secret_file(self.api_token_file, "katapult.api_token_file")
+        value = os.environ.get(TOKEN_ENV, "").strip()
+        if not value:
+            raise ConfigError(
+                [f"katapult token: not set (set env {TOKEN_ENV} or katapult.api_token_file)"]
+            )
+        return SecretStr(value)
+
+
+class DatabaseSettings(Section):
+    """[database]: SQLite file (embedded default) or PostgreSQL."""
+
+    url: SecretStr = SecretStr("sqlite:///auditor.db")
+    auto_migrate: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", raw):
+            raise ValueError("must start with sqlite:/// or postgresql+psycopg://")
+        return value
+
+
+class AuditSettings(Section):
+    """[audit]: what to audit and how often."""
+
+    interval: Duration = timedelta(minutes=15)
+    disks: list[str] = Field(default_factory=list)
+    organizations: list[str] = Field(default_factory=list)
+    jitter: Duration = timedelta(seconds=10)
+
+    @field_validator("interval")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=1):
+            raise ValueError("must be at least 1s")
+        return value
+
+    @field_validator("disks", "organizations")
+    @classmethod
+    def _ids(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not item.strip() or any(c.isspace() for c in item):
+                raise ValueError(f"{item!r} is not a valid id")
+        return list(dict.fromkeys(value))
+
+
+class DaemonSettings(Section):
+    """[daemon]: the long-running service."""
+
+    shutdown_grace: Duration = timedelta(seconds=20)
+    db_retry_max: Duration = timedelta(seconds=60)
+
+
+class ApiSettings(Section):
+    """[api]: the HTTP reports API."""
+
+    listen: str = "127.0.0.1:8080"
+    token_file: str = ""
+    token: SecretStr | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
+        return value
+
+    @property
+    def host(self) -> str:
+        """Returns the listen host (brackets stripped from IPv6)."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        """Returns the listen port."""
+        return int(self.listen.rpartition(":")[2])
+
+    def resolved_token(self) -> SecretStr | None:
+        """Returns the bearer token that guards /api/*, or None when the API is open."""
+        if self.token_file:
+            return _read_secret_file(self.token_file, "api.token_file")
+        if self.token is not None and self.token.get_secret_value():
+            return self.token
+        return None
+
+
+class RuleOverride(Section):
+    """[[rules.overrides]]: stricter or looser parameters for some disks."""
+
+    disks: list[str] = Field(min_length=1)
+    min_retention: int | None = Field(default=None, ge=0)
+    min_retention_days: float | None = Field(default=None, ge=0)
+    max_interval: IntervalName | None = None
+    stale_grace: Duration | None = None
+
+
+class RulesSettings(Section):
+    """[rules]: compliance thresholds."""
+
+    min_retention: int = Field(default=7, ge=0)
+    min_retention_days: float = Field(default=7, ge=0)
+    max_interval: IntervalName = "daily"
+    stale_grace: Duration = timedelta(hours=1)
+    severity: dict[str, SeverityName] = Field(default_factory=dict)
+    disabled: list[str] = Field(default_factory=list)
+    overrides: list[RuleOverride] = Field(default_factory=list)
+
+    @field_validator("severity")
+    @classmethod
+    def _known_rules(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(RULE_IDS))
+        if unknown:
+            raise ValueError(f"unknown rule id(s) {', '.join(unknown)}; known: {', '.join(RULE_IDS)}")
+        return value
+
+    @field_validator("disabled")
+    @classmethod
+    def _known_disabled(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(RULE_IDS))
+        if unknown:
+            raise ValueError(f"unknown rule id(s) {', '.join(unknown)}; known: {', '.join(RULE_IDS)}")
+        return value
+
+
+class NotifierCommon(Section):
+    """Options every notifier has."""
+
+    name: str = Field(min_length=1)
+    min_severity: SeverityName = "high"
+    rules: list[str] = Field(default_factory=list)
+    send_resolved: bool = True
+    group_by: list[GroupLabel] = Field(default_factory=lambda: list[GroupLabel](["rule"]))
+    repeat_interval: Duration = timedelta(hours=4)
+    timeout_seconds: float = Field(default=10, gt=0, le=120)
+
+    @field_validator("rules")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        known = set(RULE_IDS) | {"audit-incomplete"}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown rule id(s) {', '.join(unknown)}")
+        return value
+
+
+class WebhookNotifier(NotifierCommon):
+    """An Alertmanager-format webhook (payload version 4)."""
+
+    kind: Literal["webhook"]
+    url: SecretStr
+    secret: SecretStr | None = None
+
+
+class AlertmanagerNotifier(NotifierCommon):
+    """An existing Alertmanager, fed through POST /api/v2/alerts."""
+
+    kind: Literal["alertmanager"]
+    url: SecretStr
+
+
+class PagerDutyNotifier(NotifierCommon):
+    """PagerDuty Events API v2."""
+
+    kind: Literal["pagerduty"]
+    routing_key: SecretStr
+    events_url: str = "https://events.pagerduty.com/v2/enqueue"
+
+
+class SlackNotifier(NotifierCommon):
+    """A Slack incoming webhook."""
+
+    kind: Literal["slack"]
+    webhook_url: SecretStr
+
+
+class EmailNotifier(NotifierCommon):
+    """Mail over SMTP."""
+
+    kind: Literal["email"]
+    host: str = Field(min_length=1)
+    port: int = Field(default=587, ge=1, le=65535)
+    from_: str = Field(alias="from", min_length=3)
+    to: list[str] = Field(min_length=1)
+    username: str = ""
+    password: SecretStr | None = None
+    security: Literal["starttls", "tls", "none"] = "starttls"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+NotifierSettings = Annotated[
+    WebhookNotifier | AlertmanagerNotifier | PagerDutyNotifier | SlackNotifier | EmailNotifier,
+    Field(discriminator="kind"),
+]
+
+
+class LogSettings(Section):
+    """[log]: level and format (json when not on a terminal, unless set)."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+class Settings(BaseSettings):
+    """The whole configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        nested_model_default_partial_update=True,
+    )
+
+    katapult: KatapultSettings = KatapultSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    audit: AuditSettings = AuditSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    api: ApiSettings = ApiSettings()
+    rules: RulesSettings = RulesSettings()
+    waivers: list[dict[str, Any]] = Field(default_factory=list)
+    notifiers: list[NotifierSettings] = Field(default_factory=list)
+    log: LogSettings = LogSettings()
+
+    @model_validator(mode="after")
+    def _unique_notifier_names(self) -> Settings:
+        names = [n.name for n in self.notifiers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"notifier names must be unique: {', '.join(dupes)}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file (init_settings carries the parsed TOML).
+        return (env_settings, init_settings)
+
+
+def _env_name(loc: tuple[str | int, ...]) -> str | None:
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    if not parts or any(isinstance(p, int) for p in loc):
+        return None
+    return ENV_PREFIX + "__".join(p.upper() for p in parts)
+
+
+_NOTIFIER_KINDS = {"webhook", "alertmanager", "pagerduty", "slack", "email"}
+
+
+def _format_loc(loc: tuple[str | int, ...]) -> tuple[str, tuple[str | int, ...]]:
+    out = ""
+    clean: list[str | int] = []
+    for i, part in enumerate(loc):
+        # Discriminated unions add the tag to the location; drop it so the key reads as written.
+        if i >= 2 and loc[0] == "notifiers" and isinstance(loc[i - 1], int) and part in _NOTIFIER_KINDS:
+            continue
+        if part == "from_":
+            part = "from"
+        clean.append(part)
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out, tuple(clean)
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """Returns one line per problem, naming the key and the env var that sets it."""
+    lines = []
+    for err in exc.errors():
+        key, clean = _format_loc(tuple(err["loc"]))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required value is missing"
+        elif err["type"] == "union_tag_invalid":
+            msg = f"unknown notifier kind; known: {', '.join(sorted(_NOTIFIER_KINDS))}"
+        env = _env_name(clean)
+        lines.append(f"{key or '(top level)'}: {msg}" + (f" (env {env})" if env else ""))
+    return lines
+
+
+def resolve_config_path(path: str | Path | None) -> Path | None:
+    """Returns the config file to read: the argument, else $AUDITOR_CONFIG, else config/auditor.toml if present."""
+    if path:
+        return Path(path)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Returns validated settings from the TOML file and environment, or raises ConfigError (one line a problem)."""
+    resolved = resolve_config_path(path)
+    data: dict[str, Any] = {}
+    if resolved is not None:
+        try:
+            with resolved.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError([f"config file {resolved}: not found"]) from None
+        except OSError as exc:
+            raise ConfigError([f"config file {resolved}: cannot read ({exc.strerror})"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"config file {resolved}: not valid TOML: {exc}"]) from None
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None

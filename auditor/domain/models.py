@@ -1,0 +1,228 @@
+"""Frozen domain objects shared by every layer: disks, backup policies, snapshots, findings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+
+class Interval(StrEnum):
+    """A backup policy's schedule interval, as Katapult names it."""
+
+    HOURLY = "hourly"
+    DAILY = "daily"
+    WEEKLY = "weekly"
+    MONTHLY = "monthly"
+
+    @property
+    def rank(self) -> int:
+        """Returns 0 for the most frequent interval, 3 for the least frequent."""
+        return _INTERVAL_ORDER.index(self)
+
+    @property
+    def length(self) -> timedelta:
+        """Returns the nominal time between two backups (a month counts as 30 days)."""
+        return _INTERVAL_LENGTH[self]
+
+
+_INTERVAL_ORDER = (Interval.HOURLY, Interval.DAILY, Interval.WEEKLY, Interval.MONTHLY)
+_INTERVAL_LENGTH = {
+    Interval.HOURLY: timedelta(hours=1),
+    Interval.DAILY: timedelta(days=1),
+    Interval.WEEKLY: timedelta(days=7),
+    Interval.MONTHLY: timedelta(days=30),
+}
+
+
+class Severity(StrEnum):
+    """How bad a finding is; ordered low < medium < high < critical."""
+
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+    @property
+    def rank(self) -> int:
+        """Returns 0 for low up to 3 for critical."""
+        return _SEVERITY_ORDER.index(self)
+
+
+_SEVERITY_ORDER = (Severity.LOW, Severity.MEDIUM, Severity.HIGH, Severity.CRITICAL)
+
+
+class TargetType(StrEnum):
+    """What a backup policy is attached to (`target.type` on the wire)."""
+
+    DISK = "Disk"
+    VIRTUAL_MACHINE = "VirtualMachine"
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """When a policy runs: its interval and the next planned run (None if Katapult sent none)."""
+
+    interval: Interval
+    next_invocation_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class BackupPolicy:
+    """One disk backup policy as listed by Katapult."""
+
+    id: str
+    retention: int
+    target_type: TargetType
+    target_id: str
+    schedule: Schedule
+    target_name: str | None = None
+    total_size: float | None = None
+
+    def settings_hash(self) -> str:
+        """Returns a hash of the settings that define the policy (not its moving schedule or size)."""
+        raw = f"{self.retention}|{self.schedule.interval.value}|{self.target_type.value}|{self.target_id}"
+        return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Disk:
+    """A disk as Katapult describes it; `vm_id` is the VM it is attached to, if any."""
+
+    id: str
+    name: str | None = None
+    vm_id: str | None = None
+    vm_fqdn: str | None = None
+    state: str | None = None
+    size_in_gb: int | None = None
+
+
+class ReadOutcome(StrEnum):
+    """How reading one disk's policies went in one run."""
+
+    OK = "ok"  # policies were read completely
+    NOT_FOUND = "not_found"  # 404 disk_not_found: a definite answer
+    IN_TRASH = "in_trash"  # 406 object_in_trash: a definite answer
+    UNKNOWN = "unknown"  # could not be read (5xx, timeout, 403, malformed): no verdict
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSnapshot:
+    """What one run learned about one disk: the policies covering it, or why it could not be read."""
+
+    disk: Disk
+    outcome: ReadOutcome
+    policies: tuple[BackupPolicy, ...] = ()
+    error_code: str | None = None
+    error_message: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def disk_id(self) -> str:
+        """Returns the disk's id."""
+        return self.disk.id
+
+
+def fingerprint(rule: str, disk_id: str, policy_id: str | None) -> str:
+    """Returns the stable identity of a finding: 16 hex chars of sha256(rule, disk, policy).
+
+    This derivation is a public contract (alerts dedup on it): never change it.
+    """
+    raw = f"{rule}\x1f{disk_id}\x1f{policy_id or ''}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One rule violation produced by evaluating one disk snapshot."""
+
+    rule: str
+    disk_id: str
+    policy_id: str | None
+    severity: Severity
+    message: str
+    observed: dict[str, Any] = field(default_factory=dict)
+    expected: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """Returns the finding's stable fingerprint."""
+        return fingerprint(self.rule, self.disk_id, self.policy_id)
+
+
+class FindingStatus(StrEnum):
+    """Where a finding is in its lifecycle."""
+
+    OPEN = "open"
+    WAIVED = "waived"
+    RESOLVED = "resolved"
+
+
+@dataclass(frozen=True, slots=True)
+class Waiver:
+    """An accepted finding: applies to `rule` on `disk_id` (and `policy_id` if set) until `expires` (inclusive)."""
+
+    rule: str
+    disk_id: str
+    reason: str
+    owner: str
+    expires: date
+    policy_id: str | None = None
+
+    def matches(self, finding: Finding) -> bool:
+        """Returns whether this waiver covers the finding (ignoring expiry)."""
+        if finding.rule != self.rule or finding.disk_id != self.disk_id:
+            return False
+        return self.policy_id is None or self.policy_id == finding.policy_id
+
+    def is_valid(self, *, now: datetime) -> bool:
+        """Returns whether the waiver still applies at `now` (it lasts through its expiry day, UTC)."""
+        return now.date() <= self.expires
+
+    def as_dict(self) -> dict[str, Any]:
+        """Returns the waiver as a JSON-ready dict (the report's `waiver` object)."""
+        return {
+            "rule": self.rule,
+            "disk_id": self.disk_id,
+            "policy_id": self.policy_id,
+            "reason": self.reason,
+            "owner": self.owner,
+            "expires": self.expires.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class WaiverProblem:
+    """A configured waiver that does not apply (malformed or expired), with why."""
+
+    index: int
+    problem: str
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedFinding:
+    """A finding as stored: the last evaluation plus its lifecycle state."""
+
+    fingerprint: str
+    rule: str
+    disk_id: str
+    policy_id: str | None
+    severity: Severity
+    status: FindingStatus
+    message: str
+    observed: dict[str, Any]
+    expected: dict[str, Any]
+    first_seen: datetime
+    last_seen: datetime
+    opened_at: datetime
+    resolved_at: datetime | None = None
+    waiver: dict[str, Any] | None = None
+
+
+def stable_json(value: Any) -> str:
+    """Returns a canonical JSON string (sorted keys) for hashing and comparison."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

@@ -1,0 +1,249 @@
+"""Compliance rules: pure functions over one disk snapshot, its rule parameters and `now`.
+
+Rule ids are a public contract (waivers, alerts and reports use them): never rename one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from auditor.domain.models import (
+    BackupPolicy,
+    DiskSnapshot,
+    Finding,
+    Interval,
+    ReadOutcome,
+    Severity,
+)
+
+UNPROTECTED_DISK = "unprotected-disk"
+RETENTION_BELOW_MINIMUM = "retention-below-minimum"
+RETENTION_WINDOW_TOO_SHORT = "retention-window-too-short"
+INTERVAL_TOO_INFREQUENT = "interval-too-infrequent"
+SCHEDULE_STALE = "schedule-stale"
+DISK_NOT_FOUND = "disk-not-found"
+DISK_IN_TRASH = "disk-in-trash"
+
+
+@dataclass(frozen=True, slots=True)
+class RuleParams:
+    """The thresholds one disk is judged against."""
+
+    min_retention: int = 7
+    min_retention_days: float = 7
+    max_interval: Interval = Interval.DAILY
+    stale_grace: timedelta = timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    """Default parameters, per-disk overrides, per-rule severities and disabled rules."""
+
+    default: RuleParams = RuleParams()
+    overrides: Mapping[str, RuleParams] = field(default_factory=dict)
+    severity: Mapping[str, Severity] = field(default_factory=dict)
+    disabled: frozenset[str] = frozenset()
+
+    def params_for(self, disk_id: str) -> RuleParams:
+        """Returns the parameters that apply to `disk_id` (its override, else the defaults)."""
+        return self.overrides.get(disk_id, self.default)
+
+    def severity_of(self, rule: str) -> Severity:
+        """Returns the configured severity of `rule`, else its default."""
+        return self.severity.get(rule) or RULES[rule].severity
+
+
+def _days(delta: timedelta) -> float:
+    return delta.total_seconds() / 86400
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+PolicyCheck = Callable[[BackupPolicy, RuleParams, datetime], tuple[str, dict[str, Any], dict[str, Any]] | None]
+
+
+def check_retention_below_minimum(
+    policy: BackupPolicy, params: RuleParams, now: datetime
+) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    """Returns (message, observed, expected) when the policy keeps fewer backups than `min_retention`."""
+    if policy.retention >= params.min_retention:
+        return None
+    return (
+        f"policy {policy.id} keeps {policy.retention} backups, fewer than the required {params.min_retention}",
+        {"retention": policy.retention},
+        {"min_retention": params.min_retention},
+    )
+
+
+def check_retention_window(
+    policy: BackupPolicy, params: RuleParams, now: datetime
+) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    """Returns a violation when retention × interval length is shorter than `min_retention_days`."""
+    window = policy.retention * policy.schedule.interval.length
+    if _days(window) >= params.min_retention_days:
+        return None
+    return (
+        f"policy {policy.id} covers {_days(window):g} days ({policy.retention} × {policy.schedule.interval.value}),"
+        f" less than the required {params.min_retention_days:g} days",
+        {"retention": policy.retention, "interval": policy.schedule.interval.value, "window_days": _days(window)},
+        {"min_retention_days": params.min_retention_days},
+    )
+
+
+def check_interval(
+    policy: BackupPolicy, params: RuleParams, now: datetime
+) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    """Returns a violation when the policy runs less often than `max_interval`."""
+    if policy.schedule.interval.rank <= params.max_interval.rank:
+        return None
+    return (
+        f"policy {policy.id} runs {policy.schedule.interval.value}, less often than the required"
+        f" {params.max_interval.value}",
+        {"interval": policy.schedule.interval.value},
+        {"max_interval": params.max_interval.value},
+    )
+
+
+def check_schedule_stale(
+    policy: BackupPolicy, params: RuleParams, now: datetime
+) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    """Returns a violation when `next_invocation_at` is before `now - stale_grace` (or missing)."""
+    due = policy.schedule.next_invocation_at
+    grace_s = params.stale_grace.total_seconds()
+    if due is None:
+        # No planned run at all is the same failure as a missed one: nothing will back this disk up.
+        return (
+            f"policy {policy.id} has no next scheduled run",
+            {"next_invocation_at": None},
+            {"next_invocation_at_after": _iso(now - params.stale_grace), "stale_grace_seconds": grace_s},
+        )
+    if due >= now - params.stale_grace:
+        return None
+    late = now - due
+    return (
+        f"policy {policy.id} was due at {_iso(due)} and has not run ({_hours(late)} overdue)",
+        {"next_invocation_at": _iso(due), "overdue_seconds": late.total_seconds()},
+        {"next_invocation_at_after": _iso(now - params.stale_grace), "stale_grace_seconds": grace_s},
+    )
+
+
+def _hours(delta: timedelta) -> str:
+    minutes = int(delta.total_seconds() // 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A rule's id, default severity, one-line description and (for per-policy rules) its check."""
+
+    id: str
+    severity: Severity
+    description: str
+    check: PolicyCheck | None = None
+
+
+# The registry: literal, greppable, ordered as reports list them.
+RULES: dict[str, Rule] = {
+    r.id: r
+    for r in (
+        Rule(UNPROTECTED_DISK, Severity.CRITICAL, "no backup policy covers the disk or its VM"),
+        Rule(
+            RETENTION_BELOW_MINIMUM,
+            Severity.MEDIUM,
+            "a policy keeps fewer backups than rules.min_retention",
+            check_retention_below_minimum,
+        ),
+        Rule(
+            RETENTION_WINDOW_TOO_SHORT,
+            Severity.MEDIUM,
+            "retention × interval is shorter than rules.min_retention_days",
+            check_retention_window,
+        ),
+        Rule(
+            INTERVAL_TOO_INFREQUENT,
+            Severity.MEDIUM,
+            "a policy runs less often than rules.max_interval",
+            check_interval,
+        ),
+        Rule(
+            SCHEDULE_STALE,
+            Severity.HIGH,
+            "next_invocation_at is older than rules.stale_grace: the scheduled backup did not run",
+            check_schedule_stale,
+        ),
+        Rule(DISK_NOT_FOUND, Severity.HIGH, "a configured disk does not exist (404 disk_not_found)"),
+        Rule(DISK_IN_TRASH, Severity.HIGH, "a configured disk is in the trash (406 object_in_trash)"),
+    )
+}
+
+_POLICY_RULES = tuple(r for r in RULES.values() if r.check is not None)
+
+
+def evaluate(snapshot: DiskSnapshot, rules: RuleSet, *, now: datetime) -> list[Finding]:
+    """Returns the findings for one disk snapshot; an unknown snapshot yields none (it has no verdict)."""
+    disk_id = snapshot.disk_id
+
+    def make(rule: str, policy_id: str | None, message: str, obs: dict[str, Any], exp: dict[str, Any]) -> Finding:
+        return Finding(rule, disk_id, policy_id, rules.severity_of(rule), message, obs, exp)
+
+    if snapshot.outcome is ReadOutcome.UNKNOWN:
+        return []
+    if snapshot.outcome is ReadOutcome.NOT_FOUND:
+        if DISK_NOT_FOUND in rules.disabled:
+            return []
+        return [make(DISK_NOT_FOUND, None, f"disk {disk_id} does not exist", {"error": "disk_not_found"}, {})]
+    if snapshot.outcome is ReadOutcome.IN_TRASH:
+        if DISK_IN_TRASH in rules.disabled:
+            return []
+        trash = snapshot.detail.get("trash_object") or {}
+        keep = trash.get("keep_until") if isinstance(trash, dict) else None
+        msg = f"disk {disk_id} is in the trash" + (f" until {keep}" if keep else "")
+        return [make(DISK_IN_TRASH, None, msg, {"error": "object_in_trash", "keep_until": keep}, {})]
+
+    params = rules.params_for(disk_id)
+    findings: list[Finding] = []
+    if not snapshot.policies:
+        if UNPROTECTED_DISK not in rules.disabled:
+            vm = snapshot.disk.vm_id
+            where = f" or its VM {vm}" if vm else ""
+            findings.append(
+                make(
+                    UNPROTECTED_DISK,
+                    None,
+                    f"no backup policy covers disk {disk_id}{where}",
+                    {"policies": 0, "vm_id": vm},
+                    {"policies": ">= 1"},
+                )
+            )
+        return findings
+    for policy in sorted(snapshot.policies, key=lambda p: p.id):
+        for rule in _POLICY_RULES:
+            if rule.id in rules.disabled or rule.check is None:
+                continue
+            hit = rule.check(policy, params, now)
+            if hit is not None:
+                message, observed, expected = hit
+                observed = {"target": f"{policy.target_type.value}:{policy.target_id}", **observed}
+                findings.append(make(rule.id, policy.id, message, observed, expected))
+    return findings
+
+
+def build_ruleset(
+    *,
+    default: RuleParams,
+    overrides: Sequence[tuple[Sequence[str], Mapping[str, Any]]] = (),
+    severity: Mapping[str, Severity] | None = None,
+    disabled: Sequence[str] = (),
+) -> RuleSet:
+    """Returns a RuleSet; each override is (disk ids, changed params) applied over the defaults, later wins."""
+    per_disk: dict[str, RuleParams] = {}
+    for disks, changes in overrides:
+        for disk_id in disks:
+            per_disk[disk_id] = replace(per_disk.get(disk_id, default), **dict(changes))
+    return RuleSet(default, per_disk, dict(severity or {}), frozenset(disabled))

@@ -1,0 +1,157 @@
+"""The one error tree of the auditor.
+
+AuditorError
+├── ConfigError                 bad or missing configuration (exit 78)
+├── KatapultError               anything that went wrong talking to Katapult
+│   ├── KatapultAPIError        the API answered with a wrapped error body
+│   │   ├── NotFoundError       404 disk_not_found / organization_not_found / … (permanent)
+│   │   ├── InTrashError        406 object_in_trash (permanent)
+│   │   ├── AuthError           403 invalid_api_token / scope_not_granted / … and 400 missing_api_token (permanent)
+│   │   ├── InvalidRequestError 400 invalid_argument (permanent)
+│   │   ├── RateLimitedError    429 rate_limit_reached (retried)
+│   │   └── UnavailableError    500 / 503 / other 5xx (retried)
+│   ├── KatapultResponseError   the body is not the documented shape (missing field, wrong type, not JSON)
+│   └── KatapultTransportError  timeout, connection refused, protocol error (retried)
+├── StoreError                  the database could not be reached or refused the work
+└── NotifyError                 a notifier could not deliver (carries `permanent`)
+
+Errors carry fields (`code`, `status_code`, `target`, `permanent`) so callers branch on data, never on messages.
+Messages never contain a token, a webhook URL or a password.
+"""
+
+from __future__ import annotations
+
+
+class AuditorError(Exception):
+    """Root of every error the auditor raises on purpose."""
+
+
+class ConfigError(AuditorError):
+    """Configuration is invalid; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class KatapultError(AuditorError):
+    """Talking to Katapult failed."""
+
+    permanent: bool = False
+    code: str = "katapult_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        target: str | None = None,
+        endpoint: str | None = None,
+        status_code: int | None = None,
+    ) -> None:
+        self.target = target
+        self.endpoint = endpoint
+        self.status_code = status_code
+        super().__init__(message)
+
+
+class KatapultAPIError(KatapultError):
+    """Katapult answered with a `{"error": {code, description, detail}}` body."""
+
+    permanent = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        status_code: int,
+        detail: dict[str, object] | None = None,
+        target: str | None = None,
+        endpoint: str | None = None,
+    ) -> None:
+        super().__init__(message, target=target, endpoint=endpoint, status_code=status_code)
+        self.code = code
+        self.detail = detail or {}
+
+
+class NotFoundError(KatapultAPIError):
+    """404: the disk, organization or VM does not exist (or the route does not)."""
+
+
+class InTrashError(KatapultAPIError):
+    """406 object_in_trash: the object is in the trash; `detail["trash_object"]` says until when."""
+
+
+class AuthError(KatapultAPIError):
+    """The token is missing, invalid, lacks a scope or is used from a network it is not allowed from."""
+
+
+class InvalidRequestError(KatapultAPIError):
+    """400 invalid_argument: the request itself is wrong; retrying will not help."""
+
+
+class RateLimitedError(KatapultAPIError):
+    """429 rate_limit_reached; `detail["total_permitted"]` is the per-minute budget."""
+
+    permanent = False
+
+    def __init__(self, *args: object, retry_after: float | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class UnavailableError(KatapultAPIError):
+    """500 unhandled_exception, 503 service_unavailable or any other 5xx."""
+
+    permanent = False
+
+
+class KatapultResponseError(KatapultError):
+    """The response does not have the documented shape; names the endpoint, target and field."""
+
+    code = "malformed_response"
+    permanent = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        target: str | None = None,
+        endpoint: str | None = None,
+        status_code: int | None = None,
+    ) -> None:
+        super().__init__(message, target=target, endpoint=endpoint, status_code=status_code)
+        self.field = field
+
+
+class KatapultTransportError(KatapultError):
+    """Timeout, refused connection or broken response stream; retried."""
+
+    code = "transport_error"
+    permanent = False
+
+    def __init__(self, message: str, *, kind: str = "transport_error", **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.code = kind
+
+
+class StoreError(AuditorError):
+    """The database is unreachable or refused the work."""
+
+
+class NotifyError(AuditorError):
+    """A notifier could not deliver; `permanent` says whether retrying can help."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool,
+        status_code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.status_code = status_code
+        self.retry_after = retry_after
