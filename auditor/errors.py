@@ -101,9 +101,13 @@ class RateLimitedError(KatapultAPIError):
 
 
 class UnavailableError(KatapultAPIError):
-    """500 unhandled_exception, 503 service_unavailable or any other 5xx."""
+    """500 unhandled_exception, 503 service_unavailable or any other 5xx; `retry_after` from the header, if any."""
 
     permanent = False
+
+    def __init__(self, *args: object, retry_after: float | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.retry_after = retry_after
 
 
 class KatapultResponseError(KatapultError):

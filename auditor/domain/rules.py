@@ -88,7 +88,7 @@ def check_retention_window(
     if _days(window) >= params.min_retention_days:
         return None
     return (
-        f"policy {policy.id} covers {_days(window):g} days ({policy.retention} × {policy.schedule.interval.value}),"
+        f"policy {policy.id} covers {_days(window):.3g} days ({policy.retention} × {policy.schedule.interval.value}),"
         f" less than the required {params.min_retention_days:g} days",
         {"retention": policy.retention, "interval": policy.schedule.interval.value, "window_days": _days(window)},
         {"min_retention_days": params.min_retention_days},

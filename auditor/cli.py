@@ -1,0 +1,456 @@
+"""The `auditor` command line: loads config once, runs a use case, maps errors to exit codes.
+
+Exit codes: 0 ok / compliant, 1 open findings (audit), 2 a run was partial or failed or the database could not
+be used, 78 configuration error (EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from auditor import __version__
+from auditor.config import Settings, load_settings
+from auditor.errors import AuditorError, ConfigError, StoreError
+
+EXIT_OK, EXIT_FINDINGS, EXIT_INCOMPLETE, EXIT_CONFIG = 0, 1, 2, 78
+SEVERITY_CHOICES = ["low", "medium", "high", "critical"]
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _out() -> Console:
+    # Piped output (CI logs, files) gets a wide table rather than rich's 80-column default.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 180)
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def config_option(fn: F) -> F:
+    """Adds --config to a command."""
+    return click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        help="Config file (TOML). Default: $AUDITOR_CONFIG, else config/auditor.toml if present, else built-ins.",
+    )(fn)
+
+
+def fail_config(err: ConfigError) -> None:
+    """Prints one line per problem and exits 78."""
+    console = _err()
+    for line in err.problems:
+        console.print(f"config error: {line}", markup=False)
+    sys.exit(EXIT_CONFIG)
+
+
+def load(config_path: Path | None) -> Settings:
+    """Returns settings or exits 78 with one line per problem."""
+    try:
+        return load_settings(config_path)
+    except ConfigError as err:
+        fail_config(err)
+        raise AssertionError("unreachable") from None
+
+
+def setup_logs(settings: Settings, *, extra_secrets: tuple[str, ...] = ()) -> None:
+    """Configures logging with every configured secret registered for scrubbing."""
+    from auditor.log import setup_logging
+
+    secrets = list(extra_secrets)
+    for n in settings.notifiers:
+        for attr in ("url", "secret", "routing_key", "webhook_url", "password"):
+            value = getattr(n, attr, None)
+            if value is not None and hasattr(value, "get_secret_value"):
+                secrets.append(value.get_secret_value())
+    if settings.api.token is not None:
+        secrets.append(settings.api.token.get_secret_value())
+    secrets.append(settings.database.url.get_secret_value())
+    setup_logging(level=settings.log.level, fmt=settings.log.format, secrets=secrets)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Runs a coroutine; expected failures print one clear line and exit 78 or 2, never a traceback."""
+    try:
+        return asyncio.run(coro)
+    except ConfigError as err:
+        fail_config(err)
+    except StoreError as err:
+        _err().print(f"database error: {err}", markup=False)
+        sys.exit(EXIT_INCOMPLETE)
+    except AuditorError as err:
+        _err().print(f"error: {err}", markup=False)
+        sys.exit(EXIT_INCOMPLETE)
+    except KeyboardInterrupt:
+        _err().print("interrupted")
+        sys.exit(130)
+    raise AssertionError("unreachable")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="auditor")
+def main() -> None:
+    """Backup-policy compliance auditor for the Katapult cloud.
+
+    Reads disk backup policies from Katapult, judges them against compliance rules, keeps findings with a
+    lifecycle in a database, serves reports and alerts on-call channels.
+
+    Configuration: a TOML file (--config, $AUDITOR_CONFIG or config/auditor.toml), every key overridable by
+    AUDITOR_<SECTION>__<KEY>; the Katapult token comes from $KATAPULT_API_TOKEN or katapult.api_token_file.
+    """
+
+
+# ---- check-config ---------------------------------------------------------------------------------------
+
+
+@main.command("check-config")
+@config_option
+def check_config(config_path: Path | None) -> None:
+    """Validate the configuration and exit (0 valid, 78 invalid with one line per problem)."""
+    from auditor.daemon import waivers_from
+
+    settings = load(config_path)
+    console = _out()
+    try:
+        settings.katapult.token()
+        token_note = "set"
+    except ConfigError as err:
+        token_note = f"not set ({err.problems[0].split('(', 1)[-1].rstrip(')')})"
+    try:
+        settings.api.resolved_token()
+    except ConfigError as err:
+        fail_config(err)
+    _, problems = waivers_from(settings)
+    console.print("configuration is valid", markup=False)
+    console.print(
+        f"  targets: {len(settings.audit.disks)} disk(s), {len(settings.audit.organizations)} organization(s); "
+        f"interval {settings.audit.interval}; notifiers: {len(settings.notifiers)}; katapult token: {token_note}",
+        markup=False,
+    )
+    for p in problems:
+        console.print(f"  warning: waivers[{p.index}] does not apply: {p.problem}", markup=False)
+
+
+# ---- audit ----------------------------------------------------------------------------------------------
+
+
+@main.command("audit")
+@config_option
+@click.option("--once", is_flag=True, help="Run one cycle and exit (the only mode of this command).")
+@click.option("--fail-on", type=click.Choice(SEVERITY_CHOICES), default=None,
+              help="Count only open findings at or above this severity for exit code 1.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              help="Summary format.")
+def audit_cmd(config_path: Path | None, once: bool, fail_on: str | None, fmt: str) -> None:
+    """Run one audit cycle against Katapult and record it.
+
+    Exit 0: complete, no open finding; 1: complete with open findings; 2: partial or failed (a target could not
+    be read; the output says which and why); 78: configuration error.
+    """
+    settings = load(config_path)
+    setup_logs(settings)
+    try:
+        settings.katapult.token()
+    except ConfigError as err:
+        fail_config(err)
+    code = run_async(_audit(settings, fail_on=fail_on, fmt=fmt))
+    sys.exit(code)
+
+
+async def _audit(settings: Settings, *, fail_on: str | None, fmt: str,
+                 transport: Any = None, print_report: bool = False) -> int:
+    from auditor.daemon import audit_once, open_runtime
+
+    if settings.audit.disks == [] and settings.audit.organizations == []:
+        raise ConfigError(["audit: nothing to audit: set audit.disks and/or audit.organizations "
+                           "(env AUDITOR_AUDIT__DISKS / AUDITOR_AUDIT__ORGANIZATIONS)"])
+    async with open_runtime(settings, transport=transport) as runtime:
+        progress, stop = _progress(len(settings.audit.disks))
+        try:
+            outcome = await audit_once(runtime, progress=progress)
+        finally:
+            stop()
+        if print_report:
+            await _print_report(runtime, "table")
+    print_outcome(outcome, fmt=fmt)
+    if outcome.status.value != "complete":
+        return EXIT_INCOMPLETE
+    threshold = SEVERITY_CHOICES.index(fail_on) if fail_on else 0
+    counted = sum(n for sev, n in outcome.open_findings.items() if SEVERITY_CHOICES.index(sev) >= threshold)
+    return EXIT_FINDINGS if counted else EXIT_OK
+
+
+def _progress(total: int) -> tuple[Any, Callable[[], None]]:
+    if total < 50 or not sys.stderr.isatty():
+        return None, lambda: None
+    from rich.progress import Progress
+
+    bar = Progress(console=_err(), transient=True)
+    task = bar.add_task("reading disks", total=total)
+    bar.start()
+    return (lambda done, _total: bar.update(task, completed=done)), bar.stop
+
+
+def print_outcome(outcome: Any, *, fmt: str) -> None:
+    """Prints a cycle's one-screen summary."""
+    if fmt == "json":
+        click.echo(json.dumps({
+            "run_id": outcome.run_id, "status": outcome.status.value, "duration_seconds": round(outcome.duration, 3),
+            "targets_checked": outcome.targets_checked, "disks_read": outcome.disks_ok,
+            "disks_unknown": outcome.disks_unknown, "api_requests": outcome.stats.requests,
+            "api_retries": outcome.stats.retries, "api_rate_limited": outcome.stats.rate_limited,
+            "findings_opened": outcome.opened, "findings_resolved": outcome.resolved,
+            "open_findings_by_severity": outcome.open_findings,
+            "errors": [e.as_dict() for e in outcome.errors],
+        }, indent=2))
+        return
+    console = _out()
+    table = Table(title=f"audit run {outcome.run_id}: {outcome.status.value}", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("duration", f"{outcome.duration:.1f}s")
+    table.add_row("targets checked", str(outcome.targets_checked))
+    table.add_row("disks read", str(outcome.disks_ok))
+    table.add_row("disks without a verdict", str(outcome.disks_unknown))
+    table.add_row("API requests (retries, 429s)",
+                  f"{outcome.stats.requests} ({outcome.stats.retries}, {outcome.stats.rate_limited})")
+    table.add_row("findings opened / resolved", f"{outcome.opened} / {outcome.resolved}")
+    for sev in reversed(SEVERITY_CHOICES):
+        if outcome.open_findings.get(sev):
+            table.add_row(f"open {sev}", str(outcome.open_findings[sev]))
+    console.print(table)
+    for e in outcome.errors[:20]:
+        console.print(f"could not read {e.target}: {e.code}: {e.message}", markup=False)
+    if len(outcome.errors) > 20:
+        console.print(f"... and {len(outcome.errors) - 20} more (see `auditor report`)")
+    for p in outcome.waiver_problems:
+        console.print(f"warning: waivers[{p.index}] does not apply: {p.problem}", markup=False)
+
+
+# ---- report / findings / history ------------------------------------------------------------------------
+
+
+@main.command("report")
+@config_option
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default="table",
+              help="Output format; json is a stable contract.")
+def report_cmd(config_path: Path | None, fmt: str) -> None:
+    """Print the current compliance report from the database (does not call Katapult)."""
+    settings = load(config_path)
+    setup_logs(settings)
+
+    async def go() -> None:
+        from auditor.daemon import open_runtime
+
+        async with open_runtime(settings, katapult=False) as runtime:
+            await _print_report(runtime, fmt)
+
+    run_async(go())
+
+
+async def _print_report(runtime: Any, fmt: str) -> None:
+    from auditor.audit import utcnow
+    from auditor.daemon import waivers_from
+    from auditor.reporting import build_report, report_csv, report_markdown
+
+    waivers, problems = waivers_from(runtime.settings)
+    report = await build_report(runtime.store, now=utcnow(), waivers=waivers, waiver_problems=problems)
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=2))
+    elif fmt == "csv":
+        click.echo(report_csv(report), nl=False)
+    elif fmt == "markdown":
+        click.echo(report_markdown(report))
+    else:
+        print_report_table(report)
+
+
+def print_report_table(report: dict[str, Any]) -> None:
+    """Prints the report as rich tables."""
+    console = _out()
+    s = report["summary"]
+    run = report["last_run"]
+    head = (f"last run {run['id']} {run['status']} at {run['finished_at']} ({run['api_requests']} requests)"
+            if run else "no audit has run yet")
+    console.print(f"[bold]Compliance report[/bold] generated {report['generated_at']}; {head}")
+    console.print(f"disks {s['disks_total']}: [green]{s['compliant']} compliant[/green], "
+                  f"[red]{s['noncompliant']} noncompliant[/red], [yellow]{s['unknown']} unknown[/yellow]; "
+                  f"{s['open_findings']} open findings, {s['waived_findings']} waived")
+    if report["findings"]:
+        table = Table(show_lines=False)
+        for col in ("severity", "rule", "disk", "policy", "status", "message"):
+            table.add_column(col, overflow="fold")
+        order = {sev: i for i, sev in enumerate(reversed(SEVERITY_CHOICES))}
+        for f in sorted(report["findings"], key=lambda f: (order[f["severity"]], f["rule"], f["disk_id"])):
+            table.add_row(f["severity"], f["rule"], f["disk_id"], f["policy_id"] or "-", f["status"], f["message"])
+        console.print(table)
+    unknown = [d for d in report["disks"] if d["status"] == "unknown"]
+    for d in unknown:
+        err = d.get("error") or {}
+        console.print(f"[yellow]unknown[/yellow] {d['disk_id']}: {err.get('code')}: {err.get('message')}",
+                      markup=True)
+    for p in report.get("waiver_problems", []):
+        console.print(f"warning: waivers[{p['index']}] does not apply: {p['problem']}", markup=False)
+    for w in report.get("expiring_waivers", []):
+        console.print(f"waiver expiring {w['expires']}: {w['rule']} on {w['disk_id']} ({w['owner']})", markup=False)
+    for d in report.get("drift", [])[:20]:
+        console.print(f"drift {d['at']} {d['disk_id']} {d['policy_id']}: {d['kind']} {d['before']} -> {d['after']}",
+                      markup=False)
+
+
+@main.command("findings")
+@config_option
+@click.option("--status", type=click.Choice(["open", "resolved", "waived", "all"]), default="open",
+              help="Which findings to list.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", help="Output format.")
+def findings_cmd(config_path: Path | None, status: str, fmt: str) -> None:
+    """List findings, including resolved ones with their resolved_at."""
+    settings = load(config_path)
+    setup_logs(settings)
+    statuses = ("open", "waived", "resolved") if status == "all" else (status,)
+
+    async def go() -> list[Any]:
+        from auditor.daemon import open_runtime
+
+        async with open_runtime(settings, katapult=False) as runtime:
+            return await runtime.store.all_findings(statuses=statuses)
+
+    from auditor.reporting import finding_json
+
+    items = [finding_json(f, with_resolution=True) for f in run_async(go())]
+    if fmt == "json":
+        click.echo(json.dumps({"findings": items}, indent=2))
+        return
+    table = Table()
+    for col in ("status", "severity", "rule", "disk", "policy", "opened", "resolved", "message"):
+        table.add_column(col, overflow="fold")
+    for f in items:
+        table.add_row(f["status"], f["severity"], f["rule"], f["disk_id"], f["policy_id"] or "-", f["opened_at"],
+                      f["resolved_at"] or "-", f["message"])
+    _out().print(table)
+
+
+@main.command("history")
+@config_option
+@click.argument("disk_id")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", help="Output format.")
+def history_cmd(config_path: Path | None, disk_id: str, fmt: str) -> None:
+    """Show a disk's policy snapshots, drift events and findings over time."""
+    settings = load(config_path)
+    setup_logs(settings)
+
+    async def go() -> dict[str, Any] | None:
+        from auditor.daemon import open_runtime
+        from auditor.reporting import disk_detail
+
+        async with open_runtime(settings, katapult=False) as runtime:
+            return await disk_detail(runtime.store, disk_id)
+
+    detail = run_async(go())
+    if detail is None:
+        _err().print(f"disk {disk_id} is not known to the auditor", markup=False)
+        sys.exit(EXIT_INCOMPLETE)
+    if fmt == "json":
+        click.echo(json.dumps(detail, indent=2))
+        return
+    console = _out()
+    d = detail["disk"]
+    console.print(f"[bold]{d['disk_id']}[/bold] {d['name'] or ''} (status {detail['status']}, source {d['source']})")
+    table = Table(title="policy snapshots")
+    for col in ("policy", "retention", "interval", "target", "from", "to"):
+        table.add_column(col)
+    for p in detail["snapshots"]:
+        table.add_row(p["policy_id"], str(p["retention"]), p["interval"], f"{p['target_type']}:{p['target_id']}",
+                      p["valid_from"], p["valid_to"] or "now")
+    console.print(table)
+    for e in detail["drift"]:
+        console.print(f"drift {e['at']} {e['policy_id']}: {e['kind']} {e['before']} -> {e['after']}", markup=False)
+    for e in detail["finding_events"]:
+        console.print(f"finding {e['at']} {e['fingerprint']}: {e['kind']}", markup=False)
+    for f in detail["findings"]:
+        console.print(f"{f['status']:>8} {f['severity']:>8} {f['rule']} {f['policy_id'] or '-'}: {f['message']}",
+                      markup=False)
+
+
+# ---- db -------------------------------------------------------------------------------------------------
+
+
+@main.group("db")
+def db_group() -> None:
+    """Database schema management (Alembic)."""
+
+
+@db_group.command("upgrade")
+@config_option
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+def db_upgrade(config_path: Path | None, revision: str) -> None:
+    """Apply migrations up to a revision."""
+    settings = load(config_path)
+    setup_logs(settings)
+    from auditor.store import engine
+
+    url = settings.database.url.get_secret_value()
+    run_async(engine.upgrade(url, revision))
+    current, head = run_async(engine.current_revision(url))
+    _out().print(f"database {engine.safe_url(url)} at revision {current} (head {head})", markup=False)
+
+
+@db_group.command("current")
+@config_option
+def db_current(config_path: Path | None) -> None:
+    """Print the database's schema revision and the code's head revision."""
+    settings = load(config_path)
+    from auditor.store import engine
+
+    url = settings.database.url.get_secret_value()
+    current, head = run_async(engine.current_revision(url))
+    _out().print(f"current {current or 'none'}; head {head}", markup=False)
+    sys.exit(EXIT_OK if current == head else EXIT_INCOMPLETE)
+
+
+# ---- fake Katapult and demo ----------------------------------------------------------------------------
+
+
+@main.command("fake-katapult")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback).")
+@click.option("--port", default=8765, show_default=True, type=int, help="Listen port (0 = any free port).")
+@click.option("--fleet", "fleet_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Fleet description (TOML or JSON). Default: the demo fleet.")
+def fake_katapult(host: str, port: int, fleet_path: Path | None) -> None:
+    """Serve the built-in fake Katapult API on a loopback port (token: fake-token)."""
+    from auditor.fake.__main__ import main as fake_main
+
+    args = ["--host", host, "--port", str(port)]
+    args += ["--fleet", str(fleet_path)] if fleet_path else ["--demo"]
+    sys.exit(fake_main(args))
+
+
+@main.command("demo")
+@click.option("--once", is_flag=True, help="Audit once, print the report and exit.")
+@click.option("--db", "db_path", default="demo.db", show_default=True, help="SQLite file for the demo.")
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, help="Where the demo daemon's API listens.")
+def demo_cmd(once: bool, db_path: str, listen: str) -> None:
+    """Audit the built-in fake Katapult's demo fleet on a local SQLite file and show the report."""
+    from auditor.demo import demo_settings, run_demo
+
+    settings = demo_settings(db_path=db_path, listen=listen)
+    setup_logs(settings, extra_secrets=("fake-token",))
+
+    def show(outcome: Any, report: dict[str, Any]) -> None:
+        print_outcome(outcome, fmt="table")
+        print_report_table(report)
+
+    sys.exit(run_async(run_demo(settings, once=once, show=show)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""`auditor demo`: the built-in fake Katapult's demo fleet, audited on a local SQLite file."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from auditor.audit import AuditOutcome
+from auditor.config import Settings
+from auditor.daemon import audit_once, open_runtime, waivers_from
+from auditor.fake import create_app, demo_fleet
+from auditor.reporting import build_report
+
+DEMO_TOKEN = "fake-token"
+DEMO_API_URL = "http://fake-katapult.invalid/core/v1"
+
+
+def demo_settings(*, db_path: str, listen: str, interval: str = "30s") -> Settings:
+    """Returns settings for the demo: the demo fleet's targets, a small page size, a short interval."""
+    _, targets = demo_fleet(now=int(time.time()))
+    data: dict[str, Any] = {
+        "katapult": {"api_url": DEMO_API_URL, "per_page": 10, "max_requests_per_minute": 6000},
+        "database": {"url": f"sqlite:///{db_path}"},
+        "audit": {"interval": interval, "disks": targets.disks, "organizations": targets.organizations,
+                  "jitter": "0s"},
+        "api": {"listen": listen},
+        "log": {"level": "warning"},
+    }
+    return Settings(**data)
+
+
+async def run_demo(settings: Settings, *, once: bool, show: Callable[[AuditOutcome, dict[str, Any]], None]) -> int:
+    """Audits the demo fleet once and shows the report; without `once`, keeps the daemon running."""
+
+    fleet, _ = demo_fleet(now=int(time.time()))
+    transport = httpx.ASGITransport(app=create_app(fleet))
+    async with open_runtime(settings, transport=transport, token=DEMO_TOKEN) as runtime:
+        outcome = await audit_once(runtime, trigger="demo")
+        waivers, problems = waivers_from(settings)
+        report = await build_report(runtime.store, now=outcome.finished_at, waivers=waivers,
+                                    waiver_problems=problems)
+        show(outcome, report)
+    return 0

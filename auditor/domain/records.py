@@ -1,0 +1,135 @@
+"""Stored facts as the rest of the program sees them: runs, disks, policy states, drift and finding events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class RunStatus(StrEnum):
+    """An audit run's outcome."""
+
+    RUNNING = "running"
+    COMPLETE = "complete"  # every target was read
+    PARTIAL = "partial"  # some targets could not be read: their verdicts are unknown
+    FAILED = "failed"  # nothing could be read, or the cycle itself broke
+
+
+class DiskStatus(StrEnum):
+    """A disk's verdict in reports."""
+
+    COMPLIANT = "compliant"
+    NONCOMPLIANT = "noncompliant"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class RunError:
+    """One target that could not be read in a run: never carries a token."""
+
+    target: str
+    code: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        """Returns the report's error object."""
+        return {"target": self.target, "code": self.code, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class RunStats:
+    """API traffic of one run."""
+
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A stored audit run."""
+
+    id: str
+    trigger: str
+    status: RunStatus
+    started_at: datetime
+    finished_at: datetime | None
+    targets_checked: int
+    disks_ok: int
+    disks_unknown: int
+    stats: RunStats
+    findings_opened: int
+    findings_resolved: int
+    errors: tuple[RunError, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DiskRecord:
+    """A stored disk with its latest read outcome."""
+
+    id: str
+    name: str | None
+    vm_id: str | None
+    vm_fqdn: str | None
+    source: str
+    is_target: bool
+    outcome: str
+    error_code: str | None
+    error_message: str | None
+    first_seen_at: datetime
+    last_checked_at: datetime
+    last_read_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyStateRecord:
+    """One distinct setting of a policy on a disk and when it was seen (`valid_to` None while current)."""
+
+    disk_id: str
+    policy_id: str
+    retention: int
+    interval: str
+    target_type: str
+    target_id: str
+    target_name: str | None
+    next_invocation_at: datetime | None
+    total_size: float | None
+    valid_from: datetime
+    valid_to: datetime | None
+    settings_hash: str
+
+    def settings(self) -> dict[str, Any]:
+        """Returns the settings that define the policy, for drift events."""
+        return {
+            "retention": self.retention,
+            "interval": self.interval,
+            "target_type": self.target_type,
+            "target_id": self.target_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DriftRecord:
+    """A change in a disk's protection."""
+
+    disk_id: str
+    policy_id: str
+    run_id: str
+    at: datetime
+    kind: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class FindingEventRecord:
+    """A lifecycle transition of a finding."""
+
+    fingerprint: str
+    disk_id: str
+    run_id: str
+    at: datetime
+    kind: str

@@ -1,0 +1,439 @@
+"""The fake Katapult Core API v1 as a plain ASGI app (no framework: benchmarks push it hard)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+from auditor.fake.fleet import FakeDisk, FakePolicy, FakeVM, Fault, Fleet, fake_id
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+PREFIX = "/core/v1"
+# README "Pagination": per_page defaults to 30 and may not exceed 200; more than 1,000 rows is a "large set".
+DEFAULT_PER_PAGE = 30
+MAX_PER_PAGE = 200
+LARGE_SET_ROWS = 1000
+# How long a trashed object is kept, for the object_in_trash detail.
+TRASH_KEEP_SECONDS = 7 * 86400
+_TRUE = frozenset({"true", "1", "yes"})
+_FALSE = frozenset({"false", "0", "no", ""})
+
+_JSON_TYPE = (b"content-type", b"application/json")
+_ERROR_SCHEMA = (b"x-api-schema", b"json-error")
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """One response: status, body and whether it is a wrapped error."""
+
+    status: int
+    body: bytes
+    is_error: bool = False
+
+
+def _error(status: int, code: str, description: str, detail: dict[str, Any] | None = None) -> _Reply:
+    """Returns a wrapped Katapult error (README "Errors": always `{"error": {...}}` plus X-Api-Schema)."""
+    payload = {"error": {"code": code, "description": description, "detail": detail or {}}}
+    return _Reply(status, _dumps(payload), is_error=True)
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """What a lookup finds: its query parameter family, 404 code, trash type and description noun."""
+
+    param: str
+    not_found: str
+    object_type: str
+    noun: str
+
+
+_DISK = _Kind("disk", "disk_not_found", "Disk", "disk")
+_ORG = _Kind("organization", "organization_not_found", "Organization", "organization")
+_VM = _Kind("virtual_machine", "virtual_machine_not_found", "VirtualMachine", "virtual machine")
+
+
+def _not_found(kind: _Kind) -> _Reply:
+    return _error(
+        404, kind.not_found, f"No {kind.noun} was found matching any of the criteria provided in the arguments"
+    )
+
+
+def _invalid_argument(name: str, issue: str, errors: list[str]) -> _Reply:
+    detail = {"argument": {"name": name}, "index": None, "path": [name], "issue": issue, "errors": errors}
+    return _error(400, "invalid_argument", f"The '{name}' argument is invalid", detail)
+
+
+def _fault_reply(fault: Fault, kind: _Kind, object_id: str) -> _Reply:
+    """Returns the error answer for a fault (MALFORMED, INVALID_JSON and SLOW are handled by the caller)."""
+    if fault is Fault.NOT_FOUND:
+        return _not_found(kind)
+    if fault is Fault.IN_TRASH:
+        trash = {
+            "id": fake_id("trsh", object_id),
+            "keep_until": int(time.time()) + TRASH_KEEP_SECONDS,
+            "object_id": object_id,
+            "object_type": kind.object_type,
+        }
+        return _error(
+            406,
+            "object_in_trash",
+            "The object found is in the trash and therefore cannot be manipulated through the API. "
+            "It should be restored in order to run this operation.",
+            {"trash_object": trash},
+        )
+    if fault is Fault.UNAVAILABLE:
+        return _error(503, "service_unavailable", "The service is currently unavailable, please try again later")
+    if fault is Fault.SERVER_ERROR:
+        return _error(500, "unhandled_exception", "An internal error occurred while processing this request")
+    return _error(
+        403,
+        "permission_denied",
+        "The authenticated identity is not permitted to perform this action",
+        {"details": f"No access to {kind.noun} {object_id}"},
+    )
+
+
+# A 200 whose body is cut off mid-document: valid UTF-8, not JSON.
+_INVALID_JSON = _Reply(200, b'{"pagination":{"current_page":1,"total_pages":')
+
+
+@dataclass(slots=True)
+class _Lookup:
+    """A resolved lookup: the object id, or the reply that ends the request, and whether to malform the body."""
+
+    object_id: str = ""
+    reply: _Reply | None = None
+    malformed: bool = False
+
+
+Handler = Callable[[dict[str, str], int, int], Awaitable[_Reply]]
+
+
+class FakeKatapult:
+    """ASGI app answering the Katapult Core API v1 endpoints the auditor uses, from a mutable `Fleet`."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self._routes: dict[str, tuple[str, Handler]] = {
+            PREFIX + path: (path, handler)
+            for path, handler in (
+                ("/disks/disk/disk_backup_policies", self._disk_policies),
+                ("/organizations/organization/disk_backup_policies", self._org_policies),
+                ("/virtual_machines/virtual_machine/disk_backup_policies", self._vm_policies),
+                ("/organizations/organization/disks", self._org_disks),
+                ("/disks/disk", self._disk),
+            )
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serves one ASGI connection scope."""
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        fleet = self.fleet
+        stats = fleet.stats
+        permitted = fleet.permitted_now()
+        stats.total += 1
+        if fleet.latency > 0:
+            await asyncio.sleep(fleet.latency)
+        token = _bearer_token(scope)
+        route = self._routes.get(scope["path"]) if scope["method"] == "GET" else None
+        remaining: int | None = None
+        extra: list[tuple[bytes, bytes]] = []
+        if route is None:
+            stats.by_endpoint["(unknown)"] = stats.by_endpoint.get("(unknown)", 0) + 1
+            reply = _error(404, "route_not_found", f"No route matches '{scope['path']}' for {scope['method']}")
+        else:
+            name, handler = route
+            stats.by_endpoint[name] = stats.by_endpoint.get(name, 0) + 1
+            if token is None:
+                reply = _error(
+                    400,
+                    "missing_api_token",
+                    "No API token was provided in the Authorization header. "
+                    "Ensure a token is provided prefixed with Bearer",
+                )
+            elif token not in fleet.tokens:
+                reply = _error(
+                    403,
+                    "invalid_api_token",
+                    "The API token provided was not valid (it may not exist or have expired)",
+                    {"details": "No API token matches the one provided"},
+                )
+            else:
+                admitted, remaining = fleet.admit(token, permitted=permitted)
+                if not admitted:
+                    stats.rate_limited += 1
+                    reply = _error(
+                        429,
+                        "rate_limit_reached",
+                        "You have reached the rate limit for this type of request",
+                        {"total_permitted": permitted},
+                    )
+                    if fleet.retry_after is not None:
+                        extra.append((b"retry-after", f"{fleet.retry_after:g}".encode()))
+                else:
+                    reply = await self._dispatch(handler, scope)
+        if remaining is None:
+            remaining = fleet.remaining(token, permitted=permitted)
+        stats.by_status[reply.status] = stats.by_status.get(reply.status, 0) + 1
+        headers = [
+            _JSON_TYPE,
+            (b"content-length", str(len(reply.body)).encode()),
+            (b"x-ratelimit-permitted", str(permitted).encode()),
+            (b"x-ratelimit-remaining", str(remaining).encode()),
+            *extra,
+        ]
+        if reply.is_error:
+            headers.append(_ERROR_SCHEMA)
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
+
+    async def _dispatch(self, handler: Handler, scope: Scope) -> _Reply:
+        """Parses the query and paging arguments, then runs the endpoint."""
+        params = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+        page = _positive_int(params, "page", default=1)
+        if isinstance(page, _Reply):
+            return page
+        per_page = _positive_int(params, "per_page", default=DEFAULT_PER_PAGE)
+        if isinstance(per_page, _Reply):
+            return per_page
+        if per_page > MAX_PER_PAGE:
+            return _invalid_argument("per_page", "validation_errors", [f"must be at most {MAX_PER_PAGE}"])
+        return await handler(params, page, per_page)
+
+    async def _lookup(self, kind: _Kind, object_id: str | None) -> _Lookup:
+        """Applies the fault of the looked-up object (if any) and checks it exists."""
+        fleet = self.fleet
+        if object_id is None:
+            return _Lookup(reply=_not_found(kind))
+        fault = fleet.take_fault(object_id)
+        if fault is Fault.SLOW:
+            await asyncio.sleep(fleet.slow_seconds)
+            fault = None
+        elif fault is Fault.INVALID_JSON:
+            return _Lookup(reply=_INVALID_JSON)
+        elif fault is not None and fault is not Fault.MALFORMED:
+            return _Lookup(reply=_fault_reply(fault, kind, object_id))
+        if not self._exists(kind, object_id):
+            return _Lookup(reply=_not_found(kind))
+        return _Lookup(object_id=object_id, malformed=fault is Fault.MALFORMED)
+
+    def _exists(self, kind: _Kind, object_id: str) -> bool:
+        fleet = self.fleet
+        if kind is _DISK:
+            return object_id in fleet.disks
+        if kind is _ORG:
+            return object_id in fleet.orgs
+        return object_id in fleet.vms
+
+    def _org_id(self, params: dict[str, str]) -> str | None:
+        org_id = params.get("organization[id]")
+        if org_id is not None:
+            return org_id
+        sub_domain = params.get("organization[sub_domain]")
+        if sub_domain is None:
+            return None
+        org = self.fleet.org_by_sub_domain(sub_domain)
+        # An unknown sub-domain still has to 404: look up an id no organization has.
+        return org.id if org is not None else ""
+
+    # ----------------------------------------------------------------- endpoints
+
+    async def _disk_policies(self, params: dict[str, str], page: int, per_page: int) -> _Reply:
+        # README: without disk[id] the API looks up a disk literally named "disk", which is a 404.
+        found = await self._lookup(_DISK, params.get("disk[id]"))
+        if found.reply is not None:
+            return found.reply
+        ids = self.fleet.policy_ids_of_disk(found.object_id)
+        return self._policy_page(ids, page, per_page, malformed=found.malformed)
+
+    async def _org_policies(self, params: dict[str, str], page: int, per_page: int) -> _Reply:
+        found = await self._lookup(_ORG, self._org_id(params))
+        if found.reply is not None:
+            return found.reply
+        ids = self.fleet.policy_ids_of_org(found.object_id)
+        return self._policy_page(ids, page, per_page, malformed=found.malformed)
+
+    async def _vm_policies(self, params: dict[str, str], page: int, per_page: int) -> _Reply:
+        include = params.get("include_disks", "").lower()
+        if include not in _TRUE and include not in _FALSE:
+            return _invalid_argument("include_disks", "invalid_scalar", ["must be true or false"])
+        vm_id = params.get("virtual_machine[id]")
+        if vm_id is None and "virtual_machine[fqdn]" in params:
+            vm = self.fleet.vm_by_fqdn(params["virtual_machine[fqdn]"])
+            vm_id = vm.id if vm is not None else ""
+        found = await self._lookup(_VM, vm_id)
+        if found.reply is not None:
+            return found.reply
+        ids = self.fleet.policy_ids_of_vm(found.object_id, include_disks=include in _TRUE)
+        return self._policy_page(ids, page, per_page, malformed=found.malformed)
+
+    async def _org_disks(self, params: dict[str, str], page: int, per_page: int) -> _Reply:
+        found = await self._lookup(_ORG, self._org_id(params))
+        if found.reply is not None:
+            return found.reply
+        fleet = self.fleet
+        ids = fleet.disk_ids_of_org(found.object_id)
+        chunk, pagination = _paginate(ids, page, per_page)
+        items = [self._disk_item(fleet.disks[disk_id], full=False) for disk_id in chunk]
+        if found.malformed:
+            return _Reply(200, _dumps(_malform(items, "disk", pagination, field="id")))
+        return _Reply(200, _dumps({"pagination": pagination, "disk": items}))
+
+    async def _disk(self, params: dict[str, str], page: int, per_page: int) -> _Reply:
+        found = await self._lookup(_DISK, params.get("disk[id]"))
+        if found.reply is not None:
+            return found.reply
+        item = self._disk_item(self.fleet.disks[found.object_id], full=True)
+        if found.malformed:
+            del item["id"]
+        return _Reply(200, _dumps({"disk": item, "annotations": []}))
+
+    # ----------------------------------------------------------------- wire shapes
+
+    def _policy_page(self, ids: list[str], page: int, per_page: int, *, malformed: bool) -> _Reply:
+        chunk, pagination = _paginate(ids, page, per_page)
+        policies = self.fleet.policies
+        items = [self._policy_item(policies[policy_id]) for policy_id in chunk]
+        if malformed:
+            return _Reply(200, _dumps(_malform(items, "disk_backup_policies", pagination, field="retention")))
+        return _Reply(200, _dumps({"pagination": pagination, "disk_backup_policies": items}))
+
+    def _policy_item(self, policy: FakePolicy) -> dict[str, Any]:
+        """Returns a policy as the list endpoints send it (README "A listed DiskBackupPolicy")."""
+        target: FakeDisk | FakeVM | None
+        if policy.target_type == "Disk":
+            target = self.fleet.disks.get(policy.target_id)
+        else:
+            target = self.fleet.vms.get(policy.target_id)
+        return {
+            "id": policy.id,
+            "retention": policy.retention,
+            "total_size": policy.total_size,
+            "target": {
+                "type": policy.target_type,
+                "value": {"id": policy.target_id, "name": None if target is None else target.name},
+            },
+            "schedule": {"interval": policy.interval, "next_invocation_at": policy.next_invocation_at},
+            "annotations": [],
+        }
+
+    def _disk_item(self, disk: FakeDisk, *, full: bool) -> dict[str, Any]:
+        """Returns a disk as the organization list sends it, or with GET /disks/disk's extra fields if `full`."""
+        attachment: dict[str, Any] | None = None
+        vm = None if disk.vm_id is None else self.fleet.vms.get(disk.vm_id)
+        if vm is not None:
+            attachment = {
+                "virtual_machine": {"id": vm.id, "fqdn": vm.fqdn},
+                "attach_on_boot": True,
+                "boot": disk.name.endswith("system"),
+                "state": "attached",
+            }
+        item: dict[str, Any] = {
+            "id": disk.id,
+            "name": disk.name,
+            "size_in_gb": disk.size_in_gb,
+            "wwn": disk.wwn,
+            "state": disk.state,
+            "virtual_machine_disk": attachment,
+            "annotations": [],
+        }
+        if full:
+            # The real object carries more than the auditor needs; a stable created_at keeps answers repeatable.
+            item["created_at"] = 1_600_000_000 + int.from_bytes(disk.id.encode()[-3:], "big") % 10_000_000
+            item["storage_speed"] = "ssd"
+            item["io_profile"] = None
+            item["bus_type"] = "virtio"
+            item["data_center"] = {"id": "dc_demo", "name": "Demo DC", "permalink": "demo-dc"}
+            item["installation"] = None
+        return item
+
+
+def _paginate(ids: list[str], page: int, per_page: int) -> tuple[list[str], dict[str, Any]]:
+    """Returns one page of ids and the pagination object (README "Pagination object")."""
+    total = len(ids)
+    start = (page - 1) * per_page
+    chunk = ids[start : start + per_page]
+    # Past 1,000 rows the API stops counting: total and total_pages are null and large_set is true.
+    large = total > LARGE_SET_ROWS
+    pagination = {
+        "current_page": page,
+        "total_pages": None if large else math.ceil(total / per_page),
+        "total": None if large else total,
+        "per_page": per_page,
+        "large_set": large,
+    }
+    return chunk, pagination
+
+
+def _malform(items: list[dict[str, Any]], key: str, pagination: dict[str, Any], *, field: str) -> dict[str, Any]:
+    """Returns a body that breaks the schema: `field` missing on the first item and mistyped on the others."""
+    if not items:
+        return {"pagination": pagination}  # the required list itself is missing
+    broken = [dict(item) for item in items]
+    del broken[0][field]
+    for item in broken[1:]:
+        value = item[field]
+        # A number becomes a non-numeric string (so lax decoders cannot coerce it back); a string an object.
+        item[field] = f"{value} (corrupted)" if isinstance(value, int) else {"corrupted": value}
+    return {"pagination": pagination, key: broken}
+
+
+def _positive_int(params: dict[str, str], name: str, *, default: int) -> int | _Reply:
+    """Returns an integer argument > 0 (strings of digits are accepted), or the invalid_argument reply."""
+    raw = params.get(name)
+    if raw is None:
+        return default
+    text = raw.strip()
+    if not text.isdigit() or not text.isascii():
+        return _invalid_argument(name, "invalid_scalar", ["must be an integer"])
+    value = int(text)
+    if value < 1:
+        return _invalid_argument(name, "validation_errors", ["must be greater than 0"])
+    return value
+
+
+def _bearer_token(scope: Scope) -> str | None:
+    """Returns the bearer token of the request, or None if there is no usable Authorization header."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            header: str = bytes(value).decode("latin-1")
+            scheme, _, token = header.partition(" ")
+            token = token.strip()
+            if scheme.lower() == "bearer" and token:
+                return token
+            return None
+    return None
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """Acknowledges ASGI lifespan startup and shutdown (there is nothing to set up)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def create_app(fleet: Fleet) -> FakeKatapult:
+    """Returns the fake Katapult ASGI app serving `fleet` under /core/v1."""
+    return FakeKatapult(fleet)

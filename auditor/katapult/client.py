@@ -1,0 +1,428 @@
+"""The Katapult Core API client: auth, paging, pacing, retries and error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TypeVar
+
+import httpx
+
+from auditor.domain.models import BackupPolicy, Disk
+from auditor.errors import (
+    KatapultAPIError,
+    KatapultError,
+    KatapultResponseError,
+    KatapultTransportError,
+    RateLimitedError,
+    UnavailableError,
+)
+from auditor.katapult import wire
+from auditor.katapult.pacing import RateLimiter
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DISK_POLICIES = "/disks/disk/disk_backup_policies"
+VM_POLICIES = "/virtual_machines/virtual_machine/disk_backup_policies"
+ORG_POLICIES = "/organizations/organization/disk_backup_policies"
+ORG_DISKS = "/organizations/organization/disks"
+DISK = "/disks/disk"
+
+# README: per_page is at most 200; more is 400 invalid_argument.
+MAX_PER_PAGE = 200
+# A runaway server (large_set pages that never come back short) stops here.
+MAX_PAGES = 10_000
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+# Without Retry-After, a 429 waits a few request slots of the budget in detail.total_permitted, at least 1 s.
+RATE_LIMIT_SLOTS = 4
+RATE_LIMIT_MIN_WAIT = 1.0
+_REDACTED = "[redacted]"
+
+
+@dataclass(frozen=True)
+class OrgRef:
+    """An organization named by id (`org_…`) or by sub-domain."""
+
+    value: str
+
+    def __post_init__(self) -> None:
+        if not self.value:
+            raise ValueError("an organization reference must not be empty")
+
+    def params(self) -> dict[str, str]:
+        """Returns the lookup query: organization[id] for `org_…`, else organization[sub_domain]."""
+        # README: organization[id]=org_XXXX or organization[sub_domain]=acme (mutually exclusive).
+        if self.value.startswith("org_"):
+            return {"organization[id]": self.value}
+        return {"organization[sub_domain]": self.value}
+
+
+@dataclass
+class RequestStats:
+    """Counts of HTTP requests sent, retries, 429s and outcomes by status (or transport failure kind)."""
+
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+
+    def count(self, outcome: str) -> None:
+        """Counts one outcome (an HTTP status like "200", or "timeout" / "connection_error")."""
+        self.by_status[outcome] = self.by_status.get(outcome, 0) + 1
+
+    def snapshot_and_reset(self) -> RequestStats:
+        """Returns a copy of the counts and zeroes these."""
+        snapshot = RequestStats(
+            requests=self.requests,
+            retries=self.retries,
+            rate_limited=self.rate_limited,
+            by_status=dict(self.by_status),
+        )
+        self.requests = self.retries = self.rate_limited = 0
+        self.by_status = {}
+        return snapshot
+
+
+class _Secret:
+    """Holds the API token so that no repr, log or traceback shows it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def __repr__(self) -> str:
+        return "_Secret('***')"
+
+    def reveal(self) -> str:
+        """Returns the secret itself."""
+        return self._value
+
+
+class KatapultClient:
+    """Reads disks and disk backup policies from the Katapult Core API v1."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        token: str,
+        per_page: int = MAX_PER_PAGE,
+        max_requests_per_minute: int = 1000,
+        max_concurrency: int = 8,
+        timeout: float = 30.0,
+        max_attempts: int = 6,
+        max_retry_seconds: float = 120.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        limiter: RateLimiter | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if isinstance(per_page, bool) or not 1 <= per_page <= MAX_PER_PAGE:
+            raise ValueError(f"per_page must be between 1 and {MAX_PER_PAGE}")
+        if max_requests_per_minute <= 0 or max_concurrency < 1 or max_attempts < 1:
+            raise ValueError("max_requests_per_minute, max_concurrency and max_attempts must be positive")
+        if timeout <= 0 or max_retry_seconds < 0:
+            raise ValueError("timeout must be positive and max_retry_seconds not negative")
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError("base_url must be an http:// or https:// URL")
+        if not token:
+            raise ValueError("token must not be empty")
+        self._base_url = base_url.rstrip("/")
+        self._token = _Secret(token)
+        self._per_page = per_page
+        self._timeout = timeout
+        self._max_attempts = max_attempts
+        self._max_retry_seconds = max_retry_seconds
+        self._sleep = sleep
+        # The limiter waits in real time; `sleep` is only for retry backoff (tests inject a no-op there).
+        self._limiter = limiter or RateLimiter(max_requests_per_minute, reserve=max_concurrency + 2)
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._random = random.Random()
+        self.stats = RequestStats()
+        self._http = httpx.AsyncClient(
+            base_url=self._base_url,
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Accept": "application/json",
+                "User-Agent": "katapult-backup-auditor",
+            },
+            timeout=timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+            follow_redirects=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"KatapultClient(base_url={self._base_url!r})"
+
+    @property
+    def limiter(self) -> RateLimiter:
+        """Returns the rate limiter pacing this client's requests."""
+        return self._limiter
+
+    async def __aenter__(self) -> KatapultClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Closes the HTTP connections."""
+        await self._http.aclose()
+
+    async def list_disk_policies(self, disk_id: str) -> list[BackupPolicy]:
+        """Returns every backup policy of one disk."""
+        # README: the lookup is disk[id]=…, never disk_id (without it "disk" is looked up by name: 404).
+        return await self._list_policies(DISK_POLICIES, {"disk[id]": disk_id}, target=disk_id)
+
+    async def list_vm_policies(self, vm_id: str) -> list[BackupPolicy]:
+        """Returns every backup policy attached to one virtual machine."""
+        return await self._list_policies(VM_POLICIES, {"virtual_machine[id]": vm_id}, target=vm_id)
+
+    async def list_org_policies(self, org: OrgRef) -> list[BackupPolicy]:
+        """Returns every backup policy of an organization."""
+        return await self._list_policies(ORG_POLICIES, org.params(), target=org.value)
+
+    async def list_org_disks(self, org: OrgRef) -> list[Disk]:
+        """Returns every disk of an organization, each tied to the VM it is attached to (if any)."""
+        disks = await self._list(
+            ORG_DISKS,
+            org.params(),
+            target=org.value,
+            parse=lambda body, page: wire.parse_disk_page(body, endpoint=ORG_DISKS, target=org.value, page=page),
+            key=lambda disk: disk.id,
+        )
+        return disks
+
+    async def get_disk(self, disk_id: str) -> Disk:
+        """Returns one disk."""
+        body = await self._get(DISK, {"disk[id]": disk_id}, target=disk_id)
+        return wire.parse_disk_response(body, endpoint=DISK, target=disk_id)
+
+    async def _list_policies(self, endpoint: str, lookup: dict[str, str], *, target: str) -> list[BackupPolicy]:
+        return await self._list(
+            endpoint,
+            lookup,
+            target=target,
+            parse=lambda body, page: wire.parse_policy_page(body, endpoint=endpoint, target=target, page=page),
+            key=lambda policy: policy.id,
+        )
+
+    async def _list(
+        self,
+        endpoint: str,
+        lookup: dict[str, str],
+        *,
+        target: str,
+        parse: Callable[[dict[str, object], int], wire.Page[T]],
+        key: Callable[[T], str],
+    ) -> list[T]:
+        """Returns the items of every page of a list endpoint, in order, without duplicates."""
+        items: list[T] = []
+        seen: set[str] = set()
+        page = 1
+        while True:
+            if page > MAX_PAGES:
+                raise KatapultResponseError(
+                    f"GET {endpoint} for {target}: still paging after {MAX_PAGES} pages; giving up",
+                    field="pagination",
+                    target=target,
+                    endpoint=endpoint,
+                    status_code=200,
+                )
+            params = {**lookup, "page": str(page), "per_page": str(self._per_page)}
+            result = parse(await self._get(endpoint, params, target=target), page)
+            fresh = 0
+            for item in result.items:
+                item_key = key(item)
+                if item_key not in seen:
+                    seen.add(item_key)
+                    items.append(item)
+                    fresh += 1
+            if not result.items:
+                break
+            pagination = result.pagination
+            if pagination.large_set or pagination.total_pages is None:
+                # README: with large_set, total and total_pages are null: page until a page comes back shorter
+                # than per_page. Trust the server's per_page if it reports a smaller one than we asked for.
+                page_size = min(self._per_page, pagination.per_page or self._per_page)
+                if len(result.items) < page_size:
+                    break
+                if fresh == 0:
+                    # A full page of rows we already have: the server is ignoring `page`.
+                    raise KatapultResponseError(
+                        f"GET {endpoint} for {target}: page {page} repeats earlier rows; giving up",
+                        field="pagination",
+                        target=target,
+                        endpoint=endpoint,
+                        status_code=200,
+                    )
+            elif page >= pagination.total_pages:
+                # README: otherwise stop after page total_pages (an empty list has total_pages 0).
+                break
+            page += 1
+        return items
+
+    async def _get(self, endpoint: str, params: dict[str, str], *, target: str) -> dict[str, object]:
+        """Returns the decoded JSON body of a GET, retrying transient failures."""
+        started = time.monotonic()
+        slept = 0.0
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._send(endpoint, params, target=target)
+            except KatapultError as exc:
+                if exc.permanent or attempt >= self._max_attempts:
+                    raise
+                # Time already spent; an injected no-op sleep still counts the time it was asked to wait.
+                spent = max(time.monotonic() - started, slept)
+                budget = self._max_retry_seconds - spent
+                delay, required = self._retry_delay(exc, attempt)
+                if budget <= 0 or (required and delay > budget):
+                    raise
+                delay = min(delay, budget)
+                self.stats.retries += 1
+                logger.warning(
+                    "GET %s for %s failed (%s, status %s); retry %d of %d in %.2fs",
+                    endpoint,
+                    target,
+                    exc.code,
+                    exc.status_code if exc.status_code is not None else "-",
+                    attempt,
+                    self._max_attempts - 1,
+                    delay,
+                )
+                await self._sleep(delay)
+                slept += delay
+
+    def _retry_delay(self, exc: KatapultError, attempt: int) -> tuple[float, bool]:
+        """Returns the wait before the next attempt and whether the server required it (Retry-After)."""
+        backoff = self._random.uniform(0.0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)))
+        if isinstance(exc, RateLimitedError | UnavailableError) and exc.retry_after is not None:
+            return exc.retry_after, True
+        if isinstance(exc, RateLimitedError):
+            # README: a 429 carries detail.total_permitted (requests per minute); no Retry-After was ever seen.
+            permitted = wire.total_permitted(exc.detail) or self._limiter.permitted
+            floor = RATE_LIMIT_MIN_WAIT
+            if permitted:
+                floor = max(floor, 60.0 / permitted * RATE_LIMIT_SLOTS)
+            return max(floor, backoff), False
+        return backoff, False
+
+    async def _send(self, endpoint: str, params: dict[str, str], *, target: str) -> dict[str, object]:
+        """Sends one paced GET and returns its JSON body, or raises the typed error for the outcome."""
+        async with self._semaphore:
+            started_at = await self._limiter.acquire()
+            self.stats.requests += 1
+            begin = time.monotonic()
+            try:
+                response = await self._http.get(endpoint, params=params)
+            except httpx.TimeoutException as exc:
+                self._count_failure("timeout", endpoint, target, begin)
+                raise KatapultTransportError(
+                    f"GET {endpoint} for {target}: timed out after {self._timeout:g}s ({type(exc).__name__})",
+                    kind="timeout",
+                    target=target,
+                    endpoint=endpoint,
+                ) from None
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                # from None: the httpx exception holds the request, and with it the Authorization header.
+                kind = "connection_error" if isinstance(exc, httpx.NetworkError) else "transport_error"
+                self._count_failure(kind, endpoint, target, begin)
+                raise KatapultTransportError(
+                    self._redact(f"GET {endpoint} for {target}: {type(exc).__name__}: {exc}"),
+                    kind=kind,
+                    target=target,
+                    endpoint=endpoint,
+                ) from None
+        elapsed = time.monotonic() - begin
+        status = response.status_code
+        self.stats.count(str(status))
+        logger.debug("GET %s for %s page %s -> %d in %.3fs", endpoint, target, params.get("page", "-"), status, elapsed)
+        # README: every response carries X-RateLimit-Permitted and X-RateLimit-Remaining.
+        self._limiter.observe(
+            permitted=_int_header(response, "X-RateLimit-Permitted"),
+            remaining=_int_header(response, "X-RateLimit-Remaining"),
+        )
+        if 200 <= status < 300:
+            self._limiter.on_success()
+            return wire.decode_json(response.content, endpoint=endpoint, target=target, status_code=status)
+        error = wire.api_error(
+            status,
+            response.content,
+            endpoint=endpoint,
+            target=target,
+            retry_after=_retry_after(response),
+        )
+        self._redact_error(error)
+        if isinstance(error, RateLimitedError):
+            self.stats.rate_limited += 1
+            permitted = wire.total_permitted(error.detail)
+            wait = error.retry_after
+            if wait is None:
+                wait = max(RATE_LIMIT_MIN_WAIT, 60.0 / (permitted or self._limiter.per_minute) * RATE_LIMIT_SLOTS)
+            pause = self._limiter.on_rate_limited(permitted=permitted, wait=wait, started_at=started_at)
+            logger.warning(
+                "Katapult rate limit reached (%s/min) on GET %s; pausing requests for %.2fs",
+                permitted if permitted is not None else "?",
+                endpoint,
+                pause,
+            )
+        elif isinstance(error, UnavailableError) and error.retry_after is not None:
+            # The server asked every client to stay away for a while, not just this request.
+            self._limiter.pause(error.retry_after)
+        raise error
+
+    def _count_failure(self, kind: str, endpoint: str, target: str, begin: float) -> None:
+        self.stats.count(kind)
+        logger.debug("GET %s for %s -> %s after %.3fs", endpoint, target, kind, time.monotonic() - begin)
+
+    def _redact(self, text: str) -> str:
+        """Returns `text` with the token blanked out, in case a server or library echoed it."""
+        token = self._token.reveal()
+        return text.replace(token, _REDACTED) if token in text else text
+
+    def _redact_error(self, error: KatapultAPIError) -> None:
+        message = str(error)
+        clean = self._redact(message)
+        if clean != message:
+            error.args = (clean,)
+
+
+def _int_header(response: httpx.Response, name: str) -> int | None:
+    raw = response.headers.get(name)
+    if raw is None:
+        return None
+    try:
+        return int(raw.strip())
+    except ValueError:
+        return None
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Returns Retry-After in seconds if the response sent one as a number of seconds."""
+    raw = response.headers.get("Retry-After")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw.strip())
+    except ValueError:
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds

@@ -1,0 +1,394 @@
+"""Pure parsers from Katapult's real wire shapes (see shared/katapult/README.md) to domain objects and errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Generic, TypeVar
+
+from auditor.domain.models import BackupPolicy, Disk, Interval, Schedule, TargetType
+from auditor.errors import (
+    AuthError,
+    InTrashError,
+    InvalidRequestError,
+    KatapultAPIError,
+    KatapultResponseError,
+    NotFoundError,
+    RateLimitedError,
+    UnavailableError,
+)
+
+T = TypeVar("T")
+
+POLICIES_KEY = "disk_backup_policies"
+# README: the organization disks list puts its array under "disk" (singular), not "disks".
+ORG_DISKS_KEY = "disk"
+
+_MAX_DESCRIPTION = 300
+
+
+@dataclass(frozen=True, slots=True)
+class Pagination:
+    """The `pagination` object of a list response."""
+
+    current_page: int | None
+    total_pages: int | None
+    total: int | None
+    per_page: int | None
+    large_set: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a list response: its parsed items and its pagination object."""
+
+    items: list[T]
+    pagination: Pagination
+
+
+@dataclass(frozen=True, slots=True)
+class ApiErrorBody:
+    """The inside of a wrapped error body `{"error": {code, description, detail}}`."""
+
+    code: str
+    description: str
+    detail: dict[str, object]
+
+
+class _Reader:
+    """Typed field access that raises KatapultResponseError naming the endpoint, target and field path."""
+
+    def __init__(self, *, endpoint: str, target: str, status_code: int | None = 200, page: int | None = None) -> None:
+        self.endpoint = endpoint
+        self.target = target
+        self.status_code = status_code
+        self.page = page
+
+    def fail(self, path: str, problem: str) -> KatapultResponseError:
+        """Returns the error for a bad field at `path`."""
+        where = f"GET {self.endpoint} for {self.target}"
+        if self.page is not None:
+            where += f" (page {self.page})"
+        return KatapultResponseError(
+            f"malformed response from {where}: {path or '<body>'}: {problem}",
+            field=path or None,
+            target=self.target,
+            endpoint=self.endpoint,
+            status_code=self.status_code,
+        )
+
+    def obj(self, value: object, path: str) -> dict[str, object]:
+        """Returns `value` as a JSON object."""
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected an object, got {_kind(value)}")
+        return value
+
+    def field(self, parent: dict[str, object], name: str, path: str) -> object:
+        """Returns a required field of `parent`."""
+        if name not in parent:
+            raise self.fail(_join(path, name), "missing")
+        return parent[name]
+
+    def req_obj(self, parent: dict[str, object], name: str, path: str) -> dict[str, object]:
+        """Returns a required object field."""
+        return self.obj(self.field(parent, name, path), _join(path, name))
+
+    def opt_obj(self, parent: dict[str, object], name: str, path: str) -> dict[str, object] | None:
+        """Returns an optional (absent or null) object field."""
+        value = parent.get(name)
+        return None if value is None else self.obj(value, _join(path, name))
+
+    def req_str(self, parent: dict[str, object], name: str, path: str) -> str:
+        """Returns a required non-empty string field."""
+        value = self.field(parent, name, path)
+        if not isinstance(value, str) or not value:
+            raise self.fail(_join(path, name), f"expected a non-empty string, got {_kind(value)}")
+        return value
+
+    def opt_str(self, parent: dict[str, object], name: str, path: str) -> str | None:
+        """Returns an optional string field (absent or null gives None)."""
+        value = parent.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.fail(_join(path, name), f"expected a string or null, got {_kind(value)}")
+        return value
+
+    def req_int(self, parent: dict[str, object], name: str, path: str) -> int:
+        """Returns a required integer field (a JSON bool is not an integer)."""
+        value = self.field(parent, name, path)
+        if not _is_int(value):
+            raise self.fail(_join(path, name), f"expected an integer, got {_kind(value)}")
+        assert isinstance(value, int)
+        return value
+
+    def opt_int(self, parent: dict[str, object], name: str, path: str) -> int | None:
+        """Returns an optional integer field (absent or null gives None)."""
+        value = parent.get(name)
+        if value is None:
+            return None
+        if not _is_int(value):
+            raise self.fail(_join(path, name), f"expected an integer or null, got {_kind(value)}")
+        assert isinstance(value, int)
+        return value
+
+    def opt_number(self, parent: dict[str, object], name: str, path: str) -> float | None:
+        """Returns an optional number field as a float (absent or null gives None)."""
+        value = parent.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(_join(path, name), f"expected a number or null, got {_kind(value)}")
+        return float(value)
+
+    def opt_bool(self, parent: dict[str, object], name: str, path: str) -> bool | None:
+        """Returns an optional boolean field (absent or null gives None)."""
+        value = parent.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, bool):
+            raise self.fail(_join(path, name), f"expected a boolean or null, got {_kind(value)}")
+        return value
+
+    def opt_time(self, parent: dict[str, object], name: str, path: str) -> datetime | None:
+        """Returns an optional Unix-seconds field as an aware UTC datetime (absent or null gives None)."""
+        # README: all times are Unix epoch seconds as JSON integers, never ISO strings.
+        seconds = self.opt_int(parent, name, path)
+        if seconds is None:
+            return None
+        try:
+            return datetime.fromtimestamp(seconds, tz=UTC)
+        except (OverflowError, OSError, ValueError):
+            raise self.fail(_join(path, name), f"timestamp {seconds} is out of range") from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def decode_json(content: bytes, *, endpoint: str, target: str, status_code: int = 200) -> dict[str, object]:
+    """Returns a response body decoded as a JSON object, or raises KatapultResponseError."""
+    reader = _Reader(endpoint=endpoint, target=target, status_code=status_code)
+    try:
+        value = json.loads(content)
+    except ValueError:  # includes UnicodeDecodeError
+        raise reader.fail("", "body is not valid JSON") from None
+    return reader.obj(value, "")
+
+
+def _parse_policy(reader: _Reader, raw: object, path: str) -> BackupPolicy:
+    item = reader.obj(raw, path)
+    # README: target is {"type": "Disk" | "VirtualMachine", "value": {"id", "name"}}, not the spec's oneOf shape.
+    target = reader.req_obj(item, "target", path)
+    target_path = _join(path, "target")
+    type_name = reader.req_str(target, "type", target_path)
+    try:
+        target_type = TargetType(type_name)
+    except ValueError:
+        raise reader.fail(_join(target_path, "type"), f"unknown target type {type_name!r}") from None
+    value = reader.req_obj(target, "value", target_path)
+    value_path = _join(target_path, "value")
+
+    schedule = reader.req_obj(item, "schedule", path)
+    schedule_path = _join(path, "schedule")
+    interval_name = reader.req_str(schedule, "interval", schedule_path)
+    try:
+        interval = Interval(interval_name)
+    except ValueError:
+        raise reader.fail(_join(schedule_path, "interval"), f"unknown interval {interval_name!r}") from None
+
+    return BackupPolicy(
+        id=reader.req_str(item, "id", path),
+        retention=reader.req_int(item, "retention", path),
+        target_type=target_type,
+        target_id=reader.req_str(value, "id", value_path),
+        target_name=reader.opt_str(value, "name", value_path),
+        # The list endpoints send only interval and next_invocation_at; a null next run is allowed.
+        schedule=Schedule(
+            interval=interval, next_invocation_at=reader.opt_time(schedule, "next_invocation_at", schedule_path)
+        ),
+        total_size=reader.opt_number(item, "total_size", path),
+    )
+
+
+def _parse_disk(reader: _Reader, raw: object, path: str) -> Disk:
+    item = reader.obj(raw, path)
+    vm_id: str | None = None
+    vm_fqdn: str | None = None
+    # README: virtual_machine_disk is null, or an object whose virtual_machine has id and fqdn.
+    attachment = reader.opt_obj(item, "virtual_machine_disk", path)
+    if attachment is not None:
+        attachment_path = _join(path, "virtual_machine_disk")
+        vm = reader.req_obj(attachment, "virtual_machine", attachment_path)
+        vm_path = _join(attachment_path, "virtual_machine")
+        vm_id = reader.req_str(vm, "id", vm_path)
+        vm_fqdn = reader.opt_str(vm, "fqdn", vm_path)
+    return Disk(
+        id=reader.req_str(item, "id", path),
+        name=reader.opt_str(item, "name", path),
+        vm_id=vm_id,
+        vm_fqdn=vm_fqdn,
+        state=reader.opt_str(item, "state", path),
+        size_in_gb=reader.opt_int(item, "size_in_gb", path),
+    )
+
+
+def _parse_pagination(reader: _Reader, body: dict[str, object]) -> Pagination:
+    raw = reader.req_obj(body, "pagination", "")
+    path = "pagination"
+    total_pages = reader.opt_int(raw, "total_pages", path)
+    per_page = reader.opt_int(raw, "per_page", path)
+    if total_pages is not None and total_pages < 0:
+        raise reader.fail("pagination.total_pages", f"negative page count {total_pages}")
+    if per_page is not None and per_page < 1:
+        raise reader.fail("pagination.per_page", f"non-positive page size {per_page}")
+    return Pagination(
+        current_page=reader.opt_int(raw, "current_page", path),
+        total_pages=total_pages,
+        total=reader.opt_int(raw, "total", path),
+        per_page=per_page,
+        large_set=bool(reader.opt_bool(raw, "large_set", path)),
+    )
+
+
+def _parse_page(
+    body: dict[str, object],
+    key: str,
+    item: Callable[[_Reader, object, str], T],
+    *,
+    endpoint: str,
+    target: str,
+    page: int | None,
+) -> Page[T]:
+    reader = _Reader(endpoint=endpoint, target=target, page=page)
+    pagination = _parse_pagination(reader, body)
+    raw_items = reader.field(body, key, "")
+    if not isinstance(raw_items, list):
+        raise reader.fail(key, f"expected an array, got {_kind(raw_items)}")
+    return Page(items=[item(reader, raw, f"{key}[{i}]") for i, raw in enumerate(raw_items)], pagination=pagination)
+
+
+def parse_policy_page(
+    body: dict[str, object], *, endpoint: str, target: str, page: int | None = None
+) -> Page[BackupPolicy]:
+    """Returns the policies and pagination of one page of a `disk_backup_policies` list."""
+    return _parse_page(body, POLICIES_KEY, _parse_policy, endpoint=endpoint, target=target, page=page)
+
+
+def parse_disk_page(body: dict[str, object], *, endpoint: str, target: str, page: int | None = None) -> Page[Disk]:
+    """Returns the disks and pagination of one page of an organization's disk list (array key `disk`)."""
+    return _parse_page(body, ORG_DISKS_KEY, _parse_disk, endpoint=endpoint, target=target, page=page)
+
+
+def parse_disk_response(body: dict[str, object], *, endpoint: str, target: str) -> Disk:
+    """Returns the disk of a `GET /disks/disk` response (`{"disk": {...}}`)."""
+    reader = _Reader(endpoint=endpoint, target=target)
+    return _parse_disk(reader, reader.field(body, "disk", ""), "disk")
+
+
+def parse_error_body(content: bytes) -> ApiErrorBody | None:
+    """Returns the wrapped error of an error body, or None if the body is not that shape."""
+    # README: every error body is wrapped as {"error": {"code", "description", "detail"}} (the spec omits "error").
+    try:
+        value = json.loads(content)
+    except ValueError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    error = value.get("error")
+    if not isinstance(error, dict):
+        return None
+    code = error.get("code")
+    if not isinstance(code, str) or not code:
+        return None
+    description = error.get("description")
+    detail = error.get("detail")
+    return ApiErrorBody(
+        code=code,
+        description=description[:_MAX_DESCRIPTION] if isinstance(description, str) else "",
+        detail=detail if isinstance(detail, dict) else {},
+    )
+
+
+def api_error(
+    status_code: int,
+    content: bytes,
+    *,
+    endpoint: str,
+    target: str,
+    retry_after: float | None = None,
+) -> KatapultAPIError:
+    """Returns the typed error for a non-2xx response; a body that is not the wrapped shape maps by status."""
+    body = parse_error_body(content)
+    if body is None:
+        body = ApiErrorBody(code=f"http_{status_code}", description="", detail={})
+    message = f"GET {endpoint} for {target}: HTTP {status_code} {body.code}"
+    if body.description:
+        message += f": {body.description}"
+    cls = _error_class(status_code, body.code)
+    if cls is RateLimitedError:
+        return RateLimitedError(
+            message,
+            code=body.code,
+            status_code=status_code,
+            detail=body.detail,
+            target=target,
+            endpoint=endpoint,
+            retry_after=retry_after,
+        )
+    if cls is UnavailableError:
+        return UnavailableError(
+            message,
+            code=body.code,
+            status_code=status_code,
+            detail=body.detail,
+            target=target,
+            endpoint=endpoint,
+            retry_after=retry_after,
+        )
+    return cls(message, code=body.code, status_code=status_code, detail=body.detail, target=target, endpoint=endpoint)
+
+
+def _error_class(status_code: int, code: str) -> type[KatapultAPIError]:
+    # README error table: an invalid token is 403 (not 401); a missing token is 400 missing_api_token.
+    if status_code == 404:
+        return NotFoundError
+    if status_code == 406:
+        return InTrashError
+    if status_code in (401, 403) or code == "missing_api_token":
+        return AuthError
+    if status_code == 429:
+        return RateLimitedError
+    if status_code >= 500:
+        return UnavailableError
+    if status_code == 400:
+        return InvalidRequestError
+    return KatapultAPIError
+
+
+def total_permitted(detail: dict[str, object]) -> int | None:
+    """Returns `detail.total_permitted` of a 429 (requests per minute), if it is a positive integer."""
+    value = detail.get("total_permitted")
+    return value if _is_int(value) and isinstance(value, int) and value > 0 else None

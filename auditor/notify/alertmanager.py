@@ -1,0 +1,90 @@
+"""The `alertmanager` notifier: feeds an existing Alertmanager through POST <url>/api/v2/alerts.
+
+Alertmanager resolves an alert by itself once its `endsAt` passes, and expects clients to keep re-sending alerts
+that still fire (Prometheus re-sends every evaluation with endsAt = 4 x its resend delay). A firing alert is sent
+with endsAt = now + 3 x the notifier's repeat_interval (at least 1h), so it stays alive between the delivery
+stage's re-sends; a resolved alert carries its resolution time, which resolves it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+
+from auditor.config import AlertmanagerNotifier
+from auditor.domain.alerts import AlertStatus, Notification
+from auditor.notify.base import (
+    DeliveryResult,
+    alert_annotations,
+    alert_labels,
+    describe,
+    json_body,
+    post,
+    rfc3339,
+    url_secrets,
+)
+
+logger = logging.getLogger(__name__)
+
+ALERTS_PATH = "/api/v2/alerts"
+RESEND_FACTOR = 3
+MIN_LIFETIME = timedelta(hours=1)
+
+
+def alerts_url(base: str) -> str:
+    """Returns the alerts endpoint for a configured Alertmanager URL (accepting one that already ends in it)."""
+    base = base.rstrip("/")
+    return base if base.endswith(ALERTS_PATH) else base + ALERTS_PATH
+
+
+def firing_lifetime(repeat_interval: timedelta) -> timedelta:
+    """Returns how long past `now` a firing alert is kept alive: 3 x repeat_interval, at least 1h."""
+    return max(RESEND_FACTOR * repeat_interval, MIN_LIFETIME)
+
+
+class AlertmanagerChannel:
+    """Alertmanager API v2 client for postable alerts."""
+
+    kind = "alertmanager"
+
+    def build_payload(
+        self, notification: Notification, settings: AlertmanagerNotifier, *, now: datetime
+    ) -> list[dict[str, Any]]:
+        """Returns the JSON list of postable alerts (labels, annotations, startsAt, endsAt, generatorURL)."""
+        keep_alive_until = now + firing_lifetime(settings.repeat_interval)
+        return [
+            {
+                "labels": alert_labels(alert, is_test=notification.is_test),
+                "annotations": alert_annotations(alert, is_test=notification.is_test),
+                "startsAt": rfc3339(alert.starts_at),
+                "endsAt": rfc3339(keep_alive_until if alert.status is AlertStatus.FIRING else (alert.ends_at or now)),
+                "generatorURL": "",
+            }
+            for alert in notification.alerts
+        ]
+
+    async def send(
+        self,
+        http: httpx.AsyncClient,
+        notification: Notification,
+        settings: AlertmanagerNotifier,
+        *,
+        now: datetime,
+    ) -> DeliveryResult:
+        """POSTs the alerts once (Alertmanager answers 200); raises NotifyError on failure."""
+        body = json_body(self.build_payload(notification, settings, now=now))
+        url = settings.url.get_secret_value()
+        response = await post(
+            http, alerts_url(url), body, settings=settings, headers={}, secrets=url_secrets(url), now=now
+        )
+        logger.debug("%s accepted notification %s (HTTP %d)", describe(settings), notification.id, response.status_code)
+        return DeliveryResult(
+            status_code=response.status_code,
+            detail=f"{describe(settings)}: HTTP {response.status_code}, {len(notification.alerts)} alert(s)",
+        )
+
+
+NOTIFIER = AlertmanagerChannel()

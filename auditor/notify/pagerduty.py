@@ -1,0 +1,128 @@
+"""The `pagerduty` notifier: one PagerDuty Events API v2 event per alert, POSTed to `events_url`.
+
+A notification with N alerts is N sequential POSTs, all of which must be accepted (PagerDuty answers 202); the
+first failure raises. Re-sending the whole notification after a partial failure is harmless: events dedup on
+`dedup_key` (the alert fingerprint), so a repeated trigger updates the open incident and a repeated resolve is a
+no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from auditor.config import PagerDutyNotifier
+from auditor.domain.alerts import Alert, AlertStatus, Notification
+from auditor.domain.models import Severity
+from auditor.errors import NotifyError
+from auditor.notify.base import DeliveryResult, describe, json_body, post, rfc3339
+
+logger = logging.getLogger(__name__)
+
+SOURCE = "katapult-backup-auditor"
+SUMMARY_MAX = 1024  # Events API v2: payload.summary is at most 1024 characters
+TEST_PREFIX = "[TEST] "
+SEVERITY = {
+    Severity.CRITICAL: "critical",
+    Severity.HIGH: "error",
+    Severity.MEDIUM: "warning",
+    Severity.LOW: "info",
+}
+
+
+def _summary(alert: Alert, *, is_test: bool) -> str:
+    text = (TEST_PREFIX if is_test else "") + alert.summary
+    return text if len(text) <= SUMMARY_MAX else text[: SUMMARY_MAX - 1] + "…"
+
+
+def _custom_details(alert: Alert, *, is_test: bool) -> dict[str, Any]:
+    details: dict[str, Any] = {
+        "rule": alert.rule,
+        "severity": alert.severity.value,
+        "description": alert.description,
+        "fingerprint": alert.fingerprint,
+        "starts_at": rfc3339(alert.starts_at),
+    }
+    if alert.disk_id:
+        details["disk_id"] = alert.disk_id
+    if alert.policy_id:
+        details["policy_id"] = alert.policy_id
+    if is_test:
+        details["test"] = True
+    return details
+
+
+def build_event(alert: Alert, routing_key: str, *, is_test: bool) -> dict[str, Any]:
+    """Returns one Events API v2 event: a full trigger for a firing alert, a bare resolve for a resolved one."""
+    if alert.status is AlertStatus.RESOLVED:
+        # Events API v2: resolve (and acknowledge) events need only routing_key, event_action and dedup_key.
+        return {"routing_key": routing_key, "event_action": "resolve", "dedup_key": alert.fingerprint}
+    payload: dict[str, Any] = {
+        "summary": _summary(alert, is_test=is_test),
+        "source": alert.disk_id or SOURCE,
+        "severity": SEVERITY[alert.severity],
+        "timestamp": rfc3339(alert.starts_at),
+    }
+    if alert.disk_id:
+        payload["component"] = alert.disk_id
+    payload["group"] = alert.rule
+    payload["class"] = alert.rule
+    payload["custom_details"] = _custom_details(alert, is_test=is_test)
+    return {
+        "routing_key": routing_key,
+        "event_action": "trigger",
+        "dedup_key": alert.fingerprint,
+        "payload": payload,
+    }
+
+
+class PagerDutyChannel:
+    """PagerDuty Events API v2."""
+
+    kind = "pagerduty"
+
+    def build_payload(
+        self, notification: Notification, settings: PagerDutyNotifier, *, now: datetime
+    ) -> list[dict[str, Any]]:
+        """Returns the events to send, one per alert, in the notification's order."""
+        key = settings.routing_key.get_secret_value()
+        return [build_event(alert, key, is_test=notification.is_test) for alert in notification.alerts]
+
+    async def send(
+        self, http: httpx.AsyncClient, notification: Notification, settings: PagerDutyNotifier, *, now: datetime
+    ) -> DeliveryResult:
+        """POSTs every event in turn (PagerDuty answers 202); the first failure raises NotifyError."""
+        events = self.build_payload(notification, settings, now=now)
+        secrets = [settings.routing_key.get_secret_value()]
+        status: int | None = None
+        for index, event in enumerate(events, start=1):
+            try:
+                response = await post(
+                    http,
+                    settings.events_url,
+                    json_body(event),
+                    settings=settings,
+                    headers={},
+                    secrets=secrets,
+                    now=now,
+                )
+            except NotifyError as exc:
+                if len(events) == 1:
+                    raise
+                raise NotifyError(
+                    f"{exc} (event {index} of {len(events)})",
+                    permanent=exc.permanent,
+                    status_code=exc.status_code,
+                    retry_after=exc.retry_after,
+                ) from None
+            status = response.status_code
+        logger.debug("%s accepted %d event(s) for notification %s", describe(settings), len(events), notification.id)
+        return DeliveryResult(
+            status_code=status, detail=f"{describe(settings)}: {len(events)} event(s) accepted (HTTP {status})"
+        )
+
+
+NOTIFIER = PagerDutyChannel()

@@ -1,0 +1,247 @@
+"""The compliance report (a public JSON contract) and its table/CSV/Markdown renderings, read from the store."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from auditor.domain.models import FindingStatus, ReadOutcome, TrackedFinding, Waiver, WaiverProblem
+from auditor.domain.records import DiskStatus, PolicyStateRecord, RunRecord
+from auditor.store.repo import Store
+
+EXPIRING_WITHIN = timedelta(days=7)
+
+
+def iso(value: datetime | None) -> str | None:
+    """Returns an ISO-8601 UTC string ending in Z, or None."""
+    if value is None:
+        return None
+    return value.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def run_json(run: RunRecord | None) -> dict[str, Any] | None:
+    """Returns the report's `last_run` object (extended with traffic counters)."""
+    if run is None:
+        return None
+    return {
+        "id": run.id,
+        "started_at": iso(run.started_at),
+        "finished_at": iso(run.finished_at),
+        "status": run.status.value,
+        "trigger": run.trigger,
+        "targets_checked": run.targets_checked,
+        "disks_read": run.disks_ok,
+        "disks_unknown": run.disks_unknown,
+        "api_requests": run.stats.requests,
+        "api_retries": run.stats.retries,
+        "api_rate_limited": run.stats.rate_limited,
+        "findings_opened": run.findings_opened,
+        "findings_resolved": run.findings_resolved,
+        "errors": [e.as_dict() for e in run.errors],
+    }
+
+
+def finding_json(f: TrackedFinding, *, with_resolution: bool = False) -> dict[str, Any]:
+    """Returns a finding as the report lists it."""
+    out: dict[str, Any] = {
+        "fingerprint": f.fingerprint,
+        "rule": f.rule,
+        "severity": f.severity.value,
+        "status": f.status.value,
+        "disk_id": f.disk_id,
+        "policy_id": f.policy_id,
+        "message": f.message,
+        "observed": f.observed,
+        "expected": f.expected,
+        "first_seen": iso(f.first_seen),
+        "last_seen": iso(f.last_seen),
+        "waiver": f.waiver,
+    }
+    if with_resolution:
+        out["opened_at"] = iso(f.opened_at)
+        out["resolved_at"] = iso(f.resolved_at)
+    return out
+
+
+async def build_report(
+    store: Store, *, now: datetime, waivers: Sequence[Waiver] = (), waiver_problems: Sequence[WaiverProblem] = ()
+) -> dict[str, Any]:
+    """Returns the compliance report: last run, summary, disks and open/waived findings (no Katapult call)."""
+    run = await store.latest_run()
+    disks = await store.load_disks(targets_only=True)
+    findings = await store.all_findings(statuses=(FindingStatus.OPEN.value, FindingStatus.WAIVED.value))
+    policies = await store.current_policy_ids()
+    by_disk: dict[str, list[TrackedFinding]] = {}
+    for f in findings:
+        by_disk.setdefault(f.disk_id, []).append(f)
+
+    disk_items = []
+    counts = {s.value: 0 for s in DiskStatus}
+    for disk_id in sorted(disks):
+        d = disks[disk_id]
+        mine = by_disk.get(disk_id, [])
+        if d.outcome == ReadOutcome.UNKNOWN.value:
+            status = DiskStatus.UNKNOWN
+        elif any(f.status is FindingStatus.OPEN for f in mine):
+            status = DiskStatus.NONCOMPLIANT
+        else:
+            status = DiskStatus.COMPLIANT
+        counts[status.value] += 1
+        disk_items.append({
+            "disk_id": disk_id,
+            "name": d.name,
+            "status": status.value,
+            "policies": policies.get(disk_id, []),
+            "findings": [f.fingerprint for f in mine],
+            "vm_id": d.vm_id,
+            "source": d.source,
+            "last_read_at": iso(d.last_read_at),
+            "error": ({"code": d.error_code, "message": d.error_message}
+                      if d.outcome == ReadOutcome.UNKNOWN.value else None),
+        })
+
+    target_ids = set(disks)
+    listed = [f for f in findings if f.disk_id in target_ids]
+    open_findings = [f for f in listed if f.status is FindingStatus.OPEN]
+    by_rule: dict[str, int] = {}
+    by_severity: dict[str, int] = {}
+    for f in open_findings:
+        by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
+        by_severity[f.severity.value] = by_severity.get(f.severity.value, 0) + 1
+    horizon = (now + EXPIRING_WITHIN).date()
+    expiring = [w.as_dict() for w in waivers if w.is_valid(now=now) and w.expires <= horizon]
+    return {
+        "generated_at": iso(now),
+        "last_run": run_json(run),
+        "summary": {
+            "disks_total": len(disks),
+            "compliant": counts["compliant"],
+            "noncompliant": counts["noncompliant"],
+            "unknown": counts["unknown"],
+            "open_findings": len(open_findings),
+            "waived_findings": len(listed) - len(open_findings),
+            "by_rule": dict(sorted(by_rule.items())),
+            "by_severity": dict(sorted(by_severity.items())),
+        },
+        "disks": disk_items,
+        "findings": [finding_json(f) for f in listed],
+        "waiver_problems": [{"index": p.index, "problem": p.problem, "waiver": _jsonable(p.raw)}
+                            for p in waiver_problems],
+        "expiring_waivers": expiring,
+        "drift": [
+            {"disk_id": d.disk_id, "policy_id": d.policy_id, "at": iso(d.at), "kind": d.kind,
+             "before": d.before, "after": d.after}
+            for d in await store.recent_drift(since=now - timedelta(days=7))
+        ],
+    }
+
+
+def _jsonable(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, str | int | float | bool | type(None)) else str(v)) for k, v in raw.items()}
+
+
+CSV_COLUMNS = ("fingerprint", "rule", "severity", "status", "disk_id", "policy_id", "message", "first_seen",
+               "last_seen", "waiver_owner", "waiver_expires")
+
+
+def report_csv(report: dict[str, Any]) -> str:
+    """Returns the report's findings as CSV (one row a finding)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for f in report["findings"]:
+        waiver = f.get("waiver") or {}
+        writer.writerow([f["fingerprint"], f["rule"], f["severity"], f["status"], f["disk_id"],
+                         f["policy_id"] or "", f["message"], f["first_seen"], f["last_seen"],
+                         waiver.get("owner", ""), waiver.get("expires", "")])
+    return buf.getvalue()
+
+
+def _md(text: Any) -> str:
+    return str(text if text is not None else "").replace("|", "\\|").replace("\n", " ")
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """Returns the report as Markdown (summary, findings table, unknown disks)."""
+    s = report["summary"]
+    run = report["last_run"]
+    lines = ["# Backup-policy compliance report", "", f"Generated {report['generated_at']}."]
+    if run:
+        lines.append(f"Last run `{run['id']}` ({run['status']}) finished {run['finished_at']}, "
+                     f"{run['api_requests']} API requests.")
+    else:
+        lines.append("No audit has run yet.")
+    lines += ["", "| disks | compliant | noncompliant | unknown | open findings |", "|---|---|---|---|---|",
+              f"| {s['disks_total']} | {s['compliant']} | {s['noncompliant']} | {s['unknown']} | "
+              f"{s['open_findings']} |", ""]
+    if report["findings"]:
+        lines += ["## Findings", "", "| severity | rule | disk | policy | status | message |",
+                  "|---|---|---|---|---|---|"]
+        for f in report["findings"]:
+            lines.append(f"| {f['severity']} | {f['rule']} | {_md(f['disk_id'])} | {_md(f['policy_id'])} | "
+                         f"{f['status']} | {_md(f['message'])} |")
+        lines.append("")
+    unknown = [d for d in report["disks"] if d["status"] == "unknown"]
+    if unknown:
+        lines += ["## Disks without a verdict", ""]
+        lines += [f"- {_md(d['disk_id'])}: {_md((d.get('error') or {}).get('message'))}" for d in unknown]
+        lines.append("")
+    if run and run["errors"]:
+        lines += ["## Errors in the last run", ""]
+        lines += [f"- {_md(e['target'])}: `{e['code']}` {_md(e['message'])}" for e in run["errors"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _state_json(p: PolicyStateRecord) -> dict[str, Any]:
+    return {
+        "policy_id": p.policy_id,
+        "retention": p.retention,
+        "interval": p.interval,
+        "target_type": p.target_type,
+        "target_id": p.target_id,
+        "target_name": p.target_name,
+        "next_invocation_at": iso(p.next_invocation_at),
+        "total_size": p.total_size,
+        "valid_from": iso(p.valid_from),
+        "valid_to": iso(p.valid_to),
+    }
+
+
+async def disk_detail(store: Store, disk_id: str) -> dict[str, Any] | None:
+    """Returns a disk's current policies, findings, snapshot history, drift and finding events; None if unknown."""
+    disk, states, drift, findings, events = await store.disk_history(disk_id)
+    if disk is None:
+        return None
+    if disk.outcome == ReadOutcome.UNKNOWN.value:
+        status = DiskStatus.UNKNOWN
+    elif any(f.status is FindingStatus.OPEN for f in findings):
+        status = DiskStatus.NONCOMPLIANT
+    else:
+        status = DiskStatus.COMPLIANT
+    return {
+        "disk": {
+            "disk_id": disk.id,
+            "name": disk.name,
+            "vm_id": disk.vm_id,
+            "vm_fqdn": disk.vm_fqdn,
+            "source": disk.source,
+            "is_target": disk.is_target,
+            "outcome": disk.outcome,
+            "error": {"code": disk.error_code, "message": disk.error_message} if disk.error_code else None,
+            "first_seen_at": iso(disk.first_seen_at),
+            "last_checked_at": iso(disk.last_checked_at),
+            "last_read_at": iso(disk.last_read_at),
+        },
+        "status": status.value,
+        "policies": [_state_json(p) for p in states if p.valid_to is None],
+        "findings": [finding_json(f, with_resolution=True) for f in findings],
+        "snapshots": [_state_json(p) for p in states],
+        "drift": [{"policy_id": d.policy_id, "run_id": d.run_id, "at": iso(d.at), "kind": d.kind,
+                   "before": d.before, "after": d.after} for d in drift],
+        "finding_events": [{"fingerprint": e.fingerprint, "run_id": e.run_id, "at": iso(e.at), "kind": e.kind}
+                           for e in events],
+    }

@@ -1,0 +1,184 @@
+"""Engine set-up for SQLite (embedded) and PostgreSQL, and Alembic migrations run from code."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from auditor.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+
+def _parse(url: str) -> URL:
+    try:
+        return make_url(url)
+    except ArgumentError:
+        raise StoreError("database.url is not a valid database URL") from None
+
+
+def async_url(url: str) -> URL:
+    """Returns the async-driver form of a configured URL (sqlite → aiosqlite, postgresql → psycopg)."""
+    parsed = _parse(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite+aiosqlite")
+    if backend == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg")
+    raise StoreError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
+
+
+def sync_url(url: str) -> URL:
+    """Returns the sync-driver form of a configured URL, for Alembic."""
+    parsed = _parse(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return parsed.set(drivername="sqlite")
+    if backend == "postgresql":
+        return parsed.set(drivername="postgresql+psycopg")
+    raise StoreError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
+
+
+def is_sqlite(url: str) -> bool:
+    """Returns whether the URL names an SQLite database."""
+    return _parse(url).get_backend_name() == "sqlite"
+
+
+def safe_url(url: str) -> str:
+    """Returns the URL with any password masked, for log lines and error messages."""
+    return _parse(url).render_as_string(hide_password=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the API read while a cycle writes; busy_timeout waits out short write locks instead of failing.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _ensure_sqlite_dir(url: URL) -> None:
+    db = url.database
+    if db and db != ":memory:" and not db.startswith("file:"):
+        Path(db).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+
+
+def create_engine_for(url: str, *, pool_size: int = 5) -> AsyncEngine:
+    """Returns an AsyncEngine for the configured URL."""
+    aurl = async_url(url)
+    if aurl.get_backend_name() == "sqlite":
+        _ensure_sqlite_dir(aurl)
+        engine = create_async_engine(aurl, poolclass=NullPool if aurl.database in (None, "", ":memory:") else None)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        aurl, pool_size=pool_size, max_overflow=5, pool_pre_ping=True, connect_args={"connect_timeout": 10}
+    )
+
+
+def create_sync_engine_for(url: str) -> Engine:
+    """Returns a sync Engine (Alembic, schema checks)."""
+    surl = sync_url(url)
+    if surl.get_backend_name() == "sqlite":
+        _ensure_sqlite_dir(surl)
+        engine = create_engine(surl)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(surl, poolclass=NullPool, connect_args={"connect_timeout": 10})
+
+
+def migrations_dir() -> Path:
+    """Returns the Alembic script directory: shipped inside the wheel, or the repository's `migrations/`."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "migrations", here.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise StoreError("Alembic migrations directory not found (is the package installed correctly?)")
+
+
+def alembic_config(url: str) -> AlembicConfig:
+    """Returns an Alembic Config bound to the URL (sync driver)."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    # Alembic's ini interpolation treats % specially.
+    cfg.set_main_option("sqlalchemy.url", sync_url(url).render_as_string(hide_password=False).replace("%", "%%"))
+    cfg.attributes["configure_logger"] = False
+    return cfg
+
+
+def _run(sync_conn: Any, cfg: AlembicConfig, action: str, revision: str) -> None:
+    cfg.attributes["connection"] = sync_conn
+    if action == "upgrade":
+        command.upgrade(cfg, revision)
+    else:
+        command.downgrade(cfg, revision)
+
+
+def _current(sync_conn: Any) -> str | None:
+    return MigrationContext.configure(sync_conn).get_current_revision()
+
+
+def _translate(exc: Exception, url: str) -> StoreError:
+    # SQLAlchemy messages can embed the URL; name the database by its masked URL and the error class only.
+    reason = getattr(exc, "orig", None) or exc
+    first = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+    return StoreError(f"database {safe_url(url)}: {first[:300]}")
+
+
+async def _migrate(url: str, action: str, revision: str) -> None:
+    # Alembic is synchronous; run it on the async engine's connection through run_sync (its asyncio recipe),
+    # so the same driver and event loop serve migrations and the application.
+    cfg = alembic_config(url)
+    engine = create_engine_for(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_run, cfg, action, revision)
+    except (SQLAlchemyError, OSError) as exc:
+        raise _translate(exc, url) from None
+    finally:
+        await engine.dispose()
+
+
+async def upgrade(url: str, revision: str = "head") -> None:
+    """Applies migrations up to `revision`."""
+    await _migrate(url, "upgrade", revision)
+
+
+async def downgrade(url: str, revision: str) -> None:
+    """Reverts migrations down to `revision`."""
+    await _migrate(url, "downgrade", revision)
+
+
+async def current_revision(url: str) -> tuple[str | None, str | None]:
+    """Returns (the database's revision, the code's head revision)."""
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    engine = create_engine_for(url)
+    try:
+        async with engine.connect() as conn:
+            current = await conn.run_sync(_current)
+    except (SQLAlchemyError, OSError) as exc:
+        raise _translate(exc, url) from None
+    finally:
+        await engine.dispose()
+    return current, head
+
+
+async def ping(engine: AsyncEngine) -> None:
+    """Raises StoreError unless the database answers `SELECT 1`."""
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    except (SQLAlchemyError, OSError) as exc:
+        raise _translate(exc, engine.url.render_as_string(hide_password=True)) from None

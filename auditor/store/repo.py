@@ -1,0 +1,638 @@
+"""The repository: every database read and write, taking and returning domain objects."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from auditor.domain.lifecycle import Change, Transition
+from auditor.domain.models import (
+    DiskSnapshot,
+    FindingStatus,
+    ReadOutcome,
+    Severity,
+    TrackedFinding,
+)
+from auditor.domain.records import (
+    DiskRecord,
+    DriftRecord,
+    FindingEventRecord,
+    PolicyStateRecord,
+    RunError,
+    RunRecord,
+    RunStats,
+    RunStatus,
+)
+from auditor.errors import StoreError
+from auditor.store.engine import create_engine_for, ping, safe_url
+from auditor.store.tables import (
+    DiskRow,
+    DriftEvent,
+    FindingEvent,
+    FindingRow,
+    PolicyState,
+    Run,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CHUNK = 500  # stays under SQLite's bound-parameter limit and keeps PostgreSQL statements small
+
+
+def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@dataclass(frozen=True, slots=True)
+class DiskWrite:
+    """One disk's outcome in a run, with where it came from (`config` or `org:<ref>`)."""
+
+    snapshot: DiskSnapshot
+    source: str
+
+
+@dataclass(slots=True)
+class CycleWrite:
+    """Everything one finished cycle writes, in one transaction."""
+
+    run_id: str
+    now: datetime
+    status: RunStatus
+    targets_checked: int
+    stats: RunStats
+    errors: list[RunError]
+    disks: list[DiskWrite]
+    changes: list[Change]
+    retired_disks: set[str] = field(default_factory=set)
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FindingQuery:
+    """Filters and paging for listing findings."""
+
+    statuses: tuple[str, ...] = ("open", "waived")
+    rule: str | None = None
+    severity: str | None = None
+    disk_id: str | None = None
+    limit: int = 100
+    cursor: str | None = None
+
+
+def encode_cursor(key: tuple[str, str]) -> str:
+    """Returns an opaque cursor for keyset paging."""
+    return base64.urlsafe_b64encode(json.dumps(list(key)).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    """Returns the keyset position in a cursor; ValueError if it is not one of ours."""
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, TypeError) as exc:
+        raise ValueError("invalid cursor") from exc
+    if not (isinstance(raw, list) and len(raw) == 2 and all(isinstance(x, str) for x in raw)):
+        raise ValueError("invalid cursor")
+    return raw[0], raw[1]
+
+
+def _finding(row: FindingRow) -> TrackedFinding:
+    return TrackedFinding(
+        fingerprint=row.fingerprint,
+        rule=row.rule,
+        disk_id=row.disk_id,
+        policy_id=row.policy_id,
+        severity=Severity(row.severity),
+        status=FindingStatus(row.status),
+        message=row.message,
+        observed=dict(row.observed or {}),
+        expected=dict(row.expected or {}),
+        first_seen=row.first_seen,
+        last_seen=row.last_seen,
+        opened_at=row.opened_at,
+        resolved_at=row.resolved_at,
+        waiver=row.waiver,
+    )
+
+
+def _finding_values(f: TrackedFinding) -> dict[str, Any]:
+    return {
+        "fingerprint": f.fingerprint,
+        "rule": f.rule,
+        "disk_id": f.disk_id,
+        "policy_id": f.policy_id,
+        "severity": f.severity.value,
+        "status": f.status.value,
+        "message": f.message,
+        "observed": f.observed,
+        "expected": f.expected,
+        "first_seen": f.first_seen,
+        "last_seen": f.last_seen,
+        "opened_at": f.opened_at,
+        "resolved_at": f.resolved_at,
+        "waiver": f.waiver,
+    }
+
+
+def _run(row: Run) -> RunRecord:
+    return RunRecord(
+        id=row.id,
+        trigger=row.trigger,
+        status=RunStatus(row.status),
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        targets_checked=row.targets_checked,
+        disks_ok=row.disks_ok,
+        disks_unknown=row.disks_unknown,
+        stats=RunStats(row.api_requests, row.api_retries, row.api_rate_limited, dict(row.api_by_status or {})),
+        findings_opened=row.findings_opened,
+        findings_resolved=row.findings_resolved,
+        errors=tuple(RunError(str(e.get("target", "")), str(e.get("code", "")), str(e.get("message", "")))
+                     for e in (row.errors or [])),
+    )
+
+
+def _disk(row: DiskRow) -> DiskRecord:
+    return DiskRecord(
+        id=row.id,
+        name=row.name,
+        vm_id=row.vm_id,
+        vm_fqdn=row.vm_fqdn,
+        source=row.source,
+        is_target=row.is_target,
+        outcome=row.outcome,
+        error_code=row.error_code,
+        error_message=row.error_message,
+        first_seen_at=row.first_seen_at,
+        last_checked_at=row.last_checked_at,
+        last_read_at=row.last_read_at,
+    )
+
+
+def _state(row: PolicyState) -> PolicyStateRecord:
+    return PolicyStateRecord(
+        disk_id=row.disk_id,
+        policy_id=row.policy_id,
+        retention=row.retention,
+        interval=row.interval,
+        target_type=row.target_type,
+        target_id=row.target_id,
+        target_name=row.target_name,
+        next_invocation_at=row.next_invocation_at,
+        total_size=row.total_size,
+        valid_from=row.valid_from,
+        valid_to=row.valid_to,
+        settings_hash=row.settings_hash,
+    )
+
+
+class Store:
+    """Async repository over one engine. SQLAlchemy stays inside; callers see domain objects."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def from_url(cls, url: str) -> Store:
+        """Returns a Store on a new engine for the URL."""
+        return cls(create_engine_for(url))
+
+    def __repr__(self) -> str:
+        return f"Store({safe_url(self.engine.url.render_as_string(hide_password=True))})"
+
+    async def close(self) -> None:
+        """Disposes of the engine's connections."""
+        await self.engine.dispose()
+
+    async def ping(self) -> None:
+        """Raises StoreError unless the database answers."""
+        await ping(self.engine)
+
+    def _error(self, exc: Exception) -> StoreError:
+        reason = getattr(exc, "orig", None) or exc
+        text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+        return StoreError(f"database {self.engine.url.render_as_string(hide_password=True)}: {text[:300]}")
+
+    async def _read(self, fn: Any) -> Any:
+        try:
+            async with self._sessions() as session:
+                return await fn(session)
+        except (SQLAlchemyError, OSError) as exc:
+            raise self._error(exc) from None
+
+    async def _write(self, fn: Any) -> Any:
+        try:
+            async with self._sessions() as session, session.begin():
+                return await fn(session)
+        except (SQLAlchemyError, OSError) as exc:
+            raise self._error(exc) from None
+
+    # ---- runs -------------------------------------------------------------------------------------------
+
+    async def start_run(self, *, now: datetime, trigger: str) -> str:
+        """Records a new running run and returns its id."""
+        run_id = uuid.uuid4().hex
+
+        async def go(s: AsyncSession) -> str:
+            seq = (await s.execute(select(func.coalesce(func.max(Run.seq), 0)))).scalar_one() + 1
+            s.add(Run(id=run_id, seq=seq, trigger=trigger, status=RunStatus.RUNNING.value, started_at=now,
+                      finished_at=None, targets_checked=0, disks_ok=0, disks_unknown=0, api_requests=0,
+                      api_retries=0, api_rate_limited=0, api_by_status={}, findings_opened=0,
+                      findings_resolved=0, errors=[]))
+            return run_id
+
+        result: str = await self._write(go)
+        return result
+
+    async def fail_run(self, run_id: str, *, now: datetime, errors: Sequence[RunError], stats: RunStats) -> None:
+        """Marks a run failed (nothing of its findings is written)."""
+
+        async def go(s: AsyncSession) -> None:
+            await s.execute(
+                update(Run).where(Run.id == run_id).values(
+                    status=RunStatus.FAILED.value, finished_at=now, errors=[e.as_dict() for e in errors],
+                    api_requests=stats.requests, api_retries=stats.retries, api_rate_limited=stats.rate_limited,
+                    api_by_status=dict(stats.by_status),
+                )
+            )
+
+        await self._write(go)
+
+    async def abandon_running_runs(self, *, now: datetime, reason: str) -> int:
+        """Marks runs left `running` by a crash or a shutdown as failed; returns how many."""
+
+        async def go(s: AsyncSession) -> int:
+            result = await s.execute(
+                update(Run).where(Run.status == RunStatus.RUNNING.value).values(
+                    status=RunStatus.FAILED.value, finished_at=now,
+                    errors=[{"target": "*", "code": "abandoned", "message": reason}],
+                )
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+        count: int = await self._write(go)
+        return count
+
+    async def latest_run(self, *, finished: bool = True) -> RunRecord | None:
+        """Returns the most recent run (finished ones only unless `finished` is false)."""
+
+        async def go(s: AsyncSession) -> RunRecord | None:
+            q = select(Run).order_by(Run.seq.desc()).limit(1)
+            if finished:
+                q = q.where(Run.status != RunStatus.RUNNING.value)
+            row = (await s.execute(q)).scalar_one_or_none()
+            return _run(row) if row else None
+
+        result: RunRecord | None = await self._read(go)
+        return result
+
+    async def last_successful_run(self) -> RunRecord | None:
+        """Returns the latest run that was complete or partial."""
+
+        async def go(s: AsyncSession) -> RunRecord | None:
+            q = (select(Run).where(Run.status.in_([RunStatus.COMPLETE.value, RunStatus.PARTIAL.value]))
+                 .order_by(Run.seq.desc()).limit(1))
+            row = (await s.execute(q)).scalar_one_or_none()
+            return _run(row) if row else None
+
+        result: RunRecord | None = await self._read(go)
+        return result
+
+    async def list_runs(self, *, limit: int = 20) -> list[RunRecord]:
+        """Returns recent runs, newest first."""
+
+        async def go(s: AsyncSession) -> list[RunRecord]:
+            rows = (await s.execute(select(Run).order_by(Run.seq.desc()).limit(limit))).scalars()
+            return [_run(r) for r in rows]
+
+        result: list[RunRecord] = await self._read(go)
+        return result
+
+    # ---- cycle inputs -----------------------------------------------------------------------------------
+
+    async def load_disks(self, *, targets_only: bool = False) -> dict[str, DiskRecord]:
+        """Returns stored disks by id."""
+
+        async def go(s: AsyncSession) -> dict[str, DiskRecord]:
+            q = select(DiskRow)
+            if targets_only:
+                q = q.where(DiskRow.is_target.is_(True))
+            return {r.id: _disk(r) for r in (await s.execute(q)).scalars()}
+
+        result: dict[str, DiskRecord] = await self._read(go)
+        return result
+
+    async def load_active_findings(self, *, extra: Iterable[str] = ()) -> dict[str, TrackedFinding]:
+        """Returns open and waived findings, plus the stored state of the `extra` fingerprints (to reopen)."""
+        wanted = sorted(set(extra))
+
+        async def go(s: AsyncSession) -> dict[str, TrackedFinding]:
+            q = select(FindingRow).where(FindingRow.status.in_([FindingStatus.OPEN.value, FindingStatus.WAIVED.value]))
+            out = {r.fingerprint: _finding(r) for r in (await s.execute(q)).scalars()}
+            missing = [fp for fp in wanted if fp not in out]
+            for chunk in _chunks(missing):
+                rows = (await s.execute(select(FindingRow).where(FindingRow.fingerprint.in_(chunk)))).scalars()
+                out.update({r.fingerprint: _finding(r) for r in rows})
+            return out
+
+        result: dict[str, TrackedFinding] = await self._read(go)
+        return result
+
+    async def load_current_states(self) -> dict[str, dict[str, PolicyStateRecord]]:
+        """Returns every current policy state, by disk and policy."""
+
+        async def go(s: AsyncSession) -> dict[str, dict[str, PolicyStateRecord]]:
+            out: dict[str, dict[str, PolicyStateRecord]] = {}
+            for r in (await s.execute(select(PolicyState).where(PolicyState.valid_to.is_(None)))).scalars():
+                out.setdefault(r.disk_id, {})[r.policy_id] = _state(r)
+            return out
+
+        result: dict[str, dict[str, PolicyStateRecord]] = await self._read(go)
+        return result
+
+    # ---- the cycle's one write ------------------------------------------------------------------------
+
+    async def commit_cycle(self, cycle: CycleWrite, *, extra: Any = None) -> None:
+        """Writes a finished cycle in one transaction: disks, policy states, drift, findings, events, the run.
+
+        `extra`, if given, is an async callable run inside the same transaction with the session (the alert
+        outbox uses it so notifications are written atomically with the finding changes that cause them).
+        """
+
+        async def go(s: AsyncSession) -> None:
+            new_disks = await self._write_disks(s, cycle)
+            await self._write_states(s, cycle, new_disks=new_disks)
+            await self._write_findings(s, cycle)
+            opened = sum(1 for c in cycle.changes if c.kind in (Transition.OPENED, Transition.REOPENED,
+                                                                 Transition.UNWAIVED))
+            resolved = sum(1 for c in cycle.changes if c.kind is Transition.RESOLVED)
+            ok = sum(1 for d in cycle.disks if d.snapshot.outcome is not ReadOutcome.UNKNOWN)
+            await s.execute(
+                update(Run).where(Run.id == cycle.run_id).values(
+                    status=cycle.status.value, finished_at=cycle.finished_at or cycle.now,
+                    targets_checked=cycle.targets_checked, disks_ok=ok, disks_unknown=len(cycle.disks) - ok,
+                    api_requests=cycle.stats.requests, api_retries=cycle.stats.retries,
+                    api_rate_limited=cycle.stats.rate_limited, api_by_status=dict(cycle.stats.by_status),
+                    findings_opened=opened, findings_resolved=resolved,
+                    errors=[e.as_dict() for e in cycle.errors],
+                )
+            )
+            if extra is not None:
+                await extra(s)
+
+        await self._write(go)
+
+    async def _write_disks(self, s: AsyncSession, cycle: CycleWrite) -> set[str]:
+        """Upserts the run's disks; returns the ids seen for the first time."""
+        now = cycle.now
+        new_disks: set[str] = set()
+        ids = [d.snapshot.disk_id for d in cycle.disks]
+        existing: dict[str, DiskRow] = {}
+        for chunk in _chunks(ids):
+            for found in (await s.execute(select(DiskRow).where(DiskRow.id.in_(chunk)))).scalars():
+                existing[found.id] = found
+        read_ok: list[str] = []
+        unknown: list[str] = []
+        for d in cycle.disks:
+            snap = d.snapshot
+            disk = snap.disk
+            definite = snap.outcome is not ReadOutcome.UNKNOWN
+            row = existing.get(disk.id)
+            if row is None:
+                new_disks.add(disk.id)
+                s.add(DiskRow(id=disk.id, name=disk.name, vm_id=disk.vm_id, vm_fqdn=disk.vm_fqdn, source=d.source,
+                              is_target=True, outcome=snap.outcome.value, error_code=snap.error_code,
+                              error_message=snap.error_message, first_seen_at=now, last_checked_at=now,
+                              last_read_at=now if definite else None, last_run_id=cycle.run_id))
+                continue
+            # Only rows whose facts changed are written one by one; the per-poll timestamps go in bulk below.
+            if definite:
+                read_ok.append(disk.id)
+                name = disk.name or row.name
+                vm_id, vm_fqdn = (disk.vm_id, disk.vm_fqdn) if snap.outcome is ReadOutcome.OK else (None, None)
+                if snap.outcome is ReadOutcome.OK and disk.vm_id is None and row.vm_id and not disk.name:
+                    vm_id, vm_fqdn = row.vm_id, row.vm_fqdn  # per-disk mode without a lookup: keep what we knew
+            else:
+                unknown.append(disk.id)
+                name, vm_id, vm_fqdn = row.name, row.vm_id, row.vm_fqdn
+            new = (name, vm_id, vm_fqdn, d.source, True, snap.outcome.value, snap.error_code, snap.error_message)
+            old = (row.name, row.vm_id, row.vm_fqdn, row.source, row.is_target, row.outcome, row.error_code,
+                   row.error_message)
+            if new != old:
+                (row.name, row.vm_id, row.vm_fqdn, row.source, row.is_target, row.outcome, row.error_code,
+                 row.error_message) = new
+        for chunk in _chunks(read_ok):
+            await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(
+                last_checked_at=now, last_read_at=now, last_run_id=cycle.run_id))
+        for chunk in _chunks(unknown):
+            await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(
+                last_checked_at=now, last_run_id=cycle.run_id))
+        retired = sorted(cycle.retired_disks)
+        for chunk in _chunks(retired):
+            await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(is_target=False))
+        await s.flush()
+        return new_disks
+
+    async def _write_states(self, s: AsyncSession, cycle: CycleWrite, *, new_disks: set[str]) -> None:
+        now = cycle.now
+        settled = [d.snapshot for d in cycle.disks if d.snapshot.outcome is not ReadOutcome.UNKNOWN]
+        current: dict[str, dict[str, PolicyState]] = {}
+        for chunk in _chunks([snap.disk_id for snap in settled]):
+            q = select(PolicyState).where(PolicyState.valid_to.is_(None), PolicyState.disk_id.in_(chunk))
+            for found_state in (await s.execute(q)).scalars():
+                current.setdefault(found_state.disk_id, {})[found_state.policy_id] = found_state
+        moving: list[dict[str, Any]] = []
+        for snap in settled:
+            states = current.get(snap.disk_id, {})
+            # A disk's first observation is its baseline, not drift.
+            is_new_disk = snap.disk_id in new_disks
+            for policy in snap.policies:
+                h = policy.settings_hash()
+                after = {"retention": policy.retention, "interval": policy.schedule.interval.value,
+                         "target_type": policy.target_type.value, "target_id": policy.target_id}
+                row: PolicyState | None = states.pop(policy.id, None)
+                if row is not None and row.settings_hash == h:
+                    nxt, size = policy.schedule.next_invocation_at, policy.total_size
+                    if row.next_invocation_at != nxt or row.total_size != size or (
+                            policy.target_name and row.target_name != policy.target_name):
+                        moving.append({"id": row.id, "next_invocation_at": nxt, "total_size": size,
+                                       "target_name": policy.target_name or row.target_name})
+                    continue
+                if row is not None:
+                    row.valid_to = now
+                    before: dict[str, Any] | None = _state(row).settings()
+                    kind = "policy-changed"
+                else:
+                    before, kind = None, "policy-added"
+                s.add(PolicyState(
+                    disk_id=snap.disk_id, policy_id=policy.id, settings_hash=h, retention=policy.retention,
+                    interval=policy.schedule.interval.value, target_type=policy.target_type.value,
+                    target_id=policy.target_id, target_name=policy.target_name,
+                    next_invocation_at=policy.schedule.next_invocation_at, total_size=policy.total_size,
+                    valid_from=now, valid_to=None, first_run_id=cycle.run_id,
+                ))
+                if not is_new_disk:
+                    s.add(DriftEvent(disk_id=snap.disk_id, policy_id=policy.id, run_id=cycle.run_id, at=now,
+                                     kind=kind, before=before, after=after))
+            for policy_id, row in states.items():
+                row.valid_to = now
+                s.add(DriftEvent(disk_id=snap.disk_id, policy_id=policy_id, run_id=cycle.run_id, at=now,
+                                 kind="policy-removed", before=_state(row).settings(), after=None))
+        if moving:
+            await s.execute(update(PolicyState), moving)
+        await s.flush()
+
+    async def _write_findings(self, s: AsyncSession, cycle: CycleWrite) -> None:
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        for change in cycle.changes:
+            values = _finding_values(change.finding)
+            if change.previous is None:
+                inserts.append(values)
+            else:
+                updates.append(values)
+            if change.kind is not Transition.PERSISTING:
+                events.append({"fingerprint": change.finding.fingerprint, "disk_id": change.finding.disk_id,
+                               "run_id": cycle.run_id, "at": cycle.now, "kind": change.kind.value})
+        for chunk in _chunks(inserts):
+            s.add_all(FindingRow(**v) for v in chunk)
+        await s.flush()
+        if updates:
+            await s.execute(update(FindingRow), updates)
+        if events:
+            s.add_all(FindingEvent(**e) for e in events)
+        await s.flush()
+
+    # ---- reports ----------------------------------------------------------------------------------------
+
+    async def list_findings(self, query: FindingQuery) -> tuple[list[TrackedFinding], str | None]:
+        """Returns one page of findings ordered by (disk_id, fingerprint) and the cursor of the next page."""
+
+        async def go(s: AsyncSession) -> tuple[list[TrackedFinding], str | None]:
+            q = select(FindingRow).where(FindingRow.status.in_(query.statuses))
+            if query.rule:
+                q = q.where(FindingRow.rule == query.rule)
+            if query.severity:
+                q = q.where(FindingRow.severity == query.severity)
+            if query.disk_id:
+                q = q.where(FindingRow.disk_id == query.disk_id)
+            if query.cursor:
+                disk_id, fp = decode_cursor(query.cursor)
+                q = q.where(or_(FindingRow.disk_id > disk_id,
+                                and_(FindingRow.disk_id == disk_id, FindingRow.fingerprint > fp)))
+            q = q.order_by(FindingRow.disk_id, FindingRow.fingerprint).limit(query.limit + 1)
+            rows = list((await s.execute(q)).scalars())
+            more = len(rows) > query.limit
+            rows = rows[: query.limit]
+            nxt = encode_cursor((rows[-1].disk_id, rows[-1].fingerprint)) if more and rows else None
+            return [_finding(r) for r in rows], nxt
+
+        result: tuple[list[TrackedFinding], str | None] = await self._read(go)
+        return result
+
+    async def all_findings(self, *, statuses: Sequence[str]) -> list[TrackedFinding]:
+        """Returns every finding with one of the statuses, ordered by disk and fingerprint."""
+
+        async def go(s: AsyncSession) -> list[TrackedFinding]:
+            q = (select(FindingRow).where(FindingRow.status.in_(list(statuses)))
+                 .order_by(FindingRow.disk_id, FindingRow.fingerprint))
+            return [_finding(r) for r in (await s.execute(q)).scalars()]
+
+        result: list[TrackedFinding] = await self._read(go)
+        return result
+
+    async def current_policy_ids(self) -> dict[str, list[str]]:
+        """Returns the current policy ids of every disk."""
+
+        async def go(s: AsyncSession) -> dict[str, list[str]]:
+            q = (select(PolicyState.disk_id, PolicyState.policy_id).where(PolicyState.valid_to.is_(None))
+                 .order_by(PolicyState.disk_id, PolicyState.policy_id))
+            out: dict[str, list[str]] = {}
+            for disk_id, policy_id in (await s.execute(q)).all():
+                out.setdefault(disk_id, []).append(policy_id)
+            return out
+
+        result: dict[str, list[str]] = await self._read(go)
+        return result
+
+    async def disk_history(
+        self, disk_id: str
+    ) -> tuple[DiskRecord | None, list[PolicyStateRecord], list[DriftRecord], list[TrackedFinding],
+               list[FindingEventRecord]]:
+        """Returns a disk with all its policy states, drift events, findings and finding events, oldest first."""
+
+        async def go(s: AsyncSession) -> Any:
+            disk_row = await s.get(DiskRow, disk_id)
+            states = (await s.execute(select(PolicyState).where(PolicyState.disk_id == disk_id)
+                                      .order_by(PolicyState.valid_from, PolicyState.id))).scalars()
+            drift = (await s.execute(select(DriftEvent).where(DriftEvent.disk_id == disk_id)
+                                     .order_by(DriftEvent.at, DriftEvent.id))).scalars()
+            findings = (await s.execute(select(FindingRow).where(FindingRow.disk_id == disk_id)
+                                        .order_by(FindingRow.first_seen, FindingRow.fingerprint))).scalars()
+            events = (await s.execute(select(FindingEvent).where(FindingEvent.disk_id == disk_id)
+                                      .order_by(FindingEvent.at, FindingEvent.id))).scalars()
+            return (
+                _disk(disk_row) if disk_row else None,
+                [_state(r) for r in states],
+                [DriftRecord(d.disk_id, d.policy_id, d.run_id, d.at, d.kind, d.before, d.after) for d in drift],
+                [_finding(f) for f in findings],
+                [FindingEventRecord(e.fingerprint, e.disk_id, e.run_id, e.at, e.kind) for e in events],
+            )
+
+        result: Any = await self._read(go)
+        return result  # type: ignore[no-any-return]
+
+    async def recent_drift(self, *, since: datetime, limit: int = 200) -> list[DriftRecord]:
+        """Returns drift events since `since`, newest first."""
+
+        async def go(s: AsyncSession) -> list[DriftRecord]:
+            q = select(DriftEvent).where(DriftEvent.at >= since).order_by(DriftEvent.at.desc(),
+                                                                          DriftEvent.id.desc()).limit(limit)
+            return [DriftRecord(d.disk_id, d.policy_id, d.run_id, d.at, d.kind, d.before, d.after)
+                    for d in (await s.execute(q)).scalars()]
+
+        result: list[DriftRecord] = await self._read(go)
+        return result
+
+    async def finding_counts(self) -> list[tuple[str, str, str, int]]:
+        """Returns (status, rule, severity, count) for every finding group (metrics)."""
+
+        async def go(s: AsyncSession) -> list[tuple[str, str, str, int]]:
+            q = select(FindingRow.status, FindingRow.rule, FindingRow.severity, func.count()).group_by(
+                FindingRow.status, FindingRow.rule, FindingRow.severity)
+            return [(a, b, c, int(n)) for a, b, c, n in (await s.execute(q)).all()]
+
+        result: list[tuple[str, str, str, int]] = await self._read(go)
+        return result
+
+    async def disk_status_counts(self) -> dict[str, int]:
+        """Returns the number of target disks per report status (compliant / noncompliant / unknown)."""
+
+        async def go(s: AsyncSession) -> dict[str, int]:
+            has_open = (select(FindingRow.disk_id).where(FindingRow.status == FindingStatus.OPEN.value)
+                        .distinct().subquery())
+            status = case(
+                (DiskRow.outcome == ReadOutcome.UNKNOWN.value, "unknown"),
+                (DiskRow.id.in_(select(has_open.c.disk_id)), "noncompliant"),
+                else_="compliant",
+            )
+            q = select(status, func.count()).where(DiskRow.is_target.is_(True)).group_by(status)
+            out = {"compliant": 0, "noncompliant": 0, "unknown": 0}
+            out.update({str(k): int(v) for k, v in (await s.execute(q)).all()})
+            return out
+
+        result: dict[str, int] = await self._read(go)
+        return result

@@ -1,0 +1,213 @@
+"""SQLAlchemy tables: the Alembic `target_metadata`. Rows map to domain objects in `repo`.
+
+Snapshots are stored by change, not by poll: `policy_states` holds one row per distinct policy setting a disk
+has had, with the time range it was seen (`valid_from` .. `valid_to`, NULL while current). A poll that finds
+the same settings writes nothing there; the moving parts of a policy (`next_invocation_at`, `total_size`) are
+updated in place on the current row only when they change.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores timezone-aware UTC datetimes; SQLite gives them back naive, so re-attach UTC on the way out."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use timezone-aware UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a stable constraint naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Run(Base):
+    """One audit cycle."""
+
+    __tablename__ = "audit_runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, unique=True)  # monotonic order for "latest"
+    trigger: Mapped[str] = mapped_column(String(16), default="schedule")
+    status: Mapped[str] = mapped_column(String(16), index=True)  # running | complete | partial | failed
+    started_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    targets_checked: Mapped[int] = mapped_column(Integer, default=0)
+    disks_ok: Mapped[int] = mapped_column(Integer, default=0)
+    disks_unknown: Mapped[int] = mapped_column(Integer, default=0)
+    api_requests: Mapped[int] = mapped_column(Integer, default=0)
+    api_retries: Mapped[int] = mapped_column(Integer, default=0)
+    api_rate_limited: Mapped[int] = mapped_column(Integer, default=0)
+    api_by_status: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    findings_opened: Mapped[int] = mapped_column(Integer, default=0)
+    findings_resolved: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[list[Any]] = mapped_column(default=list)
+
+
+class DiskRow(Base):
+    """A disk the auditor has audited, with its latest verdict."""
+
+    __tablename__ = "disks"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    vm_id: Mapped[str | None] = mapped_column(String(64))
+    vm_fqdn: Mapped[str | None] = mapped_column(String(255))
+    source: Mapped[str] = mapped_column(String(160))  # "config" or "org:<ref>"
+    is_target: Mapped[bool] = mapped_column(Boolean, default=True)
+    outcome: Mapped[str] = mapped_column(String(16))  # ok | not_found | in_trash | unknown (latest read)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    first_seen_at: Mapped[datetime]
+    last_checked_at: Mapped[datetime]
+    last_read_at: Mapped[datetime | None]  # last time the read gave a definite answer
+    last_run_id: Mapped[str | None] = mapped_column(String(32))
+
+
+class PolicyState(Base):
+    """One distinct setting of one policy as seen on one disk, with when it was seen."""
+
+    __tablename__ = "policy_states"
+    __table_args__ = (Index("ix_policy_states_disk_current", "disk_id", "valid_to"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    disk_id: Mapped[str] = mapped_column(String(64))
+    policy_id: Mapped[str] = mapped_column(String(64), index=True)
+    settings_hash: Mapped[str] = mapped_column(String(32))
+    retention: Mapped[int] = mapped_column(Integer)
+    interval: Mapped[str] = mapped_column(String(16))
+    target_type: Mapped[str] = mapped_column(String(32))
+    target_id: Mapped[str] = mapped_column(String(64))
+    target_name: Mapped[str | None] = mapped_column(String(255))
+    next_invocation_at: Mapped[datetime | None]
+    total_size: Mapped[float | None] = mapped_column(Float)
+    valid_from: Mapped[datetime]
+    valid_to: Mapped[datetime | None]
+    first_run_id: Mapped[str] = mapped_column(String(32))
+
+
+class DriftEvent(Base):
+    """A change in a disk's protection: a policy added, removed or with changed settings."""
+
+    __tablename__ = "drift_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    disk_id: Mapped[str] = mapped_column(String(64), index=True)
+    policy_id: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[str] = mapped_column(String(32))
+    at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(32))  # policy-added | policy-removed | policy-changed
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class FindingRow(Base):
+    """A finding's current state, keyed by its fingerprint."""
+
+    __tablename__ = "findings"
+    __table_args__ = (Index("ix_findings_status_rule", "status", "rule"),)
+
+    fingerprint: Mapped[str] = mapped_column(String(32), primary_key=True)
+    rule: Mapped[str] = mapped_column(String(64))
+    disk_id: Mapped[str] = mapped_column(String(64), index=True)
+    policy_id: Mapped[str | None] = mapped_column(String(64))
+    severity: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))  # open | waived | resolved
+    message: Mapped[str] = mapped_column(Text)
+    observed: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    expected: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    first_seen: Mapped[datetime]
+    last_seen: Mapped[datetime]
+    opened_at: Mapped[datetime]
+    resolved_at: Mapped[datetime | None]
+    waiver: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class FindingEvent(Base):
+    """A lifecycle transition of a finding (opened, resolved, reopened, waived, unwaived)."""
+
+    __tablename__ = "finding_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    fingerprint: Mapped[str] = mapped_column(String(32), index=True)
+    disk_id: Mapped[str] = mapped_column(String(64), index=True)
+    run_id: Mapped[str] = mapped_column(String(32))
+    at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(16))
+
+
+class OutboxRow(Base):
+    """A notification waiting for (or done with) delivery: written in the same transaction as its cause."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_due", "state", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the idempotency key
+    notifier: Mapped[str] = mapped_column(String(120), index=True)
+    group_key: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(16))  # firing | resolved | repeat | test
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the domain Notification, no secrets
+    run_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime]
+    state: Mapped[str] = mapped_column(String(16))  # pending | delivering | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime]
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class AlertStateRow(Base):
+    """Per notifier and fingerprint: what the channel was last told, for dedup, repeat and resolve."""
+
+    __tablename__ = "alert_states"
+
+    notifier: Mapped[str] = mapped_column(String(120), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(32), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))  # firing | resolved
+    last_sent_at: Mapped[datetime]
+    starts_at: Mapped[datetime]
