@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from auditor.domain.models import (
@@ -203,6 +203,8 @@ def evaluate(snapshot: DiskSnapshot, rules: RuleSet, *, now: datetime) -> list[F
             return []
         trash = snapshot.detail.get("trash_object") or {}
         keep = trash.get("keep_until") if isinstance(trash, dict) else None
+        if isinstance(keep, int) and not isinstance(keep, bool):
+            keep = _iso(datetime.fromtimestamp(keep, UTC))  # Katapult times are Unix seconds
         msg = f"disk {disk_id} is in the trash" + (f" until {keep}" if keep else "")
         return [make(DISK_IN_TRASH, None, msg, {"error": "object_in_trash", "keep_until": keep}, {})]
 
