@@ -231,7 +231,9 @@ def run_status(collected: Collected) -> RunStatus:
     return RunStatus.FAILED
 
 
-OutboxHook = Callable[[list[Change], RunStatus, "Collected", datetime, str], Callable[[Any], Awaitable[None]] | None]
+# Given (changes, run status, errors, now, run id), returns an opaque step the store runs inside the cycle's
+# transaction (the alert outbox), or None.
+OutboxHook = Callable[[list[Change], RunStatus, list[RunError], datetime, str], Any]
 
 
 async def run_audit(
@@ -273,7 +275,7 @@ async def run_audit(
         cycle = CycleWrite(run_id=run_id, now=now, status=status, targets_checked=collected.targets_checked,
                            stats=stats, errors=collected.errors, disks=collected.disks, changes=changes,
                            retired_disks=collected.retired, finished_at=finished)
-        extra = outbox(changes, status, collected, now, run_id) if outbox else None
+        extra = outbox(changes, status, collected.errors, now, run_id) if outbox else None
         await store.commit_cycle(cycle, extra=extra)
     except StoreError:
         raise
@@ -281,7 +283,8 @@ async def run_audit(
         log.error("audit run %s failed: %s", run_id, exc)
         errors = [RunError("*", getattr(exc, "code", "error"), str(exc)[:500])]
         stats = _stats(client)
-        await store.fail_run(run_id, now=now + _elapsed(began), errors=errors, stats=stats)
+        extra = outbox([], RunStatus.FAILED, errors, now, run_id) if outbox else None
+        await store.fail_run(run_id, now=now + _elapsed(began), errors=errors, stats=stats, extra=extra)
         return AuditOutcome(run_id, RunStatus.FAILED, now, now + _elapsed(began), errors=errors, stats=stats)
 
     opened = sum(1 for c in changes if c.kind in (Transition.OPENED, Transition.REOPENED, Transition.UNWAIVED))

@@ -22,6 +22,7 @@ from auditor.config import Settings, load_settings
 from auditor.errors import AuditorError, ConfigError, StoreError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_INCOMPLETE, EXIT_CONFIG = 0, 1, 2, 78
+NOTIFY_DRAIN_SECONDS = 15.0
 SEVERITY_CHOICES = ["low", "medium", "high", "critical"]
 
 T = TypeVar("T")
@@ -168,7 +169,7 @@ def audit_cmd(config_path: Path | None, once: bool, fail_on: str | None, fmt: st
 
 async def _audit(settings: Settings, *, fail_on: str | None, fmt: str,
                  transport: Any = None, print_report: bool = False) -> int:
-    from auditor.daemon import audit_once, open_runtime
+    from auditor.daemon import audit_once, drain_outbox, open_runtime
 
     if settings.audit.disks == [] and settings.audit.organizations == []:
         raise ConfigError(["audit: nothing to audit: set audit.disks and/or audit.organizations "
@@ -179,6 +180,10 @@ async def _audit(settings: Settings, *, fail_on: str | None, fmt: str,
             outcome = await audit_once(runtime, progress=progress)
         finally:
             stop()
+        # Deliver what this cycle produced before exiting; what is not delivered stays in the outbox.
+        pending = await drain_outbox(runtime, within=NOTIFY_DRAIN_SECONDS)
+        if pending:
+            _err().print(f"{pending} notification(s) not yet delivered; they stay in the outbox for the daemon")
         if print_report:
             await _print_report(runtime, "table")
     print_outcome(outcome, fmt=fmt)
@@ -415,6 +420,57 @@ def db_current(config_path: Path | None) -> None:
     current, head = run_async(engine.current_revision(url))
     _out().print(f"current {current or 'none'}; head {head}", markup=False)
     sys.exit(EXIT_OK if current == head else EXIT_INCOMPLETE)
+
+
+# ---- notify ----------------------------------------------------------------------------------------------
+
+
+@main.group("notify")
+def notify_group() -> None:
+    """Alert channels."""
+
+
+@notify_group.command("test")
+@config_option
+@click.option("--notifier", "name", default=None, help="Only this notifier (by name).")
+def notify_test(config_path: Path | None, name: str | None) -> None:
+    """Send a clearly-marked test message to each configured notifier and report the result.
+
+    Exit 0 when every channel accepted it, 2 otherwise.
+    """
+    settings = load(config_path)
+    setup_logs(settings)
+    chosen = [n for n in settings.notifiers if name is None or n.name == name]
+    if not chosen:
+        _err().print(f"no notifier named {name!r}" if name else "no notifiers configured ([[notifiers]])",
+                     markup=False)
+        sys.exit(EXIT_CONFIG)
+
+    async def go() -> list[tuple[str, str, bool]]:
+        from auditor.alerting import test_notification
+        from auditor.audit import utcnow
+        from auditor.errors import NotifyError
+        from auditor.notify.dispatch import Dispatcher
+
+        results = []
+        async with Dispatcher() as dispatcher:
+            for n in chosen:
+                now = utcnow()
+                try:
+                    r = await dispatcher.send(test_notification(n.name, now=now), n, now=now)
+                    results.append((n.name, f"ok (HTTP {r.status_code})" if r.status_code else f"ok ({r.detail})",
+                                    True))
+                except NotifyError as exc:
+                    kind = "permanent" if exc.permanent else "temporary"
+                    results.append((n.name, f"FAILED ({kind}): {exc}", False))
+        return results
+
+    results = run_async(go())
+    console = _out()
+    for notifier, text, _ in results:
+        kind = next(n.kind for n in chosen if n.name == notifier)
+        console.print(f"{notifier} [{kind}]: {text}", markup=False)
+    sys.exit(EXIT_OK if all(ok for *_, ok in results) else EXIT_INCOMPLETE)
 
 
 # ---- fake Katapult and demo ----------------------------------------------------------------------------

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import httpx
 
-from auditor.audit import AuditOutcome, Progress, Targets, run_audit, utcnow
-from auditor.config import RulesSettings, Settings
-from auditor.domain.lifecycle import parse_waivers
+from auditor.alerting import DeliveryReport, deliver_due, incomplete_fingerprint, plan_notifications
+from auditor.audit import AuditOutcome, OutboxHook, Progress, Targets, run_audit, utcnow
+from auditor.config import NotifierCommon, RulesSettings, Settings
+from auditor.domain.lifecycle import Change, parse_waivers
 from auditor.domain.models import Interval, Severity, Waiver, WaiverProblem
+from auditor.domain.records import RunError, RunStatus
 from auditor.domain.rules import RULES, RuleParams, RuleSet, build_ruleset
 from auditor.errors import StoreError
 from auditor.katapult import KatapultClient
+from auditor.notify.dispatch import Dispatcher
 from auditor.store import engine as db
+from auditor.store.outbox import Outbox
 from auditor.store.repo import Store
 
 log = logging.getLogger(__name__)
@@ -101,6 +109,18 @@ class Runtime:
     client: KatapultClient | None
     rules: RuleSet
     targets: Targets
+    dispatcher: Dispatcher | None = None
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+    @property
+    def outbox(self) -> Outbox:
+        """Returns the alert outbox on this runtime's store."""
+        return Outbox(self.store)
+
+    @property
+    def notifiers(self) -> dict[str, NotifierCommon]:
+        """Returns the configured notifiers by name."""
+        return {n.name: n for n in self.settings.notifiers}
 
 
 @asynccontextmanager
@@ -110,17 +130,21 @@ async def open_runtime(
     katapult: bool = True,
     transport: httpx.AsyncBaseTransport | None = None,
     token: str | None = None,
+    notify_transport: httpx.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[Runtime]:
     """Yields a Runtime with a migrated database and (if asked) a Katapult client; closes both after."""
     client = client_from(settings, transport=transport, token=token) if katapult else None
+    dispatcher = Dispatcher(transport=notify_transport) if settings.notifiers else None
     store: Store | None = None
     try:
         await prepare_database(settings)
         store = Store.from_url(settings.database.url.get_secret_value())
-        yield Runtime(settings, store, client, ruleset_from(settings.rules), targets_from(settings))
+        yield Runtime(settings, store, client, ruleset_from(settings.rules), targets_from(settings), dispatcher)
     finally:
         if client is not None:
             await client.aclose()
+        if dispatcher is not None:
+            await dispatcher.aclose()
         if store is not None:
             await store.close()
 
@@ -129,6 +153,7 @@ async def audit_once(runtime: Runtime, *, trigger: str = "manual", progress: Pro
     """Runs one audit cycle with the runtime's objects."""
     assert runtime.client is not None
     s = runtime.settings
+    hook = await outbox_hook(runtime) if s.notifiers else None
     outcome = await run_audit(
         client=runtime.client,
         store=runtime.store,
@@ -138,9 +163,51 @@ async def audit_once(runtime: Runtime, *, trigger: str = "manual", progress: Pro
         concurrency=s.katapult.max_concurrency,
         trigger=trigger,
         progress=progress,
+        outbox=hook,
     )
     log_cycle(outcome)
     return outcome
+
+
+async def outbox_hook(runtime: Runtime) -> OutboxHook:
+    """Returns the step that plans a cycle's notifications and writes them in the cycle's transaction."""
+    outbox = runtime.outbox
+    states = await outbox.alert_states()
+    s = runtime.settings
+    incomplete_fp = incomplete_fingerprint(s.audit.disks, s.audit.organizations)
+
+    def hook(changes: list[Change], status: RunStatus, errors: list[RunError], now: datetime, run_id: str) -> Any:
+        plan = plan_notifications(notifiers=s.notifiers, changes=changes, run_status=status, errors=errors,
+                                  incomplete_fp=incomplete_fp, states=states, now=now)
+        return outbox.writer(plan.entries, plan.states, run_id=run_id, now=now)
+
+    return hook
+
+
+async def deliver(runtime: Runtime) -> DeliveryReport:
+    """Runs one delivery round of the alert outbox."""
+    if runtime.dispatcher is None:
+        return DeliveryReport()
+    return await deliver_due(outbox=runtime.outbox, dispatcher=runtime.dispatcher, notifiers=runtime.notifiers,
+                             clock=utcnow, worker=runtime.worker)
+
+
+async def drain_outbox(runtime: Runtime, *, within: float) -> int:
+    """Delivers what is due until nothing is or `within` seconds pass; returns how many entries remain pending."""
+    if runtime.dispatcher is None:
+        return 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        try:
+            report = await asyncio.wait_for(deliver(runtime), timeout=max(0.1, deadline - loop.time()))
+        except TimeoutError:
+            break
+        if report.delivered + report.failed + report.retried + report.released == 0:
+            break
+        if report.retried or report.released:
+            break  # what failed waits for its backoff; it stays in the outbox for the daemon
+    return await runtime.outbox.pending_count()
 
 
 def log_cycle(outcome: AuditOutcome) -> None:

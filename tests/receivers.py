@@ -222,7 +222,7 @@ class ReceivedMail:
 
     @property
     def message(self) -> EmailMessage:
-        return cast(EmailMessage, message_from_bytes(self.raw, policy=policy.default))
+        return message_from_bytes(self.raw, policy=policy.default)
 
 
 class RecordingSMTPHandler:
@@ -266,7 +266,8 @@ class RecordingSMTPHandler:
                 await asyncio.wait_for(self._release.wait(), self.data_delay)
         if self.data_replies:
             return self.data_replies.pop(0)
-        login = session.login_data.decode() if isinstance(session.login_data, bytes) else None
+        auth = session.auth_data
+        login = auth.login.decode() if isinstance(auth, LoginPassword) else None
         self.messages.append(
             ReceivedMail(
                 mail_from=envelope.mail_from or "",
@@ -284,7 +285,7 @@ class RecordingSMTPHandler:
         attempt = (auth_data.login.decode(), auth_data.password.decode())
         self.auth_attempts.append(attempt)
         if self.credentials is not None and attempt == self.credentials:
-            return AuthResult(success=True, auth_data=auth_data.login)
+            return AuthResult(success=True, auth_data=auth_data)
         return AuthResult(success=False, handled=False)
 
 

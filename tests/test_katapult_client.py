@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -114,7 +115,7 @@ async def test_disk_policies_page_through_every_page(h: Harness) -> None:
     first = policies[0]
     assert first.target_type is TargetType.DISK and first.target_id == disk and first.target_name == "data"
     assert first.schedule.interval is Interval.DAILY
-    assert first.schedule.next_invocation_at == datetime.fromtimestamp(NOW, tz=first.schedule.next_invocation_at.tzinfo)
+    assert first.schedule.next_invocation_at == datetime.fromtimestamp(NOW, tz=UTC)
     assert len(h.transport.requests) == 3
     assert [h.transport.params(i) for i in range(3)] == [
         {"disk[id]": disk, "page": str(page), "per_page": "2"} for page in (1, 2, 3)
@@ -204,8 +205,14 @@ async def test_org_disks_tie_disks_to_vms(h: Harness) -> None:
     async with h.client(per_page=2) as client:
         disks = await client.list_org_disks(OrgRef("acme"))
     assert disks == [
-        Disk(id="disk_1", name="web-system", vm_id="vm_web", vm_fqdn="web.acme.example.com", state="attached",
-             size_in_gb=40),
+        Disk(
+            id="disk_1",
+            name="web-system",
+            vm_id="vm_web",
+            vm_fqdn="web.acme.example.com",
+            state="attached",
+            size_in_gb=40,
+        ),
         Disk(id="disk_2", name="spare", state="attached", size_in_gb=20),
         Disk(id="disk_3", name="other", state="attached", size_in_gb=20),
     ]
@@ -229,7 +236,7 @@ async def test_vm_policies_and_get_disk(h: Harness) -> None:
     assert dict(h.transport.requests[1].url.params) == {"disk[id]": "disk_db"}
 
 
-async def test_generated_fleet_reads_cleanly(h: Harness) -> None:
+async def test_generated_fleet_reads_cleanly() -> None:
     fleet = Fleet.generate(disks=60, now=NOW)
     h2 = Harness(fleet)
     (org,) = fleet.orgs
@@ -314,14 +321,30 @@ async def test_invalid_token_is_an_auth_error(h: Harness) -> None:
 @pytest.mark.parametrize(
     ("status", "body", "cls", "code"),
     [
-        (400, {"error": {"code": "missing_api_token", "description": "No token", "detail": {}}}, AuthError,
-         "missing_api_token"),
-        (400, {"error": {"code": "invalid_argument", "description": "bad", "detail": {"issue": "x"}}},
-         InvalidRequestError, "invalid_argument"),
-        (403, {"error": {"code": "scope_not_granted", "description": "s", "detail": {"scopes": ["disks"]}}},
-         AuthError, "scope_not_granted"),
-        (404, {"error": {"code": "route_not_found", "description": "r", "detail": {}}}, NotFoundError,
-         "route_not_found"),
+        (
+            400,
+            {"error": {"code": "missing_api_token", "description": "No token", "detail": {}}},
+            AuthError,
+            "missing_api_token",
+        ),
+        (
+            400,
+            {"error": {"code": "invalid_argument", "description": "bad", "detail": {"issue": "x"}}},
+            InvalidRequestError,
+            "invalid_argument",
+        ),
+        (
+            403,
+            {"error": {"code": "scope_not_granted", "description": "s", "detail": {"scopes": ["disks"]}}},
+            AuthError,
+            "scope_not_granted",
+        ),
+        (
+            404,
+            {"error": {"code": "route_not_found", "description": "r", "detail": {}}},
+            NotFoundError,
+            "route_not_found",
+        ),
         (418, "I'm a teapot", KatapultError, "http_418"),
     ],
 )
@@ -368,8 +391,14 @@ async def test_invalid_json_is_a_response_error(h: Harness) -> None:
 
 async def test_unknown_fields_are_ignored() -> None:
     body = {
-        "pagination": {"current_page": 1, "total_pages": 1, "total": 1, "per_page": 200, "large_set": False,
-                       "cursor": "x"},
+        "pagination": {
+            "current_page": 1,
+            "total_pages": 1,
+            "total": 1,
+            "per_page": 200,
+            "large_set": False,
+            "cursor": "x",
+        },
         "disk_backup_policies": [
             {
                 "id": "dbp_1",
@@ -378,8 +407,7 @@ async def test_unknown_fields_are_ignored() -> None:
                 "annotations": [{"key": "k", "value": "v"}],
                 "created_at": 1,
                 "target": {"type": "Disk", "value": {"id": "disk_1", "name": "d", "wwn": "w"}},
-                "schedule": {"interval": "weekly", "next_invocation_at": NOW, "frequency": 1, "time": 2,
-                             "minute": 3},
+                "schedule": {"interval": "weekly", "next_invocation_at": NOW, "frequency": 1, "time": 2, "minute": 3},
             }
         ],
         "new_top_level": True,
@@ -436,9 +464,11 @@ async def test_429_is_retried_and_lowers_the_rate(h: Harness) -> None:
     _, disk = org_with_disk(h.fleet)
     h.fleet.add_policy(disk, id="dbp_1")
     h.fleet.rate_limit_per_minute = 200
-    # Another process on the same token has used the whole minute's budget.
+    # Another process on the same token used the whole minute's budget 58 s ago.
+    h.clock.now -= 58
     for _ in range(200):
         h.fleet.admit(TOKEN, permitted=200)
+    h.clock.now += 58
     async with h.client() as client:
         policies = await client.list_disk_policies(disk)
     assert [p.id for p in policies] == ["dbp_1"]
@@ -518,8 +548,8 @@ async def test_token_never_shows(h: Harness, caplog: pytest.LogCaptureFixture) -
         for call in (client.list_disk_policies(disk), client.list_disk_policies("disk_gone")):
             try:
                 await call
-            except KatapultError as exc:
-                errors.append(exc)
+            except KatapultError as error:
+                errors.append(error)
         text = repr(client) + str(vars(client))
     assert len(errors) == 2
     for exc in errors:
@@ -598,3 +628,31 @@ async def test_connection_refused_is_a_transport_error() -> None:
     assert client.stats.by_status == {"connection_error": 3}
     assert client.stats.retries == 2 and len(sleeps) == 2
     assert info.value.__cause__ is None
+
+
+async def test_concurrency_is_bounded() -> None:
+    in_flight = peak = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        body = {
+            "pagination": {"current_page": 1, "total_pages": 0, "total": 0, "per_page": 200, "large_set": False},
+            "disk_backup_policies": [],
+        }
+        return httpx.Response(200, json=body, headers={"X-RateLimit-Permitted": "100000"})
+
+    async with KatapultClient(
+        base_url=BASE,
+        token=TOKEN,
+        max_concurrency=3,
+        max_requests_per_minute=100_000,
+        transport=httpx.MockTransport(handler),
+    ) as client:
+        results = await asyncio.gather(*(client.list_disk_policies(f"disk_{i}") for i in range(20)))
+    assert results == [[]] * 20
+    assert peak == 3
+    assert client.stats.requests == 20

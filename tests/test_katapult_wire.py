@@ -60,9 +60,7 @@ def test_policy_as_it_really_arrives() -> None:
     assert p.schedule.interval is Interval.DAILY
     assert p.schedule.next_invocation_at == datetime(2026, 8, 15, 13, 20, tzinfo=UTC)
     assert p.schedule.next_invocation_at.tzinfo is UTC
-    assert result.pagination == wire.Pagination(
-        current_page=1, total_pages=1, total=1, per_page=30, large_set=False
-    )
+    assert result.pagination == wire.Pagination(current_page=1, total_pages=1, total=1, per_page=30, large_set=False)
 
 
 def test_vm_target_and_optional_fields() -> None:
@@ -116,8 +114,11 @@ def test_integer_total_size_becomes_float() -> None:
         (lambda p: p["target"].pop("value"), "target.value", "missing"),
         (lambda p: p["target"]["value"].pop("id"), "target.value.id", "missing"),
         (lambda p: p["target"]["value"].update(name=5), "target.value.name", "number"),
-        (lambda p: p["schedule"].update(next_invocation_at="2026-01-01T00:00:00Z"), "schedule.next_invocation_at",
-         "string"),
+        (
+            lambda p: p["schedule"].update(next_invocation_at="2026-01-01T00:00:00Z"),
+            "schedule.next_invocation_at",
+            "string",
+        ),
         (lambda p: p["schedule"].update(next_invocation_at=True), "schedule.next_invocation_at", "boolean"),
         (lambda p: p["schedule"].update(next_invocation_at=1.5), "schedule.next_invocation_at", "integer"),
         (lambda p: p["schedule"].update(next_invocation_at=10**20), "schedule.next_invocation_at", "range"),
@@ -205,8 +206,10 @@ def test_org_disks_under_the_plural_key_are_rejected() -> None:
     ("mutate", "field"),
     [
         (lambda d: d.update(virtual_machine_disk={}), "disk[1].virtual_machine_disk.virtual_machine"),
-        (lambda d: d["virtual_machine_disk"]["virtual_machine"].pop("id"),
-         "disk[1].virtual_machine_disk.virtual_machine.id"),
+        (
+            lambda d: d["virtual_machine_disk"]["virtual_machine"].pop("id"),
+            "disk[1].virtual_machine_disk.virtual_machine.id",
+        ),
         (lambda d: d.update(size_in_gb=True), "disk[1].size_in_gb"),
         (lambda d: d.update(virtual_machine_disk="vm_1"), "disk[1].virtual_machine_disk"),
     ],

@@ -366,8 +366,12 @@ def test_alerts_url(base: str) -> None:
     assert alerts_url(base) == "http://am:9093/api/v2/alerts"
 
 
-def test_alerts_url_keeps_a_path_prefix() -> None:
+def test_alerts_url_keeps_a_path_prefix_credentials_and_query() -> None:
     assert alerts_url("https://gw.example.com/alertmanager") == "https://gw.example.com/alertmanager/api/v2/alerts"
+    assert (
+        alerts_url("https://u:p@gw.example.com/am/?token=abc")
+        == "https://u:p@gw.example.com/am/api/v2/alerts?token=abc"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- pagerduty

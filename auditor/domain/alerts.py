@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from auditor.domain.models import Severity
 
@@ -75,3 +76,113 @@ class Notification:
     def highest_severity(self) -> Severity:
         """Returns the most severe alert's severity (low for an empty group)."""
         return max((a.severity for a in self.alerts), key=lambda s: s.rank, default=Severity.LOW)
+
+
+class DeliveryState(StrEnum):
+    """Where an outbox entry is."""
+
+    PENDING = "pending"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # gave up: a permanent error, or too many attempts
+
+
+@dataclass(frozen=True, slots=True)
+class AlertState:
+    """What one notifier was last told about one fingerprint (for dedup, repeat and resolve)."""
+
+    notifier: str
+    fingerprint: str
+    status: AlertStatus
+    last_sent_at: datetime
+    starts_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A notification to write to the outbox; `kind` is firing, resolved, repeat or test."""
+
+    notification: Notification
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """An outbox entry as stored, with its delivery progress."""
+
+    id: str
+    notifier: str
+    kind: str
+    state: DeliveryState
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime
+    delivered_at: datetime | None
+    last_status: int | None
+    last_error: str | None
+    notification: Notification
+
+
+def _ts(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _dt(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) and value else None
+
+
+def notification_to_dict(n: Notification) -> dict[str, Any]:
+    """Returns a JSON-ready form of the notification (what the outbox stores; holds no secret)."""
+    return {
+        "id": n.id,
+        "notifier": n.notifier,
+        "group_key": n.group_key,
+        "group_labels": dict(n.group_labels),
+        "created_at": _ts(n.created_at),
+        "is_test": n.is_test,
+        "is_repeat": n.is_repeat,
+        "alerts": [
+            {
+                "fingerprint": a.fingerprint,
+                "rule": a.rule,
+                "severity": a.severity.value,
+                "status": a.status.value,
+                "summary": a.summary,
+                "description": a.description,
+                "starts_at": _ts(a.starts_at),
+                "ends_at": _ts(a.ends_at),
+                "disk_id": a.disk_id,
+                "policy_id": a.policy_id,
+            }
+            for a in n.alerts
+        ],
+    }
+
+
+def notification_from_dict(data: dict[str, Any]) -> Notification:
+    """Returns the notification stored by `notification_to_dict`."""
+    alerts = tuple(
+        Alert(
+            fingerprint=a["fingerprint"],
+            rule=a["rule"],
+            severity=Severity(a["severity"]),
+            status=AlertStatus(a["status"]),
+            summary=a["summary"],
+            description=a["description"],
+            starts_at=_dt(a["starts_at"]) or datetime.min,
+            ends_at=_dt(a.get("ends_at")),
+            disk_id=a.get("disk_id"),
+            policy_id=a.get("policy_id"),
+        )
+        for a in data["alerts"]
+    )
+    return Notification(
+        id=data["id"],
+        notifier=data["notifier"],
+        group_key=data["group_key"],
+        group_labels=dict(data["group_labels"]),
+        alerts=alerts,
+        created_at=_dt(data["created_at"]) or datetime.min,
+        is_test=bool(data.get("is_test")),
+        is_repeat=bool(data.get("is_repeat")),
+    )

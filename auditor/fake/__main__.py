@@ -16,14 +16,16 @@ from auditor.fake.server import serve
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m auditor.fake", description="Serve a fake Katapult Core API.")
+    parser = argparse.ArgumentParser(
+        prog="python -m auditor.fake", description="Serve a fake Katapult Core API."
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--fleet", metavar="FILE", help="fleet file (.toml or .json)")
     source.add_argument("--demo", action="store_true", help="serve the demo fleet")
     source.add_argument("--disks", type=int, metavar="N", help="serve a generated fleet of N compliant disks")
-    parser.add_argument("--orgs", type=int, default=1, help="organizations of a generated fleet (with --disks)")
+    parser.add_argument("--orgs", type=int, default=1, help="organizations in a generated fleet (--disks)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a generated fleet (with --disks)")
     return parser
 

@@ -68,7 +68,9 @@ _VM = _Kind("virtual_machine", "virtual_machine_not_found", "VirtualMachine", "v
 
 def _not_found(kind: _Kind) -> _Reply:
     return _error(
-        404, kind.not_found, f"No {kind.noun} was found matching any of the criteria provided in the arguments"
+        404,
+        kind.not_found,
+        f"No {kind.noun} was found matching any of the criteria provided in the arguments",
     )
 
 
@@ -96,7 +98,8 @@ def _fault_reply(fault: Fault, kind: _Kind, object_id: str) -> _Reply:
             {"trash_object": trash},
         )
     if fault is Fault.UNAVAILABLE:
-        return _error(503, "service_unavailable", "The service is currently unavailable, please try again later")
+        description = "The service is currently unavailable, please try again later"
+        return _error(503, "service_unavailable", description)
     if fault is Fault.SERVER_ERROR:
         return _error(500, "unhandled_exception", "An internal error occurred while processing this request")
     return _error(
@@ -113,7 +116,7 @@ _INVALID_JSON = _Reply(200, b'{"pagination":{"current_page":1,"total_pages":')
 
 @dataclass(slots=True)
 class _Lookup:
-    """A resolved lookup: the object id, or the reply that ends the request, and whether to malform the body."""
+    """A resolved lookup: the object id or the reply ending the request, and whether to malform the body."""
 
     object_id: str = ""
     reply: _Reply | None = None
@@ -158,7 +161,8 @@ class FakeKatapult:
         extra: list[tuple[bytes, bytes]] = []
         if route is None:
             stats.by_endpoint["(unknown)"] = stats.by_endpoint.get("(unknown)", 0) + 1
-            reply = _error(404, "route_not_found", f"No route matches '{scope['path']}' for {scope['method']}")
+            description = f"No route matches '{scope['path']}' for {scope['method']}"
+            reply = _error(404, "route_not_found", description)
         else:
             name, handler = route
             stats.by_endpoint[name] = stats.by_endpoint.get(name, 0) + 1
@@ -336,7 +340,7 @@ class FakeKatapult:
         }
 
     def _disk_item(self, disk: FakeDisk, *, full: bool) -> dict[str, Any]:
-        """Returns a disk as the organization list sends it, or with GET /disks/disk's extra fields if `full`."""
+        """Returns a disk as the organization list sends it, plus GET /disks/disk's extra fields if `full`."""
         attachment: dict[str, Any] | None = None
         vm = None if disk.vm_id is None else self.fleet.vms.get(disk.vm_id)
         if vm is not None:
@@ -356,7 +360,7 @@ class FakeKatapult:
             "annotations": [],
         }
         if full:
-            # The real object carries more than the auditor needs; a stable created_at keeps answers repeatable.
+            # The real object carries more than the auditor needs; a stable created_at keeps answers equal.
             item["created_at"] = 1_600_000_000 + int.from_bytes(disk.id.encode()[-3:], "big") % 10_000_000
             item["storage_speed"] = "ssd"
             item["io_profile"] = None
@@ -383,7 +387,9 @@ def _paginate(ids: list[str], page: int, per_page: int) -> tuple[list[str], dict
     return chunk, pagination
 
 
-def _malform(items: list[dict[str, Any]], key: str, pagination: dict[str, Any], *, field: str) -> dict[str, Any]:
+def _malform(
+    items: list[dict[str, Any]], key: str, pagination: dict[str, Any], *, field: str
+) -> dict[str, Any]:
     """Returns a body that breaks the schema: `field` missing on the first item and mistyped on the others."""
     if not items:
         return {"pagination": pagination}  # the required list itself is missing

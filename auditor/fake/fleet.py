@@ -167,8 +167,9 @@ def _no_rate_changes() -> list[tuple[int, int]]:
 class Fleet:
     """Everything the fake serves, mutable between requests.
 
-    Change objects through the add_*/remove_*/update_* methods; after editing the dicts directly (other than
-    in-place edits of fields that are not references), call `reindex()` (size changes are noticed automatically).
+    Change objects through the add_*/remove_*/update_* methods. After editing the dicts directly, call
+    `reindex()` (a change in their sizes is noticed automatically; plain field edits such as `retention` need
+    nothing, but moving a policy's target or a disk's VM does).
     """
 
     orgs: dict[str, FakeOrg] = field(default_factory=dict)
@@ -190,10 +191,14 @@ class Fleet:
     _vm_by_fqdn: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
     _org_disks: _OrderedIndex = field(default_factory=_OrderedIndex, init=False, repr=False, compare=False)
     _vm_disks: _OrderedIndex = field(default_factory=_OrderedIndex, init=False, repr=False, compare=False)
-    _disk_policies: _OrderedIndex = field(default_factory=_OrderedIndex, init=False, repr=False, compare=False)
+    _disk_policies: _OrderedIndex = field(
+        default_factory=_OrderedIndex, init=False, repr=False, compare=False
+    )
     _vm_policies: _OrderedIndex = field(default_factory=_OrderedIndex, init=False, repr=False, compare=False)
     _org_policies: _OrderedIndex = field(default_factory=_OrderedIndex, init=False, repr=False, compare=False)
-    _indexed_sizes: tuple[int, int, int, int] = field(default=(0, 0, 0, 0), init=False, repr=False, compare=False)
+    _indexed_sizes: tuple[int, int, int, int] = field(
+        default=(0, 0, 0, 0), init=False, repr=False, compare=False
+    )
     _windows: dict[str, collections.deque[float]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -206,7 +211,13 @@ class Fleet:
 
     def reindex(self) -> None:
         """Rebuilds every lookup index from the four object dicts."""
-        for index in (self._org_disks, self._vm_disks, self._disk_policies, self._vm_policies, self._org_policies):
+        for index in (
+            self._org_disks,
+            self._vm_disks,
+            self._disk_policies,
+            self._vm_policies,
+            self._org_policies,
+        ):
             index.clear()
         self._org_by_sub = {org.sub_domain: org.id for org in self.orgs.values()}
         self._vm_by_fqdn = {vm.fqdn: vm.id for vm in self.vms.values()}
@@ -257,7 +268,12 @@ class Fleet:
             self._org_policies.discard(org_id, policy.id)
 
     def _new_id(self, prefix: str) -> str:
-        pools: dict[str, dict[str, Any]] = {"org": self.orgs, "vm": self.vms, "disk": self.disks, "dbp": self.policies}
+        pools: dict[str, dict[str, Any]] = {
+            "org": self.orgs,
+            "vm": self.vms,
+            "disk": self.disks,
+            "dbp": self.policies,
+        }
         taken = pools[prefix]
         while True:
             self._seq += 1
@@ -371,7 +387,8 @@ class Fleet:
 
     def _validate_policy(self, policy: FakePolicy) -> None:
         if policy.target_type not in TARGET_TYPES:
-            raise ValueError(f"target_type must be one of {', '.join(TARGET_TYPES)}, not {policy.target_type!r}")
+            choices = ", ".join(TARGET_TYPES)
+            raise ValueError(f"target_type must be one of {choices}, not {policy.target_type!r}")
         targets: dict[str, Any] = self.disks if policy.target_type == "Disk" else self.vms
         if policy.target_id not in targets:
             raise ValueError(f"unknown {policy.target_type} target {policy.target_id!r}")
@@ -465,7 +482,7 @@ class Fleet:
         return combined
 
     def take_fault(self, object_id: str) -> Fault | None:
-        """Returns the fault to apply to a request looking up `object_id`, counting down `faults_remaining`."""
+        """Returns the fault for a request looking up `object_id`, counting down `faults_remaining`."""
         fault = self.faults.get(object_id)
         if fault is None:
             return None
@@ -482,7 +499,7 @@ class Fleet:
     # ----------------------------------------------------------------- rate limiting
 
     def permitted_now(self) -> int:
-        """Returns the per-minute limit in force, after applying `rate_limit_changes` to requests served so far."""
+        """Returns the per-minute limit now in force, given `rate_limit_changes` and the requests served."""
         permitted = self.rate_limit_per_minute
         latest = -1
         for after, value in self.rate_limit_changes:
@@ -538,7 +555,7 @@ class Fleet:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, now: int | None = None) -> Fleet:
-        """Returns the fleet described by a parsed fleet file; relative times count from `now` (default: the clock)."""
+        """Returns the fleet a parsed fleet file describes; relative times count from `now` or the clock."""
         load_time = int(time.time()) if now is None else now
         _check_keys(data, _TOP_KEYS, "")
         if "generate" in data:
@@ -558,7 +575,8 @@ class Fleet:
             tokens = _list(data["tokens"], "tokens")
             fleet.tokens = {_str(token, f"tokens[{i}]") for i, token in enumerate(tokens)}
         if "rate_limit_per_minute" in data:
-            fleet.rate_limit_per_minute = _int(data["rate_limit_per_minute"], "rate_limit_per_minute", minimum=1)
+            limit = _int(data["rate_limit_per_minute"], "rate_limit_per_minute", minimum=1)
+            fleet.rate_limit_per_minute = limit
         if "latency_ms" in data:
             fleet.latency = _number(data["latency_ms"], "latency_ms", minimum=0.0) / 1000.0
         if "slow_seconds" in data:
@@ -610,7 +628,9 @@ class Fleet:
         rng = random.Random(seed)
         fleet = cls()
         org_list = [
-            fleet.add_org(f"fleet-{i + 1}", id=fake_id("org", f"gen:{seed}:{i}"), name=f"Generated Org {i + 1}")
+            fleet.add_org(
+                f"fleet-{i + 1}", id=fake_id("org", f"gen:{seed}:{i}"), name=f"Generated Org {i + 1}"
+            )
             for i in range(orgs)
         ]
         whole, fraction = divmod(policies_per_disk, 1.0)
@@ -683,7 +703,16 @@ _ORG_KEYS = frozenset({"id", "sub_domain", "name", "virtual_machines", "disks", 
 _VM_KEYS = frozenset({"id", "fqdn"})
 _DISK_KEYS = frozenset({"id", "name", "vm", "size_in_gb", "state", "wwn"})
 _POLICY_KEYS = frozenset(
-    {"id", "target_type", "target_id", "retention", "interval", "next_invocation_at", "next_in_seconds", "total_size"}
+    {
+        "id",
+        "target_type",
+        "target_id",
+        "retention",
+        "interval",
+        "next_invocation_at",
+        "next_in_seconds",
+        "total_size",
+    }
 )
 
 
@@ -842,12 +871,16 @@ def demo_fleet(*, now: int) -> tuple[Fleet, DemoTargets]:
         return fleet.add_vm(org.id, f"{host}.{org.sub_domain}.example.com", id=fake_id("vm", f"demo:{host}"))
 
     def disk(org: FakeOrg, name: str, *, on: FakeVM | None = None, size: int = 20) -> FakeDisk:
-        return fleet.add_disk(
-            org.id, name, id=fake_id("disk", f"demo:{name}"), vm_id=None if on is None else on.id, size_in_gb=size
-        )
+        vm_id = None if on is None else on.id
+        return fleet.add_disk(org.id, name, id=fake_id("disk", f"demo:{name}"), vm_id=vm_id, size_in_gb=size)
 
     def policy(
-        target: FakeDisk | FakeVM, key: str, retention: int, interval: str = "daily", *, next_at: int | None = None
+        target: FakeDisk | FakeVM,
+        key: str,
+        retention: int,
+        interval: str = "daily",
+        *,
+        next_at: int | None = None,
     ) -> FakePolicy:
         return fleet.add_policy(
             target.id,
@@ -866,7 +899,8 @@ def demo_fleet(*, now: int) -> tuple[Fleet, DemoTargets]:
     policy(disk(demo, "app-1-data", on=hosts["app-1"], size=160), "app-1-data", 30)
     policy(disk(demo, "ldap-1-system", on=vm(demo, "ldap-1")), "ldap-1-system", 14)
     policy(disk(demo, "vpn-gateway-system", on=vm(demo, "vpn-gateway")), "vpn-gateway-system", 14)
-    policy(disk(demo, "dns-1-system", on=vm(demo, "dns-1"), size=10), "dns-1-system", 7)  # exactly the minimum
+    dns_1 = disk(demo, "dns-1-system", on=vm(demo, "dns-1"), size=10)
+    policy(dns_1, "dns-1-system", 7)  # exactly the minimum
     for name, retention, interval, size in (
         ("shared-uploads", 30, "daily", 320),
         ("mail-store", 168, "hourly", 80),  # 168 hourly backups: exactly the 7-day window
@@ -913,4 +947,5 @@ def demo_fleet(*, now: int) -> tuple[Fleet, DemoTargets]:
     fleet.faults[trashed.id] = Fault.IN_TRASH
     missing = fake_id("disk", "demo:deleted-volume")  # never added: 404 disk_not_found
 
-    return fleet, DemoTargets(disks=[partner_web.id, partner_db.id, missing, trashed.id], organizations=[demo.id])
+    targets = DemoTargets(disks=[partner_web.id, partner_db.id, missing, trashed.id], organizations=[demo.id])
+    return fleet, targets

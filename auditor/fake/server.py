@@ -19,7 +19,7 @@ STARTUP_TIMEOUT_SECONDS = 10.0
 
 
 class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signals to its owner (stop it with `should_exit`) and reports when it listens."""
+    """A uvicorn server that leaves signals to its owner (stop it via `should_exit`) and reports listening."""
 
     def __init__(self, config: uvicorn.Config, *, on_started: Callable[[], None]) -> None:
         super().__init__(config)
@@ -27,7 +27,7 @@ class _Server(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        """Captures nothing: uvicorn would otherwise re-raise SIGTERM after shutdown (STYLE: the owner decides)."""
+        """Captures nothing: uvicorn would re-raise SIGTERM after shutdown (STYLE: the owner decides)."""
         yield
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -56,7 +56,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _server(fleet: Fleet, *, on_started: Callable[[], None]) -> _Server:
-    """Returns a quiet uvicorn server for the fake app (no access log, no logging configuration of its own)."""
+    """Returns a quiet uvicorn server for the fake app (no access log, no logging setup of its own)."""
     config = uvicorn.Config(
         create_app(fleet), log_config=None, log_level="warning", access_log=False, lifespan="off"
     )
@@ -71,7 +71,7 @@ async def serve(
     ready: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
-    """Serves `fleet` on host:port until cancelled; sets `ready` and calls `on_ready(base_url)` once listening."""
+    """Serves `fleet` on host:port until cancelled; sets `ready` and calls `on_ready(base_url)` when up."""
     sock = _bind(host, port)
     url = base_url(host, sock.getsockname()[1])
 
@@ -94,7 +94,7 @@ async def serve(
 
 
 class FakeServer:
-    """Context manager running the fake on a free loopback port in a background thread; see `.url`, `.fleet`."""
+    """Context manager serving the fake on a free loopback port from a thread (see `.url`, `.fleet`)."""
 
     def __init__(self, fleet: Fleet | None = None, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.fleet = fleet if fleet is not None else Fleet()

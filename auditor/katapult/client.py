@@ -316,13 +316,14 @@ class KatapultClient:
         if isinstance(exc, RateLimitedError | UnavailableError) and exc.retry_after is not None:
             return exc.retry_after, True
         if isinstance(exc, RateLimitedError):
-            # README: a 429 carries detail.total_permitted (requests per minute); no Retry-After was ever seen.
-            permitted = wire.total_permitted(exc.detail) or self._limiter.permitted
-            floor = RATE_LIMIT_MIN_WAIT
-            if permitted:
-                floor = max(floor, 60.0 / permitted * RATE_LIMIT_SLOTS)
-            return max(floor, backoff), False
+            return max(self._rate_limit_wait(wire.total_permitted(exc.detail)), backoff), False
         return backoff, False
+
+    def _rate_limit_wait(self, permitted: int | None) -> float:
+        """Returns the wait after a 429 without Retry-After: a few request slots of the budget, at least 1 s."""
+        # README: a 429 carries detail.total_permitted (requests per minute); no Retry-After was ever seen.
+        per_minute = permitted or self._limiter.per_minute
+        return max(RATE_LIMIT_MIN_WAIT, 60.0 / per_minute * RATE_LIMIT_SLOTS)
 
     async def _send(self, endpoint: str, params: dict[str, str], *, target: str) -> dict[str, object]:
         """Sends one paced GET and returns its JSON body, or raises the typed error for the outcome."""
@@ -373,9 +374,7 @@ class KatapultClient:
         if isinstance(error, RateLimitedError):
             self.stats.rate_limited += 1
             permitted = wire.total_permitted(error.detail)
-            wait = error.retry_after
-            if wait is None:
-                wait = max(RATE_LIMIT_MIN_WAIT, 60.0 / (permitted or self._limiter.per_minute) * RATE_LIMIT_SLOTS)
+            wait = error.retry_after if error.retry_after is not None else self._rate_limit_wait(permitted)
             pause = self._limiter.on_rate_limited(permitted=permitted, wait=wait, started_at=started_at)
             logger.warning(
                 "Katapult rate limit reached (%s/min) on GET %s; pausing requests for %.2fs",

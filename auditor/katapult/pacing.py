@@ -17,25 +17,20 @@ _MAX_PAUSE = 60.0
 _MIN_WAIT = 0.005
 
 
+# How pacing works. README: every response carries X-RateLimit-Permitted (requests per minute for the token)
+# and X-RateLimit-Remaining; the limit is per token, so every process using the token shares it. Two rules
+# gate each request start, both fed from those headers:
+# * spacing: one start every `window / rate` seconds (plus a small margin), where rate is
+#   min(max_per_minute, last X-RateLimit-Permitted);
+# * a sliding-window budget: our own start times over the last window are counted exactly; usage we cannot
+#   see (another process on the same token, or requests from before we started) is estimated at every
+#   response as `Permitted - Remaining - ours`, held for a few seconds (it may be a recent burst) and then
+#   assumed to age out evenly over the rest of the window. A start waits while ours + theirs would pass the
+#   budget minus a small reserve (for requests already in flight), so a Remaining that runs low makes us wait
+#   for older requests to age out instead of running into 429s.
+# After a 429 every start pauses; the pause doubles while the first request sent after a pause is refused again.
 class RateLimiter:
-    """Paces request starts: evenly spaced under the budget, and never over it in any sliding 60-s window.
-
-    Two mechanisms, both fed by the server's headers (README: every response carries X-RateLimit-Permitted,
-    requests per minute for the token, and X-RateLimit-Remaining; the limit is per token and shared by every
-    process using it):
-
-    * spacing: one start every `window / rate` seconds (plus a small margin), where rate is
-      min(max_per_minute, last X-RateLimit-Permitted);
-    * a sliding-window budget: our own start times over the last window are counted exactly; usage we cannot
-      see (another process on the same token, or requests from before we started) is estimated from
-      `Permitted - Remaining - ours` at every response, held for a few seconds (it may be a recent burst)
-      and then assumed to age out evenly over the rest of the window. A start waits while ours + theirs
-      would pass the budget minus a small reserve (for requests already in flight). So a Remaining that runs
-      low makes us wait for older requests to age out instead of running into 429s.
-
-    After a 429 every start pauses (`on_rate_limited`); the pause doubles while the first request sent after a
-    pause is refused again.
-    """
+    """Paces request starts: evenly spaced under the budget, and never over it in any sliding 60-s window."""
 
     def __init__(
         self,

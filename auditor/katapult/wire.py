@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
@@ -85,29 +85,29 @@ class _Reader:
             raise self.fail(path, f"expected an object, got {_kind(value)}")
         return value
 
-    def field(self, parent: dict[str, object], name: str, path: str) -> object:
+    def field(self, parent: Mapping[str, object], name: str, path: str) -> object:
         """Returns a required field of `parent`."""
         if name not in parent:
             raise self.fail(_join(path, name), "missing")
         return parent[name]
 
-    def req_obj(self, parent: dict[str, object], name: str, path: str) -> dict[str, object]:
+    def req_obj(self, parent: Mapping[str, object], name: str, path: str) -> dict[str, object]:
         """Returns a required object field."""
         return self.obj(self.field(parent, name, path), _join(path, name))
 
-    def opt_obj(self, parent: dict[str, object], name: str, path: str) -> dict[str, object] | None:
+    def opt_obj(self, parent: Mapping[str, object], name: str, path: str) -> dict[str, object] | None:
         """Returns an optional (absent or null) object field."""
         value = parent.get(name)
         return None if value is None else self.obj(value, _join(path, name))
 
-    def req_str(self, parent: dict[str, object], name: str, path: str) -> str:
+    def req_str(self, parent: Mapping[str, object], name: str, path: str) -> str:
         """Returns a required non-empty string field."""
         value = self.field(parent, name, path)
         if not isinstance(value, str) or not value:
             raise self.fail(_join(path, name), f"expected a non-empty string, got {_kind(value)}")
         return value
 
-    def opt_str(self, parent: dict[str, object], name: str, path: str) -> str | None:
+    def opt_str(self, parent: Mapping[str, object], name: str, path: str) -> str | None:
         """Returns an optional string field (absent or null gives None)."""
         value = parent.get(name)
         if value is None:
@@ -116,7 +116,7 @@ class _Reader:
             raise self.fail(_join(path, name), f"expected a string or null, got {_kind(value)}")
         return value
 
-    def req_int(self, parent: dict[str, object], name: str, path: str) -> int:
+    def req_int(self, parent: Mapping[str, object], name: str, path: str) -> int:
         """Returns a required integer field (a JSON bool is not an integer)."""
         value = self.field(parent, name, path)
         if not _is_int(value):
@@ -124,7 +124,7 @@ class _Reader:
         assert isinstance(value, int)
         return value
 
-    def opt_int(self, parent: dict[str, object], name: str, path: str) -> int | None:
+    def opt_int(self, parent: Mapping[str, object], name: str, path: str) -> int | None:
         """Returns an optional integer field (absent or null gives None)."""
         value = parent.get(name)
         if value is None:
@@ -134,7 +134,7 @@ class _Reader:
         assert isinstance(value, int)
         return value
 
-    def opt_number(self, parent: dict[str, object], name: str, path: str) -> float | None:
+    def opt_number(self, parent: Mapping[str, object], name: str, path: str) -> float | None:
         """Returns an optional number field as a float (absent or null gives None)."""
         value = parent.get(name)
         if value is None:
@@ -143,7 +143,7 @@ class _Reader:
             raise self.fail(_join(path, name), f"expected a number or null, got {_kind(value)}")
         return float(value)
 
-    def opt_bool(self, parent: dict[str, object], name: str, path: str) -> bool | None:
+    def opt_bool(self, parent: Mapping[str, object], name: str, path: str) -> bool | None:
         """Returns an optional boolean field (absent or null gives None)."""
         value = parent.get(name)
         if value is None:
@@ -152,7 +152,7 @@ class _Reader:
             raise self.fail(_join(path, name), f"expected a boolean or null, got {_kind(value)}")
         return value
 
-    def opt_time(self, parent: dict[str, object], name: str, path: str) -> datetime | None:
+    def opt_time(self, parent: Mapping[str, object], name: str, path: str) -> datetime | None:
         """Returns an optional Unix-seconds field as an aware UTC datetime (absent or null gives None)."""
         # README: all times are Unix epoch seconds as JSON integers, never ISO strings.
         seconds = self.opt_int(parent, name, path)
@@ -255,7 +255,7 @@ def _parse_disk(reader: _Reader, raw: object, path: str) -> Disk:
     )
 
 
-def _parse_pagination(reader: _Reader, body: dict[str, object]) -> Pagination:
+def _parse_pagination(reader: _Reader, body: Mapping[str, object]) -> Pagination:
     raw = reader.req_obj(body, "pagination", "")
     path = "pagination"
     total_pages = reader.opt_int(raw, "total_pages", path)
@@ -274,7 +274,7 @@ def _parse_pagination(reader: _Reader, body: dict[str, object]) -> Pagination:
 
 
 def _parse_page(
-    body: dict[str, object],
+    body: Mapping[str, object],
     key: str,
     item: Callable[[_Reader, object, str], T],
     *,
@@ -291,18 +291,18 @@ def _parse_page(
 
 
 def parse_policy_page(
-    body: dict[str, object], *, endpoint: str, target: str, page: int | None = None
+    body: Mapping[str, object], *, endpoint: str, target: str, page: int | None = None
 ) -> Page[BackupPolicy]:
     """Returns the policies and pagination of one page of a `disk_backup_policies` list."""
     return _parse_page(body, POLICIES_KEY, _parse_policy, endpoint=endpoint, target=target, page=page)
 
 
-def parse_disk_page(body: dict[str, object], *, endpoint: str, target: str, page: int | None = None) -> Page[Disk]:
+def parse_disk_page(body: Mapping[str, object], *, endpoint: str, target: str, page: int | None = None) -> Page[Disk]:
     """Returns the disks and pagination of one page of an organization's disk list (array key `disk`)."""
     return _parse_page(body, ORG_DISKS_KEY, _parse_disk, endpoint=endpoint, target=target, page=page)
 
 
-def parse_disk_response(body: dict[str, object], *, endpoint: str, target: str) -> Disk:
+def parse_disk_response(body: Mapping[str, object], *, endpoint: str, target: str) -> Disk:
     """Returns the disk of a `GET /disks/disk` response (`{"disk": {...}}`)."""
     reader = _Reader(endpoint=endpoint, target=target)
     return _parse_disk(reader, reader.field(body, "disk", ""), "disk")
@@ -388,7 +388,7 @@ def _error_class(status_code: int, code: str) -> type[KatapultAPIError]:
     return KatapultAPIError
 
 
-def total_permitted(detail: dict[str, object]) -> int | None:
+def total_permitted(detail: Mapping[str, object]) -> int | None:
     """Returns `detail.total_permitted` of a 429 (requests per minute), if it is a positive integer."""
     value = detail.get("total_permitted")
     return value if _is_int(value) and isinstance(value, int) and value > 0 else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -35,9 +36,13 @@ MIN_LIFETIME = timedelta(hours=1)
 
 
 def alerts_url(base: str) -> str:
-    """Returns the alerts endpoint for a configured Alertmanager URL (accepting one that already ends in it)."""
-    base = base.rstrip("/")
-    return base if base.endswith(ALERTS_PATH) else base + ALERTS_PATH
+    """Returns the alerts endpoint for a configured Alertmanager URL (path prefix and query kept; accepting one
+    that already ends in /api/v2/alerts)."""
+    split = urlsplit(base)
+    path = split.path.rstrip("/")
+    if not path.endswith(ALERTS_PATH):
+        path += ALERTS_PATH
+    return urlunsplit(split._replace(path=path))
 
 
 def firing_lifetime(repeat_interval: timedelta) -> timedelta:
@@ -78,7 +83,7 @@ class AlertmanagerChannel:
         body = json_body(self.build_payload(notification, settings, now=now))
         url = settings.url.get_secret_value()
         response = await post(
-            http, alerts_url(url), body, settings=settings, headers={}, secrets=url_secrets(url), now=now
+            http, alerts_url(url), body=body, settings=settings, headers={}, secrets=url_secrets(url), now=now
         )
         logger.debug("%s accepted notification %s (HTTP %d)", describe(settings), notification.id, response.status_code)
         return DeliveryResult(

@@ -196,8 +196,8 @@ def is_temporary_status(status: int) -> bool:
 async def post(
     http: httpx.AsyncClient,
     url: str,
-    body: bytes,
     *,
+    body: bytes,
     settings: NotifierCommon,
     headers: Mapping[str, str],
     secrets: Iterable[str],

@@ -128,14 +128,15 @@ def _smtp_error(exc: Exception, *, settings: EmailNotifier, secrets: Iterable[st
         )
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
         return NotifyError(f"{name}: timed out after {settings.timeout_seconds:g}s", permanent=False)
-    if isinstance(exc, aiosmtplib.SMTPNotSupported):
-        # The server lacks what the settings demand (STARTTLS, AUTH): only a config change helps.
-        return NotifyError(f"{name}: {excerpt(str(exc), secrets)}", permanent=True)
-    if isinstance(exc, aiosmtplib.SMTPException | OSError):
+    if isinstance(exc, aiosmtplib.SMTPServerDisconnected | aiosmtplib.SMTPConnectError | OSError):
         return NotifyError(
             f"{name}: SMTP connection failed ({type(exc).__name__}: {excerpt(str(exc), secrets) or 'no detail'})",
             permanent=False,
         )
+    if isinstance(exc, aiosmtplib.SMTPException):
+        # What is left is the server lacking what the settings demand (STARTTLS, AUTH, SMTPUTF8): only a config
+        # change helps. aiosmtplib raises these as bare SMTPException or SMTPNotSupported.
+        return NotifyError(f"{name}: {excerpt(str(exc), secrets)}", permanent=True)
     # A ValueError from aiosmtplib means the settings cannot work (e.g. an address it cannot encode).
     return NotifyError(f"{name}: could not send ({type(exc).__name__})", permanent=True)
 

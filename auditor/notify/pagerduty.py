@@ -103,7 +103,7 @@ class PagerDutyChannel:
                 response = await post(
                     http,
                     settings.events_url,
-                    json_body(event),
+                    body=json_body(event),
                     settings=settings,
                     headers={},
                     secrets=secrets,

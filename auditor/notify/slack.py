@@ -118,7 +118,7 @@ class SlackChannel:
         """POSTs the message once (Slack answers 200 "ok"); raises NotifyError on failure."""
         body = json_body(self.build_payload(notification, settings, now=now))
         url = settings.webhook_url.get_secret_value()
-        response = await post(http, url, body, settings=settings, headers={}, secrets=url_secrets(url), now=now)
+        response = await post(http, url, body=body, settings=settings, headers={}, secrets=url_secrets(url), now=now)
         logger.debug("%s accepted notification %s (HTTP %d)", describe(settings), notification.id, response.status_code)
         return DeliveryResult(
             status_code=response.status_code,

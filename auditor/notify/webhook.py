@@ -96,7 +96,7 @@ class WebhookChannel:
             secret = settings.secret.get_secret_value()
             headers[SIGNATURE_HEADER] = sign(body, secret)
             secrets.append(secret)
-        response = await post(http, url, body, settings=settings, headers=headers, secrets=secrets, now=now)
+        response = await post(http, url, body=body, settings=settings, headers=headers, secrets=secrets, now=now)
         logger.debug("%s accepted notification %s (HTTP %d)", describe(settings), notification.id, response.status_code)
         return DeliveryResult(
             status_code=response.status_code,

@@ -256,10 +256,14 @@ class Store:
         result: str = await self._write(go)
         return result
 
-    async def fail_run(self, run_id: str, *, now: datetime, errors: Sequence[RunError], stats: RunStats) -> None:
-        """Marks a run failed (nothing of its findings is written)."""
+    async def fail_run(
+        self, run_id: str, *, now: datetime, errors: Sequence[RunError], stats: RunStats, extra: Any = None
+    ) -> None:
+        """Marks a run failed (nothing of its findings is written; `extra` runs in the same transaction)."""
 
         async def go(s: AsyncSession) -> None:
+            if extra is not None:
+                await extra(s)
             await s.execute(
                 update(Run).where(Run.id == run_id).values(
                     status=RunStatus.FAILED.value, finished_at=now, errors=[e.as_dict() for e in errors],

@@ -1,0 +1,242 @@
+"""Use cases for alerts: plan a cycle's notifications (written with the cycle) and deliver the outbox.
+
+Planning compares what each notifier was last told (its alert states) with the findings after the run, the way
+Alertmanager's notification pipeline does: new or reopened findings fire, still-open ones repeat after
+`repeat_interval`, fixed ones resolve; waived findings and findings of disks that could not be read say nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from auditor.config import NotifierCommon
+from auditor.domain.alerts import (
+    AUDIT_INCOMPLETE,
+    Alert,
+    AlertState,
+    AlertStatus,
+    Delivery,
+    Notification,
+    OutboxEntry,
+)
+from auditor.domain.lifecycle import Change
+from auditor.domain.models import FindingStatus, Severity, TrackedFinding, fingerprint
+from auditor.domain.records import RunError, RunStatus
+from auditor.errors import NotifyError
+from auditor.notify.dispatch import Dispatcher
+from auditor.notify.policy import backoff, group_alerts, is_repeat_due, wants
+from auditor.store.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+StateChange = AlertState | tuple[str, str]  # a tuple forgets the (notifier, fingerprint) state
+MAX_ATTEMPTS = 25  # with the 15-minute backoff cap, about five hours of trying before giving up
+
+
+def incomplete_fingerprint(disks: Sequence[str], organizations: Sequence[str]) -> str:
+    """Returns the `audit-incomplete` fingerprint of a target set (stable across restarts)."""
+    key = "\n".join(sorted(f"d:{d}" for d in disks) + sorted(f"o:{o}" for o in organizations))
+    return fingerprint(AUDIT_INCOMPLETE, "targets:" + hashlib.sha256(key.encode()).hexdigest()[:16], None)
+
+
+def finding_alert(f: TrackedFinding, *, status: AlertStatus) -> Alert:
+    """Returns the alert for a finding."""
+    where = f"{f.disk_id}" + (f" / {f.policy_id}" if f.policy_id else "")
+    return Alert(
+        fingerprint=f.fingerprint,
+        rule=f.rule,
+        severity=f.severity,
+        status=status,
+        summary=f"{f.rule} on {where}",
+        description=f.message,
+        starts_at=f.opened_at,
+        ends_at=f.resolved_at if status is AlertStatus.RESOLVED else None,
+        disk_id=f.disk_id,
+        policy_id=f.policy_id,
+    )
+
+
+def incomplete_alert(
+    fp: str, *, status: RunStatus, errors: Sequence[RunError], starts_at: datetime, now: datetime
+) -> Alert:
+    """Returns the `audit-incomplete` alert: firing while runs are partial or failed, resolved by a complete one."""
+    firing = status is not RunStatus.COMPLETE
+    lines = [f"{e.target}: {e.code}: {e.message}" for e in errors[:10]]
+    if len(errors) > 10:
+        lines.append(f"... and {len(errors) - 10} more")
+    return Alert(
+        fingerprint=fp,
+        rule=AUDIT_INCOMPLETE,
+        severity=Severity.HIGH,
+        status=AlertStatus.FIRING if firing else AlertStatus.RESOLVED,
+        summary=(f"audit {status.value}: {len(errors)} target(s) could not be read; their compliance is unknown"
+                 if firing else "audits complete again: every target was read"),
+        description="\n".join(lines) if firing else "The last audit run read every target.",
+        starts_at=starts_at,
+        ends_at=None if firing else now,
+    )
+
+
+@dataclass(slots=True)
+class Plan:
+    """A cycle's outbox entries and alert-state changes."""
+
+    entries: list[OutboxEntry] = field(default_factory=list)
+    states: list[StateChange] = field(default_factory=list)
+
+
+def plan_notifications(
+    *,
+    notifiers: Sequence[NotifierCommon],
+    changes: Sequence[Change],
+    run_status: RunStatus,
+    errors: Sequence[RunError],
+    incomplete_fp: str,
+    states: Mapping[tuple[str, str], AlertState],
+    now: datetime,
+    new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+) -> Plan:
+    """Returns what to tell each notifier after a run (pure: no I/O, `now` given)."""
+    # (alert, is_open, forget): waived findings resolve silently; an expiring waiver later fires them as new.
+    candidates: list[tuple[Alert, bool, bool]] = []
+    for c in changes:
+        f = c.finding
+        if f.status is FindingStatus.OPEN:
+            candidates.append((finding_alert(f, status=AlertStatus.FIRING), True, False))
+        else:
+            candidates.append((finding_alert(f, status=AlertStatus.RESOLVED), False,
+                               f.status is FindingStatus.WAIVED))
+    plan = Plan()
+    for n in notifiers:
+        prior = states.get((n.name, incomplete_fp))
+        inc = incomplete_alert(incomplete_fp, status=run_status, errors=errors,
+                               starts_at=prior.starts_at if prior and prior.status is AlertStatus.FIRING else now,
+                               now=now)
+        _plan_notifier(n, [*candidates, (inc, inc.status is AlertStatus.FIRING, False)], states=states, now=now,
+                       new_id=new_id, plan=plan)
+    return plan
+
+
+def _plan_notifier(
+    n: NotifierCommon,
+    candidates: Sequence[tuple[Alert, bool, bool]],
+    *,
+    states: Mapping[tuple[str, str], AlertState],
+    now: datetime,
+    new_id: Callable[[], str],
+    plan: Plan,
+) -> None:
+    fresh: list[Alert] = []
+    repeat: list[Alert] = []
+    resolved: list[Alert] = []
+    for alert, is_open, forget in candidates:
+        st = states.get((n.name, alert.fingerprint))
+        if is_open:
+            if not wants(n, alert):
+                continue
+            if st is None or st.status is AlertStatus.RESOLVED:
+                fresh.append(alert)
+                plan.states.append(AlertState(n.name, alert.fingerprint, AlertStatus.FIRING, now, alert.starts_at))
+            elif is_repeat_due(st.last_sent_at, n.repeat_interval, now=now):
+                repeat.append(alert)
+                plan.states.append(AlertState(n.name, alert.fingerprint, AlertStatus.FIRING, now, st.starts_at))
+            continue
+        if st is None or st.status is not AlertStatus.FIRING:
+            continue
+        plan.states.append((n.name, alert.fingerprint))
+        if not forget and wants(n, alert):
+            resolved.append(alert)
+    for kind, alerts in (("firing", fresh), ("repeat", repeat), ("resolved", resolved)):
+        for key, labels, group in group_alerts(n.name, alerts, n.group_by):
+            note = Notification(id=new_id(), notifier=n.name, group_key=key, group_labels=labels, alerts=group,
+                                created_at=now, is_repeat=kind == "repeat")
+            plan.entries.append(OutboxEntry(note, kind))
+
+
+def test_notification(notifier: str, *, now: datetime) -> Notification:
+    """Returns the clearly-marked test message `auditor notify test` sends."""
+    alert = Alert(
+        fingerprint=fingerprint("notifier-test", notifier, None),
+        rule="notifier-test",
+        severity=Severity.LOW,
+        status=AlertStatus.FIRING,
+        summary="TEST: the Katapult backup auditor can reach this channel",
+        description="This is a test message sent by `auditor notify test`. No action is needed.",
+        starts_at=now,
+    )
+    return Notification(id=uuid.uuid4().hex, notifier=notifier, group_key='{}:{alertname="notifier-test"}',
+                        group_labels={"alertname": "notifier-test"}, alerts=(alert,), created_at=now, is_test=True)
+
+
+@dataclass(slots=True)
+class DeliveryReport:
+    """What one delivery round did."""
+
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+    released: int = 0
+
+
+async def deliver_due(
+    *,
+    outbox: Outbox,
+    dispatcher: Dispatcher,
+    notifiers: Mapping[str, NotifierCommon],
+    clock: Callable[[], datetime],
+    worker: str,
+    limit: int = 200,
+) -> DeliveryReport:
+    """Claims due outbox entries and delivers them, each notifier on its own so a failing one delays no other.
+
+    Within a notifier entries go in order; after a temporary failure the notifier's other entries are put back
+    for the same retry time instead of each waiting out its own timeout.
+    """
+    now = clock()
+    claimed = await outbox.claim_due(now=now, worker=worker, limit=limit)
+    report = DeliveryReport()
+    by_notifier: dict[str, list[Delivery]] = {}
+    for d in claimed:
+        by_notifier.setdefault(d.notifier, []).append(d)
+
+    async def run(name: str, items: list[Delivery]) -> None:
+        settings = notifiers.get(name)
+        for index, d in enumerate(items):
+            if settings is None:
+                await outbox.mark_failed(d.id, status=None, error=f"notifier {name!r} is no longer configured")
+                report.failed += 1
+                continue
+            try:
+                result = await dispatcher.send(d.notification, settings, now=clock())
+            except NotifyError as exc:
+                attempts = d.attempts + 1
+                if exc.permanent or attempts >= MAX_ATTEMPTS:
+                    why = str(exc) if exc.permanent else f"gave up after {attempts} attempts: {exc}"
+                    log.error("notification %s to %s failed permanently: %s", d.id, name, why)
+                    await outbox.mark_failed(d.id, status=exc.status_code, error=why)
+                    report.failed += 1
+                    continue
+                wait = backoff(attempts, retry_after=exc.retry_after)
+                next_at = clock() + timedelta(seconds=wait)
+                log.warning("notification %s to %s failed (attempt %d), retrying in %.0fs: %s", d.id, name,
+                            attempts, wait, exc)
+                await outbox.mark_retry(d.id, next_at=next_at, status=exc.status_code, error=str(exc))
+                report.retried += 1
+                for rest in items[index + 1:]:
+                    await outbox.release(rest.id, next_at=next_at)
+                    report.released += 1
+                return
+            await outbox.mark_delivered(d.id, now=clock(), status=result.status_code, detail=result.detail)
+            report.delivered += 1
+
+    await asyncio.gather(*(run(name, items) for name, items in by_notifier.items()))
+    if claimed:
+        log.info("delivery round: %d delivered, %d to retry, %d failed", report.delivered, report.retried,
+                 report.failed)
+    return report
