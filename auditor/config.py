@@ -387,7 +387,7 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     lines = []
     for err in exc.errors():
         key, clean = _format_loc(tuple(err["loc"]))
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "missing":
