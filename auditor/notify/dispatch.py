@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from types import TracebackType
 
@@ -17,6 +18,11 @@ class Dispatcher:
     """Owns the notifiers' HTTP client (httpx stays inside `auditor.notify`)."""
 
     def __init__(self, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        # httpx logs every request's full URL at INFO, and webhook URLs are secrets: whoever configures logging,
+        # those lines must not be emitted while notifiers exist.
+        for name in ("httpx", "httpcore"):
+            if logging.getLogger(name).getEffectiveLevel() < logging.WARNING:
+                logging.getLogger(name).setLevel(logging.WARNING)
         # Redirects are not followed: a webhook answering 3xx is misconfigured, and following it could carry
         # a secret-bearing URL elsewhere.
         self.http = httpx.AsyncClient(transport=transport, follow_redirects=False,
