@@ -117,21 +117,19 @@ def _failed_snapshot(disk: Disk, exc: KatapultError) -> DiskSnapshot:
 async def read_disk(client: KatapultClient, disk_id: str) -> DiskSnapshot:
     """Returns one disk's snapshot through the per-disk endpoint.
 
-    The per-disk list returns the policies that target the disk itself. Only when it has none do we look the disk
-    up and ask for its VM's policies (a policy on a VM covers its disks): a disk with its own policy is already
-    protected, so the extra two requests are spent only where they can change the verdict.
+    The per-disk list returns the policies that target the disk itself; the disk is then looked up and, if it is
+    attached, its VM's policies are added (a policy on a VM covers its disks). The VM's policies are read even
+    when the disk has its own: each covering policy is judged, so skipping them would hide a weak VM policy and
+    give a different verdict than the org-wide join for the same disk.
     """
     disk = Disk(id=disk_id)
     try:
         policies = await client.list_disk_policies(disk_id)
-        name = next((p.target_name for p in policies if p.target_type is TargetType.DISK and p.target_name), None)
-        disk = Disk(id=disk_id, name=name)
-        if not policies:
-            disk = await client.get_disk(disk_id)
-            if disk.vm_id:
-                vm_policies = await client.list_vm_policies(disk.vm_id)
-                policies = [p for p in vm_policies
-                            if p.target_type is TargetType.VIRTUAL_MACHINE and p.target_id == disk.vm_id]
+        disk = await client.get_disk(disk_id)
+        if disk.vm_id:
+            vm_policies = await client.list_vm_policies(disk.vm_id)
+            policies = [*policies, *(p for p in vm_policies
+                                     if p.target_type is TargetType.VIRTUAL_MACHINE and p.target_id == disk.vm_id)]
         return DiskSnapshot(disk, ReadOutcome.OK, tuple(policies))
     except KatapultError as exc:
         return _failed_snapshot(disk, exc)

@@ -241,6 +241,34 @@ def print_outcome(outcome: Any, *, fmt: str) -> None:
         console.print(f"warning: waivers[{p.index}] does not apply: {p.problem}", markup=False)
 
 
+# ---- run (the daemon) -----------------------------------------------------------------------------------
+
+
+@main.command("run")
+@config_option
+def run_cmd(config_path: Path | None) -> None:
+    """Run the daemon: an audit every audit.interval (the first at start) and the HTTP API on api.listen.
+
+    Stops on SIGTERM or SIGINT: a running cycle gets daemon.shutdown_grace to finish, then the process exits 0.
+    Exit 2: the API address could not be taken or the database failed; 78: configuration error.
+    """
+    settings = load(config_path)
+    try:
+        katapult_token = settings.katapult.token().get_secret_value()
+        api_token = settings.api.resolved_token()
+    except ConfigError as err:
+        fail_config(err)
+        raise AssertionError("unreachable") from None
+    if not settings.audit.disks and not settings.audit.organizations:
+        fail_config(ConfigError(["audit: nothing to audit: set audit.disks and/or audit.organizations "
+                                 "(env AUDITOR_AUDIT__DISKS / AUDITOR_AUDIT__ORGANIZATIONS)"]))
+    secrets = (katapult_token,) + ((api_token.get_secret_value(),) if api_token is not None else ())
+    setup_logs(settings, extra_secrets=secrets)
+    from auditor.daemon import serve
+
+    sys.exit(run_async(serve(settings)))
+
+
 # ---- report / findings / history ------------------------------------------------------------------------
 
 

@@ -1,27 +1,38 @@
-"""The composition root: builds the store, the Katapult client and the rules from settings, and wires them."""
+"""The composition root: builds the store, the Katapult client and the rules from settings, and wires them.
+
+It also runs the daemon (`serve`): one event loop with the APScheduler job, the uvicorn API server and the
+loop-level SIGTERM/SIGINT handlers that drive the shutdown.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import uvicorn
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
 
 from auditor.alerting import DeliveryReport, deliver_due, incomplete_fingerprint, plan_notifications
+from auditor.api import ApiDeps, CycleMetrics, create_app
 from auditor.audit import AuditOutcome, OutboxHook, Progress, Targets, run_audit, utcnow
 from auditor.config import NotifierCommon, RulesSettings, Settings
 from auditor.domain.lifecycle import Change, parse_waivers
 from auditor.domain.models import Interval, Severity, Waiver, WaiverProblem
-from auditor.domain.records import RunError, RunStatus
+from auditor.domain.records import RunError, RunStats, RunStatus
 from auditor.domain.rules import RULES, RuleParams, RuleSet, build_ruleset
-from auditor.errors import StoreError
+from auditor.errors import AuditorError, StoreError
 from auditor.katapult import KatapultClient
 from auditor.notify.dispatch import Dispatcher
 from auditor.store import engine as db
@@ -223,3 +234,344 @@ def log_cycle(outcome: AuditOutcome) -> None:
                "rate_limited": outcome.stats.rate_limited, "opened": outcome.opened,
                "resolved": outcome.resolved},
     )
+
+
+# ---- the daemon -------------------------------------------------------------------------------------------
+
+EXIT_OK, EXIT_FAILED = 0, 2
+DB_RETRY_FIRST = 1.0  # seconds before the first retry of an unreachable database; doubles up to db_retry_max
+SERVER_STOP_MIN = 2.0  # seconds the API server always gets to finish in-flight requests at shutdown
+CANCEL_WAIT = 5.0  # seconds to wait for a cancelled cycle to unwind (roll back its transaction)
+
+CycleHook = Callable[[Runtime, AuditOutcome], Awaitable[None]]
+
+
+class _RunAnnouncingStore(Store):
+    """The runtime's store (same engine) that reports the id of the run a cycle starts.
+
+    `run_audit` creates the run row itself; the daemon needs its id to answer POST /api/v1/audit with it and to
+    mark the run failed if the cycle breaks in an unexpected way.
+    """
+
+    def __init__(self, store: Store, on_start: Callable[[str], None]) -> None:
+        super().__init__(store.engine)
+        self._on_start = on_start
+
+    async def start_run(self, *, now: datetime, trigger: str) -> str:
+        """Records a new running run, reports its id and returns it."""
+        run_id = await super().start_run(now=now, trigger=trigger)
+        self._on_start(run_id)
+        return run_id
+
+
+class CycleRunner:
+    """Runs audit cycles one at a time, scheduled or on demand, and keeps the in-flight one for shutdown."""
+
+    def __init__(self, runtime: Runtime, *, cycles: CycleMetrics, on_cycle: CycleHook | None = None) -> None:
+        self.runtime = runtime
+        self.cycles = cycles
+        self.on_cycle = on_cycle
+        self.current: asyncio.Task[AuditOutcome | None] | None = None
+        self.is_closing = False
+        self.last_error: str | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def is_busy(self) -> bool:
+        """Returns whether a cycle is in flight."""
+        return self.current is not None and not self.current.done()
+
+    def start(
+        self, trigger: str, *, started: asyncio.Future[str] | None = None
+    ) -> asyncio.Task[AuditOutcome | None] | None:
+        """Starts a cycle as a task and returns it; None if one is running or the daemon is stopping.
+
+        The check and the start happen without an await in between, so two requests cannot both start one.
+        """
+        if self.is_closing or self.is_busy:
+            return None
+        task = asyncio.create_task(self._cycle(trigger, started), name=f"audit-cycle-{trigger}")
+        self.current = task
+        return task
+
+    async def trigger(self) -> str | None:
+        """Starts a cycle for the API; returns its run id once the run is recorded, None if one is running."""
+        if self.is_closing:
+            raise AuditorError("the auditor is shutting down")
+        started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = self.start("api", started=started)
+        if task is None:
+            return None
+        either: set[asyncio.Future[Any]] = {started, task}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if started.done():
+            return started.result()
+        outcome = None if task.cancelled() else task.result()
+        if outcome is not None:
+            return outcome.run_id
+        raise StoreError(f"the audit cycle could not start: {self.last_error or 'cancelled'}")
+
+    async def tick(self) -> None:
+        """The scheduled job: runs a cycle unless one is already running (then this slot is skipped)."""
+        task = self.start("schedule")
+        if task is None:
+            log.warning("scheduled audit cycle skipped: %s",
+                        "the auditor is stopping" if self.is_closing else "a cycle is already running")
+            return
+        await asyncio.wait({task})
+
+    async def _cycle(self, trigger: str, started: asyncio.Future[str] | None) -> AuditOutcome | None:
+        """Runs one cycle; a failure is logged and counted, never raised (the next cycle tries again)."""
+        run_id: str | None = None
+
+        def on_start(new_id: str) -> None:
+            nonlocal run_id
+            run_id = new_id
+            if started is not None and not started.done():
+                started.set_result(new_id)
+
+        async with self._lock:
+            runtime = replace(self.runtime, store=_RunAnnouncingStore(self.runtime.store, on_start))
+            began = time.monotonic()
+            try:
+                outcome = await audit_once(runtime, trigger=trigger)
+            except AuditorError as exc:  # the database went away mid-cycle (Katapult trouble is a failed run)
+                self._failed(trigger, began, str(exc))
+                await self._mark_failed(run_id, "store_error", str(exc))
+                return None
+            except Exception as exc:  # a bug must not stop the daemon: log it whole, record it, go on
+                log.exception("audit cycle (%s) broke unexpectedly", trigger)
+                self._failed(trigger, began, f"{type(exc).__name__}: {exc}")
+                await self._mark_failed(run_id, "internal_error", f"{type(exc).__name__}: {exc}")
+                return None
+            self.cycles.record(outcome)
+            self.last_error = None
+            if self.on_cycle is not None:
+                await self.on_cycle(self.runtime, outcome)
+            return outcome
+
+    def _failed(self, trigger: str, began: float, reason: str) -> None:
+        seconds = time.monotonic() - began
+        self.cycles.record_error(seconds)
+        self.last_error = reason
+        log.error("audit cycle (%s) failed after %.1fs: %s; the next cycle will try again", trigger, seconds,
+                  reason, extra={"status": "error", "duration_s": round(seconds, 3), "trigger": trigger})
+
+    async def _mark_failed(self, run_id: str | None, code: str, message: str) -> None:
+        """Marks the cycle's run failed if it was recorded and the database answers (else the next start does)."""
+        if run_id is None:
+            return
+        try:
+            await self.runtime.store.fail_run(run_id, now=utcnow(), errors=[RunError("*", code, message[:500])],
+                                              stats=RunStats())
+        except StoreError as exc:
+            log.warning("could not mark run %s failed (%s); it will be at the next start", run_id, exc)
+
+
+class _ApiServer(uvicorn.Server):
+    """uvicorn, minus its signal handling: the daemon owns SIGTERM/SIGINT and stops it with `should_exit`.
+
+    uvicorn 0.54's `serve()` installs handlers with `signal.signal` (replacing the loop's) inside
+    `capture_signals()` and re-raises the captured signal after shutdown, which would kill the process with
+    the signal instead of letting it exit 0.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Captures nothing."""
+        yield
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Returns a listening socket for the API, so the address is taken (or fails) before anything else starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise AuditorError(f"api.listen: cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _install_signals(stop: asyncio.Event, force: asyncio.Event) -> list[signal.Signals]:
+    """Routes SIGTERM/SIGINT to `stop` (a second one to `force`); returns the signals handled."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            log.warning("%s again: abandoning the running cycle now", sig.name)
+            force.set()
+            return
+        log.info("%s received: shutting down", sig.name)
+        stop.set()
+
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no such signal here
+            continue
+        installed.append(sig)
+    return installed
+
+
+async def _wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleeps up to `seconds`; returns True if `stop` was set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _open_with_retry(
+    stack: contextlib.AsyncExitStack,
+    settings: Settings,
+    *,
+    stop: asyncio.Event,
+    transport: httpx.AsyncBaseTransport | None,
+    token: str | None,
+) -> Runtime | None:
+    """Returns the runtime once the database answers, retrying with backoff; None if stopped while waiting."""
+    url = settings.database.url.get_secret_value()
+    shown = db.safe_url(url)  # a malformed URL is a configuration problem: fail now, not in a retry loop
+    cap = max(settings.daemon.db_retry_max.total_seconds(), DB_RETRY_FIRST)
+    delay = DB_RETRY_FIRST
+    attempt = 1
+    while True:
+        try:
+            runtime: Runtime = await stack.enter_async_context(
+                open_runtime(settings, transport=transport, token=token))
+            return runtime
+        except StoreError as exc:
+            log.error("database %s unavailable at start (attempt %d): %s; retrying in %.0fs", shown, attempt, exc,
+                      delay, extra={"attempt": attempt, "retry_in_s": delay})
+        if await _wait_or_stop(stop, delay):
+            return None
+        attempt += 1
+        delay = min(delay * 2, cap)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    token: str | None = None,
+    on_cycle: CycleHook | None = None,
+) -> int:
+    """Runs the daemon until SIGTERM/SIGINT: scheduled audits plus the HTTP API; returns the exit code.
+
+    `transport` and `token` reach the Katapult client (the demo and tests use the in-process fake);
+    `on_cycle` is awaited after every cycle that ran to its end.
+    """
+    stop = asyncio.Event()
+    force = asyncio.Event()
+    api = settings.api
+    sock = _listen(api.host, api.port)
+    handled = _install_signals(stop, force)
+    loop = asyncio.get_running_loop()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            runtime = await _open_with_retry(stack, settings, stop=stop, transport=transport, token=token)
+            if runtime is None:
+                log.info("stopped while waiting for the database")
+                return EXIT_OK
+            abandoned = await runtime.store.abandon_running_runs(
+                now=utcnow(), reason="the auditor stopped before this run finished")
+            if abandoned:
+                log.warning("marked %d run(s) left running by an earlier process as failed", abandoned)
+            daemon = _Daemon(runtime, sock=sock, on_cycle=on_cycle)
+            return await daemon.run(stop, force, loop=loop)
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        sock.close()
+
+
+class _Daemon:
+    """The running daemon: scheduler, cycle runner and API server, and the order they stop in."""
+
+    def __init__(self, runtime: Runtime, *, sock: socket.socket, on_cycle: CycleHook | None) -> None:
+        settings = runtime.settings
+        self.runtime = runtime
+        self.settings = settings
+        self.sock = sock
+        self.cycles = CycleMetrics()
+        self.runner = CycleRunner(runtime, cycles=self.cycles, on_cycle=on_cycle)
+        deps = ApiDeps(store=runtime.store, interval=settings.audit.interval, trigger=self.runner.trigger,
+                       waivers=lambda: waivers_from(settings), cycles=self.cycles,
+                       token=settings.api.resolved_token())
+        grace = settings.daemon.shutdown_grace.total_seconds()
+        config = uvicorn.Config(create_app(deps), log_config=None, access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=max(int(grace), int(SERVER_STOP_MIN)))
+        self.server = _ApiServer(config)
+
+    def _scheduler(self) -> AsyncIOScheduler:
+        audit = self.settings.audit
+        scheduler = AsyncIOScheduler(timezone=UTC)
+        interval = audit.interval.total_seconds()
+        scheduler.add_job(
+            self.runner.tick,
+            IntervalTrigger(seconds=interval, jitter=int(audit.jitter.total_seconds()) or None, timezone=UTC),
+            id="audit-cycle", name="audit cycle", next_run_time=utcnow(), max_instances=1, coalesce=True,
+            misfire_grace_time=max(1, int(interval)),
+        )
+        return scheduler
+
+    async def run(self, stop: asyncio.Event, force: asyncio.Event, *, loop: asyncio.AbstractEventLoop) -> int:
+        """Serves and audits until `stop` is set, then shuts down in order; returns the exit code."""
+        s = self.settings
+        server_task = asyncio.create_task(self.server.serve(sockets=[self.sock]), name="api-server")
+        scheduler = self._scheduler()
+        scheduler.start()
+        log.info("auditor daemon started: API on http://%s (docs /docs), audit every %ss, %d disk(s) and %d "
+                 "organization(s)", s.api.listen, int(s.audit.interval.total_seconds()), len(s.audit.disks),
+                 len(s.audit.organizations))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({stopping, server_task}, return_when=asyncio.FIRST_COMPLETED)
+        code = EXIT_OK
+        if not stop.is_set():
+            code = EXIT_FAILED
+            error = None if server_task.cancelled() else server_task.exception()
+            log.error("the API server stopped unexpectedly (%s); shutting down", error or "no error")
+        stopping.cancel()
+        await self._shutdown(scheduler, server_task, force=force, loop=loop)
+        return code
+
+    async def _shutdown(self, scheduler: AsyncIOScheduler, server_task: asyncio.Task[None], *,
+                        force: asyncio.Event, loop: asyncio.AbstractEventLoop) -> None:
+        """Stops scheduling, lets the cycle finish within the grace (or abandons it), stops the server."""
+        grace = self.settings.daemon.shutdown_grace.total_seconds()
+        deadline = loop.time() + grace
+        self.runner.is_closing = True
+        scheduler.pause()
+        cycle = self.runner.current
+        if cycle is not None and not cycle.done():
+            log.info("waiting up to %.0fs for the running audit cycle to finish", grace)
+            forced = asyncio.create_task(force.wait())
+            await asyncio.wait({cycle, forced}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            forced.cancel()
+            if not cycle.done():
+                log.warning("abandoning the running audit cycle (shutdown_grace %.0fs); its run is marked failed",
+                            grace)
+                cycle.cancel()
+                await asyncio.wait({cycle}, timeout=CANCEL_WAIT)
+                # Nothing of a cancelled cycle is committed (one transaction at its end); its run row, still
+                # `running`, is marked failed here, or at the next start if the database does not answer now.
+                try:
+                    await self.runtime.store.abandon_running_runs(
+                        now=utcnow(), reason="abandoned at shutdown (daemon.shutdown_grace elapsed)")
+                except StoreError as exc:
+                    log.warning("could not mark the abandoned run failed (%s); the next start will", exc)
+        scheduler.shutdown(wait=False)
+        self.server.should_exit = True
+        remaining = max(deadline - loop.time(), SERVER_STOP_MIN)
+        done, _ = await asyncio.wait({server_task}, timeout=remaining)
+        if not done:
+            self.server.force_exit = True
+            await asyncio.wait({server_task}, timeout=SERVER_STOP_MIN)
+        log.info("auditor daemon stopped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +11,7 @@ import httpx
 
 from auditor.audit import AuditOutcome
 from auditor.config import Settings
-from auditor.daemon import audit_once, open_runtime, waivers_from
+from auditor.daemon import Runtime, audit_once, open_runtime, serve, waivers_from
 from auditor.fake import create_app, demo_fleet
 from auditor.reporting import build_report
 
@@ -33,10 +34,33 @@ def demo_settings(*, db_path: str, listen: str, interval: str = "30s") -> Settin
 
 
 async def run_demo(settings: Settings, *, once: bool, show: Callable[[AuditOutcome, dict[str, Any]], None]) -> int:
-    """Audits the demo fleet once and shows the report; without `once`, keeps the daemon running."""
+    """Audits the demo fleet once and shows the report; without `once`, keeps the daemon running.
+
+    The daemon audits the in-process fake every `audit.interval` and serves the API on `api.listen`; the first
+    report is shown, then where the API is, and it runs until Ctrl-C (exit 0).
+    """
 
     fleet, _ = demo_fleet(now=int(time.time()))
     transport = httpx.ASGITransport(app=create_app(fleet))
+    if not once:
+        shown = False
+
+        async def first_report(runtime: Runtime, outcome: AuditOutcome) -> None:
+            nonlocal shown
+            if shown:
+                return
+            shown = True
+            waivers, problems = waivers_from(settings)
+            report = await build_report(runtime.store, now=outcome.finished_at, waivers=waivers,
+                                        waiver_problems=problems)
+            show(outcome, report)
+            base = f"http://{settings.api.listen}"
+            sys.stdout.write(f"API: {base}/api/v1/report  docs: {base}/docs  metrics: {base}/metrics\n"
+                             f"auditing every {settings.audit.interval.total_seconds():.0f}s; Ctrl-C stops\n")
+            sys.stdout.flush()
+
+        return await serve(settings, transport=transport, token=DEMO_TOKEN, on_cycle=first_report)
+
     async with open_runtime(settings, transport=transport, token=DEMO_TOKEN) as runtime:
         outcome = await audit_once(runtime, trigger="demo")
         waivers, problems = waivers_from(settings)

@@ -1,0 +1,39 @@
+"""`ApiDeps`: everything the API reads or calls, passed in by the daemon (the API wires nothing itself)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from pydantic import SecretStr
+
+from auditor.api.metrics import CycleMetrics
+from auditor.audit import utcnow
+from auditor.domain.models import Waiver, WaiverProblem
+from auditor.store.repo import Store
+
+Trigger = Callable[[], Awaitable[str | None]]
+WaiverSource = Callable[[], tuple[list[Waiver], list[WaiverProblem]]]
+
+
+def _no_waivers() -> tuple[list[Waiver], list[WaiverProblem]]:
+    return [], []
+
+
+@dataclass(frozen=True)
+class ApiDeps:
+    """What the API needs: the store it reads, the daemon's hooks and counters, and its settings.
+
+    `trigger` starts an audit cycle and returns the new run's id, or None when a cycle is already running.
+    `waivers` returns the configured waivers that apply now and the problems of those that don't.
+    `interval` is audit.interval (readiness wants a cycle finished within twice that).
+    """
+
+    store: Store
+    interval: timedelta
+    trigger: Trigger
+    waivers: WaiverSource = _no_waivers
+    cycles: CycleMetrics = field(default_factory=CycleMetrics)
+    token: SecretStr | None = field(default=None, repr=False)
+    clock: Callable[[], datetime] = utcnow

@@ -1,0 +1,268 @@
+"""Response models: they make the OpenAPI document precise; the JSON itself comes from `auditor.reporting`.
+
+Routes return the reporting layer's dicts as they are (the report is a public contract shared with
+`auditor report --format json`), and these models describe them; a test validates real responses against them.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from auditor.domain.rules import RULES
+
+# The enum of rule ids comes from the one registry, so a new rule shows up in the API without another list.
+RuleId = StrEnum("RuleId", {rule_id.upper().replace("-", "_"): rule_id for rule_id in RULES})  # type: ignore[misc]
+
+FindingStatusFilter = Literal["open", "resolved", "waived", "all"]
+SeverityName = Literal["low", "medium", "high", "critical"]
+RunStatusName = Literal["running", "complete", "partial", "failed"]
+DiskStatusName = Literal["compliant", "noncompliant", "unknown"]
+
+
+class Model(BaseModel):
+    """A response object: every field documented, nothing else expected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(Model):
+    """An error: what went wrong, in one line."""
+
+    detail: str
+
+
+class RunError(Model):
+    """A target a run could not read."""
+
+    target: str
+    code: str
+    message: str
+
+
+class Run(Model):
+    """An audit run with its traffic counters and errors."""
+
+    id: str
+    started_at: str | None
+    finished_at: str | None
+    status: RunStatusName
+    trigger: str
+    targets_checked: int
+    disks_read: int
+    disks_unknown: int
+    api_requests: int
+    api_retries: int
+    api_rate_limited: int
+    findings_opened: int
+    findings_resolved: int
+    errors: list[RunError]
+
+
+class Finding(Model):
+    """A finding as the report lists it."""
+
+    fingerprint: str
+    rule: str
+    severity: SeverityName
+    status: Literal["open", "resolved", "waived"]
+    disk_id: str
+    policy_id: str | None
+    message: str
+    observed: dict[str, Any]
+    expected: dict[str, Any]
+    first_seen: str | None
+    last_seen: str | None
+    waiver: dict[str, Any] | None
+
+
+class TrackedFinding(Finding):
+    """A finding with its lifecycle times."""
+
+    opened_at: str | None
+    resolved_at: str | None
+
+
+class Summary(Model):
+    """Counts over the audited disks."""
+
+    disks_total: int
+    compliant: int
+    noncompliant: int
+    unknown: int
+    open_findings: int
+    waived_findings: int
+    by_rule: dict[str, int]
+    by_severity: dict[str, int]
+
+
+class ReadError(Model):
+    """Why a disk has no verdict."""
+
+    code: str | None
+    message: str | None
+
+
+class ReportDisk(Model):
+    """One audited disk in the report."""
+
+    disk_id: str
+    name: str | None
+    status: DiskStatusName
+    policies: list[str]
+    findings: list[str]
+    vm_id: str | None
+    source: str
+    last_read_at: str | None
+    error: ReadError | None
+
+
+class WaiverProblem(Model):
+    """A configured waiver that does not apply, and why."""
+
+    index: int
+    problem: str
+    waiver: dict[str, Any]
+
+
+class Waiver(Model):
+    """A waiver that applies."""
+
+    rule: str
+    disk_id: str
+    policy_id: str | None
+    reason: str
+    owner: str
+    expires: str
+
+
+class Drift(Model):
+    """A change in a disk's protection."""
+
+    disk_id: str
+    policy_id: str
+    at: str | None
+    kind: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
+class Report(Model):
+    """The compliance report: identical to `auditor report --format json`."""
+
+    generated_at: str | None
+    last_run: Run | None
+    summary: Summary
+    disks: list[ReportDisk]
+    findings: list[Finding]
+    waiver_problems: list[WaiverProblem]
+    expiring_waivers: list[Waiver]
+    drift: list[Drift]
+
+
+class FindingsPage(Model):
+    """One page of findings; pass `next_cursor` as `cursor` for the next (null on the last page)."""
+
+    findings: list[TrackedFinding]
+    next_cursor: str | None
+
+
+class RunsPage(Model):
+    """Recent audit runs, newest first."""
+
+    runs: list[Run]
+
+
+class DiskInfo(Model):
+    """What the auditor knows about a disk."""
+
+    disk_id: str
+    name: str | None
+    vm_id: str | None
+    vm_fqdn: str | None
+    source: str
+    is_target: bool
+    outcome: str
+    error: ReadError | None
+    first_seen_at: str | None
+    last_checked_at: str | None
+    last_read_at: str | None
+
+
+class PolicyState(Model):
+    """One distinct setting of a policy on the disk and when it was seen (`valid_to` null while current)."""
+
+    policy_id: str
+    retention: int
+    interval: str
+    target_type: str
+    target_id: str
+    target_name: str | None
+    next_invocation_at: str | None
+    total_size: float | None
+    valid_from: str | None
+    valid_to: str | None
+
+
+class DiskDrift(Model):
+    """A change in the disk's protection, with the run that saw it."""
+
+    policy_id: str
+    run_id: str
+    at: str | None
+    kind: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
+class FindingEvent(Model):
+    """A lifecycle transition of one of the disk's findings."""
+
+    fingerprint: str
+    run_id: str
+    at: str | None
+    kind: str
+
+
+class DiskDetail(Model):
+    """A disk's current policies, findings, snapshot history and drift."""
+
+    disk: DiskInfo
+    status: DiskStatusName
+    policies: list[PolicyState]
+    findings: list[TrackedFinding]
+    snapshots: list[PolicyState]
+    drift: list[DiskDrift]
+    finding_events: list[FindingEvent]
+
+
+class AuditStarted(Model):
+    """A cycle was started; follow it in /api/v1/runs."""
+
+    status: Literal["started"]
+    run: str = Field(description="the id of the started run")
+
+
+class Health(Model):
+    """The process is alive."""
+
+    status: Literal["ok"]
+
+
+class LastCycle(Model):
+    """The last finished audit cycle."""
+
+    id: str
+    status: RunStatusName
+    finished_at: str | None
+    age_seconds: float
+
+
+class Readiness(Model):
+    """Whether the auditor can serve fresh reports; `reason` says why not."""
+
+    status: Literal["ready", "not ready"]
+    reason: str | None
+    last_cycle: LastCycle | None

@@ -1,0 +1,151 @@
+"""Routes: operations (/healthz, /readyz, /metrics) and the reports API (/api/v1/*). They only read the store."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Response
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator
+
+from auditor.api import metrics
+from auditor.api.deps import ApiDeps
+from auditor.api.models import (
+    AuditStarted,
+    DiskDetail,
+    ErrorDetail,
+    FindingsPage,
+    FindingStatusFilter,
+    Health,
+    Readiness,
+    Report,
+    RuleId,
+    RunsPage,
+    SeverityName,
+)
+from auditor.errors import StoreError
+from auditor.reporting import build_report, disk_detail, finding_json, iso, run_json
+from auditor.store.repo import FindingQuery, decode_cursor
+
+# Ids are opaque strings without whitespace or control characters (PostgreSQL rejects NUL in text outright).
+ID_PATTERN = r"^[^\x00-\x20\x7f]+$"
+ID_MAX = 256
+STORE_DOWN: dict[int | str, dict[str, Any]] = {503: {"model": ErrorDetail, "description": "The database does not "
+                                                                                        "answer."}}
+
+
+def _valid_cursor(value: str | None) -> str | None:
+    """Returns the cursor if it is one of ours (ValueError otherwise, which FastAPI answers with 422)."""
+    if value is not None:
+        disk_id, fingerprint = decode_cursor(value)
+        if "\x00" in disk_id or "\x00" in fingerprint:
+            raise ValueError("invalid cursor")
+    return value
+
+
+def ops_router(deps: ApiDeps) -> APIRouter:
+    """Returns /healthz, /readyz and /metrics (never behind the token: probes and scrapers use them)."""
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/healthz", response_model=Health, summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        """200 while the process is alive."""
+        return {"status": "ok"}
+
+    @router.get("/readyz", response_model=Readiness, summary="Readiness",
+                responses={503: {"model": Readiness, "description": "Not ready; `reason` says why."}})
+    async def readyz() -> JSONResponse:
+        """200 when the database answers and the last cycle finished less than 2 × audit.interval ago."""
+        now = deps.clock()
+        try:
+            await deps.store.ping()
+            run = await deps.store.latest_run(finished=True)
+        except StoreError as exc:
+            return _readiness(f"database unavailable: {exc}", None)
+        if run is None or run.finished_at is None:
+            return _readiness("no audit cycle has finished yet", None)
+        age = (now - run.finished_at).total_seconds()
+        last = {"id": run.id, "status": run.status.value, "finished_at": iso(run.finished_at),
+                "age_seconds": round(age, 3)}
+        limit = 2 * deps.interval.total_seconds()
+        if age > limit:
+            return _readiness(f"the last audit cycle finished {age:.0f}s ago, more than twice audit.interval "
+                              f"({limit:.0f}s)", last)
+        return _readiness(None, last)
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+                responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                 "description": "Prometheus text exposition format 0.0.4."}})
+    async def prometheus_metrics() -> Response:
+        """Cycle durations, Katapult traffic, open findings and disks by status, from stored state."""
+        state = await metrics.read_state(deps.store)
+        return Response(metrics.render(deps.cycles, state), media_type=metrics.CONTENT_TYPE)
+
+    return router
+
+
+def _readiness(reason: str | None, last: dict[str, Any] | None) -> JSONResponse:
+    body = {"status": "not ready" if reason else "ready", "reason": reason, "last_cycle": last}
+    return JSONResponse(body, status_code=503 if reason else 200)
+
+
+def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
+    """Returns the /api/v1 routes (the caller mounts them and adds the token guard)."""
+    errors: dict[int | str, dict[str, Any]] = dict(STORE_DOWN)
+    if is_guarded:
+        errors[401] = {"model": ErrorDetail, "description": "Missing or wrong bearer token."}
+    router = APIRouter(tags=["reports"], responses=errors)
+
+    @router.get("/report", response_model=Report, summary="Compliance report")
+    async def report() -> JSONResponse:
+        """The same JSON as `auditor report --format json`."""
+        waivers, problems = deps.waivers()
+        body = await build_report(deps.store, now=deps.clock(), waivers=waivers, waiver_problems=problems)
+        return JSONResponse(body)
+
+    @router.get("/findings", response_model=FindingsPage, summary="Findings, paginated")
+    async def findings(
+        status: Annotated[FindingStatusFilter, Query(description="Lifecycle state; `all` lists every one.")]
+        = "open",
+        rule: Annotated[RuleId | None, Query(description="Only this rule.")] = None,
+        severity: Annotated[SeverityName | None, Query(description="Only this severity.")] = None,
+        disk_id: Annotated[str | None, Query(description="Only this disk.", max_length=ID_MAX,
+                                             pattern=ID_PATTERN)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000, description="Page size.")] = 100,
+        cursor: Annotated[str | None, AfterValidator(_valid_cursor),
+                          Query(description="`next_cursor` of the previous page.", max_length=2048)] = None,
+    ) -> JSONResponse:
+        """Findings ordered by disk and fingerprint, with their lifecycle times."""
+        statuses = ("open", "waived", "resolved") if status == "all" else (status,)
+        query = FindingQuery(statuses=statuses, rule=rule.value if rule is not None else None, severity=severity,
+                             disk_id=disk_id, limit=limit, cursor=cursor)
+        page, next_cursor = await deps.store.list_findings(query)
+        return JSONResponse({"findings": [finding_json(f, with_resolution=True) for f in page],
+                             "next_cursor": next_cursor})
+
+    @router.get("/disks/{disk_id}", response_model=DiskDetail, summary="One disk's history",
+                responses={404: {"model": ErrorDetail, "description": "The auditor does not know this disk."}})
+    async def disk(disk_id: Annotated[str, Path(max_length=ID_MAX, pattern=ID_PATTERN)]) -> JSONResponse:
+        """The disk's current policies, findings, policy snapshot history, drift and finding events."""
+        detail = await disk_detail(deps.store, disk_id)
+        if detail is None:
+            return JSONResponse({"detail": f"disk {disk_id} is not known to the auditor"}, status_code=404)
+        return JSONResponse(detail)
+
+    @router.get("/runs", response_model=RunsPage, summary="Recent audit runs")
+    async def runs(limit: Annotated[int, Query(ge=1, le=500, description="How many, newest first.")] = 20,
+                   ) -> JSONResponse:
+        """Recent audit runs with their status, traffic and errors, newest first."""
+        records = await deps.store.list_runs(limit=limit)
+        return JSONResponse({"runs": [run_json(r) for r in records]})
+
+    @router.post("/audit", status_code=202, response_model=AuditStarted, summary="Run an audit cycle now",
+                 responses={409: {"model": ErrorDetail, "description": "A cycle is already running."}})
+    async def audit() -> JSONResponse:
+        """Starts a cycle and returns at once (202); 409 if one is already running."""
+        run_id = await deps.trigger()
+        if run_id is None:
+            return JSONResponse({"detail": "an audit cycle is already running"}, status_code=409)
+        return JSONResponse({"status": "started", "run": run_id}, status_code=202)
+
+    return router

@@ -1,0 +1,193 @@
+"""Database growth over many audit cycles: bytes and rows per cycle when 1% of policies change per cycle.
+
+10,000 disks (organization mode) are audited 200 times, 15 simulated minutes apart. Before each cycle 1% of the
+policies get a new retention (some drop below the minimum and open findings, some go back up and resolve them),
+and every schedule whose `next_invocation_at` has passed moves on by its interval, as real backups do.
+
+Each cycle is the real `run_audit` use case on a real database; only Katapult is replaced by an in-memory
+stand-in that returns the domain objects the client would have parsed (HTTP is measured by the other
+benchmarks; here 200 cycles must measure the database). The comparison "row-per-poll design" is computed: a
+design that stores one row per (disk, policy) observation per poll would add that many rows every cycle, each as
+large as an average `policy_states` row measured on this same database (indexes included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import _common as c
+
+TARGET_SHARE = 0.05
+TABLES = ("audit_runs", "disks", "policy_states", "drift_events", "findings", "finding_events")
+CYCLE_GAP = timedelta(minutes=15)
+
+
+class InMemoryKatapult:
+    """Stands in for KatapultClient in organization mode: returns disks and policies as domain objects."""
+
+    def __init__(self, disks: list[Any], policies: list[Any]) -> None:
+        from auditor.katapult.client import RequestStats
+
+        self.disks = disks
+        self.policies = policies
+        self.stats = RequestStats()
+
+    async def list_org_disks(self, org: Any) -> list[Any]:
+        self.stats.requests += -(-len(self.disks) // 200)
+        return list(self.disks)
+
+    async def list_org_policies(self, org: Any) -> list[Any]:
+        self.stats.requests += -(-len(self.policies) // 200)
+        return list(self.policies)
+
+
+def domain_fleet(disks: int, *, seed: int) -> tuple[list[Any], list[Any]]:
+    """Returns the generated fleet's disks and policies as the client would parse them."""
+    from auditor.domain.models import BackupPolicy, Disk, Interval, Schedule, TargetType
+
+    fleet = c.fleet_objects(c.generated_fleet(disks=disks, policies_per_disk=1.0, vm_share=0.2, seed=seed))
+    out_disks = []
+    for d in fleet.disks.values():
+        vm = fleet.vms.get(d.vm_id) if d.vm_id else None
+        out_disks.append(Disk(id=d.id, name=d.name, vm_id=d.vm_id, vm_fqdn=vm.fqdn if vm else None, state=d.state,
+                              size_in_gb=d.size_in_gb))
+    out_policies = []
+    for p in fleet.policies.values():
+        target = fleet.disks.get(p.target_id) if p.target_type == "Disk" else fleet.vms.get(p.target_id)
+        out_policies.append(BackupPolicy(
+            id=p.id, retention=p.retention, target_type=TargetType(p.target_type), target_id=p.target_id,
+            target_name=target.name if target else None, total_size=p.total_size,
+            schedule=Schedule(Interval(p.interval), datetime.fromtimestamp(p.next_invocation_at, UTC)),
+        ))
+    return out_disks, out_policies
+
+
+def mutate(policies: list[Any], *, rng: random.Random, share: float, now: datetime) -> tuple[list[Any], int]:
+    """Returns the policies after one simulated interval (share of them changed, due schedules moved on)."""
+    from auditor.domain.models import Schedule
+
+    changed = set(rng.sample(range(len(policies)), round(len(policies) * share)))
+    out = []
+    for i, p in enumerate(policies):
+        if i in changed:
+            # Below 7 opens retention-below-minimum (and a short window); 7 and above resolves it again.
+            p = replace(p, retention=rng.choice((3, 5, 10, 14, 21, 30)) if p.retention >= 7 else rng.randint(7, 30))
+        due = p.schedule.next_invocation_at
+        if due is not None and due < now:
+            step = p.schedule.interval.length
+            while due < now:
+                due += step
+            p = replace(p, schedule=Schedule(p.schedule.interval, due))
+        out.append(p)
+    return out, len(changed)
+
+
+def main() -> int:
+    p = c.parser(__doc__.splitlines()[0])
+    p.add_argument("--disks", type=int, default=10_000)
+    p.add_argument("--cycles", type=int, default=200)
+    p.add_argument("--change", type=float, default=0.01, help="share of policies changed before each cycle")
+    p.add_argument("--seed", type=int, default=7)
+    args = p.parse_args()
+    report = c.header("storage_growth", args, f"{args.disks} disks, {args.cycles} cycles, "
+                                              f"{args.change:.0%} of policies changing per cycle")
+    with c.workdir(args) as tmp, c.database(args, tmp) as db:
+        asyncio.run(_run(args, db, report))
+    return 0
+
+
+async def _run(args: Any, db: c.Database, report: c.Report) -> None:
+    from auditor.audit import Targets, run_audit
+    from auditor.daemon import prepare_database, ruleset_from
+    from auditor.store.repo import Store
+
+    settings = c.settings(api_url="http://127.0.0.1:9/core/v1", db_url=db.url, organizations=["org_bench"])
+    await prepare_database(settings)
+    store = Store.from_url(db.url)
+    rules = ruleset_from(settings.rules)
+    disks, policies = domain_fleet(args.disks, seed=args.seed)
+    rng = random.Random(args.seed)
+    client = InMemoryKatapult(disks, policies)
+    targets = Targets(organizations=("org_bench",))
+    start = datetime.now(UTC).replace(microsecond=0)
+    total_changes = 0
+    write_seconds: list[float] = []
+    try:
+        now = start
+        outcome = await run_audit(client=client, store=store, targets=targets, rules=rules,  # type: ignore[arg-type]
+                                  clock=lambda: now, trigger="benchmark")
+        db.vacuum()
+        base_bytes = db.size_bytes()
+        base_rows = db.row_counts(TABLES)
+        report.info("first cycle (baseline)", f"{outcome.disks_ok} disks, {len(policies)} policies, "
+                                              f"{base_bytes / 1e6:.2f} MB, rows {base_rows}")
+        began = time.monotonic()
+        for i in range(1, args.cycles + 1):
+            now = start + i * CYCLE_GAP
+            client.policies, n = mutate(client.policies, rng=rng, share=args.change, now=now)
+            total_changes += n
+            t0 = time.monotonic()
+            outcome = await run_audit(client=client, store=store, targets=targets,  # type: ignore[arg-type]
+                                      rules=rules, clock=lambda: now, trigger="benchmark")
+            write_seconds.append(time.monotonic() - t0)
+            if outcome.status.value != "complete":
+                raise SystemExit(f"cycle {i} did not complete: {outcome.status.value} {outcome.errors[:3]}")
+        elapsed = time.monotonic() - began
+    finally:
+        await store.close()
+    db.vacuum()
+    end_bytes = db.size_bytes()
+    end_rows = db.row_counts(TABLES)
+    per_table = db.table_bytes()
+    cycles = args.cycles
+    grown = end_bytes - base_bytes
+    bytes_per_cycle = grown / cycles
+    rows_per_cycle = {t: (end_rows[t] - base_rows[t]) / cycles for t in TABLES}
+    new_rows = sum(rows_per_cycle.values())
+    # The row-per-poll design: every cycle stores one row per (disk, policy) observation.
+    observations = sum(1 for d in disks for _ in range(1)) if False else _observations(disks, client.policies)
+    state_bytes = per_table.get("policy_states", 0)
+    avg_row = state_bytes / end_rows["policy_states"] if end_rows["policy_states"] else 0.0
+    per_poll_bytes = observations * avg_row
+    share = bytes_per_cycle / per_poll_bytes if per_poll_bytes else float("inf")
+    changes_per_cycle = total_changes / cycles
+
+    report.info("cycle time", f"{elapsed / cycles:.2f} s per cycle on average (read the stand-in, evaluate, "
+                              f"reconcile, commit); p50 {c.percentile(write_seconds, 50):.2f} s, "
+                              f"max {max(write_seconds):.2f} s")
+    report.info("changes", f"{changes_per_cycle:.0f} policies changed per cycle ({total_changes} in total)")
+    report.info("rows per cycle", ", ".join(f"{t} {v:.1f}" for t, v in rows_per_cycle.items() if v)
+                + f"; total {new_rows:.1f}")
+    report.info("database size", f"{base_bytes / 1e6:.2f} MB after the first cycle, {end_bytes / 1e6:.2f} MB after "
+                                 f"{cycles} more ({'; '.join(f'{k} {v / 1e6:.2f} MB' for k, v in sorted(per_table.items()) if v > 100_000)})")
+    report.info("bytes per change", f"{bytes_per_cycle / changes_per_cycle:.0f} bytes per changed policy"
+                if changes_per_cycle else "no changes")
+    report.info("row-per-poll design", f"{observations} rows per cycle x {avg_row:.0f} bytes per policy_states row "
+                                       f"(measured, indexes included) = {per_poll_bytes / 1e6:.2f} MB per cycle")
+    report.result("bytes per cycle vs row-per-poll", target="<= 5% of a row-per-poll design",
+                  measured=f"{share:.2%} ({bytes_per_cycle / 1e3:.1f} kB vs {per_poll_bytes / 1e3:.0f} kB per cycle)",
+                  passed=share <= TARGET_SHARE)
+    report.result("rows per cycle", target=f"~ changes ({changes_per_cycle:.0f}/cycle), not disks ({len(disks)})",
+                  measured=f"{new_rows:.1f} rows per cycle ({new_rows / changes_per_cycle:.2f} per change)"
+                  if changes_per_cycle else f"{new_rows:.1f}",
+                  passed=new_rows <= 5 * max(1.0, changes_per_cycle) + 1)
+
+
+def _observations(disks: list[Any], policies: list[Any]) -> int:
+    """Returns how many (disk, covering policy) pairs one poll observes (a disk without a policy counts once)."""
+    on_disk: dict[str, int] = {}
+    on_vm: dict[str, int] = {}
+    for p in policies:
+        index = on_disk if p.target_type.value == "Disk" else on_vm
+        index[p.target_id] = index.get(p.target_id, 0) + 1
+    return sum(max(1, on_disk.get(d.id, 0) + (on_vm.get(d.vm_id, 0) if d.vm_id else 0)) for d in disks)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
