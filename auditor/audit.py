@@ -114,21 +114,48 @@ def _failed_snapshot(disk: Disk, exc: KatapultError) -> DiskSnapshot:
     return DiskSnapshot(disk, ReadOutcome.UNKNOWN, error_code=exc.code, error_message=str(exc)[:500])
 
 
-async def read_disk(client: KatapultClient, disk_id: str) -> DiskSnapshot:
+VmPolicies = Callable[[str], Awaitable[list[BackupPolicy]]]
+
+
+def shared_vm_policies(client: KatapultClient) -> VmPolicies:
+    """Returns a reader of VM policies that asks Katapult once per VM, however many of its disks are audited.
+
+    Failures are kept too: a VM whose policies cannot be read makes each of its disks unknown without asking again.
+    """
+    done: dict[str, list[BackupPolicy] | KatapultError] = {}
+    locks: dict[str, asyncio.Lock] = {}
+
+    async def read(vm_id: str) -> list[BackupPolicy]:
+        async with locks.setdefault(vm_id, asyncio.Lock()):
+            if vm_id not in done:
+                try:
+                    done[vm_id] = await client.list_vm_policies(vm_id)
+                except KatapultError as exc:
+                    done[vm_id] = exc
+        result = done[vm_id]
+        if isinstance(result, KatapultError):
+            raise result
+        return result
+
+    return read
+
+
+async def read_disk(client: KatapultClient, disk_id: str, *, vm_policies: VmPolicies | None = None) -> DiskSnapshot:
     """Returns one disk's snapshot through the per-disk endpoint.
 
     The per-disk list returns the policies that target the disk itself; the disk is then looked up and, if it is
     attached, its VM's policies are added (a policy on a VM covers its disks). The VM's policies are read even
     when the disk has its own: each covering policy is judged, so skipping them would hide a weak VM policy and
-    give a different verdict than the org-wide join for the same disk.
+    give a different verdict than the org-wide join for the same disk. `vm_policies` (see `shared_vm_policies`)
+    lets the disks of one VM share one read.
     """
     disk = Disk(id=disk_id)
     try:
         policies = await client.list_disk_policies(disk_id)
         disk = await client.get_disk(disk_id)
         if disk.vm_id:
-            vm_policies = await client.list_vm_policies(disk.vm_id)
-            policies = [*policies, *(p for p in vm_policies
+            vm_list = await (vm_policies or client.list_vm_policies)(disk.vm_id)
+            policies = [*policies, *(p for p in vm_list
                                      if p.target_type is TargetType.VIRTUAL_MACHINE and p.target_id == disk.vm_id)]
         return DiskSnapshot(disk, ReadOutcome.OK, tuple(policies))
     except KatapultError as exc:
@@ -211,7 +238,9 @@ async def collect(
         if progress:
             progress(done, total)
 
-    for snap in await _bounded_map(lambda d: read_disk(client, d), pending, limit=concurrency * 2, progress=tick):
+    vm_policies = shared_vm_policies(client)
+    for snap in await _bounded_map(lambda d: read_disk(client, d, vm_policies=vm_policies), pending,
+                                   limit=concurrency * 2, progress=tick):
         writes[snap.disk_id] = DiskWrite(snap, "config")
         if snap.outcome is ReadOutcome.UNKNOWN:
             errors.append(RunError(snap.disk_id, snap.error_code or "unknown", snap.error_message or ""))

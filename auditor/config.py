@@ -359,10 +359,13 @@ class Settings(BaseSettings):
 
 
 def _env_name(loc: tuple[str | int, ...]) -> str | None:
-    parts = [str(p) for p in loc if not isinstance(p, int)]
-    if not parts or any(isinstance(p, int) for p in loc):
-        return None
-    return ENV_PREFIX + "__".join(p.upper() for p in parts)
+    # A key inside a list (notifiers[0].url) is set through the whole list as JSON: AUDITOR_NOTIFIERS='[...]'.
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            break
+        parts.append(str(p))
+    return ENV_PREFIX + "__".join(p.upper() for p in parts) if parts else None
 
 
 _NOTIFIER_KINDS = {"webhook", "alertmanager", "pagerduty", "slack", "email"}
@@ -393,7 +396,8 @@ def format_validation_error(exc: ValidationError) -> list[str]:
         elif err["type"] == "missing":
             msg = "required value is missing"
         elif err["type"] == "union_tag_invalid":
-            msg = f"unknown notifier kind; known: {', '.join(sorted(_NOTIFIER_KINDS))}"
+            given = (err.get("ctx") or {}).get("tag", "")
+            msg = f"unknown notifier kind {given!r}; known: {', '.join(sorted(_NOTIFIER_KINDS))}"
         env = _env_name(clean)
         lines.append(f"{key or '(top level)'}: {msg}" + (f" (env {env})" if env else ""))
     return lines

@@ -242,6 +242,7 @@ EXIT_OK, EXIT_FAILED = 0, 2
 DB_RETRY_FIRST = 1.0  # seconds before the first retry of an unreachable database; doubles up to db_retry_max
 SERVER_STOP_MIN = 2.0  # seconds the API server always gets to finish in-flight requests at shutdown
 CANCEL_WAIT = 5.0  # seconds to wait for a cancelled cycle to unwind (roll back its transaction)
+DELIVERY_EVERY = 10.0  # seconds between alert outbox delivery rounds (when notifiers are configured)
 
 CycleHook = Callable[[Runtime, AuditOutcome], Awaitable[None]]
 
@@ -337,7 +338,7 @@ class CycleRunner:
                 outcome = await audit_once(runtime, trigger=trigger)
             except AuditorError as exc:  # the database went away mid-cycle (Katapult trouble is a failed run)
                 self._failed(trigger, began, str(exc))
-                await self._mark_failed(run_id, "store_error", str(exc))
+                await self._mark_failed(run_id, "store_error" if isinstance(exc, StoreError) else "error", str(exc))
                 return None
             except Exception as exc:  # a bug must not stop the daemon: log it whole, record it, go on
                 log.exception("audit cycle (%s) broke unexpectedly", trigger)
@@ -347,7 +348,10 @@ class CycleRunner:
             self.cycles.record(outcome)
             self.last_error = None
             if self.on_cycle is not None:
-                await self.on_cycle(self.runtime, outcome)
+                try:
+                    await self.on_cycle(self.runtime, outcome)
+                except Exception:  # the cycle is recorded; a failing follow-up must not turn it into an error
+                    log.exception("after audit run %s: the follow-up step failed", outcome.run_id)
             return outcome
 
     def _failed(self, trigger: str, began: float, reason: str) -> None:
@@ -493,15 +497,18 @@ async def serve(
 
 
 class _Daemon:
-    """The running daemon: scheduler, cycle runner and API server, and the order they stop in."""
+    """The running daemon: scheduler, cycle runner, alert delivery and API server, and the order they stop in."""
 
     def __init__(self, runtime: Runtime, *, sock: socket.socket, on_cycle: CycleHook | None) -> None:
         settings = runtime.settings
         self.runtime = runtime
         self.settings = settings
         self.sock = sock
+        self.on_cycle = on_cycle
         self.cycles = CycleMetrics()
-        self.runner = CycleRunner(runtime, cycles=self.cycles, on_cycle=on_cycle)
+        self.runner = CycleRunner(runtime, cycles=self.cycles, on_cycle=self._after_cycle)
+        self.scheduler = AsyncIOScheduler(timezone=UTC)
+        self.delivery: asyncio.Task[None] | None = None
         deps = ApiDeps(store=runtime.store, interval=settings.audit.interval, trigger=self.runner.trigger,
                        waivers=lambda: waivers_from(settings), cycles=self.cycles,
                        token=settings.api.resolved_token())
@@ -510,24 +517,49 @@ class _Daemon:
                                 timeout_graceful_shutdown=max(int(grace), int(SERVER_STOP_MIN)))
         self.server = _ApiServer(config)
 
-    def _scheduler(self) -> AsyncIOScheduler:
+    def _schedule(self) -> None:
         audit = self.settings.audit
-        scheduler = AsyncIOScheduler(timezone=UTC)
         interval = audit.interval.total_seconds()
-        scheduler.add_job(
+        self.scheduler.add_job(
             self.runner.tick,
             IntervalTrigger(seconds=interval, jitter=int(audit.jitter.total_seconds()) or None, timezone=UTC),
             id="audit-cycle", name="audit cycle", next_run_time=utcnow(), max_instances=1, coalesce=True,
             misfire_grace_time=max(1, int(interval)),
         )
-        return scheduler
+        if self.runtime.dispatcher is not None:
+            # Retries wait in the outbox until due; this round picks them up (and new alerts after each cycle).
+            self.scheduler.add_job(self._deliver_tick, IntervalTrigger(seconds=DELIVERY_EVERY, timezone=UTC),
+                                   id="alert-delivery", name="alert delivery", max_instances=1, coalesce=True)
+
+    async def _after_cycle(self, runtime: Runtime, outcome: AuditOutcome) -> None:
+        if self.runtime.dispatcher is not None and not self.runner.is_closing:
+            self.scheduler.modify_job("alert-delivery", next_run_time=utcnow())  # what the cycle queued, now
+        if self.on_cycle is not None:
+            await self.on_cycle(runtime, outcome)
+
+    async def _deliver_tick(self) -> None:
+        """The delivery job: one round of the alert outbox (tracked, so shutdown can let it finish)."""
+        if self.delivery is not None and not self.delivery.done():
+            return
+        self.delivery = asyncio.create_task(self._deliver_round(), name="alert-delivery")
+        await asyncio.wait({self.delivery})
+
+    async def _deliver_round(self) -> None:
+        try:
+            report = await deliver(self.runtime)
+        except AuditorError as exc:  # the database went away: the entries stay in the outbox for the next round
+            log.warning("alert delivery round failed: %s", exc)
+            return
+        if report.delivered or report.retried or report.failed:
+            log.info("alerts: %d delivered, %d to retry, %d failed", report.delivered, report.retried,
+                     report.failed)
 
     async def run(self, stop: asyncio.Event, force: asyncio.Event, *, loop: asyncio.AbstractEventLoop) -> int:
         """Serves and audits until `stop` is set, then shuts down in order; returns the exit code."""
         s = self.settings
         server_task = asyncio.create_task(self.server.serve(sockets=[self.sock]), name="api-server")
-        scheduler = self._scheduler()
-        scheduler.start()
+        self._schedule()
+        self.scheduler.start()
         log.info("auditor daemon started: API on http://%s (docs /docs), audit every %ss, %d disk(s) and %d "
                  "organization(s)", s.api.listen, int(s.audit.interval.total_seconds()), len(s.audit.disks),
                  len(s.audit.organizations))
@@ -539,16 +571,16 @@ class _Daemon:
             error = None if server_task.cancelled() else server_task.exception()
             log.error("the API server stopped unexpectedly (%s); shutting down", error or "no error")
         stopping.cancel()
-        await self._shutdown(scheduler, server_task, force=force, loop=loop)
+        await self._shutdown(server_task, force=force, loop=loop)
         return code
 
-    async def _shutdown(self, scheduler: AsyncIOScheduler, server_task: asyncio.Task[None], *,
-                        force: asyncio.Event, loop: asyncio.AbstractEventLoop) -> None:
+    async def _shutdown(self, server_task: asyncio.Task[None], *, force: asyncio.Event,
+                        loop: asyncio.AbstractEventLoop) -> None:
         """Stops scheduling, lets the cycle finish within the grace (or abandons it), stops the server."""
         grace = self.settings.daemon.shutdown_grace.total_seconds()
         deadline = loop.time() + grace
         self.runner.is_closing = True
-        scheduler.pause()
+        self.scheduler.pause()
         cycle = self.runner.current
         if cycle is not None and not cycle.done():
             log.info("waiting up to %.0fs for the running audit cycle to finish", grace)
@@ -567,7 +599,13 @@ class _Daemon:
                         now=utcnow(), reason="abandoned at shutdown (daemon.shutdown_grace elapsed)")
                 except StoreError as exc:
                     log.warning("could not mark the abandoned run failed (%s); the next start will", exc)
-        scheduler.shutdown(wait=False)
+        if self.delivery is not None and not self.delivery.done():
+            # A round in flight finishes within what is left of the grace; undelivered entries stay queued.
+            await asyncio.wait({self.delivery}, timeout=max(deadline - loop.time(), 1.0))
+            if not self.delivery.done():
+                self.delivery.cancel()
+                await asyncio.wait({self.delivery}, timeout=CANCEL_WAIT)
+        self.scheduler.shutdown(wait=False)
         self.server.should_exit = True
         remaining = max(deadline - loop.time(), SERVER_STOP_MIN)
         done, _ = await asyncio.wait({server_task}, timeout=remaining)

@@ -72,6 +72,7 @@ def setup_logging(*, level: str = "info", fmt: str = "auto", secrets: Iterable[s
     root.addHandler(handler)
     root.setLevel(level.upper())
     # Third-party request logs would print full URLs (webhook URLs are secrets): keep them quiet.
-    for noisy in ("httpx", "httpcore", "uvicorn.access", "apscheduler.executors.default", "aiosqlite", "asyncio"):
+    for noisy in ("httpx", "httpcore", "uvicorn.access", "apscheduler.executors.default", "aiosqlite", "asyncio",
+                  "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return scrubber

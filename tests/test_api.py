@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -334,3 +334,18 @@ async def test_audit_trigger_runs_one_cycle_at_a_time(world: World) -> None:
         assert cycles.cycles == {"complete": 1}
         assert (await api.post("/api/v1/audit")).status_code == 202
         await asyncio.wait_for(runner.current, timeout=30)
+
+
+async def test_audit_trigger_with_the_database_down_is_503(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    broken = unreachable_store()
+    cycles = CycleMetrics()
+    runner = CycleRunner(replace(world.runtime, store=broken), cycles=cycles)
+    try:
+        async with client_for(deps_for(world, trigger=runner.trigger, store=broken, cycles=cycles)) as api:
+            response = await api.post("/api/v1/audit")
+    finally:
+        await broken.close()
+    assert response.status_code == 503
+    assert response.json()["detail"].startswith("database unavailable: the audit cycle could not start")
+    assert cycles.cycles == {"error": 1} and not runner.is_busy
+    assert any("the next cycle will try again" in r.getMessage() for r in caplog.records)

@@ -223,6 +223,26 @@ async def test_unreadable_disk_is_unknown_and_keeps_its_findings_open(db_url: st
             server.stop()
 
 
+async def test_unreadable_vm_policies_leave_its_disks_unknown(db_url: str) -> None:
+    w = World()
+    vm = w.vm("batch")
+    a, b = w.disk("batch-a", vm=vm), w.disk("batch-b", vm=vm)
+    w.policy(a, "batch-a")
+    w.policy(vm, "batch", retention=2)
+    async with runtime(settings_for(db_url, disks=[a.id, b.id]), w.fleet) as rt:
+        r1 = await audit_once(rt)
+        assert r1.open_findings == {"medium": 4}  # the weak VM policy, on each disk
+        w.fleet.faults[vm.id] = Fault.FORBIDDEN
+        vm_reads = w.fleet.stats.by_endpoint["/virtual_machines/virtual_machine/disk_backup_policies"]
+        r2 = await audit_once(rt)
+        rep = await report_of(rt)
+    assert r2.status is RunStatus.FAILED and r2.resolved == 0 and r2.open_findings == {"medium": 4}
+    assert sorted((e.target, e.code) for e in r2.errors) == [(a.id, "permission_denied"),
+                                                              (b.id, "permission_denied")]
+    assert w.fleet.stats.by_endpoint["/virtual_machines/virtual_machine/disk_backup_policies"] == vm_reads + 1
+    assert {d["disk_id"]: d["status"] for d in rep["disks"]} == {a.id: "unknown", b.id: "unknown"}
+
+
 async def test_retries_then_reads_a_disk_whose_outage_clears(db_url: str) -> None:
     w = World()
     d = w.disk("flaky")
@@ -289,20 +309,27 @@ async def test_org_discovery_joins_vm_level_policies(db_url: str) -> None:
 async def test_explicit_disk_covered_only_by_its_vm_policy(db_url: str) -> None:
     w = World()
     vm = w.vm("app")
-    covered = w.disk("app-sys", vm=vm)
+    covered, covered_data = w.disk("app-sys", vm=vm), w.disk("app-data", vm=vm)
     low = w.vm("batch")
-    weak = w.disk("batch-sys", vm=low)
+    weak, weak_data = w.disk("batch-sys", vm=low), w.disk("batch-data", vm=low)
     w.policy(vm, "app")
     weak_policy = w.policy(low, "batch", retention=2)
-    async with runtime(settings_for(db_url, disks=[covered.id, weak.id]), w.fleet) as rt:
+    disks = [covered.id, covered_data.id, weak.id, weak_data.id]
+    async with runtime(settings_for(db_url, disks=disks), w.fleet) as rt:
         r = await audit_once(rt)
         rep = await report_of(rt)
     assert r.status is RunStatus.COMPLETE
-    assert findings_of(rep, covered.id) == {}
-    assert disk_of(rep, covered.id)["status"] == "compliant"
-    assert disk_of(rep, covered.id)["policies"] == ["dbp_app"]
-    assert set(findings_of(rep, weak.id)) == {("retention-below-minimum", weak_policy),
-                                              ("retention-window-too-short", weak_policy)}
+    for d in (covered, covered_data):
+        assert findings_of(rep, d.id) == {}
+        assert disk_of(rep, d.id)["status"] == "compliant"
+        assert disk_of(rep, d.id)["policies"] == ["dbp_app"]
+        assert disk_of(rep, d.id)["vm_id"] == vm.id
+    for d in (weak, weak_data):
+        assert set(findings_of(rep, d.id)) == {("retention-below-minimum", weak_policy),
+                                               ("retention-window-too-short", weak_policy)}
+    # Two requests per disk plus one per distinct VM (README "What is audited").
+    assert w.fleet.stats.by_endpoint["/virtual_machines/virtual_machine/disk_backup_policies"] == 2
+    assert r.stats.requests == 2 * len(disks) + 2
 
 
 async def test_explicit_disk_judges_its_vm_policy_even_with_its_own(db_url: str) -> None:
@@ -491,6 +518,27 @@ async def test_drift_events_for_retention_interval_and_removal(db_url: str) -> N
     assert ("interval-too-infrequent", p_int) in findings_of(rep, d.id)
 
 
+async def test_first_successful_reading_is_the_baseline_not_drift(db_url: str) -> None:
+    # A disk first seen while unreadable has no known policies yet: its first real reading is not "added" drift.
+    w = World()
+    d = w.disk("late")
+    w.policy(d, "late-a")
+    w.policy(d, "late-b", retention=3)
+    w.fleet.faults[d.id] = Fault.FORBIDDEN
+    async with runtime(settings_for(db_url, disks=[d.id]), w.fleet) as rt:
+        first = await audit_once(rt)
+        assert first.status is RunStatus.FAILED and first.disks_unknown == 1
+        w.fleet.faults.pop(d.id)
+        second = await audit_once(rt)
+        assert second.status is RunStatus.COMPLETE
+        detail = await disk_detail(rt.store, d.id)
+        drift_rows = await count(rt, "drift_events")
+    assert detail is not None
+    assert detail["drift"] == [] and drift_rows == 0
+    assert sorted(p["policy_id"] for p in detail["policies"]) == ["dbp_late-a", "dbp_late-b"]
+    assert detail["status"] == "noncompliant"
+
+
 async def test_unchanged_polls_add_no_snapshot_rows(db_url: str) -> None:
     w = World()
     vm = w.vm("host")
@@ -612,3 +660,24 @@ async def test_waivers_from_config(db_url: str) -> None:
     assert rep["waiver_problems"][0]["problem"].startswith("expired on")
     assert "owner is required" in rep["waiver_problems"][1]["problem"]
     assert [x["disk_id"] for x in rep["expiring_waivers"]] == [waived_disk.id]
+
+
+async def test_waiver_removed_while_the_disk_is_unknown_reopens_the_finding(db_url: str) -> None:
+    w = World()
+    d = w.disk("hidden")  # unprotected
+    waived = [{"rule": "unprotected-disk", "disk": d.id, "reason": "r", "owner": "o@example.com",
+               "expires": "2099-01-01"}]
+    async with runtime(settings_for(db_url, disks=[d.id], waivers=waived), w.fleet) as rt:
+        r1 = await audit_once(rt)
+        assert r1.open_findings == {}
+    w.fleet.faults[d.id] = Fault.FORBIDDEN
+    async with runtime(settings_for(db_url, disks=[d.id]), w.fleet) as rt:  # the waiver is gone from config
+        r2 = await audit_once(rt)
+        rep = await report_of(rt)
+    assert r2.status is RunStatus.FAILED
+    assert r2.open_findings == {"critical": 1}
+    (f,) = rep["findings"]
+    assert f["status"] == "open" and f["waiver"] is None
+    assert f["last_seen"] == iso(r1.started_at)
+    assert disk_of(rep, d.id)["status"] == "unknown"
+    assert rep["summary"]["open_findings"] == 1

@@ -108,6 +108,32 @@ def test_unknown_disk_keeps_its_findings_open() -> None:
     assert run(prev, [], now=T1, settled=["disk_b", "disk_c"]) == []
 
 
+def test_waiver_expiring_while_the_disk_is_unknown_unwaives_the_finding() -> None:
+    # The disk cannot be read, so the finding stands as last seen; an expired waiver no longer hides it.
+    w = waiver(expires=date(2026, 3, 1))
+    s = state(run({}, [finding()], now=T0, waivers=[w]))
+    assert next(iter(s.values())).status is FindingStatus.WAIVED
+    next_day = datetime(2026, 3, 2, 0, 0, tzinfo=UTC)
+    (change,) = run(s, [], now=next_day, settled=[], waivers=[w])
+    assert change.kind is Transition.UNWAIVED
+    t = change.finding
+    assert t.status is FindingStatus.OPEN and t.waiver is None
+    assert t.last_seen == T0 and t.first_seen == T0 and t.resolved_at is None  # not seen, not resolved
+
+
+def test_waiver_added_while_the_disk_is_unknown_waives_the_finding() -> None:
+    s = opened(finding())
+    (change,) = run(s, [], now=T1, settled=[], waivers=[waiver()])
+    assert change.kind is Transition.WAIVED
+    assert change.finding.status is FindingStatus.WAIVED and change.finding.waiver is not None
+    assert change.finding.last_seen == T0
+
+
+def test_unknown_disk_with_an_unchanged_waiver_has_no_change() -> None:
+    s = state(run({}, [finding()], now=T0, waivers=[waiver()]))
+    assert run(s, [], now=T1, settled=[], waivers=[waiver()]) == []
+
+
 def test_resolved_finding_not_produced_stays_resolved_without_a_new_event() -> None:
     prev = state(run(opened(finding()), [], now=T1))
     assert run(prev, [], now=T2) == []

@@ -50,7 +50,8 @@ def reconcile(
 
     `previous` holds the stored findings that are open or waived (resolved ones may be included; they reopen).
     `settled_disks` are the disks this run has a definite answer for: only their findings can resolve. A disk
-    that could not be read is not settled, so its open findings stay open — missing data never looks compliant.
+    that could not be read is not settled, so its open findings stay open — missing data never looks compliant;
+    only their waiver status follows the current waivers.
     """
     changes: list[Change] = []
     seen: set[str] = set()
@@ -92,11 +93,23 @@ def reconcile(
         changes.append(Change(kind, updated, prev))
     settled = set(settled_disks)
     for fp, prev in previous.items():
-        if fp in seen or prev.status is FindingStatus.RESOLVED or prev.disk_id not in settled:
+        if fp in seen or prev.status is FindingStatus.RESOLVED:
             continue
-        changes.append(
-            Change(Transition.RESOLVED, replace(prev, status=FindingStatus.RESOLVED, resolved_at=now), prev)
-        )
+        if prev.disk_id in settled:
+            changes.append(
+                Change(Transition.RESOLVED, replace(prev, status=FindingStatus.RESOLVED, resolved_at=now), prev)
+            )
+            continue
+        # An unread disk's finding stands as last seen, but whether a waiver covers it is decided now: an expired
+        # or removed waiver must not keep hiding it (and a new one applies) while the disk cannot be read.
+        last = Finding(prev.rule, prev.disk_id, prev.policy_id, prev.severity, prev.message, prev.observed,
+                       prev.expected)
+        waiver = find_waiver(last, waivers, now=now)
+        if prev.status is FindingStatus.OPEN and waiver is not None:
+            changes.append(Change(Transition.WAIVED,
+                                  replace(prev, status=FindingStatus.WAIVED, waiver=waiver.as_dict()), prev))
+        elif prev.status is FindingStatus.WAIVED and waiver is None:
+            changes.append(Change(Transition.UNWAIVED, replace(prev, status=FindingStatus.OPEN, waiver=None), prev))
     return changes
 
 

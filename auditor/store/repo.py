@@ -399,7 +399,7 @@ class Store:
         await self._write(go)
 
     async def _write_disks(self, s: AsyncSession, cycle: CycleWrite) -> set[str]:
-        """Upserts the run's disks; returns the ids seen for the first time."""
+        """Upserts the run's disks; returns the ids never read before this run (first seen, or only unknown)."""
         now = cycle.now
         new_disks: set[str] = set()
         ids = [d.snapshot.disk_id for d in cycle.disks]
@@ -414,8 +414,10 @@ class Store:
             disk = snap.disk
             definite = snap.outcome is not ReadOutcome.UNKNOWN
             row = existing.get(disk.id)
-            if row is None:
+            if row is None or row.last_read_at is None:
+                # No earlier definite reading: this run's policies are the disk's baseline, not drift.
                 new_disks.add(disk.id)
+            if row is None:
                 s.add(DiskRow(id=disk.id, name=disk.name, vm_id=disk.vm_id, vm_fqdn=disk.vm_fqdn, source=d.source,
                               is_target=True, outcome=snap.outcome.value, error_code=snap.error_code,
                               error_message=snap.error_message, first_seen_at=now, last_checked_at=now,
@@ -460,7 +462,7 @@ class Store:
         moving: list[dict[str, Any]] = []
         for snap in settled:
             states = current.get(snap.disk_id, {})
-            # A disk's first observation is its baseline, not drift.
+            # A disk's first definite reading is its baseline, not drift.
             is_new_disk = snap.disk_id in new_disks
             for policy in snap.policies:
                 h = policy.settings_hash()
