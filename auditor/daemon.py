@@ -441,8 +441,7 @@ async def _open_with_retry(
     token: str | None,
 ) -> Runtime | None:
     """Returns the runtime once the database answers, retrying with backoff; None if stopped while waiting."""
-    url = settings.database.url.get_secret_value()
-    shown = db.safe_url(url)  # a malformed URL is a configuration problem: fail now, not in a retry loop
+    shown = db.safe_url(settings.database.url.get_secret_value())
     cap = max(settings.daemon.db_retry_max.total_seconds(), DB_RETRY_FIRST)
     delay = DB_RETRY_FIRST
     attempt = 1
@@ -474,22 +473,13 @@ async def serve(
     """
     stop = asyncio.Event()
     force = asyncio.Event()
-    api = settings.api
-    sock = _listen(api.host, api.port)
+    db.safe_url(settings.database.url.get_secret_value())  # a malformed URL is a configuration error: fail now
+    sock = _listen(settings.api.host, settings.api.port)
     handled = _install_signals(stop, force)
     loop = asyncio.get_running_loop()
     try:
-        async with contextlib.AsyncExitStack() as stack:
-            runtime = await _open_with_retry(stack, settings, stop=stop, transport=transport, token=token)
-            if runtime is None:
-                log.info("stopped while waiting for the database")
-                return EXIT_OK
-            abandoned = await runtime.store.abandon_running_runs(
-                now=utcnow(), reason="the auditor stopped before this run finished")
-            if abandoned:
-                log.warning("marked %d run(s) left running by an earlier process as failed", abandoned)
-            daemon = _Daemon(runtime, sock=sock, on_cycle=on_cycle)
-            return await daemon.run(stop, force, loop=loop)
+        daemon = _Daemon(settings, sock=sock, on_cycle=on_cycle)
+        return await daemon.run(stop, force, loop=loop, transport=transport, token=token)
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
@@ -497,19 +487,23 @@ async def serve(
 
 
 class _Daemon:
-    """The running daemon: scheduler, cycle runner, alert delivery and API server, and the order they stop in."""
+    """The running daemon: API server, scheduler, cycle runner and alert delivery, and the order they stop in.
 
-    def __init__(self, runtime: Runtime, *, sock: socket.socket, on_cycle: CycleHook | None) -> None:
-        settings = runtime.settings
-        self.runtime = runtime
+    The API starts first, on its own store (same database), so /healthz answers and /readyz explains while the
+    database is still being waited for; audits start once the database answers.
+    """
+
+    def __init__(self, settings: Settings, *, sock: socket.socket, on_cycle: CycleHook | None) -> None:
         self.settings = settings
         self.sock = sock
         self.on_cycle = on_cycle
         self.cycles = CycleMetrics()
-        self.runner = CycleRunner(runtime, cycles=self.cycles, on_cycle=self._after_cycle)
+        self.runtime: Runtime | None = None
+        self.runner: CycleRunner | None = None
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.delivery: asyncio.Task[None] | None = None
-        deps = ApiDeps(store=runtime.store, interval=settings.audit.interval, trigger=self.runner.trigger,
+        self.api_store = Store.from_url(settings.database.url.get_secret_value())
+        deps = ApiDeps(store=self.api_store, interval=settings.audit.interval, trigger=self._trigger,
                        waivers=lambda: waivers_from(settings), cycles=self.cycles,
                        token=settings.api.resolved_token())
         grace = settings.daemon.shutdown_grace.total_seconds()
@@ -517,25 +511,34 @@ class _Daemon:
                                 timeout_graceful_shutdown=max(int(grace), int(SERVER_STOP_MIN)))
         self.server = _ApiServer(config)
 
-    def _schedule(self) -> None:
+    async def _trigger(self) -> str | None:
+        if self.runner is None:
+            raise AuditorError("the auditor is starting: audits begin once the database answers")
+        return await self.runner.trigger()
+
+    def _schedule(self, runtime: Runtime, runner: CycleRunner) -> None:
         audit = self.settings.audit
         interval = audit.interval.total_seconds()
         self.scheduler.add_job(
-            self.runner.tick,
+            runner.tick,
             IntervalTrigger(seconds=interval, jitter=int(audit.jitter.total_seconds()) or None, timezone=UTC),
             id="audit-cycle", name="audit cycle", next_run_time=utcnow(), max_instances=1, coalesce=True,
             misfire_grace_time=max(1, int(interval)),
         )
-        if self.runtime.dispatcher is not None:
+        if runtime.dispatcher is not None:
             # Retries wait in the outbox until due; this round picks them up (and new alerts after each cycle).
             self.scheduler.add_job(self._deliver_tick, IntervalTrigger(seconds=DELIVERY_EVERY, timezone=UTC),
                                    id="alert-delivery", name="alert delivery", max_instances=1, coalesce=True)
 
     async def _after_cycle(self, runtime: Runtime, outcome: AuditOutcome) -> None:
-        if self.runtime.dispatcher is not None and not self.runner.is_closing:
+        if runtime.dispatcher is not None and self.scheduler.running and not self._is_closing:
             self.scheduler.modify_job("alert-delivery", next_run_time=utcnow())  # what the cycle queued, now
         if self.on_cycle is not None:
             await self.on_cycle(runtime, outcome)
+
+    @property
+    def _is_closing(self) -> bool:
+        return self.runner is not None and self.runner.is_closing
 
     async def _deliver_tick(self) -> None:
         """The delivery job: one round of the alert outbox (tracked, so shutdown can let it finish)."""
@@ -545,6 +548,7 @@ class _Daemon:
         await asyncio.wait({self.delivery})
 
     async def _deliver_round(self) -> None:
+        assert self.runtime is not None
         try:
             report = await deliver(self.runtime)
         except AuditorError as exc:  # the database went away: the entries stay in the outbox for the next round
@@ -554,58 +558,66 @@ class _Daemon:
             log.info("alerts: %d delivered, %d to retry, %d failed", report.delivered, report.retried,
                      report.failed)
 
-    async def run(self, stop: asyncio.Event, force: asyncio.Event, *, loop: asyncio.AbstractEventLoop) -> int:
-        """Serves and audits until `stop` is set, then shuts down in order; returns the exit code."""
+    async def run(self, stop: asyncio.Event, force: asyncio.Event, *, loop: asyncio.AbstractEventLoop,
+                  transport: httpx.AsyncBaseTransport | None, token: str | None) -> int:
+        """Serves, waits for the database, audits until `stop` is set, then shuts down in order; returns the code."""
         s = self.settings
         server_task = asyncio.create_task(self.server.serve(sockets=[self.sock]), name="api-server")
-        self._schedule()
-        self.scheduler.start()
-        log.info("auditor daemon started: API on http://%s (docs /docs), audit every %ss, %d disk(s) and %d "
-                 "organization(s)", s.api.listen, int(s.audit.interval.total_seconds()), len(s.audit.disks),
-                 len(s.audit.organizations))
+        log.info("API on http://%s (docs /docs, metrics /metrics)", s.api.listen)
+        code = EXIT_OK
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                runtime = await _open_with_retry(stack, s, stop=stop, transport=transport, token=token)
+                if runtime is None:
+                    log.info("stopped while waiting for the database")
+                else:
+                    abandoned = await runtime.store.abandon_running_runs(
+                        now=utcnow(), reason="the auditor stopped before this run finished")
+                    if abandoned:
+                        log.warning("marked %d run(s) left running by an earlier process as failed", abandoned)
+                    self.runtime = runtime
+                    self.runner = CycleRunner(runtime, cycles=self.cycles, on_cycle=self._after_cycle)
+                    self._schedule(runtime, self.runner)
+                    self.scheduler.start()
+                    log.info("auditor daemon started: audit every %ss, %d disk(s) and %d organization(s)",
+                             int(s.audit.interval.total_seconds()), len(s.audit.disks), len(s.audit.organizations))
+                    code = await self._serve_until(stop, server_task)
+                await self._shutdown(server_task, force=force, loop=loop)
+        finally:
+            if not server_task.done():  # e.g. a database error at start: do not leave the server running
+                self.server.should_exit = True
+                await asyncio.wait({server_task}, timeout=SERVER_STOP_MIN)
+            await self.api_store.close()
+        return code
+
+    async def _serve_until(self, stop: asyncio.Event, server_task: asyncio.Task[None]) -> int:
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({stopping, server_task}, return_when=asyncio.FIRST_COMPLETED)
-        code = EXIT_OK
-        if not stop.is_set():
-            code = EXIT_FAILED
-            error = None if server_task.cancelled() else server_task.exception()
-            log.error("the API server stopped unexpectedly (%s); shutting down", error or "no error")
         stopping.cancel()
-        await self._shutdown(server_task, force=force, loop=loop)
-        return code
+        if stop.is_set():
+            return EXIT_OK
+        error = None if server_task.cancelled() else server_task.exception()
+        log.error("the API server stopped unexpectedly (%s); shutting down", error or "no error")
+        return EXIT_FAILED
 
     async def _shutdown(self, server_task: asyncio.Task[None], *, force: asyncio.Event,
                         loop: asyncio.AbstractEventLoop) -> None:
         """Stops scheduling, lets the cycle finish within the grace (or abandons it), stops the server."""
         grace = self.settings.daemon.shutdown_grace.total_seconds()
         deadline = loop.time() + grace
-        self.runner.is_closing = True
-        self.scheduler.pause()
-        cycle = self.runner.current
-        if cycle is not None and not cycle.done():
-            log.info("waiting up to %.0fs for the running audit cycle to finish", grace)
-            forced = asyncio.create_task(force.wait())
-            await asyncio.wait({cycle, forced}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
-            forced.cancel()
-            if not cycle.done():
-                log.warning("abandoning the running audit cycle (shutdown_grace %.0fs); its run is marked failed",
-                            grace)
-                cycle.cancel()
-                await asyncio.wait({cycle}, timeout=CANCEL_WAIT)
-                # Nothing of a cancelled cycle is committed (one transaction at its end); its run row, still
-                # `running`, is marked failed here, or at the next start if the database does not answer now.
-                try:
-                    await self.runtime.store.abandon_running_runs(
-                        now=utcnow(), reason="abandoned at shutdown (daemon.shutdown_grace elapsed)")
-                except StoreError as exc:
-                    log.warning("could not mark the abandoned run failed (%s); the next start will", exc)
+        if self.scheduler.running:
+            self.scheduler.pause()
+        if self.runner is not None:
+            self.runner.is_closing = True
+            await self._finish_cycle(self.runner, force=force, grace=grace)
         if self.delivery is not None and not self.delivery.done():
             # A round in flight finishes within what is left of the grace; undelivered entries stay queued.
             await asyncio.wait({self.delivery}, timeout=max(deadline - loop.time(), 1.0))
             if not self.delivery.done():
                 self.delivery.cancel()
                 await asyncio.wait({self.delivery}, timeout=CANCEL_WAIT)
-        self.scheduler.shutdown(wait=False)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
         self.server.should_exit = True
         remaining = max(deadline - loop.time(), SERVER_STOP_MIN)
         done, _ = await asyncio.wait({server_task}, timeout=remaining)
@@ -613,3 +625,25 @@ class _Daemon:
             self.server.force_exit = True
             await asyncio.wait({server_task}, timeout=SERVER_STOP_MIN)
         log.info("auditor daemon stopped")
+
+    async def _finish_cycle(self, runner: CycleRunner, *, force: asyncio.Event, grace: float) -> None:
+        """Waits up to the grace for a running cycle; past it (or on a second signal) cancels it."""
+        cycle = runner.current
+        if cycle is None or cycle.done():
+            return
+        log.info("waiting up to %.0fs for the running audit cycle to finish", grace)
+        forced = asyncio.create_task(force.wait())
+        await asyncio.wait({cycle, forced}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if cycle.done():
+            return
+        log.warning("abandoning the running audit cycle (shutdown_grace %.0fs); its run is marked failed", grace)
+        cycle.cancel()
+        await asyncio.wait({cycle}, timeout=CANCEL_WAIT)
+        # Nothing of a cancelled cycle is committed (one transaction at its end); its run row, still `running`,
+        # is marked failed here, or at the next start if the database does not answer now.
+        try:
+            await runner.runtime.store.abandon_running_runs(
+                now=utcnow(), reason="abandoned at shutdown (daemon.shutdown_grace elapsed)")
+        except StoreError as exc:
+            log.warning("could not mark the abandoned run failed (%s); the next start will", exc)

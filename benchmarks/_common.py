@@ -110,7 +110,8 @@ def header(script: str, args: argparse.Namespace, what: str) -> Report:
     """Prints the benchmark's title and machine line and returns its Report."""
     print(f"# {script}: {what}", flush=True)
     print(f"machine: {machine_line()}", flush=True)
-    print(f"database: {'PostgreSQL' if args.postgres else 'SQLite'}", flush=True)
+    print(f"database: {'PostgreSQL' if args.postgres else 'SQLite'}; load average at start: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     return Report(script)
 
 

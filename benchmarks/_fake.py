@@ -24,8 +24,8 @@ import sys
 import time
 from typing import Any
 
-from auditor.fake import server as fake_server
 from auditor.fake import serve
+from auditor.fake import server as fake_server
 from auditor.fake.fleet import DEFAULT_TOKEN, Fleet
 
 

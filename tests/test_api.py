@@ -11,10 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from auditor.api import ApiDeps, CycleMetrics, create_app
-from auditor.api.models import DiskDetail, FindingsPage, Readiness, Report, RuleId, RunsPage
+from auditor.api.models import DiskDetail, FindingsPage, NotificationsPage, Readiness, Report, RuleId, RunsPage
 from auditor.audit import utcnow
 from auditor.config import Settings
 from auditor.daemon import CycleRunner, Runtime, audit_once, open_runtime, waivers_from
@@ -246,7 +247,7 @@ async def test_without_a_token_the_api_is_open(api: httpx.AsyncClient) -> None:
     schema = (await api.get("/openapi.json")).json()
     assert "securitySchemes" not in schema.get("components", {})
     assert {"/healthz", "/readyz", "/metrics", "/api/v1/report", "/api/v1/findings", "/api/v1/disks/{disk_id}",
-            "/api/v1/runs", "/api/v1/audit"} <= set(schema["paths"])
+            "/api/v1/runs", "/api/v1/notifications", "/api/v1/audit"} <= set(schema["paths"])
     assert (await api.get("/docs")).status_code == 200
 
 
@@ -349,3 +350,35 @@ async def test_audit_trigger_with_the_database_down_is_503(world: World, caplog:
     assert response.json()["detail"].startswith("database unavailable: the audit cycle could not start")
     assert cycles.cycles == {"error": 1} and not runner.is_busy
     assert any("the next cycle will try again" in r.getMessage() for r in caplog.records)
+
+
+async def test_notifications_list_the_outbox(db_url: str) -> None:
+    fleet, targets = demo_fleet(now=int(time.time()))
+    fleet.rate_limit_per_minute = 100_000
+    hook_url = "http://127.0.0.1:9/alerts-secret-path"
+    settings = Settings(**{
+        "katapult": {"api_url": KATAPULT, "per_page": 10, "max_requests_per_minute": 60000},
+        "database": {"url": db_url},
+        "audit": {"disks": targets.disks, "organizations": targets.organizations},
+        "notifiers": [{"kind": "webhook", "name": "hook", "url": hook_url, "min_severity": "low"}],
+    })
+    async with open_runtime(settings, transport=httpx.ASGITransport(app=fake_app(fleet)),
+                            token="fake-token") as runtime:
+        await audit_once(runtime)  # queues notifications; nothing delivers them here
+        world = World(fleet, settings, runtime)
+        async with client_for(deps_for(world)) as api:
+            response = await api.get("/api/v1/notifications")
+            assert response.status_code == 200
+            items = NotificationsPage.model_validate(response.json()).notifications
+            assert items and {n.state for n in items} == {"pending"} and {n.notifier for n in items} == {"hook"}
+            assert all(n.status == "firing" and n.alerts for n in items)
+            assert hook_url not in response.text
+            assert (await api.get("/api/v1/notifications", params={"state": "delivered"})).json() == {
+                "notifications": []}
+            assert len((await api.get("/api/v1/notifications", params={"limit": 1})).json()["notifications"]) == 1
+            for bad in ({"state": "sent"}, {"limit": 0}, {"limit": 501}):
+                assert (await api.get("/api/v1/notifications", params=bad)).status_code == 422
+            metrics = (await api.get("/metrics")).text
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    samples = {(s.labels["notifier"], s.labels["state"]): s.value for s in families["auditor_notifications"].samples}
+    assert samples == {("hook", "pending"): len(items)}

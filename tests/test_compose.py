@@ -84,7 +84,7 @@ def test_the_environment_is_valid_configuration(compose: dict[str, Any], monkeyp
     for key, value in env_of(compose["services"]["auditor"]).items():
         monkeypatch.setenv(key, re.sub(r"\$\{[^}]*\}", "pw", value))
     settings = Settings()  # unknown keys or bad values would raise here
-    assert settings.api.port == 8080 and settings.api.token_file == "/run/secrets/auditor_api_token"
+    assert settings.api.port == 8080 and settings.api.token_file == "/run/secrets/api_token"
     assert settings.database.url.get_secret_value().startswith("postgresql+psycopg://auditor:pw@postgres")
 
 
@@ -95,4 +95,4 @@ def test_dockerfile_runs_the_daemon() -> None:
     assert re.search(r"^USER (?!root)\S+", text, re.MULTILINE), "runs as an unprivileged user"
     assert re.search(r"^EXPOSE 8080$", text, re.MULTILINE)
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
-    assert {".venv", ".git", "secrets/", "config/auditor.toml"} <= set(ignored)
+    assert {".venv", ".git", "*_token.txt", ".env", "config/auditor.toml"} <= set(ignored)

@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from auditor.audit import AuditOutcome
 from auditor.domain.records import RunRecord
 from auditor.errors import StoreError
+from auditor.store.outbox import Outbox
 from auditor.store.repo import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -72,6 +73,7 @@ class StoredState:
 
     finding_counts: list[tuple[str, str, str, int]]
     disk_counts: dict[str, int]
+    notification_counts: list[tuple[str, str, int]]
     last_success_at: float | None
     last_finished_at: float | None
 
@@ -81,6 +83,7 @@ async def read_state(store: Store) -> StoredState | None:
     try:
         counts = await store.finding_counts()
         disks = await store.disk_status_counts()
+        notifications = await Outbox(store).counts()
         success = await store.last_successful_run()
         last = await store.latest_run(finished=True)
     except StoreError:
@@ -89,7 +92,7 @@ async def read_state(store: Store) -> StoredState | None:
     def stamp(run: RunRecord | None) -> float | None:
         return run.finished_at.timestamp() if run is not None and run.finished_at is not None else None
 
-    return StoredState(counts, disks, stamp(success), stamp(last))
+    return StoredState(counts, disks, notifications, stamp(success), stamp(last))
 
 
 class _Snapshot(Collector):
@@ -156,6 +159,12 @@ class _Snapshot(Collector):
         for status, n in sorted(s.disk_counts.items()):
             disks.add_metric([status], n)
         yield disks
+        notifications = GaugeMetricFamily("auditor_notifications", "Alert notifications in the outbox by notifier "
+                                          "and delivery state (pending, delivering, delivered, failed).",
+                                          labels=["notifier", "state"])
+        for notifier, state, n in sorted(s.notification_counts):
+            notifications.add_metric([notifier, state], n)
+        yield notifications
 
 
 def render(cycles: CycleMetrics, state: StoredState | None) -> bytes:

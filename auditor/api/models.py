@@ -20,6 +20,7 @@ FindingStatusFilter = Literal["open", "resolved", "waived", "all"]
 SeverityName = Literal["low", "medium", "high", "critical"]
 RunStatusName = Literal["running", "complete", "partial", "failed"]
 DiskStatusName = Literal["compliant", "noncompliant", "unknown"]
+DeliveryStateName = Literal["pending", "delivering", "delivered", "failed"]
 
 
 class Model(BaseModel):
@@ -236,6 +237,44 @@ class DiskDetail(Model):
     snapshots: list[PolicyState]
     drift: list[DiskDrift]
     finding_events: list[FindingEvent]
+
+
+class NotificationAlert(Model):
+    """One alert of a notification."""
+
+    fingerprint: str
+    rule: str
+    severity: SeverityName
+    status: Literal["firing", "resolved"]
+    disk_id: str | None
+    policy_id: str | None
+    summary: str
+
+
+class Notification(Model):
+    """A message for one notifier and its delivery progress."""
+
+    id: str
+    notifier: str
+    kind: str
+    state: DeliveryStateName
+    status: Literal["firing", "resolved"]
+    attempts: int
+    created_at: str | None
+    next_attempt_at: str | None
+    delivered_at: str | None
+    last_status: int | None
+    last_error: str | None
+    is_test: bool
+    is_repeat: bool
+    group_labels: dict[str, str]
+    alerts: list[NotificationAlert]
+
+
+class NotificationsPage(Model):
+    """Recent notifications, newest first."""
+
+    notifications: list[Notification]
 
 
 class AuditStarted(Model):

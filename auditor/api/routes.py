@@ -12,26 +12,31 @@ from auditor.api import metrics
 from auditor.api.deps import ApiDeps
 from auditor.api.models import (
     AuditStarted,
+    DeliveryStateName,
     DiskDetail,
     ErrorDetail,
     FindingsPage,
     FindingStatusFilter,
     Health,
+    NotificationsPage,
     Readiness,
     Report,
     RuleId,
     RunsPage,
     SeverityName,
 )
+from auditor.domain.alerts import Delivery
 from auditor.errors import StoreError
 from auditor.reporting import build_report, disk_detail, finding_json, iso, run_json
+from auditor.store.outbox import Outbox
 from auditor.store.repo import FindingQuery, decode_cursor
 
 # Ids are opaque strings without whitespace or control characters (PostgreSQL rejects NUL in text outright).
 ID_PATTERN = r"^[^\x00-\x20\x7f]+$"
 ID_MAX = 256
-STORE_DOWN: dict[int | str, dict[str, Any]] = {503: {"model": ErrorDetail, "description": "The database does not "
-                                                                                        "answer."}}
+STORE_DOWN: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorDetail, "description": "The database does not answer (or the auditor is starting)."},
+}
 
 
 def _valid_cursor(value: str | None) -> str | None:
@@ -82,6 +87,30 @@ def ops_router(deps: ApiDeps) -> APIRouter:
         return Response(metrics.render(deps.cycles, state), media_type=metrics.CONTENT_TYPE)
 
     return router
+
+
+def notification_json(d: Delivery) -> dict[str, Any]:
+    """Returns an outbox entry as /api/v1/notifications lists it (no payload secrets: notifications hold none)."""
+    n = d.notification
+    return {
+        "id": d.id,
+        "notifier": d.notifier,
+        "kind": d.kind,
+        "state": d.state.value,
+        "status": n.status.value,
+        "attempts": d.attempts,
+        "created_at": iso(d.created_at),
+        "next_attempt_at": iso(d.next_attempt_at),
+        "delivered_at": iso(d.delivered_at),
+        "last_status": d.last_status,
+        "last_error": d.last_error,
+        "is_test": n.is_test,
+        "is_repeat": n.is_repeat,
+        "group_labels": dict(n.group_labels),
+        "alerts": [{"fingerprint": a.fingerprint, "rule": a.rule, "severity": a.severity.value,
+                    "status": a.status.value, "disk_id": a.disk_id, "policy_id": a.policy_id,
+                    "summary": a.summary} for a in n.alerts],
+    }
 
 
 def _readiness(reason: str | None, last: dict[str, Any] | None) -> JSONResponse:
@@ -138,6 +167,15 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
         """Recent audit runs with their status, traffic and errors, newest first."""
         records = await deps.store.list_runs(limit=limit)
         return JSONResponse({"runs": [run_json(r) for r in records]})
+
+    @router.get("/notifications", response_model=NotificationsPage, summary="Recent notifications")
+    async def notifications(
+        limit: Annotated[int, Query(ge=1, le=500, description="How many, newest first.")] = 50,
+        state: Annotated[DeliveryStateName | None, Query(description="Only this delivery state.")] = None,
+    ) -> JSONResponse:
+        """Recent alert notifications and their delivery state (attempts, last status and error)."""
+        entries = await Outbox(deps.store).recent(limit=limit, state=state)
+        return JSONResponse({"notifications": [notification_json(d) for d in entries]})
 
     @router.post("/audit", status_code=202, response_model=AuditStarted, summary="Run an audit cycle now",
                  responses={409: {"model": ErrorDetail, "description": "A cycle is already running."}})
