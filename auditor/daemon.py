@@ -439,6 +439,7 @@ async def _open_with_retry(
     stop: asyncio.Event,
     transport: httpx.AsyncBaseTransport | None,
     token: str | None,
+    notify_transport: httpx.AsyncBaseTransport | None = None,
 ) -> Runtime | None:
     """Returns the runtime once the database answers, retrying with backoff; None if stopped while waiting."""
     shown = db.safe_url(settings.database.url.get_secret_value())
@@ -448,7 +449,7 @@ async def _open_with_retry(
     while True:
         try:
             runtime: Runtime = await stack.enter_async_context(
-                open_runtime(settings, transport=transport, token=token))
+                open_runtime(settings, transport=transport, token=token, notify_transport=notify_transport))
             return runtime
         except StoreError as exc:
             log.error("database %s unavailable at start (attempt %d): %s; retrying in %.0fs", shown, attempt, exc,
@@ -465,6 +466,7 @@ async def serve(
     transport: httpx.AsyncBaseTransport | None = None,
     token: str | None = None,
     on_cycle: CycleHook | None = None,
+    notify_transport: httpx.AsyncBaseTransport | None = None,
 ) -> int:
     """Runs the daemon until SIGTERM/SIGINT: scheduled audits plus the HTTP API; returns the exit code.
 
@@ -479,7 +481,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     try:
         daemon = _Daemon(settings, sock=sock, on_cycle=on_cycle)
-        return await daemon.run(stop, force, loop=loop, transport=transport, token=token)
+        return await daemon.run(stop, force, loop=loop, transport=transport, token=token,
+                                notify_transport=notify_transport)
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
@@ -559,7 +562,8 @@ class _Daemon:
                      report.failed)
 
     async def run(self, stop: asyncio.Event, force: asyncio.Event, *, loop: asyncio.AbstractEventLoop,
-                  transport: httpx.AsyncBaseTransport | None, token: str | None) -> int:
+                  transport: httpx.AsyncBaseTransport | None, token: str | None,
+                  notify_transport: httpx.AsyncBaseTransport | None = None) -> int:
         """Serves, waits for the database, audits until `stop` is set, then shuts down in order; returns the code."""
         s = self.settings
         server_task = asyncio.create_task(self.server.serve(sockets=[self.sock]), name="api-server")
@@ -567,7 +571,8 @@ class _Daemon:
         code = EXIT_OK
         try:
             async with contextlib.AsyncExitStack() as stack:
-                runtime = await _open_with_retry(stack, s, stop=stop, transport=transport, token=token)
+                runtime = await _open_with_retry(stack, s, stop=stop, transport=transport, token=token,
+                                                 notify_transport=notify_transport)
                 if runtime is None:
                     log.info("stopped while waiting for the database")
                 else:

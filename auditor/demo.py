@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -11,12 +12,43 @@ import httpx
 
 from auditor.audit import AuditOutcome
 from auditor.config import Settings
-from auditor.daemon import Runtime, audit_once, open_runtime, serve, waivers_from
+from auditor.daemon import Runtime, audit_once, drain_outbox, open_runtime, serve, waivers_from
 from auditor.fake import create_app, demo_fleet
 from auditor.reporting import build_report
 
 DEMO_TOKEN = "fake-token"
 DEMO_API_URL = "http://fake-katapult.invalid/core/v1"
+DEMO_WEBHOOK_URL = "http://demo-receiver.invalid/alerts"
+
+
+class PrintingReceiver:
+    """An in-process webhook receiver that prints each Alertmanager-format notification it gets (ASGI)."""
+
+    def __init__(self, write: Callable[[str], object] = sys.stdout.write) -> None:
+        self.write = write
+        self.received: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        try:
+            payload = json.loads(body)
+            self.received.append(payload)
+            alerts = payload.get("alerts", [])
+            names = sorted({a["labels"].get("alertname", "?") for a in alerts})
+            self.write(f"[demo webhook] {payload.get('status', '?').upper()} {len(alerts)} alert(s): "
+                       f"{', '.join(names)} (groupKey {payload.get('groupKey')})\n")
+            status = 200
+        except (ValueError, KeyError, AttributeError):
+            status = 400
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"ok"})
 
 
 def demo_settings(*, db_path: str, listen: str, interval: str = "30s") -> Settings:
@@ -29,6 +61,9 @@ def demo_settings(*, db_path: str, listen: str, interval: str = "30s") -> Settin
                   "jitter": "0s"},
         "api": {"listen": listen},
         "log": {"level": "warning"},
+        # Alerts from the demo go to an in-process receiver that prints them (see PrintingReceiver).
+        "notifiers": [{"kind": "webhook", "name": "demo-webhook", "url": DEMO_WEBHOOK_URL, "min_severity": "medium",
+                       "repeat_interval": "1h"}],
     }
     return Settings(**data)
 
@@ -42,6 +77,7 @@ async def run_demo(settings: Settings, *, once: bool, show: Callable[[AuditOutco
 
     fleet, _ = demo_fleet(now=int(time.time()))
     transport = httpx.ASGITransport(app=create_app(fleet))
+    webhook = httpx.ASGITransport(app=PrintingReceiver())
     if not once:
         shown = False
 
@@ -59,10 +95,12 @@ async def run_demo(settings: Settings, *, once: bool, show: Callable[[AuditOutco
                              f"auditing every {settings.audit.interval.total_seconds():.0f}s; Ctrl-C stops\n")
             sys.stdout.flush()
 
-        return await serve(settings, transport=transport, token=DEMO_TOKEN, on_cycle=first_report)
+        return await serve(settings, transport=transport, token=DEMO_TOKEN, on_cycle=first_report,
+                           notify_transport=webhook)
 
-    async with open_runtime(settings, transport=transport, token=DEMO_TOKEN) as runtime:
+    async with open_runtime(settings, transport=transport, token=DEMO_TOKEN, notify_transport=webhook) as runtime:
         outcome = await audit_once(runtime, trigger="demo")
+        await drain_outbox(runtime, within=10)
         waivers, problems = waivers_from(settings)
         report = await build_report(runtime.store, now=outcome.finished_at, waivers=waivers,
                                     waiver_problems=problems)
