@@ -1,0 +1,21 @@
+"""`auditor demo --once` on a fresh database shows findings of every rule and the alerts it sent."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from auditor.domain.rules import RULES
+
+
+def test_demo_once_shows_every_rule_and_alerts(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "auditor", "demo", "--once", "--db", str(tmp_path / "demo.db")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for rule in RULES:
+        assert rule in proc.stdout, f"the demo report shows no {rule} finding"
+    assert "[demo webhook] FIRING" in proc.stdout
+    assert "Traceback" not in proc.stderr
