@@ -28,26 +28,26 @@ def _parse(url: str) -> URL:
         raise StoreError("database.url is not a valid database URL") from None
 
 
-def async_url(url: str) -> URL:
-    """Returns the async-driver form of a configured URL (sqlite → aiosqlite, postgresql → psycopg)."""
+_ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg"}
+_SYNC_DRIVERS = {"sqlite": "sqlite", "postgresql": "postgresql+psycopg"}
+
+
+def _with_driver(url: str, drivers: dict[str, str]) -> URL:
     parsed = _parse(url)
     backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        return parsed.set(drivername="sqlite+aiosqlite")
-    if backend == "postgresql":
-        return parsed.set(drivername="postgresql+psycopg")
-    raise StoreError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
+    if backend not in drivers:
+        raise StoreError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
+    return parsed.set(drivername=drivers[backend])
+
+
+def async_url(url: str) -> URL:
+    """Returns the async-driver form of a configured URL (sqlite → aiosqlite, postgresql → psycopg)."""
+    return _with_driver(url, _ASYNC_DRIVERS)
 
 
 def sync_url(url: str) -> URL:
     """Returns the sync-driver form of a configured URL, for Alembic."""
-    parsed = _parse(url)
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        return parsed.set(drivername="sqlite")
-    if backend == "postgresql":
-        return parsed.set(drivername="postgresql+psycopg")
-    raise StoreError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
+    return _with_driver(url, _SYNC_DRIVERS)
 
 
 def is_sqlite(url: str) -> bool:
