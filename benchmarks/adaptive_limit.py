@@ -68,7 +68,8 @@ def main() -> int:
     fleet["rate_limit_changes"] = [[change_after, args.lowered]]
     report = c.header("adaptive_limit", args, f"per-disk audit of {args.disks} disks, {args.latency_ms:g} ms "
                                               f"latency, permitted {args.rate}/min, dropping to {args.lowered}/min "
-                                              f"after {change_after} requests; max_concurrency {concurrency}")
+                                              f"after {change_after} requests; max_concurrency {concurrency}; "
+                                              f"audit_once in-process")
 
     with c.workdir(args) as tmp, c.database(args, tmp) as db, c.FakeKatapult(fleet, directory=tmp, record=True) as fake:
         settings = c.settings(api_url=fake.url, db_url=db.url, disks=disk_ids, rate=args.rate,

@@ -42,7 +42,8 @@ def main() -> int:
     n_disks, n_policies = len(objects.disks), len(objects.policies)
     org_id = next(iter(objects.orgs))
     report = c.header("org_discovery", args, f"organization mode, {n_disks} disks / {n_policies} policies, "
-                                             f"{args.latency_ms:g} ms latency, {args.rate}/min")
+                                             f"{args.latency_ms:g} ms latency, {args.rate}/min; "
+                                             f"audit_once in-process")
     with c.workdir(args) as tmp, c.database(args, tmp) as db, c.FakeKatapult(fleet, directory=tmp) as fake:
         settings = c.settings(api_url=fake.url, db_url=db.url, organizations=[org_id], rate=args.rate,
                               concurrency=8)

@@ -28,7 +28,8 @@ def main() -> int:
     args = p.parse_args()
     concurrency = args.concurrency or c.concurrency_for(latency_ms=args.latency_ms, rate_per_minute=args.rate)
     report = c.header("pacing", args, f"per-disk audit of {args.disks} disks, {args.latency_ms:g} ms latency, "
-                                      f"{args.rate}/min permitted, max_concurrency {concurrency}")
+                                      f"{args.rate}/min permitted, max_concurrency {concurrency}; "
+                                      f"audit_once in-process")
     fleet = c.generated_fleet(disks=args.disks, vm_share=args.vm_share, rate=args.rate, latency_ms=args.latency_ms)
     disk_ids = list(c.fleet_objects(fleet).disks)
 
