@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import platform
@@ -108,6 +109,8 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def header(script: str, args: argparse.Namespace, what: str) -> Report:
     """Prints the benchmark's title and machine line and returns its Report."""
+    # The auditor's own warnings (one per 429, say) would bury the figures; they are counted in the results.
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     print(f"# {script}: {what}", flush=True)
     print(f"machine: {machine_line()}", flush=True)
     print(f"database: {'PostgreSQL' if args.postgres else 'SQLite'}; load average at start: "

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator
 
 from auditor.api import metrics
+from auditor.api.cache import Rendered, ResponseCache
 from auditor.api.deps import ApiDeps
 from auditor.api.models import (
     AuditStarted,
@@ -124,13 +126,29 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
     if is_guarded:
         errors[401] = {"model": ErrorDetail, "description": "Missing or wrong bearer token."}
     router = APIRouter(tags=["reports"], responses=errors)
+    cache = ResponseCache()
+
+    async def data_version() -> Hashable:
+        # Findings, disks and snapshots change only when a run commits; the date moves waiver expiry and drift.
+        run = await deps.store.latest_run()
+        return (run.id, run.finished_at) if run else None, deps.clock().date()
+
+    def respond(request: Request, rendered: Rendered) -> Response:
+        headers = {"Vary": "Accept-Encoding"}
+        if "gzip" in request.headers.get("accept-encoding", ""):
+            headers["Content-Encoding"] = "gzip"
+            return Response(rendered.gz, media_type="application/json", headers=headers)
+        return Response(rendered.raw, media_type="application/json", headers=headers)
 
     @router.get("/report", response_model=Report, summary="Compliance report")
-    async def report() -> JSONResponse:
-        """The same JSON as `auditor report --format json`."""
-        waivers, problems = deps.waivers()
-        body = await build_report(deps.store, now=deps.clock(), waivers=waivers, waiver_problems=problems)
-        return JSONResponse(body)
+    async def report(request: Request) -> Response:
+        """The same JSON as `auditor report --format json` (rebuilt once per audit run, not per request)."""
+
+        async def build() -> dict[str, Any]:
+            waivers, problems = deps.waivers()
+            return await build_report(deps.store, now=deps.clock(), waivers=waivers, waiver_problems=problems)
+
+        return respond(request, await cache.get(("report", await data_version()), build))
 
     @router.get("/findings", response_model=FindingsPage, summary="Findings, paginated")
     async def findings(
@@ -143,14 +161,19 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=1000, description="Page size.")] = 100,
         cursor: Annotated[str | None, AfterValidator(_valid_cursor),
                           Query(description="`next_cursor` of the previous page.", max_length=2048)] = None,
-    ) -> JSONResponse:
+        *,
+        request: Request,
+    ) -> Response:
         """Findings ordered by disk and fingerprint, with their lifecycle times."""
         statuses = ("open", "waived", "resolved") if status == "all" else (status,)
         query = FindingQuery(statuses=statuses, rule=rule.value if rule is not None else None, severity=severity,
                              disk_id=disk_id, limit=limit, cursor=cursor)
-        page, next_cursor = await deps.store.list_findings(query)
-        return JSONResponse({"findings": [finding_json(f, with_resolution=True) for f in page],
-                             "next_cursor": next_cursor})
+
+        async def build() -> dict[str, Any]:
+            page, next_cursor = await deps.store.list_findings(query)
+            return {"findings": [finding_json(f, with_resolution=True) for f in page], "next_cursor": next_cursor}
+
+        return respond(request, await cache.get(("findings", query, await data_version()), build))
 
     @router.get("/disks/{disk_id}", response_model=DiskDetail, summary="One disk's history",
                 responses={404: {"model": ErrorDetail, "description": "The auditor does not know this disk."}})

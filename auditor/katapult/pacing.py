@@ -15,6 +15,8 @@ logger = logging.getLogger(__name__)
 _MAX_PAUSE = 60.0
 # Shortest sleep while waiting for the window to free up, so waiting never spins.
 _MIN_WAIT = 0.005
+# A start this late (event-loop load, timer jitter) still keeps the even schedule instead of restarting it.
+_LATE_TOLERANCE = 0.25
 
 
 # How pacing works. README: every response carries X-RateLimit-Permitted (requests per minute for the token)
@@ -110,7 +112,7 @@ class RateLimiter:
             interval = self.interval
             # Keep the even schedule when only slightly late (timer jitter) so lateness does not add up;
             # after an idle gap start a fresh schedule from now.
-            if now - self._next_slot <= interval / 2:
+            if now - self._next_slot <= max(interval / 2, _LATE_TOLERANCE):
                 self._next_slot += interval
             else:
                 self._next_slot = now + interval
@@ -172,11 +174,16 @@ class RateLimiter:
 
     def _wait(self, now: float) -> float:
         """Returns how long to wait before a start at `now` is allowed (0 or less: go)."""
-        wait = max(self._paused_until - now, self._next_slot - now)
         self._expire(now)
         external = self._external_now(now)
         budget = self.window_budget
-        excess = len(self._starts) + external + 1 - budget
+        used = len(self._starts) + external
+        # Even spacing while the window has room. Near a full window (e.g. right after the limit was lowered)
+        # the window rule alone decides: starts follow old ones out of the window, which keeps the count at the
+        # budget without idling behind a schedule that old, faster starts no longer justify.
+        spacing = self._next_slot - now if used < budget - max(self._reserve, budget // 20) else -math.inf
+        wait = max(self._paused_until - now, spacing)
+        excess = used + 1 - budget
         if excess > 0:
             candidates: list[float] = []
             if self._starts:

@@ -441,13 +441,15 @@ class Store:
                  row.error_message) = new
         for chunk in _chunks(read_ok):
             await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(
-                last_checked_at=now, last_read_at=now, last_run_id=cycle.run_id))
+                last_checked_at=now, last_read_at=now, last_run_id=cycle.run_id
+            ).execution_options(synchronize_session=False))
         for chunk in _chunks(unknown):
             await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(
-                last_checked_at=now, last_run_id=cycle.run_id))
+                last_checked_at=now, last_run_id=cycle.run_id).execution_options(synchronize_session=False))
         retired = sorted(cycle.retired_disks)
         for chunk in _chunks(retired):
-            await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(is_target=False))
+            await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(is_target=False)
+                            .execution_options(synchronize_session=False))
         await s.flush()
         return new_disks
 
