@@ -510,7 +510,7 @@ class _Daemon:
         self.api_store = Store.from_url(settings.database.url.get_secret_value())
         deps = ApiDeps(store=self.api_store, interval=settings.audit.interval, trigger=self._trigger,
                        waivers=lambda: waivers_from(settings), cycles=self.cycles,
-                       token=settings.api.resolved_token())
+                       token=settings.api.resolved_token(), version_ttl=1.0)
         grace = settings.daemon.shutdown_grace.total_seconds()
         config = uvicorn.Config(create_app(deps), log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=max(int(grace), int(SERVER_STOP_MIN)))

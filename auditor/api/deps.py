@@ -28,6 +28,8 @@ class ApiDeps:
     `trigger` starts an audit cycle and returns the new run's id, or None when a cycle is already running.
     `waivers` returns the configured waivers that apply now and the problems of those that don't.
     `interval` is audit.interval (readiness wants a cycle finished within twice that).
+    `version_ttl`: report and findings bodies are cached per latest run; the daemon checks for a new run at
+    most once a second (a run that just committed shows within that second).
     """
 
     store: Store
@@ -37,3 +39,5 @@ class ApiDeps:
     cycles: CycleMetrics = field(default_factory=CycleMetrics)
     token: SecretStr | None = field(default=None, repr=False)
     clock: Callable[[], datetime] = utcnow
+    # How long the API trusts its last look at the latest run before rendering from cache (0: every request).
+    version_ttl: float = 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable
 from typing import Annotated, Any
 
@@ -128,10 +129,17 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
     router = APIRouter(tags=["reports"], responses=errors)
     cache = ResponseCache()
 
+    version: list[Any] = [None, -1.0]  # (data version, monotonic time it was read)
+
     async def data_version() -> Hashable:
         # Findings, disks and snapshots change only when a run commits; the date moves waiver expiry and drift.
-        run = await deps.store.latest_run()
-        return (run.id, run.finished_at) if run else None, deps.clock().date()
+        # With `version_ttl` (the daemon: 1 s) the latest run is looked up at most that often, so a busy API
+        # does not query per request.
+        if time.monotonic() - version[1] >= deps.version_ttl or deps.version_ttl <= 0:
+            run = await deps.store.latest_run()
+            version[0] = ((run.id, run.finished_at) if run else None, deps.clock().date())
+            version[1] = time.monotonic()
+        return version[0]  # type: ignore[no-any-return]
 
     def respond(request: Request, rendered: Rendered) -> Response:
         headers = {"Vary": "Accept-Encoding"}
