@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import signal
 import sys
 import time
 from typing import Any
 
-from auditor.fake import serve
-from auditor.fake.fleet import DEFAULT_TOKEN, Fleet
+from auditor.fake.__main__ import serve_until_signal
+from auditor.fake.fleet import Fleet
 
 
 def _record_arrivals(fleet: Fleet, log: list[tuple[float, int, bool]]) -> None:
@@ -32,21 +30,6 @@ def _record_arrivals(fleet: Fleet, log: list[tuple[float, int, bool]]) -> None:
         return admitted, remaining
 
     fleet.admit = recording_admit  # type: ignore[method-assign]
-
-
-async def _run(fleet: Fleet, *, host: str, port: int) -> None:
-    token = DEFAULT_TOKEN if DEFAULT_TOKEN in fleet.tokens else min(fleet.tokens, default="none")
-
-    def announce(url: str) -> None:
-        sys.stdout.write(f"fake katapult listening on {url} (token: {token})\n")
-        sys.stdout.flush()
-
-    loop = asyncio.get_running_loop()
-    task = asyncio.create_task(serve(fleet, host=host, port=port, on_ready=announce))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 def main() -> int:
@@ -62,7 +45,7 @@ def main() -> int:
     arrivals: list[tuple[float, int, bool]] = []
     if args.record:
         _record_arrivals(fleet, arrivals)
-    asyncio.run(_run(fleet, host=args.host, port=args.port))
+    asyncio.run(serve_until_signal(fleet, host=args.host, port=args.port))
     stats = fleet.stats
     report: dict[str, Any] = {
         "total": stats.total,

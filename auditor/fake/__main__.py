@@ -40,7 +40,7 @@ def _load(args: argparse.Namespace) -> Fleet:
     return Fleet.generate(disks=args.disks, orgs=args.orgs, seed=args.seed, now=now)
 
 
-async def _run(fleet: Fleet, *, host: str, port: int) -> None:
+async def serve_until_signal(fleet: Fleet, *, host: str, port: int) -> None:
     """Serves until SIGTERM or SIGINT, then shuts the server down cleanly."""
     token = DEFAULT_TOKEN if DEFAULT_TOKEN in fleet.tokens else min(fleet.tokens, default="none")
 
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fleet = _load(args)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
-    asyncio.run(_run(fleet, host=args.host, port=args.port))
+    asyncio.run(serve_until_signal(fleet, host=args.host, port=args.port))
     return 0
 
 
