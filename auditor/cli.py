@@ -312,7 +312,8 @@ def print_report_table(report: dict[str, Any]) -> None:
     console = _out()
     s = report["summary"]
     run = report["last_run"]
-    head = (f"last run {run['id']} {run['status']} at {run['finished_at']} ({run['api_requests']} requests)"
+    head = (f"last run {run['id']} {run['status']} at {run['finished_at'] or '(cut short)'} "
+            f"({run['api_requests']} requests)"
             if run else "no audit has run yet")
     console.print(f"[bold]Compliance report[/bold] generated {report['generated_at']}; {head}")
     console.print(f"disks {s['disks_total']}: [green]{s['compliant']} compliant[/green], "

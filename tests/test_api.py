@@ -382,3 +382,32 @@ async def test_notifications_list_the_outbox(db_url: str) -> None:
     families = {f.name: f for f in text_string_to_metric_families(metrics)}
     samples = {(s.labels["notifier"], s.labels["state"]): s.value for s in families["auditor_notifications"].samples}
     assert samples == {("hook", "pending"): len(items)}
+
+
+async def test_readyz_does_not_count_an_abandoned_run(db_url: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from auditor.api import ApiDeps, create_app
+    from auditor.store import engine as db
+    from auditor.store.repo import Store
+
+    await db.upgrade(db_url)
+    store = Store.from_url(db_url)
+    try:
+        now = datetime.now(UTC)
+        await store.start_run(now=now, trigger="schedule")
+        assert await store.abandon_running_runs(now=now, reason="the auditor stopped") == 1
+
+        async def trigger() -> str | None:
+            return None
+
+        app = create_app(ApiDeps(store=store, interval=timedelta(minutes=15), trigger=trigger))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+            r = await client.get("/readyz")
+        assert r.status_code == 503
+        assert "cut short" in r.json()["reason"]
+        [run] = await store.list_runs()
+        assert run.status.value == "failed" and run.finished_at is None
+        assert run.errors[0].code == "abandoned"
+    finally:
+        await store.close()

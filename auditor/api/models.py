@@ -291,12 +291,12 @@ class Health(Model):
 
 
 class LastCycle(Model):
-    """The last finished audit cycle."""
+    """The last audit cycle (finished_at and age_seconds are null when it was cut short)."""
 
     id: str
     status: RunStatusName
     finished_at: str | None
-    age_seconds: float
+    age_seconds: float | None
 
 
 class Readiness(Model):

@@ -70,8 +70,11 @@ def ops_router(deps: ApiDeps) -> APIRouter:
             run = await deps.store.latest_run(finished=True)
         except StoreError as exc:
             return _readiness(f"database unavailable: {exc}", None)
-        if run is None or run.finished_at is None:
+        if run is None:
             return _readiness("no audit cycle has finished yet", None)
+        if run.finished_at is None:
+            return _readiness("the last audit cycle was cut short (abandoned); waiting for the next one to finish",
+                              {"id": run.id, "status": run.status.value, "finished_at": None, "age_seconds": None})
         age = (now - run.finished_at).total_seconds()
         last = {"id": run.id, "status": run.status.value, "finished_at": iso(run.finished_at),
                 "age_seconds": round(age, 3)}

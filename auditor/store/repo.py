@@ -279,9 +279,10 @@ class Store:
 
         async def go(s: AsyncSession) -> int:
             result = await s.execute(
+                # finished_at stays empty: the run never finished, so readiness does not count it as a cycle.
                 update(Run).where(Run.status == RunStatus.RUNNING.value).values(
-                    status=RunStatus.FAILED.value, finished_at=now,
-                    errors=[{"target": "*", "code": "abandoned", "message": reason}],
+                    status=RunStatus.FAILED.value,
+                    errors=[{"target": "*", "code": "abandoned", "message": f"{reason} (noticed {now.isoformat()})"}],
                 )
             )
             return int(getattr(result, "rowcount", 0) or 0)
