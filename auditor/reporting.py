@@ -170,7 +170,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     run = report["last_run"]
     lines = ["# Backup-policy compliance report", "", f"Generated {report['generated_at']}."]
     if run:
-        lines.append(f"Last run `{run['id']}` ({run['status']}) finished {run['finished_at']}, "
+        lines.append(f"Last run `{run['id']}` ({run['status']}) finished {run['finished_at'] or '(cut short)'}, "
                      f"{run['api_requests']} API requests.")
     else:
         lines.append("No audit has run yet.")
