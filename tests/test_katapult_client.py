@@ -656,3 +656,29 @@ async def test_concurrency_is_bounded() -> None:
     assert results == [[]] * 20
     assert peak == 3
     assert client.stats.requests == 20
+
+
+async def test_known_page_counts_fetch_the_remaining_pages_together(h: Harness) -> None:
+    _, disk = org_with_disk(h.fleet)
+    for i in range(7):
+        h.fleet.add_policy(disk, id=f"dbp_{i}", retention=7, next_invocation_at=NOW)
+    inner = h.transport
+    arrived: set[str] = set()
+    together = asyncio.Event()
+
+    class Barrier(httpx.AsyncBaseTransport):
+        """Holds pages 2-4 until all three are in flight: a one-at-a-time client would never get past it."""
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            page = request.url.params.get("page")
+            if page != "1":
+                arrived.add(str(page))
+                if arrived >= {"2", "3", "4"}:
+                    together.set()
+                await asyncio.wait_for(together.wait(), timeout=5)
+            return await inner.handle_async_request(request)
+
+    async with h.client(per_page=2, transport=Barrier()) as client:
+        policies = await client.list_disk_policies(disk)
+    assert [p.id for p in policies] == [f"dbp_{i}" for i in range(7)]
+    assert len(inner.requests) == 4  # exactly total_pages requests, no more

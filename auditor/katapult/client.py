@@ -274,8 +274,38 @@ class KatapultClient:
             elif page >= pagination.total_pages:
                 # README: otherwise stop after page total_pages (an empty list has total_pages 0).
                 break
+            elif page == 1:
+                # The page count is known: ask for the remaining pages at once (the limiter and the concurrency
+                # bound still pace them), instead of one round trip after another. Same requests, less wall time.
+                last = min(pagination.total_pages, MAX_PAGES)
+                for number, body in enumerate(await self._get_pages(endpoint, lookup, range(2, last + 1),
+                                                                    target=target), start=2):
+                    for item in parse(body, number).items:
+                        item_key = key(item)
+                        if item_key not in seen:
+                            seen.add(item_key)
+                            items.append(item)
+                break
             page += 1
         return items
+
+    async def _get_pages(
+        self, endpoint: str, lookup: dict[str, str], pages: range, *, target: str
+    ) -> list[dict[str, object]]:
+        """Returns the bodies of several pages fetched concurrently, in page order; the first failure wins."""
+        tasks = [
+            asyncio.ensure_future(
+                self._get(endpoint, {**lookup, "page": str(p), "per_page": str(self._per_page)}, target=target)
+            )
+            for p in pages
+        ]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     async def _get(self, endpoint: str, params: dict[str, str], *, target: str) -> dict[str, object]:
         """Returns the decoded JSON body of a GET, retrying transient failures."""
