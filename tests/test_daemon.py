@@ -286,8 +286,8 @@ def test_database_down_at_start_is_retried_not_a_crash(setup: Callable[..., tupl
 
 def test_cycle_abandoned_after_the_grace_is_marked_failed(setup: Callable[..., tuple[Fake, Daemon, str]],
                                                           tmp_path: Path) -> None:
-    # 300 ms a request, one page at a time: the first cycle takes far longer than the 1 s grace.
-    _, daemon, base = setup(latency_ms=300, grace="1s", interval="1h")
+    # 3 s a request: the first cycle's first page alone outlasts the 1 s grace.
+    _, daemon, base = setup(latency_ms=3000, grace="1s", interval="1h")
 
     def running() -> str | None:
         runs = latest_runs(base)
