@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from clocks import FakeClock
 
 from auditor.domain.models import Disk, Interval, TargetType
 from auditor.errors import (
@@ -30,21 +31,6 @@ from auditor.katapult import KatapultClient, OrgRef, RateLimiter, RequestStats
 TOKEN = "kt-s3cr3t-DO-NOT-LOG-9f8e7d"
 BASE = "http://fake/core/v1"
 NOW = 1_786_800_000
-
-
-class FakeClock:
-    """A clock that only moves when someone sleeps (shared by the limiter, the retry sleep and the fake)."""
-
-    def __init__(self, now: float = 10_000.0) -> None:
-        self.now = now
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += max(0.0, seconds)
 
 
 class Recording(httpx.AsyncBaseTransport):

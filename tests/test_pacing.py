@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from clocks import FakeClock
 
 from auditor.fake.fleet import Fleet
 from auditor.katapult import RateLimiter
-
-
-class FakeClock:
-    """A clock that only moves when someone sleeps."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += max(0.0, seconds)
 
 
 def limiter(clock: FakeClock, per_minute: float = 1200, **kwargs: float) -> RateLimiter:
