@@ -52,7 +52,7 @@ class Harness:
     """A fleet, a virtual clock, and a client talking to the fake through ASGITransport."""
 
     def __init__(self, fleet: Fleet | None = None) -> None:
-        self.clock = FakeClock()
+        self.clock = FakeClock(10_000.0)
         self.fleet = fleet if fleet is not None else Fleet()
         self.fleet.tokens.add(TOKEN)
         self.fleet.clock = self.clock
