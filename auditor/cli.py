@@ -19,7 +19,7 @@ from rich.table import Table
 
 from auditor import __version__
 from auditor.config import Settings, load_settings
-from auditor.errors import AuditorError, ConfigError, StoreError
+from auditor.errors import AuditorError, ConfigError, LeaseHeldError, StoreError
 
 EXIT_OK, EXIT_FINDINGS, EXIT_INCOMPLETE, EXIT_CONFIG = 0, 1, 2, 78
 NOTIFY_DRAIN_SECONDS = 15.0
@@ -75,8 +75,26 @@ def setup_logs(settings: Settings, *, extra_secrets: tuple[str, ...] = ()) -> No
                 secrets.append(value.get_secret_value())
     if settings.api.token is not None:
         secrets.append(settings.api.token.get_secret_value())
-    secrets.append(settings.database.url.get_secret_value())
-    setup_logging(level=settings.log.level, fmt=settings.log.format, secrets=secrets)
+    if settings.heartbeat.url is not None:
+        secrets.append(settings.heartbeat.url.get_secret_value())
+    # The scrubber masks every form a secret takes on the wire (a URL's user:password as basic auth,
+    # percent-encoded, base64) — except for the database URL, whose user and database names are ordinary words
+    # ("auditor"): only its password is secret (the URL itself is only ever logged masked, see safe_url).
+    db_password = db_url_password(settings.database.url.get_secret_value())
+    if db_password:
+        secrets.append(db_password)
+    setup_logging(level=settings.log.level, fmt=settings.log.format, secrets=[s for s in secrets if s])
+
+
+def db_url_password(url: str) -> str | None:
+    """Returns the password in a database URL, percent-decoded, or None."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -94,7 +112,24 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     except KeyboardInterrupt:
         _err().print("interrupted")
         sys.exit(130)
+    except Exception as exc:  # no traceback for any input: one line, exit 2 (the log has the detail at debug)
+        import logging
+
+        logging.getLogger(__name__).debug("unexpected error", exc_info=exc)
+        _err().print(f"error: internal error ({type(exc).__name__}: {str(exc)[:300]})", markup=False)
+        sys.exit(EXIT_INCOMPLETE)
     raise AssertionError("unreachable")
+
+
+def _check_argv(argv: list[str]) -> None:
+    """Exits 2 with one line when an argument is not valid UTF-8 (Python hands it over with lone surrogates)."""
+    for index, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")[:120]
+            _err().print(f"error: argument {index + 1} is not valid UTF-8: {shown}", markup=False)
+            sys.exit(EXIT_INCOMPLETE)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -108,6 +143,7 @@ def main() -> None:
     Configuration: a TOML file (--config, $AUDITOR_CONFIG or config/auditor.toml), every key overridable by
     AUDITOR_<SECTION>__<KEY>; the Katapult token comes from $KATAPULT_API_TOKEN or katapult.api_token_file.
     """
+    _check_argv(sys.argv[1:])
 
 
 # ---- check-config ---------------------------------------------------------------------------------------
@@ -117,7 +153,7 @@ def main() -> None:
 @config_option
 def check_config(config_path: Path | None) -> None:
     """Validate the configuration and exit (0 valid, 78 invalid with one line per problem)."""
-    from auditor.daemon import waivers_from
+    from auditor.service import waivers_from
 
     settings = load(config_path)
     console = _out()
@@ -151,11 +187,14 @@ def check_config(config_path: Path | None) -> None:
               help="Count only open findings at or above this severity for exit code 1.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               help="Summary format.")
-def audit_cmd(config_path: Path | None, once: bool, fail_on: str | None, fmt: str) -> None:
+@click.option("--wait", "wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds to wait for another process's running cycle (the cycle lease) before giving up.")
+def audit_cmd(config_path: Path | None, once: bool, fail_on: str | None, fmt: str, wait: float) -> None:
     """Run one audit cycle against Katapult and record it.
 
-    Exit 0: complete, no open finding; 1: complete with open findings; 2: partial or failed (a target could not
-    be read; the output says which and why); 78: configuration error.
+    Exit 0: complete and recorded, no open finding; 1: complete and recorded, with open findings; 2: anything else
+    (partial or failed run, another process holding the cycle lease past --wait, the database) with a one-line
+    reason; 78: configuration error.
     """
     settings = load(config_path)
     setup_logs(settings)
@@ -163,31 +202,44 @@ def audit_cmd(config_path: Path | None, once: bool, fail_on: str | None, fmt: st
         settings.katapult.token()
     except ConfigError as err:
         fail_config(err)
-    code = run_async(_audit(settings, fail_on=fail_on, fmt=fmt))
+    code = run_async(_audit(settings, fail_on=fail_on, fmt=fmt, wait=wait))
     sys.exit(code)
 
 
-async def _audit(settings: Settings, *, fail_on: str | None, fmt: str,
+async def _audit(settings: Settings, *, fail_on: str | None, fmt: str, wait: float = 0.0,
                  transport: Any = None, print_report: bool = False) -> int:
-    from auditor.daemon import audit_once, drain_outbox, open_runtime
+    from auditor.service import open_services
 
     if settings.audit.disks == [] and settings.audit.organizations == []:
         raise ConfigError(["audit: nothing to audit: set audit.disks and/or audit.organizations "
                            "(env AUDITOR_AUDIT__DISKS / AUDITOR_AUDIT__ORGANIZATIONS)"])
-    async with open_runtime(settings, transport=transport) as runtime:
+    async with open_services(settings, transport=transport) as services:
         progress, stop = _progress(len(settings.audit.disks))
         try:
-            outcome = await audit_once(runtime, progress=progress)
+            outcome = await services.run_cycle(progress=progress, wait=wait)
+        except LeaseHeldError as exc:
+            _err().print(f"error: {exc} (waited {wait:g}s; see --wait)", markup=False)
+            return EXIT_INCOMPLETE
         finally:
             stop()
         # Deliver what this cycle produced before exiting; what is not delivered stays in the outbox.
-        pending = await drain_outbox(runtime, within=NOTIFY_DRAIN_SECONDS)
-        if pending:
-            _err().print(f"{pending} notification(s) not yet delivered; they stay in the outbox for the daemon")
+        drained = await services.drain(within=NOTIFY_DRAIN_SECONDS)
+        if drained.pending:
+            why = f" ({drained.reasons[0]})" if drained.reasons else ""
+            _err().print(f"{drained.pending} notification(s) not yet delivered{why}; they stay in the outbox "
+                         "for the daemon or the next run", markup=False)
+        unrecorded = await services.record_pending_failures()
         if print_report:
-            await _print_report(runtime, "table")
+            await _print_report(services, "table")
     print_outcome(outcome, fmt=fmt)
+    if unrecorded:
+        _err().print(f"error: run {outcome.run_id} failed and could not be recorded: the database does not answer",
+                     markup=False)
+        return EXIT_INCOMPLETE
     if outcome.status.value != "complete":
+        first = outcome.errors[0] if outcome.errors else None
+        _err().print(f"audit {outcome.status.value}: " + (f"{first.target}: {first.code}: {first.message}"
+                                                         if first else "see the errors above"), markup=False)
         return EXIT_INCOMPLETE
     threshold = SEVERITY_CHOICES.index(fail_on) if fail_on else 0
     counted = sum(n for sev, n in outcome.open_findings.items() if SEVERITY_CHOICES.index(sev) >= threshold)
@@ -282,21 +334,19 @@ def report_cmd(config_path: Path | None, fmt: str) -> None:
     setup_logs(settings)
 
     async def go() -> None:
-        from auditor.daemon import open_runtime
+        from auditor.service import open_services
 
-        async with open_runtime(settings, katapult=False) as runtime:
-            await _print_report(runtime, fmt)
+        async with open_services(settings, katapult=False, migrate=False) as services:
+            await _print_report(services, fmt)
 
     run_async(go())
 
 
-async def _print_report(runtime: Any, fmt: str) -> None:
-    from auditor.audit import utcnow
-    from auditor.daemon import waivers_from
-    from auditor.reporting import build_report, report_csv, report_markdown
+async def _print_report(services: Any, fmt: str) -> None:
+    from auditor.service.reports import build_report, report_csv, report_markdown
 
-    waivers, problems = waivers_from(runtime.settings)
-    report = await build_report(runtime.store, now=utcnow(), waivers=waivers, waiver_problems=problems)
+    waivers, problems = services.waivers()
+    report = await build_report(services.store, now=services.clock(), waivers=waivers, waiver_problems=problems)
     if fmt == "json":
         click.echo(json.dumps(report, indent=2))
     elif fmt == "csv":
@@ -353,12 +403,13 @@ def findings_cmd(config_path: Path | None, status: str, fmt: str) -> None:
     statuses = ("open", "waived", "resolved") if status == "all" else (status,)
 
     async def go() -> list[Any]:
-        from auditor.daemon import open_runtime
+        from auditor.service import open_services
 
-        async with open_runtime(settings, katapult=False) as runtime:
-            return await runtime.store.all_findings(statuses=statuses)
+        async with open_services(settings, katapult=False, migrate=False) as services:
+            found: list[Any] = await services.store.all_findings(statuses=statuses)
+            return found
 
-    from auditor.reporting import finding_json
+    from auditor.service.reports import finding_json
 
     items = [finding_json(f, with_resolution=True) for f in run_async(go())]
     if fmt == "json":
@@ -383,11 +434,11 @@ def history_cmd(config_path: Path | None, disk_id: str, fmt: str) -> None:
     setup_logs(settings)
 
     async def go() -> dict[str, Any] | None:
-        from auditor.daemon import open_runtime
-        from auditor.reporting import disk_detail
+        from auditor.service import open_services
+        from auditor.service.reports import disk_detail
 
-        async with open_runtime(settings, katapult=False) as runtime:
-            return await disk_detail(runtime.store, disk_id)
+        async with open_services(settings, katapult=False, migrate=False) as services:
+            return await disk_detail(services.store, disk_id)
 
     detail = run_async(go())
     if detail is None:
@@ -476,10 +527,10 @@ def notify_test(config_path: Path | None, name: str | None) -> None:
         sys.exit(EXIT_CONFIG)
 
     async def go() -> list[tuple[str, str, bool]]:
-        from auditor.alerting import test_notification
-        from auditor.audit import utcnow
         from auditor.errors import NotifyError
         from auditor.notify.dispatch import Dispatcher
+        from auditor.service.alerts import test_notification
+        from auditor.service.cycle import utcnow
 
         results = []
         async with Dispatcher() as dispatcher:
@@ -534,7 +585,9 @@ def demo_cmd(once: bool, db_path: str, listen: str) -> None:
         print_outcome(outcome, fmt="table")
         print_report_table(report)
 
-    sys.exit(run_async(run_demo(settings, once=once, show=show)))
+    from auditor.daemon import serve
+
+    sys.exit(run_async(run_demo(settings, once=once, show=show, serve=serve)))
 
 
 if __name__ == "__main__":

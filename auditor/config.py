@@ -46,6 +46,31 @@ RULE_IDS = (
 SEVERITIES = ("low", "medium", "high", "critical")
 INTERVALS = ("hourly", "daily", "weekly", "monthly")
 
+# Katapult ids are `<prefix>_` plus 16 alphanumerics today; dashes and underscores are accepted after the prefix
+# (older and imported objects), whitespace, other characters and anything over 64 characters are not.
+# Organizations may also be named by their sub-domain.
+ID_MAX = 64
+_DISK_ID = re.compile(rf"^disk_[A-Za-z0-9_-]{{1,{ID_MAX - 5}}}$")
+_ORG_ID = re.compile(rf"^org_[A-Za-z0-9_-]{{1,{ID_MAX - 4}}}$")
+_SUB_DOMAIN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+MiB = 1024 * 1024
+
+
+def check_disk_id(value: str) -> str:
+    """Returns the disk id if it has Katapult's id format (`disk_` plus alphanumerics), else ValueError."""
+    if not _DISK_ID.match(value):
+        raise ValueError(f"{value[:80]!r} is not a Katapult disk id (disk_ followed by up to "
+                         f"{ID_MAX - 5} letters, digits, dashes or underscores)")
+    return value
+
+
+def check_org_ref(value: str) -> str:
+    """Returns the organization reference if it is an org id (`org_…`) or a sub-domain, else ValueError."""
+    if not (_ORG_ID.match(value) or _SUB_DOMAIN.match(value)):
+        raise ValueError(f"{value[:80]!r} is neither a Katapult organization id (org_ followed by letters or "
+                         "digits) nor a sub-domain (lowercase letters, digits and dashes)")
+    return value
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -99,6 +124,8 @@ class KatapultSettings(Section):
     max_concurrency: int = Field(default=8, ge=1, le=64)
     per_page: int = Field(default=200, ge=1, le=200)
     max_attempts: int = Field(default=6, ge=1, le=20)
+    # A larger response body fails that request (its disk or organization becomes unknown); read as a stream.
+    max_response_bytes: int = Field(default=16 * MiB, ge=4096)
 
     @field_validator("api_url")
     @classmethod
@@ -149,12 +176,18 @@ class AuditSettings(Section):
             raise ValueError("must be at least 1s")
         return value
 
-    @field_validator("disks", "organizations")
+    @field_validator("disks")
     @classmethod
-    def _ids(cls, value: list[str]) -> list[str]:
+    def _disk_ids(cls, value: list[str]) -> list[str]:
         for item in value:
-            if not item.strip() or any(c.isspace() for c in item):
-                raise ValueError(f"{item!r} is not a valid id")
+            check_disk_id(item)
+        return list(dict.fromkeys(value))
+
+    @field_validator("organizations")
+    @classmethod
+    def _org_refs(cls, value: list[str]) -> list[str]:
+        for item in value:
+            check_org_ref(item)
         return list(dict.fromkeys(value))
 
 
@@ -163,6 +196,15 @@ class DaemonSettings(Section):
 
     shutdown_grace: Duration = timedelta(seconds=20)
     db_retry_max: Duration = timedelta(seconds=60)
+    # Leadership (and the cycle lease) expire this long after the holder last renewed them; renewed every ttl/3.
+    leader_ttl: Duration = timedelta(seconds=30)
+
+    @field_validator("leader_ttl")
+    @classmethod
+    def _ttl(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=3):
+            raise ValueError("must be at least 3s")
+        return value
 
 
 class ApiSettings(Section):
@@ -203,6 +245,13 @@ class RuleOverride(Section):
     """[[rules.overrides]]: stricter or looser parameters for some disks."""
 
     disks: list[str] = Field(min_length=1)
+
+    @field_validator("disks")
+    @classmethod
+    def _disk_ids(cls, value: list[str]) -> list[str]:
+        for item in value:
+            check_disk_id(item)
+        return value
     min_retention: int | None = Field(default=None, ge=0)
     min_retention_days: float | None = Field(default=None, ge=0)
     max_interval: IntervalName | None = None
@@ -309,6 +358,34 @@ NotifierSettings = Annotated[
 ]
 
 
+class NotifySettings(Section):
+    """[notify]: the delivery stage shared by every notifier."""
+
+    # A receiver's Retry-After (seconds or HTTP-date) is clamped to [0, max_retry_after].
+    max_retry_after: Duration = timedelta(hours=1)
+
+
+class HeartbeatSettings(Section):
+    """[heartbeat]: a dead-man's switch speaking the healthchecks.io ping protocol (url, url/start, url/fail)."""
+
+    url: SecretStr | None = None
+    timeout_seconds: float = Field(default=10, gt=0, le=60)
+    max_attempts: int = Field(default=3, ge=1, le=10)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value() and not re.match(
+                r"^https?://[^/\s]+", value.get_secret_value()):
+            raise ValueError("must be an http(s) URL like https://hc-ping.com/<uuid>")
+        return value
+
+    @property
+    def is_enabled(self) -> bool:
+        """Returns whether a heartbeat URL is configured."""
+        return self.url is not None and bool(self.url.get_secret_value())
+
+
 class LogSettings(Section):
     """[log]: level and format (json when not on a terminal, unless set)."""
 
@@ -335,6 +412,8 @@ class Settings(BaseSettings):
     rules: RulesSettings = RulesSettings()
     waivers: list[dict[str, Any]] = Field(default_factory=list)
     notifiers: list[NotifierSettings] = Field(default_factory=list)
+    notify: NotifySettings = NotifySettings()
+    heartbeat: HeartbeatSettings = HeartbeatSettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="after")

@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 
-from auditor.audit import AuditOutcome
 from auditor.config import Settings
-from auditor.daemon import Runtime, audit_once, drain_outbox, open_runtime, serve, waivers_from
 from auditor.fake import create_app, demo_fleet
-from auditor.reporting import build_report
+from auditor.service import AuditOutcome, Services, open_services, waivers_from
+from auditor.service.reports import build_report
 
 DEMO_TOKEN = "fake-token"
 DEMO_API_URL = "http://fake-katapult.invalid/core/v1"
@@ -68,7 +67,11 @@ def demo_settings(*, db_path: str, listen: str, interval: str = "30s") -> Settin
     return Settings(**data)
 
 
-async def run_demo(settings: Settings, *, once: bool, show: Callable[[AuditOutcome, dict[str, Any]], None]) -> int:
+Serve = Callable[..., Awaitable[int]]  # auditor.daemon.serve, passed in by the CLI (only it starts the daemon)
+
+
+async def run_demo(settings: Settings, *, once: bool, show: Callable[[AuditOutcome, dict[str, Any]], None],
+                   serve: Serve | None = None) -> int:
     """Audits the demo fleet once and shows the report; without `once`, keeps the daemon running.
 
     The daemon audits the in-process fake every `audit.interval` and serves the API on `api.listen`; the first
@@ -81,13 +84,13 @@ async def run_demo(settings: Settings, *, once: bool, show: Callable[[AuditOutco
     if not once:
         shown = False
 
-        async def first_report(runtime: Runtime, outcome: AuditOutcome) -> None:
+        async def first_report(services: Services, outcome: AuditOutcome) -> None:
             nonlocal shown
             if shown:
                 return
             shown = True
             waivers, problems = waivers_from(settings)
-            report = await build_report(runtime.store, now=outcome.finished_at, waivers=waivers,
+            report = await build_report(services.store, now=outcome.finished_at, waivers=waivers,
                                         waiver_problems=problems)
             show(outcome, report)
             base = f"http://{settings.api.listen}"
@@ -95,14 +98,15 @@ async def run_demo(settings: Settings, *, once: bool, show: Callable[[AuditOutco
                              f"auditing every {settings.audit.interval.total_seconds():.0f}s; Ctrl-C stops\n")
             sys.stdout.flush()
 
+        assert serve is not None, "the daemon demo needs auditor.daemon.serve"
         return await serve(settings, transport=transport, token=DEMO_TOKEN, on_cycle=first_report,
                            notify_transport=webhook)
 
-    async with open_runtime(settings, transport=transport, token=DEMO_TOKEN, notify_transport=webhook) as runtime:
-        outcome = await audit_once(runtime, trigger="demo")
-        await drain_outbox(runtime, within=10)
-        waivers, problems = waivers_from(settings)
-        report = await build_report(runtime.store, now=outcome.finished_at, waivers=waivers,
+    async with open_services(settings, transport=transport, token=DEMO_TOKEN, notify_transport=webhook) as services:
+        outcome = await services.run_cycle(trigger="demo")
+        await services.drain(within=10)
+        waivers, problems = services.waivers()
+        report = await build_report(services.store, now=outcome.finished_at, waivers=waivers,
                                     waiver_problems=problems)
         show(outcome, report)
     return 0

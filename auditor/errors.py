@@ -11,8 +11,13 @@ AuditorError
 │   │   ├── RateLimitedError    429 rate_limit_reached (retried)
 │   │   └── UnavailableError    500 / 503 / other 5xx (retried)
 │   ├── KatapultResponseError   the body is not the documented shape (missing field, wrong type, not JSON)
+│   │   ├── ResponseTooLargeError   the body is bigger than katapult.max_response_bytes (permanent)
+│   │   └── UnexpectedObjectError   a lookup answered about another object than the one asked for (permanent)
 │   └── KatapultTransportError  timeout, connection refused, protocol error (retried)
 ├── StoreError                  the database could not be reached or refused the work
+│   ├── LeaseLostError          our cycle lease expired and was taken: the cycle's commit is refused
+│   └── SchemaError             the database is missing or not at the current revision (read-only commands)
+├── LeaseHeldError              another process runs a cycle on this database (`holder`, `since`)
 └── NotifyError                 a notifier could not deliver (carries `permanent`)
 
 Errors carry fields (`code`, `status_code`, `target`, `permanent`) so callers branch on data, never on messages.
@@ -129,6 +134,22 @@ class KatapultResponseError(KatapultError):
         self.field = field
 
 
+class ResponseTooLargeError(KatapultResponseError):
+    """The response body is bigger than the configured cap (`max_bytes`); it was not read any further."""
+
+    code = "response_too_large"
+
+    def __init__(self, message: str, *, max_bytes: int, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.max_bytes = max_bytes
+
+
+class UnexpectedObjectError(KatapultResponseError):
+    """A lookup of one object answered about another one (e.g. asked for disk X, got disk Y)."""
+
+    code = "unexpected_object"
+
+
 class KatapultTransportError(KatapultError):
     """Timeout, refused connection or broken response stream; retried."""
 
@@ -159,3 +180,20 @@ class NotifyError(AuditorError):
         self.permanent = permanent
         self.status_code = status_code
         self.retry_after = retry_after
+
+
+class LeaseLostError(StoreError):
+    """This process no longer holds the lease it worked under (it expired and another took it): nothing is written."""
+
+
+class SchemaError(StoreError):
+    """The database does not exist or is not at the code's schema revision (read-only commands never migrate)."""
+
+
+class LeaseHeldError(AuditorError):
+    """Another process holds the cycle lease; `holder` and `since` say who and since when."""
+
+    def __init__(self, message: str, *, holder: str, since: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.since = since

@@ -4,7 +4,7 @@ The minimum is one full page (per_page 200, README "Pagination") per 200 disks p
 ceil(disks / 200) + ceil(policies / 200). Past 1,000 rows the API sends `large_set` without totals, so a list
 whose length is a multiple of 200 costs one more, empty, page: hence the "+ 2" allowance.
 
-The cycle is the `audit_once` use case run in this process against the fake Katapult in its own process (80 ms
+The cycle is the `Services.run_cycle` use case run in this process against the fake Katapult in its own process (80 ms
 latency, 1,000 requests/minute as the real API is often configured). Per-disk mode is not run at 10,000 disks (it
 would take over 20 minutes at that rate): its request count is measured on a sample of the same fleet through the
 in-process fake and scaled, next to the hard lower bound of one request per disk.
@@ -43,7 +43,7 @@ def main() -> int:
     org_id = next(iter(objects.orgs))
     report = c.header("org_discovery", args, f"organization mode, {n_disks} disks / {n_policies} policies, "
                                              f"{args.latency_ms:g} ms latency, {args.rate}/min; "
-                                             f"audit_once in-process")
+                                             f"run_cycle in-process")
     with c.workdir(args) as tmp, c.database(args, tmp) as db, c.FakeKatapult(fleet, directory=tmp) as fake:
         settings = c.settings(api_url=fake.url, db_url=db.url, organizations=[org_id], rate=args.rate,
                               concurrency=8)
@@ -78,9 +78,9 @@ async def _per_disk_sample(objects: Any, fleet: dict[str, Any], sample: int) -> 
     """Returns the requests per disk of per-disk mode, measured on `sample` disks of the fleet (in process)."""
     import httpx
 
-    from auditor.audit import read_disk
     from auditor.fake import create_app
     from auditor.katapult import KatapultClient
+    from auditor.service.cycle import read_disk
 
     objects.rate_limit_per_minute = 10**9
     objects.latency = 0.0

@@ -2,7 +2,7 @@
 
 Default: 2,000 disks, 80 ms latency, 6,000 requests/minute permitted (about 20 s). The foundation issue's case is
 `--disks 500 --latency-ms 100 --rate 1200` (a 25 s floor). The fake Katapult runs in its own process on a loopback
-socket; the cycle is the `audit_once` use case run in this process (the same code `auditor audit --once` runs,
+socket; the cycle is the `Services.run_cycle` use case run in this process (the same code `auditor audit --once` runs,
 without interpreter start-up and migrations), with a real database.
 """
 
@@ -29,7 +29,7 @@ def main() -> int:
     concurrency = args.concurrency or c.concurrency_for(latency_ms=args.latency_ms, rate_per_minute=args.rate)
     report = c.header("pacing", args, f"per-disk audit of {args.disks} disks, {args.latency_ms:g} ms latency, "
                                       f"{args.rate}/min permitted, max_concurrency {concurrency}; "
-                                      f"audit_once in-process")
+                                      f"run_cycle in-process")
     fleet = c.generated_fleet(disks=args.disks, vm_share=args.vm_share, rate=args.rate, latency_ms=args.latency_ms)
     disk_ids = list(c.fleet_objects(fleet).disks)
 
@@ -62,11 +62,11 @@ def main() -> int:
 
 
 async def _audit(settings: Any, token: str) -> tuple[Any, c.Stopwatch]:
-    from auditor.daemon import audit_once, open_runtime
+    from auditor.service import open_services
 
-    async with open_runtime(settings, token=token) as runtime:
+    async with open_services(settings, token=token) as services:
         with c.Stopwatch() as watch:
-            outcome = await audit_once(runtime, trigger="benchmark")
+            outcome = await services.run_cycle(trigger="benchmark")
     return outcome, watch
 
 

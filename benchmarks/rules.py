@@ -49,8 +49,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
     report = c.header("rules", args, f"evaluate() over {args.policies} policies, one core")
-    from auditor.daemon import ruleset_from
     from auditor.domain.rules import evaluate
+    from auditor.service import ruleset_from
 
     rules = ruleset_from(c.settings(api_url="http://127.0.0.1:9/core/v1", db_url="sqlite://").rules)
     now = datetime.now(UTC)

@@ -4,7 +4,7 @@
 policies get a new retention (some drop below the minimum and open findings, some go back up and resolve them),
 and every schedule whose `next_invocation_at` has passed moves on by its interval, as real backups do.
 
-Each cycle is the real `run_audit` use case on a real database; only Katapult is replaced by an in-memory
+Each cycle is the real `Services.run_cycle` use case on a real database; only Katapult is replaced by an in-memory
 stand-in that returns the domain objects the client would have parsed (HTTP is measured by the other
 benchmarks; here 200 cycles must measure the database). On PostgreSQL a plain VACUUM runs after each cycle, as
 autovacuum would between cycles 15 minutes apart. The comparison "row-per-poll design" is computed: a
@@ -107,8 +107,8 @@ def main() -> int:
 
 
 async def _run(args: Any, db: c.Database, report: c.Report) -> None:
-    from auditor.audit import Targets, run_audit
-    from auditor.daemon import prepare_database, ruleset_from
+    from auditor.service import Services, prepare_database, ruleset_from
+    from auditor.service.cycle import Targets
     from auditor.store.repo import Store
 
     settings = c.settings(api_url="http://127.0.0.1:9/core/v1", db_url=db.url, organizations=["org_bench"])
@@ -119,6 +119,8 @@ async def _run(args: Any, db: c.Database, report: c.Report) -> None:
     rng = random.Random(args.seed)
     client = InMemoryKatapult(disks, policies)
     targets = Targets(organizations=("org_bench",))
+    services = Services(settings=settings, store=store, client=client, rules=rules,  # type: ignore[arg-type]
+                        targets=targets)
     start = datetime.now(UTC).replace(microsecond=0)
     total_changes = 0
     ran = 0
@@ -130,8 +132,8 @@ async def _run(args: Any, db: c.Database, report: c.Report) -> None:
         changed = 0
         if i:
             client.policies, changed = mutate(client.policies, rng=rng, share=args.change, now=now)
-        outcome = await run_audit(client=client, store=store, targets=targets,  # type: ignore[arg-type]
-                                  rules=rules, clock=lambda: now, trigger="benchmark")
+        services.clock = lambda: now
+        outcome = await services.run_cycle(trigger="benchmark")
         if outcome.status.value != "complete":
             raise SystemExit(f"cycle {i} did not complete: {outcome.status.value} {outcome.errors[:3]}")
         if db.kind == "postgres":
@@ -185,7 +187,7 @@ async def _run(args: Any, db: c.Database, report: c.Report) -> None:
     share = bytes_per_cycle / per_poll_bytes if per_poll_bytes else float("inf")
     changes_per_cycle = total_changes / cycles
 
-    report.info("cycle time", f"{elapsed / cycles:.2f} s per cycle on average, run_audit over the stand-in "
+    report.info("cycle time", f"{elapsed / cycles:.2f} s per cycle on average, run_cycle over the stand-in "
                               f"(load, evaluate, reconcile, commit); p50 {c.percentile(write_seconds, 50):.2f} s, "
                               f"max {max(write_seconds):.2f} s")
     report.info("changes", f"{changes_per_cycle:.0f} policies changed per cycle ({total_changes} in total)")

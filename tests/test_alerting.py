@@ -11,14 +11,14 @@ import httpx
 import pytest
 from receivers import HttpReceiver, Reply
 
-from auditor.alerting import incomplete_fingerprint, plan_notifications
 from auditor.config import Settings
-from auditor.daemon import audit_once, deliver, drain_outbox, open_runtime
 from auditor.domain.alerts import AlertState, AlertStatus
 from auditor.domain.lifecycle import Change, Transition
 from auditor.domain.models import FindingStatus, Severity, TrackedFinding
 from auditor.domain.records import RunError, RunStatus
 from auditor.fake import Fault, Fleet, create_app
+from auditor.service import open_services
+from auditor.service.alerts import incomplete_fingerprint, plan_notifications
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -110,17 +110,17 @@ async def test_outbox_survives_a_crash_and_delivers_exactly_once(db_url: str, re
     settings = _settings(db_url, receiver, [good, bad])
     transport = httpx.ASGITransport(app=create_app(fleet))
     # Process 1: the cycle commits the finding and its notification, then "dies" before delivering.
-    async with open_runtime(settings, transport=transport, token="fake-token") as rt:
-        outcome = await audit_once(rt)
+    async with open_services(settings, transport=transport, token="fake-token") as rt:
+        outcome = await rt.run_cycle()
         assert outcome.opened == 1
         assert await rt.outbox.pending_count() == 1
     assert receiver.requests == []
     # Process 2 after the restart: delivers it once; more rounds and another cycle send nothing new.
-    async with open_runtime(settings, transport=transport, token="fake-token") as rt:
-        assert await drain_outbox(rt, within=10) == 0
-        assert await drain_outbox(rt, within=10) == 0
-        await audit_once(rt)
-        await drain_outbox(rt, within=10)
+    async with open_services(settings, transport=transport, token="fake-token") as rt:
+        assert (await rt.drain(within=10)).pending == 0
+        assert (await rt.drain(within=10)).pending == 0
+        await rt.run_cycle()
+        await rt.drain(within=10)
     assert len(receiver.requests) == 1
     body = receiver.requests[0].json()
     assert body["version"] == "4" and body["status"] == "firing" and body["receiver"] == "hook"
@@ -129,10 +129,10 @@ async def test_outbox_survives_a_crash_and_delivers_exactly_once(db_url: str, re
     assert receiver.requests[0].headers.get("idempotency-key")
     # The disk gets a policy: one resolved message.
     fleet.add_policy(bad, retention=14, interval="daily", next_invocation_at=int(time.time()) + 3600)
-    async with open_runtime(settings, transport=transport, token="fake-token") as rt:
-        outcome = await audit_once(rt)
+    async with open_services(settings, transport=transport, token="fake-token") as rt:
+        outcome = await rt.run_cycle()
         assert outcome.resolved == 1
-        await drain_outbox(rt, within=10)
+        await rt.drain(within=10)
     assert len(receiver.requests) == 2
     assert receiver.requests[1].json()["status"] == "resolved"
 
@@ -143,15 +143,15 @@ async def test_retry_then_deliver_and_permanent_failure(db_url: str, receiver: H
     settings = _settings(db_url, receiver, [good, bad])
     transport = httpx.ASGITransport(app=create_app(fleet))
     receiver.script(Reply(503, "busy", {"Retry-After": "0"}))
-    async with open_runtime(settings, transport=transport, token="fake-token") as rt:
-        await audit_once(rt)
-        report = await deliver(rt)
+    async with open_services(settings, transport=transport, token="fake-token") as rt:
+        await rt.run_cycle()
+        report = await rt.deliver_due()
         assert report.retried == 1 and report.delivered == 0
         [entry] = await rt.outbox.recent()
         assert entry.state.value == "pending" and entry.attempts == 1 and entry.last_status == 503
         # Due again after its backoff: a later round (clock moved on) delivers it.
         await _advance(rt, minutes=20)
-        report = await deliver(rt)
+        report = await rt.deliver_due()
         assert report.delivered == 1
         assert (await rt.outbox.recent())[0].state.value == "delivered"
     assert [r.json()["status"] for r in receiver.requests] == ["firing", "firing"]
@@ -159,10 +159,10 @@ async def test_retry_then_deliver_and_permanent_failure(db_url: str, receiver: H
     receiver.reset()
     receiver.script(Reply(400, "bad payload"))
     fleet.faults[good] = Fault.UNAVAILABLE  # run becomes partial: audit-incomplete fires
-    async with open_runtime(settings, transport=transport, token="fake-token") as rt:
-        outcome = await audit_once(rt)
+    async with open_services(settings, transport=transport, token="fake-token") as rt:
+        outcome = await rt.run_cycle()
         assert outcome.status is RunStatus.PARTIAL
-        report = await deliver(rt)
+        report = await rt.deliver_due()
         assert report.failed == 1
         failed = [e for e in await rt.outbox.recent() if e.state.value == "failed"]
         assert failed and failed[0].last_status == 400 and "400" in (failed[0].last_error or "")

@@ -18,10 +18,10 @@ from sqlalchemy.pool import NullPool
 
 from auditor.api import ApiDeps, create_app
 from auditor.config import Settings
-from auditor.daemon import audit_once, open_runtime, waivers_from
 from auditor.fake import create_app as fake_app
 from auditor.fake import demo_fleet
 from auditor.fake.fleet import fake_id
+from auditor.service import open_services, waivers_from
 from auditor.store import engine as db
 from auditor.store.repo import Store
 
@@ -29,11 +29,11 @@ from auditor.store.repo import Store
 async def _seed(settings: Settings) -> None:
     fleet, _ = demo_fleet(now=int(time.time()))
     fleet.rate_limit_per_minute = 100_000
-    async with open_runtime(settings, transport=httpx.ASGITransport(app=fake_app(fleet)),
+    async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)),
                             token="fake-token") as runtime:
-        await audit_once(runtime)
+        await runtime.run_cycle()
         fleet.update_policy(fake_id("dbp", "demo:legacy-db-data"), retention=30)
-        await audit_once(runtime)
+        await runtime.run_cycle()
 
 
 async def _busy() -> str | None:

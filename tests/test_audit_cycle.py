@@ -15,14 +15,14 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from auditor.audit import Targets, utcnow
 from auditor.config import Settings
-from auditor.daemon import Runtime, audit_once, open_runtime, waivers_from
 from auditor.domain.models import FindingStatus
 from auditor.domain.records import RunStatus
 from auditor.fake import FakeServer, Fault, Fleet, create_app
 from auditor.fake.fleet import FakeDisk, FakeOrg, FakeVM
-from auditor.reporting import build_report, disk_detail, iso
+from auditor.service import Services, open_services, waivers_from
+from auditor.service.cycle import Targets, utcnow
+from auditor.service.reports import build_report, disk_detail, iso
 
 API = "http://fake/core/v1"
 TOKEN = "fake-token"
@@ -49,14 +49,14 @@ def settings_for(
 
 
 @asynccontextmanager
-async def runtime(settings: Settings, fleet: Fleet | None, *, token: str = TOKEN) -> AsyncIterator[Runtime]:
+async def runtime(settings: Settings, fleet: Fleet | None, *, token: str = TOKEN) -> AsyncIterator[Services]:
     """A runtime talking to `fleet` through ASGITransport (or to settings' api_url over a socket if fleet is None)."""
     transport = httpx.ASGITransport(app=create_app(fleet)) if fleet is not None else None
-    async with open_runtime(settings, transport=transport, token=token) as rt:
+    async with open_services(settings, transport=transport, token=token) as rt:
         yield rt
 
 
-async def report_of(rt: Runtime) -> dict[str, Any]:
+async def report_of(rt: Services) -> dict[str, Any]:
     waivers, problems = waivers_from(rt.settings)
     return await build_report(rt.store, now=utcnow(), waivers=waivers, waiver_problems=problems)
 
@@ -94,7 +94,7 @@ def disk_of(report: dict[str, Any], disk_id: str) -> dict[str, Any]:
     return item
 
 
-async def count(rt: Runtime, table: str) -> int:
+async def count(rt: Services, table: str) -> int:
     async with rt.store.engine.connect() as conn:
         return int((await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one())
 
@@ -108,7 +108,7 @@ async def test_lifecycle_open_persist_resolve_reopen(db_url: str) -> None:
     bad = w.policy(d, "data", retention=3)  # below 7 backups and a 3-day window
     settings = settings_for(db_url, disks=[d.id])
     async with runtime(settings, w.fleet) as rt:
-        r1 = await audit_once(rt)
+        r1 = await rt.run_cycle()
         assert r1.status is RunStatus.COMPLETE
         assert r1.opened == 2 and r1.open_findings == {"medium": 2}
         rep = await report_of(rt)
@@ -118,14 +118,14 @@ async def test_lifecycle_open_persist_resolve_reopen(db_url: str) -> None:
         assert disk_of(rep, d.id)["status"] == "noncompliant"
         assert mine[("retention-below-minimum", bad)]["first_seen"] == iso(r1.started_at)
 
-        r2 = await audit_once(rt)  # unchanged: persists, last_seen moves
+        r2 = await rt.run_cycle()  # unchanged: persists, last_seen moves
         assert r2.opened == 0 and r2.resolved == 0
         (stored,) = [f for f in await rt.store.all_findings(statuses=["open"]) if f.fingerprint == fp]
         assert stored.first_seen == r1.started_at and stored.opened_at == r1.started_at
         assert stored.last_seen == r2.started_at > r1.started_at
 
         w.fleet.update_policy(bad, retention=14)  # fixed
-        r3 = await audit_once(rt)
+        r3 = await rt.run_cycle()
         assert r3.status is RunStatus.COMPLETE and r3.resolved == 2 and r3.open_findings == {}
         rep = await report_of(rt)
         assert findings_of(rep, d.id) == {}
@@ -135,7 +135,7 @@ async def test_lifecycle_open_persist_resolve_reopen(db_url: str) -> None:
         assert resolved[fp].status is FindingStatus.RESOLVED
 
         w.fleet.update_policy(bad, retention=3)  # broken again
-        r4 = await audit_once(rt)
+        r4 = await rt.run_cycle()
         assert r4.opened == 2
         rep = await report_of(rt)
         again = findings_of(rep, d.id)[("retention-below-minimum", bad)]
@@ -180,14 +180,14 @@ async def test_unreadable_disk_is_unknown_and_keeps_its_findings_open(db_url: st
         settings = settings_for(db_url, disks=[bare.id, fine.id], api_url=server.url if server else API,
                                 timeout=0.2, max_attempts=1)
         async with runtime(settings, None if server else w.fleet) as rt:
-            r1 = await audit_once(rt)
+            r1 = await rt.run_cycle()
             assert r1.status is RunStatus.COMPLETE and r1.open_findings == {"critical": 1}
             (before,) = await rt.store.all_findings(statuses=["open"])
 
             # The disk gets a good policy, but the auditor cannot see it: nothing may resolve.
             w.policy(bare, "bare")
             w.fleet.faults[bare.id] = fault
-            r2 = await audit_once(rt)
+            r2 = await rt.run_cycle()
             assert r2.status is RunStatus.PARTIAL
             assert r2.resolved == 0 and r2.open_findings == {"critical": 1}
             assert r2.disks_unknown == 1 and r2.disks_ok == 1
@@ -208,13 +208,13 @@ async def test_unreadable_disk_is_unknown_and_keeps_its_findings_open(db_url: st
 
             # Only the unreadable disk as a target: nothing was read, the run failed; still no verdict.
             rt.targets = Targets((bare.id,), ())
-            r3 = await audit_once(rt)
+            r3 = await rt.run_cycle()
             assert r3.status is RunStatus.FAILED and r3.resolved == 0
             assert [f.fingerprint for f in await rt.store.all_findings(statuses=["open"])] == [before.fingerprint]
 
             # Readable again: now the good policy resolves it.
             w.fleet.faults.pop(bare.id)
-            r4 = await audit_once(rt)
+            r4 = await rt.run_cycle()
             assert r4.status is RunStatus.COMPLETE and r4.resolved == 1 and r4.open_findings == {}
             rep = await report_of(rt)
             assert disk_of(rep, bare.id)["status"] == "compliant"
@@ -230,11 +230,11 @@ async def test_unreadable_vm_policies_leave_its_disks_unknown(db_url: str) -> No
     w.policy(a, "batch-a")
     w.policy(vm, "batch", retention=2)
     async with runtime(settings_for(db_url, disks=[a.id, b.id]), w.fleet) as rt:
-        r1 = await audit_once(rt)
+        r1 = await rt.run_cycle()
         assert r1.open_findings == {"medium": 4}  # the weak VM policy, on each disk
         w.fleet.faults[vm.id] = Fault.FORBIDDEN
         vm_reads = w.fleet.stats.by_endpoint["/virtual_machines/virtual_machine/disk_backup_policies"]
-        r2 = await audit_once(rt)
+        r2 = await rt.run_cycle()
         rep = await report_of(rt)
     assert r2.status is RunStatus.FAILED and r2.resolved == 0 and r2.open_findings == {"medium": 4}
     assert sorted((e.target, e.code) for e in r2.errors) == [(a.id, "permission_denied"),
@@ -250,7 +250,7 @@ async def test_retries_then_reads_a_disk_whose_outage_clears(db_url: str) -> Non
     w.fleet.faults[d.id] = Fault.UNAVAILABLE
     w.fleet.faults_remaining[d.id] = 1  # one 503, then fine
     async with runtime(settings_for(db_url, disks=[d.id], max_attempts=3), w.fleet) as rt:
-        r = await audit_once(rt)
+        r = await rt.run_cycle()
     assert r.status is RunStatus.COMPLETE and r.errors == []
     assert r.stats.retries >= 1 and r.open_findings == {"medium": 2}
 
@@ -274,7 +274,7 @@ async def test_org_discovery_joins_vm_level_policies(db_url: str) -> None:
     w.policy(outside, "elsewhere", retention=1)
 
     async with runtime(settings_for(db_url, orgs=[w.org.id], per_page=2), w.fleet) as rt:
-        r = await audit_once(rt)
+        r = await rt.run_cycle()
         rep = await report_of(rt)
     assert r.status is RunStatus.COMPLETE and r.targets_checked == 1
     assert {d["disk_id"] for d in rep["disks"]} == {web_sys.id, web_data.id, db_sys.id, db_data.id, loose.id,
@@ -316,7 +316,7 @@ async def test_explicit_disk_covered_only_by_its_vm_policy(db_url: str) -> None:
     weak_policy = w.policy(low, "batch", retention=2)
     disks = [covered.id, covered_data.id, weak.id, weak_data.id]
     async with runtime(settings_for(db_url, disks=disks), w.fleet) as rt:
-        r = await audit_once(rt)
+        r = await rt.run_cycle()
         rep = await report_of(rt)
     assert r.status is RunStatus.COMPLETE
     for d in (covered, covered_data):
@@ -341,7 +341,7 @@ async def test_explicit_disk_judges_its_vm_policy_even_with_its_own(db_url: str)
     own = w.policy(d, "own")
     vm_policy = w.policy(vm, "vm-weak", retention=2)
     async with runtime(settings_for(db_url, disks=[d.id]), w.fleet) as rt:
-        r = await audit_once(rt)
+        r = await rt.run_cycle()
         rep = await report_of(rt)
     assert r.status is RunStatus.COMPLETE
     assert set(findings_of(rep, d.id)) == {("retention-below-minimum", vm_policy),
@@ -360,10 +360,10 @@ async def test_org_outage_does_not_resolve_vm_policy_findings_of_an_explicit_dis
     vm_policy = w.policy(vm, "vm-weak", retention=2)
     expected = {("retention-below-minimum", vm_policy), ("retention-window-too-short", vm_policy)}
     async with runtime(settings_for(db_url, orgs=[w.org.id], disks=[d.id]), w.fleet) as rt:
-        r1 = await audit_once(rt)
+        r1 = await rt.run_cycle()
         assert set(findings_of(await report_of(rt), d.id)) == expected
         w.fleet.faults[w.org.id] = Fault.FORBIDDEN
-        r2 = await audit_once(rt)
+        r2 = await rt.run_cycle()
         rep = await report_of(rt)
         detail = await disk_detail(rt.store, d.id)
     assert r2.status is RunStatus.PARTIAL and r2.resolved == 0
@@ -383,7 +383,7 @@ async def test_disk_in_an_org_and_listed_explicitly_is_audited_once(db_url: str)
     w.policy(lone, "lone")
     settings = settings_for(db_url, orgs=[w.org.id], disks=[shared.id, lone.id])
     async with runtime(settings, w.fleet) as rt:
-        r = await audit_once(rt)
+        r = await rt.run_cycle()
         rep = await report_of(rt)
     assert r.status is RunStatus.COMPLETE and r.targets_checked == 3
     assert [d["disk_id"] for d in rep["disks"]].count(shared.id) == 1
@@ -402,7 +402,7 @@ async def test_disk_not_found_and_disk_in_trash(db_url: str) -> None:
     w.fleet.faults[trashed.id] = Fault.IN_TRASH
     missing = "disk_neverexisted00"
     async with runtime(settings_for(db_url, disks=[missing, trashed.id]), w.fleet) as rt:
-        r = await audit_once(rt)
+        r = await rt.run_cycle()
         rep = await report_of(rt)
         assert r.status is RunStatus.COMPLETE and r.errors == []  # definite answers, not failures
         assert r.open_findings == {"high": 2}
@@ -416,7 +416,7 @@ async def test_disk_not_found_and_disk_in_trash(db_url: str) -> None:
         # Restored from the trash with a good policy: the finding resolves.
         w.fleet.faults.pop(trashed.id)
         w.policy(trashed, "trashed")
-        r2 = await audit_once(rt)
+        r2 = await rt.run_cycle()
         rep = await report_of(rt)
     assert r2.resolved == 1
     assert findings_of(rep, trashed.id) == {}
@@ -432,11 +432,11 @@ async def test_org_listing_failure_keeps_its_known_disks_unknown(db_url: str) ->
     lone = w.disk("lone", org=w.other)
     w.policy(lone, "lone")
     async with runtime(settings_for(db_url, orgs=[w.org.id], disks=[lone.id]), w.fleet) as rt:
-        r1 = await audit_once(rt)
+        r1 = await rt.run_cycle()
         assert r1.open_findings == {"critical": 1}
         w.fleet.faults[w.org.id] = Fault.UNAVAILABLE
         w.policy(bare, "bare")  # fixed, but unseen
-        r2 = await audit_once(rt)
+        r2 = await rt.run_cycle()
         rep = await report_of(rt)
         assert r2.status is RunStatus.PARTIAL and r2.resolved == 0
         assert [(e.target, e.code) for e in r2.errors] == [(w.org.id, "service_unavailable")]
@@ -448,7 +448,7 @@ async def test_org_listing_failure_keeps_its_known_disks_unknown(db_url: str) ->
                                   "open_findings": 1}
 
         w.fleet.faults.pop(w.org.id)
-        r3 = await audit_once(rt)
+        r3 = await rt.run_cycle()
         rep = await report_of(rt)
     assert r3.status is RunStatus.COMPLETE and r3.resolved == 1
     assert {d["disk_id"]: d["status"] for d in rep["disks"]} == {bare.id: "compliant", good.id: "compliant",
@@ -461,12 +461,12 @@ async def test_disk_removed_from_the_org_leaves_the_report(db_url: str) -> None:
     w.policy(keep, "keep")
     gone = w.disk("gone")  # unprotected
     async with runtime(settings_for(db_url, orgs=[w.org.id]), w.fleet) as rt:
-        await audit_once(rt)
+        await rt.run_cycle()
         rep = await report_of(rt)
         assert {d["disk_id"] for d in rep["disks"]} == {keep.id, gone.id}
         assert rep["summary"]["open_findings"] == 1
         w.fleet.remove_disk(gone.id)
-        r = await audit_once(rt)
+        r = await rt.run_cycle()
         rep = await report_of(rt)
         open_now = await rt.store.all_findings(statuses=["open", "waived"])
     assert r.status is RunStatus.COMPLETE
@@ -486,13 +486,13 @@ async def test_drift_events_for_retention_interval_and_removal(db_url: str) -> N
     p_int = w.policy(d, "int", retention=14, interval="daily")
     p_gone = w.policy(d, "gone", retention=30)
     async with runtime(settings_for(db_url, disks=[d.id]), w.fleet) as rt:
-        r1 = await audit_once(rt)
+        r1 = await rt.run_cycle()
         detail = await disk_detail(rt.store, d.id)
         assert detail is not None and detail["drift"] == []  # the first reading is the baseline
         w.fleet.update_policy(p_ret, retention=10)
         w.fleet.update_policy(p_int, interval="weekly")
         w.fleet.remove_policy(p_gone)
-        r2 = await audit_once(rt)
+        r2 = await rt.run_cycle()
         detail = await disk_detail(rt.store, d.id)
         rep = await report_of(rt)
     assert detail is not None
@@ -526,10 +526,10 @@ async def test_first_successful_reading_is_the_baseline_not_drift(db_url: str) -
     w.policy(d, "late-b", retention=3)
     w.fleet.faults[d.id] = Fault.FORBIDDEN
     async with runtime(settings_for(db_url, disks=[d.id]), w.fleet) as rt:
-        first = await audit_once(rt)
+        first = await rt.run_cycle()
         assert first.status is RunStatus.FAILED and first.disks_unknown == 1
         w.fleet.faults.pop(d.id)
-        second = await audit_once(rt)
+        second = await rt.run_cycle()
         assert second.status is RunStatus.COMPLETE
         detail = await disk_detail(rt.store, d.id)
         drift_rows = await count(rt, "drift_events")
@@ -548,7 +548,7 @@ async def test_unchanged_polls_add_no_snapshot_rows(db_url: str) -> None:
     w.policy(d1, "one-b")
     w.policy(vm, "host")
     async with runtime(settings_for(db_url, orgs=[w.org.id], disks=[d1.id]), w.fleet) as rt:
-        await audit_once(rt)
+        await rt.run_cycle()
         baseline = {t: await count(rt, t) for t in ("policy_states", "drift_events", "finding_events", "findings",
                                                    "disks")}
         assert baseline["policy_states"] == 3 and baseline["drift_events"] == 0
@@ -559,7 +559,7 @@ async def test_unchanged_polls_add_no_snapshot_rows(db_url: str) -> None:
             # The schedule moves on every poll (as it does in Katapult): updated in place, not a new snapshot.
             last_next = soon(24 + i)
             w.fleet.update_policy(p1, next_invocation_at=last_next)
-            r = await audit_once(rt)
+            r = await rt.run_cycle()
             assert r.status is RunStatus.COMPLETE and r.opened == 0 and r.resolved == 0
         after = {t: await count(rt, t) for t in baseline}
         assert after == baseline
@@ -587,7 +587,7 @@ async def test_run_records_and_the_token_never_leaks(db_url: str, caplog: pytest
     caplog.set_level(logging.DEBUG)
     async with runtime(settings_for(db_url, disks=[ok.id, denied.id, broken.id], max_attempts=2), w.fleet,
                        token=secret) as rt:
-        outcome = await audit_once(rt)
+        outcome = await rt.run_cycle()
         run = await rt.store.latest_run()
         runs = await rt.store.list_runs()
         rep = await report_of(rt)
@@ -631,7 +631,7 @@ async def test_waivers_from_config(db_url: str) -> None:
     ]
     settings = settings_for(db_url, disks=[waived_disk.id, expired_disk.id, mixed.id], waivers=waivers)
     async with runtime(settings, w.fleet) as rt:
-        outcome = await audit_once(rt)
+        outcome = await rt.run_cycle()
         rep = await report_of(rt)
     assert outcome.status is RunStatus.COMPLETE
     # Open: the expired one (critical), and for `mixed` all but the waived retention finding.
@@ -668,11 +668,11 @@ async def test_waiver_removed_while_the_disk_is_unknown_reopens_the_finding(db_u
     waived = [{"rule": "unprotected-disk", "disk": d.id, "reason": "r", "owner": "o@example.com",
                "expires": "2099-01-01"}]
     async with runtime(settings_for(db_url, disks=[d.id], waivers=waived), w.fleet) as rt:
-        r1 = await audit_once(rt)
+        r1 = await rt.run_cycle()
         assert r1.open_findings == {}
     w.fleet.faults[d.id] = Fault.FORBIDDEN
     async with runtime(settings_for(db_url, disks=[d.id]), w.fleet) as rt:  # the waiver is gone from config
-        r2 = await audit_once(rt)
+        r2 = await rt.run_cycle()
         rep = await report_of(rt)
     assert r2.status is RunStatus.FAILED
     assert r2.open_findings == {"critical": 1}

@@ -12,17 +12,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from auditor.api import ApiDeps, CycleMetrics, create_app
-from auditor.api.metrics import DURATION_BUCKETS
-from auditor.audit import AuditOutcome
 from auditor.config import Settings
-from auditor.daemon import Runtime, audit_once, open_runtime
 from auditor.fake import Fleet, demo_fleet
 from auditor.fake import create_app as fake_app
+from auditor.service import Services, open_services
+from auditor.service.cycle import AuditOutcome
+from auditor.service.runner import DURATION_BUCKETS
 from auditor.store.repo import Store
 
 
 class Seeded:
-    def __init__(self, fleet: Fleet, runtime: Runtime, outcome: AuditOutcome, cycles: CycleMetrics) -> None:
+    def __init__(self, fleet: Fleet, runtime: Services, outcome: AuditOutcome, cycles: CycleMetrics) -> None:
         self.fleet = fleet
         self.runtime = runtime
         self.outcome = outcome
@@ -38,9 +38,9 @@ async def seeded(db_url: str) -> AsyncIterator[Seeded]:
         "database": {"url": db_url},
         "audit": {"disks": targets.disks, "organizations": targets.organizations},
     })
-    async with open_runtime(settings, transport=httpx.ASGITransport(app=fake_app(fleet)),
+    async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)),
                             token="fake-token") as runtime:
-        outcome = await audit_once(runtime)
+        outcome = await runtime.run_cycle()
         cycles = CycleMetrics()
         cycles.record(outcome)
         yield Seeded(fleet, runtime, outcome, cycles)

@@ -11,11 +11,11 @@ import pytest
 from receivers import HttpReceiver
 from sqlalchemy import select
 
-from auditor.audit import utcnow
 from auditor.config import Settings, load_settings
-from auditor.daemon import audit_once, drain_outbox, open_runtime
 from auditor.fake import Fleet, create_app
-from auditor.reporting import build_report
+from auditor.service import open_services
+from auditor.service.cycle import utcnow
+from auditor.service.reports import build_report
 from auditor.store.tables import Base
 
 TOKEN = "kat-SECRET-token-5f3a9c"
@@ -55,11 +55,11 @@ async def test_no_secret_in_logs_database_or_report(db_url: str, receiver: HttpR
     })
     assert TOKEN not in repr(settings) and HOOK_PATH not in repr(settings) and HMAC_SECRET not in repr(settings)
     transport = httpx.ASGITransport(app=create_app(fleet))
-    async with open_runtime(settings, transport=transport, token=TOKEN) as rt:
+    async with open_services(settings, transport=transport, token=TOKEN) as rt:
         assert TOKEN not in repr(rt.client)
-        outcome = await audit_once(rt)
+        outcome = await rt.run_cycle()
         assert outcome.errors, "org_missing should be reported as an error"
-        await drain_outbox(rt, within=10)
+        await rt.drain(within=10)
         report = await build_report(rt.store, now=utcnow())
         dump = await _dump_database(rt)
     assert receiver.requests, "the webhook should have been called"
@@ -76,8 +76,8 @@ async def test_wrong_token_error_names_no_token(db_url: str, caplog: pytest.LogC
     disk = fleet.add_disk(org.id, "one")
     settings = Settings(**{"katapult": {"api_url": "http://fake/core/v1"}, "database": {"url": db_url},
                            "audit": {"disks": [disk.id]}})
-    async with open_runtime(settings, transport=httpx.ASGITransport(app=create_app(fleet)), token=TOKEN) as rt:
-        outcome = await audit_once(rt)
+    async with open_services(settings, transport=httpx.ASGITransport(app=create_app(fleet)), token=TOKEN) as rt:
+        outcome = await rt.run_cycle()
     assert outcome.status.value == "failed"
     assert outcome.errors[0].code == "invalid_api_token"
     assert TOKEN not in caplog.text and TOKEN not in str(outcome.errors)

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from auditor.api.app import create_app
 from auditor.api.deps import ApiDeps
-from auditor.api.metrics import CycleMetrics
+from auditor.service.runner import CycleMetrics
 
 __all__ = ["ApiDeps", "CycleMetrics", "create_app"]

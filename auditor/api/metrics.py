@@ -7,9 +7,8 @@ the store, so a scrape never triggers a poll and two processes never share count
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -20,51 +19,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from auditor.audit import AuditOutcome
 from auditor.domain.records import RunRecord
 from auditor.errors import StoreError
+from auditor.service.runner import CycleMetrics
 from auditor.store.outbox import Outbox
 from auditor.store.repo import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# Cycles take from well under a second (a few disks) to many minutes (tens of thousands behind a rate limit).
-DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-
-
-@dataclass
-class CycleMetrics:
-    """Counters of the cycles this process ran; the daemon records every cycle here."""
-
-    buckets: tuple[float, ...] = DURATION_BUCKETS
-    bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
-    duration_sum: float = 0.0
-    duration_count: int = 0
-    cycles: dict[str, int] = field(default_factory=dict)
-    requests: int = 0
-    retries: int = 0
-    rate_limited: int = 0
-    responses: dict[str, int] = field(default_factory=dict)
-
-    def _observe(self, seconds: float) -> None:
-        self.bucket_counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        self.duration_sum += seconds
-        self.duration_count += 1
-
-    def record(self, outcome: AuditOutcome) -> None:
-        """Counts a cycle that ran to its end (complete, partial or failed) and its Katapult traffic."""
-        self._observe(outcome.duration)
-        status = outcome.status.value
-        self.cycles[status] = self.cycles.get(status, 0) + 1
-        self.requests += outcome.stats.requests
-        self.retries += outcome.stats.retries
-        self.rate_limited += outcome.stats.rate_limited
-        for code, n in outcome.stats.by_status.items():
-            self.responses[code] = self.responses.get(code, 0) + n
-
-    def record_error(self, seconds: float) -> None:
-        """Counts a cycle that broke before recording its verdict (e.g. the database went away)."""
-        self._observe(seconds)
-        self.cycles["error"] = self.cycles.get("error", 0) + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +91,16 @@ class _Snapshot(Collector):
         for code in sorted(c.responses):
             responses.add_metric([code], c.responses[code])
         yield responses
+        yield GaugeMetricFamily("auditor_consecutive_failed_cycles",
+                                "Audit cycles in a row that failed (or broke) in this process; 0 after a complete "
+                                "or partial one.", value=c.consecutive_failed)
+        yield CounterMetricFamily("auditor_heartbeat_failures", "Heartbeat pings given up after every attempt.",
+                                  value=c.heartbeat_failures)
+        yield CounterMetricFamily("auditor_delivery_errors", "Unexpected errors while delivering a notification "
+                                  "(the entry was put back for a later round).", value=c.delivery_errors)
+        if c.is_leader is not None:
+            yield GaugeMetricFamily("auditor_leader", "1 while this replica is the leader (runs the schedule and "
+                                    "the alert delivery), else 0.", value=1 if c.is_leader else 0)
 
         yield GaugeMetricFamily("auditor_store_up", "Whether the database answered this scrape.",
                                 value=0 if self._state is None else 1)

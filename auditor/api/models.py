@@ -1,4 +1,4 @@
-"""Response models: they make the OpenAPI document precise; the JSON itself comes from `auditor.reporting`.
+"""Response models: they make the OpenAPI document precise; the JSON itself comes from `auditor.service.reports`.
 
 Routes return the reporting layer's dicts as they are (the report is a public contract shared with
 `auditor report --format json`), and these models describe them; a test validates real responses against them.
@@ -305,3 +305,6 @@ class Readiness(Model):
     status: Literal["ready", "not ready"]
     reason: str | None
     last_cycle: LastCycle | None
+    leader: bool | None = Field(default=None, description="Whether this replica leads (runs the schedule and the "
+                                "alert delivery); absent outside the daemon.")
+    replica: str | None = Field(default=None, description="This replica as `host pid N`.")

@@ -29,8 +29,8 @@ from auditor.api.models import (
     SeverityName,
 )
 from auditor.domain.alerts import Delivery
-from auditor.errors import StoreError
-from auditor.reporting import build_report, disk_detail, finding_json, iso, run_json
+from auditor.errors import LeaseHeldError, StoreError
+from auditor.service.reports import build_report, disk_detail, finding_json, iso, run_json
 from auditor.store.outbox import Outbox
 from auditor.store.repo import FindingQuery, decode_cursor
 
@@ -63,26 +63,35 @@ def ops_router(deps: ApiDeps) -> APIRouter:
     @router.get("/readyz", response_model=Readiness, summary="Readiness",
                 responses={503: {"model": Readiness, "description": "Not ready; `reason` says why."}})
     async def readyz() -> JSONResponse:
-        """200 when the database answers and the last cycle finished less than 2 × audit.interval ago."""
+        """200 when the database answers and the last complete or partial cycle finished < 2 × audit.interval ago.
+
+        Failed cycles do not count: an auditor that fails every cycle is not ready, whatever it last finished.
+        """
         now = deps.clock()
+        leadership = deps.leadership() if deps.leadership is not None else None
         try:
             await deps.store.ping()
-            run = await deps.store.latest_run(finished=True)
+            run = await deps.store.last_successful_run()
+            latest = await deps.store.latest_run(finished=True)
         except StoreError as exc:
-            return _readiness(f"database unavailable: {exc}", None)
-        if run is None:
-            return _readiness("no audit cycle has finished yet", None)
-        if run.finished_at is None:
-            return _readiness("the last audit cycle was cut short (abandoned); waiting for the next one to finish",
-                              {"id": run.id, "status": run.status.value, "finished_at": None, "age_seconds": None})
+            return _readiness(f"database unavailable: {exc}", None, leadership)
+        if run is None or run.finished_at is None:
+            reason = "no audit cycle has finished yet"
+            if latest is not None and latest.status.value == "failed":
+                first = latest.errors[0] if latest.errors else None
+                reason += f"; the last one failed ({first.code}: {first.message})" if first else "; the last failed"
+            return _readiness(reason, None, leadership)
         age = (now - run.finished_at).total_seconds()
         last = {"id": run.id, "status": run.status.value, "finished_at": iso(run.finished_at),
                 "age_seconds": round(age, 3)}
         limit = 2 * deps.interval.total_seconds()
         if age > limit:
-            return _readiness(f"the last audit cycle finished {age:.0f}s ago, more than twice audit.interval "
-                              f"({limit:.0f}s)", last)
-        return _readiness(None, last)
+            failed = (f"; later cycles failed (last: {latest.errors[0].code}: {latest.errors[0].message})"
+                      if latest is not None and latest.id != run.id and latest.status.value == "failed"
+                      and latest.errors else "")
+            return _readiness(f"the last complete or partial audit cycle finished {age:.0f}s ago, more than twice "
+                              f"audit.interval ({limit:.0f}s){failed}", last, leadership)
+        return _readiness(None, last, leadership)
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
                 responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
@@ -119,8 +128,10 @@ def notification_json(d: Delivery) -> dict[str, Any]:
     }
 
 
-def _readiness(reason: str | None, last: dict[str, Any] | None) -> JSONResponse:
-    body = {"status": "not ready" if reason else "ready", "reason": reason, "last_cycle": last}
+def _readiness(reason: str | None, last: dict[str, Any] | None, leadership: dict[str, Any] | None) -> JSONResponse:
+    body: dict[str, Any] = {"status": "not ready" if reason else "ready", "reason": reason, "last_cycle": last}
+    if leadership is not None:
+        body.update(leadership)
     return JSONResponse(body, status_code=503 if reason else 200)
 
 
@@ -215,7 +226,10 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
                  responses={409: {"model": ErrorDetail, "description": "A cycle is already running."}})
     async def audit() -> JSONResponse:
         """Starts a cycle and returns at once (202); 409 if one is already running."""
-        run_id = await deps.trigger()
+        try:
+            run_id = await deps.trigger()
+        except LeaseHeldError as exc:
+            return JSONResponse({"detail": str(exc), "holder": exc.holder, "since": exc.since}, status_code=409)
         if run_id is None:
             return JSONResponse({"detail": "an audit cycle is already running"}, status_code=409)
         return JSONResponse({"status": "started", "run": run_id}, status_code=202)

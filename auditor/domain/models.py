@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -124,6 +124,15 @@ class DiskSnapshot:
     def disk_id(self) -> str:
         """Returns the disk's id."""
         return self.disk.id
+
+
+def utc_from_epoch(seconds: int) -> datetime | None:
+    """Returns Unix epoch seconds as an aware UTC datetime, or None when outside datetime's range (years 1-9999)."""
+    # Katapult sends every time as Unix epoch seconds (a JSON integer of any size).
+    try:
+        return datetime.fromtimestamp(seconds, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def fingerprint(rule: str, disk_id: str, policy_id: str | None) -> str:

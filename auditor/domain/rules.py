@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from auditor.domain.models import (
@@ -17,6 +17,7 @@ from auditor.domain.models import (
     Interval,
     ReadOutcome,
     Severity,
+    utc_from_epoch,
 )
 
 UNPROTECTED_DISK = "unprotected-disk"
@@ -84,13 +85,15 @@ def check_retention_window(
     policy: BackupPolicy, params: RuleParams, now: datetime
 ) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
     """Returns a violation when retention × interval length is shorter than `min_retention_days`."""
-    window = policy.retention * policy.schedule.interval.length
-    if _days(window) >= params.min_retention_days:
+    # In float days, not `retention * timedelta`: a timedelta overflows past ~2.7 million years, which a large (but
+    # well-formed) retention of monthly backups reaches.
+    window_days = policy.retention * _days(policy.schedule.interval.length)
+    if window_days >= params.min_retention_days:
         return None
     return (
-        f"policy {policy.id} covers {_days(window):.3g} days ({policy.retention} × {policy.schedule.interval.value}),"
+        f"policy {policy.id} covers {window_days:.3g} days ({policy.retention} × {policy.schedule.interval.value}),"
         f" less than the required {params.min_retention_days:g} days",
-        {"retention": policy.retention, "interval": policy.schedule.interval.value, "window_days": _days(window)},
+        {"retention": policy.retention, "interval": policy.schedule.interval.value, "window_days": window_days},
         {"min_retention_days": params.min_retention_days},
     )
 
@@ -201,10 +204,7 @@ def evaluate(snapshot: DiskSnapshot, rules: RuleSet, *, now: datetime) -> list[F
     if snapshot.outcome is ReadOutcome.IN_TRASH:
         if DISK_IN_TRASH in rules.disabled:
             return []
-        trash = snapshot.detail.get("trash_object") or {}
-        keep = trash.get("keep_until") if isinstance(trash, dict) else None
-        if isinstance(keep, int) and not isinstance(keep, bool):
-            keep = _iso(datetime.fromtimestamp(keep, UTC))  # Katapult times are Unix seconds
+        keep = _iso(_trash_keep_until(snapshot.detail))
         msg = f"disk {disk_id} is in the trash" + (f" until {keep}" if keep else "")
         return [make(DISK_IN_TRASH, None, msg, {"error": "object_in_trash", "keep_until": keep}, {})]
 
@@ -234,6 +234,17 @@ def evaluate(snapshot: DiskSnapshot, rules: RuleSet, *, now: datetime) -> list[F
                 observed = {"target": f"{policy.target_type.value}:{policy.target_id}", **observed}
                 findings.append(make(rule.id, policy.id, message, observed, expected))
     return findings
+
+
+def _trash_keep_until(detail: object) -> datetime | None:
+    """Returns `detail.trash_object.keep_until` as a datetime; anything else (any JSON at all) gives None."""
+    # README: a 406 object_in_trash carries {"trash_object": {id, keep_until, object_id, object_type}}, keep_until in
+    # Unix seconds. The wire parser already drops malformed values; this never raises on whatever it is given.
+    trash = detail.get("trash_object") if isinstance(detail, dict) else None
+    keep = trash.get("keep_until") if isinstance(trash, dict) else None
+    if not isinstance(keep, int) or isinstance(keep, bool):
+        return None
+    return utc_from_epoch(keep)
 
 
 def build_ruleset(

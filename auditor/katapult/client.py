@@ -21,7 +21,9 @@ from auditor.errors import (
     KatapultResponseError,
     KatapultTransportError,
     RateLimitedError,
+    ResponseTooLargeError,
     UnavailableError,
+    UnexpectedObjectError,
 )
 from auditor.katapult import wire
 from auditor.katapult.pacing import RateLimiter
@@ -45,6 +47,11 @@ BACKOFF_CAP = 30.0
 # Without Retry-After, a 429 waits a few request slots of the budget in detail.total_permitted, at least 1 s.
 RATE_LIMIT_SLOTS = 4
 RATE_LIMIT_MIN_WAIT = 1.0
+# The largest body read into memory; beyond it the request fails (config katapult.max_response_bytes). A full
+# 200-row page of policies is well under 1 MiB.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+# Rate-limit headers past this are not believed (README: 1000 and 200 per minute have been seen).
+_MAX_HEADER_INT = 2**31 - 1
 _REDACTED = "[redacted]"
 
 
@@ -122,6 +129,7 @@ class KatapultClient:
         timeout: float = 30.0,
         max_attempts: int = 6,
         max_retry_seconds: float = 120.0,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
         transport: httpx.AsyncBaseTransport | None = None,
         limiter: RateLimiter | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -136,12 +144,15 @@ class KatapultClient:
             raise ValueError("base_url must be an http:// or https:// URL")
         if not token:
             raise ValueError("token must not be empty")
+        if isinstance(max_response_bytes, bool) or max_response_bytes < 1:
+            raise ValueError("max_response_bytes must be positive")
         self._base_url = base_url.rstrip("/")
         self._token = _Secret(token)
         self._per_page = per_page
         self._timeout = timeout
         self._max_attempts = max_attempts
         self._max_retry_seconds = max_retry_seconds
+        self._max_response_bytes = max_response_bytes
         self._sleep = sleep
         # The limiter waits in real time; `sleep` is only for retry backoff (tests inject a no-op there).
         self._limiter = limiter or RateLimiter(max_requests_per_minute, reserve=max_concurrency + 2)
@@ -209,9 +220,20 @@ class KatapultClient:
         return disks
 
     async def get_disk(self, disk_id: str) -> Disk:
-        """Returns one disk."""
+        """Returns one disk; raises UnexpectedObjectError if Katapult answers about another disk."""
         body = await self._get(DISK, {"disk[id]": disk_id}, target=disk_id)
-        return wire.parse_disk_response(body, endpoint=DISK, target=disk_id)
+        disk = wire.parse_disk_response(body, endpoint=DISK, target=disk_id)
+        # README: GET /disks/disk?disk[id]=X answers {"disk": {...}} for disk X. Another id means a confused cache,
+        # proxy or server; using it would attribute one disk's state to another.
+        if disk.id != disk_id:
+            raise UnexpectedObjectError(
+                wire.clip(f"GET {DISK}: asked for disk {disk_id}, Katapult answered about disk {disk.id!r}"),
+                field="disk.id",
+                target=disk_id,
+                endpoint=DISK,
+                status_code=200,
+            )
+        return disk
 
     async def _list_policies(self, endpoint: str, lookup: dict[str, str], *, target: str) -> list[BackupPolicy]:
         return await self._list(
@@ -362,7 +384,9 @@ class KatapultClient:
             self.stats.requests += 1
             begin = time.monotonic()
             try:
-                response = await self._http.get(endpoint, params=params)
+                # Streamed, so a body past the cap is never held in memory (nor decompressed past it).
+                async with self._http.stream("GET", endpoint, params=params) as response:
+                    content = await self._read_body(response)
             except httpx.TimeoutException as exc:
                 self._count_failure("timeout", endpoint, target, begin)
                 raise KatapultTransportError(
@@ -392,19 +416,81 @@ class KatapultClient:
         )
         if 200 <= status < 300:
             self._limiter.on_success()
-            return wire.decode_json(response.content, endpoint=endpoint, target=target, status_code=status)
+            if content is None:
+                raise self._too_large(endpoint, target, status)
+            return wire.decode_json(content, endpoint=endpoint, target=target, status_code=status)
+        retry_after = _retry_after(response)
+        if content is None:
+            # Pacing still follows the status and headers; only the body is refused.
+            self._after_refusal(
+                rate_limited=status == 429,
+                unavailable=status >= 500,
+                permitted=None,
+                retry_after=retry_after,
+                endpoint=endpoint,
+                started_at=started_at,
+            )
+            raise self._too_large(endpoint, target, status)
         error = wire.api_error(
             status,
-            response.content,
+            content,
             endpoint=endpoint,
             target=target,
-            retry_after=_retry_after(response),
+            retry_after=retry_after,
+            redact=self._redact,
         )
         self._redact_error(error)
-        if isinstance(error, RateLimitedError):
+        self._after_refusal(
+            rate_limited=isinstance(error, RateLimitedError),
+            unavailable=isinstance(error, UnavailableError),
+            permitted=wire.total_permitted(error.detail),
+            retry_after=retry_after,
+            endpoint=endpoint,
+            started_at=started_at,
+        )
+        raise error
+
+    async def _read_body(self, response: httpx.Response) -> bytes | None:
+        """Returns the whole body, or None (having stopped reading) once it is bigger than max_response_bytes."""
+        limit = self._max_response_bytes
+        # A declared length past the cap is refused before reading a byte (a wrong one is still counted below).
+        declared = response.headers.get("Content-Length", "").strip()
+        if declared.isdigit() and declared.isascii() and (len(declared) > 20 or int(declared) > limit):
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        # aiter_bytes yields decoded bytes: a compressed body is counted (and refused) as it expands.
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, endpoint: str, target: str, status: int) -> ResponseTooLargeError:
+        return ResponseTooLargeError(
+            f"GET {endpoint} for {target}: HTTP {status} response body is larger than the"
+            f" {self._max_response_bytes}-byte limit (katapult.max_response_bytes); not read further",
+            max_bytes=self._max_response_bytes,
+            target=target,
+            endpoint=endpoint,
+            status_code=status,
+        )
+
+    def _after_refusal(
+        self,
+        *,
+        rate_limited: bool,
+        unavailable: bool,
+        permitted: int | None,
+        retry_after: float | None,
+        endpoint: str,
+        started_at: float,
+    ) -> None:
+        """Feeds a non-2xx answer to the limiter: a 429 pauses every start, a 5xx Retry-After holds them."""
+        if rate_limited:
             self.stats.rate_limited += 1
-            permitted = wire.total_permitted(error.detail)
-            wait = error.retry_after if error.retry_after is not None else self._rate_limit_wait(permitted)
+            wait = retry_after if retry_after is not None else self._rate_limit_wait(permitted)
             pause = self._limiter.on_rate_limited(permitted=permitted, wait=wait, started_at=started_at)
             logger.warning(
                 "Katapult rate limit reached (%s/min) on GET %s; pausing requests for %.2fs",
@@ -412,10 +498,9 @@ class KatapultClient:
                 endpoint,
                 pause,
             )
-        elif isinstance(error, UnavailableError) and error.retry_after is not None:
+        elif unavailable and retry_after is not None:
             # The server asked every client to stay away for a while, not just this request.
-            self._limiter.pause(error.retry_after)
-        raise error
+            self._limiter.pause(retry_after)
 
     def _count_failure(self, kind: str, endpoint: str, target: str, begin: float) -> None:
         self.stats.count(kind)
@@ -438,9 +523,10 @@ def _int_header(response: httpx.Response, name: str) -> int | None:
     if raw is None:
         return None
     try:
-        return int(raw.strip())
+        value = int(raw.strip())
     except ValueError:
         return None
+    return value if 0 <= value <= _MAX_HEADER_INT else None
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Generic, TypeVar
 
-from auditor.domain.models import BackupPolicy, Disk, Interval, Schedule, TargetType
+from auditor.domain.models import BackupPolicy, Disk, Interval, Schedule, TargetType, utc_from_epoch
 from auditor.errors import (
     AuthError,
     InTrashError,
@@ -27,6 +29,17 @@ POLICIES_KEY = "disk_backup_policies"
 ORG_DISKS_KEY = "disk"
 
 _MAX_DESCRIPTION = 300
+# Every error message is cut to this length: a hostile body cannot make logs, stored errors or alerts huge.
+MAX_MESSAGE = 500
+# How much of a server-sent value a message quotes.
+_MAX_QUOTE = 60
+# README error table: codes are short snake_case words (`disk_not_found`). Anything else is not that shape.
+_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# Ceiling for integers the auditor stores or computes with (retention, a per-minute budget): a 32-bit integer
+# column, which is what our store uses for them. Anything bigger cannot be a real setting.
+MAX_INT32 = 2**31 - 1
+# Characters that must not reach a message: lone surrogates (not Unicode at all) and control characters.
+_UNSAFE_TEXT = re.compile(r"[\ud800-\udfff\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +85,7 @@ class _Reader:
         if self.page is not None:
             where += f" (page {self.page})"
         return KatapultResponseError(
-            f"malformed response from {where}: {path or '<body>'}: {problem}",
+            clip(f"malformed response from {where}: {path or '<body>'}: {problem}"),
             field=path or None,
             target=self.target,
             endpoint=self.endpoint,
@@ -105,7 +118,7 @@ class _Reader:
         value = self.field(parent, name, path)
         if not isinstance(value, str) or not value:
             raise self.fail(_join(path, name), f"expected a non-empty string, got {_kind(value)}")
-        return value
+        return self._text(value, _join(path, name))
 
     def opt_str(self, parent: Mapping[str, object], name: str, path: str) -> str | None:
         """Returns an optional string field (absent or null gives None)."""
@@ -114,6 +127,13 @@ class _Reader:
             return None
         if not isinstance(value, str):
             raise self.fail(_join(path, name), f"expected a string or null, got {_kind(value)}")
+        return self._text(value, _join(path, name))
+
+    def _text(self, value: str, path: str) -> str:
+        # Katapult's JSON is generated from valid UTF-8, so a lone surrogate (a "\ud800" escape) cannot come from it,
+        # and such a string cannot be stored, logged as UTF-8 or compared reliably.
+        if not _is_unicode(value):
+            raise self.fail(path, "string is not valid Unicode (lone surrogate)")
         return value
 
     def req_int(self, parent: Mapping[str, object], name: str, path: str) -> int:
@@ -122,6 +142,16 @@ class _Reader:
         if not _is_int(value):
             raise self.fail(_join(path, name), f"expected an integer, got {_kind(value)}")
         assert isinstance(value, int)
+        return value
+
+    def req_count(self, parent: Mapping[str, object], name: str, path: str) -> int:
+        """Returns a required integer field that must be positive and fit a 32-bit integer."""
+        value = self.field(parent, name, path)
+        if not _is_int(value):
+            raise self.fail(_join(path, name), f"expected a positive integer, got {_kind(value)}")
+        assert isinstance(value, int)
+        if not 1 <= value <= MAX_INT32:
+            raise self.fail(_join(path, name), f"expected a positive integer up to {MAX_INT32}, got {_quote(value)}")
         return value
 
     def opt_int(self, parent: Mapping[str, object], name: str, path: str) -> int | None:
@@ -141,7 +171,13 @@ class _Reader:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(_join(path, name), f"expected a number or null, got {_kind(value)}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer literal beyond any float
+            raise self.fail(_join(path, name), "number is out of range") from None
+        if not math.isfinite(number):
+            raise self.fail(_join(path, name), "number is out of range")
+        return number
 
     def opt_bool(self, parent: Mapping[str, object], name: str, path: str) -> bool | None:
         """Returns an optional boolean field (absent or null gives None)."""
@@ -158,10 +194,10 @@ class _Reader:
         seconds = self.opt_int(parent, name, path)
         if seconds is None:
             return None
-        try:
-            return datetime.fromtimestamp(seconds, tz=UTC)
-        except (OverflowError, OSError, ValueError):
-            raise self.fail(_join(path, name), f"timestamp {seconds} is out of range") from None
+        moment = utc_from_epoch(seconds)
+        if moment is None:
+            raise self.fail(_join(path, name), f"timestamp {_quote(seconds)} is out of range")
+        return moment
 
 
 def _is_int(value: object) -> bool:
@@ -188,11 +224,52 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _quote(value: object) -> str:
+    """Returns a short, escaped rendering of a server-sent value for a message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer past Python's digit limit for str()
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= _MAX_QUOTE else text[: _MAX_QUOTE - 3] + "..."
+
+
+def clip(message: str, limit: int = MAX_MESSAGE) -> str:
+    """Returns `message` cut to `limit` characters (marked with "...")."""
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+def _safe_text(text: str) -> str:
+    """Returns server-sent text with lone surrogates and control characters replaced, safe to log and store."""
+    return _UNSAFE_TEXT.sub(lambda m: "\ufffd" if "\ud800" <= m.group() <= "\udfff" else " ", text)
+
+
+def _reject_constant(name: str) -> object:
+    # json.loads accepts NaN, Infinity and -Infinity by default; they are not JSON (RFC 8259) and Katapult never
+    # sends them.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(content: bytes) -> object:
+    """Returns the decoded JSON value; raises ValueError for anything that is not strict JSON."""
+    try:
+        return json.loads(content, parse_constant=_reject_constant)
+    except RecursionError:  # nesting deeper than the interpreter's stack
+        raise ValueError("JSON nested too deeply") from None
+
+
 def decode_json(content: bytes, *, endpoint: str, target: str, status_code: int = 200) -> dict[str, object]:
     """Returns a response body decoded as a JSON object, or raises KatapultResponseError."""
     reader = _Reader(endpoint=endpoint, target=target, status_code=status_code)
     try:
-        value = json.loads(content)
+        value = _loads(content)
     except ValueError:  # includes UnicodeDecodeError
         raise reader.fail("", "body is not valid JSON") from None
     return reader.obj(value, "")
@@ -207,7 +284,7 @@ def _parse_policy(reader: _Reader, raw: object, path: str) -> BackupPolicy:
     try:
         target_type = TargetType(type_name)
     except ValueError:
-        raise reader.fail(_join(target_path, "type"), f"unknown target type {type_name!r}") from None
+        raise reader.fail(_join(target_path, "type"), f"unknown target type {_quote(type_name)}") from None
     value = reader.req_obj(target, "value", target_path)
     value_path = _join(target_path, "value")
 
@@ -217,11 +294,13 @@ def _parse_policy(reader: _Reader, raw: object, path: str) -> BackupPolicy:
     try:
         interval = Interval(interval_name)
     except ValueError:
-        raise reader.fail(_join(schedule_path, "interval"), f"unknown interval {interval_name!r}") from None
+        raise reader.fail(_join(schedule_path, "interval"), f"unknown interval {_quote(interval_name)}") from None
 
     return BackupPolicy(
         id=reader.req_str(item, "id", path),
-        retention=reader.req_int(item, "retention", path),
+        # README: retention is an integer, the number of backups kept. Zero or fewer is not a policy that could be
+        # judged (it would read as a compliance verdict on garbage), so it is malformed.
+        retention=reader.req_count(item, "retention", path),
         target_type=target_type,
         target_id=reader.req_str(value, "id", value_path),
         target_name=reader.opt_str(value, "name", value_path),
@@ -312,7 +391,7 @@ def parse_error_body(content: bytes) -> ApiErrorBody | None:
     """Returns the wrapped error of an error body, or None if the body is not that shape."""
     # README: every error body is wrapped as {"error": {"code", "description", "detail"}} (the spec omits "error").
     try:
-        value = json.loads(content)
+        value = _loads(content)
     except ValueError:
         return None
     if not isinstance(value, dict):
@@ -321,15 +400,42 @@ def parse_error_body(content: bytes) -> ApiErrorBody | None:
     if not isinstance(error, dict):
         return None
     code = error.get("code")
-    if not isinstance(code, str) or not code:
+    if not isinstance(code, str) or not _CODE.fullmatch(code):
         return None
     description = error.get("description")
     detail = error.get("detail")
     return ApiErrorBody(
         code=code,
-        description=description[:_MAX_DESCRIPTION] if isinstance(description, str) else "",
-        detail=detail if isinstance(detail, dict) else {},
+        description=_safe_text(description) if isinstance(description, str) else "",
+        detail=_clean_detail(detail) if isinstance(detail, dict) else {},
     )
+
+
+def _clean_detail(detail: dict[str, object]) -> dict[str, object]:
+    """Returns an error detail with its documented parts checked; malformed ones are dropped (treated as absent)."""
+    clean = dict(detail)
+    if "trash_object" in clean:
+        trash = _trash_object(clean.pop("trash_object"))
+        if trash is not None:
+            clean["trash_object"] = trash
+    return clean
+
+
+def _trash_object(raw: object) -> dict[str, object] | None:
+    """Returns the well-formed fields of a `trash_object`, or None if it is not an object."""
+    # README: 406 object_in_trash carries {"trash_object": {id, keep_until, object_id, object_type}}, keep_until in
+    # Unix seconds. Only values of that shape are kept: a keep_until outside datetime's range is treated as absent.
+    if not isinstance(raw, dict):
+        return None
+    trash: dict[str, object] = {}
+    for name in ("id", "object_id", "object_type"):
+        value = raw.get(name)
+        if isinstance(value, str) and value and len(value) <= 200 and _is_unicode(value):
+            trash[name] = value
+    keep = raw.get("keep_until")
+    if _is_int(keep) and isinstance(keep, int) and utc_from_epoch(keep) is not None:
+        trash["keep_until"] = keep
+    return trash
 
 
 def api_error(
@@ -339,14 +445,20 @@ def api_error(
     endpoint: str,
     target: str,
     retry_after: float | None = None,
+    redact: Callable[[str], str] = str,
 ) -> KatapultAPIError:
-    """Returns the typed error for a non-2xx response; a body that is not the wrapped shape maps by status."""
+    """Returns the typed error for a non-2xx response; a body that is not the wrapped shape maps by status.
+
+    `redact` blanks secrets in the server's description before it is cut, so no part of a secret survives a cut.
+    """
     body = parse_error_body(content)
     if body is None:
         body = ApiErrorBody(code=f"http_{status_code}", description="", detail={})
     message = f"GET {endpoint} for {target}: HTTP {status_code} {body.code}"
-    if body.description:
-        message += f": {body.description}"
+    description = clip(redact(body.description), _MAX_DESCRIPTION)
+    if description:
+        message += f": {description}"
+    message = clip(message)
     cls = _error_class(status_code, body.code)
     if cls is RateLimitedError:
         return RateLimitedError(
@@ -391,4 +503,5 @@ def _error_class(status_code: int, code: str) -> type[KatapultAPIError]:
 def total_permitted(detail: Mapping[str, object]) -> int | None:
     """Returns `detail.total_permitted` of a 429 (requests per minute), if it is a positive integer."""
     value = detail.get("total_permitted")
-    return value if _is_int(value) and isinstance(value, int) and value > 0 else None
+    # Bounded: the pacing arithmetic turns it into a float (60 / N), which a huge integer would overflow.
+    return value if _is_int(value) and isinstance(value, int) and 0 < value <= MAX_INT32 else None

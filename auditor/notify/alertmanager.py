@@ -25,6 +25,7 @@ from auditor.notify.base import (
     json_body,
     post,
     rfc3339,
+    settings_secrets,
     url_secrets,
 )
 
@@ -81,14 +82,13 @@ class AlertmanagerChannel:
     ) -> DeliveryResult:
         """POSTs the alerts once (Alertmanager answers 200); raises NotifyError on failure."""
         body = json_body(self.build_payload(notification, settings, now=now))
-        url = settings.url.get_secret_value()
-        response = await post(
-            http, alerts_url(url), body=body, settings=settings, headers={}, secrets=url_secrets(url), now=now
-        )
-        logger.debug("%s accepted notification %s (HTTP %d)", describe(settings), notification.id, response.status_code)
+        url = alerts_url(settings.url.get_secret_value())
+        # The URL posted to is the configured one plus /api/v2/alerts: a receiver may quote either back.
+        secrets = settings_secrets(settings) + url_secrets(url)
+        status = await post(http, url, body=body, settings=settings, headers={}, secrets=secrets, now=now)
+        logger.debug("%s accepted notification %s (HTTP %d)", describe(settings), notification.id, status)
         return DeliveryResult(
-            status_code=response.status_code,
-            detail=f"{describe(settings)}: HTTP {response.status_code}, {len(notification.alerts)} alert(s)",
+            status_code=status, detail=f"{describe(settings)}: HTTP {status}, {len(notification.alerts)} alert(s)"
         )
 
 

@@ -17,13 +17,14 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, TypeAlias, TypeVar
-from urllib.parse import unquote, urlsplit
 
 import httpx
+from pydantic import SecretStr
 
 from auditor.config import NotifierCommon
 from auditor.domain.alerts import Alert, AlertStatus, Notification
 from auditor.errors import NotifyError
+from auditor.log import redact, secret_forms
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +36,13 @@ ZERO_TIME = "0001-01-01T00:00:00Z"
 TEST_LABEL = "test"
 TEST_ANNOTATION = "This is a test notification from the Katapult backup auditor; no action is needed."
 BODY_EXCERPT_CHARS = 200
+# Only this much of a response body is read: an excerpt needs a few hundred characters, and a hostile or broken
+# receiver must not make us hold megabytes.
+MAX_BODY_BYTES = 64 * 1024
 REDACTED = "[redacted]"
-# Secret fragments shorter than this are not scrubbed on their own: replacing "v2" or "api" everywhere would
-# mangle the excerpt without protecting anything.
-_MIN_FRAGMENT = 6
+# RFC 9111 §1.2.2: a delta-seconds too large to represent is taken as 2**31 seconds; HTTP-dates are capped alike.
+RETRY_AFTER_CEILING = float(2**31)
+_DELTA_SECONDS = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +102,13 @@ def headline(notification: Notification) -> str:
 
 def json_body(payload: Any) -> bytes:
     """Returns the compact UTF-8 JSON bytes that are sent (and, for the webhook, signed)."""
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON from the API may carry "\ud800" in a name) cannot be UTF-8: send U+FFFD instead
+        # of failing the notification on every attempt.
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
 def alert_labels(alert: Alert, *, is_test: bool) -> dict[str, str]:
@@ -129,55 +139,65 @@ def common_items(mappings: Iterable[Mapping[str, str]]) -> dict[str, str]:
 
 
 def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
-    """Returns the seconds a Retry-After header asks for (delta-seconds or HTTP-date, RFC 9110 §10.2.3)."""
+    """Returns the seconds a Retry-After header asks for (delta-seconds or HTTP-date, RFC 9110 §10.2.3), finite
+    and within [0, 2**31]; None when absent or unreadable."""
     if not value:
         return None
     value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(seconds, 0.0) if math.isfinite(seconds) else None
+    # Any decimal number is read (the RFC grammar is digits only, but "1.5" and "-3" are clear enough); "inf",
+    # "nan", "1_0" and non-ASCII digits, which float() would also take, are not numbers on the wire.
+    if _DELTA_SECONDS.fullmatch(value):
+        seconds = float(value)  # too many digits gives inf, which the ceiling turns into 2**31
+        return min(max(seconds, 0.0), RETRY_AFTER_CEILING)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:  # RFC 9110 dates are GMT; parsedate_to_datetime returns naive for "-0000"
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - now).total_seconds()
+    except (TypeError, ValueError, IndexError, OverflowError):  # a year or offset beyond what datetime holds
         return None
-    if when.tzinfo is None:  # RFC 9110 dates are GMT; parsedate_to_datetime returns naive for "-0000"
-        when = when.replace(tzinfo=UTC)
-    return max((when - now).total_seconds(), 0.0)
+    return min(max(seconds, 0.0), RETRY_AFTER_CEILING)
+
+
+def clamp_retry_after(seconds: float | None, *, maximum: timedelta) -> float | None:
+    """Returns `seconds` within [0, maximum] (None stays None, and so does NaN: there is nothing to honour)."""
+    if seconds is None or math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), max(maximum.total_seconds(), 0.0))
 
 
 def url_secrets(url: str) -> list[str]:
-    """Returns the parts of a secret-bearing URL that must never be shown: the URL, its path, query and password."""
-    parts = [url, url.rstrip("/")]
-    try:
-        split = urlsplit(url)
-    except ValueError:
-        return parts
-    if split.password:
-        parts += [split.password, unquote(split.password)]
-    if split.path.strip("/"):
-        parts += [split.path, split.path.rstrip("/"), unquote(split.path)]
-        # Slack, Teams and friends carry the secret as path segments; a 404 page may echo just one of them.
-        parts += [segment for segment in split.path.split("/") if len(segment) >= 8]
-    if split.query:
-        parts.append(split.query)
-        parts += [pair.partition("=")[2] for pair in split.query.split("&")]
-    return parts
+    """Returns every form of a secret-bearing URL that must never be shown (see `auditor.log.secret_forms`)."""
+    return secret_forms(url)
+
+
+def settings_secrets(settings: NotifierCommon) -> list[str]:
+    """Returns every form of every secret in a notifier's settings: each SecretStr value and any URL."""
+    forms: list[str] = []
+    for field in type(settings).model_fields:
+        value = getattr(settings, field, None)
+        if isinstance(value, SecretStr):
+            forms += secret_forms(value.get_secret_value())
+        elif isinstance(value, str) and "://" in value:  # a plain URL setting (PagerDuty's events_url) may hold
+            forms += secret_forms(value)  # credentials or a token too
+    return list(dict.fromkeys(forms))
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
-    """Returns `text` with every secret (longest first) replaced by [redacted]."""
-    for secret in sorted({s for s in secrets if len(s) >= _MIN_FRAGMENT}, key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
-    return text
+    """Returns `text` with every secret replaced by [redacted]; pass forms from `secret_forms`/`url_secrets`."""
+    return redact(text, secrets, mask=REDACTED)
 
 
-def excerpt(text: str, secrets: Iterable[str]) -> str:
-    """Returns a one-line, scrubbed excerpt of a response body (at most ~200 characters)."""
-    # Scrubbed before truncation, so a cut can never leave part of a secret behind.
-    flat = re.sub(r"\s+", " ", scrub(text, secrets)).strip()
+def excerpt(text: str, secrets: Iterable[str], *, is_cut: bool = False) -> str:
+    """Returns a one-line, scrubbed excerpt of a response body (at most ~200 characters); `is_cut` says the text
+    was cut short on reading, so its end may hold the start of a secret."""
+    secrets = [s for s in secrets if s]
+    # Scrubbed before truncation, so our own cut can never leave part of a secret behind.
+    text = scrub(text, secrets)
+    if is_cut and secrets:
+        # The read stopped at a byte limit, maybe inside a secret: drop a tail as long as any partial one could be.
+        text = text[: max(len(text) - (max(map(len, secrets)) - 1), 0)] + " …"
+    flat = re.sub(r"\s+", " ", text).strip()
     if len(flat) > BODY_EXCERPT_CHARS:
         flat = flat[:BODY_EXCERPT_CHARS].rstrip() + "…"
     return flat
@@ -193,6 +213,16 @@ def is_temporary_status(status: int) -> bool:
     return status in (408, 429) or status >= 500
 
 
+async def read_capped(response: httpx.Response, *, limit: int = MAX_BODY_BYTES) -> tuple[str, bool]:
+    """Returns up to `limit` bytes of a streamed response body as text, and whether the body was longer."""
+    data = bytearray()
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) > limit:
+            return data[:limit].decode(response.encoding or "utf-8", "replace"), True
+    return data.decode(response.encoding or "utf-8", "replace"), False
+
+
 async def post(
     http: httpx.AsyncClient,
     url: str,
@@ -202,17 +232,20 @@ async def post(
     headers: Mapping[str, str],
     secrets: Iterable[str],
     now: datetime,
-) -> httpx.Response:
-    """POSTs `body` once and returns the 2xx response; raises NotifyError (never naming the URL) otherwise."""
+) -> int:
+    """POSTs `body` once and returns the 2xx status; raises NotifyError (never naming the URL) otherwise."""
     secrets = list(secrets)
     name = describe(settings)
     try:
-        response = await http.post(
+        async with http.stream(
+            "POST",
             url,
             content=body,
             headers={"Content-Type": "application/json", **headers},
             timeout=settings.timeout_seconds,
-        )
+        ) as response:
+            # Read (capped) even on success, so the connection can be reused.
+            text, is_cut = await read_capped(response)
     except httpx.TimeoutException as exc:
         raise NotifyError(
             f"{name}: timed out after {settings.timeout_seconds:g}s ({type(exc).__name__})", permanent=False
@@ -221,7 +254,7 @@ async def post(
         raise NotifyError(f"{name}: the configured URL has an unsupported scheme", permanent=True) from None
     except httpx.TransportError as exc:
         raise NotifyError(
-            f"{name}: transport error ({type(exc).__name__}: {scrub(str(exc), secrets) or 'no detail'})",
+            f"{name}: transport error ({type(exc).__name__}: {excerpt(str(exc), secrets) or 'no detail'})",
             permanent=False,
         ) from None
     except httpx.InvalidURL:
@@ -230,8 +263,8 @@ async def post(
         raise NotifyError(f"{name}: request failed ({type(exc).__name__})", permanent=False) from None
     status = response.status_code
     if 200 <= status < 300:
-        return response
-    detail = excerpt(response.text, secrets)
+        return status
+    detail = excerpt(text, secrets, is_cut=is_cut)
     message = f"{name}: HTTP {status}" + (f": {detail}" if detail else "")
     if is_temporary_status(status):
         retry_after = parse_retry_after(response.headers.get("Retry-After"), now=now)

@@ -29,6 +29,7 @@ from auditor.notify.base import (
     headline,
     humanize,
     rfc3339,
+    settings_secrets,
 )
 
 logger = logging.getLogger(__name__)
@@ -103,11 +104,12 @@ def _domain(address: str) -> str:
 
 def _smtp_secrets(settings: EmailNotifier) -> list[str]:
     if settings.password is None:
-        return []
+        return settings_secrets(settings)
     password = settings.password.get_secret_value()
-    # AUTH PLAIN and AUTH LOGIN put these on the wire; a server error reply could quote them back.
+    # AUTH PLAIN and AUTH LOGIN put these on the wire (aiosmtplib encodes UTF-8); a server error reply could
+    # quote them back.
     plain = base64.b64encode(f"\0{settings.username}\0{password}".encode()).decode()
-    return [password, base64.b64encode(password.encode()).decode(), plain]
+    return [*settings_secrets(settings), base64.b64encode(password.encode()).decode(), plain]
 
 
 def _smtp_error(exc: Exception, *, settings: EmailNotifier, secrets: Iterable[str]) -> NotifyError:

@@ -18,7 +18,7 @@ from auditor.config import PagerDutyNotifier
 from auditor.domain.alerts import Alert, AlertStatus, Notification
 from auditor.domain.models import Severity
 from auditor.errors import NotifyError
-from auditor.notify.base import DeliveryResult, describe, json_body, post, rfc3339
+from auditor.notify.base import DeliveryResult, describe, json_body, post, rfc3339, settings_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +96,12 @@ class PagerDutyChannel:
     ) -> DeliveryResult:
         """POSTs every event in turn (PagerDuty answers 202); the first failure raises NotifyError."""
         events = self.build_payload(notification, settings, now=now)
-        secrets = [settings.routing_key.get_secret_value()]
+        # The routing key, and whatever credentials or token the events URL carries (a proxy in front, say).
+        secrets = settings_secrets(settings)
         status: int | None = None
         for index, event in enumerate(events, start=1):
             try:
-                response = await post(
+                status = await post(
                     http,
                     settings.events_url,
                     body=json_body(event),
@@ -118,7 +119,6 @@ class PagerDutyChannel:
                     status_code=exc.status_code,
                     retry_after=exc.retry_after,
                 ) from None
-            status = response.status_code
         logger.debug("%s accepted %d event(s) for notification %s", describe(settings), len(events), notification.id)
         return DeliveryResult(
             status_code=status, detail=f"{describe(settings)}: {len(events)} event(s) accepted (HTTP {status})"

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from auditor.config import NotifierCommon
 from auditor.domain.alerts import Alert, AlertStatus
 from auditor.domain.models import Severity
+from auditor.notify.base import clamp_retry_after
 
 # `group_by` names what the config calls a dimension; the group labels use Alertmanager's label names.
 GROUP_LABELS = {"rule": "alertname", "severity": "severity", "disk_id": "disk_id"}
@@ -69,16 +70,21 @@ def backoff(
     attempt: int,
     *,
     retry_after: float | None,
+    max_retry_after: timedelta = timedelta(hours=1),
     base: float = 5.0,
     cap: float = 900.0,
     random: Callable[[], float] = _random.random,
 ) -> float:
     """Returns seconds to wait before retry number `attempt` (1 = first retry): full jitter over
-    min(cap, base * 2**(attempt-1)), never less than `retry_after` when the receiver sent one."""
+    min(cap, base * 2**(attempt-1)), never less than `retry_after` (clamped to [0, max_retry_after]) when the
+    receiver sent one; always finite, at most max(cap, max_retry_after)."""
     exponent = min(max(attempt, 1) - 1, MAX_EXPONENT)
     delay = random() * min(cap, base * 2.0**exponent)
-    if retry_after is not None:
-        delay = max(delay, retry_after)
+    # A receiver's Retry-After is honoured, but only up to max_retry_after: "Retry-After: 99999999999" must
+    # neither park the notification for centuries nor overflow `now + timedelta(seconds=wait)`.
+    honoured = clamp_retry_after(retry_after, maximum=max_retry_after)
+    if honoured is not None:
+        delay = max(delay, honoured)
     return delay
 
 

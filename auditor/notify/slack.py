@@ -22,7 +22,7 @@ from auditor.notify.base import (
     json_body,
     post,
     rfc3339,
-    url_secrets,
+    settings_secrets,
 )
 
 logger = logging.getLogger(__name__)
@@ -118,11 +118,12 @@ class SlackChannel:
         """POSTs the message once (Slack answers 200 "ok"); raises NotifyError on failure."""
         body = json_body(self.build_payload(notification, settings, now=now))
         url = settings.webhook_url.get_secret_value()
-        response = await post(http, url, body=body, settings=settings, headers={}, secrets=url_secrets(url), now=now)
-        logger.debug("%s accepted notification %s (HTTP %d)", describe(settings), notification.id, response.status_code)
+        status = await post(
+            http, url, body=body, settings=settings, headers={}, secrets=settings_secrets(settings), now=now
+        )
+        logger.debug("%s accepted notification %s (HTTP %d)", describe(settings), notification.id, status)
         return DeliveryResult(
-            status_code=response.status_code,
-            detail=f"{describe(settings)}: HTTP {response.status_code}, {len(notification.alerts)} alert(s)",
+            status_code=status, detail=f"{describe(settings)}: HTTP {status}, {len(notification.alerts)} alert(s)"
         )
 
 

@@ -34,7 +34,7 @@ from auditor.notify.base import (
     json_body,
     post,
     rfc3339,
-    url_secrets,
+    settings_secrets,
 )
 
 logger = logging.getLogger(__name__)
@@ -91,16 +91,14 @@ class WebhookChannel:
         body = json_body(self.build_payload(notification, settings, now=now))
         url = settings.url.get_secret_value()
         headers = {IDEMPOTENCY_HEADER: notification.id}
-        secrets = url_secrets(url)
         if settings.secret is not None:
-            secret = settings.secret.get_secret_value()
-            headers[SIGNATURE_HEADER] = sign(body, secret)
-            secrets.append(secret)
-        response = await post(http, url, body=body, settings=settings, headers=headers, secrets=secrets, now=now)
-        logger.debug("%s accepted notification %s (HTTP %d)", describe(settings), notification.id, response.status_code)
+            headers[SIGNATURE_HEADER] = sign(body, settings.secret.get_secret_value())
+        status = await post(
+            http, url, body=body, settings=settings, headers=headers, secrets=settings_secrets(settings), now=now
+        )
+        logger.debug("%s accepted notification %s (HTTP %d)", describe(settings), notification.id, status)
         return DeliveryResult(
-            status_code=response.status_code,
-            detail=f"{describe(settings)}: HTTP {response.status_code}, {len(notification.alerts)} alert(s)",
+            status_code=status, detail=f"{describe(settings)}: HTTP {status}, {len(notification.alerts)} alert(s)"
         )
 
 

@@ -55,6 +55,20 @@ def is_sqlite(url: str) -> bool:
     return _parse(url).get_backend_name() == "sqlite"
 
 
+def sqlite_path(url: str) -> str | None:
+    """Returns the file of an SQLite URL (None for in-memory or non-SQLite URLs)."""
+    parsed = _parse(url)
+    if not parsed.drivername.startswith("sqlite") or not parsed.database or parsed.database == ":memory:":
+        return None
+    return parsed.database
+
+
+def sqlite_file_missing(url: str) -> bool:
+    """Returns True when the URL names an SQLite file that does not exist (connecting would create it)."""
+    path = sqlite_path(url)
+    return path is not None and not Path(path).is_file()
+
+
 def safe_url(url: str) -> str:
     """Returns the URL with any password masked, for log lines and error messages."""
     return _parse(url).render_as_string(hide_password=True)

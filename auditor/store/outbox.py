@@ -1,31 +1,29 @@
 """The durable alert outbox and per-notifier alert state.
 
-Entries are written in the same transaction as the finding changes that cause them (see `Store.commit_cycle`),
-then claimed and delivered. A claim is an atomic `UPDATE … WHERE state = 'pending'` checked by row count, so two
-deliverers never send the same entry; a claim left by a crashed process expires and the entry is retried
-(receivers dedup on the entry id / PagerDuty `dedup_key`).
+Entries are written in the same transaction as the finding changes that cause them (`Transaction.enqueue`),
+then claimed and delivered. A claim is a compare-and-set `UPDATE` checked by row count, so two deliverers never
+send the same entry; a claim left by a crashed process expires and exactly one deliverer retries it with the same
+id (the `Idempotency-Key`; PagerDuty `dedup_key`), so a send cut mid-flight is repeated, never renamed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from auditor.domain.alerts import (
     AlertState,
-    AlertStatus,
     Delivery,
     DeliveryState,
     OutboxEntry,
     notification_from_dict,
-    notification_to_dict,
 )
 from auditor.store.repo import Store
-from auditor.store.tables import AlertStateRow, OutboxRow
+from auditor.store.tables import OutboxRow
 
 CLAIM_TIMEOUT = timedelta(minutes=5)
 
@@ -46,34 +44,6 @@ def _delivery(row: OutboxRow) -> Delivery:
     )
 
 
-async def write_outbox(
-    s: AsyncSession, entries: Sequence[OutboxEntry], states: Sequence[AlertState | tuple[str, str]],
-    *, run_id: str | None, now: datetime,
-) -> None:
-    """Adds outbox entries and applies alert-state changes inside the caller's transaction.
-
-    A `(notifier, fingerprint)` tuple in `states` deletes that state (the channel should forget the alert).
-    """
-    for e in entries:
-        n = e.notification
-        s.add(OutboxRow(id=n.id, notifier=n.notifier, group_key=n.group_key, kind=e.kind,
-                        payload=notification_to_dict(n), run_id=run_id, created_at=now, state="pending",
-                        attempts=0, next_attempt_at=now, claimed_by=None, claimed_at=None, delivered_at=None,
-                        last_status=None, last_error=None))
-    for st in states:
-        if isinstance(st, tuple):
-            await s.execute(delete(AlertStateRow).where(AlertStateRow.notifier == st[0],
-                                                        AlertStateRow.fingerprint == st[1]))
-            continue
-        row = await s.get(AlertStateRow, (st.notifier, st.fingerprint))
-        if row is None:
-            s.add(AlertStateRow(notifier=st.notifier, fingerprint=st.fingerprint, status=st.status.value,
-                                last_sent_at=st.last_sent_at, starts_at=st.starts_at))
-        else:
-            row.status, row.last_sent_at, row.starts_at = st.status.value, st.last_sent_at, st.starts_at
-    await s.flush()
-
-
 class Outbox:
     """Outbox reads and delivery bookkeeping on a Store's database."""
 
@@ -83,49 +53,41 @@ class Outbox:
     async def enqueue(self, entries: Sequence[OutboxEntry], states: Sequence[AlertState | tuple[str, str]],
                       *, run_id: str | None, now: datetime) -> None:
         """Writes entries and state changes in their own transaction (used outside a cycle)."""
-
-        async def go(s: AsyncSession) -> None:
-            await write_outbox(s, entries, states, run_id=run_id, now=now)
-
-        await self.store._write(go)
-
-    def writer(self, entries: Sequence[OutboxEntry], states: Sequence[AlertState | tuple[str, str]],
-               *, run_id: str | None, now: datetime) -> Callable[[AsyncSession], Awaitable[None]]:
-        """Returns the step that writes entries and states inside another transaction (`commit_cycle(extra=…)`)."""
-
-        async def go(s: AsyncSession) -> None:
-            await write_outbox(s, entries, states, run_id=run_id, now=now)
-
-        return go
+        async with self.store.transaction() as tx:
+            await tx.enqueue(entries, states, run_id=run_id, now=now)
 
     async def alert_states(self) -> dict[tuple[str, str], AlertState]:
         """Returns every notifier's alert states by (notifier, fingerprint)."""
-
-        async def go(s: AsyncSession) -> dict[tuple[str, str], AlertState]:
-            rows = (await s.execute(select(AlertStateRow))).scalars()
-            return {(r.notifier, r.fingerprint): AlertState(r.notifier, r.fingerprint, AlertStatus(r.status),
-                                                            r.last_sent_at, r.starts_at) for r in rows}
-
-        result: dict[tuple[str, str], AlertState] = await self.store._read(go)
-        return result
+        async with self.store.transaction() as tx:
+            return await tx.alert_states()
 
     async def claim_due(self, *, now: datetime, worker: str, limit: int = 100) -> list[Delivery]:
-        """Claims up to `limit` due entries (pending and due, or claimed by a deliverer that vanished)."""
+        """Claims up to `limit` due entries (pending and due, or claimed by a deliverer that vanished).
+
+        A claim is a compare-and-set on the (state, claimed_by, claimed_at) the deliverer read, checked by row
+        count, so of two deliverers reclaiming one stale entry exactly one wins. PostgreSQL also locks the
+        candidates with `FOR UPDATE SKIP LOCKED`, so concurrent deliverers take disjoint batches.
+        """
 
         async def go(s: AsyncSession) -> list[Delivery]:
             due = or_(
                 and_(OutboxRow.state == DeliveryState.PENDING.value, OutboxRow.next_attempt_at <= now),
                 and_(OutboxRow.state == DeliveryState.DELIVERING.value, OutboxRow.claimed_at < now - CLAIM_TIMEOUT),
             )
-            q = select(OutboxRow.id, OutboxRow.state).where(due).order_by(OutboxRow.created_at, OutboxRow.id)
-            candidates = (await s.execute(q.limit(limit))).all()
+            q = (select(OutboxRow.id, OutboxRow.state, OutboxRow.claimed_by, OutboxRow.claimed_at).where(due)
+                 .order_by(OutboxRow.created_at, OutboxRow.id).limit(limit))
+            if s.get_bind().dialect.name == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            candidates = (await s.execute(q)).all()
             claimed: list[str] = []
-            for entry_id, state in candidates:
-                # Atomic claim: only one deliverer's UPDATE matches the state it read.
+            for entry_id, state, claimed_by, claimed_at in candidates:
                 r = await s.execute(
                     update(OutboxRow)
-                    .where(OutboxRow.id == entry_id, OutboxRow.state == state)
+                    .where(OutboxRow.id == entry_id, OutboxRow.state == state,
+                           OutboxRow.claimed_by.is_(None) if claimed_by is None else OutboxRow.claimed_by == claimed_by,
+                           OutboxRow.claimed_at.is_(None) if claimed_at is None else OutboxRow.claimed_at == claimed_at)
                     .values(state=DeliveryState.DELIVERING.value, claimed_by=worker, claimed_at=now)
+                    .execution_options(synchronize_session=False)
                 )
                 if getattr(r, "rowcount", 0) == 1:
                     claimed.append(entry_id)
@@ -138,30 +100,40 @@ class Outbox:
         result: list[Delivery] = await self.store._write(go)
         return result
 
-    async def mark_delivered(self, entry_id: str, *, now: datetime, status: int | None, detail: str) -> None:
-        """Records a successful delivery."""
-        await self._set(entry_id, state=DeliveryState.DELIVERED.value, delivered_at=now, last_status=status,
-                        last_error=None, attempts=OutboxRow.attempts + 1, claimed_by=None)
+    async def mark_delivered(self, entry_id: str, *, now: datetime, status: int | None, detail: str,
+                             worker: str | None = None) -> bool:
+        """Records a successful delivery; False if the claim was no longer this worker's."""
+        return await self._set(entry_id, worker, state=DeliveryState.DELIVERED.value, delivered_at=now,
+                               last_status=status, last_error=None, attempts=OutboxRow.attempts + 1,
+                               claimed_by=None)
 
-    async def mark_retry(self, entry_id: str, *, next_at: datetime, status: int | None, error: str) -> None:
+    async def mark_retry(self, entry_id: str, *, next_at: datetime, status: int | None, error: str,
+                         worker: str | None = None) -> bool:
         """Records a failed attempt that will be retried at `next_at`."""
-        await self._set(entry_id, state=DeliveryState.PENDING.value, next_attempt_at=next_at, last_status=status,
-                        last_error=error[:1000], attempts=OutboxRow.attempts + 1, claimed_by=None)
+        return await self._set(entry_id, worker, state=DeliveryState.PENDING.value, next_attempt_at=next_at,
+                               last_status=status, last_error=error[:1000], attempts=OutboxRow.attempts + 1,
+                               claimed_by=None)
 
-    async def release(self, entry_id: str, *, next_at: datetime) -> None:
+    async def release(self, entry_id: str, *, next_at: datetime, worker: str | None = None) -> bool:
         """Puts a claimed entry back untried, due at `next_at`."""
-        await self._set(entry_id, state=DeliveryState.PENDING.value, next_attempt_at=next_at, claimed_by=None)
+        return await self._set(entry_id, worker, state=DeliveryState.PENDING.value, next_attempt_at=next_at,
+                               claimed_by=None)
 
-    async def mark_failed(self, entry_id: str, *, status: int | None, error: str) -> None:
+    async def mark_failed(self, entry_id: str, *, status: int | None, error: str, worker: str | None = None) -> bool:
         """Records that delivery was given up (a permanent error or too many attempts)."""
-        await self._set(entry_id, state=DeliveryState.FAILED.value, last_status=status, last_error=error[:1000],
-                        attempts=OutboxRow.attempts + 1, claimed_by=None)
+        return await self._set(entry_id, worker, state=DeliveryState.FAILED.value, last_status=status,
+                               last_error=error[:1000], attempts=OutboxRow.attempts + 1, claimed_by=None)
 
-    async def _set(self, entry_id: str, **values: Any) -> None:
-        async def go(s: AsyncSession) -> None:
-            await s.execute(update(OutboxRow).where(OutboxRow.id == entry_id).values(**values))
+    async def _set(self, entry_id: str, worker: str | None, **values: Any) -> bool:
+        async def go(s: AsyncSession) -> int:
+            q = update(OutboxRow).where(OutboxRow.id == entry_id)
+            if worker is not None:  # only the deliverer that holds the claim records its outcome
+                q = q.where(OutboxRow.claimed_by == worker)
+            r = await s.execute(q.values(**values).execution_options(synchronize_session=False))
+            return int(getattr(r, "rowcount", 0) or 0)
 
-        await self.store._write(go)
+        result: int = await self.store._write(go)
+        return result == 1
 
     async def recent(self, *, limit: int = 50, state: str | None = None) -> list[Delivery]:
         """Returns recent outbox entries, newest first."""

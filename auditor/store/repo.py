@@ -6,15 +6,17 @@ import base64
 import json
 import logging
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from auditor.domain.alerts import AlertState, AlertStatus, OutboxEntry, notification_to_dict
 from auditor.domain.lifecycle import Change, Transition
 from auditor.domain.models import (
     DiskSnapshot,
@@ -33,13 +35,16 @@ from auditor.domain.records import (
     RunStats,
     RunStatus,
 )
-from auditor.errors import StoreError
+from auditor.errors import LeaseLostError, StoreError
 from auditor.store.engine import create_engine_for, ping, safe_url
+from auditor.store.leases import CYCLE, Holder, Lease, read_in, renew_in
 from auditor.store.tables import (
+    AlertStateRow,
     DiskRow,
     DriftEvent,
     FindingEvent,
     FindingRow,
+    OutboxRow,
     PolicyState,
     Run,
 )
@@ -103,6 +108,13 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
     except (ValueError, TypeError) as exc:
         raise ValueError("invalid cursor") from exc
     if not (isinstance(raw, list) and len(raw) == 2 and all(isinstance(x, str) for x in raw)):
+        raise ValueError("invalid cursor")
+    try:  # JSON may escape lone surrogates, which no database can compare with
+        for part in raw:
+            part.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("invalid cursor") from None
+    if any("\x00" in part for part in raw):
         raise ValueError("invalid cursor")
     return raw[0], raw[1]
 
@@ -241,54 +253,48 @@ class Store:
 
     # ---- runs -------------------------------------------------------------------------------------------
 
-    async def start_run(self, *, now: datetime, trigger: str) -> str:
-        """Records a new running run and returns its id."""
-        run_id = uuid.uuid4().hex
+    async def start_run(self, *, now: datetime, trigger: str, run_id: str | None = None,
+                        owner: str | None = None) -> str:
+        """Records a new running run (the caller's id, else a new one) and returns its id.
+
+        Runs are numbered by max(seq) + 1: safe because only the holder of the cycle lease starts runs (and the
+        unique index turns a race into an error rather than two runs with one number).
+        """
+        run_id = run_id or new_run_id()
 
         async def go(s: AsyncSession) -> str:
             seq = (await s.execute(select(func.coalesce(func.max(Run.seq), 0)))).scalar_one() + 1
             s.add(Run(id=run_id, seq=seq, trigger=trigger, status=RunStatus.RUNNING.value, started_at=now,
                       finished_at=None, targets_checked=0, disks_ok=0, disks_unknown=0, api_requests=0,
                       api_retries=0, api_rate_limited=0, api_by_status={}, findings_opened=0,
-                      findings_resolved=0, errors=[]))
+                      findings_resolved=0, errors=[], owner=owner))
             return run_id
 
         result: str = await self._write(go)
         return result
 
-    async def fail_run(
-        self, run_id: str, *, now: datetime, errors: Sequence[RunError], stats: RunStats, extra: Any = None
-    ) -> None:
-        """Marks a run failed (nothing of its findings is written; `extra` runs in the same transaction)."""
+    async def fail_run(self, run_id: str, *, now: datetime, errors: Sequence[RunError], stats: RunStats) -> None:
+        """Marks a run failed in its own transaction (nothing of its findings is written)."""
+        async with self.transaction() as tx:
+            await tx.fail_run(run_id, now=now, errors=errors, stats=stats)
 
-        async def go(s: AsyncSession) -> None:
-            if extra is not None:
-                await extra(s)
-            await s.execute(
-                update(Run).where(Run.id == run_id).values(
-                    status=RunStatus.FAILED.value, finished_at=now, errors=[e.as_dict() for e in errors],
-                    api_requests=stats.requests, api_retries=stats.retries, api_rate_limited=stats.rate_limited,
-                    api_by_status=dict(stats.by_status),
-                )
-            )
+    async def abandon_orphaned_runs(self, *, now: datetime, reason: str) -> list[str]:
+        """Marks failed the runs left `running` whose owner is gone; returns their ids.
 
-        await self._write(go)
+        A run is orphaned when the cycle lease is not live for it: expired, released, taken by another run, or
+        held by a process on this host that no longer exists. A live holder's run is never touched.
+        """
+        async with self.transaction() as tx:
+            return await tx.abandon_orphaned_runs(now=now, reason=reason)
 
-    async def abandon_running_runs(self, *, now: datetime, reason: str) -> int:
-        """Marks runs left `running` by a crash or a shutdown as failed; returns how many."""
-
-        async def go(s: AsyncSession) -> int:
-            result = await s.execute(
-                # finished_at stays empty: the run never finished, so readiness does not count it as a cycle.
-                update(Run).where(Run.status == RunStatus.RUNNING.value).values(
-                    status=RunStatus.FAILED.value,
-                    errors=[{"target": "*", "code": "abandoned", "message": f"{reason} (noticed {now.isoformat()})"}],
-                )
-            )
-            return int(getattr(result, "rowcount", 0) or 0)
-
-        count: int = await self._write(go)
-        return count
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """Yields a Transaction: everything done through it commits together, or nothing does."""
+        try:
+            async with self._sessions() as session, session.begin():
+                yield Transaction(session)
+        except (SQLAlchemyError, OSError) as exc:
+            raise self._error(exc) from None
 
     async def latest_run(self, *, finished: bool = True) -> RunRecord | None:
         """Returns the most recent run (finished ones only unless `finished` is false)."""
@@ -369,161 +375,10 @@ class Store:
 
     # ---- the cycle's one write ------------------------------------------------------------------------
 
-    async def commit_cycle(self, cycle: CycleWrite, *, extra: Any = None) -> None:
-        """Writes a finished cycle in one transaction: disks, policy states, drift, findings, events, the run.
-
-        `extra`, if given, is an async callable run inside the same transaction with the session (the alert
-        outbox uses it so notifications are written atomically with the finding changes that cause them).
-        """
-
-        async def go(s: AsyncSession) -> None:
-            new_disks = await self._write_disks(s, cycle)
-            await self._write_states(s, cycle, new_disks=new_disks)
-            await self._write_findings(s, cycle)
-            opened = sum(1 for c in cycle.changes if c.kind in (Transition.OPENED, Transition.REOPENED,
-                                                                 Transition.UNWAIVED))
-            resolved = sum(1 for c in cycle.changes if c.kind is Transition.RESOLVED)
-            ok = sum(1 for d in cycle.disks if d.snapshot.outcome is not ReadOutcome.UNKNOWN)
-            await s.execute(
-                update(Run).where(Run.id == cycle.run_id).values(
-                    status=cycle.status.value, finished_at=cycle.finished_at or cycle.now,
-                    targets_checked=cycle.targets_checked, disks_ok=ok, disks_unknown=len(cycle.disks) - ok,
-                    api_requests=cycle.stats.requests, api_retries=cycle.stats.retries,
-                    api_rate_limited=cycle.stats.rate_limited, api_by_status=dict(cycle.stats.by_status),
-                    findings_opened=opened, findings_resolved=resolved,
-                    errors=[e.as_dict() for e in cycle.errors],
-                )
-            )
-            if extra is not None:
-                await extra(s)
-
-        await self._write(go)
-
-    async def _write_disks(self, s: AsyncSession, cycle: CycleWrite) -> set[str]:
-        """Upserts the run's disks; returns the ids never read before this run (first seen, or only unknown)."""
-        now = cycle.now
-        new_disks: set[str] = set()
-        ids = [d.snapshot.disk_id for d in cycle.disks]
-        existing: dict[str, DiskRow] = {}
-        for chunk in _chunks(ids):
-            for found in (await s.execute(select(DiskRow).where(DiskRow.id.in_(chunk)))).scalars():
-                existing[found.id] = found
-        read_ok: list[str] = []
-        unknown: list[str] = []
-        for d in cycle.disks:
-            snap = d.snapshot
-            disk = snap.disk
-            definite = snap.outcome is not ReadOutcome.UNKNOWN
-            row = existing.get(disk.id)
-            if row is None or row.last_read_at is None:
-                # No earlier definite reading: this run's policies are the disk's baseline, not drift.
-                new_disks.add(disk.id)
-            if row is None:
-                s.add(DiskRow(id=disk.id, name=disk.name, vm_id=disk.vm_id, vm_fqdn=disk.vm_fqdn, source=d.source,
-                              is_target=True, outcome=snap.outcome.value, error_code=snap.error_code,
-                              error_message=snap.error_message, first_seen_at=now, last_checked_at=now,
-                              last_read_at=now if definite else None, last_run_id=cycle.run_id))
-                continue
-            # Only rows whose facts changed are written one by one; the per-poll timestamps go in bulk below.
-            if definite:
-                read_ok.append(disk.id)
-                name = disk.name or row.name
-                vm_id, vm_fqdn = (disk.vm_id, disk.vm_fqdn) if snap.outcome is ReadOutcome.OK else (None, None)
-                if snap.outcome is ReadOutcome.OK and disk.vm_id is None and row.vm_id and not disk.name:
-                    vm_id, vm_fqdn = row.vm_id, row.vm_fqdn  # per-disk mode without a lookup: keep what we knew
-            else:
-                unknown.append(disk.id)
-                name, vm_id, vm_fqdn = row.name, row.vm_id, row.vm_fqdn
-            new = (name, vm_id, vm_fqdn, d.source, True, snap.outcome.value, snap.error_code, snap.error_message)
-            old = (row.name, row.vm_id, row.vm_fqdn, row.source, row.is_target, row.outcome, row.error_code,
-                   row.error_message)
-            if new != old:
-                (row.name, row.vm_id, row.vm_fqdn, row.source, row.is_target, row.outcome, row.error_code,
-                 row.error_message) = new
-        for chunk in _chunks(read_ok):
-            await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(
-                last_checked_at=now, last_read_at=now, last_run_id=cycle.run_id
-            ).execution_options(synchronize_session=False))
-        for chunk in _chunks(unknown):
-            await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(
-                last_checked_at=now, last_run_id=cycle.run_id).execution_options(synchronize_session=False))
-        retired = sorted(cycle.retired_disks)
-        for chunk in _chunks(retired):
-            await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(is_target=False)
-                            .execution_options(synchronize_session=False))
-        await s.flush()
-        return new_disks
-
-    async def _write_states(self, s: AsyncSession, cycle: CycleWrite, *, new_disks: set[str]) -> None:
-        now = cycle.now
-        settled = [d.snapshot for d in cycle.disks if d.snapshot.outcome is not ReadOutcome.UNKNOWN]
-        current: dict[str, dict[str, PolicyState]] = {}
-        for chunk in _chunks([snap.disk_id for snap in settled]):
-            q = select(PolicyState).where(PolicyState.valid_to.is_(None), PolicyState.disk_id.in_(chunk))
-            for found_state in (await s.execute(q)).scalars():
-                current.setdefault(found_state.disk_id, {})[found_state.policy_id] = found_state
-        moving: list[dict[str, Any]] = []
-        for snap in settled:
-            states = current.get(snap.disk_id, {})
-            # A disk's first definite reading is its baseline, not drift.
-            is_new_disk = snap.disk_id in new_disks
-            for policy in snap.policies:
-                h = policy.settings_hash()
-                after = {"retention": policy.retention, "interval": policy.schedule.interval.value,
-                         "target_type": policy.target_type.value, "target_id": policy.target_id}
-                row: PolicyState | None = states.pop(policy.id, None)
-                if row is not None and row.settings_hash == h:
-                    nxt, size = policy.schedule.next_invocation_at, policy.total_size
-                    if row.next_invocation_at != nxt or row.total_size != size or (
-                            policy.target_name and row.target_name != policy.target_name):
-                        moving.append({"id": row.id, "next_invocation_at": nxt, "total_size": size,
-                                       "target_name": policy.target_name or row.target_name})
-                    continue
-                if row is not None:
-                    row.valid_to = now
-                    before: dict[str, Any] | None = _state(row).settings()
-                    kind = "policy-changed"
-                else:
-                    before, kind = None, "policy-added"
-                s.add(PolicyState(
-                    disk_id=snap.disk_id, policy_id=policy.id, settings_hash=h, retention=policy.retention,
-                    interval=policy.schedule.interval.value, target_type=policy.target_type.value,
-                    target_id=policy.target_id, target_name=policy.target_name,
-                    next_invocation_at=policy.schedule.next_invocation_at, total_size=policy.total_size,
-                    valid_from=now, valid_to=None, first_run_id=cycle.run_id,
-                ))
-                if not is_new_disk:
-                    s.add(DriftEvent(disk_id=snap.disk_id, policy_id=policy.id, run_id=cycle.run_id, at=now,
-                                     kind=kind, before=before, after=after))
-            for policy_id, row in states.items():
-                row.valid_to = now
-                s.add(DriftEvent(disk_id=snap.disk_id, policy_id=policy_id, run_id=cycle.run_id, at=now,
-                                 kind="policy-removed", before=_state(row).settings(), after=None))
-        if moving:
-            await s.execute(update(PolicyState), moving)
-        await s.flush()
-
-    async def _write_findings(self, s: AsyncSession, cycle: CycleWrite) -> None:
-        inserts: list[dict[str, Any]] = []
-        updates: list[dict[str, Any]] = []
-        events: list[dict[str, Any]] = []
-        for change in cycle.changes:
-            values = _finding_values(change.finding)
-            if change.previous is None:
-                inserts.append(values)
-            else:
-                updates.append(values)
-            if change.kind is not Transition.PERSISTING:
-                events.append({"fingerprint": change.finding.fingerprint, "disk_id": change.finding.disk_id,
-                               "run_id": cycle.run_id, "at": cycle.now, "kind": change.kind.value})
-        for chunk in _chunks(inserts):
-            s.add_all(FindingRow(**v) for v in chunk)
-        await s.flush()
-        if updates:
-            await s.execute(update(FindingRow), updates)
-        if events:
-            s.add_all(FindingEvent(**e) for e in events)
-        await s.flush()
+    async def commit_cycle(self, cycle: CycleWrite) -> None:
+        """Writes a finished cycle in one transaction (without a lease fence or alerts: tests and benchmarks)."""
+        async with self.transaction() as tx:
+            await tx.write_cycle(cycle)
 
     # ---- reports ----------------------------------------------------------------------------------------
 
@@ -645,3 +500,260 @@ class Store:
 
         result: dict[str, int] = await self._read(go)
         return result
+
+
+def new_run_id() -> str:
+    """Returns a new run id (the caller creates it, so it is known before the run is recorded)."""
+    return uuid.uuid4().hex
+
+
+class Transaction:
+    """One database transaction, typed: a use case reads and writes through it and it commits as one."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._s = session
+
+    async def check_lease(self, holder: Holder, *, now: datetime, ttl: timedelta, name: str = CYCLE) -> None:
+        """Renews our lease inside this transaction, or raises LeaseLostError (the fence before a commit)."""
+        if await renew_in(self._s, name, holder, now=now, ttl=ttl) != 1:
+            current = await read_in(self._s, name)
+            who = current.describe() if current else "nobody"
+            raise LeaseLostError(f"the {name} lease is no longer ours (now held by {who}); nothing was written")
+
+    async def lease(self, name: str = CYCLE) -> Lease | None:
+        """Returns the lease row as this transaction sees it."""
+        return await read_in(self._s, name)
+
+    async def active_findings(self, *, extra: Iterable[str] = ()) -> dict[str, TrackedFinding]:
+        """Returns open and waived findings, plus the stored state of the `extra` fingerprints (to reopen)."""
+        wanted = sorted(set(extra))
+        q = select(FindingRow).where(FindingRow.status.in_([FindingStatus.OPEN.value, FindingStatus.WAIVED.value]))
+        out = {r.fingerprint: _finding(r) for r in (await self._s.execute(q)).scalars()}
+        missing = [fp for fp in wanted if fp not in out]
+        for chunk in _chunks(missing):
+            rows = (await self._s.execute(select(FindingRow).where(FindingRow.fingerprint.in_(chunk)))).scalars()
+            out.update({r.fingerprint: _finding(r) for r in rows})
+        return out
+
+    async def alert_states(self) -> dict[tuple[str, str], AlertState]:
+        """Returns every notifier's alert states by (notifier, fingerprint)."""
+        rows = (await self._s.execute(select(AlertStateRow))).scalars()
+        return {(r.notifier, r.fingerprint): AlertState(r.notifier, r.fingerprint, AlertStatus(r.status),
+                                                        r.last_sent_at, r.starts_at) for r in rows}
+
+    async def write_cycle(self, cycle: CycleWrite) -> None:
+        """Writes a finished cycle: disks, policy states, drift, findings, events and the run row."""
+        s = self._s
+        new_disks = await _write_disks(s, cycle)
+        await _write_states(s, cycle, new_disks=new_disks)
+        await _write_findings(s, cycle)
+        opened = sum(1 for c in cycle.changes if c.kind in (Transition.OPENED, Transition.REOPENED,
+                                                             Transition.UNWAIVED))
+        resolved = sum(1 for c in cycle.changes if c.kind is Transition.RESOLVED)
+        ok = sum(1 for d in cycle.disks if d.snapshot.outcome is not ReadOutcome.UNKNOWN)
+        await s.execute(
+            update(Run).where(Run.id == cycle.run_id).values(
+                status=cycle.status.value, finished_at=cycle.finished_at or cycle.now,
+                targets_checked=cycle.targets_checked, disks_ok=ok, disks_unknown=len(cycle.disks) - ok,
+                api_requests=cycle.stats.requests, api_retries=cycle.stats.retries,
+                api_rate_limited=cycle.stats.rate_limited, api_by_status=dict(cycle.stats.by_status),
+                findings_opened=opened, findings_resolved=resolved,
+                errors=[e.as_dict() for e in cycle.errors],
+            )
+        )
+
+    async def fail_run(self, run_id: str, *, now: datetime, errors: Sequence[RunError], stats: RunStats) -> bool:
+        """Marks a run failed unless it finished otherwise; returns whether the row was there to mark."""
+        r = await self._s.execute(
+            update(Run).where(Run.id == run_id, Run.status.in_([RunStatus.RUNNING.value, RunStatus.FAILED.value]))
+            .values(status=RunStatus.FAILED.value, finished_at=now, errors=[e.as_dict() for e in errors],
+                    api_requests=stats.requests, api_retries=stats.retries, api_rate_limited=stats.rate_limited,
+                    api_by_status=dict(stats.by_status))
+        )
+        return int(getattr(r, "rowcount", 0) or 0) == 1
+
+    async def record_failed_run(self, run_id: str, *, trigger: str, started_at: datetime, finished_at: datetime,
+                                errors: Sequence[RunError], stats: RunStats, owner: str | None) -> None:
+        """Marks a run failed, creating its row if the run never got recorded (the database was down at start)."""
+        if await self.fail_run(run_id, now=finished_at, errors=errors, stats=stats):
+            return
+        if (await self._s.execute(select(Run.id).where(Run.id == run_id))).scalar_one_or_none() is not None:
+            return  # it finished otherwise (e.g. complete): nothing to overwrite
+        seq = (await self._s.execute(select(func.coalesce(func.max(Run.seq), 0)))).scalar_one() + 1
+        self._s.add(Run(id=run_id, seq=seq, trigger=trigger, status=RunStatus.FAILED.value, started_at=started_at,
+                        finished_at=finished_at, targets_checked=0, disks_ok=0, disks_unknown=0,
+                        api_requests=stats.requests, api_retries=stats.retries, api_rate_limited=stats.rate_limited,
+                        api_by_status=dict(stats.by_status), findings_opened=0, findings_resolved=0,
+                        errors=[e.as_dict() for e in errors], owner=owner))
+        await self._s.flush()
+
+    async def abandon_orphaned_runs(self, *, now: datetime, reason: str) -> list[str]:
+        """Marks failed the runs left `running` whose owner is gone (see Store.abandon_orphaned_runs)."""
+        running = list((await self._s.execute(select(Run.id).where(Run.status == RunStatus.RUNNING.value)))
+                       .scalars())
+        if not running:
+            return []
+        lease = await read_in(self._s, CYCLE)
+        live = lease.run_id if lease is not None and lease.is_live(now) else None
+        orphans = [run_id for run_id in running if run_id != live]
+        for chunk in _chunks(orphans):
+            # finished_at stays empty: the run never finished, so readiness does not count it as a cycle.
+            await self._s.execute(
+                update(Run).where(Run.id.in_(chunk), Run.status == RunStatus.RUNNING.value).values(
+                    status=RunStatus.FAILED.value,
+                    errors=[{"target": "*", "code": "abandoned",
+                             "message": f"{reason} (noticed {now.isoformat(timespec='seconds')})"}],
+                ).execution_options(synchronize_session=False))
+        return orphans
+
+    async def enqueue(self, entries: Sequence[OutboxEntry], states: Sequence[AlertState | tuple[str, str]],
+                      *, run_id: str | None, now: datetime) -> None:
+        """Adds outbox entries and applies alert-state changes; a (notifier, fingerprint) tuple forgets a state."""
+        s = self._s
+        for e in entries:
+            n = e.notification
+            s.add(OutboxRow(id=n.id, notifier=n.notifier, group_key=n.group_key, kind=e.kind,
+                            payload=notification_to_dict(n), run_id=run_id, created_at=now, state="pending",
+                            attempts=0, next_attempt_at=now, claimed_by=None, claimed_at=None, delivered_at=None,
+                            last_status=None, last_error=None))
+        for st in states:
+            if isinstance(st, tuple):
+                await s.execute(delete(AlertStateRow).where(AlertStateRow.notifier == st[0],
+                                                            AlertStateRow.fingerprint == st[1]))
+                continue
+            row = await s.get(AlertStateRow, (st.notifier, st.fingerprint))
+            if row is None:
+                s.add(AlertStateRow(notifier=st.notifier, fingerprint=st.fingerprint, status=st.status.value,
+                                    last_sent_at=st.last_sent_at, starts_at=st.starts_at))
+            else:
+                row.status, row.last_sent_at, row.starts_at = st.status.value, st.last_sent_at, st.starts_at
+        await s.flush()
+
+
+# ---- the cycle's writers ------------------------------------------------------------------------------------
+
+async def _write_disks(s: AsyncSession, cycle: CycleWrite) -> set[str]:
+    """Upserts the run's disks; returns the ids never read before this run (first seen, or only unknown)."""
+    now = cycle.now
+    new_disks: set[str] = set()
+    ids = [d.snapshot.disk_id for d in cycle.disks]
+    existing: dict[str, DiskRow] = {}
+    for chunk in _chunks(ids):
+        for found in (await s.execute(select(DiskRow).where(DiskRow.id.in_(chunk)))).scalars():
+            existing[found.id] = found
+    read_ok: list[str] = []
+    unknown: list[str] = []
+    for d in cycle.disks:
+        snap = d.snapshot
+        disk = snap.disk
+        definite = snap.outcome is not ReadOutcome.UNKNOWN
+        row = existing.get(disk.id)
+        if row is None or row.last_read_at is None:
+            # No earlier definite reading: this run's policies are the disk's baseline, not drift.
+            new_disks.add(disk.id)
+        if row is None:
+            s.add(DiskRow(id=disk.id, name=disk.name, vm_id=disk.vm_id, vm_fqdn=disk.vm_fqdn, source=d.source,
+                          is_target=True, outcome=snap.outcome.value, error_code=snap.error_code,
+                          error_message=snap.error_message, first_seen_at=now, last_checked_at=now,
+                          last_read_at=now if definite else None, last_run_id=cycle.run_id))
+            continue
+        # Only rows whose facts changed are written one by one; the per-poll timestamps go in bulk below.
+        if definite:
+            read_ok.append(disk.id)
+            name = disk.name or row.name
+            vm_id, vm_fqdn = (disk.vm_id, disk.vm_fqdn) if snap.outcome is ReadOutcome.OK else (None, None)
+            if snap.outcome is ReadOutcome.OK and disk.vm_id is None and row.vm_id and not disk.name:
+                vm_id, vm_fqdn = row.vm_id, row.vm_fqdn  # per-disk mode without a lookup: keep what we knew
+        else:
+            unknown.append(disk.id)
+            name, vm_id, vm_fqdn = row.name, row.vm_id, row.vm_fqdn
+        new = (name, vm_id, vm_fqdn, d.source, True, snap.outcome.value, snap.error_code, snap.error_message)
+        old = (row.name, row.vm_id, row.vm_fqdn, row.source, row.is_target, row.outcome, row.error_code,
+               row.error_message)
+        if new != old:
+            (row.name, row.vm_id, row.vm_fqdn, row.source, row.is_target, row.outcome, row.error_code,
+             row.error_message) = new
+    for chunk in _chunks(read_ok):
+        await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(
+            last_checked_at=now, last_read_at=now, last_run_id=cycle.run_id
+        ).execution_options(synchronize_session=False))
+    for chunk in _chunks(unknown):
+        await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(
+            last_checked_at=now, last_run_id=cycle.run_id).execution_options(synchronize_session=False))
+    retired = sorted(cycle.retired_disks)
+    for chunk in _chunks(retired):
+        await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(is_target=False)
+                        .execution_options(synchronize_session=False))
+    await s.flush()
+    return new_disks
+
+async def _write_states(s: AsyncSession, cycle: CycleWrite, *, new_disks: set[str]) -> None:
+    now = cycle.now
+    settled = [d.snapshot for d in cycle.disks if d.snapshot.outcome is not ReadOutcome.UNKNOWN]
+    current: dict[str, dict[str, PolicyState]] = {}
+    for chunk in _chunks([snap.disk_id for snap in settled]):
+        q = select(PolicyState).where(PolicyState.valid_to.is_(None), PolicyState.disk_id.in_(chunk))
+        for found_state in (await s.execute(q)).scalars():
+            current.setdefault(found_state.disk_id, {})[found_state.policy_id] = found_state
+    moving: list[dict[str, Any]] = []
+    for snap in settled:
+        states = current.get(snap.disk_id, {})
+        # A disk's first definite reading is its baseline, not drift.
+        is_new_disk = snap.disk_id in new_disks
+        for policy in snap.policies:
+            h = policy.settings_hash()
+            after = {"retention": policy.retention, "interval": policy.schedule.interval.value,
+                     "target_type": policy.target_type.value, "target_id": policy.target_id}
+            row: PolicyState | None = states.pop(policy.id, None)
+            if row is not None and row.settings_hash == h:
+                nxt, size = policy.schedule.next_invocation_at, policy.total_size
+                if row.next_invocation_at != nxt or row.total_size != size or (
+                        policy.target_name and row.target_name != policy.target_name):
+                    moving.append({"id": row.id, "next_invocation_at": nxt, "total_size": size,
+                                   "target_name": policy.target_name or row.target_name})
+                continue
+            if row is not None:
+                row.valid_to = now
+                before: dict[str, Any] | None = _state(row).settings()
+                kind = "policy-changed"
+            else:
+                before, kind = None, "policy-added"
+            s.add(PolicyState(
+                disk_id=snap.disk_id, policy_id=policy.id, settings_hash=h, retention=policy.retention,
+                interval=policy.schedule.interval.value, target_type=policy.target_type.value,
+                target_id=policy.target_id, target_name=policy.target_name,
+                next_invocation_at=policy.schedule.next_invocation_at, total_size=policy.total_size,
+                valid_from=now, valid_to=None, first_run_id=cycle.run_id,
+            ))
+            if not is_new_disk:
+                s.add(DriftEvent(disk_id=snap.disk_id, policy_id=policy.id, run_id=cycle.run_id, at=now,
+                                 kind=kind, before=before, after=after))
+        for policy_id, row in states.items():
+            row.valid_to = now
+            s.add(DriftEvent(disk_id=snap.disk_id, policy_id=policy_id, run_id=cycle.run_id, at=now,
+                             kind="policy-removed", before=_state(row).settings(), after=None))
+    if moving:
+        await s.execute(update(PolicyState), moving)
+    await s.flush()
+
+async def _write_findings(s: AsyncSession, cycle: CycleWrite) -> None:
+    inserts: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    for change in cycle.changes:
+        values = _finding_values(change.finding)
+        if change.previous is None:
+            inserts.append(values)
+        else:
+            updates.append(values)
+        if change.kind is not Transition.PERSISTING:
+            events.append({"fingerprint": change.finding.fingerprint, "disk_id": change.finding.disk_id,
+                           "run_id": cycle.run_id, "at": cycle.now, "kind": change.kind.value})
+    for chunk in _chunks(inserts):
+        s.add_all(FindingRow(**v) for v in chunk)
+    await s.flush()
+    if updates:
+        await s.execute(update(FindingRow), updates)
+    if events:
+        s.add_all(FindingEvent(**e) for e in events)
+    await s.flush()

@@ -84,6 +84,8 @@ class Run(Base):
     findings_opened: Mapped[int] = mapped_column(Integer, default=0)
     findings_resolved: Mapped[int] = mapped_column(Integer, default=0)
     errors: Mapped[list[Any]] = mapped_column(default=list)
+    # The process that ran it (`Holder.id`): a run left `running` is abandoned only once its owner is gone.
+    owner: Mapped[str | None] = mapped_column(String(120))
 
 
 class DiskRow(Base):
@@ -91,14 +93,14 @@ class DiskRow(Base):
 
     __tablename__ = "disks"
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    name: Mapped[str | None] = mapped_column(String(255))
-    vm_id: Mapped[str | None] = mapped_column(String(64))
-    vm_fqdn: Mapped[str | None] = mapped_column(String(255))
-    source: Mapped[str] = mapped_column(String(160))  # "config" or "org:<ref>"
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str | None] = mapped_column(Text)
+    vm_id: Mapped[str | None] = mapped_column(Text)
+    vm_fqdn: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(Text)  # "config" or "org:<ref>"
     is_target: Mapped[bool] = mapped_column(Boolean, default=True)
     outcome: Mapped[str] = mapped_column(String(16))  # ok | not_found | in_trash | unknown (latest read)
-    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_code: Mapped[str | None] = mapped_column(Text)
     error_message: Mapped[str | None] = mapped_column(Text)
     first_seen_at: Mapped[datetime]
     last_checked_at: Mapped[datetime]
@@ -113,14 +115,14 @@ class PolicyState(Base):
     __table_args__ = (Index("ix_policy_states_disk_current", "disk_id", "valid_to"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    disk_id: Mapped[str] = mapped_column(String(64))
-    policy_id: Mapped[str] = mapped_column(String(64), index=True)
+    disk_id: Mapped[str] = mapped_column(Text)
+    policy_id: Mapped[str] = mapped_column(Text, index=True)
     settings_hash: Mapped[str] = mapped_column(String(32))
     retention: Mapped[int] = mapped_column(Integer)
     interval: Mapped[str] = mapped_column(String(16))
     target_type: Mapped[str] = mapped_column(String(32))
-    target_id: Mapped[str] = mapped_column(String(64))
-    target_name: Mapped[str | None] = mapped_column(String(255))
+    target_id: Mapped[str] = mapped_column(Text)
+    target_name: Mapped[str | None] = mapped_column(Text)
     next_invocation_at: Mapped[datetime | None]
     total_size: Mapped[float | None] = mapped_column(Float)
     valid_from: Mapped[datetime]
@@ -134,8 +136,8 @@ class DriftEvent(Base):
     __tablename__ = "drift_events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    disk_id: Mapped[str] = mapped_column(String(64), index=True)
-    policy_id: Mapped[str] = mapped_column(String(64))
+    disk_id: Mapped[str] = mapped_column(Text, index=True)
+    policy_id: Mapped[str] = mapped_column(Text)
     run_id: Mapped[str] = mapped_column(String(32))
     at: Mapped[datetime]
     kind: Mapped[str] = mapped_column(String(32))  # policy-added | policy-removed | policy-changed
@@ -151,8 +153,8 @@ class FindingRow(Base):
 
     fingerprint: Mapped[str] = mapped_column(String(32), primary_key=True)
     rule: Mapped[str] = mapped_column(String(64))
-    disk_id: Mapped[str] = mapped_column(String(64), index=True)
-    policy_id: Mapped[str | None] = mapped_column(String(64))
+    disk_id: Mapped[str] = mapped_column(Text, index=True)
+    policy_id: Mapped[str | None] = mapped_column(Text)
     severity: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))  # open | waived | resolved
     message: Mapped[str] = mapped_column(Text)
@@ -172,7 +174,7 @@ class FindingEvent(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     fingerprint: Mapped[str] = mapped_column(String(32), index=True)
-    disk_id: Mapped[str] = mapped_column(String(64), index=True)
+    disk_id: Mapped[str] = mapped_column(Text, index=True)
     run_id: Mapped[str] = mapped_column(String(32))
     at: Mapped[datetime]
     kind: Mapped[str] = mapped_column(String(16))
@@ -194,7 +196,7 @@ class OutboxRow(Base):
     state: Mapped[str] = mapped_column(String(16))  # pending | delivering | delivered | failed
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime]
-    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_by: Mapped[str | None] = mapped_column(String(120))
     claimed_at: Mapped[datetime | None]
     delivered_at: Mapped[datetime | None]
     last_status: Mapped[int | None] = mapped_column(Integer)
@@ -211,3 +213,18 @@ class AlertStateRow(Base):
     status: Mapped[str] = mapped_column(String(16))  # firing | resolved
     last_sent_at: Mapped[datetime]
     starts_at: Mapped[datetime]
+
+
+class LeaseRow(Base):
+    """A named lease ("cycle", "leader"): who holds it and until when; taken and renewed by conditional updates."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(120))  # Holder.id: host, pid and a per-process nonce
+    host: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    process_started_at: Mapped[datetime]
+    acquired_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    run_id: Mapped[str | None] = mapped_column(String(32))

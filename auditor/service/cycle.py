@@ -1,36 +1,39 @@
-"""Use cases: `run_audit` reads Katapult, judges every disk, and records the verdict in one transaction."""
+"""The audit cycle's reading and judging: every target read, every disk judged inside its own fault boundary.
+
+Whatever goes wrong with one disk — an API error, a malformed or unexpected response, a bug in a rule — makes that
+disk `unknown` with an error code and leaves every other disk's verdict alone. `Services.run_cycle` records it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from auditor.domain.lifecycle import Change, Transition, parse_waivers, reconcile
+from auditor.domain.lifecycle import Change
 from auditor.domain.models import (
     BackupPolicy,
     Disk,
     DiskSnapshot,
+    Finding,
     FindingStatus,
     ReadOutcome,
     TargetType,
     WaiverProblem,
 )
 from auditor.domain.records import RunError, RunStats, RunStatus
-from auditor.domain.rules import RULES, RuleSet, evaluate
+from auditor.domain.rules import RuleSet, evaluate
 from auditor.errors import (
-    AuditorError,
     InTrashError,
     KatapultError,
+    KatapultResponseError,
     NotFoundError,
-    StoreError,
 )
 from auditor.katapult import KatapultClient, OrgRef
-from auditor.store.repo import CycleWrite, DiskWrite, Store
+from auditor.store.repo import DiskWrite
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ class AuditOutcome:
     open_findings: dict[str, int] = field(default_factory=dict)  # severity -> count, after the run
     waiver_problems: list[WaiverProblem] = field(default_factory=list)
     changes: list[Change] = field(default_factory=list)
+    trigger: str = "manual"
 
     @property
     def duration(self) -> float:
@@ -100,18 +104,39 @@ async def _bounded_map(fn: Callable[[T], Awaitable[R]], items: Sequence[T], *, l
 
 
 def _error_of(exc: KatapultError, target: str) -> RunError:
-    return RunError(target=target, code=exc.code, message=str(exc)[:500])
+    return RunError(target=target, code=exc.code, message=_safe(str(exc))[:500])
+
+
+INTERNAL_ERROR = "internal_error"
+UNEXPECTED_OBJECT = "unexpected_object"
+
+
+def internal_error(exc: BaseException, *, where: str) -> tuple[str, str]:
+    """Returns (code, message) for an unexpected exception inside a fault boundary (logged whole once)."""
+    log.error("%s: unexpected %s: %s", where, type(exc).__name__, _safe(str(exc)), exc_info=exc)
+    return INTERNAL_ERROR, f"{where}: internal error ({type(exc).__name__}: {_safe(str(exc))})"[:500]
+
+
+def _safe(text: str) -> str:
+    """Returns text fit for storage: valid UTF-8 (lone surrogates replaced), no NUL, at most 300 characters."""
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")[:300]
 
 
 def _failed_snapshot(disk: Disk, exc: KatapultError) -> DiskSnapshot:
     # 404 disk_not_found and 406 object_in_trash are definite answers about the disk; anything else (5xx after
     # retries, timeouts, 403, a malformed body, a VM lookup failing) leaves the disk without a verdict.
+    message = _safe(str(exc))
     if isinstance(exc, NotFoundError) and exc.code == "disk_not_found":
-        return DiskSnapshot(disk, ReadOutcome.NOT_FOUND, error_code=exc.code, error_message=str(exc)[:500])
+        return DiskSnapshot(disk, ReadOutcome.NOT_FOUND, error_code=exc.code, error_message=message)
     if isinstance(exc, InTrashError):
-        return DiskSnapshot(disk, ReadOutcome.IN_TRASH, error_code=exc.code, error_message=str(exc)[:500],
+        return DiskSnapshot(disk, ReadOutcome.IN_TRASH, error_code=exc.code, error_message=message,
                             detail=dict(exc.detail))
-    return DiskSnapshot(disk, ReadOutcome.UNKNOWN, error_code=exc.code, error_message=str(exc)[:500])
+    return DiskSnapshot(disk, ReadOutcome.UNKNOWN, error_code=exc.code, error_message=message)
+
+
+def unknown_snapshot(disk_id: str, code: str, message: str) -> DiskSnapshot:
+    """Returns the snapshot of a disk without a verdict."""
+    return DiskSnapshot(Disk(disk_id), ReadOutcome.UNKNOWN, error_code=code, error_message=message[:500])
 
 
 VmPolicies = Callable[[str], Awaitable[list[BackupPolicy]]]
@@ -153,13 +178,30 @@ async def read_disk(client: KatapultClient, disk_id: str, *, vm_policies: VmPoli
     try:
         policies = await client.list_disk_policies(disk_id)
         disk = await client.get_disk(disk_id)
+        if disk.id != disk_id:  # the client checks this too; a verdict must never land on another disk
+            raise KatapultResponseError(f"asked for disk {disk_id}, Katapult answered about disk {disk.id}")
+        for index, p in enumerate(policies):
+            # The per-disk list holds the policies on this disk (and, if any, on its VM): anything else means the
+            # response is about another object, and judging it would be judging the wrong disk.
+            on_disk = p.target_type is TargetType.DISK and p.target_id == disk_id
+            on_vm = p.target_type is TargetType.VIRTUAL_MACHINE and disk.vm_id is not None and p.target_id == disk.vm_id
+            if not (on_disk or on_vm):
+                return DiskSnapshot(
+                    Disk(disk_id), ReadOutcome.UNKNOWN, error_code=UNEXPECTED_OBJECT,
+                    error_message=_safe(f"disk_backup_policies[{index}] ({p.id}) targets {p.target_type.value} "
+                                        f"{p.target_id}, not disk {disk_id} or its virtual machine"))
         if disk.vm_id:
             vm_list = await (vm_policies or client.list_vm_policies)(disk.vm_id)
+            seen = {p.id for p in policies}
             policies = [*policies, *(p for p in vm_list
-                                     if p.target_type is TargetType.VIRTUAL_MACHINE and p.target_id == disk.vm_id)]
+                                     if p.target_type is TargetType.VIRTUAL_MACHINE and p.target_id == disk.vm_id
+                                     and p.id not in seen)]
         return DiskSnapshot(disk, ReadOutcome.OK, tuple(policies))
     except KatapultError as exc:
-        return _failed_snapshot(disk, exc)
+        return _failed_snapshot(Disk(disk_id) if disk.id != disk_id else disk, exc)
+    except Exception as exc:  # the fault boundary: a bug reading one disk makes that disk unknown, nothing more
+        code, message = internal_error(exc, where=f"reading disk {disk_id}")
+        return unknown_snapshot(disk_id, code, message)
 
 
 def join_org(disks: Iterable[Disk], policies: Iterable[BackupPolicy]) -> list[DiskSnapshot]:
@@ -204,24 +246,26 @@ async def collect(
     errors: list[RunError] = []
     writes: dict[str, DiskWrite] = {}
 
-    async def read_org(ref: str) -> tuple[str, list[DiskSnapshot] | None, KatapultError | None]:
-        org = OrgRef(ref)
+    async def read_org(ref: str) -> tuple[str, list[DiskSnapshot] | None, RunError | None]:
         try:
+            org = OrgRef(ref)
             disks, policies = await asyncio.gather(client.list_org_disks(org), client.list_org_policies(org))
+            return ref, join_org(disks, policies), None
         except KatapultError as exc:
-            return ref, None, exc
-        return ref, join_org(disks, policies), None
+            return ref, None, _error_of(exc, ref)
+        except Exception as exc:  # the org's fault boundary: its disks become unknown, never resolved
+            code, message = internal_error(exc, where=f"reading organization {ref}")
+            return ref, None, RunError(ref, code, message)
 
-    for ref, snaps, exc in await asyncio.gather(*(read_org(r) for r in targets.organizations)):
+    for ref, snaps, err in await asyncio.gather(*(read_org(r) for r in targets.organizations)):
         source = f"org:{ref}"
         if snaps is None:
-            assert exc is not None
-            errors.append(_error_of(exc, ref))
+            assert err is not None
+            errors.append(err)
             for disk_id, known in known_sources.items():
                 if known == source and disk_id not in writes:
                     writes[disk_id] = DiskWrite(
-                        DiskSnapshot(Disk(disk_id), ReadOutcome.UNKNOWN, error_code=exc.code,
-                                     error_message=f"organization {ref} could not be read: {exc}"[:500]),
+                        unknown_snapshot(disk_id, err.code, f"organization {ref} could not be read: {err.message}"),
                         source,
                     )
             continue
@@ -258,88 +302,26 @@ def run_status(collected: Collected) -> RunStatus:
     return RunStatus.FAILED
 
 
-# Given (changes, run status, errors, now, run id), returns an opaque step the store runs inside the cycle's
-# transaction (the alert outbox), or None.
-OutboxHook = Callable[[list[Change], RunStatus, list[RunError], datetime, str], Any]
+def judge(collected: Collected, rules: RuleSet, *, now: datetime) -> list[Finding]:
+    """Returns every disk's findings; a disk whose rules raise becomes unknown (and its error is recorded)."""
+    findings: list[Finding] = []
+    for index, w in enumerate(collected.disks):
+        try:
+            findings.extend(evaluate(w.snapshot, rules, now=now))
+        except Exception as exc:  # rules are pure and total by design; this boundary is the second line
+            code, message = internal_error(exc, where=f"judging disk {w.snapshot.disk_id}")
+            collected.disks[index] = DiskWrite(unknown_snapshot(w.snapshot.disk_id, code, message), w.source)
+            collected.errors.append(RunError(w.snapshot.disk_id, code, message))
+    return findings
 
 
-async def run_audit(
-    *,
-    client: KatapultClient,
-    store: Store,
-    targets: Targets,
-    rules: RuleSet,
-    waivers: Sequence[dict[str, Any]] = (),
-    concurrency: int = 8,
-    trigger: str = "manual",
-    clock: Clock = utcnow,
-    progress: Progress | None = None,
-    outbox: OutboxHook | None = None,
-) -> AuditOutcome:
-    """Runs one audit cycle and records it; returns what happened. Never raises for Katapult trouble.
-
-    The clock is read once: `now` is the poll time every rule and lifecycle step uses. Nothing of the cycle is
-    written until the end, in one transaction, so a crash leaves the previous verdict intact and the run is
-    found `running` and marked failed at the next start.
-    """
-    now = clock()
-    began = time.monotonic()
-    run_id = await store.start_run(now=now, trigger=trigger)
-    client.stats.snapshot_and_reset()
-    try:
-        known = await store.load_disks(targets_only=True)
-        collected = await collect(client, targets, known_sources={k: v.source for k, v in known.items()},
-                                  concurrency=concurrency, progress=progress)
-        findings = [f for w in collected.disks for f in evaluate(w.snapshot, rules, now=now)]
-        valid_waivers, problems = parse_waivers(waivers, known_rules=RULES.keys(), now=now)
-        previous = await store.load_active_findings(extra=(f.fingerprint for f in findings))
-        settled = {w.snapshot.disk_id for w in collected.disks if w.snapshot.outcome is not ReadOutcome.UNKNOWN}
-        changes = reconcile(previous, findings, settled_disks=settled | collected.retired, waivers=valid_waivers,
-                            now=now)
-        status = run_status(collected)
-        stats = _stats(client)
-        finished = now + _elapsed(began)
-        cycle = CycleWrite(run_id=run_id, now=now, status=status, targets_checked=collected.targets_checked,
-                           stats=stats, errors=collected.errors, disks=collected.disks, changes=changes,
-                           retired_disks=collected.retired, finished_at=finished)
-        extra = outbox(changes, status, collected.errors, now, run_id) if outbox else None
-        await store.commit_cycle(cycle, extra=extra)
-    except StoreError:
-        raise
-    except AuditorError as exc:  # e.g. a malformed response that escaped per-disk handling
-        log.error("audit run %s failed: %s", run_id, exc)
-        errors = [RunError("*", getattr(exc, "code", "error"), str(exc)[:500])]
-        stats = _stats(client)
-        extra = outbox([], RunStatus.FAILED, errors, now, run_id) if outbox else None
-        await store.fail_run(run_id, now=now + _elapsed(began), errors=errors, stats=stats, extra=extra)
-        return AuditOutcome(run_id, RunStatus.FAILED, now, now + _elapsed(began), errors=errors, stats=stats)
-
-    opened = sum(1 for c in changes if c.kind in (Transition.OPENED, Transition.REOPENED, Transition.UNWAIVED))
-    resolved = sum(1 for c in changes if c.kind is Transition.RESOLVED)
-    open_now: dict[str, int] = {}
-    for f in _open_after(previous, changes):
-        open_now[f] = open_now.get(f, 0) + 1
-    ok = len(settled)
-    return AuditOutcome(
-        run_id=run_id, status=status, started_at=now, finished_at=finished,
-        targets_checked=collected.targets_checked, disks_ok=ok, disks_unknown=len(collected.disks) - ok,
-        errors=collected.errors, stats=stats, opened=opened, resolved=resolved, open_findings=open_now,
-        waiver_problems=problems, changes=changes,
-    )
-
-
-def _open_after(previous: dict[str, Any], changes: list[Change]) -> list[str]:
-    """Returns the severities of every finding open after the run (changed ones plus untouched open ones)."""
+def open_after(previous: dict[str, Any], changes: list[Change]) -> dict[str, int]:
+    """Returns open findings by severity after the run (changed ones plus untouched open ones)."""
     state = {fp: f for fp, f in previous.items()}
     for c in changes:
         state[c.finding.fingerprint] = c.finding
-    return [f.severity.value for f in state.values() if f.status is FindingStatus.OPEN]
-
-
-def _elapsed(began: float) -> timedelta:
-    return timedelta(seconds=time.monotonic() - began)
-
-
-def _stats(client: KatapultClient) -> RunStats:
-    s = client.stats.snapshot_and_reset()
-    return RunStats(s.requests, s.retries, s.rate_limited, dict(s.by_status))
+    out: dict[str, int] = {}
+    for f in state.values():
+        if f.status is FindingStatus.OPEN:
+            out[f.severity.value] = out.get(f.severity.value, 0) + 1
+    return out
