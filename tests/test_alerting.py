@@ -142,15 +142,20 @@ async def test_retry_then_deliver_and_permanent_failure(db_url: str, receiver: H
     fleet, good, bad = _fleet()
     settings = _settings(db_url, receiver, [good, bad])
     transport = httpx.ASGITransport(app=create_app(fleet))
-    receiver.script(Reply(503, "busy", {"Retry-After": "0"}))
-    async with open_services(settings, transport=transport, token="fake-token") as rt:
+    receiver.script(Reply(503, "busy", {"Retry-After": "600"}))
+    clock = MovableClock(datetime.now(UTC))
+    async with open_services(settings, transport=transport, token="fake-token", clock=clock) as rt:
         await rt.run_cycle()
         report = await rt.deliver_due()
         assert report.retried == 1 and report.delivered == 0
         [entry] = await rt.outbox.recent()
         assert entry.state.value == "pending" and entry.attempts == 1 and entry.last_status == 503
-        # Due again after its backoff: a later round (clock moved on) delivers it.
-        await _advance(rt, minutes=20)
+        assert entry.next_attempt_at >= clock.now + timedelta(seconds=600)  # Retry-After honoured
+        # Not due yet: a round now sends nothing.
+        clock.now += timedelta(seconds=300)
+        assert (await rt.deliver_due()).delivered == 0 and len(receiver.requests) == 1
+        # Due after its Retry-After: the injected clock moves on and a later round delivers it.
+        clock.now += timedelta(minutes=20)
         report = await rt.deliver_due()
         assert report.delivered == 1
         assert (await rt.outbox.recent())[0].state.value == "delivered"
@@ -169,11 +174,11 @@ async def test_retry_then_deliver_and_permanent_failure(db_url: str, receiver: H
         assert receiver.url not in (failed[0].last_error or "")
 
 
-async def _advance(rt: Any, *, minutes: int) -> None:
-    """Makes every pending entry due now (the delivery clock cannot be moved from outside)."""
-    from sqlalchemy import update
+class MovableClock:
+    """The services' clock seam: tests move time instead of rewriting rows."""
 
-    from auditor.store.tables import OutboxRow
+    def __init__(self, now: datetime) -> None:
+        self.now = now
 
-    async with rt.store.engine.begin() as conn:
-        await conn.execute(update(OutboxRow).values(next_attempt_at=datetime.now(UTC) - timedelta(minutes=minutes)))
+    def __call__(self) -> datetime:
+        return self.now

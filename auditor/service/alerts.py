@@ -100,7 +100,7 @@ def plan_notifications(
     incomplete_fp: str,
     states: Mapping[tuple[str, str], AlertState],
     now: datetime,
-    new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    new_id: Callable[[], str] | None = None,
 ) -> Plan:
     """Returns what to tell each notifier after a run (pure: no I/O, `now` given)."""
     # (alert, is_open, forget): waived findings resolve silently; an expiring waiver later fires them as new.
@@ -129,7 +129,7 @@ def _plan_notifier(
     *,
     states: Mapping[tuple[str, str], AlertState],
     now: datetime,
-    new_id: Callable[[], str],
+    new_id: Callable[[], str] | None,
     plan: Plan,
 ) -> None:
     fresh: list[Alert] = []
@@ -154,9 +154,25 @@ def _plan_notifier(
             resolved.append(alert)
     for kind, alerts in (("firing", fresh), ("repeat", repeat), ("resolved", resolved)):
         for key, labels, group in group_alerts(n.name, alerts, n.group_by):
-            note = Notification(id=new_id(), notifier=n.name, group_key=key, group_labels=labels, alerts=group,
+            entry_id = new_id() if new_id is not None else notification_key(n.name, kind, key, group, now=now)
+            note = Notification(id=entry_id, notifier=n.name, group_key=key, group_labels=labels, alerts=group,
                                 created_at=now, is_repeat=kind == "repeat")
             plan.entries.append(OutboxEntry(note, kind))
+
+
+def notification_key(notifier: str, kind: str, group_key: str, alerts: Sequence[Alert], *, now: datetime) -> str:
+    """Returns the notification's id and `Idempotency-Key`, derived from the transition it announces.
+
+    One transition of one alert (fired at `starts_at`, resolved at `ends_at`) always gets the same key, whichever
+    process or leader plans it and however often it is retried; a repeat is a new message, keyed by its time.
+    """
+    parts = [notifier, kind, group_key]
+    for a in sorted(alerts, key=lambda a: a.fingerprint):
+        parts.append(f"{a.fingerprint}|{a.status.value}|{a.starts_at.isoformat()}|"
+                     f"{a.ends_at.isoformat() if a.ends_at else ''}")
+    if kind == "repeat":
+        parts.append(now.isoformat())
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
 def test_notification(notifier: str, *, now: datetime) -> Notification:

@@ -20,11 +20,12 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select, update
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from auditor.store.tables import LeaseRow
+from auditor.store.tables import Base, LeaseRow
 
 if TYPE_CHECKING:  # repo imports this module for the fence; the Store is only a type here
     from auditor.store.repo import Store
@@ -199,12 +200,13 @@ async def renew_in(s: AsyncSession, name: str, holder: Holder, *, now: datetime,
     return int(getattr(r, "rowcount", 0) or 0)
 
 
-async def insert_if_absent(s: AsyncSession, table: type[LeaseRow], values: dict[str, object]) -> int:
+async def insert_if_absent(s: AsyncSession, table: type[Base], values: dict[str, object]) -> int:
     """Inserts a row unless its primary key exists (ON CONFLICT DO NOTHING); returns the row count."""
     dialect = s.get_bind().dialect.name
     stmt = (pg_insert(table) if dialect == "postgresql" else sqlite_insert(table)).values(**values)
+    key = next(iter(sa_inspect(table).primary_key))
     # RETURNING, not rowcount: psycopg reports no row count for INSERT … ON CONFLICT through SQLAlchemy.
-    r = await s.execute(stmt.on_conflict_do_nothing().returning(table.name))
+    r = await s.execute(stmt.on_conflict_do_nothing().returning(key))
     return 1 if r.first() is not None else 0
 
 

@@ -37,7 +37,7 @@ from auditor.domain.records import (
 )
 from auditor.errors import LeaseLostError, StoreError
 from auditor.store.engine import create_engine_for, ping, safe_url
-from auditor.store.leases import CYCLE, Holder, Lease, read_in, renew_in
+from auditor.store.leases import CYCLE, Holder, Lease, insert_if_absent, read_in, renew_in
 from auditor.store.tables import (
     AlertStateRow,
     DiskRow,
@@ -612,10 +612,12 @@ class Transaction:
         s = self._s
         for e in entries:
             n = e.notification
-            s.add(OutboxRow(id=n.id, notifier=n.notifier, group_key=n.group_key, kind=e.kind,
-                            payload=notification_to_dict(n), run_id=run_id, created_at=now, state="pending",
-                            attempts=0, next_attempt_at=now, claimed_by=None, claimed_at=None, delivered_at=None,
-                            last_status=None, last_error=None))
+            # Ids are derived from the transition (see notification_key): an entry planned twice is written once.
+            await insert_if_absent(s, OutboxRow, {
+                "id": n.id, "notifier": n.notifier, "group_key": n.group_key, "kind": e.kind,
+                "payload": notification_to_dict(n), "run_id": run_id, "created_at": now, "state": "pending",
+                "attempts": 0, "next_attempt_at": now, "claimed_by": None, "claimed_at": None,
+                "delivered_at": None, "last_status": None, "last_error": None})
         for st in states:
             if isinstance(st, tuple):
                 await s.execute(delete(AlertStateRow).where(AlertStateRow.notifier == st[0],

@@ -1,0 +1,308 @@
+"""The application layer: the cycle lease and its fence, failed cycles announced, the heartbeat around cycles,
+deterministic notification keys, and read-only commands that never create or migrate a database."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from receivers import HttpReceiver, Reply
+
+from auditor.api import ApiDeps, create_app
+from auditor.config import Settings
+from auditor.domain.records import RunStatus
+from auditor.errors import LeaseHeldError, SchemaError
+from auditor.fake import Fault, Fleet
+from auditor.fake import create_app as fake_app
+from auditor.service import open_services
+from auditor.service.alerts import notification_key
+from auditor.service.runner import CycleMetrics, CycleRunner
+from auditor.store import engine as db
+from auditor.store.leases import CYCLE, Holder
+
+KATAPULT = "http://fake/core/v1"
+TOKEN = "fake-token"
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Clock:
+    """The services' clock seam, moved by the test."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _fleet(n: int = 3) -> tuple[Fleet, list[str]]:
+    fleet = Fleet()
+    fleet.rate_limit_per_minute = 1_000_000
+    org = fleet.add_org("acme")
+    ids = []
+    for i in range(n):
+        d = fleet.add_disk(org.id, name=f"disk {i}")
+        if i:  # disk 0 stays unprotected: one open finding
+            fleet.add_policy(d.id, retention=30, interval="hourly")
+        ids.append(d.id)
+    return fleet, ids
+
+
+def _settings(db_url: str, disks: list[str], **extra: Any) -> Settings:
+    data: dict[str, Any] = {
+        "katapult": {"api_url": KATAPULT, "per_page": 5, "max_attempts": 1, "max_requests_per_minute": 100_000},
+        "database": {"url": db_url},
+        "audit": {"disks": disks},
+        "daemon": {"leader_ttl": "30s"},
+    }
+    data.update(extra)
+    return Settings(**data)
+
+
+# ---- the cycle lease ------------------------------------------------------------------------------------
+
+
+async def test_a_second_process_cannot_run_a_cycle_while_the_lease_is_held(db_url: str) -> None:
+    fleet, ids = _fleet()
+    settings = _settings(db_url, ids)
+    transport = httpx.ASGITransport(app=fake_app(fleet))
+    async with open_services(settings, transport=transport, token=TOKEN) as first, \
+            open_services(settings, transport=transport, token=TOKEN) as second:
+        assert first.holder.id != second.holder.id
+        taken, _ = await first.leases.acquire(CYCLE, first.holder, now=first.clock(), ttl=timedelta(seconds=30))
+        assert taken
+        with pytest.raises(LeaseHeldError) as held:
+            await second.run_cycle(wait=0.3)
+        assert f"pid {first.holder.pid}" in str(held.value) and held.value.since
+        assert await second.store.list_runs() == []  # nothing recorded by the refused cycle
+        # The API answers 409 naming the holder.
+        runner = CycleRunner(second, cycles=CycleMetrics())
+        app = create_app(ApiDeps(store=second.store, interval=timedelta(minutes=5), trigger=runner.trigger))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as api:
+            response = await api.post("/api/v1/audit")
+        assert response.status_code == 409 and response.json()["holder"] == f"{first.holder.host} pid " \
+            f"{first.holder.pid}"
+        # Released: the second one runs, and numbering goes on.
+        await first.leases.release(CYCLE, first.holder)
+        outcome = await second.run_cycle()
+        assert outcome.status is RunStatus.COMPLETE
+        assert await second.cycle_lease() is None  # released after the cycle
+
+
+async def test_a_commit_after_the_lease_was_taken_over_is_refused(db_url: str) -> None:
+    fleet, ids = _fleet()
+    fleet.latency = 0.3  # the first cycle is still reading when the other process takes over
+    settings = _settings(db_url, ids)
+    transport = httpx.ASGITransport(app=fake_app(fleet))
+    start = datetime.now(UTC)
+    late = Clock(start + timedelta(minutes=10))  # its lease looks expired to this one
+    async with open_services(settings, transport=transport, token=TOKEN) as slow, \
+            open_services(settings, transport=transport, token=TOKEN, clock=late) as taker:
+        cycle = asyncio.create_task(slow.run_cycle())
+        for _ in range(100):
+            lease = await slow.cycle_lease()
+            if lease is not None and lease.holder == slow.holder.id:
+                break
+            await asyncio.sleep(0.02)
+        # The taker's clock is past the lease expiry: it takes over and marks the slow run abandoned.
+        fleet.latency = 0.0
+        taken = await taker.run_cycle()
+        assert taken.status is RunStatus.COMPLETE
+        outcome = await cycle
+        assert outcome.status is RunStatus.FAILED and outcome.errors[0].code == "lease_lost"
+        runs = {r.id: r for r in await slow.store.list_runs()}
+        assert runs[outcome.run_id].status is RunStatus.FAILED
+        assert runs[outcome.run_id].errors[0].code == "abandoned"
+        assert runs[taken.run_id].status is RunStatus.COMPLETE
+        # Only the taker's verdict was written (its clock is the one every stored finding carries).
+        findings = await slow.store.all_findings(statuses=("open",))
+        assert len(findings) == taken.opened and ids[0] in {f.disk_id for f in findings}
+        assert {f.last_seen for f in findings} == {late.now}
+
+
+async def test_a_live_holders_run_is_never_marked_abandoned(db_url: str) -> None:
+    fleet, ids = _fleet()
+    settings = _settings(db_url, ids)
+    async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
+        run_id = "a" * 32
+        taken, _ = await s.leases.acquire(CYCLE, s.holder, now=s.clock(), ttl=timedelta(seconds=30), run_id=run_id)
+        assert taken
+        await s.store.start_run(now=s.clock(), trigger="test", run_id=run_id, owner=s.holder.id)
+        # Another process (a different holder) looks: the lease is live, so the run stays running.
+        assert await s.store.abandon_orphaned_runs(now=s.clock(), reason="x") == []
+        # Once the lease has expired, the run is orphaned.
+        later = s.clock() + timedelta(minutes=1)
+        assert await s.store.abandon_orphaned_runs(now=later, reason="its process stopped") == [run_id]
+
+
+async def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(db_url: str) -> None:
+    fleet, ids = _fleet()
+    settings = _settings(db_url, ids)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = Holder(f"{Holder.current().host}:{proc.pid}:dead", Holder.current().host, proc.pid,
+                  datetime.now(UTC))
+    async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
+        taken, _ = await s.leases.acquire(CYCLE, dead, now=s.clock(), ttl=timedelta(hours=1), run_id="b" * 32)
+        assert taken
+        await s.store.start_run(now=s.clock(), trigger="test", run_id="b" * 32, owner=dead.id)
+        outcome = await s.run_cycle()  # no waiting out the hour: its holder is gone
+        assert outcome.status is RunStatus.COMPLETE
+        runs = {r.id: r for r in await s.store.list_runs()}
+        assert runs["b" * 32].status is RunStatus.FAILED and runs["b" * 32].errors[0].code == "abandoned"
+
+
+# ---- failed cycles are announced ------------------------------------------------------------------------
+
+
+async def test_a_failed_cycle_raises_audit_incomplete_and_counts(db_url: str) -> None:
+    fleet, ids = _fleet(1)
+    fleet.faults[ids[0]] = Fault.UNAVAILABLE
+    settings = _settings(db_url, ids, notifiers=[{"kind": "webhook", "name": "hook",
+                                                   "url": "http://127.0.0.1:9/hook", "min_severity": "low"}])
+    async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
+        outcome = await s.run_cycle()
+        assert outcome.status is RunStatus.FAILED
+        assert s.consecutive_failed == 1
+        entries = await s.outbox.recent()
+        assert [a.rule for e in entries for a in e.notification.alerts] == ["audit-incomplete"]
+        await s.run_cycle()
+        assert s.consecutive_failed == 2
+        assert len(await s.outbox.recent()) == 1  # still firing: not announced twice
+        app = create_app(ApiDeps(store=s.store, interval=timedelta(minutes=5), trigger=_no_trigger))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as api:
+            ready = await api.get("/readyz")
+            metrics = (await api.get("/metrics")).text
+        # A failed run finished recently, but failed runs do not make the auditor ready.
+        assert ready.status_code == 503 and "the last one failed" in ready.json()["reason"]
+        assert "auditor_consecutive_failed_cycles" in metrics
+
+
+async def test_a_cycle_that_cannot_reach_the_database_is_recorded_when_it_can(tmp_path: Path) -> None:
+    fleet, ids = _fleet(2)
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    settings = _settings(url, ids, notifiers=[{"kind": "webhook", "name": "hook",
+                                                "url": "http://127.0.0.1:9/hook", "min_severity": "low"}])
+    async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
+        good = await s.run_cycle()
+        assert good.status is RunStatus.COMPLETE
+        # The database goes away (file moved aside): the cycle fails, the failure waits in memory.
+        (tmp_path / "a.db").rename(tmp_path / "b.db")
+        (tmp_path / "a.db").mkdir()  # a directory where the file was: every connection fails
+        await s.store.close()
+        failed = await s.run_cycle()
+        assert failed.status is RunStatus.FAILED and failed.errors[0].code == "database_unavailable"
+        assert len(s.pending_failures) == 1
+        # The database is back: the failure is recorded with its audit-incomplete alert.
+        (tmp_path / "a.db").rmdir()
+        (tmp_path / "b.db").rename(tmp_path / "a.db")
+        assert await s.record_pending_failures() == 0
+        runs = {r.id: r for r in await s.store.list_runs()}
+        assert runs[failed.run_id].status is RunStatus.FAILED
+        rules = [a.rule for e in await s.outbox.recent() for a in e.notification.alerts]
+        assert "audit-incomplete" in rules
+
+
+async def _no_trigger() -> str | None:
+    return None
+
+
+# ---- the heartbeat --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def heartbeat() -> Any:
+    with HttpReceiver() as receiver:
+        yield receiver
+
+
+async def test_heartbeat_start_success_and_fail(tmp_path: Path, heartbeat: HttpReceiver) -> None:
+    fleet, ids = _fleet(2)
+    settings = _settings(f"sqlite:///{tmp_path / 'a.db'}", ids,
+                         heartbeat={"url": heartbeat.url + "/ping/secret-uuid", "timeout_seconds": 2})
+    async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
+        assert s.heartbeat is not None
+        complete = await s.run_cycle()
+        fleet.faults[ids[1]] = Fault.UNAVAILABLE
+        partial = await s.run_cycle()
+        fleet.faults[ids[0]] = Fault.UNAVAILABLE
+        failed = await s.run_cycle()
+        await s.heartbeat.flush(5)
+    assert (complete.status, partial.status, failed.status) == (RunStatus.COMPLETE, RunStatus.PARTIAL,
+                                                                RunStatus.FAILED)
+    paths = [r.path for r in heartbeat.requests]
+    base = "/ping/secret-uuid"
+    assert paths == [f"{base}/start", base, f"{base}/start", f"{base}/fail", f"{base}/start", f"{base}/fail"]
+    bodies = [r.body.decode() for r in heartbeat.requests]
+    assert bodies[1].startswith("complete run ") and "2 disks" in bodies[1]
+    assert bodies[3].startswith("partial run ") and "1 unknown" in bodies[3]
+
+
+async def test_a_hanging_heartbeat_receiver_does_not_delay_the_cycle(tmp_path: Path,
+                                                                     heartbeat: HttpReceiver) -> None:
+    fleet, ids = _fleet(2)
+    heartbeat.script(*[Reply(200, "ok", delay=30)] * 4)
+    settings = _settings(f"sqlite:///{tmp_path / 'a.db'}", ids,
+                         heartbeat={"url": heartbeat.url + "/ping/x", "timeout_seconds": 5, "max_attempts": 1})
+    async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
+        began = time.monotonic()
+        outcome = await s.run_cycle()
+        took = time.monotonic() - began
+        assert outcome.status is RunStatus.COMPLETE
+        assert took < 2.0, f"the cycle waited for the heartbeat ({took:.1f}s)"
+        assert s.heartbeat is not None
+        heartbeat.app.release_waiters()
+
+
+# ---- notification keys ----------------------------------------------------------------------------------
+
+
+def test_one_transition_has_one_key_and_a_repeat_a_new_one() -> None:
+    from auditor.domain.alerts import Alert, AlertStatus
+    from auditor.domain.models import Severity
+
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    alert = Alert("fp1", "unprotected-disk", Severity.HIGH, AlertStatus.FIRING, "s", "d", starts_at=t0)
+    a = notification_key("hook", "firing", "{}:{}", [alert], now=t0)
+    b = notification_key("hook", "firing", "{}:{}", [alert], now=t0 + timedelta(hours=1))
+    assert a == b and len(a) == 32  # the same transition planned later (another process, a retry): same key
+    resolved = Alert("fp1", "unprotected-disk", Severity.HIGH, AlertStatus.RESOLVED, "s", "d", starts_at=t0,
+                     ends_at=t0 + timedelta(hours=2))
+    assert notification_key("hook", "resolved", "{}:{}", [resolved], now=t0) != a
+    r1 = notification_key("hook", "repeat", "{}:{}", [alert], now=t0 + timedelta(hours=4))
+    r2 = notification_key("hook", "repeat", "{}:{}", [alert], now=t0 + timedelta(hours=8))
+    assert len({a, r1, r2}) == 3
+    assert notification_key("other", "firing", "{}:{}", [alert], now=t0) != a
+
+
+# ---- read-only commands ---------------------------------------------------------------------------------
+
+
+async def test_read_only_open_never_creates_or_migrates(tmp_path: Path, db_url: str) -> None:
+    missing = tmp_path / "typo" / "nothing.db"
+    with pytest.raises(SchemaError, match="does not exist"):
+        async with open_services(_settings(f"sqlite:///{missing}", []), katapult=False, migrate=False):
+            pass
+    assert not missing.exists() and not missing.parent.exists()
+    await db.upgrade(db_url, "0001")
+    with pytest.raises(SchemaError, match="revision 0001"):
+        async with open_services(_settings(db_url, []), katapult=False, migrate=False):
+            pass
+    assert (await db.current_revision(db_url))[0] == "0001"  # left as it was
+
+
+def test_report_on_a_mistyped_database_path_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "auditor.toml"
+    config.write_text('[database]\nurl = "sqlite:///./audtor.db"\n')
+    proc = subprocess.run([sys.executable, "-m", "auditor", "report", "--config", str(config)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "audtor.db").exists()
