@@ -218,7 +218,7 @@ class _Daemon:
                         await self._become_leader(services)
                     elif lease is not None:
                         log.debug("following the leader %s", lease.describe())
-                if self.is_leader:
+                if services.pending_failures:  # this process's failed cycles, leader or not: record them now
                     await services.record_pending_failures()
             except StoreError as exc:
                 if self.is_leader and time.monotonic() - last_renewed > ttl.total_seconds() - every:
@@ -323,13 +323,6 @@ class _Daemon:
                 if services is None:
                     log.info("stopped while waiting for the database")
                 else:
-                    try:
-                        abandoned = await services.abandon_orphans()
-                        if abandoned:
-                            log.warning("marked %d run(s) left running by a process that is gone as failed",
-                                        len(abandoned))
-                    except StoreError as exc:
-                        log.warning("could not check for abandoned runs: %s", exc)
                     self.services = services
                     self.runner = CycleRunner(services, cycles=self.cycles, on_cycle=self._after_cycle)
                     self.scheduler.start()

@@ -96,3 +96,17 @@ def test_dockerfile_runs_the_daemon() -> None:
     assert re.search(r"^EXPOSE 8080$", text, re.MULTILINE)
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert {".venv", ".git", "*_token.txt", ".env", "config/auditor.toml"} <= set(ignored)
+
+
+def test_the_auditor_scales_to_replicas(compose: dict[str, Any]) -> None:
+    # `docker compose up --scale auditor=2`: no fixed container name, and a host port range with room for
+    # every replica (a single fixed host port would make the second replica fail to start).
+    auditor = compose["services"]["auditor"]
+    assert "container_name" not in auditor
+    [port] = auditor["ports"]
+    match = re.fullmatch(r"127\.0\.0\.1:(\d+)-(\d+):8080", str(port))
+    assert match and int(match.group(2)) - int(match.group(1)) + 1 >= 2, port
+    ttl = parse_duration(env_of(auditor)["AUDITOR_DAEMON__LEADER_TTL"])
+    assert DaemonSettings(leader_ttl=ttl).leader_ttl == ttl
+    # The standby must be able to pass the healthcheck: /readyz on any replica reads the shared database.
+    assert "/readyz" in " ".join(auditor["healthcheck"]["test"])

@@ -477,6 +477,12 @@ async def open_services(
         clock=clock,
     )
     try:
+        with contextlib.suppress(StoreError):
+            # Whatever kind of process this is, a run whose owner is gone is marked now, not at the next daemon.
+            abandoned = await services.abandon_orphans()
+            if abandoned:
+                log.warning("marked %d run(s) left running by a process that is gone as failed: %s",
+                            len(abandoned), ", ".join(abandoned))
         yield services
     finally:
         await services.aclose()
