@@ -301,6 +301,8 @@ def print_outcome(outcome: Any, *, fmt: str) -> None:
 def run_cmd(config_path: Path | None) -> None:
     """Run the daemon: an audit every audit.interval (the first at start) and the HTTP API on api.listen.
 
+    Several daemons may share one database: all serve the API, the one holding the leader lease
+    (daemon.leader_ttl) runs the schedule and the alert delivery, and another takes over when it dies.
     Stops on SIGTERM or SIGINT: a running cycle gets daemon.shutdown_grace to finish, then the process exits 0.
     Exit 2: the API address could not be taken or the database failed; 78: configuration error.
     """
