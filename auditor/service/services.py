@@ -205,15 +205,13 @@ class Services:
         run_id = run_id or new_run_id()
         began = time.monotonic()
         now = self.clock()
-        self._ping("start", f"{trigger} run {run_id} starting")
         try:
+            # Another process's cycle is not a failure of this one: no heartbeat ping, the holder pings its own.
             await self._take_cycle_lease(run_id, wait=wait)
-        except LeaseHeldError:
-            self._ping("fail", f"{trigger} run {run_id} did not start: another process holds the cycle lease")
-            raise
         except StoreError as exc:
             outcome = await self._fail(run_id, trigger, now, began, RunError("*", "database_unavailable", str(exc)))
             return self._finish(outcome)
+        self._ping("start", f"{trigger} run {run_id} starting")
         renewer = asyncio.create_task(self._renew_cycle_lease(), name=f"cycle-lease-{run_id[:8]}")
         try:
             outcome = await self._cycle(run_id, trigger, now, began, progress)
