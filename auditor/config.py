@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -67,8 +69,8 @@ def check_disk_id(value: str) -> str:
 def check_org_ref(value: str) -> str:
     """Returns the organization reference if it is an org id (`org_…`) or a sub-domain, else ValueError."""
     if not (_ORG_ID.match(value) or _SUB_DOMAIN.match(value)):
-        raise ValueError(f"{value[:80]!r} is neither a Katapult organization id (org_ followed by letters or "
-                         "digits) nor a sub-domain (lowercase letters, digits and dashes)")
+        raise ValueError(f"{value[:80]!r} is neither a Katapult organization id (org_ followed by letters, digits, "
+                         "dashes or underscores) nor a sub-domain (lowercase letters, digits and dashes)")
     return value
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
@@ -93,6 +95,17 @@ def parse_duration(value: Any) -> timedelta:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+def _unique(check: Callable[[str], str]) -> Callable[[list[str]], list[str]]:
+    def validate(value: list[str]) -> list[str]:
+        return list(dict.fromkeys(check(item) for item in value))
+
+    return validate
+
+
+DiskIds = Annotated[list[str], AfterValidator(_unique(check_disk_id))]
+OrgRefs = Annotated[list[str], AfterValidator(_unique(check_org_ref))]
 SeverityName = Literal["low", "medium", "high", "critical"]
 IntervalName = Literal["hourly", "daily", "weekly", "monthly"]
 GroupLabel = Literal["rule", "severity", "disk_id"]
@@ -165,8 +178,8 @@ class AuditSettings(Section):
     """[audit]: what to audit and how often."""
 
     interval: Duration = timedelta(minutes=15)
-    disks: list[str] = Field(default_factory=list)
-    organizations: list[str] = Field(default_factory=list)
+    disks: DiskIds = Field(default_factory=list)
+    organizations: OrgRefs = Field(default_factory=list)
     jitter: Duration = timedelta(seconds=10)
 
     @field_validator("interval")
@@ -176,19 +189,6 @@ class AuditSettings(Section):
             raise ValueError("must be at least 1s")
         return value
 
-    @field_validator("disks")
-    @classmethod
-    def _disk_ids(cls, value: list[str]) -> list[str]:
-        for item in value:
-            check_disk_id(item)
-        return list(dict.fromkeys(value))
-
-    @field_validator("organizations")
-    @classmethod
-    def _org_refs(cls, value: list[str]) -> list[str]:
-        for item in value:
-            check_org_ref(item)
-        return list(dict.fromkeys(value))
 
 
 class DaemonSettings(Section):
@@ -244,14 +244,7 @@ class ApiSettings(Section):
 class RuleOverride(Section):
     """[[rules.overrides]]: stricter or looser parameters for some disks."""
 
-    disks: list[str] = Field(min_length=1)
-
-    @field_validator("disks")
-    @classmethod
-    def _disk_ids(cls, value: list[str]) -> list[str]:
-        for item in value:
-            check_disk_id(item)
-        return value
+    disks: DiskIds = Field(min_length=1)
     min_retention: int | None = Field(default=None, ge=0)
     min_retention_days: float | None = Field(default=None, ge=0)
     max_interval: IntervalName | None = None
