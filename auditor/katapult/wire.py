@@ -134,6 +134,12 @@ class _Reader:
         # and such a string cannot be stored, logged as UTF-8 or compared reliably.
         if not _is_unicode(value):
             raise self.fail(path, "string is not valid Unicode (lone surrogate)")
+        if "\x00" in value:
+            # PostgreSQL text cannot hold NUL (SQLite can): both databases must accept the same data. An id with
+            # a NUL is not an id; in free text (a name, an FQDN) it is replaced, so one odd name fails nothing.
+            if path.rsplit(".", 1)[-1].endswith("id"):
+                raise self.fail(path, "an id cannot contain a NUL character")
+            value = value.replace("\x00", "\ufffd")
         return value
 
     def req_int(self, parent: Mapping[str, object], name: str, path: str) -> int:

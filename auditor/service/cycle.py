@@ -191,7 +191,13 @@ async def read_disk(client: KatapultClient, disk_id: str, *, vm_policies: VmPoli
                     error_message=_safe(f"disk_backup_policies[{index}] ({p.id}) targets {p.target_type.value} "
                                         f"{p.target_id}, not disk {disk_id} or its virtual machine"))
         if disk.vm_id:
-            vm_list = await (vm_policies or client.list_vm_policies)(disk.vm_id)
+            try:
+                vm_list = await (vm_policies or client.list_vm_policies)(disk.vm_id)
+            except KatapultError as exc:
+                # Only the disk's own endpoints answer definitely about the disk: a 404 or 406 from its VM's policy
+                # list is about the VM, so the disk is unknown, not "not found" or "in trash".
+                return DiskSnapshot(disk, ReadOutcome.UNKNOWN, error_code=exc.code,
+                                    error_message=_safe(f"virtual machine {disk.vm_id}: {exc}"))
             seen = {p.id for p in policies}
             policies = [*policies, *(p for p in vm_list
                                      if p.target_type is TargetType.VIRTUAL_MACHINE and p.target_id == disk.vm_id
