@@ -41,6 +41,7 @@ DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REAL_RATE = 1000  # requests/minute, README "Rate limits": 1000 and 200 have both been seen
 TARGET_RSS_MB = 400
 TARGET_EXTRA_PER_ORG = 2
+FULL_DISKS = 100_000
 QUICK_DISKS = 20_000
 CHILD_TIMEOUT = 1800.0
 
@@ -63,7 +64,7 @@ def main() -> int:
     args = p.parse_args()
     if args.child:
         return _child(Path(args.child))
-    disks = args.disks or (QUICK_DISKS if args.quick else 100_000)
+    disks = args.disks or (QUICK_DISKS if args.quick else FULL_DISKS)
     db_note = _choose_database(args)
 
     fleet = c.generated_fleet(disks=disks, orgs=args.orgs, policies_per_disk=args.policies_per_disk,
@@ -98,7 +99,8 @@ def main() -> int:
             report.note(f"cycle {number} failed: {cy['error'][-1500:]}")
             continue
         report.info(f"cycle {number}", _describe(cy, rate=args.rate))
-    report.info("requests by endpoint (server)", ", ".join(f"{k} {v}" for k, v in sorted(served.by_endpoint.items())))
+    report.info("requests by endpoint (server, all cycles)",
+                ", ".join(f"{k} {v}" for k, v in sorted(served.by_endpoint.items())))
     report.info("database size", f"{sum(sizes.values()) / 2**20:.0f} MB after {len(cycles)} cycle(s) "
                                  f"({', '.join(f'{k} {v / 2**20:.0f} MB' for k, v in sorted(sizes.items()) if v)})")
     good = [cy for cy in cycles if "error" not in cy]
@@ -134,10 +136,21 @@ def main() -> int:
                            + f" (cycles 1..{len(good)}; cycle 1 inserts every row)",
                   passed=complete)
     rss = max(cy["rss_mb"] for cy in good)
-    report.result("peak RSS of the auditor process", target=f"<= {TARGET_RSS_MB} MB",
-                  measured=f"{rss:.0f} MB (" + ", ".join(f"cycle {i} {cy['rss_mb']:.0f} MB"
-                                                         for i, cy in enumerate(good, start=1)) + ")",
-                  passed=rss <= TARGET_RSS_MB and complete)
+    each = ", ".join(f"cycle {i} {cy['rss_mb']:.0f} MB" for i, cy in enumerate(good, start=1))
+    if n_disks >= FULL_DISKS:
+        report.result("peak RSS of the auditor process", target=f"<= {TARGET_RSS_MB} MB",
+                      measured=f"{rss:.0f} MB ({each})", passed=rss <= TARGET_RSS_MB and complete)
+    else:
+        # The target is for 100,000 disks: project linearly from what this smaller fleet added to the process's
+        # size before the cycle (interpreter, imports, migrations). Measured, RSS grows less than linearly.
+        base = min(cy["rss_start_mb"] for cy in good)
+        projected = base + (rss - base) * FULL_DISKS / n_disks
+        report.result(f"peak RSS of the auditor process, projected to {FULL_DISKS:,} disks",
+                      target=f"<= {TARGET_RSS_MB} MB",
+                      measured=f"{projected:.0f} MB = {base:.0f} MB before the cycle + ({rss:.0f} - {base:.0f}) MB x "
+                               f"{FULL_DISKS / n_disks:g} (measured at {n_disks:,} disks: {each}; run the script "
+                               "alone to measure 100,000)",
+                      passed=projected <= TARGET_RSS_MB and complete)
     return 0
 
 
@@ -147,7 +160,8 @@ def _describe(cy: dict[str, Any], *, rate: int) -> str:
             f"{cy['open_findings']} open findings; wall {cy['wall_s']:.1f} s = read {cy['read_s']:.1f} s "
             f"(floor {cy['requests'] / (rate / 60):.1f} s) + judge {cy['judge_s']:.1f} s + commit "
             f"{cy['commit_s']:.1f} s + other {cy['other_s']:.1f} s; CPU {cy['cpu_s']:.1f} s; "
-            f"process {cy['process_s']:.1f} s incl. start-up and migrations; peak RSS {cy['rss_mb']:.0f} MB")
+            f"process {cy['process_s']:.1f} s incl. start-up and migrations; peak RSS {cy['rss_mb']:.0f} MB "
+            f"(after the reads: RSS {cy['rss_after_read_mb']:.0f} MB, peak so far {cy['hwm_after_read_mb']:.0f} MB)")
 
 
 def _choose_database(args: argparse.Namespace) -> str:
@@ -174,8 +188,11 @@ def _choose_database(args: argparse.Namespace) -> str:
 def _run_child(spec: Path) -> dict[str, Any]:
     """Runs one cycle in a child process; returns its figures (or {"error": ...})."""
     began = time.monotonic()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec)], cwd=c.REPO,
-                          capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    try:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec)], cwd=c.REPO,
+                              capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"the cycle did not finish within {CHILD_TIMEOUT:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CHILD ")]
     if proc.returncode != 0 or not lines:
         return {"error": f"exit {proc.returncode}: {proc.stderr.strip()}"}
@@ -208,7 +225,8 @@ async def _child_cycle(spec: dict[str, Any]) -> dict[str, Any]:
 
     spans: dict[str, float] = {"read": 0.0, "commit": 0.0}
     marks: dict[str, float] = {}
-    collect = services_module.collect
+    # services.py calls `collect` by the name it imported, so the wrapper replaces that name in its module.
+    collect = getattr(services_module, "collect")  # noqa: B009
     transaction = Store.transaction
 
     async def timed_collect(*a: Any, **kw: Any) -> Any:
@@ -218,6 +236,8 @@ async def _child_cycle(spec: dict[str, Any]) -> dict[str, Any]:
         finally:
             marks["read_end"] = time.monotonic()
             spans["read"] += marks["read_end"] - began
+            marks["rss_after_read"] = _vm_kb("VmRSS") / 1024
+            marks["hwm_after_read"] = _vm_kb("VmHWM") / 1024
 
     @contextlib.asynccontextmanager
     async def timed_transaction(self: Store) -> Any:
@@ -233,10 +253,11 @@ async def _child_cycle(spec: dict[str, Any]) -> dict[str, Any]:
             if final:
                 spans["commit"] = time.monotonic() - began
 
-    services_module.collect = timed_collect  # type: ignore[assignment]
-    Store.transaction = timed_transaction  # type: ignore[method-assign, assignment]
+    setattr(services_module, "collect", timed_collect)  # noqa: B010
+    Store.transaction = timed_transaction  # type: ignore[method-assign]
     settings = Settings(**spec["settings"])
     async with open_services(settings, token=spec["token"]) as services:
+        rss_start = _vm_kb("VmRSS") / 1024
         with c.Stopwatch() as watch:
             outcome = await services.run_cycle(trigger="benchmark")
     judge = (marks.get("commit_start", marks.get("read_end", 0.0)) - marks.get("read_end", 0.0))
@@ -255,8 +276,20 @@ async def _child_cycle(spec: dict[str, Any]) -> dict[str, Any]:
         "judge_s": judge,
         "commit_s": spans["commit"],
         "other_s": watch.seconds - spans["read"] - judge - spans["commit"],
+        "rss_start_mb": rss_start,
+        "rss_after_read_mb": marks.get("rss_after_read", 0.0),
+        "hwm_after_read_mb": marks.get("hwm_after_read", 0.0),
         "pid": os.getpid(),
     }
+
+
+def _vm_kb(field: str) -> float:
+    """Returns a VmRSS / VmHWM figure of this process in kB from /proc (0 where there is no /proc)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    return 0.0
 
 
 if __name__ == "__main__":

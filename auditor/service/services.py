@@ -274,8 +274,8 @@ class Services:
                         ", ".join(abandoned))
         await self.store.start_run(now=now, trigger=trigger, run_id=run_id, owner=self.holder.id)
         self.client.stats.snapshot_and_reset()
-        known = await self.store.load_disks(targets_only=True)
-        collected = await collect(self.client, self.targets, known_sources={k: v.source for k, v in known.items()},
+        known = await self.store.target_sources()
+        collected = await collect(self.client, self.targets, known_sources=known,
                                   concurrency=self.settings.katapult.max_concurrency, progress=progress)
         findings = judge(collected, self.rules, now=now)
         valid_waivers, problems = parse_waivers(self.settings.waivers, known_rules=RULES.keys(), now=now)

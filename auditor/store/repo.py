@@ -345,6 +345,16 @@ class Store:
         result: dict[str, DiskRecord] = await self._read(go)
         return result
 
+    async def target_sources(self) -> dict[str, str]:
+        """Returns the source (`config` or `org:<ref>`) of every disk audited as a target, by id (ids only)."""
+
+        async def go(s: AsyncSession) -> dict[str, str]:
+            q = select(DiskRow.id, DiskRow.source).where(DiskRow.is_target.is_(True))
+            return {disk_id: source for disk_id, source in (await s.execute(q)).all()}
+
+        result: dict[str, str] = await self._read(go)
+        return result
+
     async def load_active_findings(self, *, extra: Iterable[str] = ()) -> dict[str, TrackedFinding]:
         """Returns open and waived findings, plus the stored state of the `extra` fingerprints (to reopen)."""
         wanted = sorted(set(extra))
@@ -635,108 +645,114 @@ class Transaction:
 # ---- the cycle's writers ------------------------------------------------------------------------------------
 
 async def _write_disks(s: AsyncSession, cycle: CycleWrite) -> set[str]:
-    """Upserts the run's disks; returns the ids never read before this run (first seen, or only unknown)."""
+    """Upserts the run's disks; returns the ids never read before this run (first seen, or only unknown).
+
+    Works a chunk of disks at a time and flushes each, so the session never holds every row of a large fleet
+    (written, unmodified rows are only weakly referenced by the session): 100,000 disks stay in a few MB.
+    """
     now = cycle.now
     new_disks: set[str] = set()
-    ids = [d.snapshot.disk_id for d in cycle.disks]
-    existing: dict[str, DiskRow] = {}
-    for chunk in _chunks(ids):
-        for found in (await s.execute(select(DiskRow).where(DiskRow.id.in_(chunk)))).scalars():
-            existing[found.id] = found
-    read_ok: list[str] = []
-    unknown: list[str] = []
-    for d in cycle.disks:
-        snap = d.snapshot
-        disk = snap.disk
-        definite = snap.outcome is not ReadOutcome.UNKNOWN
-        row = existing.get(disk.id)
-        if row is None or row.last_read_at is None:
-            # No earlier definite reading: this run's policies are the disk's baseline, not drift.
-            new_disks.add(disk.id)
-        if row is None:
-            s.add(DiskRow(id=disk.id, name=disk.name, vm_id=disk.vm_id, vm_fqdn=disk.vm_fqdn, source=d.source,
-                          is_target=True, outcome=snap.outcome.value, error_code=snap.error_code,
-                          error_message=snap.error_message, first_seen_at=now, last_checked_at=now,
-                          last_read_at=now if definite else None, last_run_id=cycle.run_id))
-            continue
-        # Only rows whose facts changed are written one by one; the per-poll timestamps go in bulk below.
-        if definite:
-            read_ok.append(disk.id)
-            name = disk.name or row.name
-            vm_id, vm_fqdn = (disk.vm_id, disk.vm_fqdn) if snap.outcome is ReadOutcome.OK else (None, None)
-            if snap.outcome is ReadOutcome.OK and disk.vm_id is None and row.vm_id and not disk.name:
-                vm_id, vm_fqdn = row.vm_id, row.vm_fqdn  # per-disk mode without a lookup: keep what we knew
-        else:
-            unknown.append(disk.id)
-            name, vm_id, vm_fqdn = row.name, row.vm_id, row.vm_fqdn
-        new = (name, vm_id, vm_fqdn, d.source, True, snap.outcome.value, snap.error_code, snap.error_message)
-        old = (row.name, row.vm_id, row.vm_fqdn, row.source, row.is_target, row.outcome, row.error_code,
-               row.error_message)
-        if new != old:
-            (row.name, row.vm_id, row.vm_fqdn, row.source, row.is_target, row.outcome, row.error_code,
-             row.error_message) = new
-    for chunk in _chunks(read_ok):
-        await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(
-            last_checked_at=now, last_read_at=now, last_run_id=cycle.run_id
-        ).execution_options(synchronize_session=False))
-    for chunk in _chunks(unknown):
-        await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(
-            last_checked_at=now, last_run_id=cycle.run_id).execution_options(synchronize_session=False))
-    retired = sorted(cycle.retired_disks)
-    for chunk in _chunks(retired):
+    for part in _chunks(cycle.disks):
+        ids = [d.snapshot.disk_id for d in part]
+        existing = {r.id: r for r in (await s.execute(select(DiskRow).where(DiskRow.id.in_(ids)))).scalars()}
+        read_ok: list[str] = []
+        unknown: list[str] = []
+        for d in part:
+            snap = d.snapshot
+            disk = snap.disk
+            definite = snap.outcome is not ReadOutcome.UNKNOWN
+            row = existing.get(disk.id)
+            if row is None or row.last_read_at is None:
+                # No earlier definite reading: this run's policies are the disk's baseline, not drift.
+                new_disks.add(disk.id)
+            if row is None:
+                s.add(DiskRow(id=disk.id, name=disk.name, vm_id=disk.vm_id, vm_fqdn=disk.vm_fqdn, source=d.source,
+                              is_target=True, outcome=snap.outcome.value, error_code=snap.error_code,
+                              error_message=snap.error_message, first_seen_at=now, last_checked_at=now,
+                              last_read_at=now if definite else None, last_run_id=cycle.run_id))
+                continue
+            # Only rows whose facts changed are written one by one; the per-poll timestamps go in bulk below.
+            if definite:
+                read_ok.append(disk.id)
+                name = disk.name or row.name
+                vm_id, vm_fqdn = (disk.vm_id, disk.vm_fqdn) if snap.outcome is ReadOutcome.OK else (None, None)
+                if snap.outcome is ReadOutcome.OK and disk.vm_id is None and row.vm_id and not disk.name:
+                    vm_id, vm_fqdn = row.vm_id, row.vm_fqdn  # per-disk mode without a lookup: keep what we knew
+            else:
+                unknown.append(disk.id)
+                name, vm_id, vm_fqdn = row.name, row.vm_id, row.vm_fqdn
+            new = (name, vm_id, vm_fqdn, d.source, True, snap.outcome.value, snap.error_code, snap.error_message)
+            old = (row.name, row.vm_id, row.vm_fqdn, row.source, row.is_target, row.outcome, row.error_code,
+                   row.error_message)
+            if new != old:
+                (row.name, row.vm_id, row.vm_fqdn, row.source, row.is_target, row.outcome, row.error_code,
+                 row.error_message) = new
+        if read_ok:
+            await s.execute(update(DiskRow).where(DiskRow.id.in_(read_ok)).values(
+                last_checked_at=now, last_read_at=now, last_run_id=cycle.run_id
+            ).execution_options(synchronize_session=False))
+        if unknown:
+            await s.execute(update(DiskRow).where(DiskRow.id.in_(unknown)).values(
+                last_checked_at=now, last_run_id=cycle.run_id).execution_options(synchronize_session=False))
+        await s.flush()
+    for chunk in _chunks(sorted(cycle.retired_disks)):
         await s.execute(update(DiskRow).where(DiskRow.id.in_(chunk)).values(is_target=False)
                         .execution_options(synchronize_session=False))
     await s.flush()
     return new_disks
 
+
 async def _write_states(s: AsyncSession, cycle: CycleWrite, *, new_disks: set[str]) -> None:
+    """Writes policy states by change and drift events, a chunk of disks at a time (see _write_disks)."""
     now = cycle.now
     settled = [d.snapshot for d in cycle.disks if d.snapshot.outcome is not ReadOutcome.UNKNOWN]
-    current: dict[str, dict[str, PolicyState]] = {}
-    for chunk in _chunks([snap.disk_id for snap in settled]):
-        q = select(PolicyState).where(PolicyState.valid_to.is_(None), PolicyState.disk_id.in_(chunk))
+    for part in _chunks(settled):
+        current: dict[str, dict[str, PolicyState]] = {}
+        q = select(PolicyState).where(PolicyState.valid_to.is_(None),
+                                      PolicyState.disk_id.in_([snap.disk_id for snap in part]))
         for found_state in (await s.execute(q)).scalars():
             current.setdefault(found_state.disk_id, {})[found_state.policy_id] = found_state
-    moving: list[dict[str, Any]] = []
-    for snap in settled:
-        states = current.get(snap.disk_id, {})
-        # A disk's first definite reading is its baseline, not drift.
-        is_new_disk = snap.disk_id in new_disks
-        for policy in snap.policies:
-            h = policy.settings_hash()
-            after = {"retention": policy.retention, "interval": policy.schedule.interval.value,
-                     "target_type": policy.target_type.value, "target_id": policy.target_id}
-            row: PolicyState | None = states.pop(policy.id, None)
-            if row is not None and row.settings_hash == h:
-                nxt, size = policy.schedule.next_invocation_at, policy.total_size
-                if row.next_invocation_at != nxt or row.total_size != size or (
-                        policy.target_name and row.target_name != policy.target_name):
-                    moving.append({"id": row.id, "next_invocation_at": nxt, "total_size": size,
-                                   "target_name": policy.target_name or row.target_name})
-                continue
-            if row is not None:
-                row.valid_to = now
-                before: dict[str, Any] | None = _state(row).settings()
-                kind = "policy-changed"
-            else:
-                before, kind = None, "policy-added"
-            s.add(PolicyState(
-                disk_id=snap.disk_id, policy_id=policy.id, settings_hash=h, retention=policy.retention,
-                interval=policy.schedule.interval.value, target_type=policy.target_type.value,
-                target_id=policy.target_id, target_name=policy.target_name,
-                next_invocation_at=policy.schedule.next_invocation_at, total_size=policy.total_size,
-                valid_from=now, valid_to=None, first_run_id=cycle.run_id,
-            ))
-            if not is_new_disk:
-                s.add(DriftEvent(disk_id=snap.disk_id, policy_id=policy.id, run_id=cycle.run_id, at=now,
-                                 kind=kind, before=before, after=after))
-        for policy_id, row in states.items():
-            row.valid_to = now
-            s.add(DriftEvent(disk_id=snap.disk_id, policy_id=policy_id, run_id=cycle.run_id, at=now,
-                             kind="policy-removed", before=_state(row).settings(), after=None))
-    if moving:
-        await s.execute(update(PolicyState), moving)
-    await s.flush()
+        moving: list[dict[str, Any]] = []
+        for snap in part:
+            states = current.get(snap.disk_id, {})
+            # A disk's first definite reading is its baseline, not drift.
+            is_new_disk = snap.disk_id in new_disks
+            for policy in snap.policies:
+                h = policy.settings_hash()
+                after = {"retention": policy.retention, "interval": policy.schedule.interval.value,
+                         "target_type": policy.target_type.value, "target_id": policy.target_id}
+                row: PolicyState | None = states.pop(policy.id, None)
+                if row is not None and row.settings_hash == h:
+                    nxt, size = policy.schedule.next_invocation_at, policy.total_size
+                    if row.next_invocation_at != nxt or row.total_size != size or (
+                            policy.target_name and row.target_name != policy.target_name):
+                        moving.append({"id": row.id, "next_invocation_at": nxt, "total_size": size,
+                                       "target_name": policy.target_name or row.target_name})
+                    continue
+                if row is not None:
+                    row.valid_to = now
+                    before: dict[str, Any] | None = _state(row).settings()
+                    kind = "policy-changed"
+                else:
+                    before, kind = None, "policy-added"
+                s.add(PolicyState(
+                    disk_id=snap.disk_id, policy_id=policy.id, settings_hash=h, retention=policy.retention,
+                    interval=policy.schedule.interval.value, target_type=policy.target_type.value,
+                    target_id=policy.target_id, target_name=policy.target_name,
+                    next_invocation_at=policy.schedule.next_invocation_at, total_size=policy.total_size,
+                    valid_from=now, valid_to=None, first_run_id=cycle.run_id,
+                ))
+                if not is_new_disk:
+                    s.add(DriftEvent(disk_id=snap.disk_id, policy_id=policy.id, run_id=cycle.run_id, at=now,
+                                     kind=kind, before=before, after=after))
+            for policy_id, old_row in states.items():
+                old_row.valid_to = now
+                s.add(DriftEvent(disk_id=snap.disk_id, policy_id=policy_id, run_id=cycle.run_id, at=now,
+                                 kind="policy-removed", before=_state(old_row).settings(), after=None))
+        if moving:
+            await s.execute(update(PolicyState), moving)
+        await s.flush()
+
 
 async def _write_findings(s: AsyncSession, cycle: CycleWrite) -> None:
     inserts: list[dict[str, Any]] = []
