@@ -4,6 +4,8 @@ configuration, and polling helpers. Shared by tests/test_replicas.py and tests/t
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 import os
 import signal
@@ -356,3 +358,61 @@ def pg_schema(base_url: str) -> Iterator[tuple[str, str]]:
 def schema_of(url: str) -> str | None:
     marker = "search_path%3D"
     return url.split(marker, 1)[1].split("&", 1)[0] if marker in url else None
+
+
+def sql(url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Runs one query with the raw driver (sqlite3 or psycopg) and returns its rows; `?` placeholders."""
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(url.split(":///", 1)[1], timeout=10)) as conn:
+            return list(conn.execute(query, params).fetchall())
+    with psycopg.connect(libpq(url), autocommit=True) as conn:
+        return list(conn.execute(query.replace("?", "%s"), params).fetchall())
+
+
+# ---- receivers ----------------------------------------------------------------------------------------------
+
+
+class BlackHole:
+    """A loopback port that accepts connections (in the kernel's backlog) and never reads or answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def transitions(requests: list[Any]) -> list[tuple[str, tuple[str, str, str]]]:
+    """Returns (Idempotency-Key, (fingerprint, status, startsAt)) for every alert of every webhook request."""
+    out = []
+    for r in requests:
+        body = r.json()
+        assert body["version"] == "4", body
+        for alert in body["alerts"]:
+            out.append((r.headers.get("idempotency-key", ""), (alert["fingerprint"], alert["status"],
+                                                               alert["startsAt"])))
+    return out
+
+
+def assert_delivered_once(requests: list[Any], entries: list[Any], *, resent: frozenset[str] = frozenset()) -> None:
+    """Asserts every outbox entry was delivered, each request's Idempotency-Key is an entry id, each key arrived
+    once (twice for the `resent` ones: a send cut mid-flight) and each alert transition under exactly one key."""
+    assert entries, "nothing was planned: the test would prove nothing"
+    undelivered = [(e.id, e.state.value, e.last_error) for e in entries if e.state.value != "delivered"]
+    assert not undelivered, f"outbox entries not delivered: {undelivered}"
+    keys = collections.Counter(r.headers.get("idempotency-key") for r in requests)
+    ids = {e.id for e in entries}
+    assert set(keys) == ids, f"keys without entry: {set(keys) - ids}; entries never sent: {ids - set(keys)}"
+    wrong = {k: n for k, n in keys.items() if n != (2 if k in resent else 1)}
+    assert not wrong, f"Idempotency-Keys received a wrong number of times (resent: {sorted(resent)}): {wrong}"
+    by_transition: dict[tuple[str, str, str], list[str]] = collections.defaultdict(list)
+    for key, transition in transitions(requests):
+        by_transition[transition].append(key)
+    dupes = {t: ks for t, ks in by_transition.items() if len(set(ks)) != 1 or len(ks) != (2 if ks[0] in resent
+                                                                                            else 1)}
+    assert not dupes, f"alert transitions delivered more or less than once: {dupes}"

@@ -211,6 +211,9 @@ class Services:
         except StoreError as exc:
             outcome = await self._fail(run_id, trigger, now, began, RunError("*", "database_unavailable", str(exc)))
             return self._finish(outcome)
+        # The cycle starts now, not when it began waiting for the lease: its poll time and start follow the wait.
+        began = time.monotonic()
+        now = self.clock()
         self._ping("start", f"{trigger} run {run_id} starting")
         renewer = asyncio.create_task(self._renew_cycle_lease(), name=f"cycle-lease-{run_id[:8]}")
         try:

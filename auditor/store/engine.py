@@ -132,6 +132,9 @@ def alembic_config(url: str) -> AlembicConfig:
     return cfg
 
 
+MIGRATION_LOCK = 0x61756469746F72  # "auditor": the advisory lock key migrations take on PostgreSQL
+
+
 def _run(sync_conn: Any, cfg: AlembicConfig, action: str, revision: str) -> None:
     cfg.attributes["connection"] = sync_conn
     if action == "upgrade":
@@ -158,6 +161,10 @@ async def _migrate(url: str, action: str, revision: str) -> None:
     engine = create_engine_for(url)
     try:
         async with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                # Replicas starting together on a fresh database: one migrates, the others wait and then find
+                # the schema at head (PostgreSQL's DDL is transactional; the lock ends with this transaction).
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             await conn.run_sync(_run, cfg, action, revision)
     except (SQLAlchemyError, OSError) as exc:
         raise _translate(exc, url) from None
