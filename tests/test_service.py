@@ -50,7 +50,8 @@ def _fleet(n: int = 3) -> tuple[Fleet, list[str]]:
     for i in range(n):
         d = fleet.add_disk(org.id, name=f"disk {i}")
         if i:  # disk 0 stays unprotected: one open finding
-            fleet.add_policy(d.id, retention=30, interval="hourly")
+            fleet.add_policy(d.id, retention=30 * 24, interval="hourly",
+                             next_invocation_at=int(time.time()) + 30 * 86400)
         ids.append(d.id)
     return fleet, ids
 
@@ -306,3 +307,38 @@ def test_report_on_a_mistyped_database_path_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "audtor.db").exists()
+
+
+# ---- history ----------------------------------------------------------------------------------------------
+
+
+async def test_each_run_stores_its_summary_and_disk_verdicts_by_change(db_url: str) -> None:
+    from sqlalchemy import select
+
+    from auditor.store.tables import DiskState, RunSummary
+
+    fleet, ids = _fleet(3)
+    settings = _settings(db_url, ids)
+    clock = Clock(datetime.now(UTC).replace(microsecond=0))
+    async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN,
+                             clock=clock) as s:
+        first = await s.run_cycle()
+        clock.now += timedelta(minutes=15)
+        await s.run_cycle()  # nothing changed: no new disk state rows
+        fleet.faults[ids[1]] = Fault.UNAVAILABLE
+        clock.now += timedelta(minutes=15)
+        third = await s.run_cycle()
+        async with s.store.engine.connect() as conn:
+            summaries = (await conn.execute(select(RunSummary).order_by(RunSummary.started_at))).all()
+            states = (await conn.execute(select(DiskState).order_by(DiskState.id))).all()
+    assert [r.status for r in summaries] == ["complete", "complete", "partial"]
+    assert (summaries[0].disks_total, summaries[0].disks_compliant, summaries[0].disks_noncompliant,
+            summaries[0].disks_unknown) == (3, 2, 1, 0)
+    assert summaries[0].open_by_rule == {"unprotected-disk": 1} and summaries[0].open_by_severity == {"critical": 1}
+    assert (summaries[2].disks_compliant, summaries[2].disks_unknown) == (1, 1)
+    assert summaries[0].run_id == first.run_id and summaries[2].run_id == third.run_id
+    # Three first verdicts, then one change (disk 1 compliant -> unknown): the old row closed, a new one open.
+    assert len(states) == 4
+    changed = [r for r in states if r.disk_id == ids[1]]
+    assert [(r.status, r.valid_to is None) for r in changed] == [("compliant", False), ("unknown", True)]
+    assert changed[0].valid_to == changed[1].valid_from == clock.now

@@ -331,3 +331,42 @@ def open_after(previous: dict[str, Any], changes: list[Change]) -> dict[str, int
         if f.status is FindingStatus.OPEN:
             out[f.severity.value] = out.get(f.severity.value, 0) + 1
     return out
+
+
+@dataclass(slots=True)
+class Verdicts:
+    """Every disk's verdict after a run, and the open findings by severity and rule (the run's history)."""
+
+    disk_statuses: dict[str, str]
+    open_by_severity: dict[str, int]
+    open_by_rule: dict[str, int]
+
+
+def verdicts_after(collected: Collected, previous: dict[str, Any], changes: list[Change]) -> Verdicts:
+    """Returns each disk's verdict after the run: unknown, noncompliant (an open finding), waived, or compliant."""
+    state = {fp: f for fp, f in previous.items()}
+    for c in changes:
+        state[c.finding.fingerprint] = c.finding
+    open_disks: set[str] = set()
+    waived_disks: set[str] = set()
+    by_severity: dict[str, int] = {}
+    by_rule: dict[str, int] = {}
+    for f in state.values():
+        if f.status is FindingStatus.OPEN:
+            open_disks.add(f.disk_id)
+            by_severity[f.severity.value] = by_severity.get(f.severity.value, 0) + 1
+            by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
+        elif f.status is FindingStatus.WAIVED:
+            waived_disks.add(f.disk_id)
+    statuses: dict[str, str] = {}
+    for w in collected.disks:
+        disk_id = w.snapshot.disk_id
+        if w.snapshot.outcome is ReadOutcome.UNKNOWN:
+            statuses[disk_id] = "unknown"
+        elif disk_id in open_disks:
+            statuses[disk_id] = "noncompliant"
+        elif disk_id in waived_disks:
+            statuses[disk_id] = "waived"
+        else:
+            statuses[disk_id] = "compliant"
+    return Verdicts(statuses, by_severity, by_rule)

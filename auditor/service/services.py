@@ -41,6 +41,7 @@ from auditor.service.cycle import (
     open_after,
     run_status,
     utcnow,
+    verdicts_after,
 )
 from auditor.store import engine as db
 from auditor.store.leases import CYCLE, Holder, Lease, Leases
@@ -292,10 +293,12 @@ class Services:
             previous = await tx.active_findings(extra=(f.fingerprint for f in findings))
             changes = reconcile(previous, findings, settled_disks=settled | collected.retired,
                                 waivers=valid_waivers, now=now)
+            history = verdicts_after(collected, previous, changes)
             await tx.write_cycle(CycleWrite(
                 run_id=run_id, now=now, status=status, targets_checked=collected.targets_checked, stats=stats,
                 errors=collected.errors, disks=collected.disks, changes=changes, retired_disks=collected.retired,
-                finished_at=finished))
+                finished_at=finished, disk_statuses=history.disk_statuses,
+                open_by_severity=history.open_by_severity, open_by_rule=history.open_by_rule))
             if self.settings.notifiers:
                 plan = plan_notifications(notifiers=self.settings.notifiers, changes=changes, run_status=status,
                                           errors=collected.errors, incomplete_fp=self._incomplete_fp,

@@ -41,12 +41,14 @@ from auditor.store.leases import CYCLE, Holder, Lease, insert_if_absent, read_in
 from auditor.store.tables import (
     AlertStateRow,
     DiskRow,
+    DiskState,
     DriftEvent,
     FindingEvent,
     FindingRow,
     OutboxRow,
     PolicyState,
     Run,
+    RunSummary,
 )
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,11 @@ class CycleWrite:
     changes: list[Change]
     retired_disks: set[str] = field(default_factory=set)
     finished_at: datetime | None = None
+    # The verdict of every disk of the run after it (compliant, waived, noncompliant, unknown) and the open
+    # findings after it by severity and by rule: the run's history (disk_states by change, run_summaries).
+    disk_statuses: dict[str, str] = field(default_factory=dict)
+    open_by_severity: dict[str, int] = field(default_factory=dict)
+    open_by_rule: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,6 +564,7 @@ class Transaction:
         new_disks = await _write_disks(s, cycle)
         await _write_states(s, cycle, new_disks=new_disks)
         await _write_findings(s, cycle)
+        await _write_history(s, cycle)
         opened = sum(1 for c in cycle.changes if c.kind in (Transition.OPENED, Transition.REOPENED,
                                                              Transition.UNWAIVED))
         resolved = sum(1 for c in cycle.changes if c.kind is Transition.RESOLVED)
@@ -574,6 +582,13 @@ class Transaction:
 
     async def fail_run(self, run_id: str, *, now: datetime, errors: Sequence[RunError], stats: RunStats) -> bool:
         """Marks a run failed unless it finished otherwise; returns whether the row was there to mark."""
+        started = (await self._s.execute(select(Run.started_at).where(Run.id == run_id))).scalar_one_or_none()
+        if started is not None:
+            await insert_if_absent(self._s, RunSummary, {
+                "run_id": run_id, "started_at": started, "finished_at": now, "status": RunStatus.FAILED.value,
+                "disks_total": 0, "disks_compliant": 0, "disks_noncompliant": 0, "disks_unknown": 0,
+                "open_by_severity": {}, "open_by_rule": {}, "requests": stats.requests,
+                "duration_seconds": max((now - started).total_seconds(), 0.0)})
         r = await self._s.execute(
             update(Run).where(Run.id == run_id, Run.status.in_([RunStatus.RUNNING.value, RunStatus.FAILED.value]))
             .values(status=RunStatus.FAILED.value, finished_at=now, errors=[e.as_dict() for e in errors],
@@ -590,6 +605,10 @@ class Transaction:
         if (await self._s.execute(select(Run.id).where(Run.id == run_id))).scalar_one_or_none() is not None:
             return  # it finished otherwise (e.g. complete): nothing to overwrite
         seq = (await self._s.execute(select(func.coalesce(func.max(Run.seq), 0)))).scalar_one() + 1
+        self._s.add(RunSummary(run_id=run_id, started_at=started_at, finished_at=finished_at,
+                               status=RunStatus.FAILED.value, disks_total=0, disks_compliant=0, disks_noncompliant=0,
+                               disks_unknown=0, open_by_severity={}, open_by_rule={}, requests=stats.requests,
+                               duration_seconds=max((finished_at - started_at).total_seconds(), 0.0)))
         self._s.add(Run(id=run_id, seq=seq, trigger=trigger, status=RunStatus.FAILED.value, started_at=started_at,
                         finished_at=finished_at, targets_checked=0, disks_ok=0, disks_unknown=0,
                         api_requests=stats.requests, api_retries=stats.retries, api_rate_limited=stats.rate_limited,
@@ -774,4 +793,39 @@ async def _write_findings(s: AsyncSession, cycle: CycleWrite) -> None:
         await s.execute(update(FindingRow), updates)
     if events:
         s.add_all(FindingEvent(**e) for e in events)
+    await s.flush()
+
+
+async def _write_history(s: AsyncSession, cycle: CycleWrite) -> None:
+    """Writes the run's summary row and each disk's verdict by change (a chunk of disks at a time)."""
+    now = cycle.now
+    counts = {"compliant": 0, "waived": 0, "noncompliant": 0, "unknown": 0}
+    for status in cycle.disk_statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    finished = cycle.finished_at or now
+    s.add(RunSummary(run_id=cycle.run_id, started_at=now, finished_at=finished, status=cycle.status.value,
+                     disks_total=len(cycle.disk_statuses),
+                     # As in the report: a disk whose findings are all waived is compliant.
+                     disks_compliant=counts["compliant"] + counts["waived"],
+                     disks_noncompliant=counts["noncompliant"], disks_unknown=counts["unknown"],
+                     open_by_severity=dict(cycle.open_by_severity), open_by_rule=dict(cycle.open_by_rule),
+                     requests=cycle.stats.requests,
+                     duration_seconds=max((finished - now).total_seconds(), 0.0)))
+    ids = sorted(cycle.disk_statuses)
+    for chunk in _chunks(ids):
+        current = {r.disk_id: r for r in (await s.execute(select(DiskState).where(
+            DiskState.valid_to.is_(None), DiskState.disk_id.in_(chunk)))).scalars()}
+        for disk_id in chunk:
+            status = cycle.disk_statuses[disk_id]
+            row = current.get(disk_id)
+            if row is not None and row.status == status:
+                continue
+            if row is not None:
+                row.valid_to = now
+            s.add(DiskState(disk_id=disk_id, status=status, valid_from=now, valid_to=None, run_id=cycle.run_id))
+        await s.flush()
+    for chunk in _chunks(sorted(cycle.retired_disks)):
+        # A disk no longer audited has no verdict from now on (not "compliant until further notice").
+        await s.execute(update(DiskState).where(DiskState.valid_to.is_(None), DiskState.disk_id.in_(chunk))
+                        .values(valid_to=now).execution_options(synchronize_session=False))
     await s.flush()

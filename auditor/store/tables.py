@@ -228,3 +228,38 @@ class LeaseRow(Base):
     acquired_at: Mapped[datetime]
     expires_at: Mapped[datetime]
     run_id: Mapped[str | None] = mapped_column(String(32))
+
+
+class RunSummary(Base):
+    """One row per finished run: the fleet as it stood after it (history for trends and period reports)."""
+
+    __tablename__ = "run_summaries"
+
+    run_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(index=True)
+    finished_at: Mapped[datetime | None]
+    status: Mapped[str] = mapped_column(String(16))  # complete | partial | failed
+    disks_total: Mapped[int] = mapped_column(Integer, default=0)
+    disks_compliant: Mapped[int] = mapped_column(Integer, default=0)
+    disks_noncompliant: Mapped[int] = mapped_column(Integer, default=0)
+    disks_unknown: Mapped[int] = mapped_column(Integer, default=0)
+    open_by_severity: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    open_by_rule: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    duration_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class DiskState(Base):
+    """A disk's verdict over time, stored by change: compliant, waived, noncompliant or unknown from valid_from
+    until valid_to (NULL while current). Time between runs counts only as far as the period report allows."""
+
+    __tablename__ = "disk_states"
+    __table_args__ = (Index("ix_disk_states_disk_current", "disk_id", "valid_to"),
+                      Index("ix_disk_states_window", "valid_from", "valid_to"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    disk_id: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    valid_from: Mapped[datetime]
+    valid_to: Mapped[datetime | None]
+    run_id: Mapped[str] = mapped_column(String(32))
