@@ -379,6 +379,19 @@ class HeartbeatSettings(Section):
         return self.url is not None and bool(self.url.get_secret_value())
 
 
+class HistorySettings(Section):
+    """[history]: how long run summaries, verdict intervals, events and delivered notifications are kept."""
+
+    keep: Duration = timedelta(days=400)
+
+    @field_validator("keep")
+    @classmethod
+    def _at_least_a_day(cls, value: timedelta) -> timedelta:
+        if value < timedelta(days=1):
+            raise ValueError("must be at least 1d")
+        return value
+
+
 class LogSettings(Section):
     """[log]: level and format (json when not on a terminal, unless set)."""
 
@@ -407,6 +420,7 @@ class Settings(BaseSettings):
     notifiers: list[NotifierSettings] = Field(default_factory=list)
     notify: NotifySettings = NotifySettings()
     heartbeat: HeartbeatSettings = HeartbeatSettings()
+    history: HistorySettings = HistorySettings()
     log: LogSettings = LogSettings()
 
     @model_validator(mode="after")
