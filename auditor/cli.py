@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -20,6 +20,9 @@ from rich.table import Table
 from auditor import __version__
 from auditor.config import Settings, load_settings
 from auditor.errors import AuditorError, ConfigError, LeaseHeldError, StoreError
+
+if TYPE_CHECKING:
+    from auditor.domain.periods import Period
 
 EXIT_OK, EXIT_FINDINGS, EXIT_INCOMPLETE, EXIT_CONFIG = 0, 1, 2, 78
 NOTIFY_DRAIN_SECONDS = 15.0
@@ -328,12 +331,37 @@ def run_cmd(config_path: Path | None) -> None:
 
 @main.command("report")
 @config_option
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default="table",
-              help="Output format; json is a stable contract.")
-def report_cmd(config_path: Path | None, fmt: str) -> None:
-    """Print the current compliance report from the database (does not call Katapult)."""
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown", "html"]), default="table",
+              help="Output format; json is a stable contract. html needs --since.")
+@click.option("--since", "since", default=None, metavar="DURATION",
+              help="Report compliance over a period instead of the current state: the DURATION (e.g. 30d, 12h; at "
+                   "most 400d) before --until.")
+@click.option("--until", "until", default=None, metavar="DATE",
+              help="End of the --since period, excluded: an ISO-8601 date (midnight UTC) or datetime (UTC unless "
+                   "it has an offset). Default: now.")
+def report_cmd(config_path: Path | None, fmt: str, since: str | None, until: str | None) -> None:
+    """Print the current compliance report, or with --since compliance over a period (no Katapult call).
+
+    With --since: time-weighted fleet compliance over the period and per UTC day, each disk's time in compliance,
+    per rule findings opened/resolved and time to resolve, coverage and its gaps ("no data", never counted as
+    compliant) and the waivers in force. Exit 2 on a bad period or when the database cannot be used.
+    """
+    if since is None and (until is not None or fmt == "html"):
+        fail_usage("--until and --format html need --since (the period report)")
     settings = load(config_path)
     setup_logs(settings)
+    if since is not None:
+        period = parse_period(since, until)
+
+        async def period_report() -> dict[str, Any]:
+            from auditor.service import open_services
+            from auditor.service.compliance import compliance_report
+
+            async with open_services(settings, katapult=False, migrate=False) as services:
+                return await compliance_report(services, period)
+
+        print_compliance(run_async(period_report()), fmt)
+        return
 
     async def go() -> None:
         from auditor.service import open_services
@@ -342,6 +370,141 @@ def report_cmd(config_path: Path | None, fmt: str) -> None:
             await _print_report(services, fmt)
 
     run_async(go())
+
+
+def fail_usage(message: str) -> None:
+    """Prints one `error:` line and exits 2."""
+    _err().print(f"error: {message}", markup=False)
+    sys.exit(EXIT_INCOMPLETE)
+
+
+def parse_period(since: str, until: str | None) -> Period:
+    """Returns the Period of `--since DURATION [--until DATE]`, or exits 2 with one line naming the option."""
+    from datetime import timedelta
+
+    from auditor.config import parse_duration
+    from auditor.domain.periods import parse_instant
+    from auditor.service.compliance import resolve_period
+    from auditor.service.cycle import utcnow
+
+    try:
+        span = parse_duration(since)
+    except (ValueError, OverflowError) as exc:
+        fail_usage(f"--since: {str(exc).removeprefix('Value error, ')}")
+        raise AssertionError("unreachable") from None
+    if span <= timedelta(0):
+        fail_usage("--since: must be longer than 0")
+    try:
+        end = parse_instant(until) if until is not None else None
+    except ValueError as exc:
+        fail_usage(f"--until: {exc}")
+        raise AssertionError("unreachable") from None
+    try:
+        return resolve_period(start=None, end=end, now=utcnow(), span=span)
+    except (ValueError, OverflowError) as exc:
+        fail_usage(f"--since/--until: {exc}")
+        raise AssertionError("unreachable") from None
+
+
+def print_compliance(report: dict[str, Any], fmt: str) -> None:
+    """Prints the period report in the chosen format."""
+    from auditor.service.compliance import compliance_csv, compliance_html, compliance_markdown
+
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=2))
+    elif fmt == "csv":
+        click.echo(compliance_csv(report), nl=False)
+    elif fmt == "markdown":
+        click.echo(compliance_markdown(report))
+    elif fmt == "html":
+        click.echo(compliance_html(report), nl=False)
+    else:
+        print_compliance_table(report)
+
+
+def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> None:
+    """Prints the period report as rich tables (the least compliant disks only; json/csv list every disk)."""
+    from auditor.service.compliance import format_duration, format_pct, worst_disks
+
+    console = _out()
+    p, c, f = report["period"], report["coverage"], report["fleet"]
+    console.print(f"[bold]Compliance {p['from']} – {p['to']}[/bold] generated {report['generated_at']}")
+    console.print(f"fleet time in compliance {format_pct(f['compliance_pct'])} over {f['disks']} disk(s); coverage "
+                  f"{format_pct(c['coverage_pct'])}: {c['completed_cycles']} of {c['scheduled_cycles']} scheduled "
+                  f"cycles completed ({c['partial_cycles']} partial, {c['failed_cycles']} failed), no data for "
+                  f"{format_duration(c['no_data_seconds'])}", markup=False)
+    days = Table(title="by UTC day")
+    for col in ("date", "coverage", "compliance", "noncompliant disk-time", "unknown disk-time"):
+        days.add_column(col, justify="left" if col == "date" else "right")
+    for d in f["by_day"]:
+        days.add_row(d["date"], format_pct(d["coverage_pct"]), format_pct(d["compliance_pct"]),
+                     format_duration(d["noncompliant_seconds"]), format_duration(d["unknown_seconds"]))
+    console.print(days)
+    rules = Table(title="rules")
+    for col in ("rule", "opened", "resolved", "mean to resolve", "p90 to resolve", "open at end", "oldest open"):
+        rules.add_column(col, justify="left" if col == "rule" else "right")
+    for r in report["rules"]:
+        rules.add_row(r["rule"], str(r["opened"]), str(r["resolved"]),
+                      format_duration(r["mean_time_to_resolve_seconds"]),
+                      format_duration(r["p90_time_to_resolve_seconds"]), str(r["open_at_end"]),
+                      format_duration(r["oldest_open_age_seconds"]))
+    console.print(rules)
+    for g in c["gaps"]:
+        console.print(f"no data {g['from']} – {g['to']} ({format_duration(g['seconds'])})", markup=False)
+    for w in report["waivers"]:
+        console.print(f"waiver {w['rule']} on {w['disk_id']} until {w['expires']} ({w['owner']}): {w['reason']}",
+                      markup=False)
+    worst = worst_disks(report)
+    if worst:
+        disks = Table(title=f"disks not compliant the whole time ({len(worst)})")
+        for col in ("disk", "name", "compliance", "noncompliant", "unknown", "no data"):
+            disks.add_column(col, overflow="fold")
+        for d in worst[:max_disks]:
+            disks.add_row(d["disk_id"], d["name"] or "-", format_pct(d["compliance_pct"]),
+                          format_duration(d["noncompliant_seconds"]), format_duration(d["unknown_seconds"]),
+                          format_duration(d["no_data_seconds"]))
+        console.print(disks)
+        if len(worst) > max_disks:
+            console.print(f"... and {len(worst) - max_disks} more (see --format csv)")
+
+
+@main.command("evidence")
+@config_option
+@click.option("--since", "since", default="90d", show_default=True, metavar="DURATION",
+              help="Length of the period before --until (at most 400d).")
+@click.option("--until", "until", default=None, metavar="DATE",
+              help="End of the period, excluded: an ISO-8601 date (midnight UTC) or datetime. Default: now (give "
+                   "it to make the export reproducible).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write into (created if missing; files of the same name are replaced).")
+def evidence_cmd(config_path: Path | None, since: str, until: str | None, out: Path) -> None:
+    """Write evidence for an external auditor: the period report (JSON, CSV, HTML), the configuration with secrets
+    redacted, rule parameters, waivers in force, the runs, and MANIFEST.sha256.
+
+    Two exports of the same database and period are byte-identical. Reads the database only. Exit 0 written, 2 a
+    bad period, the database or the directory could not be used.
+    """
+    settings = load(config_path)
+    setup_logs(settings)
+    period = parse_period(since, until)
+
+    async def go() -> dict[str, bytes]:
+        from auditor.service import open_services
+        from auditor.service.compliance import build_evidence
+
+        async with open_services(settings, katapult=False, migrate=False) as services:
+            return await build_evidence(services, period)
+
+    files = run_async(go())
+    from auditor.service.compliance import MANIFEST, write_evidence
+    from auditor.service.reports import iso
+
+    try:
+        write_evidence(files, out)
+    except OSError as exc:
+        fail_usage(f"cannot write {out}: {exc.strerror or exc}")
+    _out().print(f"wrote {len(files)} files to {out} for {iso(period.start)} – {iso(period.end)}; verify with: "
+                 f"cd {out} && sha256sum -c {MANIFEST}", markup=False, soft_wrap=True)
 
 
 async def _print_report(services: Any, fmt: str) -> None:

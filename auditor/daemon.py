@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import uvicorn
@@ -29,6 +29,7 @@ from auditor.config import Settings
 from auditor.errors import AuditorError, StoreError
 from auditor.katapult import Transport
 from auditor.service import AuditOutcome, Services, open_services, utcnow, waivers_from
+from auditor.service.compliance import prune_history
 from auditor.service.runner import CycleHook, CycleRunner
 from auditor.store import engine as db
 from auditor.store.leases import LEADER
@@ -41,6 +42,8 @@ DB_RETRY_FIRST = 1.0  # seconds before the first retry of an unreachable databas
 SERVER_STOP_MIN = 2.0  # seconds the API server always gets to finish in-flight requests at shutdown
 CANCEL_WAIT = 5.0  # seconds to wait for a cancelled cycle to unwind (roll back its transaction)
 DELIVERY_EVERY = 10.0  # seconds between alert outbox delivery rounds (when notifiers are configured)
+PRUNE_EVERY = timedelta(hours=6)  # how often the leader deletes history older than [history] keep
+PRUNE_FIRST = timedelta(minutes=5)  # the first pruning comes a little after taking the lead
 
 
 class _ApiServer(uvicorn.Server):
@@ -244,6 +247,9 @@ class _Daemon:
             id="audit-cycle", name="audit cycle", next_run_time=first, max_instances=1, coalesce=True,
             misfire_grace_time=max(1, int(interval)), replace_existing=True,
         )
+        self.scheduler.add_job(self._prune, IntervalTrigger(seconds=PRUNE_EVERY.total_seconds(), timezone=UTC),
+                               id="history-prune", name="history pruning", max_instances=1, coalesce=True,
+                               next_run_time=utcnow() + PRUNE_FIRST, replace_existing=True)
         if services.dispatcher is not None:
             # Retries wait in the outbox until due; this round picks them up (and new alerts after each cycle).
             self.scheduler.add_job(self._deliver_tick, IntervalTrigger(seconds=DELIVERY_EVERY, timezone=UTC),
@@ -268,7 +274,7 @@ class _Daemon:
         self.is_leader = False
         self.cycles.is_leader = False
         log.warning("this replica is no longer the leader (%s): schedule paused", reason)
-        for job_id in ("audit-cycle", "alert-delivery"):
+        for job_id in ("audit-cycle", "alert-delivery", "history-prune"):
             with contextlib.suppress(Exception):
                 self.scheduler.remove_job(job_id)
 
@@ -286,6 +292,16 @@ class _Daemon:
     @property
     def _is_closing(self) -> bool:
         return self.runner is not None and self.runner.is_closing
+
+    async def _prune(self) -> None:
+        """The pruning job: history older than [history] keep goes, so the database stays bounded."""
+        assert self.services is not None
+        try:
+            await prune_history(self.services)
+        except StoreError as exc:
+            log.warning("history pruning failed: %s; the next round tries again", exc)
+        except Exception:  # never "Task exception was never retrieved": log it whole
+            log.exception("history pruning broke unexpectedly")
 
     async def _deliver_tick(self) -> None:
         """The delivery job: one round of the alert outbox (tracked, so shutdown can let it finish)."""

@@ -13,8 +13,10 @@ from pydantic import SecretStr
 
 from auditor import __version__
 from auditor.api.deps import ApiDeps
+from auditor.api.docs import add_offline_docs
 from auditor.api.routes import api_router, ops_router
 from auditor.errors import AuditorError, StoreError
+from auditor.web import PageHeaders, dashboard_router
 
 # A stateless declaration (it parses the header and documents the scheme in OpenAPI); it holds no token.
 BEARER = HTTPBearer(auto_error=False, description="The token of `api.token` / `api.token_file`.")
@@ -51,11 +53,16 @@ def create_app(deps: ApiDeps) -> FastAPI:
         version=__version__,
         description="Compliance reports, findings, disk history and audit runs, read from the auditor's "
                     "database; /metrics for Prometheus. Nothing here calls Katapult except POST /api/v1/audit.",
+        docs_url=None, redoc_url=None,  # replaced by add_offline_docs: FastAPI's own pages load a CDN
     )
+    add_offline_docs(app)
     # A database that stops answering is a 503 with the reason on every route, never a 500 traceback.
     app.add_exception_handler(StoreError, _store_unavailable)
     app.add_exception_handler(AuditorError, _unavailable)
     app.include_router(ops_router(deps))
     guard = [Depends(bearer_guard(deps.token))] if deps.token is not None else []
     app.include_router(api_router(deps, is_guarded=bool(guard)), prefix="/api/v1", dependencies=guard)
+    # The dashboard (/, /findings, /disks/…, /login…): its own session login when a token is set; CSP and friends.
+    app.include_router(dashboard_router(deps))
+    app.add_middleware(PageHeaders)
     return app

@@ -308,3 +308,109 @@ class Readiness(Model):
     leader: bool | None = Field(default=None, description="Whether this replica leads (runs the schedule and the "
                                 "alert delivery); absent outside the daemon.")
     replica: str | None = Field(default=None, description="This replica as `host pid N`.")
+
+
+class CompliancePeriod(Model):
+    """The period: [from, to), UTC."""
+
+    from_: str = Field(alias="from", description="start, included")
+    to: str = Field(description="end, excluded")
+    seconds: int
+
+
+class Gap(Model):
+    """A stretch of the period no complete or partial run covered ("no data")."""
+
+    from_: str = Field(alias="from")
+    to: str
+    seconds: int
+
+
+class Coverage(Model):
+    """How much of the period was checked: cycles, covered time and the gaps."""
+
+    interval_seconds: int = Field(description="audit.interval")
+    scheduled_cycles: int = Field(description="the period divided by audit.interval")
+    completed_cycles: int = Field(description="complete and partial runs polled in the period")
+    complete_cycles: int
+    partial_cycles: int
+    failed_cycles: int
+    completed_pct: float | None = Field(description="completed ÷ scheduled, capped at 100")
+    covered_seconds: int
+    no_data_seconds: int
+    coverage_pct: float | None
+    gaps: list[Gap]
+
+
+class ComplianceDay(Model):
+    """The fleet over one UTC day of the period (disk-seconds by verdict within the covered time)."""
+
+    date: str
+    seconds: int = Field(description="the part of the day inside the period")
+    coverage_pct: float | None
+    compliance_pct: float | None
+    compliant_seconds: int
+    waived_seconds: int
+    noncompliant_seconds: int
+    unknown_seconds: int
+
+
+class ComplianceFleet(Model):
+    """Every disk's covered time summed (disk-seconds); compliance % is time-weighted."""
+
+    disks: int
+    compliance_pct: float | None
+    compliant_seconds: int
+    waived_seconds: int
+    noncompliant_seconds: int
+    unknown_seconds: int
+    by_day: list[ComplianceDay]
+
+
+class ComplianceDisk(Model):
+    """One disk over the period."""
+
+    disk_id: str
+    name: str | None
+    compliance_pct: float | None = Field(description="compliant ÷ (compliant + noncompliant + unknown)")
+    compliant_seconds: int = Field(description="compliant, waived included")
+    waived_seconds: int
+    noncompliant_seconds: int
+    unknown_seconds: int
+    no_data_seconds: int
+    status_at_end: Literal["compliant", "waived", "noncompliant", "unknown"] | None
+
+
+class ComplianceRule(Model):
+    """One rule's findings over the period."""
+
+    rule: str
+    opened: int = Field(description="opened or reopened in the period")
+    resolved: int
+    waived: int
+    unwaived: int
+    mean_time_to_resolve_seconds: int | None
+    p90_time_to_resolve_seconds: int | None
+    open_at_end: int
+    oldest_open_age_seconds: int | None
+    mean_open_age_seconds: int | None
+    waived_at_end: int
+
+
+class PeriodWaiver(Waiver):
+    """A configured waiver in force during the period."""
+
+    in_force_until: str | None = Field(description="the midnight (UTC) after its expiry day")
+    lapsed_in_period: bool
+
+
+class Compliance(Model):
+    """Compliance over a period: `auditor report --since … --format json` gives the same document."""
+
+    generated_at: str | None
+    period: CompliancePeriod
+    coverage: Coverage
+    fleet: ComplianceFleet
+    disks: list[ComplianceDisk]
+    rules: list[ComplianceRule]
+    waivers: list[PeriodWaiver]

@@ -7,6 +7,7 @@ from collections.abc import Hashable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator
 
@@ -15,6 +16,7 @@ from auditor.api.cache import Rendered, ResponseCache
 from auditor.api.deps import ApiDeps
 from auditor.api.models import (
     AuditStarted,
+    Compliance,
     DeliveryStateName,
     DiskDetail,
     ErrorDetail,
@@ -29,7 +31,9 @@ from auditor.api.models import (
     SeverityName,
 )
 from auditor.domain.alerts import Delivery
+from auditor.domain.periods import parse_instant
 from auditor.errors import LeaseHeldError, StoreError
+from auditor.service.compliance import build_compliance, recover_waivers, resolve_period
 from auditor.service.reports import build_report, disk_detail, finding_json, iso, run_json
 from auditor.store.outbox import Outbox
 from auditor.store.repo import FindingQuery, decode_cursor
@@ -49,6 +53,16 @@ def _valid_cursor(value: str | None) -> str | None:
         if "\x00" in disk_id or "\x00" in fingerprint:
             raise ValueError("invalid cursor")
     return value
+
+
+def _valid_instant(value: str | None) -> str | None:
+    """Returns the value if it is an ISO-8601 date or datetime (ValueError otherwise: FastAPI answers 422)."""
+    if value is not None:
+        parse_instant(value)
+    return value
+
+
+INSTANT_HELP = "ISO-8601 date (midnight UTC) or datetime (UTC unless it has an offset)."
 
 
 def ops_router(deps: ApiDeps) -> APIRouter:
@@ -171,6 +185,28 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
             return await build_report(deps.store, now=deps.clock(), waivers=waivers, waiver_problems=problems)
 
         return respond(request, await cache.get(("report", await data_version()), build))
+
+    @router.get("/compliance", response_model=Compliance, summary="Compliance over a period")
+    async def compliance(
+        from_: Annotated[str | None, AfterValidator(_valid_instant),
+                         Query(alias="from", max_length=64, description="Start of the period, included. "
+                               + INSTANT_HELP + " Default: `to` minus 30 days.")] = None,
+        to: Annotated[str | None, AfterValidator(_valid_instant),
+                      Query(max_length=64, description="End of the period, excluded. " + INSTANT_HELP
+                            + " Default: now.")] = None,
+    ) -> JSONResponse:
+        """Time-weighted compliance over [from, to) (at most 400 days): coverage and gaps, the fleet per UTC day,
+        each disk, each rule and the waivers in force; `from` not before `to`, or a longer span, is 422."""
+        now = deps.clock()
+        try:
+            period = resolve_period(start=parse_instant(from_) if from_ is not None else None,
+                                    end=parse_instant(to) if to is not None else None, now=now)
+        except ValueError as exc:
+            raise RequestValidationError([{"type": "value_error", "loc": ("query", "from"), "msg": str(exc),
+                                           "input": from_}]) from None
+        valid, problems = deps.waivers()
+        return JSONResponse(await build_compliance(deps.store, period=period, interval=deps.interval,
+                                                   waivers=recover_waivers(valid, problems), generated_at=now))
 
     @router.get("/findings", response_model=FindingsPage, summary="Findings, paginated")
     async def findings(

@@ -1,0 +1,241 @@
+"""deploy/: the Prometheus rules pass promtool (syntax and unit tests) and, like the Grafana dashboard, use only
+metrics and labels a real /metrics scrape of the auditor exposes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from auditor.api import ApiDeps, CycleMetrics, create_app
+from auditor.config import Settings
+from auditor.fake import create_app as fake_app
+from auditor.fake import demo_fleet
+from auditor.service import open_services
+
+ROOT = Path(__file__).resolve().parent.parent
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+ALERTS_TEST = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "auditor.json"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Series Prometheus itself makes for every target, and labels it adds to every scraped series.
+PROMETHEUS_SERIES = {"up"}
+TARGET_LABELS = {"job", "instance"}
+PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
+                "group_right", "inf", "nan"}
+
+
+@pytest.fixture
+def promtool() -> str:
+    """The promtool binary; missing, it skips locally and fails in CI (like PostgreSQL in conftest)."""
+    found = shutil.which("promtool")
+    if found is None:
+        if IN_CI:
+            pytest.fail("CI=true but promtool is not installed (Debian package `prometheus`)")
+        pytest.skip("promtool is not installed (Debian package `prometheus`)")
+    return found
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return data
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    for panel in dashboard()["panels"]:
+        found.append(panel)
+        found.extend(panel.get("panels", []))  # a collapsed row keeps its panels inside
+    return found
+
+
+def dashboard_expressions() -> list[str]:
+    exprs = [t["expr"] for p in dashboard_panels() for t in p.get("targets", [])]
+    for variable in dashboard()["templating"]["list"]:
+        query = variable.get("query")
+        if variable["type"] == "query":
+            text = query["query"] if isinstance(query, dict) else query
+            # label_values(metric, label) names a metric the same way an expression does.
+            exprs.extend(re.findall(r"label_values\(\s*([^,\s)]+)", text))
+    return exprs
+
+
+def grafana_to_promql(expr: str) -> str:
+    """Returns the expression with Grafana's variables replaced by what they stand for."""
+    return expr.replace("$__rate_interval", "5m").replace("$__interval", "1m").replace("$job", ".+")
+
+
+def metric_names(expr: str) -> set[str]:
+    """Returns the metric names an expression selects (its identifiers that are not functions, keywords or labels)."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', " ", expr)  # strings
+    s = re.sub(r"\{[^}]*\}", " ", s)  # label matchers
+    s = re.sub(r"\[[^\]]*\]", " ", s)  # range and subquery windows
+    s = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)  # label lists
+    s = re.sub(r"(?<![\w:])\d+(?:\.\d+)?(?:e[+-]?\d+|ms|[smhdwy])?\b", " ", s)  # numbers and durations
+    names = set()
+    for match in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", s):
+        if s[match.end():].lstrip().startswith("("):
+            continue  # a function or an aggregation
+        if match.group() not in PROMQL_WORDS:
+            names.add(match.group())
+    return names
+
+
+def matched_labels(expr: str) -> list[tuple[str, str]]:
+    """Returns (metric, label) for every label matcher `metric{label=...}` in the expression."""
+    pairs = []
+    for metric, matchers in re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}", expr):
+        for label in re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", matchers):
+            pairs.append((metric, label))
+    return pairs
+
+
+def test_metric_name_extraction() -> None:
+    expr = ('max by (job, notifier) (delta(auditor_notifications{state="failed"}[1h])) > 0 or '
+            'time() - max(auditor_last_successful_cycle_timestamp_seconds offset 1h) > 2 * scalar(a:b_seconds) '
+            'unless on (job) up{job="auditor"} and rate(x_total[$__rate_interval]) > 1e3')
+    assert metric_names(grafana_to_promql(expr)) == {
+        "auditor_notifications", "auditor_last_successful_cycle_timestamp_seconds", "a:b_seconds", "up", "x_total"}
+    assert matched_labels(expr) == [("auditor_notifications", "state"), ("up", "job")]
+
+
+async def scrape_after_a_cycle(tmp_path: Path) -> list[Sample]:
+    """Returns the samples /metrics exposes after a real cycle against the fake Katapult.
+
+    A webhook that answers 400 gives up the cycle's notifications, so the outbox has a `failed` state too; the
+    process is a leader, as in the daemon, so `auditor_leader` is there.
+    """
+    fleet, targets = demo_fleet(now=int(time.time()))
+    fleet.rate_limit_per_minute = 100_000
+    settings = Settings(**{
+        "katapult": {"api_url": "http://fake/core/v1", "per_page": 10, "max_requests_per_minute": 60000},
+        "database": {"url": f"sqlite:///{tmp_path / 'auditor.db'}"},
+        "audit": {"disks": targets.disks, "organizations": targets.organizations},
+        "notifiers": [{"kind": "webhook", "name": "hook", "url": "http://receiver/alerts", "min_severity": "low"}],
+    })
+    refuse = httpx.MockTransport(lambda _request: httpx.Response(400, text="no"))
+    async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token="fake-token",
+                             notify_transport=refuse) as services:
+        outcome = await services.run_cycle()
+        await services.deliver_due()
+        cycles = CycleMetrics(is_leader=True)
+        cycles.record(outcome)
+
+        async def no_trigger() -> str | None:
+            return None
+
+        deps = ApiDeps(store=services.store, interval=timedelta(minutes=15), trigger=no_trigger, cycles=cycles)
+        transport = httpx.ASGITransport(app=create_app(deps))
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as api:
+            response = await api.get("/metrics")
+    assert response.status_code == 200
+    samples = []
+    for family in text_string_to_metric_families(response.text):
+        assert family.samples, f"{family.name} has no sample after a cycle: the scrape would hide a name"
+        samples.extend(family.samples)
+    return samples
+
+
+async def test_every_metric_the_rules_and_dashboard_use_is_exposed(tmp_path: Path) -> None:
+    samples = await scrape_after_a_cycle(tmp_path)
+    exposed: dict[str, set[str]] = {}
+    for sample in samples:
+        exposed.setdefault(sample.name, set()).update(sample.labels)
+    states = {s.labels["state"] for s in samples if s.name == "auditor_notifications"}
+    assert {"failed"} <= states, states
+    # The suffixes prometheus_client adds are what the text format carries.
+    assert {"auditor_cycles_total", "auditor_cycle_duration_seconds_bucket", "auditor_cycle_duration_seconds_sum",
+            "auditor_cycle_duration_seconds_count", "auditor_leader"} <= set(exposed)
+    recorded = {r["record"] for r in alert_rules() if "record" in r}
+    # The recording rule `vector(900)` (the audit interval) selects no metric; every alert does.
+    sources = {"alerts.yml": [r["expr"] for r in alert_rules() if "alert" in r],
+               "auditor.json": [grafana_to_promql(e) for e in dashboard_expressions()]}
+    for source, exprs in sources.items():
+        used: set[str] = set()
+        for expr in exprs:
+            names = metric_names(expr)
+            assert names, (source, expr)
+            used |= names
+            for metric, label in matched_labels(expr):
+                if metric in exposed:
+                    assert label in exposed[metric] | TARGET_LABELS, (source, metric, label, expr)
+        unknown = used - set(exposed) - PROMETHEUS_SERIES - (recorded if source == "alerts.yml" else set())
+        assert not unknown, f"{source} uses metrics the auditor does not expose: {sorted(unknown)}"
+
+
+def test_dashboard_parses_and_covers_the_metrics() -> None:
+    board = dashboard()
+    panels = [p for p in dashboard_panels() if p["type"] != "row"]
+    assert board["title"] and board["uid"] and len(panels) >= 10
+    ids = [p["id"] for p in dashboard_panels()]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"] for v in board["templating"]["list"]}
+    for panel in panels:
+        assert panel["title"] and panel["targets"] and {"x", "y", "w", "h"} <= set(panel["gridPos"]), panel["title"]
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in panel["targets"]:
+            assert target["expr"].strip() and target["refId"]
+            assert set(re.findall(r"\$(\w+)", target["expr"])) <= variables | {"__rate_interval"}, target["expr"]
+    used = set().union(*(metric_names(grafana_to_promql(e)) for e in dashboard_expressions()))
+    wanted = {"auditor_cycle_duration_seconds_bucket", "auditor_cycles_total", "auditor_katapult_requests_total",
+              "auditor_katapult_rate_limited_total", "auditor_open_findings", "auditor_disks",
+              "auditor_notifications", "auditor_consecutive_failed_cycles", "auditor_leader"}
+    assert wanted <= used, wanted - used
+
+
+def test_rules_cover_the_failure_modes() -> None:
+    rules = {r["alert"]: r for r in alert_rules() if "alert" in r}
+    for name in ("AuditorDown", "AuditorNoSuccessfulCycle", "AuditorCyclesFailing", "AuditorOpenCriticalFindings",
+                 "AuditorNotificationsFailing", "AuditorStoreDown", "AuditorNoLeader"):
+        assert name in rules, name
+    for name, rule in rules.items():
+        assert rule["labels"]["severity"] in ("warning", "critical"), name
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
+
+
+def test_promtool_checks_the_rules(promtool: str) -> None:
+    result = run(promtool, "check", "rules", str(ALERTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_promtool_unit_tests_fire_the_alerts(promtool: str) -> None:
+    # The unit tests prove, among others, that AuditorCyclesFailing and AuditorNoSuccessfulCycle fire (and not
+    # before their time) on synthetic series.
+    tested = {t["alertname"] for case in yaml.safe_load(ALERTS_TEST.read_text())["tests"]
+              for t in case["alert_rule_test"] if t.get("exp_alerts")}
+    assert {"AuditorCyclesFailing", "AuditorNoSuccessfulCycle"} <= tested
+    result = run(promtool, "test", "rules", ALERTS_TEST.name, cwd=ALERTS_TEST.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_expressions_are_valid_promql(promtool: str, tmp_path: Path) -> None:
+    # promtool parses every rule's expression: wrap each dashboard query in a recording rule.
+    rules = [{"record": f"dashboard:query_{i}", "expr": grafana_to_promql(t["expr"])}
+             for i, t in enumerate(t for p in dashboard_panels() for t in p.get("targets", []))]
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = run(promtool, "check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
