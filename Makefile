@@ -26,6 +26,8 @@ demo: $(STAMP_RUN)
 	$(BIN)/auditor demo
 
 ## test: install with test extras and run every check (ruff, mypy, import contracts, pytest)
+## (PostgreSQL: AUDITOR_TEST_POSTGRES_URL, else a local one answering at postgresql://postgres@127.0.0.1:5432/test;
+##  pytest's last line names the backends it ran; with CI=true an unreachable PostgreSQL fails the run)
 test: $(STAMP_TEST)
 	$(BIN)/ruff check auditor tests benchmarks migrations
 	$(BIN)/mypy

@@ -6,39 +6,53 @@ be used, 78 configuration error (EX_CONFIG).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from auditor import __version__
-from auditor.config import Settings, load_settings
 from auditor.errors import AuditorError, ConfigError, LeaseHeldError, StoreError
 
+# Start-up time: `auditor --help` imports only click; pydantic (config), rich (output), SQLAlchemy (the store),
+# httpx and the daemon are imported by the commands that use them (benchmarks/cli_start.py measures it).
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from auditor.config import Settings
     from auditor.domain.periods import Period
 
 EXIT_OK, EXIT_FINDINGS, EXIT_INCOMPLETE, EXIT_CONFIG = 0, 1, 2, 78
 NOTIFY_DRAIN_SECONDS = 15.0
 SEVERITY_CHOICES = ["low", "medium", "high", "critical"]
+CHECK_CONFIG_LIST = 20  # disks or organizations check-config lists by id
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _out() -> Console:
+    from rich.console import Console
+
     # Piped output (CI logs, files) gets a wide table rather than rich's 80-column default.
     return Console(highlight=False, width=None if sys.stdout.isatty() else 180)
 
 
 def _err() -> Console:
+    from rich.console import Console
+
     return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _table(*args: Any, **kwargs: Any) -> Table:
+    from rich.table import Table
+
+    return Table(*args, **kwargs)
 
 
 def config_option(fn: F) -> F:
@@ -59,6 +73,8 @@ def fail_config(err: ConfigError) -> None:
 
 def load(config_path: Path | None) -> Settings:
     """Returns settings or exits 78 with one line per problem."""
+    from auditor.config import load_settings
+
     try:
         return load_settings(config_path)
     except ConfigError as err:
@@ -102,6 +118,8 @@ def db_url_password(url: str) -> str | None:
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Runs a coroutine; expected failures print one clear line and exit 78 or 2, never a traceback."""
+    import asyncio
+
     try:
         return asyncio.run(coro)
     except ConfigError as err:
@@ -155,8 +173,12 @@ def main() -> None:
 @main.command("check-config")
 @config_option
 def check_config(config_path: Path | None) -> None:
-    """Validate the configuration and exit (0 valid, 78 invalid with one line per problem)."""
-    from auditor.service import waivers_from
+    """Validate the configuration, print what is in effect (secrets redacted) and exit (0 valid, 78 invalid with
+    one line per problem)."""
+    from auditor.config import format_duration
+    from auditor.domain.alerts import notifier_warnings
+    from auditor.domain.lifecycle import parse_waivers
+    from auditor.domain.rules import RULES
 
     settings = load(config_path)
     console = _out()
@@ -169,15 +191,50 @@ def check_config(config_path: Path | None) -> None:
         settings.api.resolved_token()
     except ConfigError as err:
         fail_config(err)
-    _, problems = waivers_from(settings)
-    console.print("configuration is valid", markup=False)
-    console.print(
-        f"  targets: {len(settings.audit.disks)} disk(s), {len(settings.audit.organizations)} organization(s); "
-        f"interval {settings.audit.interval}; notifiers: {len(settings.notifiers)}; katapult token: {token_note}",
-        markup=False,
-    )
+    # The same parse as the service's waivers_from, without importing the service (the store, httpx) here.
+    waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=datetime.now(UTC))
+    audit, rules = settings.audit, settings.rules
+    lines = [
+        "configuration is valid",
+        f"  targets: {len(audit.disks)} disk(s), {len(audit.organizations)} organization(s); "
+        f"interval {format_duration(audit.interval)}; notifiers: {len(settings.notifiers)}; "
+        f"katapult token: {token_note}",
+    ]
+    for label, items in (("disks", audit.disks), ("organizations", audit.organizations)):
+        if items:
+            more = f" ... and {len(items) - CHECK_CONFIG_LIST} more" if len(items) > CHECK_CONFIG_LIST else ""
+            lines.append(f"  {label}: {', '.join(items[:CHECK_CONFIG_LIST])}{more}")
+    lines.append(f"  rule parameters: min_retention {rules.min_retention}, min_retention_days "
+                 f"{rules.min_retention_days:g}, max_interval {rules.max_interval}, stale_grace "
+                 f"{format_duration(rules.stale_grace)}")
+    for rule_id, rule in RULES.items():
+        if rule_id in rules.disabled:
+            state = "disabled"
+        elif rule_id in rules.severity:
+            state = f"{rules.severity[rule_id]} (default {rule.severity.value})"
+        else:
+            state = rule.severity.value
+        lines.append(f"  rule {rule_id}: {state}")
+    for o in rules.overrides:
+        changed = [f"{name} {format_duration(value) if isinstance(value, timedelta) else value}"
+                   for name in ("min_retention", "min_retention_days", "max_interval", "stale_grace")
+                   if (value := getattr(o, name)) is not None]
+        lines.append(f"  override for {', '.join(o.disks)}: {', '.join(changed) or 'nothing changed'}")
+    lines.append(f"  waivers: {len(waivers)} in force, {len(problems)} not applying")
+    for w in waivers:
+        where = w.disk_id + (f" / {w.policy_id}" if w.policy_id else "")
+        lines.append(f"  waiver {w.rule} on {where} until {w.expires.isoformat()} ({w.owner}): {w.reason}")
     for p in problems:
-        console.print(f"  warning: waivers[{p.index}] does not apply: {p.problem}", markup=False)
+        lines.append(f"  warning: waivers[{p.index}] does not apply: {p.problem}")
+    # Name, kind and filters only: a notifier's URL, key or password is a secret and is never printed.
+    for n in settings.notifiers:
+        repeat = format_duration(n.repeat_interval) if n.repeat_interval else "never"
+        only = f", rules {', '.join(n.rules)}" if n.rules else ""
+        lines.append(f"  notifier {n.name} ({getattr(n, 'kind', '?')}): min_severity {n.min_severity}, "
+                     f"repeat_interval {repeat}{only}")
+    lines += [f"  warning: {w}" for w in notifier_warnings(settings)]
+    for line in lines:
+        console.print(line, markup=False)
 
 
 # ---- audit ----------------------------------------------------------------------------------------------
@@ -192,7 +249,12 @@ def check_config(config_path: Path | None) -> None:
               help="Summary format.")
 @click.option("--wait", "wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Seconds to wait for another process's running cycle (the cycle lease) before giving up.")
-def audit_cmd(config_path: Path | None, once: bool, fail_on: str | None, fmt: str, wait: float) -> None:
+@click.option("--drain-timeout", "drain_timeout", type=click.FloatRange(min=0), default=NOTIFY_DRAIN_SECONDS,
+              show_default=True,
+              help="Seconds to keep delivering this run's notifications, waiting out retries of temporary failures "
+                   "(5xx, 429, timeouts) that fit; what is left stays in the outbox for the daemon or the next run.")
+def audit_cmd(config_path: Path | None, once: bool, fail_on: str | None, fmt: str, wait: float,
+              drain_timeout: float) -> None:
     """Run one audit cycle against Katapult and record it.
 
     Exit 0: complete and recorded, no open finding; 1: complete and recorded, with open findings; 2: anything else
@@ -205,12 +267,13 @@ def audit_cmd(config_path: Path | None, once: bool, fail_on: str | None, fmt: st
         settings.katapult.token()
     except ConfigError as err:
         fail_config(err)
-    code = run_async(_audit(settings, fail_on=fail_on, fmt=fmt, wait=wait))
+    code = run_async(_audit(settings, fail_on=fail_on, fmt=fmt, wait=wait, drain_timeout=drain_timeout))
     sys.exit(code)
 
 
 async def _audit(settings: Settings, *, fail_on: str | None, fmt: str, wait: float = 0.0,
-                 transport: Any = None, print_report: bool = False) -> int:
+                 transport: Any = None, print_report: bool = False,
+                 drain_timeout: float = NOTIFY_DRAIN_SECONDS) -> int:
     from auditor.service import open_services
 
     if settings.audit.disks == [] and settings.audit.organizations == []:
@@ -226,9 +289,9 @@ async def _audit(settings: Settings, *, fail_on: str | None, fmt: str, wait: flo
         finally:
             stop()
         # Deliver what this cycle produced before exiting; what is not delivered stays in the outbox.
-        drained = await services.drain(within=NOTIFY_DRAIN_SECONDS)
+        drained = await services.drain(within=drain_timeout)
         if drained.pending:
-            why = f" ({drained.reasons[0]})" if drained.reasons else ""
+            why = f": {'; '.join(drained.reasons)}" if drained.reasons else ""
             _err().print(f"{drained.pending} notification(s) not yet delivered{why}; they stay in the outbox "
                          "for the daemon or the next run", markup=False)
         unrecorded = await services.record_pending_failures()
@@ -274,7 +337,7 @@ def print_outcome(outcome: Any, *, fmt: str) -> None:
         }, indent=2))
         return
     console = _out()
-    table = Table(title=f"audit run {outcome.run_id}: {outcome.status.value}", show_header=False)
+    table = _table(title=f"audit run {outcome.run_id}: {outcome.status.value}", show_header=False)
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("duration", f"{outcome.duration:.1f}s")
@@ -433,14 +496,14 @@ def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> No
                   f"{format_pct(c['coverage_pct'])}: {c['completed_cycles']} of {c['scheduled_cycles']} scheduled "
                   f"cycles completed ({c['partial_cycles']} partial, {c['failed_cycles']} failed), no data for "
                   f"{format_duration(c['no_data_seconds'])}", markup=False)
-    days = Table(title="by UTC day")
+    days = _table(title="by UTC day")
     for col in ("date", "coverage", "compliance", "noncompliant disk-time", "unknown disk-time"):
         days.add_column(col, justify="left" if col == "date" else "right")
     for d in f["by_day"]:
         days.add_row(d["date"], format_pct(d["coverage_pct"]), format_pct(d["compliance_pct"]),
                      format_duration(d["noncompliant_seconds"]), format_duration(d["unknown_seconds"]))
     console.print(days)
-    rules = Table(title="rules")
+    rules = _table(title="rules")
     for col in ("rule", "opened", "resolved", "mean to resolve", "p90 to resolve", "open at end", "oldest open"):
         rules.add_column(col, justify="left" if col == "rule" else "right")
     for r in report["rules"]:
@@ -456,7 +519,7 @@ def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> No
                       markup=False)
     worst = worst_disks(report)
     if worst:
-        disks = Table(title=f"disks not compliant the whole time ({len(worst)})")
+        disks = _table(title=f"disks not compliant the whole time ({len(worst)})")
         for col in ("disk", "name", "compliance", "noncompliant", "unknown", "no data"):
             disks.add_column(col, overflow="fold")
         for d in worst[:max_disks]:
@@ -535,7 +598,7 @@ def print_report_table(report: dict[str, Any]) -> None:
                   f"[red]{s['noncompliant']} noncompliant[/red], [yellow]{s['unknown']} unknown[/yellow]; "
                   f"{s['open_findings']} open findings, {s['waived_findings']} waived")
     if report["findings"]:
-        table = Table(show_lines=False)
+        table = _table(show_lines=False)
         for col in ("severity", "rule", "disk", "policy", "status", "message"):
             table.add_column(col, overflow="fold")
         order = {sev: i for i, sev in enumerate(reversed(SEVERITY_CHOICES))}
@@ -580,7 +643,7 @@ def findings_cmd(config_path: Path | None, status: str, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps({"findings": items}, indent=2))
         return
-    table = Table()
+    table = _table()
     for col in ("status", "severity", "rule", "disk", "policy", "opened", "resolved", "message"):
         table.add_column(col, overflow="fold")
     for f in items:
@@ -615,7 +678,7 @@ def history_cmd(config_path: Path | None, disk_id: str, fmt: str) -> None:
     console = _out()
     d = detail["disk"]
     console.print(f"[bold]{d['disk_id']}[/bold] {d['name'] or ''} (status {detail['status']}, source {d['source']})")
-    table = Table(title="policy snapshots")
+    table = _table(title="policy snapshots")
     for col in ("policy", "retention", "interval", "target", "from", "to"):
         table.add_column(col)
     for p in detail["snapshots"]:
@@ -692,22 +755,38 @@ def notify_test(config_path: Path | None, name: str | None) -> None:
         sys.exit(EXIT_CONFIG)
 
     async def go() -> list[tuple[str, str, bool]]:
+        from auditor.domain.alerts import STATEFUL_KINDS
         from auditor.errors import NotifyError
         from auditor.notify.dispatch import Dispatcher
-        from auditor.service.alerts import test_notification
+        from auditor.service.alerts import resolved_test_notification, test_notification
         from auditor.service.cycle import utcnow
 
         results = []
         async with Dispatcher() as dispatcher:
             for n in chosen:
                 now = utcnow()
+                test = test_notification(n.name, now=now)
                 try:
-                    r = await dispatcher.send(test_notification(n.name, now=now), n, now=now)
-                    results.append((n.name, f"ok (HTTP {r.status_code})" if r.status_code else f"ok ({r.detail})",
-                                    True))
+                    r = await dispatcher.send(test, n, now=now)
                 except NotifyError as exc:
                     kind = "permanent" if exc.permanent else "temporary"
                     results.append((n.name, f"FAILED ({kind}): {exc}", False))
+                    continue
+                text = f"ok (HTTP {r.status_code})" if r.status_code else f"ok ({r.detail})"
+                if getattr(n, "kind", None) not in STATEFUL_KINDS:
+                    results.append((n.name, text, True))
+                    continue
+                # Alertmanager and PagerDuty keep the test alert open (12h, until acknowledged): resolve it now,
+                # with the same fingerprint (Alertmanager's label set, PagerDuty's dedup_key).
+                now = utcnow()
+                try:
+                    await dispatcher.send(resolved_test_notification(test, now=now), n, now=now)
+                except NotifyError as exc:
+                    kind = "permanent" if exc.permanent else "temporary"
+                    results.append((n.name, f"{text}, sent but NOT resolved ({kind}): {exc}; resolve the test "
+                                    "alert by hand", False))
+                    continue
+                results.append((n.name, f"{text}, sent and resolved", True))
         return results
 
     results = run_async(go())

@@ -94,6 +94,21 @@ def parse_duration(value: Any) -> timedelta:
     raise ValueError(f"expected a duration like 90s, 15m, 2h or 7d, got {value!r}")
 
 
+def format_duration(value: timedelta) -> str:
+    """Returns a duration as a person writes it in the config: the largest exact unit (20s, 15m, 4h, 7d)."""
+    micros = (value.days * 86400 + value.seconds) * 1_000_000 + value.microseconds
+    sign, micros = ("-", -micros) if micros < 0 else ("", micros)
+    for unit in ("d", "h", "m", "s"):
+        size = int(_UNITS[unit]) * 1_000_000
+        if micros and micros % size == 0:
+            return f"{sign}{micros // size}{unit}"
+    if micros == 0:
+        return "0s"
+    if micros < 1_000_000 and micros % 1000 == 0:
+        return f"{sign}{micros // 1000}ms"
+    return f"{sign}{micros / 1_000_000:g}s"
+
+
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
@@ -109,6 +124,9 @@ OrgRefs = Annotated[list[str], AfterValidator(_unique(check_org_ref))]
 SeverityName = Literal["low", "medium", "high", "critical"]
 IntervalName = Literal["hourly", "daily", "weekly", "monthly"]
 GroupLabel = Literal["rule", "severity", "disk_id"]
+# Alert labels the auditor sets itself; a notifier's static `labels` may not override them.
+RESERVED_LABELS = ("alertname", "severity", "fingerprint", "source", "disk_id", "policy_id", "test")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
 class Section(BaseModel):
@@ -289,6 +307,12 @@ class NotifierCommon(Section):
     group_by: list[GroupLabel] = Field(default_factory=lambda: list[GroupLabel](["rule"]))
     repeat_interval: Duration = timedelta(hours=4)
     timeout_seconds: float = Field(default=10, gt=0, le=120)
+    # Routing conventions: static labels merged into every alert, the base URL operators reach the auditor's
+    # dashboard at (each alert's generatorURL is `{external_url}/disks/{disk_id}`), and the label value sent
+    # for each of our severities (unmapped ones are sent as they are).
+    labels: dict[str, str] = Field(default_factory=dict)
+    external_url: str = ""
+    severity_map: dict[SeverityName, str] = Field(default_factory=dict)
 
     @field_validator("rules")
     @classmethod
@@ -297,6 +321,37 @@ class NotifierCommon(Section):
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"unknown rule id(s) {', '.join(unknown)}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, value: dict[str, str]) -> dict[str, str]:
+        # Prometheus/Alertmanager label names: [a-zA-Z_][a-zA-Z0-9_]*; names starting "__" are reserved there.
+        bad = sorted(k for k in value if not _LABEL_NAME.fullmatch(k) or k.startswith("__"))
+        if bad:
+            raise ValueError(f"invalid label name(s) {', '.join(map(repr, bad))}: use [a-zA-Z_][a-zA-Z0-9_]*")
+        taken = sorted(set(value) & set(RESERVED_LABELS))
+        if taken:
+            raise ValueError(f"label(s) {', '.join(taken)} are set by the auditor and cannot be overridden")
+        empty = sorted(k for k, v in value.items() if not v)
+        if empty:
+            raise ValueError(f"label(s) {', '.join(empty)} have an empty value (Alertmanager drops those)")
+        return value
+
+    @field_validator("external_url")
+    @classmethod
+    def _external_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+            raise ValueError("must be an http:// or https:// URL without query or fragment")
+        return value
+
+    @field_validator("severity_map")
+    @classmethod
+    def _severity_values(cls, value: dict[str, str]) -> dict[str, str]:
+        empty = sorted(k for k, v in value.items() if not v.strip())
+        if empty:
+            raise ValueError(f"severity_map values must not be empty ({', '.join(empty)})")
         return value
 
 
@@ -330,6 +385,13 @@ class SlackNotifier(NotifierCommon):
     webhook_url: SecretStr
 
 
+class TeamsNotifier(NotifierCommon):
+    """A Microsoft Teams Workflows webhook ("Post to a channel when a webhook request is received")."""
+
+    kind: Literal["teams"]
+    webhook_url: SecretStr
+
+
 class EmailNotifier(NotifierCommon):
     """Mail over SMTP."""
 
@@ -346,7 +408,7 @@ class EmailNotifier(NotifierCommon):
 
 
 NotifierSettings = Annotated[
-    WebhookNotifier | AlertmanagerNotifier | PagerDutyNotifier | SlackNotifier | EmailNotifier,
+    WebhookNotifier | AlertmanagerNotifier | PagerDutyNotifier | SlackNotifier | TeamsNotifier | EmailNotifier,
     Field(discriminator="kind"),
 ]
 
@@ -454,7 +516,7 @@ def _env_name(loc: tuple[str | int, ...]) -> str | None:
     return ENV_PREFIX + "__".join(p.upper() for p in parts) if parts else None
 
 
-_NOTIFIER_KINDS = {"webhook", "alertmanager", "pagerduty", "slack", "email"}
+_NOTIFIER_KINDS = {"webhook", "alertmanager", "pagerduty", "slack", "teams", "email"}
 
 
 def _format_loc(loc: tuple[str | int, ...]) -> tuple[str, tuple[str | int, ...]]:

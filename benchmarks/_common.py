@@ -344,6 +344,24 @@ class Database:
             ).fetchall()
         return {str(name): int(size) for name, size in rows}
 
+    def live_table_bytes(self) -> dict[str, int] | None:
+        """Returns bytes of live data per table, indexes included: the pages' bytes less their unused space (SQLite,
+        via dbstat), so B-tree pages left part-empty by deletes do not count; None on PostgreSQL or without dbstat.
+        """
+        if self.kind != "sqlite":
+            return None
+        assert self.path is not None
+        with contextlib.closing(sqlite3.connect(self.path)) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            try:
+                rows = conn.execute(
+                    "SELECT coalesce(m.tbl_name, d.name), sum(d.pgsize - d.unused) FROM dbstat d "
+                    "LEFT JOIN sqlite_master m ON m.name = d.name GROUP BY 1"
+                ).fetchall()
+            except sqlite3.OperationalError:
+                return None
+        return {str(name): int(size) for name, size in rows}
+
     def row_counts(self, tables: Sequence[str]) -> dict[str, int]:
         """Returns the number of rows in each table."""
         if self.kind == "sqlite":

@@ -10,6 +10,14 @@ benchmarks; here 200 cycles must measure the database). On PostgreSQL a plain VA
 autovacuum would between cycles 15 minutes apart. The comparison "row-per-poll design" is computed: a
 design that stores one row per (disk, policy) observation per poll would add that many rows every cycle, each as
 large as an average `policy_states` row measured on this same database (indexes included).
+
+Pruning (`--prune-cycles`, 10 by default): the same database then goes on with `[history] keep = 1d` (the
+shortest allowed), one cycle every 6 simulated hours (the daemon's pruning period), and after each cycle
+`prune_history` runs as the daemon's pruning job would. Within 4 cycles everything the growth phase wrote is older
+than `keep`; from then on the history tables hold about one day of history, so their rows and the database's
+bytes must stay flat while every cycle keeps adding rows. Rows are counted in every table pruning touches; bytes
+are the database's in use (SQLite: pages in use after a checkpoint, free pages excluded; PostgreSQL: relation
+sizes after a plain VACUUM, which makes deleted rows' space reusable but never returns it).
 """
 
 from __future__ import annotations
@@ -25,8 +33,17 @@ from typing import Any
 import _common as c
 
 TARGET_SHARE = 0.05
-TABLES = ("audit_runs", "disks", "policy_states", "drift_events", "findings", "finding_events")
+TABLES = ("audit_runs", "run_summaries", "disks", "policy_states", "disk_states", "drift_events", "findings",
+          "finding_events")
 CYCLE_GAP = timedelta(minutes=15)
+# The tables `prune_history` deletes from (findings and disks are never pruned: they are bounded by the fleet).
+PRUNED = ("audit_runs", "run_summaries", "policy_states", "disk_states", "drift_events", "finding_events", "outbox")
+# Those whose rows pruning bounds by time (policy and disk states: each disk's current row plus `keep` of history);
+# finding events are kept for as long as their finding's episode is open, so they follow the open findings.
+HISTORY = ("audit_runs", "run_summaries", "policy_states", "disk_states", "drift_events", "outbox")
+PRUNE_GAP = timedelta(hours=6)  # auditor.daemon.PRUNE_EVERY: how often the daemon prunes
+PRUNE_KEEP = "1d"  # the shortest [history] keep allowed
+PRUNE_STEADY = 5  # from this pruning cycle on, nothing of the growth phase is left (keep 1d = 4 gaps of 6 h)
 
 
 class InMemoryKatapult:
@@ -96,8 +113,11 @@ def main() -> int:
     p.add_argument("--change", type=float, default=0.01, help="share of policies changed before each cycle")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--max-seconds", type=float, default=0.0,
-                   help="stop after the cycle that passes this many seconds (0: run every cycle); the per-cycle "
-                        "figures are then measured over the cycles that ran")
+                   help="stop after the cycle that passes this many seconds, pruning phase included (0: run every "
+                        "cycle); the per-cycle figures are then measured over the cycles that ran")
+    p.add_argument("--prune-cycles", type=int, default=10,
+                   help=f"cycles {PRUNE_GAP.total_seconds() / 3600:g} h apart with keep = {PRUNE_KEEP}, each "
+                        f"followed by pruning (0: no pruning phase; at least {PRUNE_STEADY + 2} to judge it)")
     args = p.parse_args()
     report = c.header("storage_growth", args, f"{args.disks} disks, {args.cycles} cycles, "
                                               f"{args.change:.0%} of policies changing per cycle")
@@ -107,11 +127,14 @@ def main() -> int:
 
 
 async def _run(args: Any, db: c.Database, report: c.Report) -> None:
+    from auditor.config import Settings
     from auditor.service import Services, prepare_database, ruleset_from
     from auditor.service.cycle import Targets
     from auditor.store.repo import Store
 
-    settings = c.settings(api_url="http://127.0.0.1:9/core/v1", db_url=db.url, organizations=["org_bench"])
+    # keep only matters to the pruning phase: nothing is pruned while the growth is measured.
+    settings = Settings(**c.settings_dict(api_url="http://127.0.0.1:9/core/v1", db_url=db.url,
+                                          organizations=["org_bench"]), history={"keep": PRUNE_KEEP})
     await prepare_database(settings)
     store = Store.from_url(db.url)
     rules = ruleset_from(settings.rules)
@@ -126,9 +149,10 @@ async def _run(args: Any, db: c.Database, report: c.Report) -> None:
     ran = 0
     write_seconds: list[float] = []
 
-    async def cycle(i: int) -> int:
-        """Runs cycle i (0: the first audit, nothing changed before it); returns how many policies changed."""
-        now = start + i * CYCLE_GAP
+    async def cycle(i: int, at: datetime | None = None) -> int:
+        """Runs cycle i (0: the first audit, nothing changed before it) at `at` (default: i gaps after the start);
+        returns how many policies changed."""
+        now = at or start + i * CYCLE_GAP
         changed = 0
         if i:
             client.policies, changed = mutate(client.policies, rng=rng, share=args.change, now=now)
@@ -149,7 +173,8 @@ async def _run(args: Any, db: c.Database, report: c.Report) -> None:
         first_bytes = db.size_bytes()
         # Cycle 1 is warm-up: the first time rows are updated (on PostgreSQL every disk row gets a second version
         # once, which VACUUM then keeps for reuse). Growth is measured from its end.
-        await cycle(1)
+        with c.Stopwatch() as warm:
+            await cycle(1)
         db.vacuum()
         base_bytes = db.size_bytes()
         base_rows = db.row_counts(TABLES)
@@ -157,16 +182,33 @@ async def _run(args: Any, db: c.Database, report: c.Report) -> None:
                                     f"the first audit, {base_bytes / 1e6:.2f} MB after one more (warm-up, not "
                                     f"counted); rows {base_rows}")
         began = time.monotonic()
+        # Under --max-seconds, the pruning phase's cycles (each about as long as the warm-up's, plus its prune and
+        # counts) are kept out of the growth phase's share.
+        growth_seconds = args.max_seconds - args.prune_cycles * (warm.seconds + 1.5) if args.max_seconds else 0.0
+        if args.max_seconds:
+            growth_seconds = max(growth_seconds, args.max_seconds / 3)
         for i in range(2, args.cycles + 1):
             t0 = time.monotonic()
             total_changes += await cycle(i)
             write_seconds.append(time.monotonic() - t0)
             ran += 1
-            if args.max_seconds and time.monotonic() - began > args.max_seconds:
+            if growth_seconds and time.monotonic() - began > growth_seconds:
                 break
         elapsed = time.monotonic() - began
+        _growth_figures(args, db, report, disks=disks, policies=client.policies, base_bytes=base_bytes,
+                        base_rows=base_rows, ran=ran, total_changes=total_changes, elapsed=elapsed,
+                        write_seconds=write_seconds)
+        if args.prune_cycles:
+            await _prune_phase(args, db, report, services, cycle, after=start + (ran + 1) * CYCLE_GAP,
+                               next_cycle=ran + 2)
     finally:
         await store.close()
+
+
+def _growth_figures(args: Any, db: c.Database, report: c.Report, *, disks: list[Any], policies: list[Any],
+                    base_bytes: int, base_rows: dict[str, int], ran: int, total_changes: int, elapsed: float,
+                    write_seconds: list[float]) -> None:
+    """Reports the growth phase: bytes and rows per cycle against a row-per-poll design."""
     db.vacuum()
     end_bytes = db.size_bytes()
     end_rows = db.row_counts(TABLES)
@@ -180,7 +222,7 @@ async def _run(args: Any, db: c.Database, report: c.Report) -> None:
     rows_per_cycle = {t: (end_rows[t] - base_rows[t]) / cycles for t in TABLES}
     new_rows = sum(rows_per_cycle.values())
     # The row-per-poll design: every cycle stores one row per (disk, policy) observation.
-    observations = _observations(disks, client.policies)
+    observations = _observations(disks, policies)
     state_bytes = per_table.get("policy_states", 0)
     avg_row = state_bytes / end_rows["policy_states"] if end_rows["policy_states"] else 0.0
     per_poll_bytes = observations * avg_row
@@ -204,12 +246,81 @@ async def _run(args: Any, db: c.Database, report: c.Report) -> None:
                   measured=f"{share:.2%} ({bytes_per_cycle / 1e3:.1f} kB vs {per_poll_bytes / 1e3:.0f} kB per cycle)",
                   passed=share <= TARGET_SHARE)
     # Proportional to changes: a handful of rows per changed policy (its new state, a drift event, a finding and
-    # its event) plus the run's own row, never a row per disk or per policy observed.
+    # its event, the disk's new verdict) plus the run's own two rows (audit_runs, run_summaries), never a row per
+    # disk or per policy observed.
     report.result("rows per cycle", target=f"proportional to changes ({changes_per_cycle:.0f}/cycle), "
                                            f"not to disks ({len(disks)})",
-                  measured=f"{new_rows:.1f} rows per cycle = {(new_rows - 1) / changes_per_cycle:.2f} per change + "
-                           f"1 run row" if changes_per_cycle else f"{new_rows:.1f}",
-                  passed=new_rows <= 5 * changes_per_cycle + 1 if changes_per_cycle else new_rows <= 1)
+                  measured=f"{new_rows:.1f} rows per cycle = {(new_rows - 2) / changes_per_cycle:.2f} per change + "
+                           f"2 run rows" if changes_per_cycle else f"{new_rows:.1f}",
+                  passed=new_rows <= 6 * changes_per_cycle + 2 if changes_per_cycle else new_rows <= 2)
+
+
+async def _prune_phase(args: Any, db: c.Database, report: c.Report, services: Any, cycle: Any, *,
+                       after: datetime, next_cycle: int) -> None:
+    """Runs cycles PRUNE_GAP apart, each followed by `prune_history`; reports rows and bytes before and after."""
+    from auditor.service.compliance import prune_history
+
+    def measure() -> dict[str, Any]:
+        rows = db.row_counts((*PRUNED, "findings"))
+        sizes = db.table_bytes()
+        live = db.live_table_bytes()
+        return {"rows": sum(rows[t] for t in HISTORY), "bytes": sum(sizes.get(t, 0) for t in HISTORY),
+                "live": sum(live.get(t, 0) for t in HISTORY) if live is not None else None,
+                "db": db.size_bytes(), "events": rows["finding_events"], "findings": rows["findings"]}
+
+    steps: list[dict[str, Any]] = []
+    for k in range(1, args.prune_cycles + 1):
+        now = after + k * PRUNE_GAP
+        await cycle(next_cycle + k - 1, now)
+        db.vacuum()
+        before = measure()
+        services.clock = lambda now=now: now
+        with c.Stopwatch() as sw:
+            deleted = await prune_history(services)
+        db.vacuum()
+        steps.append({"before": before, "after": measure(), "deleted": deleted, "seconds": sw.seconds})
+    mb = 1e6
+    report.info("pruning", f"keep {PRUNE_KEEP}, a cycle every {PRUNE_GAP.total_seconds() / 3600:g} h, pruning "
+                           "after each; time-bounded history rows (MB) before -> after: " + "; ".join(
+                               f"{s['before']['rows']:,} -> {s['after']['rows']:,} ({s['before']['bytes'] / mb:.2f} "
+                               f"-> {s['after']['bytes'] / mb:.2f})" for s in steps))
+    biggest = max(steps, key=lambda s: sum(s["deleted"].values()))
+    report.info("largest prune", f"{sum(biggest['deleted'].values()):,} rows in {biggest['seconds']:.2f} s ("
+                + ", ".join(f"{t} {n:,}" for t, n in biggest["deleted"].items() if n) + f"); database "
+                f"{biggest['before']['db'] / mb:.2f} -> {biggest['after']['db'] / mb:.2f} MB; a prune takes "
+                f"{c.percentile([s['seconds'] for s in steps], 50):.2f} s (median)")
+    steady = steps[PRUNE_STEADY - 1:]
+    if len(steady) < 3:
+        report.result("history pruned, database bounded", target=f"flat once keep ({PRUNE_KEEP}) has passed",
+                      measured=f"too few pruning cycles ({len(steps)}; at least {PRUNE_STEADY + 2})", passed=None)
+        return
+    first, last = steady[0]["after"], steady[-1]["after"]
+    report.info("not pruned by time", f"open findings keep their whole episode and findings rows stay (bounded by "
+                                      f"the fleet, not by time): findings {first['findings']:,} -> "
+                                      f"{last['findings']:,}, finding_events {first['events']:,} -> "
+                                      f"{last['events']:,} over the last {len(steady)} cycles; whole database "
+                                      f"{first['db'] / mb:.2f} -> {last['db'] / mb:.2f} MB")
+    # What one cycle adds to the time-bounded tables, from the counts before each prune.
+    per_cycle = sum(s["before"]["rows"] - p["after"]["rows"] for p, s in zip(steady, steady[1:], strict=False))
+    per_cycle /= len(steady) - 1
+    rows = [s["after"]["rows"] for s in steady]
+    rows_growth = rows[-1] - rows[0]
+    pages_growth = last["bytes"] / first["bytes"] - 1 if first["bytes"] else 0.0
+    if first["live"] is not None:
+        # SQLite never merges B-tree pages that deletes leave part-empty, so the pages of the tables grow a little
+        # while the data in them stays flat; "live" is the data (dbstat: page bytes less unused bytes).
+        live_growth = last["live"] / first["live"] - 1 if first["live"] else 0.0
+        size_text = (f"live data {first['live'] / mb:.2f} -> {last['live'] / mb:.2f} MB ({live_growth:+.1%}), "
+                     f"their pages {first['bytes'] / mb:.2f} -> {last['bytes'] / mb:.2f} MB ({pages_growth:+.1%})")
+    else:
+        live_growth = pages_growth
+        size_text = f"{first['bytes'] / mb:.2f} -> {last['bytes'] / mb:.2f} MB ({pages_growth:+.1%})"
+    report.result("history pruned, database bounded",
+                  target=f"keep {PRUNE_KEEP}: history rows and bytes flat after pruning while cycles go on",
+                  measured=f"{min(rows):,}-{max(rows):,} rows ({rows_growth:+,} first to last of {len(steady)} "
+                           f"cycles, each adding {per_cycle:,.0f}); {size_text}",
+                  # Flat: the last count is within one cycle's rows of the first, and the data within 5 %.
+                  passed=rows_growth <= per_cycle and live_growth <= 0.05)
 
 
 def _observations(disks: list[Any], policies: list[Any]) -> int:

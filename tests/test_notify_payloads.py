@@ -203,7 +203,7 @@ def test_webhook_firing_payload_is_alertmanager_v4() -> None:
         "status": "firing",
         "receiver": "ops",
         "groupLabels": {"alertname": "unprotected-disk"},
-        "commonLabels": {"alertname": "unprotected-disk"},
+        "commonLabels": {"alertname": "unprotected-disk", "source": "auditor"},
         "commonAnnotations": {},
         "externalURL": "",
         "alerts": [
@@ -213,7 +213,7 @@ def test_webhook_firing_payload_is_alertmanager_v4() -> None:
                     "alertname": "unprotected-disk",
                     "disk_id": "dsk_1",
                     "severity": "critical",
-                    "fingerprint": "1111aaaa2222bbbb",
+                    "fingerprint": "1111aaaa2222bbbb", "source": "auditor",
                 },
                 "annotations": {
                     "summary": "Disk dsk_1 has no backup policy",
@@ -230,7 +230,7 @@ def test_webhook_firing_payload_is_alertmanager_v4() -> None:
                     "alertname": "unprotected-disk",
                     "disk_id": "dsk_2",
                     "severity": "high",
-                    "fingerprint": "3333cccc4444dddd",
+                    "fingerprint": "3333cccc4444dddd", "source": "auditor",
                 },
                 "annotations": {
                     "summary": "Disk dsk_2 has no backup policy",
@@ -253,7 +253,7 @@ def test_webhook_resolved_payload_carries_end_time_and_common_annotations() -> N
         "disk_id": "dsk_3",
         "policy_id": "dbp_9",
         "severity": "medium",
-        "fingerprint": "5555eeee6666ffff",
+        "fingerprint": "5555eeee6666ffff", "source": "auditor",
     }
     assert payload["commonAnnotations"] == {
         "summary": "Policy dbp_9 on dsk_3 missed its run",
@@ -273,12 +273,13 @@ def test_webhook_mixed_group_is_firing_and_resolved_alert_without_end_uses_now()
 def test_webhook_audit_incomplete_drops_empty_labels() -> None:
     note = replace(FIRING, alerts=(INCOMPLETE,), group_labels={"alertname": AUDIT_INCOMPLETE})
     labels = WEBHOOK.build_payload(note, webhook_settings(), now=NOW)["alerts"][0]["labels"]
-    assert labels == {"alertname": "audit-incomplete", "severity": "high", "fingerprint": "7777000088889999"}
+    assert labels == {"alertname": "audit-incomplete", "severity": "high", "fingerprint": "7777000088889999",
+                      "source": "auditor"}
 
 
 def test_webhook_test_notification_is_labelled_as_test() -> None:
     payload = WEBHOOK.build_payload(replace(FIRING, is_test=True), webhook_settings(), now=NOW)
-    assert payload["commonLabels"] == {"alertname": "unprotected-disk", "test": "true"}
+    assert payload["commonLabels"] == {"alertname": "unprotected-disk", "source": "auditor", "test": "true"}
     assert payload["commonAnnotations"] == {"test": TEST_NOTE}
     for alert in payload["alerts"]:
         assert alert["labels"]["test"] == "true"
@@ -309,7 +310,7 @@ def test_alertmanager_payload_is_postable_alerts() -> None:
                 "alertname": "unprotected-disk",
                 "disk_id": "dsk_1",
                 "severity": "critical",
-                "fingerprint": "1111aaaa2222bbbb",
+                "fingerprint": "1111aaaa2222bbbb", "source": "auditor",
             },
             "annotations": {
                 "summary": "Disk dsk_1 has no backup policy",
@@ -326,7 +327,7 @@ def test_alertmanager_payload_is_postable_alerts() -> None:
                 "disk_id": "dsk_3",
                 "policy_id": "dbp_9",
                 "severity": "medium",
-                "fingerprint": "5555eeee6666ffff",
+                "fingerprint": "5555eeee6666ffff", "source": "auditor",
             },
             "annotations": {
                 "summary": "Policy dbp_9 on dsk_3 missed its run",
@@ -396,7 +397,7 @@ def test_pagerduty_one_event_per_alert() -> None:
                     "rule": "unprotected-disk",
                     "severity": "critical",
                     "description": "No backup policy covers disk dsk_1 (web-1).",
-                    "fingerprint": "1111aaaa2222bbbb",
+                    "fingerprint": "1111aaaa2222bbbb", "source": "auditor",
                     "starts_at": "2026-11-28T04:00:00Z",
                     "disk_id": "dsk_1",
                 },
@@ -428,7 +429,7 @@ def test_pagerduty_audit_incomplete_uses_auditor_as_source() -> None:
         "rule": "audit-incomplete",
         "severity": "high",
         "description": "Katapult answered 503 for 3 disks.",
-        "fingerprint": "7777000088889999",
+        "fingerprint": "7777000088889999", "source": "auditor",
         "starts_at": "2026-11-28T06:45:00Z",
     }
 
@@ -477,7 +478,8 @@ def test_slack_firing_message() -> None:
                     "Since 2026-11-28T05:30:15.25Z",
                 },
             },
-            {"type": "context", "elements": [{"type": "mrkdwn", "text": "Katapult backup auditor · notifier chat"}]},
+            {"type": "context",
+             "elements": [{"type": "mrkdwn", "text": "Katapult backup auditor · notifier chat · source=auditor"}]},
         ],
     }
 

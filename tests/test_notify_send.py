@@ -21,6 +21,7 @@ from auditor.config import (
     NotifierCommon,
     PagerDutyNotifier,
     SlackNotifier,
+    TeamsNotifier,
     WebhookNotifier,
 )
 from auditor.domain.alerts import Alert, AlertStatus, Notification
@@ -33,9 +34,10 @@ HOOK_TOKEN = "hk9Qw2Zr7Xp4Lm8Vt3Nb"
 HMAC_SECRET = "hmac-Sh4red-S3cret"
 ROUTING_KEY = "R0UTINGKEYa1b2c3d4e5f6a7b8c9d0e1"
 SLACK_TOKEN = "xS1ackT0kenAbCdEfGhIjKl"
+TEAMS_SIG = "tEaMsW0rkfl0wS1gnature"
 AM_TOKEN = "amPr0xyT0ken9876"
 SMTP_PASSWORD = "sm7p-Pa55word-xyz"
-HTTP_KINDS = ("webhook", "alertmanager", "pagerduty", "slack")
+HTTP_KINDS = ("webhook", "alertmanager", "pagerduty", "slack", "teams")
 
 ALERT = Alert(
     fingerprint="1111aaaa2222bbbb",
@@ -81,6 +83,10 @@ def http_settings(kind: str, base: str, **kw: Any) -> Any:
         return PagerDutyNotifier(
             kind="pagerduty", name="pd", routing_key=SecretStr(ROUTING_KEY), events_url=f"{base}/v2/enqueue", **kw
         )
+    if kind == "teams":
+        return TeamsNotifier(
+            kind="teams", name="teams", webhook_url=SecretStr(f"{base}/workflows/w1/invoke?sig={TEAMS_SIG}"), **kw
+        )
     return SlackNotifier(
         kind="slack", name="chat", webhook_url=SecretStr(f"{base}/services/T000/B000/{SLACK_TOKEN}"), **kw
     )
@@ -114,6 +120,7 @@ KIND_SECRETS = {
     "alertmanager": (AM_TOKEN,),
     "pagerduty": (ROUTING_KEY,),
     "slack": (SLACK_TOKEN,),
+    "teams": (TEAMS_SIG,),
 }
 
 

@@ -54,3 +54,11 @@ async def test_upgrade_downgrade_upgrade(db_url: str) -> None:
         assert {"audit_runs", "findings", "policy_states", "outbox"} <= tables
     finally:
         await engine.dispose()
+
+
+def test_the_schema_head_constant_is_alembics_head() -> None:
+    # Read-only commands compare the database with SCHEMA_HEAD without loading Alembic: it must be the real head.
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(db.alembic_config("sqlite:///unused.db")).get_current_head()
+    assert db.SCHEMA_HEAD == head

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from auditor.domain.models import Severity
 
 AUDIT_INCOMPLETE = "audit-incomplete"
+# Kinds whose receiver resolves an alert by itself once its endsAt passes: open alerts are re-posted every cycle.
+KEEP_ALIVE_KINDS = frozenset({"alertmanager"})
+# Kinds whose receiver keeps the test alert open until told otherwise: `notify test` resolves it after sending.
+STATEFUL_KINDS = frozenset({"alertmanager", "pagerduty"})
+# PagerDuty Events API v2 accepts exactly these payload.severity values.
+PD_SEVERITIES = frozenset({"critical", "error", "warning", "info"})
+# endsAt = send time + 3 x the audit interval + 5 min: two cycles can be missed or late (a slow run, a restart, a
+# delivery retry) before Alertmanager resolves a still-open finding. Prometheus uses 4 x its resend delay alike.
+KEEP_ALIVE_CYCLES = 3
+KEEP_ALIVE_SLACK = timedelta(minutes=5)
+DEFAULT_INTERVAL = timedelta(minutes=15)  # [audit] interval's default, for callers that do not pass one
+
+
+def keep_alive_for(interval: timedelta) -> timedelta:
+    """Returns how long past each send an open alert stays active in Alertmanager: 3 x interval + 5 min."""
+    return KEEP_ALIVE_CYCLES * interval + KEEP_ALIVE_SLACK
 
 
 class AlertStatus(StrEnum):
@@ -64,6 +81,9 @@ class Notification:
     created_at: datetime
     is_test: bool = False
     is_repeat: bool = False
+    # For receivers that expire alerts (Alertmanager): how long past the send a firing alert stays active.
+    # Planning sets it from the audit interval, so the next cycle's re-post always lands before endsAt.
+    keep_alive: timedelta | None = None
 
     @property
     def status(self) -> AlertStatus:
@@ -141,6 +161,7 @@ def notification_to_dict(n: Notification) -> dict[str, Any]:
         "created_at": _ts(n.created_at),
         "is_test": n.is_test,
         "is_repeat": n.is_repeat,
+        "keep_alive_seconds": n.keep_alive.total_seconds() if n.keep_alive is not None else None,
         "alerts": [
             {
                 "fingerprint": a.fingerprint,
@@ -176,6 +197,7 @@ def notification_from_dict(data: dict[str, Any]) -> Notification:
         )
         for a in data["alerts"]
     )
+    keep_alive = data.get("keep_alive_seconds")
     return Notification(
         id=data["id"],
         notifier=data["notifier"],
@@ -185,4 +207,69 @@ def notification_from_dict(data: dict[str, Any]) -> Notification:
         created_at=_dt(data["created_at"]) or datetime.min,
         is_test=bool(data.get("is_test")),
         is_repeat=bool(data.get("is_repeat")),
+        keep_alive=timedelta(seconds=keep_alive) if isinstance(keep_alive, int | float) else None,
     )
+
+
+class _NotifierView(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def send_resolved(self) -> bool: ...
+    @property
+    def severity_map(self) -> Mapping[Any, str]: ...
+    @property
+    def model_fields_set(self) -> set[str]: ...
+
+
+class _AuditView(Protocol):
+    @property
+    def interval(self) -> timedelta: ...
+    @property
+    def jitter(self) -> timedelta: ...
+
+
+class SettingsView(Protocol):
+    """The part of the settings `notifier_warnings` reads (the domain cannot import the config module)."""
+
+    @property
+    def audit(self) -> _AuditView: ...
+    @property
+    def notifiers(self) -> Sequence[_NotifierView]: ...
+
+
+def _duration(delta: timedelta) -> str:
+    total = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if total and total % size == 0:
+            return f"{total // size}{unit}"
+    return f"{total}s"
+
+
+def notifier_warnings(settings: SettingsView) -> list[str]:
+    """Returns one line per notifier setting that is valid but cannot do what it seems to (for check-config)."""
+    interval = settings.audit.interval
+    keep_alive = keep_alive_for(interval)
+    out: list[str] = []
+    for n in settings.notifiers:
+        name = f"notifier {n.name} ({n.kind})"
+        if n.kind in KEEP_ALIVE_KINDS:
+            if "repeat_interval" in n.model_fields_set:
+                out.append(f"{name}: repeat_interval is ignored: open alerts are re-posted every audit cycle "
+                           f"({_duration(interval)}) with endsAt {_duration(keep_alive)} ahead, as Alertmanager "
+                           "expects; use Alertmanager's own repeat_interval for reminders")
+            if interval + settings.audit.jitter >= keep_alive:
+                out.append(f"{name}: the audit interval plus jitter ({_duration(interval + settings.audit.jitter)})"
+                           f" reaches the alerts' endsAt horizon ({_duration(keep_alive)}): Alertmanager would "
+                           "resolve open findings between cycles")
+            if not n.send_resolved:
+                out.append(f"{name}: send_resolved = false: a fixed finding stays firing in Alertmanager until its "
+                           f"endsAt passes (up to {_duration(keep_alive)} later)")
+        if n.kind == "pagerduty":
+            ignored = sorted(str(k) for k, v in n.severity_map.items() if v not in PD_SEVERITIES)
+            if ignored:
+                out.append(f"{name}: severity_map for {', '.join(ignored)} is not a PagerDuty severity "
+                           f"({', '.join(sorted(PD_SEVERITIES))}); PagerDuty's own mapping is used for it")
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import math
 import time
@@ -27,6 +28,9 @@ LARGE_SET_ROWS = 1000
 TRASH_KEEP_SECONDS = 7 * 86400
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no", ""})
+# The fleet a request started with: a fleet swapped in mid-request (SIGHUP reload) is seen from the next one on,
+# so no request reads half of each.
+_REQUEST_FLEET: contextvars.ContextVar[Fleet | None] = contextvars.ContextVar("fake_katapult_fleet", default=None)
 
 _JSON_TYPE = (b"content-type", b"application/json")
 _ERROR_SCHEMA = (b"x-api-schema", b"json-error")
@@ -142,6 +146,17 @@ class FakeKatapult:
             )
         }
 
+    @property
+    def _fleet(self) -> Fleet:
+        """Returns the fleet of the request being served (the current one outside a request)."""
+        pinned = _REQUEST_FLEET.get()
+        return self.fleet if pinned is None else pinned
+
+    def replace_fleet(self, fleet: Fleet) -> None:
+        """Serves `fleet` from the next request on, keeping the request counters (rate windows start afresh)."""
+        fleet.stats = self.fleet.stats
+        self.fleet = fleet
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serves one ASGI connection scope."""
         if scope["type"] == "lifespan":
@@ -150,6 +165,14 @@ class FakeKatapult:
         if scope["type"] != "http":
             return
         fleet = self.fleet
+        pinned = _REQUEST_FLEET.set(fleet)
+        try:
+            await self._serve(fleet, scope, send)
+        finally:
+            _REQUEST_FLEET.reset(pinned)
+
+    async def _serve(self, fleet: Fleet, scope: Scope, send: Send) -> None:
+        """Answers one HTTP request from `fleet`."""
         stats = fleet.stats
         permitted = fleet.permitted_now()
         stats.total += 1
@@ -224,7 +247,7 @@ class FakeKatapult:
 
     async def _lookup(self, kind: _Kind, object_id: str | None) -> _Lookup:
         """Applies the fault of the looked-up object (if any) and checks it exists."""
-        fleet = self.fleet
+        fleet = self._fleet
         if object_id is None:
             return _Lookup(reply=_not_found(kind))
         fault = fleet.take_fault(object_id)
@@ -240,7 +263,7 @@ class FakeKatapult:
         return _Lookup(object_id=object_id, malformed=fault is Fault.MALFORMED)
 
     def _exists(self, kind: _Kind, object_id: str) -> bool:
-        fleet = self.fleet
+        fleet = self._fleet
         if kind is _DISK:
             return object_id in fleet.disks
         if kind is _ORG:
@@ -254,7 +277,7 @@ class FakeKatapult:
         sub_domain = params.get("organization[sub_domain]")
         if sub_domain is None:
             return None
-        org = self.fleet.org_by_sub_domain(sub_domain)
+        org = self._fleet.org_by_sub_domain(sub_domain)
         # An unknown sub-domain still has to 404: look up an id no organization has.
         return org.id if org is not None else ""
 
@@ -265,14 +288,14 @@ class FakeKatapult:
         found = await self._lookup(_DISK, params.get("disk[id]"))
         if found.reply is not None:
             return found.reply
-        ids = self.fleet.policy_ids_of_disk(found.object_id)
+        ids = self._fleet.policy_ids_of_disk(found.object_id)
         return self._policy_page(ids, page, per_page, malformed=found.malformed)
 
     async def _org_policies(self, params: dict[str, str], page: int, per_page: int) -> _Reply:
         found = await self._lookup(_ORG, self._org_id(params))
         if found.reply is not None:
             return found.reply
-        ids = self.fleet.policy_ids_of_org(found.object_id)
+        ids = self._fleet.policy_ids_of_org(found.object_id)
         return self._policy_page(ids, page, per_page, malformed=found.malformed)
 
     async def _vm_policies(self, params: dict[str, str], page: int, per_page: int) -> _Reply:
@@ -281,19 +304,19 @@ class FakeKatapult:
             return _invalid_argument("include_disks", "invalid_scalar", ["must be true or false"])
         vm_id = params.get("virtual_machine[id]")
         if vm_id is None and "virtual_machine[fqdn]" in params:
-            vm = self.fleet.vm_by_fqdn(params["virtual_machine[fqdn]"])
+            vm = self._fleet.vm_by_fqdn(params["virtual_machine[fqdn]"])
             vm_id = vm.id if vm is not None else ""
         found = await self._lookup(_VM, vm_id)
         if found.reply is not None:
             return found.reply
-        ids = self.fleet.policy_ids_of_vm(found.object_id, include_disks=include in _TRUE)
+        ids = self._fleet.policy_ids_of_vm(found.object_id, include_disks=include in _TRUE)
         return self._policy_page(ids, page, per_page, malformed=found.malformed)
 
     async def _org_disks(self, params: dict[str, str], page: int, per_page: int) -> _Reply:
         found = await self._lookup(_ORG, self._org_id(params))
         if found.reply is not None:
             return found.reply
-        fleet = self.fleet
+        fleet = self._fleet
         ids = fleet.disk_ids_of_org(found.object_id)
         chunk, pagination = _paginate(ids, page, per_page)
         items = [self._disk_item(fleet.disks[disk_id], full=False) for disk_id in chunk]
@@ -305,7 +328,7 @@ class FakeKatapult:
         found = await self._lookup(_DISK, params.get("disk[id]"))
         if found.reply is not None:
             return found.reply
-        item = self._disk_item(self.fleet.disks[found.object_id], full=True)
+        item = self._disk_item(self._fleet.disks[found.object_id], full=True)
         if found.malformed:
             del item["id"]
         return _Reply(200, _dumps({"disk": item, "annotations": []}))
@@ -314,7 +337,7 @@ class FakeKatapult:
 
     def _policy_page(self, ids: list[str], page: int, per_page: int, *, malformed: bool) -> _Reply:
         chunk, pagination = _paginate(ids, page, per_page)
-        policies = self.fleet.policies
+        policies = self._fleet.policies
         items = [self._policy_item(policies[policy_id]) for policy_id in chunk]
         if malformed:
             return _Reply(200, _dumps(_malform(items, "disk_backup_policies", pagination, field="retention")))
@@ -324,9 +347,9 @@ class FakeKatapult:
         """Returns a policy as the list endpoints send it (README "A listed DiskBackupPolicy")."""
         target: FakeDisk | FakeVM | None
         if policy.target_type == "Disk":
-            target = self.fleet.disks.get(policy.target_id)
+            target = self._fleet.disks.get(policy.target_id)
         else:
-            target = self.fleet.vms.get(policy.target_id)
+            target = self._fleet.vms.get(policy.target_id)
         return {
             "id": policy.id,
             "retention": policy.retention,
@@ -342,7 +365,7 @@ class FakeKatapult:
     def _disk_item(self, disk: FakeDisk, *, full: bool) -> dict[str, Any]:
         """Returns a disk as the organization list sends it, plus GET /disks/disk's extra fields if `full`."""
         attachment: dict[str, Any] | None = None
-        vm = None if disk.vm_id is None else self.fleet.vms.get(disk.vm_id)
+        vm = None if disk.vm_id is None else self._fleet.vms.get(disk.vm_id)
         if vm is not None:
             attachment = {
                 "virtual_machine": {"id": vm.id, "fqdn": vm.fqdn},

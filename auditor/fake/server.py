@@ -12,7 +12,7 @@ from types import TracebackType
 
 import uvicorn
 
-from auditor.fake.app import PREFIX, create_app
+from auditor.fake.app import PREFIX, FakeKatapult, create_app
 from auditor.fake.fleet import Fleet
 
 STARTUP_TIMEOUT_SECONDS = 10.0
@@ -57,11 +57,9 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server(fleet: Fleet, *, on_started: Callable[[], None]) -> _Server:
+def _server(app: FakeKatapult, *, on_started: Callable[[], None]) -> _Server:
     """Returns a quiet uvicorn server for the fake app (no access log, no logging setup of its own)."""
-    config = uvicorn.Config(
-        create_app(fleet), log_config=None, log_level="warning", access_log=False, lifespan="off"
-    )
+    config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off")
     return _Server(config, on_started=on_started)
 
 
@@ -72,8 +70,12 @@ async def serve(
     port: int = 0,
     ready: asyncio.Event | None = None,
     on_ready: Callable[[str], None] | None = None,
+    app: FakeKatapult | None = None,
 ) -> None:
-    """Serves `fleet` on host:port until cancelled; sets `ready` and calls `on_ready(base_url)` when up."""
+    """Serves `fleet` on host:port until cancelled; sets `ready` and calls `on_ready(base_url)` when up.
+
+    Pass `app` (made by `create_app(fleet)`) to keep a handle for `app.replace_fleet` while it serves.
+    """
     sock = _bind(host, port)
     url = base_url(host, sock.getsockname()[1])
 
@@ -83,7 +85,7 @@ async def serve(
         if ready is not None:
             ready.set()
 
-    server = _server(fleet, on_started=started)
+    server = _server(app if app is not None else create_app(fleet), on_started=started)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         await asyncio.shield(task)
@@ -126,7 +128,7 @@ class FakeServer:
             raise RuntimeError("FakeServer is already running")
         self._sock = _bind(self.host, self._requested_port)
         listening = threading.Event()
-        server = self._server = _server(self.fleet, on_started=listening.set)
+        server = self._server = _server(create_app(self.fleet), on_started=listening.set)
         sock = self._sock
         self._failure = None
 

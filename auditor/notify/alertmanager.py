@@ -1,9 +1,14 @@
 """The `alertmanager` notifier: feeds an existing Alertmanager through POST <url>/api/v2/alerts.
 
 Alertmanager resolves an alert by itself once its `endsAt` passes, and expects clients to keep re-sending alerts
-that still fire (Prometheus re-sends every evaluation with endsAt = 4 x its resend delay). A firing alert is sent
-with endsAt = now + 3 x the notifier's repeat_interval (at least 1h), so it stays alive between the delivery
-stage's re-sends; a resolved alert carries its resolution time, which resolves it at once.
+that still fire (Prometheus re-sends every evaluation with endsAt = 4 x its resend delay). Planning re-posts every
+open alert to this notifier every audit cycle, whatever `repeat_interval` says, with a keep-alive of 3 x the audit
+interval + 5 min (`Notification.keep_alive`), so endsAt = send time + keep-alive always lies past the next
+cycle's re-post; a resolved alert carries its resolution time, which resolves it at once. Notifications without a
+keep-alive (`notify test`, rows queued by older versions) fall back to 3 x repeat_interval, at least 1h.
+
+Labels: the notifier's static `labels`, ours (`severity` through `severity_map`) and `source="auditor"`;
+generatorURL is `{external_url}/disks/{disk_id}` when external_url is set.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from auditor.notify.base import (
     alert_annotations,
     alert_labels,
     describe,
+    generator_url,
     json_body,
     post,
     rfc3339,
@@ -60,14 +66,15 @@ class AlertmanagerChannel:
         self, notification: Notification, settings: AlertmanagerNotifier, *, now: datetime
     ) -> list[dict[str, Any]]:
         """Returns the JSON list of postable alerts (labels, annotations, startsAt, endsAt, generatorURL)."""
-        keep_alive_until = now + firing_lifetime(settings.repeat_interval)
+        keep_alive = notification.keep_alive or firing_lifetime(settings.repeat_interval)
+        keep_alive_until = now + keep_alive
         return [
             {
-                "labels": alert_labels(alert, is_test=notification.is_test),
+                "labels": alert_labels(alert, is_test=notification.is_test, settings=settings),
                 "annotations": alert_annotations(alert, is_test=notification.is_test),
                 "startsAt": rfc3339(alert.starts_at),
                 "endsAt": rfc3339(keep_alive_until if alert.status is AlertStatus.FIRING else (alert.ends_at or now)),
-                "generatorURL": "",
+                "generatorURL": generator_url(alert, settings),
             }
             for alert in notification.alerts
         ]

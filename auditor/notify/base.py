@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, TypeAlias, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import SecretStr
@@ -34,6 +35,9 @@ SettingsT_contra = TypeVar("SettingsT_contra", bound=NotifierCommon, contravaria
 # Alertmanager's webhook sends Go's zero time as the endsAt of an alert that is still firing.
 ZERO_TIME = "0001-01-01T00:00:00Z"
 TEST_LABEL = "test"
+# Every alert names where it came from, so a shared Alertmanager can route the auditor's alerts as one source.
+SOURCE_LABEL = "source"
+SOURCE_VALUE = "auditor"
 TEST_ANNOTATION = "This is a test notification from the Katapult backup auditor; no action is needed."
 BODY_EXCERPT_CHARS = 200
 # Only this much of a response body is read: an excerpt needs a few hundred characters, and a hostile or broken
@@ -111,12 +115,41 @@ def json_body(payload: Any) -> bytes:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
-def alert_labels(alert: Alert, *, is_test: bool) -> dict[str, str]:
-    """Returns the alert's Alertmanager labels without empty values (Alertmanager drops them), plus test="true"."""
-    labels = {k: v for k, v in alert.labels().items() if v}
+def severity_value(alert: Alert, settings: NotifierCommon | None) -> str:
+    """Returns the severity label value sent for the alert: the notifier's `severity_map` entry, else ours."""
+    if settings is None:
+        return alert.severity.value
+    mapped = next((v for k, v in settings.severity_map.items() if k == alert.severity.value), None)
+    return mapped or alert.severity.value
+
+
+def alert_labels(alert: Alert, *, is_test: bool, settings: NotifierCommon | None = None) -> dict[str, str]:
+    """Returns the alert's Alertmanager labels without empty values (Alertmanager drops them): the notifier's
+    static labels, ours (severity mapped), source="auditor", and test="true" on tests."""
+    labels = dict(settings.labels) if settings is not None else {}
+    # Config validation keeps static labels off our names, so ours never lose to them.
+    labels.update({k: v for k, v in alert.labels().items() if v})
+    labels["severity"] = severity_value(alert, settings)
+    labels[SOURCE_LABEL] = SOURCE_VALUE
     if is_test:
         labels[TEST_LABEL] = "true"
     return labels
+
+
+def static_labels(settings: NotifierCommon) -> dict[str, str]:
+    """Returns the labels a notifier adds to every alert, source="auditor" included (for channels that show them)."""
+    return {**settings.labels, SOURCE_LABEL: SOURCE_VALUE}
+
+
+def generator_url(alert: Alert, settings: NotifierCommon) -> str:
+    """Returns the alert's link into the auditor's dashboard: the disk's page, or the runs page for alerts
+    without a disk (audit-incomplete); "" when the notifier has no external_url."""
+    base = settings.external_url
+    if not base:
+        return ""
+    if alert.disk_id:
+        return f"{base}/disks/{quote(alert.disk_id, safe='')}"
+    return f"{base}/runs"
 
 
 def alert_annotations(alert: Alert, *, is_test: bool) -> dict[str, str]:
@@ -175,6 +208,8 @@ def settings_secrets(settings: NotifierCommon) -> list[str]:
     """Returns every form of every secret in a notifier's settings: each SecretStr value and any URL."""
     forms: list[str] = []
     for field in type(settings).model_fields:
+        if field == "external_url":  # a public dashboard address, shown in every payload: not a secret
+            continue
         value = getattr(settings, field, None)
         if isinstance(value, SecretStr):
             forms += secret_forms(value.get_secret_value())

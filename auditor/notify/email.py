@@ -3,6 +3,8 @@
 `security` picks the transport: "tls" is implicit TLS from the first byte (usually port 465), "starttls" requires
 the server to offer STARTTLS and upgrades before authenticating (usually 587), "none" is plain SMTP (a local relay).
 SMTP replies map to NotifyError by their code: 5xx is permanent, 4xx temporary (RFC 5321 §4.2.1).
+Each alert lists the notifier's static labels (and source=auditor) and, with `external_url` set, a link to its
+disk's page.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from email.utils import format_datetime, parseaddr
 import aiosmtplib
 import httpx
 
-from auditor.config import EmailNotifier
+from auditor.config import EmailNotifier, NotifierCommon
 from auditor.domain.alerts import Alert, AlertStatus, Notification
 from auditor.errors import NotifyError
 from auditor.notify.base import (
@@ -26,10 +28,12 @@ from auditor.notify.base import (
     DeliveryResult,
     describe,
     excerpt,
+    generator_url,
     headline,
     humanize,
     rfc3339,
     settings_secrets,
+    static_labels,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,24 +55,29 @@ def _when(alert: Alert, *, now: datetime) -> str:
     return f"Lasted {humanize(ended - alert.starts_at)} ({rfc3339(alert.starts_at)} to {rfc3339(ended)})"
 
 
-def _facts(alert: Alert) -> list[tuple[str, str]]:
+def _facts(alert: Alert, settings: NotifierCommon | None = None) -> list[tuple[str, str]]:
     facts = [("Rule", alert.rule), ("Severity", alert.severity.value)]
     if alert.disk_id:
         facts.append(("Disk", alert.disk_id))
     if alert.policy_id:
         facts.append(("Policy", alert.policy_id))
     facts.append(("Fingerprint", alert.fingerprint))
+    if settings is not None:
+        facts.append(("Labels", ", ".join(f"{k}={v}" for k, v in sorted(static_labels(settings).items()))))
+        link = generator_url(alert, settings)
+        if link:
+            facts.append(("Link", link))
     return facts
 
 
-def render_text(notification: Notification, *, now: datetime) -> str:
+def render_text(notification: Notification, *, now: datetime, settings: NotifierCommon | None = None) -> str:
     """Returns the plain-text body."""
     lines = [headline(notification), ""]
     if notification.is_test:
         lines += [TEST_ANNOTATION, ""]
     for alert in notification.alerts:
         lines.append(f"[{alert.status.value.upper()}] {alert.summary}")
-        lines += [f"  {label}: {value}" for label, value in _facts(alert)]
+        lines += [f"  {label}: {value}" for label, value in _facts(alert, settings)]
         lines.append(f"  {_when(alert, now=now)}")
         if alert.description:
             lines.append(f"  {alert.description}")
@@ -77,7 +86,7 @@ def render_text(notification: Notification, *, now: datetime) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_html(notification: Notification, *, now: datetime) -> str:
+def render_html(notification: Notification, *, now: datetime, settings: NotifierCommon | None = None) -> str:
     """Returns the HTML body; every interpolated value is HTML-escaped."""
     e = html.escape
     parts = ["<!DOCTYPE html>", "<html><body>", f"<h2>{e(headline(notification))}</h2>"]
@@ -87,13 +96,19 @@ def render_html(notification: Notification, *, now: datetime) -> str:
         colour = "#c0392b" if alert.status is AlertStatus.FIRING else "#27ae60"
         parts.append(f'<h3 style="color:{colour}">[{e(alert.status.value.upper())}] {e(alert.summary)}</h3>')
         parts.append("<table>")
-        parts += [f'<tr><th align="left">{e(k)}</th><td>{e(v)}</td></tr>' for k, v in _facts(alert)]
+        parts += [f'<tr><th align="left">{e(k)}</th><td>{_cell(k, v)}</td></tr>' for k, v in _facts(alert, settings)]
         parts.append("</table>")
         parts.append(f"<p>{e(_when(alert, now=now))}</p>")
         if alert.description:
             parts.append(f"<p>{e(alert.description)}</p>")
     parts += ["<p><small>Katapult backup auditor</small></p>", "</body></html>"]
     return "\n".join(parts) + "\n"
+
+
+def _cell(key: str, value: str) -> str:
+    if key == "Link":  # generator_url only builds http(s) URLs from the validated external_url
+        return f'<a href="{html.escape(value)}">{html.escape(value)}</a>'
+    return html.escape(value)
 
 
 def _domain(address: str) -> str:
@@ -159,8 +174,8 @@ class EmailChannel:
         message["Message-ID"] = f"<{notification.id}@{_domain(settings.from_)}>"
         message["Auto-Submitted"] = "auto-generated"  # RFC 3834: no vacation auto-replies
         message["X-Auditor-Notification-Id"] = notification.id
-        message.set_content(render_text(notification, now=now))
-        message.add_alternative(render_html(notification, now=now), subtype="html")
+        message.set_content(render_text(notification, now=now, settings=settings))
+        message.add_alternative(render_html(notification, now=now, settings=settings), subtype="html")
         return message
 
     async def send(

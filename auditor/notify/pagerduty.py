@@ -4,6 +4,10 @@ A notification with N alerts is N sequential POSTs, all of which must be accepte
 first failure raises. Re-sending the whole notification after a partial failure is harmless: events dedup on
 `dedup_key` (the alert fingerprint), so a repeated trigger updates the open incident and a repeated resolve is a
 no-op.
+
+Routing conventions: the notifier's static `labels` and `source="auditor"` go into `custom_details` (our own keys
+win); `severity` is PagerDuty's mapping below unless `severity_map` maps ours to one of PagerDuty's four values;
+with `external_url` set, each trigger links to the disk's page (`links`, `client`, `client_url`).
 """
 
 from __future__ import annotations
@@ -15,10 +19,20 @@ from typing import Any
 import httpx
 
 from auditor.config import PagerDutyNotifier
-from auditor.domain.alerts import Alert, AlertStatus, Notification
+from auditor.domain.alerts import PD_SEVERITIES, Alert, AlertStatus, Notification
 from auditor.domain.models import Severity
 from auditor.errors import NotifyError
-from auditor.notify.base import DeliveryResult, describe, json_body, post, rfc3339, settings_secrets
+from auditor.notify.base import (
+    DeliveryResult,
+    describe,
+    generator_url,
+    json_body,
+    post,
+    rfc3339,
+    settings_secrets,
+    severity_value,
+    static_labels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +45,13 @@ SEVERITY = {
     Severity.MEDIUM: "warning",
     Severity.LOW: "info",
 }
+CLIENT = "Katapult backup auditor"
+
+
+def pd_severity(alert: Alert, settings: PagerDutyNotifier | None) -> str:
+    """Returns the event severity: the severity_map value when it is one PagerDuty accepts, else our mapping."""
+    mapped = severity_value(alert, settings)
+    return mapped if mapped in PD_SEVERITIES else SEVERITY[alert.severity]
 
 
 def _summary(alert: Alert, *, is_test: bool) -> str:
@@ -38,8 +59,9 @@ def _summary(alert: Alert, *, is_test: bool) -> str:
     return text if len(text) <= SUMMARY_MAX else text[: SUMMARY_MAX - 1] + "…"
 
 
-def _custom_details(alert: Alert, *, is_test: bool) -> dict[str, Any]:
-    details: dict[str, Any] = {
+def _custom_details(alert: Alert, *, is_test: bool, settings: PagerDutyNotifier | None) -> dict[str, Any]:
+    details: dict[str, Any] = static_labels(settings) if settings is not None else {}
+    details |= {
         "rule": alert.rule,
         "severity": alert.severity.value,
         "description": alert.description,
@@ -55,7 +77,9 @@ def _custom_details(alert: Alert, *, is_test: bool) -> dict[str, Any]:
     return details
 
 
-def build_event(alert: Alert, routing_key: str, *, is_test: bool) -> dict[str, Any]:
+def build_event(
+    alert: Alert, routing_key: str, *, is_test: bool, settings: PagerDutyNotifier | None = None
+) -> dict[str, Any]:
     """Returns one Events API v2 event: a full trigger for a firing alert, a bare resolve for a resolved one."""
     if alert.status is AlertStatus.RESOLVED:
         # Events API v2: resolve (and acknowledge) events need only routing_key, event_action and dedup_key.
@@ -63,20 +87,26 @@ def build_event(alert: Alert, routing_key: str, *, is_test: bool) -> dict[str, A
     payload: dict[str, Any] = {
         "summary": _summary(alert, is_test=is_test),
         "source": alert.disk_id or SOURCE,
-        "severity": SEVERITY[alert.severity],
+        "severity": pd_severity(alert, settings),
         "timestamp": rfc3339(alert.starts_at),
     }
     if alert.disk_id:
         payload["component"] = alert.disk_id
     payload["group"] = alert.rule
     payload["class"] = alert.rule
-    payload["custom_details"] = _custom_details(alert, is_test=is_test)
-    return {
+    payload["custom_details"] = _custom_details(alert, is_test=is_test, settings=settings)
+    event: dict[str, Any] = {
         "routing_key": routing_key,
         "event_action": "trigger",
         "dedup_key": alert.fingerprint,
         "payload": payload,
     }
+    link = generator_url(alert, settings) if settings is not None else ""
+    if link and settings is not None:
+        event["client"] = CLIENT
+        event["client_url"] = settings.external_url
+        event["links"] = [{"href": link, "text": f"{alert.disk_id} in the auditor" if alert.disk_id else "Audit runs"}]
+    return event
 
 
 class PagerDutyChannel:
@@ -89,7 +119,9 @@ class PagerDutyChannel:
     ) -> list[dict[str, Any]]:
         """Returns the events to send, one per alert, in the notification's order."""
         key = settings.routing_key.get_secret_value()
-        return [build_event(alert, key, is_test=notification.is_test) for alert in notification.alerts]
+        return [
+            build_event(alert, key, is_test=notification.is_test, settings=settings) for alert in notification.alerts
+        ]
 
     async def send(
         self, http: httpx.AsyncClient, notification: Notification, settings: PagerDutyNotifier, *, now: datetime

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import random as _random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from auditor.config import NotifierCommon
@@ -44,19 +44,26 @@ def group_key(group_labels: dict[str, str]) -> str:
 
 
 def group_alerts(
-    notifier: str, alerts: Sequence[Alert], group_by: Sequence[str]
+    notifier: str,
+    alerts: Sequence[Alert],
+    group_by: Sequence[str],
+    *,
+    severity_map: Mapping[str, str] | None = None,
 ) -> list[tuple[str, dict[str, str], tuple[Alert, ...]]]:
     """Returns (group_key, group_labels, alerts) per group: alerts sorted by fingerprint, groups by key.
 
     Labels with an empty value (no disk for `audit-incomplete`) are left out of the group labels, as Alertmanager
     drops empty labels. The key does not include `notifier`: a notification carries its notifier separately, and
-    receivers see the key exactly as Alertmanager would send it.
+    receivers see the key exactly as Alertmanager would send it. `severity_map` (the notifier's) makes the
+    severity group label the value the notifier sends, so alerts mapped to one value share a group.
     """
     del notifier  # part of the delivery stage's call shape; grouping is the same for every notifier
     names = sorted({GROUP_LABELS[dimension] for dimension in group_by})
     groups: dict[str, tuple[dict[str, str], list[Alert]]] = {}
     for alert in alerts:
         labels = alert.labels()
+        if severity_map:
+            labels["severity"] = severity_map.get(labels["severity"]) or labels["severity"]
         group_labels = {name: labels[name] for name in names if labels.get(name)}
         key = group_key(group_labels)
         groups.setdefault(key, (group_labels, []))[1].append(alert)

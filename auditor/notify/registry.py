@@ -6,7 +6,7 @@ from typing import Any
 
 from auditor.config import NotifierCommon
 from auditor.errors import ConfigError
-from auditor.notify import alertmanager, email, pagerduty, slack, webhook
+from auditor.notify import alertmanager, email, pagerduty, slack, teams, webhook
 from auditor.notify.base import Notifier
 
 # Kinds are stored strings (outbox rows, config files): never rename one.
@@ -15,6 +15,7 @@ NOTIFIERS: dict[str, Notifier[Any]] = {
     "alertmanager": alertmanager.NOTIFIER,
     "pagerduty": pagerduty.NOTIFIER,
     "slack": slack.NOTIFIER,
+    "teams": teams.NOTIFIER,
     "email": email.NOTIFIER,
 }
 

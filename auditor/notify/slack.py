@@ -1,7 +1,8 @@
 """The `slack` notifier: one incoming-webhook message per notification, Block Kit blocks plus a `text` fallback.
 
 Slack limits (Block Kit reference): 50 blocks a message, 150 characters in a header, 3000 in a section's text.
-We show at most 20 alerts, each in its own section, then one "…and N more" line.
+We show at most 20 alerts, each in its own section, then one "…and N more" line. With `external_url` set each
+alert links to its disk's page; the notifier's static labels (and source=auditor) are shown in the context line.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ from typing import Any
 
 import httpx
 
-from auditor.config import SlackNotifier
+from auditor.config import NotifierCommon, SlackNotifier
 from auditor.domain.alerts import Alert, AlertStatus, Notification
 from auditor.notify.base import (
     DeliveryResult,
     describe,
+    generator_url,
     headline,
     humanize,
     json_body,
     post,
     rfc3339,
     settings_secrets,
+    static_labels,
 )
 
 logger = logging.getLogger(__name__)
@@ -44,7 +47,7 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _alert_text(alert: Alert, *, now: datetime) -> str:
+def _alert_text(alert: Alert, *, now: datetime, settings: NotifierCommon | None = None) -> str:
     where = []
     if alert.disk_id:
         where.append(f"disk `{escape(alert.disk_id)}`")
@@ -61,6 +64,10 @@ def _alert_text(alert: Alert, *, now: datetime) -> str:
     lines = [first, meta]
     if alert.description:
         lines.append(escape(_clip(alert.description, DESCRIPTION_MAX)))
+    link = generator_url(alert, settings) if settings is not None else ""
+    if link:
+        # Slack link syntax <url|text>: the URL must not hold "|" or ">" (generator_url percent-quotes the id).
+        when += f" · <{link.replace('|', '%7C').replace('>', '%3E')}|Open in the auditor>"
     lines.append(when)
     return _clip("\n".join(lines), SECTION_MAX)
 
@@ -95,8 +102,9 @@ class SlackChannel:
         if notification.is_test:
             blocks.append(_section(f":test_tube: {TEST_NOTE}"))
         shown = notification.alerts[:MAX_ALERTS]
-        blocks += [_section(_alert_text(alert, now=now)) for alert in shown]
+        blocks += [_section(_alert_text(alert, now=now, settings=settings)) for alert in shown]
         hidden = len(notification.alerts) - len(shown)
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(static_labels(settings).items()))
         if hidden > 0:
             blocks.append(_section(f"…and {hidden} more"))
         blocks.append(
@@ -105,7 +113,7 @@ class SlackChannel:
                 "elements": [
                     {
                         "type": "mrkdwn",
-                        "text": escape(f"Katapult backup auditor · notifier {settings.name}"),
+                        "text": escape(f"Katapult backup auditor · notifier {settings.name} · {labels}"),
                     }
                 ],
             }

@@ -10,6 +10,11 @@ unchanged. Two headers are added:
   with a constant-time comparison (Python: `hmac.compare_digest(expected, header)`).
 
 Test notifications carry the label `test="true"` and a `test` annotation on every alert.
+
+Every alert carries `source="auditor"` and the notifier's static `labels`; `severity` is the notifier's
+`severity_map` value. Each alert's `fingerprint` is the auditor's finding fingerprint (the first 16 hex digits of a
+SHA-256 over rule, disk and policy), stable for the life of the finding, and NOT Alertmanager's fingerprint (a hash
+of the label set): adding a static label or a severity_map entry does not change it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from auditor.notify.base import (
     alert_labels,
     common_items,
     describe,
+    generator_url,
     json_body,
     post,
     rfc3339,
@@ -56,7 +62,7 @@ class WebhookChannel:
     def build_payload(self, notification: Notification, settings: WebhookNotifier, *, now: datetime) -> dict[str, Any]:
         """Returns the Alertmanager webhook payload (version 4) for the notification."""
         is_test = notification.is_test
-        labels = [alert_labels(alert, is_test=is_test) for alert in notification.alerts]
+        labels = [alert_labels(alert, is_test=is_test, settings=settings) for alert in notification.alerts]
         annotations = [alert_annotations(alert, is_test=is_test) for alert in notification.alerts]
         alerts = [
             {
@@ -65,7 +71,7 @@ class WebhookChannel:
                 "annotations": item_annotations,
                 "startsAt": rfc3339(alert.starts_at),
                 "endsAt": ZERO_TIME if alert.status is AlertStatus.FIRING else rfc3339(alert.ends_at or now),
-                "generatorURL": "",
+                "generatorURL": generator_url(alert, settings),
                 "fingerprint": alert.fingerprint,
             }
             for alert, item_labels, item_annotations in zip(notification.alerts, labels, annotations, strict=True)
@@ -79,8 +85,8 @@ class WebhookChannel:
             "groupLabels": dict(notification.group_labels),
             "commonLabels": common_items(labels),
             "commonAnnotations": common_items(annotations),
-            # The settings model has no external URL yet; Alertmanager sends its own, we have none to offer.
-            "externalURL": "",
+            # Alertmanager sends its own address here; ours is where the auditor's dashboard is reached.
+            "externalURL": settings.external_url,
             "alerts": alerts,
         }
 

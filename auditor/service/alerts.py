@@ -3,6 +3,10 @@
 Planning compares what each notifier was last told (its alert states) with the findings after the run, the way
 Alertmanager's notification pipeline does: new or reopened findings fire, still-open ones repeat after
 `repeat_interval`, fixed ones resolve; waived findings and findings of disks that could not be read say nothing.
+
+Receivers that expire alerts (Alertmanager) are different: its client contract is that active alerts are re-sent
+before their endsAt, so every open alert is re-posted to them every cycle, whatever `repeat_interval` says (that
+option is for human channels), with a keep-alive derived from the audit interval (`keep_alive_for`).
 """
 
 from __future__ import annotations
@@ -11,19 +15,22 @@ import asyncio
 import hashlib
 import logging
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from auditor.config import NotifierCommon
 from auditor.domain.alerts import (
     AUDIT_INCOMPLETE,
+    DEFAULT_INTERVAL,
+    KEEP_ALIVE_KINDS,
     Alert,
     AlertState,
     AlertStatus,
     Delivery,
     Notification,
     OutboxEntry,
+    keep_alive_for,
 )
 from auditor.domain.lifecycle import Change
 from auditor.domain.models import FindingStatus, Severity, TrackedFinding, fingerprint
@@ -37,6 +44,9 @@ log = logging.getLogger(__name__)
 
 StateChange = AlertState | tuple[str, str]  # a tuple forgets the (notifier, fingerprint) state
 MAX_ATTEMPTS = 25  # with the 15-minute backoff cap, about five hours of trying before giving up
+def is_kept_alive(n: NotifierCommon) -> bool:
+    """Returns whether the notifier's receiver expires alerts, so open ones are re-posted every cycle."""
+    return getattr(n, "kind", None) in KEEP_ALIVE_KINDS
 
 
 def incomplete_fingerprint(disks: Sequence[str], organizations: Sequence[str]) -> str:
@@ -101,17 +111,30 @@ def plan_notifications(
     states: Mapping[tuple[str, str], AlertState],
     now: datetime,
     new_id: Callable[[], str] | None = None,
+    interval: timedelta = DEFAULT_INTERVAL,
+    untouched: Iterable[TrackedFinding] = (),
 ) -> Plan:
-    """Returns what to tell each notifier after a run (pure: no I/O, `now` given)."""
+    """Returns what to tell each notifier after a run (pure: no I/O, `now` given).
+
+    `interval` is the audit interval (it sets Alertmanager's keep-alive); `untouched` may hold stored findings
+    the run did not change (open findings of a disk that could not be read): open ones still count as firing.
+    """
     # (alert, is_open, forget): waived findings resolve silently; an expiring waiver later fires them as new.
     candidates: list[tuple[Alert, bool, bool]] = []
+    changed: set[str] = set()
     for c in changes:
         f = c.finding
+        changed.add(f.fingerprint)
         if f.status is FindingStatus.OPEN:
             candidates.append((finding_alert(f, status=AlertStatus.FIRING), True, False))
         else:
             candidates.append((finding_alert(f, status=AlertStatus.RESOLVED), False,
                                f.status is FindingStatus.WAIVED))
+    for f in untouched:
+        if f.status is FindingStatus.OPEN and f.fingerprint not in changed:
+            changed.add(f.fingerprint)
+            candidates.append((finding_alert(f, status=AlertStatus.FIRING), True, False))
+    keep_alive = keep_alive_for(interval)
     plan = Plan()
     for n in notifiers:
         prior = states.get((n.name, incomplete_fp))
@@ -119,7 +142,7 @@ def plan_notifications(
                                starts_at=prior.starts_at if prior and prior.status is AlertStatus.FIRING else now,
                                now=now)
         _plan_notifier(n, [*candidates, (inc, inc.status is AlertStatus.FIRING, False)], states=states, now=now,
-                       new_id=new_id, plan=plan)
+                       new_id=new_id, plan=plan, keep_alive=keep_alive if is_kept_alive(n) else None)
     return plan
 
 
@@ -131,6 +154,7 @@ def _plan_notifier(
     now: datetime,
     new_id: Callable[[], str] | None,
     plan: Plan,
+    keep_alive: timedelta | None,
 ) -> None:
     fresh: list[Alert] = []
     repeat: list[Alert] = []
@@ -143,7 +167,8 @@ def _plan_notifier(
             if st is None or st.status is AlertStatus.RESOLVED:
                 fresh.append(alert)
                 plan.states.append(AlertState(n.name, alert.fingerprint, AlertStatus.FIRING, now, alert.starts_at))
-            elif is_repeat_due(st.last_sent_at, n.repeat_interval, now=now):
+            elif keep_alive is not None or is_repeat_due(st.last_sent_at, n.repeat_interval, now=now):
+                # Alertmanager's contract: re-send active alerts before endsAt, so every cycle for those.
                 repeat.append(alert)
                 plan.states.append(AlertState(n.name, alert.fingerprint, AlertStatus.FIRING, now, st.starts_at))
             continue
@@ -153,10 +178,12 @@ def _plan_notifier(
         if not forget and wants(n, alert):
             resolved.append(alert)
     for kind, alerts in (("firing", fresh), ("repeat", repeat), ("resolved", resolved)):
-        for key, labels, group in group_alerts(n.name, alerts, n.group_by):
+        severity_map = {str(k): v for k, v in n.severity_map.items()}
+        for key, labels, group in group_alerts(n.name, alerts, n.group_by, severity_map=severity_map):
             entry_id = new_id() if new_id is not None else notification_key(n.name, kind, key, group, now=now)
             note = Notification(id=entry_id, notifier=n.name, group_key=key, group_labels=labels, alerts=group,
-                                created_at=now, is_repeat=kind == "repeat")
+                                created_at=now, is_repeat=kind == "repeat",
+                                keep_alive=keep_alive if kind != "resolved" else None)
             plan.entries.append(OutboxEntry(note, kind))
 
 
@@ -188,6 +215,13 @@ def test_notification(notifier: str, *, now: datetime) -> Notification:
     )
     return Notification(id=uuid.uuid4().hex, notifier=notifier, group_key='{}:{alertname="notifier-test"}',
                         group_labels={"alertname": "notifier-test"}, alerts=(alert,), created_at=now, is_test=True)
+
+
+def resolved_test_notification(test: Notification, *, now: datetime) -> Notification:
+    """Returns the message that resolves a test notification on a stateful receiver (same fingerprint, so the
+    same Alertmanager alert and the same PagerDuty dedup_key)."""
+    alerts = tuple(replace(a, status=AlertStatus.RESOLVED, ends_at=now) for a in test.alerts)
+    return replace(test, id=uuid.uuid4().hex, alerts=alerts, created_at=now)
 
 
 @dataclass(slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from auditor.config import NotifierCommon, RulesSettings, Settings
+from auditor.domain.alerts import Delivery
 from auditor.domain.lifecycle import parse_waivers, reconcile
 from auditor.domain.models import Interval, ReadOutcome, Severity, Waiver, WaiverProblem
 from auditor.domain.records import RunError, RunStats, RunStatus
@@ -51,6 +53,8 @@ from auditor.store.repo import CycleWrite, Store, new_run_id
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+# How many pending outbox entries `drain` looks at to find the next due one and to explain what is left.
+DRAIN_SCAN = 1000
 
 
 def ruleset_from(settings: RulesSettings) -> RuleSet:
@@ -302,7 +306,8 @@ class Services:
             if self.settings.notifiers:
                 plan = plan_notifications(notifiers=self.settings.notifiers, changes=changes, run_status=status,
                                           errors=collected.errors, incomplete_fp=self._incomplete_fp,
-                                          states=await tx.alert_states(), now=now)
+                                          states=await tx.alert_states(), now=now,
+                                          interval=self.settings.audit.interval, untouched=previous.values())
                 await tx.enqueue(plan.entries, plan.states, run_id=run_id, now=now)
         opened = sum(1 for c in changes if c.kind.value in ("opened", "reopened", "unwaived"))
         resolved = sum(1 for c in changes if c.kind.value == "resolved")
@@ -341,6 +346,8 @@ class Services:
         while self.pending_failures:
             f = self.pending_failures[0]
             try:
+                # What must not be lost, alone in its transaction: the failed run and its audit-incomplete alert
+                # (it reads nothing else, so even a database missing the findings table takes it).
                 async with self.store.transaction() as tx:
                     await tx.record_failed_run(f.run_id, trigger=f.trigger, started_at=f.started_at,
                                                finished_at=f.finished_at, errors=f.errors, stats=f.stats,
@@ -349,14 +356,31 @@ class Services:
                         plan = plan_notifications(notifiers=self.settings.notifiers, changes=[],
                                                   run_status=RunStatus.FAILED, errors=f.errors,
                                                   incomplete_fp=self._incomplete_fp,
-                                                  states=await tx.alert_states(), now=f.finished_at)
+                                                  states=await tx.alert_states(), now=f.finished_at,
+                                                  interval=self.settings.audit.interval)
                         await tx.enqueue(plan.entries, plan.states, run_id=f.run_id, now=f.finished_at)
             except StoreError as exc:
                 log.error("could not record failed run %s yet (%s); %d failure(s) waiting, retrying",
                           f.run_id, exc, len(self.pending_failures))
                 return len(self.pending_failures)
             self.pending_failures.pop(0)
+            await self._keep_open_alerts_alive(f)
         return 0
+
+    async def _keep_open_alerts_alive(self, f: PendingFailure) -> None:
+        """After a failed cycle, re-posts open findings to Alertmanager so it does not resolve them (best effort)."""
+        if not any(n.kind == "alertmanager" for n in self.settings.notifiers):
+            return
+        try:
+            async with self.store.transaction() as tx:
+                plan = plan_notifications(notifiers=self.settings.notifiers, changes=[],
+                                          run_status=RunStatus.FAILED, errors=f.errors,
+                                          incomplete_fp=self._incomplete_fp, states=await tx.alert_states(),
+                                          now=f.finished_at, interval=self.settings.audit.interval,
+                                          untouched=(await tx.active_findings()).values())
+                await tx.enqueue(plan.entries, plan.states, run_id=f.run_id, now=f.finished_at)
+        except StoreError as exc:
+            log.warning("after failed run %s: could not re-post open alerts to Alertmanager: %s", f.run_id, exc)
 
     def _finish(self, outcome: AuditOutcome) -> AuditOutcome:
         if outcome.status is RunStatus.FAILED:
@@ -391,25 +415,66 @@ class Services:
                                  max_retry_after=self.settings.notify.max_retry_after)
 
     async def drain(self, *, within: float) -> DrainReport:
-        """Delivers what is due until nothing is or `within` seconds pass; returns what remains."""
+        """Delivers until nothing is pending or `within` seconds pass, waiting out retries that fit; returns
+        what remains and why.
+
+        After a temporary failure `deliver_due` has already planned the retry (backoff, Retry-After): this waits
+        until the earliest pending entry is due when that fits in what is left of the budget, never sooner.
+        """
         report = DrainReport()
         if self.dispatcher is None:
             return report
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
+        slept = False
         while loop.time() < deadline:
             try:
                 r = await asyncio.wait_for(self.deliver_due(), timeout=max(0.1, deadline - loop.time()))
             except TimeoutError:
                 report.reasons.append("the drain budget ran out mid-delivery")
                 break
-            if r.delivered + r.failed + r.retried + r.released + r.errors == 0:
+            worked = r.delivered + r.failed + r.retried + r.released + r.errors > 0
+            if slept and not worked:
+                break  # waited until an entry was due and none could be claimed (another process, or a fixed clock)
+            due = await self._earliest_pending()
+            if due is None:
                 break
-            if r.retried or r.released or r.errors:
-                report.reasons.append("a receiver failed temporarily; the entry waits for its retry time")
+            wait = (due - self.clock()).total_seconds()
+            if wait <= 0:
+                if not worked:
+                    break  # due but claimed by someone else: that deliverer owns it now
+                continue
+            if wait > deadline - loop.time():
                 break
+            await asyncio.sleep(wait)
+            slept = True
         report.pending = await self.outbox.pending_count()
+        if report.pending:
+            report.reasons.extend(await self._pending_reasons())
         return report
+
+    async def _earliest_pending(self) -> datetime | None:
+        """Returns when the earliest pending outbox entry is due, or None when none is pending."""
+        pending = await self.outbox.recent(limit=DRAIN_SCAN, state="pending")
+        return min((d.next_attempt_at for d in pending), default=None)
+
+    async def _pending_reasons(self) -> list[str]:
+        """Returns one line per notifier with undelivered entries: its last error and when it is tried next."""
+        pending = await self.outbox.recent(limit=DRAIN_SCAN, state="pending")
+        first: dict[str, Delivery] = {}
+        for d in sorted(pending, key=lambda d: d.next_attempt_at):
+            first.setdefault(d.notifier, d)
+        now = self.clock()
+        lines = []
+        for name, d in sorted(first.items()):
+            error = d.last_error or "not tried yet"
+            # Notify errors read "<kind> notifier '<name>': HTTP 503: …"; the line names the notifier once.
+            _, named, rest = error.partition(f"notifier '{name}': ")
+            error = rest if named else error
+            head = error if error.startswith(f"{name}:") else f"{name}: {error}"
+            seconds = max(0.0, (d.next_attempt_at - now).total_seconds())
+            lines.append(f"{head} (next try in {_in(seconds)})")
+        return lines
 
     # ---- leases and housekeeping ------------------------------------------------------------------------
 
@@ -444,6 +509,16 @@ def _held(lease: Lease | None) -> LeaseHeldError:
 
 def _elapsed(began: float) -> timedelta:
     return timedelta(seconds=time.monotonic() - began)
+
+
+def _in(seconds: float) -> str:
+    """Returns a wait for people: 40s, 12m, 3h (rounded up)."""
+    whole = math.ceil(seconds)
+    if whole < 120:
+        return f"{whole}s"
+    if whole < 7200:
+        return f"{math.ceil(whole / 60)}m"
+    return f"{math.ceil(whole / 3600)}h"
 
 
 @asynccontextmanager

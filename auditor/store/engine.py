@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -17,6 +13,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from auditor.errors import StoreError
+
+if TYPE_CHECKING:  # Alembic is imported only where migrations run: read-only commands start faster without it
+    from alembic.config import Config as AlembicConfig
+
+# The code's schema revision: the newest file in migrations/versions (a test checks it is Alembic's head). Read-only
+# commands compare the database with it without loading Alembic.
+SCHEMA_HEAD = "0003"
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,8 @@ def migrations_dir() -> Path:
 
 def alembic_config(url: str) -> AlembicConfig:
     """Returns an Alembic Config bound to the URL (sync driver)."""
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(migrations_dir()))
     # Alembic's ini interpolation treats % specially.
@@ -136,6 +141,8 @@ MIGRATION_LOCK = 0x61756469746F72  # "auditor": the advisory lock key migrations
 
 
 def _run(sync_conn: Any, cfg: AlembicConfig, action: str, revision: str) -> None:
+    from alembic import command
+
     cfg.attributes["connection"] = sync_conn
     if action == "upgrade":
         command.upgrade(cfg, revision)
@@ -144,7 +151,13 @@ def _run(sync_conn: Any, cfg: AlembicConfig, action: str, revision: str) -> None
 
 
 def _current(sync_conn: Any) -> str | None:
-    return MigrationContext.configure(sync_conn).get_current_revision()
+    from sqlalchemy import inspect
+
+    # Alembic's own table, read with SQL: no Alembic import on the read-only path.
+    if not inspect(sync_conn).has_table("alembic_version"):
+        return None
+    row = sync_conn.execute(text("SELECT version_num FROM alembic_version")).first()
+    return str(row[0]) if row else None
 
 
 def _translate(exc: Exception, url: str) -> StoreError:
@@ -184,7 +197,7 @@ async def downgrade(url: str, revision: str) -> None:
 
 async def current_revision(url: str) -> tuple[str | None, str | None]:
     """Returns (the database's revision, the code's head revision)."""
-    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    head = SCHEMA_HEAD
     engine = create_engine_for(url)
     try:
         async with engine.connect() as conn:

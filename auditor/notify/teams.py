@@ -1,0 +1,155 @@
+"""The `teams` notifier: one Adaptive Card per notification, posted to a Microsoft Teams Workflows webhook.
+
+Office 365 connectors are retired; a Workflows flow ("Post to a channel when a webhook request is received") takes
+Adaptive Cards only, wrapped as `{"type": "message", "attachments": [{"contentType":
+"application/vnd.microsoft.card.adaptive", "contentUrl": null, "content": <card>}]}`, and answers 202 Accepted.
+Teams caps a message at about 28 KB, so we show at most 20 alerts, then one "…and N more" line. With
+`external_url` set each alert links to its disk's page (Action.OpenUrl) and the card to the findings page; the
+notifier's static labels (and source=auditor) are shown in the footer.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from auditor.config import TeamsNotifier
+from auditor.domain.alerts import Alert, AlertStatus, Notification
+from auditor.notify.base import (
+    DeliveryResult,
+    describe,
+    generator_url,
+    headline,
+    humanize,
+    json_body,
+    post,
+    rfc3339,
+    settings_secrets,
+    static_labels,
+)
+
+logger = logging.getLogger(__name__)
+
+CARD_CONTENT_TYPE = "application/vnd.microsoft.card.adaptive"
+CARD_SCHEMA = "http://adaptivecards.io/schemas/adaptive-card.json"
+# Adaptive Cards 1.4 is the newest version every Teams client renders (ActionSet needs 1.2).
+CARD_VERSION = "1.4"
+MAX_ALERTS = 20
+DESCRIPTION_MAX = 1000
+TEST_NOTE = "This is a test notification from the Katapult backup auditor; no action is needed."
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _facts(alert: Alert, *, now: datetime) -> list[dict[str, str]]:
+    facts = [{"title": "Rule", "value": alert.rule}, {"title": "Severity", "value": alert.severity.value}]
+    if alert.disk_id:
+        facts.append({"title": "Disk", "value": alert.disk_id})
+    if alert.policy_id:
+        facts.append({"title": "Policy", "value": alert.policy_id})
+    if alert.status is AlertStatus.FIRING:
+        facts.append({"title": "Since", "value": rfc3339(alert.starts_at)})
+    else:
+        ended = alert.ends_at or now
+        facts.append({"title": "Resolved", "value": rfc3339(ended)})
+        facts.append({"title": "Lasted", "value": humanize(ended - alert.starts_at)})
+    return facts
+
+
+def _alert_container(alert: Alert, *, settings: TeamsNotifier, now: datetime) -> dict[str, Any]:
+    is_firing = alert.status is AlertStatus.FIRING
+    items: list[dict[str, Any]] = [
+        {
+            "type": "TextBlock",
+            "text": alert.summary if is_firing else f"Resolved: {alert.summary}",
+            "weight": "Bolder",
+            "color": "Attention" if is_firing else "Good",
+            "wrap": True,
+        },
+        {"type": "FactSet", "facts": _facts(alert, now=now)},
+    ]
+    if alert.description:
+        items.append(
+            {"type": "TextBlock", "text": _clip(alert.description, DESCRIPTION_MAX), "isSubtle": True, "wrap": True}
+        )
+    link = generator_url(alert, settings)  # "" without external_url
+    if link:
+        items.append(
+            {"type": "ActionSet", "actions": [{"type": "Action.OpenUrl", "title": "Open in the auditor", "url": link}]}
+        )
+    return {"type": "Container", "separator": True, "items": items}
+
+
+class TeamsChannel:
+    """Microsoft Teams Workflows webhook."""
+
+    kind = "teams"
+
+    def build_payload(self, notification: Notification, settings: TeamsNotifier, *, now: datetime) -> dict[str, Any]:
+        """Returns the Workflows body: one Adaptive Card with a title, one container per alert and a footer."""
+        firing = any(a.status is AlertStatus.FIRING for a in notification.alerts)
+        body: list[dict[str, Any]] = [
+            {
+                "type": "TextBlock",
+                "text": headline(notification),
+                "size": "Large",
+                "weight": "Bolder",
+                "color": "Attention" if firing else "Good",
+                "wrap": True,
+            }
+        ]
+        if notification.is_test:
+            body.append({"type": "TextBlock", "text": TEST_NOTE, "wrap": True})
+        shown = notification.alerts[:MAX_ALERTS]
+        body += [_alert_container(alert, settings=settings, now=now) for alert in shown]
+        hidden = len(notification.alerts) - len(shown)
+        if hidden > 0:
+            body.append({"type": "TextBlock", "text": f"…and {hidden} more", "separator": True, "wrap": True})
+        labels = ", ".join(f"{k}={v}" for k, v in sorted(static_labels(settings).items()))
+        body.append(
+            {
+                "type": "TextBlock",
+                "text": f"Katapult backup auditor · notifier {settings.name} · {labels}",
+                "size": "Small",
+                "isSubtle": True,
+                "separator": True,
+                "wrap": True,
+            }
+        )
+        base = settings.external_url
+        actions = [{"type": "Action.OpenUrl", "title": "Open findings", "url": f"{base}/findings"}] if base else []
+        card = {
+            "type": "AdaptiveCard",
+            "$schema": CARD_SCHEMA,
+            "version": CARD_VERSION,
+            # Teams renders cards narrow unless asked; alerts with facts read better full width.
+            "msteams": {"width": "Full"},
+            "body": body,
+            "actions": actions,
+        }
+        return {
+            "type": "message",
+            "attachments": [{"contentType": CARD_CONTENT_TYPE, "contentUrl": None, "content": card}],
+        }
+
+    async def send(
+        self, http: httpx.AsyncClient, notification: Notification, settings: TeamsNotifier, *, now: datetime
+    ) -> DeliveryResult:
+        """POSTs the card once (Workflows answers 202 Accepted); raises NotifyError on failure."""
+        body = json_body(self.build_payload(notification, settings, now=now))
+        url = settings.webhook_url.get_secret_value()
+        status = await post(
+            http, url, body=body, settings=settings, headers={}, secrets=settings_secrets(settings), now=now
+        )
+        logger.debug("%s accepted notification %s (HTTP %d)", describe(settings), notification.id, status)
+        return DeliveryResult(
+            status_code=status, detail=f"{describe(settings)}: HTTP {status}, {len(notification.alerts)} alert(s)"
+        )
+
+
+NOTIFIER = TeamsChannel()

@@ -1,0 +1,371 @@
+"""The web dashboard under load: GET / (overview) and /findings at 10,000 disks / 3,000 open findings / 2,000 runs.
+
+Served the way it is deployed, as report_api.py does: `auditor run` (the daemon) in its own process on a loopback
+port over a real database, its first cycle auditing a fake Katapult (its own process) whose organization has
+10,000 disks, 1,500 without a policy and 1,500 with a weekly one (3,000 open findings). `api.token` is set, so the
+dashboard is guarded: each client logs in once (POST /login with the token) and sends its session cookie.
+
+History: once the first cycle has finished, 1,999 earlier runs are written straight into the database (one
+`audit_runs` and one `run_summaries` row each, numbered below the real run so it stays the latest), evenly spread
+over the 90 days before it (one every ~65 min; 1 % failed, 3 % partial, the fleet figures wandering around the
+real run's). With the real one that is 2,000 runs of history, all inside the overview's 90-day trend. The audit
+interval is 1 h, so the charts draw continuous lines (no gap longer than twice the interval) and no second cycle
+runs while the pages are measured.
+
+Then 20 clients (one keep-alive connection each, the minimal HTTP/1.1 client of report_api.py extended with
+cookies) request one page back to back for 15 s. Overview clients rotate over its three trend windows (`/` is
+7 days, then `?days=30` and `?days=90`); findings clients rotate over paged views (default order, by disk, by
+first seen, a rule, a severity, a disk-name search, the organization, 100 a page, every status), each on a
+different page. Latency is from sending a request to having read its whole body; every answer must be a 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import _common as c
+from report_api import fleet_with_findings, free_port
+
+TARGET_P99_MS = 100.0
+DAEMON_READY_SECONDS = 240.0
+TOKEN = "bench-dashboard-token"
+HISTORY_DAYS = 90
+OVERVIEW_VIEWS = ("/", "/?days=30", "/?days=90")
+
+
+@dataclass
+class Load:
+    """Latencies (overall and per view) and outcomes of one page's load phase."""
+
+    latencies: list[float] = field(default_factory=list)
+    by_view: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    body_bytes: int = 0
+    seconds: float = 0.0
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection: GET or POST with extra headers, Content-Length bodies."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, *, headers: dict[str, str] | None = None,
+                      body: bytes = b"") -> tuple[int, dict[str, list[str]], bytes]:
+        """Returns the status, headers (lower-case names, every value) and body of one request."""
+        if self._writer is None or self._writer.is_closing():
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port, limit=2**20)
+            sock = self._writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert self._reader is not None and self._writer is not None
+        # Like a browser, the client accepts gzip (a body that comes gzipped is not unpacked).
+        fields = {"Host": self.host, "Accept": "text/html", "Accept-Encoding": "gzip", **(headers or {})}
+        head = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items())]
+        if method != "GET":
+            head.append(f"Content-Length: {len(body)}")
+        self._writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        raw = await self._reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        got: dict[str, list[str]] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name:
+                got.setdefault(name.strip().lower(), []).append(value.strip())
+        if "chunked" in ",".join(got.get("transfer-encoding", [])).lower():
+            raise RuntimeError(f"{path}: chunked responses are not read by this client")
+        data = await self._reader.readexactly(int(got.get("content-length", ["0"])[0]))
+        if any(v.lower() == "close" for v in got.get("connection", [])):
+            await self.close()
+        return status, got, data
+
+    async def close(self) -> None:
+        """Closes the connection."""
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await self._writer.wait_closed()
+        self._reader = self._writer = None
+
+
+async def login(host: str, port: int) -> str:
+    """Logs in with the API token (POST /login) and returns the `Cookie` header value of the session."""
+    conn = Connection(host, port)
+    try:
+        status, headers, _ = await conn.request(
+            "POST", "/login", headers={"Content-Type": "application/x-www-form-urlencoded"},
+            body=urlencode({"token": TOKEN, "next": "/"}).encode())
+    finally:
+        await conn.close()
+    cookies = [v.split(";", 1)[0] for v in headers.get("set-cookie", []) if v.startswith("auditor_session=")]
+    if status != 303 or not cookies:
+        raise SystemExit(f"POST /login answered {status} without a session cookie")
+    return cookies[0]
+
+
+async def wait_ready(host: str, port: int, *, within: float, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    """Waits until the daemon has finished its first run (read with the bearer token); returns that run."""
+    import json
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"auditor run exited with {proc.returncode} before it was ready")
+        conn = Connection(host, port)
+        try:
+            status, _, body = await conn.request("GET", "/api/v1/runs?limit=1",
+                                                 headers={"Authorization": f"Bearer {TOKEN}",
+                                                          "Accept-Encoding": "identity"})
+            runs = json.loads(body).get("runs", []) if status == 200 else []
+            if runs and runs[0]["status"] != "running":
+                return dict(runs[0])
+        except (OSError, asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        finally:
+            await conn.close()
+        await asyncio.sleep(0.5)
+    raise SystemExit("auditor run did not finish its first cycle in time")
+
+
+async def add_history(db_url: str, *, runs: int, days: int, seed: int = 3) -> tuple[int, list[str]]:
+    """Writes `runs` synthetic earlier runs (audit_runs + run_summaries) before the real one, spread evenly over
+    `days`; returns how many summaries the table then holds and the audited disks' sources."""
+    from sqlalchemy import func, insert, select
+
+    from auditor.store.repo import Store
+    from auditor.store.tables import DiskRow, Run, RunSummary
+
+    store = Store.from_url(db_url)
+    try:
+        async with store.engine.begin() as conn:
+            real = (await conn.execute(select(RunSummary))).mappings().one()
+            first_seq = (await conn.execute(select(func.min(Run.seq)))).scalar_one()
+            sources = [str(s) for s in (await conn.execute(select(DiskRow.source).distinct())).scalars()]
+        rng = random.Random(seed)
+        step = timedelta(days=days) / runs
+        summaries, run_rows = [], []
+        compliant = real["disks_compliant"]
+        total = real["disks_total"]
+        for k in range(1, runs):
+            started = real["started_at"] - k * step
+            roll = rng.random()
+            status = "failed" if roll < 0.01 else "partial" if roll < 0.04 else "complete"
+            compliant = max(0, min(total, compliant + rng.randint(-40, 40)))
+            unknown = rng.randint(1, 200) if status == "partial" else 0
+            noncompliant = max(0, total - compliant - unknown)
+            scale = noncompliant / max(real["disks_noncompliant"], 1)
+            duration = real["duration_seconds"] * rng.uniform(0.8, 1.3)
+            run_id = uuid.UUID(int=rng.getrandbits(128)).hex
+            summaries.append({
+                "run_id": run_id, "started_at": started, "finished_at": started + timedelta(seconds=duration),
+                "status": status, "disks_total": total if status != "failed" else 0,
+                "disks_compliant": compliant if status != "failed" else 0,
+                "disks_noncompliant": noncompliant if status != "failed" else 0,
+                "disks_unknown": unknown,
+                "open_by_severity": {k2: round(v * scale) for k2, v in real["open_by_severity"].items()},
+                "open_by_rule": {k2: round(v * scale) for k2, v in real["open_by_rule"].items()},
+                "requests": real["requests"], "duration_seconds": duration,
+            })
+            run_rows.append({
+                "id": run_id, "seq": first_seq - k, "trigger": "schedule", "status": status, "started_at": started,
+                "finished_at": started + timedelta(seconds=duration), "targets_checked": 1,
+                "disks_ok": total - unknown if status != "failed" else 0, "disks_unknown": unknown,
+                "api_requests": real["requests"], "api_retries": 0, "api_rate_limited": 0, "api_by_status": {},
+                "findings_opened": rng.randint(0, 20), "findings_resolved": rng.randint(0, 20),
+                "errors": [{"target": "org", "code": "timeout", "message": "synthetic"}] if status != "complete"
+                else [],
+            })
+        async with store.engine.begin() as conn:
+            for k in range(0, len(summaries), 500):
+                await conn.execute(insert(RunSummary), summaries[k:k + 500])
+                await conn.execute(insert(Run), run_rows[k:k + 500])
+        async with store.engine.connect() as conn:
+            count = (await conn.execute(select(func.count()).select_from(RunSummary))).scalar_one()
+    finally:
+        await store.close()
+    return int(count), sources
+
+
+def findings_views(sources: list[str]) -> list[tuple[str, str, int]]:
+    """Returns the findings views the clients rotate over: (name, query without page, pages it has)."""
+    org = sources[0] if sources else "org:unknown"
+    return [
+        ("default", "", 60),
+        ("by disk", "sort=disk&dir=asc", 60),
+        ("by first seen", "sort=first_seen", 60),
+        ("rule", "rule=unprotected-disk", 30),
+        ("severity", "severity=medium", 30),
+        ("disk search", "disk=disk-0{digit}", 6),
+        ("organization", f"org={quote(org, safe='')}", 60),
+        ("100 a page", "size=100", 30),
+        ("every status", "status=all&sort=last_seen", 60),
+    ]
+
+
+async def load(host: str, port: int, page: str, *, cookies: list[str], seconds: float,
+               sources: list[str]) -> Load:
+    """Runs one closed-loop client per cookie against one page's views for `seconds`; returns what they saw."""
+    result = Load()
+    deadline = time.monotonic() + seconds
+    views = findings_views(sources)
+
+    def next_path(n: int, i: int) -> tuple[str, str]:
+        if page == "overview":
+            path = OVERVIEW_VIEWS[(n + i) % len(OVERVIEW_VIEWS)]
+            return path, path
+        name, query, pages = views[(n + i) % len(views)]
+        query = query.replace("{digit}", str((n + i) % 10))
+        number = (n * 7 + i) % pages + 1
+        parts = [p for p in (query, f"page={number}" if number > 1 else "") if p]
+        return name, "/findings" + ("?" + "&".join(parts) if parts else "")
+
+    async def client(n: int, cookie: str) -> None:
+        conn = Connection(host, port)
+        i = 0
+        try:
+            while time.monotonic() < deadline:
+                view, path = next_path(n, i)
+                i += 1
+                began = time.monotonic()
+                try:
+                    status, _, body = await conn.request("GET", path, headers={"Cookie": cookie})
+                except (OSError, asyncio.IncompleteReadError, ConnectionError) as exc:
+                    result.errors[type(exc).__name__] = result.errors.get(type(exc).__name__, 0) + 1
+                    await conn.close()
+                    continue
+                took = time.monotonic() - began
+                result.latencies.append(took)
+                result.by_view.setdefault(view, []).append(took)
+                result.body_bytes = max(result.body_bytes, len(body))
+                if status != 200:
+                    result.errors[str(status)] = result.errors.get(str(status), 0) + 1
+        finally:
+            await conn.close()
+
+    began = time.monotonic()
+    await asyncio.gather(*(client(n, cookie) for n, cookie in enumerate(cookies)))
+    result.seconds = time.monotonic() - began
+    return result
+
+
+def main() -> int:
+    p = c.parser(__doc__.splitlines()[0])
+    p.add_argument("--disks", type=int, default=10_000)
+    p.add_argument("--findings", type=int, default=3_000)
+    p.add_argument("--runs", type=int, default=2_000, help="runs of history (the real one plus synthetic ones)")
+    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--seconds", type=float, default=15.0, help="load time per page")
+    p.add_argument("--py-spy", metavar="FILE", default=None,
+                   help="profile the daemon with py-spy (if installed) into FILE (collapsed stacks)")
+    args = p.parse_args()
+    report = c.header("dashboard", args, f"{args.disks} disks / {args.findings} open findings / {args.runs} runs, "
+                                         f"{args.clients} clients x {args.seconds:g} s per page, `auditor run` "
+                                         f"serving")
+    try:
+        import auditor.web  # noqa: F401
+    except ImportError as exc:
+        report.result("overview p99", target=f"<= {TARGET_P99_MS:.0f} ms", measured=f"auditor.web missing ({exc})",
+                      passed=None)
+        return 0
+    fleet, org_id = fleet_with_findings(disks=args.disks, unprotected=args.findings // 2,
+                                        weekly=args.findings - args.findings // 2)
+    port = free_port()
+    phases: list[tuple[str, Load]] = []
+    with c.workdir(args) as tmp, c.database(args, tmp) as db, c.FakeKatapult(fleet, directory=tmp) as fake:
+        data = c.settings_dict(api_url=fake.url, db_url=db.url, organizations=[org_id], rate=100_000)
+        data["audit"]["interval"] = "1h"
+        data["api"] = {"listen": f"127.0.0.1:{port}", "token": TOKEN}
+        config = c.write_config(tmp / "auditor.toml", data)
+        env = {**os.environ, "KATAPULT_API_TOKEN": fake.token, "AUDITOR_CONFIG": str(config)}
+        log = (tmp / "daemon.log").open("wb")
+        wrap = [str(Path(sys.executable).with_name("py-spy")), "record", "-r", "200", "-f", "raw", "-o",
+                str(Path(args.py_spy).resolve()), "--"] if args.py_spy else []
+        proc = subprocess.Popen([*wrap, *c.auditor_command(), "run"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=c.REPO)
+        try:
+            phases = asyncio.run(_measure(args, db, port, proc, report))
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT if args.py_spy else signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            log.close()
+        if proc.returncode not in (0, None):
+            report.note(f"auditor run exited {proc.returncode}: "
+                        f"{(tmp / 'daemon.log').read_text(errors='replace')[-1500:]}")
+    for page, result in phases:
+        _summarize(report, page, result)
+    return 0
+
+
+async def _measure(args: Any, db: c.Database, port: int, proc: subprocess.Popen[bytes],
+                   report: c.Report) -> list[tuple[str, Load]]:
+    began = time.monotonic()
+    run = await wait_ready("127.0.0.1", port, within=DAEMON_READY_SECONDS, proc=proc)
+    report.info("first cycle", f"run {run['status']}, {run['disks_read']} disks, {run['api_requests']} requests; "
+                               f"daemon ready {time.monotonic() - began:.1f} s after start")
+    t0 = time.monotonic()
+    summaries, sources = await add_history(db.url, runs=args.runs, days=HISTORY_DAYS)
+    report.info("history", f"{summaries} runs in run_summaries (1 real + {summaries - 1} synthetic over "
+                           f"{HISTORY_DAYS} days), written in {time.monotonic() - t0:.1f} s")
+    cookies = [await login("127.0.0.1", port) for _ in range(args.clients)]
+    phases = []
+    for page, first in (("overview", "/?days=90"), ("findings", "/findings")):
+        # One request first, alone: the size of the page and its unloaded latency (the overview's report cache
+        # is built by the first request after a run, so that one is timed separately too).
+        conn = Connection("127.0.0.1", port)
+        alone = []
+        for _ in range(3):
+            t = time.monotonic()
+            status, _, body = await conn.request("GET", first, headers={"Cookie": cookies[0]})
+            alone.append(time.monotonic() - t)
+            if status != 200:
+                raise SystemExit(f"GET {first} answered {status}: {body[:300]!r}")
+        await conn.close()
+        report.info(f"{page} page", f"GET {first}: {len(body) / 1e3:.0f} kB of HTML; alone: first "
+                                    f"{alone[0] * 1000:.0f} ms, then {min(alone[1:]) * 1000:.0f} ms")
+        phases.append((page, await load("127.0.0.1", port, page, cookies=cookies, seconds=args.seconds,
+                                        sources=sources)))
+    return phases
+
+
+def _summarize(report: c.Report, page: str, result: Load) -> None:
+    lat = result.latencies
+    p50 = c.percentile(lat, 50) * 1000
+    p99 = c.percentile(lat, 99) * 1000
+    rps = len(lat) / result.seconds if result.seconds else 0.0
+    errors = ", ".join(f"{k}: {v}" for k, v in result.errors.items()) or "none"
+    views = "; ".join(f"{view} p50 {c.percentile(v, 50) * 1000:.0f} / p99 {c.percentile(v, 99) * 1000:.0f} ms"
+                      for view, v in result.by_view.items())
+    report.info(f"{page} load", f"{len(lat)} requests in {result.seconds:.1f} s = {rps:.1f} req/s; p50 {p50:.0f} ms, "
+                                f"p99 {p99:.0f} ms, max {max(lat, default=0) * 1000:.0f} ms; errors {errors}")
+    report.info(f"{page} views", views)
+    name = "/ (overview)" if page == "overview" else "/findings"
+    report.result(f"{name} p99", target=f"<= {TARGET_P99_MS:.0f} ms",
+                  measured=f"{p99:.0f} ms (p50 {p50:.0f} ms, {rps:.1f} req/s)",
+                  passed=p99 <= TARGET_P99_MS and not result.errors)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
