@@ -41,6 +41,7 @@ class Bench:
 
 PLAN = [
     Bench("rules.py", timeout=60),
+    Bench("cli_start.py", timeout=60),  # ~20 s: --help, check-config and report, 5 runs each
     Bench("pacing.py", timeout=120),
     Bench("adaptive_limit.py", timeout=240),
     Bench("org_discovery.py", timeout=90),

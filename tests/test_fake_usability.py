@@ -198,3 +198,17 @@ def test_json_fleet_files_reload_too(tmp_path: Path) -> None:
         assert process.org_disk_ids() == []
     finally:
         process.stop()
+
+
+def test_the_readme_fleet_example_loads(tmp_path: Path) -> None:
+    # The fleet format documented for operators must be one the fake really reads.
+    from auditor.fake.fleet import Fleet
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## The fake Katapult"):]
+    start = section.index("```toml") + len("```toml")
+    example = tmp_path / "fleet.toml"
+    example.write_text(section[start:section.index("```", start)])
+    fleet = Fleet.from_file(example)
+    assert len(fleet.disks) == 2 and len(fleet.vms) == 1 and len(fleet.policies) == 1
+    assert set(fleet.faults) == {"disk_acmescratch001"}
