@@ -45,7 +45,7 @@ from auditor.service.runner import CycleRunner
 from auditor.store.dashboard import RunPoint
 from auditor.store.repo import Store
 from auditor.web.auth import SESSION_COOKIE, Signer, is_https, safe_next
-from auditor.web.charts import MAX_MARKS, compliance_chart, severity_chart
+from auditor.web.charts import COLUMNS, MAX_MARKS, compliance_chart, severity_chart
 from auditor.web.headers import CSP
 
 API_TOKEN = "dashboard-api-token-7f3a"
@@ -576,6 +576,25 @@ def test_charts_have_a_point_per_run_and_shade_gaps() -> None:
     big = compliance_chart(many, start=start, end=end, gap=timedelta(hours=2))
     assert big.marks == [] and sum(line.vertices for line in big.lines) == len(many)
     assert compliance_pct(0, 0) is None and compliance_pct(2, 3) == 66.7
+
+
+def test_charts_keep_one_vertex_per_pixel_column_when_runs_outnumber_them() -> None:
+    end = datetime(2030, 4, 1, tzinfo=UTC)
+    start = end - timedelta(days=90)
+    runs = [point(start + timedelta(minutes=64 * i), compliant=2 if i == 1000 else 8,
+                  open_by_severity={"high": 9 if i == 1500 else 2}) for i in range(2000)]
+    chart = compliance_chart(runs, start=start, end=end, gap=timedelta(hours=2))
+    vertices = sum(line.vertices for line in chart.lines)
+    assert len(runs) > COLUMNS >= vertices > COLUMNS - 10 and chart.runs == len(runs)
+    xs = [float(p.split(",")[0]) for line in chart.lines for p in line.points.split()]
+    assert len({int(x) for x in xs}) == len(xs)  # one vertex per pixel column
+    ys = [float(p.split(",")[1]) for line in chart.lines for p in line.points.split()]
+    assert max(ys) == round(chart.bottom - 0.2 * (chart.bottom - chart.top), 1)  # the 20 % dip is still drawn
+    severity = severity_chart(runs, start=start, end=end, gap=timedelta(hours=2))
+    high = next(line for line in severity.lines if line.css == "line-high")
+    assert high.vertices <= COLUMNS and severity.y_ticks[-1].label == "12"
+    assert min(float(p.split(",")[1]) for p in high.points.split()) < max(
+        float(p.split(",")[1]) for p in high.points.split())  # the spike to 9 is still drawn
 
 
 # ---- a real browser --------------------------------------------------------------------------------------

@@ -115,23 +115,41 @@ class FindingsResult:
     sources: list[str]
 
 
-async def search_findings(store: Store, search: FindingSearch, *, page: int) -> FindingsResult:
-    """Returns page `page` (from 1) of the findings matching `search`; a page past the end is the last one."""
+async def search_findings(store: Store, search: FindingSearch, *, page: int,
+                          sources: list[str] | None = None, total: int | None = None) -> FindingsResult:
+    """Returns page `page` (from 1) of the findings matching `search`; a page past the end is the last one.
+
+    `sources` (the organization filter's choices) and `total` (how many match) are used if already known (e.g.
+    cached per run), else read.
+    """
     reads = DashboardReads(store)
     size = search.limit
-    first = await reads.search_findings(_at_page(search, page))
-    items, total = first
+    items, total = await reads.search_findings(_at_page(search, page), total=total)
     pages = max(1, -(-total // size))
     if page > pages:
         page = pages
-        items, total = await reads.search_findings(_at_page(search, page))
-    return FindingsResult(items=items, total=total, page=page, pages=pages, sources=await reads.disk_sources())
+        items, total = await reads.search_findings(_at_page(search, page), total=total)
+    if sources is None:
+        sources = await reads.disk_sources()
+    return FindingsResult(items=items, total=total, page=page, pages=pages, sources=sources)
 
 
-def _at_page(search: FindingSearch, page: int) -> FindingSearch:
+async def count_findings(store: Store, search: FindingSearch) -> int:
+    """Returns how many findings match `search` (its order and page aside)."""
+    _items, total = await DashboardReads(store).search_findings(_at_page(search, 1, limit=1))
+    return total
+
+
+async def disk_sources(store: Store) -> list[str]:
+    """Returns the distinct sources (`config`, `org:<ref>`) of the audited disks, sorted: the organization filter."""
+    return await DashboardReads(store).disk_sources()
+
+
+def _at_page(search: FindingSearch, page: int, *, limit: int | None = None) -> FindingSearch:
+    size = search.limit if limit is None else limit
     return FindingSearch(statuses=search.statuses, rule=search.rule, severity=search.severity, org=search.org,
                          text=search.text, sort=search.sort, descending=search.descending,
-                         offset=(max(page, 1) - 1) * search.limit, limit=search.limit)
+                         offset=(max(page, 1) - 1) * size, limit=size)
 
 
 @dataclass(slots=True)

@@ -14,8 +14,8 @@ from sqlalchemy import case, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
-from auditor.domain.models import Severity, TrackedFinding
-from auditor.store.repo import Store, _finding
+from auditor.domain.models import FindingStatus, Severity, TrackedFinding
+from auditor.store.repo import Store
 from auditor.store.tables import DiskRow, FindingRow, RunSummary
 
 SortKey = Literal["severity", "rule", "disk", "status", "first_seen", "last_seen"]
@@ -56,7 +56,7 @@ class FindingSearch:
 
 @dataclass(frozen=True, slots=True)
 class FindingListing:
-    """A finding with what the list shows of its disk."""
+    """A finding with what the list shows of its disk (its `observed` and `expected` are not read: empty)."""
 
     finding: TrackedFinding
     disk_name: str | None
@@ -73,14 +73,18 @@ class DashboardReads:
         """Returns the summaries of runs started at or after `since`, oldest first."""
 
         async def go(s: AsyncSession) -> list[RunPoint]:
-            q = (select(RunSummary).where(RunSummary.started_at >= since)
-                 .order_by(RunSummary.started_at, RunSummary.run_id))
-            return [RunPoint(run_id=r.run_id, started_at=r.started_at, finished_at=r.finished_at, status=r.status,
-                             disks_total=r.disks_total, compliant=r.disks_compliant,
-                             noncompliant=r.disks_noncompliant, unknown=r.disks_unknown,
-                             open_by_severity={str(k): int(v) for k, v in (r.open_by_severity or {}).items()},
-                             requests=r.requests, duration_seconds=r.duration_seconds)
-                    for r in (await s.execute(q)).scalars()]
+            # Plain columns, not ORM objects: no identity map, and `open_by_rule` (unused here) is never decoded.
+            q = (select(RunSummary.run_id, RunSummary.started_at, RunSummary.finished_at, RunSummary.status,
+                        RunSummary.disks_total, RunSummary.disks_compliant, RunSummary.disks_noncompliant,
+                        RunSummary.disks_unknown, RunSummary.open_by_severity, RunSummary.requests,
+                        RunSummary.duration_seconds)
+                 .where(RunSummary.started_at >= since).order_by(RunSummary.started_at, RunSummary.run_id))
+            return [RunPoint(run_id=run_id, started_at=started_at, finished_at=finished_at, status=status,
+                             disks_total=total, compliant=compliant, noncompliant=noncompliant, unknown=unknown,
+                             open_by_severity={str(k): int(v) for k, v in (by_severity or {}).items()},
+                             requests=requests, duration_seconds=duration)
+                    for (run_id, started_at, finished_at, status, total, compliant, noncompliant, unknown,
+                         by_severity, requests, duration) in (await s.execute(q)).all()]
 
         result: list[RunPoint] = await self.store._read(go)
         return result
@@ -95,8 +99,9 @@ class DashboardReads:
         result: list[str] = await self.store._read(go)
         return result
 
-    async def search_findings(self, search: FindingSearch) -> tuple[list[FindingListing], int]:
-        """Returns one page of findings matching the search, and how many match in all."""
+    async def search_findings(self, search: FindingSearch, *,
+                              total: int | None = None) -> tuple[list[FindingListing], int]:
+        """Returns one page of findings matching the search, and how many match in all (counted unless given)."""
         where: list[ColumnElement[bool]] = [FindingRow.status.in_(list(search.statuses))]
         if search.rule:
             where.append(FindingRow.rule == search.rule)
@@ -112,18 +117,34 @@ class DashboardReads:
         joined = FindingRow.disk_id == DiskRow.id
 
         async def go(s: AsyncSession) -> tuple[list[FindingListing], int]:
-            total = (await s.execute(select(func.count()).select_from(FindingRow).outerjoin(DiskRow, joined)
-                                     .where(*where))).scalar_one()
+            count = total
+            if count is None:
+                count = (await s.execute(select(func.count()).select_from(FindingRow).outerjoin(DiskRow, joined)
+                                         .where(*where))).scalar_one()
             primary = _sort_column(search.sort)
-            q = (select(FindingRow, DiskRow.name, DiskRow.source).outerjoin(DiskRow, joined).where(*where)
+            # Only the listed columns: `observed` and `expected` (JSON the list does not show) are not read, and
+            # the listing's finding carries them empty.
+            q = (select(*_LISTED, DiskRow.name, DiskRow.source).outerjoin(DiskRow, joined).where(*where)
                  .order_by(primary.desc() if search.descending else primary.asc(),
                            FindingRow.disk_id, FindingRow.fingerprint)
                  .offset(search.offset).limit(search.limit))
-            rows = [FindingListing(_finding(f), name, source) for f, name, source in (await s.execute(q)).all()]
-            return rows, int(total)
+            rows = [FindingListing(_listed(row), row.name, row.source) for row in (await s.execute(q)).all()]
+            return rows, int(count)
 
         result: tuple[list[FindingListing], int] = await self.store._read(go)
         return result
+
+
+_LISTED = (FindingRow.fingerprint, FindingRow.rule, FindingRow.disk_id, FindingRow.policy_id, FindingRow.severity,
+           FindingRow.status, FindingRow.message, FindingRow.first_seen, FindingRow.last_seen, FindingRow.opened_at,
+           FindingRow.resolved_at, FindingRow.waiver)
+
+
+def _listed(row: Any) -> TrackedFinding:
+    return TrackedFinding(fingerprint=row.fingerprint, rule=row.rule, disk_id=row.disk_id, policy_id=row.policy_id,
+                          severity=Severity(row.severity), status=FindingStatus(row.status), message=row.message,
+                          observed={}, expected={}, first_seen=row.first_seen, last_seen=row.last_seen,
+                          opened_at=row.opened_at, resolved_at=row.resolved_at, waiver=row.waiver)
 
 
 def _sort_column(key: SortKey) -> Any:

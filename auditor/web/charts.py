@@ -22,6 +22,10 @@ LEFT, RIGHT, TOP, BOTTOM = 40.0, 10.0, 10.0, 26.0
 # Above this many runs in the window a chart draws only its lines (each run is still a vertex): thousands of
 # circles would make the page heavy for nothing a reader can tell apart at that density.
 MAX_MARKS = 200
+# Pixel columns of the plot area: with more runs than that in the window, a line keeps one vertex per column (the
+# worst value of the runs in it: lowest compliance, most open findings), so dips and spikes stay visible and a
+# 90-day chart is ~430 vertices instead of thousands. With fewer runs every run is a vertex.
+COLUMNS = int(WIDTH - RIGHT - LEFT)
 SEVERITIES = tuple(reversed(Severity))  # critical first, as the legend lists them
 
 
@@ -143,17 +147,40 @@ def _segments(runs: Sequence[RunPoint], *, gap: timedelta) -> list[list[RunPoint
     return [s for s in segments if s]
 
 
+def _vertices(seg: Sequence[RunPoint], x: Callable[[datetime], float], value: Callable[[RunPoint], float], *,
+              thin: bool, worst: Callable[[float, float], float]) -> list[tuple[float, float]]:
+    """Returns (x, value) per run of `seg`; if `thin`, one per pixel column, the `worst` of the runs in it."""
+    if not thin:
+        return [(x(r.started_at), value(r)) for r in seg]
+    out: list[tuple[float, float]] = []
+    column = -1
+    for r in seg:
+        px, v = x(r.started_at), value(r)
+        c = int(px)
+        if c == column:
+            out[-1] = (out[-1][0], worst(out[-1][1], v))
+        else:
+            out.append((px, v))
+            column = c
+    return out
+
+
+def _polyline(css: str, vertices: list[tuple[float, float]], y: Callable[[float], float]) -> Line:
+    return Line(css, " ".join(f"{vx},{y(v)}" for vx, v in vertices), len(vertices))
+
+
 def _when(t: datetime) -> str:
     return t.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def compliance_chart(runs: Sequence[RunPoint], *, start: datetime, end: datetime, gap: timedelta) -> Chart:
-    """Returns the compliance % trend: one vertex (and, up to MAX_MARKS, one point) per run in the window."""
+    """Returns the compliance % trend: one vertex (and, up to MAX_MARKS, one point) per run in the window, or per
+    pixel column when the window has more runs than the chart has columns."""
     x, y = _x_scale(start, end), _y_scale(100.0)
-    lines = []
-    for seg in _segments(runs, gap=gap):
-        pts = " ".join(f"{x(r.started_at)},{y(compliance_pct(r.compliant, r.disks_total) or 0.0)}" for r in seg)
-        lines.append(Line("line-compliance", pts, len(seg)))
+    thin = len(runs) > COLUMNS
+    lines = [_polyline("line-compliance", _vertices(seg, x, lambda r: compliance_pct(r.compliant, r.disks_total)
+                                                     or 0.0, thin=thin, worst=min), y)
+             for seg in _segments(runs, gap=gap)]
     marks = []
     if len(runs) <= MAX_MARKS:
         for r in runs:
@@ -190,18 +217,21 @@ def _nice_ceiling(value: int) -> int:
     return int(math.ceil(nice) * 4)
 
 
+def _open_of(sev: Severity) -> Callable[[RunPoint], float]:
+    return lambda r: r.open_by_severity.get(sev.value, 0)
+
+
 def severity_chart(runs: Sequence[RunPoint], *, start: datetime, end: datetime, gap: timedelta) -> Chart:
-    """Returns the open findings by severity over time: one line per severity, a vertex per run with data."""
+    """Returns the open findings by severity over time: one line per severity, a vertex per run with data (per
+    pixel column, the most open, when the window has more runs than the chart has columns)."""
     x = _x_scale(start, end)
     peak = max((max(r.open_by_severity.values(), default=0) for r in runs), default=0)
     top = _nice_ceiling(peak)
     y = _y_scale(float(top))
-    lines = []
     segments = _segments(runs, gap=gap)
-    for sev in SEVERITIES:
-        for seg in segments:
-            pts = " ".join(f"{x(r.started_at)},{y(r.open_by_severity.get(sev.value, 0))}" for r in seg)
-            lines.append(Line(f"line-{sev.value}", pts, len(seg)))
+    thin = len(runs) > COLUMNS
+    lines = [_polyline(f"line-{sev.value}", _vertices(seg, x, _open_of(sev), thin=thin, worst=max), y)
+             for sev in SEVERITIES for seg in segments]
     marks = []
     if len(runs) <= MAX_MARKS // 4:  # four dots a run
         for seg in segments:

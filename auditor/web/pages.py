@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,8 @@ PAGE_SIZES = ("10", "25", "50", "100")
 MAX_FORM = 8192  # bytes: a login or CSRF form is a few hundred
 MAX_TEXT = 200
 STYLESHEET = "dashboard.css"
+OVERVIEW_CACHE_SIZE = 16  # 3 windows, a few minutes each
+FINDINGS_CACHE_SIZE = 512  # pages of findings searches (~50 rows each)
 
 
 class BadRequest(Exception):
@@ -110,28 +113,66 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: v[0] for k, v in fields.items()}
 
 
-class _ReportCache:
-    """The compliance report, rebuilt when a run commits or the UTC day changes (as the API's response cache)."""
+class _DataVersion:
+    """The data's version: the latest run (id, finish time) and the UTC day, as the API's response cache keys it.
+
+    With `version_ttl` (the daemon: 1 s) the latest run is looked up at most that often.
+    """
 
     def __init__(self, deps: ApiDeps) -> None:
         self.deps = deps
-        self._key: Hashable = None
-        self._version_value: Hashable = None
-        self._value: dict[str, Any] | None = None
+        self._value: Hashable = None
         self._checked = -1.0
-        self._lock = asyncio.Lock()
 
-    async def _version(self) -> Hashable:
+    async def get(self) -> Hashable:
+        """Returns the current version (looked up again after `version_ttl`)."""
         ttl = self.deps.version_ttl
         if ttl <= 0 or time.monotonic() - self._checked >= ttl:
             run = await self.deps.store.latest_run()
-            self._version_value = ((run.id, run.finished_at) if run else None, self.deps.clock().date())
+            self._value = ((run.id, run.finished_at) if run else None, self.deps.clock().date())
             self._checked = time.monotonic()
-        return self._version_value
+        return self._value
+
+
+class _Memo:
+    """A small LRU of computed values, keyed by what they depend on (the data version among it); concurrent misses
+    build a value once. Values are read-only once stored: pages render from them, never change them."""
+
+    def __init__(self, *, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._building: dict[Hashable, asyncio.Lock] = {}
+
+    async def get(self, key: Hashable, build: Callable[[], Awaitable[Any]]) -> Any:
+        """Returns the value for `key`, building it if missing (a failed build stores nothing)."""
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        lock = self._building.setdefault(key, asyncio.Lock())  # misses of different keys build side by side
+        try:
+            async with lock:
+                if key not in self._items:
+                    self._items[key] = await build()
+                    while len(self._items) > self.size:
+                        self._items.popitem(last=False)
+                return self._items[key]
+        finally:
+            if not lock.locked() and self._building.get(key) is lock:
+                del self._building[key]
+
+
+class _ReportCache:
+    """The compliance report, rebuilt when a run commits or the UTC day changes (as the API's response cache)."""
+
+    def __init__(self, version: _DataVersion) -> None:
+        self.version = version
+        self._key: Hashable = None
+        self._value: dict[str, Any] | None = None
+        self._lock = asyncio.Lock()
 
     async def get(self, build: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """Returns the cached report, building it if the data changed."""
-        key = await self._version()
+        key = await self.version.get()
         async with self._lock:
             if self._value is None or key != self._key:
                 self._value, self._key = await build(), key
@@ -142,7 +183,14 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
     """Returns the dashboard: /, /findings, /disks/{id}, /runs, /notifications, /waivers, /login, /logout, /audit."""
     env = _environment()
     signer = Signer(deps.token)
-    reports = _ReportCache(deps)
+    version = _DataVersion(deps)
+    reports = _ReportCache(version)
+    # What the pages compute from the data, per data version (a run commits: new keys; old ones age out). The HTML
+    # is still rendered per request: it carries the viewer's CSRF token.
+    overviews = _Memo(size=OVERVIEW_CACHE_SIZE)  # per (window, version, minute): trend, charts, banners
+    finding_pages = _Memo(size=FINDINGS_CACHE_SIZE)  # per (search, page, version): a page and the total
+    counts = _Memo(size=FINDINGS_CACHE_SIZE)  # per (filters, version): how many findings match
+    sources = _Memo(size=4)  # per version: the organization filter's choices
     css = resources.files("auditor.web").joinpath("static", STYLESHEET).read_bytes()
     css_version = hashlib.sha256(css).hexdigest()[:12]
 
@@ -244,20 +292,28 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
         days = int(_choice(request.query_params.get("days"), [str(d) for d in dashboard.TREND_DAYS], name="days",
                            default="7") or 7)
         now = deps.clock()
-        waivers, problems = deps.waivers()
 
         async def build() -> dict[str, Any]:
-            return await build_report(deps.store, now=now, waivers=waivers, waiver_problems=problems)
+            # Computed once per window, data version and minute: the window's end and the banners' "overdue" text
+            # move with the clock, so a view is at most a minute behind it (the data itself, never: a run that
+            # commits changes the version).
+            waivers, problems = deps.waivers()
 
-        data = await dashboard.overview(deps.store, now=now, interval=deps.interval, days=days,
-                                        report=await reports.get(build))
-        gap = 2 * deps.interval
-        charts = [compliance_chart(data.trend, start=data.trend_start, end=now, gap=gap),
-                  severity_chart(data.trend, start=data.trend_start, end=now, gap=gap)]
-        unknown = [d for d in data.report["disks"] if d["status"] == "unknown"]
-        return render(request, "overview.html", viewer=viewer, nav="overview", data=data, days=days,
-                      trend_days=dashboard.TREND_DAYS, charts=charts, unknown=unknown,
-                      severities=[s.value for s in reversed(Severity)])
+            async def report() -> dict[str, Any]:
+                return await build_report(deps.store, now=now, waivers=waivers, waiver_problems=problems)
+
+            data = await dashboard.overview(deps.store, now=now, interval=deps.interval, days=days,
+                                            report=await reports.get(report))
+            gap = 2 * deps.interval
+            return {"data": data,
+                    "charts": [compliance_chart(data.trend, start=data.trend_start, end=now, gap=gap),
+                               severity_chart(data.trend, start=data.trend_start, end=now, gap=gap)],
+                    "unknown": [d for d in data.report["disks"] if d["status"] == "unknown"]}
+
+        minute = now.replace(second=0, microsecond=0)
+        view = await overviews.get(("overview", days, await version.get(), minute), build)
+        return render(request, "overview.html", viewer=viewer, nav="overview", days=days,
+                      trend_days=dashboard.TREND_DAYS, severities=[s.value for s in reversed(Severity)], **view)
 
     @router.post("/audit")
     async def run_audit(request: Request) -> Response:
@@ -292,7 +348,23 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
             org=_text(q.get("org"), name="org"),
             text=_text(q.get("disk"), name="disk"),
             sort=_sort_key(sort), descending=direction == "desc", limit=int(size))
-        result = await dashboard.search_findings(deps.store, search, page=_page_number(q.get("page")))
+        page = _page_number(q.get("page"))
+        current = await version.get()
+
+        async def choices() -> list[str]:
+            return await dashboard.disk_sources(deps.store)
+
+        async def count() -> int:
+            return await dashboard.count_findings(deps.store, search)
+
+        async def build() -> dashboard.FindingsResult:
+            # The total depends on the filters only: counted once for all their orders and pages.
+            filters_only = (search.statuses, search.rule, search.severity, search.org, search.text)
+            return await dashboard.search_findings(
+                deps.store, search, page=page, sources=await sources.get(("sources", current), choices),
+                total=await counts.get(("count", filters_only, current), count))
+
+        result = await finding_pages.get(("findings", search, page, current), build)
         filters = {"status": status, "rule": search.rule or "", "severity": search.severity or "",
                    "org": search.org or "", "disk": search.text or "", "sort": sort, "dir": direction or "desc",
                    "size": size}
