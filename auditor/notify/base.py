@@ -306,3 +306,17 @@ async def post(
         raise NotifyError(message, permanent=False, status_code=status, retry_after=retry_after)
     # Any other 4xx (and an unexpected 3xx: redirects are not followed) will fail the same way next time.
     raise NotifyError(message, permanent=True, status_code=status)
+
+
+async def post_to_webhook(
+    http: httpx.AsyncClient, notification: Notification, settings: NotifierCommon, *, url: str, payload: Any,
+    now: datetime,
+) -> DeliveryResult:
+    """POSTs a JSON payload once to a chat webhook (Slack, Teams); raises NotifyError on failure."""
+    body = json_body(payload)
+    status = await post(http, url, body=body, settings=settings, headers={}, secrets=settings_secrets(settings),
+                        now=now)
+    logger.debug("%s accepted notification %s (HTTP %d)", describe(settings), notification.id, status)
+    return DeliveryResult(
+        status_code=status, detail=f"{describe(settings)}: HTTP {status}, {len(notification.alerts)} alert(s)"
+    )

@@ -17,14 +17,11 @@ from auditor.config import NotifierCommon, SlackNotifier
 from auditor.domain.alerts import Alert, AlertStatus, Notification
 from auditor.notify.base import (
     DeliveryResult,
-    describe,
     generator_url,
     headline,
     humanize,
-    json_body,
-    post,
+    post_to_webhook,
     rfc3339,
-    settings_secrets,
     static_labels,
 )
 
@@ -124,15 +121,8 @@ class SlackChannel:
         self, http: httpx.AsyncClient, notification: Notification, settings: SlackNotifier, *, now: datetime
     ) -> DeliveryResult:
         """POSTs the message once (Slack answers 200 "ok"); raises NotifyError on failure."""
-        body = json_body(self.build_payload(notification, settings, now=now))
-        url = settings.webhook_url.get_secret_value()
-        status = await post(
-            http, url, body=body, settings=settings, headers={}, secrets=settings_secrets(settings), now=now
-        )
-        logger.debug("%s accepted notification %s (HTTP %d)", describe(settings), notification.id, status)
-        return DeliveryResult(
-            status_code=status, detail=f"{describe(settings)}: HTTP {status}, {len(notification.alerts)} alert(s)"
-        )
+        return await post_to_webhook(http, notification, settings, url=settings.webhook_url.get_secret_value(),
+                                     payload=self.build_payload(notification, settings, now=now), now=now)
 
 
 NOTIFIER = SlackChannel()

@@ -20,14 +20,11 @@ from auditor.config import TeamsNotifier
 from auditor.domain.alerts import Alert, AlertStatus, Notification
 from auditor.notify.base import (
     DeliveryResult,
-    describe,
     generator_url,
     headline,
     humanize,
-    json_body,
-    post,
+    post_to_webhook,
     rfc3339,
-    settings_secrets,
     static_labels,
 )
 
@@ -141,15 +138,8 @@ class TeamsChannel:
         self, http: httpx.AsyncClient, notification: Notification, settings: TeamsNotifier, *, now: datetime
     ) -> DeliveryResult:
         """POSTs the card once (Workflows answers 202 Accepted); raises NotifyError on failure."""
-        body = json_body(self.build_payload(notification, settings, now=now))
-        url = settings.webhook_url.get_secret_value()
-        status = await post(
-            http, url, body=body, settings=settings, headers={}, secrets=settings_secrets(settings), now=now
-        )
-        logger.debug("%s accepted notification %s (HTTP %d)", describe(settings), notification.id, status)
-        return DeliveryResult(
-            status_code=status, detail=f"{describe(settings)}: HTTP {status}, {len(notification.alerts)} alert(s)"
-        )
+        return await post_to_webhook(http, notification, settings, url=settings.webhook_url.get_secret_value(),
+                                     payload=self.build_payload(notification, settings, now=now), now=now)
 
 
 NOTIFIER = TeamsChannel()
