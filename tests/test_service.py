@@ -99,13 +99,15 @@ async def test_a_second_process_cannot_run_a_cycle_while_the_lease_is_held(db_ur
 
 async def test_a_commit_after_the_lease_was_taken_over_is_refused(db_url: str) -> None:
     fleet, ids = _fleet()
-    fleet.latency = 0.3  # the first cycle is still reading when the other process takes over
+    fleet.latency = 0.5  # the first cycle is still reading when the other process takes over and commits
+    same, same_ids = _fleet()  # the same fleet (same ids), answered at once, for the process that takes over
+    assert same_ids == ids
     settings = _settings(db_url, ids)
-    transport = httpx.ASGITransport(app=fake_app(fleet))
     start = datetime.now(UTC)
     late = Clock(start + timedelta(minutes=10))  # its lease looks expired to this one
-    async with open_services(settings, transport=transport, token=TOKEN) as slow, \
-            open_services(settings, transport=transport, token=TOKEN, clock=late) as taker:
+    async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as slow, \
+            open_services(settings, transport=httpx.ASGITransport(app=fake_app(same)), token=TOKEN,
+                          clock=late) as taker:
         cycle = asyncio.create_task(slow.run_cycle())
         for _ in range(100):
             lease = await slow.cycle_lease()
@@ -113,7 +115,6 @@ async def test_a_commit_after_the_lease_was_taken_over_is_refused(db_url: str) -
                 break
             await asyncio.sleep(0.02)
         # The taker's clock is past the lease expiry: it takes over and marks the slow run abandoned.
-        fleet.latency = 0.0
         taken = await taker.run_cycle()
         assert taken.status is RunStatus.COMPLETE
         outcome = await cycle

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # repo imports this module for the fence; the Store is only a
 
 CYCLE = "cycle"
 LEADER = "leader"
+ACQUIRE_ATTEMPTS = 3  # decisions on a freshly read row after a lost compare-and-set
 
 
 def _boot_time() -> float | None:
@@ -146,30 +147,39 @@ class Leases:
 
     async def acquire(self, name: str, holder: Holder, *, now: datetime, ttl: timedelta,
                       run_id: str | None = None) -> tuple[bool, Lease | None]:
-        """Takes (or keeps) the lease; returns (taken, the lease as it stands, ours or the other holder's)."""
-        current = await self.get(name)
+        """Takes (or keeps) the lease; returns (taken, the lease as it stands, ours or the other holder's).
+
+        A lost compare-and-set means the row changed since it was read (renewed, released or taken): the decision
+        is made again on the new row, a few times, rather than reporting a holder that may already be gone.
+        """
         values = {"holder": holder.id, "host": holder.host, "pid": holder.pid,
                   "process_started_at": holder.started_at, "expires_at": now + ttl, "run_id": run_id}
-        if current is None:
+        current = await self.get(name)
+        for _ in range(ACQUIRE_ATTEMPTS):
+            if current is None:
 
-            async def create(s: AsyncSession) -> int:
-                return await insert_if_absent(s, LeaseRow, {"name": name, "acquired_at": now, **values})
+                async def create(s: AsyncSession) -> int:
+                    return await insert_if_absent(s, LeaseRow, {"name": name, "acquired_at": now, **values})
 
-            created = await self.store._write(create) == 1
-            return created, await self.get(name)
-        if current.holder != holder.id and current.is_live(now):
-            return False, current
-        acquired_at = current.acquired_at if current.holder == holder.id else now
+                won = await self.store._write(create) == 1
+            elif current.holder != holder.id and current.is_live(now):
+                return False, current
+            else:
+                seen = current
+                acquired_at = seen.acquired_at if seen.holder == holder.id else now
 
-        async def take(s: AsyncSession) -> int:
-            # Compare-and-set on what was read: of several contenders for an expired lease, one row count is 1.
-            r = await s.execute(update(LeaseRow).where(
-                LeaseRow.name == name, LeaseRow.holder == current.holder,
-                LeaseRow.expires_at == current.expires_at).values(acquired_at=acquired_at, **values))
-            return int(getattr(r, "rowcount", 0) or 0)
+                async def take(s: AsyncSession, seen: Lease = seen, acquired_at: datetime = acquired_at) -> int:
+                    # Compare-and-set on what was read: of several contenders for an expired lease, one wins.
+                    r = await s.execute(update(LeaseRow).where(
+                        LeaseRow.name == name, LeaseRow.holder == seen.holder,
+                        LeaseRow.expires_at == seen.expires_at).values(acquired_at=acquired_at, **values))
+                    return int(getattr(r, "rowcount", 0) or 0)
 
-        won = await self.store._write(take) == 1
-        return won, await self.get(name)
+                won = await self.store._write(take) == 1
+            current = await self.get(name)
+            if won:
+                return True, current
+        return False, current
 
     async def renew(self, name: str, holder: Holder, *, now: datetime, ttl: timedelta) -> bool:
         """Extends our lease; False when it is no longer ours (expired and taken, or released)."""

@@ -56,11 +56,6 @@ class Outbox:
         async with self.store.transaction() as tx:
             await tx.enqueue(entries, states, run_id=run_id, now=now)
 
-    async def alert_states(self) -> dict[tuple[str, str], AlertState]:
-        """Returns every notifier's alert states by (notifier, fingerprint)."""
-        async with self.store.transaction() as tx:
-            return await tx.alert_states()
-
     async def claim_due(self, *, now: datetime, worker: str, limit: int = 100) -> list[Delivery]:
         """Claims up to `limit` due entries (pending and due, or claimed by a deliverer that vanished).
 

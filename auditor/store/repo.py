@@ -362,40 +362,7 @@ class Store:
         result: dict[str, str] = await self._read(go)
         return result
 
-    async def load_active_findings(self, *, extra: Iterable[str] = ()) -> dict[str, TrackedFinding]:
-        """Returns open and waived findings, plus the stored state of the `extra` fingerprints (to reopen)."""
-        wanted = sorted(set(extra))
-
-        async def go(s: AsyncSession) -> dict[str, TrackedFinding]:
-            q = select(FindingRow).where(FindingRow.status.in_([FindingStatus.OPEN.value, FindingStatus.WAIVED.value]))
-            out = {r.fingerprint: _finding(r) for r in (await s.execute(q)).scalars()}
-            missing = [fp for fp in wanted if fp not in out]
-            for chunk in _chunks(missing):
-                rows = (await s.execute(select(FindingRow).where(FindingRow.fingerprint.in_(chunk)))).scalars()
-                out.update({r.fingerprint: _finding(r) for r in rows})
-            return out
-
-        result: dict[str, TrackedFinding] = await self._read(go)
-        return result
-
-    async def load_current_states(self) -> dict[str, dict[str, PolicyStateRecord]]:
-        """Returns every current policy state, by disk and policy."""
-
-        async def go(s: AsyncSession) -> dict[str, dict[str, PolicyStateRecord]]:
-            out: dict[str, dict[str, PolicyStateRecord]] = {}
-            for r in (await s.execute(select(PolicyState).where(PolicyState.valid_to.is_(None)))).scalars():
-                out.setdefault(r.disk_id, {})[r.policy_id] = _state(r)
-            return out
-
-        result: dict[str, dict[str, PolicyStateRecord]] = await self._read(go)
-        return result
-
     # ---- the cycle's one write ------------------------------------------------------------------------
-
-    async def commit_cycle(self, cycle: CycleWrite) -> None:
-        """Writes a finished cycle in one transaction (without a lease fence or alerts: tests and benchmarks)."""
-        async with self.transaction() as tx:
-            await tx.write_cycle(cycle)
 
     # ---- reports ----------------------------------------------------------------------------------------
 
