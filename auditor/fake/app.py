@@ -26,6 +26,12 @@ MAX_PER_PAGE = 200
 LARGE_SET_ROWS = 1000
 # How long a trashed object is kept, for the object_in_trash detail.
 TRASH_KEEP_SECONDS = 7 * 86400
+# The annotation filters of the organization lists: repeatable, so every value is kept (README "Annotations").
+ANNOTATION_KEY_PARAM = "annotations[][key]"
+ANNOTATION_VALUE_PARAM = "annotations[][value]"
+_REPEATED_PARAMS = (ANNOTATION_KEY_PARAM, ANNOTATION_VALUE_PARAM)
+# Where every fake VM lives (GET /virtual_machines/virtual_machine and the organization's VM list).
+_ZONE = {"id": "zone_demo", "name": "Demo Zone", "permalink": "demo-zone"}
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no", ""})
 # The fleet a request started with: a fleet swapped in mid-request (SIGHUP reload) is seen from the next one on,
@@ -127,7 +133,18 @@ class _Lookup:
     malformed: bool = False
 
 
-Handler = Callable[[dict[str, str], int, int], Awaitable[_Reply]]
+@dataclass(frozen=True, slots=True)
+class _Query:
+    """A request's query: the last value of each parameter, and every value of the repeatable ones."""
+
+    params: dict[str, str]
+    repeated: dict[str, list[str]]
+
+
+# An annotation filter: (key, required value), or (key, None) for "the key with any value".
+_AnnotationFilter = list[tuple[str, str | None]]
+
+Handler = Callable[[_Query, int, int], Awaitable[_Reply]]
 
 
 class FakeKatapult:
@@ -143,6 +160,8 @@ class FakeKatapult:
                 ("/virtual_machines/virtual_machine/disk_backup_policies", self._vm_policies),
                 ("/organizations/organization/disks", self._org_disks),
                 ("/disks/disk", self._disk),
+                ("/organizations/organization/virtual_machines", self._org_vms),
+                ("/virtual_machines/virtual_machine", self._vm),
             )
         }
 
@@ -234,7 +253,9 @@ class FakeKatapult:
 
     async def _dispatch(self, handler: Handler, scope: Scope) -> _Reply:
         """Parses the query and paging arguments, then runs the endpoint."""
-        params = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+        pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        params = dict(pairs)
+        repeated = {name: [value for key, value in pairs if key == name] for name in _REPEATED_PARAMS}
         page = _positive_int(params, "page", default=1)
         if isinstance(page, _Reply):
             return page
@@ -243,7 +264,7 @@ class FakeKatapult:
             return per_page
         if per_page > MAX_PER_PAGE:
             return _invalid_argument("per_page", "validation_errors", [f"must be at most {MAX_PER_PAGE}"])
-        return await handler(params, page, per_page)
+        return await handler(_Query(params, repeated), page, per_page)
 
     async def _lookup(self, kind: _Kind, object_id: str | None) -> _Lookup:
         """Applies the fault of the looked-up object (if any) and checks it exists."""
@@ -281,57 +302,96 @@ class FakeKatapult:
         # An unknown sub-domain still has to 404: look up an id no organization has.
         return org.id if org is not None else ""
 
+    def _vm_id(self, params: dict[str, str]) -> str | None:
+        vm_id = params.get("virtual_machine[id]")
+        if vm_id is None and "virtual_machine[fqdn]" in params:
+            vm = self._fleet.vm_by_fqdn(params["virtual_machine[fqdn]"])
+            # An unknown FQDN still has to 404: look up an id no VM has.
+            vm_id = vm.id if vm is not None else ""
+        return vm_id
+
     # ----------------------------------------------------------------- endpoints
 
-    async def _disk_policies(self, params: dict[str, str], page: int, per_page: int) -> _Reply:
+    async def _disk_policies(self, query: _Query, page: int, per_page: int) -> _Reply:
         # README: without disk[id] the API looks up a disk literally named "disk", which is a 404.
-        found = await self._lookup(_DISK, params.get("disk[id]"))
+        found = await self._lookup(_DISK, query.params.get("disk[id]"))
         if found.reply is not None:
             return found.reply
         ids = self._fleet.policy_ids_of_disk(found.object_id)
         return self._policy_page(ids, page, per_page, malformed=found.malformed)
 
-    async def _org_policies(self, params: dict[str, str], page: int, per_page: int) -> _Reply:
-        found = await self._lookup(_ORG, self._org_id(params))
+    async def _org_policies(self, query: _Query, page: int, per_page: int) -> _Reply:
+        found = await self._lookup(_ORG, self._org_id(query.params))
         if found.reply is not None:
             return found.reply
         ids = self._fleet.policy_ids_of_org(found.object_id)
         return self._policy_page(ids, page, per_page, malformed=found.malformed)
 
-    async def _vm_policies(self, params: dict[str, str], page: int, per_page: int) -> _Reply:
-        include = params.get("include_disks", "").lower()
+    async def _vm_policies(self, query: _Query, page: int, per_page: int) -> _Reply:
+        include = query.params.get("include_disks", "").lower()
         if include not in _TRUE and include not in _FALSE:
             return _invalid_argument("include_disks", "invalid_scalar", ["must be true or false"])
-        vm_id = params.get("virtual_machine[id]")
-        if vm_id is None and "virtual_machine[fqdn]" in params:
-            vm = self._fleet.vm_by_fqdn(params["virtual_machine[fqdn]"])
-            vm_id = vm.id if vm is not None else ""
-        found = await self._lookup(_VM, vm_id)
+        found = await self._lookup(_VM, self._vm_id(query.params))
         if found.reply is not None:
             return found.reply
         ids = self._fleet.policy_ids_of_vm(found.object_id, include_disks=include in _TRUE)
         return self._policy_page(ids, page, per_page, malformed=found.malformed)
 
-    async def _org_disks(self, params: dict[str, str], page: int, per_page: int) -> _Reply:
-        found = await self._lookup(_ORG, self._org_id(params))
+    async def _org_disks(self, query: _Query, page: int, per_page: int) -> _Reply:
+        wanted = _annotation_filter(query)
+        if isinstance(wanted, _Reply):
+            return wanted
+        found = await self._lookup(_ORG, self._org_id(query.params))
         if found.reply is not None:
             return found.reply
         fleet = self._fleet
+        disks = fleet.disks
         ids = fleet.disk_ids_of_org(found.object_id)
+        if wanted:
+            ids = [disk_id for disk_id in ids if _matches(disks[disk_id].annotations, wanted)]
         chunk, pagination = _paginate(ids, page, per_page)
-        items = [self._disk_item(fleet.disks[disk_id], full=False) for disk_id in chunk]
+        items = [self._disk_item(disks[disk_id], full=False) for disk_id in chunk]
         if found.malformed:
             return _Reply(200, _dumps(_malform(items, "disk", pagination, field="id")))
         return _Reply(200, _dumps({"pagination": pagination, "disk": items}))
 
-    async def _disk(self, params: dict[str, str], page: int, per_page: int) -> _Reply:
-        found = await self._lookup(_DISK, params.get("disk[id]"))
+    async def _disk(self, query: _Query, page: int, per_page: int) -> _Reply:
+        found = await self._lookup(_DISK, query.params.get("disk[id]"))
         if found.reply is not None:
             return found.reply
-        item = self._disk_item(self._fleet.disks[found.object_id], full=True)
+        disk = self._fleet.disks[found.object_id]
+        item = self._disk_item(disk, full=True)
         if found.malformed:
             del item["id"]
-        return _Reply(200, _dumps({"disk": item, "annotations": []}))
+        return _Reply(200, _dumps({"disk": item, "annotations": _key_values(disk.annotations)}))
+
+    async def _org_vms(self, query: _Query, page: int, per_page: int) -> _Reply:
+        wanted = _annotation_filter(query)
+        if isinstance(wanted, _Reply):
+            return wanted
+        found = await self._lookup(_ORG, self._org_id(query.params))
+        if found.reply is not None:
+            return found.reply
+        fleet = self._fleet
+        vms = fleet.vms
+        ids = fleet.vm_ids_of_org(found.object_id)
+        if wanted:
+            ids = [vm_id for vm_id in ids if _matches(vms[vm_id].annotations, wanted)]
+        chunk, pagination = _paginate(ids, page, per_page)
+        items = [self._vm_item(vms[vm_id], full=False) for vm_id in chunk]
+        if found.malformed:
+            return _Reply(200, _dumps(_malform(items, "virtual_machines", pagination, field="id")))
+        return _Reply(200, _dumps({"pagination": pagination, "virtual_machines": items}))
+
+    async def _vm(self, query: _Query, page: int, per_page: int) -> _Reply:
+        found = await self._lookup(_VM, self._vm_id(query.params))
+        if found.reply is not None:
+            return found.reply
+        vm = self._fleet.vms[found.object_id]
+        item = self._vm_item(vm, full=True)
+        if found.malformed:
+            del item["id"]
+        return _Reply(200, _dumps({"virtual_machine": item, "annotations": _key_values(vm.annotations)}))
 
     # ----------------------------------------------------------------- wire shapes
 
@@ -380,17 +440,81 @@ class FakeKatapult:
             "wwn": disk.wwn,
             "state": disk.state,
             "virtual_machine_disk": attachment,
-            "annotations": [],
         }
+        if not full and self._fleet.list_annotations:
+            # Newer API versions list each disk's annotations; the spec's items (and the default fake) have none.
+            item["annotations"] = _key_values(disk.annotations)
         if full:
             # The real object carries more than the auditor needs; a stable created_at keeps answers equal.
-            item["created_at"] = 1_600_000_000 + int.from_bytes(disk.id.encode()[-3:], "big") % 10_000_000
+            item["created_at"] = _created_at(disk.id)
             item["storage_speed"] = "ssd"
             item["io_profile"] = None
             item["bus_type"] = "virtio"
             item["data_center"] = {"id": "dc_demo", "name": "Demo DC", "permalink": "demo-dc"}
             item["installation"] = None
         return item
+
+    def _vm_item(self, vm: FakeVM, *, full: bool) -> dict[str, Any]:
+        """Returns a VM as the organization list sends it, or as GET /virtual_machines/virtual_machine if `full`."""
+        item: dict[str, Any] = {"id": vm.id, "name": vm.name, "hostname": vm.name, "fqdn": vm.fqdn}
+        if full:
+            org = self._fleet.orgs.get(vm.org_id)
+            item["description"] = None
+            item["created_at"] = _created_at(vm.id)
+            item["state"] = "started"
+            item["organization"] = {
+                "id": vm.org_id,
+                "name": None if org is None else org.name,
+                "sub_domain": None if org is None else org.sub_domain,
+            }
+            item["zone"] = dict(_ZONE)
+            return item
+        item["state"] = "started"
+        item["zone"] = dict(_ZONE)
+        if self._fleet.list_annotations:
+            item["annotations"] = _key_values(vm.annotations)
+        return item
+
+
+def _created_at(object_id: str) -> int:
+    """Returns a stable creation time for an object, so repeated answers are equal."""
+    return 1_600_000_000 + int.from_bytes(object_id.encode()[-3:], "big") % 10_000_000
+
+
+def _key_values(annotations: dict[str, str]) -> list[dict[str, str]]:
+    """Returns annotations as the API sends them: a list of KeyValue `{"key", "value"}` in their order."""
+    return [{"key": key, "value": value} for key, value in annotations.items()]
+
+
+def _annotation_filter(query: _Query) -> _AnnotationFilter | _Reply:
+    """Returns the annotation filter of an organization list request, or the 400 for unequal arrays.
+
+    With no `annotations[][value]` at all, each `annotations[][key]` only has to be present (any value);
+    otherwise both arrays must have the same length and pair up as key_i = value_i. Every pair must hold.
+    """
+    keys = query.repeated.get(ANNOTATION_KEY_PARAM, [])
+    values = query.repeated.get(ANNOTATION_VALUE_PARAM, [])
+    if not values:
+        return [(key, None) for key in keys]
+    if len(keys) != len(values):
+        return _invalid_argument(
+            "annotations",
+            "validation_errors",
+            [
+                f"all annotations[] params should have the same amount of elements "
+                f"(got {len(keys)} key(s) and {len(values)} value(s))"
+            ],
+        )
+    return list(zip(keys, values, strict=True))
+
+
+def _matches(annotations: dict[str, str], wanted: _AnnotationFilter) -> bool:
+    """Returns whether an object's annotations satisfy every pair of the filter."""
+    for key, value in wanted:
+        actual = annotations.get(key)
+        if actual is None or (value is not None and actual != value):
+            return False
+    return True
 
 
 def _paginate(ids: list[str], page: int, per_page: int) -> tuple[list[str], dict[str, Any]]:

@@ -11,7 +11,7 @@ import random
 import string
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -71,6 +71,7 @@ class FakeVM:
     id: str
     fqdn: str
     org_id: str
+    annotations: dict[str, str] = field(default_factory=dict)  # key -> value, in insertion order
 
     @property
     def name(self) -> str:
@@ -89,6 +90,7 @@ class FakeDisk:
     size_in_gb: int = 20
     state: str = "attached"
     wwn: str = ""
+    annotations: dict[str, str] = field(default_factory=dict)  # key -> value, in insertion order
 
 
 @dataclass
@@ -163,6 +165,22 @@ def _no_rate_changes() -> list[tuple[int, int]]:
     return []
 
 
+def _checked_annotations(mapping: Mapping[Any, Any] | None, where: str = "annotations") -> dict[str, str]:
+    """Returns a fresh insertion-ordered copy of `mapping`, whose keys and values must all be strings."""
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"{where}: expected a table/object of strings, got {type(mapping).__name__}")
+    checked: dict[str, str] = {}
+    for key, value in mapping.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{where}: keys must be strings, got {type(key).__name__} {key!r}")
+        if not isinstance(value, str):
+            raise ValueError(f"{where}.{key}: expected a string, got {type(value).__name__}")
+        checked[key] = value
+    return checked
+
+
 @dataclass
 class Fleet:
     """Everything the fake serves, mutable between requests.
@@ -184,11 +202,15 @@ class Fleet:
     rate_limit_changes: list[tuple[int, int]] = field(default_factory=_no_rate_changes)
     faults_remaining: dict[str, int] = field(default_factory=dict)
     retry_after: float | None = None
+    # Whether the organization list endpoints send each item's `annotations` (newer API versions do; the spec's
+    # items carry none). GET /disks/disk and GET /virtual_machines/virtual_machine always send them.
+    list_annotations: bool = False
     stats: FakeStats = field(default_factory=FakeStats)
     clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
 
     _org_by_sub: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
     _vm_by_fqdn: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _org_vms: _OrderedIndex = field(default_factory=_OrderedIndex, init=False, repr=False, compare=False)
     _org_disks: _OrderedIndex = field(default_factory=_OrderedIndex, init=False, repr=False, compare=False)
     _vm_disks: _OrderedIndex = field(default_factory=_OrderedIndex, init=False, repr=False, compare=False)
     _disk_policies: _OrderedIndex = field(
@@ -212,6 +234,7 @@ class Fleet:
     def reindex(self) -> None:
         """Rebuilds every lookup index from the four object dicts."""
         for index in (
+            self._org_vms,
             self._org_disks,
             self._vm_disks,
             self._disk_policies,
@@ -221,6 +244,8 @@ class Fleet:
             index.clear()
         self._org_by_sub = {org.sub_domain: org.id for org in self.orgs.values()}
         self._vm_by_fqdn = {vm.fqdn: vm.id for vm in self.vms.values()}
+        for vm in self.vms.values():
+            self._org_vms.add(vm.org_id, vm.id)
         for disk in self.disks.values():
             self._index_disk(disk)
         for policy in self.policies.values():
@@ -297,9 +322,17 @@ class Fleet:
         self._indexed_sizes = self._sizes()
         return org
 
-    def add_vm(self, org_id: str, fqdn: str, *, id: str | None = None) -> FakeVM:
-        """Adds a virtual machine to an organization and returns it."""
+    def add_vm(
+        self,
+        org_id: str,
+        fqdn: str,
+        *,
+        id: str | None = None,
+        annotations: Mapping[str, str] | None = None,
+    ) -> FakeVM:
+        """Adds a virtual machine to an organization (with a copy of `annotations`) and returns it."""
         self._check_index()
+        checked = _checked_annotations(annotations)
         if org_id not in self.orgs:
             raise ValueError(f"unknown organization {org_id!r}")
         vm_id = id if id is not None else self._new_id("vm")
@@ -307,9 +340,10 @@ class Fleet:
             raise ValueError(f"duplicate virtual machine id {vm_id!r}")
         if fqdn in self._vm_by_fqdn:
             raise ValueError(f"duplicate virtual machine fqdn {fqdn!r}")
-        vm = FakeVM(id=vm_id, fqdn=fqdn, org_id=org_id)
+        vm = FakeVM(id=vm_id, fqdn=fqdn, org_id=org_id, annotations=checked)
         self.vms[vm.id] = vm
         self._vm_by_fqdn[fqdn] = vm.id
+        self._org_vms.add(org_id, vm.id)
         self._indexed_sizes = self._sizes()
         return vm
 
@@ -323,9 +357,11 @@ class Fleet:
         size_in_gb: int = 20,
         state: str = "attached",
         wwn: str | None = None,
+        annotations: Mapping[str, str] | None = None,
     ) -> FakeDisk:
-        """Adds a disk to an organization (attached to `vm_id` if given) and returns it."""
+        """Adds a disk to an organization (attached to `vm_id` if given, with a copy of `annotations`)."""
         self._check_index()
+        checked = _checked_annotations(annotations)
         if org_id not in self.orgs:
             raise ValueError(f"unknown organization {org_id!r}")
         if vm_id is not None and vm_id not in self.vms:
@@ -341,6 +377,7 @@ class Fleet:
             size_in_gb=size_in_gb,
             state=state,
             wwn=_fake_wwn(disk_id) if wwn is None else wwn,
+            annotations=checked,
         )
         self.disks[disk.id] = disk
         self._index_disk(disk)
@@ -436,6 +473,16 @@ class Fleet:
             self._index_policy(policy)
         return policy
 
+    def set_annotations(self, object_id: str, annotations: Mapping[str, str]) -> FakeDisk | FakeVM:
+        """Replaces the annotations of a disk or VM with a copy of `annotations` and returns the object."""
+        target: FakeDisk | FakeVM | None = self.disks.get(object_id)
+        if target is None:
+            target = self.vms.get(object_id)
+        if target is None:
+            raise ValueError(f"unknown disk or virtual machine {object_id!r}")
+        target.annotations = _checked_annotations(annotations)
+        return target
+
     # ----------------------------------------------------------------- queries (used by the app)
 
     def org_by_sub_domain(self, sub_domain: str) -> FakeOrg | None:
@@ -454,6 +501,11 @@ class Fleet:
         """Returns the ids of an organization's disks in insertion order (shared list: do not mutate)."""
         self._check_index()
         return self._org_disks.get(org_id)
+
+    def vm_ids_of_org(self, org_id: str) -> list[str]:
+        """Returns the ids of an organization's VMs in insertion order (shared list: do not mutate)."""
+        self._check_index()
+        return self._org_vms.get(org_id)
 
     def disk_ids_of_vm(self, vm_id: str) -> list[str]:
         """Returns the ids of the disks attached to a VM."""
@@ -568,6 +620,11 @@ class Fleet:
                 vm_share=_number(spec.get("vm_share", 0.2), "generate.vm_share"),
                 seed=_int(spec.get("seed", 0), "generate.seed"),
                 now=load_time,
+                annotations=(
+                    None
+                    if "annotations" not in spec
+                    else _list(spec["annotations"], "generate.annotations")
+                ),
             )
         else:
             fleet = cls()
@@ -581,6 +638,8 @@ class Fleet:
             fleet.latency = _number(data["latency_ms"], "latency_ms", minimum=0.0) / 1000.0
         if "slow_seconds" in data:
             fleet.slow_seconds = _number(data["slow_seconds"], "slow_seconds", minimum=0.0)
+        if "list_annotations" in data:
+            fleet.list_annotations = _bool(data["list_annotations"], "list_annotations")
         if "retry_after" in data:
             fleet.retry_after = _number(data["retry_after"], "retry_after", minimum=0.0)
         if "rate_limit_changes" in data:
@@ -613,11 +672,17 @@ class Fleet:
         vm_share: float = 0.2,
         now: int,
         seed: int = 0,
+        annotations: Sequence[Mapping[str, Any]] | None = None,
     ) -> Fleet:
         """Returns a deterministic fleet whose policies all comply with the default rules.
 
         `vm_share` of the disks sit in pairs on VMs protected by VM-level policies only; the others carry
         `policies_per_disk` disk-level policies on average (daily keeping 7..30, or hourly keeping 168..336).
+
+        `annotations` is a list of `{"share": 0.2, "disk": {key: value, ...}}` or `{"share": 0.1, "vm": {...}}`:
+        that share of the disks (or VMs), picked from the seed, get those annotations. Entries of one kind take
+        disjoint picks in order (each object gets at most one disk entry / one VM entry), so their shares may add
+        up to at most 1. The picks use their own random stream: ids and policies are the same as without them.
         """
         if disks < 0 or orgs < 1:
             raise ValueError("generate needs disks >= 0 and orgs >= 1")
@@ -625,6 +690,7 @@ class Fleet:
             raise ValueError("generate.vm_share must be between 0 and 1")
         if policies_per_disk < 0:
             raise ValueError("generate.policies_per_disk must be >= 0")
+        shares = _annotation_shares(annotations, "generate.annotations")
         rng = random.Random(seed)
         fleet = cls()
         org_list = [
@@ -679,6 +745,8 @@ class Fleet:
             )
             if vm is None:
                 add_policies(disk.id, policy_count())
+        if shares:
+            _annotate_generated(fleet, shares, seed=seed)
         return fleet
 
 
@@ -696,12 +764,14 @@ _TOP_KEYS = frozenset(
         "faults_remaining",
         "organizations",
         "generate",
+        "list_annotations",
     }
 )
-_GENERATE_KEYS = frozenset({"disks", "orgs", "policies_per_disk", "vm_share", "seed"})
+_GENERATE_KEYS = frozenset({"disks", "orgs", "policies_per_disk", "vm_share", "seed", "annotations"})
+_ANNOTATION_SHARE_KEYS = frozenset({"share", "disk", "vm"})
 _ORG_KEYS = frozenset({"id", "sub_domain", "name", "virtual_machines", "disks", "policies"})
-_VM_KEYS = frozenset({"id", "fqdn"})
-_DISK_KEYS = frozenset({"id", "name", "vm", "size_in_gb", "state", "wwn"})
+_VM_KEYS = frozenset({"id", "fqdn", "annotations"})
+_DISK_KEYS = frozenset({"id", "name", "vm", "size_in_gb", "state", "wwn", "annotations"})
 _POLICY_KEYS = frozenset(
     {
         "id",
@@ -742,6 +812,80 @@ def _str(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{where}: expected a string, got {type(value).__name__}")
     return value
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true or false, got {type(value).__name__}")
+    return value
+
+
+def _annotations(value: Any, where: str) -> dict[str, str]:
+    """Returns an `annotations` table of a fleet file: string keys to string values."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a table/object of strings, got {type(value).__name__}")
+    return _checked_annotations(value, where)
+
+
+@dataclass(frozen=True)
+class _AnnotationShare:
+    """One `generate.annotations` entry: `share` of the generated disks or VMs get `annotations`."""
+
+    share: float
+    kind: str  # "disk" | "vm"
+    annotations: dict[str, str]
+
+
+def _annotation_shares(value: Any, where: str) -> list[_AnnotationShare]:
+    """Returns the validated `generate.annotations` entries (shares of one kind add up to at most 1)."""
+    if value is None:
+        return []
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise ValueError(f"{where}: expected a list, got {type(value).__name__}")
+    shares: list[_AnnotationShare] = []
+    totals = {"disk": 0.0, "vm": 0.0}
+    for i, raw in enumerate(value):
+        entry_where = f"{where}[{i}]"
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"{entry_where}: expected a table/object, got {type(raw).__name__}")
+        entry = dict(raw)
+        _check_keys(entry, _ANNOTATION_SHARE_KEYS, entry_where)
+        share = _number(_required(entry, "share", entry_where), f"{entry_where}.share", minimum=0.0)
+        if share > 1.0:
+            raise ValueError(f"{entry_where}.share: must be <= 1, got {share:g}")
+        kinds = [kind for kind in ("disk", "vm") if kind in entry]
+        if len(kinds) != 1:
+            raise ValueError(f"{entry_where}: give exactly one of disk or vm")
+        kind = kinds[0]
+        annotations = _checked_annotations(entry[kind], f"{entry_where}.{kind}")
+        totals[kind] += share
+        if totals[kind] > 1.0 + 1e-9:
+            raise ValueError(f"{entry_where}.share: the {kind} shares add up to {totals[kind]:g}, more than 1")
+        shares.append(_AnnotationShare(share=share, kind=kind, annotations=annotations))
+    return shares
+
+
+def _annotate_generated(fleet: Fleet, shares: list[_AnnotationShare], *, seed: int) -> None:
+    """Gives each `shares` entry its share of the generated disks or VMs (disjoint picks, from the seed)."""
+    # A stream of its own, so the fleet's ids, sizes and policies do not depend on the annotations asked for.
+    rng = random.Random(f"generate.annotations:{seed}")
+    for kind in ("disk", "vm"):
+        objects: list[FakeDisk] | list[FakeVM] = (
+            list(fleet.disks.values()) if kind == "disk" else list(fleet.vms.values())
+        )
+        order = list(range(len(objects)))
+        rng.shuffle(order)
+        cumulative = 0.0
+        start = 0
+        for entry in shares:
+            if entry.kind != kind:
+                continue
+            cumulative += entry.share
+            # Rounding the running total (not each share) keeps the picks disjoint and their sizes exact.
+            end = min(len(order), round(len(order) * cumulative))
+            for index in order[start:end]:
+                objects[index].annotations = dict(entry.annotations)
+            start = end
 
 
 def _int(value: Any, where: str, *, minimum: int | None = None) -> int:
@@ -802,8 +946,9 @@ def _load_organizations(fleet: Fleet, organizations: Iterable[Any], *, now: int)
             _check_keys(vm_table, _VM_KEYS, vm_where)
             vm_id = _str(_required(vm_table, "id", vm_where), f"{vm_where}.id")
             fqdn = _str(_required(vm_table, "fqdn", vm_where), f"{vm_where}.fqdn")
+            vm_annotations = _annotations(vm_table.get("annotations", {}), f"{vm_where}.annotations")
             with _located(vm_where):
-                fleet.add_vm(org_id, fqdn, id=vm_id)
+                fleet.add_vm(org_id, fqdn, id=vm_id, annotations=vm_annotations)
         for j, raw_disk in enumerate(_list(org_table.get("disks", []), f"{where}.disks")):
             disk_where = f"{where}.disks[{j}]"
             _load_disk(fleet, _table(raw_disk, disk_where), org_id=org_id, where=disk_where)
@@ -823,8 +968,18 @@ def _load_disk(fleet: Fleet, table: dict[str, Any], *, org_id: str, where: str) 
     size = _int(table.get("size_in_gb", 20), f"{where}.size_in_gb", minimum=1)
     state = _str(table.get("state", "attached"), f"{where}.state")
     wwn = None if "wwn" not in table else _str(table["wwn"], f"{where}.wwn")
+    annotations = _annotations(table.get("annotations", {}), f"{where}.annotations")
     with _located(where):
-        fleet.add_disk(org_id, name, id=disk_id, vm_id=vm_id, size_in_gb=size, state=state, wwn=wwn)
+        fleet.add_disk(
+            org_id,
+            name,
+            id=disk_id,
+            vm_id=vm_id,
+            size_in_gb=size,
+            state=state,
+            wwn=wwn,
+            annotations=annotations,
+        )
 
 
 def _load_policy(fleet: Fleet, table: dict[str, Any], *, now: int, where: str) -> None:
@@ -873,6 +1028,11 @@ def demo_fleet(*, now: int) -> tuple[Fleet, DemoTargets]:
     def disk(org: FakeOrg, name: str, *, on: FakeVM | None = None, size: int = 20) -> FakeDisk:
         vm_id = None if on is None else on.id
         return fleet.add_disk(org.id, name, id=fake_id("disk", f"demo:{name}"), vm_id=vm_id, size_in_gb=size)
+
+    def annotate(name_or_host: str, annotations: dict[str, str]) -> None:
+        # Annotations change no finding by themselves; a configuration with backup tiers has these to match.
+        by_name = {d.name: d.id for d in fleet.disks.values()} | {v.name: v.id for v in fleet.vms.values()}
+        fleet.set_annotations(by_name[name_or_host], annotations)
 
     def policy(
         target: FakeDisk | FakeVM,
@@ -946,6 +1106,13 @@ def demo_fleet(*, now: int) -> tuple[Fleet, DemoTargets]:
     trashed = disk(partner, "partner-old-volume")
     fleet.faults[trashed.id] = Fault.IN_TRASH
     missing = fake_id("disk", "demo:deleted-volume")  # never added: 404 disk_not_found
+
+    # A few labelled objects: two gold-tier volumes (one keeping only 14 daily backups) and a dev VM whose system
+    # disk says so too. Everything else stays unannotated.
+    annotate("shared-uploads", {"backup-tier": "gold"})
+    annotate("analytics-warehouse", {"backup-tier": "gold", "team": "data"})
+    annotate("web-3", {"env": "dev"})
+    annotate("web-3-system", {"env": "dev"})
 
     targets = DemoTargets(disks=[partner_web.id, partner_db.id, missing, trashed.id], organizations=[demo.id])
     return fleet, targets
