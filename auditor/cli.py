@@ -120,8 +120,14 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Runs a coroutine; expected failures print one clear line and exit 78 or 2, never a traceback."""
     import asyncio
 
+    return run_guarded(lambda: asyncio.run(coro))
+
+
+def run_guarded(call: Callable[[], T]) -> T:
+    """Runs `call` (synchronous work, or `asyncio.run` of a coroutine); expected failures print one clear line and
+    exit 78 or 2, never a traceback."""
     try:
-        return asyncio.run(coro)
+        return call()
     except ConfigError as err:
         fail_config(err)
     except StoreError as err:
@@ -220,6 +226,7 @@ def check_config(config_path: Path | None) -> None:
                    for name in ("min_retention", "min_retention_days", "max_interval", "stale_grace")
                    if (value := getattr(o, name)) is not None]
         lines.append(f"  override for {', '.join(o.disks)}: {', '.join(changed) or 'nothing changed'}")
+    lines += tier_lines(settings)
     lines.append(f"  waivers: {len(waivers)} in force, {len(problems)} not applying")
     for w in waivers:
         where = w.disk_id + (f" / {w.policy_id}" if w.policy_id else "")
@@ -235,6 +242,46 @@ def check_config(config_path: Path | None) -> None:
     lines += [f"  warning: {w}" for w in notifier_warnings(settings)]
     for line in lines:
         console.print(line, markup=False)
+
+
+def tier_lines(settings: Settings) -> list[str]:
+    """Returns check-config's lines about [[tiers]]: each tier, and warnings about tiers that can never match."""
+    from auditor.config import format_duration
+    from auditor.domain.tiers import shadowed, tier_from_tables
+
+    lines: list[str] = []
+    tiers = []
+    for t in settings.tiers:
+        m = t.match
+        tiers.append(tier_from_tables(t.name, disk_annotations=m.disk_annotations, vm_annotations=m.vm_annotations,
+                                      organizations=m.organizations, exempt=t.exempt, reason=t.reason))
+        conds = [f"{side} {key}={value if isinstance(value, str) else '|'.join(value)}"
+                 for side, table in (("disk", m.disk_annotations), ("vm", m.vm_annotations))
+                 for key, value in table.items()]
+        if m.organizations:
+            conds.append(f"organization {'|'.join(m.organizations)}")
+        if t.exempt:
+            what = f"exempt ({t.reason})"
+        else:
+            changed = [f"{name} {format_duration(value) if isinstance(value, timedelta) else value}"
+                       for name in ("min_retention", "min_retention_days", "max_interval", "stale_grace")
+                       if (value := getattr(t, name)) is not None]
+            changed += [f"{rule} {sev}" for rule, sev in t.severity.items()]
+            if t.disabled is not None:
+                changed.append(f"disabled [{', '.join(t.disabled)}]")
+            what = ", ".join(changed) or "the [rules] parameters"
+        lines.append(f"  tier {t.name}: when {' and '.join(conds)}: {what}")
+    for tier, earlier in shadowed(tiers):
+        lines.append(f"  warning: tier {tier.name} can never match: every disk it matches matches tier "
+                     f"{earlier.name} first")
+    if settings.audit.organizations and not settings.audit.disks:
+        audited = set(settings.audit.organizations)
+        for t in settings.tiers:
+            stray = [o for o in t.match.organizations if o not in audited]
+            if stray:
+                lines.append(f"  warning: tier {t.name} names organization(s) {', '.join(stray)} not spelled as in "
+                             "audit.organizations: disks are matched by the reference they were listed through")
+    return lines
 
 
 # ---- audit ----------------------------------------------------------------------------------------------
@@ -402,7 +449,10 @@ def run_cmd(config_path: Path | None) -> None:
 @click.option("--until", "until", default=None, metavar="DATE",
               help="End of the --since period, excluded: an ISO-8601 date (midnight UTC) or datetime (UTC unless "
                    "it has an offset). Default: now.")
-def report_cmd(config_path: Path | None, fmt: str, since: str | None, until: str | None) -> None:
+@click.option("--tier", "tier", default=None, metavar="NAME",
+              help="Only the disks (and their findings) of this [[tiers]] entry, the summary counting those.")
+def report_cmd(config_path: Path | None, fmt: str, since: str | None, until: str | None,
+               tier: str | None) -> None:
     """Print the current compliance report, or with --since compliance over a period (no Katapult call).
 
     With --since: time-weighted fleet compliance over the period and per UTC day, each disk's time in compliance,
@@ -411,7 +461,12 @@ def report_cmd(config_path: Path | None, fmt: str, since: str | None, until: str
     """
     if since is None and (until is not None or fmt == "html"):
         fail_usage("--until and --format html need --since (the period report)")
+    if tier is not None and since is not None:
+        fail_usage("--tier applies to the current report, not to --since")
     settings = load(config_path)
+    if tier is not None and tier not in {t.name for t in settings.tiers}:
+        known = ", ".join(t.name for t in settings.tiers) or "none configured"
+        fail_usage(f"--tier: no tier named {tier!r} (tiers: {known})")
     setup_logs(settings)
     if since is not None:
         period = parse_period(since, until)
@@ -426,13 +481,14 @@ def report_cmd(config_path: Path | None, fmt: str, since: str | None, until: str
         print_compliance(run_async(period_report()), fmt)
         return
 
-    async def go() -> None:
-        from auditor.service import open_services
+    def current() -> None:
+        # The current report reads a few rows: SQLAlchemy Core on a synchronous engine, without the ORM, asyncio,
+        # httpx or the notifiers that open_services would load (benchmarks/cli_start.py times it).
+        from auditor.service.reports import current_report
 
-        async with open_services(settings, katapult=False, migrate=False) as services:
-            await _print_report(services, fmt)
+        show_report(current_report(settings, tier=tier), fmt)
 
-    run_async(go())
+    run_guarded(current)
 
 
 def fail_usage(message: str) -> None:
@@ -571,10 +627,17 @@ def evidence_cmd(config_path: Path | None, since: str, until: str | None, out: P
 
 
 async def _print_report(services: Any, fmt: str) -> None:
-    from auditor.service.reports import build_report, report_csv, report_markdown
+    from auditor.service.reports import build_report
 
     waivers, problems = services.waivers()
     report = await build_report(services.store, now=services.clock(), waivers=waivers, waiver_problems=problems)
+    show_report(report, fmt)
+
+
+def show_report(report: dict[str, Any], fmt: str) -> None:
+    """Prints the current report in the chosen format."""
+    from auditor.service.reports import report_csv, report_markdown
+
     if fmt == "json":
         click.echo(json.dumps(report, indent=2))
     elif fmt == "csv":

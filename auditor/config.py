@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -123,9 +123,9 @@ DiskIds = Annotated[list[str], AfterValidator(_unique(check_disk_id))]
 OrgRefs = Annotated[list[str], AfterValidator(_unique(check_org_ref))]
 SeverityName = Literal["low", "medium", "high", "critical"]
 IntervalName = Literal["hourly", "daily", "weekly", "monthly"]
-GroupLabel = Literal["rule", "severity", "disk_id"]
+GroupLabel = Literal["rule", "severity", "disk_id", "tier"]
 # Alert labels the auditor sets itself; a notifier's static `labels` may not override them.
-RESERVED_LABELS = ("alertname", "severity", "fingerprint", "source", "disk_id", "policy_id", "test")
+RESERVED_LABELS = ("alertname", "severity", "fingerprint", "source", "disk_id", "policy_id", "test", "tier")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
@@ -283,18 +283,108 @@ class RulesSettings(Section):
     @field_validator("severity")
     @classmethod
     def _known_rules(cls, value: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(value) - set(RULE_IDS))
-        if unknown:
-            raise ValueError(f"unknown rule id(s) {', '.join(unknown)}; known: {', '.join(RULE_IDS)}")
+        _check_rule_ids(value)
         return value
 
     @field_validator("disabled")
     @classmethod
     def _known_disabled(cls, value: list[str]) -> list[str]:
-        unknown = sorted(set(value) - set(RULE_IDS))
-        if unknown:
-            raise ValueError(f"unknown rule id(s) {', '.join(unknown)}; known: {', '.join(RULE_IDS)}")
+        _check_rule_ids(value)
         return value
+
+
+def _check_rule_ids(ids: Iterable[str]) -> None:
+    unknown = sorted(set(ids) - set(RULE_IDS))
+    if unknown:
+        raise ValueError(f"unknown rule id(s) {', '.join(unknown)}; known: {', '.join(RULE_IDS)}")
+
+
+_TIER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ANY_VALUE = "*"
+
+
+def _annotation_conditions(value: dict[str, Any]) -> dict[str, str | list[str]]:
+    """Checks `disk_annotations` / `vm_annotations`: key -> value, list of values (any of them) or "*"."""
+    out: dict[str, str | list[str]] = {}
+    for key, wanted in value.items():
+        if not isinstance(key, str) or not key.strip():
+            raise ValueError("annotation keys must be non-empty strings")
+        if isinstance(wanted, str):
+            if not wanted:
+                raise ValueError(f"annotation {key!r}: the value must not be empty (use \"*\" for any value)")
+            out[key] = wanted
+        elif isinstance(wanted, list) and wanted and all(isinstance(v, str) and v for v in wanted):
+            if ANY_VALUE in wanted:
+                raise ValueError(f"annotation {key!r}: \"*\" stands alone, not inside a list of values")
+            out[key] = list(dict.fromkeys(wanted))
+        else:
+            raise ValueError(f"annotation {key!r}: expected a value, a non-empty list of values or \"*\", "
+                             f"got {wanted!r}"[:200])
+    return out
+
+
+AnnotationConditions = Annotated[dict[str, Any], AfterValidator(_annotation_conditions)]
+
+
+class TierMatchSettings(Section):
+    """[[tiers]].match: the conditions a disk must meet (all of them)."""
+
+    disk_annotations: AnnotationConditions = Field(default_factory=dict)
+    vm_annotations: AnnotationConditions = Field(default_factory=dict)
+    organizations: OrgRefs = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> TierMatchSettings:
+        if not (self.disk_annotations or self.vm_annotations or self.organizations):
+            raise ValueError("needs at least one of disk_annotations, vm_annotations, organizations")
+        return self
+
+
+class TierSettings(Section):
+    """[[tiers]]: rules chosen by a disk's annotations, its VM's annotations and its organization."""
+
+    name: str
+    match: TierMatchSettings
+    min_retention: int | None = Field(default=None, ge=0)
+    min_retention_days: float | None = Field(default=None, ge=0)
+    max_interval: IntervalName | None = None
+    stale_grace: Duration | None = None
+    severity: dict[str, SeverityName] = Field(default_factory=dict)
+    disabled: list[str] | None = None
+    exempt: bool = False
+    reason: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _TIER_NAME.match(value):
+            raise ValueError(f"{value[:80]!r} is not a tier name (letters, digits, '.', '_' or '-', at most 64, "
+                             "starting with a letter or digit)")
+        return value
+
+    @field_validator("severity")
+    @classmethod
+    def _known_rules(cls, value: dict[str, str]) -> dict[str, str]:
+        _check_rule_ids(value)
+        return value
+
+    @field_validator("disabled")
+    @classmethod
+    def _known_disabled(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            _check_rule_ids(value)
+        return value
+
+    @model_validator(mode="after")
+    def _exemption(self) -> TierSettings:
+        if self.exempt:
+            if not self.reason.strip():
+                raise ValueError("an exempt tier needs a reason (it is shown with every exempt disk)")
+            given = [k for k in ("min_retention", "min_retention_days", "max_interval", "stale_grace", "disabled")
+                     if getattr(self, k) is not None] + (["severity"] if self.severity else [])
+            if given:
+                raise ValueError(f"an exempt tier is not judged by any rule: remove {', '.join(given)}")
+        return self
 
 
 class NotifierCommon(Section):
@@ -478,6 +568,7 @@ class Settings(BaseSettings):
     daemon: DaemonSettings = DaemonSettings()
     api: ApiSettings = ApiSettings()
     rules: RulesSettings = RulesSettings()
+    tiers: list[TierSettings] = Field(default_factory=list)
     waivers: list[dict[str, Any]] = Field(default_factory=list)
     notifiers: list[NotifierSettings] = Field(default_factory=list)
     notify: NotifySettings = NotifySettings()
@@ -491,6 +582,10 @@ class Settings(BaseSettings):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"notifier names must be unique: {', '.join(dupes)}")
+        tiers = [t.name for t in self.tiers]
+        dupes = sorted({n for n in tiers if tiers.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tier names must be unique: {', '.join(dupes)}")
         return self
 
     @classmethod

@@ -10,15 +10,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from receivers import HttpReceiver, RecordingApp, Reply
 from test_cli import SECRET, clean_env, write
 
-from auditor.config import format_duration, parse_duration
-from auditor.fake import FakeServer, Fleet
+from auditor.config import Settings, format_duration, parse_duration
+from auditor.errors import StoreError
+from auditor.fake import FakeServer, Fault, Fleet
+from auditor.fake import create_app as fake_app
+from auditor.service import open_services
+from auditor.service.reports import REPORTED_STATUSES, build_report, current_report
+from auditor.store import engine as db
+from auditor.store.reads import ReportReads
 
 pytestmark = pytest.mark.slow
 
@@ -216,3 +223,141 @@ def test_the_command_line_starts_without_heavy_imports(tmp_path: Path, args: lis
     assert proc.returncode == 0, proc.stderr
     loaded = proc.stdout.strip().splitlines()[-1]
     assert loaded == repr(sorted(allowed)), loaded
+
+
+# ---- `auditor report`: the current report without the ORM ------------------------------------------------------
+
+# What `auditor report` must not load: it reads a few rows with SQLAlchemy Core (benchmarks/cli_start.py times it),
+# so of HEAVY only pydantic (the config), rich (the table) and SQLAlchemy's Core.
+NOT_FOR_REPORT = tuple(m for m in HEAVY if m not in ("pydantic", "rich", "sqlalchemy")) + (
+    "sqlalchemy.orm", "sqlalchemy.ext.asyncio", "aiosqlite", "jinja2", "apscheduler", "prometheus_client",
+    "auditor.katapult", "auditor.notify", "auditor.api", "auditor.web", "auditor.service.services",
+    "auditor.service.cycle", "auditor.service.compliance", "auditor.store.repo", "auditor.store.tables",
+)
+
+
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_report_reads_the_database_without_the_orm_httpx_or_the_daemon(tmp_path: Path, katapult: FakeServer,
+                                                                         fmt: str) -> None:
+    config = write(tmp_path / "auditor.toml", (
+        "[katapult]\nmax_requests_per_minute = 60000\nmax_attempts = 1\ntimeout_seconds = 5\n"
+        f'[database]\nurl = "sqlite:///{tmp_path / "auditor.db"}"\n'
+        f"[audit]\ndisks = {json.dumps([BARE])}\n"
+        '[[notifiers]]\nkind = "webhook"\nname = "ops"\nurl = "http://127.0.0.1:9/hook"\n'
+    ))
+    env = clean_env(AUDITOR_KATAPULT__API_URL=katapult.url, KATAPULT_API_TOKEN=SECRET)
+    audit = subprocess.run([sys.executable, "-m", "auditor", "audit", "--once", "--drain-timeout", "0", "--config",
+                            str(config)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert audit.returncode == 1, audit.stderr  # one open finding: the report has a run, a disk and a finding
+    args = ["report", "--config", str(config), "--format", fmt]
+    probe = (
+        "import sys\nfrom auditor.cli import main\n"
+        f"try:\n    main({args!r}, standalone_mode=False)\nexcept SystemExit as exc:\n    assert not exc.code, exc\n"
+        f"print(sorted(m for m in {NOT_FOR_REPORT!r} if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=clean_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    *printed, loaded = proc.stdout.strip().splitlines()
+    assert loaded == repr([]), loaded
+    assert BARE in "\n".join(printed) and "unprotected-disk" in "\n".join(printed)
+
+
+class FixedClock:
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _report_settings(db_url: str, disks: list[str], waived: str, expired: str, now: datetime) -> Settings:
+    return Settings(**{
+        "katapult": {"api_url": "http://fake/core/v1", "per_page": 5, "max_attempts": 1,
+                     "max_requests_per_minute": 100_000},
+        "database": {"url": db_url},
+        "audit": {"disks": disks},
+        "waivers": [
+            {"rule": "unprotected-disk", "disk": waived, "reason": "moving", "owner": "ops@example.com",
+             "expires": (now + timedelta(days=3)).date()},  # in force, expiring within a week
+            {"rule": "unprotected-disk", "disk": expired, "reason": "was fine", "owner": "old@example.com",
+             "expires": "2001-01-01"},
+        ],
+    })
+
+
+async def test_report_reads_the_same_report_as_build_report_on_the_store(db_url: str) -> None:
+    """`auditor report`'s synchronous Core reads give what the async ORM Store gives, field for field: runs
+    (including one abandoned on the way), disks known or not, open, waived and resolved findings, drift."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    clock = FixedClock(now)
+    fleet = Fleet(rate_limit_per_minute=1_000_000)
+    org = fleet.add_org("acme")
+    ids = [fleet.add_disk(org.id, name=f"disk {i}").id for i in range(4)]
+    fleet.add_policy(ids[1], id="dbp_good", retention=30 * 24, interval="hourly",
+                     next_invocation_at=int(time.time()) + 30 * 86400)
+    fleet.add_policy(ids[2], id="dbp_weak", retention=3, next_invocation_at=int(time.time()) + 86400)
+    fleet.add_policy(ids[3], id="dbp_short", retention=3, next_invocation_at=int(time.time()) + 86400)
+    settings = _report_settings(db_url, ids, waived=ids[0], expired=ids[3], now=now)
+    async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token="fake-token",
+                             clock=clock) as s:
+        await s.run_cycle()
+        fleet.update_policy("dbp_weak", retention=14)  # drift; its findings resolve
+        clock.now += timedelta(minutes=15)
+        await s.run_cycle()
+        fleet.faults[ids[1]] = Fault.UNAVAILABLE  # unknown, with its error
+        clock.now += timedelta(minutes=15)
+        await s.run_cycle()
+        # A run whose process is gone: the first reader marks it failed, and it is the latest run after that.
+        orphan = await s.store.start_run(now=clock.now, trigger="manual", owner="elsewhere:1:0123456789ab")
+    clock.now += timedelta(minutes=1)
+
+    fast = current_report(settings, clock=clock)
+    assert fast["last_run"]["id"] == orphan and fast["last_run"]["errors"][0]["code"] == "abandoned"
+    assert fast["drift"] and fast["findings"] and fast["expiring_waivers"] and fast["waiver_problems"]
+    assert {d["status"] for d in fast["disks"]} == {"compliant", "noncompliant", "unknown"}
+    async with open_services(settings, katapult=False, migrate=False, clock=clock) as s:
+        waivers, problems = s.waivers()
+        assert await build_report(s.store, now=s.clock(), waivers=waivers, waiver_problems=problems) == fast
+        reads = ReportReads(db_url)
+        try:
+            assert reads.latest_run() == await s.store.latest_run()
+            assert reads.target_disks() == await s.store.load_disks(targets_only=True)
+            for statuses in (REPORTED_STATUSES, ("resolved",)):
+                assert reads.all_findings(statuses=statuses) == await s.store.all_findings(statuses=statuses)
+            assert reads.current_policy_ids() == await s.store.current_policy_ids()
+            since = now - timedelta(days=1)
+            assert reads.recent_drift(since=since) == await s.store.recent_drift(since=since)
+        finally:
+            reads.close()
+
+
+async def _open_error(settings: Settings) -> str:
+    with pytest.raises(StoreError) as caught:
+        async with open_services(settings, katapult=False, migrate=False):
+            pass
+    return f"{type(caught.value).__name__}: {caught.value}"
+
+
+def _report_error(settings: Settings) -> str:
+    with pytest.raises(StoreError) as caught:
+        current_report(settings)
+    return f"{type(caught.value).__name__}: {caught.value}"
+
+
+async def test_report_fails_on_a_database_as_open_services_does(tmp_path: Path, db_url: str) -> None:
+    """Missing, outdated or not a database at all: the same error, and nothing created or migrated."""
+    def settings(url: str) -> Settings:
+        return Settings(**{"database": {"url": url}})
+
+    missing = settings(f"sqlite:///{tmp_path / 'typo' / 'nothing.db'}")
+    assert "does not exist" in _report_error(missing) == await _open_error(missing)
+    assert not (tmp_path / "typo").exists()
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database" * 100)
+    assert "file is not a database" in _report_error(settings(f"sqlite:///{garbage}")) == await _open_error(
+        settings(f"sqlite:///{garbage}"))
+    await db.upgrade(db_url, "0001")
+    old = settings(db_url)
+    assert "revision 0001" in _report_error(old) == await _open_error(old)
+    assert (await db.current_revision(db_url))[0] == "0001"  # left as it was

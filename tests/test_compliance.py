@@ -175,7 +175,7 @@ async def test_the_period_report_over_real_cycles(world: World) -> None:
     assert disks[D0] == {"disk_id": D0, "name": "unprotected", "compliance_pct": 60.0,
                          "compliant_seconds": 36 * HOUR, "waived_seconds": 36 * HOUR,
                          "noncompliant_seconds": 24 * HOUR, "unknown_seconds": 0, "no_data_seconds": 12 * HOUR,
-                         "status_at_end": "noncompliant"}
+                         "status_at_end": "noncompliant", "exempt_seconds": 0}
     assert (disks[D1]["compliance_pct"], disks[D1]["compliant_seconds"], disks[D1]["unknown_seconds"],
             disks[D1]["no_data_seconds"], disks[D1]["status_at_end"]) == (90.0, 54 * HOUR, 6 * HOUR, 12 * HOUR,
                                                                           "compliant")

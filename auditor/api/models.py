@@ -19,7 +19,7 @@ RuleId = StrEnum("RuleId", {rule_id.upper().replace("-", "_"): rule_id for rule_
 FindingStatusFilter = Literal["open", "resolved", "waived", "all"]
 SeverityName = Literal["low", "medium", "high", "critical"]
 RunStatusName = Literal["running", "complete", "partial", "failed"]
-DiskStatusName = Literal["compliant", "noncompliant", "unknown"]
+DiskStatusName = Literal["compliant", "noncompliant", "unknown", "exempt"]
 DeliveryStateName = Literal["pending", "delivering", "delivered", "failed"]
 
 
@@ -97,6 +97,8 @@ class Summary(Model):
     waived_findings: int
     by_rule: dict[str, int]
     by_severity: dict[str, int]
+    exempt: int = Field(description="disks their tier exempts (never counted as compliant)")
+    by_tier: dict[str, int] = Field(description="disks by tier name; the defaults are counted under \"\"")
 
 
 class ReadError(Model):
@@ -104,6 +106,13 @@ class ReadError(Model):
 
     code: str | None
     message: str | None
+
+
+class Exemption(Model):
+    """Why a disk is exempt: its tier's reason and the annotations (or organization) that put it there."""
+
+    reason: str | None
+    because: dict[str, Any]
 
 
 class ReportDisk(Model):
@@ -118,6 +127,8 @@ class ReportDisk(Model):
     source: str
     last_read_at: str | None
     error: ReadError | None
+    tier: str | None = Field(description="the [[tiers]] entry the disk was judged by; null for [rules]")
+    exemption: Exemption | None
 
 
 class WaiverProblem(Model):
@@ -190,6 +201,8 @@ class DiskInfo(Model):
     first_seen_at: str | None
     last_checked_at: str | None
     last_read_at: str | None
+    tier: str | None
+    exemption: Exemption | None
 
 
 class PolicyState(Model):
@@ -353,6 +366,7 @@ class ComplianceDay(Model):
     waived_seconds: int
     noncompliant_seconds: int
     unknown_seconds: int
+    exempt_seconds: int
 
 
 class ComplianceFleet(Model):
@@ -364,6 +378,7 @@ class ComplianceFleet(Model):
     waived_seconds: int
     noncompliant_seconds: int
     unknown_seconds: int
+    exempt_seconds: int = Field(description="exempt disk-time: in no verdict's denominator")
     by_day: list[ComplianceDay]
 
 
@@ -378,7 +393,8 @@ class ComplianceDisk(Model):
     noncompliant_seconds: int
     unknown_seconds: int
     no_data_seconds: int
-    status_at_end: Literal["compliant", "waived", "noncompliant", "unknown"] | None
+    status_at_end: Literal["compliant", "waived", "noncompliant", "unknown", "exempt"] | None
+    exempt_seconds: int
 
 
 class ComplianceRule(Model):

@@ -40,6 +40,7 @@ from auditor.store.repo import FindingQuery, decode_cursor
 
 # Ids are opaque strings without whitespace or control characters (PostgreSQL rejects NUL in text outright).
 ID_PATTERN = r"^[^\x00-\x20\x7f]+$"
+TIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # [[tiers]].name
 ID_MAX = 256
 STORE_DOWN: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorDetail, "description": "The database does not answer (or the auditor is starting)."},
@@ -219,13 +220,15 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=1000, description="Page size.")] = 100,
         cursor: Annotated[str | None, AfterValidator(_valid_cursor),
                           Query(description="`next_cursor` of the previous page.", max_length=2048)] = None,
+        tier: Annotated[str | None, Query(description="Only findings of disks in this `[[tiers]]` entry.",
+                                          max_length=64, pattern=TIER_PATTERN)] = None,
         *,
         request: Request,
     ) -> Response:
         """Findings ordered by disk and fingerprint, with their lifecycle times."""
         statuses = ("open", "waived", "resolved") if status == "all" else (status,)
         query = FindingQuery(statuses=statuses, rule=rule.value if rule is not None else None, severity=severity,
-                             disk_id=disk_id, limit=limit, cursor=cursor)
+                             disk_id=disk_id, limit=limit, cursor=cursor, tier=tier)
 
         async def build() -> dict[str, Any]:
             page, next_cursor = await deps.store.list_findings(query)

@@ -50,16 +50,21 @@ class Alert:
     ends_at: datetime | None = None
     disk_id: str | None = None
     policy_id: str | None = None
+    tier: str | None = None  # the disk's [[tiers]] entry, None for the defaults
 
     def labels(self) -> dict[str, str]:
-        """Returns the Alertmanager labels: alertname = rule id, plus disk_id, policy_id, severity, fingerprint."""
-        return {
+        """Returns the Alertmanager labels: alertname = rule id, plus disk_id, policy_id, severity, fingerprint,
+        and tier when the disk is in one (so an auditor without tiers sends the label sets it always sent)."""
+        labels = {
             "alertname": self.rule,
             "disk_id": self.disk_id or "",
             "policy_id": self.policy_id or "",
             "severity": self.severity.value,
             "fingerprint": self.fingerprint,
         }
+        if self.tier:
+            labels["tier"] = self.tier
+        return labels
 
     def annotations(self) -> dict[str, str]:
         """Returns the Alertmanager annotations: summary and description."""
@@ -174,6 +179,7 @@ def notification_to_dict(n: Notification) -> dict[str, Any]:
                 "ends_at": _ts(a.ends_at),
                 "disk_id": a.disk_id,
                 "policy_id": a.policy_id,
+                **({"tier": a.tier} if a.tier else {}),
             }
             for a in n.alerts
         ],
@@ -194,6 +200,7 @@ def notification_from_dict(data: dict[str, Any]) -> Notification:
             ends_at=_dt(a.get("ends_at")),
             disk_id=a.get("disk_id"),
             policy_id=a.get("policy_id"),
+            tier=a.get("tier"),
         )
         for a in data["alerts"]
     )

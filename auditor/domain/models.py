@@ -9,6 +9,8 @@ from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from auditor.domain.tiers import DEFAULTS, TierDecision
+
 
 class Interval(StrEnum):
     """A backup policy's schedule interval, as Katapult names it."""
@@ -98,6 +100,24 @@ class Disk:
     vm_fqdn: str | None = None
     state: str | None = None
     size_in_gb: int | None = None
+    # The disk's annotations when the response carried them (None: not in the response, so not known).
+    annotations: tuple[tuple[str, str], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualMachine:
+    """A virtual machine as far as tiers need it: its organization and annotations (None: not in the response)."""
+
+    id: str
+    fqdn: str | None = None
+    organization_id: str | None = None
+    organization_sub_domain: str | None = None
+    annotations: tuple[tuple[str, str], ...] | None = None
+
+    @property
+    def organization_refs(self) -> frozenset[str]:
+        """Returns the id and sub-domain naming the VM's organization (those known)."""
+        return frozenset(r for r in (self.organization_id, self.organization_sub_domain) if r)
 
 
 class ReadOutcome(StrEnum):
@@ -119,6 +139,7 @@ class DiskSnapshot:
     error_code: str | None = None
     error_message: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    tier: TierDecision = DEFAULTS  # the tier the disk was judged by (see domain.tiers)
 
     @property
     def disk_id(self) -> str:

@@ -42,6 +42,7 @@ EARLIEST = EPOCH
 LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 
 COMPLIANT, WAIVED, NONCOMPLIANT, UNKNOWN = "compliant", "waived", "noncompliant", "unknown"
+EXEMPT = "exempt"  # a disk its tier exempts: judged by no rule, so neither compliant nor in the denominator
 VERDICTS = (COMPLIANT, WAIVED, NONCOMPLIANT, UNKNOWN)
 COVERING_RUNS = frozenset({"complete", "partial"})
 FINISHED_RUNS = frozenset({"complete", "partial", "failed"})
@@ -238,10 +239,13 @@ class Tally:
     waived: int = 0
     noncompliant: int = 0
     unknown: int = 0
+    exempt: int = 0
 
     def add(self, status: str, us: int) -> None:
         """Adds `us` microseconds of `status` (anything unrecognised counts as unknown: never as compliant)."""
-        if status == COMPLIANT:
+        if status == EXEMPT:
+            self.exempt += us
+        elif status == COMPLIANT:
             self.compliant += us
         elif status == WAIVED:
             self.compliant += us
@@ -257,6 +261,7 @@ class Tally:
         self.waived += other.waived
         self.noncompliant += other.noncompliant
         self.unknown += other.unknown
+        self.exempt += other.exempt
 
     @property
     def judged(self) -> int:
@@ -307,24 +312,24 @@ def daily_tallies(verdicts: Iterable[Verdict], coverage: Coverage) -> list[DayTa
     """
     period = coverage.period
     start, end = period.start_us, period.end_us
-    slot = {COMPLIANT: 0, WAIVED: 1, NONCOMPLIANT: 2}
+    slot = {COMPLIANT: 0, WAIVED: 1, NONCOMPLIANT: 2, EXEMPT: 4}
     deltas: dict[int, list[int]] = {}
     for v in verdicts:
         a, b = _clip(v, start, end)
         if a >= b:
             continue
         k = slot.get(v.status, 3)
-        deltas.setdefault(a, [0, 0, 0, 0])[k] += 1
-        deltas.setdefault(b, [0, 0, 0, 0])[k] -= 1
+        deltas.setdefault(a, [0, 0, 0, 0, 0])[k] += 1
+        deltas.setdefault(b, [0, 0, 0, 0, 0])[k] -= 1
     days = period.days()
     edges = sorted(set(deltas) | {d_start for _, d_start, _ in days} | {end})
-    counts = [0, 0, 0, 0]
+    counts = [0, 0, 0, 0, 0]
     per_day = [Tally() for _ in days]
     day_starts = [d_start for _, d_start, _ in days]
     for i, t in enumerate(edges[:-1]):
         change = deltas.get(t)
         if change is not None:
-            for k in range(4):
+            for k in range(5):
                 counts[k] += change[k]
         if not any(counts):
             continue
@@ -336,6 +341,7 @@ def daily_tallies(verdicts: Iterable[Verdict], coverage: Coverage) -> list[DayTa
         tally.waived += counts[1] * covered
         tally.noncompliant += counts[2] * covered
         tally.unknown += counts[3] * covered
+        tally.exempt += counts[4] * covered
     return [DayTally(day, d_end - d_start, coverage.covered(d_start, d_end), tally)
             for (day, d_start, d_end), tally in zip(days, per_day, strict=True)]
 

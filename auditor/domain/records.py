@@ -23,6 +23,7 @@ class DiskStatus(StrEnum):
     COMPLIANT = "compliant"
     NONCOMPLIANT = "noncompliant"
     UNKNOWN = "unknown"
+    EXEMPT = "exempt"  # its tier exempts it: judged by no rule, never counted as compliant
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,8 @@ class DiskRecord:
     first_seen_at: datetime
     last_checked_at: datetime
     last_read_at: datetime | None
+    tier: str | None = None  # the tier of the latest definite reading (None: the defaults)
+    tier_detail: dict[str, Any] | None = None  # {"exempt", "reason", "because"} for that tier
 
 
 @dataclass(frozen=True, slots=True)

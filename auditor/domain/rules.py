@@ -19,6 +19,7 @@ from auditor.domain.models import (
     Severity,
     utc_from_epoch,
 )
+from auditor.domain.tiers import DEFAULTS, Tier, TierDecision
 
 UNPROTECTED_DISK = "unprotected-disk"
 RETENTION_BELOW_MINIMUM = "retention-below-minimum"
@@ -40,21 +41,53 @@ class RuleParams:
 
 
 @dataclass(frozen=True, slots=True)
+class Applied:
+    """What one disk is judged by: parameters, per-rule severities and disabled rules."""
+
+    params: RuleParams = RuleParams()
+    severity: Mapping[str, Severity] = field(default_factory=dict)
+    disabled: frozenset[str] = frozenset()
+
+    def severity_of(self, rule: str) -> Severity:
+        """Returns the configured severity of `rule`, else its default."""
+        return self.severity.get(rule) or RULES[rule].severity
+
+
+@dataclass(frozen=True, slots=True)
 class RuleSet:
-    """Default parameters, per-disk overrides, per-rule severities and disabled rules."""
+    """Default parameters, per-disk overrides, per-rule severities, disabled rules and tiers.
+
+    Precedence for one disk: its `[[rules.overrides]]` entry, then its tier (`tier_rules[name]`), then the
+    defaults. Severities and disabled rules of an override are those of `[rules]`.
+    """
 
     default: RuleParams = RuleParams()
     overrides: Mapping[str, RuleParams] = field(default_factory=dict)
     severity: Mapping[str, Severity] = field(default_factory=dict)
     disabled: frozenset[str] = frozenset()
+    tiers: tuple[Tier, ...] = ()
+    tier_rules: Mapping[str, Applied] = field(default_factory=dict)
 
     def params_for(self, disk_id: str) -> RuleParams:
-        """Returns the parameters that apply to `disk_id` (its override, else the defaults)."""
+        """Returns the parameters that apply to `disk_id` without tiers (its override, else the defaults)."""
         return self.overrides.get(disk_id, self.default)
 
     def severity_of(self, rule: str) -> Severity:
         """Returns the configured severity of `rule`, else its default."""
         return self.severity.get(rule) or RULES[rule].severity
+
+    def has_override(self, disk_id: str) -> bool:
+        """Returns whether `[[rules.overrides]]` names the disk (it then ignores tiers)."""
+        return disk_id in self.overrides
+
+    def applied(self, disk_id: str, decision: TierDecision = DEFAULTS) -> Applied:
+        """Returns what `disk_id` is judged by, given the tier decided for it."""
+        override = self.overrides.get(disk_id)
+        if override is None and decision.tier is not None:
+            found = self.tier_rules.get(decision.tier.name)
+            if found is not None:
+                return found
+        return Applied(override or self.default, self.severity, self.disabled)
 
 
 def _days(delta: timedelta) -> float:
@@ -191,27 +224,29 @@ _POLICY_RULES = tuple(r for r in RULES.values() if r.check is not None)
 def evaluate(snapshot: DiskSnapshot, rules: RuleSet, *, now: datetime) -> list[Finding]:
     """Returns the findings for one disk snapshot; an unknown snapshot yields none (it has no verdict)."""
     disk_id = snapshot.disk_id
+    if snapshot.outcome is ReadOutcome.UNKNOWN or (snapshot.tier.exempt and not rules.has_override(disk_id)):
+        return []
+    applied = rules.applied(disk_id, snapshot.tier)
+    disabled = applied.disabled
 
     def make(rule: str, policy_id: str | None, message: str, obs: dict[str, Any], exp: dict[str, Any]) -> Finding:
-        return Finding(rule, disk_id, policy_id, rules.severity_of(rule), message, obs, exp)
+        return Finding(rule, disk_id, policy_id, applied.severity_of(rule), message, obs, exp)
 
-    if snapshot.outcome is ReadOutcome.UNKNOWN:
-        return []
     if snapshot.outcome is ReadOutcome.NOT_FOUND:
-        if DISK_NOT_FOUND in rules.disabled:
+        if DISK_NOT_FOUND in disabled:
             return []
         return [make(DISK_NOT_FOUND, None, f"disk {disk_id} does not exist", {"error": "disk_not_found"}, {})]
     if snapshot.outcome is ReadOutcome.IN_TRASH:
-        if DISK_IN_TRASH in rules.disabled:
+        if DISK_IN_TRASH in disabled:
             return []
         keep = _iso(_trash_keep_until(snapshot.detail))
         msg = f"disk {disk_id} is in the trash" + (f" until {keep}" if keep else "")
         return [make(DISK_IN_TRASH, None, msg, {"error": "object_in_trash", "keep_until": keep}, {})]
 
-    params = rules.params_for(disk_id)
+    params = applied.params
     findings: list[Finding] = []
     if not snapshot.policies:
-        if UNPROTECTED_DISK not in rules.disabled:
+        if UNPROTECTED_DISK not in disabled:
             vm = snapshot.disk.vm_id
             where = f" or its VM {vm}" if vm else ""
             findings.append(
@@ -226,7 +261,7 @@ def evaluate(snapshot: DiskSnapshot, rules: RuleSet, *, now: datetime) -> list[F
         return findings
     for policy in sorted(snapshot.policies, key=lambda p: p.id):
         for rule in _POLICY_RULES:
-            if rule.id in rules.disabled or rule.check is None:
+            if rule.id in disabled or rule.check is None:
                 continue
             hit = rule.check(policy, params, now)
             if hit is not None:
@@ -253,10 +288,22 @@ def build_ruleset(
     overrides: Sequence[tuple[Sequence[str], Mapping[str, Any]]] = (),
     severity: Mapping[str, Severity] | None = None,
     disabled: Sequence[str] = (),
+    tiers: Sequence[tuple[Tier, Mapping[str, Any], Mapping[str, Severity], Sequence[str] | None]] = (),
 ) -> RuleSet:
-    """Returns a RuleSet; each override is (disk ids, changed params) applied over the defaults, later wins."""
+    """Returns a RuleSet; each override is (disk ids, changed params) applied over the defaults, later wins.
+
+    Each tier is (tier, changed params, severities, disabled rules or None): its parameters are the defaults with
+    its changes, its severities `[rules].severity` with its own on top, its disabled rules its own list when given,
+    else `[rules].disabled`.
+    """
     per_disk: dict[str, RuleParams] = {}
     for disks, changes in overrides:
         for disk_id in disks:
             per_disk[disk_id] = replace(per_disk.get(disk_id, default), **dict(changes))
-    return RuleSet(default, per_disk, dict(severity or {}), frozenset(disabled))
+    base_severity = dict(severity or {})
+    tier_rules = {
+        tier.name: Applied(replace(default, **dict(changes)), {**base_severity, **tier_severity},
+                           frozenset(disabled if tier_disabled is None else tier_disabled))
+        for tier, changes, tier_severity, tier_disabled in tiers
+    }
+    return RuleSet(default, per_disk, base_severity, frozenset(disabled), tuple(t[0] for t in tiers), tier_rules)

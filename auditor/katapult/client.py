@@ -14,7 +14,8 @@ from typing import TypeVar
 
 import httpx
 
-from auditor.domain.models import BackupPolicy, Disk
+from auditor.domain.models import BackupPolicy, Disk, VirtualMachine
+from auditor.domain.tiers import Selector
 from auditor.errors import (
     KatapultAPIError,
     KatapultError,
@@ -37,6 +38,8 @@ VM_POLICIES = "/virtual_machines/virtual_machine/disk_backup_policies"
 ORG_POLICIES = "/organizations/organization/disk_backup_policies"
 ORG_DISKS = "/organizations/organization/disks"
 DISK = "/disks/disk"
+VM = "/virtual_machines/virtual_machine"
+ORG_VMS = "/organizations/organization/virtual_machines"
 
 # README: per_page is at most 200; more is 400 invalid_argument.
 MAX_PER_PAGE = 200
@@ -55,6 +58,26 @@ _MAX_HEADER_INT = 2**31 - 1
 _REDACTED = "[redacted]"
 
 
+Params = dict[str, str | list[str]]
+
+
+def annotation_filter(selector: Selector) -> Params:
+    """Returns the query of a filtered listing: `annotations[][key]` and, unless the keys stand alone, values.
+
+    README: both arrays must have the same number of elements; a listing of keys without values finds the
+    objects that have those keys with any value. A selector is all pairs or all keys (see TierMatch.selectors).
+    """
+    if not selector:
+        return {}
+    keys = [key for key, _ in selector]
+    values = [value for _, value in selector]
+    if all(v is None for v in values):
+        return {"annotations[][key]": keys}
+    if any(v is None for v in values):
+        raise ValueError("a selector is all (key, value) pairs or all keys")
+    return {"annotations[][key]": keys, "annotations[][value]": [v for v in values if v is not None]}
+
+
 @dataclass(frozen=True)
 class OrgRef:
     """An organization named by id (`org_…`) or by sub-domain."""
@@ -65,7 +88,7 @@ class OrgRef:
         if not self.value:
             raise ValueError("an organization reference must not be empty")
 
-    def params(self) -> dict[str, str]:
+    def params(self) -> Params:
         """Returns the lookup query: organization[id] for `org_…`, else organization[sub_domain]."""
         # README: organization[id]=org_XXXX or organization[sub_domain]=acme (mutually exclusive).
         if self.value.startswith("org_"):
@@ -219,6 +242,40 @@ class KatapultClient:
         )
         return disks
 
+    async def list_org_vms(self, org: OrgRef, selector: Selector = ()) -> list[VirtualMachine]:
+        """Returns an organization's virtual machines, only those with the `selector`'s annotations if given."""
+        return await self._list(
+            ORG_VMS,
+            {**org.params(), **annotation_filter(selector)},
+            target=org.value,
+            parse=lambda body, page: wire.parse_vm_page(body, endpoint=ORG_VMS, target=org.value, page=page),
+            key=lambda vm: vm.id,
+        )
+
+    async def list_org_disks_with(self, org: OrgRef, selector: Selector) -> list[Disk]:
+        """Returns an organization's disks that have the `selector`'s annotations (one filtered listing)."""
+        return await self._list(
+            ORG_DISKS,
+            {**org.params(), **annotation_filter(selector)},
+            target=org.value,
+            parse=lambda body, page: wire.parse_disk_page(body, endpoint=ORG_DISKS, target=org.value, page=page),
+            key=lambda disk: disk.id,
+        )
+
+    async def get_vm(self, vm_id: str) -> VirtualMachine:
+        """Returns one virtual machine with its organization and annotations."""
+        body = await self._get(VM, {"virtual_machine[id]": vm_id}, target=vm_id)
+        vm = wire.parse_vm_response(body, endpoint=VM, target=vm_id)
+        if vm.id != vm_id:
+            raise UnexpectedObjectError(
+                wire.clip(f"GET {VM}: asked for virtual machine {vm_id}, Katapult answered about {vm.id!r}"),
+                field="virtual_machine.id",
+                target=vm_id,
+                endpoint=VM,
+                status_code=200,
+            )
+        return vm
+
     async def get_disk(self, disk_id: str) -> Disk:
         """Returns one disk; raises UnexpectedObjectError if Katapult answers about another disk."""
         body = await self._get(DISK, {"disk[id]": disk_id}, target=disk_id)
@@ -235,7 +292,7 @@ class KatapultClient:
             )
         return disk
 
-    async def _list_policies(self, endpoint: str, lookup: dict[str, str], *, target: str) -> list[BackupPolicy]:
+    async def _list_policies(self, endpoint: str, lookup: Params, *, target: str) -> list[BackupPolicy]:
         return await self._list(
             endpoint,
             lookup,
@@ -247,7 +304,7 @@ class KatapultClient:
     async def _list(
         self,
         endpoint: str,
-        lookup: dict[str, str],
+        lookup: Params,
         *,
         target: str,
         parse: Callable[[dict[str, object], int], wire.Page[T]],
@@ -312,7 +369,7 @@ class KatapultClient:
         return items
 
     async def _get_pages(
-        self, endpoint: str, lookup: dict[str, str], pages: range, *, target: str
+        self, endpoint: str, lookup: Params, pages: range, *, target: str
     ) -> list[dict[str, object]]:
         """Returns the bodies of several pages fetched concurrently, in page order; the first failure wins."""
         tasks = [
@@ -329,7 +386,7 @@ class KatapultClient:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
-    async def _get(self, endpoint: str, params: dict[str, str], *, target: str) -> dict[str, object]:
+    async def _get(self, endpoint: str, params: Params, *, target: str) -> dict[str, object]:
         """Returns the decoded JSON body of a GET, retrying transient failures."""
         started = time.monotonic()
         slept = 0.0
@@ -377,7 +434,7 @@ class KatapultClient:
         per_minute = permitted or self._limiter.per_minute
         return max(RATE_LIMIT_MIN_WAIT, 60.0 / per_minute * RATE_LIMIT_SLOTS)
 
-    async def _send(self, endpoint: str, params: dict[str, str], *, target: str) -> dict[str, object]:
+    async def _send(self, endpoint: str, params: Params, *, target: str) -> dict[str, object]:
         """Sends one paced GET and returns its JSON body, or raises the typed error for the outcome."""
         async with self._semaphore:
             started_at = await self._limiter.acquire()

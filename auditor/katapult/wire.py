@@ -6,11 +6,19 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Generic, TypeVar
 
-from auditor.domain.models import BackupPolicy, Disk, Interval, Schedule, TargetType, utc_from_epoch
+from auditor.domain.models import (
+    BackupPolicy,
+    Disk,
+    Interval,
+    Schedule,
+    TargetType,
+    VirtualMachine,
+    utc_from_epoch,
+)
 from auditor.errors import (
     AuthError,
     InTrashError,
@@ -27,6 +35,9 @@ T = TypeVar("T")
 POLICIES_KEY = "disk_backup_policies"
 # README: the organization disks list puts its array under "disk" (singular), not "disks".
 ORG_DISKS_KEY = "disk"
+ORG_VMS_KEY = "virtual_machines"
+# More annotations than this on one object is not a real object: refuse rather than hold it.
+MAX_ANNOTATIONS = 1000
 
 _MAX_DESCRIPTION = 300
 # Every error message is cut to this length: a hostile body cannot make logs, stored errors or alerts huge.
@@ -337,6 +348,43 @@ def _parse_disk(reader: _Reader, raw: object, path: str) -> Disk:
         vm_fqdn=vm_fqdn,
         state=reader.opt_str(item, "state", path),
         size_in_gb=reader.opt_int(item, "size_in_gb", path),
+        annotations=_parse_annotations(reader, item, path),
+    )
+
+
+def _parse_annotations(reader: _Reader, parent: Mapping[str, object], path: str) -> tuple[tuple[str, str], ...] | None:
+    """Returns the `annotations` array as (key, value) pairs; None when the object has no such field.
+
+    README: KeyValue is {"key": string (required), "value": string}; a pair without a value has the value "".
+    The spec's list items carry no annotations and newer API versions may: absent means "not known", never "none".
+    """
+    if "annotations" not in parent or parent["annotations"] is None:
+        return None
+    raw = parent["annotations"]
+    where = _join(path, "annotations")
+    if not isinstance(raw, list):
+        raise reader.fail(where, f"expected an array, got {_kind(raw)}")
+    if len(raw) > MAX_ANNOTATIONS:
+        raise reader.fail(where, f"{len(raw)} annotations (at most {MAX_ANNOTATIONS} are accepted)")
+    pairs: dict[str, str] = {}
+    for index, pair in enumerate(raw):
+        pair_path = f"{where}[{index}]"
+        item = reader.obj(pair, pair_path)
+        key = reader.req_str(item, "key", pair_path)
+        pairs[key] = reader.opt_str(item, "value", pair_path) or ""
+    return tuple(pairs.items())
+
+
+def _parse_vm(reader: _Reader, raw: object, path: str) -> VirtualMachine:
+    item = reader.obj(raw, path)
+    org = reader.opt_obj(item, "organization", path)
+    org_path = _join(path, "organization")
+    return VirtualMachine(
+        id=reader.req_str(item, "id", path),
+        fqdn=reader.opt_str(item, "fqdn", path),
+        organization_id=reader.opt_str(org, "id", org_path) if org is not None else None,
+        organization_sub_domain=reader.opt_str(org, "sub_domain", org_path) if org is not None else None,
+        annotations=_parse_annotations(reader, item, path),
     )
 
 
@@ -388,9 +436,26 @@ def parse_disk_page(body: Mapping[str, object], *, endpoint: str, target: str, p
 
 
 def parse_disk_response(body: Mapping[str, object], *, endpoint: str, target: str) -> Disk:
-    """Returns the disk of a `GET /disks/disk` response (`{"disk": {...}}`)."""
+    """Returns the disk of a `GET /disks/disk` response (`{"disk": {...}, "annotations": [...]}`)."""
     reader = _Reader(endpoint=endpoint, target=target)
-    return _parse_disk(reader, reader.field(body, "disk", ""), "disk")
+    disk = _parse_disk(reader, reader.field(body, "disk", ""), "disk")
+    annotations = _parse_annotations(reader, body, "")
+    return disk if annotations is None else replace(disk, annotations=annotations)
+
+
+def parse_vm_page(
+    body: Mapping[str, object], *, endpoint: str, target: str, page: int | None = None
+) -> Page[VirtualMachine]:
+    """Returns the VMs and pagination of one page of an organization's virtual machine list."""
+    return _parse_page(body, ORG_VMS_KEY, _parse_vm, endpoint=endpoint, target=target, page=page)
+
+
+def parse_vm_response(body: Mapping[str, object], *, endpoint: str, target: str) -> VirtualMachine:
+    """Returns the VM of a `GET /virtual_machines/virtual_machine` response, with its annotations."""
+    reader = _Reader(endpoint=endpoint, target=target)
+    vm = _parse_vm(reader, reader.field(body, "virtual_machine", ""), "virtual_machine")
+    annotations = _parse_annotations(reader, body, "")
+    return vm if annotations is None else replace(vm, annotations=annotations)
 
 
 def parse_error_body(content: bytes) -> ApiErrorBody | None:

@@ -16,7 +16,7 @@ from auditor.domain.models import Severity
 from auditor.notify.base import clamp_retry_after
 
 # `group_by` names what the config calls a dimension; the group labels use Alertmanager's label names.
-GROUP_LABELS = {"rule": "alertname", "severity": "severity", "disk_id": "disk_id"}
+GROUP_LABELS = {"rule": "alertname", "severity": "severity", "disk_id": "disk_id", "tier": "tier"}
 # Alertmanager prefixes a group key with the matchers of the route that grouped it; ours is the root route.
 ROUTE_KEY = "{}"
 MAX_EXPONENT = 62

@@ -61,7 +61,7 @@ MAX_SPAN = periods.MAX_SPAN
 REDACTED = "<redacted>"
 MANIFEST = "MANIFEST.sha256"
 DISK_CSV_COLUMNS = ("disk_id", "name", "compliance_pct", "compliant_seconds", "waived_seconds",
-                    "noncompliant_seconds", "unknown_seconds", "no_data_seconds", "status_at_end")
+                    "noncompliant_seconds", "unknown_seconds", "no_data_seconds", "status_at_end", "exempt_seconds")
 RUN_CSV_COLUMNS = ("id", "trigger", "status", "started_at", "finished_at", "targets_checked", "disks_read",
                    "disks_unknown", "api_requests", "api_retries", "api_rate_limited", "findings_opened",
                    "findings_resolved", "error_count", "errors")
@@ -152,7 +152,8 @@ def compliance_from(data: history.PeriodData, *, period: Period, interval: timed
             "waived_seconds": s(t.waived),
             "noncompliant_seconds": s(t.noncompliant),
             "unknown_seconds": s(t.unknown),
-            "no_data_seconds": s(length - t.judged),
+            "exempt_seconds": s(t.exempt),
+            "no_data_seconds": s(length - t.judged - t.exempt),
             "status_at_end": at_end.get(disk_id),
         })
     by_day = [{
@@ -164,6 +165,7 @@ def compliance_from(data: history.PeriodData, *, period: Period, interval: timed
         "waived_seconds": s(d.tally.waived),
         "noncompliant_seconds": s(d.tally.noncompliant),
         "unknown_seconds": s(d.tally.unknown),
+        "exempt_seconds": s(d.tally.exempt),
     } for d in periods.daily_tallies(data.verdicts, coverage)]
 
     rule_tallies = periods.rule_tallies(data.events, period)
@@ -211,6 +213,7 @@ def compliance_from(data: history.PeriodData, *, period: Period, interval: timed
             "waived_seconds": s(fleet.waived),
             "noncompliant_seconds": s(fleet.noncompliant),
             "unknown_seconds": s(fleet.unknown),
+            "exempt_seconds": s(fleet.exempt),
             "by_day": by_day,
         },
         "disks": disks,

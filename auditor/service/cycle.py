@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -22,10 +22,24 @@ from auditor.domain.models import (
     FindingStatus,
     ReadOutcome,
     TargetType,
+    VirtualMachine,
     WaiverProblem,
 )
 from auditor.domain.records import RunError, RunStats, RunStatus
 from auditor.domain.rules import RuleSet, evaluate
+from auditor.domain.tiers import (
+    DEFAULTS,
+    DISK_SIDE,
+    NO_VM,
+    VM_SIDE,
+    Annotations,
+    DiskFacts,
+    Selector,
+    Tier,
+    Unknown,
+    decide,
+    needs,
+)
 from auditor.errors import (
     InTrashError,
     KatapultError,
@@ -226,6 +240,192 @@ def join_org(disks: Iterable[Disk], policies: Iterable[BackupPolicy]) -> list[Di
     return out
 
 
+TIER_UNKNOWN = "tier_unknown"
+NOT_READ = Unknown("not read: no tier needs it")
+
+
+VmLookup = Callable[[str], Awaitable[VirtualMachine]]
+
+
+def shared_vm_lookups(client: KatapultClient) -> VmLookup:
+    """Returns a VM reader that asks Katapult once per VM per cycle, however many of its disks need it.
+
+    Failures are kept too: every disk of a VM that could not be looked up learns the same error without asking again.
+    """
+    done: dict[str, VirtualMachine | KatapultError] = {}
+    locks: dict[str, asyncio.Lock] = {}
+
+    async def read(vm_id: str) -> VirtualMachine:
+        async with locks.setdefault(vm_id, asyncio.Lock()):
+            if vm_id not in done:
+                try:
+                    done[vm_id] = await client.get_vm(vm_id)
+                except KatapultError as exc:
+                    done[vm_id] = exc
+        result = done[vm_id]
+        if isinstance(result, KatapultError):
+            raise result
+        return result
+
+    return read
+
+
+@dataclass(frozen=True, slots=True)
+class TierReads:
+    """What the configured tiers make the cycle read: disk or VM annotations, the disks' organizations."""
+
+    tiers: tuple[Tier, ...] = ()
+    disk: bool = False
+    vm: bool = False
+    organization: bool = False
+
+    @classmethod
+    def of(cls, tiers: Sequence[Tier]) -> TierReads:
+        """Returns what `tiers` need read."""
+        disk, vm, organization = needs(tiers)
+        return cls(tuple(tiers), disk, vm, organization)
+
+    @property
+    def any(self) -> bool:
+        """Returns whether there are tiers at all."""
+        return bool(self.tiers)
+
+    def selectors(self, side: str) -> list[Selector]:
+        """Returns the distinct filtered listings the tiers need for one side, in tier order."""
+        return list(dict.fromkeys(sel for t in self.tiers for sel in t.match.selectors(side)))
+
+
+def _known(pairs: tuple[tuple[str, str], ...] | None, missing: str) -> Annotations | Unknown:
+    return Unknown(missing) if pairs is None else Annotations.of(pairs)
+
+
+async def per_disk_facts(disk: Disk, reads: TierReads, vm_lookup: VmLookup) -> DiskFacts:
+    """Returns what a disk read through the per-disk endpoints tells about its tier.
+
+    The disk lookup carries the disk's annotations (no extra request). The VM is looked up (once per VM per
+    cycle) only when a tier matches on VM annotations or on organizations; an unattached disk's organization
+    is not known (`GET /disks/disk` does not name it).
+    """
+    disk_side = _known(disk.annotations, "the disk lookup carried no annotations") if reads.disk else NOT_READ
+    vm_side: Annotations | Unknown = NOT_READ
+    orgs: frozenset[str] | Unknown = NOT_READ
+    if disk.vm_id is None:
+        vm_side = NO_VM
+        if reads.organization:
+            orgs = Unknown("the disk is not attached to a virtual machine, and Katapult's disk lookup does not name "
+                           "its organization: audit its organization in audit.organizations instead")
+    elif reads.vm or reads.organization:
+        try:
+            vm = await vm_lookup(disk.vm_id)
+        except KatapultError as exc:
+            failed = Unknown(_safe(f"virtual machine {disk.vm_id}: {exc.code}: {exc}"))
+            vm_side, orgs = (failed if reads.vm else NOT_READ), (failed if reads.organization else NOT_READ)
+        else:
+            if reads.vm:
+                vm_side = _known(vm.annotations, f"the lookup of virtual machine {vm.id} carried no annotations")
+            if reads.organization:
+                orgs = vm.organization_refs or Unknown(f"the lookup of virtual machine {vm.id} named no organization")
+    return DiskFacts(disk_side, vm_side, orgs)
+
+
+async def _listing_facts(
+    read: Callable[[Selector], Awaitable[Sequence[Disk | VirtualMachine]]], selectors: Sequence[Selector],
+    tiers: Sequence[Tier], side: str,
+) -> tuple[dict[str, dict[str, str | None]], frozenset[str], str | None]:
+    """Runs one filtered listing per selector; returns what they say per object id, the tiers left undecided by a
+    failed listing, and that failure's message."""
+    results = await asyncio.gather(*(read(sel) for sel in selectors), return_exceptions=True)
+    known: dict[str, dict[str, str | None]] = {}
+    failed: set[Selector] = set()
+    error: str | None = None
+    for selector, result in zip(selectors, results, strict=True):
+        if isinstance(result, BaseException):
+            if not isinstance(result, KatapultError):
+                raise result
+            failed.add(selector)
+            error = error or _safe(f"{result.code}: {result}")
+            continue
+        for obj in result:
+            pairs = known.setdefault(obj.id, {})
+            for key, value in selector:
+                if value is not None or pairs.get(key) is None:
+                    pairs[key] = value
+    unread = frozenset(t.name for t in tiers if any(sel in failed for sel in t.match.selectors(side)))
+    return known, unread, error
+
+
+async def org_facts(client: KatapultClient, org: OrgRef, disks: Sequence[Disk], reads: TierReads
+                    ) -> dict[str, DiskFacts]:
+    """Returns the tier facts of an organization's disks, with the fewest requests the API allows.
+
+    Disk annotations come from the disk list's items when they carry them; otherwise from one filtered listing per
+    distinct tier selector (⌈matching/200⌉ requests each). VM annotations come from one filtered VM listing per
+    selector. The organization is the one the disks were listed through.
+    """
+    if not disks:
+        return {}
+    by_disk: dict[str, Annotations | Unknown] = {d.id: NOT_READ for d in disks}
+    if reads.disk:
+        missing = [d for d in disks if d.annotations is None]
+        partial: Annotations | None = None
+        listed: dict[str, dict[str, str | None]] = {}
+        if missing:
+            listed, unread, error = await _listing_facts(
+                lambda sel: client.list_org_disks_with(org, sel), reads.selectors(DISK_SIDE), reads.tiers, DISK_SIDE)
+            partial = Annotations({}, complete=False, unread=unread, error=error)
+        for d in disks:
+            if d.annotations is not None:
+                by_disk[d.id] = Annotations.of(d.annotations)
+            else:
+                assert partial is not None
+                by_disk[d.id] = replace(partial, values=listed.get(d.id, {}))
+    by_vm: dict[str, Annotations] = {}
+    vm_partial = Annotations({}, complete=False)
+    if reads.vm and any(d.vm_id for d in disks):
+        listed_vms, unread, error = await _listing_facts(
+            lambda sel: client.list_org_vms(org, sel), reads.selectors(VM_SIDE), reads.tiers, VM_SIDE)
+        vm_partial = Annotations({}, complete=False, unread=unread, error=error)
+        by_vm = {vm_id: replace(vm_partial, values=values) for vm_id, values in listed_vms.items()}
+    out: dict[str, DiskFacts] = {}
+    for d in disks:
+        vm_side: Annotations | Unknown = NOT_READ
+        if d.vm_id is None:
+            vm_side = NO_VM
+        elif reads.vm:
+            vm_side = by_vm.get(d.vm_id, vm_partial)
+        out[d.id] = DiskFacts(by_disk[d.id], vm_side, frozenset({org.value}) if reads.organization else NOT_READ)
+    return out
+
+
+def assign_tiers(collected: Collected, rules: RuleSet) -> None:
+    """Decides each read disk's tier from its facts; a disk whose tier cannot be decided becomes unknown."""
+    if not rules.tiers:
+        return
+    for index, w in enumerate(collected.disks):
+        snap = w.snapshot
+        if snap.outcome is not ReadOutcome.OK or rules.has_override(snap.disk_id):
+            continue
+        facts = collected.facts.get(snap.disk_id)
+        error: RunError | None = None
+        try:
+            decision = decide(rules.tiers, facts) if facts is not None else None
+        except Exception as exc:  # the disk's fault boundary: no verdict rather than the defaults
+            code, message = internal_error(exc, where=f"deciding the tier of disk {snap.disk_id}")
+            decision = None
+            error = RunError(snap.disk_id, code, message)
+        if decision is None or decision.unknown is not None:
+            if error is None:
+                why = decision.unknown if decision is not None else "its annotations were not read"
+                error = RunError(snap.disk_id, TIER_UNKNOWN, _safe(f"disk {snap.disk_id}: {why}")[:500])
+            collected.disks[index] = DiskWrite(
+                DiskSnapshot(snap.disk, ReadOutcome.UNKNOWN, error_code=error.code, error_message=error.message),
+                w.source)
+            collected.errors.append(error)
+            continue
+        if decision is not DEFAULTS:
+            collected.disks[index] = DiskWrite(replace(snap, tier=decision), w.source)
+
+
 @dataclass(slots=True)
 class Collected:
     """The raw result of reading every target."""
@@ -234,6 +434,7 @@ class Collected:
     errors: list[RunError]
     retired: set[str]
     targets_checked: int
+    facts: dict[str, DiskFacts] = field(default_factory=dict)  # what each disk's tier is decided from
 
 
 async def collect(
@@ -243,27 +444,32 @@ async def collect(
     known_sources: dict[str, str],
     concurrency: int,
     progress: Progress | None = None,
+    rules: RuleSet | None = None,
 ) -> Collected:
     """Reads every target; a disk is read once even if both an org and `audit.disks` name it.
 
     `known_sources` maps disks audited before to their source; disks of an org whose listing failed stay known
-    (as unknown) rather than silently dropping out of the report.
+    (as unknown) rather than silently dropping out of the report. With tiers in `rules`, what decides each disk's
+    tier is read too (see `org_facts`, `per_disk_facts`) and the tiers are assigned (`assign_tiers`).
     """
     errors: list[RunError] = []
     writes: dict[str, DiskWrite] = {}
+    facts: dict[str, DiskFacts] = {}
+    reads = TierReads.of(rules.tiers) if rules is not None else TierReads()
 
-    async def read_org(ref: str) -> tuple[str, list[DiskSnapshot] | None, RunError | None]:
+    async def read_org(ref: str) -> tuple[str, list[DiskSnapshot] | None, RunError | None, dict[str, DiskFacts]]:
         try:
             org = OrgRef(ref)
             disks, policies = await asyncio.gather(client.list_org_disks(org), client.list_org_policies(org))
-            return ref, join_org(disks, policies), None
+            found = await org_facts(client, org, disks, reads) if reads.any else {}
+            return ref, join_org(disks, policies), None, found
         except KatapultError as exc:
-            return ref, None, _error_of(exc, ref)
+            return ref, None, _error_of(exc, ref), {}
         except Exception as exc:  # the org's fault boundary: its disks become unknown, never resolved
             code, message = internal_error(exc, where=f"reading organization {ref}")
-            return ref, None, RunError(ref, code, message)
+            return ref, None, RunError(ref, code, message), {}
 
-    for ref, snaps, err in await asyncio.gather(*(read_org(r) for r in targets.organizations)):
+    for ref, snaps, err, found in await asyncio.gather(*(read_org(r) for r in targets.organizations)):
         source = f"org:{ref}"
         if snaps is None:
             assert err is not None
@@ -276,7 +482,10 @@ async def collect(
                     )
             continue
         for snap in snaps:
-            writes.setdefault(snap.disk_id, DiskWrite(snap, source))
+            if snap.disk_id not in writes:
+                writes[snap.disk_id] = DiskWrite(snap, source)
+                if snap.disk_id in found:
+                    facts[snap.disk_id] = found[snap.disk_id]
 
     pending = [d for d in targets.disks if d not in writes or writes[d].snapshot.outcome is ReadOutcome.UNKNOWN]
     total = len(pending)
@@ -289,14 +498,31 @@ async def collect(
             progress(done, total)
 
     vm_policies = shared_vm_policies(client)
-    for snap in await _bounded_map(lambda d: read_disk(client, d, vm_policies=vm_policies), pending,
-                                   limit=concurrency * 2, progress=tick):
+    vm_lookup = shared_vm_lookups(client)
+
+    async def read_one(disk_id: str) -> tuple[DiskSnapshot, DiskFacts | None]:
+        snap = await read_disk(client, disk_id, vm_policies=vm_policies)
+        if not reads.any or snap.outcome is not ReadOutcome.OK or (rules is not None and rules.has_override(disk_id)):
+            return snap, None
+        try:
+            return snap, await per_disk_facts(snap.disk, reads, vm_lookup)
+        except Exception as exc:  # the disk's fault boundary
+            code, message = internal_error(exc, where=f"reading the tier facts of disk {disk_id}")
+            return unknown_snapshot(disk_id, code, message), None
+
+    for snap, disk_facts in await _bounded_map(read_one, pending, limit=concurrency * 2, progress=tick):
         writes[snap.disk_id] = DiskWrite(snap, "config")
+        if disk_facts is not None:
+            facts[snap.disk_id] = disk_facts
         if snap.outcome is ReadOutcome.UNKNOWN:
             errors.append(RunError(snap.disk_id, snap.error_code or "unknown", snap.error_message or ""))
 
     retired = {d for d in known_sources if d not in writes}
-    return Collected(list(writes.values()), errors, retired, len(targets.organizations) + len(targets.disks))
+    collected = Collected(list(writes.values()), errors, retired, len(targets.organizations) + len(targets.disks),
+                          facts)
+    if rules is not None:
+        assign_tiers(collected, rules)
+    return collected
 
 
 def run_status(collected: Collected) -> RunStatus:
@@ -343,7 +569,8 @@ class Verdicts:
 
 
 def verdicts_after(collected: Collected, previous: dict[str, Any], changes: list[Change]) -> Verdicts:
-    """Returns each disk's verdict after the run: unknown, noncompliant (an open finding), waived, or compliant."""
+    """Returns each disk's verdict after the run: unknown, exempt (its tier), noncompliant (an open finding),
+    waived, or compliant."""
     state = {fp: f for fp, f in previous.items()}
     for c in changes:
         state[c.finding.fingerprint] = c.finding
@@ -363,6 +590,8 @@ def verdicts_after(collected: Collected, previous: dict[str, Any], changes: list
         disk_id = w.snapshot.disk_id
         if w.snapshot.outcome is ReadOutcome.UNKNOWN:
             statuses[disk_id] = "unknown"
+        elif w.snapshot.tier.exempt:
+            statuses[disk_id] = "exempt"  # judged by no rule: never counted as compliant
         elif disk_id in open_disks:
             statuses[disk_id] = "noncompliant"
         elif disk_id in waived_disks:

@@ -1,18 +1,37 @@
-"""The compliance report (a public JSON contract) and its table/CSV/Markdown renderings, read from the store."""
+"""The compliance report (a public JSON contract) and its table/CSV/Markdown renderings, read from the store.
+
+`build_report` reads through the async `Store` (the API, the dashboard, the demo); `current_report` is the same
+report for a one-shot command: it opens the database read-only as `open_services(katapult=False, migrate=False)`
+does, on a synchronous SQLAlchemy Core engine (`auditor.store.reads`), so `auditor report` starts without the ORM,
+asyncio, httpx or the notifiers (benchmarks/cli_start.py). This module imports only the domain at import time.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
-from collections.abc import Sequence
-from datetime import datetime, timedelta
-from typing import Any
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from auditor.domain.models import FindingStatus, ReadOutcome, TrackedFinding, Waiver, WaiverProblem
-from auditor.domain.records import DiskStatus, PolicyStateRecord, RunRecord
-from auditor.store.repo import Store
+from auditor.domain.records import DiskRecord, DiskStatus, DriftRecord, PolicyStateRecord, RunRecord
+from auditor.errors import SchemaError, StoreError
+
+if TYPE_CHECKING:
+    from auditor.config import Settings
+    from auditor.store.repo import Store
 
 EXPIRING_WITHIN = timedelta(days=7)
+DRIFT_WITHIN = timedelta(days=7)
+# What `services.check_schema` tells a read-only command to do about a missing or outdated database.
+SCHEMA_HINT = "run `auditor db upgrade` or start `auditor run` once"
+ORPHAN_REASON = "its process stopped before it finished"
+
+# The orphaned-run sweep logs as `open_services` does, under the same logger name.
+services_log = logging.getLogger("auditor.service.services")
 
 
 def iso(value: datetime | None) -> str | None:
@@ -66,30 +85,106 @@ def finding_json(f: TrackedFinding, *, with_resolution: bool = False) -> dict[st
     return out
 
 
+REPORTED_STATUSES = (FindingStatus.OPEN.value, FindingStatus.WAIVED.value)
+
+
 async def build_report(
     store: Store, *, now: datetime, waivers: Sequence[Waiver] = (), waiver_problems: Sequence[WaiverProblem] = ()
 ) -> dict[str, Any]:
     """Returns the compliance report: last run, summary, disks and open/waived findings (no Katapult call)."""
     run = await store.latest_run()
     disks = await store.load_disks(targets_only=True)
-    findings = await store.all_findings(statuses=(FindingStatus.OPEN.value, FindingStatus.WAIVED.value))
+    findings = await store.all_findings(statuses=REPORTED_STATUSES)
     policies = await store.current_policy_ids()
+    drift = await store.recent_drift(since=now - DRIFT_WITHIN)
+    return assemble_report(now=now, run=run, disks=disks, findings=findings, policies=policies, drift=drift,
+                           waivers=waivers, waiver_problems=waiver_problems)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def current_report(settings: Settings, *, clock: Callable[[], datetime] = _utcnow,
+                   tier: str | None = None) -> dict[str, Any]:
+    """Returns `build_report`'s report for the configured database, read as `auditor report` reads it.
+
+    What `open_services(settings, katapult=False, migrate=False)` plus `build_report` do, with the same errors:
+    SchemaError when the database is missing (never created) or not at the code's revision, StoreError when it
+    cannot be read; runs left `running` by a process that is gone are marked failed first (a failure there is
+    ignored, as there).
+    """
+    from auditor.domain.lifecycle import parse_waivers
+    from auditor.domain.rules import RULES
+    from auditor.store.engine import safe_url, sqlite_file_missing
+    from auditor.store.reads import ReportReads
+
+    url = settings.database.url.get_secret_value()
+    if sqlite_file_missing(url):
+        raise SchemaError(f"database {safe_url(url)} does not exist: check database.url, or {SCHEMA_HINT}")
+    reads = ReportReads(url)
+    try:
+        current, head = reads.current_revision()
+        if current != head:
+            raise SchemaError(f"database {safe_url(url)} is at schema revision {current or 'none'}, this version "
+                              f"needs {head}: {SCHEMA_HINT}")
+        with contextlib.suppress(StoreError):
+            abandoned = reads.abandon_orphaned_runs(now=clock(), reason=ORPHAN_REASON)
+            if abandoned:
+                services_log.warning("marked %d run(s) left running by a process that is gone as failed: %s",
+                                     len(abandoned), ", ".join(abandoned))
+        waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=clock())
+        now = clock()
+        return assemble_report(
+            now=now, run=reads.latest_run(), disks=reads.target_disks(),
+            findings=reads.all_findings(statuses=REPORTED_STATUSES), policies=reads.current_policy_ids(),
+            drift=reads.recent_drift(since=now - DRIFT_WITHIN), waivers=waivers, waiver_problems=problems,
+            tier=tier)
+    finally:
+        reads.close()
+
+
+def disk_status(disk: DiskRecord, findings: Sequence[TrackedFinding]) -> DiskStatus:
+    """Returns a disk's verdict: unknown (no reading), noncompliant (an open finding), exempt (its tier), or
+    compliant (waived findings count as compliant)."""
+    if disk.outcome == ReadOutcome.UNKNOWN.value:
+        return DiskStatus.UNKNOWN
+    if any(f.status is FindingStatus.OPEN for f in findings):
+        return DiskStatus.NONCOMPLIANT
+    if disk.tier_detail and disk.tier_detail.get("exempt"):
+        return DiskStatus.EXEMPT
+    return DiskStatus.COMPLIANT
+
+
+def exemption_json(disk: DiskRecord) -> dict[str, Any]:
+    """Returns why an exempt disk is exempt: its tier's reason and what matched the tier."""
+    detail = disk.tier_detail or {}
+    return {"reason": detail.get("reason"), "because": dict(detail.get("because") or {})}
+
+
+def assemble_report(
+    *, now: datetime, run: RunRecord | None, disks: Mapping[str, DiskRecord], findings: Sequence[TrackedFinding],
+    policies: Mapping[str, list[str]], drift: Sequence[DriftRecord], waivers: Sequence[Waiver] = (),
+    waiver_problems: Sequence[WaiverProblem] = (), tier: str | None = None,
+) -> dict[str, Any]:
+    """Returns the report from what was read (see `build_report`); with `tier`, only that tier's disks (and their
+    findings and drift), the summary counting those."""
+    if tier is not None:
+        disks = {k: d for k, d in disks.items() if d.tier == tier}
+        drift = [d for d in drift if d.disk_id in disks]
     by_disk: dict[str, list[TrackedFinding]] = {}
     for f in findings:
         by_disk.setdefault(f.disk_id, []).append(f)
 
     disk_items = []
     counts = {s.value: 0 for s in DiskStatus}
+    by_tier: dict[str, int] = {}
     for disk_id in sorted(disks):
         d = disks[disk_id]
         mine = by_disk.get(disk_id, [])
-        if d.outcome == ReadOutcome.UNKNOWN.value:
-            status = DiskStatus.UNKNOWN
-        elif any(f.status is FindingStatus.OPEN for f in mine):
-            status = DiskStatus.NONCOMPLIANT
-        else:
-            status = DiskStatus.COMPLIANT
+        status = disk_status(d, mine)
         counts[status.value] += 1
+        by_tier[d.tier or ""] = by_tier.get(d.tier or "", 0) + 1
         disk_items.append({
             "disk_id": disk_id,
             "name": d.name,
@@ -101,6 +196,8 @@ async def build_report(
             "last_read_at": iso(d.last_read_at),
             "error": ({"code": d.error_code, "message": d.error_message}
                       if d.outcome == ReadOutcome.UNKNOWN.value else None),
+            "tier": d.tier,
+            "exemption": exemption_json(d) if status is DiskStatus.EXEMPT else None,
         })
 
     target_ids = set(disks)
@@ -125,6 +222,8 @@ async def build_report(
             "waived_findings": len(listed) - len(open_findings),
             "by_rule": dict(sorted(by_rule.items())),
             "by_severity": dict(sorted(by_severity.items())),
+            "exempt": counts["exempt"],
+            "by_tier": dict(sorted(by_tier.items())),
         },
         "disks": disk_items,
         "findings": [finding_json(f) for f in listed],
@@ -134,7 +233,7 @@ async def build_report(
         "drift": [
             {"disk_id": d.disk_id, "policy_id": d.policy_id, "at": iso(d.at), "kind": d.kind,
              "before": d.before, "after": d.after}
-            for d in await store.recent_drift(since=now - timedelta(days=7))
+            for d in drift
         ],
     }
 
@@ -216,12 +315,7 @@ async def disk_detail(store: Store, disk_id: str) -> dict[str, Any] | None:
     disk, states, drift, findings, events = await store.disk_history(disk_id)
     if disk is None:
         return None
-    if disk.outcome == ReadOutcome.UNKNOWN.value:
-        status = DiskStatus.UNKNOWN
-    elif any(f.status is FindingStatus.OPEN for f in findings):
-        status = DiskStatus.NONCOMPLIANT
-    else:
-        status = DiskStatus.COMPLIANT
+    status = disk_status(disk, findings)
     return {
         "disk": {
             "disk_id": disk.id,
@@ -235,6 +329,8 @@ async def disk_detail(store: Store, disk_id: str) -> dict[str, Any] | None:
             "first_seen_at": iso(disk.first_seen_at),
             "last_checked_at": iso(disk.last_checked_at),
             "last_read_at": iso(disk.last_read_at),
+            "tier": disk.tier,
+            "exemption": exemption_json(disk) if status is DiskStatus.EXEMPT else None,
         },
         "status": status.value,
         "policies": [_state_json(p) for p in states if p.valid_to is None],

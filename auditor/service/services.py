@@ -15,18 +15,19 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from auditor.config import NotifierCommon, RulesSettings, Settings
+from auditor.config import NotifierCommon, RuleOverride, RulesSettings, Settings, TierSettings
 from auditor.domain.alerts import Delivery
 from auditor.domain.lifecycle import parse_waivers, reconcile
 from auditor.domain.models import Interval, ReadOutcome, Severity, Waiver, WaiverProblem
 from auditor.domain.records import RunError, RunStats, RunStatus
 from auditor.domain.rules import RULES, RuleParams, RuleSet, build_ruleset
+from auditor.domain.tiers import Tier, tier_from_tables
 from auditor.errors import AuditorError, LeaseHeldError, LeaseLostError, SchemaError, StoreError
 from auditor.katapult import KatapultClient, Transport
 from auditor.notify.dispatch import Dispatcher
@@ -57,31 +58,41 @@ Clock = Callable[[], datetime]
 DRAIN_SCAN = 1000
 
 
-def ruleset_from(settings: RulesSettings) -> RuleSet:
-    """Returns the domain RuleSet for the [rules] table."""
+def _changes(source: RuleOverride | TierSettings) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    if source.min_retention is not None:
+        changes["min_retention"] = source.min_retention
+    if source.min_retention_days is not None:
+        changes["min_retention_days"] = source.min_retention_days
+    if source.max_interval is not None:
+        changes["max_interval"] = Interval(source.max_interval)
+    if source.stale_grace is not None:
+        changes["stale_grace"] = source.stale_grace
+    return changes
+
+
+def tier_from(settings: TierSettings) -> Tier:
+    """Returns the domain Tier for one [[tiers]] entry."""
+    m = settings.match
+    return tier_from_tables(settings.name, disk_annotations=m.disk_annotations, vm_annotations=m.vm_annotations,
+                            organizations=m.organizations, exempt=settings.exempt, reason=settings.reason)
+
+
+def ruleset_from(settings: RulesSettings, tiers: Sequence[TierSettings] = ()) -> RuleSet:
+    """Returns the domain RuleSet for the [rules] table and the [[tiers]] entries."""
     default = RuleParams(
         min_retention=settings.min_retention,
         min_retention_days=settings.min_retention_days,
         max_interval=Interval(settings.max_interval),
         stale_grace=settings.stale_grace,
     )
-    overrides = []
-    for o in settings.overrides:
-        changes: dict[str, Any] = {}
-        if o.min_retention is not None:
-            changes["min_retention"] = o.min_retention
-        if o.min_retention_days is not None:
-            changes["min_retention_days"] = o.min_retention_days
-        if o.max_interval is not None:
-            changes["max_interval"] = Interval(o.max_interval)
-        if o.stale_grace is not None:
-            changes["stale_grace"] = o.stale_grace
-        overrides.append((o.disks, changes))
     return build_ruleset(
         default=default,
-        overrides=overrides,
+        overrides=[(o.disks, _changes(o)) for o in settings.overrides],
         severity={rule: Severity(sev) for rule, sev in settings.severity.items()},
         disabled=settings.disabled,
+        tiers=[(tier_from(t), _changes(t), {rule: Severity(sev) for rule, sev in t.severity.items()}, t.disabled)
+               for t in tiers],
     )
 
 
@@ -284,7 +295,8 @@ class Services:
         self.client.stats.snapshot_and_reset()
         known = await self.store.target_sources()
         collected = await collect(self.client, self.targets, known_sources=known,
-                                  concurrency=self.settings.katapult.max_concurrency, progress=progress)
+                                  concurrency=self.settings.katapult.max_concurrency, progress=progress,
+                                  rules=self.rules)
         findings = judge(collected, self.rules, now=now)
         valid_waivers, problems = parse_waivers(self.settings.waivers, known_rules=RULES.keys(), now=now)
         settled = {w.snapshot.disk_id for w in collected.disks if w.snapshot.outcome is not ReadOutcome.UNKNOWN}
@@ -307,7 +319,9 @@ class Services:
                 plan = plan_notifications(notifiers=self.settings.notifiers, changes=changes, run_status=status,
                                           errors=collected.errors, incomplete_fp=self._incomplete_fp,
                                           states=await tx.alert_states(), now=now,
-                                          interval=self.settings.audit.interval, untouched=previous.values())
+                                          interval=self.settings.audit.interval, untouched=previous.values(),
+                                          tiers={w.snapshot.disk_id: w.snapshot.tier.name for w in collected.disks
+                                                 if w.snapshot.tier.name})
                 await tx.enqueue(plan.entries, plan.states, run_id=run_id, now=now)
         opened = sum(1 for c in changes if c.kind.value in ("opened", "reopened", "unwaived"))
         resolved = sum(1 for c in changes if c.kind.value == "resolved")
@@ -548,7 +562,7 @@ async def open_services(
         settings=settings,
         store=Store.from_url(url),
         client=client,
-        rules=ruleset_from(settings.rules),
+        rules=ruleset_from(settings.rules, settings.tiers),
         targets=targets_from(settings),
         dispatcher=Dispatcher(transport=notify_transport) if settings.notifiers else None,
         heartbeat=(Heartbeat.from_settings(settings.heartbeat, transport=heartbeat_transport)

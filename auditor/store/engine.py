@@ -9,17 +9,17 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from auditor.errors import StoreError
 
 if TYPE_CHECKING:  # Alembic is imported only where migrations run: read-only commands start faster without it
     from alembic.config import Config as AlembicConfig
+    from sqlalchemy.ext.asyncio import AsyncEngine  # loads the ORM: imported where an async engine is made
 
 # The code's schema revision: the newest file in migrations/versions (a test checks it is Alembic's head). Read-only
 # commands compare the database with it without loading Alembic.
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ def _ensure_sqlite_dir(url: URL) -> None:
 
 def create_engine_for(url: str, *, pool_size: int = 5) -> AsyncEngine:
     """Returns an AsyncEngine for the configured URL."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
     aurl = async_url(url)
     if aurl.get_backend_name() == "sqlite":
         _ensure_sqlite_dir(aurl)

@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select, update
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from auditor.store.tables import Base, LeaseRow
-
+# The ORM (tables, AsyncSession) and the dialects' INSERTs are imported where they are used: the read-only report
+# (auditor.store.reads) uses `Lease` and `CYCLE` from here with SQLAlchemy Core only.
 if TYPE_CHECKING:  # repo imports this module for the fence; the Store is only a type here
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from auditor.store.repo import Store
+    from auditor.store.tables import Base, LeaseRow
 
 CYCLE = "cycle"
 LEADER = "leader"
@@ -137,6 +137,7 @@ class Leases:
 
     async def get(self, name: str) -> Lease | None:
         """Returns the lease row, live or not."""
+        from auditor.store.tables import LeaseRow
 
         async def go(s: AsyncSession) -> Lease | None:
             row = await s.get(LeaseRow, name)
@@ -152,6 +153,8 @@ class Leases:
         A lost compare-and-set means the row changed since it was read (renewed, released or taken): the decision
         is made again on the new row, a few times, rather than reporting a holder that may already be gone.
         """
+        from auditor.store.tables import LeaseRow
+
         values = {"holder": holder.id, "host": holder.host, "pid": holder.pid,
                   "process_started_at": holder.started_at, "expires_at": now + ttl, "run_id": run_id}
         current = await self.get(name)
@@ -192,6 +195,7 @@ class Leases:
 
     async def release(self, name: str, holder: Holder) -> None:
         """Gives the lease up if it is still ours."""
+        from auditor.store.tables import LeaseRow
 
         async def go(s: AsyncSession) -> None:
             await s.execute(delete(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == holder.id))
@@ -205,6 +209,8 @@ async def renew_in(s: AsyncSession, name: str, holder: Holder, *, now: datetime,
     Inside a cycle's commit this is the fence: on PostgreSQL the updated row stays locked until the commit, so a
     contender's takeover waits for it and then finds the lease renewed.
     """
+    from auditor.store.tables import LeaseRow
+
     r = await s.execute(update(LeaseRow).where(LeaseRow.name == name, LeaseRow.holder == holder.id)
                         .values(expires_at=now + ttl))
     return int(getattr(r, "rowcount", 0) or 0)
@@ -212,6 +218,9 @@ async def renew_in(s: AsyncSession, name: str, holder: Holder, *, now: datetime,
 
 async def insert_if_absent(s: AsyncSession, table: type[Base], values: dict[str, object]) -> int:
     """Inserts a row unless its primary key exists (ON CONFLICT DO NOTHING); returns the row count."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
     dialect = s.get_bind().dialect.name
     stmt = (pg_insert(table) if dialect == "postgresql" else sqlite_insert(table)).values(**values)
     key = next(iter(sa_inspect(table).primary_key))
@@ -222,5 +231,7 @@ async def insert_if_absent(s: AsyncSession, table: type[Base], values: dict[str,
 
 async def read_in(s: AsyncSession, name: str) -> Lease | None:
     """Returns the lease row inside the caller's transaction."""
+    from auditor.store.tables import LeaseRow
+
     row = (await s.execute(select(LeaseRow).where(LeaseRow.name == name))).scalar_one_or_none()
     return _lease(row) if row else None

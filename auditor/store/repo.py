@@ -101,6 +101,7 @@ class FindingQuery:
     disk_id: str | None = None
     limit: int = 100
     cursor: str | None = None
+    tier: str | None = None  # only findings of disks in this tier (their latest reading's)
 
 
 def encode_cursor(key: tuple[str, str]) -> str:
@@ -196,6 +197,8 @@ def _disk(row: DiskRow) -> DiskRecord:
         first_seen_at=row.first_seen_at,
         last_checked_at=row.last_checked_at,
         last_read_at=row.last_read_at,
+        tier=row.tier,
+        tier_detail=row.tier_detail,
     )
 
 
@@ -377,6 +380,8 @@ class Store:
                 q = q.where(FindingRow.severity == query.severity)
             if query.disk_id:
                 q = q.where(FindingRow.disk_id == query.disk_id)
+            if query.tier:
+                q = q.where(FindingRow.disk_id.in_(select(DiskRow.id).where(DiskRow.tier == query.tier)))
             if query.cursor:
                 disk_id, fp = decode_cursor(query.cursor)
                 q = q.where(or_(FindingRow.disk_id > disk_id,
@@ -651,12 +656,20 @@ async def _write_disks(s: AsyncSession, cycle: CycleWrite) -> set[str]:
             if row is None or row.last_read_at is None:
                 # No earlier definite reading: this run's policies are the disk's baseline, not drift.
                 new_disks.add(disk.id)
+            tier, tier_detail = _tier_of(snap)
             if row is None:
                 s.add(DiskRow(id=disk.id, name=disk.name, vm_id=disk.vm_id, vm_fqdn=disk.vm_fqdn, source=d.source,
                               is_target=True, outcome=snap.outcome.value, error_code=snap.error_code,
                               error_message=snap.error_message, first_seen_at=now, last_checked_at=now,
-                              last_read_at=now if definite else None, last_run_id=cycle.run_id))
+                              last_read_at=now if definite else None, last_run_id=cycle.run_id,
+                              tier=tier, tier_detail=tier_detail))
                 continue
+            if snap.outcome is not ReadOutcome.OK:
+                tier, tier_detail = row.tier, row.tier_detail  # no tier was decided: keep what we knew
+            elif row.tier != tier and row.last_read_at is not None:
+                # A disk moving between tiers is judged by new rules from this run on: that is drift.
+                s.add(DriftEvent(disk_id=disk.id, policy_id="", run_id=cycle.run_id, at=now, kind="tier-changed",
+                                 before={"tier": row.tier}, after={"tier": tier}))
             # Only rows whose facts changed are written one by one; the per-poll timestamps go in bulk below.
             if definite:
                 read_ok.append(disk.id)
@@ -667,12 +680,13 @@ async def _write_disks(s: AsyncSession, cycle: CycleWrite) -> set[str]:
             else:
                 unknown.append(disk.id)
                 name, vm_id, vm_fqdn = row.name, row.vm_id, row.vm_fqdn
-            new = (name, vm_id, vm_fqdn, d.source, True, snap.outcome.value, snap.error_code, snap.error_message)
+            new = (name, vm_id, vm_fqdn, d.source, True, snap.outcome.value, snap.error_code, snap.error_message,
+                   tier, tier_detail)
             old = (row.name, row.vm_id, row.vm_fqdn, row.source, row.is_target, row.outcome, row.error_code,
-                   row.error_message)
+                   row.error_message, row.tier, row.tier_detail)
             if new != old:
                 (row.name, row.vm_id, row.vm_fqdn, row.source, row.is_target, row.outcome, row.error_code,
-                 row.error_message) = new
+                 row.error_message, row.tier, row.tier_detail) = new
         if read_ok:
             await s.execute(update(DiskRow).where(DiskRow.id.in_(read_ok)).values(
                 last_checked_at=now, last_read_at=now, last_run_id=cycle.run_id
@@ -686,6 +700,15 @@ async def _write_disks(s: AsyncSession, cycle: CycleWrite) -> set[str]:
                         .execution_options(synchronize_session=False))
     await s.flush()
     return new_disks
+
+
+def _tier_of(snap: DiskSnapshot) -> tuple[str | None, dict[str, Any] | None]:
+    """Returns the disk row's tier and tier_detail for a snapshot (None, None for the defaults)."""
+    decision = snap.tier
+    if decision.tier is None:
+        return None, None
+    return decision.tier.name, {"exempt": decision.tier.exempt, "reason": decision.tier.reason or None,
+                                "because": dict(decision.because)}
 
 
 async def _write_states(s: AsyncSession, cycle: CycleWrite, *, new_disks: set[str]) -> None:
@@ -766,7 +789,7 @@ async def _write_findings(s: AsyncSession, cycle: CycleWrite) -> None:
 async def _write_history(s: AsyncSession, cycle: CycleWrite) -> None:
     """Writes the run's summary row and each disk's verdict by change (a chunk of disks at a time)."""
     now = cycle.now
-    counts = {"compliant": 0, "waived": 0, "noncompliant": 0, "unknown": 0}
+    counts = {"compliant": 0, "waived": 0, "noncompliant": 0, "unknown": 0, "exempt": 0}
     for status in cycle.disk_statuses.values():
         counts[status] = counts.get(status, 0) + 1
     finished = cycle.finished_at or now
@@ -775,7 +798,8 @@ async def _write_history(s: AsyncSession, cycle: CycleWrite) -> None:
                      # As in the report: a disk whose findings are all waived is compliant.
                      disks_compliant=counts["compliant"] + counts["waived"],
                      disks_noncompliant=counts["noncompliant"], disks_unknown=counts["unknown"],
-                     open_by_severity=dict(cycle.open_by_severity), open_by_rule=dict(cycle.open_by_rule),
+                     disks_exempt=counts["exempt"], open_by_severity=dict(cycle.open_by_severity),
+                     open_by_rule=dict(cycle.open_by_rule),
                      requests=cycle.stats.requests,
                      duration_seconds=max((finished - now).total_seconds(), 0.0)))
     ids = sorted(cycle.disk_statuses)

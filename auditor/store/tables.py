@@ -106,6 +106,10 @@ class DiskRow(Base):
     last_checked_at: Mapped[datetime]
     last_read_at: Mapped[datetime | None]  # last time the read gave a definite answer
     last_run_id: Mapped[str | None] = mapped_column(String(32))
+    # The tier the latest definite reading put the disk in (NULL: the defaults), and what made it so:
+    # {"exempt": bool, "reason": str, "because": {...}}.
+    tier: Mapped[str | None] = mapped_column(Text)
+    tier_detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class PolicyState(Base):
@@ -243,6 +247,7 @@ class RunSummary(Base):
     disks_compliant: Mapped[int] = mapped_column(Integer, default=0)
     disks_noncompliant: Mapped[int] = mapped_column(Integer, default=0)
     disks_unknown: Mapped[int] = mapped_column(Integer, default=0)
+    disks_exempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     open_by_severity: Mapped[dict[str, Any]] = mapped_column(default=dict)
     open_by_rule: Mapped[dict[str, Any]] = mapped_column(default=dict)
     requests: Mapped[int] = mapped_column(Integer, default=0)
