@@ -63,6 +63,13 @@ def demo_settings(*, db_path: str, listen: str, interval: str = "30s") -> Settin
         # Alerts from the demo go to an in-process receiver that prints them (see PrintingReceiver).
         "notifiers": [{"kind": "webhook", "name": "demo-webhook", "url": DEMO_WEBHOOK_URL, "min_severity": "medium",
                        "repeat_interval": "1h"}],
+        # The demo fleet annotates a few disks and a VM (README "The fake Katapult"): tiers follow them.
+        "tiers": [
+            {"name": "gold", "match": {"disk_annotations": {"backup-tier": "gold"}}, "min_retention": 30,
+             "min_retention_days": 30, "severity": {"retention-below-minimum": "high"}},
+            {"name": "scratch", "match": {"vm_annotations": {"env": ["dev", "scratch"]}}, "exempt": True,
+             "reason": "dev machines are rebuilt from images"},
+        ],
     }
     return Settings(**data)
 
