@@ -10,7 +10,9 @@ History: once the first cycle has finished, 1,999 earlier runs are written strai
 over the 90 days before it (one every ~65 min; 1 % failed, 3 % partial, the fleet figures wandering around the
 real run's). With the real one that is 2,000 runs of history, all inside the overview's 90-day trend. The audit
 interval is 1 h, so the charts draw continuous lines (no gap longer than twice the interval) and no second cycle
-runs while the pages are measured.
+runs while the pages are measured. The dashboard reads its snapshot of the data (report, trend history, findings)
+on the first page request after a run, so no page is asked for before the history is written; that first request
+is timed alone, with /healthz asked back to back on another connection meanwhile (is the event loop held up?).
 
 Then 20 clients (one keep-alive connection each, the minimal HTTP/1.1 client of report_api.py extended with
 cookies) request one page back to back for 15 s. Overview clients rotate over its three trend windows (`/` is
@@ -332,22 +334,45 @@ async def _measure(args: Any, db: c.Database, port: int, proc: subprocess.Popen[
     cookies = [await login("127.0.0.1", port) for _ in range(args.clients)]
     phases = []
     for page, first in (("overview", "/?days=90"), ("findings", "/findings")):
-        # One request first, alone: the size of the page and its unloaded latency (the overview's report cache
-        # is built by the first request after a run, so that one is timed separately too).
+        # One request first, alone: the size of the page and its unloaded latency. The first one after the run
+        # waits for the dashboard's snapshot of the data (built off the event loop): meanwhile another connection
+        # asks /healthz back to back, and its slowest answer shows whether the build held the event loop up.
         conn = Connection("127.0.0.1", port)
         alone = []
-        for _ in range(3):
+        for n in range(3):
+            done = asyncio.Event()
+            probing = asyncio.ensure_future(_probe(port, done)) if n == 0 and page == "overview" else None
             t = time.monotonic()
             status, _, body = await conn.request("GET", first, headers={"Cookie": cookies[0]})
             alone.append(time.monotonic() - t)
+            done.set()
             if status != 200:
                 raise SystemExit(f"GET {first} answered {status}: {body[:300]!r}")
+            if probing is not None:
+                probes = await probing
+                report.info("event loop during the build", f"while the first {first} waited for the snapshot "
+                            f"({alone[0] * 1000:.0f} ms), /healthz answered {len(probes)} times, p50 "
+                            f"{c.percentile(probes, 50) * 1000:.1f} ms, max {max(probes, default=0) * 1000:.1f} ms")
         await conn.close()
         report.info(f"{page} page", f"GET {first}: {len(body) / 1e3:.0f} kB of HTML; alone: first "
                                     f"{alone[0] * 1000:.0f} ms, then {min(alone[1:]) * 1000:.0f} ms")
         phases.append((page, await load("127.0.0.1", port, page, cookies=cookies, seconds=args.seconds,
                                         sources=sources)))
     return phases
+
+
+async def _probe(port: int, done: asyncio.Event) -> list[float]:
+    """Asks /healthz back to back until `done`; returns the latencies."""
+    conn = Connection("127.0.0.1", port)
+    latencies = []
+    try:
+        while not done.is_set():
+            t = time.monotonic()
+            await conn.request("GET", "/healthz")
+            latencies.append(time.monotonic() - t)
+    finally:
+        await conn.close()
+    return latencies
 
 
 def _summarize(report: c.Report, page: str, result: Load) -> None:

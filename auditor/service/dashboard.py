@@ -1,12 +1,15 @@
 """Read-side use cases for the web dashboard: the overview, findings search, runs, notifications and waivers.
 
 Every number the dashboard shows comes from here or from `reports` (the overview's summary *is* `build_report`'s),
-so a page and the JSON API never disagree.
+so a page and the JSON API never disagree. The overview and the findings pages read a `Snapshot`: everything they
+show of the data as the latest run left it, read once per run (the web layer builds it off the event loop).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -15,7 +18,7 @@ from auditor.domain.alerts import Delivery, DeliveryState
 from auditor.domain.models import Waiver, WaiverProblem
 from auditor.domain.records import RunRecord, RunStatus
 from auditor.service.reports import EXPIRING_WITHIN, build_report
-from auditor.store.dashboard import DashboardReads, FindingListing, FindingSearch, RunPoint
+from auditor.store.dashboard import SORT_KEYS, DashboardReads, FindingListing, FindingSearch, RunPoint, SortKey
 from auditor.store.outbox import Outbox
 from auditor.store.repo import Store
 
@@ -75,33 +78,11 @@ def human_age(delta: timedelta) -> str:
     return f"{days} d {hours} h" if hours else f"{days} d"
 
 
-@dataclass(frozen=True, slots=True)
-class Overview:
-    """The overview page's data: the compliance report, the history of the trend window, the last run's banners."""
-
-    report: dict[str, Any]
-    compliance_pct: float | None
-    trend: list[RunPoint]
-    trend_start: datetime
-    banners: list[Banner]
-    last_good: RunRecord | None
-
-
-async def overview(store: Store, *, now: datetime, interval: timedelta, days: int,
-                   waivers: Sequence[Waiver] = (), waiver_problems: Sequence[WaiverProblem] = (),
-                   report: dict[str, Any] | None = None) -> Overview:
-    """Returns the overview: `report` (built now unless given, e.g. from a cache), trend over `days`, banners."""
-    if report is None:
-        report = await build_report(store, now=now, waivers=waivers, waiver_problems=waiver_problems)
-    start = now - timedelta(days=days)
-    trend = await DashboardReads(store).run_points(since=start)
-    latest = await store.latest_run()
-    last_good = await store.last_successful_run()
-    summary = report["summary"]
-    return Overview(report=report, compliance_pct=compliance_pct(summary["compliant"], summary["disks_total"]),
-                    trend=trend, trend_start=start,
-                    banners=run_banners(latest=latest, last_good=last_good, now=now, interval=interval),
-                    last_good=last_good)
+# The findings page answers from memory when the findings fit: at most this many rows (every status if they all fit,
+# else the open and waived ones, and views that include resolved findings are searched in SQL).
+INDEX_LIMIT = 20_000
+ALL_STATUSES = ("open", "waived", "resolved")
+REPORT_KEYS = ("generated_at", "last_run", "summary", "expiring_waivers", "waiver_problems", "drift")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +94,131 @@ class FindingsResult:
     page: int
     pages: int
     sources: list[str]
+
+
+class FindingIndex:
+    """Every finding of some statuses with its disk's name and source, searched in memory.
+
+    Filters, order and pages mean what `DashboardReads.search_findings` makes of them in SQL: the order is the sort
+    key (severity by rank), then disk id and fingerprint ascending; text is a case-insensitive substring of the disk
+    id or name. Text columns sort by code point (as SQLite does; PostgreSQL would use the database's collation).
+    Every order is computed when the index is made (off the event loop); a search then filters one of them (and
+    keeps the filtered list for the view's other pages).
+    """
+
+    def __init__(self, listings: Sequence[FindingListing], statuses: Sequence[str]) -> None:
+        self.statuses = frozenset(statuses)
+        base = sorted(listings, key=lambda item: (item.finding.disk_id, item.finding.fingerprint))
+        self.items: tuple[FindingListing, ...] = tuple(base)
+        self._orders: dict[tuple[SortKey, bool], tuple[FindingListing, ...]] = {}
+        for key in SORT_KEYS:
+            primary = _SORT_VALUES[key]
+            for descending in (True, False):
+                # Stable sorts: equal sort keys keep the (disk, fingerprint) order, in both directions.
+                self._orders[(key, descending)] = tuple(sorted(base, key=primary, reverse=descending))
+        self._views: OrderedDict[tuple[Any, ...], list[FindingListing]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def covers(self, statuses: Sequence[str]) -> bool:
+        """Returns whether the index holds every finding of these statuses."""
+        return self.statuses.issuperset(statuses)
+
+    def matching(self, search: FindingSearch) -> list[FindingListing]:
+        """Returns every finding that matches the search's filters, in its order (offset and limit aside)."""
+        key = (search.statuses, search.rule, search.severity, search.org, search.text, search.sort,
+               search.descending)
+        hit = self._views.get(key)
+        if hit is not None:
+            self._views.move_to_end(key)
+            return hit
+        statuses = frozenset(search.statuses)
+        rule, severity, org = search.rule, search.severity, search.org
+        needle = search.text.lower() if search.text else None
+        found = [item for item in self._orders[(search.sort, search.descending)]
+                 if item.finding.status.value in statuses
+                 and (rule is None or item.finding.rule == rule)
+                 and (severity is None or item.finding.severity.value == severity)
+                 and (org is None or item.disk_source == org)
+                 and (needle is None or needle in item.finding.disk_id.lower()
+                      or needle in (item.disk_name or "").lower())]
+        self._views[key] = found
+        while len(self._views) > VIEW_CACHE_SIZE:
+            self._views.popitem(last=False)
+        return found
+
+    def page(self, search: FindingSearch, *, page: int, sources: list[str]) -> FindingsResult:
+        """Returns page `page` (from 1; past the end: the last) of the findings matching `search`."""
+        found = self.matching(search)
+        size = search.limit
+        pages = max(1, -(-len(found) // size))
+        page = min(max(page, 1), pages)
+        return FindingsResult(items=found[(page - 1) * size:page * size], total=len(found), page=page, pages=pages,
+                              sources=sources)
+
+
+VIEW_CACHE_SIZE = 256  # filtered lists per index (filters × order), a list of references each
+_SORT_VALUES: dict[SortKey, Callable[[FindingListing], Any]] = {
+    "severity": lambda item: item.finding.severity.rank,
+    "rule": lambda item: item.finding.rule,
+    "disk": lambda item: item.finding.disk_id,
+    "status": lambda item: item.finding.status.value,
+    "first_seen": lambda item: item.finding.first_seen,
+    "last_seen": lambda item: item.finding.last_seen,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the overview and the findings pages show of the data as one run left it, read in one go.
+
+    `report` is `build_report`'s (so every number equals the API's) without its per-disk and per-finding lists;
+    `unknown` is its disks without a verdict. `history` holds the runs of the longest trend window before
+    `built_at`: until the next run commits, any window ending later is a slice of it. `index` is None when there
+    are too many findings to hold (see INDEX_LIMIT).
+    """
+
+    built_at: datetime
+    latest: RunRecord | None
+    last_good: RunRecord | None
+    report: dict[str, Any]
+    compliance_pct: float | None
+    unknown: list[dict[str, Any]]
+    history: list[RunPoint]
+    sources: list[str]
+    index: FindingIndex | None
+
+    def trend(self, *, days: int, now: datetime) -> tuple[list[RunPoint], datetime]:
+        """Returns the runs started in the `days` before `now` (oldest first) and the window's start."""
+        start = now - timedelta(days=days)
+        return self.history[bisect.bisect_left(self.history, start, key=lambda r: r.started_at):], start
+
+    def banners(self, *, now: datetime, interval: timedelta) -> list[Banner]:
+        """Returns the overview's banners as of `now` (overdue moves with the clock, the rest with the data)."""
+        return run_banners(latest=self.latest, last_good=self.last_good, now=now, interval=interval)
+
+
+async def snapshot(store: Store, *, now: datetime, waivers: Sequence[Waiver] = (),
+                   waiver_problems: Sequence[WaiverProblem] = ()) -> Snapshot:
+    """Reads everything the overview and findings pages show (the report, trend history, findings, sources)."""
+    latest = await store.latest_run()  # first: the snapshot is at least as new as the run it is labelled with
+    report = await build_report(store, now=now, waivers=waivers, waiver_problems=waiver_problems)
+    last_good = await store.last_successful_run()
+    reads = DashboardReads(store)
+    history = await reads.run_points(since=now - timedelta(days=max(TREND_DAYS)))
+    sources = await reads.disk_sources()
+    counts = await reads.finding_status_counts()
+    index = None
+    if sum(counts.values()) <= INDEX_LIMIT:
+        index = FindingIndex(await reads.finding_listings(ALL_STATUSES), ALL_STATUSES)
+    elif counts.get("open", 0) + counts.get("waived", 0) <= INDEX_LIMIT:
+        index = FindingIndex(await reads.finding_listings(("open", "waived")), ("open", "waived"))
+    summary = report["summary"]
+    return Snapshot(built_at=now, latest=latest, last_good=last_good, report={k: report[k] for k in REPORT_KEYS},
+                    compliance_pct=compliance_pct(summary["compliant"], summary["disks_total"]),
+                    unknown=[d for d in report["disks"] if d["status"] == "unknown"], history=history,
+                    sources=sources, index=index)
 
 
 async def search_findings(store: Store, search: FindingSearch, *, page: int,
@@ -138,11 +244,6 @@ async def count_findings(store: Store, search: FindingSearch) -> int:
     """Returns how many findings match `search` (its order and page aside)."""
     _items, total = await DashboardReads(store).search_findings(_at_page(search, 1, limit=1))
     return total
-
-
-async def disk_sources(store: Store) -> list[str]:
-    """Returns the distinct sources (`config`, `org:<ref>`) of the audited disks, sorted: the organization filter."""
-    return await DashboardReads(store).disk_sources()
 
 
 def _at_page(search: FindingSearch, page: int, *, limit: int | None = None) -> FindingSearch:

@@ -1,4 +1,5 @@
-"""Reads for the web dashboard: run history points, a filtered and sorted findings search, the disks' sources.
+"""Reads for the web dashboard: run history points, the findings listing (whole, or searched, sorted and paged in
+SQL), the disks' sources, and a second engine on the same database for reads on another thread's event loop.
 
 The reports API's reads stay in `repo`; these answer what only the dashboard asks (search by organization and
 disk text, sort, count for page numbers, the history behind the trend charts).
@@ -15,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
 from auditor.domain.models import FindingStatus, Severity, TrackedFinding
+from auditor.store.engine import create_engine_for, sqlite_path
 from auditor.store.repo import Store
 from auditor.store.tables import DiskRow, FindingRow, RunSummary
 
@@ -99,6 +101,30 @@ class DashboardReads:
         result: list[str] = await self.store._read(go)
         return result
 
+    async def finding_status_counts(self) -> dict[str, int]:
+        """Returns how many findings are in each status (open, waived, resolved)."""
+
+        async def go(s: AsyncSession) -> dict[str, int]:
+            q = select(FindingRow.status, func.count()).group_by(FindingRow.status)
+            return {str(status): int(n) for status, n in (await s.execute(q)).all()}
+
+        result: dict[str, int] = await self.store._read(go)
+        return result
+
+    async def finding_listings(self, statuses: tuple[str, ...]) -> list[FindingListing]:
+        """Returns every finding in one of `statuses` with its disk's name and source (the listed columns only), by
+        disk and fingerprint."""
+
+        async def go(s: AsyncSession) -> list[FindingListing]:
+            q = (select(*_LISTED, DiskRow.name, DiskRow.source)
+                 .outerjoin(DiskRow, FindingRow.disk_id == DiskRow.id)
+                 .where(FindingRow.status.in_(list(statuses)))
+                 .order_by(FindingRow.disk_id, FindingRow.fingerprint))
+            return [FindingListing(_listed(row), row.name, row.source) for row in (await s.execute(q)).all()]
+
+        result: list[FindingListing] = await self.store._read(go)
+        return result
+
     async def search_findings(self, search: FindingSearch, *,
                               total: int | None = None) -> tuple[list[FindingListing], int]:
         """Returns one page of findings matching the search, and how many match in all (counted unless given)."""
@@ -158,3 +184,15 @@ def _sort_column(key: SortKey) -> Any:
         "first_seen": FindingRow.first_seen,
         "last_seen": FindingRow.last_seen,
     }[key]
+
+
+def can_reopen(store: Store) -> bool:
+    """Returns whether a second engine on the database of `store` sees the same data (not for in-memory SQLite)."""
+    url = store.engine.url
+    return url.get_backend_name() != "sqlite" or sqlite_path(url.render_as_string(hide_password=False)) is not None
+
+
+def same_database(store: Store) -> Store:
+    """Returns a new Store (its own engine and connections) on the database of `store`, for reads on another
+    thread's event loop: an engine's connections belong to the loop that opened them. The caller closes it."""
+    return Store(create_engine_for(store.engine.url.render_as_string(hide_password=False), pool_size=2))

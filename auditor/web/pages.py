@@ -11,6 +11,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
+from datetime import datetime, timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, urlencode
@@ -19,18 +20,22 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup, escape
 
 from auditor.domain.models import Severity
+from auditor.domain.records import RunRecord
 from auditor.domain.rules import RULES
 from auditor.errors import AuditorError, LeaseHeldError, StoreError
 from auditor.service import dashboard
-from auditor.service.reports import build_report, disk_detail, iso
+from auditor.service.reports import disk_detail, iso
 from auditor.store.dashboard import SORT_KEYS, FindingSearch, SortKey
 from auditor.web.auth import SESSION_COOKIE, SESSION_TTL, Session, Signer, is_https, safe_next
 from auditor.web.charts import compliance_chart, severity_chart
+from auditor.web.snapshots import LRU, Built, SingleFlight, Slotted, Snapshots, off_loop, slot
 
 if TYPE_CHECKING:  # only a type: importing auditor.api here would import this module back through create_app
     from auditor.api.deps import ApiDeps
+    from auditor.store.repo import Store
 
 FINDING_STATUSES = {"open": ("open",), "waived": ("waived",), "resolved": ("resolved",),
                     "all": ("open", "waived", "resolved")}
@@ -38,8 +43,13 @@ PAGE_SIZES = ("10", "25", "50", "100")
 MAX_FORM = 8192  # bytes: a login or CSRF form is a few hundred
 MAX_TEXT = 200
 STYLESHEET = "dashboard.css"
-OVERVIEW_CACHE_SIZE = 16  # 3 windows, a few minutes each
-FINDINGS_CACHE_SIZE = 512  # pages of findings searches (~50 rows each)
+OVERVIEW_CACHE_SIZE = 8  # rendered overviews: one per trend window (the latest minute's), per snapshot
+FINDING_VIEWS = 128  # rendered findings views (filters, order, page size; ~10 kB each without their rows)
+FINDING_PAGES = 1024  # per page of a view: the range it shows and its pager (a few hundred bytes)
+# The overview's trend window ends when its page was rendered (a page is rendered once a minute per window): while
+# the next minute's renders in a worker thread, the last one (the same data) is served if at most this old.
+OVERVIEW_STALE = timedelta(minutes=5)
+SIGNED_IN = True  # what the cached pages' templates see as the viewer: pages are only ever served to a session
 
 
 class BadRequest(Exception):
@@ -53,11 +63,11 @@ class _LoginRequired(Exception):
 
 
 def _environment() -> Environment:
+    # auto_reload off: the templates ship with the package, so no stat() of their files on every render.
     env = Environment(loader=PackageLoader("auditor.web", "templates"), autoescape=True, undefined=StrictUndefined,
-                      trim_blocks=True, lstrip_blocks=True)
+                      trim_blocks=True, lstrip_blocks=True, auto_reload=False)
     env.filters["iso"] = iso
     env.filters["quote"] = lambda value: quote(str(value), safe="")
-    env.filters["ago"] = lambda value, now: dashboard.human_age(now - value) if value else "never"
     env.filters["duration"] = _duration
     env.filters["pct"] = lambda value: "n/a" if value is None else f"{value:.1f}%"
     return env
@@ -113,30 +123,45 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: v[0] for k, v in fields.items()}
 
 
-class _DataVersion:
-    """The data's version: the latest run (id, finish time) and the UTC day, as the API's response cache keys it.
+def data_version(run: RunRecord | None, now: datetime) -> Hashable:
+    """Returns the data's version: the latest run (id, finish time) and the UTC day, as the API's cache keys it."""
+    return (run.id, run.finished_at) if run else None, now.date()
 
-    With `version_ttl` (the daemon: 1 s) the latest run is looked up at most that often.
+
+class _DataVersion:
+    """The data's current version, looked up at most every `version_ttl` (the daemon: 1 s; 0: every time).
+
+    Requests that find it due at the same time share one lookup (at 20 concurrent requests, one query a second
+    instead of a burst of 20 that would each check out a database connection).
     """
 
     def __init__(self, deps: ApiDeps) -> None:
         self.deps = deps
         self._value: Hashable = None
         self._checked = -1.0
+        self._lookups = SingleFlight()
 
-    async def get(self) -> Hashable:
-        """Returns the current version (looked up again after `version_ttl`)."""
+    async def get(self) -> tuple[Hashable, float]:
+        """Returns the current version and when (time.monotonic()) it was looked up."""
         ttl = self.deps.version_ttl
-        if ttl <= 0 or time.monotonic() - self._checked >= ttl:
-            run = await self.deps.store.latest_run()
-            self._value = ((run.id, run.finished_at) if run else None, self.deps.clock().date())
-            self._checked = time.monotonic()
-        return self._value
+        if ttl > 0 and time.monotonic() - self._checked < ttl:
+            return self._value, self._checked
+        if ttl <= 0:
+            return await self._lookup()
+        return await self._lookups.run("version", self._lookup)
+
+    async def _lookup(self) -> tuple[Hashable, float]:
+        checked = time.monotonic()
+        value = data_version(await self.deps.store.latest_run(), self.deps.clock())
+        if checked > self._checked:
+            self._value, self._checked = value, checked
+        return value, checked
 
 
 class _Memo:
     """A small LRU of computed values, keyed by what they depend on (the data version among it); concurrent misses
-    build a value once. Values are read-only once stored: pages render from them, never change them."""
+    build a value once. Values are read-only once stored: pages render from them, never change them. (The findings
+    searches that the snapshot's index cannot answer, in SQL.)"""
 
     def __init__(self, *, size: int) -> None:
         self.size = size
@@ -161,46 +186,104 @@ class _Memo:
                 del self._building[key]
 
 
-class _ReportCache:
-    """The compliance report, rebuilt when a run commits or the UTC day changes (as the API's response cache)."""
-
-    def __init__(self, version: _DataVersion) -> None:
-        self.version = version
-        self._key: Hashable = None
-        self._value: dict[str, Any] | None = None
-        self._lock = asyncio.Lock()
-
-    async def get(self, build: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
-        """Returns the cached report, building it if the data changed."""
-        key = await self.version.get()
-        async with self._lock:
-            if self._value is None or key != self._key:
-                self._value, self._key = await build(), key
-            return self._value
-
-
 def dashboard_router(deps: ApiDeps) -> APIRouter:
     """Returns the dashboard: /, /findings, /disks/{id}, /runs, /notifications, /waivers, /login, /logout, /audit."""
     env = _environment()
     signer = Signer(deps.token)
     version = _DataVersion(deps)
-    reports = _ReportCache(version)
-    # What the pages compute from the data, per data version (a run commits: new keys; old ones age out). The HTML
-    # is still rendered per request: it carries the viewer's CSRF token.
-    overviews = _Memo(size=OVERVIEW_CACHE_SIZE)  # per (window, version, minute): trend, charts, banners
-    finding_pages = _Memo(size=FINDINGS_CACHE_SIZE)  # per (search, page, version): a page and the total
-    counts = _Memo(size=FINDINGS_CACHE_SIZE)  # per (filters, version): how many findings match
-    sources = _Memo(size=4)  # per version: the organization filter's choices
+    macros: Any = env.get_template("macros.html").module
     css = resources.files("auditor.web").joinpath("static", STYLESHEET).read_bytes()
     css_version = hashlib.sha256(css).hexdigest()[:12]
+    css_url = f"/static/{STYLESHEET}?v={css_version}"
+
+    def html(name: str, **context: Any) -> str:
+        return env.get_template(name).render(is_guarded=signer.is_guarded, css_url=css_url, **context)
 
     def render(request: Request, name: str, *, viewer: Session | None, status: int = 200,
                **context: Any) -> HTMLResponse:
-        page = env.get_template(name).render(
-            request_path=request.url.path, viewer=viewer, is_guarded=signer.is_guarded,
-            csrf=signer.csrf(viewer) if viewer is not None else "", css_url=f"/static/{STYLESHEET}?v={css_version}",
-            now=deps.clock(), **context)
+        now = deps.clock()
+        page = html(name, request_path=request.url.path, viewer=viewer,
+                    csrf=signer.csrf(viewer) if viewer is not None else "", read_at=iso(now), **context)
         return HTMLResponse(page, status_code=status)
+
+    def slotted(name: str, **context: Any) -> Slotted:
+        """Renders a page once for every viewer: the CSRF token and the time it is read at are slots."""
+        return Slotted(html(name, viewer=SIGNED_IN, csrf=slot("csrf"), read_at=slot("read_at"), **context))
+
+    def send(viewer: Session, page: Slotted, **values: str | bytes) -> HTMLResponse:
+        return HTMLResponse(page.fill({"csrf": signer.csrf(viewer), "read_at": iso(deps.clock()) or "", **values}))
+
+    # ---- the snapshot of the data and the pages rendered from it ------------------------------------------
+    # One snapshot per data version (the latest run, the UTC day): read and prepared in a worker thread, once, for
+    # every request that needs it. Pages are rendered from it once (the overview once a minute per window) and
+    # served with the viewer's CSRF token and the time filled in; a new snapshot drops them.
+
+    async def build_snapshot() -> tuple[Hashable, dashboard.Snapshot, dict[str, bytes]]:
+        now = deps.clock()
+        waivers, problems = deps.waivers()
+
+        async def read(store: Store) -> tuple[dashboard.Snapshot, dict[str, bytes]]:
+            snap = await dashboard.snapshot(store, now=now, waivers=waivers, waiver_problems=problems)
+            # Each finding's table row, rendered (and encoded) here too: a findings page joins 50 of them.
+            rows = {item.finding.fingerprint: str(macros.finding_row(item)).encode()
+                    for item in (snap.index.items if snap.index is not None else ())}
+            return snap, rows
+
+        snap, rows = await off_loop(deps.store, read)
+        return data_version(snap.latest, now), snap, rows
+
+    snapshots = Snapshots(build_snapshot)
+    overview_pages: LRU[tuple[int, int], tuple[datetime, Slotted]] = LRU(size=OVERVIEW_CACHE_SIZE)
+    overview_builds = SingleFlight()
+    finding_views: LRU[Hashable, Slotted] = LRU(size=FINDING_VIEWS)
+    finding_pagers: LRU[Hashable, tuple[str, str]] = LRU(size=FINDING_PAGES)
+    # Searches the snapshot's index does not cover (resolved findings, when there are too many to hold), in SQL.
+    sql_pages = _Memo(size=FINDING_PAGES)  # per (search, page, snapshot): a page (its rows rendered) and the total
+    sql_counts = _Memo(size=FINDING_PAGES)  # per (filters, snapshot): how many findings match
+    serving = [0]  # the serial of the newest snapshot pages were rendered from
+
+    async def current() -> Built:
+        """Returns the snapshot of the current data version (waiting for its build if a run just committed)."""
+        value, seen_at = await version.get()
+        built = await snapshots.get(value, seen_at)
+        if built.serial > serving[0]:  # pages of older snapshots are never served again
+            serving[0] = built.serial
+            overview_pages.clear()
+            finding_views.clear()
+            finding_pagers.clear()
+        return built
+
+    def render_overview(built: Built, days: int, now: datetime) -> Slotted:
+        """Renders the overview with its trend window ending at `now` (in a worker thread: the charts are CPU)."""
+        snap = built.snapshot
+        trend, start = snap.trend(days=days, now=now)
+        gap = 2 * deps.interval
+        return slotted("overview.html", nav="overview", days=days, trend_days=dashboard.TREND_DAYS,
+                       severities=[s.value for s in reversed(Severity)], report=snap.report,
+                       compliance_pct=snap.compliance_pct, unknown=snap.unknown, trend_runs=len(trend),
+                       charts=[compliance_chart(trend, start=start, end=now, gap=gap),
+                               severity_chart(trend, start=start, end=now, gap=gap)],
+                       banners=slot("banners"), last_good_ago=slot("last_good_ago"))
+
+    async def overview_page(built: Built, days: int, now: datetime) -> Slotted:
+        """Returns the overview of `days` rendered this minute; while that renders, the previous minute's (if at
+        most OVERVIEW_STALE old: the same data, its window ending a little earlier)."""
+        minute = now.replace(second=0, microsecond=0)
+        held = overview_pages.get((built.serial, days))
+        if held is not None and held[0] == minute:
+            return held[1]
+
+        async def build() -> Slotted:
+            page = await asyncio.to_thread(render_overview, built, days, now)
+            latest = overview_pages.get((built.serial, days))
+            if built.serial == serving[0] and (latest is None or latest[0] < minute):
+                overview_pages.put((built.serial, days), (minute, page))
+            return page
+
+        flight = overview_builds.start((built.serial, days, minute), build)
+        if held is not None and abs(minute - held[0]) <= OVERVIEW_STALE:
+            return held[1]
+        return await asyncio.shield(flight)
 
     def session_of(request: Request) -> Session | None:
         return signer.verify(request.cookies.get(SESSION_COOKIE), now=deps.clock())
@@ -291,29 +374,15 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
         viewer = viewer_of(request)
         days = int(_choice(request.query_params.get("days"), [str(d) for d in dashboard.TREND_DAYS], name="days",
                            default="7") or 7)
+        built = await current()
         now = deps.clock()
-
-        async def build() -> dict[str, Any]:
-            # Computed once per window, data version and minute: the window's end and the banners' "overdue" text
-            # move with the clock, so a view is at most a minute behind it (the data itself, never: a run that
-            # commits changes the version).
-            waivers, problems = deps.waivers()
-
-            async def report() -> dict[str, Any]:
-                return await build_report(deps.store, now=now, waivers=waivers, waiver_problems=problems)
-
-            data = await dashboard.overview(deps.store, now=now, interval=deps.interval, days=days,
-                                            report=await reports.get(report))
-            gap = 2 * deps.interval
-            return {"data": data,
-                    "charts": [compliance_chart(data.trend, start=data.trend_start, end=now, gap=gap),
-                               severity_chart(data.trend, start=data.trend_start, end=now, gap=gap)],
-                    "unknown": [d for d in data.report["disks"] if d["status"] == "unknown"]}
-
-        minute = now.replace(second=0, microsecond=0)
-        view = await overviews.get(("overview", days, await version.get(), minute), build)
-        return render(request, "overview.html", viewer=viewer, nav="overview", days=days,
-                      trend_days=dashboard.TREND_DAYS, severities=[s.value for s in reversed(Severity)], **view)
+        page = await overview_page(built, days, now)
+        # What moves with the clock, per request: the banners (overdue) and the last good run's age.
+        snap = built.snapshot
+        banners = Markup("\n").join(macros.banner(b) for b in snap.banners(now=now, interval=deps.interval))
+        good = snap.last_good.finished_at if snap.last_good is not None else None
+        age = f"{dashboard.human_age(now - good)} ago" if good is not None else "never"
+        return send(viewer, page, banners=str(banners), last_good_ago=str(escape(age)))
 
     @router.post("/audit")
     async def run_audit(request: Request) -> Response:
@@ -349,34 +418,59 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
             text=_text(q.get("disk"), name="disk"),
             sort=_sort_key(sort), descending=direction == "desc", limit=int(size))
         page = _page_number(q.get("page"))
-        current = await version.get()
+        built = await current()
+        snap = built.snapshot
+        if snap.index is not None and snap.index.covers(search.statuses):
+            result = snap.index.page(search, page=page, sources=snap.sources)
+            rows = b"\n".join([built.rows[item.finding.fingerprint] for item in result.items])
+        else:
+            result, rows = await sql_page(built, search, page)
+        view_key = (built.serial, status, search)
+        view = finding_views.get(view_key)
+        pieces = finding_pagers.get((view_key, result.page))
+        if view is None or pieces is None:
+            filters = {"status": status, "rule": search.rule or "", "severity": search.severity or "",
+                       "org": search.org or "", "disk": search.text or "", "sort": sort, "dir": direction or "desc",
+                       "size": size}
 
-        async def choices() -> list[str]:
-            return await dashboard.disk_sources(deps.store)
+            def url_with(**changes: Any) -> str:
+                params = {k: v for k, v in {**filters, **changes}.items() if v not in ("", None)}
+                return "/findings?" + urlencode(params)
+
+            if view is None:
+                # Rendered once per view (filters, order, page size) and snapshot; a page fills in its rows, the
+                # range it shows and its pager.
+                view = slotted("findings.html", nav="findings", total=result.total, sources=result.sources,
+                               filters=filters, url_with=url_with, rules=list(RULES),
+                               severities=[s.value for s in reversed(Severity)], statuses=list(FINDING_STATUSES),
+                               sort_keys=SORT_KEYS, page_sizes=PAGE_SIZES, showing=slot("showing"),
+                               rows=slot("rows"), pager=slot("pager"))
+            if pieces is None:
+                first = (result.page - 1) * search.limit + 1
+                pieces = (f", showing {first}–{first + len(result.items) - 1}" if result.items else "",
+                          str(macros.pager(result.page, result.pages, url_with)))
+            if built.serial == serving[0]:
+                finding_views.put(view_key, view)
+                finding_pagers.put((view_key, result.page), pieces)
+        return send(viewer, view, showing=pieces[0], rows=rows, pager=pieces[1])
+
+    async def sql_page(built: Built, search: FindingSearch, page: int) -> tuple[dashboard.FindingsResult, bytes]:
+        """A findings search the snapshot's index does not cover, in SQL, and its rows (memoized per snapshot)."""
 
         async def count() -> int:
             return await dashboard.count_findings(deps.store, search)
 
-        async def build() -> dashboard.FindingsResult:
+        async def build() -> tuple[dashboard.FindingsResult, bytes]:
             # The total depends on the filters only: counted once for all their orders and pages.
             filters_only = (search.statuses, search.rule, search.severity, search.org, search.text)
-            return await dashboard.search_findings(
-                deps.store, search, page=page, sources=await sources.get(("sources", current), choices),
-                total=await counts.get(("count", filters_only, current), count))
+            result = await dashboard.search_findings(
+                deps.store, search, page=page, sources=built.snapshot.sources,
+                total=await sql_counts.get(("count", filters_only, built.serial), count))
+            return result, "\n".join(macros.finding_row(item) for item in result.items).encode()
 
-        result = await finding_pages.get(("findings", search, page, current), build)
-        filters = {"status": status, "rule": search.rule or "", "severity": search.severity or "",
-                   "org": search.org or "", "disk": search.text or "", "sort": sort, "dir": direction or "desc",
-                   "size": size}
-
-        def url_with(**changes: Any) -> str:
-            params = {k: v for k, v in {**filters, **changes}.items() if v not in ("", None)}
-            return "/findings?" + urlencode(params)
-
-        return render(request, "findings.html", viewer=viewer, nav="findings", result=result, filters=filters,
-                      url_with=url_with, rules=list(RULES), severities=[s.value for s in reversed(Severity)],
-                      statuses=list(FINDING_STATUSES), sort_keys=SORT_KEYS, page_sizes=PAGE_SIZES,
-                      page_size=int(size))
+        found: tuple[dashboard.FindingsResult, bytes] = await sql_pages.get(("findings", search, page, built.serial),
+                                                                          build)
+        return found
 
     @router.get("/disks/{disk_id:path}")
     async def disk(request: Request, disk_id: str) -> Response:
