@@ -495,3 +495,36 @@ async def test_reports_api_and_alerts_filter_and_label_by_tier(db_url: str) -> N
     assert not any(a["labels"].get("disk_id") == ids["scratch"] for a in alerts)  # exempt: no alert
     groups = {body["groupLabels"].get("tier") for body in bodies}
     assert "gold" in groups
+
+
+async def test_the_dashboard_shows_and_filters_by_tier(db_url: str) -> None:
+    import re
+    from datetime import timedelta
+
+    from auditor.api import ApiDeps, create_app as api_app
+
+    async def no_trigger() -> str | None:
+        return None
+
+    w, ids = world()
+    weak = w.disk("weak")  # a [rules] disk with a finding, so the unfiltered table has more rows
+    w.policy(weak, "weak", retention=3)
+    settings = with_tiers(settings_for(db_url, disks=[*ids.values(), weak.id]), [GOLD, SCRATCH])
+    async with open_services(settings, transport=httpx.ASGITransport(app=create_app(w.fleet)), token=TOKEN) as rt:
+        await rt.run_cycle()
+        deps = ApiDeps(store=rt.store, interval=timedelta(minutes=15), trigger=no_trigger)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api_app(deps)),
+                                     base_url="http://dash") as web:
+            report = (await web.get("/api/v1/report")).json()
+            overview = (await web.get("/")).text
+            gold_page = (await web.get("/findings", params={"tier": "gold", "status": "all"})).text
+            every = (await web.get("/findings", params={"status": "all"})).text
+            scratch = (await web.get(f"/disks/{ids['scratch']}")).text
+            gold_api = (await web.get("/api/v1/findings", params={"tier": "gold", "status": "all"})).json()
+    assert f'data-metric="exempt">{report["summary"]["exempt"]}<' in overview and report["summary"]["exempt"] == 1
+    assert re.search(r'data-metric="by_tier.gold"><a [^>]*>1<', overview)
+    shown = re.findall(r'data-fingerprint="(\w+)"', gold_page)
+    assert sorted(shown) == sorted(f["fingerprint"] for f in gold_api["findings"]) and shown
+    assert len(re.findall(r'data-fingerprint="(\w+)"', every)) > len(shown)  # the filter changes the table
+    assert '<option value="gold" selected>gold</option>' in gold_page
+    assert 'data-metric="tier">scratch<' in scratch and "rebuilt from images; no backups needed" in scratch

@@ -27,7 +27,7 @@ DELIVERY_STATES = tuple(s.value for s in DeliveryState)
 
 
 def compliance_pct(compliant: int, total: int) -> float | None:
-    """Returns compliant disks as a percentage of all audited disks (unknown ones count against), or None."""
+    """Returns compliant disks as a percentage of the judged disks (unknown ones count against), or None."""
     return round(100.0 * compliant / total, 1) if total else None
 
 
@@ -94,6 +94,7 @@ class FindingsResult:
     page: int
     pages: int
     sources: list[str]
+    tiers: list[str] = field(default_factory=list)
 
 
 class FindingIndex:
@@ -128,19 +129,20 @@ class FindingIndex:
     def matching(self, search: FindingSearch) -> list[FindingListing]:
         """Returns every finding that matches the search's filters, in its order (offset and limit aside)."""
         key = (search.statuses, search.rule, search.severity, search.org, search.text, search.sort,
-               search.descending)
+               search.descending, search.tier)
         hit = self._views.get(key)
         if hit is not None:
             self._views.move_to_end(key)
             return hit
         statuses = frozenset(search.statuses)
-        rule, severity, org = search.rule, search.severity, search.org
+        rule, severity, org, tier = search.rule, search.severity, search.org, search.tier
         needle = search.text.lower() if search.text else None
         found = [item for item in self._orders[(search.sort, search.descending)]
                  if item.finding.status.value in statuses
                  and (rule is None or item.finding.rule == rule)
                  and (severity is None or item.finding.severity.value == severity)
                  and (org is None or item.disk_source == org)
+                 and (tier is None or item.disk_tier == tier)
                  and (needle is None or needle in item.finding.disk_id.lower()
                       or needle in (item.disk_name or "").lower())]
         self._views[key] = found
@@ -148,14 +150,15 @@ class FindingIndex:
             self._views.popitem(last=False)
         return found
 
-    def page(self, search: FindingSearch, *, page: int, sources: list[str]) -> FindingsResult:
+    def page(self, search: FindingSearch, *, page: int, sources: list[str],
+             tiers: list[str] | None = None) -> FindingsResult:
         """Returns page `page` (from 1; past the end: the last) of the findings matching `search`."""
         found = self.matching(search)
         size = search.limit
         pages = max(1, -(-len(found) // size))
         page = min(max(page, 1), pages)
         return FindingsResult(items=found[(page - 1) * size:page * size], total=len(found), page=page, pages=pages,
-                              sources=sources)
+                              sources=sources, tiers=list(tiers or []))
 
 
 VIEW_CACHE_SIZE = 256  # filtered lists per index (filters × order), a list of references each
@@ -188,6 +191,7 @@ class Snapshot:
     history: list[RunPoint]
     sources: list[str]
     index: FindingIndex | None
+    tiers: list[str] = field(default_factory=list)
 
     def trend(self, *, days: int, now: datetime) -> tuple[list[RunPoint], datetime]:
         """Returns the runs started in the `days` before `now` (oldest first) and the window's start."""
@@ -208,6 +212,7 @@ async def snapshot(store: Store, *, now: datetime, waivers: Sequence[Waiver] = (
     reads = DashboardReads(store)
     history = await reads.run_points(since=now - timedelta(days=max(TREND_DAYS)))
     sources = await reads.disk_sources()
+    tiers = await reads.disk_tiers()
     counts = await reads.finding_status_counts()
     index = None
     if sum(counts.values()) <= INDEX_LIMIT:
@@ -216,9 +221,11 @@ async def snapshot(store: Store, *, now: datetime, waivers: Sequence[Waiver] = (
         index = FindingIndex(await reads.finding_listings(("open", "waived")), ("open", "waived"))
     summary = report["summary"]
     return Snapshot(built_at=now, latest=latest, last_good=last_good, report={k: report[k] for k in REPORT_KEYS},
-                    compliance_pct=compliance_pct(summary["compliant"], summary["disks_total"]),
+                    # Exempt disks are judged by no rule: outside the ratio, as in the period report.
+                    compliance_pct=compliance_pct(summary["compliant"],
+                                                  summary["disks_total"] - summary.get("exempt", 0)),
                     unknown=[d for d in report["disks"] if d["status"] == "unknown"], history=history,
-                    sources=sources, index=index)
+                    sources=sources, index=index, tiers=tiers)
 
 
 async def search_findings(store: Store, search: FindingSearch, *, page: int,
@@ -237,7 +244,8 @@ async def search_findings(store: Store, search: FindingSearch, *, page: int,
         items, total = await reads.search_findings(_at_page(search, page), total=total)
     if sources is None:
         sources = await reads.disk_sources()
-    return FindingsResult(items=items, total=total, page=page, pages=pages, sources=sources)
+    return FindingsResult(items=items, total=total, page=page, pages=pages, sources=sources,
+                          tiers=await reads.disk_tiers())
 
 
 async def count_findings(store: Store, search: FindingSearch) -> int:
@@ -249,7 +257,7 @@ async def count_findings(store: Store, search: FindingSearch) -> int:
 def _at_page(search: FindingSearch, page: int, *, limit: int | None = None) -> FindingSearch:
     size = search.limit if limit is None else limit
     return FindingSearch(statuses=search.statuses, rule=search.rule, severity=search.severity, org=search.org,
-                         text=search.text, sort=search.sort, descending=search.descending,
+                         text=search.text, sort=search.sort, descending=search.descending, tier=search.tier,
                          offset=(max(page, 1) - 1) * size, limit=size)
 
 

@@ -51,6 +51,7 @@ class FindingSearch:
     org: str | None = None
     text: str | None = None  # a substring of the disk id or name, any case
     sort: SortKey = "severity"
+    tier: str | None = None  # the disk's [[tiers]] entry
     descending: bool = True
     offset: int = 0
     limit: int = 50
@@ -63,6 +64,7 @@ class FindingListing:
     finding: TrackedFinding
     disk_name: str | None
     disk_source: str | None
+    disk_tier: str | None = None
 
 
 class DashboardReads:
@@ -101,6 +103,17 @@ class DashboardReads:
         result: list[str] = await self.store._read(go)
         return result
 
+    async def disk_tiers(self) -> list[str]:
+        """Returns the distinct tiers of the audited disks (the defaults not included), sorted."""
+
+        async def go(s: AsyncSession) -> list[str]:
+            q = (select(DiskRow.tier).where(DiskRow.is_target.is_(True), DiskRow.tier.is_not(None)).distinct()
+                 .order_by(DiskRow.tier))
+            return [str(v) for v in (await s.execute(q)).scalars()]
+
+        result: list[str] = await self.store._read(go)
+        return result
+
     async def finding_status_counts(self) -> dict[str, int]:
         """Returns how many findings are in each status (open, waived, resolved)."""
 
@@ -116,11 +129,12 @@ class DashboardReads:
         disk and fingerprint."""
 
         async def go(s: AsyncSession) -> list[FindingListing]:
-            q = (select(*_LISTED, DiskRow.name, DiskRow.source)
+            q = (select(*_LISTED, DiskRow.name, DiskRow.source, DiskRow.tier)
                  .outerjoin(DiskRow, FindingRow.disk_id == DiskRow.id)
                  .where(FindingRow.status.in_(list(statuses)))
                  .order_by(FindingRow.disk_id, FindingRow.fingerprint))
-            return [FindingListing(_listed(row), row.name, row.source) for row in (await s.execute(q)).all()]
+            return [FindingListing(_listed(row), row.name, row.source, row.tier)
+                    for row in (await s.execute(q)).all()]
 
         result: list[FindingListing] = await self.store._read(go)
         return result
@@ -135,6 +149,8 @@ class DashboardReads:
             where.append(FindingRow.severity == search.severity)
         if search.org:
             where.append(DiskRow.source == search.org)
+        if search.tier:
+            where.append(DiskRow.tier == search.tier)
         if search.text:
             needle = search.text.lower()
             # autoescape: a % or _ typed in the box is matched literally, not as a LIKE wildcard.
@@ -150,11 +166,13 @@ class DashboardReads:
             primary = _sort_column(search.sort)
             # Only the listed columns: `observed` and `expected` (JSON the list does not show) are not read, and
             # the listing's finding carries them empty.
-            q = (select(*_LISTED, DiskRow.name, DiskRow.source).outerjoin(DiskRow, joined).where(*where)
+            q = (select(*_LISTED, DiskRow.name, DiskRow.source, DiskRow.tier).outerjoin(DiskRow, joined)
+                 .where(*where)
                  .order_by(primary.desc() if search.descending else primary.asc(),
                            FindingRow.disk_id, FindingRow.fingerprint)
                  .offset(search.offset).limit(search.limit))
-            rows = [FindingListing(_listed(row), row.name, row.source) for row in (await s.execute(q)).all()]
+            rows = [FindingListing(_listed(row), row.name, row.source, row.tier)
+                    for row in (await s.execute(q)).all()]
             return rows, int(count)
 
         result: tuple[list[FindingListing], int] = await self.store._read(go)

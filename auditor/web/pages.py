@@ -416,12 +416,13 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
             severity=_choice(q.get("severity"), [s.value for s in Severity], name="severity"),
             org=_text(q.get("org"), name="org"),
             text=_text(q.get("disk"), name="disk"),
+            tier=_text(q.get("tier"), name="tier"),
             sort=_sort_key(sort), descending=direction == "desc", limit=int(size))
         page = _page_number(q.get("page"))
         built = await current()
         snap = built.snapshot
         if snap.index is not None and snap.index.covers(search.statuses):
-            result = snap.index.page(search, page=page, sources=snap.sources)
+            result = snap.index.page(search, page=page, sources=snap.sources, tiers=snap.tiers)
             rows = b"\n".join([built.rows[item.finding.fingerprint] for item in result.items])
         else:
             result, rows = await sql_page(built, search, page)
@@ -431,7 +432,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
         if view is None or pieces is None:
             filters = {"status": status, "rule": search.rule or "", "severity": search.severity or "",
                        "org": search.org or "", "disk": search.text or "", "sort": sort, "dir": direction or "desc",
-                       "size": size}
+                       "size": size, "tier": search.tier or ""}
 
             def url_with(**changes: Any) -> str:
                 params = {k: v for k, v in {**filters, **changes}.items() if v not in ("", None)}
@@ -441,6 +442,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
                 # Rendered once per view (filters, order, page size) and snapshot; a page fills in its rows, the
                 # range it shows and its pager.
                 view = slotted("findings.html", nav="findings", total=result.total, sources=result.sources,
+                               tiers=result.tiers,
                                filters=filters, url_with=url_with, rules=list(RULES),
                                severities=[s.value for s in reversed(Severity)], statuses=list(FINDING_STATUSES),
                                sort_keys=SORT_KEYS, page_sizes=PAGE_SIZES, showing=slot("showing"),
@@ -462,7 +464,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
 
         async def build() -> tuple[dashboard.FindingsResult, bytes]:
             # The total depends on the filters only: counted once for all their orders and pages.
-            filters_only = (search.statuses, search.rule, search.severity, search.org, search.text)
+            filters_only = (search.statuses, search.rule, search.severity, search.org, search.text, search.tier)
             result = await dashboard.search_findings(
                 deps.store, search, page=page, sources=built.snapshot.sources,
                 total=await sql_counts.get(("count", filters_only, built.serial), count))
