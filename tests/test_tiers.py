@@ -501,7 +501,8 @@ async def test_the_dashboard_shows_and_filters_by_tier(db_url: str) -> None:
     import re
     from datetime import timedelta
 
-    from auditor.api import ApiDeps, create_app as api_app
+    from auditor.api import ApiDeps
+    from auditor.api import create_app as api_app
 
     async def no_trigger() -> str | None:
         return None
