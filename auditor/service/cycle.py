@@ -156,27 +156,33 @@ def unknown_snapshot(disk_id: str, code: str, message: str) -> DiskSnapshot:
 VmPolicies = Callable[[str], Awaitable[list[BackupPolicy]]]
 
 
+def once_per_key(read: Callable[[str], Awaitable[T]]) -> Callable[[str], Awaitable[T]]:
+    """Returns `read` asked at most once per key (per cycle): concurrent callers share the answer or the
+    KatapultError, so a failure is not asked again either."""
+    done: dict[str, T | KatapultError] = {}
+    locks: dict[str, asyncio.Lock] = {}
+
+    async def shared(key: str) -> T:
+        async with locks.setdefault(key, asyncio.Lock()):
+            if key not in done:
+                try:
+                    done[key] = await read(key)
+                except KatapultError as exc:
+                    done[key] = exc
+        result = done[key]
+        if isinstance(result, KatapultError):
+            raise result
+        return result
+
+    return shared
+
+
 def shared_vm_policies(client: KatapultClient) -> VmPolicies:
     """Returns a reader of VM policies that asks Katapult once per VM, however many of its disks are audited.
 
     Failures are kept too: a VM whose policies cannot be read makes each of its disks unknown without asking again.
     """
-    done: dict[str, list[BackupPolicy] | KatapultError] = {}
-    locks: dict[str, asyncio.Lock] = {}
-
-    async def read(vm_id: str) -> list[BackupPolicy]:
-        async with locks.setdefault(vm_id, asyncio.Lock()):
-            if vm_id not in done:
-                try:
-                    done[vm_id] = await client.list_vm_policies(vm_id)
-                except KatapultError as exc:
-                    done[vm_id] = exc
-        result = done[vm_id]
-        if isinstance(result, KatapultError):
-            raise result
-        return result
-
-    return read
+    return once_per_key(client.list_vm_policies)
 
 
 async def read_disk(client: KatapultClient, disk_id: str, *, vm_policies: VmPolicies | None = None) -> DiskSnapshot:
@@ -248,26 +254,8 @@ VmLookup = Callable[[str], Awaitable[VirtualMachine]]
 
 
 def shared_vm_lookups(client: KatapultClient) -> VmLookup:
-    """Returns a VM reader that asks Katapult once per VM per cycle, however many of its disks need it.
-
-    Failures are kept too: every disk of a VM that could not be looked up learns the same error without asking again.
-    """
-    done: dict[str, VirtualMachine | KatapultError] = {}
-    locks: dict[str, asyncio.Lock] = {}
-
-    async def read(vm_id: str) -> VirtualMachine:
-        async with locks.setdefault(vm_id, asyncio.Lock()):
-            if vm_id not in done:
-                try:
-                    done[vm_id] = await client.get_vm(vm_id)
-                except KatapultError as exc:
-                    done[vm_id] = exc
-        result = done[vm_id]
-        if isinstance(result, KatapultError):
-            raise result
-        return result
-
-    return read
+    """Returns a VM reader that asks Katapult once per VM per cycle, however many of its disks need it."""
+    return once_per_key(client.get_vm)
 
 
 @dataclass(frozen=True, slots=True)
