@@ -482,8 +482,8 @@ def report_cmd(config_path: Path | None, fmt: str, since: str | None, until: str
         return
 
     def current() -> None:
-        # The current report reads a few rows: SQLAlchemy Core on a synchronous engine, without the ORM, asyncio,
-        # httpx or the notifiers that open_services would load (benchmarks/cli_start.py times it).
+        # The current report reads a few rows (sqlite3 for a plain SQLite file, else SQLAlchemy Core), without the
+        # ORM, asyncio, httpx or the notifiers that open_services would load (benchmarks/cli_start.py times it).
         from auditor.service.reports import current_report
 
         show_report(current_report(settings, tier=tier), fmt)
@@ -658,8 +658,16 @@ def print_report_table(report: dict[str, Any]) -> None:
             if run else "no audit has run yet")
     console.print(f"[bold]Compliance report[/bold] generated {report['generated_at']}; {head}")
     console.print(f"disks {s['disks_total']}: [green]{s['compliant']} compliant[/green], "
-                  f"[red]{s['noncompliant']} noncompliant[/red], [yellow]{s['unknown']} unknown[/yellow]; "
-                  f"{s['open_findings']} open findings, {s['waived_findings']} waived")
+                  f"[red]{s['noncompliant']} noncompliant[/red], [yellow]{s['unknown']} unknown[/yellow]"
+                  + (f", {s['exempt']} exempt" if s.get("exempt") else "")
+                  + f"; {s['open_findings']} open findings, {s['waived_findings']} waived")
+    tiers = {name: n for name, n in s.get("by_tier", {}).items() if name}
+    if tiers:
+        console.print("tiers: " + ", ".join(f"{name} {n}" for name, n in tiers.items())
+                      + f" (rules defaults: {s['by_tier'].get('', 0)})", markup=False)
+    for d in report["disks"]:
+        if d.get("exemption"):
+            console.print(f"exempt: {d['disk_id']} (tier {d['tier']}): {d['exemption']['reason']}", markup=False)
     if report["findings"]:
         table = _table(show_lines=False)
         for col in ("severity", "rule", "disk", "policy", "status", "message"):

@@ -25,7 +25,8 @@ from auditor.fake import create_app as fake_app
 from auditor.service import open_services
 from auditor.service.reports import REPORTED_STATUSES, build_report, current_report
 from auditor.store import engine as db
-from auditor.store.reads import ReportReads
+from auditor.store.reads import SqliteReads, open_report_reads, plain_sqlite_file
+from auditor.store.reads_core import CoreReads
 
 pytestmark = pytest.mark.slow
 
@@ -227,9 +228,9 @@ def test_the_command_line_starts_without_heavy_imports(tmp_path: Path, args: lis
 
 # ---- `auditor report`: the current report without the ORM ------------------------------------------------------
 
-# What `auditor report` must not load: it reads a few rows with SQLAlchemy Core (benchmarks/cli_start.py times it),
-# so of HEAVY only pydantic (the config), rich (the table) and SQLAlchemy's Core.
-NOT_FOR_REPORT = tuple(m for m in HEAVY if m not in ("pydantic", "rich", "sqlalchemy")) + (
+# What `auditor report` must not load (benchmarks/cli_start.py times it): of HEAVY only pydantic (the config) and rich
+# (the table); a plain SQLite file is read with sqlite3, so not even SQLAlchemy.
+NOT_FOR_REPORT = tuple(m for m in HEAVY if m not in ("pydantic", "rich")) + (
     "sqlalchemy.orm", "sqlalchemy.ext.asyncio", "aiosqlite", "jinja2", "apscheduler", "prometheus_client",
     "auditor.katapult", "auditor.notify", "auditor.api", "auditor.web", "auditor.service.services",
     "auditor.service.cycle", "auditor.service.compliance", "auditor.store.repo", "auditor.store.tables",
@@ -319,17 +320,21 @@ async def test_report_reads_the_same_report_as_build_report_on_the_store(db_url:
     async with open_services(settings, katapult=False, migrate=False, clock=clock) as s:
         waivers, problems = s.waivers()
         assert await build_report(s.store, now=s.clock(), waivers=waivers, waiver_problems=problems) == fast
-        reads = ReportReads(db_url)
-        try:
-            assert reads.latest_run() == await s.store.latest_run()
-            assert reads.target_disks() == await s.store.load_disks(targets_only=True)
-            for statuses in (REPORTED_STATUSES, ("resolved",)):
-                assert reads.all_findings(statuses=statuses) == await s.store.all_findings(statuses=statuses)
-            assert reads.current_policy_ids() == await s.store.current_policy_ids()
-            since = now - timedelta(days=1)
-            assert reads.recent_drift(since=since) == await s.store.recent_drift(since=since)
-        finally:
-            reads.close()
+        # sqlite3 for a plain SQLite file, SQLAlchemy Core otherwise; Core reads SQLite files as well.
+        fast = open_report_reads(db_url)
+        assert isinstance(fast, SqliteReads) == db_url.startswith("sqlite:")
+        for reads in (fast, CoreReads(db_url)):
+            try:
+                assert reads.current_revision() == await db.current_revision(db_url)
+                assert reads.latest_run() == await s.store.latest_run()
+                assert reads.target_disks() == await s.store.load_disks(targets_only=True)
+                for statuses in (REPORTED_STATUSES, ("resolved",)):
+                    assert reads.all_findings(statuses=statuses) == await s.store.all_findings(statuses=statuses)
+                assert reads.current_policy_ids() == await s.store.current_policy_ids()
+                for since in (now - timedelta(days=1), clock.now - timedelta(minutes=20)):
+                    assert reads.recent_drift(since=since) == await s.store.recent_drift(since=since)
+            finally:
+                reads.close()
 
 
 async def _open_error(settings: Settings) -> str:
@@ -361,3 +366,20 @@ async def test_report_fails_on_a_database_as_open_services_does(tmp_path: Path, 
     old = settings(db_url)
     assert "revision 0001" in _report_error(old) == await _open_error(old)
     assert (await db.current_revision(db_url))[0] == "0001"  # left as it was
+
+
+@pytest.mark.parametrize(("url", "path"), [
+    ("sqlite:///auditor.db", "auditor.db"),
+    ("sqlite:////var/lib/auditor/a b.db", "/var/lib/auditor/a b.db"),
+    ("sqlite+aiosqlite:///./data/x%20y.db", "./data/x y.db"),
+    ("sqlite+pysqlite:///x@y:1.db", "x@y:1.db"),
+    ("sqlite://", None), ("sqlite:///:memory:", None), ("sqlite:///file:x.db?mode=ro&uri=true", None),
+    ("sqlite:///x.db?timeout=30", None), ("sqlite+pysqlcipher:///x.db", None), ("SQLITE:///x.db", None),
+    ("postgresql+psycopg://auditor:pw@db/auditor", None), ("sqlite:///", None),
+])
+def test_plain_sqlite_files_are_read_with_sqlite3_where_sqlalchemy_would_open_the_same_file(
+        url: str, path: str | None) -> None:
+    assert plain_sqlite_file(url) == path
+    if path is not None:  # the file SQLAlchemy's URL and sqlite3 dialect name
+        assert db.sqlite_path(url) == path
+        assert db.sqlite_file_missing(url) is not Path(path).is_file()

@@ -2,8 +2,9 @@
 
 `build_report` reads through the async `Store` (the API, the dashboard, the demo); `current_report` is the same
 report for a one-shot command: it opens the database read-only as `open_services(katapult=False, migrate=False)`
-does, on a synchronous SQLAlchemy Core engine (`auditor.store.reads`), so `auditor report` starts without the ORM,
-asyncio, httpx or the notifiers (benchmarks/cli_start.py). This module imports only the domain at import time.
+does, through `auditor.store.reads` (sqlite3 for a plain SQLite file, else SQLAlchemy Core), so `auditor report`
+starts without the ORM, asyncio, httpx or the notifiers (benchmarks/cli_start.py). This module imports only the
+domain at import time.
 """
 
 from __future__ import annotations
@@ -114,20 +115,24 @@ def current_report(settings: Settings, *, clock: Callable[[], datetime] = _utcno
     cannot be read; runs left `running` by a process that is gone are marked failed first (a failure there is
     ignored, as there).
     """
+    from pathlib import Path
+
     from auditor.domain.lifecycle import parse_waivers
     from auditor.domain.rules import RULES
-    from auditor.store.engine import safe_url, sqlite_file_missing
-    from auditor.store.reads import ReportReads
+    from auditor.store import engine
+    from auditor.store.reads import open_report_reads, plain_sqlite_file
 
     url = settings.database.url.get_secret_value()
-    if sqlite_file_missing(url):
-        raise SchemaError(f"database {safe_url(url)} does not exist: check database.url, or {SCHEMA_HINT}")
-    reads = ReportReads(url)
+    plain = plain_sqlite_file(url)  # read with sqlite3: SQLAlchemy is loaded only for other URLs and for errors
+    missing = (not Path(plain).is_file()) if plain is not None else engine.sqlite_file_missing(url)
+    if missing:
+        raise SchemaError(f"database {engine.safe_url(url)} does not exist: check database.url, or {SCHEMA_HINT}")
+    reads = open_report_reads(url)
     try:
         current, head = reads.current_revision()
         if current != head:
-            raise SchemaError(f"database {safe_url(url)} is at schema revision {current or 'none'}, this version "
-                              f"needs {head}: {SCHEMA_HINT}")
+            raise SchemaError(f"database {engine.safe_url(url)} is at schema revision {current or 'none'}, this "
+                              f"version needs {head}: {SCHEMA_HINT}")
         with contextlib.suppress(StoreError):
             abandoned = reads.abandon_orphaned_runs(now=clock(), reason=ORPHAN_REASON)
             if abandoned:

@@ -6,15 +6,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-from sqlalchemy.pool import NullPool
-
 from auditor.errors import StoreError
 
+# SQLAlchemy is imported by the functions that use it, so SCHEMA_HEAD and the SQLite pragmas come without it: the
+# read-only report reads a plain SQLite file with the standard library (auditor.store.reads).
 if TYPE_CHECKING:  # Alembic is imported only where migrations run: read-only commands start faster without it
     from alembic.config import Config as AlembicConfig
+    from sqlalchemy.engine import URL, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine  # loads the ORM: imported where an async engine is made
 
 # The code's schema revision: the newest file in migrations/versions (a test checks it is Alembic's head). Read-only
@@ -25,6 +23,9 @@ log = logging.getLogger(__name__)
 
 
 def _parse(url: str) -> URL:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
         return make_url(url)
     except ArgumentError:
@@ -94,7 +95,9 @@ def _ensure_sqlite_dir(url: URL) -> None:
 
 def create_engine_for(url: str, *, pool_size: int = 5) -> AsyncEngine:
     """Returns an AsyncEngine for the configured URL."""
+    from sqlalchemy import event
     from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
 
     aurl = async_url(url)
     if aurl.get_backend_name() == "sqlite":
@@ -109,6 +112,9 @@ def create_engine_for(url: str, *, pool_size: int = 5) -> AsyncEngine:
 
 def create_sync_engine_for(url: str) -> Engine:
     """Returns a sync Engine (Alembic, schema checks)."""
+    from sqlalchemy import create_engine, event
+    from sqlalchemy.pool import NullPool
+
     surl = sync_url(url)
     if surl.get_backend_name() == "sqlite":
         _ensure_sqlite_dir(surl)
@@ -153,7 +159,7 @@ def _run(sync_conn: Any, cfg: AlembicConfig, action: str, revision: str) -> None
 
 
 def _current(sync_conn: Any) -> str | None:
-    from sqlalchemy import inspect
+    from sqlalchemy import inspect, text
 
     # Alembic's own table, read with SQL: no Alembic import on the read-only path.
     if not inspect(sync_conn).has_table("alembic_version"):
@@ -172,6 +178,9 @@ def _translate(exc: Exception, url: str) -> StoreError:
 async def _migrate(url: str, action: str, revision: str) -> None:
     # Alembic is synchronous; run it on the async engine's connection through run_sync (its asyncio recipe),
     # so the same driver and event loop serve migrations and the application.
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
     cfg = alembic_config(url)
     engine = create_engine_for(url)
     try:
@@ -199,6 +208,8 @@ async def downgrade(url: str, revision: str) -> None:
 
 async def current_revision(url: str) -> tuple[str | None, str | None]:
     """Returns (the database's revision, the code's head revision)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     head = SCHEMA_HEAD
     engine = create_engine_for(url)
     try:
@@ -213,6 +224,9 @@ async def current_revision(url: str) -> tuple[str | None, str | None]:
 
 async def ping(engine: AsyncEngine) -> None:
     """Raises StoreError unless the database answers `SELECT 1`."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))

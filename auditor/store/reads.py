@@ -1,102 +1,109 @@
-"""The current report's reads for one-shot commands: SQLAlchemy Core on a synchronous engine, no ORM, no asyncio.
+"""The current report's reads for one-shot commands (`auditor report`), without the ORM or asyncio.
 
-`auditor report` reads a handful of rows and exits; loading the ORM mapping (`tables`), `sqlalchemy.ext.asyncio`
-and aiosqlite would cost more than everything else it does (benchmarks/cli_start.py). The columns here are the
-ones these reads need, declared with the same types as `tables` (UTC datetimes, JSON, booleans), and the rows
-become the same domain objects `repo.Store` returns (tests/test_cli_extra.py compares the two on one database).
-The daemon, the API and every writer use `repo.Store`.
+`auditor report` reads a handful of rows and exits: loading the ORM mapping (`tables`), `sqlalchemy.ext.asyncio`
+and aiosqlite — or even SQLAlchemy itself — costs more than everything else it does (benchmarks/cli_start.py).
+A plain SQLite file (`sqlite:///FILE`, the embedded default) is read here with the standard library's sqlite3;
+any other URL (PostgreSQL, in-memory, query options) with SQLAlchemy Core on a synchronous engine (`reads_core`).
+
+Both give the domain objects `repo.Store` gives, with the same `StoreError`s (tests/test_cli_extra.py compares the
+three on one database), and run the same SQL as the ORM: the columns below are `tables`' (types as stored),
+converted as `tables.UTCDateTime`, SQLAlchemy's JSON and Boolean do. The daemon, the API and every writer use
+`repo.Store`.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, TypeVar
-
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    DateTime,
-    Integer,
-    String,
-    Text,
-    TypeDecorator,
-    column,
-    select,
-    table,
-    update,
-)
-from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import SQLAlchemyError
+from types import SimpleNamespace
+from typing import Any, Protocol, TypeVar
+from urllib.parse import unquote
 
 from auditor.domain.models import FindingStatus, Severity, TrackedFinding
 from auditor.domain.records import DiskRecord, DriftRecord, RunError, RunRecord, RunStats, RunStatus
 from auditor.errors import StoreError
-from auditor.store.engine import SCHEMA_HEAD, _current, _translate, async_url, create_sync_engine_for
+from auditor.store.engine import SCHEMA_HEAD, _sqlite_pragmas
 
 T = TypeVar("T")
 CHUNK = 500  # as repo.CHUNK: under SQLite's bound-parameter limit
+ORPHAN_ERROR_CODE = "abandoned"
 
+# Column kinds: how a stored value becomes what the ORM gives (reads_core maps them to SQLAlchemy types).
+TEXT, INT, BOOL, UTC_DATETIME, JSON = "text", "int", "bool", "utc", "json"
+Columns = tuple[tuple[str, str], ...]
 
-class UTCDateTime(TypeDecorator[datetime]):
-    """As `tables.UTCDateTime`: timezone-aware UTC in, naive UTC stored on SQLite, UTC re-attached on the way out."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to the store; use timezone-aware UTC")
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-runs = table(
-    "audit_runs",
-    column("id", String), column("seq", BigInteger), column("trigger", String), column("status", String),
-    column("started_at", UTCDateTime), column("finished_at", UTCDateTime), column("targets_checked", Integer),
-    column("disks_ok", Integer), column("disks_unknown", Integer), column("api_requests", Integer),
-    column("api_retries", Integer), column("api_rate_limited", Integer), column("api_by_status", JSON),
-    column("findings_opened", Integer), column("findings_resolved", Integer), column("errors", JSON),
+RUNS: Columns = (
+    ("id", TEXT), ("seq", INT), ("trigger", TEXT), ("status", TEXT), ("started_at", UTC_DATETIME),
+    ("finished_at", UTC_DATETIME), ("targets_checked", INT), ("disks_ok", INT), ("disks_unknown", INT),
+    ("api_requests", INT), ("api_retries", INT), ("api_rate_limited", INT), ("api_by_status", JSON),
+    ("findings_opened", INT), ("findings_resolved", INT), ("errors", JSON),
 )
-disks = table(
-    "disks",
-    column("id", Text), column("name", Text), column("vm_id", Text), column("vm_fqdn", Text), column("source", Text),
-    column("is_target", Boolean), column("outcome", String), column("error_code", Text),
-    column("error_message", Text), column("first_seen_at", UTCDateTime), column("last_checked_at", UTCDateTime),
-    column("last_read_at", UTCDateTime), column("tier", Text), column("tier_detail", JSON),
+DISKS: Columns = (
+    ("id", TEXT), ("name", TEXT), ("vm_id", TEXT), ("vm_fqdn", TEXT), ("source", TEXT), ("is_target", BOOL),
+    ("outcome", TEXT), ("error_code", TEXT), ("error_message", TEXT), ("first_seen_at", UTC_DATETIME),
+    ("last_checked_at", UTC_DATETIME), ("last_read_at", UTC_DATETIME), ("tier", TEXT), ("tier_detail", JSON),
 )
-findings = table(
-    "findings",
-    column("fingerprint", String), column("rule", String), column("disk_id", Text), column("policy_id", Text),
-    column("severity", String), column("status", String), column("message", Text), column("observed", JSON),
-    column("expected", JSON), column("first_seen", UTCDateTime), column("last_seen", UTCDateTime),
-    column("opened_at", UTCDateTime), column("resolved_at", UTCDateTime), column("waiver", JSON),
+FINDINGS: Columns = (
+    ("fingerprint", TEXT), ("rule", TEXT), ("disk_id", TEXT), ("policy_id", TEXT), ("severity", TEXT),
+    ("status", TEXT), ("message", TEXT), ("observed", JSON), ("expected", JSON), ("first_seen", UTC_DATETIME),
+    ("last_seen", UTC_DATETIME), ("opened_at", UTC_DATETIME), ("resolved_at", UTC_DATETIME), ("waiver", JSON),
 )
-policy_states = table(
-    "policy_states",
-    column("disk_id", Text), column("policy_id", Text), column("valid_to", UTCDateTime),
+POLICY_STATES: Columns = (("disk_id", TEXT), ("policy_id", TEXT), ("valid_to", UTC_DATETIME))
+DRIFT_EVENTS: Columns = (
+    ("id", INT), ("disk_id", TEXT), ("policy_id", TEXT), ("run_id", TEXT), ("at", UTC_DATETIME), ("kind", TEXT),
+    ("before", JSON), ("after", JSON),
 )
-drift_events = table(
-    "drift_events",
-    column("id", Integer), column("disk_id", Text), column("policy_id", Text), column("run_id", String),
-    column("at", UTCDateTime), column("kind", String), column("before", JSON), column("after", JSON),
+LEASES: Columns = (
+    ("name", TEXT), ("holder", TEXT), ("host", TEXT), ("pid", INT), ("process_started_at", UTC_DATETIME),
+    ("acquired_at", UTC_DATETIME), ("expires_at", UTC_DATETIME), ("run_id", TEXT),
 )
-leases = table(
-    "leases",
-    column("name", String), column("holder", String), column("host", Text), column("pid", Integer),
-    column("process_started_at", UTCDateTime), column("acquired_at", UTCDateTime),
-    column("expires_at", UTCDateTime), column("run_id", String),
-)
+TABLES: dict[str, Columns] = {"audit_runs": RUNS, "disks": DISKS, "findings": FINDINGS,
+                              "policy_states": POLICY_STATES, "drift_events": DRIFT_EVENTS, "leases": LEASES}
+
+
+class ReportReads(Protocol):
+    """What `auditor report` reads; `repo.Store`'s methods of the same names give the same objects."""
+
+    def current_revision(self) -> tuple[str | None, str | None]: ...
+    def abandon_orphaned_runs(self, *, now: datetime, reason: str) -> list[str]: ...
+    def latest_run(self) -> RunRecord | None: ...
+    def target_disks(self) -> dict[str, DiskRecord]: ...
+    def all_findings(self, *, statuses: Sequence[str]) -> list[TrackedFinding]: ...
+    def current_policy_ids(self) -> dict[str, list[str]]: ...
+    def recent_drift(self, *, since: datetime, limit: int = 200) -> list[DriftRecord]: ...
+    def close(self) -> None: ...
+
+
+def open_report_reads(url: str) -> ReportReads:
+    """Returns the reads for a configured database URL (nothing is connected yet): sqlite3 for a plain file,
+    SQLAlchemy Core otherwise. The caller checks first that an SQLite file exists (connecting would create it)."""
+    path = plain_sqlite_file(url)
+    if path is not None:
+        return SqliteReads(url, path)
+    from auditor.store.reads_core import CoreReads
+
+    return CoreReads(url)
+
+
+# `sqlite[+driver]:///FILE` without a query: SQLAlchemy's URL grammar gives database = FILE, percent-decoded, and
+# its sqlite3 dialect opens os.path.abspath(FILE). In-memory databases, `file:` URIs and query options go to Core.
+_PLAIN_SQLITE = re.compile(r"sqlite(?:\+(?:pysqlite|aiosqlite))?:///(?P<database>[^?]+)")
+
+
+def plain_sqlite_file(url: str) -> str | None:
+    """Returns the file of a plain SQLite URL as SQLAlchemy's `sqlite_path` would (relative to the working
+    directory), or None for any other URL."""
+    m = _PLAIN_SQLITE.fullmatch(url)
+    if m is None:
+        return None
+    database = unquote(m["database"])
+    if database == ":memory:" or database.startswith("file:"):
+        return None
+    return database
 
 
 def _run(row: Any) -> RunRecord:
@@ -155,121 +162,180 @@ def _finding(row: Any) -> TrackedFinding:
     )
 
 
-class ReportReads:
-    """The reads of the current report (and the orphaned-run sweep every command does) on one synchronous engine.
+def _drift(row: Any) -> DriftRecord:
+    return DriftRecord(row.disk_id, row.policy_id, row.run_id, row.at, row.kind, row.before, row.after)
 
-    Errors are the `StoreError`s the async path raises, worded the same: `current_revision` names the configured
-    URL (as `engine.current_revision`), the other reads the async driver's URL (as `repo.Store`).
-    """
 
-    def __init__(self, url: str) -> None:
+def orphans_of(running: Sequence[str], lease_row: Any, now: datetime) -> list[str]:
+    """Returns the runs left `running` whose owner is gone: all but the cycle lease's run while it is live."""
+    from auditor.store.leases import Lease  # only when a run is left running: leases loads SQLAlchemy Core
+
+    lease = (Lease(lease_row.name, lease_row.holder, lease_row.host, lease_row.pid, lease_row.process_started_at,
+                   lease_row.acquired_at, lease_row.expires_at, lease_row.run_id) if lease_row else None)
+    live = lease.run_id if lease is not None and lease.is_live(now) else None
+    return [run_id for run_id in running if run_id != live]
+
+
+def orphan_errors(reason: str, now: datetime) -> list[dict[str, str]]:
+    """Returns the `errors` of a run marked failed because its owner is gone."""
+    return [{"target": "*", "code": ORPHAN_ERROR_CODE,
+             "message": f"{reason} (noticed {now.isoformat(timespec='seconds')})"}]
+
+
+# ---- a plain SQLite file: the standard library ---------------------------------------------------------------
+
+
+def _utc(value: Any) -> datetime | None:
+    # SQLAlchemy's SQLite DATETIME gives datetime.fromisoformat(value); tables.UTCDateTime re-attaches UTC.
+    if value is None:
+        return None
+    parsed = datetime.fromisoformat(value)
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def _stored(value: datetime) -> str:
+    # tables.UTCDateTime stores naive UTC on SQLite, in SQLAlchemy's DATETIME storage format.
+    v = value.astimezone(UTC)
+    return (f"{v.year:04d}-{v.month:02d}-{v.day:02d} {v.hour:02d}:{v.minute:02d}:{v.second:02d}."
+            f"{v.microsecond:06d}")
+
+
+_DECODE: dict[str, Callable[[Any], Any]] = {
+    TEXT: lambda v: v,
+    INT: lambda v: v,
+    BOOL: lambda v: None if v is None else bool(v),
+    UTC_DATETIME: _utc,
+    JSON: lambda v: None if v is None else json.loads(v),
+}
+
+
+def _select(table: str, columns: Columns | None = None) -> str:
+    names = ", ".join(f"{table}.{name}" for name, _ in (columns or TABLES[table]))
+    return f"SELECT {names} FROM {table}"
+
+
+def _rows(cursor: sqlite3.Cursor, columns: Columns) -> Iterator[SimpleNamespace]:
+    decoders = [(name, _DECODE[kind]) for name, kind in columns]
+    for raw in cursor:
+        yield SimpleNamespace(**{name: decode(value) for (name, decode), value in zip(decoders, raw, strict=True)})
+
+
+class SqliteReads:
+    """The reads on a plain SQLite file through sqlite3, connected as `engine.create_sync_engine_for` connects
+    (the file's absolute path, the same pragmas) and failing with the same `StoreError`s."""
+
+    def __init__(self, url: str, path: str) -> None:
+        import os
+
         self.url = url
-        self._store_url = async_url(url).render_as_string(hide_password=True)
-        self.engine = create_sync_engine_for(url)
+        self.path = os.path.abspath(path)
+        self._conn: sqlite3.Connection | None = None
 
     def close(self) -> None:
-        """Disposes of the engine's connections."""
-        self.engine.dispose()
+        """Closes the connection."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, check_same_thread=False)
+            try:
+                _sqlite_pragmas(conn, None)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
 
     def _error(self, exc: Exception) -> StoreError:
-        reason = getattr(exc, "orig", None) or exc
-        text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
-        return StoreError(f"database {self._store_url}: {text[:300]}")
+        # As repo.Store names the database: by its async driver's URL (SQLAlchemy is loaded on this path only).
+        from auditor.store.engine import async_url
+
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return StoreError(f"database {async_url(self.url).render_as_string(hide_password=True)}: {text[:300]}")
 
     @contextmanager
-    def _connection(self, *, write: bool = False) -> Iterator[Connection]:
+    def _connection(self) -> Iterator[sqlite3.Connection]:
         try:
-            with (self.engine.begin() if write else self.engine.connect()) as conn:
-                yield conn
-        except (SQLAlchemyError, OSError) as exc:
+            yield self._connect()
+        except (sqlite3.Error, OSError) as exc:
             raise self._error(exc) from None
-
-    def _read(self, fn: Callable[[Connection], T]) -> T:
-        with self._connection() as conn:
-            return fn(conn)
 
     def current_revision(self) -> tuple[str | None, str | None]:
         """Returns (the database's revision, the code's head revision), as `engine.current_revision`."""
         try:
-            with self.engine.connect() as conn:
-                current = _current(conn)
-        except (SQLAlchemyError, OSError) as exc:
+            conn = self._connect()
+            # What SQLAlchemy's has_table asks SQLite, then Alembic's own table read with SQL.
+            if not conn.execute('PRAGMA main.table_info("alembic_version")').fetchall():
+                return None, SCHEMA_HEAD
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        except (sqlite3.Error, OSError) as exc:
+            from auditor.store.engine import _translate
+
             raise _translate(exc, self.url) from None
-        return current, SCHEMA_HEAD
+        return (str(row[0]) if row else None), SCHEMA_HEAD
 
     def abandon_orphaned_runs(self, *, now: datetime, reason: str) -> list[str]:
         """Marks failed the runs left `running` whose owner is gone; returns their ids (as `repo.Store`'s)."""
-        with self._connection(write=True) as conn:
-            running = list(conn.execute(select(runs.c.id).where(runs.c.status == RunStatus.RUNNING.value)).scalars())
-            if not running:
-                return []
-            from auditor.store.leases import CYCLE, Lease  # only when a run is left running (socket, uuid)
+        with self._connection() as conn:
+            try:
+                running = [r for (r,) in conn.execute("SELECT audit_runs.id FROM audit_runs "
+                                                      "WHERE audit_runs.status = ?", (RunStatus.RUNNING.value,))]
+                if not running:
+                    conn.commit()
+                    return []
+                from auditor.store.leases import CYCLE
 
-            row = conn.execute(select(leases).where(leases.c.name == CYCLE)).first()
-            lease = (Lease(row.name, row.holder, row.host, row.pid, row.process_started_at, row.acquired_at,
-                           row.expires_at, row.run_id) if row else None)
-            live = lease.run_id if lease is not None and lease.is_live(now) else None
-            orphans = [run_id for run_id in running if run_id != live]
-            for i in range(0, len(orphans), CHUNK):
-                # finished_at stays empty: the run never finished, so readiness does not count it as a cycle.
-                conn.execute(
-                    update(runs).where(runs.c.id.in_(orphans[i : i + CHUNK]),
-                                       runs.c.status == RunStatus.RUNNING.value).values(
-                        status=RunStatus.FAILED.value,
-                        errors=[{"target": "*", "code": "abandoned",
-                                 "message": f"{reason} (noticed {now.isoformat(timespec='seconds')})"}],
-                    ))
+                lease = next(_rows(conn.execute(_select("leases") + " WHERE leases.name = ?", (CYCLE,)), LEASES),
+                             None)
+                orphans = orphans_of(running, lease, now)
+                errors = json.dumps(orphan_errors(reason, now))
+                for i in range(0, len(orphans), CHUNK):
+                    # finished_at stays empty: the run never finished, so readiness does not count it as a cycle.
+                    chunk = orphans[i : i + CHUNK]
+                    conn.execute(f"UPDATE audit_runs SET status=?, errors=? WHERE audit_runs.id IN "
+                                 f"({', '.join('?' * len(chunk))}) AND audit_runs.status = ?",
+                                 (RunStatus.FAILED.value, errors, *chunk, RunStatus.RUNNING.value))
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
             return orphans
 
     def latest_run(self) -> RunRecord | None:
         """Returns the most recent finished run."""
-
-        def go(conn: Connection) -> RunRecord | None:
-            q = select(runs).where(runs.c.status != RunStatus.RUNNING.value).order_by(runs.c.seq.desc()).limit(1)
-            row = conn.execute(q).first()
+        with self._connection() as conn:
+            q = _select("audit_runs") + " WHERE audit_runs.status != ? ORDER BY audit_runs.seq DESC LIMIT 1"
+            row = next(_rows(conn.execute(q, (RunStatus.RUNNING.value,)), RUNS), None)
             return _run(row) if row else None
-
-        return self._read(go)
 
     def target_disks(self) -> dict[str, DiskRecord]:
         """Returns the disks audited as targets, by id."""
-
-        def go(conn: Connection) -> dict[str, DiskRecord]:
-            return {r.id: _disk(r) for r in conn.execute(select(disks).where(disks.c.is_target.is_(True)))}
-
-        return self._read(go)
+        with self._connection() as conn:
+            q = _select("disks") + " WHERE disks.is_target IS 1"
+            return {r.id: _disk(r) for r in _rows(conn.execute(q), DISKS)}
 
     def all_findings(self, *, statuses: Sequence[str]) -> list[TrackedFinding]:
         """Returns every finding with one of the statuses, ordered by disk and fingerprint."""
-
-        def go(conn: Connection) -> list[TrackedFinding]:
-            q = (select(findings).where(findings.c.status.in_(list(statuses)))
-                 .order_by(findings.c.disk_id, findings.c.fingerprint))
-            return [_finding(r) for r in conn.execute(q)]
-
-        return self._read(go)
+        with self._connection() as conn:
+            q = (_select("findings") + f" WHERE findings.status IN ({', '.join('?' * len(statuses))})"
+                 " ORDER BY findings.disk_id, findings.fingerprint")
+            return [_finding(r) for r in _rows(conn.execute(q, tuple(statuses)), FINDINGS)]
 
     def current_policy_ids(self) -> dict[str, list[str]]:
         """Returns the current policy ids of every disk."""
-
-        def go(conn: Connection) -> dict[str, list[str]]:
-            q = (select(policy_states.c.disk_id, policy_states.c.policy_id)
-                 .where(policy_states.c.valid_to.is_(None))
-                 .order_by(policy_states.c.disk_id, policy_states.c.policy_id))
+        with self._connection() as conn:
+            q = ("SELECT policy_states.disk_id, policy_states.policy_id FROM policy_states "
+                 "WHERE policy_states.valid_to IS NULL ORDER BY policy_states.disk_id, policy_states.policy_id")
             out: dict[str, list[str]] = {}
-            for disk_id, policy_id in conn.execute(q).all():
+            for disk_id, policy_id in conn.execute(q):
                 out.setdefault(disk_id, []).append(policy_id)
             return out
 
-        return self._read(go)
-
     def recent_drift(self, *, since: datetime, limit: int = 200) -> list[DriftRecord]:
         """Returns drift events since `since`, newest first."""
-
-        def go(conn: Connection) -> list[DriftRecord]:
-            d = drift_events.c
-            q = select(drift_events).where(d.at >= since).order_by(d.at.desc(), d.id.desc()).limit(limit)
-            return [DriftRecord(r.disk_id, r.policy_id, r.run_id, r.at, r.kind, r.before, r.after)
-                    for r in conn.execute(q)]
-
-        return self._read(go)
+        with self._connection() as conn:
+            q = (_select("drift_events") + " WHERE drift_events.at >= ?"
+                 " ORDER BY drift_events.at DESC, drift_events.id DESC LIMIT ?")
+            return [_drift(r) for r in _rows(conn.execute(q, (_stored(since), limit)), DRIFT_EVENTS)]
