@@ -529,3 +529,37 @@ async def test_the_dashboard_shows_and_filters_by_tier(db_url: str) -> None:
     assert len(re.findall(r'data-fingerprint="(\w+)"', every)) > len(shown)  # the filter changes the table
     assert '<option value="gold" selected>gold</option>' in gold_page
     assert 'data-metric="tier">scratch<' in scratch and "rebuilt from images; no backups needed" in scratch
+
+
+async def test_an_alert_resolves_with_the_labels_it_fired_with_when_the_disk_changes_tier(db_url: str) -> None:
+    from tests.receivers import HttpReceiver
+
+    w, ids = world()
+    with HttpReceiver() as hook:
+        settings = with_tiers(settings_for(db_url, disks=list(ids.values())), [GOLD, SCRATCH])
+        data = settings.model_dump()
+        data["database"]["url"] = db_url
+        data["katapult"].pop("token", None)
+        data["notifiers"] = [{"name": "hook", "kind": "webhook", "url": hook.url, "min_severity": "low"}]
+        settings = Settings(**data)
+        async with open_services(settings, transport=httpx.ASGITransport(app=create_app(w.fleet)),
+                                 token=TOKEN) as rt:
+            await rt.run_cycle()
+            await rt.drain(within=10)
+            w.fleet.set_annotations(ids["gold"], {})  # gold -> defaults: its findings resolve
+            w.fleet.set_annotations(ids["plain"], {"backup-tier": "gold"})  # defaults -> gold: findings open
+            await rt.run_cycle()
+            await rt.drain(within=10)
+            stored = {f.fingerprint: f for f in await rt.store.all_findings(statuses=["open", "resolved"])}
+        alerts = [a for r in hook.requests for a in r.json()["alerts"]]
+    gold_fired = [a for a in alerts if a["labels"]["disk_id"] == ids["gold"] and a["status"] == "firing"]
+    gold_resolved = [a for a in alerts if a["labels"]["disk_id"] == ids["gold"] and a["status"] == "resolved"]
+    assert gold_fired and gold_resolved
+    assert {a["labels"]["fingerprint"] for a in gold_resolved} == {a["labels"]["fingerprint"] for a in gold_fired}
+    for resolved in gold_resolved:
+        fired = next(a for a in gold_fired if a["labels"]["fingerprint"] == resolved["labels"]["fingerprint"])
+        assert resolved["labels"] == fired["labels"] and resolved["labels"]["tier"] == "gold"
+    plain = [a for a in alerts if a["labels"]["disk_id"] == ids["plain"]]
+    assert plain and all(a["labels"]["tier"] == "gold" and a["status"] == "firing" for a in plain)
+    assert {f.tier for f in stored.values() if f.disk_id == ids["plain"]} == {"gold"}
+    assert {f.tier for f in stored.values() if f.disk_id == ids["gold"]} == {"gold"}  # kept while resolved

@@ -251,6 +251,9 @@ class TrackedFinding:
     opened_at: datetime
     resolved_at: datetime | None = None
     waiver: dict[str, Any] | None = None
+    # The disk's tier when the finding last opened: its alerts' `tier` label, kept until it resolves so that the
+    # firing and the resolving alert carry the same labels even when the disk changes tier meanwhile.
+    tier: str | None = None
 
 
 def stable_json(value: Any) -> str:

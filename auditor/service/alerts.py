@@ -55,8 +55,8 @@ def incomplete_fingerprint(disks: Sequence[str], organizations: Sequence[str]) -
     return fingerprint(AUDIT_INCOMPLETE, "targets:" + hashlib.sha256(key.encode()).hexdigest()[:16], None)
 
 
-def finding_alert(f: TrackedFinding, *, status: AlertStatus, tier: str | None = None) -> Alert:
-    """Returns the alert for a finding (`tier`: the disk's tier, a label when set)."""
+def finding_alert(f: TrackedFinding, *, status: AlertStatus) -> Alert:
+    """Returns the alert for a finding (its `tier` label is the one the finding opened with)."""
     where = f"{f.disk_id}" + (f" / {f.policy_id}" if f.policy_id else "")
     return Alert(
         fingerprint=f.fingerprint,
@@ -69,7 +69,7 @@ def finding_alert(f: TrackedFinding, *, status: AlertStatus, tier: str | None = 
         ends_at=f.resolved_at if status is AlertStatus.RESOLVED else None,
         disk_id=f.disk_id,
         policy_id=f.policy_id,
-        tier=tier,
+        tier=f.tier,
     )
 
 
@@ -114,15 +114,12 @@ def plan_notifications(
     new_id: Callable[[], str] | None = None,
     interval: timedelta = DEFAULT_INTERVAL,
     untouched: Iterable[TrackedFinding] = (),
-    tiers: Mapping[str, str] | None = None,
 ) -> Plan:
     """Returns what to tell each notifier after a run (pure: no I/O, `now` given).
 
     `interval` is the audit interval (it sets Alertmanager's keep-alive); `untouched` may hold stored findings
     the run did not change (open findings of a disk that could not be read): open ones still count as firing.
-    `tiers` maps disk ids to their tier names (the `tier` label).
     """
-    tier_of = (tiers or {}).get
     # (alert, is_open, forget): waived findings resolve silently; an expiring waiver later fires them as new.
     candidates: list[tuple[Alert, bool, bool]] = []
     changed: set[str] = set()
@@ -130,14 +127,14 @@ def plan_notifications(
         f = c.finding
         changed.add(f.fingerprint)
         if f.status is FindingStatus.OPEN:
-            candidates.append((finding_alert(f, status=AlertStatus.FIRING, tier=tier_of(f.disk_id)), True, False))
+            candidates.append((finding_alert(f, status=AlertStatus.FIRING), True, False))
         else:
-            candidates.append((finding_alert(f, status=AlertStatus.RESOLVED, tier=tier_of(f.disk_id)), False,
+            candidates.append((finding_alert(f, status=AlertStatus.RESOLVED), False,
                                f.status is FindingStatus.WAIVED))
     for f in untouched:
         if f.status is FindingStatus.OPEN and f.fingerprint not in changed:
             changed.add(f.fingerprint)
-            candidates.append((finding_alert(f, status=AlertStatus.FIRING, tier=tier_of(f.disk_id)), True, False))
+            candidates.append((finding_alert(f, status=AlertStatus.FIRING), True, False))
     keep_alive = keep_alive_for(interval)
     plan = Plan()
     for n in notifiers:

@@ -17,13 +17,13 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from auditor.config import NotifierCommon, RuleOverride, RulesSettings, Settings, TierSettings
 from auditor.domain.alerts import Delivery
-from auditor.domain.lifecycle import parse_waivers, reconcile
+from auditor.domain.lifecycle import Change, Transition, parse_waivers, reconcile
 from auditor.domain.models import Interval, ReadOutcome, Severity, Waiver, WaiverProblem
 from auditor.domain.records import RunError, RunStats, RunStatus
 from auditor.domain.rules import RULES, RuleParams, RuleSet, build_ruleset
@@ -36,6 +36,7 @@ from auditor.service.alerts import DeliveryReport, deliver_due, incomplete_finge
 from auditor.service.cycle import (
     INTERNAL_ERROR,
     AuditOutcome,
+    Collected,
     Progress,
     Targets,
     collect,
@@ -69,6 +70,20 @@ def _changes(source: RuleOverride | TierSettings) -> dict[str, Any]:
     if source.stale_grace is not None:
         changes["stale_grace"] = source.stale_grace
     return changes
+
+
+def with_tiers(changes: list[Change], collected: Collected) -> list[Change]:
+    """Returns the changes with each new or reopened finding labelled with its disk's tier (`TrackedFinding.tier`);
+    other findings keep the label they opened with, so an alert resolves with the labels it fired with."""
+    tiers = {w.snapshot.disk_id: w.snapshot.tier.name for w in collected.disks if w.snapshot.tier.name}
+    if not tiers and not any(c.previous is not None and c.previous.tier for c in changes):
+        return changes
+    out = []
+    for c in changes:
+        if c.kind in (Transition.OPENED, Transition.REOPENED) or (c.previous is None):
+            c = replace(c, finding=replace(c.finding, tier=tiers.get(c.finding.disk_id)))
+        out.append(c)
+    return out
 
 
 def tier_from(settings: TierSettings) -> Tier:
@@ -307,8 +322,8 @@ class Services:
             # The fence: renewing the lease inside the commit refuses the write if another process took over.
             await tx.check_lease(self.holder, now=self.clock(), ttl=self.lease_ttl)
             previous = await tx.active_findings(extra=(f.fingerprint for f in findings))
-            changes = reconcile(previous, findings, settled_disks=settled | collected.retired,
-                                waivers=valid_waivers, now=now)
+            changes = with_tiers(reconcile(previous, findings, settled_disks=settled | collected.retired,
+                                           waivers=valid_waivers, now=now), collected)
             history = verdicts_after(collected, previous, changes)
             await tx.write_cycle(CycleWrite(
                 run_id=run_id, now=now, status=status, targets_checked=collected.targets_checked, stats=stats,
@@ -319,9 +334,7 @@ class Services:
                 plan = plan_notifications(notifiers=self.settings.notifiers, changes=changes, run_status=status,
                                           errors=collected.errors, incomplete_fp=self._incomplete_fp,
                                           states=await tx.alert_states(), now=now,
-                                          interval=self.settings.audit.interval, untouched=previous.values(),
-                                          tiers={w.snapshot.disk_id: w.snapshot.tier.name for w in collected.disks
-                                                 if w.snapshot.tier.name})
+                                          interval=self.settings.audit.interval, untouched=previous.values())
                 await tx.enqueue(plan.entries, plan.states, run_id=run_id, now=now)
         opened = sum(1 for c in changes if c.kind.value in ("opened", "reopened", "unwaived"))
         resolved = sum(1 for c in changes if c.kind.value == "resolved")

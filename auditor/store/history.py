@@ -18,7 +18,8 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from auditor.domain.periods import LifecycleEvent, Verdict
 from auditor.domain.records import RunRecord, RunStatus
-from auditor.store.repo import CHUNK, Store, _chunks, _run
+from auditor.store.reads import _run
+from auditor.store.repo import CHUNK, Store, _chunks
 from auditor.store.tables import (
     DiskRow,
     DiskState,

@@ -51,6 +51,7 @@ FINDINGS: Columns = (
     ("fingerprint", TEXT), ("rule", TEXT), ("disk_id", TEXT), ("policy_id", TEXT), ("severity", TEXT),
     ("status", TEXT), ("message", TEXT), ("observed", JSON), ("expected", JSON), ("first_seen", UTC_DATETIME),
     ("last_seen", UTC_DATETIME), ("opened_at", UTC_DATETIME), ("resolved_at", UTC_DATETIME), ("waiver", JSON),
+    ("tier", TEXT),
 )
 POLICY_STATES: Columns = (("disk_id", TEXT), ("policy_id", TEXT), ("valid_to", UTC_DATETIME))
 DRIFT_EVENTS: Columns = (
@@ -159,6 +160,7 @@ def _finding(row: Any) -> TrackedFinding:
         opened_at=row.opened_at,
         resolved_at=row.resolved_at,
         waiver=row.waiver,
+        tier=row.tier,
     )
 
 

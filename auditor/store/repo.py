@@ -22,7 +22,6 @@ from auditor.domain.models import (
     DiskSnapshot,
     FindingStatus,
     ReadOutcome,
-    Severity,
     TrackedFinding,
 )
 from auditor.domain.records import (
@@ -38,6 +37,7 @@ from auditor.domain.records import (
 from auditor.errors import LeaseLostError, StoreError
 from auditor.store.engine import create_engine_for, ping, safe_url
 from auditor.store.leases import CYCLE, Holder, Lease, insert_if_absent, read_in, renew_in
+from auditor.store.reads import _disk, _finding, _run
 from auditor.store.tables import (
     AlertStateRow,
     DiskRow,
@@ -127,24 +127,6 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
     return raw[0], raw[1]
 
 
-def _finding(row: FindingRow) -> TrackedFinding:
-    return TrackedFinding(
-        fingerprint=row.fingerprint,
-        rule=row.rule,
-        disk_id=row.disk_id,
-        policy_id=row.policy_id,
-        severity=Severity(row.severity),
-        status=FindingStatus(row.status),
-        message=row.message,
-        observed=dict(row.observed or {}),
-        expected=dict(row.expected or {}),
-        first_seen=row.first_seen,
-        last_seen=row.last_seen,
-        opened_at=row.opened_at,
-        resolved_at=row.resolved_at,
-        waiver=row.waiver,
-    )
-
 
 def _finding_values(f: TrackedFinding) -> dict[str, Any]:
     return {
@@ -162,44 +144,10 @@ def _finding_values(f: TrackedFinding) -> dict[str, Any]:
         "opened_at": f.opened_at,
         "resolved_at": f.resolved_at,
         "waiver": f.waiver,
+        "tier": f.tier,
     }
 
 
-def _run(row: Run) -> RunRecord:
-    return RunRecord(
-        id=row.id,
-        trigger=row.trigger,
-        status=RunStatus(row.status),
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        targets_checked=row.targets_checked,
-        disks_ok=row.disks_ok,
-        disks_unknown=row.disks_unknown,
-        stats=RunStats(row.api_requests, row.api_retries, row.api_rate_limited, dict(row.api_by_status or {})),
-        findings_opened=row.findings_opened,
-        findings_resolved=row.findings_resolved,
-        errors=tuple(RunError(str(e.get("target", "")), str(e.get("code", "")), str(e.get("message", "")))
-                     for e in (row.errors or [])),
-    )
-
-
-def _disk(row: DiskRow) -> DiskRecord:
-    return DiskRecord(
-        id=row.id,
-        name=row.name,
-        vm_id=row.vm_id,
-        vm_fqdn=row.vm_fqdn,
-        source=row.source,
-        is_target=row.is_target,
-        outcome=row.outcome,
-        error_code=row.error_code,
-        error_message=row.error_message,
-        first_seen_at=row.first_seen_at,
-        last_checked_at=row.last_checked_at,
-        last_read_at=row.last_read_at,
-        tier=row.tier,
-        tier_detail=row.tier_detail,
-    )
 
 
 def _state(row: PolicyState) -> PolicyStateRecord:

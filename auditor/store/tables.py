@@ -169,6 +169,7 @@ class FindingRow(Base):
     opened_at: Mapped[datetime]
     resolved_at: Mapped[datetime | None]
     waiver: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    tier: Mapped[str | None] = mapped_column(Text)  # the disk's tier when the finding last opened (alert label)
 
 
 class FindingEvent(Base):

@@ -1,4 +1,4 @@
-"""tiers: each disk's tier and what made it so; exempt disks in run summaries
+"""tiers: each disk's tier and what made it so, each finding's tier label; exempt disks in run summaries
 
 Revision ID: 0004
 Revises: 0003
@@ -22,9 +22,13 @@ def upgrade() -> None:
         batch.add_column(sa.Column("tier_detail", sa.JSON(), nullable=True))
     with op.batch_alter_table("run_summaries") as batch:
         batch.add_column(sa.Column("disks_exempt", sa.Integer(), nullable=False, server_default="0"))
+    with op.batch_alter_table("findings") as batch:
+        batch.add_column(sa.Column("tier", sa.Text(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("findings") as batch:
+        batch.drop_column("tier")
     with op.batch_alter_table("run_summaries") as batch:
         batch.drop_column("disks_exempt")
     with op.batch_alter_table("disks") as batch:
