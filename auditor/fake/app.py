@@ -7,7 +7,7 @@ import contextvars
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -338,22 +338,28 @@ class FakeKatapult:
         return self._policy_page(ids, page, per_page, malformed=found.malformed)
 
     async def _org_disks(self, query: _Query, page: int, per_page: int) -> _Reply:
+        fleet = self._fleet
+        return await self._org_list(query, page, per_page, "disk", fleet.disk_ids_of_org, fleet.disks,
+                                    lambda disk: self._disk_item(disk, full=False))
+
+    async def _org_list(self, query: _Query, page: int, per_page: int, key: str,
+                        ids_of: Callable[[str], list[str]], objects: Mapping[str, Any],
+                        item: Callable[[Any], dict[str, Any]]) -> _Reply:
+        """An organization's disks or VMs: annotation filters, then paging (README "Annotations")."""
         wanted = _annotation_filter(query)
         if isinstance(wanted, _Reply):
             return wanted
         found = await self._lookup(_ORG, self._org_id(query.params))
         if found.reply is not None:
             return found.reply
-        fleet = self._fleet
-        disks = fleet.disks
-        ids = fleet.disk_ids_of_org(found.object_id)
+        ids = ids_of(found.object_id)
         if wanted:
-            ids = [disk_id for disk_id in ids if _matches(disks[disk_id].annotations, wanted)]
+            ids = [object_id for object_id in ids if _matches(objects[object_id].annotations, wanted)]
         chunk, pagination = _paginate(ids, page, per_page)
-        items = [self._disk_item(disks[disk_id], full=False) for disk_id in chunk]
+        items = [item(objects[object_id]) for object_id in chunk]
         if found.malformed:
-            return _Reply(200, _dumps(_malform(items, "disk", pagination, field="id")))
-        return _Reply(200, _dumps({"pagination": pagination, "disk": items}))
+            return _Reply(200, _dumps(_malform(items, key, pagination, field="id")))
+        return _Reply(200, _dumps({"pagination": pagination, key: items}))
 
     async def _disk(self, query: _Query, page: int, per_page: int) -> _Reply:
         found = await self._lookup(_DISK, query.params.get("disk[id]"))
@@ -366,22 +372,9 @@ class FakeKatapult:
         return _Reply(200, _dumps({"disk": item, "annotations": _key_values(disk.annotations)}))
 
     async def _org_vms(self, query: _Query, page: int, per_page: int) -> _Reply:
-        wanted = _annotation_filter(query)
-        if isinstance(wanted, _Reply):
-            return wanted
-        found = await self._lookup(_ORG, self._org_id(query.params))
-        if found.reply is not None:
-            return found.reply
         fleet = self._fleet
-        vms = fleet.vms
-        ids = fleet.vm_ids_of_org(found.object_id)
-        if wanted:
-            ids = [vm_id for vm_id in ids if _matches(vms[vm_id].annotations, wanted)]
-        chunk, pagination = _paginate(ids, page, per_page)
-        items = [self._vm_item(vms[vm_id], full=False) for vm_id in chunk]
-        if found.malformed:
-            return _Reply(200, _dumps(_malform(items, "virtual_machines", pagination, field="id")))
-        return _Reply(200, _dumps({"pagination": pagination, "virtual_machines": items}))
+        return await self._org_list(query, page, per_page, "virtual_machines", fleet.vm_ids_of_org, fleet.vms,
+                                    lambda vm: self._vm_item(vm, full=False))
 
     async def _vm(self, query: _Query, page: int, per_page: int) -> _Reply:
         found = await self._lookup(_VM, self._vm_id(query.params))

@@ -32,6 +32,7 @@ from auditor.katapult.pacing import RateLimiter
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Item = TypeVar("Item", Disk, VirtualMachine)
 
 DISK_POLICIES = "/disks/disk/disk_backup_policies"
 VM_POLICIES = "/virtual_machines/virtual_machine/disk_backup_policies"
@@ -233,33 +234,24 @@ class KatapultClient:
 
     async def list_org_disks(self, org: OrgRef) -> list[Disk]:
         """Returns every disk of an organization, each tied to the VM it is attached to (if any)."""
-        disks = await self._list(
-            ORG_DISKS,
-            org.params(),
-            target=org.value,
-            parse=lambda body, page: wire.parse_disk_page(body, endpoint=ORG_DISKS, target=org.value, page=page),
-            key=lambda disk: disk.id,
-        )
-        return disks
+        return await self._list_org(ORG_DISKS, org, (), wire.parse_disk_page)
 
     async def list_org_vms(self, org: OrgRef, selector: Selector = ()) -> list[VirtualMachine]:
         """Returns an organization's virtual machines, only those with the `selector`'s annotations if given."""
-        return await self._list(
-            ORG_VMS,
-            {**org.params(), **annotation_filter(selector)},
-            target=org.value,
-            parse=lambda body, page: wire.parse_vm_page(body, endpoint=ORG_VMS, target=org.value, page=page),
-            key=lambda vm: vm.id,
-        )
+        return await self._list_org(ORG_VMS, org, selector, wire.parse_vm_page)
 
     async def list_org_disks_with(self, org: OrgRef, selector: Selector) -> list[Disk]:
         """Returns an organization's disks that have the `selector`'s annotations (one filtered listing)."""
+        return await self._list_org(ORG_DISKS, org, selector, wire.parse_disk_page)
+
+    async def _list_org(self, endpoint: str, org: OrgRef, selector: Selector,
+                        parse: Callable[..., wire.Page[Item]]) -> list[Item]:
         return await self._list(
-            ORG_DISKS,
+            endpoint,
             {**org.params(), **annotation_filter(selector)},
             target=org.value,
-            parse=lambda body, page: wire.parse_disk_page(body, endpoint=ORG_DISKS, target=org.value, page=page),
-            key=lambda disk: disk.id,
+            parse=lambda body, page: parse(body, endpoint=endpoint, target=org.value, page=page),
+            key=lambda item: item.id,
         )
 
     async def get_vm(self, vm_id: str) -> VirtualMachine:
