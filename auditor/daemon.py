@@ -298,6 +298,8 @@ class _Daemon:
         assert self.services is not None
         try:
             await prune_history(self.services)
+        except asyncio.CancelledError:  # shutdown while pruning: the transaction rolls back, the next start prunes
+            return
         except StoreError as exc:
             log.warning("history pruning failed: %s; the next round tries again", exc)
         except Exception:  # never "Task exception was never retrieved": log it whole
@@ -308,7 +310,12 @@ class _Daemon:
         if self.delivery is not None and not self.delivery.done():
             return
         self.delivery = asyncio.create_task(self._deliver_round(), name="alert-delivery")
-        await asyncio.wait({self.delivery})
+        try:
+            await asyncio.wait({self.delivery})
+        except asyncio.CancelledError:
+            # Shutdown stops the scheduler while this job waits: the round itself is tracked in `self.delivery`
+            # and shutdown lets it finish (or cancels it) — not an error worth a traceback in the log.
+            return
 
     async def _deliver_round(self) -> None:
         assert self.services is not None

@@ -120,7 +120,12 @@ class CycleRunner:
             log.warning("scheduled audit cycle skipped: %s",
                         "the auditor is stopping" if self.is_closing else "a cycle is already running")
             return
-        await asyncio.wait({task})
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            # Shutdown stops the scheduler while this job waits; the cycle task itself is tracked and finished
+            # (or abandoned) by the shutdown, so this is not an error worth a traceback.
+            return
 
     async def _cycle(self, trigger: str, run_id: str | None) -> AuditOutcome | None:
         """Runs one cycle; a failure is logged and counted, never raised (the next cycle tries again)."""
