@@ -76,14 +76,8 @@ def with_tiers(changes: list[Change], collected: Collected) -> list[Change]:
     """Returns the changes with each new or reopened finding labelled with its disk's tier (`TrackedFinding.tier`);
     other findings keep the label they opened with, so an alert resolves with the labels it fired with."""
     tiers = {w.snapshot.disk_id: w.snapshot.tier.name for w in collected.disks if w.snapshot.tier.name}
-    if not tiers and not any(c.previous is not None and c.previous.tier for c in changes):
-        return changes
-    out = []
-    for c in changes:
-        if c.kind in (Transition.OPENED, Transition.REOPENED) or (c.previous is None):
-            c = replace(c, finding=replace(c.finding, tier=tiers.get(c.finding.disk_id)))
-        out.append(c)
-    return out
+    return [replace(c, finding=replace(c.finding, tier=tiers.get(c.finding.disk_id)))
+            if c.previous is None or c.kind is Transition.REOPENED else c for c in changes]
 
 
 def tier_from(settings: TierSettings) -> Tier:

@@ -7,7 +7,7 @@ any other URL (PostgreSQL, in-memory, query options) with SQLAlchemy Core on a s
 
 Both give the domain objects `repo.Store` gives, with the same `StoreError`s (tests/test_cli_extra.py compares the
 three on one database), and run the same SQL as the ORM: the columns below are `tables`' (types as stored),
-converted as `tables.UTCDateTime`, SQLAlchemy's JSON and Boolean do. The daemon, the API and every writer use
+converted as `store.types.UTCDateTime`, SQLAlchemy's JSON and Boolean do. The daemon, the API and every writer use
 `repo.Store`.
 """
 
@@ -188,7 +188,7 @@ def orphan_errors(reason: str, now: datetime) -> list[dict[str, str]]:
 
 
 def _utc(value: Any) -> datetime | None:
-    # SQLAlchemy's SQLite DATETIME gives datetime.fromisoformat(value); tables.UTCDateTime re-attaches UTC.
+    # SQLAlchemy's SQLite DATETIME gives datetime.fromisoformat(value); store.types.UTCDateTime re-attaches UTC.
     if value is None:
         return None
     parsed = datetime.fromisoformat(value)
@@ -196,7 +196,7 @@ def _utc(value: Any) -> datetime | None:
 
 
 def _stored(value: datetime) -> str:
-    # tables.UTCDateTime stores naive UTC on SQLite, in SQLAlchemy's DATETIME storage format.
+    # store.types.UTCDateTime stores naive UTC on SQLite, in SQLAlchemy's DATETIME storage format.
     v = value.astimezone(UTC)
     return (f"{v.year:04d}-{v.month:02d}-{v.day:02d} {v.hour:02d}:{v.minute:02d}:{v.second:02d}."
             f"{v.microsecond:06d}")

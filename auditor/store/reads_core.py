@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, String, TypeDecorator, column, select, table, update
-from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy import JSON, BigInteger, Boolean, String, column, select, table, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.expression import TableClause
 
@@ -18,28 +18,9 @@ from auditor.domain.records import DiskRecord, DriftRecord, RunRecord, RunStatus
 from auditor.errors import StoreError
 from auditor.store import reads
 from auditor.store.engine import SCHEMA_HEAD, _current, _translate, async_url, create_sync_engine_for
+from auditor.store.types import UTCDateTime
 
 T = TypeVar("T")
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """As `tables.UTCDateTime`: timezone-aware UTC in, naive UTC stored on SQLite, UTC re-attached on the way out."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to the store; use timezone-aware UTC")
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 _TYPES: dict[str, Any] = {reads.TEXT: String, reads.INT: BigInteger, reads.BOOL: Boolean,
