@@ -6,13 +6,15 @@ and str are masked, so they cannot reach a log line or an error message by accid
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterable
+import types
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -25,7 +27,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from auditor.errors import ConfigError
 
@@ -551,16 +552,10 @@ class LogSettings(Section):
     format: Literal["auto", "json", "text"] = "auto"
 
 
-class Settings(BaseSettings):
-    """The whole configuration."""
+class Settings(BaseModel):
+    """The whole configuration (`load_settings` reads it from the file and the environment)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-        nested_model_default_partial_update=True,
-    )
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     katapult: KatapultSettings = KatapultSettings()
     database: DatabaseSettings = DatabaseSettings()
@@ -588,17 +583,6 @@ class Settings(BaseSettings):
             raise ValueError(f"tier names must be unique: {', '.join(dupes)}")
         return self
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment beats the file (init_settings carries the parsed TOML).
-        return (env_settings, init_settings)
 
 
 def _env_name(loc: tuple[str | int, ...]) -> str | None:
@@ -656,6 +640,103 @@ def resolve_config_path(path: str | Path | None) -> Path | None:
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
 
 
+# ---- environment overrides ---------------------------------------------------------------------------------
+# `AUDITOR_<SECTION>__<KEY>` sets [section].key; "__" separates the levels (AUDITOR_RULES__SEVERITY sets the
+# table rules.severity), names are matched without regard to case, and a value whose key holds a list or a table
+# is JSON (AUDITOR_AUDIT__DISKS='["disk_a"]', AUDITOR_NOTIFIERS='[{...}]'). Variables naming no top-level key
+# (AUDITOR_CONFIG, AUDITOR_TEST_POSTGRES_URL) are not settings; an unknown key below one is an error, as in the
+# file. The environment beats the file: tables merge key by key, any other value replaces the file's.
+
+ENV_DELIMITER = "__"
+
+
+def _unwrap(annotation: Any) -> Any:
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    return annotation
+
+
+def _is_complex(annotation: Any) -> bool:
+    annotation = _unwrap(annotation)
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_is_complex(a) for a in get_args(annotation) if a is not type(None))
+    if origin in (list, dict, tuple, set, frozenset) or annotation in (list, dict, tuple, set, frozenset):
+        return True
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _target(path: list[str]) -> Any:
+    """Returns the annotation of the key a path names (None when no such key: the value stays a string)."""
+    annotation: Any = Settings
+    for part in path:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(part)
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        else:
+            return None
+    return annotation
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """Returns what the environment sets, as the file's nested tables, and one error line per variable whose
+    value is not the JSON its key needs (the value itself is never quoted: it may be a secret)."""
+    found: list[tuple[list[str], str, str]] = []
+    for name, value in environ.items():
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX):].lower().split(ENV_DELIMITER)
+        if path[0] in Settings.model_fields and all(path):
+            found.append((path, name, value))
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    # Shorter paths first: AUDITOR_KATAPULT='{...}' is the base AUDITOR_KATAPULT__PER_PAGE then refines.
+    for path, name, value in sorted(found, key=lambda f: (len(f[0]), f[0])):
+        decoded: Any = value
+        if _is_complex(_target(path)):
+            try:
+                decoded = json.loads(value)
+            except ValueError as exc:
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not JSON"
+                problems.append(f"{'.'.join(path)}: not valid JSON ({reason} at character "
+                                f"{getattr(exc, 'pos', 0)}): lists and tables are set as JSON, e.g. "
+                                f"'[\"a\", \"b\"]' or '{{\"key\": \"value\"}}' (env {name})")
+                continue
+        nested: Any = decoded
+        for part in reversed(path):
+            nested = {part: nested}
+        out = _merge(out, nested)
+    return out, problems
+
+
+def settings_from(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Returns validated settings from the file's tables with the environment's overrides on top, or raises
+    ConfigError (one line a problem, naming the key and the variable that sets it)."""
+    overrides, problems = env_overrides(os.environ if environ is None else environ)
+    try:
+        settings = Settings(**_merge(dict(data), overrides))
+    except ValidationError as exc:
+        raise ConfigError(problems + format_validation_error(exc)) from None
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
 def load_settings(path: str | Path | None = None) -> Settings:
     """Returns validated settings from the TOML file and environment, or raises ConfigError (one line a problem)."""
     resolved = resolve_config_path(path)
@@ -670,7 +751,4 @@ def load_settings(path: str | Path | None = None) -> Settings:
             raise ConfigError([f"config file {resolved}: cannot read ({exc.strerror})"]) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"config file {resolved}: not valid TOML: {exc}"]) from None
-    try:
-        return Settings(**data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+    return settings_from(data)

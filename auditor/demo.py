@@ -51,7 +51,8 @@ class PrintingReceiver:
 
 
 def demo_settings(*, db_path: str, listen: str, interval: str = "30s") -> Settings:
-    """Returns settings for the demo: the demo fleet's targets, a small page size, a short interval."""
+    """Returns settings for the demo: the demo fleet's targets, a small page size, a short interval. No config file
+    and no AUDITOR_* variable applies: the demo never reaches anything but its fake Katapult and its SQLite file."""
     _, targets = demo_fleet(now=int(time.time()))
     data: dict[str, Any] = {
         "katapult": {"api_url": DEMO_API_URL, "per_page": 10, "max_requests_per_minute": 6000},
