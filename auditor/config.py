@@ -178,6 +178,9 @@ class KatapultSettings(Section):
         return SecretStr(value)
 
 
+_URL_PORT = re.compile(r"[\w+]+://(?:[^:/]*(?::[^@]*)?@)?(?:\[[^/?]+\]|[^/:?]+)?(?::(?P<port>[^/?]*))?")
+
+
 class DatabaseSettings(Section):
     """[database]: SQLite file (embedded default) or PostgreSQL."""
 
@@ -190,6 +193,10 @@ class DatabaseSettings(Section):
         raw = value.get_secret_value()
         if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", raw):
             raise ValueError("must start with sqlite:/// or postgresql+psycopg://")
+        # The port as SQLAlchemy's URL grammar finds it (the URL itself is a secret: never quoted).
+        port = _URL_PORT.match(raw)
+        if port and port["port"] and not port["port"].isdigit():
+            raise ValueError("the port must be a number, as in postgresql+psycopg://user:password@host:5432/db")
         return value
 
 

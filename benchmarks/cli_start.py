@@ -2,7 +2,8 @@
 
 Each command runs once first (to write bytecode caches), then five times; the figure is the median wall time of a
 whole process, start to exit: what a person or a cron job waits for. `check-config` reads a small config;
-`report` reads a small, migrated SQLite database with no run recorded (no Katapult call either way).
+`report` reads a small, migrated database with no run recorded (no Katapult call either way): an SQLite file, or
+PostgreSQL with `--postgres URL`.
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ def main() -> int:
     # the auditor's sources again: not what an installed package (whose wheel install compiles them) starts like.
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("AUDITOR_") and k not in ("KATAPULT_API_TOKEN", "PYTHONDONTWRITEBYTECODE")}
-    with c.workdir(args) as d:
+    with c.workdir(args) as d, c.database(args, d) as db:
         config = d / "auditor.toml"
         config.write_text(
-            f'[database]\nurl = "sqlite:///{d / "auditor.db"}"\n'
+            f'[database]\nurl = "{db.url}"\n'
             '[audit]\ninterval = "15m"\ndisks = ["disk_aaaaaaaaaaaaaaaa"]\norganizations = ["acme"]\n'
             '[[notifiers]]\nkind = "webhook"\nname = "ops"\nurl = "http://127.0.0.1:9/hook"\n',
             encoding="utf-8",

@@ -25,7 +25,7 @@ from auditor.fake import create_app as fake_app
 from auditor.service import open_services
 from auditor.service.reports import REPORTED_STATUSES, build_report, current_report
 from auditor.store import engine as db
-from auditor.store.reads import SqliteReads, open_report_reads, plain_sqlite_file
+from auditor.store.reads import PostgresReads, SqliteReads, open_report_reads, plain_sqlite_file, postgres_connect_args
 from auditor.store.reads_core import CoreReads
 
 pytestmark = pytest.mark.slow
@@ -239,10 +239,11 @@ NOT_FOR_REPORT = tuple(m for m in HEAVY if m not in ("pydantic", "rich")) + (
 
 @pytest.mark.parametrize("fmt", ["table", "json"])
 def test_report_reads_the_database_without_the_orm_httpx_or_the_daemon(tmp_path: Path, katapult: FakeServer,
-                                                                         fmt: str) -> None:
+                                                                         fmt: str, db_url: str) -> None:
+    # SQLite with sqlite3, PostgreSQL with psycopg: neither loads SQLAlchemy.
     config = write(tmp_path / "auditor.toml", (
         "[katapult]\nmax_requests_per_minute = 60000\nmax_attempts = 1\ntimeout_seconds = 5\n"
-        f'[database]\nurl = "sqlite:///{tmp_path / "auditor.db"}"\n'
+        f'[database]\nurl = "{db_url}"\n'
         f"[audit]\ndisks = {json.dumps([BARE])}\n"
         '[[notifiers]]\nkind = "webhook"\nname = "ops"\nurl = "http://127.0.0.1:9/hook"\n'
     ))
@@ -320,10 +321,10 @@ async def test_report_reads_the_same_report_as_build_report_on_the_store(db_url:
     async with open_services(settings, katapult=False, migrate=False, clock=clock) as s:
         waivers, problems = s.waivers()
         assert await build_report(s.store, now=s.clock(), waivers=waivers, waiver_problems=problems) == fast
-        # sqlite3 for a plain SQLite file, SQLAlchemy Core otherwise; Core reads SQLite files as well.
-        fast = open_report_reads(db_url)
-        assert isinstance(fast, SqliteReads) == db_url.startswith("sqlite:")
-        for reads in (fast, CoreReads(db_url)):
+        # sqlite3 for a plain SQLite file, psycopg for PostgreSQL; Core (the rest) reads both as well.
+        reader = open_report_reads(db_url)
+        assert isinstance(reader, SqliteReads if db_url.startswith("sqlite:") else PostgresReads)
+        for reads in (reader, CoreReads(db_url)):
             try:
                 assert reads.current_revision() == await db.current_revision(db_url)
                 assert reads.latest_run() == await s.store.latest_run()
@@ -366,6 +367,10 @@ async def test_report_fails_on_a_database_as_open_services_does(tmp_path: Path, 
     old = settings(db_url)
     assert "revision 0001" in _report_error(old) == await _open_error(old)
     assert (await db.current_revision(db_url))[0] == "0001"  # left as it was
+    unreachable = settings("postgresql+psycopg://nobody:pw-SECRET@127.0.0.1:9/none")  # nothing listens on 9
+    error = _report_error(unreachable)
+    assert "Connection refused" in error == await _open_error(unreachable)
+    assert "SECRET" not in error
 
 
 @pytest.mark.parametrize(("url", "path"), [
@@ -383,3 +388,43 @@ def test_plain_sqlite_files_are_read_with_sqlite3_where_sqlalchemy_would_open_th
     if path is not None:  # the file SQLAlchemy's URL and sqlite3 dialect name
         assert db.sqlite_path(url) == path
         assert db.sqlite_file_missing(url) is not Path(path).is_file()
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://auditor:pw@db/auditor",
+    "postgresql://postgres@127.0.0.1:5432/test",
+    "postgresql+psycopg://u%40x:p%40ss%3Aw%2Ford@db.internal:6543/my%20db?sslmode=require&application_name=a",
+    "postgresql+psycopg://auditor@[::1]:5432/auditor",
+    "postgresql+psycopg:///auditor?host=/var/run/postgresql",
+    "postgresql+psycopg://auditor:@db/auditor",
+    "postgresql+psycopg://db",
+    "postgresql+psycopg://",
+    "postgresql+psycopg://:secret@db/x?options=-csearch_path%3Dt_1&connect_timeout=3",
+    "postgresql+asyncpg://auditor:pw@db/auditor",
+])
+def test_postgres_reads_connect_with_the_arguments_sqlalchemy_would_pass(url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    engine = db.create_sync_engine_for(url)
+    try:
+        cargs, cparams = engine.dialect.create_connect_args(db.sync_url(url))
+        expected = {k: v for k, v in cparams.items() if k not in ("context", "client_encoding")}
+        expected["connect_timeout"] = 10  # the sync engine's connect_args, which win over the URL's
+        assert postgres_connect_args(url) == expected, make_url(url)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://a@/db?host=h1:5432&host=h2:5433",  # several hosts
+    "postgresql+psycopg://a@db/x?options=a&options=b",  # a repeated option
+    "sqlite:///x.db?timeout=30", "sqlite:///:memory:",
+])
+def test_urls_only_sqlalchemy_reads_are_left_to_it(url: str) -> None:
+    assert postgres_connect_args(url) is None
+    assert not isinstance(open_report_reads(url), PostgresReads)
+
+
+def test_a_url_sqlalchemy_cannot_parse_is_a_store_error_not_an_internal_error() -> None:
+    with pytest.raises(StoreError, match="not a valid database URL"):
+        db.safe_url("postgresql+psycopg://a:pw@db:port/x")

@@ -115,3 +115,16 @@ def test_check_config_with_a_non_json_list_exits_78_without_a_traceback(tmp_path
     assert "Traceback" not in proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("config error:")]
     assert line.startswith("config error: audit.disks: not valid JSON") and "(env AUDITOR_AUDIT__DISKS)" in line
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://auditor:pw-SECRET@db:port/auditor",
+                                 "postgresql+psycopg://auditor:pw-SECRET@db:54 32/auditor"])
+def test_a_database_port_that_is_not_a_number_is_a_config_error_without_the_url(url: str) -> None:
+    (line,) = problems({"database": {"url": url}}, {})
+    assert line.startswith("database.url: the port must be a number") and "SECRET" not in line
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://a:p:w@[::1]:5432/x", "postgresql+psycopg:///x?host=/run/pg",
+                                 "postgresql+psycopg://a@/db?host=h1:5432&host=h2:5433", "sqlite:///a:b.db"])
+def test_database_urls_with_colons_elsewhere_are_accepted(url: str) -> None:
+    assert settings_from({"database": {"url": url}}, {}).database.url.get_secret_value() == url

@@ -123,8 +123,9 @@ def current_report(settings: Settings, *, clock: Callable[[], datetime] = _utcno
     from auditor.store.reads import open_report_reads, plain_sqlite_file
 
     url = settings.database.url.get_secret_value()
-    plain = plain_sqlite_file(url)  # read with sqlite3: SQLAlchemy is loaded only for other URLs and for errors
-    missing = (not Path(plain).is_file()) if plain is not None else engine.sqlite_file_missing(url)
+    plain = plain_sqlite_file(url)  # sqlite3 or psycopg: SQLAlchemy is loaded only for other URLs and for errors
+    missing = ((not Path(plain).is_file()) if plain is not None
+               else url.startswith("sqlite") and engine.sqlite_file_missing(url))
     if missing:
         raise SchemaError(f"database {engine.safe_url(url)} does not exist: check database.url, or {SCHEMA_HINT}")
     reads = open_report_reads(url)

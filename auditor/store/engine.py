@@ -28,7 +28,7 @@ def _parse(url: str) -> URL:
 
     try:
         return make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise StoreError("database.url is not a valid database URL") from None
 
 

@@ -2,11 +2,13 @@
 
 `auditor report` reads a handful of rows and exits: loading the ORM mapping (`tables`), `sqlalchemy.ext.asyncio`
 and aiosqlite — or even SQLAlchemy itself — costs more than everything else it does (benchmarks/cli_start.py).
-A plain SQLite file (`sqlite:///FILE`, the embedded default) is read here with the standard library's sqlite3;
-any other URL (PostgreSQL, in-memory, query options) with SQLAlchemy Core on a synchronous engine (`reads_core`).
+A plain SQLite file (`sqlite:///FILE`, the embedded default) is read here with the standard library's sqlite3,
+PostgreSQL with psycopg (the driver SQLAlchemy would load anyway, with the arguments it would pass), and any other
+URL (in-memory SQLite, query options, several PostgreSQL hosts) with SQLAlchemy Core on a synchronous engine
+(`reads_core`).
 
-Both give the domain objects `repo.Store` gives, with the same `StoreError`s (tests/test_cli_extra.py compares the
-three on one database), and run the same SQL as the ORM: the columns below are `tables`' (types as stored),
+All give the domain objects `repo.Store` gives, with the same `StoreError`s (tests/test_cli_extra.py compares them
+with it on one database), and run the same SQL as the ORM: the columns below are `tables`' (types as stored),
 converted as `store.types.UTCDateTime`, SQLAlchemy's JSON and Boolean do. The daemon, the API and every writer use
 `repo.Store`.
 """
@@ -81,10 +83,14 @@ class ReportReads(Protocol):
 
 def open_report_reads(url: str) -> ReportReads:
     """Returns the reads for a configured database URL (nothing is connected yet): sqlite3 for a plain file,
-    SQLAlchemy Core otherwise. The caller checks first that an SQLite file exists (connecting would create it)."""
+    psycopg for PostgreSQL, SQLAlchemy Core for the rest. The caller checks first that an SQLite file exists
+    (connecting would create it)."""
     path = plain_sqlite_file(url)
     if path is not None:
         return SqliteReads(url, path)
+    args = postgres_connect_args(url)
+    if args is not None:
+        return PostgresReads(url, args)
     from auditor.store.reads_core import CoreReads
 
     return CoreReads(url)
@@ -184,14 +190,14 @@ def orphan_errors(reason: str, now: datetime) -> list[dict[str, str]]:
              "message": f"{reason} (noticed {now.isoformat(timespec='seconds')})"}]
 
 
-# ---- a plain SQLite file: the standard library ---------------------------------------------------------------
+# ---- DB-API reads: sqlite3 for a plain SQLite file, psycopg for PostgreSQL --------------------------------------
 
 
 def _utc(value: Any) -> datetime | None:
     # SQLAlchemy's SQLite DATETIME gives datetime.fromisoformat(value); store.types.UTCDateTime re-attaches UTC.
     if value is None:
         return None
-    parsed = datetime.fromisoformat(value)
+    parsed = datetime.fromisoformat(value) if isinstance(value, str) else value
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
@@ -202,12 +208,17 @@ def _stored(value: datetime) -> str:
             f"{v.microsecond:06d}")
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 _DECODE: dict[str, Callable[[Any], Any]] = {
-    TEXT: lambda v: v,
-    INT: lambda v: v,
+    TEXT: _same,
+    INT: _same,
     BOOL: lambda v: None if v is None else bool(v),
     UTC_DATETIME: _utc,
-    JSON: lambda v: None if v is None else json.loads(v),
+    # SQLite keeps JSON as text; psycopg gives PostgreSQL's json already decoded.
+    JSON: lambda v: json.loads(v) if isinstance(v, str | bytes) else v,
 }
 
 
@@ -216,22 +227,34 @@ def _select(table: str, columns: Columns | None = None) -> str:
     return f"SELECT {names} FROM {table}"
 
 
-def _rows(cursor: sqlite3.Cursor, columns: Columns) -> Iterator[SimpleNamespace]:
+def _rows(cursor: Any, columns: Columns) -> Iterator[SimpleNamespace]:
     decoders = [(name, _DECODE[kind]) for name, kind in columns]
     for raw in cursor:
         yield SimpleNamespace(**{name: decode(value) for (name, decode), value in zip(decoders, raw, strict=True)})
 
 
-class SqliteReads:
-    """The reads on a plain SQLite file through sqlite3, connected as `engine.create_sync_engine_for` connects
-    (the file's absolute path, the same pragmas) and failing with the same `StoreError`s."""
+class _DbapiReads:
+    """The reads through a DB-API connection, with the SQL the ORM runs (written with `?`; `_sql` adapts it) and
+    failing with `repo.Store`'s and `engine.current_revision`'s `StoreError`s, worded the same."""
 
-    def __init__(self, url: str, path: str) -> None:
-        import os
+    errors: tuple[type[Exception], ...] = (OSError,)
 
+    def __init__(self, url: str) -> None:
         self.url = url
-        self.path = os.path.abspath(path)
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Any = None
+
+    # What a backend provides.
+    def _open(self) -> Any:
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def _bind_time(self, value: datetime) -> Any:
+        return value
+
+    def _has_version_table(self, conn: Any) -> bool:
+        raise NotImplementedError
 
     def close(self) -> None:
         """Closes the connection."""
@@ -239,16 +262,15 @@ class SqliteReads:
             self._conn.close()
             self._conn = None
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> Any:
         if self._conn is None:
-            conn = sqlite3.connect(self.path, check_same_thread=False)
-            try:
-                _sqlite_pragmas(conn, None)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
+            self._conn = self._open()
         return self._conn
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        cursor = self._connect().cursor()
+        cursor.execute(self._sql(sql), tuple(params))
+        return cursor
 
     def _error(self, exc: Exception) -> StoreError:
         # As repo.Store names the database: by its async driver's URL (SQLAlchemy is loaded on this path only).
@@ -258,21 +280,21 @@ class SqliteReads:
         return StoreError(f"database {async_url(self.url).render_as_string(hide_password=True)}: {text[:300]}")
 
     @contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
+    def _connection(self) -> Iterator[None]:
         try:
-            yield self._connect()
-        except (sqlite3.Error, OSError) as exc:
+            yield
+        except self.errors as exc:
             raise self._error(exc) from None
 
     def current_revision(self) -> tuple[str | None, str | None]:
         """Returns (the database's revision, the code's head revision), as `engine.current_revision`."""
         try:
             conn = self._connect()
-            # What SQLAlchemy's has_table asks SQLite, then Alembic's own table read with SQL.
-            if not conn.execute('PRAGMA main.table_info("alembic_version")').fetchall():
+            # What SQLAlchemy's has_table asks, then Alembic's own table read with SQL.
+            if not self._has_version_table(conn):
                 return None, SCHEMA_HEAD
-            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
-        except (sqlite3.Error, OSError) as exc:
+            row = self._execute("SELECT version_num FROM alembic_version").fetchone()
+        except self.errors as exc:
             from auditor.store.engine import _translate
 
             raise _translate(exc, self.url) from None
@@ -280,25 +302,26 @@ class SqliteReads:
 
     def abandon_orphaned_runs(self, *, now: datetime, reason: str) -> list[str]:
         """Marks failed the runs left `running` whose owner is gone; returns their ids (as `repo.Store`'s)."""
-        with self._connection() as conn:
+        with self._connection():
+            conn = self._connect()
             try:
-                running = [r for (r,) in conn.execute("SELECT audit_runs.id FROM audit_runs "
-                                                      "WHERE audit_runs.status = ?", (RunStatus.RUNNING.value,))]
+                running = [r for (r,) in self._execute("SELECT audit_runs.id FROM audit_runs "
+                                                       "WHERE audit_runs.status = ?", (RunStatus.RUNNING.value,))]
                 if not running:
                     conn.commit()
                     return []
                 from auditor.store.leases import CYCLE
 
-                lease = next(_rows(conn.execute(_select("leases") + " WHERE leases.name = ?", (CYCLE,)), LEASES),
+                lease = next(_rows(self._execute(_select("leases") + " WHERE leases.name = ?", (CYCLE,)), LEASES),
                              None)
                 orphans = orphans_of(running, lease, now)
                 errors = json.dumps(orphan_errors(reason, now))
                 for i in range(0, len(orphans), CHUNK):
                     # finished_at stays empty: the run never finished, so readiness does not count it as a cycle.
                     chunk = orphans[i : i + CHUNK]
-                    conn.execute(f"UPDATE audit_runs SET status=?, errors=? WHERE audit_runs.id IN "
-                                 f"({', '.join('?' * len(chunk))}) AND audit_runs.status = ?",
-                                 (RunStatus.FAILED.value, errors, *chunk, RunStatus.RUNNING.value))
+                    self._execute(f"UPDATE audit_runs SET status=?, errors=? WHERE audit_runs.id IN "
+                                  f"({', '.join('?' * len(chunk))}) AND audit_runs.status = ?",
+                                  (RunStatus.FAILED.value, errors, *chunk, RunStatus.RUNNING.value))
                 conn.commit()
             except BaseException:
                 conn.rollback()
@@ -307,37 +330,130 @@ class SqliteReads:
 
     def latest_run(self) -> RunRecord | None:
         """Returns the most recent finished run."""
-        with self._connection() as conn:
+        with self._connection():
             q = _select("audit_runs") + " WHERE audit_runs.status != ? ORDER BY audit_runs.seq DESC LIMIT 1"
-            row = next(_rows(conn.execute(q, (RunStatus.RUNNING.value,)), RUNS), None)
+            row = next(_rows(self._execute(q, (RunStatus.RUNNING.value,)), RUNS), None)
             return _run(row) if row else None
 
     def target_disks(self) -> dict[str, DiskRecord]:
         """Returns the disks audited as targets, by id."""
-        with self._connection() as conn:
-            q = _select("disks") + " WHERE disks.is_target IS 1"
-            return {r.id: _disk(r) for r in _rows(conn.execute(q), DISKS)}
+        with self._connection():
+            q = _select("disks") + " WHERE disks.is_target = ?"
+            return {r.id: _disk(r) for r in _rows(self._execute(q, (True,)), DISKS)}
 
     def all_findings(self, *, statuses: Sequence[str]) -> list[TrackedFinding]:
         """Returns every finding with one of the statuses, ordered by disk and fingerprint."""
-        with self._connection() as conn:
+        with self._connection():
             q = (_select("findings") + f" WHERE findings.status IN ({', '.join('?' * len(statuses))})"
                  " ORDER BY findings.disk_id, findings.fingerprint")
-            return [_finding(r) for r in _rows(conn.execute(q, tuple(statuses)), FINDINGS)]
+            return [_finding(r) for r in _rows(self._execute(q, tuple(statuses)), FINDINGS)]
 
     def current_policy_ids(self) -> dict[str, list[str]]:
         """Returns the current policy ids of every disk."""
-        with self._connection() as conn:
+        with self._connection():
             q = ("SELECT policy_states.disk_id, policy_states.policy_id FROM policy_states "
                  "WHERE policy_states.valid_to IS NULL ORDER BY policy_states.disk_id, policy_states.policy_id")
             out: dict[str, list[str]] = {}
-            for disk_id, policy_id in conn.execute(q):
+            for disk_id, policy_id in self._execute(q):
                 out.setdefault(disk_id, []).append(policy_id)
             return out
 
     def recent_drift(self, *, since: datetime, limit: int = 200) -> list[DriftRecord]:
         """Returns drift events since `since`, newest first."""
-        with self._connection() as conn:
+        with self._connection():
             q = (_select("drift_events") + " WHERE drift_events.at >= ?"
                  " ORDER BY drift_events.at DESC, drift_events.id DESC LIMIT ?")
-            return [_drift(r) for r in _rows(conn.execute(q, (_stored(since), limit)), DRIFT_EVENTS)]
+            return [_drift(r) for r in _rows(self._execute(q, (self._bind_time(since), limit)), DRIFT_EVENTS)]
+
+
+class SqliteReads(_DbapiReads):
+    """The reads on a plain SQLite file through sqlite3, connected as `engine.create_sync_engine_for` connects
+    (the file's absolute path, the same pragmas)."""
+
+    errors = (sqlite3.Error, OSError)
+
+    def __init__(self, url: str, path: str) -> None:
+        import os
+
+        super().__init__(url)
+        self.path = os.path.abspath(path)
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False)
+        try:
+            _sqlite_pragmas(conn, None)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _bind_time(self, value: datetime) -> str:
+        return _stored(value)
+
+    def _has_version_table(self, conn: Any) -> bool:
+        return bool(conn.execute('PRAGMA main.table_info("alembic_version")').fetchall())
+
+
+class PostgresReads(_DbapiReads):
+    """The reads on PostgreSQL through psycopg, connected with the arguments SQLAlchemy's psycopg dialect would
+    pass (`postgres_connect_args`) and the sync engine's connect timeout."""
+
+    def __init__(self, url: str, connect_args: dict[str, Any]) -> None:
+        import psycopg
+
+        super().__init__(url)
+        self.errors = (psycopg.Error, OSError)
+        self._args = connect_args
+
+    def _open(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(**self._args)
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def _has_version_table(self, conn: Any) -> bool:
+        # SQLAlchemy's has_table: a relation of that name visible on the search path.
+        return bool(self._execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()[0])
+
+
+# SQLAlchemy's URL grammar (sqlalchemy.engine.url._parse_url) for one host; several hosts or a repeated query key
+# go to SQLAlchemy itself.
+_URL = re.compile(r"""
+    (?P<name>[\w+]+)://
+    (?:(?P<username>[^:/]*)(?::(?P<password>[^@]*))?@)?
+    (?:(?:\[(?P<ipv6host>[^/?]+)\]|(?P<ipv4host>[^/:?]+))?(?::(?P<port>[^/?]*))?)?
+    (?:/(?P<database>[^?]*))?
+    (?:\?(?P<query>.*))?
+""", re.X)
+CONNECT_TIMEOUT = 10  # as engine.create_sync_engine_for
+
+
+def postgres_connect_args(url: str) -> dict[str, Any] | None:
+    """Returns psycopg.connect's arguments for a `postgresql[+driver]://` URL, as SQLAlchemy's psycopg dialect makes
+    them (user, password, host, port, dbname, then the query's options) plus the connect timeout; None for any
+    other URL and for forms only SQLAlchemy reads (several hosts, a repeated option)."""
+    from urllib.parse import parse_qsl
+
+    m = _URL.fullmatch(url)
+    if m is None or m["name"].split("+")[0] != "postgresql":
+        return None
+    host = m["ipv4host"] or m["ipv6host"]
+    if host is not None and "," in host:
+        return None
+    args: dict[str, Any] = {}
+    for key, value in (("host", host), ("dbname", m["database"]), ("user", m["username"]),
+                       ("password", m["password"]), ("port", m["port"])):
+        if value:
+            args[key] = unquote(value) if key in ("dbname", "user", "password") else value
+    if "port" in args:
+        if not args["port"].isdigit():
+            return None
+        args["port"] = int(args["port"])
+    query = parse_qsl(m["query"] or "")
+    if len({k for k, _ in query}) != len(query):
+        return None
+    args.update(query)
+    args["connect_timeout"] = CONNECT_TIMEOUT
+    return args
