@@ -119,6 +119,48 @@ async def test_report_is_what_build_report_gives(world: World) -> None:
     assert expected["summary"]["open_findings"] > 0 and expected["last_run"]["status"] == "complete"
 
 
+async def test_concurrent_requests_share_one_lookup_of_the_latest_run(world: World,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # With version_ttl (the daemon: 1 s), requests that find the version due at once share one query.
+    store = world.runtime.store
+    lookups: list[int] = []
+    real = store.latest_run
+
+    async def counted(**kwargs: Any) -> Any:
+        lookups.append(1)
+        return await real(**kwargs)
+
+    monkeypatch.setattr(store, "latest_run", counted)
+    async with client_for(replace(deps_for(world), version_ttl=60.0)) as api:
+        paths = ["/api/v1/report", "/api/v1/findings", "/api/v1/findings?limit=5"] * 7
+        answers = await asyncio.gather(*(api.get(p) for p in paths))
+        assert [a.status_code for a in answers] == [200] * 21
+        assert len({a.content for a in answers if a.request.url.path.endswith("/report")}) == 1
+    assert len(lookups) == 2  # the version's, shared by all 21; the report's own, in its one build
+
+
+async def test_a_slow_body_does_not_hold_up_another(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The report's first build waits on a gate; a findings page, a different cached body, must not wait with it.
+    import auditor.api.routes as routes
+
+    gate = asyncio.Event()
+    real = routes.build_report
+
+    async def gated(*args: Any, **kwargs: Any) -> Any:
+        await gate.wait()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(routes, "build_report", gated)
+    async with client_for(deps_for(world)) as api:
+        reports = [asyncio.ensure_future(api.get("/api/v1/report")) for _ in range(3)]
+        findings = await asyncio.wait_for(api.get("/api/v1/findings"), timeout=30)
+        assert findings.status_code == 200 and not any(r.done() for r in reports)
+        gate.set()
+        answers = await asyncio.gather(*reports)
+    assert [a.status_code for a in answers] == [200] * 3
+    assert len({a.content for a in answers}) == 1
+
+
 # ---- findings -------------------------------------------------------------------------------------------
 
 

@@ -7,13 +7,14 @@ is when it was built, which is true: the data does not change until the next run
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
+
+from auditor.service.versions import SingleFlight
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +32,18 @@ def render(body: Any) -> Rendered:
 
 
 class ResponseCache:
-    """A small LRU of rendered bodies; concurrent misses for one key build it once."""
+    """A small LRU of rendered bodies; concurrent misses for one key share one build, and a build for one key
+    never holds up another key's (a slow findings search does not delay the report)."""
 
     def __init__(self, *, size: int = 256) -> None:
         self.size = size
         self._items: OrderedDict[Hashable, Rendered] = OrderedDict()
-        self._lock = asyncio.Lock()
+        self._builds = SingleFlight()
+
+    @property
+    def builds(self) -> int:
+        """How many bodies were built (tests)."""
+        return self._builds.started
 
     async def get(self, key: Hashable, build: Callable[[], Awaitable[Any]]) -> Rendered:
         """Returns the cached body for `key`, building (and rendering) it if missing."""
@@ -44,11 +51,12 @@ class ResponseCache:
         if hit is not None:
             self._items.move_to_end(key)
             return hit
-        async with self._lock:
-            hit = self._items.get(key)
-            if hit is None:
-                hit = render(await build())
-                self._items[key] = hit
-                while len(self._items) > self.size:
-                    self._items.popitem(last=False)
-            return hit
+
+        async def make() -> Rendered:
+            rendered = render(await build())
+            self._items[key] = rendered
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+            return rendered
+
+        return await self._builds.run(key, make)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Hashable
 from typing import Annotated, Any
 
@@ -35,6 +34,7 @@ from auditor.domain.periods import parse_instant
 from auditor.errors import LeaseHeldError, StoreError
 from auditor.service.compliance import build_compliance, recover_waivers, resolve_period
 from auditor.service.reports import build_report, disk_detail, finding_json, iso, run_json
+from auditor.service.versions import DataVersion
 from auditor.store.outbox import Outbox
 from auditor.store.repo import FindingQuery, decode_cursor
 
@@ -158,17 +158,13 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
     router = APIRouter(tags=["reports"], responses=errors)
     cache = ResponseCache()
 
-    version: list[Any] = [None, -1.0]  # (data version, monotonic time it was read)
+    version = DataVersion(deps)
 
     async def data_version() -> Hashable:
         # Findings, disks and snapshots change only when a run commits; the date moves waiver expiry and drift.
-        # With `version_ttl` (the daemon: 1 s) the latest run is looked up at most that often, so a busy API
-        # does not query per request.
-        if time.monotonic() - version[1] >= deps.version_ttl or deps.version_ttl <= 0:
-            run = await deps.store.latest_run()
-            version[0] = ((run.id, run.finished_at) if run else None, deps.clock().date())
-            version[1] = time.monotonic()
-        return version[0]  # type: ignore[no-any-return]
+        # With `version_ttl` (the daemon: 1 s) the latest run is looked up at most that often, by one query that
+        # every request due at that moment shares, so a busy API does not query per request.
+        return (await version.get())[0]
 
     def respond(request: Request, rendered: Rendered) -> Response:
         headers = {"Vary": "Accept-Encoding"}

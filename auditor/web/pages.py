@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from datetime import datetime, timedelta
@@ -23,15 +22,15 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup, escape
 
 from auditor.domain.models import Severity
-from auditor.domain.records import RunRecord
 from auditor.domain.rules import RULES
 from auditor.errors import AuditorError, LeaseHeldError, StoreError
 from auditor.service import dashboard
 from auditor.service.reports import disk_detail, iso
+from auditor.service.versions import DataVersion, SingleFlight, data_version
 from auditor.store.dashboard import SORT_KEYS, FindingSearch, SortKey
 from auditor.web.auth import SESSION_COOKIE, SESSION_TTL, Session, Signer, is_https, safe_next
 from auditor.web.charts import compliance_chart, severity_chart
-from auditor.web.snapshots import LRU, Built, SingleFlight, Slotted, Snapshots, off_loop, slot
+from auditor.web.snapshots import LRU, Built, Slotted, Snapshots, off_loop, slot
 
 if TYPE_CHECKING:  # only a type: importing auditor.api here would import this module back through create_app
     from auditor.api.deps import ApiDeps
@@ -123,41 +122,6 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: v[0] for k, v in fields.items()}
 
 
-def data_version(run: RunRecord | None, now: datetime) -> Hashable:
-    """Returns the data's version: the latest run (id, finish time) and the UTC day, as the API's cache keys it."""
-    return (run.id, run.finished_at) if run else None, now.date()
-
-
-class _DataVersion:
-    """The data's current version, looked up at most every `version_ttl` (the daemon: 1 s; 0: every time).
-
-    Requests that find it due at the same time share one lookup (at 20 concurrent requests, one query a second
-    instead of a burst of 20 that would each check out a database connection).
-    """
-
-    def __init__(self, deps: ApiDeps) -> None:
-        self.deps = deps
-        self._value: Hashable = None
-        self._checked = -1.0
-        self._lookups = SingleFlight()
-
-    async def get(self) -> tuple[Hashable, float]:
-        """Returns the current version and when (time.monotonic()) it was looked up."""
-        ttl = self.deps.version_ttl
-        if ttl > 0 and time.monotonic() - self._checked < ttl:
-            return self._value, self._checked
-        if ttl <= 0:
-            return await self._lookup()
-        return await self._lookups.run("version", self._lookup)
-
-    async def _lookup(self) -> tuple[Hashable, float]:
-        checked = time.monotonic()
-        value = data_version(await self.deps.store.latest_run(), self.deps.clock())
-        if checked > self._checked:
-            self._value, self._checked = value, checked
-        return value, checked
-
-
 class _Memo:
     """A small LRU of computed values, keyed by what they depend on (the data version among it); concurrent misses
     build a value once. Values are read-only once stored: pages render from them, never change them. (The findings
@@ -190,7 +154,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
     """Returns the dashboard: /, /findings, /disks/{id}, /runs, /notifications, /waivers, /login, /logout, /audit."""
     env = _environment()
     signer = Signer(deps.token)
-    version = _DataVersion(deps)
+    version = DataVersion(deps)
     macros: Any = env.get_template("macros.html").module
     css = resources.files("auditor.web").joinpath("static", STYLESHEET).read_bytes()
     css_version = hashlib.sha256(css).hexdigest()[:12]

@@ -15,11 +15,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from markupsafe import Markup
 
 from auditor.service.dashboard import Snapshot
+from auditor.service.versions import SingleFlight
 from auditor.store.dashboard import can_reopen, same_database
 from auditor.store.repo import Store
 
@@ -95,40 +96,6 @@ class LRU(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-class SingleFlight:
-    """Builds per key where concurrent callers for one key share one in-flight build (a failed build is shared by
-    its waiters, then forgotten: the next call builds again). A caller that gives up does not cancel the build."""
-
-    def __init__(self) -> None:
-        self._tasks: dict[Hashable, asyncio.Future[Any]] = {}
-        self.started = 0  # builds started, for tests and benchmarks
-
-    def start(self, key: Hashable, build: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
-        """Returns the in-flight build of `key`, starting it if there is none."""
-        task = self._tasks.get(key)
-        if task is None:
-            task = asyncio.ensure_future(build())
-            self.started += 1
-            self._tasks[key] = task
-
-            def done(t: asyncio.Future[Any]) -> None:
-                if self._tasks.get(key) is t:
-                    del self._tasks[key]
-                if not t.cancelled():
-                    t.exception()  # retrieved: a failure nobody awaited any more is not logged as unhandled
-
-            task.add_done_callback(done)
-        return task
-
-    async def run(self, key: Hashable, build: Callable[[], Awaitable[T]]) -> T:
-        """Returns the result of the in-flight build of `key` (started if there is none)."""
-        return await asyncio.shield(self.start(key, build))
-
-    def pending(self, key: Hashable) -> bool:
-        """Returns whether a build of `key` is in flight."""
-        return key in self._tasks
 
 
 async def off_loop(store: Store, read: Callable[[Store], Awaitable[T]]) -> T:
