@@ -113,6 +113,16 @@ def format_duration(value: timedelta) -> str:
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
 
+def at_least(minimum: timedelta) -> AfterValidator:
+    """Returns a validator that refuses durations shorter than `minimum` ("must be at least 3s")."""
+    def check(value: timedelta) -> timedelta:
+        if value < minimum:
+            raise ValueError(f"must be at least {format_duration(minimum)}")
+        return value
+
+    return AfterValidator(check)
+
+
 def _unique(check: Callable[[str], str]) -> Callable[[list[str]], list[str]]:
     def validate(value: list[str]) -> list[str]:
         return list(dict.fromkeys(check(item) for item in value))
@@ -203,18 +213,10 @@ class DatabaseSettings(Section):
 class AuditSettings(Section):
     """[audit]: what to audit and how often."""
 
-    interval: Duration = timedelta(minutes=15)
+    interval: Annotated[Duration, at_least(timedelta(seconds=1))] = timedelta(minutes=15)
     disks: DiskIds = Field(default_factory=list)
     organizations: OrgRefs = Field(default_factory=list)
     jitter: Duration = timedelta(seconds=10)
-
-    @field_validator("interval")
-    @classmethod
-    def _positive(cls, value: timedelta) -> timedelta:
-        if value < timedelta(seconds=1):
-            raise ValueError("must be at least 1s")
-        return value
-
 
 
 class DaemonSettings(Section):
@@ -223,14 +225,7 @@ class DaemonSettings(Section):
     shutdown_grace: Duration = timedelta(seconds=20)
     db_retry_max: Duration = timedelta(seconds=60)
     # Leadership (and the cycle lease) expire this long after the holder last renewed them; renewed every ttl/3.
-    leader_ttl: Duration = timedelta(seconds=30)
-
-    @field_validator("leader_ttl")
-    @classmethod
-    def _ttl(cls, value: timedelta) -> timedelta:
-        if value < timedelta(seconds=3):
-            raise ValueError("must be at least 3s")
-        return value
+    leader_ttl: Annotated[Duration, at_least(timedelta(seconds=3))] = timedelta(seconds=30)
 
 
 class ApiSettings(Section):
@@ -542,14 +537,7 @@ class HeartbeatSettings(Section):
 class HistorySettings(Section):
     """[history]: how long run summaries, verdict intervals, events and delivered notifications are kept."""
 
-    keep: Duration = timedelta(days=400)
-
-    @field_validator("keep")
-    @classmethod
-    def _at_least_a_day(cls, value: timedelta) -> timedelta:
-        if value < timedelta(days=1):
-            raise ValueError("must be at least 1d")
-        return value
+    keep: Annotated[Duration, at_least(timedelta(days=1))] = timedelta(days=400)
 
 
 class LogSettings(Section):

@@ -476,6 +476,21 @@ async def test_get_disk_answering_about_another_disk_is_refused() -> None:
     assert_clean(err)
 
 
+async def test_get_vm_answering_about_another_vm_is_refused() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"virtual_machine": {"id": "vm_other", "fqdn": "other.example.com"},
+                                         "annotations": [{"key": "env", "value": "prod"}]})
+
+    async with client(handler) as c:
+        with pytest.raises(UnexpectedObjectError) as info:
+            await c.get_vm("vm_x")
+    err = info.value
+    assert err.code == "unexpected_object" and err.permanent
+    assert err.target == "vm_x" and err.field == "virtual_machine.id" and "virtual_machine" in (err.endpoint or "")
+    assert "asked for virtual machine vm_x" in str(err) and "vm_other" in str(err)
+    assert_clean(err)
+
+
 async def test_get_disk_of_the_asked_disk_through_the_fake() -> None:
     _, transport = fake_harness()
     async with client(transport) as c:

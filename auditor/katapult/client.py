@@ -256,33 +256,30 @@ class KatapultClient:
 
     async def get_vm(self, vm_id: str) -> VirtualMachine:
         """Returns one virtual machine with its organization and annotations."""
-        body = await self._get(VM, {"virtual_machine[id]": vm_id}, target=vm_id)
-        vm = wire.parse_vm_response(body, endpoint=VM, target=vm_id)
-        if vm.id != vm_id:
-            raise UnexpectedObjectError(
-                wire.clip(f"GET {VM}: asked for virtual machine {vm_id}, Katapult answered about {vm.id!r}"),
-                field="virtual_machine.id",
-                target=vm_id,
-                endpoint=VM,
-                status_code=200,
-            )
-        return vm
+        return await self._get_one(VM, {"virtual_machine[id]": vm_id}, vm_id, wire.parse_vm_response,
+                                   noun="virtual machine", field="virtual_machine.id")
 
     async def get_disk(self, disk_id: str) -> Disk:
         """Returns one disk; raises UnexpectedObjectError if Katapult answers about another disk."""
-        body = await self._get(DISK, {"disk[id]": disk_id}, target=disk_id)
-        disk = wire.parse_disk_response(body, endpoint=DISK, target=disk_id)
+        return await self._get_one(DISK, {"disk[id]": disk_id}, disk_id, wire.parse_disk_response,
+                                   noun="disk", field="disk.id")
+
+    async def _get_one(self, endpoint: str, lookup: Params, object_id: str, parse: Callable[..., Item], *,
+                       noun: str, field: str) -> Item:
+        body = await self._get(endpoint, lookup, target=object_id)
+        found = parse(body, endpoint=endpoint, target=object_id)
         # README: GET /disks/disk?disk[id]=X answers {"disk": {...}} for disk X. Another id means a confused cache,
-        # proxy or server; using it would attribute one disk's state to another.
-        if disk.id != disk_id:
+        # proxy or server; using it would attribute one object's state to another.
+        if found.id != object_id:
             raise UnexpectedObjectError(
-                wire.clip(f"GET {DISK}: asked for disk {disk_id}, Katapult answered about disk {disk.id!r}"),
-                field="disk.id",
-                target=disk_id,
-                endpoint=DISK,
+                wire.clip(f"GET {endpoint}: asked for {noun} {object_id}, Katapult answered about {noun} "
+                          f"{found.id!r}"),
+                field=field,
+                target=object_id,
+                endpoint=endpoint,
                 status_code=200,
             )
-        return disk
+        return found
 
     async def _list_policies(self, endpoint: str, lookup: Params, *, target: str) -> list[BackupPolicy]:
         return await self._list(

@@ -31,6 +31,7 @@ from auditor.errors import (
 )
 
 T = TypeVar("T")
+_Annotated = TypeVar("_Annotated", Disk, VirtualMachine)
 
 POLICIES_KEY = "disk_backup_policies"
 # README: the organization disks list puts its array under "disk" (singular), not "disks".
@@ -437,10 +438,7 @@ def parse_disk_page(body: Mapping[str, object], *, endpoint: str, target: str, p
 
 def parse_disk_response(body: Mapping[str, object], *, endpoint: str, target: str) -> Disk:
     """Returns the disk of a `GET /disks/disk` response (`{"disk": {...}, "annotations": [...]}`)."""
-    reader = _Reader(endpoint=endpoint, target=target)
-    disk = _parse_disk(reader, reader.field(body, "disk", ""), "disk")
-    annotations = _parse_annotations(reader, body, "")
-    return disk if annotations is None else replace(disk, annotations=annotations)
+    return _parse_one(body, "disk", _parse_disk, endpoint=endpoint, target=target)
 
 
 def parse_vm_page(
@@ -452,10 +450,16 @@ def parse_vm_page(
 
 def parse_vm_response(body: Mapping[str, object], *, endpoint: str, target: str) -> VirtualMachine:
     """Returns the VM of a `GET /virtual_machines/virtual_machine` response, with its annotations."""
+    return _parse_one(body, "virtual_machine", _parse_vm, endpoint=endpoint, target=target)
+
+
+def _parse_one(body: Mapping[str, object], key: str, parse: Callable[[_Reader, object, str], _Annotated], *,
+               endpoint: str, target: str) -> _Annotated:
+    # A single-object response: the object under `key`, its annotations beside it (none when absent).
     reader = _Reader(endpoint=endpoint, target=target)
-    vm = _parse_vm(reader, reader.field(body, "virtual_machine", ""), "virtual_machine")
+    found = parse(reader, reader.field(body, key, ""), key)
     annotations = _parse_annotations(reader, body, "")
-    return vm if annotations is None else replace(vm, annotations=annotations)
+    return found if annotations is None else replace(found, annotations=annotations)
 
 
 def parse_error_body(content: bytes) -> ApiErrorBody | None:
