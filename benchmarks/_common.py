@@ -11,7 +11,10 @@ PASS or MISS says whether the target was met; SKIP means the benchmark could not
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import gzip
+import importlib
 import json
 import logging
 import math
@@ -19,13 +22,14 @@ import os
 import platform
 import selectors
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,9 @@ REPO = HERE.parent
 FAKE_TOKEN = "fake-token"
 FAKE_READY_SECONDS = 60.0
 FAKE_STOP_SECONDS = 15.0
+DAEMON_READY_SECONDS = 240.0
+DAEMON_STOP_SECONDS = 30.0
+LOOPBACK = "127.0.0.1"
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -64,6 +71,16 @@ class Report:
     def missed(self) -> bool:
         """Returns whether any target was missed."""
         return any(verdict == "MISS" for *_, verdict in self.results)
+
+
+def missing(report: Report, module: str, *, figure: str, target: str) -> bool:
+    """Returns whether `module` cannot be imported, after printing `figure` as SKIP (the benchmark cannot run)."""
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        report.result(figure, target=target, measured=f"{module} missing ({exc})", passed=None)
+        return True
+    return False
 
 
 def machine() -> dict[str, str]:
@@ -277,6 +294,34 @@ def generated_fleet(
     if rate_limit_changes:
         data["rate_limit_changes"] = [list(pair) for pair in rate_limit_changes]
     return data
+
+
+def fleet_with_findings(*, disks: int, unprotected: int, weekly: int) -> tuple[dict[str, Any], str]:
+    """Returns a fleet file with `disks` disks, of which `unprotected` have no policy and `weekly` a weekly one."""
+    from auditor.fake.fleet import Fleet
+
+    now = int(time.time())
+    generated = Fleet.generate(disks=disks, orgs=1, policies_per_disk=1.0, vm_share=0.0, seed=5, now=now)
+    org = next(iter(generated.orgs.values()))
+    policies = []
+    by_disk = {p.target_id: p for p in generated.policies.values()}
+    for i, disk_id in enumerate(generated.disks):
+        p = by_disk[disk_id]
+        if i % 2 == 0 and i // 2 < unprotected:
+            continue  # unprotected-disk
+        weekly_one = i % 2 == 1 and i // 2 < weekly
+        policies.append({"id": p.id, "target_type": "Disk", "target_id": disk_id,
+                         "retention": max(p.retention, 8), "interval": "weekly" if weekly_one else "daily",
+                         "next_in_seconds": 3600, "total_size": p.total_size})
+    data = {
+        "rate_limit_per_minute": 100_000,
+        "organizations": [{
+            "id": org.id, "sub_domain": org.sub_domain, "name": org.name,
+            "disks": [{"id": d.id, "name": d.name, "size_in_gb": d.size_in_gb} for d in generated.disks.values()],
+            "policies": policies,
+        }],
+    }
+    return data, org.id
 
 
 def fleet_objects(fleet: dict[str, Any]) -> Any:
@@ -507,3 +552,255 @@ def run_cli(args: Sequence[str], *, env: dict[str, str] | None = None,
 def fmt_ratio(value: float) -> str:
     """Returns a ratio like `1.03x`."""
     return f"{value:.2f}x"
+
+
+# ------------------------------------------------------------------------------------------------ daemon and HTTP
+
+# What a failed request raises in `HttpConnection` (the load counts it as an error by its class name).
+HTTP_ERRORS = (OSError, asyncio.IncompleteReadError, ConnectionError)
+
+
+def free_port() -> int:
+    """Returns a loopback port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def json_body(body: bytes) -> Any:
+    """Parses a JSON body, unpacking it first if the server sent it gzipped."""
+    return json.loads(gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body)
+
+
+class HttpConnection:
+    """One keep-alive HTTP/1.1 connection: GET or POST with extra headers, Content-Length bodies.
+
+    A minimal client, so the load generator costs little CPU on a 2-core machine. Like browsers, httpx, requests
+    and curl --compressed it accepts gzip; a body that comes gzipped is not unpacked (see `json_body`).
+    """
+
+    def __init__(self, host: str, port: int, *, accept: str = "application/json") -> None:
+        self.host = host
+        self.port = port
+        self.accept = accept
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, *, headers: dict[str, str] | None = None,
+                      body: bytes = b"") -> tuple[int, dict[str, list[str]], bytes]:
+        """Returns the status, headers (lower-case names, every value) and body of one request (reconnecting if
+        the server closed the connection)."""
+        if self._writer is None or self._writer.is_closing():
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port, limit=2**20)
+            sock = self._writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert self._reader is not None and self._writer is not None
+        fields = {"Host": self.host, "Accept": self.accept, "Accept-Encoding": "gzip", **(headers or {})}
+        head = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items())]
+        if method != "GET":
+            head.append(f"Content-Length: {len(body)}")
+        self._writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        raw = await self._reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        got: dict[str, list[str]] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name:
+                got.setdefault(name.strip().lower(), []).append(value.strip())
+        if "chunked" in ",".join(got.get("transfer-encoding", [])).lower():
+            raise RuntimeError(f"{path}: chunked responses are not read by this client")
+        data = await self._reader.readexactly(int(got.get("content-length", ["0"])[0]))
+        if any(v.lower() == "close" for v in got.get("connection", [])):
+            await self.close()
+        return status, got, data
+
+    async def get(self, path: str, *, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """Returns the status and body of GET path."""
+        status, _, body = await self.request("GET", path, headers=headers)
+        return status, body
+
+    async def close(self) -> None:
+        """Closes the connection."""
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await self._writer.wait_closed()
+        self._reader = self._writer = None
+
+
+@dataclass
+class Load:
+    """Latencies (overall and per view) and outcomes of one load phase."""
+
+    latencies: list[float] = field(default_factory=list)
+    by_view: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    body_bytes: int = 0
+    seconds: float = 0.0
+
+    def error(self, kind: str) -> None:
+        """Counts one error (an HTTP status other than 200, or an exception's class name)."""
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+async def closed_loop(
+    host: str,
+    port: int,
+    *,
+    clients: int,
+    seconds: float,
+    next_request: Callable[[int, int], tuple[str, str, dict[str, str]]],
+    answered: Callable[[int, bytes], None] | None = None,
+    accept: str = "application/json",
+) -> Load:
+    """Runs `clients` closed-loop clients (one keep-alive connection each) for `seconds`; returns what they saw.
+
+    Client n's i-th request is `next_request(n, i)`: (view, path, extra headers); `answered(n, body)` is given the
+    body of each 200 answer. Latency is from sending a request to having read its whole body; requests still in
+    flight at the end are waited for and counted. Every answer must be a 200: others count as errors.
+    """
+    result = Load()
+    deadline = time.monotonic() + seconds
+
+    async def client(n: int) -> None:
+        conn = HttpConnection(host, port, accept=accept)
+        i = 0
+        try:
+            while time.monotonic() < deadline:
+                view, path, headers = next_request(n, i)
+                i += 1
+                began = time.monotonic()
+                try:
+                    status, body = await conn.get(path, headers=headers)
+                except HTTP_ERRORS as exc:
+                    result.error(type(exc).__name__)
+                    await conn.close()
+                    continue
+                took = time.monotonic() - began
+                result.latencies.append(took)
+                result.by_view.setdefault(view, []).append(took)
+                result.body_bytes = max(result.body_bytes, len(body))
+                if status != 200:
+                    result.error(str(status))
+                elif answered is not None:
+                    answered(n, body)
+        finally:
+            await conn.close()
+
+    began = time.monotonic()
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    result.seconds = time.monotonic() - began
+    return result
+
+
+def report_load(report: Report, name: str, result: Load, *, target_ms: float, figure: str | None = None,
+                views: bool = False) -> None:
+    """Prints a load phase: `<name> load` (rate, p50, p99, max, errors), with `views` also `<name> views` (p50 and
+    p99 per view), then `<figure> p99` (figure: name by default) against `target_ms`, met only without errors."""
+    lat = result.latencies
+    p50 = percentile(lat, 50) * 1000
+    p99 = percentile(lat, 99) * 1000
+    rps = len(lat) / result.seconds if result.seconds else 0.0
+    errors = ", ".join(f"{k}: {v}" for k, v in result.errors.items()) or "none"
+    report.info(f"{name} load", f"{len(lat)} requests in {result.seconds:.1f} s = {rps:.1f} req/s; p50 {p50:.0f} ms, "
+                                f"p99 {p99:.0f} ms, max {max(lat, default=0) * 1000:.0f} ms; errors {errors}")
+    if views:
+        report.info(f"{name} views", "; ".join(
+            f"{view} p50 {percentile(v, 50) * 1000:.0f} / p99 {percentile(v, 99) * 1000:.0f} ms"
+            for view, v in result.by_view.items()))
+    report.result(f"{figure or name} p99", target=f"<= {target_ms:.0f} ms",
+                  measured=f"{p99:.0f} ms (p50 {p50:.0f} ms, {rps:.1f} req/s)",
+                  passed=p99 <= target_ms and not result.errors)
+
+
+@dataclass
+class Daemon:
+    """`auditor run` in its own process, serving the API (and the dashboard) on a loopback port."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    api_token: str | None = None  # api.token: the API wants it as a bearer token, the dashboard a login
+    host: str = LOOPBACK
+    started: float = field(default_factory=time.monotonic)
+
+    def connection(self, *, accept: str = "application/json") -> HttpConnection:
+        """Returns a new (not yet connected) connection to the daemon."""
+        return HttpConnection(self.host, self.port, accept=accept)
+
+    async def first_cycle(self, report: Report, *, within: float = DAEMON_READY_SECONDS) -> dict[str, Any]:
+        """Waits until the daemon has finished its first run, prints it as `first cycle` and returns it."""
+        headers = {"Authorization": f"Bearer {self.api_token}"} if self.api_token else {}
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"auditor run exited with {self.proc.returncode} before it was ready")
+            conn = self.connection()
+            try:
+                status, body = await conn.get("/api/v1/runs?limit=1", headers=headers)
+                runs = json_body(body).get("runs", []) if status == 200 else []
+                if runs and runs[0]["status"] != "running":
+                    run = dict(runs[0])
+                    report.info("first cycle", f"run {run['status']}, {run['disks_read']} disks, "
+                                               f"{run['api_requests']} requests; daemon ready "
+                                               f"{time.monotonic() - self.started:.1f} s after start")
+                    return run
+            except (*HTTP_ERRORS, ValueError):
+                pass
+            finally:
+                await conn.close()
+            await asyncio.sleep(0.5)
+        raise SystemExit("auditor run did not finish its first cycle in time")
+
+
+@contextlib.contextmanager
+def daemon(settings: dict[str, Any], *, directory: Path, katapult_token: str, report: Report,
+           api_token: str | None = None, py_spy: str | None = None) -> Iterator[Daemon]:
+    """Runs `auditor run` with `settings` (see `settings_dict`) and an [api] section on a free loopback port.
+
+    The config file and the daemon's log (daemon.log) go to `directory`; `api_token` guards the API and the
+    dashboard; `py_spy` profiles the daemon with py-spy into that file (collapsed stacks). Afterwards the daemon is
+    stopped (killed if it takes longer than DAEMON_STOP_SECONDS) and the log's tail noted if it exited with an error.
+    """
+    port = free_port()
+    api: dict[str, Any] = {"listen": f"{LOOPBACK}:{port}"}
+    if api_token:
+        api["token"] = api_token
+    config = write_config(directory / "auditor.toml", {**settings, "api": api})
+    env = {**os.environ, "KATAPULT_API_TOKEN": katapult_token, "AUDITOR_CONFIG": str(config)}
+    wrap = [str(Path(sys.executable).with_name("py-spy")), "record", "-r", "200", "-f", "raw", "-o",
+            str(Path(py_spy).resolve()), "--"] if py_spy else []
+    with (directory / "daemon.log").open("wb") as log:
+        proc = subprocess.Popen([*wrap, *auditor_command(), "run"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=REPO)
+        try:
+            yield Daemon(proc, port, api_token)
+        finally:
+            if proc.poll() is None:
+                # py-spy writes its profile on SIGINT (and passes it on); the daemon stops on either.
+                proc.send_signal(signal.SIGINT if py_spy else signal.SIGTERM)
+                try:
+                    proc.wait(timeout=DAEMON_STOP_SECONDS)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    if proc.returncode not in (0, None):
+        report.note(f"auditor run exited {proc.returncode}: "
+                    f"{(directory / 'daemon.log').read_text(errors='replace')[-1500:]}")
+
+
+@contextlib.contextmanager
+def serving(args: argparse.Namespace, report: Report, *, disks: int, findings: int, interval: str,
+            api_token: str | None = None, py_spy: str | None = None) -> Iterator[tuple[Daemon, Database]]:
+    """Yields `auditor run` serving over a fresh database (see `daemon`), its first cycle auditing a fake Katapult
+    whose one organization has `disks` disks and `findings` open findings (half of them disks without a policy,
+    half with a weekly one); `interval` is the audit interval."""
+    fleet, org_id = fleet_with_findings(disks=disks, unprotected=findings // 2, weekly=findings - findings // 2)
+    with workdir(args) as tmp, database(args, tmp) as db, FakeKatapult(fleet, directory=tmp) as fake:
+        data = settings_dict(api_url=fake.url, db_url=db.url, organizations=[org_id], rate=100_000)
+        data["audit"]["interval"] = interval
+        with daemon(data, directory=tmp, katapult_token=fake.token, report=report, api_token=api_token,
+                    py_spy=py_spy) as served:
+            yield served, db

@@ -14,8 +14,8 @@ runs while the pages are measured. The dashboard reads its snapshot of the data 
 on the first page request after a run, so no page is asked for before the history is written; that first request
 is timed alone, with /healthz asked back to back on another connection meanwhile (is the event loop held up?).
 
-Then 20 clients (one keep-alive connection each, the minimal HTTP/1.1 client of report_api.py extended with
-cookies) request one page back to back for 15 s. Overview clients rotate over its three trend windows (`/` is
+Then 20 clients (one keep-alive connection each, the minimal HTTP/1.1 client of _common.py, as report_api.py,
+with cookies) request one page back to back for 15 s. Overview clients rotate over its three trend windows (`/` is
 7 days, then `?days=30` and `?days=90`); findings clients rotate over paged views (default order, by disk, by
 first seen, a rule, a severity, a disk-name search, the organization, 100 a page, every status), each on a
 different page. Latency is from sending a request to having read its whole body; every answer must be a 200.
@@ -24,93 +24,26 @@ different page. Latency is from sending a request to having read its whole body;
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import _common as c
-from report_api import fleet_with_findings, free_port
 
 TARGET_P99_MS = 100.0
-DAEMON_READY_SECONDS = 240.0
 TOKEN = "bench-dashboard-token"
 HISTORY_DAYS = 90
 OVERVIEW_VIEWS = ("/", "/?days=30", "/?days=90")
+HTML = "text/html"
 
 
-@dataclass
-class Load:
-    """Latencies (overall and per view) and outcomes of one page's load phase."""
-
-    latencies: list[float] = field(default_factory=list)
-    by_view: dict[str, list[float]] = field(default_factory=dict)
-    errors: dict[str, int] = field(default_factory=dict)
-    body_bytes: int = 0
-    seconds: float = 0.0
-
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection: GET or POST with extra headers, Content-Length bodies."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-
-    async def request(self, method: str, path: str, *, headers: dict[str, str] | None = None,
-                      body: bytes = b"") -> tuple[int, dict[str, list[str]], bytes]:
-        """Returns the status, headers (lower-case names, every value) and body of one request."""
-        if self._writer is None or self._writer.is_closing():
-            self._reader, self._writer = await asyncio.open_connection(self.host, self.port, limit=2**20)
-            sock = self._writer.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        assert self._reader is not None and self._writer is not None
-        # Like a browser, the client accepts gzip (a body that comes gzipped is not unpacked).
-        fields = {"Host": self.host, "Accept": "text/html", "Accept-Encoding": "gzip", **(headers or {})}
-        head = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items())]
-        if method != "GET":
-            head.append(f"Content-Length: {len(body)}")
-        self._writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-        raw = await self._reader.readuntil(b"\r\n\r\n")
-        lines = raw.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        got: dict[str, list[str]] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            if name:
-                got.setdefault(name.strip().lower(), []).append(value.strip())
-        if "chunked" in ",".join(got.get("transfer-encoding", [])).lower():
-            raise RuntimeError(f"{path}: chunked responses are not read by this client")
-        data = await self._reader.readexactly(int(got.get("content-length", ["0"])[0]))
-        if any(v.lower() == "close" for v in got.get("connection", [])):
-            await self.close()
-        return status, got, data
-
-    async def close(self) -> None:
-        """Closes the connection."""
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(OSError, ConnectionError):
-                await self._writer.wait_closed()
-        self._reader = self._writer = None
-
-
-async def login(host: str, port: int) -> str:
+async def login(daemon: c.Daemon) -> str:
     """Logs in with the API token (POST /login) and returns the `Cookie` header value of the session."""
-    conn = Connection(host, port)
+    conn = daemon.connection(accept=HTML)
     try:
         status, headers, _ = await conn.request(
             "POST", "/login", headers={"Content-Type": "application/x-www-form-urlencoded"},
@@ -121,30 +54,6 @@ async def login(host: str, port: int) -> str:
     if status != 303 or not cookies:
         raise SystemExit(f"POST /login answered {status} without a session cookie")
     return cookies[0]
-
-
-async def wait_ready(host: str, port: int, *, within: float, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-    """Waits until the daemon has finished its first run (read with the bearer token); returns that run."""
-    import json
-
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"auditor run exited with {proc.returncode} before it was ready")
-        conn = Connection(host, port)
-        try:
-            status, _, body = await conn.request("GET", "/api/v1/runs?limit=1",
-                                                 headers={"Authorization": f"Bearer {TOKEN}",
-                                                          "Accept-Encoding": "identity"})
-            runs = json.loads(body).get("runs", []) if status == 200 else []
-            if runs and runs[0]["status"] != "running":
-                return dict(runs[0])
-        except (OSError, asyncio.IncompleteReadError, ConnectionError, ValueError):
-            pass
-        finally:
-            await conn.close()
-        await asyncio.sleep(0.5)
-    raise SystemExit("auditor run did not finish its first cycle in time")
 
 
 async def add_history(db_url: str, *, runs: int, days: int, seed: int = 3) -> tuple[int, list[str]]:
@@ -222,50 +131,23 @@ def findings_views(sources: list[str]) -> list[tuple[str, str, int]]:
     ]
 
 
-async def load(host: str, port: int, page: str, *, cookies: list[str], seconds: float,
-               sources: list[str]) -> Load:
+async def load(daemon: c.Daemon, page: str, *, cookies: list[str], seconds: float, sources: list[str]) -> c.Load:
     """Runs one closed-loop client per cookie against one page's views for `seconds`; returns what they saw."""
-    result = Load()
-    deadline = time.monotonic() + seconds
     views = findings_views(sources)
 
-    def next_path(n: int, i: int) -> tuple[str, str]:
+    def next_request(n: int, i: int) -> tuple[str, str, dict[str, str]]:
+        headers = {"Cookie": cookies[n]}
         if page == "overview":
             path = OVERVIEW_VIEWS[(n + i) % len(OVERVIEW_VIEWS)]
-            return path, path
+            return path, path, headers
         name, query, pages = views[(n + i) % len(views)]
         query = query.replace("{digit}", str((n + i) % 10))
         number = (n * 7 + i) % pages + 1
         parts = [p for p in (query, f"page={number}" if number > 1 else "") if p]
-        return name, "/findings" + ("?" + "&".join(parts) if parts else "")
+        return name, "/findings" + ("?" + "&".join(parts) if parts else ""), headers
 
-    async def client(n: int, cookie: str) -> None:
-        conn = Connection(host, port)
-        i = 0
-        try:
-            while time.monotonic() < deadline:
-                view, path = next_path(n, i)
-                i += 1
-                began = time.monotonic()
-                try:
-                    status, _, body = await conn.request("GET", path, headers={"Cookie": cookie})
-                except (OSError, asyncio.IncompleteReadError, ConnectionError) as exc:
-                    result.errors[type(exc).__name__] = result.errors.get(type(exc).__name__, 0) + 1
-                    await conn.close()
-                    continue
-                took = time.monotonic() - began
-                result.latencies.append(took)
-                result.by_view.setdefault(view, []).append(took)
-                result.body_bytes = max(result.body_bytes, len(body))
-                if status != 200:
-                    result.errors[str(status)] = result.errors.get(str(status), 0) + 1
-        finally:
-            await conn.close()
-
-    began = time.monotonic()
-    await asyncio.gather(*(client(n, cookie) for n, cookie in enumerate(cookies)))
-    result.seconds = time.monotonic() - began
-    return result
+    return await c.closed_loop(daemon.host, daemon.port, clients=len(cookies), seconds=seconds,
+                               next_request=next_request, accept=HTML)
 
 
 def main() -> int:
@@ -281,69 +163,36 @@ def main() -> int:
     report = c.header("dashboard", args, f"{args.disks} disks / {args.findings} open findings / {args.runs} runs, "
                                          f"{args.clients} clients x {args.seconds:g} s per page, `auditor run` "
                                          f"serving")
-    try:
-        import auditor.web  # noqa: F401
-    except ImportError as exc:
-        report.result("overview p99", target=f"<= {TARGET_P99_MS:.0f} ms", measured=f"auditor.web missing ({exc})",
-                      passed=None)
+    if c.missing(report, "auditor.web", figure="overview p99", target=f"<= {TARGET_P99_MS:.0f} ms"):
         return 0
-    fleet, org_id = fleet_with_findings(disks=args.disks, unprotected=args.findings // 2,
-                                        weekly=args.findings - args.findings // 2)
-    port = free_port()
-    phases: list[tuple[str, Load]] = []
-    with c.workdir(args) as tmp, c.database(args, tmp) as db, c.FakeKatapult(fleet, directory=tmp) as fake:
-        data = c.settings_dict(api_url=fake.url, db_url=db.url, organizations=[org_id], rate=100_000)
-        data["audit"]["interval"] = "1h"
-        data["api"] = {"listen": f"127.0.0.1:{port}", "token": TOKEN}
-        config = c.write_config(tmp / "auditor.toml", data)
-        env = {**os.environ, "KATAPULT_API_TOKEN": fake.token, "AUDITOR_CONFIG": str(config)}
-        log = (tmp / "daemon.log").open("wb")
-        wrap = [str(Path(sys.executable).with_name("py-spy")), "record", "-r", "200", "-f", "raw", "-o",
-                str(Path(args.py_spy).resolve()), "--"] if args.py_spy else []
-        proc = subprocess.Popen([*wrap, *c.auditor_command(), "run"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=c.REPO)
-        try:
-            phases = asyncio.run(_measure(args, db, port, proc, report))
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT if args.py_spy else signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            log.close()
-        if proc.returncode not in (0, None):
-            report.note(f"auditor run exited {proc.returncode}: "
-                        f"{(tmp / 'daemon.log').read_text(errors='replace')[-1500:]}")
+    with c.serving(args, report, disks=args.disks, findings=args.findings, interval="1h", api_token=TOKEN,
+                   py_spy=args.py_spy) as (daemon, db):
+        phases = asyncio.run(_measure(args, db, daemon, report))
     for page, result in phases:
-        _summarize(report, page, result)
+        c.report_load(report, page, result, target_ms=TARGET_P99_MS,
+                      figure="/ (overview)" if page == "overview" else "/findings", views=True)
     return 0
 
 
-async def _measure(args: Any, db: c.Database, port: int, proc: subprocess.Popen[bytes],
-                   report: c.Report) -> list[tuple[str, Load]]:
-    began = time.monotonic()
-    run = await wait_ready("127.0.0.1", port, within=DAEMON_READY_SECONDS, proc=proc)
-    report.info("first cycle", f"run {run['status']}, {run['disks_read']} disks, {run['api_requests']} requests; "
-                               f"daemon ready {time.monotonic() - began:.1f} s after start")
+async def _measure(args: Any, db: c.Database, daemon: c.Daemon, report: c.Report) -> list[tuple[str, c.Load]]:
+    await daemon.first_cycle(report)
     t0 = time.monotonic()
     summaries, sources = await add_history(db.url, runs=args.runs, days=HISTORY_DAYS)
     report.info("history", f"{summaries} runs in run_summaries (1 real + {summaries - 1} synthetic over "
                            f"{HISTORY_DAYS} days), written in {time.monotonic() - t0:.1f} s")
-    cookies = [await login("127.0.0.1", port) for _ in range(args.clients)]
+    cookies = [await login(daemon) for _ in range(args.clients)]
     phases = []
     for page, first in (("overview", "/?days=90"), ("findings", "/findings")):
         # One request first, alone: the size of the page and its unloaded latency. The first one after the run
         # waits for the dashboard's snapshot of the data (built off the event loop): meanwhile another connection
         # asks /healthz back to back, and its slowest answer shows whether the build held the event loop up.
-        conn = Connection("127.0.0.1", port)
+        conn = daemon.connection(accept=HTML)
         alone = []
         for n in range(3):
             done = asyncio.Event()
-            probing = asyncio.ensure_future(_probe(port, done)) if n == 0 and page == "overview" else None
+            probing = asyncio.ensure_future(_probe(daemon, done)) if n == 0 and page == "overview" else None
             t = time.monotonic()
-            status, _, body = await conn.request("GET", first, headers={"Cookie": cookies[0]})
+            status, body = await conn.get(first, headers={"Cookie": cookies[0]})
             alone.append(time.monotonic() - t)
             done.set()
             if status != 200:
@@ -356,40 +205,22 @@ async def _measure(args: Any, db: c.Database, port: int, proc: subprocess.Popen[
         await conn.close()
         report.info(f"{page} page", f"GET {first}: {len(body) / 1e3:.0f} kB of HTML; alone: first "
                                     f"{alone[0] * 1000:.0f} ms, then {min(alone[1:]) * 1000:.0f} ms")
-        phases.append((page, await load("127.0.0.1", port, page, cookies=cookies, seconds=args.seconds,
-                                        sources=sources)))
+        phases.append((page, await load(daemon, page, cookies=cookies, seconds=args.seconds, sources=sources)))
     return phases
 
 
-async def _probe(port: int, done: asyncio.Event) -> list[float]:
+async def _probe(daemon: c.Daemon, done: asyncio.Event) -> list[float]:
     """Asks /healthz back to back until `done`; returns the latencies."""
-    conn = Connection("127.0.0.1", port)
+    conn = daemon.connection(accept=HTML)
     latencies = []
     try:
         while not done.is_set():
             t = time.monotonic()
-            await conn.request("GET", "/healthz")
+            await conn.get("/healthz")
             latencies.append(time.monotonic() - t)
     finally:
         await conn.close()
     return latencies
-
-
-def _summarize(report: c.Report, page: str, result: Load) -> None:
-    lat = result.latencies
-    p50 = c.percentile(lat, 50) * 1000
-    p99 = c.percentile(lat, 99) * 1000
-    rps = len(lat) / result.seconds if result.seconds else 0.0
-    errors = ", ".join(f"{k}: {v}" for k, v in result.errors.items()) or "none"
-    views = "; ".join(f"{view} p50 {c.percentile(v, 50) * 1000:.0f} / p99 {c.percentile(v, 99) * 1000:.0f} ms"
-                      for view, v in result.by_view.items())
-    report.info(f"{page} load", f"{len(lat)} requests in {result.seconds:.1f} s = {rps:.1f} req/s; p50 {p50:.0f} ms, "
-                                f"p99 {p99:.0f} ms, max {max(lat, default=0) * 1000:.0f} ms; errors {errors}")
-    report.info(f"{page} views", views)
-    name = "/ (overview)" if page == "overview" else "/findings"
-    report.result(f"{name} p99", target=f"<= {TARGET_P99_MS:.0f} ms",
-                  measured=f"{p99:.0f} ms (p50 {p50:.0f} ms, {rps:.1f} req/s)",
-                  passed=p99 <= TARGET_P99_MS and not result.errors)
 
 
 if __name__ == "__main__":
