@@ -65,6 +65,22 @@ def write(path: Path, content: str) -> Path:
     return path
 
 
+WAIVER = """
+[[waivers]]
+rule = "unprotected-disk"
+disk = "{disk}"
+reason = "{reason}"
+owner = "{owner}"
+expires = {expires}
+"""
+
+# Two waivers of `unprotected-disk`, one in force and one expired; test_cli_extra.py's full config has them too.
+WAIVERS = (
+    WAIVER.format(disk="disk_aaaaaaaaaaaaaaaa", reason="being decommissioned", owner="ops@example.com",
+                  expires="2099-01-01")
+    + WAIVER.format(disk="disk_bbbbbbbbbbbbbbbb", reason="was fine", owner="old@example.com", expires="2001-01-01")
+)
+
 VALID = """
 [katapult]
 api_url = "https://api.katapult.io/core/v1"
@@ -89,21 +105,7 @@ disabled = ["disk-in-trash"]
 [[rules.overrides]]
 disks = ["disk_aaaaaaaaaaaaaaaa"]
 min_retention = 30
-
-[[waivers]]
-rule = "unprotected-disk"
-disk = "disk_aaaaaaaaaaaaaaaa"
-reason = "being decommissioned"
-owner = "ops@example.com"
-expires = 2099-01-01
-
-[[waivers]]
-rule = "unprotected-disk"
-disk = "disk_bbbbbbbbbbbbbbbb"
-reason = "was fine"
-owner = "old@example.com"
-expires = 2001-01-01
-
+""" + WAIVERS + """
 [[notifiers]]
 kind = "webhook"
 name = "ops"

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from receivers import HttpReceiver, RecordingApp, Reply
-from test_cli import SECRET, clean_env, write
+from test_cli import SECRET, WAIVERS, clean_env, write
 
 from auditor.config import Settings, format_duration, parse_duration
 from auditor.errors import StoreError
@@ -122,21 +122,7 @@ disabled = ["disk-in-trash"]
 disks = ["disk_aaaaaaaaaaaaaaaa"]
 min_retention = 30
 stale_grace = "2d"
-
-[[waivers]]
-rule = "unprotected-disk"
-disk = "disk_aaaaaaaaaaaaaaaa"
-reason = "being decommissioned"
-owner = "ops@example.com"
-expires = 2099-01-01
-
-[[waivers]]
-rule = "unprotected-disk"
-disk = "disk_bbbbbbbbbbbbbbbb"
-reason = "was fine"
-owner = "old@example.com"
-expires = 2001-01-01
-
+{WAIVERS}
 [[notifiers]]
 kind = "webhook"
 name = "ops"
@@ -208,19 +194,27 @@ def test_format_duration_of_odd_values() -> None:
 HEAVY = ("pydantic", "rich", "sqlalchemy", "alembic", "httpx", "fastapi", "uvicorn", "auditor.daemon")
 
 
+def _probe_imports(tmp_path: Path, args: list[str], watched: tuple[str, ...], *,
+                   must_succeed: bool = False) -> subprocess.CompletedProcess[str]:
+    """Runs `main(args)` in a fresh interpreter, which prints last the sorted list of the `watched` modules it
+    imported; with `must_succeed`, a non-zero exit of the command fails the interpreter."""
+    on_exit = "assert not exc.code, exc" if must_succeed else "pass"
+    probe = (
+        "import sys\nfrom auditor.cli import main\n"
+        f"try:\n    main({args!r}, standalone_mode=False)\nexcept SystemExit as exc:\n    {on_exit}\n"
+        f"print(sorted(m for m in {watched!r} if m in sys.modules))\n"
+    )
+    return subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=clean_env(), capture_output=True,
+                          text=True, timeout=60)
+
+
 @pytest.mark.parametrize(("args", "allowed"), [
     (["--help"], ()),
     (["check-config"], ("pydantic", "rich")),
 ])
 def test_the_command_line_starts_without_heavy_imports(tmp_path: Path, args: list[str],
                                                        allowed: tuple[str, ...]) -> None:
-    probe = (
-        "import sys\nfrom auditor.cli import main\n"
-        f"try:\n    main({args!r}, standalone_mode=False)\nexcept SystemExit:\n    pass\n"
-        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=clean_env(), capture_output=True,
-                          text=True, timeout=60)
+    proc = _probe_imports(tmp_path, args, HEAVY)
     assert proc.returncode == 0, proc.stderr
     loaded = proc.stdout.strip().splitlines()[-1]
     assert loaded == repr(sorted(allowed)), loaded
@@ -252,13 +246,7 @@ def test_report_reads_the_database_without_the_orm_httpx_or_the_daemon(tmp_path:
                             str(config)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert audit.returncode == 1, audit.stderr  # one open finding: the report has a run, a disk and a finding
     args = ["report", "--config", str(config), "--format", fmt]
-    probe = (
-        "import sys\nfrom auditor.cli import main\n"
-        f"try:\n    main({args!r}, standalone_mode=False)\nexcept SystemExit as exc:\n    assert not exc.code, exc\n"
-        f"print(sorted(m for m in {NOT_FOR_REPORT!r} if m in sys.modules))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=clean_env(), capture_output=True,
-                          text=True, timeout=60)
+    proc = _probe_imports(tmp_path, args, NOT_FOR_REPORT, must_succeed=True)
     assert proc.returncode == 0, proc.stderr
     *printed, loaded = proc.stdout.strip().splitlines()
     assert loaded == repr([]), loaded

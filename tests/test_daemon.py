@@ -4,9 +4,7 @@ a Katapult that dies mid-cycle, a database that is down at start, and a cycle ab
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,26 +16,18 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from procs import KATAPULT_TOKEN, STARTUP, Fake, clean_env, free_port, get
 from receivers import HttpReceiver
 
 from auditor.fake.fleet import fake_id
 
 pytestmark = pytest.mark.slow
 
-KATAPULT_TOKEN = "fake-token"
 API_TOKEN = "api-secret-for-daemon-tests"
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 SEED = 7
 ORG = fake_id("org", f"gen:{SEED}:0")
-STARTUP = 30.0
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for(what: str, check: Callable[[], T | None], *, timeout: float = STARTUP,
@@ -55,45 +45,12 @@ def wait_for(what: str, check: Callable[[], T | None], *, timeout: float = START
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def get(url: str, **kwargs: Any) -> httpx.Response | None:
-    try:
-        return httpx.get(url, timeout=5, **kwargs)
-    except httpx.TransportError:
-        return None
-
-
-class Fake:
-    """`python -m auditor.fake` on a fixed loopback port, with a fleet file; can be killed and restarted."""
-
-    def __init__(self, fleet_file: Path, port: int) -> None:
-        self.fleet_file = fleet_file
-        self.port = port
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "auditor.fake", "--port", str(self.port), "--fleet", str(self.fleet_file)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert f"listening on http://127.0.0.1:{self.port}/core/v1" in line, line
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate(timeout=10)
-        self.proc = None
-
-
 class Daemon:
     """`auditor run --config FILE` with a clean environment; its stderr is collected line by line as it runs."""
 
     def __init__(self, config: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AUDITOR_") and k != "KATAPULT_API_TOKEN"}
-        env["KATAPULT_API_TOKEN"] = KATAPULT_TOKEN
         self.proc = subprocess.Popen([sys.executable, "-m", "auditor", "run", "--config", str(config)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_env())
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -138,7 +95,7 @@ def setup(tmp_path: Path) -> Iterator[Callable[..., tuple[Fake, Daemon, str]]]:
         fleet_file = tmp_path / "fleet.json"
         fleet_file.write_text(json.dumps({"generate": {"disks": disks, "orgs": 1, "seed": SEED},
                                           "rate_limit_per_minute": 100000, "latency_ms": latency_ms}))
-        katapult = Fake(fleet_file, free_port())
+        katapult = Fake(fleet_file)
         if fake:
             katapult.start()
             started.append(katapult)

@@ -6,10 +6,11 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import notify_support
 import pytest
 from receivers import HttpReceiver, Reply, free_port
 
@@ -22,18 +23,8 @@ pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableException
 SECRET = "0d338dcc-a054-11ec-s3cr3t-0242ac120002"
 HOLD = 30.0  # a hanging reply: held back until the receiver is reset at teardown
 
-
-@pytest.fixture(scope="module")
-def http_server() -> Iterator[HttpReceiver]:
-    with HttpReceiver() as server:
-        yield server
-
-
-@pytest.fixture
-def receiver(http_server: HttpReceiver) -> Iterator[HttpReceiver]:
-    http_server.reset()
-    yield http_server
-    http_server.reset()
+http_server = notify_support.http_server
+receiver = notify_support.receiver
 
 
 @pytest.fixture(autouse=True)

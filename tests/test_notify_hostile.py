@@ -9,15 +9,16 @@ import base64
 import io
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import httpx
+import notify_support
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from notify_support import ALERT, NOTE, NOW
 from pydantic import SecretStr
 from receivers import HttpReceiver, Reply, SmtpReceiver, free_port
 
@@ -29,8 +30,7 @@ from auditor.config import (
     SlackNotifier,
     WebhookNotifier,
 )
-from auditor.domain.alerts import Alert, AlertStatus, Notification
-from auditor.domain.models import Severity
+from auditor.domain.alerts import Notification
 from auditor.errors import NotifyError
 from auditor.log import JsonFormatter, SecretScrubber, secret_forms
 from auditor.notify import NOTIFIERS
@@ -45,7 +45,6 @@ from auditor.notify.base import (
 from auditor.notify.dispatch import Dispatcher
 from auditor.notify.policy import backoff
 
-NOW = datetime(2026, 11, 28, 7, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)
 
 # Credentials in a notifier URL, percent-encoded as a URL needs them; chosen so that the Basic auth token httpx
@@ -76,24 +75,6 @@ FORMS = (
 )
 assert "/" in BASIC
 
-ALERT = Alert(
-    fingerprint="1111aaaa2222bbbb",
-    rule="unprotected-disk",
-    severity=Severity.CRITICAL,
-    status=AlertStatus.FIRING,
-    summary="Disk dsk_1 has no backup policy",
-    description="No backup policy covers disk dsk_1.",
-    starts_at=datetime(2026, 11, 28, 4, 0, tzinfo=UTC),
-    disk_id="dsk_1",
-)
-NOTE = Notification(
-    id="ntf_0001",
-    notifier="n",
-    group_key='{}:{alertname="unprotected-disk"}',
-    group_labels={"alertname": "unprotected-disk"},
-    alerts=(ALERT,),
-    created_at=NOW,
-)
 HTTP_KINDS = ("webhook", "alertmanager", "pagerduty", "slack")
 
 
@@ -156,36 +137,11 @@ class EchoApp:
         await send({"type": "http.response.body", "body": text.encode()})
 
 
-@pytest.fixture(autouse=True)
-def _debug_logs(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG)
-    caplog.set_level(logging.WARNING, logger="httpx")
-
-
-@pytest.fixture(scope="module")
-def http_server() -> Iterator[HttpReceiver]:
-    with HttpReceiver() as server:
-        yield server
-
-
-@pytest.fixture
-def receiver(http_server: HttpReceiver) -> Iterator[HttpReceiver]:
-    http_server.reset()
-    yield http_server
-    http_server.reset()
-
-
-@pytest.fixture(scope="module")
-def smtp_server() -> Iterator[SmtpReceiver]:
-    with SmtpReceiver() as server:
-        yield server
-
-
-@pytest.fixture
-def smtp(smtp_server: SmtpReceiver) -> Iterator[SmtpReceiver]:
-    smtp_server.reset()
-    yield smtp_server
-    smtp_server.reset()
+debug_logs = notify_support.debug_logs
+http_server = notify_support.http_server
+receiver = notify_support.receiver
+smtp_server = notify_support.smtp_server
+smtp = notify_support.smtp
 
 
 async def dispatch(app: Any, settings: NotifierCommon, note: Notification = NOTE) -> Any:

@@ -9,6 +9,7 @@ from email.message import EmailMessage
 from typing import Any, get_args
 
 import pytest
+from notify_support import DISK_1, DISK_2, NOW, STALE, notification
 from pydantic import SecretStr
 
 from auditor.config import (
@@ -20,7 +21,7 @@ from auditor.config import (
     SlackNotifier,
     WebhookNotifier,
 )
-from auditor.domain.alerts import AUDIT_INCOMPLETE, Alert, AlertStatus, Notification
+from auditor.domain.alerts import AUDIT_INCOMPLETE, Alert, AlertStatus
 from auditor.domain.models import Severity
 from auditor.errors import ConfigError
 from auditor.notify import NOTIFIERS, notifier_for
@@ -33,40 +34,8 @@ from auditor.notify.slack import NOTIFIER as SLACK
 from auditor.notify.webhook import NOTIFIER as WEBHOOK
 from auditor.notify.webhook import sign
 
-NOW = datetime(2026, 11, 28, 7, 0, tzinfo=UTC)
 TEST_NOTE = "This is a test notification from the Katapult backup auditor; no action is needed."
 
-DISK_1 = Alert(
-    fingerprint="1111aaaa2222bbbb",
-    rule="unprotected-disk",
-    severity=Severity.CRITICAL,
-    status=AlertStatus.FIRING,
-    summary="Disk dsk_1 has no backup policy",
-    description="No backup policy covers disk dsk_1 (web-1).",
-    starts_at=datetime(2026, 11, 28, 4, 0, tzinfo=UTC),
-    disk_id="dsk_1",
-)
-DISK_2 = replace(
-    DISK_1,
-    fingerprint="3333cccc4444dddd",
-    severity=Severity.HIGH,
-    summary="Disk dsk_2 has no backup policy",
-    description="No backup policy covers disk dsk_2 (db-1).",
-    starts_at=datetime(2026, 11, 28, 5, 30, 15, 250000, tzinfo=UTC),
-    disk_id="dsk_2",
-)
-STALE = Alert(
-    fingerprint="5555eeee6666ffff",
-    rule="schedule-stale",
-    severity=Severity.MEDIUM,
-    status=AlertStatus.RESOLVED,
-    summary="Policy dbp_9 on dsk_3 missed its run",
-    description="next_invocation_at is 2h in the past.",
-    starts_at=datetime(2026, 11, 28, 3, 48, tzinfo=UTC),
-    ends_at=datetime(2026, 11, 28, 7, 0, tzinfo=UTC),
-    disk_id="dsk_3",
-    policy_id="dbp_9",
-)
 INCOMPLETE = Alert(
     fingerprint="7777000088889999",
     rule=AUDIT_INCOMPLETE,
@@ -77,22 +46,8 @@ INCOMPLETE = Alert(
     starts_at=datetime(2026, 11, 28, 6, 45, tzinfo=UTC),
 )
 
-FIRING = Notification(
-    id="ntf_01",
-    notifier="ops",
-    group_key='{}:{alertname="unprotected-disk"}',
-    group_labels={"alertname": "unprotected-disk"},
-    alerts=(DISK_1, DISK_2),
-    created_at=NOW,
-)
-RESOLVED = Notification(
-    id="ntf_02",
-    notifier="ops",
-    group_key='{}:{alertname="schedule-stale"}',
-    group_labels={"alertname": "schedule-stale"},
-    alerts=(STALE,),
-    created_at=NOW,
-)
+FIRING = notification("ntf_01", "ops", DISK_1, DISK_2)
+RESOLVED = notification("ntf_02", "ops", STALE)
 
 
 def webhook_settings(**kw: Any) -> WebhookNotifier:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import notify_support
 import pytest
+from notify_support import ALERT, NOTE, NOW
 from pydantic import SecretStr
 from receivers import HttpReceiver, Reply, SmtpReceiver, free_port
 
@@ -24,12 +23,10 @@ from auditor.config import (
     TeamsNotifier,
     WebhookNotifier,
 )
-from auditor.domain.alerts import Alert, AlertStatus, Notification
-from auditor.domain.models import Severity
+from auditor.domain.alerts import AlertStatus, Notification
 from auditor.errors import NotifyError
 from auditor.notify import NOTIFIERS, DeliveryResult, notifier_for
 
-NOW = datetime(2026, 11, 28, 7, 0, tzinfo=UTC)
 HOOK_TOKEN = "hk9Qw2Zr7Xp4Lm8Vt3Nb"
 HMAC_SECRET = "hmac-Sh4red-S3cret"
 ROUTING_KEY = "R0UTINGKEYa1b2c3d4e5f6a7b8c9d0e1"
@@ -39,24 +36,6 @@ AM_TOKEN = "amPr0xyT0ken9876"
 SMTP_PASSWORD = "sm7p-Pa55word-xyz"
 HTTP_KINDS = ("webhook", "alertmanager", "pagerduty", "slack", "teams")
 
-ALERT = Alert(
-    fingerprint="1111aaaa2222bbbb",
-    rule="unprotected-disk",
-    severity=Severity.CRITICAL,
-    status=AlertStatus.FIRING,
-    summary="Disk dsk_1 has no backup policy",
-    description="No backup policy covers disk dsk_1.",
-    starts_at=datetime(2026, 11, 28, 4, 0, tzinfo=UTC),
-    disk_id="dsk_1",
-)
-NOTE = Notification(
-    id="ntf_0001",
-    notifier="n",
-    group_key='{}:{alertname="unprotected-disk"}',
-    group_labels={"alertname": "unprotected-disk"},
-    alerts=(ALERT,),
-    created_at=NOW,
-)
 THREE = replace(
     NOTE,
     alerts=(
@@ -136,45 +115,12 @@ async def send(kind: str, http: httpx.AsyncClient, settings: NotifierCommon, not
     return await NOTIFIERS[kind].send(http, note, settings, now=NOW)
 
 
-@pytest.fixture(scope="module")
-def http_server() -> Iterator[HttpReceiver]:
-    with HttpReceiver() as server:
-        yield server
-
-
-@pytest.fixture
-def receiver(http_server: HttpReceiver) -> Iterator[HttpReceiver]:
-    http_server.reset()
-    yield http_server
-    http_server.reset()
-
-
-@pytest.fixture(scope="module")
-def smtp_server() -> Iterator[SmtpReceiver]:
-    with SmtpReceiver() as server:
-        yield server
-
-
-@pytest.fixture
-def smtp(smtp_server: SmtpReceiver) -> Iterator[SmtpReceiver]:
-    smtp_server.reset()
-    yield smtp_server
-    smtp_server.reset()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    # trust_env=False: a proxy in the environment must not intercept loopback traffic in tests.
-    async with httpx.AsyncClient(trust_env=False) as client:
-        yield client
-
-
-@pytest.fixture(autouse=True)
-def _debug_logs(caplog: pytest.LogCaptureFixture) -> None:
-    # Capture everything we log, at every level. httpx itself logs each request URL at INFO (secrets and all);
-    # the daemon's log setup must keep the "httpx" logger at WARNING, so the tests do the same.
-    caplog.set_level(logging.DEBUG)
-    caplog.set_level(logging.WARNING, logger="httpx")
+http_server = notify_support.http_server
+receiver = notify_support.receiver
+smtp_server = notify_support.smtp_server
+smtp = notify_support.smtp
+http = notify_support.http
+debug_logs = notify_support.debug_logs
 
 
 # ------------------------------------------------------------------------------------------ what arrives

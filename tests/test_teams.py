@@ -3,77 +3,30 @@
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import notify_support
 import pytest
+from notify_support import DISK_1, NOW, STALE, notification
 from pydantic import SecretStr
 from receivers import HttpReceiver, Reply
 
 from auditor.config import TeamsNotifier, load_settings
-from auditor.domain.alerts import Alert, AlertStatus, Notification
-from auditor.domain.models import Severity
 from auditor.errors import ConfigError, NotifyError
 from auditor.notify import NOTIFIERS, notifier_for
 from auditor.notify.teams import NOTIFIER as TEAMS
 
-NOW = datetime(2026, 11, 28, 7, 0, tzinfo=UTC)
 SIG = "s1gN4tur3-0f-the-w0rkfl0w"
 WORKFLOW_PATH = f"/workflows/abc123/triggers/manual/paths/invoke?api-version=2016-06-01&sig={SIG}"
 SCHEMA = "http://adaptivecards.io/schemas/adaptive-card.json"
 
-DISK_1 = Alert(
-    fingerprint="1111aaaa2222bbbb",
-    rule="unprotected-disk",
-    severity=Severity.CRITICAL,
-    status=AlertStatus.FIRING,
-    summary="Disk dsk_1 has no backup policy",
-    description="No backup policy covers disk dsk_1 (web-1).",
-    starts_at=datetime(2026, 11, 28, 4, 0, tzinfo=UTC),
-    disk_id="dsk_1",
-)
-DISK_2 = replace(
-    DISK_1,
-    fingerprint="3333cccc4444dddd",
-    severity=Severity.HIGH,
-    summary="Disk dsk_2 has no backup policy",
-    description="",
-    starts_at=datetime(2026, 11, 28, 5, 30, 15, 250000, tzinfo=UTC),
-    disk_id="dsk_2",
-)
-STALE = Alert(
-    fingerprint="5555eeee6666ffff",
-    rule="schedule-stale",
-    severity=Severity.MEDIUM,
-    status=AlertStatus.RESOLVED,
-    summary="Policy dbp_9 on dsk_3 missed its run",
-    description="next_invocation_at is 2h in the past.",
-    starts_at=datetime(2026, 11, 28, 3, 48, tzinfo=UTC),
-    ends_at=datetime(2026, 11, 28, 7, 0, tzinfo=UTC),
-    disk_id="dsk_3",
-    policy_id="dbp_9",
-)
-FIRING = Notification(
-    id="ntf_01",
-    notifier="teams-ops",
-    group_key='{}:{alertname="unprotected-disk"}',
-    group_labels={"alertname": "unprotected-disk"},
-    alerts=(DISK_1, DISK_2),
-    created_at=NOW,
-)
-RESOLVED = Notification(
-    id="ntf_02",
-    notifier="teams-ops",
-    group_key='{}:{alertname="schedule-stale"}',
-    group_labels={"alertname": "schedule-stale"},
-    alerts=(STALE,),
-    created_at=NOW,
-)
+# dsk_2 without a description here, so that its card has no description block.
+DISK_2 = replace(notify_support.DISK_2, description="")
+FIRING = notification("ntf_01", "teams-ops", DISK_1, DISK_2)
+RESOLVED = notification("ntf_02", "teams-ops", STALE)
 
 
 def settings(url: str = f"https://prod-00.westeurope.logic.azure.com:443{WORKFLOW_PATH}", **kw: Any) -> TeamsNotifier:
@@ -252,29 +205,10 @@ def test_config_without_webhook_url_names_the_key(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ delivery
 
 
-@pytest.fixture(scope="module")
-def http_server() -> Iterator[HttpReceiver]:
-    with HttpReceiver() as server:
-        yield server
-
-
-@pytest.fixture
-def receiver(http_server: HttpReceiver) -> Iterator[HttpReceiver]:
-    http_server.reset()
-    yield http_server
-    http_server.reset()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(trust_env=False) as client:
-        yield client
-
-
-@pytest.fixture(autouse=True)
-def _debug_logs(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG)
-    caplog.set_level(logging.WARNING, logger="httpx")
+http_server = notify_support.http_server
+receiver = notify_support.receiver
+http = notify_support.http
+debug_logs = notify_support.debug_logs
 
 
 def assert_no_secret(*texts: str) -> None:
