@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -22,7 +22,6 @@ from auditor.errors import AuditorError, ConfigError, LeaseHeldError, StoreError
 # httpx and the daemon are imported by the commands that use them (benchmarks/cli_start.py measures it).
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.table import Table
 
     from auditor.config import Settings
     from auditor.domain.periods import Period
@@ -49,10 +48,42 @@ def _err() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _table(*args: Any, **kwargs: Any) -> Table:
-    from rich.table import Table
+def escape(text: str) -> str:
+    """Returns text with rich's markup escaped, for data printed inside a line that uses markup."""
+    from rich.markup import escape as rich_escape
 
-    return Table(*args, **kwargs)
+    return rich_escape(text)
+
+
+LARGE_TABLE = 200  # rows: a longer table is printed as aligned plain text (rich lays out ~1 ms a row)
+
+
+def print_table(console: Console, columns: Sequence[str], rows: Sequence[Sequence[str]], *, title: str | None = None,
+                right: Sequence[str] = (), show_header: bool = True, fold: bool = False) -> None:
+    """Prints rows under their columns. Cells are data, never markup: a disk name or a Katapult error reading
+    `[/bold]` or `[disk]` is printed as it is. Up to LARGE_TABLE rows as a rich table (`right`-aligned columns,
+    long cells folded with `fold`); a longer one (3,000 findings took rich 3 s) as plain text, columns separated by
+    two spaces and the last one unpadded."""
+    if len(rows) <= LARGE_TABLE:
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=Text(title) if title else None, show_header=show_header)
+        for col in columns:
+            table.add_column(col, justify="right" if col in right else "left", overflow="fold" if fold else "ellipsis")
+        for row in rows:
+            table.add_row(*(Text(cell) for cell in row))
+        console.print(table)
+        return
+    widths = [max(len(col), *(len(row[i]) for row in rows)) for i, col in enumerate(columns[:-1])]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join([*(c.rjust(w) if col in right else c.ljust(w)
+                            for c, w, col in zip(cells, widths, columns, strict=False)), cells[-1]])
+
+    rule = line([*("-" * w for w in widths), "-" * len(columns[-1])])
+    lines = ([title] if title else []) + ([line(columns), rule] if show_header else [])
+    click.echo("\n".join([*lines, *(line(row) for row in rows)]))
 
 
 def config_option(fn: F) -> F:
@@ -384,24 +415,23 @@ def print_outcome(outcome: Any, *, fmt: str) -> None:
         }, indent=2))
         return
     console = _out()
-    table = _table(title=f"audit run {outcome.run_id}: {outcome.status.value}", show_header=False)
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    table.add_row("duration", f"{outcome.duration:.1f}s")
-    table.add_row("targets checked", str(outcome.targets_checked))
-    table.add_row("disks read", str(outcome.disks_ok))
-    table.add_row("disks without a verdict", str(outcome.disks_unknown))
-    table.add_row("API requests (retries, 429s)",
-                  f"{outcome.stats.requests} ({outcome.stats.retries}, {outcome.stats.rate_limited})")
-    table.add_row("findings opened / resolved", f"{outcome.opened} / {outcome.resolved}")
-    for sev in reversed(SEVERITY_CHOICES):
-        if outcome.open_findings.get(sev):
-            table.add_row(f"open {sev}", str(outcome.open_findings[sev]))
-    console.print(table)
+    rows = [
+        ("duration", f"{outcome.duration:.1f}s"),
+        ("targets checked", str(outcome.targets_checked)),
+        ("disks read", str(outcome.disks_ok)),
+        ("disks without a verdict", str(outcome.disks_unknown)),
+        ("API requests (retries, 429s)",
+         f"{outcome.stats.requests} ({outcome.stats.retries}, {outcome.stats.rate_limited})"),
+        ("findings opened / resolved", f"{outcome.opened} / {outcome.resolved}"),
+        *((f"open {sev}", str(outcome.open_findings[sev])) for sev in reversed(SEVERITY_CHOICES)
+          if outcome.open_findings.get(sev)),
+    ]
+    print_table(console, ("what", "value"), rows, title=f"audit run {outcome.run_id}: {outcome.status.value}",
+                right=("value",), show_header=False)
     for e in outcome.errors[:20]:
         console.print(f"could not read {e.target}: {e.code}: {e.message}", markup=False)
     if len(outcome.errors) > 20:
-        console.print(f"... and {len(outcome.errors) - 20} more (see `auditor report`)")
+        console.print(f"... and {len(outcome.errors) - 20} more (see `auditor report`)", markup=False)
     for p in outcome.waiver_problems:
         console.print(f"warning: waivers[{p.index}] does not apply: {p.problem}", markup=False)
 
@@ -547,27 +577,23 @@ def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> No
 
     console = _out()
     p, c, f = report["period"], report["coverage"], report["fleet"]
-    console.print(f"[bold]Compliance {p['from']} – {p['to']}[/bold] generated {report['generated_at']}")
+    console.print(f"[bold]Compliance {escape(p['from'])} – {escape(p['to'])}[/bold] generated "
+                  f"{escape(report['generated_at'])}")
     console.print(f"fleet time in compliance {format_pct(f['compliance_pct'])} over {f['disks']} disk(s); coverage "
                   f"{format_pct(c['coverage_pct'])}: {c['completed_cycles']} of {c['scheduled_cycles']} scheduled "
                   f"cycles completed ({c['partial_cycles']} partial, {c['failed_cycles']} failed), no data for "
                   f"{format_duration(c['no_data_seconds'])}", markup=False)
-    days = _table(title="by UTC day")
-    for col in ("date", "coverage", "compliance", "noncompliant disk-time", "unknown disk-time"):
-        days.add_column(col, justify="left" if col == "date" else "right")
-    for d in f["by_day"]:
-        days.add_row(d["date"], format_pct(d["coverage_pct"]), format_pct(d["compliance_pct"]),
-                     format_duration(d["noncompliant_seconds"]), format_duration(d["unknown_seconds"]))
-    console.print(days)
-    rules = _table(title="rules")
-    for col in ("rule", "opened", "resolved", "mean to resolve", "p90 to resolve", "open at end", "oldest open"):
-        rules.add_column(col, justify="left" if col == "rule" else "right")
-    for r in report["rules"]:
-        rules.add_row(r["rule"], str(r["opened"]), str(r["resolved"]),
-                      format_duration(r["mean_time_to_resolve_seconds"]),
-                      format_duration(r["p90_time_to_resolve_seconds"]), str(r["open_at_end"]),
-                      format_duration(r["oldest_open_age_seconds"]))
-    console.print(rules)
+    day_columns = ("date", "coverage", "compliance", "noncompliant disk-time", "unknown disk-time")
+    print_table(console, day_columns, [
+        (d["date"], format_pct(d["coverage_pct"]), format_pct(d["compliance_pct"]),
+         format_duration(d["noncompliant_seconds"]), format_duration(d["unknown_seconds"])) for d in f["by_day"]
+    ], title="by UTC day", right=day_columns[1:])
+    rule_columns = ("rule", "opened", "resolved", "mean to resolve", "p90 to resolve", "open at end", "oldest open")
+    print_table(console, rule_columns, [
+        (r["rule"], str(r["opened"]), str(r["resolved"]), format_duration(r["mean_time_to_resolve_seconds"]),
+         format_duration(r["p90_time_to_resolve_seconds"]), str(r["open_at_end"]),
+         format_duration(r["oldest_open_age_seconds"])) for r in report["rules"]
+    ], title="rules", right=rule_columns[1:])
     for g in c["gaps"]:
         console.print(f"no data {g['from']} – {g['to']} ({format_duration(g['seconds'])})", markup=False)
     for w in report["waivers"]:
@@ -575,16 +601,13 @@ def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> No
                       markup=False)
     worst = worst_disks(report)
     if worst:
-        disks = _table(title=f"disks not compliant the whole time ({len(worst)})")
-        for col in ("disk", "name", "compliance", "noncompliant", "unknown", "no data"):
-            disks.add_column(col, overflow="fold")
-        for d in worst[:max_disks]:
-            disks.add_row(d["disk_id"], d["name"] or "-", format_pct(d["compliance_pct"]),
-                          format_duration(d["noncompliant_seconds"]), format_duration(d["unknown_seconds"]),
-                          format_duration(d["no_data_seconds"]))
-        console.print(disks)
+        print_table(console, ("disk", "name", "compliance", "noncompliant", "unknown", "no data"), [
+            (d["disk_id"], d["name"] or "-", format_pct(d["compliance_pct"]),
+             format_duration(d["noncompliant_seconds"]), format_duration(d["unknown_seconds"]),
+             format_duration(d["no_data_seconds"])) for d in worst[:max_disks]
+        ], title=f"disks not compliant the whole time ({len(worst)})", fold=True)
         if len(worst) > max_disks:
-            console.print(f"... and {len(worst) - max_disks} more (see --format csv)")
+            console.print(f"... and {len(worst) - max_disks} more (see --format csv)", markup=False)
 
 
 @main.command("evidence")
@@ -656,7 +679,7 @@ def print_report_table(report: dict[str, Any]) -> None:
     head = (f"last run {run['id']} {run['status']} at {run['finished_at'] or '(cut short)'} "
             f"({run['api_requests']} requests)"
             if run else "no audit has run yet")
-    console.print(f"[bold]Compliance report[/bold] generated {report['generated_at']}; {head}")
+    console.print(f"[bold]Compliance report[/bold] generated {escape(report['generated_at'])}; {escape(head)}")
     console.print(f"disks {s['disks_total']}: [green]{s['compliant']} compliant[/green], "
                   f"[red]{s['noncompliant']} noncompliant[/red], [yellow]{s['unknown']} unknown[/yellow]"
                   + (f", {s['exempt']} exempt" if s.get("exempt") else "")
@@ -669,18 +692,16 @@ def print_report_table(report: dict[str, Any]) -> None:
         if d.get("exemption"):
             console.print(f"exempt: {d['disk_id']} (tier {d['tier']}): {d['exemption']['reason']}", markup=False)
     if report["findings"]:
-        table = _table(show_lines=False)
-        for col in ("severity", "rule", "disk", "policy", "status", "message"):
-            table.add_column(col, overflow="fold")
         order = {sev: i for i, sev in enumerate(reversed(SEVERITY_CHOICES))}
-        for f in sorted(report["findings"], key=lambda f: (order[f["severity"]], f["rule"], f["disk_id"])):
-            table.add_row(f["severity"], f["rule"], f["disk_id"], f["policy_id"] or "-", f["status"], f["message"])
-        console.print(table)
+        print_table(console, ("severity", "rule", "disk", "policy", "status", "message"), [
+            (f["severity"], f["rule"], f["disk_id"], f["policy_id"] or "-", f["status"], f["message"])
+            for f in sorted(report["findings"], key=lambda f: (order[f["severity"]], f["rule"], f["disk_id"]))
+        ], fold=True)
     unknown = [d for d in report["disks"] if d["status"] == "unknown"]
     for d in unknown:
         err = d.get("error") or {}
-        console.print(f"[yellow]unknown[/yellow] {d['disk_id']}: {err.get('code')}: {err.get('message')}",
-                      markup=True)
+        console.print(f"[yellow]unknown[/yellow] {escape(d['disk_id'])}: {escape(str(err.get('code')))}: "
+                      f"{escape(str(err.get('message')))}")
     for p in report.get("waiver_problems", []):
         console.print(f"warning: waivers[{p['index']}] does not apply: {p['problem']}", markup=False)
     for w in report.get("expiring_waivers", []):
@@ -714,13 +735,10 @@ def findings_cmd(config_path: Path | None, status: str, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps({"findings": items}, indent=2))
         return
-    table = _table()
-    for col in ("status", "severity", "rule", "disk", "policy", "opened", "resolved", "message"):
-        table.add_column(col, overflow="fold")
-    for f in items:
-        table.add_row(f["status"], f["severity"], f["rule"], f["disk_id"], f["policy_id"] or "-", f["opened_at"],
-                      f["resolved_at"] or "-", f["message"])
-    _out().print(table)
+    print_table(_out(), ("status", "severity", "rule", "disk", "policy", "opened", "resolved", "message"), [
+        (f["status"], f["severity"], f["rule"], f["disk_id"], f["policy_id"] or "-", f["opened_at"],
+         f["resolved_at"] or "-", f["message"]) for f in items
+    ], fold=True)
 
 
 @main.command("history")
@@ -748,14 +766,12 @@ def history_cmd(config_path: Path | None, disk_id: str, fmt: str) -> None:
         return
     console = _out()
     d = detail["disk"]
-    console.print(f"[bold]{d['disk_id']}[/bold] {d['name'] or ''} (status {detail['status']}, source {d['source']})")
-    table = _table(title="policy snapshots")
-    for col in ("policy", "retention", "interval", "target", "from", "to"):
-        table.add_column(col)
-    for p in detail["snapshots"]:
-        table.add_row(p["policy_id"], str(p["retention"]), p["interval"], f"{p['target_type']}:{p['target_id']}",
-                      p["valid_from"], p["valid_to"] or "now")
-    console.print(table)
+    console.print(f"[bold]{escape(d['disk_id'])}[/bold] {escape(d['name'] or '')} (status {escape(detail['status'])}, "
+                  f"source {escape(str(d['source']))})")
+    print_table(console, ("policy", "retention", "interval", "target", "from", "to"), [
+        (p["policy_id"], str(p["retention"]), p["interval"], f"{p['target_type']}:{p['target_id']}",
+         p["valid_from"], p["valid_to"] or "now") for p in detail["snapshots"]
+    ], title="policy snapshots")
     for e in detail["drift"]:
         console.print(f"drift {e['at']} {e['policy_id']}: {e['kind']} {e['before']} -> {e['after']}", markup=False)
     for e in detail["finding_events"]:
