@@ -48,11 +48,21 @@ def _err() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+# Control characters (C0, DEL, C1) in data are shown as \xNN: a disk name or an id from Katapult never reaches the
+# terminal as an escape sequence (rich passes ESC through).
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def printable(text: str) -> str:
+    """Returns text with its control characters shown as \\xNN escapes."""
+    return text.translate(_CONTROL)
+
+
 def escape(text: str) -> str:
-    """Returns text with rich's markup escaped, for data printed inside a line that uses markup."""
+    """Returns data for a line that uses markup: control characters shown as escapes, markup escaped."""
     from rich.markup import escape as rich_escape
 
-    return rich_escape(text)
+    return rich_escape(printable(text))
 
 
 LARGE_TABLE = 200  # rows: a longer table is printed as aligned plain text (rich lays out ~1 ms a row)
@@ -68,13 +78,14 @@ def print_table(console: Console, columns: Sequence[str], rows: Sequence[Sequenc
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(title=Text(title) if title else None, show_header=show_header)
+        table = Table(title=Text(printable(title)) if title else None, show_header=show_header)
         for col in columns:
             table.add_column(col, justify="right" if col in right else "left", overflow="fold" if fold else "ellipsis")
         for row in rows:
-            table.add_row(*(Text(cell) for cell in row))
+            table.add_row(*(Text(printable(cell)) for cell in row))
         console.print(table)
         return
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(col), *(len(row[i]) for row in rows)) for i, col in enumerate(columns[:-1])]
 
     def line(cells: Sequence[str]) -> str:
@@ -429,7 +440,7 @@ def print_outcome(outcome: Any, *, fmt: str) -> None:
     print_table(console, ("what", "value"), rows, title=f"audit run {outcome.run_id}: {outcome.status.value}",
                 right=("value",), show_header=False)
     for e in outcome.errors[:20]:
-        console.print(f"could not read {e.target}: {e.code}: {e.message}", markup=False)
+        console.print(printable(f"could not read {e.target}: {e.code}: {e.message}"), markup=False)
     if len(outcome.errors) > 20:
         console.print(f"... and {len(outcome.errors) - 20} more (see `auditor report`)", markup=False)
     for p in outcome.waiver_problems:
@@ -707,8 +718,8 @@ def print_report_table(report: dict[str, Any]) -> None:
     for w in report.get("expiring_waivers", []):
         console.print(f"waiver expiring {w['expires']}: {w['rule']} on {w['disk_id']} ({w['owner']})", markup=False)
     for d in report.get("drift", [])[:20]:
-        console.print(f"drift {d['at']} {d['disk_id']} {d['policy_id']}: {d['kind']} {d['before']} -> {d['after']}",
-                      markup=False)
+        console.print(printable(f"drift {d['at']} {d['disk_id']} {d['policy_id']}: {d['kind']} {d['before']} -> "
+                                f"{d['after']}"), markup=False)
 
 
 @main.command("findings")
@@ -773,11 +784,13 @@ def history_cmd(config_path: Path | None, disk_id: str, fmt: str) -> None:
          p["valid_from"], p["valid_to"] or "now") for p in detail["snapshots"]
     ], title="policy snapshots")
     for e in detail["drift"]:
-        console.print(f"drift {e['at']} {e['policy_id']}: {e['kind']} {e['before']} -> {e['after']}", markup=False)
+        console.print(printable(f"drift {e['at']} {e['policy_id']}: {e['kind']} {e['before']} -> {e['after']}"),
+                      markup=False)
     for e in detail["finding_events"]:
         console.print(f"finding {e['at']} {e['fingerprint']}: {e['kind']}", markup=False)
     for f in detail["findings"]:
-        console.print(f"{f['status']:>8} {f['severity']:>8} {f['rule']} {f['policy_id'] or '-'}: {f['message']}",
+        console.print(printable(f"{f['status']:>8} {f['severity']:>8} {f['rule']} {f['policy_id'] or '-'}: "
+                                f"{f['message']}"),
                       markup=False)
 
 

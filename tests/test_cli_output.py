@@ -48,6 +48,15 @@ def test_a_long_table_is_plain_aligned_text_with_every_row(capsys: pytest.Captur
     assert len(lines) == LARGE_TABLE + 3
 
 
+@pytest.mark.parametrize("rows", [1, LARGE_TABLE + 1])
+def test_control_characters_in_data_never_reach_the_terminal(capsys: pytest.CaptureFixture[str], rows: int) -> None:
+    hostile = "web\x1b]0;owned\x07\x1b[2J\rname\x9b"
+    print_table(console(), ("disk", "name"), [("disk_a", hostile)] * rows)
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out and "\x9b" not in out
+    assert "web\\x1b]0;owned\\x07\\x1b[2J\\x0dname\\x9b" in out
+
+
 def test_a_short_table_is_a_rich_table(capsys: pytest.CaptureFixture[str]) -> None:
     print_table(console(), ("disk", "count"), [("disk_a", "1")])
     assert "┃ disk" in capsys.readouterr().out
