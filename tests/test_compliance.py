@@ -37,6 +37,7 @@ from auditor.fake import Fault, Fleet
 from auditor.fake import create_app as fake_app
 from auditor.service import Services, open_services, waivers_from
 from auditor.service.compliance import (
+    DISK_CSV_COLUMNS,
     MANIFEST,
     build_evidence,
     compliance_csv,
@@ -230,6 +231,16 @@ async def test_a_period_inside_a_day_and_one_before_any_run(world: World) -> Non
     late = await compliance_report(world.services, Period(T0 + 66 * H, T0 + 96 * H))
     assert late["coverage"]["covered_seconds"] == 12 * HOUR
     assert late["coverage"]["gaps"][0]["from"] == "2030-01-04T06:00:00Z"
+
+
+def test_csv_cells_a_spreadsheet_would_evaluate_stay_text() -> None:
+    names = ["=HYPERLINK(\"http://x\",\"y\")", "+1", "-cmd", "@SUM(A1)", "\tx", "\rx", "a\rb\x1b", "web-1", "", None]
+    report = {"disks": [{**{c: None for c in DISK_CSV_COLUMNS}, "disk_id": f"disk_{i}", "name": name,
+                         "compliance_pct": -1.5, "unknown_seconds": 0} for i, name in enumerate(names)]}
+    rows = list(csv.DictReader(io.StringIO(compliance_csv(report), newline="")))
+    assert [r["name"] for r in rows] == ["'=HYPERLINK(\"http://x\",\"y\")", "'+1", "'-cmd", "'@SUM(A1)", "'\tx",
+                                         "\\x0dx", "a\\x0db\\x1b", "web-1", "", ""]
+    assert {r["compliance_pct"] for r in rows} == {"-1.5"} and {r["unknown_seconds"] for r in rows} == {"0"}
 
 
 async def test_renderings(world: World) -> None:

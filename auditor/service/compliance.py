@@ -47,7 +47,7 @@ from auditor.domain.models import Waiver, WaiverProblem
 from auditor.domain.periods import Period
 from auditor.domain.records import RunRecord
 from auditor.domain.rules import RULES
-from auditor.service.reports import iso, run_json
+from auditor.service.reports import csv_cell, iso, run_json
 from auditor.service.services import Services
 from auditor.store import history
 from auditor.store.engine import safe_url
@@ -233,17 +233,13 @@ async def compliance_report(services: Services, period: Period, *,
 # ---- renderings ---------------------------------------------------------------------------------------------
 
 
-def _cell(value: Any) -> str:
-    return "" if value is None else str(value)
-
-
 def compliance_csv(report: Mapping[str, Any]) -> str:
     """Returns the period report's disks as CSV (one row a disk)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(DISK_CSV_COLUMNS)
     for d in report["disks"]:
-        writer.writerow([_cell(d[c]) for c in DISK_CSV_COLUMNS])
+        writer.writerow([csv_cell(d[c]) for c in DISK_CSV_COLUMNS])
     return buf.getvalue()
 
 
@@ -440,7 +436,7 @@ def runs_csv(runs: Sequence[Mapping[str, Any]]) -> str:
     writer.writerow(RUN_CSV_COLUMNS)
     for r in runs:
         row = {**r, "error_count": len(r["errors"]), "errors": json.dumps(r["errors"], sort_keys=True)}
-        writer.writerow([_cell(row[c]) for c in RUN_CSV_COLUMNS])
+        writer.writerow([csv_cell(row[c]) for c in RUN_CSV_COLUMNS])
     return buf.getvalue()
 
 

@@ -252,6 +252,25 @@ CSV_COLUMNS = ("fingerprint", "rule", "severity", "status", "disk_id", "policy_i
                "last_seen", "waiver_owner", "waiver_expires")
 
 
+# A text cell a spreadsheet would take for a formula (first character =, +, -, @ or tab) is written with a leading
+# apostrophe, so a disk named "=HYPERLINK(…)" in an export opened in a spreadsheet stays text ("CSV injection").
+# Control characters other than tab and newline are written as \xNN: the csv module leaves a lone CR unquoted
+# (our lines end in "\n"), and a reader would split the row there. Numbers are written as they are; None is empty.
+_FORMULA_START = ("=", "+", "-", "@", "\t")
+_CSV_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\t\n"}
+
+
+def csv_cell(value: Any) -> str:
+    """Returns one CSV cell: text a spreadsheet would evaluate is prefixed with an apostrophe, control characters
+    other than tab and newline are shown as \\xNN."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        value = value.translate(_CSV_CONTROL)
+        return "'" + value if value.startswith(_FORMULA_START) else value
+    return str(value)
+
+
 def report_csv(report: dict[str, Any]) -> str:
     """Returns the report's findings as CSV (one row a finding)."""
     buf = io.StringIO()
@@ -259,9 +278,9 @@ def report_csv(report: dict[str, Any]) -> str:
     writer.writerow(CSV_COLUMNS)
     for f in report["findings"]:
         waiver = f.get("waiver") or {}
-        writer.writerow([f["fingerprint"], f["rule"], f["severity"], f["status"], f["disk_id"],
-                         f["policy_id"] or "", f["message"], f["first_seen"], f["last_seen"],
-                         waiver.get("owner", ""), waiver.get("expires", "")])
+        writer.writerow([csv_cell(v) for v in (
+            f["fingerprint"], f["rule"], f["severity"], f["status"], f["disk_id"], f["policy_id"], f["message"],
+            f["first_seen"], f["last_seen"], waiver.get("owner"), waiver.get("expires"))])
     return buf.getvalue()
 
 
