@@ -47,7 +47,7 @@ from auditor.domain.models import Waiver, WaiverProblem
 from auditor.domain.periods import Period
 from auditor.domain.records import RunRecord
 from auditor.domain.rules import RULES
-from auditor.service.reports import csv_cell, iso, run_json
+from auditor.service.reports import csv_cell, iso, md_cell, run_json
 from auditor.service.services import Services
 from auditor.store import history
 from auditor.store.engine import safe_url
@@ -244,7 +244,7 @@ def compliance_csv(report: Mapping[str, Any]) -> str:
 
 
 def _md(text: Any) -> str:
-    return str(text if text is not None else "–").replace("|", "\\|").replace("\n", " ")
+    return md_cell(text, empty="–")
 
 
 def format_pct(value: float | None) -> str:

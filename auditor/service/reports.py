@@ -266,8 +266,8 @@ def csv_cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
-        value = value.translate(_CSV_CONTROL)
-        return "'" + value if value.startswith(_FORMULA_START) else value
+        text = value.translate(_CSV_CONTROL)
+        return "'" + text if text.startswith(_FORMULA_START) else text
     return str(value)
 
 
@@ -284,8 +284,11 @@ def report_csv(report: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def _md(text: Any) -> str:
-    return str(text if text is not None else "").replace("|", "\\|").replace("\n", " ")
+def md_cell(text: Any, empty: str = "") -> str:
+    """Returns one markdown table cell: `|` escaped, newlines as spaces, other control characters as \\xNN."""
+    if text is None:
+        return empty
+    return str(text).replace("|", "\\|").replace("\n", " ").translate(_CSV_CONTROL)
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -305,17 +308,17 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += ["## Findings", "", "| severity | rule | disk | policy | status | message |",
                   "|---|---|---|---|---|---|"]
         for f in report["findings"]:
-            lines.append(f"| {f['severity']} | {f['rule']} | {_md(f['disk_id'])} | {_md(f['policy_id'])} | "
-                         f"{f['status']} | {_md(f['message'])} |")
+            lines.append(f"| {f['severity']} | {f['rule']} | {md_cell(f['disk_id'])} | {md_cell(f['policy_id'])} | "
+                         f"{f['status']} | {md_cell(f['message'])} |")
         lines.append("")
     unknown = [d for d in report["disks"] if d["status"] == "unknown"]
     if unknown:
         lines += ["## Disks without a verdict", ""]
-        lines += [f"- {_md(d['disk_id'])}: {_md((d.get('error') or {}).get('message'))}" for d in unknown]
+        lines += [f"- {md_cell(d['disk_id'])}: {md_cell((d.get('error') or {}).get('message'))}" for d in unknown]
         lines.append("")
     if run and run["errors"]:
         lines += ["## Errors in the last run", ""]
-        lines += [f"- {_md(e['target'])}: `{e['code']}` {_md(e['message'])}" for e in run["errors"]]
+        lines += [f"- {md_cell(e['target'])}: `{e['code']}` {md_cell(e['message'])}" for e in run["errors"]]
         lines.append("")
     return "\n".join(lines)
 
