@@ -63,12 +63,17 @@ FOOTER = {
 }
 
 
+def literal(text: str, **style: Any) -> dict[str, Any]:
+    # Data (summaries, descriptions, the headline) goes in TextRuns, which Teams shows as written: no markdown.
+    return {"type": "RichTextBlock", "inlines": [{"type": "TextRun", "text": text, **style}]}
+
+
 def title(text: str, color: str) -> dict[str, Any]:
-    return {"type": "TextBlock", "text": text, "size": "Large", "weight": "Bolder", "color": color, "wrap": True}
+    return literal(text, size="Large", weight="Bolder", color=color)
 
 
 def heading(text: str, color: str) -> dict[str, Any]:
-    return {"type": "TextBlock", "text": text, "weight": "Bolder", "color": color, "wrap": True}
+    return literal(text, weight="Bolder", color=color)
 
 
 def facts(*pairs: tuple[str, str]) -> dict[str, Any]:
@@ -98,8 +103,7 @@ def test_firing_card_exactly() -> None:
                         ("Disk", "dsk_1"),
                         ("Since", "2026-11-28T04:00:00Z"),
                     ),
-                    {"type": "TextBlock", "text": "No backup policy covers disk dsk_1 (web-1).", "isSubtle": True,
-                     "wrap": True},
+                    literal("No backup policy covers disk dsk_1 (web-1).", isSubtle=True),
                 ],
             },
             {
@@ -142,8 +146,7 @@ def test_resolved_card_with_links_to_the_disk_page() -> None:
                         ("Resolved", "2026-11-28T07:00:00Z"),
                         ("Lasted", "3h 12m"),
                     ),
-                    {"type": "TextBlock", "text": "next_invocation_at is 2h in the past.", "isSubtle": True,
-                     "wrap": True},
+                    literal("next_invocation_at is 2h in the past.", isSubtle=True),
                     {"type": "ActionSet", "actions": [open_url("Open in the auditor", "https://auditor.example.com/disks/dsk_3")]},
                 ],
             },
@@ -171,7 +174,7 @@ def test_test_notification_says_so_and_many_alerts_are_capped() -> None:
     alerts = tuple(replace(DISK_1, fingerprint=f"{i:016x}", disk_id=f"dsk_{i}") for i in range(23))
     card = TEAMS.build_payload(replace(FIRING, alerts=alerts, is_test=True), settings(), now=NOW)
     body = card["attachments"][0]["content"]["body"]
-    assert body[0]["text"] == "[TEST] [FIRING:23] unprotected-disk"
+    assert body[0]["inlines"][0]["text"] == "[TEST] [FIRING:23] unprotected-disk"
     assert "no action is needed" in body[1]["text"]
     assert sum(1 for block in body if block["type"] == "Container") == 20
     assert body[-2]["text"] == "…and 3 more"
@@ -232,12 +235,24 @@ async def test_delivers_the_card_to_a_loopback_receiver(
     assert_no_secret(result.detail, caplog.text)
 
 
+def test_data_that_looks_like_markdown_is_shown_as_written() -> None:
+    # A TextBlock would render a disk named like a markdown link as a link; data goes in TextRuns instead.
+    sneaky = replace(DISK_1, summary="Disk [click me](https://evil.example) has **no** backup policy",
+                     description="{{DATE(2017-02-14T06:00:00Z, SHORT)}} _x_")
+    body = TEAMS.build_payload(replace(FIRING, alerts=(sneaky,)), settings(), now=NOW)["attachments"][0]["content"]
+    container = body["body"][1]
+    assert container["items"][0] == literal(sneaky.summary, weight="Bolder", color="Attention")
+    assert container["items"][2] == literal(sneaky.description, isSubtle=True)
+    text_blocks = [item for item in container["items"] if item["type"] == "TextBlock"]
+    assert text_blocks == []
+
+
 async def test_delivers_resolved_cards(receiver: HttpReceiver, http: httpx.AsyncClient) -> None:
     receiver.script(Reply(202, ""))
     await TEAMS.send(http, RESOLVED, settings(receiver.url + WORKFLOW_PATH), now=NOW)
     [request] = receiver.requests
     card = request.json()["attachments"][0]["content"]
-    assert card["body"][0]["text"] == "[RESOLVED] schedule-stale"
+    assert card["body"][0]["inlines"][0]["text"] == "[RESOLVED] schedule-stale"
 
 
 def echo(url: str) -> str:

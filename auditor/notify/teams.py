@@ -43,6 +43,12 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def literal(text: str, **style: Any) -> dict[str, Any]:
+    """Returns a RichTextBlock showing `text` as it is: a TextBlock reads markdown (links, emphasis, lists) and
+    {{DATE()}} functions, so a disk named "[click](https://…)" would become a link in the channel."""
+    return {"type": "RichTextBlock", "inlines": [{"type": "TextRun", "text": text, **style}]}
+
+
 def _facts(alert: Alert, *, now: datetime) -> list[dict[str, str]]:
     facts = [{"title": "Rule", "value": alert.rule}, {"title": "Severity", "value": alert.severity.value}]
     if alert.disk_id:
@@ -61,19 +67,12 @@ def _facts(alert: Alert, *, now: datetime) -> list[dict[str, str]]:
 def _alert_container(alert: Alert, *, settings: TeamsNotifier, now: datetime) -> dict[str, Any]:
     is_firing = alert.status is AlertStatus.FIRING
     items: list[dict[str, Any]] = [
-        {
-            "type": "TextBlock",
-            "text": alert.summary if is_firing else f"Resolved: {alert.summary}",
-            "weight": "Bolder",
-            "color": "Attention" if is_firing else "Good",
-            "wrap": True,
-        },
+        literal(alert.summary if is_firing else f"Resolved: {alert.summary}", weight="Bolder",
+                color="Attention" if is_firing else "Good"),
         {"type": "FactSet", "facts": _facts(alert, now=now)},
     ]
     if alert.description:
-        items.append(
-            {"type": "TextBlock", "text": _clip(alert.description, DESCRIPTION_MAX), "isSubtle": True, "wrap": True}
-        )
+        items.append(literal(_clip(alert.description, DESCRIPTION_MAX), isSubtle=True))
     link = generator_url(alert, settings)  # "" without external_url
     if link:
         items.append(
@@ -91,14 +90,7 @@ class TeamsChannel:
         """Returns the Workflows body: one Adaptive Card with a title, one container per alert and a footer."""
         firing = any(a.status is AlertStatus.FIRING for a in notification.alerts)
         body: list[dict[str, Any]] = [
-            {
-                "type": "TextBlock",
-                "text": headline(notification),
-                "size": "Large",
-                "weight": "Bolder",
-                "color": "Attention" if firing else "Good",
-                "wrap": True,
-            }
+            literal(headline(notification), size="Large", weight="Bolder", color="Attention" if firing else "Good")
         ]
         if notification.is_test:
             body.append({"type": "TextBlock", "text": TEST_NOTE, "wrap": True})
