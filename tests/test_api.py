@@ -119,10 +119,8 @@ async def test_report_is_what_build_report_gives(world: World) -> None:
     assert expected["summary"]["open_findings"] > 0 and expected["last_run"]["status"] == "complete"
 
 
-async def test_concurrent_requests_share_one_lookup_of_the_latest_run(world: World,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    # With version_ttl (the daemon: 1 s), requests that find the version due at once share one query.
-    store = world.runtime.store
+def count_latest_run_lookups(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the store's latest-run lookups (one entry each)."""
     lookups: list[int] = []
     real = store.latest_run
 
@@ -131,6 +129,13 @@ async def test_concurrent_requests_share_one_lookup_of_the_latest_run(world: Wor
         return await real(**kwargs)
 
     monkeypatch.setattr(store, "latest_run", counted)
+    return lookups
+
+
+async def test_concurrent_requests_share_one_lookup_of_the_latest_run(world: World,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # With version_ttl (the daemon: 1 s), requests that find the version due at once share one query.
+    lookups = count_latest_run_lookups(world.runtime.store, monkeypatch)
     async with client_for(replace(deps_for(world), version_ttl=60.0)) as api:
         paths = ["/api/v1/report", "/api/v1/findings", "/api/v1/findings?limit=5"] * 7
         answers = await asyncio.gather(*(api.get(p) for p in paths))

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import test_web
 from pydantic import SecretStr
-from test_api import World, deps_for
+from test_api import World, count_latest_run_lookups, deps_for
 from test_web import API_TOKEN, _api_findings, login, metrics, rows, web_client
 
 from auditor.errors import StoreError
@@ -91,15 +91,7 @@ async def test_concurrent_first_requests_share_one_snapshot_build(world: World,
 
 async def test_concurrent_requests_share_one_lookup_of_the_latest_run(world: World,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    store = world.runtime.store
-    lookups: list[int] = []
-    real = store.latest_run
-
-    async def counted(**kwargs: Any) -> Any:
-        lookups.append(1)
-        return await real(**kwargs)
-
-    monkeypatch.setattr(store, "latest_run", counted)
+    lookups = count_latest_run_lookups(world.runtime.store, monkeypatch)
     deps = replace(deps_for(world), version_ttl=60.0)  # as the daemon (1 s): looked up at most once a minute here
     async with web_client(deps) as web:
         pages = await asyncio.gather(*(web.get(p) for p in ["/", "/findings", "/findings?page=2&size=10"] * 7))
