@@ -4,12 +4,12 @@ stateful receivers, and per-notifier labels, source, external_url and severity_m
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import notify_support
 import pytest
 from click.testing import CliRunner
 from pydantic import ValidationError
@@ -28,17 +28,8 @@ NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 INTERVAL = timedelta(minutes=15)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[HttpReceiver]:
-    with HttpReceiver() as s:
-        yield s
-
-
-@pytest.fixture
-def receiver(server: HttpReceiver) -> Iterator[HttpReceiver]:
-    server.reset()
-    yield server
-    server.reset()
+http_server = notify_support.http_server  # the module's loopback receiver
+receiver = notify_support.receiver  # reset before and after each test
 
 
 def _finding(i: int, *, severity: Severity = Severity.HIGH) -> TrackedFinding:
