@@ -7,6 +7,7 @@ and str are masked, so they cannot reach a log line or an error message by accid
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tomllib
@@ -78,21 +79,37 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+# Longer durations are refused: added to today's date they would pass year 9999, Python's last, and fail later
+# (a schedule, a cutoff) instead of here. "Never" is spelled 0 where a key allows it.
+MAX_DURATION = timedelta(days=36500)
+
+
 def parse_duration(value: Any) -> timedelta:
-    """Returns a timedelta from "90s", "15m", "2h", "7d", a bare number of seconds or a timedelta."""
+    """Returns a timedelta from "90s", "15m", "2h", "7d", a bare number of seconds or a timedelta (at most
+    MAX_DURATION, 100 years)."""
+    seconds: float
     if isinstance(value, timedelta):
-        return value
-    if isinstance(value, bool):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool):
         raise ValueError("expected a duration like 90s, 15m, 2h or 7d")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return timedelta(seconds=value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2) or "s"])
-    raise ValueError(f"expected a duration like 90s, 15m, 2h or 7d, got {value!r}")
+    elif isinstance(value, int | float):
+        if isinstance(value, int) and abs(value) >= 10**18:
+            # float() of an int past 1e308 raises OverflowError; an int this large is out of range either way.
+            seconds = math.inf if value > 0 else -math.inf
+        else:
+            seconds = float(value)
+    else:
+        match = _DURATION.match(value) if isinstance(value, str) else None
+        if not match:
+            raise ValueError(f"expected a duration like 90s, 15m, 2h or 7d, got {value!r}"[:200])
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds != seconds:  # NaN
+        raise ValueError("expected a duration like 90s, 15m, 2h or 7d, got NaN")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"a duration can be at most {MAX_DURATION.days}d (100 years)")
+    return value if isinstance(value, timedelta) else timedelta(seconds=seconds)
 
 
 def format_duration(value: timedelta) -> str:

@@ -128,3 +128,27 @@ def test_a_database_port_that_is_not_a_number_is_a_config_error_without_the_url(
                                  "postgresql+psycopg://a@/db?host=h1:5432&host=h2:5433", "sqlite:///a:b.db"])
 def test_database_urls_with_colons_elsewhere_are_accepted(url: str) -> None:
     assert settings_from({"database": {"url": url}}, {}).database.url.get_secret_value() == url
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    (float("inf"), "at most 36500d"), (float("nan"), "got NaN"), (1e300, "at most 36500d"),
+    (2**63, "at most 36500d"), (10**400, "at most 36500d"), ("99999999999d", "at most 36500d"),
+    ("9" * 400 + "s", "at most 36500d"), (float("-inf"), "cannot be negative"), (-(10**400), "cannot be negative"),
+])
+def test_durations_out_of_range_are_one_config_error(value: object, problem: str) -> None:
+    # timedelta() of these raises OverflowError (or gives a date past year 9999 once added to now).
+    (line,) = problems({"audit": {"interval": value}}, {})
+    assert line.startswith("audit.interval: ") and problem in line
+
+
+def test_the_longest_duration_is_accepted() -> None:
+    assert settings_from({"history": {"keep": "36500d"}}, {}).history.keep == timedelta(days=36500)
+
+
+@pytest.mark.slow
+def test_an_infinite_interval_in_toml_exits_78_without_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "auditor.toml").write_text("[audit]\ninterval = inf\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "auditor", "check-config", "--config", "auditor.toml"],
+                          cwd=tmp_path, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 78 and "Traceback" not in proc.stderr, proc.stderr
+    assert "config error: audit.interval: a duration can be at most 36500d" in proc.stderr
