@@ -732,17 +732,11 @@ def findings_cmd(config_path: Path | None, status: str, fmt: str) -> None:
     settings = load(config_path)
     setup_logs(settings)
     statuses = ("open", "waived", "resolved") if status == "all" else (status,)
+    # Read as `auditor report` reads: sqlite3 or psycopg, without the ORM or asyncio (a one-shot command).
+    from auditor.service.reports import current_findings, finding_json
 
-    async def go() -> list[Any]:
-        from auditor.service import open_services
-
-        async with open_services(settings, katapult=False, migrate=False) as services:
-            found: list[Any] = await services.store.all_findings(statuses=statuses)
-            return found
-
-    from auditor.service.reports import finding_json
-
-    items = [finding_json(f, with_resolution=True) for f in run_async(go())]
+    items = [finding_json(f, with_resolution=True)
+             for f in run_guarded(lambda: current_findings(settings, statuses=statuses))]
     if fmt == "json":
         click.echo(json.dumps({"findings": items}, indent=2))
         return

@@ -23,7 +23,7 @@ from auditor.errors import StoreError
 from auditor.fake import FakeServer, Fault, Fleet
 from auditor.fake import create_app as fake_app
 from auditor.service import open_services
-from auditor.service.reports import REPORTED_STATUSES, build_report, current_report
+from auditor.service.reports import REPORTED_STATUSES, build_report, current_findings, current_report
 from auditor.store import engine as db
 from auditor.store.reads import PostgresReads, SqliteReads, open_report_reads, plain_sqlite_file, postgres_connect_args
 from auditor.store.reads_core import CoreReads
@@ -245,12 +245,13 @@ def test_report_reads_the_database_without_the_orm_httpx_or_the_daemon(tmp_path:
     audit = subprocess.run([sys.executable, "-m", "auditor", "audit", "--once", "--drain-timeout", "0", "--config",
                             str(config)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert audit.returncode == 1, audit.stderr  # one open finding: the report has a run, a disk and a finding
-    args = ["report", "--config", str(config), "--format", fmt]
-    proc = _probe_imports(tmp_path, args, NOT_FOR_REPORT, must_succeed=True)
-    assert proc.returncode == 0, proc.stderr
-    *printed, loaded = proc.stdout.strip().splitlines()
-    assert loaded == repr([]), loaded
-    assert BARE in "\n".join(printed) and "unprotected-disk" in "\n".join(printed)
+    for command in ("report", "findings"):  # `auditor findings` reads the same way
+        args = [command, "--config", str(config), "--format", fmt]
+        proc = _probe_imports(tmp_path, args, NOT_FOR_REPORT, must_succeed=True)
+        assert proc.returncode == 0, proc.stderr
+        *printed, loaded = proc.stdout.strip().splitlines()
+        assert loaded == repr([]), f"{command}: {loaded}"
+        assert BARE in "\n".join(printed) and "unprotected-disk" in "\n".join(printed)
 
 
 class FixedClock:
@@ -312,6 +313,9 @@ async def test_report_reads_the_same_report_as_build_report_on_the_store(db_url:
         # sqlite3 for a plain SQLite file, psycopg for PostgreSQL; Core (the rest) reads both as well.
         reader = open_report_reads(db_url)
         assert isinstance(reader, SqliteReads if db_url.startswith("sqlite:") else PostgresReads)
+        for statuses in (REPORTED_STATUSES, ("resolved",), ("open", "waived", "resolved")):
+            assert current_findings(settings, statuses=statuses, clock=clock) == \
+                await s.store.all_findings(statuses=statuses)
         for reads in (reader, CoreReads(db_url)):
             try:
                 assert reads.current_revision() == await db.current_revision(db_url)

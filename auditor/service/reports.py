@@ -13,7 +13,7 @@ import contextlib
 import csv
 import io
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from auditor.errors import SchemaError, StoreError
 
 if TYPE_CHECKING:
     from auditor.config import Settings
+    from auditor.store.reads import ReportReads
     from auditor.store.repo import Store
 
 EXPIRING_WITHIN = timedelta(days=7)
@@ -106,19 +107,14 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def current_report(settings: Settings, *, clock: Callable[[], datetime] = _utcnow,
-                   tier: str | None = None) -> dict[str, Any]:
-    """Returns `build_report`'s report for the configured database, read as `auditor report` reads it.
-
-    What `open_services(settings, katapult=False, migrate=False)` plus `build_report` do, with the same errors:
-    SchemaError when the database is missing (never created) or not at the code's revision, StoreError when it
-    cannot be read; runs left `running` by a process that is gone are marked failed first (a failure there is
-    ignored, as there).
-    """
+@contextlib.contextmanager
+def _checked_reads(settings: Settings, clock: Callable[[], datetime]) -> Iterator[ReportReads]:
+    """Yields the read-only reads of the configured database after the checks `open_services(settings,
+    katapult=False, migrate=False)` makes, with the same errors: SchemaError when the database is missing (never
+    created) or not at the code's revision, StoreError when it cannot be read; runs left `running` by a process
+    that is gone are marked failed first (a failure there is ignored, as there)."""
     from pathlib import Path
 
-    from auditor.domain.lifecycle import parse_waivers
-    from auditor.domain.rules import RULES
     from auditor.store import engine
     from auditor.store.reads import open_report_reads, plain_sqlite_file
 
@@ -139,6 +135,19 @@ def current_report(settings: Settings, *, clock: Callable[[], datetime] = _utcno
             if abandoned:
                 services_log.warning("marked %d run(s) left running by a process that is gone as failed: %s",
                                      len(abandoned), ", ".join(abandoned))
+        yield reads
+    finally:
+        reads.close()
+
+
+def current_report(settings: Settings, *, clock: Callable[[], datetime] = _utcnow,
+                   tier: str | None = None) -> dict[str, Any]:
+    """Returns `build_report`'s report for the configured database, read as `auditor report` reads it: what
+    `open_services(settings, katapult=False, migrate=False)` plus `build_report` do, with the same errors."""
+    from auditor.domain.lifecycle import parse_waivers
+    from auditor.domain.rules import RULES
+
+    with _checked_reads(settings, clock) as reads:
         waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=clock())
         now = clock()
         return assemble_report(
@@ -146,8 +155,14 @@ def current_report(settings: Settings, *, clock: Callable[[], datetime] = _utcno
             findings=reads.all_findings(statuses=REPORTED_STATUSES), policies=reads.current_policy_ids(),
             drift=reads.recent_drift(since=now - DRIFT_WITHIN), waivers=waivers, waiver_problems=problems,
             tier=tier)
-    finally:
-        reads.close()
+
+
+def current_findings(settings: Settings, *, statuses: Sequence[str],
+                     clock: Callable[[], datetime] = _utcnow) -> list[TrackedFinding]:
+    """Returns the findings with one of `statuses`, ordered by disk and fingerprint, read as `auditor findings`
+    reads them: what `open_services(...)` plus `Store.all_findings` give, with the same errors."""
+    with _checked_reads(settings, clock) as reads:
+        return reads.all_findings(statuses=statuses)
 
 
 def disk_status(disk: DiskRecord, findings: Sequence[TrackedFinding]) -> DiskStatus:
