@@ -3,12 +3,19 @@ the key and the variable and never quote the value."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from auditor.config import Settings, env_overrides, settings_from
 from auditor.errors import ConfigError
@@ -152,3 +159,31 @@ def test_an_infinite_interval_in_toml_exits_78_without_a_traceback(tmp_path: Pat
                           cwd=tmp_path, env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 78 and "Traceback" not in proc.stderr, proc.stderr
     assert "config error: audit.interval: a duration can be at most 36500d" in proc.stderr
+
+
+# ---- any input: a config error or valid settings, never another exception ----------------------------------------
+
+_SECTION_KEYS = [(section, key) for section, field in Settings.model_fields.items()
+                 if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+                 for key in field.annotation.model_fields]
+_ODD = st.sampled_from([math.inf, -math.inf, math.nan, 10**400, -(10**400), 2**63, 1e300, -1, 0, True, None, "", " ",
+                        "\x00", "inf", "nan", "9" * 400, "99999999999d", "[/bold]", [], {}, [1], {"a": 1}])
+_VALUES = st.one_of(_ODD, st.integers(), st.floats(), st.text(max_size=12))
+
+
+@settings(max_examples=int(os.environ.get("AUDITOR_TEST_EXAMPLES", "300")), deadline=None,
+          suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.sampled_from(_SECTION_KEYS), _VALUES), max_size=4),
+       st.dictionaries(st.sampled_from(["AUDITOR_KATAPULT", "AUDITOR_AUDIT__DISKS", "AUDITOR_AUDIT__INTERVAL",
+                                        "AUDITOR_RULES__SEVERITY", "AUDITOR_NOTIFIERS", "AUDITOR_KATAPULT__PER_PAGE",
+                                        "AUDITOR_DAEMON__LEADER_TTL__X", "AUDITOR_TIERS"]),
+                       st.one_of(st.text(max_size=12), _VALUES.map(lambda v: json.dumps(v))), max_size=3))
+def test_any_section_values_give_settings_or_config_errors(items: list[tuple[tuple[str, str], Any]],
+                                                           environ: dict[str, str]) -> None:
+    data: dict[str, dict[str, Any]] = {}
+    for (section, key), value in items:
+        data.setdefault(section, {})[key] = value
+    try:
+        settings_from(data, environ)
+    except ConfigError as exc:
+        assert exc.problems and all(line and "\n" not in line for line in exc.problems)
