@@ -755,14 +755,10 @@ def history_cmd(config_path: Path | None, disk_id: str, fmt: str) -> None:
     settings = load(config_path)
     setup_logs(settings)
 
-    async def go() -> dict[str, Any] | None:
-        from auditor.service import open_services
-        from auditor.service.reports import disk_detail
+    # Read as `auditor report` reads: sqlite3 or psycopg, without the ORM or asyncio (a one-shot command).
+    from auditor.service.reports import current_disk_detail
 
-        async with open_services(settings, katapult=False, migrate=False) as services:
-            return await disk_detail(services.store, disk_id)
-
-    detail = run_async(go())
+    detail = run_guarded(lambda: current_disk_detail(settings, disk_id))
     if detail is None:
         _err().print(f"disk {disk_id} is not known to the auditor", markup=False)
         sys.exit(EXIT_INCOMPLETE)

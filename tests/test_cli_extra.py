@@ -23,7 +23,14 @@ from auditor.errors import StoreError
 from auditor.fake import FakeServer, Fault, Fleet
 from auditor.fake import create_app as fake_app
 from auditor.service import open_services
-from auditor.service.reports import REPORTED_STATUSES, build_report, current_findings, current_report
+from auditor.service.reports import (
+    REPORTED_STATUSES,
+    build_report,
+    current_disk_detail,
+    current_findings,
+    current_report,
+    disk_detail,
+)
 from auditor.store import engine as db
 from auditor.store.reads import PostgresReads, SqliteReads, open_report_reads, plain_sqlite_file, postgres_connect_args
 from auditor.store.reads_core import CoreReads
@@ -245,8 +252,8 @@ def test_report_reads_the_database_without_the_orm_httpx_or_the_daemon(tmp_path:
     audit = subprocess.run([sys.executable, "-m", "auditor", "audit", "--once", "--drain-timeout", "0", "--config",
                             str(config)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert audit.returncode == 1, audit.stderr  # one open finding: the report has a run, a disk and a finding
-    for command in ("report", "findings"):  # `auditor findings` reads the same way
-        args = [command, "--config", str(config), "--format", fmt]
+    for command in (["report"], ["findings"], ["history", BARE]):  # findings and history read the same way
+        args = [*command, "--config", str(config), "--format", fmt]
         proc = _probe_imports(tmp_path, args, NOT_FOR_REPORT, must_succeed=True)
         assert proc.returncode == 0, proc.stderr
         *printed, loaded = proc.stdout.strip().splitlines()
@@ -316,6 +323,8 @@ async def test_report_reads_the_same_report_as_build_report_on_the_store(db_url:
         for statuses in (REPORTED_STATUSES, ("resolved",), ("open", "waived", "resolved")):
             assert current_findings(settings, statuses=statuses, clock=clock) == \
                 await s.store.all_findings(statuses=statuses)
+        for disk_id in [*ids, "disk_unknownunknown00"]:
+            assert current_disk_detail(settings, disk_id, clock=clock) == await disk_detail(s.store, disk_id)
         for reads in (reader, CoreReads(db_url)):
             try:
                 assert reads.current_revision() == await db.current_revision(db_url)
@@ -324,6 +333,10 @@ async def test_report_reads_the_same_report_as_build_report_on_the_store(db_url:
                 for statuses in (REPORTED_STATUSES, ("resolved",)):
                     assert reads.all_findings(statuses=statuses) == await s.store.all_findings(statuses=statuses)
                 assert reads.current_policy_ids() == await s.store.current_policy_ids()
+                histories = [reads.disk_history(disk_id) for disk_id in [*ids, "disk_unknownunknown00"]]
+                assert histories == [await s.store.disk_history(d) for d in [*ids, "disk_unknownunknown00"]]
+                # Not vacuous: snapshots, drift, findings and finding events are all compared.
+                assert all(any(h[part] for h in histories) for part in range(1, 5)) and histories[-1][0] is None
                 for since in (now - timedelta(days=1), clock.now - timedelta(minutes=20)):
                     assert reads.recent_drift(since=since) == await s.store.recent_drift(since=since)
             finally:

@@ -23,7 +23,7 @@ from auditor.errors import SchemaError, StoreError
 
 if TYPE_CHECKING:
     from auditor.config import Settings
-    from auditor.store.reads import ReportReads
+    from auditor.store.reads import DiskHistory, ReportReads
     from auditor.store.repo import Store
 
 EXPIRING_WITHIN = timedelta(days=7)
@@ -355,7 +355,19 @@ def _state_json(p: PolicyStateRecord) -> dict[str, Any]:
 
 async def disk_detail(store: Store, disk_id: str) -> dict[str, Any] | None:
     """Returns a disk's current policies, findings, snapshot history, drift and finding events; None if unknown."""
-    disk, states, drift, findings, events = await store.disk_history(disk_id)
+    return detail_json(await store.disk_history(disk_id))
+
+
+def current_disk_detail(settings: Settings, disk_id: str, *,
+                        clock: Callable[[], datetime] = _utcnow) -> dict[str, Any] | None:
+    """Returns `disk_detail` read as `auditor report` reads (`auditor history`), with the same checks and errors."""
+    with _checked_reads(settings, clock) as reads:
+        return detail_json(reads.disk_history(disk_id))
+
+
+def detail_json(history: DiskHistory) -> dict[str, Any] | None:
+    """Returns the disk detail of a disk's history (`Store.disk_history`); None if the disk is unknown."""
+    disk, states, drift, findings, events = history
     if disk is None:
         return None
     status = disk_status(disk, findings)

@@ -26,7 +26,16 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote
 
 from auditor.domain.models import FindingStatus, Severity, TrackedFinding
-from auditor.domain.records import DiskRecord, DriftRecord, RunError, RunRecord, RunStats, RunStatus
+from auditor.domain.records import (
+    DiskRecord,
+    DriftRecord,
+    FindingEventRecord,
+    PolicyStateRecord,
+    RunError,
+    RunRecord,
+    RunStats,
+    RunStatus,
+)
 from auditor.errors import StoreError
 from auditor.store.engine import SCHEMA_HEAD, _sqlite_pragmas
 
@@ -35,7 +44,7 @@ CHUNK = 500  # as repo.CHUNK: under SQLite's bound-parameter limit
 ORPHAN_ERROR_CODE = "abandoned"
 
 # Column kinds: how a stored value becomes what the ORM gives (reads_core maps them to SQLAlchemy types).
-TEXT, INT, BOOL, UTC_DATETIME, JSON = "text", "int", "bool", "utc", "json"
+TEXT, INT, FLOAT, BOOL, UTC_DATETIME, JSON = "text", "int", "float", "bool", "utc", "json"
 Columns = tuple[tuple[str, str], ...]
 
 RUNS: Columns = (
@@ -55,7 +64,15 @@ FINDINGS: Columns = (
     ("last_seen", UTC_DATETIME), ("opened_at", UTC_DATETIME), ("resolved_at", UTC_DATETIME), ("waiver", JSON),
     ("tier", TEXT),
 )
-POLICY_STATES: Columns = (("disk_id", TEXT), ("policy_id", TEXT), ("valid_to", UTC_DATETIME))
+POLICY_STATES: Columns = (
+    ("id", INT), ("disk_id", TEXT), ("policy_id", TEXT), ("settings_hash", TEXT), ("retention", INT),
+    ("interval", TEXT), ("target_type", TEXT), ("target_id", TEXT), ("target_name", TEXT),
+    ("next_invocation_at", UTC_DATETIME), ("total_size", FLOAT), ("valid_from", UTC_DATETIME),
+    ("valid_to", UTC_DATETIME),
+)
+FINDING_EVENTS: Columns = (
+    ("id", INT), ("fingerprint", TEXT), ("disk_id", TEXT), ("run_id", TEXT), ("at", UTC_DATETIME), ("kind", TEXT),
+)
 DRIFT_EVENTS: Columns = (
     ("id", INT), ("disk_id", TEXT), ("policy_id", TEXT), ("run_id", TEXT), ("at", UTC_DATETIME), ("kind", TEXT),
     ("before", JSON), ("after", JSON),
@@ -65,7 +82,11 @@ LEASES: Columns = (
     ("acquired_at", UTC_DATETIME), ("expires_at", UTC_DATETIME), ("run_id", TEXT),
 )
 TABLES: dict[str, Columns] = {"audit_runs": RUNS, "disks": DISKS, "findings": FINDINGS,
-                              "policy_states": POLICY_STATES, "drift_events": DRIFT_EVENTS, "leases": LEASES}
+                              "policy_states": POLICY_STATES, "drift_events": DRIFT_EVENTS, "leases": LEASES,
+                              "finding_events": FINDING_EVENTS}
+# A disk's history (`repo.Store.disk_history`, `ReportReads.disk_history`).
+DiskHistory = tuple[DiskRecord | None, list[PolicyStateRecord], list[DriftRecord], list[TrackedFinding],
+                    list[FindingEventRecord]]
 
 
 class ReportReads(Protocol):
@@ -78,6 +99,7 @@ class ReportReads(Protocol):
     def all_findings(self, *, statuses: Sequence[str]) -> list[TrackedFinding]: ...
     def current_policy_ids(self) -> dict[str, list[str]]: ...
     def recent_drift(self, *, since: datetime, limit: int = 200) -> list[DriftRecord]: ...
+    def disk_history(self, disk_id: str) -> DiskHistory: ...
     def close(self) -> None: ...
 
 
@@ -174,6 +196,27 @@ def _drift(row: Any) -> DriftRecord:
     return DriftRecord(row.disk_id, row.policy_id, row.run_id, row.at, row.kind, row.before, row.after)
 
 
+def _state(row: Any) -> PolicyStateRecord:
+    return PolicyStateRecord(
+        disk_id=row.disk_id,
+        policy_id=row.policy_id,
+        retention=row.retention,
+        interval=row.interval,
+        target_type=row.target_type,
+        target_id=row.target_id,
+        target_name=row.target_name,
+        next_invocation_at=row.next_invocation_at,
+        total_size=row.total_size,
+        valid_from=row.valid_from,
+        valid_to=row.valid_to,
+        settings_hash=row.settings_hash,
+    )
+
+
+def _event(row: Any) -> FindingEventRecord:
+    return FindingEventRecord(row.fingerprint, row.disk_id, row.run_id, row.at, row.kind)
+
+
 def orphans_of(running: Sequence[str], lease_row: Any, now: datetime) -> list[str]:
     """Returns the runs left `running` whose owner is gone: all but the cycle lease's run while it is live."""
     from auditor.store.leases import Lease  # only when a run is left running: leases loads SQLAlchemy Core
@@ -215,6 +258,7 @@ def _same(value: Any) -> Any:
 _DECODE: dict[str, Callable[[Any], Any]] = {
     TEXT: _same,
     INT: _same,
+    FLOAT: lambda v: None if v is None else float(v),
     BOOL: lambda v: None if v is None else bool(v),
     UTC_DATETIME: _utc,
     # SQLite keeps JSON as text; psycopg gives PostgreSQL's json already decoded.
@@ -364,6 +408,22 @@ class _DbapiReads:
             q = (_select("drift_events") + " WHERE drift_events.at >= ?"
                  " ORDER BY drift_events.at DESC, drift_events.id DESC LIMIT ?")
             return [_drift(r) for r in _rows(self._execute(q, (self._bind_time(since), limit)), DRIFT_EVENTS)]
+
+    def disk_history(self, disk_id: str) -> DiskHistory:
+        """Returns a disk with all its policy states, drift events, findings and finding events, oldest first."""
+        with self._connection():
+            def rows(table: str, order: str) -> list[SimpleNamespace]:
+                q = _select(table) + f" WHERE {table}.disk_id = ? ORDER BY {order}"
+                return list(_rows(self._execute(q, (disk_id,)), TABLES[table]))
+
+            disk = next(_rows(self._execute(_select("disks") + " WHERE disks.id = ?", (disk_id,)), DISKS), None)
+            return (
+                _disk(disk) if disk else None,
+                [_state(r) for r in rows("policy_states", "policy_states.valid_from, policy_states.id")],
+                [_drift(r) for r in rows("drift_events", "drift_events.at, drift_events.id")],
+                [_finding(r) for r in rows("findings", "findings.first_seen, findings.fingerprint")],
+                [_event(r) for r in rows("finding_events", "finding_events.at, finding_events.id")],
+            )
 
 
 class SqliteReads(_DbapiReads):

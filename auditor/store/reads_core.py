@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import JSON, BigInteger, Boolean, String, column, select, table, update
+from sqlalchemy import JSON, BigInteger, Boolean, Float, String, column, select, table, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.expression import TableClause
@@ -23,7 +23,7 @@ from auditor.store.types import UTCDateTime
 T = TypeVar("T")
 
 
-_TYPES: dict[str, Any] = {reads.TEXT: String, reads.INT: BigInteger, reads.BOOL: Boolean,
+_TYPES: dict[str, Any] = {reads.TEXT: String, reads.INT: BigInteger, reads.FLOAT: Float, reads.BOOL: Boolean,
                           reads.UTC_DATETIME: UTCDateTime, reads.JSON: JSON}
 
 
@@ -31,8 +31,9 @@ def _table(name: str) -> TableClause:
     return table(name, *(column(c, _TYPES[kind]) for c, kind in reads.TABLES[name]))
 
 
-runs, disks, findings, policy_states, drift_events, leases = (
-    _table(name) for name in ("audit_runs", "disks", "findings", "policy_states", "drift_events", "leases"))
+runs, disks, findings, policy_states, drift_events, leases, finding_events = (
+    _table(name) for name in ("audit_runs", "disks", "findings", "policy_states", "drift_events", "leases",
+                              "finding_events"))
 
 
 class CoreReads:
@@ -142,5 +143,23 @@ class CoreReads:
             d = drift_events.c
             q = select(drift_events).where(d.at >= since).order_by(d.at.desc(), d.id.desc()).limit(limit)
             return [reads._drift(r) for r in conn.execute(q)]
+
+        return self._read(go)
+
+    def disk_history(self, disk_id: str) -> reads.DiskHistory:
+        """Returns a disk with all its policy states, drift events, findings and finding events, oldest first."""
+
+        def go(conn: Connection) -> reads.DiskHistory:
+            def rows(t: TableClause, *order: Any) -> list[Any]:
+                return list(conn.execute(select(t).where(t.c.disk_id == disk_id).order_by(*order)))
+
+            disk = conn.execute(select(disks).where(disks.c.id == disk_id)).first()
+            return (
+                reads._disk(disk) if disk else None,
+                [reads._state(r) for r in rows(policy_states, policy_states.c.valid_from, policy_states.c.id)],
+                [reads._drift(r) for r in rows(drift_events, drift_events.c.at, drift_events.c.id)],
+                [reads._finding(r) for r in rows(findings, findings.c.first_seen, findings.c.fingerprint)],
+                [reads._event(r) for r in rows(finding_events, finding_events.c.at, finding_events.c.id)],
+            )
 
         return self._read(go)

@@ -37,7 +37,7 @@ from auditor.domain.records import (
 from auditor.errors import LeaseLostError, StoreError
 from auditor.store.engine import create_engine_for, ping, safe_url
 from auditor.store.leases import CYCLE, Holder, Lease, insert_if_absent, read_in, renew_in
-from auditor.store.reads import _disk, _finding, _run
+from auditor.store.reads import _disk, _drift, _event, _finding, _run, _state
 from auditor.store.tables import (
     AlertStateRow,
     DiskRow,
@@ -148,23 +148,6 @@ def _finding_values(f: TrackedFinding) -> dict[str, Any]:
     }
 
 
-
-
-def _state(row: PolicyState) -> PolicyStateRecord:
-    return PolicyStateRecord(
-        disk_id=row.disk_id,
-        policy_id=row.policy_id,
-        retention=row.retention,
-        interval=row.interval,
-        target_type=row.target_type,
-        target_id=row.target_id,
-        target_name=row.target_name,
-        next_invocation_at=row.next_invocation_at,
-        total_size=row.total_size,
-        valid_from=row.valid_from,
-        valid_to=row.valid_to,
-        settings_hash=row.settings_hash,
-    )
 
 
 class Store:
@@ -388,9 +371,9 @@ class Store:
             return (
                 _disk(disk_row) if disk_row else None,
                 [_state(r) for r in states],
-                [DriftRecord(d.disk_id, d.policy_id, d.run_id, d.at, d.kind, d.before, d.after) for d in drift],
+                [_drift(d) for d in drift],
                 [_finding(f) for f in findings],
-                [FindingEventRecord(e.fingerprint, e.disk_id, e.run_id, e.at, e.kind) for e in events],
+                [_event(e) for e in events],
             )
 
         result: Any = await self._read(go)
