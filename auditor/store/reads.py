@@ -1,4 +1,4 @@
-"""The current report's reads for one-shot commands (`auditor report`), without the ORM or asyncio.
+"""The reads of the one-shot commands (`auditor report`, `findings`, `history`), without the ORM or asyncio.
 
 `auditor report` reads a handful of rows and exits: loading the ORM mapping (`tables`), `sqlalchemy.ext.asyncio`
 and aiosqlite — or even SQLAlchemy itself — costs more than everything else it does (benchmarks/cli_start.py).
