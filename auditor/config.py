@@ -12,10 +12,10 @@ import os
 import re
 import tomllib
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -279,6 +279,20 @@ class ApiSettings(Section):
         return None
 
 
+_Ids = TypeVar("_Ids", list[str], dict[str, SeverityName])
+
+
+def _rule_ids(ids: _Ids) -> _Ids:
+    unknown = sorted(set(ids) - set(RULE_IDS))
+    if unknown:
+        raise ValueError(f"unknown rule id(s) {', '.join(unknown)}; known: {', '.join(RULE_IDS)}")
+    return ids
+
+
+RuleIds = Annotated[list[str], AfterValidator(_rule_ids)]  # rule ids; unknown ones are errors
+RuleSeverities = Annotated[dict[str, SeverityName], AfterValidator(_rule_ids)]  # rule id -> severity
+
+
 class RuleOverride(Section):
     """[[rules.overrides]]: stricter or looser parameters for some disks."""
 
@@ -296,27 +310,9 @@ class RulesSettings(Section):
     min_retention_days: float = Field(default=7, ge=0)
     max_interval: IntervalName = "daily"
     stale_grace: Duration = timedelta(hours=1)
-    severity: dict[str, SeverityName] = Field(default_factory=dict)
-    disabled: list[str] = Field(default_factory=list)
+    severity: RuleSeverities = Field(default_factory=dict)
+    disabled: RuleIds = Field(default_factory=list)
     overrides: list[RuleOverride] = Field(default_factory=list)
-
-    @field_validator("severity")
-    @classmethod
-    def _known_rules(cls, value: dict[str, str]) -> dict[str, str]:
-        _check_rule_ids(value)
-        return value
-
-    @field_validator("disabled")
-    @classmethod
-    def _known_disabled(cls, value: list[str]) -> list[str]:
-        _check_rule_ids(value)
-        return value
-
-
-def _check_rule_ids(ids: Iterable[str]) -> None:
-    unknown = sorted(set(ids) - set(RULE_IDS))
-    if unknown:
-        raise ValueError(f"unknown rule id(s) {', '.join(unknown)}; known: {', '.join(RULE_IDS)}")
 
 
 _TIER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -369,8 +365,8 @@ class TierSettings(Section):
     min_retention_days: float | None = Field(default=None, ge=0)
     max_interval: IntervalName | None = None
     stale_grace: Duration | None = None
-    severity: dict[str, SeverityName] = Field(default_factory=dict)
-    disabled: list[str] | None = None
+    severity: RuleSeverities = Field(default_factory=dict)
+    disabled: RuleIds | None = None
     exempt: bool = False
     reason: str = ""
 
@@ -380,19 +376,6 @@ class TierSettings(Section):
         if not _TIER_NAME.match(value):
             raise ValueError(f"{value[:80]!r} is not a tier name (letters, digits, '.', '_' or '-', at most 64, "
                              "starting with a letter or digit)")
-        return value
-
-    @field_validator("severity")
-    @classmethod
-    def _known_rules(cls, value: dict[str, str]) -> dict[str, str]:
-        _check_rule_ids(value)
-        return value
-
-    @field_validator("disabled")
-    @classmethod
-    def _known_disabled(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None:
-            _check_rule_ids(value)
         return value
 
     @model_validator(mode="after")

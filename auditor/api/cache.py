@@ -40,11 +40,6 @@ class ResponseCache:
         self._items: OrderedDict[Hashable, Rendered] = OrderedDict()
         self._builds = SingleFlight()
 
-    @property
-    def builds(self) -> int:
-        """How many bodies were built (tests)."""
-        return self._builds.started
-
     async def get(self, key: Hashable, build: Callable[[], Awaitable[Any]]) -> Rendered:
         """Returns the cached body for `key`, building (and rendering) it if missing."""
         hit = self._items.get(key)
