@@ -23,11 +23,11 @@ from pydantic import SecretStr
 from test_api import World, count_latest_run_lookups, deps_for
 from test_web import API_TOKEN, _api_findings, login, metrics, rows, web_client
 
+from auditor.domain.listings import SORT_KEYS, FindingSearch
 from auditor.errors import StoreError
 from auditor.fake.fleet import fake_id
 from auditor.service import dashboard
 from auditor.service.cycle import utcnow
-from auditor.store.dashboard import SORT_KEYS, FindingSearch
 from auditor.web.auth import SESSION_COOKIE, Signer
 from auditor.web.snapshots import Slotted, Snapshots, slot
 

@@ -33,6 +33,7 @@ from test_api import KATAPULT, World, deps_for
 
 from auditor.api import ApiDeps, CycleMetrics, create_app
 from auditor.config import Settings
+from auditor.domain.listings import RunPoint
 from auditor.domain.records import RunError, RunStats, RunStatus
 from auditor.fake import Fault, demo_fleet
 from auditor.fake import create_app as fake_app
@@ -42,7 +43,6 @@ from auditor.service.cycle import utcnow
 from auditor.service.dashboard import compliance_pct
 from auditor.service.reports import disk_detail
 from auditor.service.runner import CycleRunner
-from auditor.store.dashboard import RunPoint
 from auditor.store.repo import Store
 from auditor.web.auth import SESSION_COOKIE, Signer, is_https, safe_next
 from auditor.web.charts import COLUMNS, MAX_MARKS, compliance_chart, severity_chart

@@ -30,13 +30,13 @@ from auditor.api.models import (
     SeverityName,
 )
 from auditor.domain.alerts import Delivery
+from auditor.domain.listings import FindingQuery, decode_cursor
 from auditor.domain.periods import parse_instant
 from auditor.errors import LeaseHeldError, StoreError
 from auditor.service.compliance import build_compliance, recover_waivers, resolve_period
 from auditor.service.reports import build_report, disk_detail, finding_json, iso, run_json
 from auditor.service.versions import DataVersion
 from auditor.store.outbox import Outbox
-from auditor.store.repo import FindingQuery, decode_cursor
 
 # Ids are opaque strings without whitespace or control characters (PostgreSQL rejects NUL in text outright).
 ID_PATTERN = r"^[^\x00-\x20\x7f]+$"

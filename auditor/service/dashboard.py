@@ -15,10 +15,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from auditor.domain.alerts import Delivery, DeliveryState
+from auditor.domain.listings import SORT_KEYS, FindingListing, FindingSearch, RunPoint, SortKey
 from auditor.domain.models import Waiver, WaiverProblem
 from auditor.domain.records import RunRecord, RunStatus
 from auditor.service.reports import EXPIRING_WITHIN, build_report
-from auditor.store.dashboard import SORT_KEYS, DashboardReads, FindingListing, FindingSearch, RunPoint, SortKey
+from auditor.store.dashboard import DashboardReads
 from auditor.store.outbox import Outbox
 from auditor.store.repo import Store
 

@@ -7,64 +7,18 @@ disk text, sort, count for page numbers, the history behind the trend charts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.elements import ColumnElement
 
+from auditor.domain.listings import FindingListing, FindingSearch, RunPoint, SortKey
 from auditor.domain.models import FindingStatus, Severity, TrackedFinding
 from auditor.store.engine import create_engine_for, sqlite_path
 from auditor.store.repo import Store
 from auditor.store.tables import DiskRow, FindingRow, RunSummary
-
-SortKey = Literal["severity", "rule", "disk", "status", "first_seen", "last_seen"]
-SORT_KEYS: tuple[SortKey, ...] = ("severity", "rule", "disk", "status", "first_seen", "last_seen")
-
-
-@dataclass(frozen=True, slots=True)
-class RunPoint:
-    """One finished run's summary (a row of `run_summaries`): the fleet as it stood after the run."""
-
-    run_id: str
-    started_at: datetime
-    finished_at: datetime | None
-    status: str
-    disks_total: int
-    compliant: int
-    noncompliant: int
-    unknown: int
-    open_by_severity: dict[str, int]
-    requests: int
-    duration_seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class FindingSearch:
-    """Filters, order and page of a findings search (`org` is a disk source such as `org:<ref>` or `config`)."""
-
-    statuses: tuple[str, ...] = ("open",)
-    rule: str | None = None
-    severity: str | None = None
-    org: str | None = None
-    text: str | None = None  # a substring of the disk id or name, any case
-    sort: SortKey = "severity"
-    tier: str | None = None  # the disk's [[tiers]] entry
-    descending: bool = True
-    offset: int = 0
-    limit: int = 50
-
-
-@dataclass(frozen=True, slots=True)
-class FindingListing:
-    """A finding with what the list shows of its disk (its `observed` and `expected` are not read: empty)."""
-
-    finding: TrackedFinding
-    disk_name: str | None
-    disk_source: str | None
-    disk_tier: str | None = None
 
 
 class DashboardReads:

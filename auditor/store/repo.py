@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -18,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from auditor.domain.alerts import AlertState, AlertStatus, OutboxEntry, notification_to_dict
 from auditor.domain.lifecycle import Change, Transition
+from auditor.domain.listings import FindingQuery, decode_cursor, encode_cursor
 from auditor.domain.models import (
     DiskSnapshot,
     FindingStatus,
@@ -89,43 +88,6 @@ class CycleWrite:
     disk_statuses: dict[str, str] = field(default_factory=dict)
     open_by_severity: dict[str, int] = field(default_factory=dict)
     open_by_rule: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class FindingQuery:
-    """Filters and paging for listing findings."""
-
-    statuses: tuple[str, ...] = ("open", "waived")
-    rule: str | None = None
-    severity: str | None = None
-    disk_id: str | None = None
-    limit: int = 100
-    cursor: str | None = None
-    tier: str | None = None  # only findings of disks in this tier (their latest reading's)
-
-
-def encode_cursor(key: tuple[str, str]) -> str:
-    """Returns an opaque cursor for keyset paging."""
-    return base64.urlsafe_b64encode(json.dumps(list(key)).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[str, str]:
-    """Returns the keyset position in a cursor; ValueError if it is not one of ours."""
-    try:
-        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, TypeError) as exc:
-        raise ValueError("invalid cursor") from exc
-    if not (isinstance(raw, list) and len(raw) == 2 and all(isinstance(x, str) for x in raw)):
-        raise ValueError("invalid cursor")
-    try:  # JSON may escape lone surrogates, which no database can compare with
-        for part in raw:
-            part.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("invalid cursor") from None
-    if any("\x00" in part for part in raw):
-        raise ValueError("invalid cursor")
-    return raw[0], raw[1]
-
 
 
 def _finding_values(f: TrackedFinding) -> dict[str, Any]:

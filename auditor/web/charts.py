@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from auditor.domain.listings import RunPoint
 from auditor.domain.models import Severity
 from auditor.service.dashboard import compliance_pct
-from auditor.store.dashboard import RunPoint
 
 WIDTH, HEIGHT = 480.0, 220.0
 LEFT, RIGHT, TOP, BOTTOM = 40.0, 10.0, 10.0, 26.0

@@ -21,13 +21,13 @@ from fastapi.routing import APIRoute
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup, escape
 
+from auditor.domain.listings import SORT_KEYS, FindingSearch, SortKey
 from auditor.domain.models import Severity
 from auditor.domain.rules import RULES
 from auditor.errors import AuditorError, LeaseHeldError, StoreError
 from auditor.service import dashboard
 from auditor.service.reports import disk_detail, iso
 from auditor.service.versions import DataVersion, SingleFlight, data_version
-from auditor.store.dashboard import SORT_KEYS, FindingSearch, SortKey
 from auditor.web.auth import SESSION_COOKIE, SESSION_TTL, Session, Signer, is_https, safe_next
 from auditor.web.charts import compliance_chart, severity_chart
 from auditor.web.snapshots import LRU, Built, Slotted, Snapshots, off_loop, slot
