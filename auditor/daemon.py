@@ -32,6 +32,7 @@ from auditor.service import AuditOutcome, Services, open_services, utcnow, waive
 from auditor.service.compliance import prune_history
 from auditor.service.runner import CycleHook, CycleRunner
 from auditor.store import engine as db
+from auditor.store import queries
 from auditor.store.leases import LEADER
 from auditor.store.repo import Store
 
@@ -260,7 +261,7 @@ class _Daemon:
         """Returns when the new leader's first cycle runs: now, unless a cycle started less than an interval ago."""
         now = utcnow()
         try:
-            runs = await services.store.list_runs(limit=1)
+            runs = await services.store.read(queries.list_runs, limit=1)
         except StoreError:
             return now
         if not runs:

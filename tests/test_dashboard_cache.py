@@ -156,7 +156,7 @@ async def test_findings_index_answers_as_the_sql_search(world: World) -> None:
                     search = FindingSearch(statuses=statuses, sort=sort, descending=descending, limit=4, **extra)
                     for page in (1, 2, 99):
                         mine = snap.index.page(search, page=page, sources=snap.sources)
-                        theirs = await dashboard.search_findings(store, search, page=page, sources=snap.sources)
+                        theirs = await dashboard.findings_page(store, search, page=page, sources=snap.sources)
                         where = (statuses, sort, descending, extra, page)
                         assert [i.finding.fingerprint for i in mine.items] == [
                             i.finding.fingerprint for i in theirs.items], where

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from auditor.domain.records import RunRecord
 from auditor.errors import StoreError
 from auditor.service.runner import CycleMetrics
+from auditor.store import queries
 from auditor.store.outbox import Outbox
 from auditor.store.repo import Store
 
@@ -42,11 +43,11 @@ class StoredState:
 async def read_state(store: Store) -> StoredState | None:
     """Returns the stored state metrics show, or None when the database does not answer."""
     try:
-        counts = await store.finding_counts()
-        disks = await store.disk_status_counts()
+        counts = await store.read(queries.finding_counts)
+        disks = await store.read(queries.disk_status_counts)
         notifications = await Outbox(store).counts()
-        success = await store.last_successful_run()
-        last = await store.latest_run(finished=True)
+        success = await store.read(queries.last_successful_run)
+        last = await store.read(queries.latest_run, finished=True)
     except StoreError:
         return None
 

@@ -36,6 +36,7 @@ from auditor.errors import LeaseHeldError, StoreError
 from auditor.service.compliance import build_compliance, recover_waivers, resolve_period
 from auditor.service.reports import build_report, disk_detail, finding_json, iso, run_json
 from auditor.service.versions import DataVersion
+from auditor.store import queries
 from auditor.store.outbox import Outbox
 
 # Ids are opaque strings without whitespace or control characters (PostgreSQL rejects NUL in text outright).
@@ -86,8 +87,8 @@ def ops_router(deps: ApiDeps) -> APIRouter:
         leadership = deps.leadership() if deps.leadership is not None else None
         try:
             await deps.store.ping()
-            run = await deps.store.last_successful_run()
-            latest = await deps.store.latest_run(finished=True)
+            run = await deps.store.read(queries.last_successful_run)
+            latest = await deps.store.read(queries.latest_run, finished=True)
         except StoreError as exc:
             return _readiness(f"database unavailable: {exc}", None, leadership)
         if run is None or run.finished_at is None:
@@ -227,7 +228,7 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
                              disk_id=disk_id, limit=limit, cursor=cursor, tier=tier)
 
         async def build() -> dict[str, Any]:
-            page, next_cursor = await deps.store.list_findings(query)
+            page, next_cursor = await deps.store.read(queries.list_findings, query)
             return {"findings": [finding_json(f, with_resolution=True) for f in page], "next_cursor": next_cursor}
 
         return respond(request, await cache.get(("findings", query, await data_version()), build))
@@ -245,7 +246,7 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
     async def runs(limit: Annotated[int, Query(ge=1, le=500, description="How many, newest first.")] = 20,
                    ) -> JSONResponse:
         """Recent audit runs with their status, traffic and errors, newest first."""
-        records = await deps.store.list_runs(limit=limit)
+        records = await deps.store.read(queries.list_runs, limit=limit)
         return JSONResponse({"runs": [run_json(r) for r in records]})
 
     @router.get("/notifications", response_model=NotificationsPage, summary="Recent notifications")

@@ -49,7 +49,7 @@ from auditor.domain.records import RunRecord
 from auditor.domain.rules import RULES
 from auditor.service.reports import csv_cell, iso, md_cell, run_json
 from auditor.service.services import Services
-from auditor.store import history
+from auditor.store import pruning, queries
 from auditor.store.engine import safe_url
 from auditor.store.repo import Store
 
@@ -120,14 +120,14 @@ def _waiver_json(w: Waiver, period: Period) -> dict[str, Any]:
 async def build_compliance(store: Store, *, period: Period, interval: timedelta, waivers: Sequence[Waiver],
                            generated_at: datetime) -> dict[str, Any]:
     """Returns the period report (see the module docstring for what each figure means)."""
-    data = await history.load_period(store, start=period.start, end=period.end,
+    data = await store.read(queries.period_data, start=period.start, end=period.end,
                                      lookback=periods.earlier(period.start, 2 * interval))
     return compliance_from(data, period=period, interval=interval, waivers=waivers, generated_at=generated_at)
 
 
-def compliance_from(data: history.PeriodData, *, period: Period, interval: timedelta, waivers: Sequence[Waiver],
+def compliance_from(data: queries.PeriodData, *, period: Period, interval: timedelta, waivers: Sequence[Waiver],
                     generated_at: datetime) -> dict[str, Any]:
-    """Returns the period report from what `history.load_period` read."""
+    """Returns the period report from what `queries.period_data` read."""
     s = periods.seconds
     coverage = periods.build_coverage([(p.at, p.status) for p in data.polls], period=period, horizon=2 * interval)
     in_period = [p for p in data.polls if period.start <= p.at < period.end]
@@ -455,10 +455,10 @@ async def build_evidence(services: Services, period: Period) -> dict[str, bytes]
     settings = services.settings
     interval = settings.audit.interval
     waivers, _ = configured_waivers(settings.waivers)
-    data = await history.load_period(services.store, start=period.start, end=period.end,
+    data = await services.store.read(queries.period_data, start=period.start, end=period.end,
                                      lookback=periods.earlier(period.start, 2 * interval))
     report = compliance_from(data, period=period, interval=interval, waivers=waivers, generated_at=period.end)
-    runs: list[RunRecord] = await history.runs_between(services.store, start=period.start, end=period.end)
+    runs: list[RunRecord] = await services.store.read(queries.runs_between, start=period.start, end=period.end)
     run_items = [r for r in (run_json(run) for run in runs) if r is not None]
     files = {
         "compliance.json": _json_bytes(report),
@@ -494,7 +494,7 @@ async def prune_history(services: Services) -> dict[str, int]:
     """Deletes history older than `[history] keep` (the daemon's job); returns rows deleted per table."""
     now = services.clock()
     before = now - services.settings.history.keep
-    counts = await history.prune_history(services.store, before)
+    counts = await pruning.prune_history(services.store, before)
     log.info("history pruned before %s: %s", iso(before),
              ", ".join(f"{n} {table}" for table, n in counts.items()) or "nothing",
              extra={"pruned": counts, "before": iso(before)})

@@ -47,7 +47,7 @@ from auditor.errors import (
     NotFoundError,
 )
 from auditor.katapult import KatapultClient, OrgRef
-from auditor.store.repo import DiskWrite
+from auditor.store.writes import DiskWrite
 
 log = logging.getLogger(__name__)
 

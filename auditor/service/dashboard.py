@@ -19,8 +19,7 @@ from auditor.domain.listings import SORT_KEYS, FindingListing, FindingSearch, Ru
 from auditor.domain.models import Waiver, WaiverProblem
 from auditor.domain.records import RunRecord, RunStatus
 from auditor.service.reports import EXPIRING_WITHIN, build_report
-from auditor.store.dashboard import DashboardReads
-from auditor.store.outbox import Outbox
+from auditor.store import queries
 from auditor.store.repo import Store
 
 TREND_DAYS = (7, 30, 90)
@@ -101,7 +100,7 @@ class FindingsResult:
 class FindingIndex:
     """Every finding of some statuses with its disk's name and source, searched in memory.
 
-    Filters, order and pages mean what `DashboardReads.search_findings` makes of them in SQL: the order is the sort
+    Filters, order and pages mean what `queries.search_findings` makes of them in SQL: the order is the sort
     key (severity by rank), then disk id and fingerprint ascending; text is a case-insensitive substring of the disk
     id or name. Text columns sort by code point (as SQLite does; PostgreSQL would use the database's collation).
     Every order is computed when the index is made (off the event loop); a search then filters one of them (and
@@ -207,19 +206,20 @@ class Snapshot:
 async def snapshot(store: Store, *, now: datetime, waivers: Sequence[Waiver] = (),
                    waiver_problems: Sequence[WaiverProblem] = ()) -> Snapshot:
     """Reads everything the overview and findings pages show (the report, trend history, findings, sources)."""
-    latest = await store.latest_run()  # first: the snapshot is at least as new as the run it is labelled with
+    # First: the snapshot is at least as new as the run it is labelled with.
+    latest = await store.read(queries.latest_run)
     report = await build_report(store, now=now, waivers=waivers, waiver_problems=waiver_problems)
-    last_good = await store.last_successful_run()
-    reads = DashboardReads(store)
-    history = await reads.run_points(since=now - timedelta(days=max(TREND_DAYS)))
-    sources = await reads.disk_sources()
-    tiers = await reads.disk_tiers()
-    counts = await reads.finding_status_counts()
+    last_good = await store.read(queries.last_successful_run)
+    history = await store.read(queries.run_points, since=now - timedelta(days=max(TREND_DAYS)))
+    sources = await store.read(queries.disk_sources)
+    tiers = await store.read(queries.disk_tiers)
+    counts = await store.read(queries.finding_status_counts)
     index = None
     if sum(counts.values()) <= INDEX_LIMIT:
-        index = FindingIndex(await reads.finding_listings(ALL_STATUSES), ALL_STATUSES)
+        index = FindingIndex(await store.read(queries.finding_listings, statuses=ALL_STATUSES), ALL_STATUSES)
     elif counts.get("open", 0) + counts.get("waived", 0) <= INDEX_LIMIT:
-        index = FindingIndex(await reads.finding_listings(("open", "waived")), ("open", "waived"))
+        active = ("open", "waived")
+        index = FindingIndex(await store.read(queries.finding_listings, statuses=active), active)
     summary = report["summary"]
     return Snapshot(built_at=now, latest=latest, last_good=last_good, report={k: report[k] for k in REPORT_KEYS},
                     # Exempt disks are judged by no rule: outside the ratio, as in the period report.
@@ -229,29 +229,28 @@ async def snapshot(store: Store, *, now: datetime, waivers: Sequence[Waiver] = (
                     sources=sources, index=index, tiers=tiers)
 
 
-async def search_findings(store: Store, search: FindingSearch, *, page: int,
+async def findings_page(store: Store, search: FindingSearch, *, page: int,
                           sources: list[str] | None = None, total: int | None = None) -> FindingsResult:
     """Returns page `page` (from 1) of the findings matching `search`; a page past the end is the last one.
 
     `sources` (the organization filter's choices) and `total` (how many match) are used if already known (e.g.
     cached per run), else read.
     """
-    reads = DashboardReads(store)
     size = search.limit
-    items, total = await reads.search_findings(_at_page(search, page), total=total)
-    pages = max(1, -(-total // size))
+    items, found = await store.read(queries.search_findings, _at_page(search, page), total=total)
+    pages = max(1, -(-found // size))
     if page > pages:
         page = pages
-        items, total = await reads.search_findings(_at_page(search, page), total=total)
+        items, found = await store.read(queries.search_findings, _at_page(search, page), total=found)
     if sources is None:
-        sources = await reads.disk_sources()
-    return FindingsResult(items=items, total=total, page=page, pages=pages, sources=sources,
-                          tiers=await reads.disk_tiers())
+        sources = await store.read(queries.disk_sources)
+    return FindingsResult(items=items, total=found, page=page, pages=pages, sources=sources,
+                          tiers=await store.read(queries.disk_tiers))
 
 
 async def count_findings(store: Store, search: FindingSearch) -> int:
     """Returns how many findings match `search` (its order and page aside)."""
-    _items, total = await DashboardReads(store).search_findings(_at_page(search, 1, limit=1))
+    _items, total = await store.read(queries.search_findings, _at_page(search, 1, limit=1))
     return total
 
 
@@ -277,11 +276,10 @@ class NotifierState:
 
 async def notifications(store: Store, *, limit: int = 50) -> tuple[list[NotifierState], list[Delivery]]:
     """Returns the delivery state per notifier (all entries) and the `limit` most recent entries."""
-    outbox = Outbox(store)
     by_notifier: dict[str, NotifierState] = {}
-    for notifier, state, count in await outbox.counts():
+    for notifier, state, count in await store.read(queries.delivery_counts):
         by_notifier.setdefault(notifier, NotifierState(notifier)).counts[state] = count
-    return [by_notifier[n] for n in sorted(by_notifier)], await outbox.recent(limit=limit)
+    return [by_notifier[n] for n in sorted(by_notifier)], await store.read(queries.deliveries, limit=limit)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,8 @@
 """The compliance report (a public JSON contract) and its table/CSV/Markdown renderings, read from the store.
 
-`build_report` reads through the async `Store` (the API, the dashboard, the demo); `current_report` is the same
-report for a one-shot command: it opens the database read-only as `open_services(katapult=False, migrate=False)`
-does, through `auditor.store.reads` (sqlite3 for a plain SQLite file, else SQLAlchemy Core), so `auditor report`
-starts without the ORM, asyncio, httpx or the notifiers (benchmarks/cli_start.py). This module imports only the
-domain at import time.
+Both read the same `queries.report_inputs`: `build_report` through the async `Store` (the API, the dashboard, the
+demo), `current_report` on a synchronous `Reader` for a one-shot command, so `auditor report` starts without
+asyncio, httpx or the notifiers (benchmarks/cli_start.py). This module imports only the domain at import time.
 """
 
 from __future__ import annotations
@@ -12,28 +10,23 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from auditor.domain.models import FindingStatus, ReadOutcome, TrackedFinding, Waiver, WaiverProblem
 from auditor.domain.records import DiskRecord, DiskStatus, DriftRecord, PolicyStateRecord, RunRecord
-from auditor.errors import SchemaError, StoreError
+from auditor.errors import SchemaError
 
 if TYPE_CHECKING:
     from auditor.config import Settings
-    from auditor.store.reads import DiskHistory, ReportReads
-    from auditor.store.repo import Store
+    from auditor.store import queries
+    from auditor.store.repo import Reader, Store
 
 EXPIRING_WITHIN = timedelta(days=7)
 DRIFT_WITHIN = timedelta(days=7)
 # What `services.check_schema` tells a read-only command to do about a missing or outdated database.
 SCHEMA_HINT = "run `auditor db upgrade` or start `auditor run` once"
-ORPHAN_REASON = "its process stopped before it finished"
-
-# The orphaned-run sweep logs as `open_services` does, under the same logger name.
-services_log = logging.getLogger("auditor.service.services")
 
 
 def iso(value: datetime | None) -> str | None:
@@ -94,13 +87,10 @@ async def build_report(
     store: Store, *, now: datetime, waivers: Sequence[Waiver] = (), waiver_problems: Sequence[WaiverProblem] = ()
 ) -> dict[str, Any]:
     """Returns the compliance report: last run, summary, disks and open/waived findings (no Katapult call)."""
-    run = await store.latest_run()
-    disks = await store.load_disks(targets_only=True)
-    findings = await store.all_findings(statuses=REPORTED_STATUSES)
-    policies = await store.current_policy_ids()
-    drift = await store.recent_drift(since=now - DRIFT_WITHIN)
-    return assemble_report(now=now, run=run, disks=disks, findings=findings, policies=policies, drift=drift,
-                           waivers=waivers, waiver_problems=waiver_problems)
+    from auditor.store import queries
+
+    inputs = await store.read(queries.report_inputs, now=now, drift_since=now - DRIFT_WITHIN)
+    return assemble_report(now=now, inputs=inputs, waivers=waivers, waiver_problems=waiver_problems)
 
 
 def _utcnow() -> datetime:
@@ -108,61 +98,51 @@ def _utcnow() -> datetime:
 
 
 @contextlib.contextmanager
-def _checked_reads(settings: Settings, clock: Callable[[], datetime]) -> Iterator[ReportReads]:
-    """Yields the read-only reads of the configured database after the checks `open_services(settings,
+def _checked_reader(settings: Settings) -> Iterator[Reader]:
+    """Yields a synchronous reader of the configured database after the checks `open_services(settings,
     katapult=False, migrate=False)` makes, with the same errors: SchemaError when the database is missing (never
-    created) or not at the code's revision, StoreError when it cannot be read; runs left `running` by a process
-    that is gone are marked failed first (a failure there is ignored, as there)."""
-    from pathlib import Path
-
+    created) or not at the code's revision, StoreError when it cannot be read. Nothing is written: a run left
+    `running` by a process that is gone reads as failed (`queries.run_view`)."""
     from auditor.store import engine
-    from auditor.store.reads import open_report_reads, plain_sqlite_file
+    from auditor.store.repo import Reader
 
     url = settings.database.url.get_secret_value()
-    plain = plain_sqlite_file(url)  # sqlite3 or psycopg: SQLAlchemy is loaded only for other URLs and for errors
-    missing = ((not Path(plain).is_file()) if plain is not None
-               else url.startswith("sqlite") and engine.sqlite_file_missing(url))
-    if missing:
+    if url.startswith("sqlite") and engine.sqlite_file_missing(url):
         raise SchemaError(f"database {engine.safe_url(url)} does not exist: check database.url, or {SCHEMA_HINT}")
-    reads = open_report_reads(url)
+    reader = Reader(url)
     try:
-        current, head = reads.current_revision()
-        if current != head:
+        current = reader.revision()
+        if current != engine.SCHEMA_HEAD:
             raise SchemaError(f"database {engine.safe_url(url)} is at schema revision {current or 'none'}, this "
-                              f"version needs {head}: {SCHEMA_HINT}")
-        with contextlib.suppress(StoreError):
-            abandoned = reads.abandon_orphaned_runs(now=clock(), reason=ORPHAN_REASON)
-            if abandoned:
-                services_log.warning("marked %d run(s) left running by a process that is gone as failed: %s",
-                                     len(abandoned), ", ".join(abandoned))
-        yield reads
+                              f"version needs {engine.SCHEMA_HEAD}: {SCHEMA_HINT}")
+        yield reader
     finally:
-        reads.close()
+        reader.close()
 
 
 def current_report(settings: Settings, *, clock: Callable[[], datetime] = _utcnow,
                    tier: str | None = None) -> dict[str, Any]:
-    """Returns `build_report`'s report for the configured database, read as `auditor report` reads it: what
-    `open_services(settings, katapult=False, migrate=False)` plus `build_report` do, with the same errors."""
+    """Returns `build_report`'s report for the configured database, read as `auditor report` reads it: on a
+    synchronous connection, with the checks and errors of `open_services(settings, katapult=False,
+    migrate=False)`."""
     from auditor.domain.lifecycle import parse_waivers
     from auditor.domain.rules import RULES
+    from auditor.store import queries
 
-    with _checked_reads(settings, clock) as reads:
-        waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=clock())
+    with _checked_reader(settings) as reader:
         now = clock()
-        return assemble_report(
-            now=now, run=reads.latest_run(), disks=reads.target_disks(),
-            findings=reads.all_findings(statuses=REPORTED_STATUSES), policies=reads.current_policy_ids(),
-            drift=reads.recent_drift(since=now - DRIFT_WITHIN), waivers=waivers, waiver_problems=problems,
-            tier=tier)
+        waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=now)
+        inputs = reader.read(queries.report_inputs, now=now, drift_since=now - DRIFT_WITHIN)
+        return assemble_report(now=now, inputs=inputs, waivers=waivers, waiver_problems=problems, tier=tier)
 
 
-def current_findings(settings: Settings, *, statuses: Sequence[str],
-                     clock: Callable[[], datetime] = _utcnow) -> list[TrackedFinding]:
+def current_findings(settings: Settings, *, statuses: Sequence[str]) -> list[TrackedFinding]:
     """Returns the findings with one of `statuses`, ordered by disk and fingerprint, read as `auditor findings`
-    reads them: what `open_services(...)` plus `Store.all_findings` give, with the same errors."""
-    with _checked_reads(settings, clock) as reads:
-        return reads.all_findings(statuses=statuses)
+    reads them (see `current_report`)."""
+    from auditor.store import queries
+
+    with _checked_reader(settings) as reader:
+        return reader.read(queries.all_findings, statuses=statuses)
 
 
 def disk_status(disk: DiskRecord, findings: Sequence[TrackedFinding]) -> DiskStatus:
@@ -184,12 +164,13 @@ def exemption_json(disk: DiskRecord) -> dict[str, Any]:
 
 
 def assemble_report(
-    *, now: datetime, run: RunRecord | None, disks: Mapping[str, DiskRecord], findings: Sequence[TrackedFinding],
-    policies: Mapping[str, list[str]], drift: Sequence[DriftRecord], waivers: Sequence[Waiver] = (),
+    *, now: datetime, inputs: queries.ReportInputs, waivers: Sequence[Waiver] = (),
     waiver_problems: Sequence[WaiverProblem] = (), tier: str | None = None,
 ) -> dict[str, Any]:
     """Returns the report from what was read (see `build_report`); with `tier`, only that tier's disks (and their
     findings and drift), the summary counting those."""
+    run, disks, findings, policies = inputs.run, inputs.disks, inputs.findings, inputs.policies
+    drift: Sequence[DriftRecord] = inputs.drift
     if tier is not None:
         disks = {k: d for k, d in disks.items() if d.tier == tier}
         drift = [d for d in drift if d.disk_id in disks]
@@ -355,18 +336,21 @@ def _state_json(p: PolicyStateRecord) -> dict[str, Any]:
 
 async def disk_detail(store: Store, disk_id: str) -> dict[str, Any] | None:
     """Returns a disk's current policies, findings, snapshot history, drift and finding events; None if unknown."""
-    return detail_json(await store.disk_history(disk_id))
+    from auditor.store import queries
+
+    return detail_json(await store.read(queries.disk_history, disk_id))
 
 
-def current_disk_detail(settings: Settings, disk_id: str, *,
-                        clock: Callable[[], datetime] = _utcnow) -> dict[str, Any] | None:
+def current_disk_detail(settings: Settings, disk_id: str) -> dict[str, Any] | None:
     """Returns `disk_detail` read as `auditor report` reads (`auditor history`), with the same checks and errors."""
-    with _checked_reads(settings, clock) as reads:
-        return detail_json(reads.disk_history(disk_id))
+    from auditor.store import queries
+
+    with _checked_reader(settings) as reader:
+        return detail_json(reader.read(queries.disk_history, disk_id))
 
 
-def detail_json(history: DiskHistory) -> dict[str, Any] | None:
-    """Returns the disk detail of a disk's history (`Store.disk_history`); None if the disk is unknown."""
+def detail_json(history: queries.DiskHistory) -> dict[str, Any] | None:
+    """Returns the disk detail of a disk's history (`queries.disk_history`); None if the disk is unknown."""
     disk, states, drift, findings, events = history
     if disk is None:
         return None

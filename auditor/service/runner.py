@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from auditor.errors import AuditorError, LeaseHeldError
 from auditor.service.cycle import AuditOutcome
 from auditor.service.services import Services
-from auditor.store.repo import new_run_id
+from auditor.store.writes import new_run_id
 
 log = logging.getLogger(__name__)
 

@@ -48,9 +48,11 @@ from auditor.service.cycle import (
     verdicts_after,
 )
 from auditor.store import engine as db
+from auditor.store import queries, writes
 from auditor.store.leases import CYCLE, Holder, Lease, Leases
 from auditor.store.outbox import Outbox
-from auditor.store.repo import CycleWrite, Store, new_run_id
+from auditor.store.repo import Store
+from auditor.store.writes import CycleWrite, new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -296,13 +298,13 @@ class Services:
     async def _cycle(self, run_id: str, trigger: str, now: datetime, began: float,
                      progress: Progress | None) -> AuditOutcome:
         assert self.client is not None
-        abandoned = await self.store.abandon_orphaned_runs(now=now, reason="its process stopped before it finished")
+        abandoned = await self.store.write(writes.abandon_orphaned_runs, now=now)
         if abandoned:
             log.warning("marked %d run(s) left running by a process that is gone as failed: %s", len(abandoned),
                         ", ".join(abandoned))
-        await self.store.start_run(now=now, trigger=trigger, run_id=run_id, owner=self.holder.id)
+        await self.store.write(writes.start_run, now=now, trigger=trigger, run_id=run_id, owner=self.holder.id)
         self.client.stats.snapshot_and_reset()
-        known = await self.store.target_sources()
+        known = await self.store.read(queries.target_sources)
         collected = await collect(self.client, self.targets, known_sources=known,
                                   concurrency=self.settings.katapult.max_concurrency, progress=progress,
                                   rules=self.rules)
@@ -315,11 +317,11 @@ class Services:
         async with self.store.transaction() as tx:
             # The fence: renewing the lease inside the commit refuses the write if another process took over.
             await tx.check_lease(self.holder, now=self.clock(), ttl=self.lease_ttl)
-            previous = await tx.active_findings(extra=(f.fingerprint for f in findings))
+            previous = await tx.run(queries.active_findings, extra=(f.fingerprint for f in findings))
             changes = with_tiers(reconcile(previous, findings, settled_disks=settled | collected.retired,
                                            waivers=valid_waivers, now=now), collected)
             history = verdicts_after(collected, previous, changes)
-            await tx.write_cycle(CycleWrite(
+            await tx.run(writes.write_cycle, CycleWrite(
                 run_id=run_id, now=now, status=status, targets_checked=collected.targets_checked, stats=stats,
                 errors=collected.errors, disks=collected.disks, changes=changes, retired_disks=collected.retired,
                 finished_at=finished, disk_statuses=history.disk_statuses,
@@ -327,9 +329,9 @@ class Services:
             if self.settings.notifiers:
                 plan = plan_notifications(notifiers=self.settings.notifiers, changes=changes, run_status=status,
                                           errors=collected.errors, incomplete_fp=self._incomplete_fp,
-                                          states=await tx.alert_states(), now=now,
+                                          states=await tx.run(queries.alert_state_map), now=now,
                                           interval=self.settings.audit.interval, untouched=previous.values())
-                await tx.enqueue(plan.entries, plan.states, run_id=run_id, now=now)
+                await tx.run(writes.enqueue, plan.entries, plan.states, run_id=run_id, now=now)
         opened = sum(1 for c in changes if c.kind.value in ("opened", "reopened", "unwaived"))
         resolved = sum(1 for c in changes if c.kind.value == "resolved")
         return AuditOutcome(
@@ -370,16 +372,16 @@ class Services:
                 # What must not be lost, alone in its transaction: the failed run and its audit-incomplete alert
                 # (it reads nothing else, so even a database missing the findings table takes it).
                 async with self.store.transaction() as tx:
-                    await tx.record_failed_run(f.run_id, trigger=f.trigger, started_at=f.started_at,
+                    await tx.run(writes.record_failed_run, f.run_id, trigger=f.trigger, started_at=f.started_at,
                                                finished_at=f.finished_at, errors=f.errors, stats=f.stats,
                                                owner=self.holder.id)
                     if self.settings.notifiers:
                         plan = plan_notifications(notifiers=self.settings.notifiers, changes=[],
                                                   run_status=RunStatus.FAILED, errors=f.errors,
                                                   incomplete_fp=self._incomplete_fp,
-                                                  states=await tx.alert_states(), now=f.finished_at,
+                                                  states=await tx.run(queries.alert_state_map), now=f.finished_at,
                                                   interval=self.settings.audit.interval)
-                        await tx.enqueue(plan.entries, plan.states, run_id=f.run_id, now=f.finished_at)
+                        await tx.run(writes.enqueue, plan.entries, plan.states, run_id=f.run_id, now=f.finished_at)
             except StoreError as exc:
                 log.error("could not record failed run %s yet (%s); %d failure(s) waiting, retrying",
                           f.run_id, exc, len(self.pending_failures))
@@ -396,10 +398,11 @@ class Services:
             async with self.store.transaction() as tx:
                 plan = plan_notifications(notifiers=self.settings.notifiers, changes=[],
                                           run_status=RunStatus.FAILED, errors=f.errors,
-                                          incomplete_fp=self._incomplete_fp, states=await tx.alert_states(),
+                                          incomplete_fp=self._incomplete_fp,
+                                          states=await tx.run(queries.alert_state_map),
                                           now=f.finished_at, interval=self.settings.audit.interval,
-                                          untouched=(await tx.active_findings()).values())
-                await tx.enqueue(plan.entries, plan.states, run_id=f.run_id, now=f.finished_at)
+                                          untouched=(await tx.run(queries.active_findings)).values())
+                await tx.run(writes.enqueue, plan.entries, plan.states, run_id=f.run_id, now=f.finished_at)
         except StoreError as exc:
             log.warning("after failed run %s: could not re-post open alerts to Alertmanager: %s", f.run_id, exc)
 
@@ -505,7 +508,7 @@ class Services:
 
     async def abandon_orphans(self) -> list[str]:
         """Marks runs whose owner is gone as failed/abandoned; returns their ids."""
-        return await self.store.abandon_orphaned_runs(now=self.clock(),
+        return await self.store.write(writes.abandon_orphaned_runs, now=self.clock(),
                                                       reason="its process stopped before it finished")
 
     async def aclose(self) -> None:

@@ -8,9 +8,13 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from auditor.domain.records import RunRecord
+from auditor.store import queries
+
+if TYPE_CHECKING:
+    from auditor.store.repo import Store
 
 T = TypeVar("T")
 
@@ -55,15 +59,11 @@ def data_version(run: RunRecord | None, now: datetime) -> Hashable:
     return (run.id, run.finished_at) if run else None, now.date()
 
 
-class _Latest(Protocol):
-    async def latest_run(self) -> RunRecord | None: ...
-
-
 class VersionSource(Protocol):
     """Where the version is read (the API's and the dashboard's `ApiDeps`)."""
 
     @property
-    def store(self) -> _Latest: ...
+    def store(self) -> Store: ...
     @property
     def clock(self) -> Callable[[], datetime]: ...
     @property
@@ -94,7 +94,7 @@ class DataVersion:
 
     async def _lookup(self) -> tuple[Hashable, float]:
         checked = time.monotonic()
-        value = data_version(await self.source.store.latest_run(), self.source.clock())
+        value = data_version(await self.source.store.read(queries.latest_run), self.source.clock())
         if checked > self._checked:
             self._value, self._checked = value, checked
         return value, checked

@@ -28,6 +28,7 @@ from auditor.errors import AuditorError, LeaseHeldError, StoreError
 from auditor.service import dashboard
 from auditor.service.reports import disk_detail, iso
 from auditor.service.versions import DataVersion, SingleFlight, data_version
+from auditor.store import queries
 from auditor.web.auth import SESSION_COOKIE, SESSION_TTL, Session, Signer, is_https, safe_next
 from auditor.web.charts import compliance_chart, severity_chart
 from auditor.web.snapshots import LRU, Built, Slotted, Snapshots, off_loop, slot
@@ -429,7 +430,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
         async def build() -> tuple[dashboard.FindingsResult, bytes]:
             # The total depends on the filters only: counted once for all their orders and pages.
             filters_only = (search.statuses, search.rule, search.severity, search.org, search.text, search.tier)
-            result = await dashboard.search_findings(
+            result = await dashboard.findings_page(
                 deps.store, search, page=page, sources=built.snapshot.sources,
                 total=await sql_counts.get(("count", filters_only, built.serial), count))
             return result, "\n".join(macros.finding_row(item) for item in result.items).encode()
@@ -455,7 +456,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
         viewer = viewer_of(request)
         notice = _choice(request.query_params.get("audit"), ("started", "busy", "unavailable"), name="audit")
         started = _text(request.query_params.get("run"), name="run") if notice == "started" else None
-        records = await deps.store.list_runs(limit=50)
+        records = await deps.store.read(queries.list_runs, limit=50)
         return render(request, "runs.html", viewer=viewer, nav="runs", runs=records, notice=notice,
                       started=started)
 

@@ -21,7 +21,6 @@ from markupsafe import Markup
 
 from auditor.service.dashboard import Snapshot
 from auditor.service.versions import SingleFlight
-from auditor.store.dashboard import can_reopen, same_database
 from auditor.store.repo import Store
 
 T = TypeVar("T")
@@ -102,18 +101,18 @@ async def off_loop(store: Store, read: Callable[[Store], Awaitable[T]]) -> T:
     """Runs `read` in a worker thread on its own event loop, over a second engine on `store`'s database: neither
     its queries' results nor its Python work hold up this loop. (On an in-memory SQLite database, which a second
     engine would not see, it runs here.)"""
-    if not can_reopen(store):
+    if not store.can_reopen():
         return await read(store)
 
     def work() -> T:
-        async def go() -> T:
-            own = same_database(store)
+        async def read_reopened() -> T:
+            own = store.reopened()
             try:
                 return await read(own)
             finally:
                 await own.close()
 
-        return asyncio.run(go())
+        return asyncio.run(read_reopened())
 
     return await asyncio.to_thread(work)
 
