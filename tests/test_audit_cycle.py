@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from auditor.config import Settings
 from auditor.domain.models import FindingStatus
@@ -571,6 +571,123 @@ async def test_unchanged_polls_add_no_snapshot_rows(db_url: str) -> None:
     (current,) = [p for p in detail["policies"] if p["policy_id"] == p1]
     assert current["next_invocation_at"] == iso(datetime.fromtimestamp(last_next, UTC))
     assert current["valid_to"] is None
+
+
+@contextmanager
+def statements(rt: Services) -> Iterator[list[str]]:
+    """Yields the list of SQL statements the store's engine runs meanwhile."""
+    seen: list[str] = []
+
+    def note(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(" ".join(statement.split()))
+
+    event.listen(rt.store.engine.sync_engine, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        event.remove(rt.store.engine.sync_engine, "before_cursor_execute", note)
+
+
+def history_reads(seen: list[str]) -> list[str]:
+    return [s for s in seen if "FROM policy_states" in s or "FROM disk_states" in s]
+
+
+async def read_model(rt: Services) -> dict[str, tuple[str | None, str | None, str | None]]:
+    """Returns each disk's (verdict column, status of its open verdict interval, policies digest)."""
+    async with rt.store.engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT d.id, d.verdict, s.status, d.policies_digest FROM disks d "
+            "LEFT JOIN disk_states s ON s.disk_id = d.id AND s.valid_to IS NULL"))).all()
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+async def test_an_unchanged_cycle_reads_no_history_and_a_later_change_is_still_seen(db_url: str) -> None:
+    w = World()
+    vm = w.vm("host")
+    d = w.disk("one")
+    w.disk("two", vm=vm)
+    p = w.policy(d, "one", retention=14)
+    w.policy(vm, "host")
+    tables = ("policy_states", "disk_states", "drift_events", "findings")
+    async with runtime(settings_for(db_url, orgs=[w.org.id]), w.fleet) as rt:
+        await rt.run_cycle()
+        baseline = {t: await count(rt, t) for t in tables}
+        with statements(rt) as seen:
+            r2 = await rt.run_cycle()
+        assert r2.status is RunStatus.COMPLETE
+        # The disks' read model says their policies and verdicts are as stored: neither history table is read.
+        assert history_reads(seen) == []
+        assert {t: await count(rt, t) for t in tables} == baseline
+        w.fleet.update_policy(p, retention=3)
+        r3 = await rt.run_cycle()
+        detail = await disk_detail(rt.store, d.id)
+        model = await read_model(rt)
+    assert r3.opened == 2
+    assert detail is not None and detail["status"] == "noncompliant"
+    assert [(e["kind"], e["before"]["retention"], e["after"]["retention"]) for e in detail["drift"]] == [
+        ("policy-changed", 14, 3)]
+    assert model[d.id][:2] == ("noncompliant", "noncompliant")
+    assert all(verdict == status and digest for verdict, status, digest in model.values())
+
+
+async def test_disks_without_a_read_model_are_compared_with_their_history(db_url: str) -> None:
+    # As on a database migrated from revision 0004: the columns are empty until a cycle writes them.
+    w = World()
+    d = w.disk("one")
+    w.policy(d, "one")
+    w.policy(d, "one-b", retention=3)
+    tables = ("policy_states", "disk_states", "drift_events")
+    async with runtime(settings_for(db_url, orgs=[w.org.id]), w.fleet) as rt:
+        await rt.run_cycle()
+        baseline = {t: await count(rt, t) for t in tables}
+        async with rt.store.engine.begin() as conn:
+            await conn.execute(text("UPDATE disks SET policies_digest = NULL, verdict = NULL"))
+        with statements(rt) as seen:
+            await rt.run_cycle()
+        assert history_reads(seen) != []
+        assert {t: await count(rt, t) for t in tables} == baseline
+        model = await read_model(rt)
+        assert model[d.id][0] == model[d.id][1] == "noncompliant" and model[d.id][2]
+        with statements(rt) as seen:
+            await rt.run_cycle()
+        assert history_reads(seen) == []
+
+
+async def test_a_disk_that_leaves_and_comes_back_gets_a_verdict_again(db_url: str) -> None:
+    w = World()
+    keep = w.disk("keep")
+    w.policy(keep, "keep")
+    w.disk("gone")  # unprotected: noncompliant
+    gone_id = "disk_gone"
+    async with runtime(settings_for(db_url, orgs=[w.org.id]), w.fleet) as rt:
+        await rt.run_cycle()
+        w.fleet.remove_disk(gone_id)
+        await rt.run_cycle()
+        left = await read_model(rt)
+        w.disk("gone")
+        back = await rt.run_cycle()
+        model = await read_model(rt)
+        rep = await report_of(rt)
+    assert left[gone_id][:2] == (None, None)  # its verdict interval is closed: no current verdict
+    assert back.status is RunStatus.COMPLETE
+    assert model[gone_id][:2] == ("noncompliant", "noncompliant")
+    assert disk_of(rep, gone_id)["status"] == "noncompliant"
+
+
+async def test_a_persisting_finding_whose_values_change_is_rewritten(db_url: str) -> None:
+    w = World()
+    d = w.disk("low")
+    bad = w.policy(d, "low", retention=3)
+    async with runtime(settings_for(db_url, disks=[d.id]), w.fleet) as rt:
+        r1 = await rt.run_cycle()
+        w.fleet.update_policy(bad, retention=4)  # still below the minimum: the same findings, other values
+        r2 = await rt.run_cycle()
+        stored = {f.rule: f for f in await rt.store.read(queries.all_findings, statuses=["open"])}
+    assert r2.opened == 0 and r2.resolved == 0
+    below = stored["retention-below-minimum"]
+    assert below.observed["retention"] == 4 and "keeps 4 backups" in below.message
+    assert below.first_seen == r1.started_at and below.last_seen == r2.started_at
+    assert stored["retention-window-too-short"].observed["retention"] == 4
 
 
 # ---- run records -------------------------------------------------------------------------------------------

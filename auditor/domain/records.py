@@ -106,12 +106,12 @@ class PolicyStateRecord:
 
     def settings(self) -> dict[str, Any]:
         """Returns the settings that define the policy, for drift events."""
-        return {
-            "retention": self.retention,
-            "interval": self.interval,
-            "target_type": self.target_type,
-            "target_id": self.target_id,
-        }
+        return policy_settings(self.retention, self.interval, self.target_type, self.target_id)
+
+
+def policy_settings(retention: int, interval: str, target_type: str, target_id: str) -> dict[str, Any]:
+    """Returns the settings that define a policy as drift events record them (`before` and `after`)."""
+    return {"retention": retention, "interval": interval, "target_type": target_type, "target_id": target_id}
 
 
 @dataclass(frozen=True, slots=True)

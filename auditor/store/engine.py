@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # Alembic is imported only where migrations run: read-only co
 
 # The code's schema revision: the newest file in migrations/versions (a test checks it is Alembic's head). Read-only
 # commands compare the database with it without loading Alembic.
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 
 log = logging.getLogger(__name__)
 

@@ -42,6 +42,7 @@ from auditor.domain.records import (
     RunStats,
     RunStatus,
 )
+from auditor.store.clauses import among, batch
 from auditor.store.holders import CYCLE, Lease
 from auditor.store.tables import (
     alert_states,
@@ -269,11 +270,20 @@ def load_disks(conn: Connection, *, targets_only: bool = False) -> dict[str, Dis
     return {r.id: disk_record(r) for r in conn.execute(q)}
 
 
-def disks_by_id(conn: Connection, ids: Sequence[str]) -> dict[str, Row[Any]]:
-    """Returns the stored rows of the disks among `ids`, by id."""
+# The facts of a disk the cycle rewrites when they change (`writes`), its read model among them; the per-poll
+# timestamps are written apart.
+DISK_FACTS = ("name", "vm_id", "vm_fqdn", "source", "is_target", "outcome", "error_code", "error_message", "tier",
+              "tier_detail", "policies_digest", "verdict")
+
+
+def disk_facts(conn: Connection, ids: Sequence[str]) -> dict[str, Row[Any]]:
+    """Returns the stored disks among `ids` by id, as what the cycle's write compares a disk with: `id`, the
+    `DISK_FACTS` in that order, and `was_read` (whether it ever had a definite reading)."""
+    columns = [disks.c.id, *(disks.c[name] for name in DISK_FACTS),
+               disks.c.last_read_at.is_not(None).label("was_read")]
     out: dict[str, Row[Any]] = {}
-    for chunk in chunks(ids):
-        out.update({r.id: r for r in conn.execute(select(disks).where(disks.c.id.in_(chunk)))})
+    for chunk in chunks(ids, batch(conn)):
+        out.update({r.id: r for r in conn.execute(select(*columns).where(among(conn, disks.c.id, chunk)))})
     return out
 
 
@@ -293,21 +303,31 @@ def current_policy_ids(conn: Connection) -> dict[str, list[str]]:
     return out
 
 
+# What the cycle's write compares a current policy state with (and records as `before` when it changes).
+_CURRENT_STATE = tuple(policy_states.c[name] for name in (
+    "id", "disk_id", "policy_id", "settings_hash", "retention", "interval", "target_type", "target_id", "target_name",
+    "next_invocation_at", "total_size"))
+
+
 def current_policy_rows(conn: Connection, disk_ids: Sequence[str]) -> dict[str, dict[str, Row[Any]]]:
-    """Returns the current policy state rows of the disks among `disk_ids`, by disk and policy id."""
+    """Returns the current policy states of the disks among `disk_ids` (id, disk_id, policy_id, settings_hash, the
+    settings, target_name, next_invocation_at, total_size), by disk and policy id."""
     out: dict[str, dict[str, Row[Any]]] = {}
-    for chunk in chunks(disk_ids):
-        q = select(policy_states).where(policy_states.c.valid_to.is_(None), policy_states.c.disk_id.in_(chunk))
+    for chunk in chunks(disk_ids, batch(conn)):
+        q = select(*_CURRENT_STATE).where(policy_states.c.valid_to.is_(None),
+                                          among(conn, policy_states.c.disk_id, chunk))
         for row in conn.execute(q):
             out.setdefault(row.disk_id, {})[row.policy_id] = row
     return out
 
 
 def current_verdict_rows(conn: Connection, disk_ids: Sequence[str]) -> dict[str, Row[Any]]:
-    """Returns the current verdict interval (`disk_states`) of the disks among `disk_ids`, by disk."""
+    """Returns the id, disk_id and status of the current verdict interval (`disk_states`) of the disks among
+    `disk_ids`, by disk."""
+    d = disk_states.c
     out: dict[str, Row[Any]] = {}
-    for chunk in chunks(disk_ids):
-        q = select(disk_states).where(disk_states.c.valid_to.is_(None), disk_states.c.disk_id.in_(chunk))
+    for chunk in chunks(disk_ids, batch(conn)):
+        q = select(d.id, d.disk_id, d.status).where(d.valid_to.is_(None), among(conn, d.disk_id, chunk))
         out.update({r.disk_id: r for r in conn.execute(q)})
     return out
 
@@ -350,9 +370,9 @@ def active_findings(conn: Connection, *, extra: Iterable[str] = ()) -> dict[str,
     """Returns open and waived findings, plus the stored state of the `extra` fingerprints (to reopen)."""
     out = {f.fingerprint: f for f in all_findings(conn, statuses=REPORTED_STATUSES)}
     missing = [fp for fp in sorted(set(extra)) if fp not in out]
-    for chunk in chunks(missing):
+    for chunk in chunks(missing, batch(conn)):
         out.update({r.fingerprint: finding_record(r)
-                    for r in conn.execute(select(findings).where(findings.c.fingerprint.in_(chunk)))})
+                    for r in conn.execute(select(findings).where(among(conn, findings.c.fingerprint, chunk)))})
     return out
 
 

@@ -84,6 +84,11 @@ disks = Table(
     # {"exempt": bool, "reason": str, "because": {...}}.
     Column("tier", Text),
     Column("tier_detail", JSON),
+    # A read model of the disk's history, written with it by the cycle (`writes`): a digest of the policies its
+    # current policy states were written from, and the status of its current verdict interval (`disk_states`).
+    # While both match what a cycle finds, that cycle reads neither table for the disk; NULL means "compare".
+    Column("policies_digest", String(32)),
+    Column("verdict", String(16)),
 )
 
 # One distinct setting of one policy as seen on one disk, with when it was seen.

@@ -1,29 +1,37 @@
 """The store's writes of runs and of a finished cycle: plain functions of a SQLAlchemy Core `Connection` inside the
 caller's transaction (`repo.Transaction` runs them through `AsyncConnection.run_sync`).
 
-A cycle is written set-based: for each chunk of disks the stored rows are read with one query (`queries`), the
-differences are worked out in Python, and each kind of change is one executemany of one fixed statement (new rows,
-changed rows, closed intervals), so drivers prepare each statement once. Memory stays bounded by the chunk size.
+A cycle is written set-based: for each chunk of disks the stored rows it is compared with are read with one query
+(`queries`), the differences are worked out in Python, and each kind of change is one statement of a fixed shape
+(new rows, changed rows, closed intervals, the per-poll timestamps): on PostgreSQL one statement per chunk whose rows
+or ids travel as arrays (`statements.insert_rows`, `update_rows`, `clauses.among`), on SQLite an executemany or an
+IN list. Memory stays bounded by the chunk size.
+
+The disk row carries a read model of the disk's history (`policies_digest`, `verdict`, written in the same
+transaction): a disk whose policies hash as when its policy states were last written, and whose verdict is the one
+stored, has nothing to compare in `policy_states` or `disk_states`, so an unchanged cycle reads only the disks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, update
+from sqlalchemy import delete, insert, update
 from sqlalchemy.engine import Connection
 
 from auditor.domain.alerts import AlertState, OutboxEntry, notification_to_dict
 from auditor.domain.lifecycle import Change, Transition
 from auditor.domain.models import DiskSnapshot, ReadOutcome, TrackedFinding
-from auditor.domain.records import RunError, RunStats, RunStatus
+from auditor.domain.records import RunError, RunStats, RunStatus, policy_settings
 from auditor.store import queries
-from auditor.store.queries import chunks
-from auditor.store.statements import insert_if_absent, rowcount
+from auditor.store.clauses import among, batch
+from auditor.store.queries import DISK_FACTS, chunks
+from auditor.store.statements import insert_if_absent, insert_rows, rowcount, update_rows
 from auditor.store.tables import (
     alert_states,
     disk_states,
@@ -169,10 +177,11 @@ def enqueue(conn: Connection, entries: Sequence[OutboxEntry], states: Sequence[A
 
 def write_cycle(conn: Connection, cycle: CycleWrite) -> None:
     """Writes a finished cycle: disks, policy states, drift, findings, events, history and the run row."""
-    new_disks = _write_disks(conn, cycle)
-    _write_states(conn, cycle, new_disks=new_disks)
+    unchanged = _Unchanged()
+    new_disks = _write_disks(conn, cycle, unchanged)
+    _write_states(conn, cycle, new_disks=new_disks, unchanged=unchanged.policies)
     _write_findings(conn, cycle)
-    _write_history(conn, cycle)
+    _write_history(conn, cycle, unchanged=unchanged.verdicts)
     opened = sum(1 for c in cycle.changes if c.kind in (Transition.OPENED, Transition.REOPENED,
                                                          Transition.UNWAIVED))
     resolved = sum(1 for c in cycle.changes if c.kind is Transition.RESOLVED)
@@ -185,22 +194,10 @@ def write_cycle(conn: Connection, cycle: CycleWrite) -> None:
         findings_opened=opened, findings_resolved=resolved, errors=[e.as_dict() for e in cycle.errors]))
 
 
-def _insert(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        conn.execute(insert(table), rows)
-
-
 def _close(conn: Connection, table: Any, ids: list[Any], *, at: datetime) -> None:
     """Sets `valid_to` on the rows of `table` among `ids` (intervals that ended at `at`)."""
-    for chunk in chunks(ids):
-        conn.execute(update(table).where(table.c.id.in_(chunk)).values(valid_to=at))
-
-
-_DISK_FACTS = ("name", "vm_id", "vm_fqdn", "source", "is_target", "outcome", "error_code", "error_message", "tier",
-               "tier_detail")
-# Changed disks are written with one fixed statement: every fact column, by id.
-_UPDATE_DISK = (update(disks).where(disks.c.id == bindparam("b_id"))
-                .values({name: bindparam(f"b_{name}") for name in _DISK_FACTS}))
+    for chunk in chunks(ids, batch(conn)):
+        conn.execute(update(table).where(among(conn, table.c.id, chunk)).values(valid_to=at))
 
 
 def _tier_of(snap: DiskSnapshot) -> tuple[str | None, dict[str, Any] | None]:
@@ -212,13 +209,35 @@ def _tier_of(snap: DiskSnapshot) -> tuple[str | None, dict[str, Any] | None]:
                                 "because": dict(decision.because)}
 
 
-def _write_disks(conn: Connection, cycle: CycleWrite) -> set[str]:
-    """Upserts the run's disks; returns the ids never read before this run (first seen, or only unknown)."""
+_FACTS_END = 1 + len(DISK_FACTS)
+
+
+@dataclass(slots=True)
+class _Unchanged:
+    """What `_write_disks` found needs no comparing: disks whose policy states and whose verdict are as stored."""
+
+    policies: set[str] = field(default_factory=set)
+    verdicts: set[str] = field(default_factory=set)
+
+
+def _policies_digest(snap: DiskSnapshot) -> str | None:
+    """Returns a digest of everything `_write_states` compares of a disk's policies (None: always compare them)."""
+    policies = sorted(snap.policies, key=lambda p: p.id)
+    if len({p.id for p in policies}) != len(policies):
+        return None  # one policy listed twice is written as two states: not worth a digest
+    parts = [f"{p.id}|{p.settings_hash()}|{p.schedule.next_invocation_at!r}|{p.total_size!r}|{p.target_name!r}"
+             for p in policies]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def _write_disks(conn: Connection, cycle: CycleWrite, unchanged: _Unchanged) -> set[str]:
+    """Upserts the run's disks; returns the ids never read before this run (first seen, or only unknown), and notes
+    in `unchanged` the disks whose policy states and verdict need no comparing (their read model matches)."""
     now = cycle.now
     new_disks: set[str] = set()
     drift: list[dict[str, Any]] = []
-    for part in chunks(cycle.disks):
-        existing = queries.disks_by_id(conn, [d.snapshot.disk_id for d in part])
+    for part in chunks(cycle.disks, batch(conn)):
+        existing = queries.disk_facts(conn, [d.snapshot.disk_id for d in part])
         inserts: list[dict[str, Any]] = []
         changed: list[dict[str, Any]] = []
         read_ok: list[str] = []
@@ -228,21 +247,33 @@ def _write_disks(conn: Connection, cycle: CycleWrite) -> set[str]:
             disk = snap.disk
             definite = snap.outcome is not ReadOutcome.UNKNOWN
             row = existing.get(disk.id)
-            if row is None or row.last_read_at is None:
+            if row is None or not row.was_read:
                 # No earlier definite reading: this run's policies are the disk's baseline, not drift.
                 new_disks.add(disk.id)
             tier, tier_detail = _tier_of(snap)
+            # Only a definite reading writes policy states; a disk without a verdict in the run keeps its interval.
+            digest = _policies_digest(snap) if definite else None
+            verdict = cycle.disk_statuses.get(disk.id)
             if row is None:
                 inserts.append({"id": disk.id, "name": disk.name, "vm_id": disk.vm_id, "vm_fqdn": disk.vm_fqdn,
                                 "source": d.source, "is_target": True, "outcome": snap.outcome.value,
                                 "error_code": snap.error_code, "error_message": snap.error_message,
                                 "first_seen_at": now, "last_checked_at": now,
                                 "last_read_at": now if definite else None, "last_run_id": cycle.run_id,
-                                "tier": tier, "tier_detail": tier_detail})
+                                "tier": tier, "tier_detail": tier_detail, "policies_digest": digest,
+                                "verdict": verdict})
                 continue
+            if definite and digest is not None and digest == row.policies_digest:
+                unchanged.policies.add(disk.id)
+            elif not definite:
+                digest = row.policies_digest  # its policy states are not written: what they were written from stays
+            if verdict is None:
+                verdict = row.verdict
+            elif verdict == row.verdict:
+                unchanged.verdicts.add(disk.id)
             if snap.outcome is not ReadOutcome.OK:
                 tier, tier_detail = row.tier, row.tier_detail  # no tier was decided: keep what we knew
-            elif row.tier != tier and row.last_read_at is not None:
+            elif row.tier != tier and row.was_read:
                 # A disk moving between tiers is judged by new rules from this run on: that is drift.
                 drift.append({"disk_id": disk.id, "policy_id": "", "run_id": cycle.run_id, "at": now,
                               "kind": "tier-changed", "before": {"tier": row.tier}, "after": {"tier": tier}})
@@ -256,35 +287,37 @@ def _write_disks(conn: Connection, cycle: CycleWrite) -> set[str]:
                 unknown.append(disk.id)
                 name, vm_id, vm_fqdn = row.name, row.vm_id, row.vm_fqdn
             new = (name, vm_id, vm_fqdn, d.source, True, snap.outcome.value, snap.error_code, snap.error_message,
-                   tier, tier_detail)
-            if new != tuple(getattr(row, c) for c in _DISK_FACTS):
-                changed.append({"b_id": disk.id, **{f"b_{c}": v for c, v in zip(_DISK_FACTS, new, strict=True)}})
-        _insert(conn, disks, inserts)
-        if changed:
-            conn.execute(_UPDATE_DISK, changed)
-        # The per-poll timestamps of rows whose facts did not change go in bulk.
+                   tier, tier_detail, digest, verdict)
+            if new != row[1:_FACTS_END]:  # the row is (id, *DISK_FACTS, was_read)
+                changed.append({"id": disk.id, **dict(zip(DISK_FACTS, new, strict=True))})
+        insert_rows(conn, disks, inserts)
+        # Changed facts by id, every fact column (one statement shape); the per-poll timestamps of every disk read
+        # go in bulk, as one value for all.
+        update_rows(conn, disks, changed, key="id")
         if read_ok:
-            conn.execute(update(disks).where(disks.c.id.in_(read_ok)).values(
+            conn.execute(update(disks).where(among(conn, disks.c.id, read_ok)).values(
                 last_checked_at=now, last_read_at=now, last_run_id=cycle.run_id))
         if unknown:
-            conn.execute(update(disks).where(disks.c.id.in_(unknown)).values(last_checked_at=now,
-                                                                            last_run_id=cycle.run_id))
-    _insert(conn, drift_events, drift)
-    for chunk in chunks(sorted(cycle.retired_disks)):
-        conn.execute(update(disks).where(disks.c.id.in_(chunk)).values(is_target=False))
+            conn.execute(update(disks).where(among(conn, disks.c.id, unknown)).values(last_checked_at=now,
+                                                                                     last_run_id=cycle.run_id))
+    insert_rows(conn, drift_events, drift)
+    for chunk in chunks(sorted(cycle.retired_disks), batch(conn)):
+        # Its verdict interval is closed (`_write_history`): the disk has no current verdict.
+        conn.execute(update(disks).where(among(conn, disks.c.id, chunk)).values(is_target=False, verdict=None))
     return new_disks
 
 
-_MOVE_STATE = (update(policy_states).where(policy_states.c.id == bindparam("b_id"))
-               .values(next_invocation_at=bindparam("b_next"), total_size=bindparam("b_size"),
-                       target_name=bindparam("b_name")))
+def _settings_of(row: Any) -> dict[str, Any]:
+    """Returns the settings of a current policy state row (`queries.current_policy_rows`), for drift events."""
+    return policy_settings(row.retention, row.interval, row.target_type, row.target_id)
 
 
-def _write_states(conn: Connection, cycle: CycleWrite, *, new_disks: set[str]) -> None:
-    """Writes policy states by change and drift events, a chunk of disks at a time."""
+def _write_states(conn: Connection, cycle: CycleWrite, *, new_disks: set[str], unchanged: set[str]) -> None:
+    """Writes policy states by change and drift events, a chunk of disks at a time (not for the `unchanged`)."""
     now = cycle.now
-    settled = [d.snapshot for d in cycle.disks if d.snapshot.outcome is not ReadOutcome.UNKNOWN]
-    for part in chunks(settled):
+    settled = [d.snapshot for d in cycle.disks
+               if d.snapshot.outcome is not ReadOutcome.UNKNOWN and d.snapshot.disk_id not in unchanged]
+    for part in chunks(settled, batch(conn)):
         current = queries.current_policy_rows(conn, [snap.disk_id for snap in part])
         inserts: list[dict[str, Any]] = []
         closed: list[int] = []
@@ -296,19 +329,17 @@ def _write_states(conn: Connection, cycle: CycleWrite, *, new_disks: set[str]) -
             is_new_disk = snap.disk_id in new_disks
             for policy in snap.policies:
                 h = policy.settings_hash()
-                after = {"retention": policy.retention, "interval": policy.schedule.interval.value,
-                         "target_type": policy.target_type.value, "target_id": policy.target_id}
                 row = states.pop(policy.id, None)
                 if row is not None and row.settings_hash == h:
                     nxt, size = policy.schedule.next_invocation_at, policy.total_size
                     if row.next_invocation_at != nxt or row.total_size != size or (
                             policy.target_name and row.target_name != policy.target_name):
-                        moving.append({"b_id": row.id, "b_next": nxt, "b_size": size,
-                                       "b_name": policy.target_name or row.target_name})
+                        moving.append({"id": row.id, "next_invocation_at": nxt, "total_size": size,
+                                       "target_name": policy.target_name or row.target_name})
                     continue
                 if row is not None:
                     closed.append(row.id)
-                    before: dict[str, Any] | None = queries.state_record(row).settings()
+                    before: dict[str, Any] | None = _settings_of(row)
                     kind = "policy-changed"
                 else:
                     before, kind = None, "policy-added"
@@ -320,24 +351,19 @@ def _write_states(conn: Connection, cycle: CycleWrite, *, new_disks: set[str]) -
                     "total_size": policy.total_size, "valid_from": now, "valid_to": None,
                     "first_run_id": cycle.run_id})
                 if not is_new_disk:
+                    after = policy_settings(policy.retention, policy.schedule.interval.value,
+                                            policy.target_type.value, policy.target_id)
                     drift.append({"disk_id": snap.disk_id, "policy_id": policy.id, "run_id": cycle.run_id,
                                   "at": now, "kind": kind, "before": before, "after": after})
             for policy_id, old_row in states.items():
                 closed.append(old_row.id)
                 drift.append({"disk_id": snap.disk_id, "policy_id": policy_id, "run_id": cycle.run_id, "at": now,
-                              "kind": "policy-removed", "before": queries.state_record(old_row).settings(),
+                              "kind": "policy-removed", "before": _settings_of(old_row),
                               "after": None})
         _close(conn, policy_states, closed, at=now)
-        _insert(conn, policy_states, inserts)
-        if moving:
-            conn.execute(_MOVE_STATE, moving)
-        _insert(conn, drift_events, drift)
-
-
-_FINDING_COLUMNS = ("rule", "disk_id", "policy_id", "severity", "status", "message", "observed", "expected",
-                    "first_seen", "last_seen", "opened_at", "resolved_at", "waiver", "tier")
-_UPDATE_FINDING = (update(findings).where(findings.c.fingerprint == bindparam("b_fingerprint"))
-                   .values({c: bindparam(f"b_{c}") for c in _FINDING_COLUMNS}))
+        insert_rows(conn, policy_states, inserts)
+        update_rows(conn, policy_states, moving, key="id")
+        insert_rows(conn, drift_events, drift)
 
 
 def _finding_values(f: TrackedFinding) -> dict[str, Any]:
@@ -348,28 +374,36 @@ def _finding_values(f: TrackedFinding) -> dict[str, Any]:
 
 
 def _write_findings(conn: Connection, cycle: CycleWrite) -> None:
+    """Writes the findings that changed (every column, by fingerprint), the `last_seen` of those seen again as they
+    were, and the lifecycle events."""
     inserts: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
+    seen_again: list[str] = []
     events: list[dict[str, Any]] = []
     for change in cycle.changes:
-        values = _finding_values(change.finding)
+        f = change.finding
         if change.previous is None:
-            inserts.append(values)
+            inserts.append(_finding_values(f))
+        elif f == replace(change.previous, last_seen=cycle.now):
+            seen_again.append(f.fingerprint)  # a persisting finding as stored, but for when it was last seen
         else:
-            updates.append({f"b_{k}": v for k, v in values.items()})
+            updates.append(_finding_values(f))
         if change.kind is not Transition.PERSISTING:
-            events.append({"fingerprint": change.finding.fingerprint, "disk_id": change.finding.disk_id,
-                           "run_id": cycle.run_id, "at": cycle.now, "kind": change.kind.value})
-    for part in chunks(inserts):
-        _insert(conn, findings, list(part))
-    for part in chunks(updates):
-        conn.execute(_UPDATE_FINDING, list(part))
-    for part in chunks(events):
-        _insert(conn, finding_events, list(part))
+            events.append({"fingerprint": f.fingerprint, "disk_id": f.disk_id, "run_id": cycle.run_id,
+                           "at": cycle.now, "kind": change.kind.value})
+    for part in chunks(inserts, batch(conn)):
+        insert_rows(conn, findings, part)
+    for part in chunks(updates, batch(conn)):
+        update_rows(conn, findings, part, key="fingerprint")
+    for part in chunks(seen_again, batch(conn)):
+        conn.execute(update(findings).where(among(conn, findings.c.fingerprint, part)).values(last_seen=cycle.now))
+    for part in chunks(events, batch(conn)):
+        insert_rows(conn, finding_events, part)
 
 
-def _write_history(conn: Connection, cycle: CycleWrite) -> None:
-    """Writes the run's summary row and each disk's verdict by change (a chunk of disks at a time)."""
+def _write_history(conn: Connection, cycle: CycleWrite, *, unchanged: set[str]) -> None:
+    """Writes the run's summary row and each disk's verdict by change (a chunk of disks at a time; the verdicts of
+    the `unchanged` are the stored ones)."""
     now = cycle.now
     counts = {"compliant": 0, "waived": 0, "noncompliant": 0, "unknown": 0, "exempt": 0}
     for status in cycle.disk_statuses.values():
@@ -383,7 +417,7 @@ def _write_history(conn: Connection, cycle: CycleWrite) -> None:
         disks_unknown=counts["unknown"], disks_exempt=counts["exempt"],
         open_by_severity=dict(cycle.open_by_severity), open_by_rule=dict(cycle.open_by_rule),
         requests=cycle.stats.requests, duration_seconds=max((finished - now).total_seconds(), 0.0)))
-    for chunk in chunks(sorted(cycle.disk_statuses)):
+    for chunk in chunks(sorted(d for d in cycle.disk_statuses if d not in unchanged), batch(conn)):
         current = queries.current_verdict_rows(conn, chunk)
         closed: list[int] = []
         inserts: list[dict[str, Any]] = []
@@ -397,8 +431,8 @@ def _write_history(conn: Connection, cycle: CycleWrite) -> None:
             inserts.append({"disk_id": disk_id, "status": status, "valid_from": now, "valid_to": None,
                             "run_id": cycle.run_id})
         _close(conn, disk_states, closed, at=now)
-        _insert(conn, disk_states, inserts)
-    for chunk in chunks(sorted(cycle.retired_disks)):
+        insert_rows(conn, disk_states, inserts)
+    for chunk in chunks(sorted(cycle.retired_disks), batch(conn)):
         # A disk no longer audited has no verdict from now on (not "compliant until further notice").
-        conn.execute(update(disk_states).where(disk_states.c.valid_to.is_(None), disk_states.c.disk_id.in_(chunk))
-                     .values(valid_to=now))
+        conn.execute(update(disk_states).where(disk_states.c.valid_to.is_(None),
+                                               among(conn, disk_states.c.disk_id, chunk)).values(valid_to=now))
