@@ -324,7 +324,7 @@ async def _child_cycle(spec: dict[str, Any]) -> dict[str, Any]:
         backend = None
         try:
             async with transaction(self) as tx:
-                if final and self.engine.dialect.name == "postgresql":
+                if final and self.engine.dialect.name == "postgresql" and hasattr(tx, "run"):
                     # The server process serving the commit: its CPU time is the database's share of the work.
                     backend = await tx.run(_backend_pid)
                     marks["server_cpu_start"] = _process_cpu(backend)
