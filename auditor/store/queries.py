@@ -283,7 +283,7 @@ def disk_facts(conn: Connection, ids: Sequence[str]) -> dict[str, Row[Any]]:
                disks.c.last_read_at.is_not(None).label("was_read")]
     out: dict[str, Row[Any]] = {}
     for chunk in chunks(ids, batch(conn)):
-        out.update({r.id: r for r in conn.execute(select(*columns).where(among(conn, disks.c.id, chunk)))})
+        out.update({r.id: r for r in conn.execute(select(*columns).where(among(conn, disks.c.id, chunk))).all()})
     return out
 
 
@@ -316,7 +316,7 @@ def current_policy_rows(conn: Connection, disk_ids: Sequence[str]) -> dict[str, 
     for chunk in chunks(disk_ids, batch(conn)):
         q = select(*_CURRENT_STATE).where(policy_states.c.valid_to.is_(None),
                                           among(conn, policy_states.c.disk_id, chunk))
-        for row in conn.execute(q):
+        for row in conn.execute(q).all():
             out.setdefault(row.disk_id, {})[row.policy_id] = row
     return out
 
@@ -328,7 +328,7 @@ def current_verdict_rows(conn: Connection, disk_ids: Sequence[str]) -> dict[str,
     out: dict[str, Row[Any]] = {}
     for chunk in chunks(disk_ids, batch(conn)):
         q = select(d.id, d.disk_id, d.status).where(d.valid_to.is_(None), among(conn, d.disk_id, chunk))
-        out.update({r.disk_id: r for r in conn.execute(q)})
+        out.update({r.disk_id: r for r in conn.execute(q).all()})
     return out
 
 

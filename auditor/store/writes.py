@@ -221,13 +221,18 @@ class _Unchanged:
 
 
 def _policies_digest(snap: DiskSnapshot) -> str | None:
-    """Returns a digest of everything `_write_states` compares of a disk's policies (None: always compare them)."""
-    policies = sorted(snap.policies, key=lambda p: p.id)
-    if len({p.id for p in policies}) != len(policies):
-        return None  # one policy listed twice is written as two states: not worth a digest
-    parts = [f"{p.id}|{p.settings_hash()}|{p.schedule.next_invocation_at!r}|{p.total_size!r}|{p.target_name!r}"
-             for p in policies]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+    """Returns a digest of everything `_write_states` compares of a disk's policies (None: always compare them):
+    each one's id, the settings its `settings_hash` covers, next invocation, size and target name."""
+    policies = snap.policies
+    if len(policies) > 1:
+        policies = tuple(sorted(policies, key=lambda p: p.id))
+        if len({p.id for p in policies}) != len(policies):
+            return None  # one policy listed twice is written as two states: not worth a digest
+    # repr of a list of tuples of str, int, float and None is exact and the same in every process.
+    key = repr([(p.id, p.retention, p.schedule.interval.value, p.target_type.value, p.target_id,
+                 p.schedule.next_invocation_at.timestamp() if p.schedule.next_invocation_at else None,
+                 p.total_size, p.target_name) for p in policies])
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
 
 
 def _write_disks(conn: Connection, cycle: CycleWrite, unchanged: _Unchanged) -> set[str]:
