@@ -85,6 +85,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _binary_lists(dbapi_connection: Any, _record: Any) -> None:
+    # psycopg sends a Python list as an array in text form by default, quoting every element through a regular
+    # expression in Python (psycopg 3.3 types/array.py ListDumper: ~8 µs a timestamp, ~2 µs a string); the binary
+    # form packs them (~0.4 µs). Lists reach the driver only as the store's array parameters (`clauses`), each of
+    # one element type, which the binary form needs.
+    from psycopg.types.array import ListBinaryDumper
+
+    getattr(dbapi_connection, "driver_connection", dbapi_connection).adapters.register_dumper(list, ListBinaryDumper)
+
+
 def _ensure_sqlite_dir(url: URL) -> None:
     db = url.database
     if db and db != ":memory:" and not db.startswith("file:"):
@@ -103,9 +113,11 @@ def create_engine_for(url: str, *, pool_size: int = 5) -> AsyncEngine:
         engine = create_async_engine(aurl, poolclass=NullPool if aurl.database in (None, "", ":memory:") else None)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         aurl, pool_size=pool_size, max_overflow=5, pool_pre_ping=True, connect_args={"connect_timeout": 10}
     )
+    event.listen(engine.sync_engine, "connect", _binary_lists)
+    return engine
 
 
 def create_sync_engine_for(url: str) -> Engine:
@@ -119,7 +131,9 @@ def create_sync_engine_for(url: str) -> Engine:
         engine = create_engine(surl)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(surl, poolclass=NullPool, connect_args={"connect_timeout": 10})
+    engine = create_engine(surl, poolclass=NullPool, connect_args={"connect_timeout": 10})
+    event.listen(engine, "connect", _binary_lists)
+    return engine
 
 
 def migrations_dir() -> Path:
