@@ -29,6 +29,8 @@ Figures:
   sum is about what it would be on an idle one.
 - peak RSS of the auditor process, target <= 400 MB.
 
+`--notifier` adds a webhook notifier, so the commit also plans notifications and writes an alert state per firing
+finding (with `--policies` below one per standalone disk and VM, some disks have none: unprotected-disk findings).
 `--profile DIR` runs each cycle under cProfile and writes DIR/cycle-N.prof (read it with `python -m pstats`);
 profiling slows the CPU-bound parts, so the figures of such a run are not the ones to quote. `--statements N` prints
 the N SQL statements of each cycle that took the longest in all (time from send to result, calls, parameter sets).
@@ -80,6 +82,9 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=8, help="katapult.max_concurrency")
     p.add_argument("--cycles", type=int, default=2, help="cycles, each in its own process (1: empty database)")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_DISKS:,} disks (for make bench)")
+    p.add_argument("--notifier", action="store_true",
+                   help="configure a webhook notifier (on a loopback port nothing listens on: a cycle only plans "
+                        "and enqueues its notifications), so the commit writes alert states and outbox entries")
     p.add_argument("--profile", metavar="DIR", type=Path, default=None,
                    help="run each cycle under cProfile and write DIR/cycle-N.prof")
     p.add_argument("--statements", metavar="N", type=int, default=0,
@@ -116,6 +121,8 @@ def main() -> int:
     with c.workdir(args) as tmp, c.database(args, tmp) as db, c.FakeKatapult(fleet, directory=tmp) as fake:
         settings = c.settings_dict(api_url=fake.url, db_url=db.url, organizations=orgs, rate=args.rate,
                                    concurrency=args.concurrency)
+        if args.notifier:
+            settings["notifiers"] = [{"kind": "webhook", "name": "bench-hook", "url": "http://127.0.0.1:9/alerts"}]
         for number in range(1, args.cycles + 1):
             spec = tmp / f"cycle-{number}.json"
             profile = str(args.profile / f"cycle-{number}.prof") if args.profile is not None else None

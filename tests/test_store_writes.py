@@ -118,3 +118,30 @@ async def test_postgresql_connections_send_lists_in_binary(store: Store) -> None
         raw = await conn.get_raw_connection()
         assert raw.driver_connection is not None
         assert raw.driver_connection.adapters.get_dumper(list, PyFormat.AUTO) is ListBinaryDumper
+
+
+async def test_enqueue_applies_state_changes_as_if_one_after_another(store: Store) -> None:
+    from auditor.domain.alerts import AlertState, AlertStatus
+    from auditor.store import queries, writes
+
+    def state(fp: str, status: AlertStatus, minutes: int) -> AlertState:
+        return AlertState("hook", fp, status, T0 + timedelta(minutes=minutes), T0)
+
+    firing, resolved = AlertStatus.FIRING, AlertStatus.RESOLVED
+    await store.write(writes.enqueue, [], [state("a", firing, 0), state("b", firing, 0),
+                                           AlertState("other", "a", firing, T0, T0)], run_id=None, now=T0)
+    await store.write(writes.enqueue, [], [
+        state("a", resolved, 5),  # an existing state changes
+        state("c", firing, 5),  # a new one
+        ("hook", "b"),  # an existing one is forgotten
+        state("d", firing, 5), ("hook", "d"),  # added, then forgotten: gone
+        ("hook", "e"), state("e", firing, 6),  # forgotten (nothing there), then added: there
+        state("c", firing, 7),  # changed twice: the last change stands
+    ], run_id=None, now=T0)
+    got = await store.read(queries.alert_state_map)
+    assert {k: (v.status, v.last_sent_at) for k, v in got.items()} == {
+        ("hook", "a"): (resolved, T0 + timedelta(minutes=5)),
+        ("hook", "c"): (firing, T0 + timedelta(minutes=7)),
+        ("hook", "e"): (firing, T0 + timedelta(minutes=6)),
+        ("other", "a"): (firing, T0),  # another notifier's state of the same fingerprint is untouched
+    }

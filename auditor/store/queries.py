@@ -618,12 +618,6 @@ def undelivered_count(conn: Connection, *, run_id: str | None = None) -> int:
     return int(conn.execute(q).scalar_one())
 
 
-def alert_state_row(conn: Connection, notifier: str, fingerprint: str) -> Row[Any] | None:
-    """Returns the alert state row of one notifier and fingerprint."""
-    return conn.execute(select(alert_states).where(alert_states.c.notifier == notifier,
-                                                   alert_states.c.fingerprint == fingerprint)).first()
-
-
 # ---- the compliance report's inputs ----------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """Statement helpers the writers share: an insert that keeps an existing row, a row count, and rows written in bulk
-(`insert_rows`, `update_rows`) with one statement of a fixed shape per chunk."""
+(`insert_rows`, `update_rows`, `upsert_rows`) with one statement of a fixed shape per chunk."""
 
 from __future__ import annotations
 
@@ -64,3 +64,27 @@ def update_rows(conn: Connection, table: Any, rows: Sequence[dict[str, Any]], *,
     stmt = update(table).where(table.c[key] == bindparam(f"b_{key}")).values(
         {name: bindparam(f"b_{name}") for name in values})
     conn.execute(stmt, [{f"b_{name}": row[name] for name in columns} for row in rows])
+
+
+def upsert_rows(conn: Connection, table: Any, rows: Sequence[dict[str, Any]], *, keys: Sequence[str]) -> None:
+    """Inserts `rows` (dicts with the same keys, `keys` among them, each key at most once), or sets their other
+    columns where a row with the same `keys` exists (ON CONFLICT … DO UPDATE).
+
+    PostgreSQL: one INSERT … SELECT FROM unnest(…) ON CONFLICT statement; SQLite: an executemany of one
+    INSERT … ON CONFLICT.
+    """
+    if not rows:
+        return
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    columns = list(rows[0])
+    if uses_arrays(conn):
+        pg = pg_insert(table).from_select(columns, array_rows(table, columns))
+        stmt: Any = pg.on_conflict_do_update(index_elements=list(keys), set_={
+            name: pg.excluded[name] for name in columns if name not in keys})
+        conn.execute(stmt, array_params(rows, columns))
+        return
+    lite = sqlite_insert(table)
+    conn.execute(lite.on_conflict_do_update(index_elements=list(keys), set_={
+        name: lite.excluded[name] for name in columns if name not in keys}), list(rows))

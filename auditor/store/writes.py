@@ -31,7 +31,7 @@ from auditor.domain.records import RunError, RunStats, RunStatus, policy_setting
 from auditor.store import queries
 from auditor.store.clauses import among, batch
 from auditor.store.queries import DISK_FACTS, chunks
-from auditor.store.statements import insert_if_absent, insert_rows, rowcount, update_rows
+from auditor.store.statements import insert_if_absent, insert_rows, rowcount, update_rows, upsert_rows
 from auditor.store.tables import (
     alert_states,
     disk_states,
@@ -150,7 +150,8 @@ def abandon_orphaned_runs(conn: Connection, *, now: datetime, reason: str = quer
 
 def enqueue(conn: Connection, entries: Sequence[OutboxEntry], states: Sequence[AlertState | tuple[str, str]], *,
             run_id: str | None, now: datetime) -> None:
-    """Adds outbox entries and applies alert-state changes; a (notifier, fingerprint) tuple forgets a state."""
+    """Adds outbox entries and applies alert-state changes, set-based (an upsert per chunk of states, a delete per
+    chunk of forgotten ones); a (notifier, fingerprint) tuple forgets a state."""
     for e in entries:
         n = e.notification
         # Ids are derived from the transition (see notification_key): an entry planned twice is written once.
@@ -159,17 +160,27 @@ def enqueue(conn: Connection, entries: Sequence[OutboxEntry], states: Sequence[A
             "payload": notification_to_dict(n), "run_id": run_id, "created_at": now, "state": "pending",
             "attempts": 0, "next_attempt_at": now, "claimed_by": None, "claimed_at": None, "delivered_at": None,
             "last_status": None, "last_error": None})
-    a = alert_states.c
+    # Applied as if one after another: the last change of each (notifier, fingerprint) is the one that stands.
+    last: dict[tuple[str, str], AlertState | None] = {}
     for st in states:
         if isinstance(st, tuple):
-            conn.execute(delete(alert_states).where(a.notifier == st[0], a.fingerprint == st[1]))
-            continue
-        values = {"status": st.status.value, "last_sent_at": st.last_sent_at, "starts_at": st.starts_at}
-        if queries.alert_state_row(conn, st.notifier, st.fingerprint) is None:
-            conn.execute(insert(alert_states).values(notifier=st.notifier, fingerprint=st.fingerprint, **values))
+            last[st] = None
         else:
-            conn.execute(update(alert_states).where(a.notifier == st.notifier, a.fingerprint == st.fingerprint)
-                         .values(**values))
+            last[(st.notifier, st.fingerprint)] = st
+    forgotten: dict[str, list[str]] = {}
+    kept: list[dict[str, Any]] = []
+    for (notifier, fingerprint), state in last.items():
+        if state is None:
+            forgotten.setdefault(notifier, []).append(fingerprint)
+        else:
+            kept.append({"notifier": notifier, "fingerprint": fingerprint, "status": state.status.value,
+                         "last_sent_at": state.last_sent_at, "starts_at": state.starts_at})
+    a = alert_states.c
+    for notifier, fingerprints in forgotten.items():
+        for chunk in chunks(fingerprints, batch(conn)):
+            conn.execute(delete(alert_states).where(a.notifier == notifier, among(conn, a.fingerprint, chunk)))
+    for part in chunks(kept, batch(conn)):
+        upsert_rows(conn, alert_states, part, keys=("notifier", "fingerprint"))
 
 
 # ---- the cycle's one write -------------------------------------------------------------------------------------
