@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, inspect, or_, select, text
+from sqlalchemy import and_, case, func, inspect, null, or_, select, text
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -279,7 +279,10 @@ DISK_FACTS = ("name", "vm_id", "vm_fqdn", "source", "is_target", "outcome", "err
 def disk_facts(conn: Connection, ids: Sequence[str]) -> dict[str, Row[Any]]:
     """Returns the stored disks among `ids` by id, as what the cycle's write compares a disk with: `id`, the
     `DISK_FACTS` in that order, and `was_read` (whether it ever had a definite reading)."""
-    columns = [disks.c.id, *(disks.c[name] for name in DISK_FACTS),
+    # A disk in the default tier has no tier detail (the cycle writes both or neither): read as NULL, its JSON null is
+    # not decoded once per disk.
+    detail = case((disks.c.tier.is_(None), null()), else_=disks.c.tier_detail).label("tier_detail")
+    columns = [disks.c.id, *(detail if name == "tier_detail" else disks.c[name] for name in DISK_FACTS),
                disks.c.last_read_at.is_not(None).label("was_read")]
     out: dict[str, Row[Any]] = {}
     for chunk in chunks(ids, batch(conn)):
