@@ -350,8 +350,8 @@ async def test_failed_and_overdue_runs_show_banners(world: World) -> None:
     store = world.runtime.store
     run_id = writes.new_run_id()
     await store.write(writes.start_run, run_id=run_id, now=utcnow(), trigger="test", owner=None)
-    await store.write(writes.fail_run, run_id, now=utcnow(), errors=[RunError("*", "database_unavailable", "went away")],
-                         stats=RunStats())
+    await store.write(writes.fail_run, run_id, now=utcnow(),
+                      errors=[RunError("*", "database_unavailable", "went away")], stats=RunStats())
     async with web_client(deps_for(world)) as web:
         overview = (await web.get("/")).text
     assert re.findall(r'data-banner="(\w+)"', overview) == ["failed"]

@@ -580,9 +580,10 @@ async def open_services(
         clock=clock,
     )
     try:
+        # A process that audits records a run whose owner is gone as failed at once; a read-only one never writes
+        # (every read already shows such a run failed, `queries.run_view`).
         with contextlib.suppress(StoreError):
-            # Whatever kind of process this is, a run whose owner is gone is marked now, not at the next daemon.
-            abandoned = await services.abandon_orphans()
+            abandoned = await services.abandon_orphans() if katapult else []
             if abandoned:
                 log.warning("marked %d run(s) left running by a process that is gone as failed: %s",
                             len(abandoned), ", ".join(abandoned))
