@@ -106,14 +106,14 @@ async def off_loop(store: Store, read: Callable[[Store], Awaitable[T]]) -> T:
         return await read(store)
 
     def work() -> T:
-        async def go() -> T:
+        async def read_on_second_engine() -> T:
             own = same_database(store)
             try:
                 return await read(own)
             finally:
                 await own.close()
 
-        return asyncio.run(go())
+        return asyncio.run(read_on_second_engine())
 
     return await asyncio.to_thread(work)
 
