@@ -56,7 +56,6 @@ from auditor.store.repo import Store
 log = logging.getLogger(__name__)
 
 DEFAULT_SPAN = timedelta(days=30)
-EVIDENCE_SPAN = timedelta(days=90)
 MAX_SPAN = periods.MAX_SPAN
 REDACTED = "<redacted>"
 MANIFEST = "MANIFEST.sha256"

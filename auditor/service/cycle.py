@@ -69,10 +69,6 @@ class Targets:
     disks: tuple[str, ...] = ()
     organizations: tuple[str, ...] = ()
 
-    @property
-    def is_empty(self) -> bool:
-        """Returns whether nothing is configured."""
-        return not self.disks and not self.organizations
 
 
 @dataclass(slots=True)
