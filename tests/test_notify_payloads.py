@@ -28,12 +28,13 @@ from auditor.errors import ConfigError
 from auditor.notify import NOTIFIERS, notifier_for
 from auditor.notify.alertmanager import NOTIFIER as ALERTMANAGER
 from auditor.notify.alertmanager import alerts_url
-from auditor.notify.base import headline, humanize, rfc3339, scrub, url_secrets
+from auditor.notify.base import headline, rfc3339, scrub, url_secrets
 from auditor.notify.email import NOTIFIER as EMAIL
 from auditor.notify.pagerduty import NOTIFIER as PAGERDUTY
 from auditor.notify.slack import NOTIFIER as SLACK
 from auditor.notify.webhook import NOTIFIER as WEBHOOK
 from auditor.notify.webhook import sign
+from auditor.vocabulary import format_duration
 
 TEST_NOTE = "This is a test notification from the Katapult backup auditor; no action is needed."
 
@@ -106,8 +107,8 @@ def test_rfc3339_is_utc_with_z_and_only_needed_fractions() -> None:
         (timedelta(seconds=-5), "0s"),
     ],
 )
-def test_humanize(delta: timedelta, text: str) -> None:
-    assert humanize(delta) == text
+def test_lasted(delta: timedelta, text: str) -> None:
+    assert format_duration(delta, style="alert") == text
 
 
 @pytest.mark.parametrize(

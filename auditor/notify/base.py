@@ -12,7 +12,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any, Protocol, TypeAlias, TypeVar
 from urllib.parse import quote
@@ -76,16 +76,6 @@ def rfc3339(value: datetime) -> str:
     if utc.microsecond:
         text += f".{utc.microsecond:06d}".rstrip("0")
     return text + "Z"
-
-
-def humanize(delta: timedelta) -> str:
-    """Returns a short duration like "3h 12m", "2d 5h", "12m" or "45s" (the two largest non-zero units)."""
-    total = max(int(delta.total_seconds()), 0)
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds = divmod(rest, 60)
-    parts = [f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")) if n]
-    return " ".join(parts[:2]) if parts else "0s"
 
 
 def headline(notification: Notification) -> str:
