@@ -30,8 +30,9 @@ from auditor.api.models import (
     SeverityName,
 )
 from auditor.domain.alerts import Delivery
-from auditor.domain.listings import FindingQuery, decode_cursor
+from auditor.domain.listings import ALL_STATUSES, FindingQuery, decode_cursor
 from auditor.domain.periods import parse_instant
+from auditor.domain.records import RunStatus
 from auditor.errors import LeaseHeldError, StoreError
 from auditor.service.compliance import build_compliance, recover_waivers, resolve_period
 from auditor.service.reports import build_report, disk_detail, finding_json, iso, run_json
@@ -93,7 +94,7 @@ def ops_router(deps: ApiDeps) -> APIRouter:
             return _readiness(f"database unavailable: {exc}", None, leadership)
         if run is None or run.finished_at is None:
             reason = "no audit cycle has finished yet"
-            if latest is not None and latest.status.value == "failed":
+            if latest is not None and latest.status is RunStatus.FAILED:
                 first = latest.errors[0] if latest.errors else None
                 reason += f"; the last one failed ({first.code}: {first.message})" if first else "; the last failed"
             return _readiness(reason, None, leadership)
@@ -103,7 +104,7 @@ def ops_router(deps: ApiDeps) -> APIRouter:
         limit = 2 * deps.interval.total_seconds()
         if age > limit:
             failed = (f"; later cycles failed (last: {latest.errors[0].code}: {latest.errors[0].message})"
-                      if latest is not None and latest.id != run.id and latest.status.value == "failed"
+                      if latest is not None and latest.id != run.id and latest.status is RunStatus.FAILED
                       and latest.errors else "")
             return _readiness(f"the last complete or partial audit cycle finished {age:.0f}s ago, more than twice "
                               f"audit.interval ({limit:.0f}s){failed}", last, leadership)
@@ -223,7 +224,7 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
         request: Request,
     ) -> Response:
         """Findings ordered by disk and fingerprint, with their lifecycle times."""
-        statuses = ("open", "waived", "resolved") if status == "all" else (status,)
+        statuses = ALL_STATUSES if status == "all" else (status,)
         query = FindingQuery(statuses=statuses, rule=rule.value if rule is not None else None, severity=severity,
                              disk_id=disk_id, limit=limit, cursor=cursor, tier=tier)
 

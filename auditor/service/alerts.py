@@ -35,9 +35,10 @@ from auditor.domain.alerts import (
 from auditor.domain.lifecycle import Change
 from auditor.domain.models import FindingStatus, Severity, TrackedFinding, fingerprint
 from auditor.domain.records import RunError, RunStatus
+from auditor.domain.retry import backoff
 from auditor.errors import NotifyError, StoreError
 from auditor.notify.dispatch import Dispatcher
-from auditor.notify.policy import backoff, group_alerts, is_repeat_due, wants
+from auditor.notify.policy import BACKOFF_BASE, BACKOFF_CAP, group_alerts, is_repeat_due, wants
 from auditor.store.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,8 @@ async def deliver_due(
                 await outbox.mark_failed(d.id, status=exc.status_code, error=why, worker=worker)
                 report.failed += 1
                 return None
-            wait = backoff(attempts, retry_after=exc.retry_after, max_retry_after=max_retry_after)
+            wait = backoff(attempts, base=BACKOFF_BASE, cap=BACKOFF_CAP, retry_after=exc.retry_after,
+                           max_retry_after=max_retry_after)
             next_at = retry_at(clock(), wait)
             log.warning("notification %s to %s failed (attempt %d), retrying in %.0fs: %s", d.id, name,
                         attempts, wait, exc)

@@ -34,6 +34,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,14 @@ from auditor.domain import periods
 from auditor.domain.lifecycle import parse_waivers
 from auditor.domain.models import Waiver, WaiverProblem
 from auditor.domain.periods import Period
-from auditor.domain.records import RunRecord
+from auditor.domain.records import RunRecord, RunStatus
 from auditor.domain.rules import RULES
 from auditor.service.reports import csv_cell, iso, md_cell, run_json
 from auditor.service.services import Services
 from auditor.store import pruning, queries
 from auditor.store.engine import safe_url
 from auditor.store.repo import Store
+from auditor.vocabulary import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +133,8 @@ def compliance_from(data: queries.PeriodData, *, period: Period, interval: timed
     coverage = periods.build_coverage([(p.at, p.status) for p in data.polls], period=period, horizon=2 * interval)
     in_period = [p for p in data.polls if period.start <= p.at < period.end]
     by_status = {status: sum(1 for p in in_period if p.status == status)
-                 for status in ("complete", "partial", "failed")}
-    completed = by_status["complete"] + by_status["partial"]
+                 for status in (RunStatus.COMPLETE, RunStatus.PARTIAL, RunStatus.FAILED)}
+    completed = by_status[RunStatus.COMPLETE] + by_status[RunStatus.PARTIAL]
     scheduled = period.length_us // max(interval // periods.ONE_US, 1)
     length = period.length_us
 
@@ -194,9 +196,9 @@ def compliance_from(data: queries.PeriodData, *, period: Period, interval: timed
             "interval_seconds": s(interval // periods.ONE_US),
             "scheduled_cycles": scheduled,
             "completed_cycles": completed,
-            "complete_cycles": by_status["complete"],
-            "partial_cycles": by_status["partial"],
-            "failed_cycles": by_status["failed"],
+            "complete_cycles": by_status[RunStatus.COMPLETE],
+            "partial_cycles": by_status[RunStatus.PARTIAL],
+            "failed_cycles": by_status[RunStatus.FAILED],
             # Manual runs can push completed past scheduled: the share is capped at 100.
             "completed_pct": periods.pct(min(completed, scheduled), scheduled),
             "covered_seconds": s(coverage.total_us),
@@ -246,22 +248,12 @@ def _md(text: Any) -> str:
     return md_cell(text, empty="–")
 
 
+# The period report's durations (2d 3h, 4h 5m, 6m 7s; "–" when there is none): Markdown, HTML and the CLI.
+_duration = partial(format_duration, style="report")
+
+
 def format_pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}".rstrip("0").rstrip(".") + " %"
-
-
-def format_duration(value: int | None) -> str:
-    """Returns seconds as a short human duration (2d 3h, 4h 5m, 6m 7s)."""
-    if value is None:
-        return "–"
-    days, rest = divmod(int(value), 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
 
 
 def worst_disks(report: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -278,22 +270,22 @@ def compliance_markdown(report: Mapping[str, Any], *, max_disks: int = 100) -> s
              f"- Fleet time in compliance: **{format_pct(f['compliance_pct'])}** over {f['disks']} disk(s)",
              f"- Coverage: {format_pct(c['coverage_pct'])} of the period checked; {c['completed_cycles']} of "
              f"{c['scheduled_cycles']} scheduled cycles completed ({c['partial_cycles']} partial, "
-             f"{c['failed_cycles']} failed); no data for {format_duration(c['no_data_seconds'])}", ""]
+             f"{c['failed_cycles']} failed); no data for {_duration(c['no_data_seconds'])}", ""]
     if c["gaps"]:
         lines += ["## Gaps (no data)", "", "| from | to | length |", "|---|---|---|"]
-        lines += [f"| {g['from']} | {g['to']} | {format_duration(g['seconds'])} |" for g in c["gaps"]]
+        lines += [f"| {g['from']} | {g['to']} | {_duration(g['seconds'])} |" for g in c["gaps"]]
         lines.append("")
     lines += ["## By day (UTC)", "", "| date | coverage | compliance | noncompliant disk-time | unknown disk-time |",
               "|---|---|---|---|---|"]
     lines += [f"| {d['date']} | {format_pct(d['coverage_pct'])} | {format_pct(d['compliance_pct'])} | "
-              f"{format_duration(d['noncompliant_seconds'])} | {format_duration(d['unknown_seconds'])} |"
+              f"{_duration(d['noncompliant_seconds'])} | {_duration(d['unknown_seconds'])} |"
               for d in f["by_day"]]
     lines += ["", "## Rules", "", "| rule | opened | resolved | mean to resolve | p90 to resolve | open at end | "
               "oldest open |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['rule']} | {r['opened']} | {r['resolved']} | "
-              f"{format_duration(r['mean_time_to_resolve_seconds'])} | "
-              f"{format_duration(r['p90_time_to_resolve_seconds'])} | {r['open_at_end']} | "
-              f"{format_duration(r['oldest_open_age_seconds'])} |" for r in report["rules"]]
+              f"{_duration(r['mean_time_to_resolve_seconds'])} | "
+              f"{_duration(r['p90_time_to_resolve_seconds'])} | {r['open_at_end']} | "
+              f"{_duration(r['oldest_open_age_seconds'])} |" for r in report["rules"]]
     lines.append("")
     if report["waivers"]:
         lines += ["## Waivers in force during the period", "", "| rule | disk | policy | expires | owner | reason |",
@@ -306,8 +298,8 @@ def compliance_markdown(report: Mapping[str, Any], *, max_disks: int = 100) -> s
     if worst:
         lines += ["| disk | name | compliance | noncompliant | unknown | no data |", "|---|---|---|---|---|---|"]
         lines += [f"| {_md(d['disk_id'])} | {_md(d['name'])} | {format_pct(d['compliance_pct'])} | "
-                  f"{format_duration(d['noncompliant_seconds'])} | {format_duration(d['unknown_seconds'])} | "
-                  f"{format_duration(d['no_data_seconds'])} |" for d in worst[:max_disks]]
+                  f"{_duration(d['noncompliant_seconds'])} | {_duration(d['unknown_seconds'])} | "
+                  f"{_duration(d['no_data_seconds'])} |" for d in worst[:max_disks]]
         if len(worst) > max_disks:
             lines.append(f"\n… and {len(worst) - max_disks} more (every disk is in the CSV and JSON).")
     else:
@@ -340,19 +332,10 @@ def compliance_html(report: Mapping[str, Any]) -> str:
     """Returns the period report as one self-contained HTML page (inline CSS and SVG, no external assets)."""
     template = _template_env().get_template("compliance.html")
     return template.render(r=report, bars=_day_bars(report["fleet"]["by_day"]), worst=worst_disks(report),
-                           pct=format_pct, duration=format_duration)
+                           pct=format_pct, duration=_duration)
 
 
 # ---- the evidence export ------------------------------------------------------------------------------------
-
-
-def _duration_text(value: timedelta) -> str:
-    """Returns a timedelta in the config's own syntax (400d, 15m, 90s, 0.5s)."""
-    us = value // periods.ONE_US
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if us % (size * periods.US_PER_SECOND) == 0:
-            return f"{us // (size * periods.US_PER_SECOND)}{unit}"
-    return f"{us / periods.US_PER_SECOND}s"
 
 
 def _plain(value: Any) -> Any:
@@ -367,7 +350,7 @@ def _plain(value: Any) -> Any:
         items = [_plain(v) for v in value]
         return sorted(items, key=json.dumps) if isinstance(value, set | frozenset) else items
     if isinstance(value, timedelta):
-        return _duration_text(value)
+        return format_duration(value, style="export")
     if isinstance(value, datetime):
         return iso(value.astimezone(UTC)) if value.tzinfo else value.isoformat()
     if hasattr(value, "isoformat"):
@@ -393,7 +376,8 @@ def rules_json(rules: RulesSettings) -> dict[str, Any]:
     """Returns the rules with their severities and whether they are enabled, the default parameters and overrides."""
     return {
         "defaults": {"min_retention": rules.min_retention, "min_retention_days": rules.min_retention_days,
-                     "max_interval": rules.max_interval, "stale_grace": _duration_text(rules.stale_grace)},
+                     "max_interval": rules.max_interval,
+                     "stale_grace": format_duration(rules.stale_grace, style="export")},
         "overrides": [{k: _plain(v) for k, v in sorted(o.model_dump(exclude_none=True).items())}
                       for o in rules.overrides],
         "rules": [{"id": rule.id, "description": rule.description, "default_severity": rule.severity.value,

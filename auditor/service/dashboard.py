@@ -15,12 +15,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from auditor.domain.alerts import Delivery, DeliveryState
-from auditor.domain.listings import SORT_KEYS, FindingListing, FindingSearch, RunPoint, SortKey
-from auditor.domain.models import Waiver, WaiverProblem
-from auditor.domain.records import RunRecord, RunStatus
+from auditor.domain.listings import ALL_STATUSES, SORT_KEYS, FindingListing, FindingSearch, RunPoint, SortKey
+from auditor.domain.models import FindingStatus, Waiver, WaiverProblem
+from auditor.domain.records import DiskStatus, RunRecord, RunStatus
 from auditor.service.reports import EXPIRING_WITHIN, build_report
 from auditor.store import queries
 from auditor.store.repo import Store
+from auditor.vocabulary import format_duration
 
 TREND_DAYS = (7, 30, 90)
 DELIVERY_STATES = tuple(s.value for s in DeliveryState)
@@ -58,30 +59,16 @@ def run_banners(*, latest: RunRecord | None, last_good: RunRecord | None, now: d
             banners.append(Banner("overdue", "No audit run has completed yet."))
     elif now - last_good.finished_at > limit:
         age = now - last_good.finished_at
-        banners.append(Banner("overdue", f"Overdue: the last complete or partial run finished {human_age(age)} "
-                                         f"ago, more than twice the audit interval ({human_age(interval)})."))
+        banners.append(Banner("overdue", f"Overdue: the last complete or partial run finished "
+                                         f"{format_duration(age, style='age')} ago, more than twice the audit "
+                                         f"interval ({format_duration(interval, style='age')})."))
     return banners
-
-
-def human_age(delta: timedelta) -> str:
-    """Returns a duration as a short text: 45s, 12 min, 5 h 3 min, 3 d 4 h."""
-    seconds = max(int(delta.total_seconds()), 0)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes = seconds // 60
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h" if hours else f"{days} d"
 
 
 # The findings page answers from memory when the findings fit: at most this many rows (every status if they all fit,
 # else the open and waived ones, and views that include resolved findings are searched in SQL).
 INDEX_LIMIT = 20_000
-ALL_STATUSES = ("open", "waived", "resolved")
+OPEN_OR_WAIVED = (FindingStatus.OPEN.value, FindingStatus.WAIVED.value)
 REPORT_KEYS = ("generated_at", "last_run", "summary", "expiring_waivers", "waiver_problems", "drift")
 
 
@@ -217,15 +204,14 @@ async def snapshot(store: Store, *, now: datetime, waivers: Sequence[Waiver] = (
     index = None
     if sum(counts.values()) <= INDEX_LIMIT:
         index = FindingIndex(await store.read(queries.finding_listings, statuses=ALL_STATUSES), ALL_STATUSES)
-    elif counts.get("open", 0) + counts.get("waived", 0) <= INDEX_LIMIT:
-        active = ("open", "waived")
-        index = FindingIndex(await store.read(queries.finding_listings, statuses=active), active)
+    elif counts.get(FindingStatus.OPEN, 0) + counts.get(FindingStatus.WAIVED, 0) <= INDEX_LIMIT:
+        index = FindingIndex(await store.read(queries.finding_listings, statuses=OPEN_OR_WAIVED), OPEN_OR_WAIVED)
     summary = report["summary"]
     return Snapshot(built_at=now, latest=latest, last_good=last_good, report={k: report[k] for k in REPORT_KEYS},
                     # Exempt disks are judged by no rule: outside the ratio, as in the period report.
                     compliance_pct=compliance_pct(summary["compliant"],
                                                   summary["disks_total"] - summary.get("exempt", 0)),
-                    unknown=[d for d in report["disks"] if d["status"] == "unknown"], history=history,
+                    unknown=[d for d in report["disks"] if d["status"] == DiskStatus.UNKNOWN], history=history,
                     sources=sources, index=index, tiers=tiers)
 
 

@@ -307,7 +307,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {f['severity']} | {f['rule']} | {md_cell(f['disk_id'])} | {md_cell(f['policy_id'])} | "
                          f"{f['status']} | {md_cell(f['message'])} |")
         lines.append("")
-    unknown = [d for d in report["disks"] if d["status"] == "unknown"]
+    unknown = [d for d in report["disks"] if d["status"] == DiskStatus.UNKNOWN]
     if unknown:
         lines += ["## Disks without a verdict", ""]
         lines += [f"- {md_cell(d['disk_id'])}: {md_cell((d.get('error') or {}).get('message'))}" for d in unknown]

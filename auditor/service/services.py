@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -53,6 +52,7 @@ from auditor.store.leases import CYCLE, Holder, Lease, Leases
 from auditor.store.outbox import Outbox
 from auditor.store.repo import Store
 from auditor.store.writes import CycleWrite, new_run_id
+from auditor.vocabulary import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -497,7 +497,7 @@ class Services:
             error = rest if named else error
             head = error if error.startswith(f"{name}:") else f"{name}: {error}"
             seconds = max(0.0, (d.next_attempt_at - now).total_seconds())
-            lines.append(f"{head} (next try in {_in(seconds)})")
+            lines.append(f"{head} (next try in {format_duration(seconds, style='wait')})")
         return lines
 
     # ---- leases and housekeeping ------------------------------------------------------------------------
@@ -533,16 +533,6 @@ def _held(lease: Lease | None) -> LeaseHeldError:
 
 def _elapsed(began: float) -> timedelta:
     return timedelta(seconds=time.monotonic() - began)
-
-
-def _in(seconds: float) -> str:
-    """Returns a wait for people: 40s, 12m, 3h (rounded up)."""
-    whole = math.ceil(seconds)
-    if whole < 120:
-        return f"{whole}s"
-    if whole < 7200:
-        return f"{math.ceil(whole / 60)}m"
-    return f"{math.ceil(whole / 3600)}h"
 
 
 @asynccontextmanager
