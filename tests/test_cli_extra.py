@@ -23,14 +23,15 @@ from auditor.errors import StoreError
 from auditor.fake import FakeServer, Fault, Fleet
 from auditor.fake import create_app as fake_app
 from auditor.service import open_services
-from auditor.service.reports import (
-    REPORTED_STATUSES,
-    build_report,
+from auditor.service.cycle import run_cycle
+from auditor.service.queries import (
     current_disk_detail,
     current_findings,
     current_report,
-    disk_detail,
+    read_disk_detail,
+    read_report,
 )
+from auditor.service.reports import REPORTED_STATUSES
 from auditor.store import engine as db
 from auditor.store.reads import PostgresReads, SqliteReads, open_report_reads, plain_sqlite_file, postgres_connect_args
 from auditor.store.reads_core import CoreReads
@@ -198,7 +199,9 @@ def test_format_duration_of_odd_values() -> None:
     assert format_duration(timedelta(microseconds=1500)) == "0.0015s"
 
 
-HEAVY = ("pydantic", "rich", "sqlalchemy", "alembic", "httpx", "fastapi", "uvicorn", "auditor.daemon")
+# check-config shares the service's reading of the settings (`auditor.service.configuration`), not its wiring.
+HEAVY = ("pydantic", "rich", "sqlalchemy", "alembic", "httpx", "fastapi", "uvicorn", "auditor.daemon", "auditor.store",
+         "auditor.service.services")
 
 
 def _probe_imports(tmp_path: Path, args: list[str], watched: tuple[str, ...], *,
@@ -231,10 +234,12 @@ def test_the_command_line_starts_without_heavy_imports(tmp_path: Path, args: lis
 
 # What `auditor report` must not load (benchmarks/cli_start.py times it): of HEAVY only pydantic (the config) and rich
 # (the table); a plain SQLite file is read with sqlite3, so not even SQLAlchemy.
-NOT_FOR_REPORT = tuple(m for m in HEAVY if m not in ("pydantic", "rich")) + (
+NOT_FOR_REPORT = tuple(m for m in HEAVY if m not in ("pydantic", "rich", "auditor.store")) + (
     "sqlalchemy.orm", "sqlalchemy.ext.asyncio", "aiosqlite", "jinja2", "apscheduler", "prometheus_client",
     "auditor.katapult", "auditor.notify", "auditor.api", "auditor.web", "auditor.service.services",
-    "auditor.service.cycle", "auditor.service.compliance", "auditor.store.repo", "auditor.store.tables",
+    "auditor.service.cycle", "auditor.service.collection", "auditor.service.compliance", "auditor.service.evidence",
+    "auditor.service.delivery", "auditor.service.runner", "auditor.render.compliance", "auditor.store.repo",
+    "auditor.store.tables",
 )
 
 
@@ -299,13 +304,13 @@ async def test_report_reads_the_same_report_as_build_report_on_the_store(db_url:
     settings = _report_settings(db_url, ids, waived=ids[0], expired=ids[3], now=now)
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token="fake-token",
                              clock=clock) as s:
-        await s.run_cycle()
+        await run_cycle(s)
         fleet.update_policy("dbp_weak", retention=14)  # drift; its findings resolve
         clock.now += timedelta(minutes=15)
-        await s.run_cycle()
+        await run_cycle(s)
         fleet.faults[ids[1]] = Fault.UNAVAILABLE  # unknown, with its error
         clock.now += timedelta(minutes=15)
-        await s.run_cycle()
+        await run_cycle(s)
         # A run whose process is gone: the first reader marks it failed, and it is the latest run after that.
         orphan = await s.store.start_run(now=clock.now, trigger="manual", owner="elsewhere:1:0123456789ab")
     clock.now += timedelta(minutes=1)
@@ -315,8 +320,7 @@ async def test_report_reads_the_same_report_as_build_report_on_the_store(db_url:
     assert fast["drift"] and fast["findings"] and fast["expiring_waivers"] and fast["waiver_problems"]
     assert {d["status"] for d in fast["disks"]} == {"compliant", "noncompliant", "unknown"}
     async with open_services(settings, katapult=False, migrate=False, clock=clock) as s:
-        waivers, problems = s.waivers()
-        assert await build_report(s.store, now=s.clock(), waivers=waivers, waiver_problems=problems) == fast
+        assert await read_report(s) == fast
         # sqlite3 for a plain SQLite file, psycopg for PostgreSQL; Core (the rest) reads both as well.
         reader = open_report_reads(db_url)
         assert isinstance(reader, SqliteReads if db_url.startswith("sqlite:") else PostgresReads)
@@ -324,7 +328,7 @@ async def test_report_reads_the_same_report_as_build_report_on_the_store(db_url:
             assert current_findings(settings, statuses=statuses, clock=clock) == \
                 await s.store.all_findings(statuses=statuses)
         for disk_id in [*ids, "disk_unknownunknown00"]:
-            assert current_disk_detail(settings, disk_id, clock=clock) == await disk_detail(s.store, disk_id)
+            assert current_disk_detail(settings, disk_id, clock=clock) == await read_disk_detail(s, disk_id=disk_id)
         for reads in (reader, CoreReads(db_url)):
             try:
                 assert reads.current_revision() == await db.current_revision(db_url)

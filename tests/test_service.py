@@ -23,6 +23,8 @@ from auditor.fake import Fault, Fleet
 from auditor.fake import create_app as fake_app
 from auditor.service import open_services
 from auditor.service.alerts import notification_key
+from auditor.service.cycle import PendingFailures, record_failures, run_cycle
+from auditor.service.leases import read_cycle_lease
 from auditor.service.runner import CycleMetrics, CycleRunner
 from auditor.store import engine as db
 from auditor.store.leases import CYCLE, Holder
@@ -80,21 +82,21 @@ async def test_a_second_process_cannot_run_a_cycle_while_the_lease_is_held(db_ur
         taken, _ = await first.leases.acquire(CYCLE, first.holder, now=first.clock(), ttl=timedelta(seconds=30))
         assert taken
         with pytest.raises(LeaseHeldError) as held:
-            await second.run_cycle(wait=0.3)
+            await run_cycle(second, wait=0.3)
         assert f"pid {first.holder.pid}" in str(held.value) and held.value.since
         assert await second.store.list_runs() == []  # nothing recorded by the refused cycle
         # The API answers 409 naming the holder.
         runner = CycleRunner(second, cycles=CycleMetrics())
-        app = create_app(ApiDeps(store=second.store, interval=timedelta(minutes=5), trigger=runner.trigger))
+        app = create_app(ApiDeps(services=second, trigger=runner.trigger))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as api:
             response = await api.post("/api/v1/audit")
         assert response.status_code == 409 and response.json()["holder"] == f"{first.holder.host} pid " \
             f"{first.holder.pid}"
         # Released: the second one runs, and numbering goes on.
         await first.leases.release(CYCLE, first.holder)
-        outcome = await second.run_cycle()
+        outcome = await run_cycle(second)
         assert outcome.status is RunStatus.COMPLETE
-        assert await second.cycle_lease() is None  # released after the cycle
+        assert await read_cycle_lease(second) is None  # released after the cycle
 
 
 async def test_a_commit_after_the_lease_was_taken_over_is_refused(db_url: str) -> None:
@@ -108,14 +110,14 @@ async def test_a_commit_after_the_lease_was_taken_over_is_refused(db_url: str) -
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as slow, \
             open_services(settings, transport=httpx.ASGITransport(app=fake_app(same)), token=TOKEN,
                           clock=late) as taker:
-        cycle = asyncio.create_task(slow.run_cycle())
+        cycle = asyncio.create_task(run_cycle(slow))
         for _ in range(100):
-            lease = await slow.cycle_lease()
+            lease = await read_cycle_lease(slow)
             if lease is not None and lease.holder == slow.holder.id:
                 break
             await asyncio.sleep(0.02)
         # The taker's clock is past the lease expiry: it takes over and marks the slow run abandoned.
-        taken = await taker.run_cycle()
+        taken = await run_cycle(taker)
         assert taken.status is RunStatus.COMPLETE
         outcome = await cycle
         assert outcome.status is RunStatus.FAILED and outcome.errors[0].code == "lease_lost"
@@ -155,7 +157,7 @@ async def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(db_url: s
         taken, _ = await s.leases.acquire(CYCLE, dead, now=s.clock(), ttl=timedelta(hours=1), run_id="b" * 32)
         assert taken
         await s.store.start_run(now=s.clock(), trigger="test", run_id="b" * 32, owner=dead.id)
-        outcome = await s.run_cycle()  # no waiting out the hour: its holder is gone
+        outcome = await run_cycle(s)  # no waiting out the hour: its holder is gone
         assert outcome.status is RunStatus.COMPLETE
         runs = {r.id: r for r in await s.store.list_runs()}
         assert runs["b" * 32].status is RunStatus.FAILED and runs["b" * 32].errors[0].code == "abandoned"
@@ -170,21 +172,26 @@ async def test_a_failed_cycle_raises_audit_incomplete_and_counts(db_url: str) ->
     settings = _settings(db_url, ids, notifiers=[{"kind": "webhook", "name": "hook",
                                                    "url": "http://127.0.0.1:9/hook", "min_severity": "low"}])
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
-        outcome = await s.run_cycle()
-        assert outcome.status is RunStatus.FAILED
-        assert s.consecutive_failed == 1
+        # Failures in a row are counted by whoever runs the cycles (the daemon's runner), for /metrics.
+        runner = CycleRunner(s, cycles=CycleMetrics())
+        first = runner.start("schedule")
+        assert first is not None
+        outcome = await first
+        assert outcome is not None and outcome.status is RunStatus.FAILED
+        assert runner.cycles.consecutive_failed == 1
         entries = await s.outbox.recent()
         assert [a.rule for e in entries for a in e.notification.alerts] == ["audit-incomplete"]
-        await s.run_cycle()
-        assert s.consecutive_failed == 2
+        second = runner.start("schedule")
+        assert second is not None and await second is not None
+        assert runner.cycles.consecutive_failed == 2
         assert len(await s.outbox.recent()) == 1  # still firing: not announced twice
-        app = create_app(ApiDeps(store=s.store, interval=timedelta(minutes=5), trigger=_no_trigger))
+        app = create_app(ApiDeps(services=s, trigger=_no_trigger, cycles=runner.cycles))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as api:
             ready = await api.get("/readyz")
             metrics = (await api.get("/metrics")).text
         # A failed run finished recently, but failed runs do not make the auditor ready.
         assert ready.status_code == 503 and "the last one failed" in ready.json()["reason"]
-        assert "auditor_consecutive_failed_cycles" in metrics
+        assert "auditor_consecutive_failed_cycles 2.0" in metrics
 
 
 async def test_a_cycle_that_cannot_reach_the_database_is_recorded_when_it_can(tmp_path: Path) -> None:
@@ -193,19 +200,20 @@ async def test_a_cycle_that_cannot_reach_the_database_is_recorded_when_it_can(tm
     settings = _settings(url, ids, notifiers=[{"kind": "webhook", "name": "hook",
                                                 "url": "http://127.0.0.1:9/hook", "min_severity": "low"}])
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
-        good = await s.run_cycle()
+        good = await run_cycle(s)
         assert good.status is RunStatus.COMPLETE
         # The database goes away (file moved aside): the cycle fails, the failure waits in memory.
         (tmp_path / "a.db").rename(tmp_path / "b.db")
         (tmp_path / "a.db").mkdir()  # a directory where the file was: every connection fails
         await s.store.close()
-        failed = await s.run_cycle()
+        failures = PendingFailures()  # what whoever runs the cycles keeps across them
+        failed = await run_cycle(s, failures=failures)
         assert failed.status is RunStatus.FAILED and failed.errors[0].code == "database_unavailable"
-        assert len(s.pending_failures) == 1
+        assert [f.run_id for f in failures] == [failed.run_id]
         # The database is back: the failure is recorded with its audit-incomplete alert.
         (tmp_path / "a.db").rmdir()
         (tmp_path / "b.db").rename(tmp_path / "a.db")
-        assert await s.record_pending_failures() == 0
+        assert await record_failures(s, failures=failures) == 0 and len(failures) == 0
         runs = {r.id: r for r in await s.store.list_runs()}
         assert runs[failed.run_id].status is RunStatus.FAILED
         rules = [a.rule for e in await s.outbox.recent() for a in e.notification.alerts]
@@ -231,11 +239,11 @@ async def test_heartbeat_start_success_and_fail(tmp_path: Path, heartbeat: HttpR
                          heartbeat={"url": heartbeat.url + "/ping/secret-uuid", "timeout_seconds": 2})
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
         assert s.heartbeat is not None
-        complete = await s.run_cycle()
+        complete = await run_cycle(s)
         fleet.faults[ids[1]] = Fault.UNAVAILABLE
-        partial = await s.run_cycle()
+        partial = await run_cycle(s)
         fleet.faults[ids[0]] = Fault.UNAVAILABLE
-        failed = await s.run_cycle()
+        failed = await run_cycle(s)
         await s.heartbeat.flush(5)
     assert (complete.status, partial.status, failed.status) == (RunStatus.COMPLETE, RunStatus.PARTIAL,
                                                                 RunStatus.FAILED)
@@ -255,7 +263,7 @@ async def test_a_hanging_heartbeat_receiver_does_not_delay_the_cycle(tmp_path: P
                          heartbeat={"url": heartbeat.url + "/ping/x", "timeout_seconds": 5, "max_attempts": 1})
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
         began = time.monotonic()
-        outcome = await s.run_cycle()
+        outcome = await run_cycle(s)
         took = time.monotonic() - began
         assert outcome.status is RunStatus.COMPLETE
         assert took < 2.0, f"the cycle waited for the heartbeat ({took:.1f}s)"
@@ -323,12 +331,12 @@ async def test_each_run_stores_its_summary_and_disk_verdicts_by_change(db_url: s
     clock = Clock(datetime.now(UTC).replace(microsecond=0))
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN,
                              clock=clock) as s:
-        first = await s.run_cycle()
+        first = await run_cycle(s)
         clock.now += timedelta(minutes=15)
-        await s.run_cycle()  # nothing changed: no new disk state rows
+        await run_cycle(s)  # nothing changed: no new disk state rows
         fleet.faults[ids[1]] = Fault.UNAVAILABLE
         clock.now += timedelta(minutes=15)
-        third = await s.run_cycle()
+        third = await run_cycle(s)
         async with s.store.engine.connect() as conn:
             summaries = (await conn.execute(select(RunSummary).order_by(RunSummary.started_at))).all()
             states = (await conn.execute(select(DiskState).order_by(DiskState.id))).all()

@@ -1,39 +1,29 @@
-"""The compliance report (a public JSON contract) and its table/CSV/Markdown renderings, read from the store.
-
-`build_report` reads through the async `Store` (the API, the dashboard, the demo); `current_report` is the same
-report for a one-shot command: it opens the database read-only as `open_services(katapult=False, migrate=False)`
-does, through `auditor.store.reads` (sqlite3 for a plain SQLite file, else SQLAlchemy Core), so `auditor report`
-starts without the ORM, asyncio, httpx or the notifiers (benchmarks/cli_start.py). This module imports only the
-domain at import time.
+"""The compliance report and the disk detail as JSON (a public contract: `auditor report --format json`, the API,
+the dashboard): pure functions of what `queries` read. Standard library and the domain only.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
-import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
 
 from auditor.domain.models import FindingStatus, ReadOutcome, TrackedFinding, Waiver, WaiverProblem
-from auditor.domain.records import DiskRecord, DiskStatus, DriftRecord, PolicyStateRecord, RunRecord
-from auditor.errors import SchemaError, StoreError
-
-if TYPE_CHECKING:
-    from auditor.config import Settings
-    from auditor.store.reads import DiskHistory, ReportReads
-    from auditor.store.repo import Store
+from auditor.domain.records import (
+    DiskRecord,
+    DiskStatus,
+    DriftRecord,
+    FindingEventRecord,
+    PolicyStateRecord,
+    RunRecord,
+)
 
 EXPIRING_WITHIN = timedelta(days=7)
 DRIFT_WITHIN = timedelta(days=7)
-# What `services.check_schema` tells a read-only command to do about a missing or outdated database.
-SCHEMA_HINT = "run `auditor db upgrade` or start `auditor run` once"
-ORPHAN_REASON = "its process stopped before it finished"
-
-# The orphaned-run sweep logs as `open_services` does, under the same logger name.
-services_log = logging.getLogger("auditor.service.services")
+REPORTED_STATUSES = (FindingStatus.OPEN.value, FindingStatus.WAIVED.value)
+# What `Store.disk_history` returns: the disk, its policy states, drift, findings and finding events.
+DiskHistory = tuple[DiskRecord | None, list[PolicyStateRecord], list[DriftRecord], list[TrackedFinding],
+                    list[FindingEventRecord]]
 
 
 def iso(value: datetime | None) -> str | None:
@@ -85,84 +75,6 @@ def finding_json(f: TrackedFinding, *, with_resolution: bool = False) -> dict[st
         out["opened_at"] = iso(f.opened_at)
         out["resolved_at"] = iso(f.resolved_at)
     return out
-
-
-REPORTED_STATUSES = (FindingStatus.OPEN.value, FindingStatus.WAIVED.value)
-
-
-async def build_report(
-    store: Store, *, now: datetime, waivers: Sequence[Waiver] = (), waiver_problems: Sequence[WaiverProblem] = ()
-) -> dict[str, Any]:
-    """Returns the compliance report: last run, summary, disks and open/waived findings (no Katapult call)."""
-    run = await store.latest_run()
-    disks = await store.load_disks(targets_only=True)
-    findings = await store.all_findings(statuses=REPORTED_STATUSES)
-    policies = await store.current_policy_ids()
-    drift = await store.recent_drift(since=now - DRIFT_WITHIN)
-    return assemble_report(now=now, run=run, disks=disks, findings=findings, policies=policies, drift=drift,
-                           waivers=waivers, waiver_problems=waiver_problems)
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-@contextlib.contextmanager
-def _checked_reads(settings: Settings, clock: Callable[[], datetime]) -> Iterator[ReportReads]:
-    """Yields the read-only reads of the configured database after the checks `open_services(settings,
-    katapult=False, migrate=False)` makes, with the same errors: SchemaError when the database is missing (never
-    created) or not at the code's revision, StoreError when it cannot be read; runs left `running` by a process
-    that is gone are marked failed first (a failure there is ignored, as there)."""
-    from pathlib import Path
-
-    from auditor.store import engine
-    from auditor.store.reads import open_report_reads, plain_sqlite_file
-
-    url = settings.database.url.get_secret_value()
-    plain = plain_sqlite_file(url)  # sqlite3 or psycopg: SQLAlchemy is loaded only for other URLs and for errors
-    missing = ((not Path(plain).is_file()) if plain is not None
-               else url.startswith("sqlite") and engine.sqlite_file_missing(url))
-    if missing:
-        raise SchemaError(f"database {engine.safe_url(url)} does not exist: check database.url, or {SCHEMA_HINT}")
-    reads = open_report_reads(url)
-    try:
-        current, head = reads.current_revision()
-        if current != head:
-            raise SchemaError(f"database {engine.safe_url(url)} is at schema revision {current or 'none'}, this "
-                              f"version needs {head}: {SCHEMA_HINT}")
-        with contextlib.suppress(StoreError):
-            abandoned = reads.abandon_orphaned_runs(now=clock(), reason=ORPHAN_REASON)
-            if abandoned:
-                services_log.warning("marked %d run(s) left running by a process that is gone as failed: %s",
-                                     len(abandoned), ", ".join(abandoned))
-        yield reads
-    finally:
-        reads.close()
-
-
-def current_report(settings: Settings, *, clock: Callable[[], datetime] = _utcnow,
-                   tier: str | None = None) -> dict[str, Any]:
-    """Returns `build_report`'s report for the configured database, read as `auditor report` reads it: what
-    `open_services(settings, katapult=False, migrate=False)` plus `build_report` do, with the same errors."""
-    from auditor.domain.lifecycle import parse_waivers
-    from auditor.domain.rules import RULES
-
-    with _checked_reads(settings, clock) as reads:
-        waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=clock())
-        now = clock()
-        return assemble_report(
-            now=now, run=reads.latest_run(), disks=reads.target_disks(),
-            findings=reads.all_findings(statuses=REPORTED_STATUSES), policies=reads.current_policy_ids(),
-            drift=reads.recent_drift(since=now - DRIFT_WITHIN), waivers=waivers, waiver_problems=problems,
-            tier=tier)
-
-
-def current_findings(settings: Settings, *, statuses: Sequence[str],
-                     clock: Callable[[], datetime] = _utcnow) -> list[TrackedFinding]:
-    """Returns the findings with one of `statuses`, ordered by disk and fingerprint, read as `auditor findings`
-    reads them: what `open_services(...)` plus `Store.all_findings` give, with the same errors."""
-    with _checked_reads(settings, clock) as reads:
-        return reads.all_findings(statuses=statuses)
 
 
 def disk_status(disk: DiskRecord, findings: Sequence[TrackedFinding]) -> DiskStatus:
@@ -263,81 +175,6 @@ def _jsonable(raw: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, str | int | float | bool | type(None)) else str(v)) for k, v in raw.items()}
 
 
-CSV_COLUMNS = ("fingerprint", "rule", "severity", "status", "disk_id", "policy_id", "message", "first_seen",
-               "last_seen", "waiver_owner", "waiver_expires")
-
-
-# A text cell a spreadsheet would take for a formula (first character =, +, -, @ or tab) is written with a leading
-# apostrophe, so a disk named "=HYPERLINK(…)" in an export opened in a spreadsheet stays text ("CSV injection").
-# Control characters other than tab and newline are written as \xNN: the csv module leaves a lone CR unquoted
-# (our lines end in "\n"), and a reader would split the row there. Numbers are written as they are; None is empty.
-_FORMULA_START = ("=", "+", "-", "@", "\t")
-_CSV_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\t\n"}
-
-
-def csv_cell(value: Any) -> str:
-    """Returns one CSV cell: text a spreadsheet would evaluate is prefixed with an apostrophe, control characters
-    other than tab and newline are shown as \\xNN."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        text = value.translate(_CSV_CONTROL)
-        return "'" + text if text.startswith(_FORMULA_START) else text
-    return str(value)
-
-
-def report_csv(report: dict[str, Any]) -> str:
-    """Returns the report's findings as CSV (one row a finding)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for f in report["findings"]:
-        waiver = f.get("waiver") or {}
-        writer.writerow([csv_cell(v) for v in (
-            f["fingerprint"], f["rule"], f["severity"], f["status"], f["disk_id"], f["policy_id"], f["message"],
-            f["first_seen"], f["last_seen"], waiver.get("owner"), waiver.get("expires"))])
-    return buf.getvalue()
-
-
-def md_cell(text: Any, empty: str = "") -> str:
-    """Returns one markdown table cell: `|` escaped, newlines as spaces, other control characters as \\xNN."""
-    if text is None:
-        return empty
-    return str(text).replace("|", "\\|").replace("\n", " ").translate(_CSV_CONTROL)
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    """Returns the report as Markdown (summary, findings table, unknown disks)."""
-    s = report["summary"]
-    run = report["last_run"]
-    lines = ["# Backup-policy compliance report", "", f"Generated {report['generated_at']}."]
-    if run:
-        lines.append(f"Last run `{run['id']}` ({run['status']}) finished {run['finished_at'] or '(cut short)'}, "
-                     f"{run['api_requests']} API requests.")
-    else:
-        lines.append("No audit has run yet.")
-    lines += ["", "| disks | compliant | noncompliant | unknown | open findings |", "|---|---|---|---|---|",
-              f"| {s['disks_total']} | {s['compliant']} | {s['noncompliant']} | {s['unknown']} | "
-              f"{s['open_findings']} |", ""]
-    if report["findings"]:
-        lines += ["## Findings", "", "| severity | rule | disk | policy | status | message |",
-                  "|---|---|---|---|---|---|"]
-        for f in report["findings"]:
-            lines.append(f"| {f['severity']} | {f['rule']} | {md_cell(f['disk_id'])} | {md_cell(f['policy_id'])} | "
-                         f"{f['status']} | {md_cell(f['message'])} |")
-        lines.append("")
-    unknown = [d for d in report["disks"] if d["status"] == "unknown"]
-    if unknown:
-        lines += ["## Disks without a verdict", ""]
-        lines += [f"- {md_cell(d['disk_id'])}: {md_cell((d.get('error') or {}).get('message'))}" for d in unknown]
-        lines.append("")
-    if run and run["errors"]:
-        lines += ["## Errors in the last run", ""]
-        lines += [f"- {md_cell(e['target'])}: `{e['code']}` {md_cell(e['message'])}" for e in run["errors"]]
-        lines.append("")
-    return "\n".join(lines)
-
-
 def _state_json(p: PolicyStateRecord) -> dict[str, Any]:
     return {
         "policy_id": p.policy_id,
@@ -351,18 +188,6 @@ def _state_json(p: PolicyStateRecord) -> dict[str, Any]:
         "valid_from": iso(p.valid_from),
         "valid_to": iso(p.valid_to),
     }
-
-
-async def disk_detail(store: Store, disk_id: str) -> dict[str, Any] | None:
-    """Returns a disk's current policies, findings, snapshot history, drift and finding events; None if unknown."""
-    return detail_json(await store.disk_history(disk_id))
-
-
-def current_disk_detail(settings: Settings, disk_id: str, *,
-                        clock: Callable[[], datetime] = _utcnow) -> dict[str, Any] | None:
-    """Returns `disk_detail` read as `auditor report` reads (`auditor history`), with the same checks and errors."""
-    with _checked_reads(settings, clock) as reads:
-        return detail_json(reads.disk_history(disk_id))
 
 
 def detail_json(history: DiskHistory) -> dict[str, Any] | None:
