@@ -32,7 +32,7 @@ from auditor.service import AuditOutcome, Services, open_services, reading_servi
 from auditor.service.delivery import deliver_due
 from auditor.service.housekeeping import abandon_orphans, prune_history
 from auditor.service.leases import release_lead, renew_lead, take_lead
-from auditor.service.queries import list_runs
+from auditor.service.queries import read_recent_runs
 from auditor.service.runner import CycleHook, CycleRunner
 from auditor.service.services import database_label
 
@@ -261,7 +261,7 @@ class _Daemon:
         """Returns when the new leader's first cycle runs: now, unless a cycle started less than an interval ago."""
         now = utcnow()
         try:
-            runs = await list_runs(services, limit=1)
+            runs = await read_recent_runs(services, limit=1)
         except StoreError:
             return now
         if not runs:

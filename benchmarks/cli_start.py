@@ -1,9 +1,10 @@
-"""CLI start: `auditor --help`, `auditor check-config` and `auditor report` as fresh processes, median of 5 each.
+"""CLI start: `auditor --help`, `check-config`, `report`, `findings` and `history` as fresh processes, median of 5.
 
 Each command runs once first (to write bytecode caches), then five times; the figure is the median wall time of a
-whole process, start to exit: what a person or a cron job waits for. `check-config` reads a small config;
-`report` reads a small, migrated database with no run recorded (no Katapult call either way): an SQLite file, or
-PostgreSQL with `--postgres URL`.
+whole process, start to exit: what a person or a cron job waits for. `check-config` reads a small config; the
+read-only commands read a small, migrated database with no run recorded (no Katapult call either way): an SQLite
+file (target 0.5 s), or PostgreSQL with `--postgres URL` (target 0.6 s for the reads: the driver and a connection
+handshake come on top).
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from pathlib import Path
 import _common as c
 
 TARGET_SECONDS = 0.5
+POSTGRES_READ_TARGET_SECONDS = 0.6
 RUNS = 5
 
 
 def timed(args: list[str], *, cwd: Path, env: dict[str, str]) -> float:
-    """Returns the wall time of one `python -m auditor ARGS` process; raises when it fails."""
+    """Returns the wall time of one `python -m auditor ARGS` process; raises when it fails (`history` of a disk the
+    empty database does not know exits 2 after the same reads: that counts as done)."""
     began = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "auditor", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=60)
     elapsed = time.perf_counter() - began
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not (args[0] == "history" and proc.returncode == 2):
         raise RuntimeError(f"auditor {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
     return elapsed
 
@@ -54,19 +57,23 @@ def main() -> int:
             "auditor --help": ["--help"],
             "auditor check-config": ["check-config", "--config", str(config)],
             "auditor report": ["report", "--config", str(config)],
+            "auditor findings": ["findings", "--config", str(config)],
+            "auditor history": ["history", "disk_aaaaaaaaaaaaaaaa", "--config", str(config)],
         }
         for name, argv in commands.items():
+            reads = argv[0] in ("report", "findings", "history")
+            target = POSTGRES_READ_TARGET_SECONDS if reads and args.postgres else TARGET_SECONDS
             try:
                 timed(argv, cwd=d, env=env)  # bytecode caches
                 times = [timed(argv, cwd=d, env=env) for _ in range(args.runs)]
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                report.result(f"{name} start", target=f"<= {TARGET_SECONDS:.1f} s", measured=f"could not run: {exc}",
+                report.result(f"{name} start", target=f"<= {target:.1f} s", measured=f"could not run: {exc}",
                               passed=None)
                 continue
             median = statistics.median(times)
             report.info(f"{name} runs", ", ".join(f"{t:.3f} s" for t in times))
-            report.result(f"{name} start", target=f"<= {TARGET_SECONDS:.1f} s",
-                          measured=f"{median:.3f} s (median of {args.runs})", passed=median <= TARGET_SECONDS)
+            report.result(f"{name} start", target=f"<= {target:.1f} s",
+                          measured=f"{median:.3f} s (median of {args.runs})", passed=median <= target)
     return 0
 
 

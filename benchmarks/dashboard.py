@@ -62,14 +62,14 @@ async def add_history(db_url: str, *, runs: int, days: int, seed: int = 3) -> tu
     from sqlalchemy import func, insert, select
 
     from auditor.store.repo import Store
-    from auditor.store.tables import DiskRow, Run, RunSummary
+    from auditor.store.tables import disks, run_summaries, runs
 
     store = Store.from_url(db_url)
     try:
         async with store.engine.begin() as conn:
-            real = (await conn.execute(select(RunSummary))).mappings().one()
-            first_seq = (await conn.execute(select(func.min(Run.seq)))).scalar_one()
-            sources = [str(s) for s in (await conn.execute(select(DiskRow.source).distinct())).scalars()]
+            real = (await conn.execute(select(run_summaries))).mappings().one()
+            first_seq = (await conn.execute(select(func.min(runs.c.seq)))).scalar_one()
+            sources = [str(s) for s in (await conn.execute(select(disks.c.source).distinct())).scalars()]
         rng = random.Random(seed)
         step = timedelta(days=days) / runs
         summaries, run_rows = [], []
@@ -106,10 +106,10 @@ async def add_history(db_url: str, *, runs: int, days: int, seed: int = 3) -> tu
             })
         async with store.engine.begin() as conn:
             for k in range(0, len(summaries), 500):
-                await conn.execute(insert(RunSummary), summaries[k:k + 500])
-                await conn.execute(insert(Run), run_rows[k:k + 500])
+                await conn.execute(insert(run_summaries), summaries[k:k + 500])
+                await conn.execute(insert(runs), run_rows[k:k + 500])
         async with store.engine.connect() as conn:
-            count = (await conn.execute(select(func.count()).select_from(RunSummary))).scalar_one()
+            count = (await conn.execute(select(func.count()).select_from(run_summaries))).scalar_one()
     finally:
         await store.close()
     return int(count), sources

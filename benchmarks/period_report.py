@@ -104,7 +104,7 @@ async def _run(args: Any, db: c.Database, report: c.Report) -> None:
     from auditor.service.compliance import read_period_report
     from auditor.store import engine
     from auditor.store.repo import Store
-    from auditor.store.tables import DiskRow, DiskState, FindingEvent, FindingRow, Run
+    from auditor.store.tables import disk_states, disks, finding_events, findings, runs
 
     await engine.upgrade(db.url)
     store = Store.from_url(db.url)
@@ -112,8 +112,8 @@ async def _run(args: Any, db: c.Database, report: c.Report) -> None:
         with c.Stopwatch() as fill:
             rows = history(disks=args.disks, days=args.days, seed=args.seed, max_changes=args.max_changes)
             async with store.engine.begin() as conn:
-                for table, name in ((Run, "runs"), (DiskRow, "disks"), (DiskState, "states"),
-                                    (FindingRow, "findings"), (FindingEvent, "events")):
+                for table, name in ((runs, "runs"), (disks, "disks"), (disk_states, "states"),
+                                    (findings, "findings"), (finding_events, "events")):
                     for k in range(0, len(rows[name]), BATCH):
                         await conn.execute(insert(table), rows[name][k:k + BATCH])
         db.vacuum()

@@ -5,10 +5,10 @@ from __future__ import annotations
 from alembic import context
 
 from auditor.store.engine import create_sync_engine_for
-from auditor.store.tables import Base
+from auditor.store.tables import metadata
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def _configure_and_run(connection: object) -> None:

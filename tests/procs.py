@@ -26,6 +26,7 @@ import psycopg
 import pytest
 
 from auditor.fake.fleet import fake_id
+from auditor.store import queries
 
 KATAPULT_TOKEN = "fake-token"
 API_TOKEN = "api-secret-for-replica-tests"
@@ -298,7 +299,7 @@ def runs(url: str) -> list[Any]:
     """Returns every run record, oldest first."""
 
     async def go(store: Any) -> list[Any]:
-        return list(reversed(await store.list_runs(limit=500)))
+        return list(reversed(await store.read(queries.list_runs, limit=500)))
 
     result: list[Any] = run_sync(read_db(url, go))
     return result
@@ -319,7 +320,7 @@ def findings(url: str) -> dict[str, tuple[str, Any, Any]]:
     """Returns every finding as fingerprint -> (status, opened_at, resolved_at)."""
 
     async def go(store: Any) -> dict[str, tuple[str, Any, Any]]:
-        found = await store.all_findings(statuses=["open", "resolved", "waived"])
+        found = await store.read(queries.all_findings, statuses=["open", "resolved", "waived"])
         return {f.fingerprint: (f.status.value, f.opened_at, f.resolved_at) for f in found}
 
     result: dict[str, tuple[str, Any, Any]] = run_sync(read_db(url, go))

@@ -27,6 +27,7 @@ from auditor.service.clock import utcnow
 from auditor.service.cycle import run_cycle
 from auditor.service.queries import build_report, read_disk_detail
 from auditor.service.runner import CycleRunner
+from auditor.store import queries, writes
 from auditor.store.repo import Store
 
 KATAPULT = "http://fake/core/v1"
@@ -126,15 +127,17 @@ async def test_report_is_what_build_report_gives(world: World) -> None:
 
 
 def count_latest_run_lookups(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the store's latest-run lookups (one entry each)."""
+    """Counts the store's reads of the latest run (the data version's lookups, and the report's own reads, which
+    include it): one entry each."""
     lookups: list[int] = []
-    real = store.latest_run
+    real = store.read
 
-    async def counted(**kwargs: Any) -> Any:
-        lookups.append(1)
-        return await real(**kwargs)
+    async def counted(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        if fn in (queries.latest_run, queries.report_inputs):
+            lookups.append(1)
+        return await real(fn, *args, **kwargs)
 
-    monkeypatch.setattr(store, "latest_run", counted)
+    monkeypatch.setattr(store, "read", counted)
     return lookups
 
 
@@ -152,16 +155,16 @@ async def test_concurrent_requests_share_one_lookup_of_the_latest_run(world: Wor
 
 async def test_a_slow_body_does_not_hold_up_another(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     # The report's first build waits on a gate; a findings page, a different cached body, must not wait with it.
-    import auditor.service.queries as queries
+    import auditor.service.queries as service_queries
 
     gate = asyncio.Event()
-    real = queries.build_report
+    real = service_queries.build_report
 
     async def gated(*args: Any, **kwargs: Any) -> Any:
         await gate.wait()
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(queries, "build_report", gated)
+    monkeypatch.setattr(service_queries, "build_report", gated)
     async with client_for(deps_for(world)) as api:
         reports = [asyncio.ensure_future(api.get("/api/v1/report")) for _ in range(3)]
         findings = await asyncio.wait_for(api.get("/api/v1/findings"), timeout=30)
@@ -193,7 +196,7 @@ async def _all_pages(api: httpx.AsyncClient, **params: Any) -> tuple[list[dict[s
 
 
 async def test_findings_paginate_in_a_stable_order(world: World, api: httpx.AsyncClient) -> None:
-    stored = await world.runtime.store.all_findings(statuses=("open",))
+    stored = await world.runtime.store.read(queries.all_findings, statuses=("open",))
     items, pages = await _all_pages(api, limit=4)
     assert [f["fingerprint"] for f in items] == [f.fingerprint for f in stored]
     assert len(stored) > 8 and pages == -(-len(stored) // 4)
@@ -449,9 +452,10 @@ async def test_readyz_does_not_count_an_abandoned_run(db_url: str) -> None:
     store = Store.from_url(db_url)
     try:
         now = datetime.now(UTC)
-        run_id = await store.start_run(now=now, trigger="schedule")
+        run_id = writes.new_run_id()
+        await store.write(writes.start_run, run_id=run_id, now=now, trigger="schedule", owner=None)
         # No cycle lease names this run: its owner is gone, so any process may mark it abandoned.
-        assert await store.abandon_orphaned_runs(now=now, reason="the auditor stopped") == [run_id]
+        assert await store.write(writes.abandon_orphaned_runs, now=now, reason="the auditor stopped") == [run_id]
 
         async def trigger() -> str | None:
             return None
@@ -461,7 +465,7 @@ async def test_readyz_does_not_count_an_abandoned_run(db_url: str) -> None:
             r = await client.get("/readyz")
         assert r.status_code == 503
         assert "no audit cycle has finished yet; the last one failed (abandoned" in r.json()["reason"]
-        [run] = await store.list_runs()
+        [run] = await store.read(queries.list_runs)
         assert run.status.value == "failed" and run.finished_at is None
         assert run.errors[0].code == "abandoned"
     finally:

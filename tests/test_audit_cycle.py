@@ -27,6 +27,7 @@ from auditor.service.configuration import Targets
 from auditor.service.cycle import run_cycle
 from auditor.service.queries import read_disk_detail, read_report
 from auditor.service.reports import iso
+from auditor.store import queries
 
 API = "http://fake/core/v1"
 TOKEN = "fake-token"
@@ -123,7 +124,7 @@ async def test_lifecycle_open_persist_resolve_reopen(db_url: str) -> None:
 
         r2 = await run_cycle(rt)  # unchanged: persists, last_seen moves
         assert r2.opened == 0 and r2.resolved == 0
-        (stored,) = [f for f in await rt.store.all_findings(statuses=["open"]) if f.fingerprint == fp]
+        (stored,) = [f for f in await rt.store.read(queries.all_findings, statuses=["open"]) if f.fingerprint == fp]
         assert stored.first_seen == r1.started_at and stored.opened_at == r1.started_at
         assert stored.last_seen == r2.started_at > r1.started_at
 
@@ -133,7 +134,7 @@ async def test_lifecycle_open_persist_resolve_reopen(db_url: str) -> None:
         rep = await report_of(rt)
         assert findings_of(rep, d.id) == {}
         assert disk_of(rep, d.id)["status"] == "compliant"
-        resolved = {f.fingerprint: f for f in await rt.store.all_findings(statuses=["resolved"])}
+        resolved = {f.fingerprint: f for f in await rt.store.read(queries.all_findings, statuses=["resolved"])}
         assert resolved[fp].resolved_at == r3.started_at
         assert resolved[fp].status is FindingStatus.RESOLVED
 
@@ -185,7 +186,7 @@ async def test_unreadable_disk_is_unknown_and_keeps_its_findings_open(db_url: st
         async with runtime(settings, None if server else w.fleet) as rt:
             r1 = await run_cycle(rt)
             assert r1.status is RunStatus.COMPLETE and r1.open_findings == {"critical": 1}
-            (before,) = await rt.store.all_findings(statuses=["open"])
+            (before,) = await rt.store.read(queries.all_findings, statuses=["open"])
 
             # The disk gets a good policy, but the auditor cannot see it: nothing may resolve.
             w.policy(bare, "bare")
@@ -195,7 +196,7 @@ async def test_unreadable_disk_is_unknown_and_keeps_its_findings_open(db_url: st
             assert r2.resolved == 0 and r2.open_findings == {"critical": 1}
             assert r2.disks_unknown == 1 and r2.disks_ok == 1
             assert [(e.target, e.code) for e in r2.errors] == [(bare.id, UNREADABLE[fault])]
-            (after,) = await rt.store.all_findings(statuses=["open"])
+            (after,) = await rt.store.read(queries.all_findings, statuses=["open"])
             assert after.fingerprint == before.fingerprint
             assert after.status is FindingStatus.OPEN and after.resolved_at is None
             assert after.last_seen == r1.started_at  # not seen, not resolved: no verdict
@@ -215,7 +216,8 @@ async def test_unreadable_disk_is_unknown_and_keeps_its_findings_open(db_url: st
             assert rt.targets == Targets((bare.id,), ())
             r3 = await run_cycle(rt)
             assert r3.status is RunStatus.FAILED and r3.resolved == 0
-            assert [f.fingerprint for f in await rt.store.all_findings(statuses=["open"])] == [before.fingerprint]
+            still_open = await rt.store.read(queries.all_findings, statuses=["open"])
+            assert [f.fingerprint for f in still_open] == [before.fingerprint]
 
             # Readable again: now the good policy resolves it.
             w.fleet.faults.pop(bare.id)
@@ -473,7 +475,7 @@ async def test_disk_removed_from_the_org_leaves_the_report(db_url: str) -> None:
         w.fleet.remove_disk(gone.id)
         r = await run_cycle(rt)
         rep = await report_of(rt)
-        open_now = await rt.store.all_findings(statuses=["open", "waived"])
+        open_now = await rt.store.read(queries.all_findings, statuses=["open", "waived"])
     assert r.status is RunStatus.COMPLETE
     assert [d["disk_id"] for d in rep["disks"]] == [keep.id]
     assert rep["findings"] == [] and rep["summary"]["disks_total"] == 1 and rep["summary"]["open_findings"] == 0
@@ -593,8 +595,8 @@ async def test_run_records_and_the_token_never_leaks(db_url: str, caplog: pytest
     async with runtime(settings_for(db_url, disks=[ok.id, denied.id, broken.id], max_attempts=2), w.fleet,
                        token=secret) as rt:
         outcome = await run_cycle(rt)
-        run = await rt.store.latest_run()
-        runs = await rt.store.list_runs()
+        run = await rt.store.read(queries.latest_run)
+        runs = await rt.store.read(queries.list_runs)
         rep = await report_of(rt)
     assert run is not None and run.id == outcome.run_id and len(runs) == 1
     assert run.status is RunStatus.PARTIAL

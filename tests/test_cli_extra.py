@@ -33,8 +33,7 @@ from auditor.service.queries import (
 )
 from auditor.service.reports import REPORTED_STATUSES
 from auditor.store import engine as db
-from auditor.store.reads import PostgresReads, SqliteReads, open_report_reads, plain_sqlite_file, postgres_connect_args
-from auditor.store.reads_core import CoreReads
+from auditor.store import queries, writes
 
 pytestmark = pytest.mark.slow
 
@@ -232,21 +231,20 @@ def test_the_command_line_starts_without_heavy_imports(tmp_path: Path, args: lis
 
 # ---- `auditor report`: the current report without the ORM ------------------------------------------------------
 
-# What `auditor report` must not load (benchmarks/cli_start.py times it): of HEAVY only pydantic (the config) and rich
-# (the table); a plain SQLite file is read with sqlite3, so not even SQLAlchemy.
-NOT_FOR_REPORT = tuple(m for m in HEAVY if m not in ("pydantic", "rich", "auditor.store")) + (
+# What `auditor report` must not load (benchmarks/cli_start.py times it): of HEAVY only pydantic (the config), rich
+# (the table) and SQLAlchemy's Core (the store's queries, on a synchronous connection).
+NOT_FOR_REPORT = tuple(m for m in HEAVY if m not in ("pydantic", "rich", "sqlalchemy", "auditor.store")) + (
     "sqlalchemy.orm", "sqlalchemy.ext.asyncio", "aiosqlite", "jinja2", "apscheduler", "prometheus_client",
     "auditor.katapult", "auditor.notify", "auditor.api", "auditor.web", "auditor.service.services",
     "auditor.service.cycle", "auditor.service.collection", "auditor.service.compliance", "auditor.service.evidence",
-    "auditor.service.delivery", "auditor.service.runner", "auditor.render.compliance", "auditor.store.repo",
-    "auditor.store.tables",
+    "auditor.service.delivery", "auditor.service.runner", "auditor.service.housekeeping", "auditor.render.compliance",
+    "auditor.store.writes", "alembic",
 )
 
 
 @pytest.mark.parametrize("fmt", ["table", "json"])
 def test_report_reads_the_database_without_the_orm_httpx_or_the_daemon(tmp_path: Path, katapult: FakeServer,
                                                                          fmt: str, db_url: str) -> None:
-    # SQLite with sqlite3, PostgreSQL with psycopg: neither loads SQLAlchemy.
     config = write(tmp_path / "auditor.toml", (
         "[katapult]\nmax_requests_per_minute = 60000\nmax_attempts = 1\ntimeout_seconds = 5\n"
         f'[database]\nurl = "{db_url}"\n'
@@ -311,8 +309,10 @@ async def test_report_reads_the_same_report_as_build_report_on_the_store(db_url:
         fleet.faults[ids[1]] = Fault.UNAVAILABLE  # unknown, with its error
         clock.now += timedelta(minutes=15)
         await run_cycle(s)
-        # A run whose process is gone: the first reader marks it failed, and it is the latest run after that.
-        orphan = await s.store.start_run(now=clock.now, trigger="manual", owner="elsewhere:1:0123456789ab")
+        # A run whose process is gone: every reader sees it failed (abandoned), the latest run, and none writes so.
+        orphan = writes.new_run_id()
+        await s.store.write(writes.start_run, run_id=orphan, now=clock.now, trigger="manual",
+                            owner="elsewhere:1:0123456789ab")
     clock.now += timedelta(minutes=1)
 
     fast = current_report(settings, clock=clock)
@@ -321,30 +321,17 @@ async def test_report_reads_the_same_report_as_build_report_on_the_store(db_url:
     assert {d["status"] for d in fast["disks"]} == {"compliant", "noncompliant", "unknown"}
     async with open_services(settings, katapult=False, migrate=False, clock=clock) as s:
         assert await read_report(s) == fast
-        # sqlite3 for a plain SQLite file, psycopg for PostgreSQL; Core (the rest) reads both as well.
-        reader = open_report_reads(db_url)
-        assert isinstance(reader, SqliteReads if db_url.startswith("sqlite:") else PostgresReads)
         for statuses in (REPORTED_STATUSES, ("resolved",), ("open", "waived", "resolved")):
-            assert current_findings(settings, statuses=statuses, clock=clock) == \
-                await s.store.all_findings(statuses=statuses)
-        for disk_id in [*ids, "disk_unknownunknown00"]:
-            assert current_disk_detail(settings, disk_id, clock=clock) == await read_disk_detail(s, disk_id=disk_id)
-        for reads in (reader, CoreReads(db_url)):
-            try:
-                assert reads.current_revision() == await db.current_revision(db_url)
-                assert reads.latest_run() == await s.store.latest_run()
-                assert reads.target_disks() == await s.store.load_disks(targets_only=True)
-                for statuses in (REPORTED_STATUSES, ("resolved",)):
-                    assert reads.all_findings(statuses=statuses) == await s.store.all_findings(statuses=statuses)
-                assert reads.current_policy_ids() == await s.store.current_policy_ids()
-                histories = [reads.disk_history(disk_id) for disk_id in [*ids, "disk_unknownunknown00"]]
-                assert histories == [await s.store.disk_history(d) for d in [*ids, "disk_unknownunknown00"]]
-                # Not vacuous: snapshots, drift, findings and finding events are all compared.
-                assert all(any(h[part] for h in histories) for part in range(1, 5)) and histories[-1][0] is None
-                for since in (now - timedelta(days=1), clock.now - timedelta(minutes=20)):
-                    assert reads.recent_drift(since=since) == await s.store.recent_drift(since=since)
-            finally:
-                reads.close()
+            assert current_findings(settings, statuses=statuses) == \
+                await s.store.read(queries.all_findings, statuses=statuses)
+        details = [current_disk_detail(settings, disk_id) for disk_id in [*ids, "disk_unknownunknown00"]]
+        assert details == [await read_disk_detail(s, disk_id=d) for d in [*ids, "disk_unknownunknown00"]]
+        # Not vacuous: snapshots, drift, findings and finding events are all compared.
+        assert all(details[1] and details[1][part] for part in ("policies", "drift", "history", "events"))
+        assert details[-1] is None
+        # Read-only: the abandoned run is abandoned only in what was read.
+        stored = {r.id: r for r in await s.store.read(queries.runs_between, start=now, end=clock.now, now=now)}
+        assert stored[orphan].status.value == "running"
 
 
 async def _open_error(settings: Settings) -> str:
@@ -380,58 +367,6 @@ async def test_report_fails_on_a_database_as_open_services_does(tmp_path: Path, 
     error = _report_error(unreachable)
     assert "Connection refused" in error == await _open_error(unreachable)
     assert "SECRET" not in error
-
-
-@pytest.mark.parametrize(("url", "path"), [
-    ("sqlite:///auditor.db", "auditor.db"),
-    ("sqlite:////var/lib/auditor/a b.db", "/var/lib/auditor/a b.db"),
-    ("sqlite+aiosqlite:///./data/x%20y.db", "./data/x y.db"),
-    ("sqlite+pysqlite:///x@y:1.db", "x@y:1.db"),
-    ("sqlite://", None), ("sqlite:///:memory:", None), ("sqlite:///file:x.db?mode=ro&uri=true", None),
-    ("sqlite:///x.db?timeout=30", None), ("sqlite+pysqlcipher:///x.db", None), ("SQLITE:///x.db", None),
-    ("postgresql+psycopg://auditor:pw@db/auditor", None), ("sqlite:///", None),
-])
-def test_plain_sqlite_files_are_read_with_sqlite3_where_sqlalchemy_would_open_the_same_file(
-        url: str, path: str | None) -> None:
-    assert plain_sqlite_file(url) == path
-    if path is not None:  # the file SQLAlchemy's URL and sqlite3 dialect name
-        assert db.sqlite_path(url) == path
-        assert db.sqlite_file_missing(url) is not Path(path).is_file()
-
-
-@pytest.mark.parametrize("url", [
-    "postgresql+psycopg://auditor:pw@db/auditor",
-    "postgresql://postgres@127.0.0.1:5432/test",
-    "postgresql+psycopg://u%40x:p%40ss%3Aw%2Ford@db.internal:6543/my%20db?sslmode=require&application_name=a",
-    "postgresql+psycopg://auditor@[::1]:5432/auditor",
-    "postgresql+psycopg:///auditor?host=/var/run/postgresql",
-    "postgresql+psycopg://auditor:@db/auditor",
-    "postgresql+psycopg://db",
-    "postgresql+psycopg://",
-    "postgresql+psycopg://:secret@db/x?options=-csearch_path%3Dt_1&connect_timeout=3",
-    "postgresql+asyncpg://auditor:pw@db/auditor",
-])
-def test_postgres_reads_connect_with_the_arguments_sqlalchemy_would_pass(url: str) -> None:
-    from sqlalchemy.engine import make_url
-
-    engine = db.create_sync_engine_for(url)
-    try:
-        cargs, cparams = engine.dialect.create_connect_args(db.sync_url(url))
-        expected = {k: v for k, v in cparams.items() if k not in ("context", "client_encoding")}
-        expected["connect_timeout"] = 10  # the sync engine's connect_args, which win over the URL's
-        assert postgres_connect_args(url) == expected, make_url(url)
-    finally:
-        engine.dispose()
-
-
-@pytest.mark.parametrize("url", [
-    "postgresql+psycopg://a@/db?host=h1:5432&host=h2:5433",  # several hosts
-    "postgresql+psycopg://a@db/x?options=a&options=b",  # a repeated option
-    "sqlite:///x.db?timeout=30", "sqlite:///:memory:",
-])
-def test_urls_only_sqlalchemy_reads_are_left_to_it(url: str) -> None:
-    assert postgres_connect_args(url) is None
-    assert not isinstance(open_report_reads(url), PostgresReads)
 
 
 def test_a_url_sqlalchemy_cannot_parse_is_a_store_error_not_an_internal_error() -> None:

@@ -41,7 +41,12 @@ from auditor.service.compliance import read_period_report
 from auditor.service.cycle import run_cycle
 from auditor.service.evidence import MANIFEST, build_evidence, write_evidence
 from auditor.service.housekeeping import prune_history
-from auditor.store.tables import DiskState, FindingEvent, FindingRow, Run, RunSummary
+from auditor.store import queries
+from auditor.store.tables import disk_states as DiskState
+from auditor.store.tables import finding_events as FindingEvent
+from auditor.store.tables import findings as FindingRow
+from auditor.store.tables import run_summaries as RunSummary
+from auditor.store.tables import runs as Run
 
 KATAPULT = "http://fake/core/v1"
 TOKEN = "fake-token"
@@ -417,9 +422,9 @@ async def test_pruning_keeps_what_current_verdicts_and_later_periods_need(db_url
         rules = by_id(before["rules"], "rule")
         assert rules["unprotected-disk"]["oldest_open_age_seconds"] == 72 * HOUR
         async with services.store.engine.connect() as conn:
-            kinds = sorted((await conn.execute(select(FindingEvent.kind).join(
-                FindingRow, FindingRow.fingerprint == FindingEvent.fingerprint)
-                .where(FindingRow.disk_id == D0))).scalars())
+            kinds = sorted((await conn.execute(select(FindingEvent.c.kind).join(
+                FindingRow, FindingRow.c.fingerprint == FindingEvent.c.fingerprint)
+                .where(FindingRow.c.disk_id == D0))).scalars())
         assert kinds == ["unwaived", "waived"]
         # D2's episode was resolved at 60h, after the cut: kept whole, its time to resolve still 36h.
         whole = await compliance_report(services, Period(T0 + 48 * H, T0 + 72 * H))
@@ -429,12 +434,12 @@ async def test_pruning_keeps_what_current_verdicts_and_later_periods_need(db_url
         clock.now = T0 + 1000 * H
         await prune_history(services)
         assert await count(services, Run) == 1 and await count(services, RunSummary) == 1
-        assert (await services.store.latest_run()) is not None
+        assert (await services.store.read(queries.latest_run)) is not None
         async with services.store.engine.connect() as conn:
             current = (await conn.execute(select(func.count()).select_from(DiskState)
-                                          .where(DiskState.valid_to.is_(None)))).scalar_one()
+                                          .where(DiskState.c.valid_to.is_(None)))).scalar_one()
             closed = (await conn.execute(select(func.count()).select_from(DiskState)
-                                         .where(DiskState.valid_to.is_not(None)))).scalar_one()
+                                         .where(DiskState.c.valid_to.is_not(None)))).scalar_one()
         assert (current, closed) == (3, 0)
         assert await count(services, FindingRow) == 3
         assert await count(services, FindingEvent) == 2  # D0's open episode only; D2's resolved ones are gone
@@ -442,7 +447,7 @@ async def test_pruning_keeps_what_current_verdicts_and_later_periods_need(db_url
 
 
 async def test_pruning_in_small_batches_deletes_everything_it_should(db_url: str) -> None:
-    from auditor.store.history import prune_history as prune
+    from auditor.store.pruning import prune_history as prune
 
     fleet = make_fleet()
     clock = Clock(T0)

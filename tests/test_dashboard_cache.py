@@ -157,8 +157,8 @@ async def test_findings_index_answers_as_the_sql_search(world: World) -> None:
                     search = FindingSearch(statuses=statuses, sort=sort, descending=descending, limit=4, **extra)
                     for page in (1, 2, 99):
                         mine = snap.index.page(search, page=page, sources=snap.sources)
-                        theirs = await queries.search_findings(services, search=search, page=page,
-                                                               sources=snap.sources)
+                        theirs = await queries.read_search_page(services, search=search, page=page,
+                                                                sources=snap.sources)
                         where = (statuses, sort, descending, extra, page)
                         assert [i.finding.fingerprint for i in mine.items] == [
                             i.finding.fingerprint for i in theirs.items], where

@@ -67,6 +67,7 @@ from auditor.service.cycle import run_cycle
 from auditor.service.delivery import deliver_due
 from auditor.service.housekeeping import abandon_orphans
 from auditor.store import engine as db
+from auditor.store import queries, writes
 from auditor.store.leases import CYCLE
 from auditor.store.repo import Store
 
@@ -125,7 +126,7 @@ async def services_for(settings: Settings, app: Any, **kwargs: Any) -> AsyncIter
 
 async def open_by_disk(store: Store) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
-    for f in await store.all_findings(statuses=["open"]):
+    for f in await store.read(queries.all_findings, statuses=["open"]):
         out.setdefault(f.disk_id, set()).add(f.fingerprint)
     return out
 
@@ -202,8 +203,8 @@ async def test_1_trash_keep_until_out_of_range_fails_only_that_disk(db_url: str)
         outcome = await run_cycle(s)
         assert served_keep_until(tamper, trashed) == [HUGE_KEEP_UNTIL]
         assert outcome.status in (RunStatus.COMPLETE, RunStatus.PARTIAL)
-        runs = await s.store.list_runs()
-        disks = await s.store.load_disks()
+        runs = await s.store.read(queries.list_runs)
+        disks = await s.store.read(queries.load_disks)
         open_now = await open_by_disk(s.store)
     assert [(r.id, r.status) for r in runs] == [(outcome.run_id, outcome.status)]
     assert runs[0].finished_at is not None
@@ -236,8 +237,8 @@ async def test_1_audit_once_with_an_out_of_range_keep_until_exits_honestly(tmp_p
     assert proc.returncode == (1 if summary["status"] == "complete" else 2), output
     store = Store.from_url(db_url)
     try:
-        runs = await store.list_runs()
-        disks = await store.load_disks()
+        runs = await store.read(queries.list_runs)
+        disks = await store.read(queries.load_disks)
     finally:
         await store.close()
     assert [(r.id, r.status.value) for r in runs] == [(summary["run_id"], summary["status"])]
@@ -273,7 +274,7 @@ async def test_2_a_database_failure_raises_audit_incomplete_and_readyz_is_503(db
             await conn.execute(text("DROP TABLE findings"))
         outcome = await run_cycle(s)
         assert outcome.status is RunStatus.FAILED and outcome.errors
-        runs = await s.store.list_runs()
+        runs = await s.store.read(queries.list_runs)
         assert [(r.id, r.status) for r in runs] == [(outcome.run_id, RunStatus.FAILED)]
         assert runs[0].errors and runs[0].errors[0].code == outcome.errors[0].code
         entries = await s.outbox.recent()
@@ -302,7 +303,7 @@ async def test_2_an_internal_error_raises_audit_incomplete_and_readyz_is_503(db_
         outcome = await run_cycle(s)
         assert outcome.status is RunStatus.FAILED
         assert [(e.target, e.code) for e in outcome.errors] == [(w.org.id, "internal_error")]
-        runs = await s.store.list_runs()
+        runs = await s.store.read(queries.list_runs)
         assert [(r.id, r.status) for r in runs] == [(outcome.run_id, RunStatus.FAILED)]
         assert len(incomplete_alerts(await s.outbox.recent())) == 1
         await assert_not_ready(s.store)
@@ -328,9 +329,9 @@ async def test_3_long_names_and_ids_from_katapult_are_stored(db_url: str) -> Non
     async with services_for(settings_for(db_url, orgs=[w.org.id]), fake_app(w.fleet)) as s:
         outcome = await run_cycle(s)
         assert outcome.status is RunStatus.COMPLETE, outcome.errors
-        disks = await s.store.load_disks()
+        disks = await s.store.read(queries.load_disks)
         open_now = await open_by_disk(s.store)
-        policies = await s.store.current_policy_ids()
+        policies = await s.store.read(queries.current_policy_ids)
     assert set(disks) == {LONG_DISK, plain}
     stored = disks[LONG_DISK]
     assert (stored.name, stored.vm_id, stored.vm_fqdn, stored.outcome) == (LONG_NAME, LONG_VM, LONG_FQDN, "ok")
@@ -484,7 +485,7 @@ async def test_7_a_response_about_another_object_makes_the_disk_unknown(db_url: 
     tamper = Tamper(fake_app(w.fleet), about_another_object(kind, asked, intruder))
     async with services_for(settings, tamper) as s:
         outcome = await run_cycle(s)
-        disks = await s.store.load_disks()
+        disks = await s.store.read(queries.load_disks)
         after = await open_by_disk(s.store)
     assert outcome.status is RunStatus.PARTIAL
     assert outcome.resolved == 0
@@ -525,7 +526,7 @@ async def test_7_an_error_about_the_vm_says_nothing_definite_about_the_disk(db_u
         app = Tamper(fake_app(w.fleet), vm_answers_disk_not_found(host))
     async with services_for(settings, app) as s:
         outcome = await run_cycle(s)
-        disks = await s.store.load_disks()
+        disks = await s.store.read(queries.load_disks)
         after = await open_by_disk(s.store)
     assert (disks[attached].outcome, disks[fine].outcome) == ("unknown", "ok")
     assert outcome.status is RunStatus.PARTIAL and outcome.resolved == 0
@@ -542,7 +543,7 @@ async def wait_for_running_run(db_url: str, proc: subprocess.Popen[bytes], *, wi
         while time.monotonic() < deadline:
             assert proc.poll() is None, "the audit finished before it could be killed"
             try:
-                running = [r.id for r in await store.list_runs() if r.status is RunStatus.RUNNING]
+                running = [r.id for r in await store.read(queries.list_runs) if r.status is RunStatus.RUNNING]
             except StoreError:  # not migrated yet
                 running = []
             if running:
@@ -574,7 +575,7 @@ async def test_8_a_killed_runs_row_is_marked_abandoned_and_a_live_one_is_not(db_
         # The next process of any kind marks the killed run (when it opens, or when asked).
         swept = await abandon_orphans(live)
         assert set(swept) <= {killed}
-        runs = {r.id: r for r in await live.store.list_runs()}
+        runs = {r.id: r for r in await live.store.read(queries.list_runs)}
         assert runs[killed].status is RunStatus.FAILED
         assert [e.code for e in runs[killed].errors] == ["abandoned"]
         # A run of this live process, holding the cycle lease the killed process left behind: never touched.
@@ -583,11 +584,11 @@ async def test_8_a_killed_runs_row_is_marked_abandoned_and_a_live_one_is_not(db_
         taken, _ = await live.leases.acquire(CYCLE, live.holder, now=now, ttl=live.settings.daemon.leader_ttl,
                                              run_id=mine)
         assert taken, "the killed process's lease should be free to take"
-        await live.store.start_run(now=now, trigger="test", run_id=mine, owner=live.holder.id)
+        await live.store.write(writes.start_run, now=now, trigger="test", run_id=mine, owner=live.holder.id)
         async with open_services(settings, katapult=False) as other:
             assert await abandon_orphans(other) == []
             assert await abandon_orphans(live) == []
-            runs = {r.id: r for r in await other.store.list_runs()}
+            runs = {r.id: r for r in await other.store.read(queries.list_runs)}
         await live.leases.release(CYCLE, live.holder)
     assert runs[mine].status is RunStatus.RUNNING and runs[mine].errors == ()
     assert runs[killed].status is RunStatus.FAILED and runs[killed].finished_at is None
@@ -633,7 +634,7 @@ async def test_9_a_response_too_large_makes_only_its_target_unknown(db_url: str,
         update={"max_response_bytes": CAP})})
     async with services_for(capped, tamper) as s:
         outcome = await run_cycle(s)
-        disks = await s.store.load_disks()
+        disks = await s.store.read(queries.load_disks)
         after = await open_by_disk(s.store)
     assert any(len(e.body) > CAP for e in tamper.exchanges if e.request.target == big_target)
     assert outcome.status is RunStatus.PARTIAL
@@ -654,8 +655,8 @@ async def test_10_a_non_positive_retention_is_malformed_not_judged(db_url: str, 
     w.policy(fine, "fine", retention=3)
     async with services_for(settings_for(db_url, disks=[odd, fine]), fake_app(w.fleet)) as s:
         outcome = await run_cycle(s)
-        disks = await s.store.load_disks()
-        findings = await s.store.all_findings(statuses=["open", "waived", "resolved"])
+        disks = await s.store.read(queries.load_disks)
+        findings = await s.store.read(queries.all_findings, statuses=["open", "waived", "resolved"])
     assert outcome.status is RunStatus.PARTIAL
     assert (disks[odd].outcome, disks[odd].error_code) == ("unknown", "malformed_response")
     message = disks[odd].error_message or ""
@@ -675,7 +676,7 @@ async def test_3_a_nul_in_a_disk_name_from_katapult_stays_with_that_disk(db_url:
     w.policy(fine, "fine", retention=3)
     async with services_for(settings_for(db_url, orgs=[w.org.id]), fake_app(w.fleet)) as s:
         outcome = await run_cycle(s)
-        disks = await s.store.load_disks()
+        disks = await s.store.read(queries.load_disks)
         open_now = await open_by_disk(s.store)
     assert outcome.status in (RunStatus.COMPLETE, RunStatus.PARTIAL), outcome.errors
     assert disks[fine].outcome == "ok"
@@ -1071,10 +1072,10 @@ async def hostile_cycle(template: Template, hostile: Hostile, workdir: Path) -> 
     try:
         async with services_for(hypo_settings(url, hostile.mode), tamper, migrate=False, clock=Clock(T1)) as s:
             await run_cycle(s)  # never raises, whatever was served
-            runs = await s.store.list_runs()
+            runs = await s.store.read(queries.list_runs)
             assert runs[0].status is not RunStatus.RUNNING
-            disks = await s.store.load_disks()
-            findings = await s.store.all_findings(statuses=["open", "waived", "resolved"])
+            disks = await s.store.read(queries.load_disks)
+            findings = await s.store.read(queries.all_findings, statuses=["open", "waived", "resolved"])
     finally:
         path.unlink(missing_ok=True)
     open_: dict[str, set[str]] = {}

@@ -18,6 +18,7 @@ from auditor.fake import create_app as fake_app
 from auditor.service import Services, open_services
 from auditor.service.cycle import AuditOutcome, run_cycle
 from auditor.service.runner import DURATION_BUCKETS
+from auditor.store import queries
 from auditor.store.repo import Store
 
 
@@ -89,7 +90,7 @@ async def test_metrics_parse_and_match_stored_state(seeded: Seeded) -> None:
     assert {s.labels["code"]: s.value for s in responses} == {k: float(v) for k, v in stats.by_status.items()}
     assert {"200", "404", "406"} <= {s.labels["code"] for s in responses}
 
-    run = await store.last_successful_run()
+    run = await store.read(queries.last_successful_run)
     assert run is not None and run.finished_at is not None
     last = families["auditor_last_successful_cycle_timestamp_seconds"]
     assert value(last, "auditor_last_successful_cycle_timestamp_seconds") == pytest.approx(
@@ -97,12 +98,12 @@ async def test_metrics_parse_and_match_stored_state(seeded: Seeded) -> None:
 
     open_findings = {(s.labels["rule"], s.labels["severity"]): s.value for s in families["auditor_open_findings"]}
     expected: dict[tuple[str, str], float] = {}
-    for f in await store.all_findings(statuses=("open",)):
+    for f in await store.read(queries.all_findings, statuses=("open",)):
         expected[(f.rule, f.severity.value)] = expected.get((f.rule, f.severity.value), 0) + 1
     assert open_findings == expected and sum(expected.values()) == sum(seeded.outcome.open_findings.values())
 
     disks = {s.labels["status"]: s.value for s in families["auditor_disks"]}
-    assert disks == {k: float(v) for k, v in (await store.disk_status_counts()).items()}
+    assert disks == {k: float(v) for k, v in (await store.read(queries.disk_status_counts)).items()}
     assert disks["noncompliant"] > 0 and disks["compliant"] > 0
     assert value(families["auditor_store_up"], "auditor_store_up") == 1
 

@@ -18,7 +18,7 @@ from auditor.service.clock import utcnow
 from auditor.service.cycle import run_cycle
 from auditor.service.delivery import drain
 from auditor.service.queries import build_report
-from auditor.store.tables import Base
+from auditor.store.tables import metadata
 
 TOKEN = "kat-SECRET-token-5f3a9c"
 HOOK_PATH = "/hooks/T0SECRETPATH/B0SECRETPATH"
@@ -29,7 +29,7 @@ async def _dump_database(rt: object) -> str:
     engine = rt.store.engine  # type: ignore[attr-defined]
     chunks = []
     async with engine.connect() as conn:
-        for table in Base.metadata.sorted_tables:
+        for table in metadata.sorted_tables:
             rows = (await conn.execute(select(table))).all()
             chunks.append(json.dumps([list(r) for r in rows], default=str))
     return "\n".join(chunks)

@@ -27,6 +27,7 @@ from auditor.service.cycle import PendingFailures, record_failures, run_cycle
 from auditor.service.leases import read_cycle_lease
 from auditor.service.runner import CycleMetrics, CycleRunner
 from auditor.store import engine as db
+from auditor.store import queries, writes
 from auditor.store.leases import CYCLE, Holder
 
 KATAPULT = "http://fake/core/v1"
@@ -84,7 +85,7 @@ async def test_a_second_process_cannot_run_a_cycle_while_the_lease_is_held(db_ur
         with pytest.raises(LeaseHeldError) as held:
             await run_cycle(second, wait=0.3)
         assert f"pid {first.holder.pid}" in str(held.value) and held.value.since
-        assert await second.store.list_runs() == []  # nothing recorded by the refused cycle
+        assert await second.store.read(queries.list_runs) == []  # nothing recorded by the refused cycle
         # The API answers 409 naming the holder.
         runner = CycleRunner(second, cycles=CycleMetrics())
         app = create_app(ApiDeps(services=second, trigger=runner.trigger))
@@ -121,12 +122,12 @@ async def test_a_commit_after_the_lease_was_taken_over_is_refused(db_url: str) -
         assert taken.status is RunStatus.COMPLETE
         outcome = await cycle
         assert outcome.status is RunStatus.FAILED and outcome.errors[0].code == "lease_lost"
-        runs = {r.id: r for r in await slow.store.list_runs()}
+        runs = {r.id: r for r in await slow.store.read(queries.list_runs)}
         assert runs[outcome.run_id].status is RunStatus.FAILED
         assert runs[outcome.run_id].errors[0].code == "abandoned"
         assert runs[taken.run_id].status is RunStatus.COMPLETE
         # Only the taker's verdict was written (its clock is the one every stored finding carries).
-        findings = await slow.store.all_findings(statuses=("open",))
+        findings = await slow.store.read(queries.all_findings, statuses=("open",))
         assert len(findings) == taken.opened and ids[0] in {f.disk_id for f in findings}
         assert {f.last_seen for f in findings} == {late.now}
 
@@ -138,12 +139,12 @@ async def test_a_live_holders_run_is_never_marked_abandoned(db_url: str) -> None
         run_id = "a" * 32
         taken, _ = await s.leases.acquire(CYCLE, s.holder, now=s.clock(), ttl=timedelta(seconds=30), run_id=run_id)
         assert taken
-        await s.store.start_run(now=s.clock(), trigger="test", run_id=run_id, owner=s.holder.id)
+        await s.store.write(writes.start_run, now=s.clock(), trigger="test", run_id=run_id, owner=s.holder.id)
         # Another process (a different holder) looks: the lease is live, so the run stays running.
-        assert await s.store.abandon_orphaned_runs(now=s.clock(), reason="x") == []
+        assert await s.store.write(writes.abandon_orphaned_runs, now=s.clock(), reason="x") == []
         # Once the lease has expired, the run is orphaned.
         later = s.clock() + timedelta(minutes=1)
-        assert await s.store.abandon_orphaned_runs(now=later, reason="its process stopped") == [run_id]
+        assert await s.store.write(writes.abandon_orphaned_runs, now=later, reason="its process stopped") == [run_id]
 
 
 async def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(db_url: str) -> None:
@@ -156,10 +157,10 @@ async def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(db_url: s
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
         taken, _ = await s.leases.acquire(CYCLE, dead, now=s.clock(), ttl=timedelta(hours=1), run_id="b" * 32)
         assert taken
-        await s.store.start_run(now=s.clock(), trigger="test", run_id="b" * 32, owner=dead.id)
+        await s.store.write(writes.start_run, now=s.clock(), trigger="test", run_id="b" * 32, owner=dead.id)
         outcome = await run_cycle(s)  # no waiting out the hour: its holder is gone
         assert outcome.status is RunStatus.COMPLETE
-        runs = {r.id: r for r in await s.store.list_runs()}
+        runs = {r.id: r for r in await s.store.read(queries.list_runs)}
         assert runs["b" * 32].status is RunStatus.FAILED and runs["b" * 32].errors[0].code == "abandoned"
 
 
@@ -214,7 +215,7 @@ async def test_a_cycle_that_cannot_reach_the_database_is_recorded_when_it_can(tm
         (tmp_path / "a.db").rmdir()
         (tmp_path / "b.db").rename(tmp_path / "a.db")
         assert await record_failures(s, failures=failures) == 0 and len(failures) == 0
-        runs = {r.id: r for r in await s.store.list_runs()}
+        runs = {r.id: r for r in await s.store.read(queries.list_runs)}
         assert runs[failed.run_id].status is RunStatus.FAILED
         rules = [a.rule for e in await s.outbox.recent() for a in e.notification.alerts]
         assert "audit-incomplete" in rules
@@ -324,7 +325,7 @@ def test_report_on_a_mistyped_database_path_exits_2(tmp_path: Path) -> None:
 async def test_each_run_stores_its_summary_and_disk_verdicts_by_change(db_url: str) -> None:
     from sqlalchemy import select
 
-    from auditor.store.tables import DiskState, RunSummary
+    from auditor.store.tables import disk_states, run_summaries
 
     fleet, ids = _fleet(3)
     settings = _settings(db_url, ids)
@@ -338,8 +339,8 @@ async def test_each_run_stores_its_summary_and_disk_verdicts_by_change(db_url: s
         clock.now += timedelta(minutes=15)
         third = await run_cycle(s)
         async with s.store.engine.connect() as conn:
-            summaries = (await conn.execute(select(RunSummary).order_by(RunSummary.started_at))).all()
-            states = (await conn.execute(select(DiskState).order_by(DiskState.id))).all()
+            summaries = (await conn.execute(select(run_summaries).order_by(run_summaries.c.started_at))).all()
+            states = (await conn.execute(select(disk_states).order_by(disk_states.c.id))).all()
     assert [r.status for r in summaries] == ["complete", "complete", "partial"]
     assert (summaries[0].disks_total, summaries[0].disks_compliant, summaries[0].disks_noncompliant,
             summaries[0].disks_unknown) == (3, 2, 1, 0)

@@ -7,12 +7,12 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
 from auditor.store import engine as db
-from auditor.store.tables import Base
+from auditor.store.tables import metadata
 
 
 def _diff(sync_conn: object) -> list[object]:
     ctx = MigrationContext.configure(sync_conn, opts={"compare_type": True})  # type: ignore[arg-type]
-    return list(compare_metadata(ctx, Base.metadata))
+    return list(compare_metadata(ctx, metadata))
 
 
 def _tables(sync_conn: object) -> set[str]:

@@ -30,6 +30,7 @@ from auditor.service import open_services, ruleset_from
 from auditor.service.collection import TIER_UNKNOWN
 from auditor.service.cycle import run_cycle
 from auditor.service.delivery import drain
+from auditor.store import queries
 from tests.test_audit_cycle import TOKEN, World, disk_of, findings_of, report_of, settings_for
 
 DISKS = "/organizations/organization/disks"
@@ -550,7 +551,8 @@ async def test_an_alert_resolves_with_the_labels_it_fired_with_when_the_disk_cha
             w.fleet.set_annotations(ids["plain"], {"backup-tier": "gold"})  # defaults -> gold: findings open
             await run_cycle(rt)
             await drain(rt, within=10)
-            stored = {f.fingerprint: f for f in await rt.store.all_findings(statuses=["open", "resolved"])}
+            found = await rt.store.read(queries.all_findings, statuses=["open", "resolved"])
+            stored = {f.fingerprint: f for f in found}
         alerts = [a for r in hook.requests for a in r.json()["alerts"]]
     gold_fired = [a for a in alerts if a["labels"]["disk_id"] == ids["gold"] and a["status"] == "firing"]
     gold_resolved = [a for a in alerts if a["labels"]["disk_id"] == ids["gold"] and a["status"] == "resolved"]

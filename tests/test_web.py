@@ -45,6 +45,7 @@ from auditor.service.dashboard import compliance_pct
 from auditor.service.delivery import deliver_due
 from auditor.service.queries import read_disk_detail
 from auditor.service.runner import CycleRunner
+from auditor.store import writes
 from auditor.store.repo import Store
 from auditor.web.auth import SESSION_COOKIE, Signer, is_https, safe_next
 from auditor.web.charts import COLUMNS, MAX_MARKS, compliance_chart, severity_chart
@@ -349,9 +350,10 @@ async def test_failed_and_overdue_runs_show_banners(world: World) -> None:
     assert re.findall(r'data-banner="(\w+)"', overview) == ["overdue"]
     assert "more than twice the audit interval (15 min)" in overview
     store = world.runtime.store
-    run_id = await store.start_run(now=utcnow(), trigger="test")
-    await store.fail_run(run_id, now=utcnow(), errors=[RunError("*", "database_unavailable", "went away")],
-                         stats=RunStats())
+    run_id = writes.new_run_id()
+    await store.write(writes.start_run, run_id=run_id, now=utcnow(), trigger="test", owner=None)
+    await store.write(writes.fail_run, run_id, now=utcnow(),
+                      errors=[RunError("*", "database_unavailable", "went away")], stats=RunStats())
     async with web_client(deps_for(world)) as web:
         overview = (await web.get("/")).text
     assert re.findall(r'data-banner="(\w+)"', overview) == ["failed"]

@@ -203,7 +203,7 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
                              disk_id=disk_id, limit=limit, cursor=cursor, tier=tier)
 
         async def build() -> dict[str, Any]:
-            page, next_cursor = await queries.list_findings(deps.services, query=query)
+            page, next_cursor = await queries.read_findings(deps.services, query=query)
             return {"findings": [finding_json(f, with_resolution=True) for f in page], "next_cursor": next_cursor}
 
         return respond(request, await cache.get(("findings", query, await data_version()), build))
@@ -221,7 +221,7 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
     async def runs(limit: Annotated[int, Query(ge=1, le=500, description="How many, newest first.")] = 20,
                    ) -> JSONResponse:
         """Recent audit runs with their status, traffic and errors, newest first."""
-        records = await queries.list_runs(deps.services, limit=limit)
+        records = await queries.read_recent_runs(deps.services, limit=limit)
         return JSONResponse({"runs": [run_json(r) for r in records]})
 
     @router.get("/notifications", response_model=NotificationsPage, summary="Recent notifications")
@@ -230,7 +230,7 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
         state: Annotated[DeliveryStateName | None, Query(description="Only this delivery state.")] = None,
     ) -> JSONResponse:
         """Recent alert notifications and their delivery state (attempts, last status and error)."""
-        entries = await queries.list_notifications(deps.services, limit=limit, state=state)
+        entries = await queries.read_notifications(deps.services, limit=limit, state=state)
         return JSONResponse({"notifications": [notification_json(d) for d in entries]})
 
     @router.post("/audit", status_code=202, response_model=AuditStarted, summary="Run an audit cycle now",

@@ -7,7 +7,7 @@ Every use case is called the same way::
 
     async def verb(services: Services, *, keyword: ..., ...) -> Result
 
-- a module-level coroutine named by a verb (`run_cycle`, `deliver_due`, `read_report`, `list_runs`);
+- a module-level coroutine named by a verb (`run_cycle`, `deliver_due`, `read_report`, `read_recent_runs`);
 - `Services` first, everything after it keyword-only;
 - it reads `services.clock()` at most once, at its start, for the instant it is about (a cycle: once the cycle
   lease is taken), and passes that `now` down to the domain and the store; a use case that spans time reads it

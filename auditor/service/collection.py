@@ -48,7 +48,7 @@ from auditor.errors import (
 )
 from auditor.katapult import KatapultClient, OrgRef
 from auditor.service.configuration import Targets
-from auditor.store.repo import DiskWrite
+from auditor.store.writes import DiskWrite
 
 log = logging.getLogger(__name__)
 

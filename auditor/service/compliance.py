@@ -21,7 +21,7 @@ Seconds are rounded to whole seconds; percentages are computed from exact micros
 decimals (100.0 means exactly all). Timestamps are ISO-8601 UTC ending in Z, as in the current report.
 
 Its CSV, Markdown and HTML are `auditor.render.compliance`'s; `evidence` exports it with what backs it. This is the
-one service module that reads `auditor.store.history`.
+one service module that reads the stored history (`queries.period_data`, `queries.runs_between`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from auditor.domain.periods import Period
 from auditor.domain.records import RunRecord
 from auditor.domain.rules import RULES
 from auditor.service.reports import iso
-from auditor.store import history
+from auditor.store import queries
 
 if TYPE_CHECKING:
     from auditor.service.services import Services
@@ -107,21 +107,21 @@ async def read_period_report(services: Services, *, start: datetime | None = Non
                            generated_at=now)
 
 
-async def read_period_data(services: Services, *, period: Period) -> history.PeriodData:
+async def read_period_data(services: Services, *, period: Period) -> queries.PeriodData:
     """Returns the stored history a period report of `period` is made of (runs from 2 × audit.interval before it,
     every disk's verdicts, the findings' lifecycle events)."""
-    return await history.load_period(services.store, start=period.start, end=period.end,
+    return await services.store.read(queries.period_data, start=period.start, end=period.end,
                                      lookback=periods.earlier(period.start, 2 * services.settings.audit.interval))
 
 
-async def read_runs(services: Services, *, period: Period) -> list[RunRecord]:
+async def read_period_runs(services: Services, *, period: Period) -> list[RunRecord]:
     """Returns the runs polled in the period, oldest first."""
-    return await history.runs_between(services.store, start=period.start, end=period.end)
+    return await services.store.read(queries.runs_between, start=period.start, end=period.end)
 
 
-def compliance_from(data: history.PeriodData, *, period: Period, interval: timedelta, waivers: Sequence[Waiver],
+def compliance_from(data: queries.PeriodData, *, period: Period, interval: timedelta, waivers: Sequence[Waiver],
                     generated_at: datetime) -> dict[str, Any]:
-    """Returns the period report from what `history.load_period` read."""
+    """Returns the period report from what `queries.period_data` read."""
     s = periods.seconds
     coverage = periods.build_coverage([(p.at, p.status) for p in data.polls], period=period, horizon=2 * interval)
     in_period = [p for p in data.polls if period.start <= p.at < period.end]

@@ -33,10 +33,10 @@ from auditor.service.collection import (
     run_status,
     verdicts_after,
 )
-from auditor.service.housekeeping import ORPHAN_REASON
 from auditor.service.leases import keep_cycle_lease, release_cycle_lease, take_cycle_lease
 from auditor.service.services import Services
-from auditor.store.repo import CycleWrite, new_run_id
+from auditor.store import queries, writes
+from auditor.store.writes import CycleWrite, new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -157,16 +157,15 @@ async def record_failures(services: Services, *, failures: PendingFailures) -> i
             # What must not be lost, alone in its transaction: the failed run and its audit-incomplete alert
             # (it reads nothing else, so even a database missing the findings table takes it).
             async with services.store.transaction() as tx:
-                await tx.record_failed_run(f.run_id, trigger=f.trigger, started_at=f.started_at,
-                                           finished_at=f.finished_at, errors=f.errors, stats=f.stats,
-                                           owner=services.holder.id)
+                await tx.run(writes.record_failed_run, f.run_id, trigger=f.trigger, started_at=f.started_at,
+                             finished_at=f.finished_at, errors=f.errors, stats=f.stats, owner=services.holder.id)
                 if settings.notifiers:
                     plan = plan_notifications(notifiers=settings.notifiers, changes=[],
                                               run_status=RunStatus.FAILED, errors=f.errors,
                                               incomplete_fp=_incomplete_fp(services),
-                                              states=await tx.alert_states(), now=f.finished_at,
+                                              states=await tx.run(queries.alert_state_map), now=f.finished_at,
                                               interval=settings.audit.interval)
-                    await tx.enqueue(plan.entries, plan.states, run_id=f.run_id, now=f.finished_at)
+                    await tx.run(writes.enqueue, plan.entries, plan.states, run_id=f.run_id, now=f.finished_at)
         except StoreError as exc:
             log.error("could not record failed run %s yet (%s); %d failure(s) waiting, retrying",
                       f.run_id, exc, len(failures))
@@ -206,13 +205,13 @@ async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, b
                  progress: Progress | None) -> AuditOutcome:
     client, settings, store, rules = services.client, services.settings, services.store, services.rules
     assert client is not None
-    abandoned = await store.abandon_orphaned_runs(now=now, reason=ORPHAN_REASON)
+    abandoned = await store.write(writes.abandon_orphaned_runs, now=now)
     if abandoned:
         log.warning("marked %d run(s) left running by a process that is gone as failed: %s", len(abandoned),
                     ", ".join(abandoned))
-    await store.start_run(now=now, trigger=trigger, run_id=run_id, owner=services.holder.id)
+    await store.write(writes.start_run, now=now, trigger=trigger, run_id=run_id, owner=services.holder.id)
     client.stats.snapshot_and_reset()
-    known = await store.target_sources()
+    known = await store.read(queries.target_sources)
     collected = await collect(client, services.targets, known_sources=known,
                               concurrency=settings.katapult.max_concurrency, progress=progress, rules=rules)
     findings = judge(collected, rules, now=now)
@@ -224,11 +223,11 @@ async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, b
     async with store.transaction() as tx:
         # The fence: renewing the lease inside the commit refuses the write if another process took over.
         await tx.check_lease(services.holder, now=services.clock(), ttl=settings.daemon.leader_ttl)
-        previous = await tx.active_findings(extra=(f.fingerprint for f in findings))
+        previous = await tx.run(queries.active_findings, extra=(f.fingerprint for f in findings))
         changes = with_tiers(reconcile(previous, findings, settled_disks=settled | collected.retired,
                                        waivers=valid_waivers, now=now), collected)
         history = verdicts_after(collected, previous, changes)
-        await tx.write_cycle(CycleWrite(
+        await tx.run(writes.write_cycle, CycleWrite(
             run_id=run_id, now=now, status=status, targets_checked=collected.targets_checked, stats=stats,
             errors=collected.errors, disks=collected.disks, changes=changes, retired_disks=collected.retired,
             finished_at=finished, disk_statuses=history.disk_statuses,
@@ -236,9 +235,9 @@ async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, b
         if settings.notifiers:
             plan = plan_notifications(notifiers=settings.notifiers, changes=changes, run_status=status,
                                       errors=collected.errors, incomplete_fp=_incomplete_fp(services),
-                                      states=await tx.alert_states(), now=now,
+                                      states=await tx.run(queries.alert_state_map), now=now,
                                       interval=settings.audit.interval, untouched=previous.values())
-            await tx.enqueue(plan.entries, plan.states, run_id=run_id, now=now)
+            await tx.run(writes.enqueue, plan.entries, plan.states, run_id=run_id, now=now)
     opened = sum(1 for c in changes if c.kind.value in ("opened", "reopened", "unwaived"))
     resolved = sum(1 for c in changes if c.kind.value == "resolved")
     return AuditOutcome(
@@ -281,10 +280,11 @@ async def _keep_open_alerts_alive(services: Services, f: FailedCycle) -> None:
         async with services.store.transaction() as tx:
             plan = plan_notifications(notifiers=settings.notifiers, changes=[],
                                       run_status=RunStatus.FAILED, errors=f.errors,
-                                      incomplete_fp=_incomplete_fp(services), states=await tx.alert_states(),
+                                      incomplete_fp=_incomplete_fp(services),
+                                      states=await tx.run(queries.alert_state_map),
                                       now=f.finished_at, interval=settings.audit.interval,
-                                      untouched=(await tx.active_findings()).values())
-            await tx.enqueue(plan.entries, plan.states, run_id=f.run_id, now=f.finished_at)
+                                      untouched=(await tx.run(queries.active_findings)).values())
+            await tx.run(writes.enqueue, plan.entries, plan.states, run_id=f.run_id, now=f.finished_at)
     except StoreError as exc:
         log.warning("after failed run %s: could not re-post open alerts to Alertmanager: %s", f.run_id, exc)
 

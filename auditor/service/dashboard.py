@@ -99,7 +99,7 @@ class FindingsResult:
 class FindingIndex:
     """Every finding of some statuses with its disk's name and source, searched in memory.
 
-    Filters, order and pages mean what `DashboardReads.search_findings` makes of them in SQL: the order is the sort
+    Filters, order and pages mean what `queries.search_findings` makes of them in SQL: the order is the sort
     key (severity by rank), then disk id and fingerprint ascending; text is a case-insensitive substring of the disk
     id or name. Text columns sort by code point (as SQLite does; PostgreSQL would use the database's collation).
     Every order is computed when the index is made (off the event loop); a search then filters one of them (and

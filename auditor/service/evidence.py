@@ -25,7 +25,7 @@ from auditor.service.compliance import (
     compliance_from,
     configured_waivers,
     read_period_data,
-    read_runs,
+    read_period_runs,
     waiver_json,
     waivers_during,
 )
@@ -127,7 +127,7 @@ async def build_evidence(services: Services, *, period: Period) -> dict[str, byt
     data = await read_period_data(services, period=period)
     report = compliance_from(data, period=period, interval=settings.audit.interval, waivers=waivers,
                              generated_at=period.end)
-    runs = await read_runs(services, period=period)
+    runs = await read_period_runs(services, period=period)
     run_items = [r for r in (run_json(run) for run in runs) if r is not None]
     files = {
         "compliance.json": json_bytes(report),

@@ -1,14 +1,14 @@
 """Read-side use cases: every read of stored data the CLI, the API and the dashboard make — the current report,
 findings, runs, a disk's history, notifications, readiness and the metrics' stored state, the dashboard's snapshot
 and searches. A new read goes here (the period report and the evidence export have their own modules:
-`compliance`, `evidence`). The JSON they return is shaped by `reports`, the dashboard's views by `dashboard`.
+`compliance`, `evidence`). Each runs the store's one definition of the read (`auditor.store.queries`); the JSON
+they return is shaped by `reports`, the dashboard's views by `dashboard`.
 
 Two ways to run them. The use cases take `Services` (the async `Store`: the API, the dashboard, the demo).
-`current_report`, `current_findings` and `current_disk_detail` are the same reads for a one-shot command: they open
-the database read-only as `open_services(katapult=False, migrate=False)` does, through `auditor.store.reads`
-(sqlite3 for a plain SQLite file, else psycopg or SQLAlchemy Core), so `auditor report`, `findings` and `history`
-start without the ORM, asyncio, httpx or the notifiers (benchmarks/cli_start.py). That is why this module imports
-only the domain and light service modules at import time, and the store inside the functions that use it.
+`current_report`, `current_findings` and `current_disk_detail` run the same store reads for a one-shot command, on
+a synchronous `Reader` with the checks of `open_services(katapult=False, migrate=False)`, so `auditor report`,
+`findings` and `history` start without asyncio, the async engine, httpx or the notifiers (benchmarks/cli_start.py):
+this module imports no service wiring and nothing of the store but its reads.
 """
 
 from __future__ import annotations
@@ -40,16 +40,13 @@ from auditor.service.dashboard import (
     compliance_pct,
     waiver_view,
 )
-from auditor.service.housekeeping import ORPHAN_REASON
-from auditor.service.housekeeping import sweep_log as services_log
-from auditor.service.reports import DRIFT_WITHIN, REPORTED_STATUSES, assemble_report, detail_json, iso
+from auditor.service.reports import DRIFT_WITHIN, assemble_report, detail_json, iso
+from auditor.store import queries as reads
 
 if TYPE_CHECKING:
     from auditor.config import Settings
     from auditor.service.services import Services
-    from auditor.store.dashboard import DashboardReads
-    from auditor.store.reads import ReportReads
-    from auditor.store.repo import Store
+    from auditor.store.repo import Reader, Store
 
 T = TypeVar("T")
 
@@ -71,104 +68,92 @@ async def build_report(
     store: Store, *, now: datetime, waivers: Sequence[Waiver] = (), waiver_problems: Sequence[WaiverProblem] = ()
 ) -> dict[str, Any]:
     """Returns the compliance report: last run, summary, disks and open/waived findings (no Katapult call)."""
-    run = await store.latest_run()
-    disks = await store.load_disks(targets_only=True)
-    findings = await store.all_findings(statuses=REPORTED_STATUSES)
-    policies = await store.current_policy_ids()
-    drift = await store.recent_drift(since=now - DRIFT_WITHIN)
-    return assemble_report(now=now, run=run, disks=disks, findings=findings, policies=policies, drift=drift,
-                           waivers=waivers, waiver_problems=waiver_problems)
+    from auditor.store import queries
+
+    inputs = await store.read(queries.report_inputs, now=now, drift_since=now - DRIFT_WITHIN)
+    return assemble_report(now=now, inputs=inputs, waivers=waivers, waiver_problems=waiver_problems)
 
 
 async def read_disk_detail(services: Services, *, disk_id: str) -> dict[str, Any] | None:
     """Returns a disk's current policies, findings, snapshot history, drift and finding events; None if unknown."""
-    return detail_json(await services.store.disk_history(disk_id))
+    return detail_json(await services.store.read(reads.disk_history, disk_id))
 
 
-async def list_findings(services: Services, *, query: FindingQuery) -> tuple[list[TrackedFinding], str | None]:
+async def read_findings(services: Services, *, query: FindingQuery) -> tuple[list[TrackedFinding], str | None]:
     """Returns one page of findings (ordered by disk and fingerprint) and the cursor of the next page, or None."""
-    return await services.store.list_findings(query)
+    return await services.store.read(reads.list_findings, query)
 
 
-async def list_runs(services: Services, *, limit: int) -> list[RunRecord]:
+async def read_recent_runs(services: Services, *, limit: int) -> list[RunRecord]:
     """Returns the `limit` most recent runs, newest first."""
-    return await services.store.list_runs(limit=limit)
+    return await services.store.read(reads.list_runs, limit=limit)
 
 
 async def read_latest_run(services: Services) -> RunRecord | None:
     """Returns the latest finished run, or None (what read-side caches are keyed on)."""
-    return await services.store.latest_run()
+    return await services.store.read(reads.latest_run)
 
 
-async def list_notifications(services: Services, *, limit: int, state: str | None = None) -> list[Delivery]:
+async def read_notifications(services: Services, *, limit: int, state: str | None = None) -> list[Delivery]:
     """Returns the `limit` most recent outbox entries (of one delivery state if given), newest first."""
-    return await services.outbox.recent(limit=limit, state=state)
+    return await services.store.read(reads.deliveries, limit=limit, state=state)
 
 
 @contextlib.contextmanager
-def _checked_reads(settings: Settings, clock: Callable[[], datetime]) -> Iterator[ReportReads]:
-    """Yields the read-only reads of the configured database after the checks `open_services(settings,
+def _checked_reader(settings: Settings) -> Iterator[Reader]:
+    """Yields a synchronous reader of the configured database after the checks `open_services(settings,
     katapult=False, migrate=False)` makes, with the same errors: SchemaError when the database is missing (never
-    created) or not at the code's revision, StoreError when it cannot be read; runs left `running` by a process
-    that is gone are marked failed first (a failure there is ignored, as there)."""
-    from pathlib import Path
-
+    created) or not at the code's revision, StoreError when it cannot be read. Nothing is written: a run left
+    `running` by a process that is gone reads as failed (`queries.run_view`)."""
     from auditor.store import engine
-    from auditor.store.reads import open_report_reads, plain_sqlite_file
+    from auditor.store.repo import Reader
 
     url = settings.database.url.get_secret_value()
-    plain = plain_sqlite_file(url)  # sqlite3 or psycopg: SQLAlchemy is loaded only for other URLs and for errors
-    missing = ((not Path(plain).is_file()) if plain is not None
-               else url.startswith("sqlite") and engine.sqlite_file_missing(url))
-    if missing:
+    if url.startswith("sqlite") and engine.sqlite_file_missing(url):
         raise SchemaError(f"database {engine.safe_url(url)} does not exist: check database.url, or {SCHEMA_HINT}")
-    reads = open_report_reads(url)
+    reader = Reader(url)
     try:
-        current, head = reads.current_revision()
-        if current != head:
+        current = reader.revision()
+        if current != engine.SCHEMA_HEAD:
             raise SchemaError(f"database {engine.safe_url(url)} is at schema revision {current or 'none'}, this "
-                              f"version needs {head}: {SCHEMA_HINT}")
-        with contextlib.suppress(StoreError):
-            abandoned = reads.abandon_orphaned_runs(now=clock(), reason=ORPHAN_REASON)
-            if abandoned:
-                services_log.warning("marked %d run(s) left running by a process that is gone as failed: %s",
-                                     len(abandoned), ", ".join(abandoned))
-        yield reads
+                              f"version needs {engine.SCHEMA_HEAD}: {SCHEMA_HINT}")
+        yield reader
     finally:
-        reads.close()
+        reader.close()
 
 
 def current_report(settings: Settings, *, clock: Callable[[], datetime] = _utcnow,
                    tier: str | None = None) -> dict[str, Any]:
-    """Returns `build_report`'s report for the configured database, read as `auditor report` reads it: what
-    `open_services(settings, katapult=False, migrate=False)` plus `build_report` do, with the same errors."""
+    """Returns `build_report`'s report for the configured database, read as `auditor report` reads it: on a
+    synchronous connection, with the checks and errors of `open_services(settings, katapult=False,
+    migrate=False)`."""
     from auditor.domain.lifecycle import parse_waivers
     from auditor.domain.rules import RULES
+    from auditor.store import queries
 
-    with _checked_reads(settings, clock) as reads:
-        waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=clock())
+    with _checked_reader(settings) as reader:
         now = clock()
-        return assemble_report(
-            now=now, run=reads.latest_run(), disks=reads.target_disks(),
-            findings=reads.all_findings(statuses=REPORTED_STATUSES), policies=reads.current_policy_ids(),
-            drift=reads.recent_drift(since=now - DRIFT_WITHIN), waivers=waivers, waiver_problems=problems,
-            tier=tier)
+        waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=now)
+        inputs = reader.read(queries.report_inputs, now=now, drift_since=now - DRIFT_WITHIN)
+        return assemble_report(now=now, inputs=inputs, waivers=waivers, waiver_problems=problems, tier=tier)
 
 
-def current_findings(settings: Settings, *, statuses: Sequence[str],
-                     clock: Callable[[], datetime] = _utcnow) -> list[TrackedFinding]:
+def current_findings(settings: Settings, *, statuses: Sequence[str]) -> list[TrackedFinding]:
     """Returns the findings with one of `statuses`, ordered by disk and fingerprint, read as `auditor findings`
-    reads them: what `open_services(...)` plus `Store.all_findings` give, with the same errors."""
-    with _checked_reads(settings, clock) as reads:
-        return reads.all_findings(statuses=statuses)
+    reads them (see `current_report`)."""
+    from auditor.store import queries
+
+    with _checked_reader(settings) as reader:
+        return reader.read(queries.all_findings, statuses=statuses)
 
 
-def current_disk_detail(settings: Settings, disk_id: str, *,
-                        clock: Callable[[], datetime] = _utcnow) -> dict[str, Any] | None:
+def current_disk_detail(settings: Settings, disk_id: str) -> dict[str, Any] | None:
     """Returns `read_disk_detail` read as `auditor report` reads (`auditor history`), with the same checks and
     errors."""
-    with _checked_reads(settings, clock) as reads:
-        return detail_json(reads.disk_history(disk_id))
+    from auditor.store import queries
+
+    with _checked_reader(settings) as reader:
+        return detail_json(reader.read(queries.disk_history, disk_id))
 
 
 # ---- operations: readiness and the stored state /metrics shows --------------------------------------------------
@@ -189,8 +174,8 @@ async def read_readiness(services: Services) -> Readiness:
     store = services.store
     try:
         await store.ping()
-        run = await store.last_successful_run()
-        latest = await store.latest_run(finished=True)
+        run = await store.read(reads.last_successful_run)
+        latest = await store.read(reads.latest_run, finished=True)
     except StoreError as exc:
         return Readiness(f"database unavailable: {exc}", None)
     if run is None or run.finished_at is None:
@@ -227,11 +212,11 @@ async def read_stored_state(services: Services) -> StoredState | None:
     """Returns the stored state metrics show, or None when the database does not answer."""
     store = services.store
     try:
-        counts = await store.finding_counts()
-        disks = await store.disk_status_counts()
-        notifications = await services.outbox.counts()
-        success = await store.last_successful_run()
-        last = await store.latest_run(finished=True)
+        counts = await store.read(reads.finding_counts)
+        disks = await store.read(reads.disk_status_counts)
+        notifications = await store.read(reads.delivery_counts)
+        success = await store.read(reads.last_successful_run)
+        last = await store.read(reads.latest_run, finished=True)
     except StoreError:
         return None
 
@@ -250,19 +235,20 @@ async def read_snapshot(services: Services) -> Snapshot:
     now = services.clock()
     store = services.store
     waivers, waiver_problems = waivers_from(services.settings, now=now)
-    latest = await store.latest_run()  # first: the snapshot is at least as new as the run it is labelled with
+    # First: the snapshot is at least as new as the run it is labelled with.
+    latest = await store.read(reads.latest_run)
     report = await build_report(store, now=now, waivers=waivers, waiver_problems=waiver_problems)
-    last_good = await store.last_successful_run()
-    reads = _dashboard_reads(store)
-    history = await reads.run_points(since=now - timedelta(days=max(TREND_DAYS)))
-    sources = await reads.disk_sources()
-    tiers = await reads.disk_tiers()
-    counts = await reads.finding_status_counts()
+    last_good = await store.read(reads.last_successful_run)
+    history = await store.read(reads.run_points, since=now - timedelta(days=max(TREND_DAYS)))
+    sources = await store.read(reads.disk_sources)
+    tiers = await store.read(reads.disk_tiers)
+    counts = await store.read(reads.finding_status_counts)
     index = None
     if sum(counts.values()) <= dashboard.INDEX_LIMIT:
-        index = FindingIndex(await reads.finding_listings(ALL_STATUSES), ALL_STATUSES)
+        index = FindingIndex(await store.read(reads.finding_listings, statuses=ALL_STATUSES), ALL_STATUSES)
     elif counts.get("open", 0) + counts.get("waived", 0) <= dashboard.INDEX_LIMIT:
-        index = FindingIndex(await reads.finding_listings(("open", "waived")), ("open", "waived"))
+        active = ("open", "waived")
+        index = FindingIndex(await store.read(reads.finding_listings, statuses=active), active)
     summary = report["summary"]
     return Snapshot(built_at=now, latest=latest, last_good=last_good, report={k: report[k] for k in REPORT_KEYS},
                     # Exempt disks are judged by no rule: outside the ratio, as in the period report.
@@ -272,39 +258,39 @@ async def read_snapshot(services: Services) -> Snapshot:
                     sources=sources, index=index, tiers=tiers)
 
 
-async def search_findings(services: Services, *, search: FindingSearch, page: int,
+async def read_search_page(services: Services, *, search: FindingSearch, page: int,
                           sources: list[str] | None = None, total: int | None = None) -> FindingsResult:
     """Returns page `page` (from 1) of the findings matching `search`; a page past the end is the last one.
 
     `sources` (the organization filter's choices) and `total` (how many match) are used if already known (e.g.
     cached per run), else read.
     """
-    reads = _dashboard_reads(services.store)
+    store = services.store
     size = search.limit
-    items, total = await reads.search_findings(_at_page(search, page), total=total)
-    pages = max(1, -(-total // size))
+    items, found = await store.read(reads.search_findings, _at_page(search, page), total=total)
+    pages = max(1, -(-found // size))
     if page > pages:
         page = pages
-        items, total = await reads.search_findings(_at_page(search, page), total=total)
+        items, found = await store.read(reads.search_findings, _at_page(search, page), total=found)
     if sources is None:
-        sources = await reads.disk_sources()
-    return FindingsResult(items=items, total=total, page=page, pages=pages, sources=sources,
-                          tiers=await reads.disk_tiers())
+        sources = await store.read(reads.disk_sources)
+    return FindingsResult(items=items, total=found, page=page, pages=pages, sources=sources,
+                          tiers=await store.read(reads.disk_tiers))
 
 
 async def count_findings(services: Services, *, search: FindingSearch) -> int:
     """Returns how many findings match `search` (its order and page aside)."""
-    _items, total = await _dashboard_reads(services.store).search_findings(_at_page(search, 1, limit=1))
+    _items, total = await services.store.read(reads.search_findings, _at_page(search, 1, limit=1))
     return total
 
 
 async def read_notifier_states(services: Services, *, limit: int = 50) -> tuple[list[NotifierState], list[Delivery]]:
     """Returns the delivery state per notifier (all entries) and the `limit` most recent entries."""
-    outbox = services.outbox
+    store = services.store
     by_notifier: dict[str, NotifierState] = {}
-    for notifier, state, count in await outbox.counts():
+    for notifier, state, count in await store.read(reads.delivery_counts):
         by_notifier.setdefault(notifier, NotifierState(notifier)).counts[state] = count
-    return [by_notifier[n] for n in sorted(by_notifier)], await outbox.recent(limit=limit)
+    return [by_notifier[n] for n in sorted(by_notifier)], await store.read(reads.deliveries, limit=limit)
 
 
 async def read_waivers(services: Services) -> WaiverView:
@@ -318,28 +304,20 @@ async def off_loop(services: Services, read: Callable[[Services], Awaitable[T]])
     """Runs `read` in a worker thread on its own event loop, on Services over a second engine on the same database:
     neither its queries' results nor its Python work hold up this loop. (On an in-memory SQLite database, which a
     second engine would not see, it runs here.)"""
-    from auditor.store.dashboard import can_reopen, same_database
-
-    if not can_reopen(services.store):
+    if not services.store.can_reopen():
         return await read(services)
 
     def work() -> T:
-        async def go() -> T:
-            own = replace(services, store=same_database(services.store))
+        async def read_reopened() -> T:
+            own = replace(services, store=services.store.reopened())
             try:
                 return await read(own)
             finally:
                 await own.store.close()
 
-        return asyncio.run(go())
+        return asyncio.run(read_reopened())
 
     return await asyncio.to_thread(work)
-
-
-def _dashboard_reads(store: Store) -> DashboardReads:
-    from auditor.store.dashboard import DashboardReads
-
-    return DashboardReads(store)
 
 
 def _at_page(search: FindingSearch, page: int, *, limit: int | None = None) -> FindingSearch:

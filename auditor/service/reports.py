@@ -1,29 +1,21 @@
 """The compliance report and the disk detail as JSON (a public contract: `auditor report --format json`, the API,
-the dashboard): pure functions of what `queries` read. Standard library and the domain only.
+the dashboard): pure functions of what `queries` read. The domain only at import time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from auditor.domain.models import FindingStatus, ReadOutcome, TrackedFinding, Waiver, WaiverProblem
-from auditor.domain.records import (
-    DiskRecord,
-    DiskStatus,
-    DriftRecord,
-    FindingEventRecord,
-    PolicyStateRecord,
-    RunRecord,
-)
+from auditor.domain.records import DiskRecord, DiskStatus, DriftRecord, PolicyStateRecord, RunRecord
+
+if TYPE_CHECKING:
+    from auditor.store import queries
 
 EXPIRING_WITHIN = timedelta(days=7)
 DRIFT_WITHIN = timedelta(days=7)
-REPORTED_STATUSES = (FindingStatus.OPEN.value, FindingStatus.WAIVED.value)
-# What `Store.disk_history` returns: the disk, its policy states, drift, findings and finding events.
-DiskHistory = tuple[DiskRecord | None, list[PolicyStateRecord], list[DriftRecord], list[TrackedFinding],
-                    list[FindingEventRecord]]
 
 
 def iso(value: datetime | None) -> str | None:
@@ -77,6 +69,9 @@ def finding_json(f: TrackedFinding, *, with_resolution: bool = False) -> dict[st
     return out
 
 
+REPORTED_STATUSES = (FindingStatus.OPEN.value, FindingStatus.WAIVED.value)
+
+
 def disk_status(disk: DiskRecord, findings: Sequence[TrackedFinding]) -> DiskStatus:
     """Returns a disk's verdict: unknown (no reading), noncompliant (an open finding), exempt (its tier), or
     compliant (waived findings count as compliant)."""
@@ -96,12 +91,13 @@ def exemption_json(disk: DiskRecord) -> dict[str, Any]:
 
 
 def assemble_report(
-    *, now: datetime, run: RunRecord | None, disks: Mapping[str, DiskRecord], findings: Sequence[TrackedFinding],
-    policies: Mapping[str, list[str]], drift: Sequence[DriftRecord], waivers: Sequence[Waiver] = (),
+    *, now: datetime, inputs: queries.ReportInputs, waivers: Sequence[Waiver] = (),
     waiver_problems: Sequence[WaiverProblem] = (), tier: str | None = None,
 ) -> dict[str, Any]:
     """Returns the report from what was read (see `build_report`); with `tier`, only that tier's disks (and their
     findings and drift), the summary counting those."""
+    run, disks, findings, policies = inputs.run, inputs.disks, inputs.findings, inputs.policies
+    drift: Sequence[DriftRecord] = inputs.drift
     if tier is not None:
         disks = {k: d for k, d in disks.items() if d.tier == tier}
         drift = [d for d in drift if d.disk_id in disks]
@@ -190,8 +186,8 @@ def _state_json(p: PolicyStateRecord) -> dict[str, Any]:
     }
 
 
-def detail_json(history: DiskHistory) -> dict[str, Any] | None:
-    """Returns the disk detail of a disk's history (`Store.disk_history`); None if the disk is unknown."""
+def detail_json(history: queries.DiskHistory) -> dict[str, Any] | None:
+    """Returns the disk detail of a disk's history (`queries.disk_history`); None if the disk is unknown."""
     disk, states, drift, findings, events = history
     if disk is None:
         return None

@@ -1,4 +1,5 @@
-"""Persistence: SQLAlchemy tables, engine set-up, Alembic migrations and the repository; `reads` (and `reads_core`)
-give the one-shot commands (report, findings, history) their reads without the ORM."""
+"""Persistence: the schema (`tables`, Core only), every read defined once (`queries`), the writes (`writes`,
+`leases`, `outbox`, `pruning`), engine set-up and migrations (`engine`), and where statements run (`repo`: the async
+`Store`, the synchronous `Reader`, a `Transaction`)."""
 
 from __future__ import annotations

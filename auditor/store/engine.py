@@ -8,8 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from auditor.errors import StoreError
 
-# SQLAlchemy is imported by the functions that use it, so SCHEMA_HEAD and the SQLite pragmas come without it: the
-# read-only report reads a plain SQLite file with the standard library (auditor.store.reads).
 if TYPE_CHECKING:  # Alembic is imported only where migrations run: read-only commands start faster without it
     from alembic.config import Config as AlembicConfig
     from sqlalchemy.engine import URL, Engine
@@ -158,21 +156,16 @@ def _run(sync_conn: Any, cfg: AlembicConfig, action: str, revision: str) -> None
         command.downgrade(cfg, revision)
 
 
-def _current(sync_conn: Any) -> str | None:
-    from sqlalchemy import inspect, text
-
-    # Alembic's own table, read with SQL: no Alembic import on the read-only path.
-    if not inspect(sync_conn).has_table("alembic_version"):
-        return None
-    row = sync_conn.execute(text("SELECT version_num FROM alembic_version")).first()
-    return str(row[0]) if row else None
+def store_error(exc: Exception, database: str) -> StoreError:
+    """Returns the StoreError for a driver or SQLAlchemy error: the database by its masked name and the first line
+    of the driver's message (SQLAlchemy's own text can embed the URL)."""
+    reason = getattr(exc, "orig", None) or exc
+    first = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+    return StoreError(f"database {database}: {first[:300]}")
 
 
 def _translate(exc: Exception, url: str) -> StoreError:
-    # SQLAlchemy messages can embed the URL; name the database by its masked URL and the error class only.
-    reason = getattr(exc, "orig", None) or exc
-    first = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
-    return StoreError(f"database {safe_url(url)}: {first[:300]}")
+    return store_error(exc, safe_url(url))
 
 
 async def _migrate(url: str, action: str, revision: str) -> None:
@@ -210,11 +203,13 @@ async def current_revision(url: str) -> tuple[str | None, str | None]:
     """Returns (the database's revision, the code's head revision)."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from auditor.store.queries import schema_revision
+
     head = SCHEMA_HEAD
     engine = create_engine_for(url)
     try:
         async with engine.connect() as conn:
-            current = await conn.run_sync(_current)
+            current = await conn.run_sync(schema_revision)
     except (SQLAlchemyError, OSError) as exc:
         raise _translate(exc, url) from None
     finally:

@@ -1,4 +1,6 @@
-"""SQLAlchemy tables: the Alembic `target_metadata`. Rows map to domain objects in `repo`.
+"""The schema as SQLAlchemy Core tables: the Alembic `target_metadata`, and what every statement of the store is
+written against (`queries` for reads, `writes` for the cycle's writes). Core only — no ORM mapping — so a
+one-shot command loads SQLAlchemy's SQL layer and nothing more.
 
 Snapshots are stored by change, not by poll: `policy_states` holds one row per distinct policy setting a disk
 has had, with the time range it was seen (`valid_from` .. `valid_to`, NULL while current). A poll that finds
@@ -8,21 +10,19 @@ updated in place on the current row only when they change.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
-
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Column,
     Float,
     Index,
     Integer,
     MetaData,
     String,
+    Table,
     Text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from auditor.store.types import UTCDateTime
 
@@ -34,217 +34,195 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-
-class Base(DeclarativeBase):
-    """Declarative base with a stable constraint naming convention."""
-
-    metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+metadata = MetaData(naming_convention=NAMING)
 
 
-class Run(Base):
-    """One audit cycle."""
+def _utc(name: str, *, nullable: bool = False, index: bool = False) -> Column[object]:
+    return Column(name, UTCDateTime(), nullable=nullable, index=index)
 
-    __tablename__ = "audit_runs"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    seq: Mapped[int] = mapped_column(BigInteger, unique=True)  # monotonic order for "latest"
-    trigger: Mapped[str] = mapped_column(String(16), default="schedule")
-    status: Mapped[str] = mapped_column(String(16), index=True)  # running | complete | partial | failed
-    started_at: Mapped[datetime]
-    finished_at: Mapped[datetime | None]
-    targets_checked: Mapped[int] = mapped_column(Integer, default=0)
-    disks_ok: Mapped[int] = mapped_column(Integer, default=0)
-    disks_unknown: Mapped[int] = mapped_column(Integer, default=0)
-    api_requests: Mapped[int] = mapped_column(Integer, default=0)
-    api_retries: Mapped[int] = mapped_column(Integer, default=0)
-    api_rate_limited: Mapped[int] = mapped_column(Integer, default=0)
-    api_by_status: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    findings_opened: Mapped[int] = mapped_column(Integer, default=0)
-    findings_resolved: Mapped[int] = mapped_column(Integer, default=0)
-    errors: Mapped[list[Any]] = mapped_column(default=list)
+# One audit cycle.
+runs = Table(
+    "audit_runs", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("seq", BigInteger, nullable=False, unique=True),  # monotonic order for "latest"
+    Column("trigger", String(16), nullable=False, default="schedule"),
+    Column("status", String(16), nullable=False, index=True),  # running | complete | partial | failed
+    _utc("started_at"),
+    _utc("finished_at", nullable=True),
+    Column("targets_checked", Integer, nullable=False, default=0),
+    Column("disks_ok", Integer, nullable=False, default=0),
+    Column("disks_unknown", Integer, nullable=False, default=0),
+    Column("api_requests", Integer, nullable=False, default=0),
+    Column("api_retries", Integer, nullable=False, default=0),
+    Column("api_rate_limited", Integer, nullable=False, default=0),
+    Column("api_by_status", JSON, nullable=False, default=dict),
+    Column("findings_opened", Integer, nullable=False, default=0),
+    Column("findings_resolved", Integer, nullable=False, default=0),
+    Column("errors", JSON, nullable=False, default=list),
     # The process that ran it (`Holder.id`): a run left `running` is abandoned only once its owner is gone.
-    owner: Mapped[str | None] = mapped_column(String(120))
+    Column("owner", String(120)),
+)
 
-
-class DiskRow(Base):
-    """A disk the auditor has audited, with its latest verdict."""
-
-    __tablename__ = "disks"
-
-    id: Mapped[str] = mapped_column(Text, primary_key=True)
-    name: Mapped[str | None] = mapped_column(Text)
-    vm_id: Mapped[str | None] = mapped_column(Text)
-    vm_fqdn: Mapped[str | None] = mapped_column(Text)
-    source: Mapped[str] = mapped_column(Text)  # "config" or "org:<ref>"
-    is_target: Mapped[bool] = mapped_column(Boolean, default=True)
-    outcome: Mapped[str] = mapped_column(String(16))  # ok | not_found | in_trash | unknown (latest read)
-    error_code: Mapped[str | None] = mapped_column(Text)
-    error_message: Mapped[str | None] = mapped_column(Text)
-    first_seen_at: Mapped[datetime]
-    last_checked_at: Mapped[datetime]
-    last_read_at: Mapped[datetime | None]  # last time the read gave a definite answer
-    last_run_id: Mapped[str | None] = mapped_column(String(32))
+# A disk the auditor has audited, with its latest verdict.
+disks = Table(
+    "disks", metadata,
+    Column("id", Text, primary_key=True),
+    Column("name", Text),
+    Column("vm_id", Text),
+    Column("vm_fqdn", Text),
+    Column("source", Text, nullable=False),  # "config" or "org:<ref>"
+    Column("is_target", Boolean, nullable=False, default=True),
+    Column("outcome", String(16), nullable=False),  # ok | not_found | in_trash | unknown (latest read)
+    Column("error_code", Text),
+    Column("error_message", Text),
+    _utc("first_seen_at"),
+    _utc("last_checked_at"),
+    _utc("last_read_at", nullable=True),  # last time the read gave a definite answer
+    Column("last_run_id", String(32)),
     # The tier the latest definite reading put the disk in (NULL: the defaults), and what made it so:
     # {"exempt": bool, "reason": str, "because": {...}}.
-    tier: Mapped[str | None] = mapped_column(Text)
-    tier_detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    Column("tier", Text),
+    Column("tier_detail", JSON),
+)
 
+# One distinct setting of one policy as seen on one disk, with when it was seen.
+policy_states = Table(
+    "policy_states", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("disk_id", Text, nullable=False),
+    Column("policy_id", Text, nullable=False, index=True),
+    Column("settings_hash", String(32), nullable=False),
+    Column("retention", Integer, nullable=False),
+    Column("interval", String(16), nullable=False),
+    Column("target_type", String(32), nullable=False),
+    Column("target_id", Text, nullable=False),
+    Column("target_name", Text),
+    _utc("next_invocation_at", nullable=True),
+    Column("total_size", Float),
+    _utc("valid_from"),
+    _utc("valid_to", nullable=True),
+    Column("first_run_id", String(32), nullable=False),
+    Index("ix_policy_states_disk_current", "disk_id", "valid_to"),
+)
 
-class PolicyState(Base):
-    """One distinct setting of one policy as seen on one disk, with when it was seen."""
+# A change in a disk's protection: a policy added, removed or with changed settings; a disk changing tier.
+drift_events = Table(
+    "drift_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("disk_id", Text, nullable=False, index=True),
+    Column("policy_id", Text, nullable=False),
+    Column("run_id", String(32), nullable=False),
+    _utc("at"),
+    Column("kind", String(32), nullable=False),  # policy-added | policy-removed | policy-changed | tier-changed
+    Column("before", JSON),
+    Column("after", JSON),
+)
 
-    __tablename__ = "policy_states"
-    __table_args__ = (Index("ix_policy_states_disk_current", "disk_id", "valid_to"),)
+# A finding's current state, keyed by its fingerprint.
+findings = Table(
+    "findings", metadata,
+    Column("fingerprint", String(32), primary_key=True),
+    Column("rule", String(64), nullable=False),
+    Column("disk_id", Text, nullable=False, index=True),
+    Column("policy_id", Text),
+    Column("severity", String(16), nullable=False),
+    Column("status", String(16), nullable=False),  # open | waived | resolved
+    Column("message", Text, nullable=False),
+    Column("observed", JSON, nullable=False, default=dict),
+    Column("expected", JSON, nullable=False, default=dict),
+    _utc("first_seen"),
+    _utc("last_seen"),
+    _utc("opened_at"),
+    _utc("resolved_at", nullable=True),
+    Column("waiver", JSON),
+    Column("tier", Text),  # the disk's tier when the finding last opened (alert label)
+    Index("ix_findings_status_rule", "status", "rule"),
+)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    disk_id: Mapped[str] = mapped_column(Text)
-    policy_id: Mapped[str] = mapped_column(Text, index=True)
-    settings_hash: Mapped[str] = mapped_column(String(32))
-    retention: Mapped[int] = mapped_column(Integer)
-    interval: Mapped[str] = mapped_column(String(16))
-    target_type: Mapped[str] = mapped_column(String(32))
-    target_id: Mapped[str] = mapped_column(Text)
-    target_name: Mapped[str | None] = mapped_column(Text)
-    next_invocation_at: Mapped[datetime | None]
-    total_size: Mapped[float | None] = mapped_column(Float)
-    valid_from: Mapped[datetime]
-    valid_to: Mapped[datetime | None]
-    first_run_id: Mapped[str] = mapped_column(String(32))
+# A lifecycle transition of a finding (opened, resolved, reopened, waived, unwaived).
+finding_events = Table(
+    "finding_events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("fingerprint", String(32), nullable=False, index=True),
+    Column("disk_id", Text, nullable=False, index=True),
+    Column("run_id", String(32), nullable=False),
+    _utc("at"),
+    Column("kind", String(16), nullable=False),
+)
 
+# A notification waiting for (or done with) delivery: written in the same transaction as its cause.
+outbox = Table(
+    "outbox", metadata,
+    Column("id", String(40), primary_key=True),  # the idempotency key
+    Column("notifier", String(120), nullable=False, index=True),
+    Column("group_key", Text, nullable=False),
+    Column("kind", String(16), nullable=False),  # firing | resolved | repeat | test
+    Column("payload", JSON, nullable=False, default=dict),  # the domain Notification, no secrets
+    Column("run_id", String(32)),
+    _utc("created_at"),
+    Column("state", String(16), nullable=False),  # pending | delivering | delivered | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    _utc("next_attempt_at"),
+    Column("claimed_by", String(120)),
+    _utc("claimed_at", nullable=True),
+    _utc("delivered_at", nullable=True),
+    Column("last_status", Integer),
+    Column("last_error", Text),
+    Index("ix_outbox_due", "state", "next_attempt_at"),
+)
 
-class DriftEvent(Base):
-    """A change in a disk's protection: a policy added, removed or with changed settings."""
+# Per notifier and fingerprint: what the channel was last told, for dedup, repeat and resolve.
+alert_states = Table(
+    "alert_states", metadata,
+    Column("notifier", String(120), primary_key=True),
+    Column("fingerprint", String(32), primary_key=True),
+    Column("status", String(16), nullable=False),  # firing | resolved
+    _utc("last_sent_at"),
+    _utc("starts_at"),
+)
 
-    __tablename__ = "drift_events"
+# A named lease ("cycle", "leader"): who holds it and until when; taken and renewed by conditional updates.
+leases = Table(
+    "leases", metadata,
+    Column("name", String(32), primary_key=True),
+    Column("holder", String(120), nullable=False),  # Holder.id: host, pid and a per-process nonce
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    _utc("process_started_at"),
+    _utc("acquired_at"),
+    _utc("expires_at"),
+    Column("run_id", String(32)),
+)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    disk_id: Mapped[str] = mapped_column(Text, index=True)
-    policy_id: Mapped[str] = mapped_column(Text)
-    run_id: Mapped[str] = mapped_column(String(32))
-    at: Mapped[datetime]
-    kind: Mapped[str] = mapped_column(String(32))  # policy-added | policy-removed | policy-changed
-    before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+# One row per finished run: the fleet as it stood after it (history for trends and period reports).
+run_summaries = Table(
+    "run_summaries", metadata,
+    Column("run_id", String(32), primary_key=True),
+    _utc("started_at", index=True),
+    _utc("finished_at", nullable=True),
+    Column("status", String(16), nullable=False),  # complete | partial | failed
+    Column("disks_total", Integer, nullable=False, default=0),
+    Column("disks_compliant", Integer, nullable=False, default=0),
+    Column("disks_noncompliant", Integer, nullable=False, default=0),
+    Column("disks_unknown", Integer, nullable=False, default=0),
+    Column("disks_exempt", Integer, nullable=False, default=0, server_default="0"),
+    Column("open_by_severity", JSON, nullable=False, default=dict),
+    Column("open_by_rule", JSON, nullable=False, default=dict),
+    Column("requests", Integer, nullable=False, default=0),
+    Column("duration_seconds", Float, nullable=False, default=0.0),
+)
 
-
-class FindingRow(Base):
-    """A finding's current state, keyed by its fingerprint."""
-
-    __tablename__ = "findings"
-    __table_args__ = (Index("ix_findings_status_rule", "status", "rule"),)
-
-    fingerprint: Mapped[str] = mapped_column(String(32), primary_key=True)
-    rule: Mapped[str] = mapped_column(String(64))
-    disk_id: Mapped[str] = mapped_column(Text, index=True)
-    policy_id: Mapped[str | None] = mapped_column(Text)
-    severity: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16))  # open | waived | resolved
-    message: Mapped[str] = mapped_column(Text)
-    observed: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    expected: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    first_seen: Mapped[datetime]
-    last_seen: Mapped[datetime]
-    opened_at: Mapped[datetime]
-    resolved_at: Mapped[datetime | None]
-    waiver: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    tier: Mapped[str | None] = mapped_column(Text)  # the disk's tier when the finding last opened (alert label)
-
-
-class FindingEvent(Base):
-    """A lifecycle transition of a finding (opened, resolved, reopened, waived, unwaived)."""
-
-    __tablename__ = "finding_events"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    fingerprint: Mapped[str] = mapped_column(String(32), index=True)
-    disk_id: Mapped[str] = mapped_column(Text, index=True)
-    run_id: Mapped[str] = mapped_column(String(32))
-    at: Mapped[datetime]
-    kind: Mapped[str] = mapped_column(String(16))
-
-
-class OutboxRow(Base):
-    """A notification waiting for (or done with) delivery: written in the same transaction as its cause."""
-
-    __tablename__ = "outbox"
-    __table_args__ = (Index("ix_outbox_due", "state", "next_attempt_at"),)
-
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the idempotency key
-    notifier: Mapped[str] = mapped_column(String(120), index=True)
-    group_key: Mapped[str] = mapped_column(Text)
-    kind: Mapped[str] = mapped_column(String(16))  # firing | resolved | repeat | test
-    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the domain Notification, no secrets
-    run_id: Mapped[str | None] = mapped_column(String(32))
-    created_at: Mapped[datetime]
-    state: Mapped[str] = mapped_column(String(16))  # pending | delivering | delivered | failed
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime]
-    claimed_by: Mapped[str | None] = mapped_column(String(120))
-    claimed_at: Mapped[datetime | None]
-    delivered_at: Mapped[datetime | None]
-    last_status: Mapped[int | None] = mapped_column(Integer)
-    last_error: Mapped[str | None] = mapped_column(Text)
-
-
-class AlertStateRow(Base):
-    """Per notifier and fingerprint: what the channel was last told, for dedup, repeat and resolve."""
-
-    __tablename__ = "alert_states"
-
-    notifier: Mapped[str] = mapped_column(String(120), primary_key=True)
-    fingerprint: Mapped[str] = mapped_column(String(32), primary_key=True)
-    status: Mapped[str] = mapped_column(String(16))  # firing | resolved
-    last_sent_at: Mapped[datetime]
-    starts_at: Mapped[datetime]
-
-
-class LeaseRow(Base):
-    """A named lease ("cycle", "leader"): who holds it and until when; taken and renewed by conditional updates."""
-
-    __tablename__ = "leases"
-
-    name: Mapped[str] = mapped_column(String(32), primary_key=True)
-    holder: Mapped[str] = mapped_column(String(120))  # Holder.id: host, pid and a per-process nonce
-    host: Mapped[str] = mapped_column(Text)
-    pid: Mapped[int] = mapped_column(Integer)
-    process_started_at: Mapped[datetime]
-    acquired_at: Mapped[datetime]
-    expires_at: Mapped[datetime]
-    run_id: Mapped[str | None] = mapped_column(String(32))
-
-
-class RunSummary(Base):
-    """One row per finished run: the fleet as it stood after it (history for trends and period reports)."""
-
-    __tablename__ = "run_summaries"
-
-    run_id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    started_at: Mapped[datetime] = mapped_column(index=True)
-    finished_at: Mapped[datetime | None]
-    status: Mapped[str] = mapped_column(String(16))  # complete | partial | failed
-    disks_total: Mapped[int] = mapped_column(Integer, default=0)
-    disks_compliant: Mapped[int] = mapped_column(Integer, default=0)
-    disks_noncompliant: Mapped[int] = mapped_column(Integer, default=0)
-    disks_unknown: Mapped[int] = mapped_column(Integer, default=0)
-    disks_exempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    open_by_severity: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    open_by_rule: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    requests: Mapped[int] = mapped_column(Integer, default=0)
-    duration_seconds: Mapped[float] = mapped_column(Float, default=0.0)
-
-
-class DiskState(Base):
-    """A disk's verdict over time, stored by change: compliant, waived, noncompliant or unknown from valid_from
-    until valid_to (NULL while current). Time between runs counts only as far as the period report allows."""
-
-    __tablename__ = "disk_states"
-    __table_args__ = (Index("ix_disk_states_disk_current", "disk_id", "valid_to"),
-                      Index("ix_disk_states_window", "valid_from", "valid_to"))
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    disk_id: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16))
-    valid_from: Mapped[datetime]
-    valid_to: Mapped[datetime | None]
-    run_id: Mapped[str] = mapped_column(String(32))
+# A disk's verdict over time, stored by change: compliant, waived, noncompliant or unknown from valid_from until
+# valid_to (NULL while current). Time between runs counts only as far as the period report allows.
+disk_states = Table(
+    "disk_states", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("disk_id", Text, nullable=False),
+    Column("status", String(16), nullable=False),
+    _utc("valid_from"),
+    _utc("valid_to", nullable=True),
+    Column("run_id", String(32), nullable=False),
+    Index("ix_disk_states_disk_current", "disk_id", "valid_to"),
+    Index("ix_disk_states_window", "valid_from", "valid_to"),
+)

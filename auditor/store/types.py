@@ -1,5 +1,5 @@
-"""Column types shared by the ORM tables (`tables`) and the report's Core reads (`reads_core`): SQLAlchemy Core
-only, so the report path can use them without loading the ORM."""
+"""Column types of the store's tables (`tables`): SQLAlchemy Core
+only."""
 
 from __future__ import annotations
 

@@ -430,7 +430,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
         async def build() -> tuple[dashboard.FindingsResult, bytes]:
             # The total depends on the filters only: counted once for all their orders and pages.
             filters_only = (search.statuses, search.rule, search.severity, search.org, search.text, search.tier)
-            result = await queries.search_findings(
+            result = await queries.read_search_page(
                 services, search=search, page=page, sources=built.snapshot.sources,
                 total=await sql_counts.get(("count", filters_only, built.serial), count))
             return result, "\n".join(macros.finding_row(item) for item in result.items).encode()
@@ -456,7 +456,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
         viewer = viewer_of(request)
         notice = _choice(request.query_params.get("audit"), ("started", "busy", "unavailable"), name="audit")
         started = _text(request.query_params.get("run"), name="run") if notice == "started" else None
-        records = await queries.list_runs(services, limit=50)
+        records = await queries.read_recent_runs(services, limit=50)
         return render(request, "runs.html", viewer=viewer, nav="runs", runs=records, notice=notice,
                       started=started)
 
