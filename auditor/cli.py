@@ -644,14 +644,14 @@ def evidence_cmd(config_path: Path | None, since: str, until: str | None, out: P
     setup_logs(settings)
     period = parse_period(since, until)
 
-    async def go() -> dict[str, bytes]:
+    async def collect_evidence() -> dict[str, bytes]:
         from auditor.service import open_services
         from auditor.service.evidence import build_evidence
 
         async with open_services(settings, katapult=False, migrate=False) as services:
             return await build_evidence(services, period=period)
 
-    files = run_async(go())
+    files = run_async(collect_evidence())
     from auditor.service.evidence import MANIFEST, write_evidence
     from auditor.service.reports import iso
 
@@ -846,7 +846,7 @@ def notify_test(config_path: Path | None, name: str | None) -> None:
                      markup=False)
         sys.exit(EXIT_CONFIG)
 
-    async def go() -> list[tuple[str, str, bool]]:
+    async def send_test_messages() -> list[tuple[str, str, bool]]:
         from auditor.domain.alerts import STATEFUL_KINDS
         from auditor.errors import NotifyError
         from auditor.notify.dispatch import Dispatcher
@@ -881,7 +881,7 @@ def notify_test(config_path: Path | None, name: str | None) -> None:
                 results.append((n.name, f"{text}, sent and resolved", True))
         return results
 
-    results = run_async(go())
+    results = run_async(send_test_messages())
     console = _out()
     for notifier, text, _ in results:
         kind = next(n.kind for n in chosen if n.name == notifier)

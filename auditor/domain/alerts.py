@@ -97,10 +97,6 @@ class Notification:
             return AlertStatus.FIRING
         return AlertStatus.RESOLVED
 
-    @property
-    def highest_severity(self) -> Severity:
-        """Returns the most severe alert's severity (low for an empty group)."""
-        return max((a.severity for a in self.alerts), key=lambda s: s.rank, default=Severity.LOW)
 
 
 class DeliveryState(StrEnum):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
@@ -254,8 +253,3 @@ class TrackedFinding:
     # The disk's tier when the finding last opened: its alerts' `tier` label, kept until it resolves so that the
     # firing and the resolving alert carry the same labels even when the disk changes tier meanwhile.
     tier: str | None = None
-
-
-def stable_json(value: Any) -> str:
-    """Returns a canonical JSON string (sorted keys) for hashing and comparison."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

@@ -43,7 +43,6 @@ LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 
 COMPLIANT, WAIVED, NONCOMPLIANT, UNKNOWN = "compliant", "waived", "noncompliant", "unknown"
 EXEMPT = "exempt"  # a disk its tier exempts: judged by no rule, so neither compliant nor in the denominator
-VERDICTS = (COMPLIANT, WAIVED, NONCOMPLIANT, UNKNOWN)
 COVERING_RUNS = frozenset({"complete", "partial"})
 FINISHED_RUNS = frozenset({"complete", "partial", "failed"})
 OPEN_KINDS = frozenset({"opened", "reopened", "unwaived"})

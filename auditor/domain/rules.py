@@ -68,10 +68,6 @@ class RuleSet:
     tiers: tuple[Tier, ...] = ()
     tier_rules: Mapping[str, Applied] = field(default_factory=dict)
 
-    def params_for(self, disk_id: str) -> RuleParams:
-        """Returns the parameters that apply to `disk_id` without tiers (its override, else the defaults)."""
-        return self.overrides.get(disk_id, self.default)
-
     def severity_of(self, rule: str) -> Severity:
         """Returns the configured severity of `rule`, else its default."""
         return self.severity.get(rule) or RULES[rule].severity

@@ -26,11 +26,6 @@ class Targets:
     disks: tuple[str, ...] = ()
     organizations: tuple[str, ...] = ()
 
-    @property
-    def is_empty(self) -> bool:
-        """Returns whether nothing is configured."""
-        return not self.disks and not self.organizations
-
 
 def _changes(source: RuleOverride | TierSettings) -> dict[str, Any]:
     changes: dict[str, Any] = {}

@@ -32,7 +32,6 @@ from auditor.service.compliance import (
 from auditor.service.reports import iso, run_json
 from auditor.service.services import Services, database_label
 
-EVIDENCE_SPAN = timedelta(days=90)
 REDACTED = "<redacted>"
 MANIFEST = "MANIFEST.sha256"
 

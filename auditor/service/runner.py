@@ -34,7 +34,6 @@ class CycleMetrics:
     buckets: tuple[float, ...] = DURATION_BUCKETS
     bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
     duration_sum: float = 0.0
-    duration_count: int = 0
     cycles: dict[str, int] = field(default_factory=dict)
     requests: int = 0
     retries: int = 0
@@ -48,7 +47,6 @@ class CycleMetrics:
     def _observe(self, seconds: float) -> None:
         self.bucket_counts[bisect.bisect_left(self.buckets, seconds)] += 1
         self.duration_sum += seconds
-        self.duration_count += 1
 
     def record(self, outcome: AuditOutcome) -> None:
         """Counts a cycle that ran to its end (complete, partial or failed) and its Katapult traffic."""
