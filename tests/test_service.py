@@ -1,9 +1,13 @@
-"""The application layer: the cycle lease and its fence, failed cycles announced, the heartbeat around cycles,
-deterministic notification keys, and read-only commands that never create or migrate a database."""
+"""The application layer: the cycle lease and its fence, failed cycles announced and kept by whoever runs the cycles,
+the heartbeat around cycles, deterministic notification keys, read-only commands that never create or migrate a
+database, and the layer's shape (one way to call a use case; Services holds wiring only)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import importlib
+import inspect
 import subprocess
 import sys
 import time
@@ -21,7 +25,7 @@ from auditor.domain.records import RunStatus
 from auditor.errors import LeaseHeldError, SchemaError
 from auditor.fake import Fault, Fleet
 from auditor.fake import create_app as fake_app
-from auditor.service import open_services
+from auditor.service import Services, open_services
 from auditor.service.alerts import notification_key
 from auditor.service.cycle import PendingFailures, record_failures, run_cycle
 from auditor.service.leases import read_cycle_lease
@@ -221,6 +225,32 @@ async def test_a_cycle_that_cannot_reach_the_database_is_recorded_when_it_can(tm
         assert "audit-incomplete" in rules
 
 
+async def test_the_runner_keeps_its_failed_cycles_until_the_database_takes_them(tmp_path: Path) -> None:
+    # The failure state lives across cycles in whoever runs them (the daemon's runner), never in Services.
+    fleet, ids = _fleet(2)
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    async with open_services(_settings(url, ids), transport=httpx.ASGITransport(app=fake_app(fleet)),
+                             token=TOKEN) as s:
+        runner = CycleRunner(s, cycles=CycleMetrics())
+        (tmp_path / "a.db").rename(tmp_path / "b.db")
+        (tmp_path / "a.db").mkdir()  # every connection fails
+        await s.store.close()
+        failed = []
+        for _ in range(2):
+            task = runner.start("schedule")
+            assert task is not None
+            outcome = await task
+            assert outcome is not None and outcome.status is RunStatus.FAILED
+            failed.append(outcome.run_id)
+        assert [f.run_id for f in runner.failures] == failed  # both kept, oldest first
+        assert await runner.record_failures() == 2  # still down: nothing lost
+        (tmp_path / "a.db").rmdir()
+        (tmp_path / "b.db").rename(tmp_path / "a.db")
+        assert await runner.record_failures() == 0 and len(runner.failures) == 0
+        runs = {r.id: r for r in await s.store.read(queries.list_runs)}
+        assert [runs[run_id].status for run_id in failed] == [RunStatus.FAILED] * 2
+
+
 async def _no_trigger() -> str | None:
     return None
 
@@ -352,3 +382,47 @@ async def test_each_run_stores_its_summary_and_disk_verdicts_by_change(db_url: s
     changed = [r for r in states if r.disk_id == ids[1]]
     assert [(r.status, r.valid_to is None) for r in changed] == [("compliant", False), ("unknown", True)]
     assert changed[0].valid_to == changed[1].valid_from == clock.now
+
+
+# ---- the layer's shape ----------------------------------------------------------------------------------------
+
+USE_CASE_MODULES = ("cycle", "delivery", "leases", "housekeeping", "queries", "compliance", "evidence")
+# The store-level read `read_report` and `read_snapshot` share (kept as the store rewrite wrote it).
+NOT_A_USE_CASE = {"auditor.service.queries.build_report"}
+
+
+def _use_cases() -> dict[str, inspect.Signature]:
+    found = {}
+    for name in USE_CASE_MODULES:
+        module = importlib.import_module(f"auditor.service.{name}")
+        for attr, fn in vars(module).items():
+            if not attr.startswith("_") and inspect.iscoroutinefunction(fn) and fn.__module__ == module.__name__:
+                found[f"{module.__name__}.{attr}"] = inspect.signature(fn)
+    return found
+
+
+def _odd_shape(signature: inspect.Signature) -> bool:
+    first, *rest = signature.parameters.values()
+    return first.name != "services" or any(p.kind is not inspect.Parameter.KEYWORD_ONLY for p in rest)
+
+
+def test_every_use_case_is_called_one_way() -> None:
+    # `async def verb(services: Services, *, ...)` (the convention in auditor/service/__init__.py).
+    found = _use_cases()
+    assert {"auditor.service.cycle.run_cycle", "auditor.service.delivery.deliver_due",
+            "auditor.service.queries.read_report", "auditor.service.compliance.read_period_report",
+            "auditor.service.evidence.build_evidence", "auditor.service.housekeeping.prune_history"} <= set(found)
+    odd = sorted(name for name, signature in found.items() if name not in NOT_A_USE_CASE and _odd_shape(signature))
+    assert odd == []
+    # The check can fail: the shapes it refuses.
+    assert _odd_shape(inspect.signature(lambda store, *, now: None))
+    assert _odd_shape(inspect.signature(lambda services, period: None))
+
+
+def test_services_is_wiring_without_state_or_use_cases() -> None:
+    assert Services.__dataclass_params__.frozen  # type: ignore[attr-defined]
+    assert [f.name for f in dataclasses.fields(Services)] == ["settings", "store", "client", "dispatcher",
+                                                              "heartbeat", "clock", "holder"]
+    public = {name for name in vars(Services) if not name.startswith("_")}
+    assert public - {f.name for f in dataclasses.fields(Services)} == {"rules", "targets", "outbox", "leases",
+                                                                      "aclose"}

@@ -300,7 +300,7 @@ async def read_waivers(services: Services) -> WaiverView:
     return waiver_view(valid, problems, now=now)
 
 
-async def off_loop(services: Services, read: Callable[[Services], Awaitable[T]]) -> T:
+async def off_loop(services: Services, *, read: Callable[[Services], Awaitable[T]]) -> T:
     """Runs `read` in a worker thread on its own event loop, on Services over a second engine on the same database:
     neither its queries' results nor its Python work hold up this loop. (On an in-memory SQLite database, which a
     second engine would not see, it runs here.)"""

@@ -187,14 +187,14 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
     # served with the viewer's CSRF token and the time filled in; a new snapshot drops them.
 
     async def build_snapshot() -> tuple[Hashable, dashboard.Snapshot, dict[str, bytes]]:
-        async def read(own: Services) -> tuple[dashboard.Snapshot, dict[str, bytes]]:
+        async def read_with_rows(own: Services) -> tuple[dashboard.Snapshot, dict[str, bytes]]:
             snap = await queries.read_snapshot(own)
             # Each finding's table row, rendered (and encoded) here too: a findings page joins 50 of them.
             rows = {item.finding.fingerprint: str(macros.finding_row(item)).encode()
                     for item in (snap.index.items if snap.index is not None else ())}
             return snap, rows
 
-        snap, rows = await queries.off_loop(services, read)
+        snap, rows = await queries.off_loop(services, read=read_with_rows)
         return data_version(snap.latest, snap.built_at), snap, rows
 
     snapshots = Snapshots(build_snapshot)
