@@ -671,13 +671,15 @@ async def _print_report(services: Any, fmt: str) -> None:
 
 def show_report(report: dict[str, Any], fmt: str) -> None:
     """Prints the current report in the chosen format."""
-    from auditor.render.report import report_csv, report_markdown
-
     if fmt == "json":
         click.echo(json.dumps(report, indent=2))
     elif fmt == "csv":
+        from auditor.render.report import report_csv
+
         click.echo(report_csv(report), nl=False)
     elif fmt == "markdown":
+        from auditor.render.report import report_markdown
+
         click.echo(report_markdown(report))
     else:
         print_report_table(report)

@@ -7,8 +7,9 @@ they return is shaped by `reports`, the dashboard's views by `dashboard`.
 Two ways to run them. The use cases take `Services` (the async `Store`: the API, the dashboard, the demo).
 `current_report`, `current_findings` and `current_disk_detail` run the same store reads for a one-shot command, on
 a synchronous `Reader` with the checks of `open_services(katapult=False, migrate=False)`, so `auditor report`,
-`findings` and `history` start without asyncio, the async engine, httpx or the notifiers (benchmarks/cli_start.py):
-this module imports no service wiring and nothing of the store but its reads.
+`findings` and `history` start without asyncio, the async engine, httpx or the notifiers (benchmarks/cli_start.py).
+For them this module imports, at import time, nothing of the service but the report's JSON shapes and nothing of
+the store but its reads; the dashboard's views and the settings' waivers are imported by the reads that use them.
 """
 
 from __future__ import annotations
@@ -25,26 +26,13 @@ from auditor.domain.listings import FindingQuery, FindingSearch
 from auditor.domain.models import TrackedFinding, Waiver, WaiverProblem
 from auditor.domain.records import RunRecord
 from auditor.errors import SchemaError, StoreError
-from auditor.service import dashboard
 from auditor.service.clock import utcnow as _utcnow
-from auditor.service.configuration import waivers_from
-from auditor.service.dashboard import (
-    ALL_STATUSES,
-    REPORT_KEYS,
-    TREND_DAYS,
-    FindingIndex,
-    FindingsResult,
-    NotifierState,
-    Snapshot,
-    WaiverView,
-    compliance_pct,
-    waiver_view,
-)
 from auditor.service.reports import DRIFT_WITHIN, assemble_report, detail_json, iso
 from auditor.store import queries as reads
 
 if TYPE_CHECKING:
     from auditor.config import Settings
+    from auditor.service.dashboard import FindingsResult, NotifierState, Snapshot, WaiverView
     from auditor.service.services import Services
     from auditor.store.repo import Reader, Store
 
@@ -59,6 +47,8 @@ SCHEMA_HINT = "run `auditor db upgrade` or start `auditor run` once"
 
 async def read_report(services: Services) -> dict[str, Any]:
     """Returns the compliance report as of now, with the waivers that apply now (no Katapult call)."""
+    from auditor.service.configuration import waivers_from
+
     now = services.clock()
     waivers, problems = waivers_from(services.settings, now=now)
     return await build_report(services.store, now=now, waivers=waivers, waiver_problems=problems)
@@ -232,6 +222,9 @@ async def read_stored_state(services: Services) -> StoredState | None:
 async def read_snapshot(services: Services) -> Snapshot:
     """Reads everything the overview and findings pages show (the report, trend history, findings, sources), as
     of now."""
+    from auditor.service import dashboard
+    from auditor.service.configuration import waivers_from
+
     now = services.clock()
     store = services.store
     waivers, waiver_problems = waivers_from(services.settings, now=now)
@@ -239,32 +232,36 @@ async def read_snapshot(services: Services) -> Snapshot:
     latest = await store.read(reads.latest_run)
     report = await build_report(store, now=now, waivers=waivers, waiver_problems=waiver_problems)
     last_good = await store.read(reads.last_successful_run)
-    history = await store.read(reads.run_points, since=now - timedelta(days=max(TREND_DAYS)))
+    history = await store.read(reads.run_points, since=now - timedelta(days=max(dashboard.TREND_DAYS)))
     sources = await store.read(reads.disk_sources)
     tiers = await store.read(reads.disk_tiers)
     counts = await store.read(reads.finding_status_counts)
     index = None
     if sum(counts.values()) <= dashboard.INDEX_LIMIT:
-        index = FindingIndex(await store.read(reads.finding_listings, statuses=ALL_STATUSES), ALL_STATUSES)
+        every = dashboard.ALL_STATUSES
+        index = dashboard.FindingIndex(await store.read(reads.finding_listings, statuses=every), every)
     elif counts.get("open", 0) + counts.get("waived", 0) <= dashboard.INDEX_LIMIT:
         active = ("open", "waived")
-        index = FindingIndex(await store.read(reads.finding_listings, statuses=active), active)
+        index = dashboard.FindingIndex(await store.read(reads.finding_listings, statuses=active), active)
     summary = report["summary"]
-    return Snapshot(built_at=now, latest=latest, last_good=last_good, report={k: report[k] for k in REPORT_KEYS},
-                    # Exempt disks are judged by no rule: outside the ratio, as in the period report.
-                    compliance_pct=compliance_pct(summary["compliant"],
-                                                  summary["disks_total"] - summary.get("exempt", 0)),
-                    unknown=[d for d in report["disks"] if d["status"] == "unknown"], history=history,
-                    sources=sources, index=index, tiers=tiers)
+    # Exempt disks are judged by no rule: outside the ratio, as in the period report.
+    judged = summary["disks_total"] - summary.get("exempt", 0)
+    return dashboard.Snapshot(
+        built_at=now, latest=latest, last_good=last_good, report={k: report[k] for k in dashboard.REPORT_KEYS},
+        compliance_pct=dashboard.compliance_pct(summary["compliant"], judged),
+        unknown=[d for d in report["disks"] if d["status"] == "unknown"], history=history, sources=sources,
+        index=index, tiers=tiers)
 
 
 async def read_search_page(services: Services, *, search: FindingSearch, page: int,
-                          sources: list[str] | None = None, total: int | None = None) -> FindingsResult:
+                           sources: list[str] | None = None, total: int | None = None) -> FindingsResult:
     """Returns page `page` (from 1) of the findings matching `search`; a page past the end is the last one.
 
     `sources` (the organization filter's choices) and `total` (how many match) are used if already known (e.g.
     cached per run), else read.
     """
+    from auditor.service.dashboard import FindingsResult
+
     store = services.store
     size = search.limit
     items, found = await store.read(reads.search_findings, _at_page(search, page), total=total)
@@ -286,6 +283,8 @@ async def count_findings(services: Services, *, search: FindingSearch) -> int:
 
 async def read_notifier_states(services: Services, *, limit: int = 50) -> tuple[list[NotifierState], list[Delivery]]:
     """Returns the delivery state per notifier (all entries) and the `limit` most recent entries."""
+    from auditor.service.dashboard import NotifierState
+
     store = services.store
     by_notifier: dict[str, NotifierState] = {}
     for notifier, state, count in await store.read(reads.delivery_counts):
@@ -295,6 +294,9 @@ async def read_notifier_states(services: Services, *, limit: int = 50) -> tuple[
 
 async def read_waivers(services: Services) -> WaiverView:
     """Returns the waivers page's lists as of now (from the configuration: no database read)."""
+    from auditor.service.configuration import waivers_from
+    from auditor.service.dashboard import waiver_view
+
     now = services.clock()
     valid, problems = waivers_from(services.settings, now=now)
     return waiver_view(valid, problems, now=now)
