@@ -10,13 +10,15 @@ import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 import click
 
 from auditor import __version__
 from auditor.errors import AuditorError, ConfigError, LeaseHeldError, StoreError
+from auditor.vocabulary import DiskStatus, FindingStatusName, RunStatus, Severity, format_duration, parse_duration
 
 # Start-up time: `auditor --help` imports only click; pydantic (config), rich (output), SQLAlchemy (the store),
 # httpx and the daemon are imported by the commands that use them (benchmarks/cli_start.py measures it).
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FINDINGS, EXIT_INCOMPLETE, EXIT_CONFIG = 0, 1, 2, 78
 NOTIFY_DRAIN_SECONDS = 15.0
-SEVERITY_CHOICES = ["low", "medium", "high", "critical"]
+SEVERITY_CHOICES = [severity.value for severity in Severity]
 CHECK_CONFIG_LIST = 20  # disks or organizations check-config lists by id
 
 T = TypeVar("T")
@@ -223,7 +225,6 @@ def main() -> None:
 def check_config(config_path: Path | None) -> None:
     """Validate the configuration, print what is in effect (secrets redacted) and exit (0 valid, 78 invalid with
     one line per problem)."""
-    from auditor.config import format_duration
     from auditor.domain.alerts import notifier_warnings
     from auditor.domain.rules import RULES
     from auditor.service.configuration import waivers_from
@@ -288,7 +289,6 @@ def check_config(config_path: Path | None) -> None:
 
 def tier_lines(settings: Settings) -> list[str]:
     """Returns check-config's lines about [[tiers]]: each tier, and warnings about tiers that can never match."""
-    from auditor.config import format_duration
     from auditor.domain.tiers import shadowed
     from auditor.service.configuration import tier_from
 
@@ -394,7 +394,7 @@ async def _audit(settings: Settings, *, fail_on: str | None, fmt: str, wait: flo
         _err().print(f"error: run {outcome.run_id} failed and could not be recorded: the database does not answer",
                      markup=False)
         return EXIT_INCOMPLETE
-    if outcome.status.value != "complete":
+    if outcome.status is not RunStatus.COMPLETE:
         first = outcome.errors[0] if outcome.errors else None
         _err().print(f"audit {outcome.status.value}: " + (f"{first.target}: {first.code}: {first.message}"
                                                          if first else "see the errors above"), markup=False)
@@ -545,7 +545,6 @@ def parse_period(since: str, until: str | None) -> Period:
     """Returns the Period of `--since DURATION [--until DATE]`, or exits 2 with one line naming the option."""
     from datetime import timedelta
 
-    from auditor.config import parse_duration
     from auditor.domain.periods import parse_instant
     from auditor.service.clock import utcnow
     from auditor.service.compliance import resolve_period
@@ -587,8 +586,9 @@ def print_compliance(report: dict[str, Any], fmt: str) -> None:
 
 def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> None:
     """Prints the period report as rich tables (the least compliant disks only; json/csv list every disk)."""
-    from auditor.render.compliance import format_duration, format_pct, worst_disks
+    from auditor.render.compliance import format_pct, worst_disks
 
+    duration = partial(format_duration, style="report")
     console = _out()
     p, c, f = report["period"], report["coverage"], report["fleet"]
     console.print(f"[bold]Compliance {escape(p['from'])} – {escape(p['to'])}[/bold] generated "
@@ -596,20 +596,20 @@ def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> No
     console.print(f"fleet time in compliance {format_pct(f['compliance_pct'])} over {f['disks']} disk(s); coverage "
                   f"{format_pct(c['coverage_pct'])}: {c['completed_cycles']} of {c['scheduled_cycles']} scheduled "
                   f"cycles completed ({c['partial_cycles']} partial, {c['failed_cycles']} failed), no data for "
-                  f"{format_duration(c['no_data_seconds'])}", markup=False)
+                  f"{duration(c['no_data_seconds'])}", markup=False)
     day_columns = ("date", "coverage", "compliance", "noncompliant disk-time", "unknown disk-time")
     print_table(console, day_columns, [
         (d["date"], format_pct(d["coverage_pct"]), format_pct(d["compliance_pct"]),
-         format_duration(d["noncompliant_seconds"]), format_duration(d["unknown_seconds"])) for d in f["by_day"]
+         duration(d["noncompliant_seconds"]), duration(d["unknown_seconds"])) for d in f["by_day"]
     ], title="by UTC day", right=day_columns[1:])
     rule_columns = ("rule", "opened", "resolved", "mean to resolve", "p90 to resolve", "open at end", "oldest open")
     print_table(console, rule_columns, [
-        (r["rule"], str(r["opened"]), str(r["resolved"]), format_duration(r["mean_time_to_resolve_seconds"]),
-         format_duration(r["p90_time_to_resolve_seconds"]), str(r["open_at_end"]),
-         format_duration(r["oldest_open_age_seconds"])) for r in report["rules"]
+        (r["rule"], str(r["opened"]), str(r["resolved"]), duration(r["mean_time_to_resolve_seconds"]),
+         duration(r["p90_time_to_resolve_seconds"]), str(r["open_at_end"]),
+         duration(r["oldest_open_age_seconds"])) for r in report["rules"]
     ], title="rules", right=rule_columns[1:])
     for g in c["gaps"]:
-        console.print(f"no data {g['from']} – {g['to']} ({format_duration(g['seconds'])})", markup=False)
+        console.print(f"no data {g['from']} – {g['to']} ({duration(g['seconds'])})", markup=False)
     for w in report["waivers"]:
         console.print(f"waiver {w['rule']} on {w['disk_id']} until {w['expires']} ({w['owner']}): {w['reason']}",
                       markup=False)
@@ -617,8 +617,8 @@ def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> No
     if worst:
         print_table(console, ("disk", "name", "compliance", "noncompliant", "unknown", "no data"), [
             (d["disk_id"], d["name"] or "-", format_pct(d["compliance_pct"]),
-             format_duration(d["noncompliant_seconds"]), format_duration(d["unknown_seconds"]),
-             format_duration(d["no_data_seconds"])) for d in worst[:max_disks]
+             duration(d["noncompliant_seconds"]), duration(d["unknown_seconds"]),
+             duration(d["no_data_seconds"])) for d in worst[:max_disks]
         ], title=f"disks not compliant the whole time ({len(worst)})", fold=True)
         if len(worst) > max_disks:
             console.print(f"... and {len(worst) - max_disks} more (see --format csv)", markup=False)
@@ -711,7 +711,7 @@ def print_report_table(report: dict[str, Any]) -> None:
             (f["severity"], f["rule"], f["disk_id"], f["policy_id"] or "-", f["status"], f["message"])
             for f in sorted(report["findings"], key=lambda f: (order[f["severity"]], f["rule"], f["disk_id"]))
         ], fold=True)
-    unknown = [d for d in report["disks"] if d["status"] == "unknown"]
+    unknown = [d for d in report["disks"] if d["status"] == DiskStatus.UNKNOWN]
     for d in unknown:
         err = d.get("error") or {}
         console.print(f"[yellow]unknown[/yellow] {escape(d['disk_id'])}: {escape(str(err.get('code')))}: "
@@ -727,14 +727,16 @@ def print_report_table(report: dict[str, Any]) -> None:
 
 @main.command("findings")
 @config_option
-@click.option("--status", type=click.Choice(["open", "resolved", "waived", "all"]), default="open",
+@click.option("--status", type=click.Choice([*get_args(FindingStatusName), "all"]), default="open",
               help="Which findings to list.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", help="Output format.")
 def findings_cmd(config_path: Path | None, status: str, fmt: str) -> None:
     """List findings, including resolved ones with their resolved_at."""
     settings = load(config_path)
     setup_logs(settings)
-    statuses = ("open", "waived", "resolved") if status == "all" else (status,)
+    from auditor.domain.listings import ALL_STATUSES
+
+    statuses = ALL_STATUSES if status == "all" else (status,)
     # Read as `auditor report` reads: sqlite3 or psycopg, without the ORM or asyncio (a one-shot command).
     from auditor.service.queries import current_findings
     from auditor.service.reports import finding_json

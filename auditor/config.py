@@ -7,7 +7,6 @@ and str are masked, so they cannot reach a log line or an error message by accid
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tomllib
@@ -31,24 +30,17 @@ from pydantic import (
 
 from auditor.errors import ConfigError
 
+# Severities, rule ids, intervals and durations are the vocabulary's, which the domain shares; RULE_IDS and the
+# duration functions stay importable from here.
+from auditor.vocabulary import AUDIT_INCOMPLETE, IntervalName, SeverityName
+from auditor.vocabulary import RULE_IDS as RULE_IDS
+from auditor.vocabulary import format_duration as format_duration
+from auditor.vocabulary import parse_duration as parse_duration
+
 ENV_PREFIX = "AUDITOR_"
 CONFIG_ENV = "AUDITOR_CONFIG"
 TOKEN_ENV = "KATAPULT_API_TOKEN"
 DEFAULT_CONFIG_PATH = Path("config/auditor.toml")
-
-# Rule ids are a public contract (waivers, alerts and reports use them). They are listed here, not imported from
-# the domain, because config may import nothing of ours but errors; a test checks both lists agree.
-RULE_IDS = (
-    "unprotected-disk",
-    "retention-below-minimum",
-    "retention-window-too-short",
-    "interval-too-infrequent",
-    "schedule-stale",
-    "disk-not-found",
-    "disk-in-trash",
-)
-SEVERITIES = ("low", "medium", "high", "critical")
-INTERVALS = ("hourly", "daily", "weekly", "monthly")
 
 # Katapult ids are `<prefix>_` plus 16 alphanumerics today; dashes and underscores are accepted after the prefix
 # (older and imported objects), whitespace, other characters and anything over 64 characters are not.
@@ -75,57 +67,6 @@ def check_org_ref(value: str) -> str:
                          "dashes or underscores) nor a sub-domain (lowercase letters, digits and dashes)")
     return value
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-# Longer durations are refused: added to today's date they would pass year 9999, Python's last, and fail later
-# (a schedule, a cutoff) instead of here. "Never" is spelled 0 where a key allows it.
-MAX_DURATION = timedelta(days=36500)
-
-
-def parse_duration(value: Any) -> timedelta:
-    """Returns a timedelta from "90s", "15m", "2h", "7d", a bare number of seconds or a timedelta (at most
-    MAX_DURATION, 100 years)."""
-    seconds: float
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, bool):
-        raise ValueError("expected a duration like 90s, 15m, 2h or 7d")
-    elif isinstance(value, int | float):
-        if isinstance(value, int) and abs(value) >= 10**18:
-            # float() of an int past 1e308 raises OverflowError; an int this large is out of range either way.
-            seconds = math.inf if value > 0 else -math.inf
-        else:
-            seconds = float(value)
-    else:
-        match = _DURATION.match(value) if isinstance(value, str) else None
-        if not match:
-            raise ValueError(f"expected a duration like 90s, 15m, 2h or 7d, got {value!r}"[:200])
-        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
-    if seconds != seconds:  # NaN
-        raise ValueError("expected a duration like 90s, 15m, 2h or 7d, got NaN")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    if seconds > MAX_DURATION.total_seconds():
-        raise ValueError(f"a duration can be at most {MAX_DURATION.days}d (100 years)")
-    return value if isinstance(value, timedelta) else timedelta(seconds=seconds)
-
-
-def format_duration(value: timedelta) -> str:
-    """Returns a duration as a person writes it in the config: the largest exact unit (20s, 15m, 4h, 7d)."""
-    micros = (value.days * 86400 + value.seconds) * 1_000_000 + value.microseconds
-    sign, micros = ("-", -micros) if micros < 0 else ("", micros)
-    for unit in ("d", "h", "m", "s"):
-        size = int(_UNITS[unit]) * 1_000_000
-        if micros and micros % size == 0:
-            return f"{sign}{micros // size}{unit}"
-    if micros == 0:
-        return "0s"
-    if micros < 1_000_000 and micros % 1000 == 0:
-        return f"{sign}{micros // 1000}ms"
-    return f"{sign}{micros / 1_000_000:g}s"
-
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
@@ -149,8 +90,6 @@ def _unique(check: Callable[[str], str]) -> Callable[[list[str]], list[str]]:
 
 DiskIds = Annotated[list[str], AfterValidator(_unique(check_disk_id))]
 OrgRefs = Annotated[list[str], AfterValidator(_unique(check_org_ref))]
-SeverityName = Literal["low", "medium", "high", "critical"]
-IntervalName = Literal["hourly", "daily", "weekly", "monthly"]
 GroupLabel = Literal["rule", "severity", "disk_id", "tier"]
 # Alert labels the auditor sets itself; a notifier's static `labels` may not override them.
 RESERVED_LABELS = ("alertname", "severity", "fingerprint", "source", "disk_id", "policy_id", "test", "tier")
@@ -410,7 +349,7 @@ class NotifierCommon(Section):
     @field_validator("rules")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
-        known = set(RULE_IDS) | {"audit-incomplete"}
+        known = set(RULE_IDS) | {AUDIT_INCOMPLETE}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"unknown rule id(s) {', '.join(unknown)}")

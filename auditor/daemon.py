@@ -26,6 +26,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from auditor.api import ApiDeps, CycleMetrics, create_app
 from auditor.config import Settings
+from auditor.domain.retry import backoff
 from auditor.errors import AuditorError, StoreError
 from auditor.katapult import Transport
 from auditor.service import AuditOutcome, Services, open_services, reading_services, utcnow
@@ -119,9 +120,10 @@ async def _open_with_retry(
     """Returns the services once the database answers, retrying with backoff; None if stopped while waiting."""
     shown = database_label(settings)
     cap = max(settings.daemon.db_retry_max.total_seconds(), DB_RETRY_FIRST)
-    delay = DB_RETRY_FIRST
     attempt = 1
     while True:
+        # No jitter: one process waiting for its own database makes no herd.
+        delay = backoff(attempt, base=DB_RETRY_FIRST, cap=cap, random=lambda: 1.0)
         try:
             services: Services = await stack.enter_async_context(open_services(settings, **seams))
             return services
@@ -131,7 +133,6 @@ async def _open_with_retry(
         if await _wait_or_stop(stop, delay):
             return None
         attempt += 1
-        delay = min(delay * 2, cap)
 
 
 async def serve(

@@ -16,6 +16,7 @@ from auditor.service import AuditOutcome, Services, open_services
 from auditor.service.cycle import run_cycle
 from auditor.service.delivery import drain
 from auditor.service.queries import read_report
+from auditor.vocabulary import RETENTION_BELOW_MINIMUM, Severity
 
 DEMO_TOKEN = "fake-token"
 DEMO_API_URL = "http://fake-katapult.invalid/core/v1"
@@ -64,12 +65,12 @@ def demo_settings(*, db_path: str, listen: str, interval: str = "30s") -> Settin
         "api": {"listen": listen},
         "log": {"level": "warning"},
         # Alerts from the demo go to an in-process receiver that prints them (see PrintingReceiver).
-        "notifiers": [{"kind": "webhook", "name": "demo-webhook", "url": DEMO_WEBHOOK_URL, "min_severity": "medium",
-                       "repeat_interval": "1h"}],
+        "notifiers": [{"kind": "webhook", "name": "demo-webhook", "url": DEMO_WEBHOOK_URL,
+                       "min_severity": Severity.MEDIUM.value, "repeat_interval": "1h"}],
         # The demo fleet annotates a few disks and a VM (README "The fake Katapult"): tiers follow them.
         "tiers": [
             {"name": "gold", "match": {"disk_annotations": {"backup-tier": "gold"}}, "min_retention": 30,
-             "min_retention_days": 30, "severity": {"retention-below-minimum": "high"}},
+             "min_retention_days": 30, "severity": {RETENTION_BELOW_MINIMUM: Severity.HIGH.value}},
             {"name": "scratch", "match": {"vm_annotations": {"env": ["dev", "scratch"]}}, "exempt": True,
              "reason": "dev machines are rebuilt from images"},
         ],

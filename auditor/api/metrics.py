@@ -19,6 +19,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from auditor.domain.models import FindingStatus
+from auditor.domain.periods import FINISHED_RUNS
 from auditor.service.queries import StoredState
 from auditor.service.runner import CycleMetrics
 
@@ -46,7 +48,7 @@ class _Snapshot(Collector):
         cycles = CounterMetricFamily("auditor_cycles", "Audit cycles run by this process, by outcome "
                                      "(complete, partial, failed, or error when nothing could be recorded).",
                                      labels=["status"])
-        for status in sorted({"complete", "partial", "failed", "error"} | set(c.cycles)):
+        for status in sorted(FINISHED_RUNS | {"error"} | set(c.cycles)):
             cycles.add_metric([status], c.cycles.get(status, 0))
         yield cycles
         yield CounterMetricFamily("auditor_katapult_requests", "HTTP requests sent to Katapult by this process.",
@@ -89,7 +91,7 @@ class _Snapshot(Collector):
         open_by: dict[tuple[str, str], int] = {}
         for status, rule, severity, n in s.finding_counts:
             key = (rule, severity)
-            open_by[key] = open_by.get(key, 0) + (n if status == "open" else 0)
+            open_by[key] = open_by.get(key, 0) + (n if status == FindingStatus.OPEN else 0)
         findings = GaugeMetricFamily("auditor_open_findings", "Open findings by rule and severity.",
                                      labels=["rule", "severity"])
         for (rule, severity), n in sorted(open_by.items()):

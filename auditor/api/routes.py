@@ -31,7 +31,7 @@ from auditor.api.models import (
     SeverityName,
 )
 from auditor.domain.alerts import Delivery
-from auditor.domain.listings import FindingQuery, decode_cursor
+from auditor.domain.listings import ALL_STATUSES, FindingQuery, decode_cursor
 from auditor.domain.periods import parse_instant
 from auditor.errors import LeaseHeldError
 from auditor.service import queries
@@ -198,7 +198,7 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
         request: Request,
     ) -> Response:
         """Findings ordered by disk and fingerprint, with their lifecycle times."""
-        statuses = ("open", "waived", "resolved") if status == "all" else (status,)
+        statuses = ALL_STATUSES if status == "all" else (status,)
         query = FindingQuery(statuses=statuses, rule=rule.value if rule is not None else None, severity=severity,
                              disk_id=disk_id, limit=limit, cursor=cursor, tier=tier)
 

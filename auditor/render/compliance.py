@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from auditor.render.cells import csv_cell, md_cell
+from auditor.vocabulary import format_duration
 
 DISK_CSV_COLUMNS = ("disk_id", "name", "compliance_pct", "compliant_seconds", "waived_seconds",
                     "noncompliant_seconds", "unknown_seconds", "no_data_seconds", "status_at_end", "exempt_seconds")
@@ -29,23 +31,13 @@ def _md(text: Any) -> str:
     return md_cell(text, empty="–")
 
 
+# The period report's durations (2d 3h, 4h 5m, 6m 7s; "–" when there is none): Markdown, HTML and the CLI.
+_duration = partial(format_duration, style="report")
+
+
 def format_pct(value: float | None) -> str:
     """Returns a percentage with up to three decimals (trailing zeros dropped), or n/a."""
     return "n/a" if value is None else f"{value:.3f}".rstrip("0").rstrip(".") + " %"
-
-
-def format_duration(value: int | None) -> str:
-    """Returns seconds as a short human duration (2d 3h, 4h 5m, 6m 7s)."""
-    if value is None:
-        return "–"
-    days, rest = divmod(int(value), 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
 
 
 def worst_disks(report: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -62,22 +54,22 @@ def compliance_markdown(report: Mapping[str, Any], *, max_disks: int = 100) -> s
              f"- Fleet time in compliance: **{format_pct(f['compliance_pct'])}** over {f['disks']} disk(s)",
              f"- Coverage: {format_pct(c['coverage_pct'])} of the period checked; {c['completed_cycles']} of "
              f"{c['scheduled_cycles']} scheduled cycles completed ({c['partial_cycles']} partial, "
-             f"{c['failed_cycles']} failed); no data for {format_duration(c['no_data_seconds'])}", ""]
+             f"{c['failed_cycles']} failed); no data for {_duration(c['no_data_seconds'])}", ""]
     if c["gaps"]:
         lines += ["## Gaps (no data)", "", "| from | to | length |", "|---|---|---|"]
-        lines += [f"| {g['from']} | {g['to']} | {format_duration(g['seconds'])} |" for g in c["gaps"]]
+        lines += [f"| {g['from']} | {g['to']} | {_duration(g['seconds'])} |" for g in c["gaps"]]
         lines.append("")
     lines += ["## By day (UTC)", "", "| date | coverage | compliance | noncompliant disk-time | unknown disk-time |",
               "|---|---|---|---|---|"]
     lines += [f"| {d['date']} | {format_pct(d['coverage_pct'])} | {format_pct(d['compliance_pct'])} | "
-              f"{format_duration(d['noncompliant_seconds'])} | {format_duration(d['unknown_seconds'])} |"
+              f"{_duration(d['noncompliant_seconds'])} | {_duration(d['unknown_seconds'])} |"
               for d in f["by_day"]]
     lines += ["", "## Rules", "", "| rule | opened | resolved | mean to resolve | p90 to resolve | open at end | "
               "oldest open |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['rule']} | {r['opened']} | {r['resolved']} | "
-              f"{format_duration(r['mean_time_to_resolve_seconds'])} | "
-              f"{format_duration(r['p90_time_to_resolve_seconds'])} | {r['open_at_end']} | "
-              f"{format_duration(r['oldest_open_age_seconds'])} |" for r in report["rules"]]
+              f"{_duration(r['mean_time_to_resolve_seconds'])} | "
+              f"{_duration(r['p90_time_to_resolve_seconds'])} | {r['open_at_end']} | "
+              f"{_duration(r['oldest_open_age_seconds'])} |" for r in report["rules"]]
     lines.append("")
     if report["waivers"]:
         lines += ["## Waivers in force during the period", "", "| rule | disk | policy | expires | owner | reason |",
@@ -90,8 +82,8 @@ def compliance_markdown(report: Mapping[str, Any], *, max_disks: int = 100) -> s
     if worst:
         lines += ["| disk | name | compliance | noncompliant | unknown | no data |", "|---|---|---|---|---|---|"]
         lines += [f"| {_md(d['disk_id'])} | {_md(d['name'])} | {format_pct(d['compliance_pct'])} | "
-                  f"{format_duration(d['noncompliant_seconds'])} | {format_duration(d['unknown_seconds'])} | "
-                  f"{format_duration(d['no_data_seconds'])} |" for d in worst[:max_disks]]
+                  f"{_duration(d['noncompliant_seconds'])} | {_duration(d['unknown_seconds'])} | "
+                  f"{_duration(d['no_data_seconds'])} |" for d in worst[:max_disks]]
         if len(worst) > max_disks:
             lines.append(f"\n… and {len(worst) - max_disks} more (every disk is in the CSV and JSON).")
     else:
@@ -124,4 +116,4 @@ def compliance_html(report: Mapping[str, Any]) -> str:
     """Returns the period report as one self-contained HTML page (inline CSS and SVG, no external assets)."""
     template = _template_env().get_template("compliance.html")
     return template.render(r=report, bars=_day_bars(report["fleet"]["by_day"]), worst=worst_disks(report),
-                           pct=format_pct, duration=format_duration)
+                           pct=format_pct, duration=_duration)

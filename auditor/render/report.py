@@ -6,6 +6,7 @@ import csv
 import io
 from typing import Any
 
+from auditor.domain.records import DiskStatus
 from auditor.render.cells import csv_cell, md_cell
 
 CSV_COLUMNS = ("fingerprint", "rule", "severity", "status", "disk_id", "policy_id", "message", "first_seen",
@@ -45,7 +46,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {f['severity']} | {f['rule']} | {md_cell(f['disk_id'])} | {md_cell(f['policy_id'])} | "
                          f"{f['status']} | {md_cell(f['message'])} |")
         lines.append("")
-    unknown = [d for d in report["disks"] if d["status"] == "unknown"]
+    unknown = [d for d in report["disks"] if d["status"] == DiskStatus.UNKNOWN]
     if unknown:
         lines += ["## Disks without a verdict", ""]
         lines += [f"- {md_cell(d['disk_id'])}: {md_cell((d.get('error') or {}).get('message'))}" for d in unknown]

@@ -49,6 +49,7 @@ from auditor.errors import (
 from auditor.katapult import KatapultClient, OrgRef
 from auditor.service.configuration import Targets
 from auditor.store.writes import DiskWrite
+from auditor.vocabulary import DiskVerdict
 
 log = logging.getLogger(__name__)
 
@@ -533,13 +534,13 @@ def verdicts_after(collected: Collected, previous: dict[str, Any], changes: list
     for w in collected.disks:
         disk_id = w.snapshot.disk_id
         if w.snapshot.outcome is ReadOutcome.UNKNOWN:
-            statuses[disk_id] = "unknown"
+            statuses[disk_id] = DiskVerdict.UNKNOWN.value
         elif w.snapshot.tier.exempt:
-            statuses[disk_id] = "exempt"  # judged by no rule: never counted as compliant
+            statuses[disk_id] = DiskVerdict.EXEMPT.value  # judged by no rule: never counted as compliant
         elif disk_id in open_disks:
-            statuses[disk_id] = "noncompliant"
+            statuses[disk_id] = DiskVerdict.NONCOMPLIANT.value
         elif disk_id in waived_disks:
-            statuses[disk_id] = "waived"
+            statuses[disk_id] = DiskVerdict.WAIVED.value
         else:
-            statuses[disk_id] = "compliant"
+            statuses[disk_id] = DiskVerdict.COMPLIANT.value
     return Verdicts(statuses, by_severity, by_rule)

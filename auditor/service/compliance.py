@@ -34,7 +34,7 @@ from auditor.domain import periods
 from auditor.domain.lifecycle import parse_waivers
 from auditor.domain.models import Waiver, WaiverProblem
 from auditor.domain.periods import Period
-from auditor.domain.records import RunRecord
+from auditor.domain.records import RunRecord, RunStatus
 from auditor.domain.rules import RULES
 from auditor.service.reports import iso
 from auditor.store import queries
@@ -126,8 +126,8 @@ def compliance_from(data: queries.PeriodData, *, period: Period, interval: timed
     coverage = periods.build_coverage([(p.at, p.status) for p in data.polls], period=period, horizon=2 * interval)
     in_period = [p for p in data.polls if period.start <= p.at < period.end]
     by_status = {status: sum(1 for p in in_period if p.status == status)
-                 for status in ("complete", "partial", "failed")}
-    completed = by_status["complete"] + by_status["partial"]
+                 for status in (RunStatus.COMPLETE, RunStatus.PARTIAL, RunStatus.FAILED)}
+    completed = by_status[RunStatus.COMPLETE] + by_status[RunStatus.PARTIAL]
     scheduled = period.length_us // max(interval // periods.ONE_US, 1)
     length = period.length_us
 
@@ -189,9 +189,9 @@ def compliance_from(data: queries.PeriodData, *, period: Period, interval: timed
             "interval_seconds": s(interval // periods.ONE_US),
             "scheduled_cycles": scheduled,
             "completed_cycles": completed,
-            "complete_cycles": by_status["complete"],
-            "partial_cycles": by_status["partial"],
-            "failed_cycles": by_status["failed"],
+            "complete_cycles": by_status[RunStatus.COMPLETE],
+            "partial_cycles": by_status[RunStatus.PARTIAL],
+            "failed_cycles": by_status[RunStatus.FAILED],
             # Manual runs can push completed past scheduled: the share is capped at 100.
             "completed_pct": periods.pct(min(completed, scheduled), scheduled),
             "covered_seconds": s(coverage.total_us),

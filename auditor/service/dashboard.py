@@ -17,9 +17,10 @@ from typing import Any
 
 from auditor.domain.alerts import DeliveryState
 from auditor.domain.listings import SORT_KEYS, FindingListing, FindingSearch, RunPoint, SortKey
-from auditor.domain.models import Waiver, WaiverProblem
+from auditor.domain.models import FindingStatus, Waiver, WaiverProblem
 from auditor.domain.records import RunRecord, RunStatus
 from auditor.service.reports import EXPIRING_WITHIN
+from auditor.vocabulary import format_duration
 
 TREND_DAYS = (7, 30, 90)
 DELIVERY_STATES = tuple(s.value for s in DeliveryState)
@@ -57,30 +58,16 @@ def run_banners(*, latest: RunRecord | None, last_good: RunRecord | None, now: d
             banners.append(Banner("overdue", "No audit run has completed yet."))
     elif now - last_good.finished_at > limit:
         age = now - last_good.finished_at
-        banners.append(Banner("overdue", f"Overdue: the last complete or partial run finished {human_age(age)} "
-                                         f"ago, more than twice the audit interval ({human_age(interval)})."))
+        banners.append(Banner("overdue", f"Overdue: the last complete or partial run finished "
+                                         f"{format_duration(age, style='age')} ago, more than twice the audit "
+                                         f"interval ({format_duration(interval, style='age')})."))
     return banners
-
-
-def human_age(delta: timedelta) -> str:
-    """Returns a duration as a short text: 45s, 12 min, 5 h 3 min, 3 d 4 h."""
-    seconds = max(int(delta.total_seconds()), 0)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes = seconds // 60
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h" if hours else f"{days} d"
 
 
 # The findings page answers from memory when the findings fit: at most this many rows (every status if they all fit,
 # else the open and waived ones, and views that include resolved findings are searched in SQL).
 INDEX_LIMIT = 20_000
-ALL_STATUSES = ("open", "waived", "resolved")
+OPEN_OR_WAIVED = (FindingStatus.OPEN.value, FindingStatus.WAIVED.value)
 REPORT_KEYS = ("generated_at", "last_run", "summary", "expiring_waivers", "waiver_problems", "drift")
 
 

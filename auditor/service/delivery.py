@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from auditor.config import NotifierCommon
 from auditor.domain.alerts import Delivery
+from auditor.domain.retry import backoff
 from auditor.errors import NotifyError, StoreError
-from auditor.notify.policy import backoff
+from auditor.notify.policy import BACKOFF_BASE, BACKOFF_CAP
+from auditor.vocabulary import format_duration
 
 if TYPE_CHECKING:
     from auditor.service.services import Services
@@ -86,7 +87,8 @@ async def deliver_due(services: Services, *, limit: int = 200) -> DeliveryReport
                 await outbox.mark_failed(d.id, status=exc.status_code, error=why, worker=worker)
                 report.failed += 1
                 return None
-            wait = backoff(attempts, retry_after=exc.retry_after, max_retry_after=max_retry_after)
+            wait = backoff(attempts, base=BACKOFF_BASE, cap=BACKOFF_CAP, retry_after=exc.retry_after,
+                           max_retry_after=max_retry_after)
             next_at = retry_at(clock(), wait)
             log.warning("notification %s to %s failed (attempt %d), retrying in %.0fs: %s", d.id, name,
                         attempts, wait, exc)
@@ -198,18 +200,8 @@ async def _pending_reasons(services: Services) -> list[str]:
         error = rest if named else error
         head = error if error.startswith(f"{name}:") else f"{name}: {error}"
         seconds = max(0.0, (d.next_attempt_at - now).total_seconds())
-        lines.append(f"{head} (next try in {_in(seconds)})")
+        lines.append(f"{head} (next try in {format_duration(seconds, style='wait')})")
     return lines
-
-
-def _in(seconds: float) -> str:
-    """Returns a wait for people: 40s, 12m, 3h (rounded up)."""
-    whole = math.ceil(seconds)
-    if whole < 120:
-        return f"{whole}s"
-    if whole < 7200:
-        return f"{math.ceil(whole / 60)}m"
-    return f"{math.ceil(whole / 3600)}h"
 
 
 __all__ = ["DeliveryReport", "DrainReport", "MAX_ATTEMPTS", "deliver_due", "drain", "retry_at"]

@@ -31,18 +31,10 @@ from auditor.service.compliance import (
 )
 from auditor.service.reports import iso, run_json
 from auditor.service.services import Services, database_label
+from auditor.vocabulary import format_duration
 
 REDACTED = "<redacted>"
 MANIFEST = "MANIFEST.sha256"
-
-
-def _duration_text(value: timedelta) -> str:
-    """Returns a timedelta in the config's own syntax (400d, 15m, 90s, 0.5s)."""
-    us = value // periods.ONE_US
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if us % (size * periods.US_PER_SECOND) == 0:
-            return f"{us // (size * periods.US_PER_SECOND)}{unit}"
-    return f"{us / periods.US_PER_SECOND}s"
 
 
 def _plain(value: Any) -> Any:
@@ -57,7 +49,7 @@ def _plain(value: Any) -> Any:
         items = [_plain(v) for v in value]
         return sorted(items, key=json.dumps) if isinstance(value, set | frozenset) else items
     if isinstance(value, timedelta):
-        return _duration_text(value)
+        return format_duration(value, style="export")
     if isinstance(value, datetime):
         return iso(value.astimezone(UTC)) if value.tzinfo else value.isoformat()
     if hasattr(value, "isoformat"):
@@ -83,7 +75,8 @@ def rules_json(rules: RulesSettings) -> dict[str, Any]:
     """Returns the rules with their severities and whether they are enabled, the default parameters and overrides."""
     return {
         "defaults": {"min_retention": rules.min_retention, "min_retention_days": rules.min_retention_days,
-                     "max_interval": rules.max_interval, "stale_grace": _duration_text(rules.stale_grace)},
+                     "max_interval": rules.max_interval,
+                     "stale_grace": format_duration(rules.stale_grace, style="export")},
         "overrides": [{k: _plain(v) for k, v in sorted(o.model_dump(exclude_none=True).items())}
                       for o in rules.overrides],
         "rules": [{"id": rule.id, "description": rule.description, "default_severity": rule.severity.value,

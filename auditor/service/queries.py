@@ -22,9 +22,9 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from auditor.domain.alerts import Delivery
-from auditor.domain.listings import FindingQuery, FindingSearch
-from auditor.domain.models import TrackedFinding, Waiver, WaiverProblem
-from auditor.domain.records import RunRecord
+from auditor.domain.listings import ALL_STATUSES, FindingQuery, FindingSearch
+from auditor.domain.models import FindingStatus, TrackedFinding, Waiver, WaiverProblem
+from auditor.domain.records import DiskStatus, RunRecord, RunStatus
 from auditor.errors import SchemaError, StoreError
 from auditor.service.clock import utcnow as _utcnow
 from auditor.service.reports import DRIFT_WITHIN, assemble_report, detail_json, iso
@@ -170,7 +170,7 @@ async def read_readiness(services: Services) -> Readiness:
         return Readiness(f"database unavailable: {exc}", None)
     if run is None or run.finished_at is None:
         reason = "no audit cycle has finished yet"
-        if latest is not None and latest.status.value == "failed":
+        if latest is not None and latest.status is RunStatus.FAILED:
             first = latest.errors[0] if latest.errors else None
             reason += f"; the last one failed ({first.code}: {first.message})" if first else "; the last failed"
         return Readiness(reason, None)
@@ -180,7 +180,7 @@ async def read_readiness(services: Services) -> Readiness:
     limit = 2 * services.settings.audit.interval.total_seconds()
     if age > limit:
         failed = (f"; later cycles failed (last: {latest.errors[0].code}: {latest.errors[0].message})"
-                  if latest is not None and latest.id != run.id and latest.status.value == "failed"
+                  if latest is not None and latest.id != run.id and latest.status is RunStatus.FAILED
                   and latest.errors else "")
         return Readiness(f"the last complete or partial audit cycle finished {age:.0f}s ago, more than twice "
                          f"audit.interval ({limit:.0f}s){failed}", last)
@@ -238,10 +238,9 @@ async def read_snapshot(services: Services) -> Snapshot:
     counts = await store.read(reads.finding_status_counts)
     index = None
     if sum(counts.values()) <= dashboard.INDEX_LIMIT:
-        every = dashboard.ALL_STATUSES
-        index = dashboard.FindingIndex(await store.read(reads.finding_listings, statuses=every), every)
-    elif counts.get("open", 0) + counts.get("waived", 0) <= dashboard.INDEX_LIMIT:
-        active = ("open", "waived")
+        index = dashboard.FindingIndex(await store.read(reads.finding_listings, statuses=ALL_STATUSES), ALL_STATUSES)
+    elif counts.get(FindingStatus.OPEN, 0) + counts.get(FindingStatus.WAIVED, 0) <= dashboard.INDEX_LIMIT:
+        active = dashboard.OPEN_OR_WAIVED
         index = dashboard.FindingIndex(await store.read(reads.finding_listings, statuses=active), active)
     summary = report["summary"]
     # Exempt disks are judged by no rule: outside the ratio, as in the period report.
@@ -249,7 +248,7 @@ async def read_snapshot(services: Services) -> Snapshot:
     return dashboard.Snapshot(
         built_at=now, latest=latest, last_good=last_good, report={k: report[k] for k in dashboard.REPORT_KEYS},
         compliance_pct=dashboard.compliance_pct(summary["compliant"], judged),
-        unknown=[d for d in report["disks"] if d["status"] == "unknown"], history=history, sources=sources,
+        unknown=[d for d in report["disks"] if d["status"] == DiskStatus.UNKNOWN], history=history, sources=sources,
         index=index, tiers=tiers)
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from auditor.domain.records import RunStatus
 from auditor.errors import AuditorError, LeaseHeldError
 from auditor.service.cycle import AuditOutcome, PendingFailures, new_run_id, record_failures, run_cycle
 from auditor.service.leases import check_cycle_lease
@@ -52,7 +53,7 @@ class CycleMetrics:
         """Counts a cycle that ran to its end (complete, partial or failed) and its Katapult traffic."""
         self._observe(outcome.duration)
         status = outcome.status.value
-        self.consecutive_failed = self.consecutive_failed + 1 if status == "failed" else 0
+        self.consecutive_failed = self.consecutive_failed + 1 if status == RunStatus.FAILED else 0
         self.cycles[status] = self.cycles.get(status, 0) + 1
         self.requests += outcome.stats.requests
         self.retries += outcome.stats.retries
@@ -144,7 +145,7 @@ class CycleRunner:
             self.last_error = f"{type(exc).__name__}: {exc}"
             return None
         self.cycles.record(outcome)
-        self.last_error = None if outcome.status.value != "failed" else "; ".join(
+        self.last_error = None if outcome.status is not RunStatus.FAILED else "; ".join(
             f"{e.code}: {e.message}" for e in outcome.errors[:3])
         if self.on_cycle is not None:
             try:

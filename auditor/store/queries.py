@@ -34,6 +34,7 @@ from auditor.domain.models import FindingStatus, ReadOutcome, Severity, TrackedF
 from auditor.domain.periods import LifecycleEvent, Verdict
 from auditor.domain.records import (
     DiskRecord,
+    DiskStatus,
     DriftRecord,
     FindingEventRecord,
     PolicyStateRecord,
@@ -395,12 +396,12 @@ def disk_status_counts(conn: Connection) -> dict[str, int]:
     """Returns the number of target disks per report status (compliant / noncompliant / unknown)."""
     has_open = select(findings.c.disk_id).where(findings.c.status == FindingStatus.OPEN.value).distinct().subquery()
     status = case(
-        (disks.c.outcome == ReadOutcome.UNKNOWN.value, "unknown"),
-        (disks.c.id.in_(select(has_open.c.disk_id)), "noncompliant"),
-        else_="compliant",
+        (disks.c.outcome == ReadOutcome.UNKNOWN.value, DiskStatus.UNKNOWN.value),
+        (disks.c.id.in_(select(has_open.c.disk_id)), DiskStatus.NONCOMPLIANT.value),
+        else_=DiskStatus.COMPLIANT.value,
     )
     q = select(status, func.count()).where(disks.c.is_target.is_(True)).group_by(status)
-    out = {"compliant": 0, "noncompliant": 0, "unknown": 0}
+    out: dict[str, int] = dict.fromkeys((DiskStatus.COMPLIANT, DiskStatus.NONCOMPLIANT, DiskStatus.UNKNOWN), 0)
     out.update({str(k): int(v) for k, v in conn.execute(q).all()})
     return out
 

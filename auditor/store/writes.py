@@ -36,6 +36,7 @@ from auditor.store.tables import (
     run_summaries,
     runs,
 )
+from auditor.vocabulary import DiskVerdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,16 +372,17 @@ def _write_findings(conn: Connection, cycle: CycleWrite) -> None:
 def _write_history(conn: Connection, cycle: CycleWrite) -> None:
     """Writes the run's summary row and each disk's verdict by change (a chunk of disks at a time)."""
     now = cycle.now
-    counts = {"compliant": 0, "waived": 0, "noncompliant": 0, "unknown": 0, "exempt": 0}
+    counts = dict.fromkeys(DiskVerdict, 0)
     for status in cycle.disk_statuses.values():
-        counts[status] = counts.get(status, 0) + 1
+        counts[DiskVerdict(status)] += 1
     finished = cycle.finished_at or now
     conn.execute(insert(run_summaries).values(
         run_id=cycle.run_id, started_at=now, finished_at=finished, status=cycle.status.value,
         disks_total=len(cycle.disk_statuses),
         # As in the report: a disk whose findings are all waived is compliant.
-        disks_compliant=counts["compliant"] + counts["waived"], disks_noncompliant=counts["noncompliant"],
-        disks_unknown=counts["unknown"], disks_exempt=counts["exempt"],
+        disks_compliant=counts[DiskVerdict.COMPLIANT] + counts[DiskVerdict.WAIVED],
+        disks_noncompliant=counts[DiskVerdict.NONCOMPLIANT], disks_unknown=counts[DiskVerdict.UNKNOWN],
+        disks_exempt=counts[DiskVerdict.EXEMPT],
         open_by_severity=dict(cycle.open_by_severity), open_by_rule=dict(cycle.open_by_rule),
         requests=cycle.stats.requests, duration_seconds=max((finished - now).total_seconds(), 0.0)))
     for chunk in chunks(sorted(cycle.disk_statuses)):

@@ -22,13 +22,14 @@ from fastapi.routing import APIRoute
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup, escape
 
-from auditor.domain.listings import SORT_KEYS, FindingSearch, SortKey
+from auditor.domain.listings import ALL_STATUSES, SORT_KEYS, FindingSearch, SortKey
 from auditor.domain.models import Severity
 from auditor.domain.rules import RULES
 from auditor.errors import AuditorError, LeaseHeldError, StoreError
 from auditor.service import dashboard, queries
 from auditor.service.reports import iso
 from auditor.service.versions import DataVersion, SingleFlight, data_version
+from auditor.vocabulary import format_duration
 from auditor.web.auth import SESSION_COOKIE, SESSION_TTL, Session, Signer, is_https, safe_next
 from auditor.web.charts import compliance_chart, severity_chart
 from auditor.web.snapshots import LRU, Built, Slotted, Snapshots, slot
@@ -37,8 +38,7 @@ if TYPE_CHECKING:  # only types: importing auditor.api here would import this mo
     from auditor.api.deps import ApiDeps
     from auditor.service.services import Services
 
-FINDING_STATUSES = {"open": ("open",), "waived": ("waived",), "resolved": ("resolved",),
-                    "all": ("open", "waived", "resolved")}
+FINDING_STATUSES = {**{s: (s,) for s in ALL_STATUSES}, "all": ALL_STATUSES}
 PAGE_SIZES = ("10", "25", "50", "100")
 MAX_FORM = 8192  # bytes: a login or CSRF form is a few hundred
 MAX_TEXT = 200
@@ -76,8 +76,7 @@ def _environment() -> Environment:
 def _duration(run: Any) -> str:
     if run.finished_at is None:
         return "—"
-    seconds = (run.finished_at - run.started_at).total_seconds()
-    return f"{seconds:.2f}s" if seconds < 10 else f"{seconds:.0f}s"
+    return format_duration(run.finished_at - run.started_at, style="elapsed")
 
 
 def _text(value: str | None, *, name: str) -> str | None:
@@ -346,7 +345,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
         snap = built.snapshot
         banners = Markup("\n").join(macros.banner(b) for b in snap.banners(now=now, interval=interval))
         good = snap.last_good.finished_at if snap.last_good is not None else None
-        age = f"{dashboard.human_age(now - good)} ago" if good is not None else "never"
+        age = f"{format_duration(now - good, style='age')} ago" if good is not None else "never"
         return send(viewer, page, banners=str(banners), last_good_ago=str(escape(age)))
 
     @router.post("/audit")
