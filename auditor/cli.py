@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, get_args
@@ -226,8 +226,8 @@ def check_config(config_path: Path | None) -> None:
     """Validate the configuration, print what is in effect (secrets redacted) and exit (0 valid, 78 invalid with
     one line per problem)."""
     from auditor.domain.alerts import notifier_warnings
-    from auditor.domain.lifecycle import parse_waivers
     from auditor.domain.rules import RULES
+    from auditor.service.configuration import waivers_from
 
     settings = load(config_path)
     console = _out()
@@ -240,8 +240,8 @@ def check_config(config_path: Path | None) -> None:
         settings.api.resolved_token()
     except ConfigError as err:
         fail_config(err)
-    # The same parse as the service's waivers_from, without importing the service (the store, httpx) here.
-    waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=datetime.now(UTC))
+    # `configuration` imports the settings and the domain only: not the store, httpx or the notifiers.
+    waivers, problems = waivers_from(settings)
     audit, rules = settings.audit, settings.rules
     lines = [
         "configuration is valid",
@@ -289,14 +289,14 @@ def check_config(config_path: Path | None) -> None:
 
 def tier_lines(settings: Settings) -> list[str]:
     """Returns check-config's lines about [[tiers]]: each tier, and warnings about tiers that can never match."""
-    from auditor.domain.tiers import shadowed, tier_from_tables
+    from auditor.domain.tiers import shadowed
+    from auditor.service.configuration import tier_from
 
     lines: list[str] = []
     tiers = []
     for t in settings.tiers:
         m = t.match
-        tiers.append(tier_from_tables(t.name, disk_annotations=m.disk_annotations, vm_annotations=m.vm_annotations,
-                                      organizations=m.organizations, exempt=t.exempt, reason=t.reason))
+        tiers.append(tier_from(t))
         conds = [f"{side} {key}={value if isinstance(value, str) else '|'.join(value)}"
                  for side, table in (("disk", m.disk_annotations), ("vm", m.vm_annotations))
                  for key, value in table.items()]
@@ -363,27 +363,30 @@ def audit_cmd(config_path: Path | None, once: bool, fail_on: str | None, fmt: st
 async def _audit(settings: Settings, *, fail_on: str | None, fmt: str, wait: float = 0.0,
                  transport: Any = None, print_report: bool = False,
                  drain_timeout: float = NOTIFY_DRAIN_SECONDS) -> int:
-    from auditor.service import open_services
+    from auditor.service import PendingFailures, open_services
+    from auditor.service.cycle import record_failures, run_cycle
+    from auditor.service.delivery import drain
 
     if settings.audit.disks == [] and settings.audit.organizations == []:
         raise ConfigError(["audit: nothing to audit: set audit.disks and/or audit.organizations "
                            "(env AUDITOR_AUDIT__DISKS / AUDITOR_AUDIT__ORGANIZATIONS)"])
     async with open_services(settings, transport=transport) as services:
         progress, stop = _progress(len(settings.audit.disks))
+        failures = PendingFailures()  # this run's failure, if the database cannot take it at once
         try:
-            outcome = await services.run_cycle(progress=progress, wait=wait)
+            outcome = await run_cycle(services, failures=failures, progress=progress, wait=wait)
         except LeaseHeldError as exc:
             _err().print(f"error: {exc} (waited {wait:g}s; see --wait)", markup=False)
             return EXIT_INCOMPLETE
         finally:
             stop()
         # Deliver what this cycle produced before exiting; what is not delivered stays in the outbox.
-        drained = await services.drain(within=drain_timeout)
+        drained = await drain(services, within=drain_timeout)
         if drained.pending:
             why = f": {'; '.join(drained.reasons)}" if drained.reasons else ""
             _err().print(f"{drained.pending} notification(s) not yet delivered{why}; they stay in the outbox "
                          "for the daemon or the next run", markup=False)
-        unrecorded = await services.record_pending_failures()
+        unrecorded = await record_failures(services, failures=failures)
         if print_report:
             await _print_report(services, "table")
     print_outcome(outcome, fmt=fmt)
@@ -514,10 +517,10 @@ def report_cmd(config_path: Path | None, fmt: str, since: str | None, until: str
 
         async def period_report() -> dict[str, Any]:
             from auditor.service import open_services
-            from auditor.service.compliance import compliance_report
+            from auditor.service.compliance import read_period_report
 
             async with open_services(settings, katapult=False, migrate=False) as services:
-                return await compliance_report(services, period)
+                return await read_period_report(services, start=period.start, end=period.end)
 
         print_compliance(run_async(period_report()), fmt)
         return
@@ -525,7 +528,7 @@ def report_cmd(config_path: Path | None, fmt: str, since: str | None, until: str
     def current() -> None:
         # The current report reads a few rows (sqlite3 for a plain SQLite file, else SQLAlchemy Core), without the
         # ORM, asyncio, httpx or the notifiers that open_services would load (benchmarks/cli_start.py times it).
-        from auditor.service.reports import current_report
+        from auditor.service.queries import current_report
 
         show_report(current_report(settings, tier=tier), fmt)
 
@@ -543,8 +546,8 @@ def parse_period(since: str, until: str | None) -> Period:
     from datetime import timedelta
 
     from auditor.domain.periods import parse_instant
+    from auditor.service.clock import utcnow
     from auditor.service.compliance import resolve_period
-    from auditor.service.cycle import utcnow
 
     try:
         span = parse_duration(since)
@@ -567,7 +570,7 @@ def parse_period(since: str, until: str | None) -> Period:
 
 def print_compliance(report: dict[str, Any], fmt: str) -> None:
     """Prints the period report in the chosen format."""
-    from auditor.service.compliance import compliance_csv, compliance_html, compliance_markdown
+    from auditor.render.compliance import compliance_csv, compliance_html, compliance_markdown
 
     if fmt == "json":
         click.echo(json.dumps(report, indent=2))
@@ -583,7 +586,7 @@ def print_compliance(report: dict[str, Any], fmt: str) -> None:
 
 def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> None:
     """Prints the period report as rich tables (the least compliant disks only; json/csv list every disk)."""
-    from auditor.service.compliance import format_pct, worst_disks
+    from auditor.render.compliance import format_pct, worst_disks
 
     duration = partial(format_duration, style="report")
     console = _out()
@@ -643,13 +646,13 @@ def evidence_cmd(config_path: Path | None, since: str, until: str | None, out: P
 
     async def collect_evidence() -> dict[str, bytes]:
         from auditor.service import open_services
-        from auditor.service.compliance import build_evidence
+        from auditor.service.evidence import build_evidence
 
         async with open_services(settings, katapult=False, migrate=False) as services:
-            return await build_evidence(services, period)
+            return await build_evidence(services, period=period)
 
     files = run_async(collect_evidence())
-    from auditor.service.compliance import MANIFEST, write_evidence
+    from auditor.service.evidence import MANIFEST, write_evidence
     from auditor.service.reports import iso
 
     try:
@@ -661,22 +664,22 @@ def evidence_cmd(config_path: Path | None, since: str, until: str | None, out: P
 
 
 async def _print_report(services: Any, fmt: str) -> None:
-    from auditor.service.reports import build_report
+    from auditor.service.queries import read_report
 
-    waivers, problems = services.waivers()
-    report = await build_report(services.store, now=services.clock(), waivers=waivers, waiver_problems=problems)
-    show_report(report, fmt)
+    show_report(await read_report(services), fmt)
 
 
 def show_report(report: dict[str, Any], fmt: str) -> None:
     """Prints the current report in the chosen format."""
-    from auditor.service.reports import report_csv, report_markdown
-
     if fmt == "json":
         click.echo(json.dumps(report, indent=2))
     elif fmt == "csv":
+        from auditor.render.report import report_csv
+
         click.echo(report_csv(report), nl=False)
     elif fmt == "markdown":
+        from auditor.render.report import report_markdown
+
         click.echo(report_markdown(report))
     else:
         print_report_table(report)
@@ -735,7 +738,8 @@ def findings_cmd(config_path: Path | None, status: str, fmt: str) -> None:
 
     statuses = ALL_STATUSES if status == "all" else (status,)
     # Read as `auditor report` reads: sqlite3 or psycopg, without the ORM or asyncio (a one-shot command).
-    from auditor.service.reports import current_findings, finding_json
+    from auditor.service.queries import current_findings
+    from auditor.service.reports import finding_json
 
     items = [finding_json(f, with_resolution=True)
              for f in run_guarded(lambda: current_findings(settings, statuses=statuses))]
@@ -758,7 +762,7 @@ def history_cmd(config_path: Path | None, disk_id: str, fmt: str) -> None:
     setup_logs(settings)
 
     # Read as `auditor report` reads: sqlite3 or psycopg, without the ORM or asyncio (a one-shot command).
-    from auditor.service.reports import current_disk_detail
+    from auditor.service.queries import current_disk_detail
 
     detail = run_guarded(lambda: current_disk_detail(settings, disk_id))
     if detail is None:
@@ -851,7 +855,7 @@ def notify_test(config_path: Path | None, name: str | None) -> None:
         from auditor.errors import NotifyError
         from auditor.notify.dispatch import Dispatcher
         from auditor.service.alerts import resolved_test_notification, test_notification
-        from auditor.service.cycle import utcnow
+        from auditor.service.clock import utcnow
 
         results = []
         async with Dispatcher() as dispatcher:

@@ -29,13 +29,13 @@ from auditor.config import Settings
 from auditor.domain.retry import backoff
 from auditor.errors import AuditorError, StoreError
 from auditor.katapult import Transport
-from auditor.service import AuditOutcome, Services, open_services, utcnow, waivers_from
-from auditor.service.compliance import prune_history
+from auditor.service import AuditOutcome, Services, open_services, reading_services, utcnow
+from auditor.service.delivery import deliver_due
+from auditor.service.housekeeping import abandon_orphans, prune_history
+from auditor.service.leases import release_lead, renew_lead, take_lead
+from auditor.service.queries import read_recent_runs
 from auditor.service.runner import CycleHook, CycleRunner
-from auditor.store import engine as db
-from auditor.store import queries
-from auditor.store.leases import LEADER
-from auditor.store.repo import Store
+from auditor.service.services import database_label
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ async def _open_with_retry(
     seams: dict[str, Any],
 ) -> Services | None:
     """Returns the services once the database answers, retrying with backoff; None if stopped while waiting."""
-    shown = db.safe_url(settings.database.url.get_secret_value())
+    shown = database_label(settings)
     cap = max(settings.daemon.db_retry_max.total_seconds(), DB_RETRY_FIRST)
     attempt = 1
     while True:
@@ -151,7 +151,7 @@ async def serve(
     """
     stop = asyncio.Event()
     force = asyncio.Event()
-    db.safe_url(settings.database.url.get_secret_value())  # a malformed URL is a configuration error: fail now
+    database_label(settings)  # a malformed URL is a configuration error: fail now
     sock = _listen(settings.api.host, settings.api.port)
     handled = _install_signals(stop, force)
     loop = asyncio.get_running_loop()
@@ -183,9 +183,10 @@ class _Daemon:
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.delivery: asyncio.Task[None] | None = None
         self.is_leader = False
-        self.api_store = Store.from_url(settings.database.url.get_secret_value())
-        deps = ApiDeps(store=self.api_store, interval=settings.audit.interval, trigger=self._trigger,
-                       waivers=lambda: waivers_from(settings), cycles=self.cycles,
+        # The API reads through Services of its own (its own store on the same database), ready before the
+        # database answers.
+        self.api_services = reading_services(settings)
+        deps = ApiDeps(services=self.api_services, trigger=self._trigger, cycles=self.cycles,
                        token=settings.api.resolved_token(), version_ttl=1.0, leadership=self._leadership)
         grace = settings.daemon.shutdown_grace.total_seconds()
         config = uvicorn.Config(create_app(deps), log_config=None, access_log=False, lifespan="off",
@@ -211,20 +212,19 @@ class _Daemon:
         while not stop.is_set():
             try:
                 if self.is_leader:
-                    if await services.leases.renew(LEADER, services.holder, now=services.clock(), ttl=ttl):
+                    if await renew_lead(services):
                         last_renewed = time.monotonic()
                     else:
                         self._step_down("the leader lease was taken by another replica")
                 else:
-                    taken, lease = await services.leases.acquire(LEADER, services.holder, now=services.clock(),
-                                                                 ttl=ttl)
+                    taken, lease = await take_lead(services)
                     if taken:
                         last_renewed = time.monotonic()
                         await self._become_leader(services)
                     elif lease is not None:
                         log.debug("following the leader %s", lease.describe())
-                if services.pending_failures:  # this process's failed cycles, leader or not: record them now
-                    await services.record_pending_failures()
+                if self.runner is not None:  # this process's failed cycles, leader or not: record them now
+                    await self.runner.record_failures()
             except StoreError as exc:
                 if self.is_leader and time.monotonic() - last_renewed > ttl.total_seconds() - every:
                     # Stop leading before the lease can expire under us: another replica may take over then.
@@ -262,7 +262,7 @@ class _Daemon:
         """Returns when the new leader's first cycle runs: now, unless a cycle started less than an interval ago."""
         now = utcnow()
         try:
-            runs = await services.store.read(queries.list_runs, limit=1)
+            runs = await read_recent_runs(services, limit=1)
         except StoreError:
             return now
         if not runs:
@@ -322,7 +322,7 @@ class _Daemon:
     async def _deliver_round(self) -> None:
         assert self.services is not None
         try:
-            report = await self.services.deliver_due()
+            report = await deliver_due(self.services)
         except StoreError as exc:  # the database went away: the entries stay in the outbox for the next round
             log.warning("alert delivery round failed: %s", exc)
             return
@@ -362,7 +362,7 @@ class _Daemon:
             if not server_task.done():  # e.g. a database error at start: do not leave the server running
                 self.server.should_exit = True
                 await asyncio.wait({server_task}, timeout=SERVER_STOP_MIN)
-            await self.api_store.close()
+            await self.api_services.aclose()
         return code
 
     async def _serve_until(self, stop: asyncio.Event, server_task: asyncio.Task[None]) -> int:
@@ -399,7 +399,7 @@ class _Daemon:
         if self.services is not None and self.is_leader:
             # Hand over now rather than after the TTL: another replica takes the lease at its next check.
             try:
-                await self.services.leases.release(LEADER, self.services.holder)
+                await release_lead(self.services)
             except StoreError as exc:
                 log.warning("could not release the leader lease (%s); it expires on its own", exc)
             self._step_down("shutting down")
@@ -428,6 +428,6 @@ class _Daemon:
         # Nothing of a cancelled cycle is committed (one transaction at its end) and its lease is released on
         # the way out; its run row, still `running`, is marked failed here, or by the next process to look.
         try:
-            await runner.services.abandon_orphans()
+            await abandon_orphans(runner.services)
         except StoreError as exc:
             log.warning("could not mark the abandoned run failed (%s); the next process will", exc)

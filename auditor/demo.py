@@ -12,8 +12,10 @@ import httpx
 
 from auditor.config import Settings
 from auditor.fake import create_app, demo_fleet
-from auditor.service import AuditOutcome, Services, open_services, waivers_from
-from auditor.service.reports import build_report
+from auditor.service import AuditOutcome, Services, open_services
+from auditor.service.cycle import run_cycle
+from auditor.service.delivery import drain
+from auditor.service.queries import read_report
 from auditor.vocabulary import RETENTION_BELOW_MINIMUM, Severity
 
 DEMO_TOKEN = "fake-token"
@@ -98,10 +100,7 @@ async def run_demo(settings: Settings, *, once: bool, show: Callable[[AuditOutco
             if shown:
                 return
             shown = True
-            waivers, problems = waivers_from(settings)
-            report = await build_report(services.store, now=outcome.finished_at, waivers=waivers,
-                                        waiver_problems=problems)
-            show(outcome, report)
+            show(outcome, await read_report(services))
             base = f"http://{settings.api.listen}"
             sys.stdout.write(f"API: {base}/api/v1/report  docs: {base}/docs  metrics: {base}/metrics\n"
                              f"auditing every {settings.audit.interval.total_seconds():.0f}s; Ctrl-C stops\n")
@@ -112,10 +111,7 @@ async def run_demo(settings: Settings, *, once: bool, show: Callable[[AuditOutco
                            notify_transport=webhook)
 
     async with open_services(settings, transport=transport, token=DEMO_TOKEN, notify_transport=webhook) as services:
-        outcome = await services.run_cycle(trigger="demo")
-        await services.drain(within=10)
-        waivers, problems = services.waivers()
-        report = await build_report(services.store, now=outcome.finished_at, waivers=waivers,
-                                    waiver_problems=problems)
-        show(outcome, report)
+        outcome = await run_cycle(services, trigger="demo")
+        await drain(services, within=10)
+        show(outcome, await read_report(services))
     return 0

@@ -41,6 +41,7 @@ from procs import (
 from receivers import HttpReceiver, Reply
 
 from auditor.service import open_services, utcnow
+from auditor.service.delivery import drain
 from auditor.store.outbox import CLAIM_TIMEOUT
 
 pytestmark = pytest.mark.slow
@@ -103,7 +104,7 @@ class Crash:
         async def go() -> int:
             async with open_services(load_settings(self.config("later")), katapult=False,
                                      clock=lambda: later) as services:
-                report = await services.drain(within=30)
+                report = await drain(services, within=30)
                 return report.pending
 
         assert run_sync(go()) == 0

@@ -16,7 +16,6 @@ import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,8 @@ from auditor.config import Settings
 from auditor.fake import create_app as fake_app
 from auditor.fake import demo_fleet
 from auditor.service import open_services
+from auditor.service.cycle import run_cycle
+from auditor.service.delivery import deliver_due
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -159,15 +160,15 @@ async def scrape_after_a_cycle(tmp_path: Path) -> list[Sample]:
     refuse = httpx.MockTransport(lambda _request: httpx.Response(400, text="no"))
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token="fake-token",
                              notify_transport=refuse) as services:
-        outcome = await services.run_cycle()
-        await services.deliver_due()
+        outcome = await run_cycle(services)
+        await deliver_due(services)
         cycles = CycleMetrics(is_leader=True)
         cycles.record(outcome)
 
         async def no_trigger() -> str | None:
             return None
 
-        deps = ApiDeps(store=services.store, interval=timedelta(minutes=15), trigger=no_trigger, cycles=cycles)
+        deps = ApiDeps(services=services, trigger=no_trigger, cycles=cycles)
         transport = httpx.ASGITransport(app=create_app(deps))
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as api:
             response = await api.get("/metrics")

@@ -18,6 +18,8 @@ from pydantic import SecretStr
 
 from auditor.api import ApiDeps, create_app
 from auditor.api.docs import ASSETS_URL, REDOC_DIR, REDOC_SHA256, REDOC_VERSION, docs_assets
+from auditor.config import Settings
+from auditor.service import Services
 from auditor.store.repo import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,8 +45,8 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 def client(store: Store, *, root_path: str = "", token: str | None = "docs-test-token") -> httpx.AsyncClient:
-    deps = ApiDeps(store=store, interval=timedelta(minutes=15), trigger=_no_trigger,
-                   token=SecretStr(token) if token else None)
+    services = Services(settings=Settings(audit={"interval": timedelta(minutes=15)}), store=store)
+    deps = ApiDeps(services=services, trigger=_no_trigger, token=SecretStr(token) if token else None)
     transport = httpx.ASGITransport(app=create_app(deps), root_path=root_path)
     return httpx.AsyncClient(transport=transport, base_url="http://api")
 

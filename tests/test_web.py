@@ -29,7 +29,7 @@ import httpx
 import pytest
 import uvicorn
 from pydantic import SecretStr
-from test_api import KATAPULT, World, deps_for
+from test_api import KATAPULT, World, deps_for, reading
 
 from auditor.api import ApiDeps, CycleMetrics, create_app
 from auditor.config import Settings
@@ -39,9 +39,11 @@ from auditor.fake import Fault, demo_fleet
 from auditor.fake import create_app as fake_app
 from auditor.fake.fleet import fake_id
 from auditor.service import open_services, waivers_from
-from auditor.service.cycle import utcnow
+from auditor.service.clock import utcnow
+from auditor.service.cycle import run_cycle
 from auditor.service.dashboard import compliance_pct
-from auditor.service.reports import disk_detail
+from auditor.service.delivery import deliver_due
+from auditor.service.queries import read_disk_detail
 from auditor.service.runner import CycleRunner
 from auditor.store import writes
 from auditor.store.repo import Store
@@ -94,9 +96,9 @@ async def world(db_url: str) -> AsyncIterator[World]:
     ])
     transport = httpx.ASGITransport(app=fake_app(fleet))
     async with open_services(settings, transport=transport, token="fake-token") as runtime:
-        assert (await runtime.run_cycle(trigger="test")).status is RunStatus.COMPLETE
+        assert (await run_cycle(runtime, trigger="test")).status is RunStatus.COMPLETE
         fleet.update_policy(fake_id("dbp", "demo:legacy-db-data"), retention=30)
-        assert (await runtime.run_cycle(trigger="test")).resolved == 2
+        assert (await run_cycle(runtime, trigger="test")).resolved == 2
         yield World(fleet, settings, runtime)
 
 
@@ -288,7 +290,7 @@ async def test_disk_page_equals_the_disk_api(world: World) -> None:
         page = await web.get(f"/disks/{disk}")
         api = (await web.get(f"/api/v1/disks/{disk}")).json()
         missing = await web.get("/disks/disk_nosuchdisk0000")
-    assert api == await disk_detail(world.runtime.store, disk)
+    assert api == await read_disk_detail(world.runtime, disk_id=disk)
     shown = metrics(page.text)
     assert (shown["disk_id"], shown["status"], shown["outcome"]) == (disk, api["status"], api["disk"]["outcome"])
     assert [shown[k] for k in ("policies", "findings", "drift", "snapshots")] == [
@@ -328,7 +330,7 @@ async def test_runs_notifications_and_waivers_pages_equal_the_api(world: World) 
 async def test_partial_run_shows_a_banner_and_the_disks_read_error(world: World) -> None:
     disk = fake_id("disk", "demo:partner-web-system")  # listed by id in the config: read on its own
     world.fleet.faults[disk] = Fault.FORBIDDEN  # 403: no retry, the disk is unknown at once
-    outcome = await world.runtime.run_cycle(trigger="test")
+    outcome = await run_cycle(world.runtime, trigger="test")
     assert outcome.status is RunStatus.PARTIAL
     async with web_client(deps_for(world)) as web:
         overview = (await web.get("/")).text
@@ -359,7 +361,7 @@ async def test_failed_and_overdue_runs_show_banners(world: World) -> None:
 
 
 async def test_no_run_yet_and_database_down_pages(store: Store) -> None:
-    deps = ApiDeps(store=store, interval=timedelta(minutes=15), trigger=_no_trigger)
+    deps = ApiDeps(services=reading(store), trigger=_no_trigger)
     async with web_client(deps) as web:
         overview = await web.get("/")
         assert overview.status_code == 200 and 'data-banner="never"' in overview.text
@@ -367,7 +369,7 @@ async def test_no_run_yet_and_database_down_pages(store: Store) -> None:
             assert (await web.get(path)).status_code == 200, path
     broken = Store.from_url("postgresql+psycopg://auditor@127.0.0.1:1/none")
     try:
-        async with web_client(replace(deps, store=broken)) as web:
+        async with web_client(replace(deps, services=reading(broken))) as web:
             for path in ("/", "/findings", "/runs", "/notifications", "/disks/disk_x"):
                 response = await web.get(path)
                 assert response.status_code == 503, path
@@ -527,7 +529,7 @@ async def test_open_dashboard_without_a_token_still_needs_csrf(world: World) -> 
 
 async def test_no_secret_in_any_page(world: World) -> None:
     # A delivery attempt to the closed port records an error on the hook's entries.
-    await world.runtime.deliver_due()
+    await deliver_due(world.runtime)
     secrets = [API_TOKEN, "fake-token", HOOK_URL, "secret-path-5b1e", SLACK_URL, "slack-secret-c9d2",
                world.settings.database.url.get_secret_value()]
     async with web_client(deps_for(world, token=API_TOKEN)) as web:
@@ -641,7 +643,7 @@ async def _history(runtime: Any, fleet: Any, clock: list[datetime | None]) -> No
         if k == 2:
             del fleet.faults[fake_id("disk", "demo:partner-web-system")]
             fleet.update_policy(fake_id("dbp", "demo:metrics-cache"), retention=168)
-        await runtime.run_cycle(trigger="schedule")
+        await run_cycle(runtime, trigger="schedule")
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,13 @@
 
 Nothing here is a module-level registry: the daemon owns one `CycleMetrics` (what only the running process knows:
 cycle durations, Katapult traffic since start) and every scrape reads the rest (findings, disks, last cycle) from
-the store, so a scrape never triggers a poll and two processes never share counters by accident.
+the store (`queries.read_stored_state`), so a scrape never triggers a poll and two processes never share counters
+by accident.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -21,42 +21,10 @@ from prometheus_client.registry import Collector
 
 from auditor.domain.models import FindingStatus
 from auditor.domain.periods import FINISHED_RUNS
-from auditor.domain.records import RunRecord
-from auditor.errors import StoreError
+from auditor.service.queries import StoredState
 from auditor.service.runner import CycleMetrics
-from auditor.store import queries
-from auditor.store.outbox import Outbox
-from auditor.store.repo import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-@dataclass(frozen=True, slots=True)
-class StoredState:
-    """What a scrape reads from the database."""
-
-    finding_counts: list[tuple[str, str, str, int]]
-    disk_counts: dict[str, int]
-    notification_counts: list[tuple[str, str, int]]
-    last_success_at: float | None
-    last_finished_at: float | None
-
-
-async def read_state(store: Store) -> StoredState | None:
-    """Returns the stored state metrics show, or None when the database does not answer."""
-    try:
-        counts = await store.read(queries.finding_counts)
-        disks = await store.read(queries.disk_status_counts)
-        notifications = await Outbox(store).counts()
-        success = await store.read(queries.last_successful_run)
-        last = await store.read(queries.latest_run, finished=True)
-    except StoreError:
-        return None
-
-    def stamp(run: RunRecord | None) -> float | None:
-        return run.finished_at.timestamp() if run is not None and run.finished_at is not None else None
-
-    return StoredState(counts, disks, notifications, stamp(success), stamp(last))
 
 
 class _Snapshot(Collector):

@@ -1,7 +1,8 @@
 """Running cycles in this process: one at a time, scheduled or on demand, counted for /metrics.
 
-`CycleRunner` is the single-flight guard the daemon's scheduler and `POST /api/v1/audit` share; `CycleMetrics`
-holds what only the running process knows (cycle durations, Katapult traffic, failures in a row).
+`CycleRunner` is the single-flight guard the daemon's scheduler and `POST /api/v1/audit` share, and owns what
+lives across its cycles: the failed cycles waiting for the database (`PendingFailures`). `CycleMetrics` holds
+what only the running process knows (cycle durations, Katapult traffic, failures in a row).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from dataclasses import dataclass, field
 
 from auditor.domain.records import RunStatus
 from auditor.errors import AuditorError, LeaseHeldError
-from auditor.service.cycle import AuditOutcome
+from auditor.service.cycle import AuditOutcome, PendingFailures, new_run_id, record_failures, run_cycle
+from auditor.service.leases import check_cycle_lease
 from auditor.service.services import Services
-from auditor.store.writes import new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class CycleRunner:
         self.current: asyncio.Task[AuditOutcome | None] | None = None
         self.is_closing = False
         self.last_error: str | None = None
+        self.failures = PendingFailures()  # this process's failed cycles the database could not take yet
 
     @property
     def is_busy(self) -> bool:
@@ -104,13 +106,15 @@ class CycleRunner:
             raise AuditorError("the auditor is shutting down")
         if self.is_busy:
             return None
-        lease = await self.services.cycle_lease()
-        if lease is not None and lease.holder != self.services.holder.id and lease.is_live(self.services.clock()):
-            raise LeaseHeldError(f"an audit cycle is running in another process: {lease.describe()}",
-                                 holder=f"{lease.host} pid {lease.pid}",
-                                 since=lease.acquired_at.isoformat(timespec="seconds"))
+        await check_cycle_lease(self.services)
         run_id = new_run_id()
         return run_id if self.start("api", run_id=run_id) is not None else None
+
+    async def record_failures(self) -> int:
+        """Records this runner's failed cycles the database could not take yet; returns how many still wait."""
+        if not self.failures:
+            return 0
+        return await record_failures(self.services, failures=self.failures)
 
     async def tick(self) -> None:
         """The scheduled job: runs a cycle unless one is already running (then this slot is skipped)."""
@@ -130,7 +134,7 @@ class CycleRunner:
         """Runs one cycle; a failure is logged and counted, never raised (the next cycle tries again)."""
         began = time.monotonic()
         try:
-            outcome = await self.services.run_cycle(trigger=trigger, run_id=run_id)
+            outcome = await run_cycle(self.services, failures=self.failures, trigger=trigger, run_id=run_id)
         except LeaseHeldError as exc:
             log.info("audit cycle (%s) skipped: %s", trigger, exc)
             return None
