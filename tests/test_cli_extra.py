@@ -375,3 +375,25 @@ async def test_report_fails_on_a_database_as_open_services_does(tmp_path: Path, 
 def test_a_url_sqlalchemy_cannot_parse_is_a_store_error_not_an_internal_error() -> None:
     with pytest.raises(StoreError, match="not a valid database URL"):
         db.safe_url("postgresql+psycopg://a:pw@db:port/x")
+
+
+def test_a_database_a_newer_auditor_migrated_stops_every_command_with_one_line(tmp_path: Path) -> None:
+    database = tmp_path / "auditor.db"
+    config = write(tmp_path / "auditor.toml", f'[database]\nurl = "sqlite:///{database}"\n'
+                                              '[audit]\ndisks = ["disk_aaaaaaaaaaaaaaaa"]\n')
+    env = clean_env(KATAPULT_API_TOKEN=SECRET, AUDITOR_KATAPULT__API_URL="http://127.0.0.1:9/core/v1")
+
+    def auditor(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "auditor", *args, "--config", str(config)], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    assert auditor("db", "upgrade").returncode == 0
+    with sqlite3.connect(database) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0099'")
+    for command in (["db", "upgrade"], ["report"], ["findings"], ["audit", "--once"]):
+        proc = auditor(*command)
+        assert proc.returncode == 2, (command, proc.stdout, proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if "0099" in line]
+        assert len(lines) == 1 and "database schema 0099 is newer than this auditor" in lines[0], proc.stderr
+        assert lines[0].endswith("upgrade the auditor"), lines[0]
+        assert "Traceback" not in proc.stderr and "CommandError" not in proc.stderr

@@ -29,6 +29,7 @@ from auditor.errors import SchemaError, StoreError
 from auditor.service.clock import utcnow as _utcnow
 from auditor.service.reports import DRIFT_WITHIN, assemble_report, detail_json, iso
 from auditor.store import queries as reads
+from auditor.store.engine import SCHEMA_HINT as SCHEMA_HINT
 
 if TYPE_CHECKING:
     from auditor.config import Settings
@@ -37,9 +38,6 @@ if TYPE_CHECKING:
     from auditor.store.repo import Reader, Store
 
 T = TypeVar("T")
-
-# What a read-only command is told to do about a missing or outdated database (`services.check_schema` too).
-SCHEMA_HINT = "run `auditor db upgrade` or start `auditor run` once"
 
 
 # ---- the current report, findings, a disk's history -----------------------------------------------------------
@@ -100,13 +98,12 @@ def _checked_reader(settings: Settings) -> Iterator[Reader]:
 
     url = settings.database.url.get_secret_value()
     if url.startswith("sqlite") and engine.sqlite_file_missing(url):
-        raise SchemaError(f"database {engine.safe_url(url)} does not exist: check database.url, or {SCHEMA_HINT}")
+        raise engine.schema_error(url, None, exists=False) or SchemaError(url)
     reader = Reader(url)
     try:
-        current = reader.revision()
-        if current != engine.SCHEMA_HEAD:
-            raise SchemaError(f"database {engine.safe_url(url)} is at schema revision {current or 'none'}, this "
-                              f"version needs {engine.SCHEMA_HEAD}: {SCHEMA_HINT}")
+        problem = engine.schema_error(url, reader.revision())
+        if problem is not None:
+            raise problem
         yield reader
     finally:
         reader.close()

@@ -95,11 +95,11 @@ async def prepare_database(settings: Settings) -> None:
 async def check_schema(url: str, *, hint: str = SCHEMA_HINT) -> None:
     """Raises SchemaError unless the database exists and is at the code's head revision (never creates it)."""
     if db.sqlite_file_missing(url):
-        raise SchemaError(f"database {db.safe_url(url)} does not exist: check database.url, or {hint}")
-    current, head = await db.current_revision(url)
-    if current != head:
-        raise SchemaError(f"database {db.safe_url(url)} is at schema revision {current or 'none'}, this version "
-                          f"needs {head}: {hint}")
+        raise db.schema_error(url, None, hint=hint, exists=False) or SchemaError(url)
+    current, _head = await db.current_revision(url)
+    problem = db.schema_error(url, current, hint=hint)
+    if problem is not None:
+        raise problem
 
 
 def client_from(settings: Settings, *, transport: Transport | None = None, token: str | None = None) -> KatapultClient:

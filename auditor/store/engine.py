@@ -167,9 +167,13 @@ def store_error(exc: Exception, database: str) -> StoreError:
     return StoreError(f"database {database}: {first[:300]}")
 
 
-def schema_error(url: str, current: str | None, *, hint: str = SCHEMA_HINT) -> SchemaError | None:
-    """Returns why a database at schema revision `current` cannot be used by this code (None at the head): behind
-    it (an upgrade fixes that), or at a revision this code does not know, which a newer auditor wrote."""
+def schema_error(url: str, current: str | None, *, hint: str = SCHEMA_HINT,
+                 exists: bool = True) -> SchemaError | None:
+    """Returns why a database at schema revision `current` cannot be used by this code (None at the head): it does
+    not exist, it is behind the code (an upgrade fixes that), or at a revision this code does not know, which a
+    newer auditor wrote."""
+    if not exists:
+        return SchemaError(f"database {safe_url(url)} does not exist: check database.url, or {hint}")
     if current == SCHEMA_HEAD:
         return None
     if current is not None and current not in SCHEMA_REVISIONS:
