@@ -128,36 +128,11 @@ def load(config_path: Path | None) -> Settings:
 
 def setup_logs(settings: Settings, *, extra_secrets: tuple[str, ...] = ()) -> None:
     """Configures logging with every configured secret registered for scrubbing."""
+    from auditor.config import configured_secrets
     from auditor.log import setup_logging
 
-    secrets = list(extra_secrets)
-    for n in settings.notifiers:
-        for attr in ("url", "secret", "routing_key", "webhook_url", "password"):
-            value = getattr(n, attr, None)
-            if value is not None and hasattr(value, "get_secret_value"):
-                secrets.append(value.get_secret_value())
-    if settings.api.token is not None:
-        secrets.append(settings.api.token.get_secret_value())
-    if settings.heartbeat.url is not None:
-        secrets.append(settings.heartbeat.url.get_secret_value())
-    # The scrubber masks every form a secret takes on the wire (a URL's user:password as basic auth,
-    # percent-encoded, base64) — except for the database URL, whose user and database names are ordinary words
-    # ("auditor"): only its password is secret (the URL itself is only ever logged masked, see safe_url).
-    db_password = db_url_password(settings.database.url.get_secret_value())
-    if db_password:
-        secrets.append(db_password)
+    secrets = [*extra_secrets, *configured_secrets(settings)]
     setup_logging(level=settings.log.level, fmt=settings.log.format, secrets=[s for s in secrets if s])
-
-
-def db_url_password(url: str) -> str | None:
-    """Returns the password in a database URL, percent-decoded, or None."""
-    from urllib.parse import unquote, urlsplit
-
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return None
-    return unquote(password) if password else None
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -461,23 +436,27 @@ def run_cmd(config_path: Path | None) -> None:
     Several daemons may share one database: all serve the API, the one holding the leader lease
     (daemon.leader_ttl) runs the schedule and the alert delivery, and another takes over when it dies.
     Stops on SIGTERM or SIGINT: a running cycle gets daemon.shutdown_grace to finish, then the process exits 0.
+    SIGHUP reloads the configuration file (and the AUDITOR_* environment as at start): rules, tiers, waivers,
+    notifiers, the heartbeat, [katapult], [audit] and the log level take effect from the next cycle; a key that
+    needs a restart (database.url, api.listen, ...) is logged and keeps its value; an invalid file is logged
+    line by line and the running configuration stays.
     Exit 2: the API address could not be taken or the database failed; 78: configuration error.
     """
+    from functools import partial
+
+    from auditor.config import check_runnable, load_settings
+
     settings = load(config_path)
     try:
-        katapult_token = settings.katapult.token().get_secret_value()
-        api_token = settings.api.resolved_token()
+        katapult_token, api_token = check_runnable(settings)
     except ConfigError as err:
         fail_config(err)
         raise AssertionError("unreachable") from None
-    if not settings.audit.disks and not settings.audit.organizations:
-        fail_config(ConfigError(["audit: nothing to audit: set audit.disks and/or audit.organizations "
-                                 "(env AUDITOR_AUDIT__DISKS / AUDITOR_AUDIT__ORGANIZATIONS)"]))
-    secrets = (katapult_token,) + ((api_token.get_secret_value(),) if api_token is not None else ())
+    secrets = (katapult_token.get_secret_value(),) + ((api_token.get_secret_value(),) if api_token else ())
     setup_logs(settings, extra_secrets=secrets)
     from auditor.daemon import serve
 
-    sys.exit(run_async(serve(settings)))
+    sys.exit(run_async(serve(settings, reload=partial(load_settings, config_path))))
 
 
 # ---- report / findings / history ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ and str are masked, so they cannot reach a log line or an error message by accid
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -686,3 +687,124 @@ def load_settings(path: str | Path | None = None) -> Settings:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"config file {resolved}: not valid TOML: {exc}"]) from None
     return settings_from(data)
+
+
+# ---- what a running daemon needs, and reloading it (SIGHUP) ------------------------------------------------
+
+
+def check_runnable(settings: Settings) -> tuple[SecretStr, SecretStr | None]:
+    """Returns the Katapult token and the API token `auditor run` needs, or raises ConfigError (one line a
+    problem): the tokens must be readable and something must be named to audit."""
+    problems: list[str] = []
+    katapult_token = api_token = None
+    try:
+        katapult_token = settings.katapult.token()
+    except ConfigError as err:
+        problems += err.problems
+    try:
+        api_token = settings.api.resolved_token()
+    except ConfigError as err:
+        problems += err.problems
+    if not settings.audit.disks and not settings.audit.organizations:
+        problems.append("audit: nothing to audit: set audit.disks and/or audit.organizations "
+                        "(env AUDITOR_AUDIT__DISKS / AUDITOR_AUDIT__ORGANIZATIONS)")
+    if problems or katapult_token is None:
+        raise ConfigError(problems)
+    return katapult_token, api_token
+
+
+def db_url_password(url: str) -> str | None:
+    """Returns the password in a database URL, percent-decoded, or None."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
+
+
+def configured_secrets(settings: Settings) -> list[str]:
+    """Returns every secret the settings hold, for the log scrubber (notifier URLs, keys and passwords, the API
+    token, the heartbeat URL, the database password)."""
+    secrets: list[str] = []
+    for n in settings.notifiers:
+        for attr in ("url", "secret", "routing_key", "webhook_url", "password"):
+            value = getattr(n, attr, None)
+            if isinstance(value, SecretStr):
+                secrets.append(value.get_secret_value())
+    if settings.api.token is not None:
+        secrets.append(settings.api.token.get_secret_value())
+    if settings.heartbeat.url is not None:
+        secrets.append(settings.heartbeat.url.get_secret_value())
+    # The scrubber masks every form a secret takes on the wire (a URL's user:password as basic auth,
+    # percent-encoded, base64) — except for the database URL, whose user and database names are ordinary words
+    # ("auditor"): only its password is secret (the URL itself is only ever logged masked, see safe_url).
+    db_password = db_url_password(settings.database.url.get_secret_value())
+    if db_password:
+        secrets.append(db_password)
+    return [s for s in secrets if s]
+
+
+# Keys a running daemon cannot take on without a restart; a reload that changes one logs it and keeps the old value.
+RESTART_KEYS: dict[str, str] = {
+    "database.url": "the database is opened (and migrated) once, at start",
+    "database.auto_migrate": "migrations run once, at start",
+    "api.listen": "the listening socket is bound at start",
+    "log.format": "the log handler is set up once, at start",
+    "daemon.leader_ttl": "the leader and cycle leases are renewed on the period it sets since start",
+    "daemon.shutdown_grace": "the API server's graceful-shutdown timeout is set at start",
+    "daemon.db_retry_max": "it only paces the wait for the database at start",
+}
+
+
+def _leaves(model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Returns every key of a settings model as `section.key` -> value; lists (tiers, notifiers, waivers,
+    rules.overrides) are one key each."""
+    out: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.update(_leaves(value, f"{key}."))
+        else:
+            out[key] = value
+    return out
+
+
+def _replaced(settings: Settings, key: str, value: Any) -> Settings:
+    section_name, _, name = key.partition(".")
+    section: BaseModel = getattr(settings, section_name)
+    return settings.model_copy(update={section_name: section.model_copy(update={name: value})})
+
+
+class ReloadPlan(BaseModel):
+    """What a reload changes: the keys that take effect, the keys that need a restart (their old value is kept)
+    and the settings in force afterwards."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    changed: tuple[str, ...]
+    restart: tuple[str, ...]
+    settings: Settings
+
+
+def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
+    """Returns what replacing `old` by `new` in a running daemon changes (keys compared value by value; secrets by
+    their value, never shown)."""
+    before, after = _leaves(old), _leaves(new)
+    differing = [key for key in after if before.get(key) != after[key]]
+    restart = tuple(key for key in differing if key in RESTART_KEYS)
+    effective = new
+    for key in restart:
+        effective = _replaced(effective, key, before[key])
+    return ReloadPlan(changed=tuple(k for k in differing if k not in RESTART_KEYS), restart=restart,
+                      settings=effective)
+
+
+def fingerprint(settings: Settings) -> str:
+    """Returns the first 12 hex digits of the SHA-256 of the settings as canonical JSON, secrets redacted (they
+    dump as "**********"): equal settings, equal fingerprint, on any replica."""
+    canonical = json.dumps(settings.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]

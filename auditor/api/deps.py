@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from auditor.service.reloads import ConfigStatus
 from auditor.service.runner import CycleMetrics
 from auditor.service.services import Services
 
@@ -35,3 +36,5 @@ class ApiDeps:
     version_ttl: float = 0.0
     # The daemon's leadership ({"leader": bool, "replica": "host pid N"}) for /readyz; None outside a daemon.
     leadership: Leadership | None = None
+    # The daemon's configuration in force and its reloads, for /metrics; None outside a daemon.
+    config: ConfigStatus | None = None

@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from auditor.domain.models import FindingStatus
 from auditor.domain.periods import FINISHED_RUNS
 from auditor.service.queries import StoredState
+from auditor.service.reloads import ConfigStatus
 from auditor.service.runner import CycleMetrics
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -30,9 +31,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _Snapshot(Collector):
     """A collector over one scrape's numbers (prometheus_client calls `collect` while rendering)."""
 
-    def __init__(self, cycles: CycleMetrics, state: StoredState | None) -> None:
+    def __init__(self, cycles: CycleMetrics, state: StoredState | None, config: ConfigStatus | None) -> None:
         self._cycles = cycles
         self._state = state
+        self._config = config
 
     def collect(self) -> Iterator[Metric]:
         c = self._cycles
@@ -72,6 +74,8 @@ class _Snapshot(Collector):
         if c.is_leader is not None:
             yield GaugeMetricFamily("auditor_leader", "1 while this replica is the leader (runs the schedule and "
                                     "the alert delivery), else 0.", value=1 if c.is_leader else 0)
+        if self._config is not None:
+            yield from _config_metrics(self._config)
 
         yield GaugeMetricFamily("auditor_store_up", "Whether the database answered this scrape.",
                                 value=0 if self._state is None else 1)
@@ -109,9 +113,25 @@ class _Snapshot(Collector):
         yield notifications
 
 
-def render(cycles: CycleMetrics, state: StoredState | None) -> bytes:
+def _config_metrics(config: ConfigStatus) -> Iterator[Metric]:
+    """The configuration in force and its reloads (SIGHUP), as Prometheus and Alertmanager report theirs."""
+    yield GaugeMetricFamily("auditor_config_last_reload_success", "1 if the last configuration reload (SIGHUP) "
+                            "took effect, or none was asked for; 0 if it was refused (the previous configuration "
+                            "stays in force).", value=1 if config.is_last_reload_ok else 0)
+    yield GaugeMetricFamily("auditor_config_last_reload_success_timestamp_seconds",
+                            "When the configuration in force was loaded: at start or by the last successful "
+                            "reload (Unix time).", value=config.loaded_at)
+    yield CounterMetricFamily("auditor_config_reload_failures", "Configuration reloads refused because the file "
+                              "or the environment was invalid.", value=config.reload_failures)
+    info = GaugeMetricFamily("auditor_config_info", "The configuration in force: the first 12 hex digits of the "
+                             "SHA-256 of its canonical JSON, secrets redacted.", labels=["fingerprint"])
+    info.add_metric([config.fingerprint], 1)
+    yield info
+
+
+def render(cycles: CycleMetrics, state: StoredState | None, *, config: ConfigStatus | None = None) -> bytes:
     """Returns the Prometheus text exposition of one scrape."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(cycles, state))
+    registry.register(_Snapshot(cycles, state, config))
     data: bytes = generate_latest(registry)
     return data

@@ -93,7 +93,7 @@ def ops_router(deps: ApiDeps) -> APIRouter:
     async def prometheus_metrics() -> Response:
         """Cycle durations, Katapult traffic, open findings and disks by status, from stored state."""
         state = await queries.read_stored_state(deps.services)
-        return Response(metrics.render(deps.cycles, state), media_type=metrics.CONTENT_TYPE)
+        return Response(metrics.render(deps.cycles, state, config=deps.config), media_type=metrics.CONTENT_TYPE)
 
     return router
 

@@ -133,8 +133,11 @@ class CycleRunner:
     async def _cycle(self, trigger: str, run_id: str | None) -> AuditOutcome | None:
         """Runs one cycle; a failure is logged and counted, never raised (the next cycle tries again)."""
         began = time.monotonic()
+        # The whole cycle, its follow-up included, runs on the Services in force when it started: a reload
+        # (the daemon swapping `self.services`) takes effect from the next cycle.
+        services = self.services
         try:
-            outcome = await run_cycle(self.services, failures=self.failures, trigger=trigger, run_id=run_id)
+            outcome = await run_cycle(services, failures=self.failures, trigger=trigger, run_id=run_id)
         except LeaseHeldError as exc:
             log.info("audit cycle (%s) skipped: %s", trigger, exc)
             return None
@@ -149,7 +152,7 @@ class CycleRunner:
             f"{e.code}: {e.message}" for e in outcome.errors[:3])
         if self.on_cycle is not None:
             try:
-                await self.on_cycle(self.services, outcome)
+                await self.on_cycle(services, outcome)
             except Exception:  # the cycle is recorded; a failing follow-up must not turn it into an error
                 log.exception("after audit run %s: the follow-up step failed", outcome.run_id)
         return outcome

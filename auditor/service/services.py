@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from auditor.config import Settings
@@ -168,12 +168,52 @@ async def open_services(
         await services.aclose()
 
 
+def rewire(
+    services: Services,
+    settings: Settings,
+    *,
+    transport: Transport | None = None,
+    token: str | None = None,
+    notify_transport: Transport | None = None,
+    heartbeat_transport: Transport | None = None,
+) -> Services:
+    """Returns Services for reloaded settings: the same store, clock and lease holder (the database URL needs a
+    restart, and the leases must stay this process's), a new Katapult client (the token file is read again), the
+    notifier dispatcher kept while there are notifiers, the heartbeat kept unless [heartbeat] changed. What the
+    old Services held and the new one does not is closed by `close_replaced`, once nothing uses it any more."""
+    client = client_from(settings, transport=transport, token=token) if services.client is not None else None
+    dispatcher = services.dispatcher
+    if not settings.notifiers:
+        dispatcher = None
+    elif dispatcher is None:
+        dispatcher = Dispatcher(transport=notify_transport)
+    heartbeat = services.heartbeat
+    if settings.heartbeat != services.settings.heartbeat:
+        heartbeat = Heartbeat.from_settings(settings.heartbeat, transport=heartbeat_transport)
+    return replace(services, settings=settings, client=client, dispatcher=dispatcher, heartbeat=heartbeat)
+
+
+async def close_replaced(old: Services, new: Services) -> None:
+    """Closes what `old` holds and `new` does not (the heartbeat gets a moment to send what is queued)."""
+    if old.heartbeat is not None and old.heartbeat is not new.heartbeat:
+        await old.heartbeat.flush(5.0)
+        await old.heartbeat.aclose()
+    if old.client is not None and old.client is not new.client:
+        await old.client.aclose()
+    if old.dispatcher is not None and old.dispatcher is not new.dispatcher:
+        await old.dispatcher.aclose()
+    if old.store is not new.store:
+        await old.store.close()
+
+
 __all__ = [
     "Services",
     "check_schema",
     "client_from",
+    "close_replaced",
     "database_label",
     "open_services",
     "prepare_database",
     "reading_services",
+    "rewire",
 ]
