@@ -143,3 +143,12 @@ async def test_rewire_keeps_the_store_and_holder_and_closes_only_what_it_replace
     assert old.client._http.is_closed and old.dispatcher.http.is_closed  # type: ignore[attr-defined]
     assert new.client is not None and not new.client._http.is_closed  # type: ignore[attr-defined]
     await new.aclose()
+
+
+def test_run_help_mentions_sighup() -> None:
+    from click.testing import CliRunner
+
+    from auditor.cli import main
+
+    result = CliRunner().invoke(main, ["run", "--help"])
+    assert result.exit_code == 0 and "SIGHUP reloads the configuration" in " ".join(result.output.split())
