@@ -187,7 +187,8 @@ class _Daemon:
         # database answers.
         self.api_services = reading_services(settings)
         deps = ApiDeps(services=self.api_services, trigger=self._trigger, cycles=self.cycles,
-                       token=settings.api.resolved_token(), version_ttl=1.0, leadership=self._leadership)
+                       token=settings.api.resolved_token(), version_ttl=1.0, revocation_ttl=1.0,
+                       leadership=self._leadership)
         grace = settings.daemon.shutdown_grace.total_seconds()
         config = uvicorn.Config(create_app(deps), log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=max(int(grace), int(SERVER_STOP_MIN)))

@@ -1,9 +1,9 @@
 """Prometheus exposition, built per scrape on a fresh registry from stored state plus the daemon's cycle counters.
 
 Nothing here is a module-level registry: the daemon owns one `CycleMetrics` (what only the running process knows:
-cycle durations, Katapult traffic since start) and every scrape reads the rest (findings, disks, last cycle) from
-the store (`queries.read_stored_state`), so a scrape never triggers a poll and two processes never share counters
-by accident.
+cycle durations, Katapult traffic since start), the dashboard's `LoginThrottle` (in `ApiDeps`) counts its logins,
+and every scrape reads the rest (findings, disks, last cycle) from the store (`queries.read_stored_state`), so a
+scrape never triggers a poll and two processes never share counters by accident.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from auditor.domain.models import FindingStatus
 from auditor.domain.periods import FINISHED_RUNS
 from auditor.service.queries import StoredState
 from auditor.service.runner import CycleMetrics
+from auditor.web.auth import LoginThrottle
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -30,9 +31,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _Snapshot(Collector):
     """A collector over one scrape's numbers (prometheus_client calls `collect` while rendering)."""
 
-    def __init__(self, cycles: CycleMetrics, state: StoredState | None) -> None:
+    def __init__(self, cycles: CycleMetrics, state: StoredState | None, logins: LoginThrottle | None) -> None:
         self._cycles = cycles
         self._state = state
+        self._logins = logins
 
     def collect(self) -> Iterator[Metric]:
         c = self._cycles
@@ -73,6 +75,13 @@ class _Snapshot(Collector):
             yield GaugeMetricFamily("auditor_leader", "1 while this replica is the leader (runs the schedule and "
                                     "the alert delivery), else 0.", value=1 if c.is_leader else 0)
 
+        if self._logins is not None:
+            yield CounterMetricFamily("auditor_login_failures", "Dashboard logins with a wrong token, in this "
+                                      "process.", value=self._logins.failures)
+            yield CounterMetricFamily("auditor_login_throttled", "Dashboard logins refused with 429 because the "
+                                      "client address must wait after repeated wrong tokens, in this process.",
+                                      value=self._logins.refused)
+
         yield GaugeMetricFamily("auditor_store_up", "Whether the database answered this scrape.",
                                 value=0 if self._state is None else 1)
         if self._state is None:
@@ -109,9 +118,9 @@ class _Snapshot(Collector):
         yield notifications
 
 
-def render(cycles: CycleMetrics, state: StoredState | None) -> bytes:
-    """Returns the Prometheus text exposition of one scrape."""
+def render(cycles: CycleMetrics, state: StoredState | None, *, logins: LoginThrottle | None = None) -> bytes:
+    """Returns the Prometheus text exposition of one scrape (the dashboard's login counters when given)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(cycles, state))
+    registry.register(_Snapshot(cycles, state, logins))
     data: bytes = generate_latest(registry)
     return data
