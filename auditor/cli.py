@@ -611,17 +611,23 @@ def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> No
               help="End of the period, excluded: an ISO-8601 date (midnight UTC) or datetime. Default: now (give "
                    "it to make the export reproducible).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory to write into (created if missing; files of the same name are replaced).")
+              help="Directory to write into: a new or empty one (created if missing); a folder that already holds "
+                   "anything is refused with exit 2 and nothing written.")
 def evidence_cmd(config_path: Path | None, since: str, until: str | None, out: Path) -> None:
     """Write evidence for an external auditor: the period report (JSON, CSV, HTML), the configuration with secrets
     redacted, rule parameters, waivers in force, the runs, and MANIFEST.sha256.
 
     Two exports of the same database and period are byte-identical. Reads the database only. Exit 0 written, 2 a
-    bad period, the database or the directory could not be used.
+    bad period, the database or the directory could not be used (a folder that is not empty among them).
     """
     settings = load(config_path)
     setup_logs(settings)
     period = parse_period(since, until)
+    from auditor.errors import FolderNotEmptyError
+    from auditor.service.evidence import is_empty_folder
+
+    if not is_empty_folder(out):  # checked before reading the database; write_evidence checks again
+        fail_usage(str(FolderNotEmptyError(out)))
 
     async def collect_evidence() -> dict[str, bytes]:
         from auditor.service import open_services
@@ -636,6 +642,8 @@ def evidence_cmd(config_path: Path | None, since: str, until: str | None, out: P
 
     try:
         write_evidence(files, out)
+    except FolderNotEmptyError as exc:  # something appeared there while the database was read
+        fail_usage(str(exc))
     except OSError as exc:
         fail_usage(f"cannot write {out}: {exc.strerror or exc}")
     _out().print(f"wrote {len(files)} files to {out} for {iso(period.start)} – {iso(period.end)}; verify with: "

@@ -7,6 +7,7 @@ and str are masked, so they cannot reach a log line or an error message by accid
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -191,6 +192,19 @@ class ApiSettings(Section):
     listen: str = "127.0.0.1:8080"
     token_file: str = ""
     token: SecretStr | None = None
+    # Reverse proxies whose X-Forwarded-For is believed (addresses or networks, e.g. "10.0.0.0/8"): only a request
+    # arriving from one of them is attributed to the address the header names (the login throttle's client).
+    trusted_proxies: list[str] = []
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
+        return [item.strip() for item in value]
 
     @field_validator("listen")
     @classmethod

@@ -46,6 +46,7 @@ from auditor.service.queries import read_recent_runs
 from auditor.service.reloads import ConfigStatus
 from auditor.service.runner import CycleHook, CycleRunner
 from auditor.service.services import close_replaced, database_label, rewire
+from auditor.web.auth import LoginThrottle
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,8 @@ class _Daemon:
         self.reloading = asyncio.Lock()  # one reload at a time, in the order the signals came
         self.background: set[asyncio.Task[None]] = set()  # reloads, and closing what reloads replaced
         self.cycles = CycleMetrics(is_leader=False)
+        # One login throttle for the process: a reload (which builds a new API application) keeps its waits.
+        self.logins = LoginThrottle()
         self.services: Services | None = None
         self.runner: CycleRunner | None = None
         self.scheduler = AsyncIOScheduler(timezone=UTC)
@@ -240,8 +243,8 @@ class _Daemon:
     def _api_app(self, services: Services) -> Any:
         """Returns the API application reading through `services` (its settings give the token and waivers)."""
         deps = ApiDeps(services=services, trigger=self._trigger, cycles=self.cycles,
-                       token=services.settings.api.resolved_token(), version_ttl=1.0, leadership=self._leadership,
-                       config=self.config)
+                       token=services.settings.api.resolved_token(), version_ttl=1.0, revocation_ttl=1.0,
+                       leadership=self._leadership, config=self.config, logins=self.logins)
         return create_app(deps)
 
     async def _trigger(self) -> str | None:

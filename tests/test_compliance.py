@@ -549,3 +549,45 @@ def test_read_only_commands_never_create_a_database(tmp_path: Path) -> None:
         proc = cli(*args, "--config", str(config), cwd=tmp_path)
         assert proc.returncode == 2 and "does not exist" in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "typo.db").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_evidence_refuses_a_folder_that_is_not_empty(site: Path) -> None:
+    cwd = site.parent
+    args = ("--until", "2030-01-04", "--config", str(site))
+    foreign = cwd / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not part of any export\n")
+    (foreign / "compliance.json").write_text("{}")
+    proc = cli("evidence", "--out", str(foreign), *args, cwd=cwd)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(foreign) in lines[0] and "not empty" in lines[0]
+    # Nothing written: the foreign files are as they were and no manifest appeared beside them.
+    assert sorted(p.name for p in foreign.iterdir()) == ["compliance.json", "notes.txt"]
+    assert (foreign / "compliance.json").read_text() == "{}"
+    # An empty folder (or a missing one) works as before; a second export into it is refused, the first kept.
+    empty = cwd / "empty"
+    empty.mkdir()
+    assert cli("evidence", "--out", str(empty), *args, cwd=cwd).returncode == 0
+    written = {p.name: p.read_bytes() for p in empty.iterdir()}
+    assert len(written) == 9
+    again = cli("evidence", "--out", str(empty), *args, cwd=cwd)
+    assert again.returncode == 2 and str(empty) in again.stderr
+    assert {p.name: p.read_bytes() for p in empty.iterdir()} == written
+    # A hidden file counts too.
+    hidden = cwd / "hidden"
+    hidden.mkdir()
+    (hidden / ".keep").write_text("")
+    assert cli("evidence", "--out", str(hidden), *args, cwd=cwd).returncode == 2
+
+
+def test_write_evidence_refuses_a_folder_that_is_not_empty(tmp_path: Path) -> None:
+    from auditor.errors import FolderNotEmptyError
+
+    (tmp_path / "old.txt").write_text("x")
+    with pytest.raises(FolderNotEmptyError) as caught:
+        write_evidence({"a.json": b"{}"}, tmp_path)
+    assert caught.value.folder == tmp_path and str(tmp_path) in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]
+    assert [p.name for p in write_evidence({"a.json": b"{}"}, tmp_path / "new" / "deep")] == ["a.json"]

@@ -386,7 +386,8 @@ async def test_each_run_stores_its_summary_and_disk_verdicts_by_change(db_url: s
 
 # ---- the layer's shape ----------------------------------------------------------------------------------------
 
-USE_CASE_MODULES = ("cycle", "delivery", "leases", "housekeeping", "queries", "compliance", "evidence")
+USE_CASE_MODULES = ("cycle", "delivery", "leases", "housekeeping", "queries", "compliance", "evidence",
+                    "sessions")
 # The store-level read `read_report` and `read_snapshot` share (kept as the store rewrite wrote it).
 NOT_A_USE_CASE = {"auditor.service.queries.build_report"}
 

@@ -45,9 +45,10 @@ from auditor.service.dashboard import compliance_pct
 from auditor.service.delivery import deliver_due
 from auditor.service.queries import read_disk_detail
 from auditor.service.runner import CycleRunner
+from auditor.service.sessions import read_revoked_sessions, revoke_session
 from auditor.store import writes
 from auditor.store.repo import Store
-from auditor.web.auth import SESSION_COOKIE, Signer, is_https, safe_next
+from auditor.web.auth import SESSION_COOKIE, Signer, client_address, is_https, safe_next, trusted_networks
 from auditor.web.charts import COLUMNS, MAX_MARKS, compliance_chart, severity_chart
 from auditor.web.headers import CSP
 
@@ -461,6 +462,174 @@ async def test_session_cookie_rules(world: World) -> None:
     async with web_client(deps) as web:
         web.cookies.set(SESSION_COOKIE, f"{body}.{forged}")
         assert (await web.get("/")).status_code == 303
+
+
+# ---- login throttling and sessions revoked on the server --------------------------------------------------------
+
+
+def metric_value(text: str, name: str) -> float:
+    """Returns the value of an unlabelled sample in a Prometheus exposition."""
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    assert found is not None, name
+    return float(found.group(1))
+
+
+def peer_client(deps: ApiDeps, address: str) -> httpx.AsyncClient:
+    """A client whose connection comes from `address` (what the app sees as request.client)."""
+    transport = httpx.ASGITransport(app=create_app(deps), client=(address, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://dash")
+
+
+async def test_wrong_logins_are_throttled_per_address_doubling_and_reset_by_success(world: World) -> None:
+    t = [utcnow()]
+    deps = deps_for(world, token=API_TOKEN, clock=lambda: t[0])
+    wrong = {"token": "not-" + API_TOKEN, "next": "/"}
+    async with peer_client(deps, "203.0.113.7") as web, peer_client(deps, "198.51.100.9") as other:
+        for _ in range(5):
+            assert (await web.post("/login", data=wrong)).status_code == 401
+        # The 6th attempt waits, wrong or right token alike: the token is not even looked at.
+        sixth = await web.post("/login", data=wrong)
+        assert sixth.status_code == 429 and sixth.headers["retry-after"] == "30"
+        assert "try again in" in sixth.text and "set-cookie" not in sixth.headers
+        right = await web.post("/login", data={"token": API_TOKEN, "next": "/"})
+        assert right.status_code == 429 and "set-cookie" not in right.headers
+        t[0] += timedelta(seconds=10)
+        assert (await web.post("/login", data=wrong)).headers["retry-after"] == "20"
+        # Another address is not affected; nor does a forged X-Forwarded-For (no proxy is trusted) help.
+        assert (await other.post("/login", data=wrong)).status_code == 401
+        spoofed = await web.post("/login", data=wrong, headers={"X-Forwarded-For": "192.0.2.1"})
+        assert spoofed.status_code == 429
+        # Each further wrong token after a wait doubles the next wait, up to 15 minutes.
+        waits = []
+        for _ in range(7):
+            t[0] += timedelta(seconds=int((await web.post("/login", data=wrong)).headers["retry-after"]))
+            assert (await web.post("/login", data=wrong)).status_code == 401  # the wait is over: a real try
+            waits.append(int((await web.post("/login", data=wrong)).headers["retry-after"]))
+        assert waits == [60, 120, 240, 480, 900, 900, 900]
+        # The right token after the wait logs in and resets the address: five free tries again.
+        t[0] += timedelta(seconds=900)
+        ok = await web.post("/login", data={"token": API_TOKEN, "next": "/"})
+        assert ok.status_code == 303 and SESSION_COOKIE in ok.headers["set-cookie"]
+        web.cookies.clear()
+        for _ in range(5):
+            assert (await web.post("/login", data=wrong)).status_code == 401
+        assert (await web.post("/login", data=wrong)).status_code == 429
+        exposition = (await web.get("/metrics")).text
+    # 5 + 1 (other) + 7 + 5 wrong tokens looked at; every 429 counted as refused.
+    assert metric_value(exposition, "auditor_login_failures_total") == 18
+    assert metric_value(exposition, "auditor_login_throttled_total") == 1 + 1 + 1 + 1 + 7 * 2 + 1
+
+
+def test_client_address_believes_forwarded_for_only_from_trusted_proxies() -> None:
+    proxies = trusted_networks(["10.0.0.0/8", "fd00::1"])
+    assert client_address("203.0.113.7", "192.0.2.1", trusted=()) == "203.0.113.7"
+    assert client_address("203.0.113.7", "192.0.2.1", trusted=proxies) == "203.0.113.7"  # not from a proxy
+    assert client_address("10.1.2.3", None, trusted=proxies) == "10.1.2.3"
+    # From a proxy: the right-most hop that is not a proxy; what the client wrote on the left is ignored.
+    assert client_address("10.1.2.3", "192.0.2.1", trusted=proxies) == "192.0.2.1"
+    assert client_address("10.1.2.3", "6.6.6.6, 192.0.2.1, 10.9.9.9", trusted=proxies) == "192.0.2.1"
+    assert client_address("fd00::1", "2001:db8::5", trusted=proxies) == "2001:db8::5"
+    assert client_address("10.1.2.3", "10.4.4.4", trusted=proxies) == "10.4.4.4"  # only proxies: the first
+    assert client_address(None, "192.0.2.1", trusted=proxies) == "unknown"
+    with pytest.raises(ValueError, match="not an IP address"):
+        Settings(api={"trusted_proxies": ["proxy.example"]})
+
+
+async def test_a_trusted_proxy_throttles_each_forwarded_client(world: World) -> None:
+    settings = world.settings.model_copy(update={"api": world.settings.api.model_copy(
+        update={"trusted_proxies": ["127.0.0.1"]})})
+    deps = replace(deps_for(world, token=API_TOKEN), services=replace(world.runtime, settings=settings))
+    wrong = {"token": "nope"}
+    async with peer_client(deps, "127.0.0.1") as proxy:
+        for _ in range(5):
+            assert (await proxy.post("/login", data=wrong, headers={"X-Forwarded-For": "192.0.2.1"})).status_code \
+                == 401
+        assert (await proxy.post("/login", data=wrong, headers={"X-Forwarded-For": "192.0.2.1"})).status_code == 429
+        assert (await proxy.post("/login", data=wrong, headers={"X-Forwarded-For": "192.0.2.2"})).status_code == 401
+
+
+async def session_cookie(deps: ApiDeps) -> tuple[str, str]:
+    """Logs in through a fresh client; returns the session cookie and the page's CSRF token."""
+    async with web_client(deps) as web:
+        await login(web)
+        cookie = web.cookies[SESSION_COOKIE]
+        csrf = re.search(r'name="csrf" value="([^"]+)"', (await web.get("/")).text).group(1)  # type: ignore
+    return cookie, csrf
+
+
+async def replay(deps: ApiDeps, cookie: str, path: str = "/") -> httpx.Response:
+    async with web_client(deps) as web:
+        web.cookies.set(SESSION_COOKIE, cookie)
+        return await web.get(path)
+
+
+async def test_a_logged_out_cookie_replayed_is_sent_to_the_login_page(world: World) -> None:
+    deps = deps_for(world, token=API_TOKEN)
+    cookie, csrf = await session_cookie(deps)
+    kept, _ = await session_cookie(deps)
+    assert (await replay(deps, cookie)).status_code == 200
+    async with web_client(deps) as web:
+        web.cookies.set(SESSION_COOKIE, cookie)
+        assert (await web.post("/logout", data={"csrf": csrf})).status_code == 303
+    for path in ("/", "/findings", "/runs"):
+        response = await replay(deps, cookie, path)
+        assert response.status_code == 303 and urlsplit(response.headers["location"]).path == "/login", path
+    # The login page does not take it for a session either; another session is untouched.
+    async with web_client(deps) as web:
+        web.cookies.set(SESSION_COOKIE, cookie)
+        assert (await web.get("/login")).status_code == 200
+        assert (await web.post("/audit", data={"csrf": csrf})).status_code == 403
+    assert (await replay(deps, kept)).status_code == 200
+
+
+async def test_a_cookie_logged_out_on_one_replica_is_refused_by_another(world: World) -> None:
+    t = [utcnow()]
+    second_store = Store.from_url(world.settings.database.url.get_secret_value())
+    try:
+        first = deps_for(world, token=API_TOKEN, clock=lambda: t[0])
+        # The other replica: its own engine on the same database, caching lookups for a second as the daemon does.
+        second = replace(deps_for(world, token=API_TOKEN, clock=lambda: t[0], store=second_store),
+                         revocation_ttl=1.0)
+        cookie, csrf = await session_cookie(first)
+        async with web_client(second) as other:
+            other.cookies.set(SESSION_COOKIE, cookie)
+            assert (await other.get("/")).status_code == 200  # looked up: not revoked (cached for 1 s)
+            async with web_client(first) as web:
+                web.cookies.set(SESSION_COOKIE, cookie)
+                assert (await web.post("/logout", data={"csrf": csrf})).status_code == 303
+            t[0] += timedelta(milliseconds=500)
+            assert (await other.get("/")).status_code == 200  # within the documented bound
+            t[0] += timedelta(milliseconds=500)
+            refused = await other.get("/")
+            assert refused.status_code == 303 and urlsplit(refused.headers["location"]).path == "/login"
+    finally:
+        await second_store.close()
+
+
+async def test_revocations_are_kept_until_the_session_expires_then_pruned(world: World) -> None:
+    t = [utcnow()]
+    services = replace(world.runtime, clock=lambda: t[0])
+    await revoke_session(services, sid="a" * 32, expires=t[0] + timedelta(hours=1))
+    await revoke_session(services, sid="a" * 32, expires=t[0] + timedelta(hours=1))  # twice: still one
+    await revoke_session(services, sid="b" * 32, expires=t[0] + timedelta(hours=3))
+    assert await read_revoked_sessions(services, sids=["a" * 32, "b" * 32, "c" * 32]) == {"a" * 32, "b" * 32}
+    t[0] += timedelta(hours=2)
+    assert await read_revoked_sessions(services, sids=["a" * 32, "b" * 32]) == {"b" * 32}
+    await revoke_session(services, sid="c" * 32, expires=t[0] + timedelta(hours=1))  # prunes the expired "a"
+    assert await services.store.read(writes.revoke_session, "d" * 32, expires=t[0], now=t[0]) == 1  # itself
+    t[0] -= timedelta(hours=2)  # "a" would count again had it been kept
+    assert await read_revoked_sessions(services, sids=["a" * 32]) == set()
+
+
+async def test_changing_the_token_ends_every_session(world: World) -> None:
+    old = deps_for(world, token=API_TOKEN)
+    cookie, _ = await session_cookie(old)
+    assert (await replay(old, cookie)).status_code == 200
+    new = deps_for(world, token=API_TOKEN + "-rotated")
+    response = await replay(new, cookie)
+    assert response.status_code == 303 and urlsplit(response.headers["location"]).path == "/login"
+    # Back to the old token (no logout happened): the cookie is good again, so the refusal was the key's doing.
+    assert (await replay(deps_for(world, token=API_TOKEN), cookie)).status_code == 200
 
 
 def test_redirect_targets_and_https_detection() -> None:

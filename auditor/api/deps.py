@@ -11,6 +11,7 @@ from pydantic import SecretStr
 from auditor.service.reloads import ConfigStatus
 from auditor.service.runner import CycleMetrics
 from auditor.service.services import Services
+from auditor.web.auth import LoginThrottle
 
 Trigger = Callable[[], Awaitable[str | None]]
 Leadership = Callable[[], dict[str, Any]]
@@ -25,7 +26,9 @@ class ApiDeps:
     the waivers. `trigger` starts an audit cycle and returns the new run's id, or None when a cycle is already
     running. `leadership` says whether this replica leads (runs the schedule); /readyz shows it.
     `version_ttl`: report and findings bodies are cached per latest run; the daemon checks for a new run at
-    most once a second (a run that just committed shows within that second).
+    most once a second (a run that just committed shows within that second). `revocation_ttl`: how long the
+    dashboard trusts a "this session is not logged out" lookup (the daemon: 1 s, so a cookie logged out on another
+    replica is refused here within that second). `logins`: this process's login throttle and its counters.
     """
 
     services: Services
@@ -34,6 +37,9 @@ class ApiDeps:
     token: SecretStr | None = field(default=None, repr=False)
     # How long the API trusts its last look at the latest run before rendering from cache (0: every request).
     version_ttl: float = 0.0
+    # How long the dashboard trusts its last look at whether a session was logged out (0: every request).
+    revocation_ttl: float = 0.0
+    logins: LoginThrottle = field(default_factory=LoginThrottle)
     # The daemon's leadership ({"leader": bool, "replica": "host pid N"}) for /readyz; None outside a daemon.
     leadership: Leadership | None = None
     # The daemon's configuration in force and its reloads, for /metrics; None outside a daemon.

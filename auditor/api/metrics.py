@@ -1,9 +1,9 @@
 """Prometheus exposition, built per scrape on a fresh registry from stored state plus the daemon's cycle counters.
 
 Nothing here is a module-level registry: the daemon owns one `CycleMetrics` (what only the running process knows:
-cycle durations, Katapult traffic since start) and every scrape reads the rest (findings, disks, last cycle) from
-the store (`queries.read_stored_state`), so a scrape never triggers a poll and two processes never share counters
-by accident.
+cycle durations, Katapult traffic since start), the dashboard's `LoginThrottle` (in `ApiDeps`) counts its logins,
+and every scrape reads the rest (findings, disks, last cycle) from the store (`queries.read_stored_state`), so a
+scrape never triggers a poll and two processes never share counters by accident.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from auditor.domain.periods import FINISHED_RUNS
 from auditor.service.queries import StoredState
 from auditor.service.reloads import ConfigStatus
 from auditor.service.runner import CycleMetrics
+from auditor.web.auth import LoginThrottle
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -31,10 +32,12 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _Snapshot(Collector):
     """A collector over one scrape's numbers (prometheus_client calls `collect` while rendering)."""
 
-    def __init__(self, cycles: CycleMetrics, state: StoredState | None, config: ConfigStatus | None) -> None:
+    def __init__(self, cycles: CycleMetrics, state: StoredState | None, config: ConfigStatus | None,
+                 logins: LoginThrottle | None) -> None:
         self._cycles = cycles
         self._state = state
         self._config = config
+        self._logins = logins
 
     def collect(self) -> Iterator[Metric]:
         c = self._cycles
@@ -76,6 +79,13 @@ class _Snapshot(Collector):
                                     "the alert delivery), else 0.", value=1 if c.is_leader else 0)
         if self._config is not None:
             yield from _config_metrics(self._config)
+
+        if self._logins is not None:
+            yield CounterMetricFamily("auditor_login_failures", "Dashboard logins with a wrong token, in this "
+                                      "process.", value=self._logins.failures)
+            yield CounterMetricFamily("auditor_login_throttled", "Dashboard logins refused with 429 because the "
+                                      "client address must wait after repeated wrong tokens, in this process.",
+                                      value=self._logins.refused)
 
         yield GaugeMetricFamily("auditor_store_up", "Whether the database answered this scrape.",
                                 value=0 if self._state is None else 1)
@@ -129,9 +139,11 @@ def _config_metrics(config: ConfigStatus) -> Iterator[Metric]:
     yield info
 
 
-def render(cycles: CycleMetrics, state: StoredState | None, *, config: ConfigStatus | None = None) -> bytes:
-    """Returns the Prometheus text exposition of one scrape."""
+def render(cycles: CycleMetrics, state: StoredState | None, *, config: ConfigStatus | None = None,
+           logins: LoginThrottle | None = None) -> bytes:
+    """Returns the Prometheus text exposition of one scrape (the configuration's and the dashboard's login counters
+    when given)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(cycles, state, config))
+    registry.register(_Snapshot(cycles, state, config, logins))
     data: bytes = generate_latest(registry)
     return data

@@ -91,9 +91,10 @@ def ops_router(deps: ApiDeps) -> APIRouter:
                 responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                                  "description": "Prometheus text exposition format 0.0.4."}})
     async def prometheus_metrics() -> Response:
-        """Cycle durations, Katapult traffic, open findings and disks by status, from stored state."""
+        """Cycle durations, Katapult traffic, dashboard logins, open findings and disks by status (stored state)."""
         state = await queries.read_stored_state(deps.services)
-        return Response(metrics.render(deps.cycles, state, config=deps.config), media_type=metrics.CONTENT_TYPE)
+        return Response(metrics.render(deps.cycles, state, config=deps.config, logins=deps.logins),
+                        media_type=metrics.CONTENT_TYPE)
 
     return router
 

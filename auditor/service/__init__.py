@@ -35,6 +35,7 @@ Where things are:
 - `queries`: every read — report, findings, runs, a disk's history, notifications, readiness, the metrics'
   stored state, the dashboard's snapshot and searches; `reports` shapes their JSON, `dashboard` their views;
 - `compliance`: the period report; `evidence`: the evidence export;
+- `sessions`: dashboard sessions revoked on the server (logout), for every replica;
 - `runner`: running cycles in this process (`CycleRunner`, `CycleMetrics`); `versions`: the data version the
   read-side caches key on.
 

@@ -19,6 +19,7 @@ from auditor.domain import periods
 from auditor.domain.models import Waiver
 from auditor.domain.periods import Period
 from auditor.domain.rules import RULES
+from auditor.errors import FolderNotEmptyError
 from auditor.render.compliance import compliance_csv, compliance_html
 from auditor.render.evidence import json_bytes, manifest, runs_csv
 from auditor.service.compliance import (
@@ -135,8 +136,23 @@ async def build_evidence(services: Services, *, period: Period) -> dict[str, byt
     return files
 
 
+def is_empty_folder(out: Path) -> bool:
+    """Returns whether `out` holds nothing: a missing folder or an empty one."""
+    try:
+        return next(out.iterdir(), None) is None
+    except OSError:
+        return True  # missing, or not a directory or unreadable: mkdir or the write fails with the OS's reason
+
+
 def write_evidence(files: Mapping[str, bytes], out: Path) -> list[Path]:
-    """Writes the files into `out` (created if missing; files of the same name replaced atomically)."""
+    """Writes the files into `out`, which must be missing or empty (created if missing).
+
+    A folder that already holds anything is refused (FolderNotEmptyError, nothing written): an export written over
+    another one, or beside foreign files, would still verify against its manifest while the folder shows more than
+    the manifest covers.
+    """
+    if not is_empty_folder(out):
+        raise FolderNotEmptyError(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name in sorted(files):

@@ -54,6 +54,7 @@ from auditor.store.tables import (
     leases,
     outbox,
     policy_states,
+    revoked_sessions,
     run_summaries,
     runs,
 )
@@ -161,6 +162,17 @@ def schema_revision(conn: Connection) -> str | None:
         return None
     row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
     return str(row[0]) if row else None
+
+
+# ---- dashboard sessions -----------------------------------------------------------------------------------------
+
+
+def revoked_session_ids(conn: Connection, sids: Sequence[str], *, now: datetime) -> set[str]:
+    """Returns which of the session ids were revoked (logged out) and would not have expired yet at `now`."""
+    if not sids:
+        return set()
+    c = revoked_sessions.c
+    return set(conn.execute(select(c.sid).where(c.sid.in_(list(sids)), c.expires_at > now)).scalars())
 
 
 # ---- leases and runs -------------------------------------------------------------------------------------------

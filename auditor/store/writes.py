@@ -33,6 +33,7 @@ from auditor.store.tables import (
     findings,
     outbox,
     policy_states,
+    revoked_sessions,
     run_summaries,
     runs,
 )
@@ -66,6 +67,13 @@ class CycleWrite:
     disk_statuses: dict[str, str] = field(default_factory=dict)
     open_by_severity: dict[str, int] = field(default_factory=dict)
     open_by_rule: dict[str, int] = field(default_factory=dict)
+
+
+def revoke_session(conn: Connection, sid: str, *, expires: datetime, now: datetime) -> int:
+    """Records a dashboard session as revoked until it would have expired, and deletes the revocations of sessions
+    that have expired by `now` (their cookies are refused anyway); returns how many were deleted."""
+    insert_if_absent(conn, revoked_sessions, {"sid": sid, "expires_at": expires, "revoked_at": now})
+    return rowcount(conn.execute(delete(revoked_sessions).where(revoked_sessions.c.expires_at <= now)))
 
 
 def new_run_id() -> str:

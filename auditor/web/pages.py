@@ -30,7 +30,17 @@ from auditor.service import dashboard, queries
 from auditor.service.reports import iso
 from auditor.service.versions import DataVersion, SingleFlight, data_version
 from auditor.vocabulary import format_duration
-from auditor.web.auth import SESSION_COOKIE, SESSION_TTL, Session, Signer, is_https, safe_next
+from auditor.web.auth import (
+    SESSION_COOKIE,
+    SESSION_TTL,
+    Revocations,
+    Session,
+    Signer,
+    client_address,
+    is_https,
+    safe_next,
+    trusted_networks,
+)
 from auditor.web.charts import compliance_chart, severity_chart
 from auditor.web.snapshots import LRU, Built, Slotted, Snapshots, slot
 
@@ -155,6 +165,9 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
     env = _environment()
     signer = Signer(deps.token)
     services = deps.services
+    revocations = Revocations(services, ttl=timedelta(seconds=deps.revocation_ttl))
+    throttle = deps.logins
+    proxies = trusted_networks(services.settings.api.trusted_proxies)
     clock = services.clock
     interval = services.settings.audit.interval
     version = DataVersion(services, ttl=deps.version_ttl)
@@ -249,12 +262,25 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
             return held[1]
         return await asyncio.shield(flight)
 
-    def session_of(request: Request) -> Session | None:
-        return signer.verify(request.cookies.get(SESSION_COOKIE), now=clock())
+    async def session_of(request: Request) -> Session | None:
+        """Returns the request's session: signed by us, not expired and (when guarded) not logged out."""
+        now = clock()
+        session = signer.verify(request.cookies.get(SESSION_COOKIE), now=now)
+        # Only a guarded dashboard's sessions are revoked: an open one's carry nothing but the CSRF binding.
+        if session is not None and signer.is_guarded and await revocations.is_revoked(session, now=now):
+            session = None
+        request.state.viewer = session
+        return session
 
-    def viewer_of(request: Request) -> Session:
+    def known_viewer(request: Request) -> Session | None:
+        """The session this request was found to have (None if not looked at yet): for error pages, which must
+        not ask the database again (it may be why they are shown)."""
+        viewer: Session | None = getattr(request.state, "viewer", None)
+        return viewer
+
+    async def viewer_of(request: Request) -> Session:
         """Returns the viewer's session: login first when guarded; an open dashboard hands one out."""
-        session = session_of(request)
+        session = await session_of(request)
         if session is not None:
             return session
         if signer.is_guarded:
@@ -276,10 +302,10 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
                 except _LoginRequired as exc:
                     response = RedirectResponse(f"/login?{urlencode({'next': exc.target})}", status_code=303)
                 except BadRequest as exc:
-                    response = render(request, "error.html", viewer=session_of(request), status=400,
+                    response = render(request, "error.html", viewer=known_viewer(request), status=400,
                                       title="Bad request", message=str(exc))
                 except StoreError as exc:
-                    response = render(request, "error.html", viewer=session_of(request), status=503,
+                    response = render(request, "error.html", viewer=known_viewer(request), status=503,
                                       title="Database unavailable", message=f"The database does not answer: {exc}")
                 cookie = getattr(request.state, "new_session", None)
                 if cookie is not None:
@@ -302,7 +328,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
     @router.get("/login")
     async def login_form(request: Request) -> Response:
         target = safe_next(request.query_params.get("next"))
-        if not signer.is_guarded or session_of(request) is not None:
+        if not signer.is_guarded or await session_of(request) is not None:
             return RedirectResponse(target, status_code=303)
         return render(request, "login.html", viewer=None, next=target, failed=False)
 
@@ -312,20 +338,35 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
         target = safe_next(form.get("next"))
         if not signer.is_guarded:
             return RedirectResponse(target, status_code=303)
+        now = clock()
+        address = client_address(request.client.host if request.client else None,
+                                 request.headers.get("x-forwarded-for"), trusted=proxies)
+        wait = throttle.retry_after(address, now=now)
+        if wait is not None:
+            # Refused before the token is looked at: while an address waits, not even the right token opens.
+            response = render(request, "login.html", viewer=None, status=429, next=target, failed=False,
+                              retry_after=wait)
+            response.headers["Retry-After"] = str(wait)
+            return response
         if not signer.check_token(form.get("token", "")):
+            throttle.failed(address, now=now)
             # The submitted text is never echoed back: it may be a near-miss of the real token.
             return render(request, "login.html", viewer=None, status=401, next=target, failed=True)
-        _session, cookie = signer.issue(now=clock())
+        throttle.succeeded(address)
+        _session, cookie = signer.issue(now=now)
         request.state.new_session = cookie
         return RedirectResponse(target, status_code=303)
 
     @router.post("/logout")
     async def logout(request: Request) -> Response:
         form = await _form(request)
-        session = session_of(request)
+        session = await session_of(request)
         if session is not None and not signer.check_csrf(session, form.get("csrf")):
             return render(request, "error.html", viewer=session, status=403, title="Forbidden",
                           message="The form was not sent by this dashboard (missing or wrong CSRF token).")
+        if session is not None and signer.is_guarded:
+            # Ended on the server: the cookie, if replayed, is refused by every replica (not just forgotten here).
+            await revocations.revoke(session)
         response = RedirectResponse("/login" if signer.is_guarded else "/", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict",
                                secure=is_https(request.url.scheme, request.headers.get("x-forwarded-proto")))
@@ -335,7 +376,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
 
     @router.get("/")
     async def overview(request: Request) -> Response:
-        viewer = viewer_of(request)
+        viewer = await viewer_of(request)
         days = int(_choice(request.query_params.get("days"), [str(d) for d in dashboard.TREND_DAYS], name="days",
                            default="7") or 7)
         built = await current()
@@ -351,7 +392,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
     @router.post("/audit")
     async def run_audit(request: Request) -> Response:
         form = await _form(request)
-        session = session_of(request)
+        session = await session_of(request)
         if not signer.check_csrf(session, form.get("csrf")):
             return render(request, "error.html", viewer=session, status=403, title="Forbidden",
                           message="The form was not sent by this dashboard (missing or wrong CSRF token). "
@@ -368,7 +409,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
 
     @router.get("/findings")
     async def findings(request: Request) -> Response:
-        viewer = viewer_of(request)
+        viewer = await viewer_of(request)
         q = request.query_params
         status = _choice(q.get("status"), FINDING_STATUSES, name="status", default="open") or "open"
         sort = _choice(q.get("sort"), SORT_KEYS, name="sort", default="severity") or "severity"
@@ -440,7 +481,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
 
     @router.get("/disks/{disk_id:path}")
     async def disk(request: Request, disk_id: str) -> Response:
-        viewer = viewer_of(request)
+        viewer = await viewer_of(request)
         if not disk_id or len(disk_id) > 256 or any(ord(c) <= 0x20 or c == "\x7f" for c in disk_id):
             raise BadRequest("not a disk id")
         detail = await queries.read_disk_detail(services, disk_id=disk_id)
@@ -452,7 +493,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
 
     @router.get("/runs")
     async def runs(request: Request) -> Response:
-        viewer = viewer_of(request)
+        viewer = await viewer_of(request)
         notice = _choice(request.query_params.get("audit"), ("started", "busy", "unavailable"), name="audit")
         started = _text(request.query_params.get("run"), name="run") if notice == "started" else None
         records = await queries.read_recent_runs(services, limit=50)
@@ -461,14 +502,14 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
 
     @router.get("/notifications")
     async def notifications(request: Request) -> Response:
-        viewer = viewer_of(request)
+        viewer = await viewer_of(request)
         states, recent = await queries.read_notifier_states(services, limit=50)
         return render(request, "notifications.html", viewer=viewer, nav="notifications", states=states,
                       recent=recent, delivery_states=dashboard.DELIVERY_STATES)
 
     @router.get("/waivers")
     async def waivers(request: Request) -> Response:
-        viewer = viewer_of(request)
+        viewer = await viewer_of(request)
         view = await queries.read_waivers(services)
         return render(request, "waivers.html", viewer=viewer, nav="waivers", view=view, today=view.today)
 
