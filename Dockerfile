@@ -4,15 +4,22 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY auditor ./auditor
 COPY migrations ./migrations
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The auditor alone: its dependencies come from requirements.lock below.
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     AUDITOR_API__LISTEN=0.0.0.0:8080 \
     AUDITOR_LOG__FORMAT=json
+# Exact versions with their hashes (`make lock`), so the image runs what the tests ran. Nothing is resolved here:
+# --no-deps keeps anything outside the lock out, and `pip check` fails the build if the lock misses a dependency.
+COPY requirements.lock /tmp/requirements.lock
+RUN pip install --no-cache-dir --require-hashes --no-deps -r /tmp/requirements.lock \
+    && rm /tmp/requirements.lock
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl \
+RUN pip install --no-cache-dir --no-deps /wheels/*.whl \
+    && pip check \
     && rm -rf /wheels \
     && useradd --system --uid 10001 --create-home --home-dir /app auditor
 # config/auditor.toml under the working directory is read when present (mount ./config here).

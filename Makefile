@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: demo test lint typecheck layers pytest bench clean install
+.PHONY: demo test lint typecheck layers pytest bench clean install lock lock-upgrade
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,21 @@ test: $(STAMP_TEST)
 ## bench: run every benchmark and print its figures against the targets
 bench: $(STAMP_TEST)
 	$(BIN)/python benchmarks/run_all.py
+
+## lock: pin pyproject.toml's runtime dependencies with hashes in requirements.lock, which the Docker image installs
+## (for its Python 3.11 on linux x86_64, whatever this machine runs; pins already in the lock are kept: lock-upgrade
+##  moves every pin to the newest release pyproject.toml allows). tests/test_deploy.py fails while the two disagree.
+LOCK = $(BIN)/uv pip compile pyproject.toml --quiet --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+	--generate-hashes --custom-compile-command 'make lock' --output-file requirements.lock
+
+$(BIN)/uv: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet 'uv>=0.5'
+
+lock: $(BIN)/uv
+	$(LOCK)
+
+lock-upgrade: $(BIN)/uv
+	$(LOCK) --upgrade
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache demo.db*

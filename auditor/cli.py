@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 import click
 
 from auditor import __version__
 from auditor.errors import AuditorError, ConfigError, LeaseHeldError, StoreError
+from auditor.vocabulary import DiskStatus, FindingStatusName, RunStatus, Severity, format_duration, parse_duration
 
 # Start-up time: `auditor --help` imports only click; pydantic (config), rich (output), SQLAlchemy (the store),
 # httpx and the daemon are imported by the commands that use them (benchmarks/cli_start.py measures it).
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FINDINGS, EXIT_INCOMPLETE, EXIT_CONFIG = 0, 1, 2, 78
 NOTIFY_DRAIN_SECONDS = 15.0
-SEVERITY_CHOICES = ["low", "medium", "high", "critical"]
+SEVERITY_CHOICES = [severity.value for severity in Severity]
 CHECK_CONFIG_LIST = 20  # disks or organizations check-config lists by id
 
 T = TypeVar("T")
@@ -126,36 +128,11 @@ def load(config_path: Path | None) -> Settings:
 
 def setup_logs(settings: Settings, *, extra_secrets: tuple[str, ...] = ()) -> None:
     """Configures logging with every configured secret registered for scrubbing."""
+    from auditor.config import configured_secrets
     from auditor.log import setup_logging
 
-    secrets = list(extra_secrets)
-    for n in settings.notifiers:
-        for attr in ("url", "secret", "routing_key", "webhook_url", "password"):
-            value = getattr(n, attr, None)
-            if value is not None and hasattr(value, "get_secret_value"):
-                secrets.append(value.get_secret_value())
-    if settings.api.token is not None:
-        secrets.append(settings.api.token.get_secret_value())
-    if settings.heartbeat.url is not None:
-        secrets.append(settings.heartbeat.url.get_secret_value())
-    # The scrubber masks every form a secret takes on the wire (a URL's user:password as basic auth,
-    # percent-encoded, base64) — except for the database URL, whose user and database names are ordinary words
-    # ("auditor"): only its password is secret (the URL itself is only ever logged masked, see safe_url).
-    db_password = db_url_password(settings.database.url.get_secret_value())
-    if db_password:
-        secrets.append(db_password)
+    secrets = [*extra_secrets, *configured_secrets(settings)]
     setup_logging(level=settings.log.level, fmt=settings.log.format, secrets=[s for s in secrets if s])
-
-
-def db_url_password(url: str) -> str | None:
-    """Returns the password in a database URL, percent-decoded, or None."""
-    from urllib.parse import unquote, urlsplit
-
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return None
-    return unquote(password) if password else None
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -223,10 +200,9 @@ def main() -> None:
 def check_config(config_path: Path | None) -> None:
     """Validate the configuration, print what is in effect (secrets redacted) and exit (0 valid, 78 invalid with
     one line per problem)."""
-    from auditor.config import format_duration
     from auditor.domain.alerts import notifier_warnings
-    from auditor.domain.lifecycle import parse_waivers
     from auditor.domain.rules import RULES
+    from auditor.service.configuration import waivers_from
 
     settings = load(config_path)
     console = _out()
@@ -239,8 +215,8 @@ def check_config(config_path: Path | None) -> None:
         settings.api.resolved_token()
     except ConfigError as err:
         fail_config(err)
-    # The same parse as the service's waivers_from, without importing the service (the store, httpx) here.
-    waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=datetime.now(UTC))
+    # `configuration` imports the settings and the domain only: not the store, httpx or the notifiers.
+    waivers, problems = waivers_from(settings)
     audit, rules = settings.audit, settings.rules
     lines = [
         "configuration is valid",
@@ -288,15 +264,14 @@ def check_config(config_path: Path | None) -> None:
 
 def tier_lines(settings: Settings) -> list[str]:
     """Returns check-config's lines about [[tiers]]: each tier, and warnings about tiers that can never match."""
-    from auditor.config import format_duration
-    from auditor.domain.tiers import shadowed, tier_from_tables
+    from auditor.domain.tiers import shadowed
+    from auditor.service.configuration import tier_from
 
     lines: list[str] = []
     tiers = []
     for t in settings.tiers:
         m = t.match
-        tiers.append(tier_from_tables(t.name, disk_annotations=m.disk_annotations, vm_annotations=m.vm_annotations,
-                                      organizations=m.organizations, exempt=t.exempt, reason=t.reason))
+        tiers.append(tier_from(t))
         conds = [f"{side} {key}={value if isinstance(value, str) else '|'.join(value)}"
                  for side, table in (("disk", m.disk_annotations), ("vm", m.vm_annotations))
                  for key, value in table.items()]
@@ -363,27 +338,30 @@ def audit_cmd(config_path: Path | None, once: bool, fail_on: str | None, fmt: st
 async def _audit(settings: Settings, *, fail_on: str | None, fmt: str, wait: float = 0.0,
                  transport: Any = None, print_report: bool = False,
                  drain_timeout: float = NOTIFY_DRAIN_SECONDS) -> int:
-    from auditor.service import open_services
+    from auditor.service import PendingFailures, open_services
+    from auditor.service.cycle import record_failures, run_cycle
+    from auditor.service.delivery import drain
 
     if settings.audit.disks == [] and settings.audit.organizations == []:
         raise ConfigError(["audit: nothing to audit: set audit.disks and/or audit.organizations "
                            "(env AUDITOR_AUDIT__DISKS / AUDITOR_AUDIT__ORGANIZATIONS)"])
     async with open_services(settings, transport=transport) as services:
         progress, stop = _progress(len(settings.audit.disks))
+        failures = PendingFailures()  # this run's failure, if the database cannot take it at once
         try:
-            outcome = await services.run_cycle(progress=progress, wait=wait)
+            outcome = await run_cycle(services, failures=failures, progress=progress, wait=wait)
         except LeaseHeldError as exc:
             _err().print(f"error: {exc} (waited {wait:g}s; see --wait)", markup=False)
             return EXIT_INCOMPLETE
         finally:
             stop()
         # Deliver what this cycle produced before exiting; what is not delivered stays in the outbox.
-        drained = await services.drain(within=drain_timeout)
+        drained = await drain(services, within=drain_timeout)
         if drained.pending:
             why = f": {'; '.join(drained.reasons)}" if drained.reasons else ""
             _err().print(f"{drained.pending} notification(s) not yet delivered{why}; they stay in the outbox "
                          "for the daemon or the next run", markup=False)
-        unrecorded = await services.record_pending_failures()
+        unrecorded = await record_failures(services, failures=failures)
         if print_report:
             await _print_report(services, "table")
     print_outcome(outcome, fmt=fmt)
@@ -391,7 +369,7 @@ async def _audit(settings: Settings, *, fail_on: str | None, fmt: str, wait: flo
         _err().print(f"error: run {outcome.run_id} failed and could not be recorded: the database does not answer",
                      markup=False)
         return EXIT_INCOMPLETE
-    if outcome.status.value != "complete":
+    if outcome.status is not RunStatus.COMPLETE:
         first = outcome.errors[0] if outcome.errors else None
         _err().print(f"audit {outcome.status.value}: " + (f"{first.target}: {first.code}: {first.message}"
                                                          if first else "see the errors above"), markup=False)
@@ -458,23 +436,27 @@ def run_cmd(config_path: Path | None) -> None:
     Several daemons may share one database: all serve the API, the one holding the leader lease
     (daemon.leader_ttl) runs the schedule and the alert delivery, and another takes over when it dies.
     Stops on SIGTERM or SIGINT: a running cycle gets daemon.shutdown_grace to finish, then the process exits 0.
+    SIGHUP reloads the configuration file (and the AUDITOR_* environment as at start): rules, tiers, waivers,
+    notifiers, the heartbeat, [katapult], [audit] and the log level take effect from the next cycle; a key that
+    needs a restart (database.url, api.listen, ...) is logged and keeps its value; an invalid file is logged
+    line by line and the running configuration stays.
     Exit 2: the API address could not be taken or the database failed; 78: configuration error.
     """
+    from functools import partial
+
+    from auditor.config import check_runnable, load_settings
+
     settings = load(config_path)
     try:
-        katapult_token = settings.katapult.token().get_secret_value()
-        api_token = settings.api.resolved_token()
+        katapult_token, api_token = check_runnable(settings)
     except ConfigError as err:
         fail_config(err)
         raise AssertionError("unreachable") from None
-    if not settings.audit.disks and not settings.audit.organizations:
-        fail_config(ConfigError(["audit: nothing to audit: set audit.disks and/or audit.organizations "
-                                 "(env AUDITOR_AUDIT__DISKS / AUDITOR_AUDIT__ORGANIZATIONS)"]))
-    secrets = (katapult_token,) + ((api_token.get_secret_value(),) if api_token is not None else ())
+    secrets = (katapult_token.get_secret_value(),) + ((api_token.get_secret_value(),) if api_token else ())
     setup_logs(settings, extra_secrets=secrets)
     from auditor.daemon import serve
 
-    sys.exit(run_async(serve(settings)))
+    sys.exit(run_async(serve(settings, reload=partial(load_settings, config_path))))
 
 
 # ---- report / findings / history ------------------------------------------------------------------------
@@ -514,10 +496,10 @@ def report_cmd(config_path: Path | None, fmt: str, since: str | None, until: str
 
         async def period_report() -> dict[str, Any]:
             from auditor.service import open_services
-            from auditor.service.compliance import compliance_report
+            from auditor.service.compliance import read_period_report
 
             async with open_services(settings, katapult=False, migrate=False) as services:
-                return await compliance_report(services, period)
+                return await read_period_report(services, start=period.start, end=period.end)
 
         print_compliance(run_async(period_report()), fmt)
         return
@@ -525,7 +507,7 @@ def report_cmd(config_path: Path | None, fmt: str, since: str | None, until: str
     def current() -> None:
         # The current report reads a few rows (sqlite3 for a plain SQLite file, else SQLAlchemy Core), without the
         # ORM, asyncio, httpx or the notifiers that open_services would load (benchmarks/cli_start.py times it).
-        from auditor.service.reports import current_report
+        from auditor.service.queries import current_report
 
         show_report(current_report(settings, tier=tier), fmt)
 
@@ -542,10 +524,9 @@ def parse_period(since: str, until: str | None) -> Period:
     """Returns the Period of `--since DURATION [--until DATE]`, or exits 2 with one line naming the option."""
     from datetime import timedelta
 
-    from auditor.config import parse_duration
     from auditor.domain.periods import parse_instant
+    from auditor.service.clock import utcnow
     from auditor.service.compliance import resolve_period
-    from auditor.service.cycle import utcnow
 
     try:
         span = parse_duration(since)
@@ -568,7 +549,7 @@ def parse_period(since: str, until: str | None) -> Period:
 
 def print_compliance(report: dict[str, Any], fmt: str) -> None:
     """Prints the period report in the chosen format."""
-    from auditor.service.compliance import compliance_csv, compliance_html, compliance_markdown
+    from auditor.render.compliance import compliance_csv, compliance_html, compliance_markdown
 
     if fmt == "json":
         click.echo(json.dumps(report, indent=2))
@@ -584,8 +565,9 @@ def print_compliance(report: dict[str, Any], fmt: str) -> None:
 
 def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> None:
     """Prints the period report as rich tables (the least compliant disks only; json/csv list every disk)."""
-    from auditor.service.compliance import format_duration, format_pct, worst_disks
+    from auditor.render.compliance import format_pct, worst_disks
 
+    duration = partial(format_duration, style="report")
     console = _out()
     p, c, f = report["period"], report["coverage"], report["fleet"]
     console.print(f"[bold]Compliance {escape(p['from'])} – {escape(p['to'])}[/bold] generated "
@@ -593,20 +575,20 @@ def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> No
     console.print(f"fleet time in compliance {format_pct(f['compliance_pct'])} over {f['disks']} disk(s); coverage "
                   f"{format_pct(c['coverage_pct'])}: {c['completed_cycles']} of {c['scheduled_cycles']} scheduled "
                   f"cycles completed ({c['partial_cycles']} partial, {c['failed_cycles']} failed), no data for "
-                  f"{format_duration(c['no_data_seconds'])}", markup=False)
+                  f"{duration(c['no_data_seconds'])}", markup=False)
     day_columns = ("date", "coverage", "compliance", "noncompliant disk-time", "unknown disk-time")
     print_table(console, day_columns, [
         (d["date"], format_pct(d["coverage_pct"]), format_pct(d["compliance_pct"]),
-         format_duration(d["noncompliant_seconds"]), format_duration(d["unknown_seconds"])) for d in f["by_day"]
+         duration(d["noncompliant_seconds"]), duration(d["unknown_seconds"])) for d in f["by_day"]
     ], title="by UTC day", right=day_columns[1:])
     rule_columns = ("rule", "opened", "resolved", "mean to resolve", "p90 to resolve", "open at end", "oldest open")
     print_table(console, rule_columns, [
-        (r["rule"], str(r["opened"]), str(r["resolved"]), format_duration(r["mean_time_to_resolve_seconds"]),
-         format_duration(r["p90_time_to_resolve_seconds"]), str(r["open_at_end"]),
-         format_duration(r["oldest_open_age_seconds"])) for r in report["rules"]
+        (r["rule"], str(r["opened"]), str(r["resolved"]), duration(r["mean_time_to_resolve_seconds"]),
+         duration(r["p90_time_to_resolve_seconds"]), str(r["open_at_end"]),
+         duration(r["oldest_open_age_seconds"])) for r in report["rules"]
     ], title="rules", right=rule_columns[1:])
     for g in c["gaps"]:
-        console.print(f"no data {g['from']} – {g['to']} ({format_duration(g['seconds'])})", markup=False)
+        console.print(f"no data {g['from']} – {g['to']} ({duration(g['seconds'])})", markup=False)
     for w in report["waivers"]:
         console.print(f"waiver {w['rule']} on {w['disk_id']} until {w['expires']} ({w['owner']}): {w['reason']}",
                       markup=False)
@@ -614,8 +596,8 @@ def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> No
     if worst:
         print_table(console, ("disk", "name", "compliance", "noncompliant", "unknown", "no data"), [
             (d["disk_id"], d["name"] or "-", format_pct(d["compliance_pct"]),
-             format_duration(d["noncompliant_seconds"]), format_duration(d["unknown_seconds"]),
-             format_duration(d["no_data_seconds"])) for d in worst[:max_disks]
+             duration(d["noncompliant_seconds"]), duration(d["unknown_seconds"]),
+             duration(d["no_data_seconds"])) for d in worst[:max_disks]
         ], title=f"disks not compliant the whole time ({len(worst)})", fold=True)
         if len(worst) > max_disks:
             console.print(f"... and {len(worst) - max_disks} more (see --format csv)", markup=False)
@@ -629,31 +611,39 @@ def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> No
               help="End of the period, excluded: an ISO-8601 date (midnight UTC) or datetime. Default: now (give "
                    "it to make the export reproducible).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory to write into (created if missing; files of the same name are replaced).")
+              help="Directory to write into: a new or empty one (created if missing); a folder that already holds "
+                   "anything is refused with exit 2 and nothing written.")
 def evidence_cmd(config_path: Path | None, since: str, until: str | None, out: Path) -> None:
     """Write evidence for an external auditor: the period report (JSON, CSV, HTML), the configuration with secrets
     redacted, rule parameters, waivers in force, the runs, and MANIFEST.sha256.
 
     Two exports of the same database and period are byte-identical. Reads the database only. Exit 0 written, 2 a
-    bad period, the database or the directory could not be used.
+    bad period, the database or the directory could not be used (a folder that is not empty among them).
     """
     settings = load(config_path)
     setup_logs(settings)
     period = parse_period(since, until)
+    from auditor.errors import FolderNotEmptyError
+    from auditor.service.evidence import is_empty_folder
 
-    async def go() -> dict[str, bytes]:
+    if not is_empty_folder(out):  # checked before reading the database; write_evidence checks again
+        fail_usage(str(FolderNotEmptyError(out)))
+
+    async def collect_evidence() -> dict[str, bytes]:
         from auditor.service import open_services
-        from auditor.service.compliance import build_evidence
+        from auditor.service.evidence import build_evidence
 
         async with open_services(settings, katapult=False, migrate=False) as services:
-            return await build_evidence(services, period)
+            return await build_evidence(services, period=period)
 
-    files = run_async(go())
-    from auditor.service.compliance import MANIFEST, write_evidence
+    files = run_async(collect_evidence())
+    from auditor.service.evidence import MANIFEST, write_evidence
     from auditor.service.reports import iso
 
     try:
         write_evidence(files, out)
+    except FolderNotEmptyError as exc:  # something appeared there while the database was read
+        fail_usage(str(exc))
     except OSError as exc:
         fail_usage(f"cannot write {out}: {exc.strerror or exc}")
     _out().print(f"wrote {len(files)} files to {out} for {iso(period.start)} – {iso(period.end)}; verify with: "
@@ -661,22 +651,22 @@ def evidence_cmd(config_path: Path | None, since: str, until: str | None, out: P
 
 
 async def _print_report(services: Any, fmt: str) -> None:
-    from auditor.service.reports import build_report
+    from auditor.service.queries import read_report
 
-    waivers, problems = services.waivers()
-    report = await build_report(services.store, now=services.clock(), waivers=waivers, waiver_problems=problems)
-    show_report(report, fmt)
+    show_report(await read_report(services), fmt)
 
 
 def show_report(report: dict[str, Any], fmt: str) -> None:
     """Prints the current report in the chosen format."""
-    from auditor.service.reports import report_csv, report_markdown
-
     if fmt == "json":
         click.echo(json.dumps(report, indent=2))
     elif fmt == "csv":
+        from auditor.render.report import report_csv
+
         click.echo(report_csv(report), nl=False)
     elif fmt == "markdown":
+        from auditor.render.report import report_markdown
+
         click.echo(report_markdown(report))
     else:
         print_report_table(report)
@@ -708,7 +698,7 @@ def print_report_table(report: dict[str, Any]) -> None:
             (f["severity"], f["rule"], f["disk_id"], f["policy_id"] or "-", f["status"], f["message"])
             for f in sorted(report["findings"], key=lambda f: (order[f["severity"]], f["rule"], f["disk_id"]))
         ], fold=True)
-    unknown = [d for d in report["disks"] if d["status"] == "unknown"]
+    unknown = [d for d in report["disks"] if d["status"] == DiskStatus.UNKNOWN]
     for d in unknown:
         err = d.get("error") or {}
         console.print(f"[yellow]unknown[/yellow] {escape(d['disk_id'])}: {escape(str(err.get('code')))}: "
@@ -724,16 +714,19 @@ def print_report_table(report: dict[str, Any]) -> None:
 
 @main.command("findings")
 @config_option
-@click.option("--status", type=click.Choice(["open", "resolved", "waived", "all"]), default="open",
+@click.option("--status", type=click.Choice([*get_args(FindingStatusName), "all"]), default="open",
               help="Which findings to list.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", help="Output format.")
 def findings_cmd(config_path: Path | None, status: str, fmt: str) -> None:
     """List findings, including resolved ones with their resolved_at."""
     settings = load(config_path)
     setup_logs(settings)
-    statuses = ("open", "waived", "resolved") if status == "all" else (status,)
+    from auditor.domain.listings import ALL_STATUSES
+
+    statuses = ALL_STATUSES if status == "all" else (status,)
     # Read as `auditor report` reads: sqlite3 or psycopg, without the ORM or asyncio (a one-shot command).
-    from auditor.service.reports import current_findings, finding_json
+    from auditor.service.queries import current_findings
+    from auditor.service.reports import finding_json
 
     items = [finding_json(f, with_resolution=True)
              for f in run_guarded(lambda: current_findings(settings, statuses=statuses))]
@@ -756,7 +749,7 @@ def history_cmd(config_path: Path | None, disk_id: str, fmt: str) -> None:
     setup_logs(settings)
 
     # Read as `auditor report` reads: sqlite3 or psycopg, without the ORM or asyncio (a one-shot command).
-    from auditor.service.reports import current_disk_detail
+    from auditor.service.queries import current_disk_detail
 
     detail = run_guarded(lambda: current_disk_detail(settings, disk_id))
     if detail is None:
@@ -844,12 +837,12 @@ def notify_test(config_path: Path | None, name: str | None) -> None:
                      markup=False)
         sys.exit(EXIT_CONFIG)
 
-    async def go() -> list[tuple[str, str, bool]]:
+    async def send_test_messages() -> list[tuple[str, str, bool]]:
         from auditor.domain.alerts import STATEFUL_KINDS
         from auditor.errors import NotifyError
         from auditor.notify.dispatch import Dispatcher
         from auditor.service.alerts import resolved_test_notification, test_notification
-        from auditor.service.cycle import utcnow
+        from auditor.service.clock import utcnow
 
         results = []
         async with Dispatcher() as dispatcher:
@@ -879,7 +872,7 @@ def notify_test(config_path: Path | None, name: str | None) -> None:
                 results.append((n.name, f"{text}, sent and resolved", True))
         return results
 
-    results = run_async(go())
+    results = run_async(send_test_messages())
     console = _out()
     for notifier, text, _ in results:
         kind = next(n.kind for n in chosen if n.name == notifier)

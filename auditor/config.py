@@ -6,8 +6,9 @@ and str are masked, so they cannot reach a log line or an error message by accid
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
-import math
 import os
 import re
 import tomllib
@@ -31,24 +32,17 @@ from pydantic import (
 
 from auditor.errors import ConfigError
 
+# Severities, rule ids, intervals and durations are the vocabulary's, which the domain shares; RULE_IDS and the
+# duration functions stay importable from here.
+from auditor.vocabulary import AUDIT_INCOMPLETE, IntervalName, SeverityName
+from auditor.vocabulary import RULE_IDS as RULE_IDS
+from auditor.vocabulary import format_duration as format_duration
+from auditor.vocabulary import parse_duration as parse_duration
+
 ENV_PREFIX = "AUDITOR_"
 CONFIG_ENV = "AUDITOR_CONFIG"
 TOKEN_ENV = "KATAPULT_API_TOKEN"
 DEFAULT_CONFIG_PATH = Path("config/auditor.toml")
-
-# Rule ids are a public contract (waivers, alerts and reports use them). They are listed here, not imported from
-# the domain, because config may import nothing of ours but errors; a test checks both lists agree.
-RULE_IDS = (
-    "unprotected-disk",
-    "retention-below-minimum",
-    "retention-window-too-short",
-    "interval-too-infrequent",
-    "schedule-stale",
-    "disk-not-found",
-    "disk-in-trash",
-)
-SEVERITIES = ("low", "medium", "high", "critical")
-INTERVALS = ("hourly", "daily", "weekly", "monthly")
 
 # Katapult ids are `<prefix>_` plus 16 alphanumerics today; dashes and underscores are accepted after the prefix
 # (older and imported objects), whitespace, other characters and anything over 64 characters are not.
@@ -75,57 +69,6 @@ def check_org_ref(value: str) -> str:
                          "dashes or underscores) nor a sub-domain (lowercase letters, digits and dashes)")
     return value
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-# Longer durations are refused: added to today's date they would pass year 9999, Python's last, and fail later
-# (a schedule, a cutoff) instead of here. "Never" is spelled 0 where a key allows it.
-MAX_DURATION = timedelta(days=36500)
-
-
-def parse_duration(value: Any) -> timedelta:
-    """Returns a timedelta from "90s", "15m", "2h", "7d", a bare number of seconds or a timedelta (at most
-    MAX_DURATION, 100 years)."""
-    seconds: float
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, bool):
-        raise ValueError("expected a duration like 90s, 15m, 2h or 7d")
-    elif isinstance(value, int | float):
-        if isinstance(value, int) and abs(value) >= 10**18:
-            # float() of an int past 1e308 raises OverflowError; an int this large is out of range either way.
-            seconds = math.inf if value > 0 else -math.inf
-        else:
-            seconds = float(value)
-    else:
-        match = _DURATION.match(value) if isinstance(value, str) else None
-        if not match:
-            raise ValueError(f"expected a duration like 90s, 15m, 2h or 7d, got {value!r}"[:200])
-        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
-    if seconds != seconds:  # NaN
-        raise ValueError("expected a duration like 90s, 15m, 2h or 7d, got NaN")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
-    if seconds > MAX_DURATION.total_seconds():
-        raise ValueError(f"a duration can be at most {MAX_DURATION.days}d (100 years)")
-    return value if isinstance(value, timedelta) else timedelta(seconds=seconds)
-
-
-def format_duration(value: timedelta) -> str:
-    """Returns a duration as a person writes it in the config: the largest exact unit (20s, 15m, 4h, 7d)."""
-    micros = (value.days * 86400 + value.seconds) * 1_000_000 + value.microseconds
-    sign, micros = ("-", -micros) if micros < 0 else ("", micros)
-    for unit in ("d", "h", "m", "s"):
-        size = int(_UNITS[unit]) * 1_000_000
-        if micros and micros % size == 0:
-            return f"{sign}{micros // size}{unit}"
-    if micros == 0:
-        return "0s"
-    if micros < 1_000_000 and micros % 1000 == 0:
-        return f"{sign}{micros // 1000}ms"
-    return f"{sign}{micros / 1_000_000:g}s"
-
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
@@ -149,8 +92,6 @@ def _unique(check: Callable[[str], str]) -> Callable[[list[str]], list[str]]:
 
 DiskIds = Annotated[list[str], AfterValidator(_unique(check_disk_id))]
 OrgRefs = Annotated[list[str], AfterValidator(_unique(check_org_ref))]
-SeverityName = Literal["low", "medium", "high", "critical"]
-IntervalName = Literal["hourly", "daily", "weekly", "monthly"]
 GroupLabel = Literal["rule", "severity", "disk_id", "tier"]
 # Alert labels the auditor sets itself; a notifier's static `labels` may not override them.
 RESERVED_LABELS = ("alertname", "severity", "fingerprint", "source", "disk_id", "policy_id", "test", "tier")
@@ -251,6 +192,19 @@ class ApiSettings(Section):
     listen: str = "127.0.0.1:8080"
     token_file: str = ""
     token: SecretStr | None = None
+    # Reverse proxies whose X-Forwarded-For is believed (addresses or networks, e.g. "10.0.0.0/8"): only a request
+    # arriving from one of them is attributed to the address the header names (the login throttle's client).
+    trusted_proxies: list[str] = []
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
+        return [item.strip() for item in value]
 
     @field_validator("listen")
     @classmethod
@@ -410,7 +364,7 @@ class NotifierCommon(Section):
     @field_validator("rules")
     @classmethod
     def _known(cls, value: list[str]) -> list[str]:
-        known = set(RULE_IDS) | {"audit-incomplete"}
+        known = set(RULE_IDS) | {AUDIT_INCOMPLETE}
         unknown = sorted(set(value) - known)
         if unknown:
             raise ValueError(f"unknown rule id(s) {', '.join(unknown)}")
@@ -747,3 +701,124 @@ def load_settings(path: str | Path | None = None) -> Settings:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"config file {resolved}: not valid TOML: {exc}"]) from None
     return settings_from(data)
+
+
+# ---- what a running daemon needs, and reloading it (SIGHUP) ------------------------------------------------
+
+
+def check_runnable(settings: Settings) -> tuple[SecretStr, SecretStr | None]:
+    """Returns the Katapult token and the API token `auditor run` needs, or raises ConfigError (one line a
+    problem): the tokens must be readable and something must be named to audit."""
+    problems: list[str] = []
+    katapult_token = api_token = None
+    try:
+        katapult_token = settings.katapult.token()
+    except ConfigError as err:
+        problems += err.problems
+    try:
+        api_token = settings.api.resolved_token()
+    except ConfigError as err:
+        problems += err.problems
+    if not settings.audit.disks and not settings.audit.organizations:
+        problems.append("audit: nothing to audit: set audit.disks and/or audit.organizations "
+                        "(env AUDITOR_AUDIT__DISKS / AUDITOR_AUDIT__ORGANIZATIONS)")
+    if problems or katapult_token is None:
+        raise ConfigError(problems)
+    return katapult_token, api_token
+
+
+def db_url_password(url: str) -> str | None:
+    """Returns the password in a database URL, percent-decoded, or None."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
+
+
+def configured_secrets(settings: Settings) -> list[str]:
+    """Returns every secret the settings hold, for the log scrubber (notifier URLs, keys and passwords, the API
+    token, the heartbeat URL, the database password)."""
+    secrets: list[str] = []
+    for n in settings.notifiers:
+        for attr in ("url", "secret", "routing_key", "webhook_url", "password"):
+            value = getattr(n, attr, None)
+            if isinstance(value, SecretStr):
+                secrets.append(value.get_secret_value())
+    if settings.api.token is not None:
+        secrets.append(settings.api.token.get_secret_value())
+    if settings.heartbeat.url is not None:
+        secrets.append(settings.heartbeat.url.get_secret_value())
+    # The scrubber masks every form a secret takes on the wire (a URL's user:password as basic auth,
+    # percent-encoded, base64) — except for the database URL, whose user and database names are ordinary words
+    # ("auditor"): only its password is secret (the URL itself is only ever logged masked, see safe_url).
+    db_password = db_url_password(settings.database.url.get_secret_value())
+    if db_password:
+        secrets.append(db_password)
+    return [s for s in secrets if s]
+
+
+# Keys a running daemon cannot take on without a restart; a reload that changes one logs it and keeps the old value.
+RESTART_KEYS: dict[str, str] = {
+    "database.url": "the database is opened (and migrated) once, at start",
+    "database.auto_migrate": "migrations run once, at start",
+    "api.listen": "the listening socket is bound at start",
+    "log.format": "the log handler is set up once, at start",
+    "daemon.leader_ttl": "the leader and cycle leases are renewed on the period it sets since start",
+    "daemon.shutdown_grace": "the API server's graceful-shutdown timeout is set at start",
+    "daemon.db_retry_max": "it only paces the wait for the database at start",
+}
+
+
+def _leaves(model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Returns every key of a settings model as `section.key` -> value; lists (tiers, notifiers, waivers,
+    rules.overrides) are one key each."""
+    out: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.update(_leaves(value, f"{key}."))
+        else:
+            out[key] = value
+    return out
+
+
+def _replaced(settings: Settings, key: str, value: Any) -> Settings:
+    section_name, _, name = key.partition(".")
+    section: BaseModel = getattr(settings, section_name)
+    return settings.model_copy(update={section_name: section.model_copy(update={name: value})})
+
+
+class ReloadPlan(BaseModel):
+    """What a reload changes: the keys that take effect, the keys that need a restart (their old value is kept)
+    and the settings in force afterwards."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    changed: tuple[str, ...]
+    restart: tuple[str, ...]
+    settings: Settings
+
+
+def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
+    """Returns what replacing `old` by `new` in a running daemon changes (keys compared value by value; secrets by
+    their value, never shown)."""
+    before, after = _leaves(old), _leaves(new)
+    differing = [key for key in after if before.get(key) != after[key]]
+    restart = tuple(key for key in differing if key in RESTART_KEYS)
+    effective = new
+    for key in restart:
+        effective = _replaced(effective, key, before[key])
+    return ReloadPlan(changed=tuple(k for k in differing if k not in RESTART_KEYS), restart=restart,
+                      settings=effective)
+
+
+def fingerprint(settings: Settings) -> str:
+    """Returns the first 12 hex digits of the SHA-256 of the settings as canonical JSON, secrets redacted (they
+    dump as "**********"): equal settings, equal fingerprint, on any replica."""
+    canonical = json.dumps(settings.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]

@@ -1,7 +1,14 @@
 """The daemon: process concerns only — signals, the scheduler, the API server, leadership and shutdown.
 
-One event loop runs the APScheduler jobs, the uvicorn API server and the loop-level SIGTERM/SIGINT handlers. The
-use cases (the audit cycle, alert delivery) live in `auditor.service`; this module decides when they run.
+One event loop runs the APScheduler jobs, the uvicorn API server and the loop-level SIGTERM/SIGINT/SIGHUP
+handlers. The use cases (the audit cycle, alert delivery) live in `auditor.service`; this module decides when they
+run.
+
+SIGHUP reloads the configuration (`_Daemon.reload`): the file and the environment are read and checked as at
+start; an invalid one is logged line by line and changes nothing. A valid one becomes new `Services` (same store
+and lease holder, see `service.services.rewire`) for the runner, the scheduler and delivery, and a new API
+application (fresh caches, the new waivers and tiers, the new API token) for the next request; what a cycle or a
+delivery round in flight uses is closed once it ends. Keys that need a restart keep their running value.
 
 Replicas: several daemons on one database all serve the API; the one holding the `leader` lease (renewed every
 daemon.leader_ttl / 3) runs the schedule and the alert delivery. When the leader dies, the lease expires and
@@ -16,7 +23,8 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,16 +33,20 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from auditor.api import ApiDeps, CycleMetrics, create_app
-from auditor.config import Settings
-from auditor.errors import AuditorError, StoreError
+from auditor.config import RESTART_KEYS, Settings, check_runnable, configured_secrets, fingerprint, plan_reload
+from auditor.domain.retry import backoff
+from auditor.errors import AuditorError, ConfigError, StoreError
 from auditor.katapult import Transport
-from auditor.service import AuditOutcome, Services, open_services, utcnow, waivers_from
-from auditor.service.compliance import prune_history
+from auditor.log import update_logging
+from auditor.service import AuditOutcome, Services, open_services, reading_services, utcnow
+from auditor.service.delivery import deliver_due
+from auditor.service.housekeeping import abandon_orphans, prune_history
+from auditor.service.leases import release_lead, renew_lead, take_lead
+from auditor.service.queries import read_recent_runs
+from auditor.service.reloads import ConfigStatus
 from auditor.service.runner import CycleHook, CycleRunner
-from auditor.store import engine as db
-from auditor.store import queries
-from auditor.store.leases import LEADER
-from auditor.store.repo import Store
+from auditor.service.services import close_replaced, database_label, rewire
+from auditor.web.auth import LoginThrottle
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +57,23 @@ CANCEL_WAIT = 5.0  # seconds to wait for a cancelled cycle to unwind (roll back 
 DELIVERY_EVERY = 10.0  # seconds between alert outbox delivery rounds (when notifiers are configured)
 PRUNE_EVERY = timedelta(hours=6)  # how often the leader deletes history older than [history] keep
 PRUNE_FIRST = timedelta(minutes=5)  # the first pruning comes a little after taking the lead
+
+
+Scope = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[dict[str, Any]], Any]
+
+
+class _CurrentApp:
+    """The ASGI application uvicorn serves: hands every request to the API application of the configuration in
+    force. A reload swaps `app`; a request already in the old one finishes there (keep-alive connections included:
+    each request looks `app` up anew)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 class _ApiServer(uvicorn.Server):
@@ -78,8 +107,10 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _install_signals(stop: asyncio.Event, force: asyncio.Event) -> list[signal.Signals]:
-    """Routes SIGTERM/SIGINT to `stop` (a second one to `force`); returns the signals handled."""
+def _install_signals(stop: asyncio.Event, force: asyncio.Event, *,
+                     on_hangup: Callable[[], None]) -> list[signal.Signals]:
+    """Routes SIGTERM/SIGINT to `stop` (a second one to `force`) and SIGHUP to `on_hangup`; returns the signals
+    handled."""
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
@@ -91,9 +122,14 @@ def _install_signals(stop: asyncio.Event, force: asyncio.Event) -> list[signal.S
         stop.set()
 
     installed = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    handlers: list[tuple[signal.Signals, Callable[..., None], tuple[Any, ...]]] = [
+        (signal.SIGTERM, on_signal, (signal.SIGTERM,)), (signal.SIGINT, on_signal, (signal.SIGINT,))]
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    if hangup is not None:
+        handlers.append((hangup, on_hangup, ()))
+    for sig, handler, args in handlers:
         try:
-            loop.add_signal_handler(sig, on_signal, sig)
+            loop.add_signal_handler(sig, handler, *args)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no such signal here
             continue
         installed.append(sig)
@@ -111,19 +147,23 @@ async def _wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
 
 async def _open_with_retry(
     stack: contextlib.AsyncExitStack,
-    settings: Settings,
+    current: Callable[[], Settings],
     *,
     stop: asyncio.Event,
     seams: dict[str, Any],
 ) -> Services | None:
-    """Returns the services once the database answers, retrying with backoff; None if stopped while waiting."""
-    shown = db.safe_url(settings.database.url.get_secret_value())
-    cap = max(settings.daemon.db_retry_max.total_seconds(), DB_RETRY_FIRST)
-    delay = DB_RETRY_FIRST
+    """Returns the services once the database answers, retrying with backoff; None if stopped while waiting.
+
+    `current` returns the settings in force at each attempt (a reload may come while the database is awaited).
+    """
+    shown = database_label(current())
+    cap = max(current().daemon.db_retry_max.total_seconds(), DB_RETRY_FIRST)
     attempt = 1
     while True:
+        # No jitter: one process waiting for its own database makes no herd.
+        delay = backoff(attempt, base=DB_RETRY_FIRST, cap=cap, random=lambda: 1.0)
         try:
-            services: Services = await stack.enter_async_context(open_services(settings, **seams))
+            services: Services = await stack.enter_async_context(open_services(current(), **seams))
             return services
         except StoreError as exc:
             log.error("database %s unavailable at start (attempt %d): %s; retrying in %.0fs", shown, attempt, exc,
@@ -131,7 +171,6 @@ async def _open_with_retry(
         if await _wait_or_stop(stop, delay):
             return None
         attempt += 1
-        delay = min(delay * 2, cap)
 
 
 async def serve(
@@ -142,23 +181,25 @@ async def serve(
     on_cycle: CycleHook | None = None,
     notify_transport: Transport | None = None,
     heartbeat_transport: Transport | None = None,
+    reload: Callable[[], Settings] | None = None,
 ) -> int:
     """Runs the daemon until SIGTERM/SIGINT: leadership, scheduled audits and the HTTP API; returns the exit code.
 
     `transport` and `token` reach the Katapult client (the demo and tests use the in-process fake);
-    `on_cycle` is awaited after every cycle that ran to its end.
+    `on_cycle` is awaited after every cycle that ran to its end. `reload` reads the configuration again (the
+    CLI's loader on the same file); SIGHUP calls it, and without it SIGHUP only says there is nothing to reload.
     """
     stop = asyncio.Event()
     force = asyncio.Event()
-    db.safe_url(settings.database.url.get_secret_value())  # a malformed URL is a configuration error: fail now
+    database_label(settings)  # a malformed URL is a configuration error: fail now
     sock = _listen(settings.api.host, settings.api.port)
-    handled = _install_signals(stop, force)
     loop = asyncio.get_running_loop()
     seams = {"transport": transport, "token": token, "notify_transport": notify_transport,
              "heartbeat_transport": heartbeat_transport}
+    daemon = _Daemon(settings, sock=sock, on_cycle=on_cycle, seams=seams, reload=reload)
+    handled = _install_signals(stop, force, on_hangup=lambda: daemon.hangup(stop))
     try:
-        daemon = _Daemon(settings, sock=sock, on_cycle=on_cycle)
-        return await daemon.run(stop, force, loop=loop, seams=seams)
+        return await daemon.run(stop, force, loop=loop)
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
@@ -172,24 +213,39 @@ class _Daemon:
     database is still being waited for; leadership (and with it the schedule) starts once the database answers.
     """
 
-    def __init__(self, settings: Settings, *, sock: socket.socket, on_cycle: CycleHook | None) -> None:
+    def __init__(self, settings: Settings, *, sock: socket.socket, on_cycle: CycleHook | None,
+                 seams: dict[str, Any], reload: Callable[[], Settings] | None) -> None:
         self.settings = settings
         self.sock = sock
         self.on_cycle = on_cycle
+        self.seams = seams
+        self.read_settings = reload
+        self.config = ConfigStatus(fingerprint=fingerprint(settings), loaded_at=time.time())
+        self.reloading = asyncio.Lock()  # one reload at a time, in the order the signals came
+        self.background: set[asyncio.Task[None]] = set()  # reloads, and closing what reloads replaced
         self.cycles = CycleMetrics(is_leader=False)
+        # One login throttle for the process: a reload (which builds a new API application) keeps its waits.
+        self.logins = LoginThrottle()
         self.services: Services | None = None
         self.runner: CycleRunner | None = None
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.delivery: asyncio.Task[None] | None = None
         self.is_leader = False
-        self.api_store = Store.from_url(settings.database.url.get_secret_value())
-        deps = ApiDeps(store=self.api_store, interval=settings.audit.interval, trigger=self._trigger,
-                       waivers=lambda: waivers_from(settings), cycles=self.cycles,
-                       token=settings.api.resolved_token(), version_ttl=1.0, leadership=self._leadership)
+        # The API reads through Services of its own (its own store on the same database), ready before the
+        # database answers.
+        self.api_services = reading_services(settings)
+        self.app = _CurrentApp(self._api_app(self.api_services))
         grace = settings.daemon.shutdown_grace.total_seconds()
-        config = uvicorn.Config(create_app(deps), log_config=None, access_log=False, lifespan="off",
+        config = uvicorn.Config(self.app, interface="asgi3", log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=max(int(grace), int(SERVER_STOP_MIN)))
         self.server = _ApiServer(config)
+
+    def _api_app(self, services: Services) -> Any:
+        """Returns the API application reading through `services` (its settings give the token and waivers)."""
+        deps = ApiDeps(services=services, trigger=self._trigger, cycles=self.cycles,
+                       token=services.settings.api.resolved_token(), version_ttl=1.0, revocation_ttl=1.0,
+                       leadership=self._leadership, config=self.config, logins=self.logins)
+        return create_app(deps)
 
     async def _trigger(self) -> str | None:
         if self.runner is None:
@@ -202,28 +258,29 @@ class _Daemon:
 
     # ---- leadership ---------------------------------------------------------------------------------------
 
-    async def _lead(self, services: Services, stop: asyncio.Event) -> None:
+    async def _lead(self, stop: asyncio.Event) -> None:
         """Takes or renews the leader lease every ttl/3; leads (schedule + delivery) only while it holds it."""
-        ttl = self.settings.daemon.leader_ttl
+        ttl = self.settings.daemon.leader_ttl  # a restart key: a reload never changes it
         every = ttl.total_seconds() / 3
         last_renewed = time.monotonic()
         while not stop.is_set():
+            services = self.services  # the store and the holder stay the same across reloads
+            assert services is not None
             try:
                 if self.is_leader:
-                    if await services.leases.renew(LEADER, services.holder, now=services.clock(), ttl=ttl):
+                    if await renew_lead(services):
                         last_renewed = time.monotonic()
                     else:
                         self._step_down("the leader lease was taken by another replica")
                 else:
-                    taken, lease = await services.leases.acquire(LEADER, services.holder, now=services.clock(),
-                                                                 ttl=ttl)
+                    taken, lease = await take_lead(services)
                     if taken:
                         last_renewed = time.monotonic()
                         await self._become_leader(services)
                     elif lease is not None:
                         log.debug("following the leader %s", lease.describe())
-                if services.pending_failures:  # this process's failed cycles, leader or not: record them now
-                    await services.record_pending_failures()
+                if self.runner is not None:  # this process's failed cycles, leader or not: record them now
+                    await self.runner.record_failures()
             except StoreError as exc:
                 if self.is_leader and time.monotonic() - last_renewed > ttl.total_seconds() - every:
                     # Stop leading before the lease can expire under us: another replica may take over then.
@@ -237,31 +294,43 @@ class _Daemon:
         assert self.runner is not None
         self.is_leader = True
         self.cycles.is_leader = True
-        audit = self.settings.audit
-        interval = audit.interval.total_seconds()
         first = await self._first_run_time(services)
         log.warning("this replica (%s) is now the leader: it runs the audit schedule and the alert delivery; "
                     "first cycle at %s", services.holder.describe(), first.isoformat(timespec="seconds"))
+        self._schedule_audit(first)
+        self.scheduler.add_job(self._prune, IntervalTrigger(seconds=PRUNE_EVERY.total_seconds(), timezone=UTC),
+                               id="history-prune", name="history pruning", max_instances=1, coalesce=True,
+                               next_run_time=utcnow() + PRUNE_FIRST, replace_existing=True)
+        self._schedule_delivery(services)
+
+    def _schedule_audit(self, first: datetime) -> None:
+        """(Re)places the audit job on [audit] interval and jitter, its next run at `first`."""
+        assert self.runner is not None
+        audit = self.settings.audit
+        interval = audit.interval.total_seconds()
         self.scheduler.add_job(
             self.runner.tick,
             IntervalTrigger(seconds=interval, jitter=int(audit.jitter.total_seconds()) or None, timezone=UTC),
             id="audit-cycle", name="audit cycle", next_run_time=first, max_instances=1, coalesce=True,
             misfire_grace_time=max(1, int(interval)), replace_existing=True,
         )
-        self.scheduler.add_job(self._prune, IntervalTrigger(seconds=PRUNE_EVERY.total_seconds(), timezone=UTC),
-                               id="history-prune", name="history pruning", max_instances=1, coalesce=True,
-                               next_run_time=utcnow() + PRUNE_FIRST, replace_existing=True)
+
+    def _schedule_delivery(self, services: Services) -> None:
+        """Runs the delivery job while there are notifiers (a reload may add the first or remove the last)."""
         if services.dispatcher is not None:
-            # Retries wait in the outbox until due; this round picks them up (and new alerts after each cycle).
-            self.scheduler.add_job(self._deliver_tick, IntervalTrigger(seconds=DELIVERY_EVERY, timezone=UTC),
-                                   id="alert-delivery", name="alert delivery", max_instances=1, coalesce=True,
-                                   next_run_time=utcnow(), replace_existing=True)
+            if self.scheduler.get_job("alert-delivery") is None:
+                # Retries wait in the outbox until due; this round picks them up (and new alerts after each cycle).
+                self.scheduler.add_job(self._deliver_tick, IntervalTrigger(seconds=DELIVERY_EVERY, timezone=UTC),
+                                       id="alert-delivery", name="alert delivery", max_instances=1, coalesce=True,
+                                       next_run_time=utcnow(), replace_existing=True)
+        elif self.scheduler.get_job("alert-delivery") is not None:
+            self.scheduler.remove_job("alert-delivery")
 
     async def _first_run_time(self, services: Services) -> datetime:
         """Returns when the new leader's first cycle runs: now, unless a cycle started less than an interval ago."""
         now = utcnow()
         try:
-            runs = await services.store.read(queries.list_runs, limit=1)
+            runs = await read_recent_runs(services, limit=1)
         except StoreError:
             return now
         if not runs:
@@ -321,7 +390,7 @@ class _Daemon:
     async def _deliver_round(self) -> None:
         assert self.services is not None
         try:
-            report = await self.services.deliver_due()
+            report = await deliver_due(self.services)
         except StoreError as exc:  # the database went away: the entries stay in the outbox for the next round
             log.warning("alert delivery round failed: %s", exc)
             return
@@ -333,8 +402,7 @@ class _Daemon:
 
     # ---- run and stop -------------------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event, force: asyncio.Event, *, loop: asyncio.AbstractEventLoop,
-                  seams: dict[str, Any]) -> int:
+    async def run(self, stop: asyncio.Event, force: asyncio.Event, *, loop: asyncio.AbstractEventLoop) -> int:
         """Serves, waits for the database, leads or follows until `stop` is set, then shuts down in order."""
         s = self.settings
         server_task = asyncio.create_task(self.server.serve(sockets=[self.sock]), name="api-server")
@@ -343,14 +411,17 @@ class _Daemon:
         lead: asyncio.Task[None] | None = None
         try:
             async with contextlib.AsyncExitStack() as stack:
-                services = await _open_with_retry(stack, s, stop=stop, seams=seams)
+                services = await _open_with_retry(stack, lambda: self.settings, stop=stop, seams=self.seams)
                 if services is None:
                     log.info("stopped while waiting for the database")
                 else:
+                    # Runs before open_services closes `services`: closes what reloads put in its place.
+                    stack.push_async_callback(self._close_reloaded, services)
                     self.services = services
+                    s = services.settings
                     self.runner = CycleRunner(services, cycles=self.cycles, on_cycle=self._after_cycle)
                     self.scheduler.start()
-                    lead = asyncio.create_task(self._lead(services, stop), name="leadership")
+                    lead = asyncio.create_task(self._lead(stop), name="leadership")
                     log.info("auditor daemon started as %s: audit every %ss, %d disk(s) and %d organization(s); "
                              "leader lease ttl %ss", services.holder.describe(),
                              int(s.audit.interval.total_seconds()), len(s.audit.disks), len(s.audit.organizations),
@@ -361,7 +432,7 @@ class _Daemon:
             if not server_task.done():  # e.g. a database error at start: do not leave the server running
                 self.server.should_exit = True
                 await asyncio.wait({server_task}, timeout=SERVER_STOP_MIN)
-            await self.api_store.close()
+            await self.api_services.aclose()  # the store every generation of the API's Services shared
         return code
 
     async def _serve_until(self, stop: asyncio.Event, server_task: asyncio.Task[None]) -> int:
@@ -398,7 +469,7 @@ class _Daemon:
         if self.services is not None and self.is_leader:
             # Hand over now rather than after the TTL: another replica takes the lease at its next check.
             try:
-                await self.services.leases.release(LEADER, self.services.holder)
+                await release_lead(self.services)
             except StoreError as exc:
                 log.warning("could not release the leader lease (%s); it expires on its own", exc)
             self._step_down("shutting down")
@@ -409,6 +480,97 @@ class _Daemon:
             self.server.force_exit = True
             await asyncio.wait({server_task}, timeout=SERVER_STOP_MIN)
         log.info("auditor daemon stopped")
+
+    # ---- reload (SIGHUP) -----------------------------------------------------------------------------------
+
+    def hangup(self, stop: asyncio.Event) -> None:
+        """The SIGHUP handler: starts a reload (reloads run one after the other); ignored while stopping."""
+        if stop.is_set():
+            log.info("SIGHUP received while shutting down: not reloading")
+            return
+        if self.read_settings is None:
+            log.info("SIGHUP received: there is no configuration file to reload")
+            return
+        log.info("SIGHUP received: reloading the configuration")
+        self._in_background(self.reload(), name="config-reload")
+
+    def _in_background(self, coro: Any, *, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def reload(self) -> bool:
+        """Reads the configuration again and puts it in force; returns False (logging each problem) if invalid."""
+        assert self.read_settings is not None
+        async with self.reloading:
+            try:
+                # A small TOML file: read on the loop, like at start.
+                new = self.read_settings()
+                check_runnable(new)
+                database_label(new)  # a malformed URL is refused as at start (even though it needs a restart)
+            except ConfigError as err:
+                for line in err.problems:
+                    log.error("config error: %s", line)
+                self.config.failed()
+                log.error("configuration reload failed (%d problem(s)): the running configuration (%s) stays in "
+                          "force", len(err.problems), self.config.fingerprint)
+                return False
+            except Exception:  # a bug in reading: keep running on what is in force
+                log.exception("configuration reload broke unexpectedly: the running configuration stays in force")
+                self.config.failed()
+                return False
+            plan = plan_reload(self.settings, new)
+            settings = plan.settings
+            katapult_token, api_token = check_runnable(settings)
+            # Before anything is logged about the new configuration: its secrets are masked from here on.
+            update_logging(level=settings.log.level, secrets=[
+                *configured_secrets(settings), katapult_token.get_secret_value(),
+                *([api_token.get_secret_value()] if api_token is not None else [])])
+            for key in plan.restart:
+                log.warning("config reload: %s changed but needs a restart (%s): it keeps its running value",
+                            key, RESTART_KEYS[key])
+            await self._put_in_force(settings)
+            self.config.succeeded(fingerprint(settings))
+            log.info("configuration reloaded (%s): %s", self.config.fingerprint,
+                     ", ".join(plan.changed) + " take(s) effect from the next cycle" if plan.changed
+                     else "nothing that can be reloaded changed")
+            return True
+
+    async def _put_in_force(self, settings: Settings) -> None:
+        """Swaps in Services and an API application built on `settings`; closes what they replace after use."""
+        old_interval = (self.settings.audit.interval, self.settings.audit.jitter)
+        self.settings = settings
+        old = self.services
+        if old is not None and self.runner is not None:
+            new = rewire(old, settings, **self.seams)
+            in_flight = {t for t in (self.runner.current, self.delivery) if t is not None and not t.done()}
+            self.services = self.runner.services = new
+            self._in_background(self._retire(old, new, in_flight), name="config-retire")
+            if self.is_leader and self.scheduler.running:
+                if (settings.audit.interval, settings.audit.jitter) != old_interval:
+                    self._schedule_audit(await self._first_run_time(new))
+                self._schedule_delivery(new)
+        # The API's Services share the store (database.url needs a restart): nothing to close. A new application
+        # has fresh caches, so the report shows the new waivers and tiers from the next request on.
+        self.api_services = replace(self.api_services, settings=settings)
+        self.app.app = self._api_app(self.api_services)
+
+    async def _retire(self, old: Services, new: Services, in_flight: set[asyncio.Task[Any]]) -> None:
+        """Closes what `old` held and `new` does not, once the cycle or delivery round using it has ended."""
+        if in_flight:
+            await asyncio.wait(in_flight)
+        try:
+            await close_replaced(old, new)
+        except Exception:  # closing a client must not break the daemon
+            log.exception("closing what the reloaded configuration replaced failed")
+
+    async def _close_reloaded(self, first: Services) -> None:
+        """At shutdown: lets pending retirements finish, then closes what reloads opened that `first` (closed by
+        open_services) does not hold."""
+        if self.background:
+            await asyncio.wait(set(self.background), timeout=CANCEL_WAIT)
+        if self.services is not None and self.services is not first:
+            await close_replaced(self.services, first)
 
     async def _finish_cycle(self, runner: CycleRunner, *, force: asyncio.Event, grace: float) -> None:
         """Waits up to the grace for a running cycle; past it (or on a second signal) cancels it."""
@@ -427,6 +589,6 @@ class _Daemon:
         # Nothing of a cancelled cycle is committed (one transaction at its end) and its lease is released on
         # the way out; its run row, still `running`, is marked failed here, or by the next process to look.
         try:
-            await runner.services.abandon_orphans()
+            await abandon_orphans(runner.services)
         except StoreError as exc:
             log.warning("could not mark the abandoned run failed (%s); the next process will", exc)

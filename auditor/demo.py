@@ -12,8 +12,11 @@ import httpx
 
 from auditor.config import Settings
 from auditor.fake import create_app, demo_fleet
-from auditor.service import AuditOutcome, Services, open_services, waivers_from
-from auditor.service.reports import build_report
+from auditor.service import AuditOutcome, Services, open_services
+from auditor.service.cycle import run_cycle
+from auditor.service.delivery import drain
+from auditor.service.queries import read_report
+from auditor.vocabulary import RETENTION_BELOW_MINIMUM, Severity
 
 DEMO_TOKEN = "fake-token"
 DEMO_API_URL = "http://fake-katapult.invalid/core/v1"
@@ -62,12 +65,12 @@ def demo_settings(*, db_path: str, listen: str, interval: str = "30s") -> Settin
         "api": {"listen": listen},
         "log": {"level": "warning"},
         # Alerts from the demo go to an in-process receiver that prints them (see PrintingReceiver).
-        "notifiers": [{"kind": "webhook", "name": "demo-webhook", "url": DEMO_WEBHOOK_URL, "min_severity": "medium",
-                       "repeat_interval": "1h"}],
+        "notifiers": [{"kind": "webhook", "name": "demo-webhook", "url": DEMO_WEBHOOK_URL,
+                       "min_severity": Severity.MEDIUM.value, "repeat_interval": "1h"}],
         # The demo fleet annotates a few disks and a VM (README "The fake Katapult"): tiers follow them.
         "tiers": [
             {"name": "gold", "match": {"disk_annotations": {"backup-tier": "gold"}}, "min_retention": 30,
-             "min_retention_days": 30, "severity": {"retention-below-minimum": "high"}},
+             "min_retention_days": 30, "severity": {RETENTION_BELOW_MINIMUM: Severity.HIGH.value}},
             {"name": "scratch", "match": {"vm_annotations": {"env": ["dev", "scratch"]}}, "exempt": True,
              "reason": "dev machines are rebuilt from images"},
         ],
@@ -97,10 +100,7 @@ async def run_demo(settings: Settings, *, once: bool, show: Callable[[AuditOutco
             if shown:
                 return
             shown = True
-            waivers, problems = waivers_from(settings)
-            report = await build_report(services.store, now=outcome.finished_at, waivers=waivers,
-                                        waiver_problems=problems)
-            show(outcome, report)
+            show(outcome, await read_report(services))
             base = f"http://{settings.api.listen}"
             sys.stdout.write(f"API: {base}/api/v1/report  docs: {base}/docs  metrics: {base}/metrics\n"
                              f"auditing every {settings.audit.interval.total_seconds():.0f}s; Ctrl-C stops\n")
@@ -111,10 +111,7 @@ async def run_demo(settings: Settings, *, once: bool, show: Callable[[AuditOutco
                            notify_transport=webhook)
 
     async with open_services(settings, transport=transport, token=DEMO_TOKEN, notify_transport=webhook) as services:
-        outcome = await services.run_cycle(trigger="demo")
-        await services.drain(within=10)
-        waivers, problems = services.waivers()
-        report = await build_report(services.store, now=outcome.finished_at, waivers=waivers,
-                                    waiver_problems=problems)
-        show(outcome, report)
+        outcome = await run_cycle(services, trigger="demo")
+        await drain(services, within=10)
+        show(outcome, await read_report(services))
     return 0

@@ -18,6 +18,7 @@ AuditorError
 │   ├── LeaseLostError          our cycle lease expired and was taken: the cycle's commit is refused
 │   └── SchemaError             the database is missing or not at the current revision (read-only commands)
 ├── LeaseHeldError              another process runs a cycle on this database (`holder`, `since`)
+├── FolderNotEmptyError         an evidence export into a folder that already holds something (`folder`)
 └── NotifyError                 a notifier could not deliver (carries `permanent`)
 
 Errors carry fields (`code`, `status_code`, `target`, `permanent`) so callers branch on data, never on messages.
@@ -197,3 +198,11 @@ class LeaseHeldError(AuditorError):
         super().__init__(message)
         self.holder = holder
         self.since = since
+
+
+class FolderNotEmptyError(AuditorError):
+    """An export was asked into a folder that already holds something; `folder` names it. Nothing was written."""
+
+    def __init__(self, folder: object) -> None:
+        super().__init__(f"{folder} is not empty: give a new or empty folder (nothing was written)")
+        self.folder = folder

@@ -117,6 +117,11 @@ class SecretScrubber(logging.Filter):
         forms = {form for secret in secrets for form in secret_forms(secret)}
         self.secrets = sorted(forms, key=len, reverse=True)
 
+    def add(self, secrets: Iterable[str]) -> None:
+        """Masks these secrets too, from the next record on (a reloaded configuration may bring new ones)."""
+        forms = set(self.secrets) | {form for secret in secrets for form in secret_forms(secret)}
+        self.secrets = sorted(forms, key=len, reverse=True)
+
     def scrub(self, text: str) -> str:
         """Returns text with every secret masked."""
         return redact(text, self.secrets)
@@ -179,3 +184,15 @@ def setup_logging(*, level: str = "info", fmt: str = "auto", secrets: Iterable[s
                   "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return scrubber
+
+
+def update_logging(*, level: str, secrets: Iterable[str] = ()) -> None:
+    """Sets the root logger's level and adds secrets to the scrubber of every handler `setup_logging` installed
+    (a reloaded configuration; the format stays as set up)."""
+    root = logging.getLogger()
+    wanted = list(secrets)
+    for handler in root.handlers:
+        for scrubber in handler.filters:
+            if isinstance(scrubber, SecretScrubber):
+                scrubber.add(wanted)
+    root.setLevel(level.upper())

@@ -2,7 +2,7 @@
 
 Same fleet as pacing.py (2,000 disks, 80 ms latency). After half of the cycle's requests the fake starts answering
 with the lower limit, and its per-token sliding 60-s window (README "Rate limits": requests per minute for the
-token) then already holds every request of the last minute. The cycle is the `Services.run_cycle` use case run in this
+token) then already holds every request of the last minute. The cycle is the `run_cycle` use case run in this
 process; arrival times come from the fake's own clock (CLOCK_MONOTONIC, shared by both processes).
 
 The new floor for the rest of the cycle, from the first request answered with the lower limit to the last request,

@@ -8,7 +8,7 @@ A second cycle audits the same fleet with annotations and three `[[tiers]]` (gol
 an exempt scratch tier on VM annotations): the list items carry no annotations, so the minimum adds one filtered
 listing per tier selector, ceil(matching/200) pages each (README "Tiers").
 
-The cycle is the `Services.run_cycle` use case run in this process against the fake Katapult in its own process (80 ms
+The cycle is the `run_cycle` use case run in this process against the fake Katapult in its own process (80 ms
 latency, 1,000 requests/minute as the real API is often configured). Per-disk mode is not run at 10,000 disks (it
 would take over 20 minutes at that rate): its request count is measured on a sample of the same fleet through the
 in-process fake and scaled, next to the hard lower bound of one request per disk.
@@ -132,7 +132,7 @@ async def _per_disk_sample(objects: Any, fleet: dict[str, Any], sample: int) -> 
 
     from auditor.fake import create_app
     from auditor.katapult import KatapultClient
-    from auditor.service.cycle import read_disk
+    from auditor.service.collection import read_disk
 
     objects.rate_limit_per_minute = 10**9
     objects.latency = 0.0

@@ -2,7 +2,7 @@
 
 Default: 2,000 disks, 80 ms latency, 6,000 requests/minute permitted (about 20 s). The foundation issue's case is
 `--disks 500 --latency-ms 100 --rate 1200` (a 25 s floor). The fake Katapult runs in its own process on a loopback
-socket; the cycle is the `Services.run_cycle` use case run in this process (the same code `auditor audit --once` runs,
+socket; the cycle is the `run_cycle` use case run in this process (the same code `auditor audit --once` runs,
 without interpreter start-up and migrations), with a real database.
 """
 
@@ -63,10 +63,11 @@ def main() -> int:
 
 async def _audit(settings: Any, token: str) -> tuple[Any, c.Stopwatch]:
     from auditor.service import open_services
+    from auditor.service.cycle import run_cycle
 
     async with open_services(settings, token=token) as services:
         with c.Stopwatch() as watch:
-            outcome = await services.run_cycle(trigger="benchmark")
+            outcome = await run_cycle(services, trigger="benchmark")
     return outcome, watch
 
 

@@ -3,7 +3,7 @@ the last request, commit time, RSS.
 
 The fake Katapult runs in its own process with a generated fleet (policies on standalone disks and on VMs holding two
 disks each), 80 ms latency and 1,000 requests/minute, as the real API is often configured (README: 1000 and 200 have
-been seen). Each audit cycle runs in a child process of its own (`Services.run_cycle`, the code `auditor audit
+been seen). Each audit cycle runs in a child process of its own (`run_cycle`, the code `auditor audit
 --once` runs), so its peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`, read by the child at the end) is the auditor's
 alone: the interpreter, imports, migrations, the parsed pages, the snapshots, the findings and the database write.
 Cycle 1 runs on an empty database (every disk and policy is inserted); cycle 2 is the steady state (nothing changed).
@@ -301,14 +301,15 @@ def _child(spec_path: Path) -> int:
 async def _child_cycle(spec: dict[str, Any]) -> dict[str, Any]:
     from auditor.config import Settings
     from auditor.katapult.client import KatapultClient
+    from auditor.service import cycle as cycle_module
     from auditor.service import open_services
-    from auditor.service import services as services_module
+    from auditor.service.cycle import run_cycle
     from auditor.store.repo import Store
 
     spans: dict[str, float] = {"read": 0.0, "commit": 0.0}
     marks: dict[str, float] = {}
-    # services.py calls `collect` by the name it imported, so the wrapper replaces that name in its module.
-    collect = getattr(services_module, "collect")  # noqa: B009
+    # cycle.py calls `collect` by the name it imported, so the wrapper replaces that name in its module.
+    collect = getattr(cycle_module, "collect")  # noqa: B009
     transaction = Store.transaction
 
     async def timed_collect(*a: Any, **kw: Any) -> Any:
@@ -352,7 +353,7 @@ async def _child_cycle(spec: dict[str, Any]) -> dict[str, Any]:
             marks["last_response"] = time.monotonic()
             marks["last_response_cpu"] = time.process_time()
 
-    setattr(services_module, "collect", timed_collect)  # noqa: B010
+    setattr(cycle_module, "collect", timed_collect)  # noqa: B010
     Store.transaction = timed_transaction  # type: ignore[method-assign]
     KatapultClient._send = timed_send  # type: ignore[method-assign]
     statements = _time_statements() if spec.get("statements") else None
@@ -367,7 +368,7 @@ async def _child_cycle(spec: dict[str, Any]) -> dict[str, Any]:
         if profiler is not None:
             profiler.enable()
         with c.Stopwatch() as watch:
-            outcome = await services.run_cycle(trigger="benchmark")
+            outcome = await run_cycle(services, trigger="benchmark")
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(spec["profile"])

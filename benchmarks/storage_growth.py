@@ -4,7 +4,7 @@
 policies get a new retention (some drop below the minimum and open findings, some go back up and resolve them),
 and every schedule whose `next_invocation_at` has passed moves on by its interval, as real backups do.
 
-Each cycle is the real `Services.run_cycle` use case on a real database; only Katapult is replaced by an in-memory
+Each cycle is the real `run_cycle` use case on a real database; only Katapult is replaced by an in-memory
 stand-in that returns the domain objects the client would have parsed (HTTP is measured by the other
 benchmarks; here 200 cycles must measure the database). On PostgreSQL a plain VACUUM runs after each cycle, as
 autovacuum would between cycles 15 minutes apart. The comparison "row-per-poll design" is computed: a
@@ -127,9 +127,11 @@ def main() -> int:
 
 
 async def _run(args: Any, db: c.Database, report: c.Report) -> None:
+    from dataclasses import replace
+
     from auditor.config import Settings
-    from auditor.service import Services, prepare_database, ruleset_from
-    from auditor.service.cycle import Targets
+    from auditor.service import Services, prepare_database
+    from auditor.service.cycle import run_cycle
     from auditor.store.repo import Store
 
     # keep only matters to the pruning phase: nothing is pruned while the growth is measured.
@@ -137,13 +139,11 @@ async def _run(args: Any, db: c.Database, report: c.Report) -> None:
                                           organizations=["org_bench"]), history={"keep": PRUNE_KEEP})
     await prepare_database(settings)
     store = Store.from_url(db.url)
-    rules = ruleset_from(settings.rules)
     disks, policies = domain_fleet(args.disks, seed=args.seed)
     rng = random.Random(args.seed)
     client = InMemoryKatapult(disks, policies)
-    targets = Targets(organizations=("org_bench",))
-    services = Services(settings=settings, store=store, client=client, rules=rules,  # type: ignore[arg-type]
-                        targets=targets)
+    # The stand-in client at the Katapult seam; the rules and targets are the settings' ([audit] org_bench).
+    base = Services(settings=settings, store=store, client=client)  # type: ignore[arg-type]
     start = datetime.now(UTC).replace(microsecond=0)
     total_changes = 0
     ran = 0
@@ -156,8 +156,7 @@ async def _run(args: Any, db: c.Database, report: c.Report) -> None:
         changed = 0
         if i:
             client.policies, changed = mutate(client.policies, rng=rng, share=args.change, now=now)
-        services.clock = lambda: now
-        outcome = await services.run_cycle(trigger="benchmark")
+        outcome = await run_cycle(replace(base, clock=lambda: now), trigger="benchmark")
         if outcome.status.value != "complete":
             raise SystemExit(f"cycle {i} did not complete: {outcome.status.value} {outcome.errors[:3]}")
         if db.kind == "postgres":
@@ -199,7 +198,7 @@ async def _run(args: Any, db: c.Database, report: c.Report) -> None:
                         base_rows=base_rows, ran=ran, total_changes=total_changes, elapsed=elapsed,
                         write_seconds=write_seconds)
         if args.prune_cycles:
-            await _prune_phase(args, db, report, services, cycle, after=start + (ran + 1) * CYCLE_GAP,
+            await _prune_phase(args, db, report, base, cycle, after=start + (ran + 1) * CYCLE_GAP,
                                next_cycle=ran + 2)
     finally:
         await store.close()
@@ -258,7 +257,9 @@ def _growth_figures(args: Any, db: c.Database, report: c.Report, *, disks: list[
 async def _prune_phase(args: Any, db: c.Database, report: c.Report, services: Any, cycle: Any, *,
                        after: datetime, next_cycle: int) -> None:
     """Runs cycles PRUNE_GAP apart, each followed by `prune_history`; reports rows and bytes before and after."""
-    from auditor.service.compliance import prune_history
+    from dataclasses import replace
+
+    from auditor.service.housekeeping import prune_history
 
     def measure() -> dict[str, Any]:
         rows = db.row_counts((*PRUNED, "findings"))
@@ -274,9 +275,8 @@ async def _prune_phase(args: Any, db: c.Database, report: c.Report, services: An
         await cycle(next_cycle + k - 1, now)
         db.vacuum()
         before = measure()
-        services.clock = lambda now=now: now
         with c.Stopwatch() as sw:
-            deleted = await prune_history(services)
+            deleted = await prune_history(replace(services, clock=lambda now=now: now))
         db.vacuum()
         steps.append({"before": before, "after": measure(), "deleted": deleted, "seconds": sw.seconds})
     mb = 1e6

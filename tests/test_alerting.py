@@ -19,6 +19,8 @@ from auditor.domain.records import RunError, RunStatus
 from auditor.fake import Fault, Fleet, create_app
 from auditor.service import open_services
 from auditor.service.alerts import incomplete_fingerprint, plan_notifications
+from auditor.service.cycle import run_cycle
+from auditor.service.delivery import deliver_due, drain
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -111,16 +113,16 @@ async def test_outbox_survives_a_crash_and_delivers_exactly_once(db_url: str, re
     transport = httpx.ASGITransport(app=create_app(fleet))
     # Process 1: the cycle commits the finding and its notification, then "dies" before delivering.
     async with open_services(settings, transport=transport, token="fake-token") as rt:
-        outcome = await rt.run_cycle()
+        outcome = await run_cycle(rt)
         assert outcome.opened == 1
         assert await rt.outbox.pending_count() == 1
     assert receiver.requests == []
     # Process 2 after the restart: delivers it once; more rounds and another cycle send nothing new.
     async with open_services(settings, transport=transport, token="fake-token") as rt:
-        assert (await rt.drain(within=10)).pending == 0
-        assert (await rt.drain(within=10)).pending == 0
-        await rt.run_cycle()
-        await rt.drain(within=10)
+        assert (await drain(rt, within=10)).pending == 0
+        assert (await drain(rt, within=10)).pending == 0
+        await run_cycle(rt)
+        await drain(rt, within=10)
     assert len(receiver.requests) == 1
     body = receiver.requests[0].json()
     assert body["version"] == "4" and body["status"] == "firing" and body["receiver"] == "hook"
@@ -130,9 +132,9 @@ async def test_outbox_survives_a_crash_and_delivers_exactly_once(db_url: str, re
     # The disk gets a policy: one resolved message.
     fleet.add_policy(bad, retention=14, interval="daily", next_invocation_at=int(time.time()) + 3600)
     async with open_services(settings, transport=transport, token="fake-token") as rt:
-        outcome = await rt.run_cycle()
+        outcome = await run_cycle(rt)
         assert outcome.resolved == 1
-        await rt.drain(within=10)
+        await drain(rt, within=10)
     assert len(receiver.requests) == 2
     assert receiver.requests[1].json()["status"] == "resolved"
 
@@ -145,18 +147,18 @@ async def test_retry_then_deliver_and_permanent_failure(db_url: str, receiver: H
     receiver.script(Reply(503, "busy", {"Retry-After": "600"}))
     clock = MovableClock(datetime.now(UTC))
     async with open_services(settings, transport=transport, token="fake-token", clock=clock) as rt:
-        await rt.run_cycle()
-        report = await rt.deliver_due()
+        await run_cycle(rt)
+        report = await deliver_due(rt)
         assert report.retried == 1 and report.delivered == 0
         [entry] = await rt.outbox.recent()
         assert entry.state.value == "pending" and entry.attempts == 1 and entry.last_status == 503
         assert entry.next_attempt_at >= clock.now + timedelta(seconds=600)  # Retry-After honoured
         # Not due yet: a round now sends nothing.
         clock.now += timedelta(seconds=300)
-        assert (await rt.deliver_due()).delivered == 0 and len(receiver.requests) == 1
+        assert (await deliver_due(rt)).delivered == 0 and len(receiver.requests) == 1
         # Due after its Retry-After: the injected clock moves on and a later round delivers it.
         clock.now += timedelta(minutes=20)
-        report = await rt.deliver_due()
+        report = await deliver_due(rt)
         assert report.delivered == 1
         assert (await rt.outbox.recent())[0].state.value == "delivered"
     assert [r.json()["status"] for r in receiver.requests] == ["firing", "firing"]
@@ -165,9 +167,9 @@ async def test_retry_then_deliver_and_permanent_failure(db_url: str, receiver: H
     receiver.script(Reply(400, "bad payload"))
     fleet.faults[good] = Fault.UNAVAILABLE  # run becomes partial: audit-incomplete fires
     async with open_services(settings, transport=transport, token="fake-token") as rt:
-        outcome = await rt.run_cycle()
+        outcome = await run_cycle(rt)
         assert outcome.status is RunStatus.PARTIAL
-        report = await rt.deliver_due()
+        report = await deliver_due(rt)
         assert report.failed == 1
         failed = [e for e in await rt.outbox.recent() if e.state.value == "failed"]
         assert failed and failed[0].last_status == 400 and "400" in (failed[0].last_error or "")

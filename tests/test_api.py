@@ -23,8 +23,9 @@ from auditor.fake import Fleet, demo_fleet
 from auditor.fake import create_app as fake_app
 from auditor.fake.fleet import fake_id
 from auditor.service import Services, open_services, waivers_from
-from auditor.service.cycle import utcnow
-from auditor.service.reports import build_report, disk_detail
+from auditor.service.clock import utcnow
+from auditor.service.cycle import run_cycle
+from auditor.service.queries import build_report, read_disk_detail
 from auditor.service.runner import CycleRunner
 from auditor.store import queries, writes
 from auditor.store.repo import Store
@@ -60,9 +61,14 @@ async def _no_trigger() -> str | None:
 def deps_for(world: World, *, token: str | None = None, clock: Callable[[], datetime] = utcnow,
              trigger: Callable[[], Awaitable[str | None]] = _no_trigger, store: Store | None = None,
              cycles: CycleMetrics | None = None) -> ApiDeps:
-    return ApiDeps(store=store or world.runtime.store, interval=world.settings.audit.interval, trigger=trigger,
-                   waivers=lambda: waivers_from(world.settings), cycles=cycles or CycleMetrics(),
-                   token=SecretStr(token) if token else None, clock=clock)
+    services = replace(world.runtime, store=store or world.runtime.store, clock=clock)
+    return ApiDeps(services=services, trigger=trigger, cycles=cycles or CycleMetrics(),
+                   token=SecretStr(token) if token else None)
+
+
+def reading(store: Store, *, interval: timedelta = timedelta(minutes=15)) -> Services:
+    """Services reading `store`, with audit.interval `interval` (the rest of the settings: defaults)."""
+    return Services(settings=Settings(audit={"interval": interval}), store=store)
 
 
 def client_for(deps: ApiDeps) -> httpx.AsyncClient:
@@ -76,10 +82,10 @@ async def world(db_url: str) -> AsyncIterator[World]:
     settings = settings_for(db_url, targets)
     transport = httpx.ASGITransport(app=fake_app(fleet))
     async with open_services(settings, transport=transport, token="fake-token") as runtime:
-        first = await runtime.run_cycle(trigger="test")
+        first = await run_cycle(runtime, trigger="test")
         assert first.status is RunStatus.COMPLETE
         fleet.update_policy(fake_id("dbp", "demo:legacy-db-data"), retention=30)
-        second = await runtime.run_cycle(trigger="test")
+        second = await run_cycle(runtime, trigger="test")
         assert second.resolved == 2
         yield World(fleet, settings, runtime)
 
@@ -100,7 +106,7 @@ async def bare() -> AsyncIterator[httpx.AsyncClient]:
     """The app without a database: enough for everything answered before the store is read."""
     store = unreachable_store()
     try:
-        async with client_for(ApiDeps(store=store, interval=timedelta(minutes=15), trigger=_no_trigger)) as api:
+        async with client_for(ApiDeps(services=reading(store), trigger=_no_trigger)) as api:
             yield api
     finally:
         await store.close()
@@ -149,16 +155,16 @@ async def test_concurrent_requests_share_one_lookup_of_the_latest_run(world: Wor
 
 async def test_a_slow_body_does_not_hold_up_another(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     # The report's first build waits on a gate; a findings page, a different cached body, must not wait with it.
-    import auditor.api.routes as routes
+    import auditor.service.queries as service_queries
 
     gate = asyncio.Event()
-    real = routes.build_report
+    real = service_queries.build_report
 
     async def gated(*args: Any, **kwargs: Any) -> Any:
         await gate.wait()
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(routes, "build_report", gated)
+    monkeypatch.setattr(service_queries, "build_report", gated)
     async with client_for(deps_for(world)) as api:
         reports = [asyncio.ensure_future(api.get("/api/v1/report")) for _ in range(3)]
         findings = await asyncio.wait_for(api.get("/api/v1/findings"), timeout=30)
@@ -240,7 +246,7 @@ async def test_disk_detail(world: World, api: httpx.AsyncClient) -> None:
     disk_id = fake_id("disk", "demo:legacy-db-data")
     response = await api.get(f"/api/v1/disks/{disk_id}")
     assert response.status_code == 200
-    assert response.json() == await disk_detail(world.runtime.store, disk_id)
+    assert response.json() == await read_disk_detail(world.runtime, disk_id=disk_id)
     body = DiskDetail.model_validate(response.json())
     assert body.disk.disk_id == disk_id and body.status == "compliant"
     assert len(body.snapshots) == 2 and [d.kind for d in body.drift] == ["policy-changed"]
@@ -324,7 +330,7 @@ async def test_not_ready_when_the_last_cycle_is_old(world: World) -> None:
 
 
 async def test_not_ready_before_any_cycle(store: Store) -> None:
-    deps = ApiDeps(store=store, interval=timedelta(minutes=1), trigger=_no_trigger)
+    deps = ApiDeps(services=reading(store, interval=timedelta(minutes=1)), trigger=_no_trigger)
     async with client_for(deps) as api:
         response = await api.get("/readyz")
         assert response.status_code == 503
@@ -358,7 +364,7 @@ async def test_audit_trigger_answers_202_or_409(bare: httpx.AsyncClient) -> None
 
     store = unreachable_store()
     try:
-        async with client_for(ApiDeps(store=store, interval=timedelta(minutes=1), trigger=started)) as api:
+        async with client_for(ApiDeps(services=reading(store, interval=timedelta(minutes=1)), trigger=started)) as api:
             response = await api.post("/api/v1/audit")
     finally:
         await store.close()
@@ -415,7 +421,7 @@ async def test_notifications_list_the_outbox(db_url: str) -> None:
     })
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)),
                             token="fake-token") as runtime:
-        await runtime.run_cycle()  # queues notifications; nothing delivers them here
+        await run_cycle(runtime)  # queues notifications; nothing delivers them here
         world = World(fleet, settings, runtime)
         async with client_for(deps_for(world)) as api:
             response = await api.get("/api/v1/notifications")
@@ -436,7 +442,7 @@ async def test_notifications_list_the_outbox(db_url: str) -> None:
 
 
 async def test_readyz_does_not_count_an_abandoned_run(db_url: str) -> None:
-    from datetime import UTC, datetime, timedelta
+    from datetime import UTC, datetime
 
     from auditor.api import ApiDeps, create_app
     from auditor.store import engine as db
@@ -454,7 +460,7 @@ async def test_readyz_does_not_count_an_abandoned_run(db_url: str) -> None:
         async def trigger() -> str | None:
             return None
 
-        app = create_app(ApiDeps(store=store, interval=timedelta(minutes=15), trigger=trigger))
+        app = create_app(ApiDeps(services=reading(store), trigger=trigger))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
             r = await client.get("/readyz")
         assert r.status_code == 503

@@ -21,7 +21,8 @@ from auditor.config import Settings
 from auditor.fake import create_app as fake_app
 from auditor.fake import demo_fleet
 from auditor.fake.fleet import fake_id
-from auditor.service import open_services, waivers_from
+from auditor.service import Services, open_services
+from auditor.service.cycle import run_cycle
 from auditor.store import engine as db
 from auditor.store.repo import Store
 
@@ -31,9 +32,9 @@ async def _seed(settings: Settings) -> None:
     fleet.rate_limit_per_minute = 100_000
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)),
                             token="fake-token") as runtime:
-        await runtime.run_cycle()
+        await run_cycle(runtime)
         fleet.update_policy(fake_id("dbp", "demo:legacy-db-data"), retention=30)
-        await runtime.run_cycle()
+        await run_cycle(runtime)
 
 
 async def _busy() -> str | None:
@@ -44,7 +45,8 @@ async def _busy() -> str | None:
 def _openapi() -> dict[str, Any]:
     """Returns the app's OpenAPI document (the schema does not depend on the data, so no database is opened)."""
     store = Store.from_url("sqlite:///:memory:")  # never connected: building the document reads no data
-    return create_app(ApiDeps(store=store, interval=timedelta(minutes=15), trigger=_busy)).openapi()
+    services = Services(settings=Settings(audit={"interval": timedelta(minutes=15)}), store=store)
+    return create_app(ApiDeps(services=services, trigger=_busy)).openapi()
 
 
 # The document is loaded at import, as `parametrize` needs it at collection; `from_fixture` would build it from
@@ -65,8 +67,7 @@ def seeded_app(db_url: str) -> FastAPI:
     # Schemathesis calls the ASGI app from its own event loop thread; without a pool every connection is opened
     # and closed in that loop.
     store = Store(create_async_engine(db.async_url(db_url), poolclass=NullPool))
-    return create_app(ApiDeps(store=store, interval=timedelta(minutes=15), trigger=_busy,
-                              waivers=lambda: waivers_from(config)))
+    return create_app(ApiDeps(services=Services(settings=config, store=store), trigger=_busy))
 
 
 @schema.parametrize()

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,9 +21,12 @@ from auditor.domain.models import FindingStatus
 from auditor.domain.records import RunStatus
 from auditor.fake import FakeServer, Fault, Fleet, create_app
 from auditor.fake.fleet import FakeDisk, FakeOrg, FakeVM
-from auditor.service import Services, open_services, waivers_from
-from auditor.service.cycle import Targets, utcnow
-from auditor.service.reports import build_report, disk_detail, iso
+from auditor.service import Services, open_services
+from auditor.service.clock import utcnow
+from auditor.service.configuration import Targets
+from auditor.service.cycle import run_cycle
+from auditor.service.queries import read_disk_detail, read_report
+from auditor.service.reports import iso
 from auditor.store import queries
 
 API = "http://fake/core/v1"
@@ -58,8 +62,7 @@ async def runtime(settings: Settings, fleet: Fleet | None, *, token: str = TOKEN
 
 
 async def report_of(rt: Services) -> dict[str, Any]:
-    waivers, problems = waivers_from(rt.settings)
-    return await build_report(rt.store, now=utcnow(), waivers=waivers, waiver_problems=problems)
+    return await read_report(rt)
 
 
 def soon(hours: float = 24) -> int:
@@ -109,7 +112,7 @@ async def test_lifecycle_open_persist_resolve_reopen(db_url: str) -> None:
     bad = w.policy(d, "data", retention=3)  # below 7 backups and a 3-day window
     settings = settings_for(db_url, disks=[d.id])
     async with runtime(settings, w.fleet) as rt:
-        r1 = await rt.run_cycle()
+        r1 = await run_cycle(rt)
         assert r1.status is RunStatus.COMPLETE
         assert r1.opened == 2 and r1.open_findings == {"medium": 2}
         rep = await report_of(rt)
@@ -119,14 +122,14 @@ async def test_lifecycle_open_persist_resolve_reopen(db_url: str) -> None:
         assert disk_of(rep, d.id)["status"] == "noncompliant"
         assert mine[("retention-below-minimum", bad)]["first_seen"] == iso(r1.started_at)
 
-        r2 = await rt.run_cycle()  # unchanged: persists, last_seen moves
+        r2 = await run_cycle(rt)  # unchanged: persists, last_seen moves
         assert r2.opened == 0 and r2.resolved == 0
         (stored,) = [f for f in await rt.store.read(queries.all_findings, statuses=["open"]) if f.fingerprint == fp]
         assert stored.first_seen == r1.started_at and stored.opened_at == r1.started_at
         assert stored.last_seen == r2.started_at > r1.started_at
 
         w.fleet.update_policy(bad, retention=14)  # fixed
-        r3 = await rt.run_cycle()
+        r3 = await run_cycle(rt)
         assert r3.status is RunStatus.COMPLETE and r3.resolved == 2 and r3.open_findings == {}
         rep = await report_of(rt)
         assert findings_of(rep, d.id) == {}
@@ -136,14 +139,14 @@ async def test_lifecycle_open_persist_resolve_reopen(db_url: str) -> None:
         assert resolved[fp].status is FindingStatus.RESOLVED
 
         w.fleet.update_policy(bad, retention=3)  # broken again
-        r4 = await rt.run_cycle()
+        r4 = await run_cycle(rt)
         assert r4.opened == 2
         rep = await report_of(rt)
         again = findings_of(rep, d.id)[("retention-below-minimum", bad)]
         assert again["fingerprint"] == fp and again["status"] == "open"
         assert again["first_seen"] == iso(r1.started_at)
 
-        detail = await disk_detail(rt.store, d.id)
+        detail = await read_disk_detail(rt, disk_id=d.id)
     assert detail is not None
     assert detail["status"] == "noncompliant"
     (f,) = [f for f in detail["findings"] if f["fingerprint"] == fp]
@@ -181,14 +184,14 @@ async def test_unreadable_disk_is_unknown_and_keeps_its_findings_open(db_url: st
         settings = settings_for(db_url, disks=[bare.id, fine.id], api_url=server.url if server else API,
                                 timeout=0.2, max_attempts=1)
         async with runtime(settings, None if server else w.fleet) as rt:
-            r1 = await rt.run_cycle()
+            r1 = await run_cycle(rt)
             assert r1.status is RunStatus.COMPLETE and r1.open_findings == {"critical": 1}
             (before,) = await rt.store.read(queries.all_findings, statuses=["open"])
 
             # The disk gets a good policy, but the auditor cannot see it: nothing may resolve.
             w.policy(bare, "bare")
             w.fleet.faults[bare.id] = fault
-            r2 = await rt.run_cycle()
+            r2 = await run_cycle(rt)
             assert r2.status is RunStatus.PARTIAL
             assert r2.resolved == 0 and r2.open_findings == {"critical": 1}
             assert r2.disks_unknown == 1 and r2.disks_ok == 1
@@ -208,15 +211,17 @@ async def test_unreadable_disk_is_unknown_and_keeps_its_findings_open(db_url: st
             assert [(e["target"], e["code"]) for e in rep["last_run"]["errors"]] == [(bare.id, UNREADABLE[fault])]
 
             # Only the unreadable disk as a target: nothing was read, the run failed; still no verdict.
-            rt.targets = Targets((bare.id,), ())
-            r3 = await rt.run_cycle()
+            audit = rt.settings.audit.model_copy(update={"disks": [bare.id], "organizations": []})
+            rt = replace(rt, settings=rt.settings.model_copy(update={"audit": audit}))
+            assert rt.targets == Targets((bare.id,), ())
+            r3 = await run_cycle(rt)
             assert r3.status is RunStatus.FAILED and r3.resolved == 0
             still_open = await rt.store.read(queries.all_findings, statuses=["open"])
             assert [f.fingerprint for f in still_open] == [before.fingerprint]
 
             # Readable again: now the good policy resolves it.
             w.fleet.faults.pop(bare.id)
-            r4 = await rt.run_cycle()
+            r4 = await run_cycle(rt)
             assert r4.status is RunStatus.COMPLETE and r4.resolved == 1 and r4.open_findings == {}
             rep = await report_of(rt)
             assert disk_of(rep, bare.id)["status"] == "compliant"
@@ -232,11 +237,11 @@ async def test_unreadable_vm_policies_leave_its_disks_unknown(db_url: str) -> No
     w.policy(a, "batch-a")
     w.policy(vm, "batch", retention=2)
     async with runtime(settings_for(db_url, disks=[a.id, b.id]), w.fleet) as rt:
-        r1 = await rt.run_cycle()
+        r1 = await run_cycle(rt)
         assert r1.open_findings == {"medium": 4}  # the weak VM policy, on each disk
         w.fleet.faults[vm.id] = Fault.FORBIDDEN
         vm_reads = w.fleet.stats.by_endpoint["/virtual_machines/virtual_machine/disk_backup_policies"]
-        r2 = await rt.run_cycle()
+        r2 = await run_cycle(rt)
         rep = await report_of(rt)
     assert r2.status is RunStatus.FAILED and r2.resolved == 0 and r2.open_findings == {"medium": 4}
     assert sorted((e.target, e.code) for e in r2.errors) == [(a.id, "permission_denied"),
@@ -252,7 +257,7 @@ async def test_retries_then_reads_a_disk_whose_outage_clears(db_url: str) -> Non
     w.fleet.faults[d.id] = Fault.UNAVAILABLE
     w.fleet.faults_remaining[d.id] = 1  # one 503, then fine
     async with runtime(settings_for(db_url, disks=[d.id], max_attempts=3), w.fleet) as rt:
-        r = await rt.run_cycle()
+        r = await run_cycle(rt)
     assert r.status is RunStatus.COMPLETE and r.errors == []
     assert r.stats.retries >= 1 and r.open_findings == {"medium": 2}
 
@@ -276,7 +281,7 @@ async def test_org_discovery_joins_vm_level_policies(db_url: str) -> None:
     w.policy(outside, "elsewhere", retention=1)
 
     async with runtime(settings_for(db_url, orgs=[w.org.id], per_page=2), w.fleet) as rt:
-        r = await rt.run_cycle()
+        r = await run_cycle(rt)
         rep = await report_of(rt)
     assert r.status is RunStatus.COMPLETE and r.targets_checked == 1
     assert {d["disk_id"] for d in rep["disks"]} == {web_sys.id, web_data.id, db_sys.id, db_data.id, loose.id,
@@ -318,7 +323,7 @@ async def test_explicit_disk_covered_only_by_its_vm_policy(db_url: str) -> None:
     weak_policy = w.policy(low, "batch", retention=2)
     disks = [covered.id, covered_data.id, weak.id, weak_data.id]
     async with runtime(settings_for(db_url, disks=disks), w.fleet) as rt:
-        r = await rt.run_cycle()
+        r = await run_cycle(rt)
         rep = await report_of(rt)
     assert r.status is RunStatus.COMPLETE
     for d in (covered, covered_data):
@@ -343,7 +348,7 @@ async def test_explicit_disk_judges_its_vm_policy_even_with_its_own(db_url: str)
     own = w.policy(d, "own")
     vm_policy = w.policy(vm, "vm-weak", retention=2)
     async with runtime(settings_for(db_url, disks=[d.id]), w.fleet) as rt:
-        r = await rt.run_cycle()
+        r = await run_cycle(rt)
         rep = await report_of(rt)
     assert r.status is RunStatus.COMPLETE
     assert set(findings_of(rep, d.id)) == {("retention-below-minimum", vm_policy),
@@ -362,12 +367,12 @@ async def test_org_outage_does_not_resolve_vm_policy_findings_of_an_explicit_dis
     vm_policy = w.policy(vm, "vm-weak", retention=2)
     expected = {("retention-below-minimum", vm_policy), ("retention-window-too-short", vm_policy)}
     async with runtime(settings_for(db_url, orgs=[w.org.id], disks=[d.id]), w.fleet) as rt:
-        r1 = await rt.run_cycle()
+        r1 = await run_cycle(rt)
         assert set(findings_of(await report_of(rt), d.id)) == expected
         w.fleet.faults[w.org.id] = Fault.FORBIDDEN
-        r2 = await rt.run_cycle()
+        r2 = await run_cycle(rt)
         rep = await report_of(rt)
-        detail = await disk_detail(rt.store, d.id)
+        detail = await read_disk_detail(rt, disk_id=d.id)
     assert r2.status is RunStatus.PARTIAL and r2.resolved == 0
     assert [(e.target, e.code) for e in r2.errors] == [(w.org.id, "permission_denied")]
     assert set(findings_of(rep, d.id)) == expected
@@ -385,7 +390,7 @@ async def test_disk_in_an_org_and_listed_explicitly_is_audited_once(db_url: str)
     w.policy(lone, "lone")
     settings = settings_for(db_url, orgs=[w.org.id], disks=[shared.id, lone.id])
     async with runtime(settings, w.fleet) as rt:
-        r = await rt.run_cycle()
+        r = await run_cycle(rt)
         rep = await report_of(rt)
     assert r.status is RunStatus.COMPLETE and r.targets_checked == 3
     assert [d["disk_id"] for d in rep["disks"]].count(shared.id) == 1
@@ -404,7 +409,7 @@ async def test_disk_not_found_and_disk_in_trash(db_url: str) -> None:
     w.fleet.faults[trashed.id] = Fault.IN_TRASH
     missing = "disk_neverexisted00"
     async with runtime(settings_for(db_url, disks=[missing, trashed.id]), w.fleet) as rt:
-        r = await rt.run_cycle()
+        r = await run_cycle(rt)
         rep = await report_of(rt)
         assert r.status is RunStatus.COMPLETE and r.errors == []  # definite answers, not failures
         assert r.open_findings == {"high": 2}
@@ -418,7 +423,7 @@ async def test_disk_not_found_and_disk_in_trash(db_url: str) -> None:
         # Restored from the trash with a good policy: the finding resolves.
         w.fleet.faults.pop(trashed.id)
         w.policy(trashed, "trashed")
-        r2 = await rt.run_cycle()
+        r2 = await run_cycle(rt)
         rep = await report_of(rt)
     assert r2.resolved == 1
     assert findings_of(rep, trashed.id) == {}
@@ -434,11 +439,11 @@ async def test_org_listing_failure_keeps_its_known_disks_unknown(db_url: str) ->
     lone = w.disk("lone", org=w.other)
     w.policy(lone, "lone")
     async with runtime(settings_for(db_url, orgs=[w.org.id], disks=[lone.id]), w.fleet) as rt:
-        r1 = await rt.run_cycle()
+        r1 = await run_cycle(rt)
         assert r1.open_findings == {"critical": 1}
         w.fleet.faults[w.org.id] = Fault.UNAVAILABLE
         w.policy(bare, "bare")  # fixed, but unseen
-        r2 = await rt.run_cycle()
+        r2 = await run_cycle(rt)
         rep = await report_of(rt)
         assert r2.status is RunStatus.PARTIAL and r2.resolved == 0
         assert [(e.target, e.code) for e in r2.errors] == [(w.org.id, "service_unavailable")]
@@ -450,7 +455,7 @@ async def test_org_listing_failure_keeps_its_known_disks_unknown(db_url: str) ->
                                   "open_findings": 1}
 
         w.fleet.faults.pop(w.org.id)
-        r3 = await rt.run_cycle()
+        r3 = await run_cycle(rt)
         rep = await report_of(rt)
     assert r3.status is RunStatus.COMPLETE and r3.resolved == 1
     assert {d["disk_id"]: d["status"] for d in rep["disks"]} == {bare.id: "compliant", good.id: "compliant",
@@ -463,12 +468,12 @@ async def test_disk_removed_from_the_org_leaves_the_report(db_url: str) -> None:
     w.policy(keep, "keep")
     gone = w.disk("gone")  # unprotected
     async with runtime(settings_for(db_url, orgs=[w.org.id]), w.fleet) as rt:
-        await rt.run_cycle()
+        await run_cycle(rt)
         rep = await report_of(rt)
         assert {d["disk_id"] for d in rep["disks"]} == {keep.id, gone.id}
         assert rep["summary"]["open_findings"] == 1
         w.fleet.remove_disk(gone.id)
-        r = await rt.run_cycle()
+        r = await run_cycle(rt)
         rep = await report_of(rt)
         open_now = await rt.store.read(queries.all_findings, statuses=["open", "waived"])
     assert r.status is RunStatus.COMPLETE
@@ -488,14 +493,14 @@ async def test_drift_events_for_retention_interval_and_removal(db_url: str) -> N
     p_int = w.policy(d, "int", retention=14, interval="daily")
     p_gone = w.policy(d, "gone", retention=30)
     async with runtime(settings_for(db_url, disks=[d.id]), w.fleet) as rt:
-        r1 = await rt.run_cycle()
-        detail = await disk_detail(rt.store, d.id)
+        r1 = await run_cycle(rt)
+        detail = await read_disk_detail(rt, disk_id=d.id)
         assert detail is not None and detail["drift"] == []  # the first reading is the baseline
         w.fleet.update_policy(p_ret, retention=10)
         w.fleet.update_policy(p_int, interval="weekly")
         w.fleet.remove_policy(p_gone)
-        r2 = await rt.run_cycle()
-        detail = await disk_detail(rt.store, d.id)
+        r2 = await run_cycle(rt)
+        detail = await read_disk_detail(rt, disk_id=d.id)
         rep = await report_of(rt)
     assert detail is not None
     drift = {e["policy_id"]: e for e in detail["drift"]}
@@ -528,12 +533,12 @@ async def test_first_successful_reading_is_the_baseline_not_drift(db_url: str) -
     w.policy(d, "late-b", retention=3)
     w.fleet.faults[d.id] = Fault.FORBIDDEN
     async with runtime(settings_for(db_url, disks=[d.id]), w.fleet) as rt:
-        first = await rt.run_cycle()
+        first = await run_cycle(rt)
         assert first.status is RunStatus.FAILED and first.disks_unknown == 1
         w.fleet.faults.pop(d.id)
-        second = await rt.run_cycle()
+        second = await run_cycle(rt)
         assert second.status is RunStatus.COMPLETE
-        detail = await disk_detail(rt.store, d.id)
+        detail = await read_disk_detail(rt, disk_id=d.id)
         drift_rows = await count(rt, "drift_events")
     assert detail is not None
     assert detail["drift"] == [] and drift_rows == 0
@@ -550,7 +555,7 @@ async def test_unchanged_polls_add_no_snapshot_rows(db_url: str) -> None:
     w.policy(d1, "one-b")
     w.policy(vm, "host")
     async with runtime(settings_for(db_url, orgs=[w.org.id], disks=[d1.id]), w.fleet) as rt:
-        await rt.run_cycle()
+        await run_cycle(rt)
         baseline = {t: await count(rt, t) for t in ("policy_states", "drift_events", "finding_events", "findings",
                                                    "disks")}
         assert baseline["policy_states"] == 3 and baseline["drift_events"] == 0
@@ -561,12 +566,12 @@ async def test_unchanged_polls_add_no_snapshot_rows(db_url: str) -> None:
             # The schedule moves on every poll (as it does in Katapult): updated in place, not a new snapshot.
             last_next = soon(24 + i)
             w.fleet.update_policy(p1, next_invocation_at=last_next)
-            r = await rt.run_cycle()
+            r = await run_cycle(rt)
             assert r.status is RunStatus.COMPLETE and r.opened == 0 and r.resolved == 0
         after = {t: await count(rt, t) for t in baseline}
         assert after == baseline
         assert await count(rt, "audit_runs") == runs_before + n
-        detail = await disk_detail(rt.store, d1.id)
+        detail = await read_disk_detail(rt, disk_id=d1.id)
     assert detail is not None
     (current,) = [p for p in detail["policies"] if p["policy_id"] == p1]
     assert current["next_invocation_at"] == iso(datetime.fromtimestamp(last_next, UTC))
@@ -610,17 +615,17 @@ async def test_an_unchanged_cycle_reads_no_history_and_a_later_change_is_still_s
     w.policy(vm, "host")
     tables = ("policy_states", "disk_states", "drift_events", "findings")
     async with runtime(settings_for(db_url, orgs=[w.org.id]), w.fleet) as rt:
-        await rt.run_cycle()
+        await run_cycle(rt)
         baseline = {t: await count(rt, t) for t in tables}
         with statements(rt) as seen:
-            r2 = await rt.run_cycle()
+            r2 = await run_cycle(rt)
         assert r2.status is RunStatus.COMPLETE
         # The disks' read model says their policies and verdicts are as stored: neither history table is read.
         assert history_reads(seen) == []
         assert {t: await count(rt, t) for t in tables} == baseline
         w.fleet.update_policy(p, retention=3)
-        r3 = await rt.run_cycle()
-        detail = await disk_detail(rt.store, d.id)
+        r3 = await run_cycle(rt)
+        detail = await read_disk_detail(rt, disk_id=d.id)
         model = await read_model(rt)
     assert r3.opened == 2
     assert detail is not None and detail["status"] == "noncompliant"
@@ -631,25 +636,25 @@ async def test_an_unchanged_cycle_reads_no_history_and_a_later_change_is_still_s
 
 
 async def test_disks_without_a_read_model_are_compared_with_their_history(db_url: str) -> None:
-    # As on a database migrated from revision 0004: the columns are empty until a cycle writes them.
+    # As on a database migrated from revision 0005: the columns are empty until a cycle writes them.
     w = World()
     d = w.disk("one")
     w.policy(d, "one")
     w.policy(d, "one-b", retention=3)
     tables = ("policy_states", "disk_states", "drift_events")
     async with runtime(settings_for(db_url, orgs=[w.org.id]), w.fleet) as rt:
-        await rt.run_cycle()
+        await run_cycle(rt)
         baseline = {t: await count(rt, t) for t in tables}
         async with rt.store.engine.begin() as conn:
             await conn.execute(text("UPDATE disks SET policies_digest = NULL, verdict = NULL"))
         with statements(rt) as seen:
-            await rt.run_cycle()
+            await run_cycle(rt)
         assert history_reads(seen) != []
         assert {t: await count(rt, t) for t in tables} == baseline
         model = await read_model(rt)
         assert model[d.id][0] == model[d.id][1] == "noncompliant" and model[d.id][2]
         with statements(rt) as seen:
-            await rt.run_cycle()
+            await run_cycle(rt)
         assert history_reads(seen) == []
 
 
@@ -660,12 +665,12 @@ async def test_a_disk_that_leaves_and_comes_back_gets_a_verdict_again(db_url: st
     w.disk("gone")  # unprotected: noncompliant
     gone_id = "disk_gone"
     async with runtime(settings_for(db_url, orgs=[w.org.id]), w.fleet) as rt:
-        await rt.run_cycle()
+        await run_cycle(rt)
         w.fleet.remove_disk(gone_id)
-        await rt.run_cycle()
+        await run_cycle(rt)
         left = await read_model(rt)
         w.disk("gone")
-        back = await rt.run_cycle()
+        back = await run_cycle(rt)
         model = await read_model(rt)
         rep = await report_of(rt)
     assert left[gone_id][:2] == (None, None)  # its verdict interval is closed: no current verdict
@@ -679,9 +684,9 @@ async def test_a_persisting_finding_whose_values_change_is_rewritten(db_url: str
     d = w.disk("low")
     bad = w.policy(d, "low", retention=3)
     async with runtime(settings_for(db_url, disks=[d.id]), w.fleet) as rt:
-        r1 = await rt.run_cycle()
+        r1 = await run_cycle(rt)
         w.fleet.update_policy(bad, retention=4)  # still below the minimum: the same findings, other values
-        r2 = await rt.run_cycle()
+        r2 = await run_cycle(rt)
         stored = {f.rule: f for f in await rt.store.read(queries.all_findings, statuses=["open"])}
     assert r2.opened == 0 and r2.resolved == 0
     below = stored["retention-below-minimum"]
@@ -706,7 +711,7 @@ async def test_run_records_and_the_token_never_leaks(db_url: str, caplog: pytest
     caplog.set_level(logging.DEBUG)
     async with runtime(settings_for(db_url, disks=[ok.id, denied.id, broken.id], max_attempts=2), w.fleet,
                        token=secret) as rt:
-        outcome = await rt.run_cycle()
+        outcome = await run_cycle(rt)
         run = await rt.store.read(queries.latest_run)
         runs = await rt.store.read(queries.list_runs)
         rep = await report_of(rt)
@@ -750,7 +755,7 @@ async def test_waivers_from_config(db_url: str) -> None:
     ]
     settings = settings_for(db_url, disks=[waived_disk.id, expired_disk.id, mixed.id], waivers=waivers)
     async with runtime(settings, w.fleet) as rt:
-        outcome = await rt.run_cycle()
+        outcome = await run_cycle(rt)
         rep = await report_of(rt)
     assert outcome.status is RunStatus.COMPLETE
     # Open: the expired one (critical), and for `mixed` all but the waived retention finding.
@@ -787,11 +792,11 @@ async def test_waiver_removed_while_the_disk_is_unknown_reopens_the_finding(db_u
     waived = [{"rule": "unprotected-disk", "disk": d.id, "reason": "r", "owner": "o@example.com",
                "expires": "2099-01-01"}]
     async with runtime(settings_for(db_url, disks=[d.id], waivers=waived), w.fleet) as rt:
-        r1 = await rt.run_cycle()
+        r1 = await run_cycle(rt)
         assert r1.open_findings == {}
     w.fleet.faults[d.id] = Fault.FORBIDDEN
     async with runtime(settings_for(db_url, disks=[d.id]), w.fleet) as rt:  # the waiver is gone from config
-        r2 = await rt.run_cycle()
+        r2 = await run_cycle(rt)
         rep = await report_of(rt)
     assert r2.status is RunStatus.FAILED
     assert r2.open_findings == {"critical": 1}

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from receivers import HttpReceiver, RecordingApp, Reply
+from sqlalchemy import select
 from test_cli import SECRET, WAIVERS, clean_env, write
 
 from auditor.config import Settings, format_duration, parse_duration
@@ -23,16 +24,18 @@ from auditor.errors import StoreError
 from auditor.fake import FakeServer, Fault, Fleet
 from auditor.fake import create_app as fake_app
 from auditor.service import open_services
-from auditor.service.reports import (
-    REPORTED_STATUSES,
-    build_report,
+from auditor.service.cycle import run_cycle
+from auditor.service.queries import (
     current_disk_detail,
     current_findings,
     current_report,
-    disk_detail,
+    read_disk_detail,
+    read_report,
 )
+from auditor.service.reports import REPORTED_STATUSES
 from auditor.store import engine as db
 from auditor.store import queries, writes
+from auditor.store.tables import runs
 
 pytestmark = pytest.mark.slow
 
@@ -197,7 +200,9 @@ def test_format_duration_of_odd_values() -> None:
     assert format_duration(timedelta(microseconds=1500)) == "0.0015s"
 
 
-HEAVY = ("pydantic", "rich", "sqlalchemy", "alembic", "httpx", "fastapi", "uvicorn", "auditor.daemon")
+# check-config shares the service's reading of the settings (`auditor.service.configuration`), not its wiring.
+HEAVY = ("pydantic", "rich", "sqlalchemy", "alembic", "httpx", "fastapi", "uvicorn", "auditor.daemon", "auditor.store",
+         "auditor.service.services")
 
 
 def _probe_imports(tmp_path: Path, args: list[str], watched: tuple[str, ...], *,
@@ -230,10 +235,12 @@ def test_the_command_line_starts_without_heavy_imports(tmp_path: Path, args: lis
 
 # What `auditor report` must not load (benchmarks/cli_start.py times it): of HEAVY only pydantic (the config), rich
 # (the table) and SQLAlchemy's Core (the store's queries, on a synchronous connection).
-NOT_FOR_REPORT = tuple(m for m in HEAVY if m not in ("pydantic", "rich", "sqlalchemy")) + (
+NOT_FOR_REPORT = tuple(m for m in HEAVY if m not in ("pydantic", "rich", "sqlalchemy", "auditor.store")) + (
     "sqlalchemy.orm", "sqlalchemy.ext.asyncio", "aiosqlite", "jinja2", "apscheduler", "prometheus_client",
     "auditor.katapult", "auditor.notify", "auditor.api", "auditor.web", "auditor.service.services",
-    "auditor.service.cycle", "auditor.service.compliance", "auditor.store.writes", "alembic",
+    "auditor.service.cycle", "auditor.service.collection", "auditor.service.compliance", "auditor.service.evidence",
+    "auditor.service.delivery", "auditor.service.runner", "auditor.service.housekeeping", "auditor.render.compliance",
+    "auditor.store.writes", "alembic",
 )
 
 
@@ -297,13 +304,13 @@ async def test_report_reads_the_same_report_as_build_report_on_the_store(db_url:
     settings = _report_settings(db_url, ids, waived=ids[0], expired=ids[3], now=now)
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token="fake-token",
                              clock=clock) as s:
-        await s.run_cycle()
+        await run_cycle(s)
         fleet.update_policy("dbp_weak", retention=14)  # drift; its findings resolve
         clock.now += timedelta(minutes=15)
-        await s.run_cycle()
+        await run_cycle(s)
         fleet.faults[ids[1]] = Fault.UNAVAILABLE  # unknown, with its error
         clock.now += timedelta(minutes=15)
-        await s.run_cycle()
+        await run_cycle(s)
         # A run whose process is gone: every reader sees it failed (abandoned), the latest run, and none writes so.
         orphan = writes.new_run_id()
         await s.store.write(writes.start_run, run_id=orphan, now=clock.now, trigger="manual",
@@ -315,19 +322,19 @@ async def test_report_reads_the_same_report_as_build_report_on_the_store(db_url:
     assert fast["drift"] and fast["findings"] and fast["expiring_waivers"] and fast["waiver_problems"]
     assert {d["status"] for d in fast["disks"]} == {"compliant", "noncompliant", "unknown"}
     async with open_services(settings, katapult=False, migrate=False, clock=clock) as s:
-        waivers, problems = s.waivers()
-        assert await build_report(s.store, now=s.clock(), waivers=waivers, waiver_problems=problems) == fast
+        assert await read_report(s) == fast
         for statuses in (REPORTED_STATUSES, ("resolved",), ("open", "waived", "resolved")):
             assert current_findings(settings, statuses=statuses) == \
                 await s.store.read(queries.all_findings, statuses=statuses)
         details = [current_disk_detail(settings, disk_id) for disk_id in [*ids, "disk_unknownunknown00"]]
-        assert details == [await disk_detail(s.store, d) for d in [*ids, "disk_unknownunknown00"]]
+        assert details == [await read_disk_detail(s, disk_id=d) for d in [*ids, "disk_unknownunknown00"]]
         # Not vacuous: snapshots, drift, findings and finding events are all compared.
-        assert all(details[1] and details[1][part] for part in ("policies", "drift", "history", "events"))
+        assert all(any(d and d[part] for d in details) for part in ("snapshots", "drift", "findings", "finding_events"))
         assert details[-1] is None
         # Read-only: the abandoned run is abandoned only in what was read.
-        stored = {r.id: r for r in await s.store.read(queries.runs_between, start=now, end=clock.now, now=now)}
-        assert stored[orphan].status.value == "running"
+        async with s.store.engine.connect() as conn:
+            stored = (await conn.execute(select(runs.c.status).where(runs.c.id == orphan))).scalar_one()
+        assert stored == "running"
 
 
 async def _open_error(settings: Settings) -> str:
@@ -368,3 +375,25 @@ async def test_report_fails_on_a_database_as_open_services_does(tmp_path: Path, 
 def test_a_url_sqlalchemy_cannot_parse_is_a_store_error_not_an_internal_error() -> None:
     with pytest.raises(StoreError, match="not a valid database URL"):
         db.safe_url("postgresql+psycopg://a:pw@db:port/x")
+
+
+def test_a_database_a_newer_auditor_migrated_stops_every_command_with_one_line(tmp_path: Path) -> None:
+    database = tmp_path / "auditor.db"
+    config = write(tmp_path / "auditor.toml", f'[database]\nurl = "sqlite:///{database}"\n'
+                                              '[audit]\ndisks = ["disk_aaaaaaaaaaaaaaaa"]\n')
+    env = clean_env(KATAPULT_API_TOKEN=SECRET, AUDITOR_KATAPULT__API_URL="http://127.0.0.1:9/core/v1")
+
+    def auditor(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "auditor", *args, "--config", str(config)], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    assert auditor("db", "upgrade").returncode == 0
+    with sqlite3.connect(database) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0099'")
+    for command in (["db", "upgrade"], ["report"], ["findings"], ["audit", "--once"]):
+        proc = auditor(*command)
+        assert proc.returncode == 2, (command, proc.stdout, proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if "0099" in line]
+        assert len(lines) == 1 and "database schema 0099 is newer than this auditor" in lines[0], proc.stderr
+        assert lines[0].endswith("upgrade the auditor"), lines[0]
+        assert "Traceback" not in proc.stderr and "CommandError" not in proc.stderr

@@ -19,6 +19,7 @@ from auditor.config import Settings
 from auditor.fake import Fleet
 from auditor.fake import create_app as fake_app
 from auditor.service import open_services
+from auditor.service.cycle import run_cycle
 
 MARKUP_NAME = "[/bold] [disk] web [red]x"
 MARKUP_ERROR = "no access to [disk] here [/red] (ask [bold]ops[/bold])"
@@ -82,7 +83,7 @@ async def test_commands_print_markup_like_data_verbatim(tmp_path: Path) -> None:
                             "database": {"url": f"sqlite:///{db}"}, "audit": {"disks": [named, denied]}}
     transport = httpx.ASGITransport(app=Tamper(fake_app(fleet), _forbidden(denied)))
     async with open_services(Settings(**data), transport=transport, token="fake-token") as services:
-        outcome = await services.run_cycle(trigger="test")
+        outcome = await run_cycle(services, trigger="test")
     assert [e.target for e in outcome.errors] == [denied]
     config = write(tmp_path / "auditor.toml", f'[database]\nurl = "sqlite:///{db}"\n'
                                               f"[audit]\ndisks = {json.dumps([named, denied])}\n")

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,18 +35,12 @@ from auditor.domain.periods import Period
 from auditor.domain.records import RunStatus
 from auditor.fake import Fault, Fleet
 from auditor.fake import create_app as fake_app
-from auditor.service import Services, open_services, waivers_from
-from auditor.service.compliance import (
-    DISK_CSV_COLUMNS,
-    MANIFEST,
-    build_evidence,
-    compliance_csv,
-    compliance_html,
-    compliance_markdown,
-    compliance_report,
-    prune_history,
-    write_evidence,
-)
+from auditor.render.compliance import DISK_CSV_COLUMNS, compliance_csv, compliance_html, compliance_markdown
+from auditor.service import Services, open_services
+from auditor.service.compliance import read_period_report
+from auditor.service.cycle import run_cycle
+from auditor.service.evidence import MANIFEST, build_evidence, write_evidence
+from auditor.service.housekeeping import prune_history
 from auditor.store import queries
 from auditor.store.tables import disk_states as DiskState
 from auditor.store.tables import finding_events as FindingEvent
@@ -107,12 +101,20 @@ def make_fleet() -> Fleet:
     return fleet
 
 
+async def compliance_report(services: Services, period: Period, *,
+                            generated_at: datetime | None = None) -> dict[str, Any]:
+    """The period report of `period`, generated at the services' clock (or `generated_at`)."""
+    if generated_at is not None:
+        services = replace(services, clock=lambda: generated_at)
+    return await read_period_report(services, start=period.start, end=period.end)
+
+
 async def play(services: Services, fleet: Fleet, clock: Clock) -> None:
     """Runs the story's cycles at their poll times."""
 
     async def run(hour: int, expected: RunStatus) -> None:
         clock.now = T0 + hour * H
-        outcome = await services.run_cycle(trigger="schedule")
+        outcome = await run_cycle(services, trigger="schedule")
         assert outcome.status is expected, (hour, outcome.errors)
 
     for hour in (0, 6, 12, 18):
@@ -270,8 +272,7 @@ async def test_renderings(world: World) -> None:
 
 
 def deps_for(world: World) -> ApiDeps:
-    return ApiDeps(store=world.services.store, interval=world.settings.audit.interval, trigger=_no_trigger,
-                   waivers=lambda: waivers_from(world.settings, now=world.clock()), clock=world.clock)
+    return ApiDeps(services=world.services, trigger=_no_trigger)
 
 
 async def _no_trigger() -> str | None:
@@ -323,9 +324,9 @@ async def test_evidence_is_byte_identical_verifies_and_holds_no_secret(db_url: s
                              heartbeat_transport=httpx.MockTransport(lambda r: httpx.Response(200))) as services:
         await play(services, fleet, clock)
         clock.now = T0 + 80 * H
-        first = await build_evidence(services, PERIOD)
+        first = await build_evidence(services, period=PERIOD)
         clock.now = T0 + 90 * H  # a later export of the same period: same bytes
-        second = await build_evidence(services, PERIOD)
+        second = await build_evidence(services, period=PERIOD)
     assert first == second
     assert sorted(first) == ["MANIFEST.sha256", "compliance.csv", "compliance.html", "compliance.json",
                              "config.json", "rules.json", "runs.csv", "runs.json", "waivers.json"]
@@ -375,7 +376,7 @@ async def test_evidence_is_byte_identical_verifies_and_holds_no_secret(db_url: s
 
 
 async def test_database_passwords_are_masked_in_the_exported_config() -> None:
-    from auditor.service.compliance import redacted_config
+    from auditor.service.evidence import redacted_config
 
     settings = settings_for("postgresql+psycopg://auditor:pa55-SECRET@db.example.com:5432/auditor",
                             notifiers=[{"kind": "pagerduty", "name": "pd", "routing_key": "rk-SECRET"},
@@ -548,3 +549,45 @@ def test_read_only_commands_never_create_a_database(tmp_path: Path) -> None:
         proc = cli(*args, "--config", str(config), cwd=tmp_path)
         assert proc.returncode == 2 and "does not exist" in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "typo.db").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_evidence_refuses_a_folder_that_is_not_empty(site: Path) -> None:
+    cwd = site.parent
+    args = ("--until", "2030-01-04", "--config", str(site))
+    foreign = cwd / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not part of any export\n")
+    (foreign / "compliance.json").write_text("{}")
+    proc = cli("evidence", "--out", str(foreign), *args, cwd=cwd)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(foreign) in lines[0] and "not empty" in lines[0]
+    # Nothing written: the foreign files are as they were and no manifest appeared beside them.
+    assert sorted(p.name for p in foreign.iterdir()) == ["compliance.json", "notes.txt"]
+    assert (foreign / "compliance.json").read_text() == "{}"
+    # An empty folder (or a missing one) works as before; a second export into it is refused, the first kept.
+    empty = cwd / "empty"
+    empty.mkdir()
+    assert cli("evidence", "--out", str(empty), *args, cwd=cwd).returncode == 0
+    written = {p.name: p.read_bytes() for p in empty.iterdir()}
+    assert len(written) == 9
+    again = cli("evidence", "--out", str(empty), *args, cwd=cwd)
+    assert again.returncode == 2 and str(empty) in again.stderr
+    assert {p.name: p.read_bytes() for p in empty.iterdir()} == written
+    # A hidden file counts too.
+    hidden = cwd / "hidden"
+    hidden.mkdir()
+    (hidden / ".keep").write_text("")
+    assert cli("evidence", "--out", str(hidden), *args, cwd=cwd).returncode == 2
+
+
+def test_write_evidence_refuses_a_folder_that_is_not_empty(tmp_path: Path) -> None:
+    from auditor.errors import FolderNotEmptyError
+
+    (tmp_path / "old.txt").write_text("x")
+    with pytest.raises(FolderNotEmptyError) as caught:
+        write_evidence({"a.json": b"{}"}, tmp_path)
+    assert caught.value.folder == tmp_path and str(tmp_path) in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]
+    assert [p.name for p in write_evidence({"a.json": b"{}"}, tmp_path / "new" / "deep")] == ["a.json"]

@@ -41,6 +41,7 @@ from procs import (
 from receivers import HttpReceiver, Reply
 
 from auditor.service import open_services, utcnow
+from auditor.service.delivery import drain
 from auditor.store.outbox import CLAIM_TIMEOUT
 
 pytestmark = pytest.mark.slow
@@ -103,7 +104,7 @@ class Crash:
         async def go() -> int:
             async with open_services(load_settings(self.config("later")), katapult=False,
                                      clock=lambda: later) as services:
-                report = await services.drain(within=30)
+                report = await drain(services, within=30)
                 return report.pending
 
         assert run_sync(go()) == 0
@@ -151,7 +152,9 @@ def test_kill_while_reading(crash: Callable[..., Crash]) -> None:
     # Nothing of the killed run was written but its `running` row; the verdict is the baseline's.
     assert findings(c.url) == c.baseline_findings
     assert len(outbox(c.url)) == len(c.receiver.requests)
-    assert c.killed_run().status.value == "running"
+    # Stored as it was left (`running`); every reader already shows it failed, its owner being gone.
+    assert sql(c.url, "SELECT status FROM audit_runs WHERE id = ?", run_id) == [("running",)]
+    assert c.killed_run().status.value == "failed" and [e.code for e in c.killed_run().errors] == ["abandoned"]
 
     c.recover()
     killed = next(r for r in runs(c.url) if r.id == run_id)
@@ -232,7 +235,7 @@ def test_kill_inside_the_commit(crash: Callable[..., Crash], db_url: str) -> Non
     assert sql(c.url, "SELECT count(*) FROM finding_events WHERE run_id = ?", run_id) == [(0,)]
     assert sql(c.url, "SELECT count(*) FROM disks WHERE last_run_id = ?", run_id) == [(0,)]
     assert sql(c.url, "SELECT count(*) FROM outbox WHERE run_id = ?", run_id) == [(0,)]
-    assert next(r for r in runs(c.url) if r.id == run_id).status.value == "running"
+    assert sql(c.url, "SELECT status FROM audit_runs WHERE id = ?", run_id) == [("running",)]
 
     c.recover()
     killed = next(r for r in runs(c.url) if r.id == run_id)

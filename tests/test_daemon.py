@@ -278,3 +278,145 @@ min_severity = "low"
     assert code == 0, daemon.stderr[-4000:]
     assert_clean_logs(daemon.stderr)
     assert hook not in daemon.stderr and receiver.url not in daemon.stderr
+
+
+# ---- SIGHUP: reloading the configuration ----------------------------------------------------------------
+
+
+def messages_of(daemon: Daemon) -> list[str]:
+    return [json.loads(line)["msg"] for line in list(daemon.lines)]
+
+
+def wait_ready(base: str, daemon: Daemon) -> None:
+    wait_for("/readyz 200", lambda: (r := get(f"{base}/readyz")) is not None and r.status_code == 200 or None,
+             alive=daemon)
+
+
+def hangup(daemon: Daemon, *, expect: str) -> list[str]:
+    """Sends SIGHUP and waits for a log line containing `expect` after it; returns the lines logged since."""
+    seen = len(daemon.lines)
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(f"'{expect}' in the log", lambda: any(expect in m for m in messages_of(daemon)[seen:]) or None,
+             alive=daemon)
+    return messages_of(daemon)[seen:]
+
+
+def audit_now(base: str, daemon: Daemon) -> dict[str, Any]:
+    """Starts a cycle through the API and returns its run once it has finished."""
+    started = httpx.post(f"{base}/api/v1/audit", headers=AUTH, timeout=5)
+    assert started.status_code == 202, started.text
+    run_id = started.json()["run"]
+
+    def finished() -> dict[str, Any] | None:
+        run = next((r for r in latest_runs(base) or [] if r["id"] == run_id), None)
+        return run if run is not None and run["status"] != "running" else None
+
+    return wait_for(f"run {run_id} to finish", finished, alive=daemon)
+
+
+def open_findings(base: str, rule: str) -> int:
+    response = get(f"{base}/api/v1/findings", params={"rule": rule, "limit": 1000}, headers=AUTH)
+    assert response is not None and response.status_code == 200, response
+    return len(response.json()["findings"])
+
+
+def metric(base: str, name: str) -> str:
+    response = get(f"{base}/metrics")
+    assert response is not None
+    return next(line for line in response.text.splitlines() if line.startswith(name))
+
+
+def test_sighup_puts_a_changed_rule_in_force_from_the_next_cycle(
+        setup: Callable[..., tuple[Fake, Daemon, str]], tmp_path: Path) -> None:
+    _, daemon, base = setup(interval="1h")
+    wait_ready(base, daemon)
+    assert open_findings(base, "retention-below-minimum") == 0  # every generated policy keeps 7 or more
+    before = metric(base, "auditor_config_info")
+    config = tmp_path / "auditor.toml"
+    config.write_text(config.read_text() + "\n[rules]\nmin_retention = 1000\n")
+
+    lines = hangup(daemon, expect="configuration reloaded")
+    assert any("rules.min_retention" in m for m in lines), lines
+    assert metric(base, "auditor_config_info") != before
+    assert metric(base, "auditor_config_last_reload_success ") == "auditor_config_last_reload_success 1.0"
+    run = audit_now(base, daemon)
+    assert run["status"] == "complete", run
+    assert open_findings(base, "retention-below-minimum") > 0
+
+    config.write_text(config.read_text().replace("min_retention = 1000", "min_retention = 1"))
+    hangup(daemon, expect="configuration reloaded")
+    audit_now(base, daemon)
+    assert open_findings(base, "retention-below-minimum") == 0  # resolved by the next cycle
+    code, _ = daemon.stop(timeout=5 + 3)
+    assert code == 0, daemon.stderr[-4000:]
+    assert_clean_logs(daemon.stderr)
+
+
+def test_sighup_with_a_broken_file_keeps_the_running_configuration(
+        setup: Callable[..., tuple[Fake, Daemon, str]], tmp_path: Path) -> None:
+    _, daemon, base = setup(interval="1h")
+    wait_ready(base, daemon)
+    before = metric(base, "auditor_config_info")
+    config = tmp_path / "auditor.toml"
+    good = config.read_text()
+    config.write_text(good + "\n[rules]\nmin_retention = 1000\nno_such_key = 1\nmax_interval = \"fortnightly\"\n")
+
+    lines = hangup(daemon, expect="configuration reload failed")
+    problems = [m for m in lines if m.startswith("config error: ")]
+    assert len(problems) == 2, lines
+    assert any(m.startswith("config error: rules.no_such_key: unknown key") for m in problems)
+    assert any(m.startswith("config error: rules.max_interval: ") for m in problems)
+    assert daemon.proc.poll() is None
+    assert metric(base, "auditor_config_reload_failures_total") == "auditor_config_reload_failures_total 1.0"
+    assert metric(base, "auditor_config_last_reload_success ") == "auditor_config_last_reload_success 0.0"
+    assert metric(base, "auditor_config_info") == before
+    ready = get(f"{base}/readyz")
+    assert ready is not None and ready.status_code == 200, ready.text if ready else None
+    audit_now(base, daemon)
+    assert open_findings(base, "retention-below-minimum") == 0  # the old min_retention (7) still judges
+
+    config.write_text(good)  # fixed: the next SIGHUP succeeds, the failures stay counted
+    hangup(daemon, expect="configuration reloaded")
+    assert metric(base, "auditor_config_last_reload_success ") == "auditor_config_last_reload_success 1.0"
+    assert metric(base, "auditor_config_reload_failures_total") == "auditor_config_reload_failures_total 1.0"
+    code, _ = daemon.stop(timeout=5 + 3)
+    assert code == 0, daemon.stderr[-4000:]
+    assert_clean_logs(daemon.stderr)
+
+
+def test_sighup_changing_the_database_url_needs_a_restart_and_keeps_the_old_one(
+        setup: Callable[..., tuple[Fake, Daemon, str]], tmp_path: Path) -> None:
+    _, daemon, base = setup(interval="1h")
+    wait_ready(base, daemon)
+    config = tmp_path / "auditor.toml"
+    old_url = f"sqlite:///{tmp_path / 'auditor.db'}"
+    text = config.read_text()
+    assert f'url = "{old_url}"' in text
+    config.write_text(text.replace(f'url = "{old_url}"',
+                                   'url = "postgresql+psycopg://auditor:new-db-password@127.0.0.1:1/other"'))
+
+    lines = hangup(daemon, expect="configuration reloaded")
+    restart = [m for m in lines if "needs a restart" in m]
+    assert len(restart) == 1 and restart[0].startswith("config reload: database.url changed"), lines
+    run = audit_now(base, daemon)  # still on the SQLite file: PostgreSQL on port 1 would fail it
+    assert run["status"] == "complete"
+    with sqlite3.connect(tmp_path / "auditor.db") as conn:
+        assert conn.execute("SELECT count(*) FROM audit_runs WHERE id = ?", (run["id"],)).fetchone() == (1,)
+    code, _ = daemon.stop(timeout=5 + 3)
+    assert code == 0, daemon.stderr[-4000:]
+    assert "new-db-password" not in daemon.stderr
+    assert_clean_logs(daemon.stderr)
+
+
+def test_sighup_shortening_the_interval_reschedules_the_audit(
+        setup: Callable[..., tuple[Fake, Daemon, str]], tmp_path: Path) -> None:
+    _, daemon, base = setup(interval="1h", disks=5)
+    wait_ready(base, daemon)
+    config = tmp_path / "auditor.toml"
+    config.write_text(config.read_text().replace('interval = "1h"', 'interval = "1s"'))
+    hangup(daemon, expect="configuration reloaded")
+    wait_for("three scheduled cycles", lambda: len([r for r in latest_runs(base) or []
+                                                      if r["trigger"] == "schedule"]) >= 3 or None,
+             alive=daemon, timeout=15)
+    code, _ = daemon.stop(timeout=5 + 3)
+    assert code == 0, daemon.stderr[-4000:]

@@ -26,8 +26,9 @@ from test_web import API_TOKEN, _api_findings, login, metrics, rows, web_client
 from auditor.domain.listings import SORT_KEYS, FindingSearch
 from auditor.errors import StoreError
 from auditor.fake.fleet import fake_id
-from auditor.service import dashboard
-from auditor.service.cycle import utcnow
+from auditor.service import dashboard, queries
+from auditor.service.clock import utcnow
+from auditor.service.cycle import run_cycle
 from auditor.web.auth import SESSION_COOKIE, Signer
 from auditor.web.snapshots import Slotted, Snapshots, slot
 
@@ -36,15 +37,15 @@ world = test_web.world  # the fixture: the demo fleet audited twice, with waiver
 
 
 def counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the snapshot builds (`dashboard.snapshot` runs in the build's worker thread)."""
+    """Counts the snapshot builds (`queries.read_snapshot` runs in the build's worker thread)."""
     calls: list[int] = []
-    real = dashboard.snapshot
+    real = queries.read_snapshot
 
     async def counted(*args: Any, **kwargs: Any) -> dashboard.Snapshot:
         calls.append(1)
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(dashboard, "snapshot", counted)
+    monkeypatch.setattr(queries, "read_snapshot", counted)
     return calls
 
 
@@ -57,7 +58,7 @@ async def test_a_new_run_is_on_the_next_page_load(world: World, monkeypatch: pyt
             listed.text.count("<tr data-")
         assert len(builds) == 1  # the second findings page came from the same snapshot
         world.fleet.remove_policy(fake_id("dbp", "demo:wiki-data"))  # its disk loses its backups: new findings
-        outcome = await world.runtime.run_cycle(trigger="test")
+        outcome = await run_cycle(world.runtime, trigger="test")
         assert outcome.opened > 0
         after = metrics((await web.get("/")).text)
         report = (await web.get("/api/v1/report")).json()
@@ -83,7 +84,7 @@ async def test_concurrent_first_requests_share_one_snapshot_build(world: World,
         assert len(builds) == 1
         # The same view asked for at once is rendered alike for everyone.
         assert len({metrics(p.text)["open_findings"] for p in pages[::6]}) == 1
-        await world.runtime.run_cycle(trigger="test")
+        await run_cycle(world.runtime, trigger="test")
         again = await asyncio.gather(*(web.get(p) for p in paths))
         assert [p.status_code for p in again] == [200] * len(paths)
     assert len(builds) == 2
@@ -102,7 +103,7 @@ async def test_concurrent_requests_share_one_lookup_of_the_latest_run(world: Wor
 
 async def test_the_snapshot_is_built_off_the_event_loop(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     entered, release = threading.Event(), threading.Event()
-    real = dashboard.snapshot
+    real = queries.read_snapshot
 
     async def held(*args: Any, **kwargs: Any) -> dashboard.Snapshot:
         snap = await real(*args, **kwargs)
@@ -110,7 +111,7 @@ async def test_the_snapshot_is_built_off_the_event_loop(world: World, monkeypatc
         release.wait(20)  # blocks the thread it runs in: on the event loop, nothing else could answer meanwhile
         return snap
 
-    monkeypatch.setattr(dashboard, "snapshot", held)
+    monkeypatch.setattr(queries, "read_snapshot", held)
     async with web_client(deps_for(world)) as web:
         overview = asyncio.ensure_future(web.get("/"))
         assert await asyncio.to_thread(entered.wait, 20)
@@ -125,7 +126,7 @@ async def test_the_snapshot_is_built_off_the_event_loop(world: World, monkeypatc
 
 
 async def test_a_failed_snapshot_build_is_not_kept(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = dashboard.snapshot
+    real = queries.read_snapshot
     failures = [1]
 
     async def flaky(*args: Any, **kwargs: Any) -> dashboard.Snapshot:
@@ -134,7 +135,7 @@ async def test_a_failed_snapshot_build_is_not_kept(world: World, monkeypatch: py
             raise StoreError("database went away")
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(dashboard, "snapshot", flaky)
+    monkeypatch.setattr(queries, "read_snapshot", flaky)
     async with web_client(deps_for(world)) as web:
         down = await web.get("/findings")
         assert down.status_code == 503 and "Database unavailable" in down.text
@@ -143,8 +144,8 @@ async def test_a_failed_snapshot_build_is_not_kept(world: World, monkeypatch: py
 
 
 async def test_findings_index_answers_as_the_sql_search(world: World) -> None:
-    store = world.runtime.store
-    snap = await dashboard.snapshot(store, now=utcnow())
+    services = world.runtime
+    snap = await queries.read_snapshot(services)
     assert snap.index is not None and snap.index.covers(ALL) and len(snap.index) > 10
     org = f"org:{fake_id('org', 'demo')}"
     filters: list[dict[str, Any]] = [{}, {"rule": "unprotected-disk"}, {"severity": "high"}, {"org": org},
@@ -156,7 +157,8 @@ async def test_findings_index_answers_as_the_sql_search(world: World) -> None:
                     search = FindingSearch(statuses=statuses, sort=sort, descending=descending, limit=4, **extra)
                     for page in (1, 2, 99):
                         mine = snap.index.page(search, page=page, sources=snap.sources)
-                        theirs = await dashboard.findings_page(store, search, page=page, sources=snap.sources)
+                        theirs = await queries.read_search_page(services, search=search, page=page,
+                                                                sources=snap.sources)
                         where = (statuses, sort, descending, extra, page)
                         assert [i.finding.fingerprint for i in mine.items] == [
                             i.finding.fingerprint for i in theirs.items], where
@@ -171,7 +173,7 @@ async def test_findings_beyond_the_index_limit_are_searched_in_sql(world: World,
     async with web_client(deps_for(world)) as web:
         current = len(await _api_findings(web)) + len(await _api_findings(web, status="waived"))
     monkeypatch.setattr(dashboard, "INDEX_LIMIT", current if limit == "open and waived" else 0)
-    snap = await dashboard.snapshot(world.runtime.store, now=utcnow())
+    snap = await queries.read_snapshot(world.runtime)
     assert (snap.index is None) == (limit == "none")
     async with web_client(deps_for(world)) as web:
         for params in ({}, {"status": "all"}, {"status": "resolved"}, {"status": "all", "sort": "rule"}):

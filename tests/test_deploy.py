@@ -1,21 +1,29 @@
 """deploy/: the Prometheus rules pass promtool (syntax and unit tests) and, like the Grafana dashboard, use only
-metrics and labels a real /metrics scrape of the auditor exposes."""
+metrics and labels a real /metrics scrape of the auditor exposes. The Docker image installs requirements.lock, which
+pins every runtime dependency of pyproject.toml with its hashes."""
 
 from __future__ import annotations
 
+import fnmatch
+import importlib.metadata
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
-from datetime import timedelta
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -24,12 +32,26 @@ from auditor.config import Settings
 from auditor.fake import create_app as fake_app
 from auditor.fake import demo_fleet
 from auditor.service import open_services
+from auditor.service.cycle import run_cycle
+from auditor.service.delivery import deliver_due
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 ALERTS_TEST = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "auditor.json"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+PYPROJECT = ROOT / "pyproject.toml"
+LOCK = ROOT / "requirements.lock"
+DOCKERFILE = ROOT / "Dockerfile"
+MAKEFILE = ROOT / "Makefile"
+# The image's interpreter and platform, which `make lock` resolves for: environment markers are evaluated for it.
+LOCK_PYTHON = "3.11"
+LOCK_TARGET = {"python_version": LOCK_PYTHON, "python_full_version": f"{LOCK_PYTHON}.0", "sys_platform": "linux",
+               "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+               "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+# How `uv pip compile` names pyproject.toml in a `# via` annotation.
+VIA_PYPROJECT = "auditor (pyproject.toml)"
+SHA256 = re.compile(r"--hash=sha256:[0-9a-f]{64}")
 
 # Series Prometheus itself makes for every target, and labels it adds to every scraped series.
 PROMETHEUS_SERIES = {"up"}
@@ -138,15 +160,15 @@ async def scrape_after_a_cycle(tmp_path: Path) -> list[Sample]:
     refuse = httpx.MockTransport(lambda _request: httpx.Response(400, text="no"))
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token="fake-token",
                              notify_transport=refuse) as services:
-        outcome = await services.run_cycle()
-        await services.deliver_due()
+        outcome = await run_cycle(services)
+        await deliver_due(services)
         cycles = CycleMetrics(is_leader=True)
         cycles.record(outcome)
 
         async def no_trigger() -> str | None:
             return None
 
-        deps = ApiDeps(store=services.store, interval=timedelta(minutes=15), trigger=no_trigger, cycles=cycles)
+        deps = ApiDeps(services=services, trigger=no_trigger, cycles=cycles)
         transport = httpx.ASGITransport(app=create_app(deps))
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as api:
             response = await api.get("/metrics")
@@ -239,3 +261,151 @@ def test_dashboard_expressions_are_valid_promql(promtool: str, tmp_path: Path) -
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = run(promtool, "check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- the image's lock ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pin:
+    """One entry of requirements.lock: the exact version, its hashes and what requires it (`# via`)."""
+
+    version: str
+    hashes: list[str] = field(default_factory=list)
+    via: set[str] = field(default_factory=set)
+
+
+def parse_lock(text: str) -> dict[str, Pin]:
+    """Returns the lock's entries by canonical name; anything but `name==version --hash=…` lines and comments fails."""
+    pins: dict[str, Pin] = {}
+    current: Pin | None = None
+    for line in text.replace("\\\n", " ").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            # After an entry, its comments are its `# via` block: `via parent` or `via` then one parent a line.
+            parent = re.sub(r"^via(?:\s|$)", "", line.lstrip("#").strip()).strip()
+            if current is not None and parent:
+                current.via.add(parent)
+            continue
+        spec, _, options = line.partition(" --")
+        options = f"--{options}" if options else ""
+        assert not spec.startswith("-"), f"requirements.lock may hold pins only, not {line!r}"
+        req = Requirement(spec)
+        if req.marker is not None and not req.marker.evaluate(LOCK_TARGET):
+            current = None
+            continue
+        [pinned] = req.specifier
+        assert pinned.operator == "==" and "*" not in pinned.version and not req.url, f"not an exact pin: {spec}"
+        current = pins[canonicalize_name(req.name)] = Pin(pinned.version, SHA256.findall(options))
+        assert not SHA256.sub("", options).strip(), f"unexpected options in {line!r}"
+    return pins
+
+
+def extra_requirements(name: str, extra: str) -> list[str]:
+    """Returns the distributions `name[extra]` adds on the lock's target (from the installed distribution's metadata:
+    the test environment installs pyproject.toml's runtime dependencies)."""
+    env = {**LOCK_TARGET, "extra": extra}
+    added = []
+    for text in importlib.metadata.requires(name) or []:
+        req = Requirement(text)
+        if req.marker is not None and "extra" in str(req.marker) and req.marker.evaluate(env):
+            added.append(canonicalize_name(req.name))
+    return added
+
+
+def lock_problems(dependencies: list[str], pins: dict[str, Pin],
+                  extras_of: Callable[[str, str], list[str]] = extra_requirements) -> list[str]:
+    """Returns where pyproject.toml's runtime dependencies and the lock disagree (empty when they agree)."""
+    problems = []
+    direct = [r for r in map(Requirement, dependencies) if r.marker is None or r.marker.evaluate(LOCK_TARGET)]
+    for req in direct:
+        name = canonicalize_name(req.name)
+        pin = pins.get(name)
+        if pin is None:
+            problems.append(f"{req} is not locked")
+            continue
+        if not req.specifier.contains(pin.version, prereleases=True):
+            problems.append(f"{name}=={pin.version} is locked but pyproject.toml asks for {req}")
+        for extra in sorted(req.extras):
+            problems.extend(f"{dep}, which {name}[{extra}] needs, is not locked"
+                            for dep in extras_of(name, extra) if dep not in pins)
+    for name, pin in sorted(pins.items()):
+        if not pin.hashes:
+            problems.append(f"{name}=={pin.version} has no --hash")
+        if not pin.via:
+            problems.append(f"{name}=={pin.version} does not say what needs it (# via)")
+    # Every pin must be needed: reachable from pyproject.toml's dependencies through `# via` (one left over from a
+    # dependency pyproject.toml dropped still says it is needed by the project or by another leftover).
+    needed = {canonicalize_name(r.name) for r in direct}
+    parents = {n: {canonicalize_name(v) for v in pin.via if v != VIA_PYPROJECT} for n, pin in pins.items()}
+    while grown := {n for n in pins.keys() - needed if parents[n] & needed}:
+        needed |= grown
+    problems.extend(f"{name}=={pins[name].version} is locked but nothing in pyproject.toml needs it"
+                    for name in sorted(pins.keys() - needed))
+    return problems
+
+
+def runtime_dependencies() -> list[str]:
+    deps: list[str] = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    return deps
+
+
+def test_the_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    # Fails after a dependency is added, dropped or re-constrained in pyproject.toml until `make lock` is run.
+    pins = parse_lock(LOCK.read_text())
+    assert lock_problems(runtime_dependencies(), pins) == []
+    assert {"greenlet", "psycopg-binary"} <= pins.keys()  # sqlalchemy[asyncio], psycopg[binary]
+
+
+def test_the_lock_check_catches_drift() -> None:
+    deps = runtime_dependencies()
+    pins = parse_lock(LOCK.read_text())
+    assert lock_problems([*deps, "swagger-ui-bundle-v2>=5.31"], pins) == ["swagger-ui-bundle-v2>=5.31 is not locked"]
+    httpx_pin = pins["httpx"].version
+    assert lock_problems([d if not d.startswith("httpx") else "httpx>999" for d in deps], pins) == [
+        f"httpx=={httpx_pin} is locked but pyproject.toml asks for httpx>999"]
+    # rich dropped: it and what only it needs are leftovers.
+    leftovers = lock_problems([d for d in deps if not d.startswith("rich")], pins)
+    assert leftovers and all(p.endswith("is locked but nothing in pyproject.toml needs it") for p in leftovers)
+    assert {p.split("==")[0] for p in leftovers} >= {"rich", "pygments", "markdown-it-py"}
+    no_hash = dict(pins, click=Pin(pins["click"].version, [], pins["click"].via))
+    assert lock_problems(deps, no_hash) == [f"click=={pins['click'].version} has no --hash"]
+    without_greenlet = {n: p for n, p in pins.items() if n != "greenlet"}
+    assert "greenlet, which sqlalchemy[asyncio] needs, is not locked" in lock_problems(deps, without_greenlet)
+    with pytest.raises(AssertionError, match="not an exact pin"):
+        parse_lock("httpx>=0.27 --hash=sha256:" + "0" * 64)
+    with pytest.raises(AssertionError, match="pins only"):
+        parse_lock("--extra-index-url https://example.org/simple\n")
+
+
+def dockerfile_commands() -> list[list[str]]:
+    """Returns the commands of the Dockerfile's last stage (its RUN instructions split at `&&`), as argument lists."""
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    last_stage = re.split(r"^FROM ", text, flags=re.MULTILINE)[-1]
+    return [shlex.split(command) for line in last_stage.splitlines() if line.startswith("RUN ")
+            for command in line.removeprefix("RUN ").split("&&")]
+
+
+def test_the_image_installs_the_lock_and_nothing_else() -> None:
+    commands = dockerfile_commands()
+    installs = [c for c in commands if c[:2] == ["pip", "install"]]
+    [from_lock] = [c for c in installs if "-r" in c]
+    lock_path = from_lock[from_lock.index("-r") + 1]
+    assert Path(lock_path).name == LOCK.name
+    assert "--require-hashes" in from_lock
+    # --no-deps on every install: pip resolves nothing, so nothing outside the lock gets in.
+    assert installs and all("--no-deps" in c for c in installs), installs
+    assert installs[0] is from_lock and ["pip", "check"] in commands[commands.index(installs[-1]):]
+    copied = re.findall(r"^COPY (\S+) (\S+)$", DOCKERFILE.read_text(), flags=re.MULTILINE)
+    assert (LOCK.name, lock_path) in copied
+    ignored = [p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and not p.startswith(("#", "!"))]
+    assert not [p for p in ignored if fnmatch.fnmatch(LOCK.name, p)], "the build context must hold the lock"
+
+
+def test_the_lock_is_made_for_the_image_python() -> None:
+    images = re.findall(r"^FROM python:(\d+\.\d+)\S*", DOCKERFILE.read_text(), flags=re.MULTILINE)
+    assert images and set(images) == {LOCK_PYTHON}, images
+    assert re.search(rf"--python-version {re.escape(LOCK_PYTHON)}\b", MAKEFILE.read_text())
+    assert "make lock" in LOCK.read_text().split("\n", 3)[1]

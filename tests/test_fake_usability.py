@@ -212,3 +212,18 @@ def test_the_readme_fleet_example_loads(tmp_path: Path) -> None:
     fleet = Fleet.from_file(example)
     assert len(fleet.disks) == 2 and len(fleet.vms) == 1 and len(fleet.policies) == 1
     assert set(fleet.faults) == {"disk_acmescratch001"}
+
+
+def test_a_busy_port_is_one_line_and_exit_2() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "auditor", "fake-katapult", "--port", str(port)],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"fake katapult cannot listen on 127.0.0.1:{port}: Address already in use"], proc.stderr
+    assert "Traceback" not in proc.stderr

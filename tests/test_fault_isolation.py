@@ -62,7 +62,10 @@ from auditor.errors import ConfigError, StoreError
 from auditor.fake import FakeServer, Fault, Fleet
 from auditor.fake import create_app as fake_app
 from auditor.service import Services, open_services
-from auditor.service.cycle import utcnow
+from auditor.service.clock import utcnow
+from auditor.service.cycle import run_cycle
+from auditor.service.delivery import deliver_due
+from auditor.service.housekeeping import abandon_orphans
 from auditor.store import engine as db
 from auditor.store import queries, writes
 from auditor.store.leases import CYCLE
@@ -133,7 +136,8 @@ async def _no_trigger() -> str | None:
 
 
 def api_client(store: Store, *, interval: timedelta = timedelta(minutes=15)) -> httpx.AsyncClient:
-    app = create_app(ApiDeps(store=store, interval=interval, trigger=_no_trigger))
+    services = Services(settings=Settings(audit={"interval": interval}), store=store)
+    app = create_app(ApiDeps(services=services, trigger=_no_trigger))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api")
 
 
@@ -196,7 +200,7 @@ async def test_1_trash_keep_until_out_of_range_fails_only_that_disk(db_url: str)
     w, trashed, good, weak = trash_world()
     tamper = Tamper(fake_app(w.fleet), trash_keep_until(trashed, HUGE_KEEP_UNTIL))
     async with services_for(settings_for(db_url, disks=[trashed, good, weak]), tamper) as s:
-        outcome = await s.run_cycle()
+        outcome = await run_cycle(s)
         assert served_keep_until(tamper, trashed) == [HUGE_KEEP_UNTIL]
         assert outcome.status in (RunStatus.COMPLETE, RunStatus.PARTIAL)
         runs = await s.store.read(queries.list_runs)
@@ -268,7 +272,7 @@ async def test_2_a_database_failure_raises_audit_incomplete_and_readyz_is_503(db
         # Migrated, then broken: the cycle reads Katapult fine and fails writing its verdict.
         async with s.store.engine.begin() as conn:
             await conn.execute(text("DROP TABLE findings"))
-        outcome = await s.run_cycle()
+        outcome = await run_cycle(s)
         assert outcome.status is RunStatus.FAILED and outcome.errors
         runs = await s.store.read(queries.list_runs)
         assert [(r.id, r.status) for r in runs] == [(outcome.run_id, RunStatus.FAILED)]
@@ -296,7 +300,7 @@ async def test_2_an_internal_error_raises_audit_incomplete_and_readyz_is_503(db_
     w.disk("orgdisk")
     settings = settings_for(db_url, orgs=[w.org.id], notifiers=[webhook()])
     async with open_services(settings, transport=ExplodingOrgTransport(fake_app(w.fleet)), token=TOKEN) as s:
-        outcome = await s.run_cycle()
+        outcome = await run_cycle(s)
         assert outcome.status is RunStatus.FAILED
         assert [(e.target, e.code) for e in outcome.errors] == [(w.org.id, "internal_error")]
         runs = await s.store.read(queries.list_runs)
@@ -323,7 +327,7 @@ async def test_3_long_names_and_ids_from_katapult_are_stored(db_url: str) -> Non
     plain = w.disk("plain")
     w.policy(plain, "plain")
     async with services_for(settings_for(db_url, orgs=[w.org.id]), fake_app(w.fleet)) as s:
-        outcome = await s.run_cycle()
+        outcome = await run_cycle(s)
         assert outcome.status is RunStatus.COMPLETE, outcome.errors
         disks = await s.store.read(queries.load_disks)
         open_now = await open_by_disk(s.store)
@@ -371,9 +375,9 @@ async def test_4_a_huge_retry_after_is_clamped_and_never_raises(db_url: str, ret
         receiver.script(Reply(503, "busy", {"Retry-After": retry_after}))
         settings = settings_for(db_url, disks=[bare], notifiers=[webhook(receiver.url + "/hook")])
         async with services_for(settings, fake_app(w.fleet)) as s:
-            await s.run_cycle()
+            await run_cycle(s)
             before = utcnow()
-            report = await s.deliver_due()
+            report = await deliver_due(s)
             after = utcnow()
             (entry,) = await s.outbox.recent()
         assert len(receiver.requests) == 1
@@ -428,8 +432,8 @@ async def test_6_credentials_in_a_webhook_url_never_show(db_url: str, caplog: py
     with AsgiServer(echo) as server:
         url = f"http://user:{raw}@127.0.0.1:{server.port}/hook"
         async with services_for(settings_for(db_url, disks=[bare], notifiers=[webhook(url)]), fake_app(w.fleet)) as s:
-            await s.run_cycle()
-            report = await s.deliver_due()
+            await run_cycle(s)
+            report = await deliver_due(s)
             (entry,) = await s.outbox.recent()
             async with api_client(s.store) as api:
                 listed = await api.get("/api/v1/notifications")
@@ -473,14 +477,14 @@ async def test_7_a_response_about_another_object_makes_the_disk_unknown(db_url: 
     honest = fake_app(w.fleet)
     settings = settings_for(db_url, disks=[asked, fine])
     async with services_for(settings, honest) as s:
-        first = await s.run_cycle()
+        first = await run_cycle(s)
         assert first.status is RunStatus.COMPLETE
         before = await open_by_disk(s.store)
         assert before == {asked: {fingerprint(UNPROTECTED, asked, None)}}
     w.policy(asked, "asked")  # now protected: believing the hostile answer would resolve the finding
     tamper = Tamper(fake_app(w.fleet), about_another_object(kind, asked, intruder))
     async with services_for(settings, tamper) as s:
-        outcome = await s.run_cycle()
+        outcome = await run_cycle(s)
         disks = await s.store.read(queries.load_disks)
         after = await open_by_disk(s.store)
     assert outcome.status is RunStatus.PARTIAL
@@ -511,7 +515,7 @@ async def test_7_an_error_about_the_vm_says_nothing_definite_about_the_disk(db_u
     w.policy(fine, "fine")
     settings = settings_for(db_url, disks=[attached, fine])
     async with services_for(settings, fake_app(w.fleet)) as s:
-        assert (await s.run_cycle()).status is RunStatus.COMPLETE
+        assert (await run_cycle(s)).status is RunStatus.COMPLETE
         before = await open_by_disk(s.store)
     assert before == {attached: {fingerprint(UNPROTECTED, attached, None)}}
     w.policy(host, "host")  # now protected through its VM, but the VM's list cannot be read
@@ -521,7 +525,7 @@ async def test_7_an_error_about_the_vm_says_nothing_definite_about_the_disk(db_u
     else:
         app = Tamper(fake_app(w.fleet), vm_answers_disk_not_found(host))
     async with services_for(settings, app) as s:
-        outcome = await s.run_cycle()
+        outcome = await run_cycle(s)
         disks = await s.store.read(queries.load_disks)
         after = await open_by_disk(s.store)
     assert (disks[attached].outcome, disks[fine].outcome) == ("unknown", "ok")
@@ -569,7 +573,7 @@ async def test_8_a_killed_runs_row_is_marked_abandoned_and_a_live_one_is_not(db_
     settings = settings_for(db_url, disks=disks)
     async with open_services(settings, katapult=False) as live:
         # The next process of any kind marks the killed run (when it opens, or when asked).
-        swept = await live.abandon_orphans()
+        swept = await abandon_orphans(live)
         assert set(swept) <= {killed}
         runs = {r.id: r for r in await live.store.read(queries.list_runs)}
         assert runs[killed].status is RunStatus.FAILED
@@ -577,12 +581,13 @@ async def test_8_a_killed_runs_row_is_marked_abandoned_and_a_live_one_is_not(db_
         # A run of this live process, holding the cycle lease the killed process left behind: never touched.
         now = utcnow()
         mine = uuid.uuid4().hex
-        taken, _ = await live.leases.acquire(CYCLE, live.holder, now=now, ttl=live.lease_ttl, run_id=mine)
+        taken, _ = await live.leases.acquire(CYCLE, live.holder, now=now, ttl=live.settings.daemon.leader_ttl,
+                                             run_id=mine)
         assert taken, "the killed process's lease should be free to take"
         await live.store.write(writes.start_run, now=now, trigger="test", run_id=mine, owner=live.holder.id)
         async with open_services(settings, katapult=False) as other:
-            assert await other.abandon_orphans() == []
-            assert await live.abandon_orphans() == []
+            assert await abandon_orphans(other) == []
+            assert await abandon_orphans(live) == []
             runs = {r.id: r for r in await other.store.read(queries.list_runs)}
         await live.leases.release(CYCLE, live.holder)
     assert runs[mine].status is RunStatus.RUNNING and runs[mine].errors == ()
@@ -621,14 +626,14 @@ async def test_9_a_response_too_large_makes_only_its_target_unknown(db_url: str,
         settings = settings_for(db_url, disks=[small], orgs=[w.org.id])
         big_target = w.org.id
     async with services_for(settings, fake_app(w.fleet)) as s:
-        assert (await s.run_cycle()).status is RunStatus.COMPLETE
+        assert (await run_cycle(s)).status is RunStatus.COMPLETE
         before = await open_by_disk(s.store)
     assert all(before.get(d) for d in big_disks)
     tamper = Tamper(fake_app(w.fleet), chunked_for(big_target) if delivery == "chunked" else None)
     capped = settings.model_copy(update={"katapult": settings.katapult.model_copy(
         update={"max_response_bytes": CAP})})
     async with services_for(capped, tamper) as s:
-        outcome = await s.run_cycle()
+        outcome = await run_cycle(s)
         disks = await s.store.read(queries.load_disks)
         after = await open_by_disk(s.store)
     assert any(len(e.body) > CAP for e in tamper.exchanges if e.request.target == big_target)
@@ -649,7 +654,7 @@ async def test_10_a_non_positive_retention_is_malformed_not_judged(db_url: str, 
     w.policy(odd, "odd", retention=retention)
     w.policy(fine, "fine", retention=3)
     async with services_for(settings_for(db_url, disks=[odd, fine]), fake_app(w.fleet)) as s:
-        outcome = await s.run_cycle()
+        outcome = await run_cycle(s)
         disks = await s.store.read(queries.load_disks)
         findings = await s.store.read(queries.all_findings, statuses=["open", "waived", "resolved"])
     assert outcome.status is RunStatus.PARTIAL
@@ -670,7 +675,7 @@ async def test_3_a_nul_in_a_disk_name_from_katapult_stays_with_that_disk(db_url:
     fine = w.disk("fine")
     w.policy(fine, "fine", retention=3)
     async with services_for(settings_for(db_url, orgs=[w.org.id]), fake_app(w.fleet)) as s:
-        outcome = await s.run_cycle()
+        outcome = await run_cycle(s)
         disks = await s.store.read(queries.load_disks)
         open_now = await open_by_disk(s.store)
     assert outcome.status in (RunStatus.COMPLETE, RunStatus.PARTIAL), outcome.errors
@@ -744,7 +749,7 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Template]:
 async def _make_template(path: Path, mode: str) -> Template:
     url = f"sqlite:///{path}"
     async with services_for(hypo_settings(url, mode), fake_app(hypo_fleet()), clock=Clock(T0)) as s:
-        outcome = await s.run_cycle()
+        outcome = await run_cycle(s)
         assert outcome.status is RunStatus.COMPLETE, outcome.errors
         baseline = {d: frozenset(fps) for d, fps in (await open_by_disk(s.store)).items()}
     with sqlite3.connect(path) as conn:  # everything in the main file, so a plain copy is the whole database
@@ -1066,7 +1071,7 @@ async def hostile_cycle(template: Template, hostile: Hostile, workdir: Path) -> 
     tamper = Tamper(fake_app(hypo_fleet()), hostile.rewriter())
     try:
         async with services_for(hypo_settings(url, hostile.mode), tamper, migrate=False, clock=Clock(T1)) as s:
-            await s.run_cycle()  # never raises, whatever was served
+            await run_cycle(s)  # never raises, whatever was served
             runs = await s.store.read(queries.list_runs)
             assert runs[0].status is not RunStatus.RUNNING
             disks = await s.store.read(queries.load_disks)

@@ -6,7 +6,8 @@ import asyncio
 import json
 import logging
 import socket
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from typing import Any
 
 import httpx
@@ -490,6 +491,49 @@ async def test_retry_after_beyond_the_budget_gives_up_at_once(h: Harness) -> Non
         with pytest.raises(RateLimitedError):
             await client.list_disk_policies(disk)
     assert client.stats.requests == 1 and h.retry_sleeps == []
+
+
+class RetryAfterAs(httpx.AsyncBaseTransport):
+    """Passes requests on and rewrites any Retry-After of the answer: as an HTTP-date that many seconds from now,
+    or as a fixed text."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, *, text: str | None = None) -> None:
+        self.inner = inner
+        self.text = text
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        seconds = response.headers.get("Retry-After")
+        if seconds is not None:
+            when = datetime.now(UTC) + timedelta(seconds=float(seconds))
+            response.headers["Retry-After"] = self.text or format_datetime(when, usegmt=True)
+        return response
+
+
+async def test_retry_after_as_an_http_date_is_honoured(h: Harness) -> None:
+    _, disk = org_with_disk(h.fleet)
+    h.fleet.rate_limit_per_minute = 5
+    h.fleet.retry_after = 90
+    for _ in range(5):
+        h.fleet.admit(TOKEN, permitted=5)
+    # RFC 9110 allows either form; the date is read as the seconds until it (the same parser as the notifiers').
+    async with h.client(transport=RetryAfterAs(h.transport), max_retry_seconds=30) as client:
+        with pytest.raises(RateLimitedError) as info:
+            await client.list_disk_policies(disk)
+    assert info.value.retry_after is not None and 85 < info.value.retry_after <= 90
+    assert client.stats.requests == 1 and h.retry_sleeps == []
+
+
+async def test_a_negative_retry_after_is_no_wait_the_server_asked_for(h: Harness) -> None:
+    _, disk = org_with_disk(h.fleet)
+    h.fleet.rate_limit_per_minute = 5
+    h.fleet.retry_after = 1
+    for _ in range(5):
+        h.fleet.admit(TOKEN, permitted=5)
+    async with h.client(transport=RetryAfterAs(h.transport, text="-3"), max_attempts=2) as client:
+        assert await client.list_disk_policies(disk) == []
+    # As without Retry-After: a few request slots of detail.total_permitted (60 / 5 × 4 s), not "-3" read as 0.
+    assert h.retry_sleeps == [48.0]
 
 
 async def test_pacing_follows_the_servers_limit(h: Harness) -> None:

@@ -16,7 +16,7 @@ from auditor.config import Settings
 from auditor.fake import Fleet, demo_fleet
 from auditor.fake import create_app as fake_app
 from auditor.service import Services, open_services
-from auditor.service.cycle import AuditOutcome
+from auditor.service.cycle import AuditOutcome, run_cycle
 from auditor.service.runner import DURATION_BUCKETS
 from auditor.store import queries
 from auditor.store.repo import Store
@@ -41,7 +41,7 @@ async def seeded(db_url: str) -> AsyncIterator[Seeded]:
     })
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)),
                             token="fake-token") as runtime:
-        outcome = await runtime.run_cycle()
+        outcome = await run_cycle(runtime)
         cycles = CycleMetrics()
         cycles.record(outcome)
         yield Seeded(fleet, runtime, outcome, cycles)
@@ -52,7 +52,8 @@ async def _no_trigger() -> str | None:
 
 
 async def scrape(store: Store, cycles: CycleMetrics) -> tuple[httpx.Response, dict[str, list[Sample]]]:
-    deps = ApiDeps(store=store, interval=timedelta(minutes=15), trigger=_no_trigger, cycles=cycles)
+    services = Services(settings=Settings(audit={"interval": timedelta(minutes=15)}), store=store)
+    deps = ApiDeps(services=services, trigger=_no_trigger, cycles=cycles)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(deps)), base_url="http://api") as api:
         response = await api.get("/metrics")
     assert response.status_code == 200

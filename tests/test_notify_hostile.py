@@ -11,6 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import httpx
@@ -31,19 +32,16 @@ from auditor.config import (
     WebhookNotifier,
 )
 from auditor.domain.alerts import Notification
+from auditor.domain.retry import RETRY_AFTER_CEILING, clamp_retry_after, parse_retry_after
+from auditor.domain.retry import backoff as shared_backoff
 from auditor.errors import NotifyError
 from auditor.log import JsonFormatter, SecretScrubber, secret_forms
 from auditor.notify import NOTIFIERS
-from auditor.notify.base import (
-    MAX_BODY_BYTES,
-    RETRY_AFTER_CEILING,
-    clamp_retry_after,
-    excerpt,
-    parse_retry_after,
-    url_secrets,
-)
+from auditor.notify.base import MAX_BODY_BYTES, excerpt, url_secrets
 from auditor.notify.dispatch import Dispatcher
-from auditor.notify.policy import backoff
+from auditor.notify.policy import BACKOFF_BASE, BACKOFF_CAP
+
+backoff = partial(shared_backoff, base=BACKOFF_BASE, cap=BACKOFF_CAP)  # the delivery stage's
 
 HOUR = timedelta(hours=1)
 
@@ -159,8 +157,8 @@ async def dispatch(app: Any, settings: NotifierCommon, note: Notification = NOTE
         ("99999999999999999999", RETRY_AFTER_CEILING),
         ("9" * 400, RETRY_AFTER_CEILING),  # float() says inf
         ("1e308", RETRY_AFTER_CEILING),
-        ("-5", 0.0),
-        ("-1e400", 0.0),
+        ("-5", None),
+        ("-1e400", None),
         ("nan", None),
         ("inf", None),
         ("-Infinity", None),
@@ -219,7 +217,7 @@ def test_backoff_honours_retry_after_up_to_the_maximum() -> None:
     assert backoff(1, retry_after=7200.0, max_retry_after=HOUR, random=lambda: 0.0) == 3600.0
     assert backoff(1, retry_after=120.0, max_retry_after=HOUR, random=lambda: 0.0) == 120.0
     assert backoff(1, retry_after=7200.0, max_retry_after=timedelta(hours=3), random=lambda: 0.0) == 7200.0
-    assert backoff(1, retry_after=7200.0, random=lambda: 0.0) == 3600.0  # the default is notify.max_retry_after's
+    assert backoff(1, retry_after=7200.0, random=lambda: 0.0) == 7200.0  # no maximum: only the parser's ceiling
 
 
 @pytest.mark.parametrize(

@@ -23,16 +23,18 @@ from auditor.config import (
 )
 from auditor.domain.alerts import AUDIT_INCOMPLETE, Alert, AlertStatus
 from auditor.domain.models import Severity
+from auditor.domain.retry import parse_retry_after
 from auditor.errors import ConfigError
 from auditor.notify import NOTIFIERS, notifier_for
 from auditor.notify.alertmanager import NOTIFIER as ALERTMANAGER
 from auditor.notify.alertmanager import alerts_url
-from auditor.notify.base import headline, humanize, parse_retry_after, rfc3339, scrub, url_secrets
+from auditor.notify.base import headline, rfc3339, scrub, url_secrets
 from auditor.notify.email import NOTIFIER as EMAIL
 from auditor.notify.pagerduty import NOTIFIER as PAGERDUTY
 from auditor.notify.slack import NOTIFIER as SLACK
 from auditor.notify.webhook import NOTIFIER as WEBHOOK
 from auditor.notify.webhook import sign
+from auditor.vocabulary import format_duration
 
 TEST_NOTE = "This is a test notification from the Katapult backup auditor; no action is needed."
 
@@ -105,8 +107,8 @@ def test_rfc3339_is_utc_with_z_and_only_needed_fractions() -> None:
         (timedelta(seconds=-5), "0s"),
     ],
 )
-def test_humanize(delta: timedelta, text: str) -> None:
-    assert humanize(delta) == text
+def test_lasted(delta: timedelta, text: str) -> None:
+    assert format_duration(delta, style="alert") == text
 
 
 @pytest.mark.parametrize(
@@ -117,7 +119,7 @@ def test_humanize(delta: timedelta, text: str) -> None:
         ("120", 120.0),
         (" 7 ", 7.0),
         ("1.5", 1.5),
-        ("-3", 0.0),
+        ("-3", None),  # not a delay: the caller waits as it would without one
         ("Sat, 28 Nov 2026 07:01:30 GMT", 90.0),
         ("Sat, 28 Nov 2026 06:00:00 GMT", 0.0),
         ("soon", None),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -12,7 +13,10 @@ from pydantic import SecretStr
 from auditor.config import WebhookNotifier
 from auditor.domain.alerts import AUDIT_INCOMPLETE, Alert, AlertStatus
 from auditor.domain.models import Severity
-from auditor.notify.policy import backoff, group_alerts, group_key, is_repeat_due, wants
+from auditor.domain.retry import backoff as shared_backoff
+from auditor.notify.policy import BACKOFF_BASE, BACKOFF_CAP, group_alerts, group_key, is_repeat_due, wants
+
+backoff = partial(shared_backoff, base=BACKOFF_BASE, cap=BACKOFF_CAP)  # the delivery stage's
 
 NOW = datetime(2026, 11, 28, 7, 0, tzinfo=UTC)
 

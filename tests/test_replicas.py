@@ -48,7 +48,8 @@ from receivers import HttpReceiver, RecordingApp, Reply
 from auditor.config import Settings
 from auditor.fake import Fleet, create_app
 from auditor.service import Services, open_services, utcnow
-from auditor.service.alerts import deliver_due
+from auditor.service.cycle import run_cycle
+from auditor.service.delivery import deliver_due
 from auditor.store.outbox import CLAIM_TIMEOUT
 
 pytestmark = pytest.mark.slow
@@ -429,8 +430,7 @@ async def _services(settings: Settings, clocks: list[Callable[[], datetime]]) ->
 
 def _deliver(s: Services, *, limit: int) -> Any:
     assert s.dispatcher is not None
-    return deliver_due(outbox=s.outbox, dispatcher=s.dispatcher, notifiers=s.notifiers, clock=s.clock,
-                       worker=s.worker, limit=limit)
+    return deliver_due(s, limit=limit)
 
 
 @pytest.fixture
@@ -443,7 +443,7 @@ def slow_receiver() -> Iterator[HttpReceiver]:
 async def test_many_deliverers_send_each_entry_once(db_url: str, slow_receiver: HttpReceiver) -> None:
     settings = _settings(db_url, slow_receiver)
     async with _services(settings, [utcnow] * 6) as (planner, *deliverers):
-        outcome = await planner.run_cycle()
+        outcome = await run_cycle(planner)
         assert outcome.opened == ENTRIES
         assert await planner.outbox.pending_count() == ENTRIES
         delivered = [0] * len(deliverers)
@@ -469,15 +469,15 @@ async def test_stale_claim_is_reclaimed_by_exactly_one(db_url: str, slow_receive
     async with _services(settings, [past, *[utcnow] * 5, *[later] * 5]) as (crashed, *rest):
         claimers, deliverers = rest[:5], rest[5:]
         # A deliverer that crashed a day ago: its cycle queued the entries and it claimed them, then vanished.
-        await crashed.run_cycle()
-        stale = await crashed.outbox.claim_due(now=crashed.clock(), worker=crashed.worker)
+        await run_cycle(crashed)
+        stale = await crashed.outbox.claim_due(now=crashed.clock(), worker=crashed.holder.id)
         assert len(stale) == ENTRIES and {d.state.value for d in stale} == {"delivering"}
         # Five claimers take the stale claims over at the same moment: each entry goes to exactly one.
-        claims = await asyncio.gather(*(s.outbox.claim_due(now=s.clock(), worker=s.worker) for s in claimers))
+        claims = await asyncio.gather(*(s.outbox.claim_due(now=s.clock(), worker=s.holder.id) for s in claimers))
         ids = [d.id for batch in claims for d in batch]
         assert len(ids) == len(set(ids)) == ENTRIES, [len(b) for b in claims]
         # A fresh claim is not stale: nobody takes it now.
-        again = await asyncio.gather(*(s.outbox.claim_due(now=s.clock(), worker=s.worker) for s in claimers))
+        again = await asyncio.gather(*(s.outbox.claim_due(now=s.clock(), worker=s.holder.id) for s in claimers))
         assert [len(b) for b in again] == [0] * len(claimers)
         # Past the claim timeout those claims are stale in turn: five deliverers race for them and send each once.
         reports = []
@@ -489,7 +489,7 @@ async def test_stale_claim_is_reclaimed_by_exactly_one(db_url: str, slow_receive
         assert sum(r.delivered for r in reports) == ENTRIES
         # The crashed deliverer's late word on an entry is refused: the claim is no longer its own.
         assert not await crashed.outbox.mark_delivered(stale[0].id, now=now, status=200, detail="late",
-                                                       worker=crashed.worker)
+                                                       worker=crashed.holder.id)
         entries = await crashed.outbox.recent(limit=500)
     assert_delivered_once(slow_receiver.requests, entries)
     assert len(slow_receiver.requests) == ENTRIES

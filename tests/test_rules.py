@@ -298,7 +298,7 @@ def test_per_disk_override_applies_only_to_its_disks() -> None:
     assert finding.rule == RETENTION_BELOW_MINIMUM and finding.expected == {"min_retention": 14}
     assert evaluate(normal, rs, now=NOW) == []
     # Only the named parameter changes; the rest stay the defaults.
-    assert rs.params_for("disk_strict") == RuleParams(14, 0, Interval.MONTHLY, default.stale_grace)
+    assert rs.applied("disk_strict").params == RuleParams(14, 0, Interval.MONTHLY, default.stale_grace)
 
 
 def test_override_can_loosen_and_later_overrides_win() -> None:
@@ -314,7 +314,7 @@ def test_override_can_loosen_and_later_overrides_win() -> None:
     assert evaluate(snap(weekly3, disk=Disk("disk_a")), rs, now=NOW) == []
     assert sorted(rule_ids(evaluate(snap(weekly3, disk=Disk("disk_b")), rs, now=NOW))) == [
         RETENTION_BELOW_MINIMUM, RETENTION_WINDOW_TOO_SHORT]
-    assert rs.params_for("disk_b").max_interval is Interval.WEEKLY  # kept from the first override
+    assert rs.applied("disk_b").params.max_interval is Interval.WEEKLY  # kept from the first override
     assert sorted(rule_ids(evaluate(snap(weekly3, disk=Disk("disk_c")), rs, now=NOW))) == [
         INTERVAL_TOO_INFREQUENT, RETENTION_BELOW_MINIMUM]
 

@@ -14,8 +14,10 @@ from sqlalchemy import select
 from auditor.config import Settings, load_settings
 from auditor.fake import Fleet, create_app
 from auditor.service import open_services
-from auditor.service.cycle import utcnow
-from auditor.service.reports import build_report
+from auditor.service.clock import utcnow
+from auditor.service.cycle import run_cycle
+from auditor.service.delivery import drain
+from auditor.service.queries import build_report
 from auditor.store.tables import metadata
 
 TOKEN = "kat-SECRET-token-5f3a9c"
@@ -57,9 +59,9 @@ async def test_no_secret_in_logs_database_or_report(db_url: str, receiver: HttpR
     transport = httpx.ASGITransport(app=create_app(fleet))
     async with open_services(settings, transport=transport, token=TOKEN) as rt:
         assert TOKEN not in repr(rt.client)
-        outcome = await rt.run_cycle()
+        outcome = await run_cycle(rt)
         assert outcome.errors, "org_missing should be reported as an error"
-        await rt.drain(within=10)
+        await drain(rt, within=10)
         report = await build_report(rt.store, now=utcnow())
         dump = await _dump_database(rt)
     assert receiver.requests, "the webhook should have been called"
@@ -77,7 +79,7 @@ async def test_wrong_token_error_names_no_token(db_url: str, caplog: pytest.LogC
     settings = Settings(**{"katapult": {"api_url": "http://fake/core/v1"}, "database": {"url": db_url},
                            "audit": {"disks": [disk.id]}})
     async with open_services(settings, transport=httpx.ASGITransport(app=create_app(fleet)), token=TOKEN) as rt:
-        outcome = await rt.run_cycle()
+        outcome = await run_cycle(rt)
     assert outcome.status.value == "failed"
     assert outcome.errors[0].code == "invalid_api_token"
     assert TOKEN not in caplog.text and TOKEN not in str(outcome.errors)

@@ -1,9 +1,13 @@
-"""The application layer: the cycle lease and its fence, failed cycles announced, the heartbeat around cycles,
-deterministic notification keys, and read-only commands that never create or migrate a database."""
+"""The application layer: the cycle lease and its fence, failed cycles announced and kept by whoever runs the cycles,
+the heartbeat around cycles, deterministic notification keys, read-only commands that never create or migrate a
+database, and the layer's shape (one way to call a use case; Services holds wiring only)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import importlib
+import inspect
 import subprocess
 import sys
 import time
@@ -21,8 +25,10 @@ from auditor.domain.records import RunStatus
 from auditor.errors import LeaseHeldError, SchemaError
 from auditor.fake import Fault, Fleet
 from auditor.fake import create_app as fake_app
-from auditor.service import open_services
+from auditor.service import Services, open_services
 from auditor.service.alerts import notification_key
+from auditor.service.cycle import PendingFailures, record_failures, run_cycle
+from auditor.service.leases import read_cycle_lease
 from auditor.service.runner import CycleMetrics, CycleRunner
 from auditor.store import engine as db
 from auditor.store import queries, writes
@@ -81,21 +87,21 @@ async def test_a_second_process_cannot_run_a_cycle_while_the_lease_is_held(db_ur
         taken, _ = await first.leases.acquire(CYCLE, first.holder, now=first.clock(), ttl=timedelta(seconds=30))
         assert taken
         with pytest.raises(LeaseHeldError) as held:
-            await second.run_cycle(wait=0.3)
+            await run_cycle(second, wait=0.3)
         assert f"pid {first.holder.pid}" in str(held.value) and held.value.since
         assert await second.store.read(queries.list_runs) == []  # nothing recorded by the refused cycle
         # The API answers 409 naming the holder.
         runner = CycleRunner(second, cycles=CycleMetrics())
-        app = create_app(ApiDeps(store=second.store, interval=timedelta(minutes=5), trigger=runner.trigger))
+        app = create_app(ApiDeps(services=second, trigger=runner.trigger))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as api:
             response = await api.post("/api/v1/audit")
         assert response.status_code == 409 and response.json()["holder"] == f"{first.holder.host} pid " \
             f"{first.holder.pid}"
         # Released: the second one runs, and numbering goes on.
         await first.leases.release(CYCLE, first.holder)
-        outcome = await second.run_cycle()
+        outcome = await run_cycle(second)
         assert outcome.status is RunStatus.COMPLETE
-        assert await second.cycle_lease() is None  # released after the cycle
+        assert await read_cycle_lease(second) is None  # released after the cycle
 
 
 async def test_a_commit_after_the_lease_was_taken_over_is_refused(db_url: str) -> None:
@@ -109,14 +115,14 @@ async def test_a_commit_after_the_lease_was_taken_over_is_refused(db_url: str) -
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as slow, \
             open_services(settings, transport=httpx.ASGITransport(app=fake_app(same)), token=TOKEN,
                           clock=late) as taker:
-        cycle = asyncio.create_task(slow.run_cycle())
+        cycle = asyncio.create_task(run_cycle(slow))
         for _ in range(100):
-            lease = await slow.cycle_lease()
+            lease = await read_cycle_lease(slow)
             if lease is not None and lease.holder == slow.holder.id:
                 break
             await asyncio.sleep(0.02)
         # The taker's clock is past the lease expiry: it takes over and marks the slow run abandoned.
-        taken = await taker.run_cycle()
+        taken = await run_cycle(taker)
         assert taken.status is RunStatus.COMPLETE
         outcome = await cycle
         assert outcome.status is RunStatus.FAILED and outcome.errors[0].code == "lease_lost"
@@ -156,7 +162,7 @@ async def test_a_lease_of_a_dead_process_on_this_host_is_taken_at_once(db_url: s
         taken, _ = await s.leases.acquire(CYCLE, dead, now=s.clock(), ttl=timedelta(hours=1), run_id="b" * 32)
         assert taken
         await s.store.write(writes.start_run, now=s.clock(), trigger="test", run_id="b" * 32, owner=dead.id)
-        outcome = await s.run_cycle()  # no waiting out the hour: its holder is gone
+        outcome = await run_cycle(s)  # no waiting out the hour: its holder is gone
         assert outcome.status is RunStatus.COMPLETE
         runs = {r.id: r for r in await s.store.read(queries.list_runs)}
         assert runs["b" * 32].status is RunStatus.FAILED and runs["b" * 32].errors[0].code == "abandoned"
@@ -171,21 +177,26 @@ async def test_a_failed_cycle_raises_audit_incomplete_and_counts(db_url: str) ->
     settings = _settings(db_url, ids, notifiers=[{"kind": "webhook", "name": "hook",
                                                    "url": "http://127.0.0.1:9/hook", "min_severity": "low"}])
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
-        outcome = await s.run_cycle()
-        assert outcome.status is RunStatus.FAILED
-        assert s.consecutive_failed == 1
+        # Failures in a row are counted by whoever runs the cycles (the daemon's runner), for /metrics.
+        runner = CycleRunner(s, cycles=CycleMetrics())
+        first = runner.start("schedule")
+        assert first is not None
+        outcome = await first
+        assert outcome is not None and outcome.status is RunStatus.FAILED
+        assert runner.cycles.consecutive_failed == 1
         entries = await s.outbox.recent()
         assert [a.rule for e in entries for a in e.notification.alerts] == ["audit-incomplete"]
-        await s.run_cycle()
-        assert s.consecutive_failed == 2
+        second = runner.start("schedule")
+        assert second is not None and await second is not None
+        assert runner.cycles.consecutive_failed == 2
         assert len(await s.outbox.recent()) == 1  # still firing: not announced twice
-        app = create_app(ApiDeps(store=s.store, interval=timedelta(minutes=5), trigger=_no_trigger))
+        app = create_app(ApiDeps(services=s, trigger=_no_trigger, cycles=runner.cycles))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as api:
             ready = await api.get("/readyz")
             metrics = (await api.get("/metrics")).text
         # A failed run finished recently, but failed runs do not make the auditor ready.
         assert ready.status_code == 503 and "the last one failed" in ready.json()["reason"]
-        assert "auditor_consecutive_failed_cycles" in metrics
+        assert "auditor_consecutive_failed_cycles 2.0" in metrics
 
 
 async def test_a_cycle_that_cannot_reach_the_database_is_recorded_when_it_can(tmp_path: Path) -> None:
@@ -194,23 +205,50 @@ async def test_a_cycle_that_cannot_reach_the_database_is_recorded_when_it_can(tm
     settings = _settings(url, ids, notifiers=[{"kind": "webhook", "name": "hook",
                                                 "url": "http://127.0.0.1:9/hook", "min_severity": "low"}])
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
-        good = await s.run_cycle()
+        good = await run_cycle(s)
         assert good.status is RunStatus.COMPLETE
         # The database goes away (file moved aside): the cycle fails, the failure waits in memory.
         (tmp_path / "a.db").rename(tmp_path / "b.db")
         (tmp_path / "a.db").mkdir()  # a directory where the file was: every connection fails
         await s.store.close()
-        failed = await s.run_cycle()
+        failures = PendingFailures()  # what whoever runs the cycles keeps across them
+        failed = await run_cycle(s, failures=failures)
         assert failed.status is RunStatus.FAILED and failed.errors[0].code == "database_unavailable"
-        assert len(s.pending_failures) == 1
+        assert [f.run_id for f in failures] == [failed.run_id]
         # The database is back: the failure is recorded with its audit-incomplete alert.
         (tmp_path / "a.db").rmdir()
         (tmp_path / "b.db").rename(tmp_path / "a.db")
-        assert await s.record_pending_failures() == 0
+        assert await record_failures(s, failures=failures) == 0 and len(failures) == 0
         runs = {r.id: r for r in await s.store.read(queries.list_runs)}
         assert runs[failed.run_id].status is RunStatus.FAILED
         rules = [a.rule for e in await s.outbox.recent() for a in e.notification.alerts]
         assert "audit-incomplete" in rules
+
+
+async def test_the_runner_keeps_its_failed_cycles_until_the_database_takes_them(tmp_path: Path) -> None:
+    # The failure state lives across cycles in whoever runs them (the daemon's runner), never in Services.
+    fleet, ids = _fleet(2)
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    async with open_services(_settings(url, ids), transport=httpx.ASGITransport(app=fake_app(fleet)),
+                             token=TOKEN) as s:
+        runner = CycleRunner(s, cycles=CycleMetrics())
+        (tmp_path / "a.db").rename(tmp_path / "b.db")
+        (tmp_path / "a.db").mkdir()  # every connection fails
+        await s.store.close()
+        failed = []
+        for _ in range(2):
+            task = runner.start("schedule")
+            assert task is not None
+            outcome = await task
+            assert outcome is not None and outcome.status is RunStatus.FAILED
+            failed.append(outcome.run_id)
+        assert [f.run_id for f in runner.failures] == failed  # both kept, oldest first
+        assert await runner.record_failures() == 2  # still down: nothing lost
+        (tmp_path / "a.db").rmdir()
+        (tmp_path / "b.db").rename(tmp_path / "a.db")
+        assert await runner.record_failures() == 0 and len(runner.failures) == 0
+        runs = {r.id: r for r in await s.store.read(queries.list_runs)}
+        assert [runs[run_id].status for run_id in failed] == [RunStatus.FAILED] * 2
 
 
 async def _no_trigger() -> str | None:
@@ -232,11 +270,11 @@ async def test_heartbeat_start_success_and_fail(tmp_path: Path, heartbeat: HttpR
                          heartbeat={"url": heartbeat.url + "/ping/secret-uuid", "timeout_seconds": 2})
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
         assert s.heartbeat is not None
-        complete = await s.run_cycle()
+        complete = await run_cycle(s)
         fleet.faults[ids[1]] = Fault.UNAVAILABLE
-        partial = await s.run_cycle()
+        partial = await run_cycle(s)
         fleet.faults[ids[0]] = Fault.UNAVAILABLE
-        failed = await s.run_cycle()
+        failed = await run_cycle(s)
         await s.heartbeat.flush(5)
     assert (complete.status, partial.status, failed.status) == (RunStatus.COMPLETE, RunStatus.PARTIAL,
                                                                 RunStatus.FAILED)
@@ -256,7 +294,7 @@ async def test_a_hanging_heartbeat_receiver_does_not_delay_the_cycle(tmp_path: P
                          heartbeat={"url": heartbeat.url + "/ping/x", "timeout_seconds": 5, "max_attempts": 1})
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
         began = time.monotonic()
-        outcome = await s.run_cycle()
+        outcome = await run_cycle(s)
         took = time.monotonic() - began
         assert outcome.status is RunStatus.COMPLETE
         assert took < 2.0, f"the cycle waited for the heartbeat ({took:.1f}s)"
@@ -324,12 +362,12 @@ async def test_each_run_stores_its_summary_and_disk_verdicts_by_change(db_url: s
     clock = Clock(datetime.now(UTC).replace(microsecond=0))
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN,
                              clock=clock) as s:
-        first = await s.run_cycle()
+        first = await run_cycle(s)
         clock.now += timedelta(minutes=15)
-        await s.run_cycle()  # nothing changed: no new disk state rows
+        await run_cycle(s)  # nothing changed: no new disk state rows
         fleet.faults[ids[1]] = Fault.UNAVAILABLE
         clock.now += timedelta(minutes=15)
-        third = await s.run_cycle()
+        third = await run_cycle(s)
         async with s.store.engine.connect() as conn:
             summaries = (await conn.execute(select(run_summaries).order_by(run_summaries.c.started_at))).all()
             states = (await conn.execute(select(disk_states).order_by(disk_states.c.id))).all()
@@ -344,3 +382,48 @@ async def test_each_run_stores_its_summary_and_disk_verdicts_by_change(db_url: s
     changed = [r for r in states if r.disk_id == ids[1]]
     assert [(r.status, r.valid_to is None) for r in changed] == [("compliant", False), ("unknown", True)]
     assert changed[0].valid_to == changed[1].valid_from == clock.now
+
+
+# ---- the layer's shape ----------------------------------------------------------------------------------------
+
+USE_CASE_MODULES = ("cycle", "delivery", "leases", "housekeeping", "queries", "compliance", "evidence",
+                    "sessions")
+# The store-level read `read_report` and `read_snapshot` share (kept as the store rewrite wrote it).
+NOT_A_USE_CASE = {"auditor.service.queries.build_report"}
+
+
+def _use_cases() -> dict[str, inspect.Signature]:
+    found = {}
+    for name in USE_CASE_MODULES:
+        module = importlib.import_module(f"auditor.service.{name}")
+        for attr, fn in vars(module).items():
+            if not attr.startswith("_") and inspect.iscoroutinefunction(fn) and fn.__module__ == module.__name__:
+                found[f"{module.__name__}.{attr}"] = inspect.signature(fn)
+    return found
+
+
+def _odd_shape(signature: inspect.Signature) -> bool:
+    first, *rest = signature.parameters.values()
+    return first.name != "services" or any(p.kind is not inspect.Parameter.KEYWORD_ONLY for p in rest)
+
+
+def test_every_use_case_is_called_one_way() -> None:
+    # `async def verb(services: Services, *, ...)` (the convention in auditor/service/__init__.py).
+    found = _use_cases()
+    assert {"auditor.service.cycle.run_cycle", "auditor.service.delivery.deliver_due",
+            "auditor.service.queries.read_report", "auditor.service.compliance.read_period_report",
+            "auditor.service.evidence.build_evidence", "auditor.service.housekeeping.prune_history"} <= set(found)
+    odd = sorted(name for name, signature in found.items() if name not in NOT_A_USE_CASE and _odd_shape(signature))
+    assert odd == []
+    # The check can fail: the shapes it refuses.
+    assert _odd_shape(inspect.signature(lambda store, *, now: None))
+    assert _odd_shape(inspect.signature(lambda services, period: None))
+
+
+def test_services_is_wiring_without_state_or_use_cases() -> None:
+    assert Services.__dataclass_params__.frozen  # type: ignore[attr-defined]
+    assert [f.name for f in dataclasses.fields(Services)] == ["settings", "store", "client", "dispatcher",
+                                                              "heartbeat", "clock", "holder"]
+    public = {name for name in vars(Services) if not name.startswith("_")}
+    assert public - {f.name for f in dataclasses.fields(Services)} == {"rules", "targets", "outbox", "leases",
+                                                                      "aclose"}

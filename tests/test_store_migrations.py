@@ -60,5 +60,28 @@ def test_the_schema_head_constant_is_alembics_head() -> None:
     # Read-only commands compare the database with SCHEMA_HEAD without loading Alembic: it must be the real head.
     from alembic.script import ScriptDirectory
 
-    head = ScriptDirectory.from_config(db.alembic_config("sqlite:///unused.db")).get_current_head()
-    assert db.SCHEMA_HEAD == head
+    scripts = ScriptDirectory.from_config(db.alembic_config("sqlite:///unused.db"))
+    assert db.SCHEMA_HEAD == scripts.get_current_head()
+    # ... and SCHEMA_REVISIONS every revision, oldest first: a database at any other one was written by a newer auditor.
+    assert db.SCHEMA_REVISIONS == tuple(reversed([s.revision for s in scripts.walk_revisions()]))
+
+
+async def test_a_database_a_newer_auditor_migrated_is_refused_with_one_line(db_url: str) -> None:
+    import pytest
+
+    from auditor.errors import SchemaError
+
+    await db.upgrade(db_url)
+    engine = db.create_engine_for(db_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+    finally:
+        await engine.dispose()
+    message = "database schema 0099 is newer than this auditor, which knows up to " + db.SCHEMA_HEAD
+    with pytest.raises(SchemaError, match=message + ": upgrade the auditor$"):
+        await db.upgrade(db_url)
+    assert (await db.current_revision(db_url))[0] == "0099"  # left as it was
+    assert str(db.schema_error(db_url, "0099")) == message + ": upgrade the auditor"
+    assert db.schema_error(db_url, db.SCHEMA_HEAD) is None
+    assert "needs " + db.SCHEMA_HEAD in str(db.schema_error(db_url, "0001"))

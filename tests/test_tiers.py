@@ -27,7 +27,9 @@ from auditor.domain.tiers import (
 from auditor.errors import ConfigError
 from auditor.fake import Fault, Fleet, create_app
 from auditor.service import open_services, ruleset_from
-from auditor.service.cycle import TIER_UNKNOWN
+from auditor.service.collection import TIER_UNKNOWN
+from auditor.service.cycle import run_cycle
+from auditor.service.delivery import drain
 from auditor.store import queries
 from tests.test_audit_cycle import TOKEN, World, disk_of, findings_of, report_of, settings_for
 
@@ -235,7 +237,7 @@ def world() -> tuple[World, dict[str, str]]:
 async def run(settings: Settings, transport: httpx.AsyncBaseTransport, cycles: int = 1) -> dict[str, Any]:
     async with open_services(settings, transport=transport, token=TOKEN) as rt:
         for _ in range(cycles):
-            outcome = await rt.run_cycle()
+            outcome = await run_cycle(rt)
         report = await report_of(rt)
         report["_outcome"] = outcome
         return report
@@ -289,12 +291,12 @@ async def test_a_tier_change_between_cycles_resolves_opens_and_drifts(db_url: st
     w, ids = world()
     settings = with_tiers(settings_for(db_url, disks=list(ids.values())), [GOLD, SCRATCH])
     async with open_services(settings, transport=httpx.ASGITransport(app=create_app(w.fleet)), token=TOKEN) as rt:
-        first = await rt.run_cycle()
+        first = await run_cycle(rt)
         assert first.status is RunStatus.COMPLETE
         w.fleet.set_annotations(ids["gold"], {})  # gold -> defaults: 14 backups comply with [rules]
         w.fleet.set_annotations(ids["plain"], {"backup-tier": "gold"})  # defaults -> gold: now too few
         w.fleet.set_annotations("vm_dev", {"env": "prod"})  # scratch disk loses its exemption: unprotected
-        second = await rt.run_cycle()
+        second = await run_cycle(rt)
         rep = await report_of(rt)
         assert disk_of(rep, ids["gold"])["status"] == "compliant" and disk_of(rep, ids["gold"])["tier"] is None
         assert disk_of(rep, ids["plain"])["tier"] == "gold"
@@ -308,7 +310,7 @@ async def test_a_tier_change_between_cycles_resolves_opens_and_drifts(db_url: st
         assert drift[(ids["gold"], "tier-changed")]["after"] == {"tier": None}
         assert drift[(ids["plain"], "tier-changed")]["after"] == {"tier": "gold"}
         assert drift[(ids["scratch"], "tier-changed")]["before"] == {"tier": "scratch"}
-        third = await rt.run_cycle()  # nothing changed: no new drift
+        third = await run_cycle(rt)  # nothing changed: no new drift
         assert third.opened == 0 and third.resolved == 0
         rep = await report_of(rt)
         assert sum(1 for d in rep["drift"] if d["kind"] == "tier-changed") == 3
@@ -452,12 +454,11 @@ reason = "scratch"
 
 
 async def test_reports_api_and_alerts_filter_and_label_by_tier(db_url: str) -> None:
-    from datetime import timedelta
 
     from auditor.api import ApiDeps
     from auditor.api import create_app as api_app
     from auditor.api.models import FindingsPage, Report
-    from auditor.service.reports import current_report
+    from auditor.service.queries import current_report
     from tests.receivers import HttpReceiver
 
     w, ids = world()
@@ -471,9 +472,9 @@ async def test_reports_api_and_alerts_filter_and_label_by_tier(db_url: str) -> N
         settings = Settings(**data)
         async with open_services(settings, transport=httpx.ASGITransport(app=create_app(w.fleet)),
                                  token=TOKEN) as rt:
-            await rt.run_cycle()
-            await rt.drain(within=10)
-            deps = ApiDeps(store=rt.store, interval=timedelta(minutes=15), trigger=lambda: None)  # type: ignore[arg-type]
+            await run_cycle(rt)
+            await drain(rt, within=10)
+            deps = ApiDeps(services=rt, trigger=lambda: None)  # type: ignore[arg-type]
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api_app(deps)),
                                          base_url="http://api") as api:
                 gold = (await api.get("/api/v1/findings", params={"tier": "gold"})).json()
@@ -500,7 +501,6 @@ async def test_reports_api_and_alerts_filter_and_label_by_tier(db_url: str) -> N
 
 async def test_the_dashboard_shows_and_filters_by_tier(db_url: str) -> None:
     import re
-    from datetime import timedelta
 
     from auditor.api import ApiDeps
     from auditor.api import create_app as api_app
@@ -513,8 +513,8 @@ async def test_the_dashboard_shows_and_filters_by_tier(db_url: str) -> None:
     w.policy(weak, "weak", retention=3)
     settings = with_tiers(settings_for(db_url, disks=[*ids.values(), weak.id]), [GOLD, SCRATCH])
     async with open_services(settings, transport=httpx.ASGITransport(app=create_app(w.fleet)), token=TOKEN) as rt:
-        await rt.run_cycle()
-        deps = ApiDeps(store=rt.store, interval=timedelta(minutes=15), trigger=no_trigger)
+        await run_cycle(rt)
+        deps = ApiDeps(services=rt, trigger=no_trigger)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api_app(deps)),
                                      base_url="http://dash") as web:
             report = (await web.get("/api/v1/report")).json()
@@ -545,12 +545,12 @@ async def test_an_alert_resolves_with_the_labels_it_fired_with_when_the_disk_cha
         settings = Settings(**data)
         async with open_services(settings, transport=httpx.ASGITransport(app=create_app(w.fleet)),
                                  token=TOKEN) as rt:
-            await rt.run_cycle()
-            await rt.drain(within=10)
+            await run_cycle(rt)
+            await drain(rt, within=10)
             w.fleet.set_annotations(ids["gold"], {})  # gold -> defaults: its findings resolve
             w.fleet.set_annotations(ids["plain"], {"backup-tier": "gold"})  # defaults -> gold: findings open
-            await rt.run_cycle()
-            await rt.drain(within=10)
+            await run_cycle(rt)
+            await drain(rt, within=10)
             found = await rt.store.read(queries.all_findings, statuses=["open", "resolved"])
             stored = {f.fingerprint: f for f in found}
         alerts = [a for r in hook.requests for a in r.json()["alerts"]]

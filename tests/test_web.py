@@ -29,7 +29,7 @@ import httpx
 import pytest
 import uvicorn
 from pydantic import SecretStr
-from test_api import KATAPULT, World, deps_for
+from test_api import KATAPULT, World, deps_for, reading
 
 from auditor.api import ApiDeps, CycleMetrics, create_app
 from auditor.config import Settings
@@ -39,13 +39,16 @@ from auditor.fake import Fault, demo_fleet
 from auditor.fake import create_app as fake_app
 from auditor.fake.fleet import fake_id
 from auditor.service import open_services, waivers_from
-from auditor.service.cycle import utcnow
+from auditor.service.clock import utcnow
+from auditor.service.cycle import run_cycle
 from auditor.service.dashboard import compliance_pct
-from auditor.service.reports import disk_detail
+from auditor.service.delivery import deliver_due
+from auditor.service.queries import read_disk_detail
 from auditor.service.runner import CycleRunner
+from auditor.service.sessions import read_revoked_sessions, revoke_session
 from auditor.store import writes
 from auditor.store.repo import Store
-from auditor.web.auth import SESSION_COOKIE, Signer, is_https, safe_next
+from auditor.web.auth import SESSION_COOKIE, Signer, client_address, is_https, safe_next, trusted_networks
 from auditor.web.charts import COLUMNS, MAX_MARKS, compliance_chart, severity_chart
 from auditor.web.headers import CSP
 
@@ -94,9 +97,9 @@ async def world(db_url: str) -> AsyncIterator[World]:
     ])
     transport = httpx.ASGITransport(app=fake_app(fleet))
     async with open_services(settings, transport=transport, token="fake-token") as runtime:
-        assert (await runtime.run_cycle(trigger="test")).status is RunStatus.COMPLETE
+        assert (await run_cycle(runtime, trigger="test")).status is RunStatus.COMPLETE
         fleet.update_policy(fake_id("dbp", "demo:legacy-db-data"), retention=30)
-        assert (await runtime.run_cycle(trigger="test")).resolved == 2
+        assert (await run_cycle(runtime, trigger="test")).resolved == 2
         yield World(fleet, settings, runtime)
 
 
@@ -288,7 +291,7 @@ async def test_disk_page_equals_the_disk_api(world: World) -> None:
         page = await web.get(f"/disks/{disk}")
         api = (await web.get(f"/api/v1/disks/{disk}")).json()
         missing = await web.get("/disks/disk_nosuchdisk0000")
-    assert api == await disk_detail(world.runtime.store, disk)
+    assert api == await read_disk_detail(world.runtime, disk_id=disk)
     shown = metrics(page.text)
     assert (shown["disk_id"], shown["status"], shown["outcome"]) == (disk, api["status"], api["disk"]["outcome"])
     assert [shown[k] for k in ("policies", "findings", "drift", "snapshots")] == [
@@ -328,7 +331,7 @@ async def test_runs_notifications_and_waivers_pages_equal_the_api(world: World) 
 async def test_partial_run_shows_a_banner_and_the_disks_read_error(world: World) -> None:
     disk = fake_id("disk", "demo:partner-web-system")  # listed by id in the config: read on its own
     world.fleet.faults[disk] = Fault.FORBIDDEN  # 403: no retry, the disk is unknown at once
-    outcome = await world.runtime.run_cycle(trigger="test")
+    outcome = await run_cycle(world.runtime, trigger="test")
     assert outcome.status is RunStatus.PARTIAL
     async with web_client(deps_for(world)) as web:
         overview = (await web.get("/")).text
@@ -350,8 +353,8 @@ async def test_failed_and_overdue_runs_show_banners(world: World) -> None:
     store = world.runtime.store
     run_id = writes.new_run_id()
     await store.write(writes.start_run, run_id=run_id, now=utcnow(), trigger="test", owner=None)
-    await store.write(writes.fail_run, run_id, now=utcnow(), errors=[RunError("*", "database_unavailable", "went away")],
-                         stats=RunStats())
+    await store.write(writes.fail_run, run_id, now=utcnow(),
+                      errors=[RunError("*", "database_unavailable", "went away")], stats=RunStats())
     async with web_client(deps_for(world)) as web:
         overview = (await web.get("/")).text
     assert re.findall(r'data-banner="(\w+)"', overview) == ["failed"]
@@ -359,7 +362,7 @@ async def test_failed_and_overdue_runs_show_banners(world: World) -> None:
 
 
 async def test_no_run_yet_and_database_down_pages(store: Store) -> None:
-    deps = ApiDeps(store=store, interval=timedelta(minutes=15), trigger=_no_trigger)
+    deps = ApiDeps(services=reading(store), trigger=_no_trigger)
     async with web_client(deps) as web:
         overview = await web.get("/")
         assert overview.status_code == 200 and 'data-banner="never"' in overview.text
@@ -367,7 +370,7 @@ async def test_no_run_yet_and_database_down_pages(store: Store) -> None:
             assert (await web.get(path)).status_code == 200, path
     broken = Store.from_url("postgresql+psycopg://auditor@127.0.0.1:1/none")
     try:
-        async with web_client(replace(deps, store=broken)) as web:
+        async with web_client(replace(deps, services=reading(broken))) as web:
             for path in ("/", "/findings", "/runs", "/notifications", "/disks/disk_x"):
                 response = await web.get(path)
                 assert response.status_code == 503, path
@@ -461,6 +464,174 @@ async def test_session_cookie_rules(world: World) -> None:
         assert (await web.get("/")).status_code == 303
 
 
+# ---- login throttling and sessions revoked on the server --------------------------------------------------------
+
+
+def metric_value(text: str, name: str) -> float:
+    """Returns the value of an unlabelled sample in a Prometheus exposition."""
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    assert found is not None, name
+    return float(found.group(1))
+
+
+def peer_client(deps: ApiDeps, address: str) -> httpx.AsyncClient:
+    """A client whose connection comes from `address` (what the app sees as request.client)."""
+    transport = httpx.ASGITransport(app=create_app(deps), client=(address, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://dash")
+
+
+async def test_wrong_logins_are_throttled_per_address_doubling_and_reset_by_success(world: World) -> None:
+    t = [utcnow()]
+    deps = deps_for(world, token=API_TOKEN, clock=lambda: t[0])
+    wrong = {"token": "not-" + API_TOKEN, "next": "/"}
+    async with peer_client(deps, "203.0.113.7") as web, peer_client(deps, "198.51.100.9") as other:
+        for _ in range(5):
+            assert (await web.post("/login", data=wrong)).status_code == 401
+        # The 6th attempt waits, wrong or right token alike: the token is not even looked at.
+        sixth = await web.post("/login", data=wrong)
+        assert sixth.status_code == 429 and sixth.headers["retry-after"] == "30"
+        assert "try again in" in sixth.text and "set-cookie" not in sixth.headers
+        right = await web.post("/login", data={"token": API_TOKEN, "next": "/"})
+        assert right.status_code == 429 and "set-cookie" not in right.headers
+        t[0] += timedelta(seconds=10)
+        assert (await web.post("/login", data=wrong)).headers["retry-after"] == "20"
+        # Another address is not affected; nor does a forged X-Forwarded-For (no proxy is trusted) help.
+        assert (await other.post("/login", data=wrong)).status_code == 401
+        spoofed = await web.post("/login", data=wrong, headers={"X-Forwarded-For": "192.0.2.1"})
+        assert spoofed.status_code == 429
+        # Each further wrong token after a wait doubles the next wait, up to 15 minutes.
+        waits = []
+        for _ in range(7):
+            t[0] += timedelta(seconds=int((await web.post("/login", data=wrong)).headers["retry-after"]))
+            assert (await web.post("/login", data=wrong)).status_code == 401  # the wait is over: a real try
+            waits.append(int((await web.post("/login", data=wrong)).headers["retry-after"]))
+        assert waits == [60, 120, 240, 480, 900, 900, 900]
+        # The right token after the wait logs in and resets the address: five free tries again.
+        t[0] += timedelta(seconds=900)
+        ok = await web.post("/login", data={"token": API_TOKEN, "next": "/"})
+        assert ok.status_code == 303 and SESSION_COOKIE in ok.headers["set-cookie"]
+        web.cookies.clear()
+        for _ in range(5):
+            assert (await web.post("/login", data=wrong)).status_code == 401
+        assert (await web.post("/login", data=wrong)).status_code == 429
+        exposition = (await web.get("/metrics")).text
+    # 5 + 1 (other) + 7 + 5 wrong tokens looked at; every 429 counted as refused.
+    assert metric_value(exposition, "auditor_login_failures_total") == 18
+    assert metric_value(exposition, "auditor_login_throttled_total") == 1 + 1 + 1 + 1 + 7 * 2 + 1
+
+
+def test_client_address_believes_forwarded_for_only_from_trusted_proxies() -> None:
+    proxies = trusted_networks(["10.0.0.0/8", "fd00::1"])
+    assert client_address("203.0.113.7", "192.0.2.1", trusted=()) == "203.0.113.7"
+    assert client_address("203.0.113.7", "192.0.2.1", trusted=proxies) == "203.0.113.7"  # not from a proxy
+    assert client_address("10.1.2.3", None, trusted=proxies) == "10.1.2.3"
+    # From a proxy: the right-most hop that is not a proxy; what the client wrote on the left is ignored.
+    assert client_address("10.1.2.3", "192.0.2.1", trusted=proxies) == "192.0.2.1"
+    assert client_address("10.1.2.3", "6.6.6.6, 192.0.2.1, 10.9.9.9", trusted=proxies) == "192.0.2.1"
+    assert client_address("fd00::1", "2001:db8::5", trusted=proxies) == "2001:db8::5"
+    assert client_address("10.1.2.3", "10.4.4.4", trusted=proxies) == "10.4.4.4"  # only proxies: the first
+    assert client_address(None, "192.0.2.1", trusted=proxies) == "unknown"
+    with pytest.raises(ValueError, match="not an IP address"):
+        Settings(api={"trusted_proxies": ["proxy.example"]})
+
+
+async def test_a_trusted_proxy_throttles_each_forwarded_client(world: World) -> None:
+    settings = world.settings.model_copy(update={"api": world.settings.api.model_copy(
+        update={"trusted_proxies": ["127.0.0.1"]})})
+    deps = replace(deps_for(world, token=API_TOKEN), services=replace(world.runtime, settings=settings))
+    wrong = {"token": "nope"}
+    async with peer_client(deps, "127.0.0.1") as proxy:
+        for _ in range(5):
+            assert (await proxy.post("/login", data=wrong, headers={"X-Forwarded-For": "192.0.2.1"})).status_code \
+                == 401
+        assert (await proxy.post("/login", data=wrong, headers={"X-Forwarded-For": "192.0.2.1"})).status_code == 429
+        assert (await proxy.post("/login", data=wrong, headers={"X-Forwarded-For": "192.0.2.2"})).status_code == 401
+
+
+async def session_cookie(deps: ApiDeps) -> tuple[str, str]:
+    """Logs in through a fresh client; returns the session cookie and the page's CSRF token."""
+    async with web_client(deps) as web:
+        await login(web)
+        cookie = web.cookies[SESSION_COOKIE]
+        csrf = re.search(r'name="csrf" value="([^"]+)"', (await web.get("/")).text).group(1)  # type: ignore
+    return cookie, csrf
+
+
+async def replay(deps: ApiDeps, cookie: str, path: str = "/") -> httpx.Response:
+    async with web_client(deps) as web:
+        web.cookies.set(SESSION_COOKIE, cookie)
+        return await web.get(path)
+
+
+async def test_a_logged_out_cookie_replayed_is_sent_to_the_login_page(world: World) -> None:
+    deps = deps_for(world, token=API_TOKEN)
+    cookie, csrf = await session_cookie(deps)
+    kept, _ = await session_cookie(deps)
+    assert (await replay(deps, cookie)).status_code == 200
+    async with web_client(deps) as web:
+        web.cookies.set(SESSION_COOKIE, cookie)
+        assert (await web.post("/logout", data={"csrf": csrf})).status_code == 303
+    for path in ("/", "/findings", "/runs"):
+        response = await replay(deps, cookie, path)
+        assert response.status_code == 303 and urlsplit(response.headers["location"]).path == "/login", path
+    # The login page does not take it for a session either; another session is untouched.
+    async with web_client(deps) as web:
+        web.cookies.set(SESSION_COOKIE, cookie)
+        assert (await web.get("/login")).status_code == 200
+        assert (await web.post("/audit", data={"csrf": csrf})).status_code == 403
+    assert (await replay(deps, kept)).status_code == 200
+
+
+async def test_a_cookie_logged_out_on_one_replica_is_refused_by_another(world: World) -> None:
+    t = [utcnow()]
+    second_store = Store.from_url(world.settings.database.url.get_secret_value())
+    try:
+        first = deps_for(world, token=API_TOKEN, clock=lambda: t[0])
+        # The other replica: its own engine on the same database, caching lookups for a second as the daemon does.
+        second = replace(deps_for(world, token=API_TOKEN, clock=lambda: t[0], store=second_store),
+                         revocation_ttl=1.0)
+        cookie, csrf = await session_cookie(first)
+        async with web_client(second) as other:
+            other.cookies.set(SESSION_COOKIE, cookie)
+            assert (await other.get("/")).status_code == 200  # looked up: not revoked (cached for 1 s)
+            async with web_client(first) as web:
+                web.cookies.set(SESSION_COOKIE, cookie)
+                assert (await web.post("/logout", data={"csrf": csrf})).status_code == 303
+            t[0] += timedelta(milliseconds=500)
+            assert (await other.get("/")).status_code == 200  # within the documented bound
+            t[0] += timedelta(milliseconds=500)
+            refused = await other.get("/")
+            assert refused.status_code == 303 and urlsplit(refused.headers["location"]).path == "/login"
+    finally:
+        await second_store.close()
+
+
+async def test_revocations_are_kept_until_the_session_expires_then_pruned(world: World) -> None:
+    t = [utcnow()]
+    services = replace(world.runtime, clock=lambda: t[0])
+    await revoke_session(services, sid="a" * 32, expires=t[0] + timedelta(hours=1))
+    await revoke_session(services, sid="a" * 32, expires=t[0] + timedelta(hours=1))  # twice: still one
+    await revoke_session(services, sid="b" * 32, expires=t[0] + timedelta(hours=3))
+    assert await read_revoked_sessions(services, sids=["a" * 32, "b" * 32, "c" * 32]) == {"a" * 32, "b" * 32}
+    t[0] += timedelta(hours=2)
+    assert await read_revoked_sessions(services, sids=["a" * 32, "b" * 32]) == {"b" * 32}
+    await revoke_session(services, sid="c" * 32, expires=t[0] + timedelta(hours=1))  # prunes the expired "a"
+    assert await services.store.read(writes.revoke_session, "d" * 32, expires=t[0], now=t[0]) == 1  # itself
+    t[0] -= timedelta(hours=2)  # "a" would count again had it been kept
+    assert await read_revoked_sessions(services, sids=["a" * 32]) == set()
+
+
+async def test_changing_the_token_ends_every_session(world: World) -> None:
+    old = deps_for(world, token=API_TOKEN)
+    cookie, _ = await session_cookie(old)
+    assert (await replay(old, cookie)).status_code == 200
+    new = deps_for(world, token=API_TOKEN + "-rotated")
+    response = await replay(new, cookie)
+    assert response.status_code == 303 and urlsplit(response.headers["location"]).path == "/login"
+    # Back to the old token (no logout happened): the cookie is good again, so the refusal was the key's doing.
+    assert (await replay(deps_for(world, token=API_TOKEN), cookie)).status_code == 200
+
+
 def test_redirect_targets_and_https_detection() -> None:
     assert safe_next("/findings?status=all") == "/findings?status=all"
     for bad in (None, "", "https://evil.example/", "//evil.example/", "/\\evil", "evil", "/a\nb", "/a b"):
@@ -527,7 +698,7 @@ async def test_open_dashboard_without_a_token_still_needs_csrf(world: World) -> 
 
 async def test_no_secret_in_any_page(world: World) -> None:
     # A delivery attempt to the closed port records an error on the hook's entries.
-    await world.runtime.deliver_due()
+    await deliver_due(world.runtime)
     secrets = [API_TOKEN, "fake-token", HOOK_URL, "secret-path-5b1e", SLACK_URL, "slack-secret-c9d2",
                world.settings.database.url.get_secret_value()]
     async with web_client(deps_for(world, token=API_TOKEN)) as web:
@@ -641,7 +812,7 @@ async def _history(runtime: Any, fleet: Any, clock: list[datetime | None]) -> No
         if k == 2:
             del fleet.faults[fake_id("disk", "demo:partner-web-system")]
             fleet.update_policy(fake_id("dbp", "demo:metrics-cache"), retention=168)
-        await runtime.run_cycle(trigger="schedule")
+        await run_cycle(runtime, trigger="schedule")
 
 
 @pytest.fixture(scope="module")

@@ -4,45 +4,43 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import SecretStr
 
-from auditor.domain.models import Waiver, WaiverProblem
-from auditor.service.cycle import utcnow
+from auditor.service.reloads import ConfigStatus
 from auditor.service.runner import CycleMetrics
-from auditor.store.repo import Store
+from auditor.service.services import Services
+from auditor.web.auth import LoginThrottle
 
 Trigger = Callable[[], Awaitable[str | None]]
-WaiverSource = Callable[[], tuple[list[Waiver], list[WaiverProblem]]]
 Leadership = Callable[[], dict[str, Any]]
-
-
-def _no_waivers() -> tuple[list[Waiver], list[WaiverProblem]]:
-    return [], []
 
 
 @dataclass(frozen=True)
 class ApiDeps:
-    """What the API needs: the store it reads, the daemon's hooks and counters, and its settings.
+    """What the API needs: the services it reads through, the daemon's hooks and counters, and its settings.
 
-    `trigger` starts an audit cycle and returns the new run's id, or None when a cycle is already running.
-    `waivers` returns the configured waivers that apply now and the problems of those that don't.
-    `interval` is audit.interval (readiness wants a cycle finished within twice that).
-    `leadership` says whether this replica leads (runs the schedule); /readyz shows it.
+    `services` is what every route and page reads through (the daemon's: `reading_services`, its own store); its
+    clock is the API's, its settings give audit.interval (readiness wants a cycle finished within twice that) and
+    the waivers. `trigger` starts an audit cycle and returns the new run's id, or None when a cycle is already
+    running. `leadership` says whether this replica leads (runs the schedule); /readyz shows it.
     `version_ttl`: report and findings bodies are cached per latest run; the daemon checks for a new run at
-    most once a second (a run that just committed shows within that second).
+    most once a second (a run that just committed shows within that second). `revocation_ttl`: how long the
+    dashboard trusts a "this session is not logged out" lookup (the daemon: 1 s, so a cookie logged out on another
+    replica is refused here within that second). `logins`: this process's login throttle and its counters.
     """
 
-    store: Store
-    interval: timedelta
+    services: Services
     trigger: Trigger
-    waivers: WaiverSource = _no_waivers
     cycles: CycleMetrics = field(default_factory=CycleMetrics)
     token: SecretStr | None = field(default=None, repr=False)
-    clock: Callable[[], datetime] = utcnow
     # How long the API trusts its last look at the latest run before rendering from cache (0: every request).
     version_ttl: float = 0.0
+    # How long the dashboard trusts its last look at whether a session was logged out (0: every request).
+    revocation_ttl: float = 0.0
+    logins: LoginThrottle = field(default_factory=LoginThrottle)
     # The daemon's leadership ({"leader": bool, "replica": "host pid N"}) for /readyz; None outside a daemon.
     leadership: Leadership | None = None
+    # The daemon's configuration in force and its reloads, for /metrics; None outside a daemon.
+    config: ConfigStatus | None = None

@@ -1,14 +1,14 @@
 """Prometheus exposition, built per scrape on a fresh registry from stored state plus the daemon's cycle counters.
 
 Nothing here is a module-level registry: the daemon owns one `CycleMetrics` (what only the running process knows:
-cycle durations, Katapult traffic since start) and every scrape reads the rest (findings, disks, last cycle) from
-the store, so a scrape never triggers a poll and two processes never share counters by accident.
+cycle durations, Katapult traffic since start), the dashboard's `LoginThrottle` (in `ApiDeps`) counts its logins,
+and every scrape reads the rest (findings, disks, last cycle) from the store (`queries.read_stored_state`), so a
+scrape never triggers a poll and two processes never share counters by accident.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -19,50 +19,25 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from auditor.domain.records import RunRecord
-from auditor.errors import StoreError
+from auditor.domain.models import FindingStatus
+from auditor.domain.periods import FINISHED_RUNS
+from auditor.service.queries import StoredState
+from auditor.service.reloads import ConfigStatus
 from auditor.service.runner import CycleMetrics
-from auditor.store import queries
-from auditor.store.outbox import Outbox
-from auditor.store.repo import Store
+from auditor.web.auth import LoginThrottle
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-@dataclass(frozen=True, slots=True)
-class StoredState:
-    """What a scrape reads from the database."""
-
-    finding_counts: list[tuple[str, str, str, int]]
-    disk_counts: dict[str, int]
-    notification_counts: list[tuple[str, str, int]]
-    last_success_at: float | None
-    last_finished_at: float | None
-
-
-async def read_state(store: Store) -> StoredState | None:
-    """Returns the stored state metrics show, or None when the database does not answer."""
-    try:
-        counts = await store.read(queries.finding_counts)
-        disks = await store.read(queries.disk_status_counts)
-        notifications = await Outbox(store).counts()
-        success = await store.read(queries.last_successful_run)
-        last = await store.read(queries.latest_run, finished=True)
-    except StoreError:
-        return None
-
-    def stamp(run: RunRecord | None) -> float | None:
-        return run.finished_at.timestamp() if run is not None and run.finished_at is not None else None
-
-    return StoredState(counts, disks, notifications, stamp(success), stamp(last))
 
 
 class _Snapshot(Collector):
     """A collector over one scrape's numbers (prometheus_client calls `collect` while rendering)."""
 
-    def __init__(self, cycles: CycleMetrics, state: StoredState | None) -> None:
+    def __init__(self, cycles: CycleMetrics, state: StoredState | None, config: ConfigStatus | None,
+                 logins: LoginThrottle | None) -> None:
         self._cycles = cycles
         self._state = state
+        self._config = config
+        self._logins = logins
 
     def collect(self) -> Iterator[Metric]:
         c = self._cycles
@@ -78,7 +53,7 @@ class _Snapshot(Collector):
         cycles = CounterMetricFamily("auditor_cycles", "Audit cycles run by this process, by outcome "
                                      "(complete, partial, failed, or error when nothing could be recorded).",
                                      labels=["status"])
-        for status in sorted({"complete", "partial", "failed", "error"} | set(c.cycles)):
+        for status in sorted(FINISHED_RUNS | {"error"} | set(c.cycles)):
             cycles.add_metric([status], c.cycles.get(status, 0))
         yield cycles
         yield CounterMetricFamily("auditor_katapult_requests", "HTTP requests sent to Katapult by this process.",
@@ -102,6 +77,15 @@ class _Snapshot(Collector):
         if c.is_leader is not None:
             yield GaugeMetricFamily("auditor_leader", "1 while this replica is the leader (runs the schedule and "
                                     "the alert delivery), else 0.", value=1 if c.is_leader else 0)
+        if self._config is not None:
+            yield from _config_metrics(self._config)
+
+        if self._logins is not None:
+            yield CounterMetricFamily("auditor_login_failures", "Dashboard logins with a wrong token, in this "
+                                      "process.", value=self._logins.failures)
+            yield CounterMetricFamily("auditor_login_throttled", "Dashboard logins refused with 429 because the "
+                                      "client address must wait after repeated wrong tokens, in this process.",
+                                      value=self._logins.refused)
 
         yield GaugeMetricFamily("auditor_store_up", "Whether the database answered this scrape.",
                                 value=0 if self._state is None else 1)
@@ -121,7 +105,7 @@ class _Snapshot(Collector):
         open_by: dict[tuple[str, str], int] = {}
         for status, rule, severity, n in s.finding_counts:
             key = (rule, severity)
-            open_by[key] = open_by.get(key, 0) + (n if status == "open" else 0)
+            open_by[key] = open_by.get(key, 0) + (n if status == FindingStatus.OPEN else 0)
         findings = GaugeMetricFamily("auditor_open_findings", "Open findings by rule and severity.",
                                      labels=["rule", "severity"])
         for (rule, severity), n in sorted(open_by.items()):
@@ -139,9 +123,27 @@ class _Snapshot(Collector):
         yield notifications
 
 
-def render(cycles: CycleMetrics, state: StoredState | None) -> bytes:
-    """Returns the Prometheus text exposition of one scrape."""
+def _config_metrics(config: ConfigStatus) -> Iterator[Metric]:
+    """The configuration in force and its reloads (SIGHUP), as Prometheus and Alertmanager report theirs."""
+    yield GaugeMetricFamily("auditor_config_last_reload_success", "1 if the last configuration reload (SIGHUP) "
+                            "took effect, or none was asked for; 0 if it was refused (the previous configuration "
+                            "stays in force).", value=1 if config.is_last_reload_ok else 0)
+    yield GaugeMetricFamily("auditor_config_last_reload_success_timestamp_seconds",
+                            "When the configuration in force was loaded: at start or by the last successful "
+                            "reload (Unix time).", value=config.loaded_at)
+    yield CounterMetricFamily("auditor_config_reload_failures", "Configuration reloads refused because the file "
+                              "or the environment was invalid.", value=config.reload_failures)
+    info = GaugeMetricFamily("auditor_config_info", "The configuration in force: the first 12 hex digits of the "
+                             "SHA-256 of its canonical JSON, secrets redacted.", labels=["fingerprint"])
+    info.add_metric([config.fingerprint], 1)
+    yield info
+
+
+def render(cycles: CycleMetrics, state: StoredState | None, *, config: ConfigStatus | None = None,
+           logins: LoginThrottle | None = None) -> bytes:
+    """Returns the Prometheus text exposition of one scrape (the configuration's and the dashboard's login counters
+    when given)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(cycles, state))
+    registry.register(_Snapshot(cycles, state, config, logins))
     data: bytes = generate_latest(registry)
     return data

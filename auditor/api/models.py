@@ -12,15 +12,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from auditor.domain.rules import RULES
+from auditor.vocabulary import DiskStatusName, DiskVerdict, FindingStatusName, RunStatusName
+from auditor.vocabulary import SeverityName as SeverityName
 
 # The enum of rule ids comes from the one registry, so a new rule shows up in the API without another list.
 RuleId = StrEnum("RuleId", {rule_id.upper().replace("-", "_"): rule_id for rule_id in RULES})  # type: ignore[misc]
 
-FindingStatusFilter = Literal["open", "resolved", "waived", "all"]
-SeverityName = Literal["low", "medium", "high", "critical"]
-RunStatusName = Literal["running", "complete", "partial", "failed"]
-DiskStatusName = Literal["compliant", "noncompliant", "unknown", "exempt"]
+FindingStatusFilter = Literal[FindingStatusName, "all"]
 DeliveryStateName = Literal["pending", "delivering", "delivered", "failed"]
+# A disk's status at the end of a period, in the order the API has always documented it (a response field only,
+# so the Literal's members are the enum's: the schema lists their values).
+StatusAtEnd = Literal[DiskVerdict.COMPLIANT, DiskVerdict.WAIVED, DiskVerdict.NONCOMPLIANT, DiskVerdict.UNKNOWN,
+                      DiskVerdict.EXEMPT]
 
 
 class Model(BaseModel):
@@ -68,7 +71,7 @@ class Finding(Model):
     fingerprint: str
     rule: str
     severity: SeverityName
-    status: Literal["open", "resolved", "waived"]
+    status: FindingStatusName
     disk_id: str
     policy_id: str | None
     message: str
@@ -393,7 +396,7 @@ class ComplianceDisk(Model):
     noncompliant_seconds: int
     unknown_seconds: int
     no_data_seconds: int
-    status_at_end: Literal["compliant", "waived", "noncompliant", "unknown", "exempt"] | None
+    status_at_end: StatusAtEnd | None
     exempt_seconds: int
 
 

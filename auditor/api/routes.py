@@ -1,4 +1,5 @@
-"""Routes: operations (/healthz, /readyz, /metrics) and the reports API (/api/v1/*). They only read the store."""
+"""Routes: operations (/healthz, /readyz, /metrics) and the reports API (/api/v1/*). They read through the service's
+queries (`auditor.service.queries`, `auditor.service.compliance`) and never touch the store."""
 
 from __future__ import annotations
 
@@ -30,14 +31,13 @@ from auditor.api.models import (
     SeverityName,
 )
 from auditor.domain.alerts import Delivery
-from auditor.domain.listings import FindingQuery, decode_cursor
+from auditor.domain.listings import ALL_STATUSES, FindingQuery, decode_cursor
 from auditor.domain.periods import parse_instant
-from auditor.errors import LeaseHeldError, StoreError
-from auditor.service.compliance import build_compliance, recover_waivers, resolve_period
-from auditor.service.reports import build_report, disk_detail, finding_json, iso, run_json
+from auditor.errors import LeaseHeldError
+from auditor.service import queries
+from auditor.service.compliance import read_period_report
+from auditor.service.reports import finding_json, iso, run_json
 from auditor.service.versions import DataVersion
-from auditor.store import queries
-from auditor.store.outbox import Outbox
 
 # Ids are opaque strings without whitespace or control characters (PostgreSQL rejects NUL in text outright).
 ID_PATTERN = r"^[^\x00-\x20\x7f]+$"
@@ -83,39 +83,18 @@ def ops_router(deps: ApiDeps) -> APIRouter:
 
         Failed cycles do not count: an auditor that fails every cycle is not ready, whatever it last finished.
         """
-        now = deps.clock()
         leadership = deps.leadership() if deps.leadership is not None else None
-        try:
-            await deps.store.ping()
-            run = await deps.store.read(queries.last_successful_run)
-            latest = await deps.store.read(queries.latest_run, finished=True)
-        except StoreError as exc:
-            return _readiness(f"database unavailable: {exc}", None, leadership)
-        if run is None or run.finished_at is None:
-            reason = "no audit cycle has finished yet"
-            if latest is not None and latest.status.value == "failed":
-                first = latest.errors[0] if latest.errors else None
-                reason += f"; the last one failed ({first.code}: {first.message})" if first else "; the last failed"
-            return _readiness(reason, None, leadership)
-        age = (now - run.finished_at).total_seconds()
-        last = {"id": run.id, "status": run.status.value, "finished_at": iso(run.finished_at),
-                "age_seconds": round(age, 3)}
-        limit = 2 * deps.interval.total_seconds()
-        if age > limit:
-            failed = (f"; later cycles failed (last: {latest.errors[0].code}: {latest.errors[0].message})"
-                      if latest is not None and latest.id != run.id and latest.status.value == "failed"
-                      and latest.errors else "")
-            return _readiness(f"the last complete or partial audit cycle finished {age:.0f}s ago, more than twice "
-                              f"audit.interval ({limit:.0f}s){failed}", last, leadership)
-        return _readiness(None, last, leadership)
+        ready = await queries.read_readiness(deps.services)
+        return _readiness(ready.reason, ready.last_cycle, leadership)
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
                 responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                                  "description": "Prometheus text exposition format 0.0.4."}})
     async def prometheus_metrics() -> Response:
-        """Cycle durations, Katapult traffic, open findings and disks by status, from stored state."""
-        state = await metrics.read_state(deps.store)
-        return Response(metrics.render(deps.cycles, state), media_type=metrics.CONTENT_TYPE)
+        """Cycle durations, Katapult traffic, dashboard logins, open findings and disks by status (stored state)."""
+        state = await queries.read_stored_state(deps.services)
+        return Response(metrics.render(deps.cycles, state, config=deps.config, logins=deps.logins),
+                        media_type=metrics.CONTENT_TYPE)
 
     return router
 
@@ -159,7 +138,7 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
     router = APIRouter(tags=["reports"], responses=errors)
     cache = ResponseCache()
 
-    version = DataVersion(deps)
+    version = DataVersion(deps.services, ttl=deps.version_ttl)
 
     async def data_version() -> Hashable:
         # Findings, disks and snapshots change only when a run commits; the date moves waiver expiry and drift.
@@ -179,8 +158,7 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
         """The same JSON as `auditor report --format json` (rebuilt once per audit run, not per request)."""
 
         async def build() -> dict[str, Any]:
-            waivers, problems = deps.waivers()
-            return await build_report(deps.store, now=deps.clock(), waivers=waivers, waiver_problems=problems)
+            return await queries.read_report(deps.services)
 
         return respond(request, await cache.get(("report", await data_version()), build))
 
@@ -195,16 +173,14 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
     ) -> JSONResponse:
         """Time-weighted compliance over [from, to) (at most 400 days): coverage and gaps, the fleet per UTC day,
         each disk, each rule and the waivers in force; `from` not before `to`, or a longer span, is 422."""
-        now = deps.clock()
         try:
-            period = resolve_period(start=parse_instant(from_) if from_ is not None else None,
-                                    end=parse_instant(to) if to is not None else None, now=now)
+            report = await read_period_report(deps.services,
+                                              start=parse_instant(from_) if from_ is not None else None,
+                                              end=parse_instant(to) if to is not None else None)
         except ValueError as exc:
             raise RequestValidationError([{"type": "value_error", "loc": ("query", "from"), "msg": str(exc),
                                            "input": from_}]) from None
-        valid, problems = deps.waivers()
-        return JSONResponse(await build_compliance(deps.store, period=period, interval=deps.interval,
-                                                   waivers=recover_waivers(valid, problems), generated_at=now))
+        return JSONResponse(report)
 
     @router.get("/findings", response_model=FindingsPage, summary="Findings, paginated")
     async def findings(
@@ -223,12 +199,12 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
         request: Request,
     ) -> Response:
         """Findings ordered by disk and fingerprint, with their lifecycle times."""
-        statuses = ("open", "waived", "resolved") if status == "all" else (status,)
+        statuses = ALL_STATUSES if status == "all" else (status,)
         query = FindingQuery(statuses=statuses, rule=rule.value if rule is not None else None, severity=severity,
                              disk_id=disk_id, limit=limit, cursor=cursor, tier=tier)
 
         async def build() -> dict[str, Any]:
-            page, next_cursor = await deps.store.read(queries.list_findings, query)
+            page, next_cursor = await queries.read_findings(deps.services, query=query)
             return {"findings": [finding_json(f, with_resolution=True) for f in page], "next_cursor": next_cursor}
 
         return respond(request, await cache.get(("findings", query, await data_version()), build))
@@ -237,7 +213,7 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
                 responses={404: {"model": ErrorDetail, "description": "The auditor does not know this disk."}})
     async def disk(disk_id: Annotated[str, Path(max_length=ID_MAX, pattern=ID_PATTERN)]) -> JSONResponse:
         """The disk's current policies, findings, policy snapshot history, drift and finding events."""
-        detail = await disk_detail(deps.store, disk_id)
+        detail = await queries.read_disk_detail(deps.services, disk_id=disk_id)
         if detail is None:
             return JSONResponse({"detail": f"disk {disk_id} is not known to the auditor"}, status_code=404)
         return JSONResponse(detail)
@@ -246,7 +222,7 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
     async def runs(limit: Annotated[int, Query(ge=1, le=500, description="How many, newest first.")] = 20,
                    ) -> JSONResponse:
         """Recent audit runs with their status, traffic and errors, newest first."""
-        records = await deps.store.read(queries.list_runs, limit=limit)
+        records = await queries.read_recent_runs(deps.services, limit=limit)
         return JSONResponse({"runs": [run_json(r) for r in records]})
 
     @router.get("/notifications", response_model=NotificationsPage, summary="Recent notifications")
@@ -255,7 +231,7 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
         state: Annotated[DeliveryStateName | None, Query(description="Only this delivery state.")] = None,
     ) -> JSONResponse:
         """Recent alert notifications and their delivery state (attempts, last status and error)."""
-        entries = await Outbox(deps.store).recent(limit=limit, state=state)
+        entries = await queries.read_notifications(deps.services, limit=limit, state=state)
         return JSONResponse({"notifications": [notification_json(d) for d in entries]})
 
     @router.post("/audit", status_code=202, response_model=AuditStarted, summary="Run an audit cycle now",

@@ -9,8 +9,9 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from auditor.domain.models import Severity
+from auditor.vocabulary import AUDIT_INCOMPLETE as AUDIT_INCOMPLETE
+from auditor.vocabulary import format_duration
 
-AUDIT_INCOMPLETE = "audit-incomplete"
 # Kinds whose receiver resolves an alert by itself once its endsAt passes: open alerts are re-posted every cycle.
 KEEP_ALIVE_KINDS = frozenset({"alertmanager"})
 # Kinds whose receiver keeps the test alert open until told otherwise: `notify test` resolves it after sending.
@@ -97,10 +98,6 @@ class Notification:
             return AlertStatus.FIRING
         return AlertStatus.RESOLVED
 
-    @property
-    def highest_severity(self) -> Severity:
-        """Returns the most severe alert's severity (low for an empty group)."""
-        return max((a.severity for a in self.alerts), key=lambda s: s.rank, default=Severity.LOW)
 
 
 class DeliveryState(StrEnum):
@@ -247,33 +244,28 @@ class SettingsView(Protocol):
     def notifiers(self) -> Sequence[_NotifierView]: ...
 
 
-def _duration(delta: timedelta) -> str:
-    total = int(delta.total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if total and total % size == 0:
-            return f"{total // size}{unit}"
-    return f"{total}s"
-
-
 def notifier_warnings(settings: SettingsView) -> list[str]:
     """Returns one line per notifier setting that is valid but cannot do what it seems to (for check-config)."""
     interval = settings.audit.interval
     keep_alive = keep_alive_for(interval)
+    # In whole seconds, as check-config has always shown them (a jitter of 500ms adds nothing to the text).
+    every, horizon, with_jitter = (format_duration(timedelta(seconds=int(d.total_seconds())))
+                                   for d in (interval, keep_alive, interval + settings.audit.jitter))
     out: list[str] = []
     for n in settings.notifiers:
         name = f"notifier {n.name} ({n.kind})"
         if n.kind in KEEP_ALIVE_KINDS:
             if "repeat_interval" in n.model_fields_set:
                 out.append(f"{name}: repeat_interval is ignored: open alerts are re-posted every audit cycle "
-                           f"({_duration(interval)}) with endsAt {_duration(keep_alive)} ahead, as Alertmanager "
+                           f"({every}) with endsAt {horizon} ahead, as Alertmanager "
                            "expects; use Alertmanager's own repeat_interval for reminders")
             if interval + settings.audit.jitter >= keep_alive:
-                out.append(f"{name}: the audit interval plus jitter ({_duration(interval + settings.audit.jitter)})"
-                           f" reaches the alerts' endsAt horizon ({_duration(keep_alive)}): Alertmanager would "
+                out.append(f"{name}: the audit interval plus jitter ({with_jitter})"
+                           f" reaches the alerts' endsAt horizon ({horizon}): Alertmanager would "
                            "resolve open findings between cycles")
             if not n.send_resolved:
                 out.append(f"{name}: send_resolved = false: a fixed finding stays firing in Alertmanager until its "
-                           f"endsAt passes (up to {_duration(keep_alive)} later)")
+                           f"endsAt passes (up to {horizon} later)")
         if n.kind == "pagerduty":
             ignored = sorted(str(k) for k, v in n.severity_map.items() if v not in PD_SEVERITIES)
             if ignored:

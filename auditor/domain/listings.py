@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from auditor.domain.models import TrackedFinding
+from auditor.domain.models import FindingStatus, TrackedFinding
 
+# Every finding status, in the order listings name them (`all` in the API, the CLI and the dashboard).
+ALL_STATUSES: tuple[str, ...] = (FindingStatus.OPEN.value, FindingStatus.WAIVED.value, FindingStatus.RESOLVED.value)
 SortKey = Literal["severity", "rule", "disk", "status", "first_seen", "last_seen"]
 SORT_KEYS: tuple[SortKey, ...] = ("severity", "rule", "disk", "status", "first_seen", "last_seen")
 
@@ -19,7 +21,7 @@ SORT_KEYS: tuple[SortKey, ...] = ("severity", "rule", "disk", "status", "first_s
 class FindingQuery:
     """Filters and keyset paging for listing findings (the API)."""
 
-    statuses: tuple[str, ...] = ("open", "waived")
+    statuses: tuple[str, ...] = (FindingStatus.OPEN.value, FindingStatus.WAIVED.value)
     rule: str | None = None
     severity: str | None = None
     disk_id: str | None = None
@@ -32,7 +34,7 @@ class FindingQuery:
 class FindingSearch:
     """Filters, order and page of a findings search (`org` is a disk source such as `org:<ref>` or `config`)."""
 
-    statuses: tuple[str, ...] = ("open",)
+    statuses: tuple[str, ...] = (FindingStatus.OPEN.value,)
     rule: str | None = None
     severity: str | None = None
     org: str | None = None

@@ -3,58 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any
 
 from auditor.domain.tiers import DEFAULTS, TierDecision
 
-
-class Interval(StrEnum):
-    """A backup policy's schedule interval, as Katapult names it."""
-
-    HOURLY = "hourly"
-    DAILY = "daily"
-    WEEKLY = "weekly"
-    MONTHLY = "monthly"
-
-    @property
-    def rank(self) -> int:
-        """Returns 0 for the most frequent interval, 3 for the least frequent."""
-        return _INTERVAL_ORDER.index(self)
-
-    @property
-    def length(self) -> timedelta:
-        """Returns the nominal time between two backups (a month counts as 30 days)."""
-        return _INTERVAL_LENGTH[self]
-
-
-_INTERVAL_ORDER = (Interval.HOURLY, Interval.DAILY, Interval.WEEKLY, Interval.MONTHLY)
-_INTERVAL_LENGTH = {
-    Interval.HOURLY: timedelta(hours=1),
-    Interval.DAILY: timedelta(days=1),
-    Interval.WEEKLY: timedelta(days=7),
-    Interval.MONTHLY: timedelta(days=30),
-}
-
-
-class Severity(StrEnum):
-    """How bad a finding is; ordered low < medium < high < critical."""
-
-    LOW = "low"
-    MEDIUM = "medium"
-    HIGH = "high"
-    CRITICAL = "critical"
-
-    @property
-    def rank(self) -> int:
-        """Returns 0 for low up to 3 for critical."""
-        return _SEVERITY_ORDER.index(self)
-
-
-_SEVERITY_ORDER = (Severity.LOW, Severity.MEDIUM, Severity.HIGH, Severity.CRITICAL)
+# Defined in the vocabulary (the config validates against them too) and importable from here as before.
+from auditor.vocabulary import FindingStatus as FindingStatus
+from auditor.vocabulary import Interval as Interval
+from auditor.vocabulary import Severity as Severity
 
 
 class TargetType(StrEnum):
@@ -183,14 +142,6 @@ class Finding:
         return fingerprint(self.rule, self.disk_id, self.policy_id)
 
 
-class FindingStatus(StrEnum):
-    """Where a finding is in its lifecycle."""
-
-    OPEN = "open"
-    WAIVED = "waived"
-    RESOLVED = "resolved"
-
-
 @dataclass(frozen=True, slots=True)
 class Waiver:
     """An accepted finding: applies to `rule` on `disk_id` (and `policy_id` if set) until `expires` (inclusive)."""
@@ -254,8 +205,3 @@ class TrackedFinding:
     # The disk's tier when the finding last opened: its alerts' `tier` label, kept until it resolves so that the
     # firing and the resolving alert carry the same labels even when the disk changes tier meanwhile.
     tier: str | None = None
-
-
-def stable_json(value: Any) -> str:
-    """Returns a canonical JSON string (sorted keys) for hashing and comparison."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

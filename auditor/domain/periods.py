@@ -31,6 +31,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
+from auditor.vocabulary import DiskVerdict, RunStatus
+
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_US = timedelta(microseconds=1)
 US_PER_SECOND = 1_000_000
@@ -41,11 +43,12 @@ MAX_SPAN = timedelta(days=400)
 EARLIEST = EPOCH
 LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 
-COMPLIANT, WAIVED, NONCOMPLIANT, UNKNOWN = "compliant", "waived", "noncompliant", "unknown"
-EXEMPT = "exempt"  # a disk its tier exempts: judged by no rule, so neither compliant nor in the denominator
-VERDICTS = (COMPLIANT, WAIVED, NONCOMPLIANT, UNKNOWN)
-COVERING_RUNS = frozenset({"complete", "partial"})
-FINISHED_RUNS = frozenset({"complete", "partial", "failed"})
+COMPLIANT, WAIVED = DiskVerdict.COMPLIANT.value, DiskVerdict.WAIVED.value
+NONCOMPLIANT, UNKNOWN = DiskVerdict.NONCOMPLIANT.value, DiskVerdict.UNKNOWN.value
+# Exempt: a disk its tier exempts, judged by no rule, so neither compliant nor in the denominator.
+EXEMPT = DiskVerdict.EXEMPT.value
+COVERING_RUNS = frozenset({RunStatus.COMPLETE.value, RunStatus.PARTIAL.value})
+FINISHED_RUNS = COVERING_RUNS | {RunStatus.FAILED.value}
 OPEN_KINDS = frozenset({"opened", "reopened", "unwaived"})
 
 

@@ -4,26 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
-
-class RunStatus(StrEnum):
-    """An audit run's outcome."""
-
-    RUNNING = "running"
-    COMPLETE = "complete"  # every target was read
-    PARTIAL = "partial"  # some targets could not be read: their verdicts are unknown
-    FAILED = "failed"  # nothing could be read, or the cycle itself broke
-
-
-class DiskStatus(StrEnum):
-    """A disk's verdict in reports."""
-
-    COMPLIANT = "compliant"
-    NONCOMPLIANT = "noncompliant"
-    UNKNOWN = "unknown"
-    EXEMPT = "exempt"  # its tier exempts it: judged by no rule, never counted as compliant
+# Defined in the vocabulary and importable from here as before.
+from auditor.vocabulary import DiskStatus as DiskStatus
+from auditor.vocabulary import RunStatus as RunStatus
 
 
 @dataclass(frozen=True, slots=True)

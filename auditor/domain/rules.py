@@ -21,13 +21,15 @@ from auditor.domain.models import (
 )
 from auditor.domain.tiers import DEFAULTS, Tier, TierDecision
 
-UNPROTECTED_DISK = "unprotected-disk"
-RETENTION_BELOW_MINIMUM = "retention-below-minimum"
-RETENTION_WINDOW_TOO_SHORT = "retention-window-too-short"
-INTERVAL_TOO_INFREQUENT = "interval-too-infrequent"
-SCHEDULE_STALE = "schedule-stale"
-DISK_NOT_FOUND = "disk-not-found"
-DISK_IN_TRASH = "disk-in-trash"
+# The ids are defined in the vocabulary (the config checks rule ids too) and importable from here as before.
+from auditor.vocabulary import DISK_IN_TRASH as DISK_IN_TRASH
+from auditor.vocabulary import DISK_NOT_FOUND as DISK_NOT_FOUND
+from auditor.vocabulary import INTERVAL_TOO_INFREQUENT as INTERVAL_TOO_INFREQUENT
+from auditor.vocabulary import RETENTION_BELOW_MINIMUM as RETENTION_BELOW_MINIMUM
+from auditor.vocabulary import RETENTION_WINDOW_TOO_SHORT as RETENTION_WINDOW_TOO_SHORT
+from auditor.vocabulary import SCHEDULE_STALE as SCHEDULE_STALE
+from auditor.vocabulary import UNPROTECTED_DISK as UNPROTECTED_DISK
+from auditor.vocabulary import format_duration
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +69,6 @@ class RuleSet:
     disabled: frozenset[str] = frozenset()
     tiers: tuple[Tier, ...] = ()
     tier_rules: Mapping[str, Applied] = field(default_factory=dict)
-
-    def params_for(self, disk_id: str) -> RuleParams:
-        """Returns the parameters that apply to `disk_id` without tiers (its override, else the defaults)."""
-        return self.overrides.get(disk_id, self.default)
 
     def severity_of(self, rule: str) -> Severity:
         """Returns the configured severity of `rule`, else its default."""
@@ -161,17 +159,12 @@ def check_schedule_stale(
     if due >= now - params.stale_grace:
         return None
     late = now - due
+    overdue = format_duration(late, style="overdue")
     return (
-        f"policy {policy.id} was due at {_iso(due)} and has not run ({_hours(late)} overdue)",
+        f"policy {policy.id} was due at {_iso(due)} and has not run ({overdue} overdue)",
         {"next_invocation_at": _iso(due), "overdue_seconds": late.total_seconds()},
         {"next_invocation_at_after": _iso(now - params.stale_grace), "stale_grace_seconds": grace_s},
     )
-
-
-def _hours(delta: timedelta) -> str:
-    minutes = int(delta.total_seconds() // 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m"
 
 
 @dataclass(frozen=True, slots=True)

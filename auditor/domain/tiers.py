@@ -34,17 +34,6 @@ class Condition:
     key: str
     values: frozenset[str] | None
 
-    @property
-    def any_value(self) -> bool:
-        """Returns whether any value of the key satisfies the condition."""
-        return self.values is None
-
-    def as_config(self) -> str | list[str]:
-        """Returns the condition as written in the configuration."""
-        if self.values is None:
-            return ANY_VALUE
-        values = sorted(self.values)
-        return values[0] if len(values) == 1 else values
 
 
 @dataclass(frozen=True, slots=True)

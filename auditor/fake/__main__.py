@@ -133,7 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         fleet = _load(args)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
-    asyncio.run(serve_until_signal(fleet, host=args.host, port=args.port, fleet_file=args.fleet))
+    try:
+        asyncio.run(serve_until_signal(fleet, host=args.host, port=args.port, fleet_file=args.fleet))
+    except OSError as exc:  # the port is taken, or the address is not this host's: one line, not a traceback
+        sys.stderr.write(f"fake katapult cannot listen on {args.host}:{args.port}: {exc.strerror or exc}\n")
+        return 2
     return 0
 
 

@@ -583,10 +583,6 @@ class Fleet:
             return permitted
         return max(0, permitted - len(self._window(token, self.clock())))
 
-    def reset_rate_limits(self) -> None:
-        """Empties every token's rate-limit window."""
-        self._windows.clear()
-
     # ----------------------------------------------------------------- loading
 
     @classmethod

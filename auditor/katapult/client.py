@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import TypeVar
 
 import httpx
 
 from auditor.domain.models import BackupPolicy, Disk, VirtualMachine
+from auditor.domain.retry import backoff, parse_retry_after
 from auditor.domain.tiers import Selector
 from auditor.errors import (
     KatapultAPIError,
@@ -410,12 +411,12 @@ class KatapultClient:
 
     def _retry_delay(self, exc: KatapultError, attempt: int) -> tuple[float, bool]:
         """Returns the wait before the next attempt and whether the server required it (Retry-After)."""
-        backoff = self._random.uniform(0.0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)))
+        jittered = backoff(attempt, base=BACKOFF_BASE, cap=BACKOFF_CAP, random=self._random.random)
         if isinstance(exc, RateLimitedError | UnavailableError) and exc.retry_after is not None:
             return exc.retry_after, True
         if isinstance(exc, RateLimitedError):
-            return max(self._rate_limit_wait(wire.total_permitted(exc.detail)), backoff), False
-        return backoff, False
+            return max(self._rate_limit_wait(wire.total_permitted(exc.detail)), jittered), False
+        return jittered, False
 
     def _rate_limit_wait(self, permitted: int | None) -> float:
         """Returns the wait after a 429 without Retry-After: a few request slots of the budget, at least 1 s."""
@@ -465,7 +466,8 @@ class KatapultClient:
             if content is None:
                 raise self._too_large(endpoint, target, status)
             return wire.decode_json(content, endpoint=endpoint, target=target, status_code=status)
-        retry_after = _retry_after(response)
+        # Katapult has not been seen sending Retry-After (README); if it does, seconds and HTTP-dates are both read.
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), now=datetime.now(UTC))
         if content is None:
             # Pacing still follows the status and headers; only the body is refused.
             self._after_refusal(
@@ -573,17 +575,3 @@ def _int_header(response: httpx.Response, name: str) -> int | None:
     except ValueError:
         return None
     return value if 0 <= value <= _MAX_HEADER_INT else None
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """Returns Retry-After in seconds if the response sent one as a number of seconds."""
-    raw = response.headers.get("Retry-After")
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw.strip())
-    except ValueError:
-        return None
-    if not math.isfinite(seconds) or seconds < 0:
-        return None
-    return seconds

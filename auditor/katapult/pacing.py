@@ -95,11 +95,6 @@ class RateLimiter:
         budget = math.floor(self.per_minute)
         return max(1, budget - min(self._reserve, budget // 10))
 
-    def in_window(self) -> int:
-        """Returns how many of our own starts are still counted in the sliding window."""
-        self._expire(self._clock())
-        return len(self._starts)
-
     async def acquire(self) -> float:
         """Waits until a request may start, records the start and returns its clock time."""
         async with self._lock:

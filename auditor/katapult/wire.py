@@ -154,14 +154,6 @@ class _Reader:
             value = value.replace("\x00", "\ufffd")
         return value
 
-    def req_int(self, parent: Mapping[str, object], name: str, path: str) -> int:
-        """Returns a required integer field (a JSON bool is not an integer)."""
-        value = self.field(parent, name, path)
-        if not _is_int(value):
-            raise self.fail(_join(path, name), f"expected an integer, got {_kind(value)}")
-        assert isinstance(value, int)
-        return value
-
     def req_count(self, parent: Mapping[str, object], name: str, path: str) -> int:
         """Returns a required integer field that must be positive and fit a 32-bit integer."""
         value = self.field(parent, name, path)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, TypeAlias, TypeVar
 from urllib.parse import quote
 
@@ -24,6 +22,7 @@ from pydantic import SecretStr
 
 from auditor.config import NotifierCommon
 from auditor.domain.alerts import Alert, AlertStatus, Notification
+from auditor.domain.retry import parse_retry_after
 from auditor.errors import NotifyError
 from auditor.log import redact, secret_forms
 
@@ -44,9 +43,6 @@ BODY_EXCERPT_CHARS = 200
 # receiver must not make us hold megabytes.
 MAX_BODY_BYTES = 64 * 1024
 REDACTED = "[redacted]"
-# RFC 9111 §1.2.2: a delta-seconds too large to represent is taken as 2**31 seconds; HTTP-dates are capped alike.
-RETRY_AFTER_CEILING = float(2**31)
-_DELTA_SECONDS = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,16 +76,6 @@ def rfc3339(value: datetime) -> str:
     if utc.microsecond:
         text += f".{utc.microsecond:06d}".rstrip("0")
     return text + "Z"
-
-
-def humanize(delta: timedelta) -> str:
-    """Returns a short duration like "3h 12m", "2d 5h", "12m" or "45s" (the two largest non-zero units)."""
-    total = max(int(delta.total_seconds()), 0)
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, seconds = divmod(rest, 60)
-    parts = [f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")) if n]
-    return " ".join(parts[:2]) if parts else "0s"
 
 
 def headline(notification: Notification) -> str:
@@ -169,34 +155,6 @@ def common_items(mappings: Iterable[Mapping[str, str]]) -> dict[str, str]:
         else:
             common = {k: v for k, v in common.items() if mapping.get(k) == v}
     return common or {}
-
-
-def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
-    """Returns the seconds a Retry-After header asks for (delta-seconds or HTTP-date, RFC 9110 §10.2.3), finite
-    and within [0, 2**31]; None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    # Any decimal number is read (the RFC grammar is digits only, but "1.5" and "-3" are clear enough); "inf",
-    # "nan", "1_0" and non-ASCII digits, which float() would also take, are not numbers on the wire.
-    if _DELTA_SECONDS.fullmatch(value):
-        seconds = float(value)  # too many digits gives inf, which the ceiling turns into 2**31
-        return min(max(seconds, 0.0), RETRY_AFTER_CEILING)
-    try:
-        when = parsedate_to_datetime(value)
-        if when.tzinfo is None:  # RFC 9110 dates are GMT; parsedate_to_datetime returns naive for "-0000"
-            when = when.replace(tzinfo=UTC)
-        seconds = (when - now).total_seconds()
-    except (TypeError, ValueError, IndexError, OverflowError):  # a year or offset beyond what datetime holds
-        return None
-    return min(max(seconds, 0.0), RETRY_AFTER_CEILING)
-
-
-def clamp_retry_after(seconds: float | None, *, maximum: timedelta) -> float | None:
-    """Returns `seconds` within [0, maximum] (None stays None, and so does NaN: there is nothing to honour)."""
-    if seconds is None or math.isnan(seconds):
-        return None
-    return min(max(seconds, 0.0), max(maximum.total_seconds(), 0.0))
 
 
 def url_secrets(url: str) -> list[str]:

@@ -30,11 +30,11 @@ from auditor.notify.base import (
     excerpt,
     generator_url,
     headline,
-    humanize,
     rfc3339,
     settings_secrets,
     static_labels,
 )
+from auditor.vocabulary import format_duration
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ def _when(alert: Alert, *, now: datetime) -> str:
     if alert.status is AlertStatus.FIRING:
         return f"Since {rfc3339(alert.starts_at)}"
     ended = alert.ends_at or now
-    return f"Lasted {humanize(ended - alert.starts_at)} ({rfc3339(alert.starts_at)} to {rfc3339(ended)})"
+    lasted = format_duration(ended - alert.starts_at, style="alert")
+    return f"Lasted {lasted} ({rfc3339(alert.starts_at)} to {rfc3339(ended)})"
 
 
 def _facts(alert: Alert, settings: NotifierCommon | None = None) -> list[tuple[str, str]]:

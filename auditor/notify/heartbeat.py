@@ -19,8 +19,8 @@ from typing import NamedTuple
 import httpx
 
 from auditor.config import HeartbeatSettings
-from auditor.notify.base import excerpt, is_temporary_status, parse_retry_after, scrub, url_secrets
-from auditor.notify.policy import backoff
+from auditor.domain.retry import backoff, parse_retry_after
+from auditor.notify.base import excerpt, is_temporary_status, scrub, url_secrets
 
 logger = logging.getLogger(__name__)
 

@@ -1,25 +1,27 @@
-"""Pure helpers for the delivery stage: which alerts a notifier wants, how they group, when to retry or repeat.
+"""Pure helpers for the delivery stage: which alerts a notifier wants, how they group, when to repeat.
 
-No I/O and no clock: callers pass `now` (and a random source for jitter) in.
+No I/O and no clock: callers pass `now` in. The wait before a retry is `auditor.domain.retry.backoff`, shared with
+the Katapult client, with the delivery stage's numbers below.
 """
 
 from __future__ import annotations
 
 import json
-import random as _random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
 from auditor.config import NotifierCommon
 from auditor.domain.alerts import Alert, AlertStatus
 from auditor.domain.models import Severity
-from auditor.notify.base import clamp_retry_after
 
 # `group_by` names what the config calls a dimension; the group labels use Alertmanager's label names.
 GROUP_LABELS = {"rule": "alertname", "severity": "severity", "disk_id": "disk_id", "tier": "tier"}
 # Alertmanager prefixes a group key with the matchers of the route that grouped it; ours is the root route.
 ROUTE_KEY = "{}"
-MAX_EXPONENT = 62
+# Retries of a notification: full jitter over 5 s doubling up to 15 minutes (a receiver's Retry-After, up to
+# notify.max_retry_after, is the least wait).
+BACKOFF_BASE = 5.0
+BACKOFF_CAP = 900.0
 
 
 def wants(settings: NotifierCommon, alert: Alert) -> bool:
@@ -71,28 +73,6 @@ def group_alerts(
         (key, labels, tuple(sorted(members, key=lambda a: a.fingerprint)))
         for key, (labels, members) in sorted(groups.items())
     ]
-
-
-def backoff(
-    attempt: int,
-    *,
-    retry_after: float | None,
-    max_retry_after: timedelta = timedelta(hours=1),
-    base: float = 5.0,
-    cap: float = 900.0,
-    random: Callable[[], float] = _random.random,
-) -> float:
-    """Returns seconds to wait before retry number `attempt` (1 = first retry): full jitter over
-    min(cap, base * 2**(attempt-1)), never less than `retry_after` (clamped to [0, max_retry_after]) when the
-    receiver sent one; always finite, at most max(cap, max_retry_after)."""
-    exponent = min(max(attempt, 1) - 1, MAX_EXPONENT)
-    delay = random() * min(cap, base * 2.0**exponent)
-    # A receiver's Retry-After is honoured, but only up to max_retry_after: "Retry-After: 99999999999" must
-    # neither park the notification for centuries nor overflow `now + timedelta(seconds=wait)`.
-    honoured = clamp_retry_after(retry_after, maximum=max_retry_after)
-    if honoured is not None:
-        delay = max(delay, honoured)
-    return delay
 
 
 def is_repeat_due(last_sent_at: datetime | None, repeat_interval: timedelta, *, now: datetime) -> bool:

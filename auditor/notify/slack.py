@@ -19,11 +19,11 @@ from auditor.notify.base import (
     DeliveryResult,
     generator_url,
     headline,
-    humanize,
     post_to_webhook,
     rfc3339,
     static_labels,
 )
+from auditor.vocabulary import format_duration
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def _alert_text(alert: Alert, *, now: datetime, settings: NotifierCommon | None 
     else:
         first = f":large_green_circle: *Resolved:* {escape(alert.summary)}"
         ended = alert.ends_at or now
-        when = f"Lasted {humanize(ended - alert.starts_at)} (until {rfc3339(ended)})"
+        lasted = format_duration(ended - alert.starts_at, style="alert")
+        when = f"Lasted {lasted} (until {rfc3339(ended)})"
     meta = " · ".join([f"`{escape(alert.rule)}`", escape(alert.severity.value), *where])
     lines = [first, meta]
     if alert.description:

@@ -22,11 +22,11 @@ from auditor.notify.base import (
     DeliveryResult,
     generator_url,
     headline,
-    humanize,
     post_to_webhook,
     rfc3339,
     static_labels,
 )
+from auditor.vocabulary import format_duration
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _facts(alert: Alert, *, now: datetime) -> list[dict[str, str]]:
     else:
         ended = alert.ends_at or now
         facts.append({"title": "Resolved", "value": rfc3339(ended)})
-        facts.append({"title": "Lasted", "value": humanize(ended - alert.starts_at)})
+        facts.append({"title": "Lasted", "value": format_duration(ended - alert.starts_at, style="alert")})
     return facts
 
 

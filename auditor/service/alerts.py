@@ -1,4 +1,5 @@
-"""Use cases for alerts: plan a cycle's notifications (written with the cycle) and deliver the outbox.
+"""Alert planning: what each notifier is told after a cycle (written with the cycle into the outbox), and the
+test notifications of `auditor notify test`. Pure: no I/O, `now` given. `delivery` sends what is planned.
 
 Planning compares what each notifier was last told (its alert states) with the findings after the run, the way
 Alertmanager's notification pipeline does: new or reopened findings fire, still-open ones repeat after
@@ -11,7 +12,6 @@ option is for human channels), with a keep-alive derived from the audit interval
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import uuid
@@ -27,7 +27,6 @@ from auditor.domain.alerts import (
     Alert,
     AlertState,
     AlertStatus,
-    Delivery,
     Notification,
     OutboxEntry,
     keep_alive_for,
@@ -35,15 +34,13 @@ from auditor.domain.alerts import (
 from auditor.domain.lifecycle import Change
 from auditor.domain.models import FindingStatus, Severity, TrackedFinding, fingerprint
 from auditor.domain.records import RunError, RunStatus
-from auditor.errors import NotifyError, StoreError
-from auditor.notify.dispatch import Dispatcher
-from auditor.notify.policy import backoff, group_alerts, is_repeat_due, wants
-from auditor.store.outbox import Outbox
+from auditor.notify.policy import group_alerts, is_repeat_due, wants
 
 log = logging.getLogger(__name__)
 
 StateChange = AlertState | tuple[str, str]  # a tuple forgets the (notifier, fingerprint) state
-MAX_ATTEMPTS = 25  # with the 15-minute backoff cap, about five hours of trying before giving up
+
+
 def is_kept_alive(n: NotifierCommon) -> bool:
     """Returns whether the notifier's receiver expires alerts, so open ones are re-posted every cycle."""
     return getattr(n, "kind", None) in KEEP_ALIVE_KINDS
@@ -223,108 +220,3 @@ def resolved_test_notification(test: Notification, *, now: datetime) -> Notifica
     same Alertmanager alert and the same PagerDuty dedup_key)."""
     alerts = tuple(replace(a, status=AlertStatus.RESOLVED, ends_at=now) for a in test.alerts)
     return replace(test, id=uuid.uuid4().hex, alerts=alerts, created_at=now)
-
-
-@dataclass(slots=True)
-class DeliveryReport:
-    """What one delivery round did."""
-
-    delivered: int = 0
-    retried: int = 0
-    failed: int = 0
-    released: int = 0
-    errors: int = 0  # unexpected exceptions (logged whole; the entry was released for a later round)
-
-
-ERROR_RETRY = timedelta(seconds=60)  # an entry whose delivery broke unexpectedly is tried again after this
-
-
-def retry_at(now: datetime, seconds: float) -> datetime:
-    """Returns now + seconds, never overflowing (a wait past the datetime range is capped at a day)."""
-    try:
-        return now + timedelta(seconds=min(max(seconds, 0.0), 86400.0))
-    except (OverflowError, ValueError):
-        return now + timedelta(days=1)
-
-
-async def deliver_due(
-    *,
-    outbox: Outbox,
-    dispatcher: Dispatcher,
-    notifiers: Mapping[str, NotifierCommon],
-    clock: Callable[[], datetime],
-    worker: str,
-    limit: int = 200,
-    max_retry_after: timedelta = timedelta(hours=1),
-) -> DeliveryReport:
-    """Claims due outbox entries and delivers them, each notifier on its own so a failing one delays no other.
-
-    Within a notifier entries go in order; after a temporary failure the notifier's other entries are put back
-    for the same retry time instead of each waiting out its own timeout. An unexpected exception never vanishes:
-    it is logged whole, counted, and the entry is released for a later round.
-    """
-    now = clock()
-    claimed = await outbox.claim_due(now=now, worker=worker, limit=limit)
-    report = DeliveryReport()
-    by_notifier: dict[str, list[Delivery]] = {}
-    for d in claimed:
-        by_notifier.setdefault(d.notifier, []).append(d)
-
-    async def send_one(name: str, settings: NotifierCommon | None, d: Delivery) -> datetime | None:
-        """Delivers one entry; returns the retry time when the notifier failed temporarily."""
-        if settings is None:
-            await outbox.mark_failed(d.id, status=None, error=f"notifier {name!r} is no longer configured",
-                                     worker=worker)
-            report.failed += 1
-            return None
-        try:
-            result = await dispatcher.send(d.notification, settings, now=clock())
-        except NotifyError as exc:
-            attempts = d.attempts + 1
-            if exc.permanent or attempts >= MAX_ATTEMPTS:
-                why = str(exc) if exc.permanent else f"gave up after {attempts} attempts: {exc}"
-                log.error("notification %s to %s failed permanently: %s", d.id, name, why)
-                await outbox.mark_failed(d.id, status=exc.status_code, error=why, worker=worker)
-                report.failed += 1
-                return None
-            wait = backoff(attempts, retry_after=exc.retry_after, max_retry_after=max_retry_after)
-            next_at = retry_at(clock(), wait)
-            log.warning("notification %s to %s failed (attempt %d), retrying in %.0fs: %s", d.id, name,
-                        attempts, wait, exc)
-            await outbox.mark_retry(d.id, next_at=next_at, status=exc.status_code, error=str(exc), worker=worker)
-            report.retried += 1
-            return next_at
-        if not await outbox.mark_delivered(d.id, now=clock(), status=result.status_code, detail=result.detail,
-                                           worker=worker):
-            log.warning("notification %s to %s was delivered after its claim expired", d.id, name)
-        report.delivered += 1
-        return None
-
-    async def run(name: str, items: list[Delivery]) -> None:
-        settings = notifiers.get(name)
-        for index, d in enumerate(items):
-            try:
-                next_at = await send_one(name, settings, d)
-            except StoreError:
-                raise
-            except Exception:  # a bug in delivery: log it whole, put the entry back, go on with the others
-                log.exception("delivering notification %s to %s broke unexpectedly; it is retried later", d.id,
-                              name)
-                report.errors += 1
-                await outbox.release(d.id, next_at=retry_at(clock(), ERROR_RETRY.total_seconds()), worker=worker)
-                continue
-            if next_at is not None:
-                for rest in items[index + 1:]:
-                    await outbox.release(rest.id, next_at=next_at, worker=worker)
-                    report.released += 1
-                return
-
-    results = await asyncio.gather(*(run(name, items) for name, items in by_notifier.items()),
-                                   return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r  # a StoreError: the round's remaining claims expire and are retried by exactly one deliverer
-    if claimed:
-        log.info("delivery round: %d delivered, %d to retry, %d failed, %d errors", report.delivered,
-                 report.retried, report.failed, report.errors)
-    return report

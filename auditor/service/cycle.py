@@ -1,78 +1,44 @@
-"""The audit cycle's reading and judging: every target read, every disk judged inside its own fault boundary.
+"""The audit cycle: `run_cycle` (one cycle under the cycle lease, recorded in one fenced transaction with its alerts)
+and its failure state, `PendingFailures` (failed cycles the database could not take yet), recorded by
+`record_failures` as soon as it can.
 
-Whatever goes wrong with one disk — an API error, a malformed or unexpected response, a bug in a rule — makes that
-disk `unknown` with an error code and leaves every other disk's verdict alone. `Services.run_cycle` records it.
+`PendingFailures` is owned by whoever runs cycles — the daemon's `runner.CycleRunner`, one `auditor audit` — and
+passed in: `Services` holds no state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from datetime import datetime, timedelta
 
-from auditor.domain.lifecycle import Change
-from auditor.domain.models import (
-    BackupPolicy,
-    Disk,
-    DiskSnapshot,
-    Finding,
-    FindingStatus,
-    ReadOutcome,
-    TargetType,
-    VirtualMachine,
-    WaiverProblem,
-)
+from auditor.domain.lifecycle import Change, Transition, parse_waivers, reconcile
+from auditor.domain.models import ReadOutcome, WaiverProblem
 from auditor.domain.records import RunError, RunStats, RunStatus
-from auditor.domain.rules import RuleSet, evaluate
-from auditor.domain.tiers import (
-    DEFAULTS,
-    DISK_SIDE,
-    NO_VM,
-    VM_SIDE,
-    Annotations,
-    DiskFacts,
-    Selector,
-    Tier,
-    Unknown,
-    decide,
-    needs,
+from auditor.domain.rules import RULES
+from auditor.errors import AuditorError, LeaseLostError, StoreError
+from auditor.notify.heartbeat import summary_line
+from auditor.service.alerts import incomplete_fingerprint, plan_notifications
+from auditor.service.collection import (
+    Collected,
+    Progress,
+    collect,
+    internal_error,
+    judge,
+    open_after,
+    run_status,
+    verdicts_after,
 )
-from auditor.errors import (
-    InTrashError,
-    KatapultError,
-    KatapultResponseError,
-    NotFoundError,
-)
-from auditor.katapult import KatapultClient, OrgRef
-from auditor.store.writes import DiskWrite
+from auditor.service.leases import keep_cycle_lease, release_cycle_lease, take_cycle_lease
+from auditor.service.services import Services
+from auditor.store import queries, writes
+from auditor.store.writes import CycleWrite, new_run_id
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-R = TypeVar("R")
-Clock = Callable[[], datetime]
-Progress = Callable[[int, int], None]
-
-
-def utcnow() -> datetime:
-    """Returns the current time, timezone-aware UTC."""
-    return datetime.now(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class Targets:
-    """What to audit: explicit disk ids (per-disk endpoint) and organizations (org-wide endpoints)."""
-
-    disks: tuple[str, ...] = ()
-    organizations: tuple[str, ...] = ()
-
-    @property
-    def is_empty(self) -> bool:
-        """Returns whether nothing is configured."""
-        return not self.disks and not self.organizations
 
 
 @dataclass(slots=True)
@@ -101,489 +67,251 @@ class AuditOutcome:
         return (self.finished_at - self.started_at).total_seconds()
 
 
-async def _bounded_map(fn: Callable[[T], Awaitable[R]], items: Sequence[T], *, limit: int,
-                       progress: Callable[[], None] | None = None) -> list[R]:
-    """Returns fn(item) for every item, at most `limit` at a time, in order (workers, not a task per item)."""
-    results: list[Any] = [None] * len(items)
-    iterator = iter(enumerate(items))
-
-    async def worker() -> None:
-        for index, item in iterator:
-            results[index] = await fn(item)
-            if progress:
-                progress()
-
-    await asyncio.gather(*(worker() for _ in range(max(1, min(limit, len(items))))))
-    return results
-
-
-def _error_of(exc: KatapultError, target: str) -> RunError:
-    return RunError(target=target, code=exc.code, message=_safe(str(exc))[:500])
-
-
-INTERNAL_ERROR = "internal_error"
-UNEXPECTED_OBJECT = "unexpected_object"
-
-
-def internal_error(exc: BaseException, *, where: str) -> tuple[str, str]:
-    """Returns (code, message) for an unexpected exception inside a fault boundary (logged whole once)."""
-    log.error("%s: unexpected %s: %s", where, type(exc).__name__, _safe(str(exc)), exc_info=exc)
-    return INTERNAL_ERROR, f"{where}: internal error ({type(exc).__name__}: {_safe(str(exc))})"[:500]
-
-
-def _safe(text: str) -> str:
-    """Returns text fit for storage: valid UTF-8 (lone surrogates replaced), no NUL, at most 300 characters."""
-    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")[:300]
-
-
-def _failed_snapshot(disk: Disk, exc: KatapultError) -> DiskSnapshot:
-    # 404 disk_not_found and 406 object_in_trash are definite answers about the disk; anything else (5xx after
-    # retries, timeouts, 403, a malformed body, a VM lookup failing) leaves the disk without a verdict.
-    message = _safe(str(exc))
-    if isinstance(exc, NotFoundError) and exc.code == "disk_not_found":
-        return DiskSnapshot(disk, ReadOutcome.NOT_FOUND, error_code=exc.code, error_message=message)
-    if isinstance(exc, InTrashError):
-        return DiskSnapshot(disk, ReadOutcome.IN_TRASH, error_code=exc.code, error_message=message,
-                            detail=dict(exc.detail))
-    return DiskSnapshot(disk, ReadOutcome.UNKNOWN, error_code=exc.code, error_message=message)
-
-
-def unknown_snapshot(disk_id: str, code: str, message: str) -> DiskSnapshot:
-    """Returns the snapshot of a disk without a verdict."""
-    return DiskSnapshot(Disk(disk_id), ReadOutcome.UNKNOWN, error_code=code, error_message=message[:500])
-
-
-VmPolicies = Callable[[str], Awaitable[list[BackupPolicy]]]
-
-
-def once_per_key(read: Callable[[str], Awaitable[T]]) -> Callable[[str], Awaitable[T]]:
-    """Returns `read` asked at most once per key (per cycle): concurrent callers share the answer or the
-    KatapultError, so a failure is not asked again either."""
-    done: dict[str, T | KatapultError] = {}
-    locks: dict[str, asyncio.Lock] = {}
-
-    async def shared(key: str) -> T:
-        async with locks.setdefault(key, asyncio.Lock()):
-            if key not in done:
-                try:
-                    done[key] = await read(key)
-                except KatapultError as exc:
-                    done[key] = exc
-        result = done[key]
-        if isinstance(result, KatapultError):
-            raise result
-        return result
-
-    return shared
-
-
-def shared_vm_policies(client: KatapultClient) -> VmPolicies:
-    """Returns a reader of VM policies that asks Katapult once per VM, however many of its disks are audited.
-
-    Failures are kept too: a VM whose policies cannot be read makes each of its disks unknown without asking again.
-    """
-    return once_per_key(client.list_vm_policies)
-
-
-async def read_disk(client: KatapultClient, disk_id: str, *, vm_policies: VmPolicies | None = None) -> DiskSnapshot:
-    """Returns one disk's snapshot through the per-disk endpoint.
-
-    The per-disk list returns the policies that target the disk itself; the disk is then looked up and, if it is
-    attached, its VM's policies are added (a policy on a VM covers its disks). The VM's policies are read even
-    when the disk has its own: each covering policy is judged, so skipping them would hide a weak VM policy and
-    give a different verdict than the org-wide join for the same disk. `vm_policies` (see `shared_vm_policies`)
-    lets the disks of one VM share one read.
-    """
-    disk = Disk(id=disk_id)
-    try:
-        policies = await client.list_disk_policies(disk_id)
-        disk = await client.get_disk(disk_id)
-        if disk.id != disk_id:  # the client checks this too; a verdict must never land on another disk
-            raise KatapultResponseError(f"asked for disk {disk_id}, Katapult answered about disk {disk.id}")
-        for index, p in enumerate(policies):
-            # The per-disk list holds the policies on this disk (and, if any, on its VM): anything else means the
-            # response is about another object, and judging it would be judging the wrong disk.
-            on_disk = p.target_type is TargetType.DISK and p.target_id == disk_id
-            on_vm = p.target_type is TargetType.VIRTUAL_MACHINE and disk.vm_id is not None and p.target_id == disk.vm_id
-            if not (on_disk or on_vm):
-                return DiskSnapshot(
-                    Disk(disk_id), ReadOutcome.UNKNOWN, error_code=UNEXPECTED_OBJECT,
-                    error_message=_safe(f"disk_backup_policies[{index}] ({p.id}) targets {p.target_type.value} "
-                                        f"{p.target_id}, not disk {disk_id} or its virtual machine"))
-        if disk.vm_id:
-            try:
-                vm_list = await (vm_policies or client.list_vm_policies)(disk.vm_id)
-            except KatapultError as exc:
-                # Only the disk's own endpoints answer definitely about the disk: a 404 or 406 from its VM's policy
-                # list is about the VM, so the disk is unknown, not "not found" or "in trash".
-                return DiskSnapshot(disk, ReadOutcome.UNKNOWN, error_code=exc.code,
-                                    error_message=_safe(f"virtual machine {disk.vm_id}: {exc}"))
-            seen = {p.id for p in policies}
-            policies = [*policies, *(p for p in vm_list
-                                     if p.target_type is TargetType.VIRTUAL_MACHINE and p.target_id == disk.vm_id
-                                     and p.id not in seen)]
-        return DiskSnapshot(disk, ReadOutcome.OK, tuple(policies))
-    except KatapultError as exc:
-        return _failed_snapshot(Disk(disk_id) if disk.id != disk_id else disk, exc)
-    except Exception as exc:  # the fault boundary: a bug reading one disk makes that disk unknown, nothing more
-        code, message = internal_error(exc, where=f"reading disk {disk_id}")
-        return unknown_snapshot(disk_id, code, message)
-
-
-def join_org(disks: Iterable[Disk], policies: Iterable[BackupPolicy]) -> list[DiskSnapshot]:
-    """Returns a snapshot per org disk: the policies targeting it plus those targeting the VM it is attached to."""
-    by_disk: dict[str, list[BackupPolicy]] = {}
-    by_vm: dict[str, list[BackupPolicy]] = {}
-    for p in policies:
-        index = by_disk if p.target_type is TargetType.DISK else by_vm
-        index.setdefault(p.target_id, []).append(p)
-    out = []
-    for d in disks:
-        covering = list(by_disk.get(d.id, ()))
-        if d.vm_id:
-            covering.extend(by_vm.get(d.vm_id, ()))
-        out.append(DiskSnapshot(d, ReadOutcome.OK, tuple(covering)))
-    return out
-
-
-TIER_UNKNOWN = "tier_unknown"
-NOT_READ = Unknown("not read: no tier needs it")
-
-
-VmLookup = Callable[[str], Awaitable[VirtualMachine]]
-
-
-def shared_vm_lookups(client: KatapultClient) -> VmLookup:
-    """Returns a VM reader that asks Katapult once per VM per cycle, however many of its disks need it."""
-    return once_per_key(client.get_vm)
-
-
 @dataclass(frozen=True, slots=True)
-class TierReads:
-    """What the configured tiers make the cycle read: disk or VM annotations, the disks' organizations."""
+class FailedCycle:
+    """A failed cycle the database could not take yet: recorded (run row and alert) as soon as it can."""
 
-    tiers: tuple[Tier, ...] = ()
-    disk: bool = False
-    vm: bool = False
-    organization: bool = False
-
-    @classmethod
-    def of(cls, tiers: Sequence[Tier]) -> TierReads:
-        """Returns what `tiers` need read."""
-        disk, vm, organization = needs(tiers)
-        return cls(tuple(tiers), disk, vm, organization)
-
-    @property
-    def any(self) -> bool:
-        """Returns whether there are tiers at all."""
-        return bool(self.tiers)
-
-    def selectors(self, side: str) -> list[Selector]:
-        """Returns the distinct filtered listings the tiers need for one side, in tier order."""
-        return list(dict.fromkeys(sel for t in self.tiers for sel in t.match.selectors(side)))
-
-
-def _known(pairs: tuple[tuple[str, str], ...] | None, missing: str) -> Annotations | Unknown:
-    return Unknown(missing) if pairs is None else Annotations.of(pairs)
-
-
-async def per_disk_facts(disk: Disk, reads: TierReads, vm_lookup: VmLookup) -> DiskFacts:
-    """Returns what a disk read through the per-disk endpoints tells about its tier.
-
-    The disk lookup carries the disk's annotations (no extra request). The VM is looked up (once per VM per
-    cycle) only when a tier matches on VM annotations or on organizations; an unattached disk's organization
-    is not known (`GET /disks/disk` does not name it).
-    """
-    disk_side = _known(disk.annotations, "the disk lookup carried no annotations") if reads.disk else NOT_READ
-    vm_side: Annotations | Unknown = NOT_READ
-    orgs: frozenset[str] | Unknown = NOT_READ
-    if disk.vm_id is None:
-        vm_side = NO_VM
-        if reads.organization:
-            orgs = Unknown("the disk is not attached to a virtual machine, and Katapult's disk lookup does not name "
-                           "its organization: audit its organization in audit.organizations instead")
-    elif reads.vm or reads.organization:
-        try:
-            vm = await vm_lookup(disk.vm_id)
-        except KatapultError as exc:
-            failed = Unknown(_safe(f"virtual machine {disk.vm_id}: {exc.code}: {exc}"))
-            vm_side, orgs = (failed if reads.vm else NOT_READ), (failed if reads.organization else NOT_READ)
-        else:
-            if reads.vm:
-                vm_side = _known(vm.annotations, f"the lookup of virtual machine {vm.id} carried no annotations")
-            if reads.organization:
-                orgs = vm.organization_refs or Unknown(f"the lookup of virtual machine {vm.id} named no organization")
-    return DiskFacts(disk_side, vm_side, orgs)
-
-
-async def _listing_facts(
-    read: Callable[[Selector], Awaitable[Sequence[Disk | VirtualMachine]]], selectors: Sequence[Selector],
-    tiers: Sequence[Tier], side: str,
-) -> tuple[dict[str, dict[str, str | None]], frozenset[str], str | None]:
-    """Runs one filtered listing per selector; returns what they say per object id, the tiers left undecided by a
-    failed listing, and that failure's message."""
-    results = await asyncio.gather(*(read(sel) for sel in selectors), return_exceptions=True)
-    known: dict[str, dict[str, str | None]] = {}
-    failed: set[Selector] = set()
-    error: str | None = None
-    for selector, result in zip(selectors, results, strict=True):
-        if isinstance(result, BaseException):
-            if not isinstance(result, KatapultError):
-                raise result
-            failed.add(selector)
-            error = error or _safe(f"{result.code}: {result}")
-            continue
-        for obj in result:
-            pairs = known.setdefault(obj.id, {})
-            for key, value in selector:
-                if value is not None or pairs.get(key) is None:
-                    pairs[key] = value
-    unread = frozenset(t.name for t in tiers if any(sel in failed for sel in t.match.selectors(side)))
-    return known, unread, error
-
-
-async def org_facts(client: KatapultClient, org: OrgRef, disks: Sequence[Disk], reads: TierReads
-                    ) -> dict[str, DiskFacts]:
-    """Returns the tier facts of an organization's disks, with the fewest requests the API allows.
-
-    Disk annotations come from the disk list's items when they carry them; otherwise from one filtered listing per
-    distinct tier selector (⌈matching/200⌉ requests each). VM annotations come from one filtered VM listing per
-    selector. The organization is the one the disks were listed through.
-    """
-    if not disks:
-        return {}
-    by_disk: dict[str, Annotations | Unknown] = {d.id: NOT_READ for d in disks}
-    if reads.disk:
-        missing = [d for d in disks if d.annotations is None]
-        partial: Annotations | None = None
-        listed: dict[str, dict[str, str | None]] = {}
-        if missing:
-            listed, unread, error = await _listing_facts(
-                lambda sel: client.list_org_disks_with(org, sel), reads.selectors(DISK_SIDE), reads.tiers, DISK_SIDE)
-            partial = Annotations({}, complete=False, unread=unread, error=error)
-        for d in disks:
-            if d.annotations is not None:
-                by_disk[d.id] = Annotations.of(d.annotations)
-            else:
-                assert partial is not None
-                by_disk[d.id] = replace(partial, values=listed.get(d.id, {}))
-    by_vm: dict[str, Annotations] = {}
-    vm_partial = Annotations({}, complete=False)
-    if reads.vm and any(d.vm_id for d in disks):
-        listed_vms, unread, error = await _listing_facts(
-            lambda sel: client.list_org_vms(org, sel), reads.selectors(VM_SIDE), reads.tiers, VM_SIDE)
-        vm_partial = Annotations({}, complete=False, unread=unread, error=error)
-        by_vm = {vm_id: replace(vm_partial, values=values) for vm_id, values in listed_vms.items()}
-    out: dict[str, DiskFacts] = {}
-    for d in disks:
-        vm_side: Annotations | Unknown = NOT_READ
-        if d.vm_id is None:
-            vm_side = NO_VM
-        elif reads.vm:
-            vm_side = by_vm.get(d.vm_id, vm_partial)
-        out[d.id] = DiskFacts(by_disk[d.id], vm_side, frozenset({org.value}) if reads.organization else NOT_READ)
-    return out
-
-
-def assign_tiers(collected: Collected, rules: RuleSet) -> None:
-    """Decides each read disk's tier from its facts; a disk whose tier cannot be decided becomes unknown."""
-    if not rules.tiers:
-        return
-    for index, w in enumerate(collected.disks):
-        snap = w.snapshot
-        if snap.outcome is not ReadOutcome.OK or rules.has_override(snap.disk_id):
-            continue
-        facts = collected.facts.get(snap.disk_id)
-        error: RunError | None = None
-        try:
-            decision = decide(rules.tiers, facts) if facts is not None else None
-        except Exception as exc:  # the disk's fault boundary: no verdict rather than the defaults
-            code, message = internal_error(exc, where=f"deciding the tier of disk {snap.disk_id}")
-            decision = None
-            error = RunError(snap.disk_id, code, message)
-        if decision is None or decision.unknown is not None:
-            if error is None:
-                why = decision.unknown if decision is not None else "its annotations were not read"
-                error = RunError(snap.disk_id, TIER_UNKNOWN, _safe(f"disk {snap.disk_id}: {why}")[:500])
-            collected.disks[index] = DiskWrite(
-                DiskSnapshot(snap.disk, ReadOutcome.UNKNOWN, error_code=error.code, error_message=error.message),
-                w.source)
-            collected.errors.append(error)
-            continue
-        if decision is not DEFAULTS:
-            collected.disks[index] = DiskWrite(replace(snap, tier=decision), w.source)
-
-
-@dataclass(slots=True)
-class Collected:
-    """The raw result of reading every target."""
-
-    disks: list[DiskWrite]
+    run_id: str
+    trigger: str
+    started_at: datetime
+    finished_at: datetime
     errors: list[RunError]
-    retired: set[str]
-    targets_checked: int
-    facts: dict[str, DiskFacts] = field(default_factory=dict)  # what each disk's tier is decided from
-
-
-async def collect(
-    client: KatapultClient,
-    targets: Targets,
-    *,
-    known_sources: dict[str, str],
-    concurrency: int,
-    progress: Progress | None = None,
-    rules: RuleSet | None = None,
-) -> Collected:
-    """Reads every target; a disk is read once even if both an org and `audit.disks` name it.
-
-    `known_sources` maps disks audited before to their source; disks of an org whose listing failed stay known
-    (as unknown) rather than silently dropping out of the report. With tiers in `rules`, what decides each disk's
-    tier is read too (see `org_facts`, `per_disk_facts`) and the tiers are assigned (`assign_tiers`).
-    """
-    errors: list[RunError] = []
-    writes: dict[str, DiskWrite] = {}
-    facts: dict[str, DiskFacts] = {}
-    reads = TierReads.of(rules.tiers) if rules is not None else TierReads()
-
-    async def read_org(ref: str) -> tuple[str, list[DiskSnapshot] | None, RunError | None, dict[str, DiskFacts]]:
-        try:
-            org = OrgRef(ref)
-            disks, policies = await asyncio.gather(client.list_org_disks(org), client.list_org_policies(org))
-            found = await org_facts(client, org, disks, reads) if reads.any else {}
-            return ref, join_org(disks, policies), None, found
-        except KatapultError as exc:
-            return ref, None, _error_of(exc, ref), {}
-        except Exception as exc:  # the org's fault boundary: its disks become unknown, never resolved
-            code, message = internal_error(exc, where=f"reading organization {ref}")
-            return ref, None, RunError(ref, code, message), {}
-
-    for ref, snaps, err, found in await asyncio.gather(*(read_org(r) for r in targets.organizations)):
-        source = f"org:{ref}"
-        if snaps is None:
-            assert err is not None
-            errors.append(err)
-            for disk_id, known in known_sources.items():
-                if known == source and disk_id not in writes:
-                    writes[disk_id] = DiskWrite(
-                        unknown_snapshot(disk_id, err.code, f"organization {ref} could not be read: {err.message}"),
-                        source,
-                    )
-            continue
-        for snap in snaps:
-            if snap.disk_id not in writes:
-                writes[snap.disk_id] = DiskWrite(snap, source)
-                if snap.disk_id in found:
-                    facts[snap.disk_id] = found[snap.disk_id]
-
-    pending = [d for d in targets.disks if d not in writes or writes[d].snapshot.outcome is ReadOutcome.UNKNOWN]
-    total = len(pending)
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(done, total)
-
-    vm_policies = shared_vm_policies(client)
-    vm_lookup = shared_vm_lookups(client)
-
-    async def read_one(disk_id: str) -> tuple[DiskSnapshot, DiskFacts | None]:
-        snap = await read_disk(client, disk_id, vm_policies=vm_policies)
-        if not reads.any or snap.outcome is not ReadOutcome.OK or (rules is not None and rules.has_override(disk_id)):
-            return snap, None
-        try:
-            return snap, await per_disk_facts(snap.disk, reads, vm_lookup)
-        except Exception as exc:  # the disk's fault boundary
-            code, message = internal_error(exc, where=f"reading the tier facts of disk {disk_id}")
-            return unknown_snapshot(disk_id, code, message), None
-
-    for snap, disk_facts in await _bounded_map(read_one, pending, limit=concurrency * 2, progress=tick):
-        writes[snap.disk_id] = DiskWrite(snap, "config")
-        if disk_facts is not None:
-            facts[snap.disk_id] = disk_facts
-        if snap.outcome is ReadOutcome.UNKNOWN:
-            errors.append(RunError(snap.disk_id, snap.error_code or "unknown", snap.error_message or ""))
-
-    retired = {d for d in known_sources if d not in writes}
-    collected = Collected(list(writes.values()), errors, retired, len(targets.organizations) + len(targets.disks),
-                          facts)
-    if rules is not None:
-        assign_tiers(collected, rules)
-    return collected
-
-
-def run_status(collected: Collected) -> RunStatus:
-    """Returns complete when every target was read, failed when nothing was, else partial."""
-    if not collected.errors and all(w.snapshot.outcome is not ReadOutcome.UNKNOWN for w in collected.disks):
-        return RunStatus.COMPLETE
-    if collected.disks and any(w.snapshot.outcome is not ReadOutcome.UNKNOWN for w in collected.disks):
-        return RunStatus.PARTIAL
-    return RunStatus.FAILED
-
-
-def judge(collected: Collected, rules: RuleSet, *, now: datetime) -> list[Finding]:
-    """Returns every disk's findings; a disk whose rules raise becomes unknown (and its error is recorded)."""
-    findings: list[Finding] = []
-    for index, w in enumerate(collected.disks):
-        try:
-            findings.extend(evaluate(w.snapshot, rules, now=now))
-        except Exception as exc:  # rules are pure and total by design; this boundary is the second line
-            code, message = internal_error(exc, where=f"judging disk {w.snapshot.disk_id}")
-            collected.disks[index] = DiskWrite(unknown_snapshot(w.snapshot.disk_id, code, message), w.source)
-            collected.errors.append(RunError(w.snapshot.disk_id, code, message))
-    return findings
-
-
-def open_after(previous: dict[str, Any], changes: list[Change]) -> dict[str, int]:
-    """Returns open findings by severity after the run (changed ones plus untouched open ones)."""
-    state = {fp: f for fp, f in previous.items()}
-    for c in changes:
-        state[c.finding.fingerprint] = c.finding
-    out: dict[str, int] = {}
-    for f in state.values():
-        if f.status is FindingStatus.OPEN:
-            out[f.severity.value] = out.get(f.severity.value, 0) + 1
-    return out
+    stats: RunStats
 
 
 @dataclass(slots=True)
-class Verdicts:
-    """Every disk's verdict after a run, and the open findings by severity and rule (the run's history)."""
+class PendingFailures:
+    """Failed cycles waiting for the database, oldest first. It lives as long as whoever runs the cycles, not as
+    long as one cycle: a cycle that fails while the database is down is recorded by a later `record_failures`."""
 
-    disk_statuses: dict[str, str]
-    open_by_severity: dict[str, int]
-    open_by_rule: dict[str, int]
+    waiting: list[FailedCycle] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def __iter__(self) -> Iterator[FailedCycle]:
+        return iter(self.waiting)
 
 
-def verdicts_after(collected: Collected, previous: dict[str, Any], changes: list[Change]) -> Verdicts:
-    """Returns each disk's verdict after the run: unknown, exempt (its tier), noncompliant (an open finding),
-    waived, or compliant."""
-    state = {fp: f for fp, f in previous.items()}
-    for c in changes:
-        state[c.finding.fingerprint] = c.finding
-    open_disks: set[str] = set()
-    waived_disks: set[str] = set()
-    by_severity: dict[str, int] = {}
-    by_rule: dict[str, int] = {}
-    for f in state.values():
-        if f.status is FindingStatus.OPEN:
-            open_disks.add(f.disk_id)
-            by_severity[f.severity.value] = by_severity.get(f.severity.value, 0) + 1
-            by_rule[f.rule] = by_rule.get(f.rule, 0) + 1
-        elif f.status is FindingStatus.WAIVED:
-            waived_disks.add(f.disk_id)
-    statuses: dict[str, str] = {}
-    for w in collected.disks:
-        disk_id = w.snapshot.disk_id
-        if w.snapshot.outcome is ReadOutcome.UNKNOWN:
-            statuses[disk_id] = "unknown"
-        elif w.snapshot.tier.exempt:
-            statuses[disk_id] = "exempt"  # judged by no rule: never counted as compliant
-        elif disk_id in open_disks:
-            statuses[disk_id] = "noncompliant"
-        elif disk_id in waived_disks:
-            statuses[disk_id] = "waived"
-        else:
-            statuses[disk_id] = "compliant"
-    return Verdicts(statuses, by_severity, by_rule)
+async def run_cycle(services: Services, *, failures: PendingFailures | None = None, trigger: str = "manual",
+                    run_id: str | None = None, progress: Progress | None = None, wait: float = 0.0) -> AuditOutcome:
+    """Runs one audit cycle under the cycle lease and records it; returns what happened.
+
+    Never raises for Katapult trouble, a malformed response or a bug judging one disk (that disk is unknown).
+    Raises LeaseHeldError when another process runs a cycle (after waiting up to `wait` seconds). Any other
+    failure — the database, a bug outside the per-disk boundaries — ends the run `failed`, recorded with its
+    `audit-incomplete` alert now or, if the database cannot take it, kept in `failures` (with the failures
+    waiting there before it) for a later `record_failures`; without `failures`, a failure the database cannot
+    take now is logged and dropped.
+    """
+    assert services.client is not None, "run_cycle needs a Katapult client"
+    failures = failures if failures is not None else PendingFailures()
+    run_id = run_id or new_run_id()
+    began = time.monotonic()
+    now = services.clock()
+    try:
+        # Another process's cycle is not a failure of this one: no heartbeat ping, the holder pings its own.
+        await take_cycle_lease(services, run_id=run_id, wait=wait)
+    except StoreError as exc:
+        outcome = await _fail(services, failures, run_id, trigger, now, began,
+                              RunError("*", "database_unavailable", str(exc)))
+        return _finish(services, outcome)
+    # The cycle starts now, not when it began waiting for the lease: its poll time and start follow the wait.
+    began = time.monotonic()
+    now = services.clock()
+    _ping(services, "start", f"{trigger} run {run_id} starting")
+    renewer = asyncio.create_task(keep_cycle_lease(services), name=f"cycle-lease-{run_id[:8]}")
+    try:
+        outcome = await _cycle(services, run_id, trigger, now, began, progress)
+    except LeaseLostError as exc:
+        # Another process took over after our lease expired; it marks this run abandoned. Nothing is written.
+        log.error("audit run %s: %s", run_id, exc)
+        outcome = AuditOutcome(run_id, RunStatus.FAILED, now, now + _elapsed(began),
+                               errors=[RunError("*", "lease_lost", str(exc))], stats=_stats(services))
+    except StoreError as exc:
+        outcome = await _fail(services, failures, run_id, trigger, now, began,
+                              RunError("*", "database_unavailable", str(exc)))
+    except AuditorError as exc:
+        outcome = await _fail(services, failures, run_id, trigger, now, began,
+                              RunError("*", getattr(exc, "code", "error"), str(exc)[:500]))
+    except Exception as exc:  # a bug outside the per-disk boundaries: the run fails loudly, never silently
+        code, message = internal_error(exc, where=f"audit run {run_id}")
+        outcome = await _fail(services, failures, run_id, trigger, now, began, RunError("*", code, message))
+    finally:
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
+        await release_cycle_lease(services)
+    return _finish(services, outcome)
+
+
+async def record_failures(services: Services, *, failures: PendingFailures) -> int:
+    """Records failed cycles (run row and `audit-incomplete` alert) the database could not take before.
+
+    Returns how many are still waiting. Idempotent: the alert fires once while it is firing already.
+    """
+    settings = services.settings
+    while failures.waiting:
+        f = failures.waiting[0]
+        try:
+            # What must not be lost, alone in its transaction: the failed run and its audit-incomplete alert
+            # (it reads nothing else, so even a database missing the findings table takes it).
+            async with services.store.transaction() as tx:
+                await tx.run(writes.record_failed_run, f.run_id, trigger=f.trigger, started_at=f.started_at,
+                             finished_at=f.finished_at, errors=f.errors, stats=f.stats, owner=services.holder.id)
+                if settings.notifiers:
+                    plan = plan_notifications(notifiers=settings.notifiers, changes=[],
+                                              run_status=RunStatus.FAILED, errors=f.errors,
+                                              incomplete_fp=_incomplete_fp(services),
+                                              states=await tx.run(queries.alert_state_map), now=f.finished_at,
+                                              interval=settings.audit.interval)
+                    await tx.run(writes.enqueue, plan.entries, plan.states, run_id=f.run_id, now=f.finished_at)
+        except StoreError as exc:
+            log.error("could not record failed run %s yet (%s); %d failure(s) waiting, retrying",
+                      f.run_id, exc, len(failures))
+            return len(failures)
+        failures.waiting.pop(0)
+        await _keep_open_alerts_alive(services, f)
+    return 0
+
+
+def with_tiers(changes: list[Change], collected: Collected) -> list[Change]:
+    """Returns the changes with each new or reopened finding labelled with its disk's tier (`TrackedFinding.tier`);
+    other findings keep the label they opened with, so an alert resolves with the labels it fired with."""
+    tiers = {w.snapshot.disk_id: w.snapshot.tier.name for w in collected.disks if w.snapshot.tier.name}
+    return [replace(c, finding=replace(c.finding, tier=tiers.get(c.finding.disk_id)))
+            if c.previous is None or c.kind is Transition.REOPENED else c for c in changes]
+
+
+def log_cycle(outcome: AuditOutcome) -> None:
+    """Logs the one summary line of a cycle."""
+    log.info(
+        "audit run %s %s in %.1fs: %d targets, %d disks read, %d unknown, %d requests, %d retries, %d x 429, "
+        "%d findings opened, %d resolved, %d open",
+        outcome.run_id, outcome.status.value, outcome.duration, outcome.targets_checked, outcome.disks_ok,
+        outcome.disks_unknown, outcome.stats.requests, outcome.stats.retries, outcome.stats.rate_limited,
+        outcome.opened, outcome.resolved, sum(outcome.open_findings.values()),
+        extra={"run_id": outcome.run_id, "status": outcome.status.value, "duration_s": round(outcome.duration, 3),
+               "targets": outcome.targets_checked, "requests": outcome.stats.requests,
+               "rate_limited": outcome.stats.rate_limited, "opened": outcome.opened,
+               "resolved": outcome.resolved},
+    )
+
+
+# ---- the cycle's steps ----------------------------------------------------------------------------------
+
+
+async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, began: float,
+                 progress: Progress | None) -> AuditOutcome:
+    client, settings, store, rules = services.client, services.settings, services.store, services.rules
+    assert client is not None
+    abandoned = await store.write(writes.abandon_orphaned_runs, now=now)
+    if abandoned:
+        log.warning("marked %d run(s) left running by a process that is gone as failed: %s", len(abandoned),
+                    ", ".join(abandoned))
+    await store.write(writes.start_run, now=now, trigger=trigger, run_id=run_id, owner=services.holder.id)
+    client.stats.snapshot_and_reset()
+    known = await store.read(queries.target_sources)
+    collected = await collect(client, services.targets, known_sources=known,
+                              concurrency=settings.katapult.max_concurrency, progress=progress, rules=rules)
+    findings = judge(collected, rules, now=now)
+    valid_waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=now)
+    settled = {w.snapshot.disk_id for w in collected.disks if w.snapshot.outcome is not ReadOutcome.UNKNOWN}
+    status = run_status(collected)
+    stats = _stats(services)
+    finished = now + _elapsed(began)
+    async with store.transaction() as tx:
+        # The fence: renewing the lease inside the commit refuses the write if another process took over.
+        await tx.check_lease(services.holder, now=services.clock(), ttl=settings.daemon.leader_ttl)
+        previous = await tx.run(queries.active_findings, extra=(f.fingerprint for f in findings))
+        changes = with_tiers(reconcile(previous, findings, settled_disks=settled | collected.retired,
+                                       waivers=valid_waivers, now=now), collected)
+        history = verdicts_after(collected, previous, changes)
+        await tx.run(writes.write_cycle, CycleWrite(
+            run_id=run_id, now=now, status=status, targets_checked=collected.targets_checked, stats=stats,
+            errors=collected.errors, disks=collected.disks, changes=changes, retired_disks=collected.retired,
+            finished_at=finished, disk_statuses=history.disk_statuses,
+            open_by_severity=history.open_by_severity, open_by_rule=history.open_by_rule))
+        if settings.notifiers:
+            plan = plan_notifications(notifiers=settings.notifiers, changes=changes, run_status=status,
+                                      errors=collected.errors, incomplete_fp=_incomplete_fp(services),
+                                      states=await tx.run(queries.alert_state_map), now=now,
+                                      interval=settings.audit.interval, untouched=previous.values())
+            await tx.run(writes.enqueue, plan.entries, plan.states, run_id=run_id, now=now)
+    opened = sum(1 for c in changes if c.kind.value in ("opened", "reopened", "unwaived"))
+    resolved = sum(1 for c in changes if c.kind.value == "resolved")
+    return AuditOutcome(
+        run_id=run_id, status=status, started_at=now, finished_at=finished,
+        targets_checked=collected.targets_checked, disks_ok=len(settled),
+        disks_unknown=len(collected.disks) - len(settled), errors=collected.errors, stats=stats,
+        opened=opened, resolved=resolved, open_findings=open_after(previous, changes),
+        waiver_problems=problems, changes=changes, trigger=trigger,
+    )
+
+
+def _incomplete_fp(services: Services) -> str:
+    return incomplete_fingerprint(services.settings.audit.disks, services.settings.audit.organizations)
+
+
+def _stats(services: Services) -> RunStats:
+    if services.client is None:
+        return RunStats()
+    s = services.client.stats.snapshot_and_reset()
+    return RunStats(s.requests, s.retries, s.rate_limited, dict(s.by_status))
+
+
+async def _fail(services: Services, failures: PendingFailures, run_id: str, trigger: str, now: datetime,
+                began: float, error: RunError) -> AuditOutcome:
+    """Returns a failed outcome, recorded with its alert now or kept in `failures` until the database takes it."""
+    log.error("audit run %s failed: %s: %s", run_id, error.code, error.message)
+    failure = FailedCycle(run_id, trigger, now, now + _elapsed(began), [error], _stats(services))
+    failures.waiting.append(failure)
+    await record_failures(services, failures=failures)
+    return AuditOutcome(run_id, RunStatus.FAILED, now, failure.finished_at, errors=failure.errors,
+                        stats=failure.stats, trigger=trigger)
+
+
+async def _keep_open_alerts_alive(services: Services, f: FailedCycle) -> None:
+    """After a failed cycle, re-posts open findings to Alertmanager so it does not resolve them (best effort)."""
+    settings = services.settings
+    if not any(n.kind == "alertmanager" for n in settings.notifiers):
+        return
+    try:
+        async with services.store.transaction() as tx:
+            plan = plan_notifications(notifiers=settings.notifiers, changes=[],
+                                      run_status=RunStatus.FAILED, errors=f.errors,
+                                      incomplete_fp=_incomplete_fp(services),
+                                      states=await tx.run(queries.alert_state_map),
+                                      now=f.finished_at, interval=settings.audit.interval,
+                                      untouched=(await tx.run(queries.active_findings)).values())
+            await tx.run(writes.enqueue, plan.entries, plan.states, run_id=f.run_id, now=f.finished_at)
+    except StoreError as exc:
+        log.warning("after failed run %s: could not re-post open alerts to Alertmanager: %s", f.run_id, exc)
+
+
+def _finish(services: Services, outcome: AuditOutcome) -> AuditOutcome:
+    reason = "; ".join(f"{e.target}: {e.code}" for e in outcome.errors[:3]) or None
+    body = summary_line(status=outcome.status.value, targets=outcome.targets_checked,
+                        disks=outcome.disks_ok + outcome.disks_unknown, unknown=outcome.disks_unknown,
+                        opened=outcome.opened, resolved=outcome.resolved, requests=outcome.stats.requests,
+                        run_id=outcome.run_id, reason=reason if outcome.status is not RunStatus.COMPLETE else None)
+    _ping(services, "success" if outcome.status is RunStatus.COMPLETE else "fail", body)
+    log_cycle(outcome)
+    return outcome
+
+
+def _ping(services: Services, kind: str, body: str) -> None:
+    if services.heartbeat is None:
+        return
+    try:
+        getattr(services.heartbeat, kind)(body)
+    except Exception:  # the dead-man's switch never fails a cycle
+        log.exception("heartbeat %s could not be queued", kind)
+
+
+def _elapsed(began: float) -> timedelta:
+    return timedelta(seconds=time.monotonic() - began)
+
+
+__all__ = ["AuditOutcome", "FailedCycle", "PendingFailures", "log_cycle", "new_run_id", "record_failures",
+           "run_cycle", "with_tiers"]

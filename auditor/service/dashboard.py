@@ -1,4 +1,5 @@
-"""Read-side use cases for the web dashboard: the overview, findings search, runs, notifications and waivers.
+"""The dashboard's view models: the `Snapshot` the overview and findings pages show, the in-memory `FindingIndex`,
+banners, the notifications' and waivers' views. Pure: `queries` reads what goes in them.
 
 Every number the dashboard shows comes from here or from `reports` (the overview's summary *is* `build_report`'s),
 so a page and the JSON API never disagree. The overview and the findings pages read a `Snapshot`: everything they
@@ -11,16 +12,15 @@ import bisect
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
-from auditor.domain.alerts import Delivery, DeliveryState
+from auditor.domain.alerts import DeliveryState
 from auditor.domain.listings import SORT_KEYS, FindingListing, FindingSearch, RunPoint, SortKey
-from auditor.domain.models import Waiver, WaiverProblem
+from auditor.domain.models import FindingStatus, Waiver, WaiverProblem
 from auditor.domain.records import RunRecord, RunStatus
-from auditor.service.reports import EXPIRING_WITHIN, build_report
-from auditor.store import queries
-from auditor.store.repo import Store
+from auditor.service.reports import EXPIRING_WITHIN
+from auditor.vocabulary import format_duration
 
 TREND_DAYS = (7, 30, 90)
 DELIVERY_STATES = tuple(s.value for s in DeliveryState)
@@ -58,30 +58,16 @@ def run_banners(*, latest: RunRecord | None, last_good: RunRecord | None, now: d
             banners.append(Banner("overdue", "No audit run has completed yet."))
     elif now - last_good.finished_at > limit:
         age = now - last_good.finished_at
-        banners.append(Banner("overdue", f"Overdue: the last complete or partial run finished {human_age(age)} "
-                                         f"ago, more than twice the audit interval ({human_age(interval)})."))
+        banners.append(Banner("overdue", f"Overdue: the last complete or partial run finished "
+                                         f"{format_duration(age, style='age')} ago, more than twice the audit "
+                                         f"interval ({format_duration(interval, style='age')})."))
     return banners
-
-
-def human_age(delta: timedelta) -> str:
-    """Returns a duration as a short text: 45s, 12 min, 5 h 3 min, 3 d 4 h."""
-    seconds = max(int(delta.total_seconds()), 0)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes = seconds // 60
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h" if hours else f"{days} d"
 
 
 # The findings page answers from memory when the findings fit: at most this many rows (every status if they all fit,
 # else the open and waived ones, and views that include resolved findings are searched in SQL).
 INDEX_LIMIT = 20_000
-ALL_STATUSES = ("open", "waived", "resolved")
+OPEN_OR_WAIVED = (FindingStatus.OPEN.value, FindingStatus.WAIVED.value)
 REPORT_KEYS = ("generated_at", "last_run", "summary", "expiring_waivers", "waiver_problems", "drift")
 
 
@@ -203,64 +189,6 @@ class Snapshot:
         return run_banners(latest=self.latest, last_good=self.last_good, now=now, interval=interval)
 
 
-async def snapshot(store: Store, *, now: datetime, waivers: Sequence[Waiver] = (),
-                   waiver_problems: Sequence[WaiverProblem] = ()) -> Snapshot:
-    """Reads everything the overview and findings pages show (the report, trend history, findings, sources)."""
-    # First: the snapshot is at least as new as the run it is labelled with.
-    latest = await store.read(queries.latest_run)
-    report = await build_report(store, now=now, waivers=waivers, waiver_problems=waiver_problems)
-    last_good = await store.read(queries.last_successful_run)
-    history = await store.read(queries.run_points, since=now - timedelta(days=max(TREND_DAYS)))
-    sources = await store.read(queries.disk_sources)
-    tiers = await store.read(queries.disk_tiers)
-    counts = await store.read(queries.finding_status_counts)
-    index = None
-    if sum(counts.values()) <= INDEX_LIMIT:
-        index = FindingIndex(await store.read(queries.finding_listings, statuses=ALL_STATUSES), ALL_STATUSES)
-    elif counts.get("open", 0) + counts.get("waived", 0) <= INDEX_LIMIT:
-        active = ("open", "waived")
-        index = FindingIndex(await store.read(queries.finding_listings, statuses=active), active)
-    summary = report["summary"]
-    return Snapshot(built_at=now, latest=latest, last_good=last_good, report={k: report[k] for k in REPORT_KEYS},
-                    # Exempt disks are judged by no rule: outside the ratio, as in the period report.
-                    compliance_pct=compliance_pct(summary["compliant"],
-                                                  summary["disks_total"] - summary.get("exempt", 0)),
-                    unknown=[d for d in report["disks"] if d["status"] == "unknown"], history=history,
-                    sources=sources, index=index, tiers=tiers)
-
-
-async def findings_page(store: Store, search: FindingSearch, *, page: int,
-                          sources: list[str] | None = None, total: int | None = None) -> FindingsResult:
-    """Returns page `page` (from 1) of the findings matching `search`; a page past the end is the last one.
-
-    `sources` (the organization filter's choices) and `total` (how many match) are used if already known (e.g.
-    cached per run), else read.
-    """
-    size = search.limit
-    items, found = await store.read(queries.search_findings, _at_page(search, page), total=total)
-    pages = max(1, -(-found // size))
-    if page > pages:
-        page = pages
-        items, found = await store.read(queries.search_findings, _at_page(search, page), total=found)
-    if sources is None:
-        sources = await store.read(queries.disk_sources)
-    return FindingsResult(items=items, total=found, page=page, pages=pages, sources=sources,
-                          tiers=await store.read(queries.disk_tiers))
-
-
-async def count_findings(store: Store, search: FindingSearch) -> int:
-    """Returns how many findings match `search` (its order and page aside)."""
-    _items, total = await store.read(queries.search_findings, _at_page(search, 1, limit=1))
-    return total
-
-
-def _at_page(search: FindingSearch, page: int, *, limit: int | None = None) -> FindingSearch:
-    size = search.limit if limit is None else limit
-    return FindingSearch(statuses=search.statuses, rule=search.rule, severity=search.severity, org=search.org,
-                         text=search.text, sort=search.sort, descending=search.descending, tier=search.tier,
-                         offset=(max(page, 1) - 1) * size, limit=size)
-
-
 @dataclass(slots=True)
 class NotifierState:
     """How many outbox entries of one notifier are in each delivery state."""
@@ -274,25 +202,20 @@ class NotifierState:
         return sum(self.counts.values())
 
 
-async def notifications(store: Store, *, limit: int = 50) -> tuple[list[NotifierState], list[Delivery]]:
-    """Returns the delivery state per notifier (all entries) and the `limit` most recent entries."""
-    by_notifier: dict[str, NotifierState] = {}
-    for notifier, state, count in await store.read(queries.delivery_counts):
-        by_notifier.setdefault(notifier, NotifierState(notifier)).counts[state] = count
-    return [by_notifier[n] for n in sorted(by_notifier)], await store.read(queries.deliveries, limit=limit)
-
-
 @dataclass(frozen=True, slots=True)
 class WaiverView:
-    """The configured waivers: those that apply (soonest expiry first), those expiring soon, and the problems."""
+    """The configured waivers as of `today`: those that apply (soonest expiry first), those expiring soon, and the
+    problems."""
 
     active: list[Waiver]
     expiring: list[Waiver]
     problems: list[WaiverProblem]
+    today: date
 
 
 def waiver_view(waivers: Sequence[Waiver], problems: Sequence[WaiverProblem], *, now: datetime) -> WaiverView:
     """Returns the waivers page's lists; "expiring" is the report's `expiring_waivers` (within EXPIRING_WITHIN)."""
     horizon = (now + EXPIRING_WITHIN).date()
     active = sorted((w for w in waivers if w.is_valid(now=now)), key=lambda w: (w.expires, w.disk_id, w.rule))
-    return WaiverView(active=active, expiring=[w for w in active if w.expires <= horizon], problems=list(problems))
+    return WaiverView(active=active, expiring=[w for w in active if w.expires <= horizon], problems=list(problems),
+                      today=now.date())

@@ -1,32 +1,21 @@
-"""The compliance report (a public JSON contract) and its table/CSV/Markdown renderings, read from the store.
-
-Both read the same `queries.report_inputs`: `build_report` through the async `Store` (the API, the dashboard, the
-demo), `current_report` on a synchronous `Reader` for a one-shot command, so `auditor report` starts without
-asyncio, httpx or the notifiers (benchmarks/cli_start.py). This module imports only the domain at import time.
+"""The compliance report and the disk detail as JSON (a public contract: `auditor report --format json`, the API,
+the dashboard): pure functions of what `queries` read. The domain only at import time.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
-from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from auditor.domain.models import FindingStatus, ReadOutcome, TrackedFinding, Waiver, WaiverProblem
 from auditor.domain.records import DiskRecord, DiskStatus, DriftRecord, PolicyStateRecord, RunRecord
-from auditor.errors import SchemaError
 
 if TYPE_CHECKING:
-    from auditor.config import Settings
     from auditor.store import queries
-    from auditor.store.repo import Reader, Store
 
 EXPIRING_WITHIN = timedelta(days=7)
 DRIFT_WITHIN = timedelta(days=7)
-# What `services.check_schema` tells a read-only command to do about a missing or outdated database.
-SCHEMA_HINT = "run `auditor db upgrade` or start `auditor run` once"
 
 
 def iso(value: datetime | None) -> str | None:
@@ -81,68 +70,6 @@ def finding_json(f: TrackedFinding, *, with_resolution: bool = False) -> dict[st
 
 
 REPORTED_STATUSES = (FindingStatus.OPEN.value, FindingStatus.WAIVED.value)
-
-
-async def build_report(
-    store: Store, *, now: datetime, waivers: Sequence[Waiver] = (), waiver_problems: Sequence[WaiverProblem] = ()
-) -> dict[str, Any]:
-    """Returns the compliance report: last run, summary, disks and open/waived findings (no Katapult call)."""
-    from auditor.store import queries
-
-    inputs = await store.read(queries.report_inputs, now=now, drift_since=now - DRIFT_WITHIN)
-    return assemble_report(now=now, inputs=inputs, waivers=waivers, waiver_problems=waiver_problems)
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-@contextlib.contextmanager
-def _checked_reader(settings: Settings) -> Iterator[Reader]:
-    """Yields a synchronous reader of the configured database after the checks `open_services(settings,
-    katapult=False, migrate=False)` makes, with the same errors: SchemaError when the database is missing (never
-    created) or not at the code's revision, StoreError when it cannot be read. Nothing is written: a run left
-    `running` by a process that is gone reads as failed (`queries.run_view`)."""
-    from auditor.store import engine
-    from auditor.store.repo import Reader
-
-    url = settings.database.url.get_secret_value()
-    if url.startswith("sqlite") and engine.sqlite_file_missing(url):
-        raise SchemaError(f"database {engine.safe_url(url)} does not exist: check database.url, or {SCHEMA_HINT}")
-    reader = Reader(url)
-    try:
-        current = reader.revision()
-        if current != engine.SCHEMA_HEAD:
-            raise SchemaError(f"database {engine.safe_url(url)} is at schema revision {current or 'none'}, this "
-                              f"version needs {engine.SCHEMA_HEAD}: {SCHEMA_HINT}")
-        yield reader
-    finally:
-        reader.close()
-
-
-def current_report(settings: Settings, *, clock: Callable[[], datetime] = _utcnow,
-                   tier: str | None = None) -> dict[str, Any]:
-    """Returns `build_report`'s report for the configured database, read as `auditor report` reads it: on a
-    synchronous connection, with the checks and errors of `open_services(settings, katapult=False,
-    migrate=False)`."""
-    from auditor.domain.lifecycle import parse_waivers
-    from auditor.domain.rules import RULES
-    from auditor.store import queries
-
-    with _checked_reader(settings) as reader:
-        now = clock()
-        waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=now)
-        inputs = reader.read(queries.report_inputs, now=now, drift_since=now - DRIFT_WITHIN)
-        return assemble_report(now=now, inputs=inputs, waivers=waivers, waiver_problems=problems, tier=tier)
-
-
-def current_findings(settings: Settings, *, statuses: Sequence[str]) -> list[TrackedFinding]:
-    """Returns the findings with one of `statuses`, ordered by disk and fingerprint, read as `auditor findings`
-    reads them (see `current_report`)."""
-    from auditor.store import queries
-
-    with _checked_reader(settings) as reader:
-        return reader.read(queries.all_findings, statuses=statuses)
 
 
 def disk_status(disk: DiskRecord, findings: Sequence[TrackedFinding]) -> DiskStatus:
@@ -244,81 +171,6 @@ def _jsonable(raw: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, str | int | float | bool | type(None)) else str(v)) for k, v in raw.items()}
 
 
-CSV_COLUMNS = ("fingerprint", "rule", "severity", "status", "disk_id", "policy_id", "message", "first_seen",
-               "last_seen", "waiver_owner", "waiver_expires")
-
-
-# A text cell a spreadsheet would take for a formula (first character =, +, -, @ or tab) is written with a leading
-# apostrophe, so a disk named "=HYPERLINK(…)" in an export opened in a spreadsheet stays text ("CSV injection").
-# Control characters other than tab and newline are written as \xNN: the csv module leaves a lone CR unquoted
-# (our lines end in "\n"), and a reader would split the row there. Numbers are written as they are; None is empty.
-_FORMULA_START = ("=", "+", "-", "@", "\t")
-_CSV_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\t\n"}
-
-
-def csv_cell(value: Any) -> str:
-    """Returns one CSV cell: text a spreadsheet would evaluate is prefixed with an apostrophe, control characters
-    other than tab and newline are shown as \\xNN."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        text = value.translate(_CSV_CONTROL)
-        return "'" + text if text.startswith(_FORMULA_START) else text
-    return str(value)
-
-
-def report_csv(report: dict[str, Any]) -> str:
-    """Returns the report's findings as CSV (one row a finding)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for f in report["findings"]:
-        waiver = f.get("waiver") or {}
-        writer.writerow([csv_cell(v) for v in (
-            f["fingerprint"], f["rule"], f["severity"], f["status"], f["disk_id"], f["policy_id"], f["message"],
-            f["first_seen"], f["last_seen"], waiver.get("owner"), waiver.get("expires"))])
-    return buf.getvalue()
-
-
-def md_cell(text: Any, empty: str = "") -> str:
-    """Returns one markdown table cell: `|` escaped, newlines as spaces, other control characters as \\xNN."""
-    if text is None:
-        return empty
-    return str(text).replace("|", "\\|").replace("\n", " ").translate(_CSV_CONTROL)
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    """Returns the report as Markdown (summary, findings table, unknown disks)."""
-    s = report["summary"]
-    run = report["last_run"]
-    lines = ["# Backup-policy compliance report", "", f"Generated {report['generated_at']}."]
-    if run:
-        lines.append(f"Last run `{run['id']}` ({run['status']}) finished {run['finished_at'] or '(cut short)'}, "
-                     f"{run['api_requests']} API requests.")
-    else:
-        lines.append("No audit has run yet.")
-    lines += ["", "| disks | compliant | noncompliant | unknown | open findings |", "|---|---|---|---|---|",
-              f"| {s['disks_total']} | {s['compliant']} | {s['noncompliant']} | {s['unknown']} | "
-              f"{s['open_findings']} |", ""]
-    if report["findings"]:
-        lines += ["## Findings", "", "| severity | rule | disk | policy | status | message |",
-                  "|---|---|---|---|---|---|"]
-        for f in report["findings"]:
-            lines.append(f"| {f['severity']} | {f['rule']} | {md_cell(f['disk_id'])} | {md_cell(f['policy_id'])} | "
-                         f"{f['status']} | {md_cell(f['message'])} |")
-        lines.append("")
-    unknown = [d for d in report["disks"] if d["status"] == "unknown"]
-    if unknown:
-        lines += ["## Disks without a verdict", ""]
-        lines += [f"- {md_cell(d['disk_id'])}: {md_cell((d.get('error') or {}).get('message'))}" for d in unknown]
-        lines.append("")
-    if run and run["errors"]:
-        lines += ["## Errors in the last run", ""]
-        lines += [f"- {md_cell(e['target'])}: `{e['code']}` {md_cell(e['message'])}" for e in run["errors"]]
-        lines.append("")
-    return "\n".join(lines)
-
-
 def _state_json(p: PolicyStateRecord) -> dict[str, Any]:
     return {
         "policy_id": p.policy_id,
@@ -332,21 +184,6 @@ def _state_json(p: PolicyStateRecord) -> dict[str, Any]:
         "valid_from": iso(p.valid_from),
         "valid_to": iso(p.valid_to),
     }
-
-
-async def disk_detail(store: Store, disk_id: str) -> dict[str, Any] | None:
-    """Returns a disk's current policies, findings, snapshot history, drift and finding events; None if unknown."""
-    from auditor.store import queries
-
-    return detail_json(await store.read(queries.disk_history, disk_id))
-
-
-def current_disk_detail(settings: Settings, disk_id: str) -> dict[str, Any] | None:
-    """Returns `disk_detail` read as `auditor report` reads (`auditor history`), with the same checks and errors."""
-    from auditor.store import queries
-
-    with _checked_reader(settings) as reader:
-        return detail_json(reader.read(queries.disk_history, disk_id))
 
 
 def detail_json(history: queries.DiskHistory) -> dict[str, Any] | None:

@@ -1,7 +1,8 @@
 """Running cycles in this process: one at a time, scheduled or on demand, counted for /metrics.
 
-`CycleRunner` is the single-flight guard the daemon's scheduler and `POST /api/v1/audit` share; `CycleMetrics`
-holds what only the running process knows (cycle durations, Katapult traffic, failures in a row).
+`CycleRunner` is the single-flight guard the daemon's scheduler and `POST /api/v1/audit` share, and owns what
+lives across its cycles: the failed cycles waiting for the database (`PendingFailures`). `CycleMetrics` holds
+what only the running process knows (cycle durations, Katapult traffic, failures in a row).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from auditor.domain.records import RunStatus
 from auditor.errors import AuditorError, LeaseHeldError
-from auditor.service.cycle import AuditOutcome
+from auditor.service.cycle import AuditOutcome, PendingFailures, new_run_id, record_failures, run_cycle
+from auditor.service.leases import check_cycle_lease
 from auditor.service.services import Services
-from auditor.store.writes import new_run_id
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,6 @@ class CycleMetrics:
     buckets: tuple[float, ...] = DURATION_BUCKETS
     bucket_counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
     duration_sum: float = 0.0
-    duration_count: int = 0
     cycles: dict[str, int] = field(default_factory=dict)
     requests: int = 0
     retries: int = 0
@@ -47,13 +48,12 @@ class CycleMetrics:
     def _observe(self, seconds: float) -> None:
         self.bucket_counts[bisect.bisect_left(self.buckets, seconds)] += 1
         self.duration_sum += seconds
-        self.duration_count += 1
 
     def record(self, outcome: AuditOutcome) -> None:
         """Counts a cycle that ran to its end (complete, partial or failed) and its Katapult traffic."""
         self._observe(outcome.duration)
         status = outcome.status.value
-        self.consecutive_failed = self.consecutive_failed + 1 if status == "failed" else 0
+        self.consecutive_failed = self.consecutive_failed + 1 if status == RunStatus.FAILED else 0
         self.cycles[status] = self.cycles.get(status, 0) + 1
         self.requests += outcome.stats.requests
         self.retries += outcome.stats.retries
@@ -79,6 +79,7 @@ class CycleRunner:
         self.current: asyncio.Task[AuditOutcome | None] | None = None
         self.is_closing = False
         self.last_error: str | None = None
+        self.failures = PendingFailures()  # this process's failed cycles the database could not take yet
 
     @property
     def is_busy(self) -> bool:
@@ -105,13 +106,15 @@ class CycleRunner:
             raise AuditorError("the auditor is shutting down")
         if self.is_busy:
             return None
-        lease = await self.services.cycle_lease()
-        if lease is not None and lease.holder != self.services.holder.id and lease.is_live(self.services.clock()):
-            raise LeaseHeldError(f"an audit cycle is running in another process: {lease.describe()}",
-                                 holder=f"{lease.host} pid {lease.pid}",
-                                 since=lease.acquired_at.isoformat(timespec="seconds"))
+        await check_cycle_lease(self.services)
         run_id = new_run_id()
         return run_id if self.start("api", run_id=run_id) is not None else None
+
+    async def record_failures(self) -> int:
+        """Records this runner's failed cycles the database could not take yet; returns how many still wait."""
+        if not self.failures:
+            return 0
+        return await record_failures(self.services, failures=self.failures)
 
     async def tick(self) -> None:
         """The scheduled job: runs a cycle unless one is already running (then this slot is skipped)."""
@@ -130,8 +133,11 @@ class CycleRunner:
     async def _cycle(self, trigger: str, run_id: str | None) -> AuditOutcome | None:
         """Runs one cycle; a failure is logged and counted, never raised (the next cycle tries again)."""
         began = time.monotonic()
+        # The whole cycle, its follow-up included, runs on the Services in force when it started: a reload
+        # (the daemon swapping `self.services`) takes effect from the next cycle.
+        services = self.services
         try:
-            outcome = await self.services.run_cycle(trigger=trigger, run_id=run_id)
+            outcome = await run_cycle(services, failures=self.failures, trigger=trigger, run_id=run_id)
         except LeaseHeldError as exc:
             log.info("audit cycle (%s) skipped: %s", trigger, exc)
             return None
@@ -142,11 +148,11 @@ class CycleRunner:
             self.last_error = f"{type(exc).__name__}: {exc}"
             return None
         self.cycles.record(outcome)
-        self.last_error = None if outcome.status.value != "failed" else "; ".join(
+        self.last_error = None if outcome.status is not RunStatus.FAILED else "; ".join(
             f"{e.code}: {e.message}" for e in outcome.errors[:3])
         if self.on_cycle is not None:
             try:
-                await self.on_cycle(self.services, outcome)
+                await self.on_cycle(services, outcome)
             except Exception:  # the cycle is recorded; a failing follow-up must not turn it into an error
                 log.exception("after audit run %s: the follow-up step failed", outcome.run_id)
         return outcome

@@ -8,13 +8,13 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from auditor.domain.records import RunRecord
-from auditor.store import queries
+from auditor.service.queries import read_latest_run
 
 if TYPE_CHECKING:
-    from auditor.store.repo import Store
+    from auditor.service.services import Services
 
 T = TypeVar("T")
 
@@ -59,33 +59,23 @@ def data_version(run: RunRecord | None, now: datetime) -> Hashable:
     return (run.id, run.finished_at) if run else None, now.date()
 
 
-class VersionSource(Protocol):
-    """Where the version is read (the API's and the dashboard's `ApiDeps`)."""
-
-    @property
-    def store(self) -> Store: ...
-    @property
-    def clock(self) -> Callable[[], datetime]: ...
-    @property
-    def version_ttl(self) -> float: ...
-
-
 class DataVersion:
-    """The data's current version, looked up at most every `version_ttl` (the daemon: 1 s; 0: every time).
+    """The data's current version, looked up at most every `ttl` seconds (the daemon: 1 s; 0: every time).
 
     Requests that find it due at the same time share one lookup (at 20 concurrent requests, one query a second
     instead of a burst of 20 that would each check out a database connection).
     """
 
-    def __init__(self, source: VersionSource) -> None:
-        self.source = source
+    def __init__(self, services: Services, *, ttl: float) -> None:
+        self.services = services
+        self.ttl = ttl
         self._value: Hashable = None
         self._checked = -1.0
         self._lookups = SingleFlight()
 
     async def get(self) -> tuple[Hashable, float]:
         """Returns the current version and when (time.monotonic()) it was looked up."""
-        ttl = self.source.version_ttl
+        ttl = self.ttl
         if ttl <= 0:
             return await self._lookup()  # every request its own look: what it gets is never older than it
         if time.monotonic() - self._checked < ttl:
@@ -94,7 +84,7 @@ class DataVersion:
 
     async def _lookup(self) -> tuple[Hashable, float]:
         checked = time.monotonic()
-        value = data_version(await self.source.store.read(queries.latest_run), self.source.clock())
+        value = data_version(await read_latest_run(self.services), self.services.clock())
         if checked > self._checked:
             self._value, self._checked = value, checked
         return value, checked

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from auditor.errors import StoreError
+from auditor.errors import SchemaError, StoreError
 
 if TYPE_CHECKING:  # Alembic is imported only where migrations run: read-only commands start faster without it
     from alembic.config import Config as AlembicConfig
@@ -15,7 +15,10 @@ if TYPE_CHECKING:  # Alembic is imported only where migrations run: read-only co
 
 # The code's schema revision: the newest file in migrations/versions (a test checks it is Alembic's head). Read-only
 # commands compare the database with it without loading Alembic.
-SCHEMA_HEAD = "0005"
+SCHEMA_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006")  # every revision this code knows, oldest first
+SCHEMA_HEAD = SCHEMA_REVISIONS[-1]
+# What a command tells the operator to do about a database that is missing or behind the code.
+SCHEMA_HINT = "run `auditor db upgrade` or start `auditor run` once"
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +181,22 @@ def store_error(exc: Exception, database: str) -> StoreError:
     return StoreError(f"database {database}: {first[:300]}")
 
 
+def schema_error(url: str, current: str | None, *, hint: str = SCHEMA_HINT,
+                 exists: bool = True) -> SchemaError | None:
+    """Returns why a database at schema revision `current` cannot be used by this code (None at the head): it does
+    not exist, it is behind the code (an upgrade fixes that), or at a revision this code does not know, which a
+    newer auditor wrote."""
+    if not exists:
+        return SchemaError(f"database {safe_url(url)} does not exist: check database.url, or {hint}")
+    if current == SCHEMA_HEAD:
+        return None
+    if current is not None and current not in SCHEMA_REVISIONS:
+        return SchemaError(f"database schema {current} is newer than this auditor, which knows up to {SCHEMA_HEAD}: "
+                           "upgrade the auditor")
+    return SchemaError(f"database {safe_url(url)} is at schema revision {current or 'none'}, this version needs "
+                       f"{SCHEMA_HEAD}: {hint}")
+
+
 def _translate(exc: Exception, url: str) -> StoreError:
     return store_error(exc, safe_url(url))
 
@@ -188,6 +207,8 @@ async def _migrate(url: str, action: str, revision: str) -> None:
     from sqlalchemy import text
     from sqlalchemy.exc import SQLAlchemyError
 
+    from auditor.store.queries import schema_revision
+
     cfg = alembic_config(url)
     engine = create_engine_for(url)
     try:
@@ -196,6 +217,10 @@ async def _migrate(url: str, action: str, revision: str) -> None:
                 # Replicas starting together on a fresh database: one migrates, the others wait and then find
                 # the schema at head (PostgreSQL's DDL is transactional; the lock ends with this transaction).
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+            current = await conn.run_sync(schema_revision)
+            if current is not None and current not in SCHEMA_REVISIONS:
+                # A newer auditor migrated it: Alembic would fail on the unknown revision; nothing can be done here.
+                raise schema_error(url, current) or SchemaError(current)
             await conn.run_sync(_run, cfg, action, revision)
     except (SQLAlchemyError, OSError) as exc:
         raise _translate(exc, url) from None

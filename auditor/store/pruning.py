@@ -9,6 +9,8 @@ from sqlalchemy import and_, delete, exists
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
+from auditor.domain.alerts import DeliveryState
+from auditor.domain.lifecycle import Transition
 from auditor.domain.records import RunStatus
 from auditor.store import queries
 from auditor.store.queries import chunks
@@ -30,15 +32,16 @@ def _plans(before: datetime, kept: list[str]) -> list[tuple[str, Any, Any, Colum
         ("disk_states", disk_states, disk_states.c.id,
          and_(disk_states.c.valid_to.is_not(None), disk_states.c.valid_to < before)),
         ("finding_events", finding_events, e.id, and_(e.at < before, exists().where(
-            resolved.c.fingerprint == e.fingerprint, resolved.c.kind == "resolved", resolved.c.at >= e.at,
-            resolved.c.at < before))),
+            resolved.c.fingerprint == e.fingerprint, resolved.c.kind == Transition.RESOLVED.value,
+            resolved.c.at >= e.at, resolved.c.at < before))),
         ("drift_events", drift_events, drift_events.c.id, drift_events.c.at < before),
         ("policy_states", policy_states, policy_states.c.id,
          and_(policy_states.c.valid_to.is_not(None), policy_states.c.valid_to < before)),
         ("audit_runs", runs, runs.c.id,
          and_(runs.c.started_at < before, runs.c.status != RunStatus.RUNNING.value, runs.c.id.not_in(kept))),
         ("outbox", outbox, outbox.c.id,
-         and_(outbox.c.state.in_(["delivered", "failed"]), outbox.c.created_at < before)),
+         and_(outbox.c.state.in_([DeliveryState.DELIVERED.value, DeliveryState.FAILED.value]),
+              outbox.c.created_at < before)),
     ]
 
 

@@ -34,6 +34,7 @@ from auditor.domain.models import FindingStatus, ReadOutcome, Severity, TrackedF
 from auditor.domain.periods import LifecycleEvent, Verdict
 from auditor.domain.records import (
     DiskRecord,
+    DiskStatus,
     DriftRecord,
     FindingEventRecord,
     PolicyStateRecord,
@@ -54,6 +55,7 @@ from auditor.store.tables import (
     leases,
     outbox,
     policy_states,
+    revoked_sessions,
     run_summaries,
     runs,
 )
@@ -161,6 +163,17 @@ def schema_revision(conn: Connection) -> str | None:
         return None
     row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
     return str(row[0]) if row else None
+
+
+# ---- dashboard sessions -----------------------------------------------------------------------------------------
+
+
+def revoked_session_ids(conn: Connection, sids: Sequence[str], *, now: datetime) -> set[str]:
+    """Returns which of the session ids were revoked (logged out) and would not have expired yet at `now`."""
+    if not sids:
+        return set()
+    c = revoked_sessions.c
+    return set(conn.execute(select(c.sid).where(c.sid.in_(list(sids)), c.expires_at > now)).scalars())
 
 
 # ---- leases and runs -------------------------------------------------------------------------------------------
@@ -418,12 +431,12 @@ def disk_status_counts(conn: Connection) -> dict[str, int]:
     """Returns the number of target disks per report status (compliant / noncompliant / unknown)."""
     has_open = select(findings.c.disk_id).where(findings.c.status == FindingStatus.OPEN.value).distinct().subquery()
     status = case(
-        (disks.c.outcome == ReadOutcome.UNKNOWN.value, "unknown"),
-        (disks.c.id.in_(select(has_open.c.disk_id)), "noncompliant"),
-        else_="compliant",
+        (disks.c.outcome == ReadOutcome.UNKNOWN.value, DiskStatus.UNKNOWN.value),
+        (disks.c.id.in_(select(has_open.c.disk_id)), DiskStatus.NONCOMPLIANT.value),
+        else_=DiskStatus.COMPLIANT.value,
     )
     q = select(status, func.count()).where(disks.c.is_target.is_(True)).group_by(status)
-    out = {"compliant": 0, "noncompliant": 0, "unknown": 0}
+    out: dict[str, int] = dict.fromkeys((DiskStatus.COMPLIANT, DiskStatus.NONCOMPLIANT, DiskStatus.UNKNOWN), 0)
     out.update({str(k): int(v) for k, v in conn.execute(q).all()})
     return out
 

@@ -231,3 +231,12 @@ disk_states = Table(
     Index("ix_disk_states_disk_current", "disk_id", "valid_to"),
     Index("ix_disk_states_window", "valid_from", "valid_to"),
 )
+
+# Dashboard sessions ended before their expiry (logged out): a signed cookie would otherwise stay valid until then.
+# One row per session id, kept until the session would have expired anyway (then pruned: the cookie is dead).
+revoked_sessions = Table(
+    "revoked_sessions", metadata,
+    Column("sid", String(64), primary_key=True),
+    _utc("expires_at", index=True),
+    _utc("revoked_at"),
+)

@@ -41,9 +41,11 @@ from auditor.store.tables import (
     findings,
     outbox,
     policy_states,
+    revoked_sessions,
     run_summaries,
     runs,
 )
+from auditor.vocabulary import DiskVerdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,13 @@ class CycleWrite:
     disk_statuses: dict[str, str] = field(default_factory=dict)
     open_by_severity: dict[str, int] = field(default_factory=dict)
     open_by_rule: dict[str, int] = field(default_factory=dict)
+
+
+def revoke_session(conn: Connection, sid: str, *, expires: datetime, now: datetime) -> int:
+    """Records a dashboard session as revoked until it would have expired, and deletes the revocations of sessions
+    that have expired by `now` (their cookies are refused anyway); returns how many were deleted."""
+    insert_if_absent(conn, revoked_sessions, {"sid": sid, "expires_at": expires, "revoked_at": now})
+    return rowcount(conn.execute(delete(revoked_sessions).where(revoked_sessions.c.expires_at <= now)))
 
 
 def new_run_id() -> str:
@@ -421,16 +430,17 @@ def _write_history(conn: Connection, cycle: CycleWrite, *, unchanged: set[str]) 
     """Writes the run's summary row and each disk's verdict by change (a chunk of disks at a time; the verdicts of
     the `unchanged` are the stored ones)."""
     now = cycle.now
-    counts = {"compliant": 0, "waived": 0, "noncompliant": 0, "unknown": 0, "exempt": 0}
+    counts = dict.fromkeys(DiskVerdict, 0)
     for status in cycle.disk_statuses.values():
-        counts[status] = counts.get(status, 0) + 1
+        counts[DiskVerdict(status)] += 1
     finished = cycle.finished_at or now
     conn.execute(insert(run_summaries).values(
         run_id=cycle.run_id, started_at=now, finished_at=finished, status=cycle.status.value,
         disks_total=len(cycle.disk_statuses),
         # As in the report: a disk whose findings are all waived is compliant.
-        disks_compliant=counts["compliant"] + counts["waived"], disks_noncompliant=counts["noncompliant"],
-        disks_unknown=counts["unknown"], disks_exempt=counts["exempt"],
+        disks_compliant=counts[DiskVerdict.COMPLIANT] + counts[DiskVerdict.WAIVED],
+        disks_noncompliant=counts[DiskVerdict.NONCOMPLIANT], disks_unknown=counts[DiskVerdict.UNKNOWN],
+        disks_exempt=counts[DiskVerdict.EXEMPT],
         open_by_severity=dict(cycle.open_by_severity), open_by_rule=dict(cycle.open_by_rule),
         requests=cycle.stats.requests, duration_seconds=max((finished - now).total_seconds(), 0.0)))
     for chunk in chunks(sorted(d for d in cycle.disk_statuses if d not in unchanged), batch(conn)):

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from auditor.domain.listings import RunPoint
 from auditor.domain.models import Severity
+from auditor.domain.records import RunStatus
 from auditor.service.dashboard import compliance_pct
 
 WIDTH, HEIGHT = 480.0, 220.0
@@ -129,7 +130,7 @@ def _gaps(runs: Sequence[RunPoint], *, start: datetime, end: datetime, gap: time
 
 
 def _has_data(run: RunPoint) -> bool:
-    return run.status != "failed" and run.disks_total > 0
+    return run.status != RunStatus.FAILED and run.disks_total > 0
 
 
 def _segments(runs: Sequence[RunPoint], *, gap: timedelta) -> list[list[RunPoint]]:

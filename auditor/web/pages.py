@@ -1,7 +1,8 @@
 """The dashboard's routes: server-rendered pages over the service's read side, login, and "Run audit now".
 
-No business logic: every number comes from `auditor.service.reports` / `auditor.service.dashboard`, the same code
-the JSON API uses. Pages never show a secret: the token is only compared, and nothing here reads settings.
+No business logic: every number comes from the service's queries (`auditor.service.queries`, shaped by `reports`
+and `dashboard`), the same code the JSON API uses. Pages never show a secret: the token is only compared, and the
+only setting read here is audit.interval.
 """
 
 from __future__ import annotations
@@ -21,24 +22,33 @@ from fastapi.routing import APIRoute
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup, escape
 
-from auditor.domain.listings import SORT_KEYS, FindingSearch, SortKey
+from auditor.domain.listings import ALL_STATUSES, SORT_KEYS, FindingSearch, SortKey
 from auditor.domain.models import Severity
 from auditor.domain.rules import RULES
 from auditor.errors import AuditorError, LeaseHeldError, StoreError
-from auditor.service import dashboard
-from auditor.service.reports import disk_detail, iso
+from auditor.service import dashboard, queries
+from auditor.service.reports import iso
 from auditor.service.versions import DataVersion, SingleFlight, data_version
-from auditor.store import queries
-from auditor.web.auth import SESSION_COOKIE, SESSION_TTL, Session, Signer, is_https, safe_next
+from auditor.vocabulary import format_duration
+from auditor.web.auth import (
+    SESSION_COOKIE,
+    SESSION_TTL,
+    Revocations,
+    Session,
+    Signer,
+    client_address,
+    is_https,
+    safe_next,
+    trusted_networks,
+)
 from auditor.web.charts import compliance_chart, severity_chart
-from auditor.web.snapshots import LRU, Built, Slotted, Snapshots, off_loop, slot
+from auditor.web.snapshots import LRU, Built, Slotted, Snapshots, slot
 
-if TYPE_CHECKING:  # only a type: importing auditor.api here would import this module back through create_app
+if TYPE_CHECKING:  # only types: importing auditor.api here would import this module back through create_app
     from auditor.api.deps import ApiDeps
-    from auditor.store.repo import Store
+    from auditor.service.services import Services
 
-FINDING_STATUSES = {"open": ("open",), "waived": ("waived",), "resolved": ("resolved",),
-                    "all": ("open", "waived", "resolved")}
+FINDING_STATUSES = {**{s: (s,) for s in ALL_STATUSES}, "all": ALL_STATUSES}
 PAGE_SIZES = ("10", "25", "50", "100")
 MAX_FORM = 8192  # bytes: a login or CSRF form is a few hundred
 MAX_TEXT = 200
@@ -76,8 +86,7 @@ def _environment() -> Environment:
 def _duration(run: Any) -> str:
     if run.finished_at is None:
         return "—"
-    seconds = (run.finished_at - run.started_at).total_seconds()
-    return f"{seconds:.2f}s" if seconds < 10 else f"{seconds:.0f}s"
+    return format_duration(run.finished_at - run.started_at, style="elapsed")
 
 
 def _text(value: str | None, *, name: str) -> str | None:
@@ -155,7 +164,13 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
     """Returns the dashboard: /, /findings, /disks/{id}, /runs, /notifications, /waivers, /login, /logout, /audit."""
     env = _environment()
     signer = Signer(deps.token)
-    version = DataVersion(deps)
+    services = deps.services
+    revocations = Revocations(services, ttl=timedelta(seconds=deps.revocation_ttl))
+    throttle = deps.logins
+    proxies = trusted_networks(services.settings.api.trusted_proxies)
+    clock = services.clock
+    interval = services.settings.audit.interval
+    version = DataVersion(services, ttl=deps.version_ttl)
     macros: Any = env.get_template("macros.html").module
     css = resources.files("auditor.web").joinpath("static", STYLESHEET).read_bytes()
     css_version = hashlib.sha256(css).hexdigest()[:12]
@@ -166,7 +181,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
 
     def render(request: Request, name: str, *, viewer: Session | None, status: int = 200,
                **context: Any) -> HTMLResponse:
-        now = deps.clock()
+        now = clock()
         page = html(name, request_path=request.url.path, viewer=viewer,
                     csrf=signer.csrf(viewer) if viewer is not None else "", read_at=iso(now), **context)
         return HTMLResponse(page, status_code=status)
@@ -176,7 +191,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
         return Slotted(html(name, viewer=SIGNED_IN, csrf=slot("csrf"), read_at=slot("read_at"), **context))
 
     def send(viewer: Session, page: Slotted, **values: str | bytes) -> HTMLResponse:
-        return HTMLResponse(page.fill({"csrf": signer.csrf(viewer), "read_at": iso(deps.clock()) or "", **values}))
+        return HTMLResponse(page.fill({"csrf": signer.csrf(viewer), "read_at": iso(clock()) or "", **values}))
 
     # ---- the snapshot of the data and the pages rendered from it ------------------------------------------
     # One snapshot per data version (the latest run, the UTC day): read and prepared in a worker thread, once, for
@@ -184,18 +199,15 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
     # served with the viewer's CSRF token and the time filled in; a new snapshot drops them.
 
     async def build_snapshot() -> tuple[Hashable, dashboard.Snapshot, dict[str, bytes]]:
-        now = deps.clock()
-        waivers, problems = deps.waivers()
-
-        async def read(store: Store) -> tuple[dashboard.Snapshot, dict[str, bytes]]:
-            snap = await dashboard.snapshot(store, now=now, waivers=waivers, waiver_problems=problems)
+        async def read_with_rows(own: Services) -> tuple[dashboard.Snapshot, dict[str, bytes]]:
+            snap = await queries.read_snapshot(own)
             # Each finding's table row, rendered (and encoded) here too: a findings page joins 50 of them.
             rows = {item.finding.fingerprint: str(macros.finding_row(item)).encode()
                     for item in (snap.index.items if snap.index is not None else ())}
             return snap, rows
 
-        snap, rows = await off_loop(deps.store, read)
-        return data_version(snap.latest, now), snap, rows
+        snap, rows = await queries.off_loop(services, read=read_with_rows)
+        return data_version(snap.latest, snap.built_at), snap, rows
 
     snapshots = Snapshots(build_snapshot)
     overview_pages: LRU[tuple[int, int], tuple[datetime, Slotted]] = LRU(size=OVERVIEW_CACHE_SIZE)
@@ -222,7 +234,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
         """Renders the overview with its trend window ending at `now` (in a worker thread: the charts are CPU)."""
         snap = built.snapshot
         trend, start = snap.trend(days=days, now=now)
-        gap = 2 * deps.interval
+        gap = 2 * interval
         return slotted("overview.html", nav="overview", days=days, trend_days=dashboard.TREND_DAYS,
                        severities=[s.value for s in reversed(Severity)], report=snap.report,
                        compliance_pct=snap.compliance_pct, unknown=snap.unknown, trend_runs=len(trend),
@@ -250,18 +262,31 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
             return held[1]
         return await asyncio.shield(flight)
 
-    def session_of(request: Request) -> Session | None:
-        return signer.verify(request.cookies.get(SESSION_COOKIE), now=deps.clock())
+    async def session_of(request: Request) -> Session | None:
+        """Returns the request's session: signed by us, not expired and (when guarded) not logged out."""
+        now = clock()
+        session = signer.verify(request.cookies.get(SESSION_COOKIE), now=now)
+        # Only a guarded dashboard's sessions are revoked: an open one's carry nothing but the CSRF binding.
+        if session is not None and signer.is_guarded and await revocations.is_revoked(session, now=now):
+            session = None
+        request.state.viewer = session
+        return session
 
-    def viewer_of(request: Request) -> Session:
+    def known_viewer(request: Request) -> Session | None:
+        """The session this request was found to have (None if not looked at yet): for error pages, which must
+        not ask the database again (it may be why they are shown)."""
+        viewer: Session | None = getattr(request.state, "viewer", None)
+        return viewer
+
+    async def viewer_of(request: Request) -> Session:
         """Returns the viewer's session: login first when guarded; an open dashboard hands one out."""
-        session = session_of(request)
+        session = await session_of(request)
         if session is not None:
             return session
         if signer.is_guarded:
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             raise _LoginRequired(target)
-        session, cookie = signer.issue(now=deps.clock())
+        session, cookie = signer.issue(now=clock())
         request.state.new_session = cookie
         return session
 
@@ -277,10 +302,10 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
                 except _LoginRequired as exc:
                     response = RedirectResponse(f"/login?{urlencode({'next': exc.target})}", status_code=303)
                 except BadRequest as exc:
-                    response = render(request, "error.html", viewer=session_of(request), status=400,
+                    response = render(request, "error.html", viewer=known_viewer(request), status=400,
                                       title="Bad request", message=str(exc))
                 except StoreError as exc:
-                    response = render(request, "error.html", viewer=session_of(request), status=503,
+                    response = render(request, "error.html", viewer=known_viewer(request), status=503,
                                       title="Database unavailable", message=f"The database does not answer: {exc}")
                 cookie = getattr(request.state, "new_session", None)
                 if cookie is not None:
@@ -303,7 +328,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
     @router.get("/login")
     async def login_form(request: Request) -> Response:
         target = safe_next(request.query_params.get("next"))
-        if not signer.is_guarded or session_of(request) is not None:
+        if not signer.is_guarded or await session_of(request) is not None:
             return RedirectResponse(target, status_code=303)
         return render(request, "login.html", viewer=None, next=target, failed=False)
 
@@ -313,20 +338,35 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
         target = safe_next(form.get("next"))
         if not signer.is_guarded:
             return RedirectResponse(target, status_code=303)
+        now = clock()
+        address = client_address(request.client.host if request.client else None,
+                                 request.headers.get("x-forwarded-for"), trusted=proxies)
+        wait = throttle.retry_after(address, now=now)
+        if wait is not None:
+            # Refused before the token is looked at: while an address waits, not even the right token opens.
+            response = render(request, "login.html", viewer=None, status=429, next=target, failed=False,
+                              retry_after=wait)
+            response.headers["Retry-After"] = str(wait)
+            return response
         if not signer.check_token(form.get("token", "")):
+            throttle.failed(address, now=now)
             # The submitted text is never echoed back: it may be a near-miss of the real token.
             return render(request, "login.html", viewer=None, status=401, next=target, failed=True)
-        _session, cookie = signer.issue(now=deps.clock())
+        throttle.succeeded(address)
+        _session, cookie = signer.issue(now=now)
         request.state.new_session = cookie
         return RedirectResponse(target, status_code=303)
 
     @router.post("/logout")
     async def logout(request: Request) -> Response:
         form = await _form(request)
-        session = session_of(request)
+        session = await session_of(request)
         if session is not None and not signer.check_csrf(session, form.get("csrf")):
             return render(request, "error.html", viewer=session, status=403, title="Forbidden",
                           message="The form was not sent by this dashboard (missing or wrong CSRF token).")
+        if session is not None and signer.is_guarded:
+            # Ended on the server: the cookie, if replayed, is refused by every replica (not just forgotten here).
+            await revocations.revoke(session)
         response = RedirectResponse("/login" if signer.is_guarded else "/", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict",
                                secure=is_https(request.url.scheme, request.headers.get("x-forwarded-proto")))
@@ -336,23 +376,23 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
 
     @router.get("/")
     async def overview(request: Request) -> Response:
-        viewer = viewer_of(request)
+        viewer = await viewer_of(request)
         days = int(_choice(request.query_params.get("days"), [str(d) for d in dashboard.TREND_DAYS], name="days",
                            default="7") or 7)
         built = await current()
-        now = deps.clock()
+        now = clock()
         page = await overview_page(built, days, now)
         # What moves with the clock, per request: the banners (overdue) and the last good run's age.
         snap = built.snapshot
-        banners = Markup("\n").join(macros.banner(b) for b in snap.banners(now=now, interval=deps.interval))
+        banners = Markup("\n").join(macros.banner(b) for b in snap.banners(now=now, interval=interval))
         good = snap.last_good.finished_at if snap.last_good is not None else None
-        age = f"{dashboard.human_age(now - good)} ago" if good is not None else "never"
+        age = f"{format_duration(now - good, style='age')} ago" if good is not None else "never"
         return send(viewer, page, banners=str(banners), last_good_ago=str(escape(age)))
 
     @router.post("/audit")
     async def run_audit(request: Request) -> Response:
         form = await _form(request)
-        session = session_of(request)
+        session = await session_of(request)
         if not signer.check_csrf(session, form.get("csrf")):
             return render(request, "error.html", viewer=session, status=403, title="Forbidden",
                           message="The form was not sent by this dashboard (missing or wrong CSRF token). "
@@ -369,7 +409,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
 
     @router.get("/findings")
     async def findings(request: Request) -> Response:
-        viewer = viewer_of(request)
+        viewer = await viewer_of(request)
         q = request.query_params
         status = _choice(q.get("status"), FINDING_STATUSES, name="status", default="open") or "open"
         sort = _choice(q.get("sort"), SORT_KEYS, name="sort", default="severity") or "severity"
@@ -425,13 +465,13 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
         """A findings search the snapshot's index does not cover, in SQL, and its rows (memoized per snapshot)."""
 
         async def count() -> int:
-            return await dashboard.count_findings(deps.store, search)
+            return await queries.count_findings(services, search=search)
 
         async def build() -> tuple[dashboard.FindingsResult, bytes]:
             # The total depends on the filters only: counted once for all their orders and pages.
             filters_only = (search.statuses, search.rule, search.severity, search.org, search.text, search.tier)
-            result = await dashboard.findings_page(
-                deps.store, search, page=page, sources=built.snapshot.sources,
+            result = await queries.read_search_page(
+                services, search=search, page=page, sources=built.snapshot.sources,
                 total=await sql_counts.get(("count", filters_only, built.serial), count))
             return result, "\n".join(macros.finding_row(item) for item in result.items).encode()
 
@@ -441,10 +481,10 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
 
     @router.get("/disks/{disk_id:path}")
     async def disk(request: Request, disk_id: str) -> Response:
-        viewer = viewer_of(request)
+        viewer = await viewer_of(request)
         if not disk_id or len(disk_id) > 256 or any(ord(c) <= 0x20 or c == "\x7f" for c in disk_id):
             raise BadRequest("not a disk id")
-        detail = await disk_detail(deps.store, disk_id)
+        detail = await queries.read_disk_detail(services, disk_id=disk_id)
         if detail is None:
             return render(request, "error.html", viewer=viewer, status=404, title="Unknown disk",
                           message=f"The auditor does not know the disk {disk_id}.")
@@ -453,27 +493,25 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
 
     @router.get("/runs")
     async def runs(request: Request) -> Response:
-        viewer = viewer_of(request)
+        viewer = await viewer_of(request)
         notice = _choice(request.query_params.get("audit"), ("started", "busy", "unavailable"), name="audit")
         started = _text(request.query_params.get("run"), name="run") if notice == "started" else None
-        records = await deps.store.read(queries.list_runs, limit=50)
+        records = await queries.read_recent_runs(services, limit=50)
         return render(request, "runs.html", viewer=viewer, nav="runs", runs=records, notice=notice,
                       started=started)
 
     @router.get("/notifications")
     async def notifications(request: Request) -> Response:
-        viewer = viewer_of(request)
-        states, recent = await dashboard.notifications(deps.store, limit=50)
+        viewer = await viewer_of(request)
+        states, recent = await queries.read_notifier_states(services, limit=50)
         return render(request, "notifications.html", viewer=viewer, nav="notifications", states=states,
                       recent=recent, delivery_states=dashboard.DELIVERY_STATES)
 
     @router.get("/waivers")
     async def waivers(request: Request) -> Response:
-        viewer = viewer_of(request)
-        valid, problems = deps.waivers()
-        now = deps.clock()
-        view = dashboard.waiver_view(valid, problems, now=now)
-        return render(request, "waivers.html", viewer=viewer, nav="waivers", view=view, today=now.date())
+        viewer = await viewer_of(request)
+        view = await queries.read_waivers(services)
+        return render(request, "waivers.html", viewer=viewer, nav="waivers", view=view, today=view.today)
 
     return router
 

@@ -3,13 +3,13 @@ request that waits for it; pages rendered once per snapshot, with slots for what
 
 A data version is what the API's response cache keys on: the latest finished run (id and finish time) and the
 UTC day. A request never gets a page of an older version than the one it looked up: when a run commits, the first
-request to see it starts the new snapshot's build (in a worker thread, over a second engine on the same database,
-so the event loop keeps serving everything else) and every request for the new version waits for that one build.
+request to see it starts the new snapshot's build (in a worker thread, over a second engine on the same database:
+`queries.off_loop`, so the event loop keeps serving everything else) and every request for the new version waits
+for that one build.
 """
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from collections import OrderedDict
@@ -21,7 +21,6 @@ from markupsafe import Markup
 
 from auditor.service.dashboard import Snapshot
 from auditor.service.versions import SingleFlight
-from auditor.store.repo import Store
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
@@ -95,26 +94,6 @@ class LRU(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-async def off_loop(store: Store, read: Callable[[Store], Awaitable[T]]) -> T:
-    """Runs `read` in a worker thread on its own event loop, over a second engine on `store`'s database: neither
-    its queries' results nor its Python work hold up this loop. (On an in-memory SQLite database, which a second
-    engine would not see, it runs here.)"""
-    if not store.can_reopen():
-        return await read(store)
-
-    def work() -> T:
-        async def read_reopened() -> T:
-            own = store.reopened()
-            try:
-                return await read(own)
-            finally:
-                await own.close()
-
-        return asyncio.run(read_reopened())
-
-    return await asyncio.to_thread(work)
 
 
 @dataclass(frozen=True, eq=False)
