@@ -169,7 +169,8 @@ UNREADABLE = {
 }
 
 
-@pytest.mark.parametrize("fault", list(UNREADABLE))
+@pytest.mark.parametrize("fault", [pytest.param(f, marks=pytest.mark.slow) if f is Fault.SLOW else f  # real timeouts
+                                   for f in UNREADABLE])
 async def test_unreadable_disk_is_unknown_and_keeps_its_findings_open(db_url: str, fault: Fault) -> None:
     w = World()
     bare = w.disk("bare")  # unprotected: critical

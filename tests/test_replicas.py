@@ -52,7 +52,7 @@ from auditor.service.cycle import run_cycle
 from auditor.service.delivery import deliver_due
 from auditor.store.outbox import CLAIM_TIMEOUT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # clusters of real processes, timed
 
 INTERVAL = 3.0  # audit.interval, seconds
 TTL = 3.0  # daemon.leader_ttl, seconds
