@@ -7,7 +7,7 @@ STAMP_TEST := $(VENV)/.installed-test
 # pytest-xdist workers. The full suite mostly waits (real processes, sockets, timeouts), so it runs more workers than
 # the machine has cores; the fast subset is CPU-bound. Measured on 2 cores: see the README.
 TEST_WORKERS ?= 4
-CHECK_WORKERS ?= 2
+CHECK_WORKERS ?= 3
 # The fast subset: no real processes, sockets or waits (slow), no Chromium (browser), SQLite only (not postgres).
 CHECK_MARKERS := not slow and not browser and not postgres
 
