@@ -218,6 +218,7 @@ def test_the_readme_fleet_example_loads(tmp_path: Path) -> None:
     assert set(fleet.faults) == {"disk_acmescratch001"}
 
 
+@pytest.mark.slow  # a real `auditor fake-katapult` process
 def test_a_busy_port_is_one_line_and_exit_2() -> None:
     import socket
 
