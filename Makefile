@@ -1,11 +1,23 @@
-# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`; `make check` is the fast loop.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
+# pytest-xdist workers, chosen by measurement on 2 cores: the slow tests mostly wait (real processes, sockets,
+# timeouts), so more workers than cores; more than 3 gave no shorter run on a busy machine and starved the timed steps
+# of the multi-process tests (a daemon's 3 s shutdown, a one-shot run's start within a cycle).
+TEST_WORKERS ?= 3
+CHECK_WORKERS ?= 3
+# The fast subset: no real processes, sockets or waits (slow), no Chromium (browser), SQLite only (not postgres).
+CHECK_MARKERS := not slow and not browser and not postgres
 
-.PHONY: demo test lint typecheck layers pytest bench clean install lock lock-upgrade
+# With PYTHONDONTWRITEBYTECODE set (some images set it), every pytest worker would assertion-rewrite its plugins
+# again (schemathesis and hypothesis: some 300 modules, seconds per process) and every `auditor` subprocess would
+# compile the package again; the caches go to __pycache__ directories (ignored by git) and the venv.
+unexport PYTHONDONTWRITEBYTECODE
+
+.PHONY: demo test check lint typecheck layers pytest bench clean install lock lock-upgrade
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,14 +37,23 @@ install: $(STAMP_RUN)
 demo: $(STAMP_RUN)
 	$(BIN)/auditor demo
 
-## test: install with test extras and run every check (ruff, mypy, import contracts, pytest)
+## test: install with test extras and run every check (ruff, mypy, import contracts, pytest): every test, on both
+## databases, with Chromium, the real processes and the full Hypothesis profile, on $(TEST_WORKERS) xdist workers
 ## (PostgreSQL: AUDITOR_TEST_POSTGRES_URL, else a local one answering at postgresql://postgres@127.0.0.1:5432/test;
-##  pytest's last line names the backends it ran; with CI=true an unreachable PostgreSQL fails the run)
+##  pytest's summary names the backends it ran; with CI=true an unreachable PostgreSQL fails the run)
 test: $(STAMP_TEST)
 	$(BIN)/ruff check auditor tests benchmarks migrations
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q
+	AUDITOR_HYPOTHESIS_PROFILE=full $(BIN)/pytest -q -n $(TEST_WORKERS) --dist load --maxschedchunk 2
+
+## check: the fast loop: ruff, mypy, the import contracts, and the fast tests (on SQLite, the small Hypothesis
+## profile, $(CHECK_WORKERS) workers): no real processes or sockets, no browser, no PostgreSQL
+check: $(STAMP_TEST)
+	$(BIN)/ruff check auditor tests benchmarks migrations
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+	AUDITOR_HYPOTHESIS_PROFILE=check $(BIN)/pytest -q -n $(CHECK_WORKERS) --dist load --maxschedchunk 2 -m "$(CHECK_MARKERS)"
 
 ## bench: run every benchmark and print its figures against the targets
 bench: $(STAMP_TEST)

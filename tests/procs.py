@@ -1,5 +1,5 @@
 """Real processes for the multi-process tests: the fake Katapult, `auditor run`, `auditor audit --once`, their
-configuration, and polling helpers. Shared by tests/test_replicas.py, tests/test_crash_matrix.py and
+configuration, and polling helpers. Shared by tests/test_replicas.py, tests/test_crash_recovery.py and
 tests/test_daemon.py."""
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import pytest
 import schemathesis
 from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
+from profiles import examples
 from schemathesis.checks import not_a_server_error
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
@@ -71,6 +72,6 @@ def seeded_app(db_url: str) -> FastAPI:
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_server_errors(case: schemathesis.Case, seeded_app: FastAPI) -> None:
     case.call_and_validate(app=seeded_app, checks=[not_a_server_error])

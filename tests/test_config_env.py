@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from datetime import timedelta
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from profiles import examples
 from pydantic import BaseModel
 
 from auditor.config import Settings, env_overrides, settings_from
@@ -171,7 +171,7 @@ _ODD = st.sampled_from([math.inf, -math.inf, math.nan, 10**400, -(10**400), 2**6
 _VALUES = st.one_of(_ODD, st.integers(), st.floats(), st.text(max_size=12))
 
 
-@settings(max_examples=int(os.environ.get("AUDITOR_TEST_EXAMPLES", "300")), deadline=None,
+@settings(max_examples=examples(300), deadline=None,
           suppress_health_check=list(HealthCheck))
 @given(st.lists(st.tuples(st.sampled_from(_SECTION_KEYS), _VALUES), max_size=4),
        st.dictionaries(st.sampled_from(["AUDITOR_KATAPULT", "AUDITOR_AUDIT__DISKS", "AUDITOR_AUDIT__INTERVAL",

@@ -143,6 +143,7 @@ async def test_a_failed_snapshot_build_is_not_kept(world: World, monkeypatch: py
         assert (await web.get("/")).status_code == 200
 
 
+@pytest.mark.slow  # every status, sort, filter and page against SQL: seconds
 async def test_findings_index_answers_as_the_sql_search(world: World) -> None:
     services = world.runtime
     snap = await queries.read_snapshot(services)

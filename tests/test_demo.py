@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from auditor.domain.rules import RULES
 
 
+@pytest.mark.slow  # a real `auditor demo` process
 def test_demo_once_shows_every_rule_and_alerts(tmp_path: Path) -> None:
     # The demo reads no config and no AUDITOR_* variables: a production override in the environment (here an
     # unreachable Katapult and a PostgreSQL that is not there) must not point it anywhere but its fake and file.

@@ -50,6 +50,7 @@ from hostile import (
 )
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from profiles import examples
 from receivers import HttpReceiver, Reply
 from sqlalchemy import text
 
@@ -1119,7 +1120,7 @@ def check_verdicts(hostile: Hostile, template: Template, seen: Seen, tamper: Tam
         assert (outcome, now_open) == (want.outcome, want.open), f"wrong verdict: {where}"
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(hostile=hostile_inputs())
 # Found by this test (about 1 in 300 examples): a 406 from the VM's policy list put the disk in the trash.
 @example(hostile=Hostile("disks", VM_POLICIES, VM1, "error", 0, None, status=406, code="disk_not_found",

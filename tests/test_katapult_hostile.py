@@ -17,6 +17,7 @@ import pytest
 from clocks import FakeClock
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from auditor.domain.models import BackupPolicy, Disk, DiskSnapshot, Interval, ReadOutcome, Schedule, TargetType
 from auditor.domain.rules import DISK_IN_TRASH, RETENTION_WINDOW_TOO_SHORT, RuleParams, RuleSet, evaluate
@@ -697,7 +698,7 @@ async def serve(content: bytes, status: int, call: Callable[[KatapultClient], An
     return result
 
 
-PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @PROPERTY

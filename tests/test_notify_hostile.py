@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from notify_support import ALERT, NOTE, NOW
+from profiles import examples
 from pydantic import SecretStr
 from receivers import HttpReceiver, Reply, SmtpReceiver, free_port
 
@@ -194,7 +195,7 @@ RETRY_AFTER_TEXT = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(value=RETRY_AFTER_TEXT, attempt=st.integers(-5, 10**12))
 def test_any_retry_after_gives_a_wait_that_fits_a_datetime(value: str, attempt: int) -> None:
     seconds = parse_retry_after(value, now=NOW)

@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 from auditor.domain import periods
 from auditor.domain.periods import (
@@ -128,7 +129,7 @@ def as_tuple(t: Tally) -> tuple[int, int, int, int]:
 
 
 @given(worlds())
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_coverage_matches_the_minute_by_minute_oracle(world: World) -> None:
     coverage = coverage_of(world)
     start, end = world.period
@@ -145,7 +146,7 @@ def test_coverage_matches_the_minute_by_minute_oracle(world: World) -> None:
 
 
 @given(worlds(), st.integers(-600, SPAN + 60))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 def test_a_failed_run_ends_coverage_a_running_one_is_ignored(world: World, extra: int) -> None:
     base = coverage_of(world)
     running = coverage_of(World(world.period, world.interval, [*world.polls, (extra, "running")], world.disks))
@@ -167,7 +168,7 @@ def test_a_failed_run_ends_coverage_a_running_one_is_ignored(world: World, extra
 
 
 @given(worlds())
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_disk_time_matches_the_oracle_and_adds_up_to_the_period(world: World) -> None:
     coverage = coverage_of(world)
     tallies = disk_tallies(verdicts_of(world), coverage)
@@ -184,7 +185,7 @@ def test_disk_time_matches_the_oracle_and_adds_up_to_the_period(world: World) ->
 
 
 @given(worlds())
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_each_utc_day_matches_the_oracle_and_the_days_add_up(world: World) -> None:
     coverage = coverage_of(world)
     verdicts = verdicts_of(world)
@@ -208,7 +209,7 @@ def test_each_utc_day_matches_the_oracle_and_the_days_add_up(world: World) -> No
 
 @given(st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)),
        st.integers(1, 400 * 86400))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_days_are_utc_days_of_86400_seconds_whatever_the_date(start: datetime, length: int) -> None:
     period = Period(start, start + timedelta(seconds=length))
     days = period.days()
@@ -219,7 +220,7 @@ def test_days_are_utc_days_of_86400_seconds_whatever_the_date(start: datetime, l
 
 
 @given(worlds())
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 def test_unknown_time_is_never_compliant(world: World) -> None:
     unknown = World(world.period, world.interval, world.polls,
                     {d: [(a, b, "unknown") for a, b, _ in spans] for d, spans in world.disks.items()})
@@ -279,7 +280,7 @@ def lifecycles(draw: st.DrawFn) -> list[LifecycleEvent]:
 
 
 @given(lifecycles(), st.integers(0, SPAN - 1), st.integers(1, SPAN))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_rule_figures_follow_each_findings_episodes(events: list[LifecycleEvent], start: int, length: int) -> None:
     period = Period(at(start), at(start + length))
     got = rule_tallies(events, period)

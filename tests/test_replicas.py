@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ from auditor.service.cycle import run_cycle
 from auditor.service.delivery import deliver_due
 from auditor.store.outbox import CLAIM_TIMEOUT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # clusters of real processes, timed
 
 INTERVAL = 3.0  # audit.interval, seconds
 TTL = 3.0  # daemon.leader_ttl, seconds
@@ -338,9 +339,11 @@ def test_replicas_starting_together_on_a_fresh_database(tmp_path: Path, pg_url: 
 
 
 def test_audit_once_beside_a_daemon(tmp_path: Path, db_url: str) -> None:
-    # 300 ms a request, one request at a time: a cycle takes about 3.5 s, longer than `audit --once` needs to
-    # start, so the one-shot run meets the daemon's cycle in progress.
-    fake = Fake(tmp_path / "fleet.json").start(write_fleet(tmp_path / "fleet.json", disks=30, latency_ms=300))
+    # 300 ms a request, one request at a time: a cycle takes about 3.5 s. The daemon's first cycle runs at 1 s a
+    # request (12 s), longer than `audit --once` needs to start even on a busy machine, so the one-shot run meets it
+    # in progress; then the fake re-reads its fleet file (SIGHUP) at 300 ms.
+    fleet = write_fleet(tmp_path / "fleet.json", disks=30, latency_ms=1000)
+    fake = Fake(fleet).start(fleet)
     config = write_config(tmp_path / "auditor.toml", katapult=fake.api_url, database=db_url, interval="1h",
                           max_concurrency=1)
     base = api_base(config)
@@ -362,6 +365,9 @@ def test_audit_once_beside_a_daemon(tmp_path: Path, db_url: str) -> None:
         assert re.search(rf"another audit cycle is running on this database: \S+ pid {d.pid} since \S+",
                          busy.stderr), busy.tail()
         assert running() == daemon_run, "the daemon's cycle was over before the one-shot run gave up"
+        write_fleet(fleet, disks=30, latency_ms=300)
+        assert fake.proc is not None
+        fake.proc.send_signal(signal.SIGHUP)
 
         # 2. Another daemon cycle (POST /audit); `audit --once --wait 30` waits for it, then runs its own.
         wait_for("the first cycle to finish", lambda: True if running() is None else None, alive=[d])

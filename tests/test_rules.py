@@ -10,6 +10,7 @@ from unittest import mock
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from profiles import examples
 
 import auditor.domain.rules as rules_module
 from auditor.config import RULE_IDS
@@ -423,7 +424,7 @@ class _ClockTrap(datetime):
         raise AssertionError("a rule read the clock")
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(data=st.data(), params=params_strategy, now=nows)
 def test_evaluate_matches_an_independent_oracle(data: st.DataObject, params: RuleParams, now: datetime) -> None:
     p = data.draw(policies(now))
@@ -433,7 +434,7 @@ def test_evaluate_matches_an_independent_oracle(data: st.DataObject, params: Rul
     assert all(f.policy_id == p.id and f.disk_id == DISK for f in findings)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(data=st.data(), params=params_strategy, now=nows, shift=st.integers(-10**9, 10**9))
 def test_evaluate_is_deterministic_and_only_relative_to_now(
     data: st.DataObject, params: RuleParams, now: datetime, shift: int
@@ -455,7 +456,7 @@ def test_evaluate_is_deterministic_and_only_relative_to_now(
         (f.rule, f.policy_id, f.severity, f.fingerprint) for f in first]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     params=params_strategy,
     now=nows,
@@ -476,7 +477,7 @@ def test_a_policy_meeting_every_threshold_yields_no_finding(
     assert evaluate(snap(p), ruleset(params), now=now) == []
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(a=st.tuples(st.sampled_from(list(RULES)), ids, st.one_of(st.none(), ids)),
        b=st.tuples(st.sampled_from(list(RULES)), ids, st.one_of(st.none(), ids)))
 def test_fingerprints_are_stable_and_distinct_per_rule_disk_policy(
@@ -491,7 +492,7 @@ def test_fingerprints_are_stable_and_distinct_per_rule_disk_policy(
     assert finding.fingerprint == fa
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(data=st.data(), params=params_strategy, now=nows)
 def test_fingerprints_do_not_depend_on_thresholds_or_time(data: st.DataObject, params: RuleParams,
                                                           now: datetime) -> None:

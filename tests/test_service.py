@@ -104,6 +104,7 @@ async def test_a_second_process_cannot_run_a_cycle_while_the_lease_is_held(db_ur
         assert await read_cycle_lease(second) is None  # released after the cycle
 
 
+@pytest.mark.slow  # a race won by timing: the taker commits while the first cycle waits on 0.5 s answers
 async def test_a_commit_after_the_lease_was_taken_over_is_refused(db_url: str) -> None:
     fleet, ids = _fleet()
     fleet.latency = 0.5  # the first cycle is still reading when the other process takes over and commits
@@ -286,6 +287,7 @@ async def test_heartbeat_start_success_and_fail(tmp_path: Path, heartbeat: HttpR
     assert bodies[3].startswith("partial run ") and "1 unknown" in bodies[3]
 
 
+@pytest.mark.slow  # a receiver that hangs for real
 async def test_a_hanging_heartbeat_receiver_does_not_delay_the_cycle(tmp_path: Path,
                                                                      heartbeat: HttpReceiver) -> None:
     fleet, ids = _fleet(2)
@@ -339,6 +341,7 @@ async def test_read_only_open_never_creates_or_migrates(tmp_path: Path, db_url: 
     assert (await db.current_revision(db_url))[0] == "0001"  # left as it was
 
 
+@pytest.mark.slow  # a real `auditor report` process
 def test_report_on_a_mistyped_database_path_exits_2(tmp_path: Path) -> None:
     config = tmp_path / "auditor.toml"
     config.write_text('[database]\nurl = "sqlite:///./audtor.db"\n')

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
 from auditor.store import engine as db
 from auditor.store.tables import metadata
+
+pytestmark = pytest.mark.real_migrations  # these tests check the migrations: never the copied template
 
 
 def _diff(sync_conn: object) -> list[object]:

@@ -420,6 +420,7 @@ def test_the_example_configuration_tiers_load(tmp_path: Any) -> None:
     assert settings.tiers[1].exempt and settings.tiers[1].match.vm_annotations == {"env": ["dev", "scratch"]}
 
 
+@pytest.mark.slow  # real `auditor check-config` processes
 def test_check_config_lists_tiers_and_shadowed_ones(tmp_path: Any) -> None:
     import subprocess
     import sys

@@ -1,10 +1,10 @@
 """The web dashboard: in-process over real cycles of the fake Katapult (both databases), and in a real browser.
 
 In-process (httpx.ASGITransport): security headers, login/logout and the signed session, CSRF, filters, every
-number equal to the JSON API, banners, no secret in any page. Browser (`slow`): Playwright drives Debian's
-Chromium headless against uvicorn on a loopback port; each test saves a screenshot in its tmp_path, and with
-AUDITOR_SCREENSHOTS=1 the overview's goes to docs/overview.png. Without Chromium the browser tests skip, except
-under CI=true, where they fail (as the PostgreSQL tests do).
+number equal to the JSON API, banners, no secret in any page. Browser (`browser`, `slow`): Playwright drives
+Debian's Chromium headless (one per test process: conftest's `browser`) against uvicorn on a loopback port; each
+test saves a screenshot in its tmp_path, and with AUDITOR_SCREENSHOTS=1 the overview's goes to docs/overview.png.
+Without Chromium the browser tests skip, except under CI=true, where they fail (as the PostgreSQL tests do).
 """
 
 from __future__ import annotations
@@ -59,8 +59,6 @@ SLACK_URL = "http://127.0.0.1:9/services/T000/B000/slack-secret-c9d2"
 PAGES = ("/", "/?days=30", "/?days=90", "/findings", "/findings?status=all&sort=rule&dir=asc", "/runs",
          "/notifications", "/waivers")
 ROOT = Path(__file__).resolve().parent.parent
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-CHROMIUM = os.environ.get("AUDITOR_CHROMIUM", "/usr/bin/chromium")
 
 
 def waivers(today: date) -> list[dict[str, Any]]:
@@ -860,30 +858,6 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         sock.close()
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    """Chromium, per test: Playwright's sync API marks its loop as running in this thread while it is open, so a
-    browser kept across tests would break the async tests that run after it in another order."""
-    problem = None
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as exc:  # pragma: no cover - the test extra installs it
-        problem = f"playwright is not installed: {exc}"
-    if problem is None and not Path(CHROMIUM).exists():
-        problem = f"Chromium not found at {CHROMIUM} (Debian package `chromium`; .ci/run installs it)"
-    if problem is not None:
-        # In CI the browser tests must run: a missing browser fails them instead of skipping.
-        if IN_CI:
-            pytest.fail(f"CI=true but the browser tests cannot run: {problem}")
-        pytest.skip(problem)
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @pytest.fixture

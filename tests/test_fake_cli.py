@@ -130,6 +130,7 @@ def fake(fleet_file: Path) -> Iterator[FakeProcess]:
         process.stop()
 
 
+@pytest.mark.slow  # a real fake process, as the next ones
 def test_prints_the_ids_it_serves(fake: FakeProcess) -> None:
     fake.wait_line(fake.out, "organizations (1):")
     fake.wait_line(fake.out, f"{ORG}  sub_domain=acme  Acme")
@@ -149,6 +150,7 @@ def test_big_fleets_print_a_count_and_the_first_few() -> None:
     assert len(lines) < 30
 
 
+@pytest.mark.slow
 def test_sighup_rereads_the_fleet_file(fake: FakeProcess, fleet_file: Path) -> None:
     assert fake.org_disk_ids() == [DISK_A]
     assert fake.get("/disks/disk", **{"disk[id]": DISK_B}).status_code == 404
@@ -161,6 +163,7 @@ def test_sighup_rereads_the_fleet_file(fake: FakeProcess, fleet_file: Path) -> N
     assert disk.status_code == 200 and disk.json()["disk"]["size_in_gb"] == 40
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "broken",
     [
@@ -184,6 +187,7 @@ def test_a_broken_file_keeps_the_old_fleet(fake: FakeProcess, fleet_file: Path, 
     assert fake.org_disk_ids() == [DISK_A, DISK_B]
 
 
+@pytest.mark.slow
 def test_json_fleet_files_reload_too(tmp_path: Path) -> None:
     path = tmp_path / "fleet.json"
     org = {"id": ORG, "sub_domain": "acme", "disks": [{"id": DISK_A, "name": "a"}]}
@@ -214,6 +218,7 @@ def test_the_readme_fleet_example_loads(tmp_path: Path) -> None:
     assert set(fleet.faults) == {"disk_acmescratch001"}
 
 
+@pytest.mark.slow  # a real `auditor fake-katapult` process
 def test_a_busy_port_is_one_line_and_exit_2() -> None:
     import socket
 

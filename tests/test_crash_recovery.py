@@ -44,7 +44,7 @@ from auditor.service import open_services, utcnow
 from auditor.service.delivery import drain
 from auditor.store.outbox import CLAIM_TIMEOUT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # clusters of real processes, timed
 
 EXIT_FINDINGS = 1
 
