@@ -151,7 +151,7 @@ class LoginThrottle:
     refused: int = 0
     _by_address: OrderedDict[str, _Failures] = field(default_factory=OrderedDict, repr=False)
 
-    def retry_after(self, address: str, *, now: datetime) -> int | None:
+    def seconds_to_wait(self, address: str, *, now: datetime) -> int | None:
         """Returns the whole seconds `address` must still wait before its next login (counted as refused), or None
         when it may try now."""
         entry = self._by_address.get(address)

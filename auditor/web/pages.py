@@ -341,7 +341,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
         now = clock()
         address = client_address(request.client.host if request.client else None,
                                  request.headers.get("x-forwarded-for"), trusted=proxies)
-        wait = throttle.retry_after(address, now=now)
+        wait = throttle.seconds_to_wait(address, now=now)
         if wait is not None:
             # Refused before the token is looked at: while an address waits, not even the right token opens.
             response = render(request, "login.html", viewer=None, status=429, next=target, failed=False,
