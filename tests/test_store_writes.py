@@ -106,11 +106,11 @@ def test_among_keeps_one_statement_text_on_postgresql() -> None:
     assert clauses.batch(Conn(lite)) == 500  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # SQLite takes no array parameters
 async def test_postgresql_connections_send_lists_in_binary(store: Store) -> None:
     # The array parameters of the bulk statements are packed in binary: psycopg's default for a list is text form,
     # escaping each element in Python (several times slower for 5,000 timestamps).
-    if store.engine.dialect.name != "postgresql":
-        pytest.skip("SQLite takes no array parameters")
+    assert store.engine.dialect.name == "postgresql"
     from psycopg.adapt import PyFormat
     from psycopg.types.array import ListBinaryDumper
 
