@@ -106,6 +106,7 @@ def test_among_keeps_one_statement_text_on_postgresql() -> None:
     assert clauses.batch(Conn(lite)) == 500  # type: ignore[arg-type]
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # SQLite takes no array parameters
 async def test_postgresql_connections_send_lists_in_binary(store: Store) -> None:
     # The array parameters of the bulk statements are packed in binary: psycopg's default for a list is text form,
