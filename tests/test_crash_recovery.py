@@ -135,6 +135,17 @@ def crash(tmp_path: Path, db_url: str) -> Iterator[Callable[..., Crash]]:
         c.receiver.stop()
 
 
+def recover_from_abandoned(c: Crash, run_id: str) -> None:
+    """Runs the recovery audit and checks it: the killed run recorded as abandoned, every finding resolved, each
+    alert delivered once, no two runs overlapping."""
+    c.recover()
+    killed = next(r for r in runs(c.url) if r.id == run_id)
+    assert killed.status.value == "failed" and [e.code for e in killed.errors] == ["abandoned"]
+    c.assert_resolved_everywhere()
+    assert_delivered_once(c.receiver.requests, outbox(c.url))
+    assert_disjoint(runs(c.url))
+
+
 def running_run(url: str) -> str | None:
     rows = sql(url, "SELECT id FROM audit_runs WHERE status = 'running'")
     return rows[0][0] if rows else None
@@ -156,12 +167,7 @@ def test_kill_while_reading(crash: Callable[..., Crash]) -> None:
     assert sql(c.url, "SELECT status FROM audit_runs WHERE id = ?", run_id) == [("running",)]
     assert c.killed_run().status.value == "failed" and [e.code for e in c.killed_run().errors] == ["abandoned"]
 
-    c.recover()
-    killed = next(r for r in runs(c.url) if r.id == run_id)
-    assert killed.status.value == "failed" and [e.code for e in killed.errors] == ["abandoned"]
-    c.assert_resolved_everywhere()
-    assert_delivered_once(c.receiver.requests, outbox(c.url))
-    assert_disjoint(runs(c.url))
+    recover_from_abandoned(c, run_id)
 
 
 def _hold_run_row(url: str, run_id: str) -> tuple[psycopg.Connection[Any], int]:
@@ -237,12 +243,7 @@ def test_kill_inside_the_commit(crash: Callable[..., Crash], db_url: str) -> Non
     assert sql(c.url, "SELECT count(*) FROM outbox WHERE run_id = ?", run_id) == [(0,)]
     assert sql(c.url, "SELECT status FROM audit_runs WHERE id = ?", run_id) == [("running",)]
 
-    c.recover()
-    killed = next(r for r in runs(c.url) if r.id == run_id)
-    assert killed.status.value == "failed" and [e.code for e in killed.errors] == ["abandoned"]
-    c.assert_resolved_everywhere()
-    assert_delivered_once(c.receiver.requests, outbox(c.url))
-    assert_disjoint(runs(c.url))
+    recover_from_abandoned(c, run_id)
 
 
 def test_kill_after_commit_before_delivery(crash: Callable[..., Crash]) -> None:
