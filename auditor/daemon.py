@@ -55,6 +55,7 @@ DB_RETRY_FIRST = 1.0  # seconds before the first retry of an unreachable databas
 SERVER_STOP_MIN = 2.0  # seconds the API server always gets to finish in-flight requests at shutdown
 CANCEL_WAIT = 5.0  # seconds to wait for a cancelled cycle to unwind (roll back its transaction)
 DELIVERY_EVERY = 10.0  # seconds between alert outbox delivery rounds (when notifiers are configured)
+ORPHAN_CHECK_EVERY = 10.0  # seconds between the leader's looks for runs whose process is gone (announced at once)
 PRUNE_EVERY = timedelta(hours=6)  # how often the leader deletes history older than [history] keep
 PRUNE_FIRST = timedelta(minutes=5)  # the first pruning comes a little after taking the lead
 
@@ -302,6 +303,11 @@ class _Daemon:
                                id="history-prune", name="history pruning", max_instances=1, coalesce=True,
                                next_run_time=utcnow() + PRUNE_FIRST, replace_existing=True)
         self._schedule_delivery(services)
+        # A cycle lost by another process (killed, frozen past its lease) is recorded and announced within
+        # leader_ttl + ORPHAN_CHECK_EVERY, not only when the next cycle starts.
+        self.scheduler.add_job(self._sweep_orphans, IntervalTrigger(seconds=ORPHAN_CHECK_EVERY, timezone=UTC),
+                               id="orphan-check", name="abandoned runs", max_instances=1, coalesce=True,
+                               next_run_time=utcnow(), replace_existing=True)
 
     def _schedule_audit(self, first: datetime) -> None:
         """(Re)places the audit job on [audit] interval and jitter, its next run at `first`."""
@@ -344,7 +350,7 @@ class _Daemon:
         self.is_leader = False
         self.cycles.is_leader = False
         log.warning("this replica is no longer the leader (%s): schedule paused", reason)
-        for job_id in ("audit-cycle", "alert-delivery", "history-prune"):
+        for job_id in ("audit-cycle", "alert-delivery", "history-prune", "orphan-check"):
             with contextlib.suppress(Exception):
                 self.scheduler.remove_job(job_id)
 
@@ -362,6 +368,20 @@ class _Daemon:
     @property
     def _is_closing(self) -> bool:
         return self.runner is not None and self.runner.is_closing
+
+    async def _sweep_orphans(self) -> None:
+        """The leader's look for runs left `running` by a process that is gone: recorded failed and announced."""
+        assert self.services is not None
+        if self.runner is not None and self.runner.is_busy:
+            return  # the cycle in flight sweeps before it starts; this process's own run is live
+        try:
+            await abandon_orphans(self.services)
+        except asyncio.CancelledError:
+            return
+        except StoreError as exc:
+            log.warning("looking for abandoned runs failed: %s; the next round tries again", exc)
+        except Exception:  # never "Task exception was never retrieved": log it whole
+            log.exception("looking for abandoned runs broke unexpectedly")
 
     async def _prune(self) -> None:
         """The pruning job: history older than [history] keep goes, so the database stays bounded."""

@@ -141,6 +141,10 @@ def recover_from_abandoned(c: Crash, run_id: str) -> None:
     c.recover()
     killed = next(r for r in runs(c.url) if r.id == run_id)
     assert killed.status.value == "failed" and [e.code for e in killed.errors] == ["abandoned"]
+    # The lost cycle was announced (and the recovery's complete cycle resolved it).
+    lost = [a["status"] for r in c.receiver.requests for a in r.json()["alerts"]
+            if a["labels"].get("alertname") == "audit-incomplete"]
+    assert lost == ["firing", "resolved"], lost
     c.assert_resolved_everywhere()
     assert_delivered_once(c.receiver.requests, outbox(c.url))
     assert_disjoint(runs(c.url))

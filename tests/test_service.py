@@ -430,3 +430,26 @@ def test_services_is_wiring_without_state_or_use_cases() -> None:
     public = {name for name in vars(Services) if not name.startswith("_")}
     assert public - {f.name for f in dataclasses.fields(Services)} == {"rules", "targets", "outbox", "leases",
                                                                       "aclose"}
+
+
+async def test_a_run_abandoned_by_a_process_that_is_gone_is_announced_as_audit_incomplete(db_url: str) -> None:
+    from auditor.service.housekeeping import abandon_orphans
+
+    fleet, ids = _fleet()
+    settings = _settings(db_url, ids, notifiers=[{"kind": "webhook", "name": "ops", "url": "http://127.0.0.1:9/h"}])
+    async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
+        # A run whose process died holding no lease (kill -9 after its lease expired): nobody owns it.
+        run_id = writes.new_run_id()
+        await s.store.write(writes.start_run, run_id=run_id, now=s.clock(), trigger="schedule",
+                            owner="elsewhere:1:0123456789ab")
+        assert await abandon_orphans(s) == [run_id]
+        [entry] = await s.outbox.recent()
+        assert entry.kind == "firing" and [a.rule for a in entry.notification.alerts] == ["audit-incomplete"]
+        assert entry.notification.alerts[0].status.value == "firing"
+        assert await abandon_orphans(s) == []  # recorded once, announced once
+        assert len(await s.outbox.recent()) == 1
+        # The next complete cycle resolves it (its own sweep finds nothing more to announce).
+        outcome = await run_cycle(s, trigger="manual")
+        assert outcome.status is RunStatus.COMPLETE
+        incomplete = [a for e in await s.outbox.recent() for a in e.notification.alerts if a.rule == "audit-incomplete"]
+        assert [a.status.value for a in incomplete] == ["resolved", "firing"]  # newest first

@@ -33,6 +33,7 @@ from auditor.service.collection import (
     run_status,
     verdicts_after,
 )
+from auditor.service.housekeeping import abandon_orphans
 from auditor.service.leases import keep_cycle_lease, release_cycle_lease, take_cycle_lease
 from auditor.service.services import Services
 from auditor.store import queries, writes
@@ -205,10 +206,7 @@ async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, b
                  progress: Progress | None) -> AuditOutcome:
     client, settings, store, rules = services.client, services.settings, services.store, services.rules
     assert client is not None
-    abandoned = await store.write(writes.abandon_orphaned_runs, now=now)
-    if abandoned:
-        log.warning("marked %d run(s) left running by a process that is gone as failed: %s", len(abandoned),
-                    ", ".join(abandoned))
+    await abandon_orphans(services)  # a lost cycle is announced before this one starts
     await store.write(writes.start_run, now=now, trigger=trigger, run_id=run_id, owner=services.holder.id)
     client.stats.snapshot_and_reset()
     known = await store.read(queries.target_sources)

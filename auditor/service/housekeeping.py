@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from auditor.domain.records import RunError, RunStatus
+from auditor.service.alerts import incomplete_fingerprint, plan_notifications
 from auditor.service.reports import iso
-from auditor.store import pruning, writes
+from auditor.store import pruning, queries, writes
 
 if TYPE_CHECKING:
     from auditor.service.services import Services
@@ -17,11 +19,25 @@ prune_log = logging.getLogger(__name__)
 
 
 async def abandon_orphans(services: Services) -> list[str]:
-    """Marks runs whose owner is gone as failed/abandoned; returns their ids."""
-    abandoned = await services.store.write(writes.abandon_orphaned_runs, now=services.clock())
+    """Records as failed (abandoned) the runs whose owner is gone, and in the same transaction announces the lost
+    cycle: `audit-incomplete` fires on every notifier (once while it is firing; the next complete cycle resolves
+    it). Returns their ids."""
+    now = services.clock()
+    settings = services.settings
+    async with services.store.transaction() as tx:
+        abandoned = await tx.run(writes.abandon_orphaned_runs, now=now)
+        if abandoned and settings.notifiers:
+            reason = f"run {abandoned[-1]} was abandoned: {queries.ABANDONED_REASON}"
+            plan = plan_notifications(notifiers=settings.notifiers, changes=[], run_status=RunStatus.FAILED,
+                                      errors=[RunError("*", queries.ABANDONED, reason)],
+                                      incomplete_fp=incomplete_fingerprint(settings.audit.disks,
+                                                                           settings.audit.organizations),
+                                      states=await tx.run(queries.alert_state_map), now=now,
+                                      interval=settings.audit.interval)
+            await tx.run(writes.enqueue, plan.entries, plan.states, run_id=abandoned[-1], now=now)
     if abandoned:
         sweep_log.warning("marked %d run(s) left running by a process that is gone as failed: %s", len(abandoned),
-                    ", ".join(abandoned))
+                          ", ".join(abandoned))
     return abandoned
 
 
