@@ -453,3 +453,26 @@ async def test_a_run_abandoned_by_a_process_that_is_gone_is_announced_as_audit_i
         assert outcome.status is RunStatus.COMPLETE
         incomplete = [a for e in await s.outbox.recent() for a in e.notification.alerts if a.rule == "audit-incomplete"]
         assert [a.status.value for a in incomplete] == ["resolved", "firing"]  # newest first
+
+
+async def test_simultaneous_audit_requests_on_two_processes_promise_only_runs_that_exist(db_url: str) -> None:
+    # POST /api/v1/audit on two replicas at once: a 202's run id is recorded (running) before it is answered;
+    # the other request is refused naming the holder, never handed an id for a run that will not exist.
+    fleet, ids = _fleet()
+    fleet.latency = 0.05  # the cycle is still running when the answers are checked
+    settings = _settings(db_url, ids)
+    transport = httpx.ASGITransport(app=fake_app(fleet))
+    async with open_services(settings, transport=transport, token=TOKEN) as a, \
+            open_services(settings, transport=transport, token=TOKEN, migrate=False) as b:
+        runners = [CycleRunner(s, cycles=CycleMetrics()) for s in (a, b)]
+        answers = await asyncio.gather(*(r.trigger() for r in runners), return_exceptions=True)
+        started = [x for x in answers if isinstance(x, str)]
+        refused = [x for x in answers if not isinstance(x, str)]
+        assert len(started) == 1 and len(refused) == 1, answers
+        assert isinstance(refused[0], LeaseHeldError) and refused[0].holder, refused
+        runs = {r.id: r for r in await a.store.read(queries.list_runs)}
+        assert runs[started[0]].status is RunStatus.RUNNING
+        for r in runners:
+            if r.current is not None:
+                await r.current
+        assert (await a.store.read(queries.latest_run)).id == started[0]

@@ -95,7 +95,8 @@ class PendingFailures:
 
 
 async def run_cycle(services: Services, *, failures: PendingFailures | None = None, trigger: str = "manual",
-                    run_id: str | None = None, progress: Progress | None = None, wait: float = 0.0) -> AuditOutcome:
+                    run_id: str | None = None, progress: Progress | None = None, wait: float = 0.0,
+                    started: asyncio.Future[str] | None = None) -> AuditOutcome:
     """Runs one audit cycle under the cycle lease and records it; returns what happened.
 
     Never raises for Katapult trouble, a malformed response or a bug judging one disk (that disk is unknown).
@@ -104,8 +105,25 @@ async def run_cycle(services: Services, *, failures: PendingFailures | None = No
     `audit-incomplete` alert now or, if the database cannot take it, kept in `failures` (with the failures
     waiting there before it) for a later `record_failures`; without `failures`, a failure the database cannot
     take now is logged and dropped.
+
+    `started`, when given, gets the run id once the run is recorded as `running` (its lease taken), or the error
+    that kept it from starting: what a caller promising a run (`POST /api/v1/audit`) waits for.
     """
     assert services.client is not None, "run_cycle needs a Katapult client"
+    try:
+        return await _run_cycle(services, failures=failures, trigger=trigger, run_id=run_id, progress=progress,
+                                wait=wait, started=started)
+    except BaseException as exc:
+        if started is not None and not started.done():
+            started.set_exception(exc if isinstance(exc, Exception) else AuditorError("the cycle was cancelled"))
+        raise
+    finally:
+        if started is not None and not started.done():
+            started.set_exception(AuditorError("the audit cycle ended before its run was recorded"))
+
+
+async def _run_cycle(services: Services, *, failures: PendingFailures | None, trigger: str, run_id: str | None,
+                     progress: Progress | None, wait: float, started: asyncio.Future[str] | None) -> AuditOutcome:
     failures = failures if failures is not None else PendingFailures()
     run_id = run_id or new_run_id()
     began = time.monotonic()
@@ -123,7 +141,7 @@ async def run_cycle(services: Services, *, failures: PendingFailures | None = No
     _ping(services, "start", f"{trigger} run {run_id} starting")
     renewer = asyncio.create_task(keep_cycle_lease(services), name=f"cycle-lease-{run_id[:8]}")
     try:
-        outcome = await _cycle(services, run_id, trigger, now, began, progress)
+        outcome = await _cycle(services, run_id, trigger, now, began, progress, started)
     except LeaseLostError as exc:
         # Another process took over after our lease expired; it marks this run abandoned. Nothing is written.
         log.error("audit run %s: %s", run_id, exc)
@@ -203,11 +221,13 @@ def log_cycle(outcome: AuditOutcome) -> None:
 
 
 async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, began: float,
-                 progress: Progress | None) -> AuditOutcome:
+                 progress: Progress | None, started: asyncio.Future[str] | None) -> AuditOutcome:
     client, settings, store, rules = services.client, services.settings, services.store, services.rules
     assert client is not None
     await abandon_orphans(services)  # a lost cycle is announced before this one starts
     await store.write(writes.start_run, now=now, trigger=trigger, run_id=run_id, owner=services.holder.id)
+    if started is not None and not started.done():
+        started.set_result(run_id)  # recorded: `GET /api/v1/runs` lists it as running from now on
     client.stats.snapshot_and_reset()
     known = await store.read(queries.target_sources)
     collected = await collect(client, services.targets, known_sources=known,

@@ -86,29 +86,34 @@ class CycleRunner:
         """Returns whether a cycle is in flight."""
         return self.current is not None and not self.current.done()
 
-    def start(self, trigger: str, *, run_id: str | None = None) -> asyncio.Task[AuditOutcome | None] | None:
+    def start(self, trigger: str, *, run_id: str | None = None,
+              started: asyncio.Future[str] | None = None) -> asyncio.Task[AuditOutcome | None] | None:
         """Starts a cycle as a task and returns it; None if one is running here or the daemon is stopping.
 
         The check and the start happen without an await in between, so two requests cannot both start one.
         """
         if self.is_closing or self.is_busy:
             return None
-        task = asyncio.create_task(self._cycle(trigger, run_id), name=f"audit-cycle-{trigger}")
+        task = asyncio.create_task(self._cycle(trigger, run_id, started), name=f"audit-cycle-{trigger}")
         self.current = task
         return task
 
     async def trigger(self) -> str | None:
-        """Starts a cycle for the API; returns its run id, None if one is running here.
+        """Starts a cycle for the API and returns its run id once the run is recorded (`running`, under the cycle
+        lease); None if one is running here.
 
-        Raises LeaseHeldError when another process holds the cycle lease (the API answers 409 naming it).
+        Raises LeaseHeldError when another process holds the cycle lease (the API answers 409 naming it), and the
+        error that kept the run from starting otherwise: a run id is never promised for a run that does not exist.
         """
         if self.is_closing:
             raise AuditorError("the auditor is shutting down")
         if self.is_busy:
             return None
         await check_cycle_lease(self.services)
-        run_id = new_run_id()
-        return run_id if self.start("api", run_id=run_id) is not None else None
+        started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if self.start("api", run_id=new_run_id(), started=started) is None:
+            return None
+        return await asyncio.shield(started)
 
     async def record_failures(self) -> int:
         """Records this runner's failed cycles the database could not take yet; returns how many still wait."""
@@ -130,14 +135,16 @@ class CycleRunner:
             # (or abandoned) by the shutdown, so this is not an error worth a traceback.
             return
 
-    async def _cycle(self, trigger: str, run_id: str | None) -> AuditOutcome | None:
+    async def _cycle(self, trigger: str, run_id: str | None,
+                     started: asyncio.Future[str] | None = None) -> AuditOutcome | None:
         """Runs one cycle; a failure is logged and counted, never raised (the next cycle tries again)."""
         began = time.monotonic()
         # The whole cycle, its follow-up included, runs on the Services in force when it started: a reload
         # (the daemon swapping `self.services`) takes effect from the next cycle.
         services = self.services
         try:
-            outcome = await run_cycle(services, failures=self.failures, trigger=trigger, run_id=run_id)
+            outcome = await run_cycle(services, failures=self.failures, trigger=trigger, run_id=run_id,
+                                      started=started)
         except LeaseHeldError as exc:
             log.info("audit cycle (%s) skipped: %s", trigger, exc)
             return None
