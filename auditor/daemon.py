@@ -272,7 +272,7 @@ class _Daemon:
                     if await renew_lead(services):
                         last_renewed = time.monotonic()
                     else:
-                        self._step_down("the leader lease was taken by another replica")
+                        self._step_down("the leader lease expired or was taken by another replica")
                 else:
                     taken, lease = await take_lead(services)
                     if taken:
@@ -315,7 +315,7 @@ class _Daemon:
         audit = self.settings.audit
         interval = audit.interval.total_seconds()
         self.scheduler.add_job(
-            self.runner.tick,
+            self._audit_tick,
             IntervalTrigger(seconds=interval, jitter=int(audit.jitter.total_seconds()) or None, timezone=UTC),
             id="audit-cycle", name="audit cycle", next_run_time=first, max_instances=1, coalesce=True,
             misfire_grace_time=max(1, int(interval)), replace_existing=True,
@@ -369,9 +369,30 @@ class _Daemon:
     def _is_closing(self) -> bool:
         return self.runner is not None and self.runner.is_closing
 
+    async def _still_leader(self) -> bool:
+        """Renews the leader lease before a leader job acts: a job that fires late (the process was paused) finds
+        the lease expired, steps down and does nothing; the leadership loop may take the lead anew."""
+        assert self.services is not None
+        try:
+            if await renew_lead(self.services):
+                return True
+        except StoreError as exc:
+            log.warning("leader job skipped: the leader lease could not be renewed (%s)", exc)
+            return False
+        self._step_down("the leader lease expired or was taken by another replica")
+        return False
+
+    async def _audit_tick(self) -> None:
+        """The scheduled audit job, run only while this process still holds the leader lease."""
+        assert self.runner is not None
+        if await self._still_leader():
+            await self.runner.tick()
+
     async def _sweep_orphans(self) -> None:
         """The leader's look for runs left `running` by a process that is gone: recorded failed and announced."""
         assert self.services is not None
+        if not await self._still_leader():
+            return
         if self.runner is not None and self.runner.is_busy:
             return  # the cycle in flight sweeps before it starts; this process's own run is live
         try:
@@ -386,6 +407,8 @@ class _Daemon:
     async def _prune(self) -> None:
         """The pruning job: history older than [history] keep goes, so the database stays bounded."""
         assert self.services is not None
+        if not await self._still_leader():
+            return
         try:
             await prune_history(self.services)
         except asyncio.CancelledError:  # shutdown while pruning: the transaction rolls back, the next start prunes
@@ -398,6 +421,8 @@ class _Daemon:
     async def _deliver_tick(self) -> None:
         """The delivery job: one round of the alert outbox (tracked, so shutdown can let it finish)."""
         if self.delivery is not None and not self.delivery.done():
+            return
+        if not await self._still_leader():
             return
         self.delivery = asyncio.create_task(self._deliver_round(), name="alert-delivery")
         try:

@@ -476,3 +476,24 @@ async def test_simultaneous_audit_requests_on_two_processes_promise_only_runs_th
             if r.current is not None:
                 await r.current
         assert (await a.store.read(queries.latest_run)).id == started[0]
+
+
+async def test_an_expired_lease_is_never_renewed_by_its_old_holder(db_url: str) -> None:
+    # A process paused past its lease (SIGSTOP, a frozen VM) wakes up: even if nobody took the lease meanwhile,
+    # it cannot renew it — its cycle's commit is refused and it must take the lease anew before acting.
+    from auditor.errors import LeaseLostError
+
+    fleet, ids = _fleet()
+    settings = _settings(db_url, ids)
+    async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
+        now, ttl = s.clock(), timedelta(seconds=30)
+        taken, _ = await s.leases.acquire(CYCLE, s.holder, now=now, ttl=ttl, run_id="b" * 32)
+        assert taken
+        assert await s.leases.renew(CYCLE, s.holder, now=now + timedelta(seconds=10), ttl=ttl)  # live: renewed
+        woke = now + timedelta(seconds=10) + ttl + timedelta(seconds=1)  # past the renewed expiry
+        assert not await s.leases.renew(CYCLE, s.holder, now=woke, ttl=ttl)
+        with pytest.raises(LeaseLostError):
+            async with s.store.transaction() as tx:
+                await tx.check_lease(s.holder, now=woke, ttl=ttl)
+        retaken, lease = await s.leases.acquire(CYCLE, s.holder, now=woke, ttl=ttl)  # taken anew, not renewed
+        assert retaken and lease is not None and lease.acquired_at == woke

@@ -47,10 +47,13 @@ def take(conn: Connection, name: str, seen: Lease, values: dict[str, Any], *, ac
 def renew(conn: Connection, name: str, holder: Holder, *, now: datetime, ttl: timedelta) -> int:
     """Extends our lease inside the caller's transaction; returns the row count (1 when it is still ours).
 
-    Inside a cycle's commit this is the fence: on PostgreSQL the updated row stays locked until the commit, so a
-    contender's takeover waits for it and then finds the lease renewed.
+    An expired lease is never renewed by its old holder, taken by another process or not: a process that was
+    paused (SIGSTOP, a long GC, a frozen VM) past its expiry may have been replaced meanwhile, so it must take the
+    lease anew (`Leases.acquire`) before it acts again. Inside a cycle's commit this is the fence: on PostgreSQL the
+    updated row stays locked until the commit, so a contender's takeover waits for it and then finds it renewed.
     """
-    r = conn.execute(update(leases).where(leases.c.name == name, leases.c.holder == holder.id)
+    r = conn.execute(update(leases).where(leases.c.name == name, leases.c.holder == holder.id,
+                                          leases.c.expires_at > now)
                      .values(expires_at=now + ttl))
     return rowcount(r)
 
@@ -86,7 +89,10 @@ class Leases:
             elif current.holder != holder.id and current.is_live(now):
                 return False, current
             else:
-                acquired_at = current.acquired_at if current.holder == holder.id else now
+                # Our own live lease is kept; an expired one taken back starts a new term (the pause may have
+                # seen another holder come and go).
+                ours = current.holder == holder.id and current.is_live(now)
+                acquired_at = current.acquired_at if ours else now
                 won = await self.store.write(take, name, current, values, acquired_at=acquired_at) == 1
             current = await self.get(name)
             if won:
@@ -94,7 +100,7 @@ class Leases:
         return False, current
 
     async def renew(self, name: str, holder: Holder, *, now: datetime, ttl: timedelta) -> bool:
-        """Extends our lease; False when it is no longer ours (expired and taken, or released)."""
+        """Extends our lease; False when it is no longer ours (expired, taken or released)."""
         return await self.store.write(renew, name, holder, now=now, ttl=ttl) == 1
 
     async def release(self, name: str, holder: Holder) -> None:
