@@ -502,6 +502,16 @@ class _Daemon:
             await asyncio.wait({lead}, timeout=CANCEL_WAIT)
         if self.runner is not None:
             self.runner.is_closing = True
+        if self.services is not None and self.is_leader:
+            # Hand over first: stop acting as the leader (no new claims, `/readyz` says so) and release the lease,
+            # so a follower takes over at its next check while this process finishes or abandons what is in
+            # flight within the grace. The cycle lease still keeps that cycle and the next leader's apart.
+            self._step_down("shutting down")
+            try:
+                await release_lead(self.services)
+            except StoreError as exc:
+                log.warning("could not release the leader lease (%s); it expires on its own", exc)
+        if self.runner is not None:
             await self._finish_cycle(self.runner, force=force, grace=grace)
         if self.delivery is not None and not self.delivery.done():
             # A round in flight finishes within what is left of the grace; undelivered entries stay queued.
@@ -511,13 +521,6 @@ class _Daemon:
                 await asyncio.wait({self.delivery}, timeout=CANCEL_WAIT)
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        if self.services is not None and self.is_leader:
-            # Hand over now rather than after the TTL: another replica takes the lease at its next check.
-            try:
-                await release_lead(self.services)
-            except StoreError as exc:
-                log.warning("could not release the leader lease (%s); it expires on its own", exc)
-            self._step_down("shutting down")
         self.server.should_exit = True
         remaining = max(deadline - loop.time(), SERVER_STOP_MIN)
         done, _ = await asyncio.wait({server_task}, timeout=remaining)

@@ -500,3 +500,37 @@ async def test_stale_claim_is_reclaimed_by_exactly_one(db_url: str, slow_receive
     assert_delivered_once(slow_receiver.requests, entries)
     assert len(slow_receiver.requests) == ENTRIES
 
+
+
+def test_a_graceful_shutdown_hands_leadership_over_first_and_never_shows_two_leaders(cluster: Cluster) -> None:
+    # The leader is mid-cycle (a slow Katapult) when it gets SIGTERM, with a grace longer than the leader TTL: it
+    # steps down and releases the lease before finishing its cycle, so /readyz, polled every 100 ms on both
+    # replicas, never shows two leaders, and the follower leads before the old process is gone.
+    slow = write_fleet(cluster.tmp / "slow.json", disks=DISKS, policies_per_disk=0.0, latency_ms=1500)
+    cluster.fake.restart(slow)
+    hook = cluster.receiver.url + "/alerts"
+    for i in range(2):
+        cluster.configs.append(write_config(cluster.tmp / f"graceful{i}.toml", katapult=cluster.fake.api_url,
+                                            database=cluster.url, interval="60s", leader_ttl=f"{TTL:g}s", hook=hook,
+                                            grace="12s"))
+        cluster.procs.append(None)
+        cluster.start(i)
+    old = wait_for("exactly one leader", cluster.one_leader, alive=cluster.live())
+    wait_for("the leader's cycle in flight",
+             lambda: True if sql(cluster.url, "SELECT count(*) FROM audit_runs WHERE status = 'running'")[0][0]
+             else None, alive=cluster.live())
+    leaving = cluster.procs[old]
+    assert leaving is not None
+    leaving.proc.send_signal(signal.SIGTERM)
+    seen: list[list[int]] = []
+    new_led_while_old_alive = False
+    deadline = time.monotonic() + 30
+    while leaving.proc.poll() is None and time.monotonic() < deadline:
+        found = cluster.leaders()
+        if found is not None:
+            seen.append(found)
+            new_led_while_old_alive |= found == [1 - old]
+        time.sleep(0.1)
+    assert leaving.wait(30) == 0
+    assert seen and max(len(found) for found in seen) <= 1, seen
+    assert new_led_while_old_alive, seen  # handed over before the old process was gone
