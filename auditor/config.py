@@ -816,7 +816,7 @@ def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
                       settings=effective)
 
 
-def fingerprint(settings: Settings) -> str:
+def config_fingerprint(settings: Settings) -> str:
     """Returns the first 12 hex digits of the SHA-256 of the settings as canonical JSON, secrets redacted (they
     dump as "**********"): equal settings, equal fingerprint, on any replica."""
     canonical = json.dumps(settings.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"),

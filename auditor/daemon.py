@@ -33,7 +33,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from auditor.api import ApiDeps, CycleMetrics, create_app
-from auditor.config import RESTART_KEYS, Settings, check_runnable, configured_secrets, fingerprint, plan_reload
+from auditor.config import RESTART_KEYS, Settings, check_runnable, config_fingerprint, configured_secrets, plan_reload
 from auditor.domain.retry import backoff
 from auditor.errors import AuditorError, ConfigError, StoreError
 from auditor.katapult import Transport
@@ -221,7 +221,7 @@ class _Daemon:
         self.on_cycle = on_cycle
         self.seams = seams
         self.read_settings = reload
-        self.config = ConfigStatus(fingerprint=fingerprint(settings), loaded_at=time.time())
+        self.config = ConfigStatus(fingerprint=config_fingerprint(settings), loaded_at=time.time())
         self.reloading = asyncio.Lock()  # one reload at a time, in the order the signals came
         self.background: set[asyncio.Task[None]] = set()  # reloads, and closing what reloads replaced
         self.cycles = CycleMetrics(is_leader=False)
@@ -578,7 +578,7 @@ class _Daemon:
                 log.warning("config reload: %s changed but needs a restart (%s): it keeps its running value",
                             key, RESTART_KEYS[key])
             await self._put_in_force(settings)
-            self.config.succeeded(fingerprint(settings))
+            self.config.succeeded(config_fingerprint(settings))
             log.info("configuration reloaded (%s): %s", self.config.fingerprint,
                      ", ".join(plan.changed) + " take(s) effect from the next cycle" if plan.changed
                      else "nothing that can be reloaded changed")

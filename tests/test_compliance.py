@@ -447,7 +447,7 @@ async def test_pruning_keeps_what_current_verdicts_and_later_periods_need(db_url
 
 
 async def test_pruning_in_small_batches_deletes_everything_it_should(db_url: str) -> None:
-    from auditor.store.pruning import prune_history as prune
+    from auditor.store.pruning import delete_history_before as prune
 
     fleet = make_fleet()
     clock = Clock(T0)

@@ -12,7 +12,7 @@ from pydantic import SecretStr
 
 from auditor.api import CycleMetrics
 from auditor.api.metrics import render
-from auditor.config import RESTART_KEYS, Settings, check_runnable, fingerprint, plan_reload, settings_from
+from auditor.config import RESTART_KEYS, Settings, check_runnable, config_fingerprint, plan_reload, settings_from
 from auditor.errors import ConfigError
 from auditor.log import SecretScrubber, update_logging
 from auditor.service.reloads import ConfigStatus
@@ -71,10 +71,10 @@ def test_every_restart_key_is_a_real_key() -> None:
 
 def test_the_fingerprint_is_stable_changes_with_the_config_and_never_holds_a_secret() -> None:
     a, b = settings(api={"token": "first-secret"}), settings(api={"token": "other-secret"})
-    assert len(fingerprint(a)) == 12 and int(fingerprint(a), 16) >= 0
-    assert fingerprint(a) == fingerprint(settings(api={"token": "first-secret"}))
-    assert fingerprint(a) == fingerprint(b)  # secrets are redacted before hashing
-    assert fingerprint(settings(rules={"min_retention": 3})) != fingerprint(settings())
+    assert len(config_fingerprint(a)) == 12 and int(config_fingerprint(a), 16) >= 0
+    assert config_fingerprint(a) == config_fingerprint(settings(api={"token": "first-secret"}))
+    assert config_fingerprint(a) == config_fingerprint(b)  # secrets are redacted before hashing
+    assert config_fingerprint(settings(rules={"min_retention": 3})) != config_fingerprint(settings())
 
 
 def test_check_runnable_names_every_problem(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

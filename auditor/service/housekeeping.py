@@ -45,7 +45,7 @@ async def prune_history(services: Services) -> dict[str, int]:
     """Deletes history older than `[history] keep` (the daemon's job); returns rows deleted per table."""
     now = services.clock()
     before = now - services.settings.history.keep
-    counts = await pruning.prune_history(services.store, before)
+    counts = await pruning.delete_history_before(services.store, before)
     prune_log.info("history pruned before %s: %s", iso(before),
                    ", ".join(f"{n} {table}" for table, n in counts.items()) or "nothing",
                    extra={"pruned": counts, "before": iso(before)})

@@ -55,7 +55,7 @@ def delete_batch(conn: Connection, table: Any, key: Any, condition: ColumnElemen
     return ids
 
 
-async def prune_history(store: Store, before: datetime, *, batch: int = PRUNE_BATCH) -> dict[str, int]:
+async def delete_history_before(store: Store, before: datetime, *, batch: int = PRUNE_BATCH) -> dict[str, int]:
     """Deletes history older than `before` in batches (one transaction each); returns rows deleted per table.
 
     Deleted: run summaries and runs polled before it (never the latest run, the latest complete or partial run, or
