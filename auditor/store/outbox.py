@@ -8,15 +8,14 @@ entry; a claim left by a crashed process expires and exactly one deliverer retri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 from sqlalchemy.engine import Connection
 
-from auditor.domain.alerts import AlertState, Delivery, DeliveryState, OutboxEntry
-from auditor.store import queries, writes
+from auditor.domain.alerts import Delivery, DeliveryState
+from auditor.store import queries
 from auditor.store.statements import rowcount
 from auditor.store.tables import outbox
 
@@ -61,11 +60,6 @@ class Outbox:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-
-    async def enqueue(self, entries: Sequence[OutboxEntry], states: Sequence[AlertState | tuple[str, str]],
-                      *, run_id: str | None, now: datetime) -> None:
-        """Writes entries and state changes in their own transaction (used outside a cycle)."""
-        await self.store.write(writes.enqueue, entries, states, run_id=run_id, now=now)
 
     async def claim_due(self, *, now: datetime, worker: str, limit: int = 100) -> list[Delivery]:
         """Claims up to `limit` due entries (see `claim_due`)."""
