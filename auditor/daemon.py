@@ -46,6 +46,7 @@ from auditor.service.queries import read_recent_runs
 from auditor.service.reloads import ConfigStatus
 from auditor.service.runner import CycleHook, CycleRunner
 from auditor.service.services import close_replaced, database_label, rewire
+from auditor.store.holders import Term
 from auditor.web.auth import LoginThrottle
 
 log = logging.getLogger(__name__)
@@ -232,6 +233,8 @@ class _Daemon:
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.delivery: asyncio.Task[None] | None = None
         self.is_leader = False
+        self.term: Term | None = None  # this replica's leader term while it leads
+        self.leader_epoch = 0  # the leader lease's epoch as last seen (led or followed); 0 before the first look
         # The API reads through Services of its own (its own store on the same database), ready before the
         # database answers.
         self.api_services = reading_services(settings)
@@ -255,7 +258,8 @@ class _Daemon:
 
     def _leadership(self) -> dict[str, Any]:
         holder = self.services.holder if self.services is not None else None
-        return {"leader": self.is_leader, "replica": holder.describe() if holder else None}
+        return {"leader": self.is_leader, "leader_epoch": self.leader_epoch,
+                "replica": holder.describe() if holder else None}
 
     # ---- leadership ---------------------------------------------------------------------------------------
 
@@ -268,18 +272,20 @@ class _Daemon:
             services = self.services  # the store and the holder stay the same across reloads
             assert services is not None
             try:
-                if self.is_leader:
-                    if await renew_lead(services):
+                if self.is_leader and self.term is not None:
+                    if await renew_lead(services, term=self.term):
                         last_renewed = time.monotonic()
                     else:
                         self._step_down("the leader lease expired or was taken by another replica")
                 else:
                     taken, lease = await take_lead(services)
-                    if taken:
+                    if lease is not None:
+                        self._saw_epoch(lease.epoch)
+                    if taken and lease is not None:
                         last_renewed = time.monotonic()
-                        await self._become_leader(services)
+                        await self._become_leader(services, lease.term)
                     elif lease is not None:
-                        log.debug("following the leader %s", lease.describe())
+                        log.debug("following the leader %s (epoch %d)", lease.describe(), lease.epoch)
                 if self.runner is not None:  # this process's failed cycles, leader or not: record them now
                     await self.runner.record_failures()
             except StoreError as exc:
@@ -291,13 +297,19 @@ class _Daemon:
             if await _wait_or_stop(stop, every):
                 break
 
-    async def _become_leader(self, services: Services) -> None:
+    def _saw_epoch(self, epoch: int) -> None:
+        self.leader_epoch = max(self.leader_epoch, epoch)
+        self.cycles.leader_epoch = self.leader_epoch
+
+    async def _become_leader(self, services: Services, term: Term) -> None:
         assert self.runner is not None
+        self.term = term
         self.is_leader = True
         self.cycles.is_leader = True
         first = await self._first_run_time(services)
-        log.warning("this replica (%s) is now the leader: it runs the audit schedule and the alert delivery; "
-                    "first cycle at %s", services.holder.describe(), first.isoformat(timespec="seconds"))
+        log.warning("this replica (%s) is now the leader (epoch %d): it runs the audit schedule and the alert "
+                    "delivery; first cycle at %s", services.holder.describe(), term.epoch,
+                    first.isoformat(timespec="seconds"))
         self._schedule_audit(first)
         self.scheduler.add_job(self._prune, IntervalTrigger(seconds=PRUNE_EVERY.total_seconds(), timezone=UTC),
                                id="history-prune", name="history pruning", max_instances=1, coalesce=True,
@@ -348,6 +360,7 @@ class _Daemon:
         if not self.is_leader:
             return
         self.is_leader = False
+        self.term = None
         self.cycles.is_leader = False
         log.warning("this replica is no longer the leader (%s): schedule paused", reason)
         for job_id in ("audit-cycle", "alert-delivery", "history-prune", "orphan-check"):
@@ -373,8 +386,10 @@ class _Daemon:
         """Renews the leader lease before a leader job acts: a job that fires late (the process was paused) finds
         the lease expired, steps down and does nothing; the leadership loop may take the lead anew."""
         assert self.services is not None
+        if self.term is None:
+            return False
         try:
-            if await renew_lead(self.services):
+            if await renew_lead(self.services, term=self.term):
                 return True
         except StoreError as exc:
             log.warning("leader job skipped: the leader lease could not be renewed (%s)", exc)
@@ -434,8 +449,11 @@ class _Daemon:
 
     async def _deliver_round(self) -> None:
         assert self.services is not None
+        term = self.term
+        if term is None:
+            return  # stepped down since the job started
         try:
-            report = await deliver_due(self.services)
+            report = await deliver_due(self.services, term=term)
         except StoreError as exc:  # the database went away: the entries stay in the outbox for the next round
             log.warning("alert delivery round failed: %s", exc)
             return
@@ -465,6 +483,7 @@ class _Daemon:
                     self.services = services
                     s = services.settings
                     self.runner = CycleRunner(services, cycles=self.cycles, on_cycle=self._after_cycle)
+                    self.runner.leader = lambda: self.term
                     self.scheduler.start()
                     lead = asyncio.create_task(self._lead(stop), name="leadership")
                     log.info("auditor daemon started as %s: audit every %ss, %d disk(s) and %d organization(s); "
@@ -502,13 +521,16 @@ class _Daemon:
             await asyncio.wait({lead}, timeout=CANCEL_WAIT)
         if self.runner is not None:
             self.runner.is_closing = True
-        if self.services is not None and self.is_leader:
+        if self.services is not None and self.is_leader and self.term is not None:
             # Hand over first: stop acting as the leader (no new claims, `/readyz` says so) and release the lease,
             # so a follower takes over at its next check while this process finishes or abandons what is in
-            # flight within the grace. The cycle lease still keeps that cycle and the next leader's apart.
+            # flight within the grace. The cycle lease still keeps that cycle and the next leader's apart; what
+            # the round in flight records after the release is refused (its term is over) and the next leader
+            # sends it again, same Idempotency-Key.
+            term = self.term
             self._step_down("shutting down")
             try:
-                await release_lead(self.services)
+                await release_lead(self.services, term=term)
             except StoreError as exc:
                 log.warning("could not release the leader lease (%s); it expires on its own", exc)
         if self.runner is not None:

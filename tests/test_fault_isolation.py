@@ -582,15 +582,15 @@ async def test_8_a_killed_runs_row_is_marked_abandoned_and_a_live_one_is_not(db_
         # A run of this live process, holding the cycle lease the killed process left behind: never touched.
         now = utcnow()
         mine = uuid.uuid4().hex
-        taken, _ = await live.leases.acquire(CYCLE, live.holder, now=now, ttl=live.settings.daemon.leader_ttl,
-                                             run_id=mine)
-        assert taken, "the killed process's lease should be free to take"
+        taken, held = await live.leases.acquire(CYCLE, live.holder, now=now, ttl=live.settings.daemon.leader_ttl,
+                                                run_id=mine)
+        assert taken and held is not None, "the killed process's lease should be free to take"
         await live.store.write(writes.start_run, now=now, trigger="test", run_id=mine, owner=live.holder.id)
         async with open_services(settings, katapult=False) as other:
             assert await abandon_orphans(other) == []
             assert await abandon_orphans(live) == []
             runs = {r.id: r for r in await other.store.read(queries.list_runs)}
-        await live.leases.release(CYCLE, live.holder)
+        await live.leases.release(held.term, now=utcnow())
     assert runs[mine].status is RunStatus.RUNNING and runs[mine].errors == ()
     assert runs[killed].status is RunStatus.FAILED and runs[killed].finished_at is None
 

@@ -51,6 +51,7 @@ from auditor.fake import Fleet, create_app
 from auditor.service import Services, open_services, utcnow
 from auditor.service.cycle import run_cycle
 from auditor.service.delivery import deliver_due
+from auditor.store.holders import LEADER
 from auditor.store.outbox import CLAIM_TIMEOUT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # clusters of real processes, timed
@@ -500,6 +501,37 @@ async def test_stale_claim_is_reclaimed_by_exactly_one(db_url: str, slow_receive
     assert_delivered_once(slow_receiver.requests, entries)
     assert len(slow_receiver.requests) == ENTRIES
 
+
+
+async def test_a_leader_term_fences_its_claims_and_the_next_leader_takes_them_over_at_once(
+        db_url: str, slow_receiver: HttpReceiver) -> None:
+    settings = _settings(db_url, slow_receiver)
+    short = timedelta(seconds=1)
+    async with _services(settings, [utcnow, utcnow]) as (old, new):
+        await run_cycle(old)
+        taken, first = await old.leases.acquire(LEADER, old.holder, now=utcnow(), ttl=short)
+        assert taken and first is not None
+        await asyncio.sleep(1.2)  # paused past its lease: nobody took it, but the term is over
+        assert await old.outbox.claim_due(now=utcnow(), worker=old.holder.id, term=first.term) == []
+        taken, second = await old.leases.acquire(LEADER, old.holder, now=utcnow(), ttl=short)
+        assert taken and second is not None and second.epoch == first.epoch + 1  # taken back: a new term
+        assert await old.outbox.claim_due(now=utcnow(), worker=old.holder.id, term=first.term) == []
+        claimed = await old.outbox.claim_due(now=utcnow(), worker=old.holder.id, term=second.term, limit=500)
+        assert len(claimed) == ENTRIES
+        # While that term holds its claims are its own.
+        assert await new.outbox.claim_due(now=utcnow(), worker=new.holder.id, limit=500) == []
+        await asyncio.sleep(1.2)  # the leader dies (or freezes) holding every claim
+        taken, third = await new.leases.acquire(LEADER, new.holder, now=utcnow(), ttl=timedelta(seconds=30))
+        assert taken and third is not None and third.epoch == second.epoch + 1
+        report = await deliver_due(new, term=third.term)  # at once, not after CLAIM_TIMEOUT
+        assert report.delivered == ENTRIES, report
+        # The old leader wakes: its word on an entry it had claimed is refused.
+        assert not await old.outbox.mark_delivered(claimed[0].id, now=utcnow(), status=200, detail="late",
+                                                   worker=old.holder.id, term=second.term)
+        entries = await new.outbox.recent(limit=500)
+    assert {e.state.value for e in entries} == {"delivered"}
+    assert_delivered_once(slow_receiver.requests, entries)
+    assert len(slow_receiver.requests) == ENTRIES
 
 
 def test_a_graceful_shutdown_hands_leadership_over_first_and_never_shows_two_leaders(cluster: Cluster) -> None:

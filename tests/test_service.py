@@ -98,10 +98,14 @@ async def test_a_second_process_cannot_run_a_cycle_while_the_lease_is_held(db_ur
         assert response.status_code == 409 and response.json()["holder"] == f"{first.holder.host} pid " \
             f"{first.holder.pid}"
         # Released: the second one runs, and numbering goes on.
-        await first.leases.release(CYCLE, first.holder)
+        held_lease = await read_cycle_lease(first)
+        assert held_lease is not None
+        await first.leases.release(held_lease.term, now=first.clock())
         outcome = await run_cycle(second)
         assert outcome.status is RunStatus.COMPLETE
-        assert await read_cycle_lease(second) is None  # released after the cycle
+        released = await read_cycle_lease(second)  # released after the cycle: the row stays, expired, its epoch kept
+        assert released is not None and not released.is_live(second.clock())
+        assert released.epoch == held_lease.epoch + 1  # the second process's holding was the next term
 
 
 @pytest.mark.slow  # a race won by timing: the taker commits while the first cycle waits on 0.5 s answers
@@ -487,13 +491,20 @@ async def test_an_expired_lease_is_never_renewed_by_its_old_holder(db_url: str) 
     settings = _settings(db_url, ids)
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN) as s:
         now, ttl = s.clock(), timedelta(seconds=30)
-        taken, _ = await s.leases.acquire(CYCLE, s.holder, now=now, ttl=ttl, run_id="b" * 32)
-        assert taken
-        assert await s.leases.renew(CYCLE, s.holder, now=now + timedelta(seconds=10), ttl=ttl)  # live: renewed
+        taken, first = await s.leases.acquire(CYCLE, s.holder, now=now, ttl=ttl, run_id="b" * 32)
+        assert taken and first is not None
+        assert await s.leases.renew(first.term, now=now + timedelta(seconds=10), ttl=ttl)  # live: renewed
         woke = now + timedelta(seconds=10) + ttl + timedelta(seconds=1)  # past the renewed expiry
-        assert not await s.leases.renew(CYCLE, s.holder, now=woke, ttl=ttl)
+        assert not await s.leases.renew(first.term, now=woke, ttl=ttl)
         with pytest.raises(LeaseLostError):
             async with s.store.transaction() as tx:
-                await tx.check_lease(s.holder, now=woke, ttl=ttl)
+                await tx.fence(first.term, now=woke, ttl=ttl)
         retaken, lease = await s.leases.acquire(CYCLE, s.holder, now=woke, ttl=ttl)  # taken anew, not renewed
         assert retaken and lease is not None and lease.acquired_at == woke
+        # A new term: what was started under the old epoch stays refused although the holder is the same.
+        assert lease.epoch == first.epoch + 1
+        assert not await s.leases.renew(first.term, now=woke, ttl=ttl)
+        with pytest.raises(LeaseLostError):
+            async with s.store.transaction() as tx:
+                await tx.fence(first.term, now=woke, ttl=ttl)
+        assert await s.leases.renew(lease.term, now=woke, ttl=ttl)

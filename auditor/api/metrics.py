@@ -77,6 +77,9 @@ class _Snapshot(Collector):
         if c.is_leader is not None:
             yield GaugeMetricFamily("auditor_leader", "1 while this replica is the leader (runs the schedule and "
                                     "the alert delivery), else 0.", value=1 if c.is_leader else 0)
+            yield GaugeMetricFamily("auditor_leader_epoch", "The leader lease's epoch as this replica last saw it "
+                                    "(grows by one with every new leader term; 0 before the first look).",
+                                    value=c.leader_epoch)
         if self._config is not None:
             yield from _config_metrics(self._config)
 

@@ -20,7 +20,7 @@ from auditor.domain.lifecycle import Change, Transition, parse_waivers, reconcil
 from auditor.domain.models import ReadOutcome, WaiverProblem
 from auditor.domain.records import RunError, RunStats, RunStatus
 from auditor.domain.rules import RULES
-from auditor.errors import AuditorError, LeaseLostError, StoreError
+from auditor.errors import AuditorError, LeaseHeldError, LeaseLostError, StoreError
 from auditor.notify.heartbeat import summary_line
 from auditor.service.alerts import incomplete_fingerprint, plan_notifications
 from auditor.service.collection import (
@@ -37,6 +37,7 @@ from auditor.service.housekeeping import abandon_orphans
 from auditor.service.leases import keep_cycle_lease, release_cycle_lease, take_cycle_lease
 from auditor.service.services import Services
 from auditor.store import queries, writes
+from auditor.store.holders import Term
 from auditor.store.writes import CycleWrite, new_run_id
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class PendingFailures:
 
 async def run_cycle(services: Services, *, failures: PendingFailures | None = None, trigger: str = "manual",
                     run_id: str | None = None, progress: Progress | None = None, wait: float = 0.0,
-                    started: asyncio.Future[str] | None = None) -> AuditOutcome:
+                    started: asyncio.Future[str] | None = None, leader: Term | None = None) -> AuditOutcome:
     """Runs one audit cycle under the cycle lease and records it; returns what happened.
 
     Never raises for Katapult trouble, a malformed response or a bug judging one disk (that disk is unknown).
@@ -108,11 +109,15 @@ async def run_cycle(services: Services, *, failures: PendingFailures | None = No
 
     `started`, when given, gets the run id once the run is recorded as `running` (its lease taken), or the error
     that kept it from starting: what a caller promising a run (`POST /api/v1/audit`) waits for.
+
+    The run is started and committed under the cycle lease's term and, for a daemon's leader, its `leader` term,
+    each checked in the same transaction: once either is over (another process took over, or this one was paused
+    past its lease), the run is not started (LeaseHeldError) or its verdict is not committed (`lease_lost`).
     """
     assert services.client is not None, "run_cycle needs a Katapult client"
     try:
         return await _run_cycle(services, failures=failures, trigger=trigger, run_id=run_id, progress=progress,
-                                wait=wait, started=started)
+                                wait=wait, started=started, leader=leader)
     except BaseException as exc:
         if started is not None and not started.done():
             started.set_exception(exc if isinstance(exc, Exception) else AuditorError("the cycle was cancelled"))
@@ -123,14 +128,15 @@ async def run_cycle(services: Services, *, failures: PendingFailures | None = No
 
 
 async def _run_cycle(services: Services, *, failures: PendingFailures | None, trigger: str, run_id: str | None,
-                     progress: Progress | None, wait: float, started: asyncio.Future[str] | None) -> AuditOutcome:
+                     progress: Progress | None, wait: float, started: asyncio.Future[str] | None,
+                     leader: Term | None) -> AuditOutcome:
     failures = failures if failures is not None else PendingFailures()
     run_id = run_id or new_run_id()
     began = time.monotonic()
     now = services.clock()
     try:
         # Another process's cycle is not a failure of this one: no heartbeat ping, the holder pings its own.
-        await take_cycle_lease(services, run_id=run_id, wait=wait)
+        cycle = await take_cycle_lease(services, run_id=run_id, wait=wait)
     except StoreError as exc:
         outcome = await _fail(services, failures, run_id, trigger, now, began,
                               RunError("*", "database_unavailable", str(exc)))
@@ -139,9 +145,12 @@ async def _run_cycle(services: Services, *, failures: PendingFailures | None, tr
     began = time.monotonic()
     now = services.clock()
     _ping(services, "start", f"{trigger} run {run_id} starting")
-    renewer = asyncio.create_task(keep_cycle_lease(services), name=f"cycle-lease-{run_id[:8]}")
+    renewer = asyncio.create_task(keep_cycle_lease(services, term=cycle), name=f"cycle-lease-{run_id[:8]}")
+    terms = (cycle,) if leader is None else (cycle, leader)
     try:
-        outcome = await _cycle(services, run_id, trigger, now, began, progress, started)
+        outcome = await _cycle(services, run_id, trigger, now, began, progress, started, terms)
+    except LeaseHeldError:
+        raise  # refused at its start: no run exists, nothing failed
     except LeaseLostError as exc:
         # Another process took over after our lease expired; it marks this run abandoned. Nothing is written.
         log.error("audit run %s: %s", run_id, exc)
@@ -160,7 +169,7 @@ async def _run_cycle(services: Services, *, failures: PendingFailures | None, tr
         renewer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await renewer
-        await release_cycle_lease(services)
+        await release_cycle_lease(services, term=cycle)
     return _finish(services, outcome)
 
 
@@ -220,12 +229,25 @@ def log_cycle(outcome: AuditOutcome) -> None:
 # ---- the cycle's steps ----------------------------------------------------------------------------------
 
 
+async def _start(services: Services, run_id: str, trigger: str, now: datetime, terms: tuple[Term, ...]) -> None:
+    """Records the run as `running`, in the same transaction as the check that its terms still hold."""
+    ttl = services.settings.daemon.leader_ttl
+    try:
+        async with services.store.transaction() as tx:
+            await tx.fence(*terms, now=services.clock(), ttl=ttl)
+            await tx.run(writes.start_run, now=now, trigger=trigger, run_id=run_id, owner=services.holder.id)
+    except LeaseLostError as exc:
+        # Not a failed cycle: this process may no longer start one (it was deposed, or paused past its lease).
+        raise LeaseHeldError(f"not started: {exc}", holder="the current leader", since="unknown") from None
+
+
 async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, began: float,
-                 progress: Progress | None, started: asyncio.Future[str] | None) -> AuditOutcome:
+                 progress: Progress | None, started: asyncio.Future[str] | None,
+                 terms: tuple[Term, ...]) -> AuditOutcome:
     client, settings, store, rules = services.client, services.settings, services.store, services.rules
     assert client is not None
     await abandon_orphans(services)  # a lost cycle is announced before this one starts
-    await store.write(writes.start_run, now=now, trigger=trigger, run_id=run_id, owner=services.holder.id)
+    await _start(services, run_id, trigger, now, terms)
     if started is not None and not started.done():
         started.set_result(run_id)  # recorded: `GET /api/v1/runs` lists it as running from now on
     client.stats.snapshot_and_reset()
@@ -239,8 +261,8 @@ async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, b
     stats = _stats(services)
     finished = now + _elapsed(began)
     async with store.transaction() as tx:
-        # The fence: renewing the lease inside the commit refuses the write if another process took over.
-        await tx.check_lease(services.holder, now=services.clock(), ttl=settings.daemon.leader_ttl)
+        # The fence: renewing the terms inside the commit refuses the write once another process took over.
+        await tx.fence(*terms, now=services.clock(), ttl=settings.daemon.leader_ttl)
         previous = await tx.run(queries.active_findings, extra=(f.fingerprint for f in findings))
         changes = with_tiers(reconcile(previous, findings, settled_disks=settled | collected.retired,
                                        waivers=valid_waivers, now=now), collected)

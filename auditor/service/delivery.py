@@ -19,6 +19,7 @@ from auditor.vocabulary import format_duration
 
 if TYPE_CHECKING:
     from auditor.service.services import Services
+    from auditor.store.holders import Term
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,17 @@ def retry_at(now: datetime, seconds: float) -> datetime:
         return now + timedelta(days=1)
 
 
-async def deliver_due(services: Services, *, limit: int = 200) -> DeliveryReport:
+async def deliver_due(services: Services, *, limit: int = 200, term: Term | None = None) -> DeliveryReport:
     """Claims due outbox entries and delivers them, each notifier on its own so a failing one delays no other.
 
     Within a notifier entries go in order; after a temporary failure the notifier's other entries are put back
     for the same retry time instead of each waiting out its own timeout. An unexpected exception never vanishes:
     it is logged whole, counted, and the entry is released for a later round. Without notifiers (no dispatcher)
     it does nothing. The clock is read once to claim; later reads stamp when each entry was sent or is retried.
+
+    A daemon's leader passes its `term`: the claims and every outcome are refused, in the same statement, once the
+    term is over (another replica leads, or this one's lease expired while it was paused), and what this round
+    claimed is then taken over by the next leader at once (sent again with the same Idempotency-Key).
     """
     dispatcher = services.dispatcher
     if dispatcher is None:
@@ -64,7 +69,7 @@ async def deliver_due(services: Services, *, limit: int = 200) -> DeliveryReport
     notifiers = {n.name: n for n in services.settings.notifiers}
     max_retry_after = services.settings.notify.max_retry_after
     now = clock()
-    claimed = await outbox.claim_due(now=now, worker=worker, limit=limit)
+    claimed = await outbox.claim_due(now=now, worker=worker, limit=limit, term=term)
     report = DeliveryReport()
     by_notifier: dict[str, list[Delivery]] = {}
     for d in claimed:
@@ -74,7 +79,7 @@ async def deliver_due(services: Services, *, limit: int = 200) -> DeliveryReport
         """Delivers one entry; returns the retry time when the notifier failed temporarily."""
         if settings is None:
             await outbox.mark_failed(d.id, status=None, error=f"notifier {name!r} is no longer configured",
-                                     worker=worker)
+                                     worker=worker, term=term)
             report.failed += 1
             return None
         try:
@@ -84,7 +89,7 @@ async def deliver_due(services: Services, *, limit: int = 200) -> DeliveryReport
             if exc.permanent or attempts >= MAX_ATTEMPTS:
                 why = str(exc) if exc.permanent else f"gave up after {attempts} attempts: {exc}"
                 log.error("notification %s to %s failed permanently: %s", d.id, name, why)
-                await outbox.mark_failed(d.id, status=exc.status_code, error=why, worker=worker)
+                await outbox.mark_failed(d.id, status=exc.status_code, error=why, worker=worker, term=term)
                 report.failed += 1
                 return None
             wait = backoff(attempts, base=BACKOFF_BASE, cap=BACKOFF_CAP, retry_after=exc.retry_after,
@@ -92,11 +97,12 @@ async def deliver_due(services: Services, *, limit: int = 200) -> DeliveryReport
             next_at = retry_at(clock(), wait)
             log.warning("notification %s to %s failed (attempt %d), retrying in %.0fs: %s", d.id, name,
                         attempts, wait, exc)
-            await outbox.mark_retry(d.id, next_at=next_at, status=exc.status_code, error=str(exc), worker=worker)
+            await outbox.mark_retry(d.id, next_at=next_at, status=exc.status_code, error=str(exc), worker=worker,
+                                    term=term)
             report.retried += 1
             return next_at
         if not await outbox.mark_delivered(d.id, now=clock(), status=result.status_code, detail=result.detail,
-                                           worker=worker):
+                                           worker=worker, term=term):
             log.warning("notification %s to %s was delivered after its claim expired", d.id, name)
         report.delivered += 1
         return None
@@ -112,11 +118,12 @@ async def deliver_due(services: Services, *, limit: int = 200) -> DeliveryReport
                 log.exception("delivering notification %s to %s broke unexpectedly; it is retried later", d.id,
                               name)
                 report.errors += 1
-                await outbox.release(d.id, next_at=retry_at(clock(), ERROR_RETRY.total_seconds()), worker=worker)
+                await outbox.release(d.id, next_at=retry_at(clock(), ERROR_RETRY.total_seconds()), worker=worker,
+                                     term=term)
                 continue
             if next_at is not None:
                 for rest in items[index + 1:]:
-                    await outbox.release(rest.id, next_at=next_at, worker=worker)
+                    await outbox.release(rest.id, next_at=next_at, worker=worker, term=term)
                     report.released += 1
                 return
 

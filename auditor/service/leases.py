@@ -9,7 +9,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from auditor.errors import LeaseHeldError, StoreError
-from auditor.store.leases import CYCLE, LEADER, Lease
+from auditor.store.leases import CYCLE, LEADER, Lease, Term
 
 if TYPE_CHECKING:
     from auditor.service.services import Services
@@ -31,28 +31,29 @@ async def check_cycle_lease(services: Services) -> None:
                              since=lease.acquired_at.isoformat(timespec="seconds"))
 
 
-async def take_cycle_lease(services: Services, *, run_id: str, wait: float) -> None:
-    """Takes the cycle lease for `run_id`, trying for up to `wait` seconds; LeaseHeldError if it stays held."""
+async def take_cycle_lease(services: Services, *, run_id: str, wait: float) -> Term:
+    """Takes the cycle lease for `run_id`, trying for up to `wait` seconds; returns the term it is held under.
+    LeaseHeldError if it stays held."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max(wait, 0.0)
     ttl = services.settings.daemon.leader_ttl
     while True:
         taken, lease = await services.leases.acquire(CYCLE, services.holder, now=services.clock(), ttl=ttl,
                                                      run_id=run_id)
-        if taken:
-            return
+        if taken and lease is not None:
+            return lease.term
         if loop.time() >= deadline:
             raise _held(lease)
         await asyncio.sleep(min(1.0, max(deadline - loop.time(), 0.05)))
 
 
-async def keep_cycle_lease(services: Services) -> None:
+async def keep_cycle_lease(services: Services, *, term: Term) -> None:
     """Renews the cycle lease every ttl/3 until cancelled, or until it was lost (then the cycle's commit fails)."""
     ttl = services.settings.daemon.leader_ttl
     while True:
         await asyncio.sleep(ttl.total_seconds() / 3)
         try:
-            if not await services.leases.renew(CYCLE, services.holder, now=services.clock(), ttl=ttl):
+            if not await services.leases.renew(term, now=services.clock(), ttl=ttl):
                 log.error("the cycle lease was lost (expired and taken by another process); this cycle's "
                           "commit will be refused")
                 return
@@ -60,10 +61,10 @@ async def keep_cycle_lease(services: Services) -> None:
             log.warning("could not renew the cycle lease: %s", exc)
 
 
-async def release_cycle_lease(services: Services) -> None:
+async def release_cycle_lease(services: Services, *, term: Term) -> None:
     """Releases the cycle lease (a failure is logged: the lease then expires on its own)."""
     try:
-        await services.leases.release(CYCLE, services.holder)
+        await services.leases.release(term, now=services.clock())
     except StoreError as exc:
         log.warning("could not release the cycle lease (%s); it expires on its own", exc)
 
@@ -74,15 +75,14 @@ async def take_lead(services: Services) -> tuple[bool, Lease | None]:
                                          ttl=services.settings.daemon.leader_ttl)
 
 
-async def renew_lead(services: Services) -> bool:
-    """Renews the leader lease; returns False when another replica took it."""
-    return await services.leases.renew(LEADER, services.holder, now=services.clock(),
-                                       ttl=services.settings.daemon.leader_ttl)
+async def renew_lead(services: Services, *, term: Term) -> bool:
+    """Renews the leader lease; returns False when the term is over (expired, or another replica took it)."""
+    return await services.leases.renew(term, now=services.clock(), ttl=services.settings.daemon.leader_ttl)
 
 
-async def release_lead(services: Services) -> None:
+async def release_lead(services: Services, *, term: Term) -> None:
     """Gives the leader lease up, so another replica takes it at its next check instead of after the TTL."""
-    await services.leases.release(LEADER, services.holder)
+    await services.leases.release(term, now=services.clock())
 
 
 def _held(lease: Lease | None) -> LeaseHeldError:

@@ -19,6 +19,7 @@ from auditor.errors import AuditorError, LeaseHeldError
 from auditor.service.cycle import AuditOutcome, PendingFailures, new_run_id, record_failures, run_cycle
 from auditor.service.leases import check_cycle_lease
 from auditor.service.services import Services
+from auditor.store.holders import Term
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class CycleMetrics:
     heartbeat_failures: int = 0
     delivery_errors: int = 0
     is_leader: bool | None = None  # None: not a daemon (no leadership)
+    leader_epoch: int = 0  # the leader lease's epoch as this replica last saw it (led or followed)
 
     def _observe(self, seconds: float) -> None:
         self.bucket_counts[bisect.bisect_left(self.buckets, seconds)] += 1
@@ -80,6 +82,8 @@ class CycleRunner:
         self.is_closing = False
         self.last_error: str | None = None
         self.failures = PendingFailures()  # this process's failed cycles the database could not take yet
+        # The daemon's leader term while it leads (None otherwise): its cycles are started and committed under it.
+        self.leader: Callable[[], Term | None] = lambda: None
 
     @property
     def is_busy(self) -> bool:
@@ -144,7 +148,7 @@ class CycleRunner:
         services = self.services
         try:
             outcome = await run_cycle(services, failures=self.failures, trigger=trigger, run_id=run_id,
-                                      started=started)
+                                      started=started, leader=self.leader())
         except LeaseHeldError as exc:
             log.info("audit cycle (%s) skipped: %s", trigger, exc)
             return None

@@ -59,7 +59,7 @@ class Services:
     @property
     def outbox(self) -> Outbox:
         """Returns the alert outbox on this store."""
-        return Outbox(self.store)
+        return Outbox(self.store, self.clock)
 
     @property
     def leases(self) -> Leases:

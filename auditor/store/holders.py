@@ -81,6 +81,19 @@ class Holder:
 
 
 @dataclass(frozen=True, slots=True)
+class Term:
+    """One holding of a lease: the lease's name, its holder and the epoch it was taken under.
+
+    Every action taken under a term is fenced by it: refused once the lease expired or moved on to a later
+    epoch, even when the same process took the lease back meanwhile (a new holding is a new term).
+    """
+
+    name: str
+    holder: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
 class Lease:
     """A lease row as read."""
 
@@ -92,6 +105,12 @@ class Lease:
     acquired_at: datetime
     expires_at: datetime
     run_id: str | None
+    epoch: int = 1
+
+    @property
+    def term(self) -> Term:
+        """Returns this holding of the lease as a Term."""
+        return Term(self.name, self.holder, self.epoch)
 
     def is_live(self, now: datetime) -> bool:
         """Returns whether the holder still owns it: not expired, and not a process known to be gone."""

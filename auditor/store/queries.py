@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, inspect, null, or_, select, text
+from sqlalchemy import and_, case, exists, func, inspect, null, or_, select, text
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -44,7 +44,7 @@ from auditor.domain.records import (
     RunStatus,
 )
 from auditor.store.clauses import among, batch
-from auditor.store.holders import CYCLE, Lease
+from auditor.store.holders import CYCLE, Lease, Term
 from auditor.store.tables import (
     alert_states,
     disk_states,
@@ -136,7 +136,7 @@ def state_record(row: Any) -> PolicyStateRecord:
 def lease_record(row: Any) -> Lease:
     """Returns a lease row as a Lease."""
     return Lease(row.name, row.holder, row.host, row.pid, row.process_started_at, row.acquired_at, row.expires_at,
-                 row.run_id)
+                 row.run_id, row.epoch)
 
 
 def delivery_record(row: Any) -> Delivery:
@@ -183,6 +183,13 @@ def lease(conn: Connection, name: str) -> Lease | None:
     """Returns the named lease, live or not."""
     row = conn.execute(select(leases).where(leases.c.name == name)).first()
     return lease_record(row) if row else None
+
+
+def term_holds(term: Term, *, now: datetime) -> ColumnElement[bool]:
+    """The condition that `term` still holds at `now` (its lease names its holder and epoch and has not expired),
+    for a statement that must be refused, in the same statement, once the term is over."""
+    c = leases.c
+    return exists().where(c.name == term.name, c.holder == term.holder, c.epoch == term.epoch, c.expires_at > now)
 
 
 def live_cycle_run(conn: Connection, *, now: datetime) -> str | None:
@@ -605,18 +612,23 @@ def deliveries_by_id(conn: Connection, ids: Sequence[str]) -> list[Delivery]:
     return [delivery_record(r) for r in conn.execute(q)]
 
 
-def due_deliveries(conn: Connection, *, now: datetime, stale_before: datetime,
-                   limit: int) -> list[tuple[str, str, str | None, datetime | None]]:
-    """Returns (id, state, claimed_by, claimed_at) of up to `limit` entries due for delivery: pending and due, or
-    claimed before `stale_before` by a deliverer that vanished. On PostgreSQL the candidates are locked
-    (`FOR UPDATE SKIP LOCKED`), so concurrent deliverers take disjoint batches."""
+def due_deliveries(conn: Connection, *, now: datetime, stale_before: datetime, epoch: int | None,
+                   limit: int) -> list[tuple[str, str, str | None, datetime | None, int | None]]:
+    """Returns (id, state, claimed_by, claimed_at, claim_epoch) of up to `limit` entries due for delivery: pending
+    and due; claimed under a leader epoch older than `epoch` (that leader's term is over: at once); or claimed
+    before `stale_before` (a deliverer outside the leadership, or one that vanished). On PostgreSQL the candidates
+    are locked (`FOR UPDATE SKIP LOCKED`), so concurrent deliverers take disjoint batches."""
     o = outbox.c
+    stale = o.claimed_at < stale_before
+    if epoch is not None:
+        stale = or_(stale, o.claim_epoch < epoch)
     due = or_(and_(o.state == DeliveryState.PENDING.value, o.next_attempt_at <= now),
-              and_(o.state == DeliveryState.DELIVERING.value, o.claimed_at < stale_before))
-    q = select(o.id, o.state, o.claimed_by, o.claimed_at).where(due).order_by(o.created_at, o.id).limit(limit)
+              and_(o.state == DeliveryState.DELIVERING.value, stale))
+    q = (select(o.id, o.state, o.claimed_by, o.claimed_at, o.claim_epoch).where(due)
+         .order_by(o.created_at, o.id).limit(limit))
     if conn.dialect.name == "postgresql":
         q = q.with_for_update(skip_locked=True)
-    return [(a, b, c, d) for a, b, c, d in conn.execute(q).all()]
+    return [(a, b, c, d, e) for a, b, c, d, e in conn.execute(q).all()]
 
 
 def delivery_counts(conn: Connection) -> list[tuple[str, str, int]]:

@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from auditor.errors import LeaseLostError
 from auditor.store import leases, queries
 from auditor.store.engine import async_url, create_engine_for, create_sync_engine_for, ping, safe_url, store_error
-from auditor.store.holders import CYCLE, Holder
+from auditor.store.holders import Term
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -100,12 +100,15 @@ class Transaction:
         """Returns `fn(connection, *args, **kwargs)` run inside this transaction."""
         return await self._conn.run_sync(fn, *args, **kwargs)
 
-    async def check_lease(self, holder: Holder, *, now: datetime, ttl: timedelta, name: str = CYCLE) -> None:
-        """Renews our lease inside this transaction, or raises LeaseLostError (the fence before a commit)."""
-        if await self.run(leases.renew, name, holder, now=now, ttl=ttl) != 1:
-            current = await self.run(queries.lease, name)
-            who = current.describe() if current else "nobody"
-            raise LeaseLostError(f"the {name} lease is no longer ours (now held by {who}); nothing was written")
+    async def fence(self, *terms: Term, now: datetime, ttl: timedelta) -> None:
+        """Renews each term's lease inside this transaction, or raises LeaseLostError: what the transaction writes
+        is refused once any of the terms is over (expired, taken, released, or taken again under a later epoch)."""
+        for term in terms:
+            if await self.run(leases.renew, term, now=now, ttl=ttl) != 1:
+                current = await self.run(queries.lease, term.name)
+                who = f"{current.describe()}, epoch {current.epoch}" if current and current.is_live(now) else "nobody"
+                raise LeaseLostError(f"the {term.name} lease of epoch {term.epoch} is no longer ours (now held by "
+                                     f"{who}); nothing was written")
 
 
 class Reader:

@@ -171,6 +171,7 @@ outbox = Table(
     _utc("next_attempt_at"),
     Column("claimed_by", String(120)),
     _utc("claimed_at", nullable=True),
+    Column("claim_epoch", BigInteger),  # the leader epoch the claim was made in (none outside a daemon)
     _utc("delivered_at", nullable=True),
     Column("last_status", Integer),
     Column("last_error", Text),
@@ -198,6 +199,9 @@ leases = Table(
     _utc("acquired_at"),
     _utc("expires_at"),
     Column("run_id", String(32)),
+    # Grows by one with every new holding (a takeover, or a holder taking back its own expired lease); a released
+    # lease keeps its row (expired) so the number never goes back.
+    Column("epoch", BigInteger, nullable=False, default=1, server_default="1"),
 )
 
 # One row per finished run: the fleet as it stood after it (history for trends and period reports).
