@@ -370,7 +370,8 @@ async def test_audit_trigger_answers_202_or_409(bare: httpx.AsyncClient) -> None
         await store.close()
     assert response.status_code == 202 and response.json() == {"status": "started", "run": "run-123"}
     response = await bare.post("/api/v1/audit")
-    assert response.status_code == 409 and response.json() == {"detail": "an audit cycle is already running"}
+    assert response.status_code == 409 and response.json() == {"detail": "an audit cycle is already running",
+                                                               "holder": "this process"}
 
 
 async def test_audit_trigger_runs_one_cycle_at_a_time(world: World) -> None:

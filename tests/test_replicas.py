@@ -5,10 +5,12 @@ deliverers (in-process) over one outbox, including a stale claim."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -506,22 +508,28 @@ async def test_stale_claim_is_reclaimed_by_exactly_one(db_url: str, slow_receive
 async def test_a_leader_term_fences_its_claims_and_the_next_leader_takes_them_over_at_once(
         db_url: str, slow_receiver: HttpReceiver) -> None:
     settings = _settings(db_url, slow_receiver)
-    short = timedelta(seconds=1)
-    async with _services(settings, [utcnow, utcnow]) as (old, new):
+    ttl = timedelta(seconds=30)
+    ahead = timedelta(seconds=40)  # the second process's clock: past the first one's lease
+
+    def later() -> datetime:
+        return utcnow() + ahead
+
+    async with _services(settings, [utcnow, later]) as (old, new):
         await run_cycle(old)
-        taken, first = await old.leases.acquire(LEADER, old.holder, now=utcnow(), ttl=short)
+        # A term that ended while its holder was paused (nobody took the lease): its claims are refused.
+        taken, first = await old.leases.acquire(LEADER, old.holder, now=utcnow() - ttl - timedelta(seconds=1),
+                                                ttl=ttl)
         assert taken and first is not None
-        await asyncio.sleep(1.2)  # paused past its lease: nobody took it, but the term is over
         assert await old.outbox.claim_due(now=utcnow(), worker=old.holder.id, term=first.term) == []
-        taken, second = await old.leases.acquire(LEADER, old.holder, now=utcnow(), ttl=short)
+        taken, second = await old.leases.acquire(LEADER, old.holder, now=utcnow(), ttl=ttl)
         assert taken and second is not None and second.epoch == first.epoch + 1  # taken back: a new term
         assert await old.outbox.claim_due(now=utcnow(), worker=old.holder.id, term=first.term) == []
         claimed = await old.outbox.claim_due(now=utcnow(), worker=old.holder.id, term=second.term, limit=500)
         assert len(claimed) == ENTRIES
-        # While that term holds its claims are its own.
-        assert await new.outbox.claim_due(now=utcnow(), worker=new.holder.id, limit=500) == []
-        await asyncio.sleep(1.2)  # the leader dies (or freezes) holding every claim
-        taken, third = await new.leases.acquire(LEADER, new.holder, now=utcnow(), ttl=timedelta(seconds=30))
+        # Outside a leader term, fresh claims are not stale: nobody takes them.
+        assert await new.outbox.claim_due(now=new.clock(), worker=new.holder.id, limit=500) == []
+        # The leader dies (or freezes) holding every claim; another process takes the lease once it expired.
+        taken, third = await new.leases.acquire(LEADER, new.holder, now=new.clock(), ttl=ttl)
         assert taken and third is not None and third.epoch == second.epoch + 1
         report = await deliver_due(new, term=third.term)  # at once, not after CLAIM_TIMEOUT
         assert report.delivered == ENTRIES, report
@@ -566,3 +574,164 @@ def test_a_graceful_shutdown_hands_leadership_over_first_and_never_shows_two_lea
     assert leaving.wait(30) == 0
     assert seen and max(len(found) for found in seen) <= 1, seen
     assert new_led_while_old_alive, seen  # handed over before the old process was gone
+
+
+# ---- fenced leadership: a deposed leader does nothing; failover delivers in seconds ------------------------------
+
+
+def _key(r: Any) -> str | None:
+    return r.headers.get("idempotency-key")
+
+
+def _incomplete(cluster: Cluster, status: str) -> int:
+    return sum(1 for r in list(cluster.receiver.requests) for a in r.json()["alerts"]
+               if a["status"] == status and a["labels"]["alertname"] == "audit-incomplete")
+
+
+def _running_run_of(cluster: Cluster, pid: int) -> str | None:
+    rows = sql(cluster.url, "SELECT id, owner FROM audit_runs WHERE status = 'running'")
+    return next((run_id for run_id, owner in rows if owner and int(owner.split(":")[1]) == pid), None)
+
+
+def test_an_alert_in_flight_when_the_leader_dies_arrives_within_the_ttl_plus_ten_seconds(cluster: Cluster) -> None:
+    # The receiver holds the first request: the leader is mid-delivery, its round's other claims behind it.
+    cluster.receiver.script(Reply(200, "ok", delay=120))
+    cluster.add(2)
+    old = wait_for("exactly one leader", cluster.one_leader, alive=cluster.live())
+    wait_for("the leader mid-delivery", lambda: True if cluster.receiver.requests else None, alive=cluster.live())
+    in_flight = _key(cluster.receiver.requests[0])
+    assert in_flight
+    leaving = cluster.procs[old]
+    assert leaving is not None
+    leaving.kill()
+    killed = time.monotonic()
+    wait_for("the alert in flight, sent again by the next leader",
+             lambda: True if [_key(r) for r in list(cluster.receiver.requests)].count(in_flight) >= 2 else None,
+             alive=cluster.live(), timeout=TTL + 20)
+    took = time.monotonic() - killed
+    assert took <= TTL + 10, f"the alert in flight arrived {took:.1f}s after the leader died"
+    assert cluster.one_leader() == 1 - old
+    cluster.settle()
+    time.sleep(0.5)
+    # At least once: the cut send is repeated under its own Idempotency-Key; every other one arrives once.
+    assert_delivered_once(cluster.receiver.requests, outbox(cluster.url), resent=frozenset({in_flight}))
+    assert_clean_logs(cluster.live())
+
+
+def test_a_leader_paused_past_its_lease_starts_commits_and_sends_nothing_when_it_wakes(cluster: Cluster) -> None:
+    slow = write_fleet(cluster.tmp / "slow.json", disks=DISKS, policies_per_disk=0.0, latency_ms=800)
+    cluster.fake.restart(slow)
+    cluster.add(2)
+    old = wait_for("exactly one leader", cluster.one_leader, alive=cluster.live())
+    paused = cluster.procs[old]
+    assert paused is not None
+    paused_run = wait_for("the leader's cycle in flight", lambda: _running_run_of(cluster, paused.pid),
+                          alive=cluster.live())
+    epoch_before = cluster.readyz(old)["leader_epoch"]  # type: ignore[index]
+    paused.proc.send_signal(signal.SIGSTOP)
+    stopped_at = datetime.now(UTC)
+    try:
+        other = [p for i, p in enumerate(cluster.procs) if i != old and p is not None]
+
+        def follower_leads() -> bool | None:
+            body = cluster.readyz(1 - old)
+            return True if body and body["leader"] else None
+
+        wait_for("the follower to lead", follower_leads, alive=other, timeout=TTL + 10)
+        body = cluster.readyz(1 - old)
+        assert body is not None and body["leader_epoch"] > epoch_before, body
+        wait_for("a cycle of the new leader", lambda: True if cluster.complete_runs(after=stopped_at) else None,
+                 alive=other, timeout=TTL + INTERVAL + 30)
+        time.sleep(max(0.0, TTL * 3 - (datetime.now(UTC) - stopped_at).total_seconds()))
+    finally:
+        paused.proc.send_signal(signal.SIGCONT)
+    woke_at = datetime.now(UTC)
+    # Awake, it acts only after renewing its lease, which it cannot: /readyz never shows two leaders.
+    seen = []
+    deadline = time.monotonic() + INTERVAL * 2
+    while time.monotonic() < deadline:
+        found = cluster.leaders()
+        if found is not None:
+            seen.append(found)
+        time.sleep(0.1)
+    assert seen and all(found == [1 - old] for found in seen), seen
+    wait_for("the abandoned cycle announced", lambda: True if _incomplete(cluster, "firing") else None,
+             alive=cluster.live(), timeout=TTL + 20)
+    wait_for("two more cycles", lambda: True if cluster.complete_runs(after=woke_at) >= 2 else None,
+             alive=cluster.live(), timeout=INTERVAL * 4 + 30)
+    cluster.settle()
+    time.sleep(0.5)
+
+    rows = sql(cluster.url, "SELECT id, status, owner, started_at, errors FROM audit_runs ORDER BY seq")
+    mine = [(run_id, status, _utc(started), errors) for run_id, status, owner, started, errors in rows
+            if owner and int(owner.split(":")[1]) == paused.pid]
+    assert not [m for m in mine if m[2] > stopped_at], f"the paused leader started a run after waking: {mine}"
+    [(_, status, _, errors)] = [m for m in mine if m[0] == paused_run]
+    codes = [e["code"] for e in (json.loads(errors) if isinstance(errors, str) else errors)]
+    assert status == "failed" and codes == ["abandoned"], (status, codes)  # never committed as complete
+    assert any("no longer the leader" in m for m in paused.messages()), paused.tail()
+    # Nothing sent twice: a send by the woken process would repeat an Idempotency-Key.
+    assert_delivered_once(cluster.receiver.requests, outbox(cluster.url))
+    assert_clean_logs(cluster.live())
+
+
+def test_a_leader_killed_mid_cycle_is_announced_as_audit_incomplete(cluster: Cluster) -> None:
+    slow = write_fleet(cluster.tmp / "slow.json", disks=DISKS, policies_per_disk=0.0, latency_ms=800)
+    cluster.fake.restart(slow)
+    cluster.add(2)
+    old = wait_for("exactly one leader", cluster.one_leader, alive=cluster.live())
+    killed_proc = cluster.procs[old]
+    assert killed_proc is not None
+    lost = wait_for("the leader's cycle in flight", lambda: _running_run_of(cluster, killed_proc.pid),
+                    alive=cluster.live())
+    killed_proc.kill()
+    killed = time.monotonic()
+    wait_for("audit-incomplete for the lost cycle", lambda: True if _incomplete(cluster, "firing") else None,
+             alive=cluster.live(), timeout=TTL + 30)
+    # Within the TTL plus one orphan check (10 s) and the delivery round after it.
+    assert time.monotonic() - killed <= TTL + 10 + SLACK + 2
+    [(status, errors)] = sql(cluster.url, "SELECT status, errors FROM audit_runs WHERE id = ?", lost)
+    assert status == "failed" and "abandoned" in str(errors)
+    assert_clean_logs(cluster.live())
+
+
+def test_simultaneous_audit_requests_across_replicas_promise_only_runs_that_exist(cluster: Cluster) -> None:
+    slow = write_fleet(cluster.tmp / "slow.json", disks=DISKS, policies_per_disk=0.0, latency_ms=300)
+    cluster.fake.restart(slow)
+    hook = cluster.receiver.url + "/alerts"
+    for i in range(3):
+        cluster.configs.append(write_config(cluster.tmp / f"r{i}.toml", katapult=cluster.fake.api_url,
+                                            database=cluster.url, interval="1h", leader_ttl=f"{TTL:g}s", hook=hook))
+        cluster.procs.append(None)
+        cluster.start(i)
+    wait_for("exactly one leader", cluster.one_leader, alive=cluster.live())
+    wait_for("the leader's first cycle", lambda: True if cluster.complete_runs() else None, alive=cluster.live())
+    for _round in range(3):
+        wait_for("no cycle running", lambda: True if not sql(
+            cluster.url, "SELECT id FROM audit_runs WHERE status = 'running'") else None, alive=cluster.live())
+        barrier = threading.Barrier(3)
+
+        def post(i: int, barrier: threading.Barrier = barrier) -> httpx.Response:
+            barrier.wait()
+            return httpx.post(api_base(cluster.configs[i]) + "/api/v1/audit", headers=AUTH, timeout=30)
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(post, range(3)))
+        assert {r.status_code for r in answers} <= {202, 409}, [r.text for r in answers]
+        promised = [r.json()["run"] for r in answers if r.status_code == 202]
+        assert promised
+        for r in answers:
+            if r.status_code == 409:
+                assert r.json().get("holder"), r.text  # names who runs the cycle
+        # Every promised run exists at once (recorded before the 202), and ends complete.
+        existing = {run_id for (run_id,) in sql(cluster.url, "SELECT id FROM audit_runs")}
+        assert set(promised) <= existing, (promised, existing)
+
+        def finished(promised: list[str] = promised) -> bool | None:
+            marks = ",".join("?" * len(promised))
+            rows = sql(cluster.url, f"SELECT status FROM audit_runs WHERE id IN ({marks})", *promised)
+            return True if all(s in ("complete", "partial") for (s,) in rows) else None
+
+        wait_for("the promised runs to finish", finished, alive=cluster.live(), timeout=60)
+    assert_disjoint(runs(cluster.url))
+    assert_clean_logs(cluster.live())

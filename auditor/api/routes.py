@@ -243,7 +243,9 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
         except LeaseHeldError as exc:
             return JSONResponse({"detail": str(exc), "holder": exc.holder, "since": exc.since}, status_code=409)
         if run_id is None:
-            return JSONResponse({"detail": "an audit cycle is already running"}, status_code=409)
+            here = deps.leadership().get("replica") if deps.leadership is not None else None
+            return JSONResponse({"detail": "an audit cycle is already running",
+                                 "holder": here or "this process"}, status_code=409)
         return JSONResponse({"status": "started", "run": run_id}, status_code=202)
 
     return router

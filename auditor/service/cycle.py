@@ -37,7 +37,7 @@ from auditor.service.housekeeping import abandon_orphans
 from auditor.service.leases import keep_cycle_lease, release_cycle_lease, take_cycle_lease
 from auditor.service.services import Services
 from auditor.store import queries, writes
-from auditor.store.holders import Term
+from auditor.store.holders import LEADER, Term
 from auditor.store.writes import CycleWrite, new_run_id
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,11 @@ async def _start(services: Services, run_id: str, trigger: str, now: datetime, t
             await tx.run(writes.start_run, now=now, trigger=trigger, run_id=run_id, owner=services.holder.id)
     except LeaseLostError as exc:
         # Not a failed cycle: this process may no longer start one (it was deposed, or paused past its lease).
-        raise LeaseHeldError(f"not started: {exc}", holder="the current leader", since="unknown") from None
+        leader = await services.leases.get(LEADER)
+        live = leader is not None and leader.is_live(services.clock())
+        raise LeaseHeldError(f"not started: {exc}", holder=f"{leader.host} pid {leader.pid}" if live and leader
+                             else "unknown", since=leader.acquired_at.isoformat(timespec="seconds") if live and leader
+                             else "unknown") from None
 
 
 async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, began: float,
