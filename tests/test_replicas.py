@@ -542,12 +542,18 @@ async def test_a_leader_term_fences_its_claims_and_the_next_leader_takes_them_ov
     assert len(slow_receiver.requests) == ENTRIES
 
 
-def test_a_graceful_shutdown_hands_leadership_over_first_and_never_shows_two_leaders(cluster: Cluster) -> None:
-    # The leader is mid-cycle (a slow Katapult) when it gets SIGTERM, with a grace longer than the leader TTL: it
-    # steps down and releases the lease before finishing its cycle, so /readyz, polled every 100 ms on both
-    # replicas, never shows two leaders, and the follower leads before the old process is gone.
-    slow = write_fleet(cluster.tmp / "slow.json", disks=DISKS, policies_per_disk=0.0, latency_ms=1500)
-    cluster.fake.restart(slow)
+@pytest.mark.parametrize("midway", ["cycle", "delivery"])
+def test_a_graceful_shutdown_hands_leadership_over_first_and_never_shows_two_leaders(cluster: Cluster,
+                                                                                     midway: str) -> None:
+    # The leader is mid-cycle (a slow Katapult) or mid-delivery (a receiver holding its first request) when it gets
+    # SIGTERM, with a grace longer than the leader TTL: it steps down and releases the lease before finishing, so
+    # /readyz, polled every 100 ms on both replicas, never shows two leaders, and the follower leads before the old
+    # process is gone.
+    if midway == "cycle":
+        slow = write_fleet(cluster.tmp / "slow.json", disks=DISKS, policies_per_disk=0.0, latency_ms=1500)
+        cluster.fake.restart(slow)
+    else:
+        cluster.receiver.script(Reply(200, "ok", delay=120))
     hook = cluster.receiver.url + "/alerts"
     for i in range(2):
         cluster.configs.append(write_config(cluster.tmp / f"graceful{i}.toml", katapult=cluster.fake.api_url,
@@ -556,9 +562,13 @@ def test_a_graceful_shutdown_hands_leadership_over_first_and_never_shows_two_lea
         cluster.procs.append(None)
         cluster.start(i)
     old = wait_for("exactly one leader", cluster.one_leader, alive=cluster.live())
-    wait_for("the leader's cycle in flight",
-             lambda: True if sql(cluster.url, "SELECT count(*) FROM audit_runs WHERE status = 'running'")[0][0]
-             else None, alive=cluster.live())
+    if midway == "cycle":
+        wait_for("the leader's cycle in flight",
+                 lambda: True if sql(cluster.url, "SELECT count(*) FROM audit_runs WHERE status = 'running'")[0][0]
+                 else None, alive=cluster.live())
+    else:
+        wait_for("the leader mid-delivery", lambda: True if cluster.receiver.requests else None,
+                 alive=cluster.live())
     leaving = cluster.procs[old]
     assert leaving is not None
     leaving.proc.send_signal(signal.SIGTERM)
@@ -574,6 +584,14 @@ def test_a_graceful_shutdown_hands_leadership_over_first_and_never_shows_two_lea
     assert leaving.wait(30) == 0
     assert seen and max(len(found) for found in seen) <= 1, seen
     assert new_led_while_old_alive, seen  # handed over before the old process was gone
+    if midway == "delivery":
+        # The follower took over the old leader's claims at once: everything arrives, the cut send repeated under
+        # its own Idempotency-Key, nothing else twice.
+        in_flight = _key(cluster.receiver.requests[0])
+        assert in_flight
+        cluster.settle()
+        time.sleep(0.5)
+        assert_delivered_once(cluster.receiver.requests, outbox(cluster.url), resent=frozenset({in_flight}))
 
 
 # ---- fenced leadership: a deposed leader does nothing; failover delivers in seconds ------------------------------
