@@ -636,15 +636,21 @@ def test_an_alert_in_flight_when_the_leader_dies_arrives_within_the_ttl_plus_ten
     assert_clean_logs(cluster.live())
 
 
-def test_a_leader_paused_past_its_lease_starts_commits_and_sends_nothing_when_it_wakes(cluster: Cluster) -> None:
+def _leader_mid_cycle(cluster: Cluster) -> tuple[int, Proc, str]:
+    """Two replicas on a slow Katapult; returns the leader's index, its process and the run it has in flight."""
     slow = write_fleet(cluster.tmp / "slow.json", disks=DISKS, policies_per_disk=0.0, latency_ms=800)
     cluster.fake.restart(slow)
     cluster.add(2)
     old = wait_for("exactly one leader", cluster.one_leader, alive=cluster.live())
-    paused = cluster.procs[old]
-    assert paused is not None
-    paused_run = wait_for("the leader's cycle in flight", lambda: _running_run_of(cluster, paused.pid),
-                          alive=cluster.live())
+    leader = cluster.procs[old]
+    assert leader is not None
+    run_id = wait_for("the leader's cycle in flight", lambda: _running_run_of(cluster, leader.pid),
+                      alive=cluster.live())
+    return old, leader, run_id
+
+
+def test_a_leader_paused_past_its_lease_starts_commits_and_sends_nothing_when_it_wakes(cluster: Cluster) -> None:
+    old, paused, paused_run = _leader_mid_cycle(cluster)
     epoch_before = cluster.readyz(old)["leader_epoch"]  # type: ignore[index]
     paused.proc.send_signal(signal.SIGSTOP)
     stopped_at = datetime.now(UTC)
@@ -694,14 +700,7 @@ def test_a_leader_paused_past_its_lease_starts_commits_and_sends_nothing_when_it
 
 
 def test_a_leader_killed_mid_cycle_is_announced_as_audit_incomplete(cluster: Cluster) -> None:
-    slow = write_fleet(cluster.tmp / "slow.json", disks=DISKS, policies_per_disk=0.0, latency_ms=800)
-    cluster.fake.restart(slow)
-    cluster.add(2)
-    old = wait_for("exactly one leader", cluster.one_leader, alive=cluster.live())
-    killed_proc = cluster.procs[old]
-    assert killed_proc is not None
-    lost = wait_for("the leader's cycle in flight", lambda: _running_run_of(cluster, killed_proc.pid),
-                    alive=cluster.live())
+    _, killed_proc, lost = _leader_mid_cycle(cluster)
     killed_proc.kill()
     killed = time.monotonic()
     wait_for("audit-incomplete for the lost cycle", lambda: True if _incomplete(cluster, "firing") else None,
