@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, func, inspect, null, or_, select, text
@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.sql.elements import ColumnElement
 
 from auditor.domain.alerts import AlertState, AlertStatus, Delivery, DeliveryState, notification_from_dict
+from auditor.domain.invocations import RECENT, Invocation, PolicySchedule, RpoFacts
 from auditor.domain.listings import (
     FindingListing,
     FindingQuery,
@@ -52,8 +53,10 @@ from auditor.store.tables import (
     drift_events,
     finding_events,
     findings,
+    invocations,
     leases,
     outbox,
+    policy_schedules,
     policy_states,
     revoked_sessions,
     run_summaries,
@@ -335,6 +338,66 @@ def current_policy_rows(conn: Connection, disk_ids: Sequence[str]) -> dict[str, 
         for row in conn.execute(q).all():
             out.setdefault(row.disk_id, {})[row.policy_id] = row
     return out
+
+
+def epoch(seconds: int) -> datetime:
+    """Returns epoch seconds as stored in `invocations` as an aware UTC datetime."""
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def _recent(disk_id: str, policy_id: str, raw: Any) -> tuple[Invocation, ...]:
+    return tuple(Invocation(disk_id, policy_id, epoch(due), epoch(nxt), epoch(seen))
+                 for due, nxt, seen in (raw or [])[-RECENT:])
+
+
+def policy_schedules_of(conn: Connection, disk_ids: Sequence[str]) -> dict[str, dict[str, PolicySchedule]]:
+    """Returns what has been observed of the policies' runs on the disks among `disk_ids`, by disk and policy id."""
+    s = policy_schedules.c
+    out: dict[str, dict[str, PolicySchedule]] = {}
+    for chunk in chunks(disk_ids, batch(conn)):
+        q = select(s.disk_id, s.policy_id, s.first_seen_at, s.next_invocation_at, s.recent).where(
+            among(conn, s.disk_id, chunk))
+        for disk_id, policy_id, first_seen, nxt, recent in conn.execute(q).all():
+            out.setdefault(disk_id, {})[policy_id] = PolicySchedule(disk_id, policy_id, first_seen, nxt,
+                                                                    _recent(disk_id, policy_id, recent))
+    return out
+
+
+def observation_starts(conn: Connection) -> dict[str, tuple[datetime, datetime | None]]:
+    """Returns, per disk with observed policies, since when its policies' runs are observed (the earliest first
+    sighting of a current policy) and the latest observed run's due time (None: none yet)."""
+    s = policy_schedules.c
+    out: dict[str, tuple[datetime, datetime | None]] = {}
+    for disk_id, policy_id, first_seen, recent in conn.execute(
+            select(s.disk_id, s.policy_id, s.first_seen_at, s.recent)).all():
+        last = max((i.due_at for i in _recent(disk_id, policy_id, recent)), default=None)
+        since, latest = out.get(disk_id, (first_seen, None))
+        out[disk_id] = (min(since, first_seen), max((t for t in (latest, last) if t is not None), default=None))
+    return out
+
+
+def rpo_facts(conn: Connection, *, start: datetime, end: datetime,
+              disk_id: str | None = None) -> dict[str, RpoFacts]:
+    """Returns, per disk, the observed invocations due in [start, end): how many, the last one's due time and the
+    longest gap between two consecutive ones (one aggregate query; the gaps are worked out by the database)."""
+    i = invocations.c
+    lo, hi = int(start.timestamp()), int(end.timestamp())
+    where = [i.due_at >= lo, i.due_at < hi] + ([i.disk_id == disk_id] if disk_id is not None else [])
+    gap = (i.due_at - func.lag(i.due_at).over(partition_by=i.disk_id, order_by=i.due_at)).label("gap")
+    inner = select(i.disk_id, i.due_at, gap).where(*where).subquery()
+    q = select(inner.c.disk_id, func.count(), func.max(inner.c.due_at), func.max(inner.c.gap)).group_by(
+        inner.c.disk_id)
+    return {d: RpoFacts(int(n), epoch(int(last)), None if longest is None else timedelta(seconds=int(longest)))
+            for d, n, last, longest in conn.execute(q).all()}
+
+
+def disk_invocations(conn: Connection, disk_id: str, *, limit: int = 50) -> list[Invocation]:
+    """Returns the disk's latest observed invocations, newest first."""
+    i = invocations.c
+    q = (select(i.policy_id, i.due_at, i.next_at, i.observed_at).where(i.disk_id == disk_id)
+         .order_by(i.due_at.desc(), i.id.desc()).limit(limit))
+    return [Invocation(disk_id, policy_id, epoch(due), epoch(nxt), epoch(seen))
+            for policy_id, due, nxt, seen in conn.execute(q).all()]
 
 
 def current_verdict_rows(conn: Connection, disk_ids: Sequence[str]) -> dict[str, Row[Any]]:
