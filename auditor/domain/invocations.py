@@ -126,6 +126,24 @@ def observed_rpo(facts: RpoFacts | None, *, end: datetime) -> int | None:
     return int(max(facts.longest_gap, since_last).total_seconds())
 
 
+@dataclass(frozen=True, slots=True)
+class DiskObservation:
+    """What reports say per disk of its observed runs: since when its policies are observed, the latest observed
+    run, and the observed RPO in seconds (None with fewer than two observed runs: never 0)."""
+
+    observed_since: datetime | None = None
+    last_invocation_at: datetime | None = None
+    observed_rpo_seconds: int | None = None
+
+
+def disk_observation(since: datetime | None, latest: datetime | None, facts: RpoFacts | None, *,
+                     end: datetime) -> DiskObservation:
+    """Returns a disk's observation over a window ending at `end`: `facts` of the runs in the window, `since` and
+    `latest` from its schedules (the latest run counts only before `end`)."""
+    last = facts.last_due_at if facts is not None else (latest if latest is not None and latest < end else None)
+    return DiskObservation(since, last, observed_rpo(facts, end=end))
+
+
 def rpo_distribution(values: Sequence[int | None]) -> dict[str, int | None]:
     """Returns the fleet's p50, p95 and max observed RPO (nearest rank) over the disks that have one, and how many
     disks that is."""

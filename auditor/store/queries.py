@@ -12,7 +12,7 @@ writes to say so (`run_view`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,7 +21,15 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.sql.elements import ColumnElement
 
 from auditor.domain.alerts import AlertState, AlertStatus, Delivery, DeliveryState, notification_from_dict
-from auditor.domain.invocations import RECENT, Invocation, PolicySchedule, RpoFacts
+from auditor.domain.invocations import (
+    RECENT,
+    RPO_WINDOW,
+    DiskObservation,
+    Invocation,
+    PolicySchedule,
+    RpoFacts,
+    disk_observation,
+)
 from auditor.domain.listings import (
     FindingListing,
     FindingQuery,
@@ -363,13 +371,15 @@ def policy_schedules_of(conn: Connection, disk_ids: Sequence[str]) -> dict[str, 
     return out
 
 
-def observation_starts(conn: Connection) -> dict[str, tuple[datetime, datetime | None]]:
-    """Returns, per disk with observed policies, since when its policies' runs are observed (the earliest first
-    sighting of a current policy) and the latest observed run's due time (None: none yet)."""
+def observation_starts(conn: Connection, *, disk_id: str | None = None) -> dict[str, tuple[datetime, datetime | None]]:
+    """Returns, per disk with observed policies (or for `disk_id` only), since when its policies' runs are observed
+    (the earliest first sighting of a current policy) and the latest observed run's due time (None: none yet)."""
     s = policy_schedules.c
     out: dict[str, tuple[datetime, datetime | None]] = {}
-    for disk_id, policy_id, first_seen, recent in conn.execute(
-            select(s.disk_id, s.policy_id, s.first_seen_at, s.recent)).all():
+    q = select(s.disk_id, s.policy_id, s.first_seen_at, s.recent)
+    if disk_id is not None:
+        q = q.where(s.disk_id == disk_id)
+    for disk_id, policy_id, first_seen, recent in conn.execute(q).all():
         last = max((i.due_at for i in _recent(disk_id, policy_id, recent)), default=None)
         since, latest = out.get(disk_id, (first_seen, None))
         out[disk_id] = (min(since, first_seen), max((t for t in (latest, last) if t is not None), default=None))
@@ -389,6 +399,29 @@ def rpo_facts(conn: Connection, *, start: datetime, end: datetime,
         inner.c.disk_id)
     return {d: RpoFacts(int(n), epoch(int(last)), None if longest is None else timedelta(seconds=int(longest)))
             for d, n, last, longest in conn.execute(q).all()}
+
+
+def observations(conn: Connection, *, start: datetime, end: datetime,
+                 disk_id: str | None = None) -> dict[str, DiskObservation]:
+    """Returns what was observed of every disk's policies' runs (or of `disk_id`'s) over [start, end): since when,
+    the latest run, and the observed RPO of the runs due in the window and from the last one to `end`."""
+    starts = observation_starts(conn, disk_id=disk_id)
+    facts = rpo_facts(conn, start=start, end=end, disk_id=disk_id)
+    out: dict[str, DiskObservation] = {}
+    for d in {*starts, *facts}:
+        since, latest = starts.get(d, (None, None))
+        out[d] = disk_observation(since, latest, facts.get(d), end=end)
+    return out
+
+
+DiskDetail = tuple[DiskHistory, DiskObservation | None, list[Invocation]]
+
+
+def disk_detail(conn: Connection, disk_id: str, *, now: datetime) -> DiskDetail:
+    """Returns a disk's history, what was observed of its runs over the report's window to `now`, and its latest
+    observed runs (newest first)."""
+    seen = observations(conn, start=now - RPO_WINDOW, end=now, disk_id=disk_id).get(disk_id)
+    return disk_history(conn, disk_id), seen, disk_invocations(conn, disk_id)
 
 
 def disk_invocations(conn: Connection, disk_id: str, *, limit: int = 50) -> list[Invocation]:
@@ -611,11 +644,14 @@ class PeriodData:
     verdicts: list[Verdict]
     names: dict[str, str | None]
     events: list[LifecycleEvent]
+    observed: dict[str, DiskObservation] = field(default_factory=dict)
 
 
-def period_data(conn: Connection, *, start: datetime, end: datetime, lookback: datetime) -> PeriodData:
-    """Returns the runs polled in [lookback, end), the verdicts overlapping [start, end) and the lifecycle events
-    before `end` (ordered by finding and time): a few set-based queries, never one per disk."""
+def period_data(conn: Connection, *, start: datetime, end: datetime, lookback: datetime,
+                now: datetime | None = None) -> PeriodData:
+    """Returns the runs polled in [lookback, end), the verdicts overlapping [start, end), the lifecycle events
+    before `end` (ordered by finding and time) and what was observed of the policies' runs in [start, min(end,
+    now)): a few set-based queries, never one per disk."""
     polls = [Poll(at, status) for at, status in conn.execute(
         select(runs.c.started_at, runs.c.status).where(runs.c.started_at >= lookback, runs.c.started_at < end)
         .order_by(runs.c.started_at, runs.c.seq)).all()]
@@ -633,7 +669,8 @@ def period_data(conn: Connection, *, start: datetime, end: datetime, lookback: d
                                   e.kind)
                            .join(findings, findings.c.fingerprint == e.fingerprint)
                            .where(e.at < end).order_by(e.fingerprint, e.at, e.id)).all()]
-    return PeriodData(polls, verdicts, names, events)
+    until = end if now is None else max(min(end, now), start)
+    return PeriodData(polls, verdicts, names, events, observations(conn, start=start, end=until))
 
 
 def keys_where(conn: Connection, key: Any, condition: ColumnElement[bool], *, after: Any, limit: int) -> list[Any]:
@@ -709,6 +746,7 @@ class ReportInputs:
     findings: list[TrackedFinding]
     policies: dict[str, list[str]]
     drift: list[DriftRecord]
+    observed: dict[str, DiskObservation] = field(default_factory=dict)
 
 
 def report_inputs(conn: Connection, *, now: datetime, drift_since: datetime) -> ReportInputs:
@@ -716,4 +754,5 @@ def report_inputs(conn: Connection, *, now: datetime, drift_since: datetime) -> 
     drift since `drift_since`."""
     return ReportInputs(latest_run(conn, now=now), load_disks(conn, targets_only=True),
                         all_findings(conn, statuses=REPORTED_STATUSES), current_policy_ids(conn),
-                        recent_drift(conn, since=drift_since))
+                        recent_drift(conn, since=drift_since),
+                        observations(conn, start=now - RPO_WINDOW, end=now))
