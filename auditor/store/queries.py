@@ -355,7 +355,7 @@ def epoch(seconds: int) -> datetime:
 
 def _recent(disk_id: str, policy_id: str, raw: Any) -> tuple[Invocation, ...]:
     return tuple(Invocation(disk_id, policy_id, epoch(due), epoch(nxt), epoch(seen))
-                 for due, nxt, seen in (raw or [])[-RECENT:])
+                 for due, nxt, seen in (raw or {}).get("runs", [])[-RECENT:])
 
 
 def policy_schedules_of(conn: Connection, disk_ids: Sequence[str]) -> dict[str, dict[str, PolicySchedule]]:

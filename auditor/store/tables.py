@@ -234,7 +234,8 @@ disk_states = Table(
 
 # What the auditor has observed of each policy's runs on each disk (a read model the cycle reads before judging and
 # writes by change): when it first saw the policy there, the latest `next_invocation_at` it saw, and the latest
-# invocations ([[due, next, observed], ...] in epoch seconds, oldest first, at most `invocations.RECENT`). A row
+# invocations ({"runs": [[due, next, observed], ...]} in epoch seconds, oldest first, at most `invocations.RECENT`;
+# an object, not a bare list: PostgreSQL's bulk writes pass a column as an array, and a list would nest in it). A row
 # goes when its policy no longer covers the disk.
 policy_schedules = Table(
     "policy_schedules", metadata,
@@ -242,7 +243,7 @@ policy_schedules = Table(
     Column("policy_id", Text, primary_key=True),
     _utc("first_seen_at"),
     _utc("next_invocation_at", nullable=True),
-    Column("recent", JSON, nullable=False, default=list),
+    Column("recent", JSON, nullable=False, default=dict),
 )
 
 # Every observed invocation: a policy's `next_invocation_at` moved forward from a time that had passed, so the run

@@ -413,7 +413,7 @@ def _write_observations(conn: Connection, cycle: CycleWrite) -> None:
         insert_rows(conn, invocations, part)
     rows = [{"disk_id": s.disk_id, "policy_id": s.policy_id, "first_seen_at": s.first_seen_at,
              "next_invocation_at": s.next_invocation_at,
-             "recent": [[_epoch(i.due_at), _epoch(i.next_at), _epoch(i.observed_at)] for i in s.recent]}
+             "recent": {"runs": [[_epoch(i.due_at), _epoch(i.next_at), _epoch(i.observed_at)] for i in s.recent]}}
             for s in cycle.schedules]
     for part in chunks(rows, batch(conn)):
         upsert_rows(conn, policy_schedules, part, keys=("disk_id", "policy_id"))
