@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 import math
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from unittest import mock
 
@@ -15,6 +15,7 @@ from profiles import examples
 
 import auditor.domain.rules as rules_module
 from auditor.config import RULE_IDS
+from auditor.domain.invocations import Invocation, PolicySchedule
 from auditor.domain.models import (
     BackupPolicy,
     Disk,
@@ -27,7 +28,6 @@ from auditor.domain.models import (
     TargetType,
     fingerprint,
 )
-from auditor.domain.invocations import Invocation, PolicySchedule
 from auditor.domain.rules import (
     DISK_IN_TRASH,
     DISK_NOT_FOUND,
