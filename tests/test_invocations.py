@@ -26,6 +26,7 @@ from auditor.service.compliance import read_period_report
 from auditor.service.cycle import run_cycle
 from auditor.service.evidence import build_evidence
 from auditor.service.queries import read_disk_detail, read_report
+from auditor.store.pruning import delete_history_before
 
 pytestmark = pytest.mark.slow  # a real loopback socket
 
@@ -79,10 +80,12 @@ class World:
     fleet: Fleet
     services: Services
 
-    async def cycle_at(self, at: datetime) -> None:
+    async def cycle_at(self, at: datetime) -> int:
+        """Runs a cycle at `at`; returns its requests to Katapult."""
         self.wall.now = at
         outcome = await run_cycle(self.services, trigger="test")
         assert outcome.status is RunStatus.COMPLETE, outcome.errors
+        return outcome.stats.requests
 
     async def open_rules(self, disk_id: str) -> set[str]:
         report = await read_report(self.services)
@@ -112,12 +115,14 @@ def by_disk(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 async def test_a_daily_policy_stepping_seven_days_opens_observed_interval_too_long(db_url: str, mode: str) -> None:
     async with world_for(db_url, mode) as w:
         # Every 6 hours for 8 days: the daily policy is seen to run each day, the other one every 7 days.
+        requests = set()
         for n in range(8 * 4):
-            await w.cycle_at(T0 + n * 6 * HOUR)
+            requests.add(await w.cycle_at(T0 + n * 6 * HOUR))
             assert await w.open_rules(DAILY) == set(), n  # a compliant daily policy never opens it
             weekly = await w.open_rules(WEEKLY_STEP)
             # Its first run (T0 + 1h) is seen at T0 + 6h: the next one is planned 7 days on.
             assert weekly == (set() if n == 0 else {"observed-interval-too-long"}), n
+        assert len(requests) == 1  # observing runs costs no request: every cycle makes the same ones
         report = await read_report(w.services)
         Report.model_validate(report)
         (finding,) = [f for f in report["findings"] if f["rule"] == "observed-interval-too-long"]
@@ -164,6 +169,13 @@ async def test_no_backup_data_after_an_observed_run_and_resolved_once_data_arriv
         w.fleet.update_policy(POLICY[EMPTY], growth=1.0)
         await w.cycle_at(T0 + DAY + 2 * HOUR)
         assert await w.open_rules(EMPTY) == set()
+
+        # Observed runs are history: `[history] keep` prunes them; a policy's schedule stays.
+        counts = await delete_history_before(w.services.store, T0 + DAY)
+        assert counts["invocations"] == 3  # the three policies' runs due at T0 + 1h
+        after = by_disk(await read_report(w.services))
+        assert after[DAILY]["last_invocation_at"] == "2030-03-02T01:00:00Z"
+        assert after[DAILY]["observed_since"] == "2030-03-01T00:00:00Z"
 
 
 async def test_the_disk_detail_api_and_page_show_the_observed_runs(db_url: str) -> None:

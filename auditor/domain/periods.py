@@ -195,15 +195,13 @@ class Coverage:
         return out
 
 
-def build_coverage(polls: Iterable[tuple[datetime, str]], *, period: Period, horizon: timedelta,
-                   until: datetime | None = None) -> Coverage:
+def build_coverage(polls: Iterable[tuple[datetime, str]], *, period: Period, horizon: timedelta) -> Coverage:
     """Returns the coverage of the period by runs given as (poll time, status), in any order and range.
 
     A complete or partial run covers until the next finished run (complete, partial or failed) or `horizon`
     (2 × audit.interval) after it, whichever comes first; failed runs cover nothing; other statuses (running) are
     ignored. Pass the runs from `horizon` before the period's start on, so a run just before it counts. Of runs
-    polled at the same instant, a covering one wins. Nothing after `until` (the time the report is made) is
-    covered: time still to come has been observed by no run.
+    polled at the same instant, a covering one wins.
     """
     covers: dict[int, bool] = {}
     for when, status in polls:
@@ -213,8 +211,6 @@ def build_coverage(polls: Iterable[tuple[datetime, str]], *, period: Period, hor
     times = sorted(covers)
     reach = horizon // ONE_US
     start, end = period.start_us, period.end_us
-    if until is not None:
-        end = min(end, to_us(until))
     spans: list[tuple[int, int]] = []
     for i, t in enumerate(times):
         if not covers[t]:

@@ -126,8 +126,7 @@ def compliance_from(data: queries.PeriodData, *, period: Period, interval: timed
                     generated_at: datetime) -> dict[str, Any]:
     """Returns the period report from what `queries.period_data` read."""
     s = periods.seconds
-    coverage = periods.build_coverage([(p.at, p.status) for p in data.polls], period=period, horizon=2 * interval,
-                                      until=generated_at)
+    coverage = periods.build_coverage([(p.at, p.status) for p in data.polls], period=period, horizon=2 * interval)
     in_period = [p for p in data.polls if period.start <= p.at < period.end]
     by_status = {status: sum(1 for p in in_period if p.status == status)
                  for status in (RunStatus.COMPLETE, RunStatus.PARTIAL, RunStatus.FAILED)}
