@@ -744,7 +744,7 @@ def findings_cmd(config_path: Path | None, status: str, fmt: str) -> None:
 @click.argument("disk_id")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", help="Output format.")
 def history_cmd(config_path: Path | None, disk_id: str, fmt: str) -> None:
-    """Show a disk's policy snapshots, drift events and findings over time."""
+    """Show a disk's policy snapshots, observed runs, drift events and findings over time."""
     settings = load(config_path)
     setup_logs(settings)
 
@@ -766,6 +766,15 @@ def history_cmd(config_path: Path | None, disk_id: str, fmt: str) -> None:
         (p["policy_id"], str(p["retention"]), p["interval"], f"{p['target_type']}:{p['target_id']}",
          p["valid_from"], p["valid_to"] or "now") for p in detail["snapshots"]
     ], title="policy snapshots")
+    rpo = d["observed_rpo_seconds"]
+    console.print(f"observed runs: last {d['last_invocation_at'] or '-'}, observed RPO (30 days) "
+                  f"{'-' if rpo is None else format_duration(rpo, style='report')}, since {d['observed_since'] or '-'}",
+                  markup=False)
+    if detail["invocations"]:
+        print_table(console, ("policy", "due", "next planned", "step", "seen at"), [
+            (i["policy_id"], i["due_at"], i["next_at"], format_duration(i["step_seconds"], style="report"),
+             i["observed_at"]) for i in detail["invocations"]
+        ], title="observed runs")
     for e in detail["drift"]:
         console.print(printable(f"drift {e['at']} {e['policy_id']}: {e['kind']} {e['before']} -> {e['after']}"),
                       markup=False)

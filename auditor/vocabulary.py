@@ -53,6 +53,8 @@ INTERVAL_TOO_INFREQUENT: Final = "interval-too-infrequent"
 SCHEDULE_STALE: Final = "schedule-stale"
 DISK_NOT_FOUND: Final = "disk-not-found"
 DISK_IN_TRASH: Final = "disk-in-trash"
+OBSERVED_INTERVAL_TOO_LONG: Final = "observed-interval-too-long"
+NO_BACKUP_DATA: Final = "no-backup-data"
 RULE_IDS: Final = (
     UNPROTECTED_DISK,
     RETENTION_BELOW_MINIMUM,
@@ -61,6 +63,8 @@ RULE_IDS: Final = (
     SCHEDULE_STALE,
     DISK_NOT_FOUND,
     DISK_IN_TRASH,
+    OBSERVED_INTERVAL_TOO_LONG,
+    NO_BACKUP_DATA,
 )
 # Not a rule: the alert raised while audit runs are partial or failed (notifiers may filter on it like a rule id).
 AUDIT_INCOMPLETE: Final = "audit-incomplete"
@@ -106,6 +110,9 @@ class DiskVerdict(StrEnum):
     COMPLIANT, NONCOMPLIANT, UNKNOWN, EXEMPT, WAIVED = _strings(DiskVerdictName)
 
 
+# A disk's status at an instant of a period report that no complete or partial run observed (never compliant).
+NO_DATA: Final = "no_data"
+
 # ---- backup intervals ---------------------------------------------------------------------------------------
 
 IntervalName = Literal["hourly", "daily", "weekly", "monthly"]
@@ -133,6 +140,14 @@ _INTERVAL_LENGTH = {
     Interval.DAILY: timedelta(days=1),
     Interval.WEEKLY: timedelta(days=7),
     Interval.MONTHLY: timedelta(days=30),
+}
+# The longest step between two observed runs a tier's `max_interval` allows (before `stale_grace`): a month may
+# have 31 days.
+OBSERVED_INTERVAL_LIMIT: Final = {
+    Interval.HOURLY: timedelta(hours=1),
+    Interval.DAILY: timedelta(hours=24),
+    Interval.WEEKLY: timedelta(days=7),
+    Interval.MONTHLY: timedelta(days=31),
 }
 
 # ---- durations ----------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ and 3 % partial, and now and then (0.2 % of gaps) three hours without a run, so 
 disks, each with a verdict interval from before the period and 0..6 (`--max-changes`) changes of verdict inside
 it (compliant, noncompliant, unknown or waived: about 40,000 `disk_states` rows); a finding on every third disk,
 opened inside the period and resolved 1..40 hours later for 70 % of them. Each disk has a name, as the report
-lists it.
+lists it, and one daily policy whose runs were observed (`--runs-per-day`, default 1: 900,000 `invocations` rows
+over 90 days, and one `policy_schedules` row a disk) for the observed RPO.
 
 Timed, in this process, on a database that holds nothing else: `read_period_report` (read the runs, verdicts and
 finding events in one session, then the period arithmetic), as the API's `/api/v1/compliance` and `auditor report
@@ -31,7 +32,8 @@ END = datetime(2030, 4, 1, tzinfo=UTC)
 BATCH = 2000
 
 
-def history(*, disks: int, days: int, seed: int, max_changes: int = 6) -> dict[str, list[dict[str, Any]]]:
+def history(*, disks: int, days: int, seed: int, max_changes: int = 6,
+            runs_per_day: int = 1) -> dict[str, list[dict[str, Any]]]:
     """Returns the rows of each history table for `disks` disks over the `days` before END."""
     rnd = random.Random(seed)
     start = END - timedelta(days=days)
@@ -45,7 +47,9 @@ def history(*, disks: int, days: int, seed: int, max_changes: int = 6) -> dict[s
                      "disks_unknown": 0, "api_requests": 60, "api_retries": 0, "api_rate_limited": 0,
                      "api_by_status": {}, "findings_opened": 0, "findings_resolved": 0, "errors": []})
         t += INTERVAL if rnd.random() > 0.002 else timedelta(hours=3)
-    rows: dict[str, list[dict[str, Any]]] = {"runs": runs, "disks": [], "states": [], "findings": [], "events": []}
+    rows: dict[str, list[dict[str, Any]]] = {"runs": runs, "disks": [], "states": [], "findings": [], "events": [],
+                                             "invocations": [], "schedules": []}
+    step = 86400 // max(runs_per_day, 1)
     slots = days * 24 * 60 // 15
     for i in range(disks):
         disk_id = f"disk_{i:016d}"
@@ -53,6 +57,14 @@ def history(*, disks: int, days: int, seed: int, max_changes: int = 6) -> dict[s
                               "source": "org:acme", "is_target": True, "outcome": "ok", "error_code": None,
                               "error_message": None, "first_seen_at": start, "last_checked_at": END,
                               "last_read_at": END, "last_run_id": None})
+        if runs_per_day:
+            due = int(start.timestamp()) + rnd.randint(0, step - 1)
+            while due < int(END.timestamp()):
+                rows["invocations"].append({"disk_id": disk_id, "policy_id": f"dbp_{i:016d}", "due_at": due,
+                                            "next_at": due + step, "observed_at": due + 300, "run_id": "x"})
+                due += step
+            rows["schedules"].append({"disk_id": disk_id, "policy_id": f"dbp_{i:016d}", "first_seen_at": start,
+                                      "next_invocation_at": datetime.fromtimestamp(due, tz=UTC), "recent": {}})
         changes = sorted(rnd.sample(range(1, slots), rnd.randint(0, max_changes)))
         points = [start - timedelta(hours=1)] + [start + k * INTERVAL for k in changes]
         for j, at in enumerate(points):
@@ -80,6 +92,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3, help="builds (and renderings) timed")
     p.add_argument("--max-changes", type=int, default=6,
                    help="verdict changes per disk inside the period: 0..N, uniformly (6: ~40,000 disk_states)")
+    p.add_argument("--runs-per-day", type=int, default=1, help="observed runs per disk and day (0: none)")
     p.add_argument("--seed", type=int, default=7)
     args = p.parse_args()
     report = c.header("period_report", args, f"{args.days}-day period report over {args.disks} disks, "
@@ -104,21 +117,32 @@ async def _run(args: Any, db: c.Database, report: c.Report) -> None:
     from auditor.service.compliance import read_period_report
     from auditor.store import engine
     from auditor.store.repo import Store
-    from auditor.store.tables import disk_states, disks, finding_events, findings, runs
+    from auditor.store.tables import (
+        disk_states,
+        disks,
+        finding_events,
+        findings,
+        invocations,
+        policy_schedules,
+        runs,
+    )
 
     await engine.upgrade(db.url)
     store = Store.from_url(db.url)
     try:
         with c.Stopwatch() as fill:
-            rows = history(disks=args.disks, days=args.days, seed=args.seed, max_changes=args.max_changes)
+            rows = history(disks=args.disks, days=args.days, seed=args.seed, max_changes=args.max_changes,
+                           runs_per_day=args.runs_per_day)
             async with store.engine.begin() as conn:
                 for table, name in ((runs, "runs"), (disks, "disks"), (disk_states, "states"),
-                                    (findings, "findings"), (finding_events, "events")):
+                                    (findings, "findings"), (finding_events, "events"),
+                                    (invocations, "invocations"), (policy_schedules, "schedules")):
                     for k in range(0, len(rows[name]), BATCH):
                         await conn.execute(insert(table), rows[name][k:k + BATCH])
         db.vacuum()
         report.info("history", f"{len(rows['runs'])} runs, {len(rows['disks'])} disks, {len(rows['states'])} "
-                               f"disk_states, {len(rows['findings'])} findings, {len(rows['events'])} finding_events; "
+                               f"disk_states, {len(rows['findings'])} findings, {len(rows['events'])} finding_events, "
+                               f"{len(rows['invocations'])} observed runs; "
                                f"{db.size_bytes() / 1e6:.1f} MB, written in {fill.seconds:.1f} s")
         period = Period(END - timedelta(days=args.days), END)
         services = Services(settings=Settings(audit={"interval": INTERVAL}), store=store, clock=lambda: END)

@@ -95,9 +95,9 @@ def make_fleet() -> Fleet:
     org = fleet.add_org("acme")
     fleet.add_disk(org.id, "unprotected", id=D0)
     fleet.add_disk(org.id, "steady", id=D1)
-    fleet.add_policy(D1, id="dbp_steady", retention=14, next_invocation_at=NEXT)
+    fleet.add_policy(D1, id="dbp_steady", retention=14, next_invocation_at=NEXT, total_size=5.0)
     fleet.add_disk(org.id, "weakened", id=D2)
-    fleet.add_policy(D2, id="dbp_weakened", retention=14, next_invocation_at=NEXT)
+    fleet.add_policy(D2, id="dbp_weakened", retention=14, next_invocation_at=NEXT, total_size=5.0)
     return fleet
 
 
@@ -183,7 +183,8 @@ async def test_the_period_report_over_real_cycles(world: World) -> None:
     assert disks[D0] == {"disk_id": D0, "name": "unprotected", "compliance_pct": 60.0,
                          "compliant_seconds": 36 * HOUR, "waived_seconds": 36 * HOUR,
                          "noncompliant_seconds": 24 * HOUR, "unknown_seconds": 0, "no_data_seconds": 12 * HOUR,
-                         "status_at_end": "noncompliant", "exempt_seconds": 0}
+                         "status_at_end": "noncompliant", "exempt_seconds": 0, "status_at_start": "waived",
+                         "last_invocation_at": None, "observed_rpo_seconds": None, "observed_since": None}
     assert (disks[D1]["compliance_pct"], disks[D1]["compliant_seconds"], disks[D1]["unknown_seconds"],
             disks[D1]["no_data_seconds"], disks[D1]["status_at_end"]) == (90.0, 54 * HOUR, 6 * HOUR, 12 * HOUR,
                                                                           "compliant")

@@ -726,6 +726,13 @@ def test_from_file_json_with_generate(tmp_path: Path) -> None:
             r"organizations\[0\]\.policies\[0\]: unknown Disk target",
         ),
         ({"organizations": [{"id": "org_x", "sub_domain": "x", "size": 3}]}, r"organizations\[0\]\.size"),
+        ({"run_schedules": "yes"}, "run_schedules"),
+        ({"organizations": [{"id": "org_x", "sub_domain": "x", "disks": [{"id": "disk_x"}], "policies": [
+            {"id": "p", "target_type": "Disk", "target_id": "disk_x", "retention": 7, "interval": "daily",
+             "frequency": 0}]}]}, r"organizations\[0\]\.policies\[0\]\.frequency"),
+        ({"organizations": [{"id": "org_x", "sub_domain": "x", "disks": [{"id": "disk_x"}], "policies": [
+            {"id": "p", "target_type": "Disk", "target_id": "disk_x", "retention": 7, "interval": "daily",
+             "growth": -1}]}]}, r"organizations\[0\]\.policies\[0\]\.growth"),
     ],
 )
 def test_from_dict_rejects_bad_input(data: dict[str, Any], message: str) -> None:
@@ -896,3 +903,52 @@ def test_module_entry_point_serves_until_sigterm(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+async def test_schedules_run_on_the_clock_they_are_given() -> None:
+    now = [float(NOW)]
+    fleet = Fleet(schedule_clock=lambda: now[0])
+    org = fleet.add_org("sched", id="org_schedschedsched0")
+    disk = fleet.add_disk(org.id, "d", id="disk_schedschedsched")
+    weekly = fleet.add_policy(disk.id, id="dbp_everysevendays0", interval="daily", next_invocation_at=NOW + 60,
+                              frequency=7, growth=2.5)
+    daily = fleet.add_policy(disk.id, id="dbp_everydayeveryday", interval="daily", next_invocation_at=NOW + 60,
+                             growth=1.0, total_size=4.0)
+    stuck = fleet.add_policy(disk.id, id="dbp_pausedpausedpaus", interval="hourly", next_invocation_at=NOW + 60,
+                             paused=True)
+
+    async def listed() -> dict[str, tuple[int, float]]:
+        async with client_for(fleet) as c:
+            body = (await c.get(DISK_POLICIES, params={"disk[id]": disk.id})).json()
+        return {p["id"]: (p["schedule"]["next_invocation_at"], p["total_size"]) for p in body["disk_backup_policies"]}
+
+    assert await listed() == {weekly.id: (NOW + 60, 0.0), daily.id: (NOW + 60, 4.0), stuck.id: (NOW + 60, 0.0)}
+    now[0] = NOW + 60  # due now: it runs
+    assert await listed() == {weekly.id: (NOW + 60 + 7 * 86400, 2.5), daily.id: (NOW + 60 + 86400, 5.0),
+                              stuck.id: (NOW + 60, 0.0)}
+    now[0] = NOW + 60 + 3 * 86400 + 5  # three more daily runs were due: each counts
+    assert await listed() == {weekly.id: (NOW + 60 + 7 * 86400, 2.5), daily.id: (NOW + 60 + 4 * 86400, 8.0),
+                              stuck.id: (NOW + 60, 0.0)}
+    # The list items carry no frequency, as the real list endpoints.
+    async with client_for(fleet) as c:
+        item = (await c.get(DISK_POLICIES, params={"disk[id]": disk.id})).json()["disk_backup_policies"][0]
+    assert set(item["schedule"]) == {"interval", "next_invocation_at"}
+    # Without a clock nothing moves.
+    fleet.schedule_clock = None
+    now[0] += 30 * 86400
+    assert (await listed())[daily.id] == (NOW + 60 + 4 * 86400, 8.0)
+
+
+def test_fleet_file_runs_schedules_on_the_wall_clock(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        "run_schedules = true\n"
+        "[[organizations]]\nid = 'org_x'\nsub_domain = 'x'\n"
+        "[[organizations.disks]]\nid = 'disk_x'\nname = 'x'\n"
+        "[[organizations.policies]]\nid = 'dbp_x'\ntarget_type = 'Disk'\ntarget_id = 'disk_x'\nretention = 7\n"
+        "interval = 'daily'\nnext_in_seconds = -10\nfrequency = 2\ngrowth = 1.5\n"
+    )
+    fleet = Fleet.from_file(path, now=int(time.time()))
+    policy = fleet.run_schedule(fleet.policies["dbp_x"])
+    assert policy.frequency == 2 and policy.total_size == 1.5
+    assert time.time() < policy.next_invocation_at <= time.time() + 2 * 86400

@@ -377,3 +377,37 @@ def test_a_period_needs_its_start_before_its_end() -> None:
     with pytest.raises(ValueError):
         Period(datetime(2026, 1, 1), datetime(2026, 1, 2))  # naive
     assert Period(at(0), at(1)).days() == [(date(2026, 3, 29), periods.to_us(at(0)), periods.to_us(at(1)))]
+
+
+# ---- no data is never compliant: the whole period report over random run timelines ------------------------------
+
+
+@given(worlds())
+@settings(max_examples=examples(300), deadline=None)
+def test_no_data_is_never_compliant_in_the_period_report(world: World) -> None:
+    from auditor.service.compliance import compliance_from
+    from auditor.store.queries import PeriodData, Poll
+
+    data = PeriodData([Poll(at(m), status) for m, status in world.polls], verdicts_of(world), {}, [])
+    report = compliance_from(data, period=period_of(world), interval=timedelta(minutes=world.interval), waivers=[],
+                             generated_at=at(SPAN))
+    start, end = world.period
+
+    def observed(minute: int) -> bool:  # a complete or partial run covered it
+        return covered(world, minute)
+
+    for d in report["disks"]:
+        disk = d["disk_id"]
+        # A disk's compliant (and every other verdict's) time is exactly its verdict over the observed minutes.
+        expected = Tally()
+        for minute in range(start, end):
+            status = verdict(world, disk, minute)
+            if observed(minute) and status is not None:
+                expected.add(status, MINUTE_US)
+        assert (d["compliant_seconds"], d["waived_seconds"], d["noncompliant_seconds"], d["unknown_seconds"]) == \
+            tuple(periods.seconds(us) for us in as_tuple(expected))
+        # At either edge: no_data unless a run covered that instant, and then the verdict it had (never guessed).
+        for key, minute in (("status_at_start", start), ("status_at_end", end - 1)):
+            assert d[key] == (verdict(world, disk, minute) if observed(minute) else "no_data"), key
+    covered_minutes = sum(observed(m) for m in range(start, end))
+    assert report["coverage"]["covered_seconds"] == covered_minutes * 60

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from unittest import mock
 
@@ -14,6 +15,7 @@ from profiles import examples
 
 import auditor.domain.rules as rules_module
 from auditor.config import RULE_IDS
+from auditor.domain.invocations import Invocation, PolicySchedule
 from auditor.domain.models import (
     BackupPolicy,
     Disk,
@@ -30,6 +32,8 @@ from auditor.domain.rules import (
     DISK_IN_TRASH,
     DISK_NOT_FOUND,
     INTERVAL_TOO_INFREQUENT,
+    NO_BACKUP_DATA,
+    OBSERVED_INTERVAL_TOO_LONG,
     RETENTION_BELOW_MINIMUM,
     RETENTION_WINDOW_TOO_SHORT,
     RULES,
@@ -67,6 +71,19 @@ def snap(*policies: BackupPolicy, disk: Disk | None = None, outcome: ReadOutcome
     return DiskSnapshot(disk or Disk(DISK), outcome, tuple(policies), detail=dict(detail or {}))
 
 
+def stepped(pid: str = "dbp_aaaaaaaaaaaaaaaa", *steps: float, days: float | None = None,
+            first_seen: datetime = NOW - timedelta(days=60)) -> PolicySchedule:
+    """A schedule whose observed runs came `steps` days apart (the last one due a day before NOW)."""
+    gaps = list(steps) if days is None else [days]
+    due = NOW - timedelta(days=1 + sum(gaps))
+    recent = []
+    for gap in gaps:
+        nxt = due + timedelta(days=gap)
+        recent.append(Invocation(DISK, pid, due, nxt, due + timedelta(minutes=15)))
+        due = nxt
+    return PolicySchedule(DISK, pid, first_seen, due, tuple(recent[-2:]))
+
+
 def ruleset(params: RuleParams = LAX, **kwargs: object) -> RuleSet:
     return RuleSet(default=params, **kwargs)  # type: ignore[arg-type]
 
@@ -91,6 +108,8 @@ def test_registry_ids_and_default_severities_are_the_documented_ones() -> None:
         "schedule-stale": Severity.HIGH,
         "disk-not-found": Severity.HIGH,
         "disk-in-trash": Severity.HIGH,
+        "observed-interval-too-long": Severity.HIGH,
+        "no-backup-data": Severity.HIGH,
     }
 
 
@@ -334,7 +353,7 @@ def test_severity_override_applies_to_each_rule(rule: str) -> None:
     bad = policy(retention=0, interval=Interval.MONTHLY, due=NOW - timedelta(days=3))
     produced = [
         *evaluate(snap(), rs, now=NOW),
-        *evaluate(snap(bad), rs, now=NOW),
+        *evaluate(snap(bad), rs, now=NOW, schedules={bad.id: stepped(bad.id, days=7)}),
         *evaluate(snap(outcome=ReadOutcome.NOT_FOUND), rs, now=NOW),
         *evaluate(snap(outcome=ReadOutcome.IN_TRASH), rs, now=NOW),
     ]
@@ -349,7 +368,7 @@ def test_disabled_rule_never_fires_and_the_others_still_do(rule: str) -> None:
     bad = policy(retention=0, interval=Interval.MONTHLY, due=NOW - timedelta(days=3))
     produced = [
         *evaluate(snap(), rs, now=NOW),
-        *evaluate(snap(bad), rs, now=NOW),
+        *evaluate(snap(bad), rs, now=NOW, schedules={bad.id: stepped(bad.id, days=7)}),
         *evaluate(snap(outcome=ReadOutcome.NOT_FOUND), rs, now=NOW),
         *evaluate(snap(outcome=ReadOutcome.IN_TRASH), rs, now=NOW),
     ]
@@ -499,3 +518,64 @@ def test_fingerprints_do_not_depend_on_thresholds_or_time(data: st.DataObject, p
     p = data.draw(policies(now))
     for f in evaluate(snap(p), ruleset(params), now=now):
         assert f.fingerprint == fingerprint(f.rule, DISK, p.id)
+
+
+# ---- rules judged from observed runs ----------------------------------------------------------------------
+
+
+def test_observed_step_longer_than_the_tier_allows_opens_and_two_good_steps_resolve() -> None:
+    rs = ruleset(replace(LAX, max_interval=Interval.DAILY))
+    p = sized(policy())
+
+    def rules_after(*steps: float) -> list[str]:
+        return rule_ids(evaluate(snap(p), rs, now=NOW, schedules={p.id: stepped(p.id, *steps)}))
+
+    assert rules_after(1, 1) == []
+    assert rules_after(1, 7) == [OBSERVED_INTERVAL_TOO_LONG]
+    assert rules_after(7, 1) == [OBSERVED_INTERVAL_TOO_LONG]  # one good step is not enough
+    assert rules_after(1, 1) == []  # two in a row resolve it
+    # The limit is 24 h plus stale_grace (1 h): 25 h passes, a minute more does not.
+    assert rules_after(1, 25 / 24) == []
+    assert rules_after(1, 25 / 24 + 1 / 1440) == [OBSERVED_INTERVAL_TOO_LONG]
+    (finding,) = evaluate(snap(p), rs, now=NOW, schedules={p.id: stepped(p.id, 1, 7)})
+    assert finding.observed["step_seconds"] == 7 * 86400 and finding.expected["max_step_seconds"] == 25 * 3600
+
+
+@pytest.mark.parametrize(("tier", "limit_days"), [(Interval.HOURLY, 1 / 24), (Interval.DAILY, 1),
+                                                  (Interval.WEEKLY, 7), (Interval.MONTHLY, 31)])
+def test_observed_interval_limit_per_tier(tier: Interval, limit_days: float) -> None:
+    rs = ruleset(replace(LAX, max_interval=tier, stale_grace=timedelta(0)))
+    p = sized(policy(interval=tier))
+    ok = evaluate(snap(p), rs, now=NOW, schedules={p.id: stepped(p.id, limit_days, limit_days)})
+    bad = evaluate(snap(p), rs, now=NOW, schedules={p.id: stepped(p.id, limit_days, limit_days + 0.01)})
+    assert rule_ids(ok) == [] and rule_ids(bad) == [OBSERVED_INTERVAL_TOO_LONG]
+
+
+def test_a_step_seen_late_counts_only_what_it_proves() -> None:
+    # Seen 20 h after it was due, a 30 h step could hide a run in between: only the 10 h after the poll is proven.
+    due = NOW - timedelta(hours=20)
+    late = Invocation(DISK, "dbp_x", due, due + timedelta(hours=30), NOW)
+    assert late.step == timedelta(hours=10)
+    prompt = Invocation(DISK, "dbp_x", due, due + timedelta(hours=30), due + timedelta(minutes=15))
+    assert prompt.step == timedelta(hours=30)
+
+
+def test_no_backup_data_after_an_observed_run_or_a_whole_interval() -> None:
+    rs = ruleset()
+    empty = policy()  # total_size None: not sent, so not known to hold anything
+    zero = sized(policy(), 0.0)
+    full = sized(policy(), 12.5)
+    fresh = PolicySchedule(DISK, empty.id, NOW - timedelta(hours=2), NOW + timedelta(hours=3))
+    waited = PolicySchedule(DISK, empty.id, NOW - timedelta(hours=25, minutes=1), NOW + timedelta(hours=3))
+    ran = stepped(empty.id, 1, first_seen=NOW - timedelta(hours=30))
+    for p in (empty, zero):
+        assert rule_ids(evaluate(snap(p), rs, now=NOW, schedules={p.id: fresh})) == []
+        assert rule_ids(evaluate(snap(p), rs, now=NOW, schedules={p.id: waited})) == [NO_BACKUP_DATA]
+        assert rule_ids(evaluate(snap(p), rs, now=NOW, schedules={p.id: ran})) == [NO_BACKUP_DATA]
+    assert rule_ids(evaluate(snap(full), rs, now=NOW, schedules={full.id: ran})) == []
+    # Never observed (no schedule given): the rules judged from observations say nothing.
+    assert rule_ids(evaluate(snap(zero), rs, now=NOW)) == []
+
+
+def sized(p: BackupPolicy, total_size: float | None = 1.0) -> BackupPolicy:
+    return replace(p, total_size=total_size)

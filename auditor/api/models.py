@@ -22,8 +22,9 @@ FindingStatusFilter = Literal[FindingStatusName, "all"]
 DeliveryStateName = Literal["pending", "delivering", "delivered", "failed"]
 # A disk's status at the end of a period, in the order the API has always documented it (a response field only,
 # so the Literal's members are the enum's: the schema lists their values).
+# `no_data`: no complete or partial run covered that instant (never compliant).
 StatusAtEnd = Literal[DiskVerdict.COMPLIANT, DiskVerdict.WAIVED, DiskVerdict.NONCOMPLIANT, DiskVerdict.UNKNOWN,
-                      DiskVerdict.EXEMPT]
+                      DiskVerdict.EXEMPT, "no_data"]
 
 
 class Model(BaseModel):
@@ -89,6 +90,25 @@ class TrackedFinding(Finding):
     resolved_at: str | None
 
 
+class ObservedRpo(Model):
+    """The fleet's observed RPO over the disks that have one (nearest rank); null when none has."""
+
+    disks: int = Field(description="disks with an observed RPO (at least two observed runs)")
+    p50_seconds: int | None
+    p95_seconds: int | None
+    max_seconds: int | None
+
+
+class Observed(Model):
+    """What was observed of a disk's policies' runs (`next_invocation_at` moving on between polls)."""
+
+    last_invocation_at: str | None = Field(description="the latest observed run's due time")
+    observed_rpo_seconds: int | None = Field(
+        description="the longest gap between consecutive observed runs in the window, and from the last one to its "
+                    "end; null (never 0) with fewer than two observed runs")
+    observed_since: str | None = Field(description="since when the disk's current policies are observed")
+
+
 class Summary(Model):
     """Counts over the audited disks."""
 
@@ -102,6 +122,7 @@ class Summary(Model):
     by_severity: dict[str, int]
     exempt: int = Field(description="disks their tier exempts (never counted as compliant)")
     by_tier: dict[str, int] = Field(description="disks by tier name; the defaults are counted under \"\"")
+    observed_rpo: ObservedRpo = Field(description="over the last 30 days")
 
 
 class ReadError(Model):
@@ -118,7 +139,7 @@ class Exemption(Model):
     because: dict[str, Any]
 
 
-class ReportDisk(Model):
+class ReportDisk(Observed):
     """One audited disk in the report."""
 
     disk_id: str
@@ -190,7 +211,7 @@ class RunsPage(Model):
     runs: list[Run]
 
 
-class DiskInfo(Model):
+class DiskInfo(Observed):
     """What the auditor knows about a disk."""
 
     disk_id: str
@@ -243,6 +264,16 @@ class FindingEvent(Model):
     kind: str
 
 
+class Invocation(Model):
+    """One observed run of a policy on the disk."""
+
+    policy_id: str
+    due_at: str | None = Field(description="when it was due: the next_invocation_at seen before it moved on")
+    next_at: str | None = Field(description="the next run it planned")
+    observed_at: str | None = Field(description="the poll that saw it")
+    step_seconds: int = Field(description="the time to the next run the observations prove")
+
+
 class DiskDetail(Model):
     """A disk's current policies, findings, snapshot history and drift."""
 
@@ -253,6 +284,7 @@ class DiskDetail(Model):
     snapshots: list[PolicyState]
     drift: list[DiskDrift]
     finding_events: list[FindingEvent]
+    invocations: list[Invocation] = Field(description="the latest 50 observed runs, newest first")
 
 
 class NotificationAlert(Model):
@@ -383,9 +415,10 @@ class ComplianceFleet(Model):
     unknown_seconds: int
     exempt_seconds: int = Field(description="exempt disk-time: in no verdict's denominator")
     by_day: list[ComplianceDay]
+    observed_rpo: ObservedRpo = Field(description="over the period")
 
 
-class ComplianceDisk(Model):
+class ComplianceDisk(Observed):
     """One disk over the period."""
 
     disk_id: str
@@ -396,6 +429,7 @@ class ComplianceDisk(Model):
     noncompliant_seconds: int
     unknown_seconds: int
     no_data_seconds: int
+    status_at_start: StatusAtEnd | None
     status_at_end: StatusAtEnd | None
     exempt_seconds: int
 

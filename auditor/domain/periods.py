@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
-from auditor.vocabulary import DiskVerdict, RunStatus
+from auditor.vocabulary import NO_DATA, DiskVerdict, RunStatus
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_US = timedelta(microseconds=1)
@@ -177,6 +177,10 @@ class Coverage:
         if b <= a:
             return 0
         return self._upto(b) - self._upto(a)
+
+    def covers(self, t: int) -> bool:
+        """Returns whether the instant `t` (epoch microseconds) is covered."""
+        return self.covered(t, t + 1) == 1
 
     def gaps(self) -> list[tuple[int, int]]:
         """Returns the uncovered stretches of the period ("no data"), in order."""
@@ -357,6 +361,33 @@ def status_at(verdicts: Iterable[Verdict], instant: datetime) -> dict[str, str]:
         if to_us(v.start) < t and (v.end is None or to_us(v.end) >= t):
             out[v.disk_id] = v.status
     return out
+
+
+def status_in_force(verdicts: Iterable[Verdict], instant: datetime) -> dict[str, str]:
+    """Returns each disk's verdict in force at `instant` (start <= instant < end), by disk."""
+    t = to_us(instant)
+    out: dict[str, str] = {}
+    for v in verdicts:
+        if to_us(v.start) <= t and (v.end is None or to_us(v.end) > t):
+            out[v.disk_id] = v.status
+    return out
+
+
+def statuses_observed(verdicts: Sequence[Verdict], coverage: Coverage, disk_ids: Iterable[str]) -> tuple[
+        dict[str, str | None], dict[str, str | None]]:
+    """Returns each disk's status at the period's start and just before its end: its verdict then, or `no_data`
+    when no complete or partial run covered that instant (never a verdict no run observed); None when runs covered
+    it but the disk had no verdict (not audited then)."""
+    start, end = coverage.period.start_us, coverage.period.end_us
+    covered_at_start, covered_at_end = coverage.covers(start), coverage.covers(end - 1)
+    at_start = status_in_force(verdicts, coverage.period.start)
+    at_end = status_at(verdicts, coverage.period.end)
+    first: dict[str, str | None] = {}
+    last: dict[str, str | None] = {}
+    for disk_id in disk_ids:
+        first[disk_id] = at_start.get(disk_id) if covered_at_start else NO_DATA
+        last[disk_id] = at_end.get(disk_id) if covered_at_end else NO_DATA
+    return first, last
 
 
 @dataclass(frozen=True, slots=True)

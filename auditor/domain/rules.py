@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from auditor.domain.invocations import PolicySchedule
 from auditor.domain.models import (
     BackupPolicy,
     DiskSnapshot,
@@ -25,11 +26,13 @@ from auditor.domain.tiers import DEFAULTS, Tier, TierDecision
 from auditor.vocabulary import DISK_IN_TRASH as DISK_IN_TRASH
 from auditor.vocabulary import DISK_NOT_FOUND as DISK_NOT_FOUND
 from auditor.vocabulary import INTERVAL_TOO_INFREQUENT as INTERVAL_TOO_INFREQUENT
+from auditor.vocabulary import NO_BACKUP_DATA as NO_BACKUP_DATA
+from auditor.vocabulary import OBSERVED_INTERVAL_LIMIT, format_duration
+from auditor.vocabulary import OBSERVED_INTERVAL_TOO_LONG as OBSERVED_INTERVAL_TOO_LONG
 from auditor.vocabulary import RETENTION_BELOW_MINIMUM as RETENTION_BELOW_MINIMUM
 from auditor.vocabulary import RETENTION_WINDOW_TOO_SHORT as RETENTION_WINDOW_TOO_SHORT
 from auditor.vocabulary import SCHEDULE_STALE as SCHEDULE_STALE
 from auditor.vocabulary import UNPROTECTED_DISK as UNPROTECTED_DISK
-from auditor.vocabulary import format_duration
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,14 +170,65 @@ def check_schedule_stale(
     )
 
 
+ObservedCheck = Callable[[BackupPolicy, PolicySchedule, RuleParams, datetime],
+                         tuple[str, dict[str, Any], dict[str, Any]] | None]
+
+
+def check_observed_interval(
+    policy: BackupPolicy, schedule: PolicySchedule, params: RuleParams, now: datetime
+) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    """Returns a violation when one of the policy's last two observed steps of `next_invocation_at` is longer than
+    `max_interval`'s limit plus `stale_grace` (so it resolves after two consecutive steps within it)."""
+    limit = OBSERVED_INTERVAL_LIMIT[params.max_interval] + params.stale_grace
+    longest = max(schedule.recent[-2:], key=lambda i: i.step, default=None)
+    if longest is None or longest.step <= limit:
+        return None
+    step = longest.step
+    return (
+        f"policy {policy.id} ran at {_iso(longest.due_at)} and next at {_iso(longest.next_at)}:"
+        f" {format_duration(step, style='alert')} between runs, longer than the"
+        f" {format_duration(limit, style='alert')} a {params.max_interval.value} schedule allows",
+        {"step_seconds": step.total_seconds(), "due_at": _iso(longest.due_at), "next_at": _iso(longest.next_at),
+         "observed_at": _iso(longest.observed_at), "interval": policy.schedule.interval.value},
+        {"max_step_seconds": limit.total_seconds(), "max_interval": params.max_interval.value,
+         "stale_grace_seconds": params.stale_grace.total_seconds()},
+    )
+
+
+def check_no_backup_data(
+    policy: BackupPolicy, schedule: PolicySchedule, params: RuleParams, now: datetime
+) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    """Returns a violation when `total_size` is 0 (or missing) for a policy whose first run has been observed, or
+    that was first seen more than its interval plus `stale_grace` ago."""
+    size = policy.total_size
+    if size is not None and size > 0:
+        return None
+    waited = now - schedule.first_seen_at
+    allowed = policy.schedule.interval.length + params.stale_grace
+    if schedule.invoked:
+        why = f"a run was observed at {_iso(schedule.recent[-1].due_at)}"
+    elif waited > allowed:
+        why = f"it was first seen {format_duration(waited, style='alert')} ago"
+    else:
+        return None
+    shown = "missing" if size is None else f"{size:g}"
+    return (
+        f"policy {policy.id} holds no backup data (total_size {shown}) although {why}",
+        {"total_size": size, "invoked": schedule.invoked, "first_seen_at": _iso(schedule.first_seen_at)},
+        {"total_size": "> 0", "within_seconds": allowed.total_seconds()},
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """A rule's id, default severity, one-line description and (for per-policy rules) its check."""
+    """A rule's id, default severity, one-line description and (for per-policy rules) its check: of the policy
+    alone (`check`) or of the policy and what has been observed of its runs (`observed`)."""
 
     id: str
     severity: Severity
     description: str
     check: PolicyCheck | None = None
+    observed: ObservedCheck | None = None
 
 
 # The registry: literal, greppable, ordered as reports list them.
@@ -208,14 +262,31 @@ RULES: dict[str, Rule] = {
         ),
         Rule(DISK_NOT_FOUND, Severity.HIGH, "a configured disk does not exist (404 disk_not_found)"),
         Rule(DISK_IN_TRASH, Severity.HIGH, "a configured disk is in the trash (406 object_in_trash)"),
+        Rule(
+            OBSERVED_INTERVAL_TOO_LONG,
+            Severity.HIGH,
+            "an observed step of next_invocation_at is longer than rules.max_interval plus rules.stale_grace",
+            observed=check_observed_interval,
+        ),
+        Rule(
+            NO_BACKUP_DATA,
+            Severity.HIGH,
+            "total_size is 0 after a run was observed, or interval plus rules.stale_grace after first seen",
+            observed=check_no_backup_data,
+        ),
     )
 }
 
-_POLICY_RULES = tuple(r for r in RULES.values() if r.check is not None)
+_POLICY_RULES = tuple(r for r in RULES.values() if r.check is not None or r.observed is not None)
 
 
-def evaluate(snapshot: DiskSnapshot, rules: RuleSet, *, now: datetime) -> list[Finding]:
-    """Returns the findings for one disk snapshot; an unknown snapshot yields none (it has no verdict)."""
+def evaluate(snapshot: DiskSnapshot, rules: RuleSet, *, now: datetime,
+             schedules: Mapping[str, PolicySchedule] | None = None) -> list[Finding]:
+    """Returns the findings for one disk snapshot; an unknown snapshot yields none (it has no verdict).
+
+    `schedules` (by policy id) is what has been observed of the disk's policies' runs (`invocations.observe`); a
+    policy without one has not been observed yet, and the rules judged from observations say nothing of it.
+    """
     disk_id = snapshot.disk_id
     if snapshot.outcome is ReadOutcome.UNKNOWN or (snapshot.tier.exempt and not rules.has_override(disk_id)):
         return []
@@ -253,10 +324,16 @@ def evaluate(snapshot: DiskSnapshot, rules: RuleSet, *, now: datetime) -> list[F
             )
         return findings
     for policy in sorted(snapshot.policies, key=lambda p: p.id):
+        schedule = (schedules or {}).get(policy.id)
         for rule in _POLICY_RULES:
-            if rule.id in disabled or rule.check is None:
+            if rule.id in disabled:
                 continue
-            hit = rule.check(policy, params, now)
+            if rule.check is not None:
+                hit = rule.check(policy, params, now)
+            elif rule.observed is not None and schedule is not None:
+                hit = rule.observed(policy, schedule, params, now)
+            else:
+                continue
             if hit is not None:
                 message, observed, expected = hit
                 observed = {"target": f"{policy.target_type.value}:{policy.target_id}", **observed}

@@ -390,8 +390,8 @@ class FakeKatapult:
 
     def _policy_page(self, ids: list[str], page: int, per_page: int, *, malformed: bool) -> _Reply:
         chunk, pagination = _paginate(ids, page, per_page)
-        policies = self._fleet.policies
-        items = [self._policy_item(policies[policy_id]) for policy_id in chunk]
+        fleet = self._fleet
+        items = [self._policy_item(fleet.run_schedule(fleet.policies[policy_id])) for policy_id in chunk]
         if malformed:
             return _Reply(200, _dumps(_malform(items, "disk_backup_policies", pagination, field="retention")))
         return _Reply(200, _dumps({"pagination": pagination, "disk_backup_policies": items}))

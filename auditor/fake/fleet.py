@@ -104,6 +104,11 @@ class FakePolicy:
     interval: str  # hourly | daily | weekly | monthly
     next_invocation_at: int | None  # unix seconds
     total_size: float = 0.0
+    # On a fleet whose schedules run (`Fleet.schedule_clock`): runs every `frequency` intervals, each run adding
+    # `growth` to `total_size`; a paused policy never runs (its next_invocation_at stays, as a broken schedule's).
+    frequency: int = 1
+    growth: float = 0.0
+    paused: bool = False
 
 
 @dataclass
@@ -207,6 +212,9 @@ class Fleet:
     list_annotations: bool = False
     stats: FakeStats = field(default_factory=FakeStats)
     clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
+    # The clock the policies' schedules run on (Unix seconds): None keeps every next_invocation_at where it was set;
+    # `time.time` (the fleet file's `run_schedules = true`) or a test's own clock runs them (`run_schedule`).
+    schedule_clock: Callable[[], float] | None = field(default=None, repr=False, compare=False)
 
     _org_by_sub: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
     _vm_by_fqdn: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -394,6 +402,9 @@ class Fleet:
         target_type: str | None = None,
         id: str | None = None,
         total_size: float = 0.0,
+        frequency: int = 1,
+        growth: float = 0.0,
+        paused: bool = False,
     ) -> FakePolicy:
         """Adds a backup policy on a disk or VM (type inferred from the id if not given) and returns it."""
         self._check_index()
@@ -415,11 +426,28 @@ class Fleet:
             interval=interval,
             next_invocation_at=next_invocation_at,
             total_size=total_size,
+            frequency=frequency,
+            growth=growth,
+            paused=paused,
         )
         self._validate_policy(policy)
         self.policies[policy.id] = policy
         self._index_policy(policy)
         self._indexed_sizes = self._sizes()
+        return policy
+
+    def run_schedule(self, policy: FakePolicy) -> FakePolicy:
+        """Returns the policy after the runs its schedule has made by `schedule_clock()`: each run moves
+        next_invocation_at on by interval × frequency and adds `growth` to total_size (nothing without a clock)."""
+        if self.schedule_clock is None or policy.paused or policy.next_invocation_at is None:
+            return policy
+        now = self.schedule_clock()
+        if policy.next_invocation_at > now:
+            return policy
+        period = _INTERVAL_SECONDS[policy.interval] * policy.frequency
+        runs = int((now - policy.next_invocation_at) // period) + 1
+        policy.next_invocation_at += runs * period
+        policy.total_size = round(policy.total_size + runs * policy.growth, 6)
         return policy
 
     def _validate_policy(self, policy: FakePolicy) -> None:
@@ -431,6 +459,10 @@ class Fleet:
             raise ValueError(f"unknown {policy.target_type} target {policy.target_id!r}")
         if policy.interval not in INTERVALS:
             raise ValueError(f"interval must be one of {', '.join(INTERVALS)}, not {policy.interval!r}")
+        if isinstance(policy.frequency, bool) or not isinstance(policy.frequency, int) or policy.frequency < 1:
+            raise ValueError(f"frequency must be a whole number of at least 1, not {policy.frequency!r}")
+        if policy.growth < 0:
+            raise ValueError(f"growth must be at least 0, not {policy.growth!r}")
 
     def remove_policy(self, policy_id: str) -> FakePolicy:
         """Removes a policy and returns it."""
@@ -636,6 +668,8 @@ class Fleet:
             fleet.slow_seconds = _number(data["slow_seconds"], "slow_seconds", minimum=0.0)
         if "list_annotations" in data:
             fleet.list_annotations = _bool(data["list_annotations"], "list_annotations")
+        if _bool(data.get("run_schedules", False), "run_schedules"):
+            fleet.schedule_clock = time.time
         if "retry_after" in data:
             fleet.retry_after = _number(data["retry_after"], "retry_after", minimum=0.0)
         if "rate_limit_changes" in data:
@@ -761,6 +795,7 @@ _TOP_KEYS = frozenset(
         "organizations",
         "generate",
         "list_annotations",
+        "run_schedules",
     }
 )
 _GENERATE_KEYS = frozenset({"disks", "orgs", "policies_per_disk", "vm_share", "seed", "annotations"})
@@ -778,6 +813,9 @@ _POLICY_KEYS = frozenset(
         "next_invocation_at",
         "next_in_seconds",
         "total_size",
+        "frequency",
+        "growth",
+        "paused",
     }
 )
 
@@ -994,6 +1032,9 @@ def _load_policy(fleet: Fleet, table: dict[str, Any], *, now: int, where: str) -
     retention = _int(_required(table, "retention", where), f"{where}.retention", minimum=0)
     interval = _str(_required(table, "interval", where), f"{where}.interval")
     total_size = _number(table.get("total_size", 0.0), f"{where}.total_size", minimum=0.0)
+    frequency = _int(table.get("frequency", 1), f"{where}.frequency", minimum=1)
+    growth = _number(table.get("growth", 0.0), f"{where}.growth", minimum=0.0)
+    paused = _bool(table.get("paused", False), f"{where}.paused")
     with _located(where):
         fleet.add_policy(
             target_id,
@@ -1003,6 +1044,9 @@ def _load_policy(fleet: Fleet, table: dict[str, Any], *, now: int, where: str) -
             interval=interval,
             next_invocation_at=next_at,
             total_size=total_size,
+            frequency=frequency,
+            growth=growth,
+            paused=paused,
         )
 
 

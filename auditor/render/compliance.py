@@ -14,7 +14,8 @@ from auditor.render.cells import csv_cell, md_cell
 from auditor.vocabulary import format_duration
 
 DISK_CSV_COLUMNS = ("disk_id", "name", "compliance_pct", "compliant_seconds", "waived_seconds",
-                    "noncompliant_seconds", "unknown_seconds", "no_data_seconds", "status_at_end", "exempt_seconds")
+                    "noncompliant_seconds", "unknown_seconds", "no_data_seconds", "status_at_end", "exempt_seconds",
+                    "status_at_start", "last_invocation_at", "observed_rpo_seconds", "observed_since")
 
 
 def compliance_csv(report: Mapping[str, Any]) -> str:
@@ -40,6 +41,14 @@ def format_pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}".rstrip("0").rstrip(".") + " %"
 
 
+def rpo_text(rpo: Mapping[str, Any]) -> str:
+    """Returns the fleet's observed RPO in words: p50, p95 and max over the disks that have one."""
+    if not rpo["disks"]:
+        return "no disk with two observed runs"
+    return (f"p50 {_duration(rpo['p50_seconds'])}, p95 {_duration(rpo['p95_seconds'])}, max "
+            f"{_duration(rpo['max_seconds'])} over {rpo['disks']} disk(s)")
+
+
 def worst_disks(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Returns the disks that were not compliant the whole covered time, least compliant first."""
     lacking = [d for d in report["disks"] if d["compliance_pct"] != 100.0]
@@ -54,7 +63,8 @@ def compliance_markdown(report: Mapping[str, Any], *, max_disks: int = 100) -> s
              f"- Fleet time in compliance: **{format_pct(f['compliance_pct'])}** over {f['disks']} disk(s)",
              f"- Coverage: {format_pct(c['coverage_pct'])} of the period checked; {c['completed_cycles']} of "
              f"{c['scheduled_cycles']} scheduled cycles completed ({c['partial_cycles']} partial, "
-             f"{c['failed_cycles']} failed); no data for {_duration(c['no_data_seconds'])}", ""]
+             f"{c['failed_cycles']} failed); no data for {_duration(c['no_data_seconds'])}",
+             f"- Observed RPO: {rpo_text(f['observed_rpo'])}", ""]
     if c["gaps"]:
         lines += ["## Gaps (no data)", "", "| from | to | length |", "|---|---|---|"]
         lines += [f"| {g['from']} | {g['to']} | {_duration(g['seconds'])} |" for g in c["gaps"]]
@@ -115,5 +125,7 @@ def _day_bars(by_day: Sequence[Mapping[str, Any]], *, width: int = 720, height: 
 def compliance_html(report: Mapping[str, Any]) -> str:
     """Returns the period report as one self-contained HTML page (inline CSS and SVG, no external assets)."""
     template = _template_env().get_template("compliance.html")
-    return template.render(r=report, bars=_day_bars(report["fleet"]["by_day"]), worst=worst_disks(report),
-                           pct=format_pct, duration=_duration)
+    worst = worst_disks(report)
+    rows = worst + [d for d in report["disks"] if d["compliance_pct"] == 100.0]
+    return template.render(r=report, bars=_day_bars(report["fleet"]["by_day"]), worst=worst, rows=rows,
+                           pct=format_pct, duration=_duration, rpo=rpo_text(report["fleet"]["observed_rpo"]))

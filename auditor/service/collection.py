@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
+from auditor.domain.invocations import PolicySchedule
 from auditor.domain.lifecycle import Change
 from auditor.domain.models import (
     BackupPolicy,
@@ -479,12 +480,15 @@ def run_status(collected: Collected) -> RunStatus:
     return RunStatus.FAILED
 
 
-def judge(collected: Collected, rules: RuleSet, *, now: datetime) -> list[Finding]:
-    """Returns every disk's findings; a disk whose rules raise becomes unknown (and its error is recorded)."""
+def judge(collected: Collected, rules: RuleSet, *, now: datetime,
+          schedules: Mapping[str, Mapping[str, PolicySchedule]] | None = None) -> list[Finding]:
+    """Returns every disk's findings (`schedules`: what was observed of its policies' runs, by disk and policy); a
+    disk whose rules raise becomes unknown (and its error is recorded)."""
     findings: list[Finding] = []
     for index, w in enumerate(collected.disks):
         try:
-            findings.extend(evaluate(w.snapshot, rules, now=now))
+            findings.extend(evaluate(w.snapshot, rules, now=now,
+                                     schedules=(schedules or {}).get(w.snapshot.disk_id)))
         except Exception as exc:  # rules are pure and total by design; this boundary is the second line
             code, message = internal_error(exc, where=f"judging disk {w.snapshot.disk_id}")
             collected.disks[index] = DiskWrite(unknown_snapshot(w.snapshot.disk_id, code, message), w.source)

@@ -31,12 +31,13 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from auditor.domain import periods
+from auditor.domain.invocations import rpo_distribution
 from auditor.domain.lifecycle import parse_waivers
 from auditor.domain.models import Waiver, WaiverProblem
 from auditor.domain.periods import Period
 from auditor.domain.records import RunRecord, RunStatus
 from auditor.domain.rules import RULES
-from auditor.service.reports import iso
+from auditor.service.reports import iso, observation_json
 from auditor.store import queries
 
 if TYPE_CHECKING:
@@ -109,9 +110,11 @@ async def read_period_report(services: Services, *, start: datetime | None = Non
 
 async def read_period_data(services: Services, *, period: Period) -> queries.PeriodData:
     """Returns the stored history a period report of `period` is made of (runs from 2 × audit.interval before it,
-    every disk's verdicts, the findings' lifecycle events)."""
+    every disk's verdicts, the findings' lifecycle events, what was observed of the policies' runs up to the
+    period's end or now)."""
     return await services.store.read(queries.period_data, start=period.start, end=period.end,
-                                     lookback=periods.earlier(period.start, 2 * services.settings.audit.interval))
+                                     lookback=periods.earlier(period.start, 2 * services.settings.audit.interval),
+                                     now=services.clock())
 
 
 async def read_period_runs(services: Services, *, period: Period) -> list[RunRecord]:
@@ -132,7 +135,7 @@ def compliance_from(data: queries.PeriodData, *, period: Period, interval: timed
     length = period.length_us
 
     tallies = periods.disk_tallies(data.verdicts, coverage)
-    at_end = periods.status_at(data.verdicts, period.end)
+    at_start, at_end = periods.statuses_observed(data.verdicts, coverage, tallies)
     fleet = periods.Tally()
     disks = []
     for disk_id in sorted(tallies):
@@ -148,7 +151,9 @@ def compliance_from(data: queries.PeriodData, *, period: Period, interval: timed
             "unknown_seconds": s(t.unknown),
             "exempt_seconds": s(t.exempt),
             "no_data_seconds": s(length - t.judged - t.exempt),
+            "status_at_start": at_start.get(disk_id),
             "status_at_end": at_end.get(disk_id),
+            **observation_json(data.observed.get(disk_id)),
         })
     by_day = [{
         "date": d.day.isoformat(),
@@ -209,6 +214,7 @@ def compliance_from(data: queries.PeriodData, *, period: Period, interval: timed
             "unknown_seconds": s(fleet.unknown),
             "exempt_seconds": s(fleet.exempt),
             "by_day": by_day,
+            "observed_rpo": rpo_distribution([d["observed_rpo_seconds"] for d in disks]),
         },
         "disks": disks,
         "rules": rules,

@@ -35,6 +35,7 @@ from auditor.service.collection import (
 )
 from auditor.service.housekeeping import abandon_orphans
 from auditor.service.leases import keep_cycle_lease, release_cycle_lease, take_cycle_lease
+from auditor.service.observations import observe_runs
 from auditor.service.services import Services
 from auditor.store import queries, writes
 from auditor.store.holders import LEADER, Term
@@ -258,7 +259,8 @@ async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, b
     known = await store.read(queries.target_sources)
     collected = await collect(client, services.targets, known_sources=known,
                               concurrency=settings.katapult.max_concurrency, progress=progress, rules=rules)
-    findings = judge(collected, rules, now=now)
+    observed = await observe_runs(store, collected, now=now)
+    findings = judge(collected, rules, now=now, schedules=observed.by_disk)
     valid_waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=now)
     settled = {w.snapshot.disk_id for w in collected.disks if w.snapshot.outcome is not ReadOutcome.UNKNOWN}
     status = run_status(collected)
@@ -275,7 +277,8 @@ async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, b
             run_id=run_id, now=now, status=status, targets_checked=collected.targets_checked, stats=stats,
             errors=collected.errors, disks=collected.disks, changes=changes, retired_disks=collected.retired,
             finished_at=finished, disk_statuses=history.disk_statuses,
-            open_by_severity=history.open_by_severity, open_by_rule=history.open_by_rule))
+            open_by_severity=history.open_by_severity, open_by_rule=history.open_by_rule,
+            schedules=observed.changed, schedules_gone=observed.gone, invocations=observed.invocations))
         if settings.notifiers:
             plan = plan_notifications(notifiers=settings.notifiers, changes=changes, run_status=status,
                                       errors=collected.errors, incomplete_fp=_incomplete_fp(services),

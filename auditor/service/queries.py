@@ -64,7 +64,8 @@ async def build_report(
 
 async def read_disk_detail(services: Services, *, disk_id: str) -> dict[str, Any] | None:
     """Returns a disk's current policies, findings, snapshot history, drift and finding events; None if unknown."""
-    return detail_json(await services.store.read(reads.disk_history, disk_id))
+    history, seen, runs = await services.store.read(reads.disk_detail, disk_id, now=services.clock())
+    return detail_json(history, observed=seen, invocations=runs)
 
 
 async def read_findings(services: Services, *, query: FindingQuery) -> tuple[list[TrackedFinding], str | None]:
@@ -134,13 +135,15 @@ def current_findings(settings: Settings, *, statuses: Sequence[str]) -> list[Tra
         return reader.read(queries.all_findings, statuses=statuses)
 
 
-def current_disk_detail(settings: Settings, disk_id: str) -> dict[str, Any] | None:
+def current_disk_detail(settings: Settings, disk_id: str, *,
+                        clock: Callable[[], datetime] = _utcnow) -> dict[str, Any] | None:
     """Returns `read_disk_detail` read as `auditor report` reads (`auditor history`), with the same checks and
     errors."""
     from auditor.store import queries
 
     with _checked_reader(settings) as reader:
-        return detail_json(reader.read(queries.disk_history, disk_id))
+        history, seen, runs = reader.read(queries.disk_detail, disk_id, now=clock())
+        return detail_json(history, observed=seen, invocations=runs)
 
 
 # ---- operations: readiness and the stored state /metrics shows --------------------------------------------------

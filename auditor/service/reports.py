@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from auditor.domain.invocations import DiskObservation, Invocation, rpo_distribution
 from auditor.domain.models import FindingStatus, ReadOutcome, TrackedFinding, Waiver, WaiverProblem
 from auditor.domain.records import DiskRecord, DiskStatus, DriftRecord, PolicyStateRecord, RunRecord
 
@@ -84,6 +85,20 @@ def disk_status(disk: DiskRecord, findings: Sequence[TrackedFinding]) -> DiskSta
     return DiskStatus.COMPLIANT
 
 
+def observation_json(seen: DiskObservation | None) -> dict[str, Any]:
+    """Returns a disk's observed runs as reports carry them: `last_invocation_at`, `observed_rpo_seconds` (null
+    with fewer than two observed runs) and `observed_since` (null: none of its policies observed yet)."""
+    seen = seen or DiskObservation()
+    return {"last_invocation_at": iso(seen.last_invocation_at), "observed_rpo_seconds": seen.observed_rpo_seconds,
+            "observed_since": iso(seen.observed_since)}
+
+
+def invocation_json(i: Invocation) -> dict[str, Any]:
+    """Returns one observed run: the policy, when it was due, the next run it planned and the poll that saw it."""
+    return {"policy_id": i.policy_id, "due_at": iso(i.due_at), "next_at": iso(i.next_at),
+            "observed_at": iso(i.observed_at), "step_seconds": int(i.step.total_seconds())}
+
+
 def exemption_json(disk: DiskRecord) -> dict[str, Any]:
     """Returns why an exempt disk is exempt: its tier's reason and what matched the tier."""
     detail = disk.tier_detail or {}
@@ -127,6 +142,7 @@ def assemble_report(
                       if d.outcome == ReadOutcome.UNKNOWN.value else None),
             "tier": d.tier,
             "exemption": exemption_json(d) if status is DiskStatus.EXEMPT else None,
+            **observation_json(inputs.observed.get(disk_id)),
         })
 
     target_ids = set(disks)
@@ -153,6 +169,7 @@ def assemble_report(
             "by_severity": dict(sorted(by_severity.items())),
             "exempt": counts["exempt"],
             "by_tier": dict(sorted(by_tier.items())),
+            "observed_rpo": rpo_distribution([d["observed_rpo_seconds"] for d in disk_items]),
         },
         "disks": disk_items,
         "findings": [finding_json(f) for f in listed],
@@ -186,8 +203,10 @@ def _state_json(p: PolicyStateRecord) -> dict[str, Any]:
     }
 
 
-def detail_json(history: queries.DiskHistory) -> dict[str, Any] | None:
-    """Returns the disk detail of a disk's history (`queries.disk_history`); None if the disk is unknown."""
+def detail_json(history: queries.DiskHistory, *, observed: DiskObservation | None = None,
+                invocations: Sequence[Invocation] = ()) -> dict[str, Any] | None:
+    """Returns the disk detail of a disk's history (`queries.disk_history`), with what was observed of its runs
+    (`queries.observations`, `queries.disk_invocations`); None if the disk is unknown."""
     disk, states, drift, findings, events = history
     if disk is None:
         return None
@@ -207,6 +226,7 @@ def detail_json(history: queries.DiskHistory) -> dict[str, Any] | None:
             "last_read_at": iso(disk.last_read_at),
             "tier": disk.tier,
             "exemption": exemption_json(disk) if status is DiskStatus.EXEMPT else None,
+            **observation_json(observed),
         },
         "status": status.value,
         "policies": [_state_json(p) for p in states if p.valid_to is None],
@@ -216,4 +236,5 @@ def detail_json(history: queries.DiskHistory) -> dict[str, Any] | None:
                    "before": d.before, "after": d.after} for d in drift],
         "finding_events": [{"fingerprint": e.fingerprint, "run_id": e.run_id, "at": iso(e.at), "kind": e.kind}
                            for e in events],
+        "invocations": [invocation_json(i) for i in invocations],
     }

@@ -14,7 +14,16 @@ from auditor.domain.lifecycle import Transition
 from auditor.domain.records import RunStatus
 from auditor.store import queries
 from auditor.store.queries import chunks
-from auditor.store.tables import disk_states, drift_events, finding_events, outbox, policy_states, run_summaries, runs
+from auditor.store.tables import (
+    disk_states,
+    drift_events,
+    finding_events,
+    invocations,
+    outbox,
+    policy_states,
+    run_summaries,
+    runs,
+)
 
 if TYPE_CHECKING:
     from auditor.store.repo import Store
@@ -39,6 +48,8 @@ def _plans(before: datetime, kept: list[str]) -> list[tuple[str, Any, Any, Colum
          and_(policy_states.c.valid_to.is_not(None), policy_states.c.valid_to < before)),
         ("audit_runs", runs, runs.c.id,
          and_(runs.c.started_at < before, runs.c.status != RunStatus.RUNNING.value, runs.c.id.not_in(kept))),
+        # Observed runs are kept in epoch seconds; a policy's latest two live on in its schedule (`policy_schedules`).
+        ("invocations", invocations, invocations.c.id, invocations.c.due_at < int(before.timestamp())),
         ("outbox", outbox, outbox.c.id,
          and_(outbox.c.state.in_([DeliveryState.DELIVERED.value, DeliveryState.FAILED.value]),
               outbox.c.created_at < before)),
@@ -59,10 +70,11 @@ async def delete_history_before(store: Store, before: datetime, *, batch: int = 
     """Deletes history older than `before` in batches (one transaction each); returns rows deleted per table.
 
     Deleted: run summaries and runs polled before it (never the latest run, the latest complete or partial run, or
-    a running one), verdict intervals and policy states closed before it, drift events before it, finding events
-    of episodes resolved before it (an open, waived or later-resolved finding keeps its whole episode, so its age
-    and time to resolve stay known), and delivered or failed notifications created before it. Never touched:
-    findings, disks, current verdicts and policy states, pending notifications, alert states, leases.
+    a running one), verdict intervals and policy states closed before it, drift events and observed runs due before
+    it, finding events of episodes resolved before it (an open, waived or later-resolved finding keeps its whole
+    episode, so its age and time to resolve stay known), and delivered or failed notifications created before it.
+    Never touched: findings, disks, current verdicts and policy states, policy schedules, pending notifications,
+    alert states, leases.
     """
     kept = await store.read(queries.runs_to_keep)
     counts: dict[str, int] = {}

@@ -12,8 +12,8 @@ writes to say so (`run_view`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, exists, func, inspect, null, or_, select, text
@@ -21,6 +21,15 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.sql.elements import ColumnElement
 
 from auditor.domain.alerts import AlertState, AlertStatus, Delivery, DeliveryState, notification_from_dict
+from auditor.domain.invocations import (
+    RECENT,
+    RPO_WINDOW,
+    DiskObservation,
+    Invocation,
+    PolicySchedule,
+    RpoFacts,
+    disk_observation,
+)
 from auditor.domain.listings import (
     FindingListing,
     FindingQuery,
@@ -52,8 +61,10 @@ from auditor.store.tables import (
     drift_events,
     finding_events,
     findings,
+    invocations,
     leases,
     outbox,
+    policy_schedules,
     policy_states,
     revoked_sessions,
     run_summaries,
@@ -344,6 +355,91 @@ def current_policy_rows(conn: Connection, disk_ids: Sequence[str]) -> dict[str, 
     return out
 
 
+def epoch(seconds: int) -> datetime:
+    """Returns epoch seconds as stored in `invocations` as an aware UTC datetime."""
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def _recent(disk_id: str, policy_id: str, raw: Any) -> tuple[Invocation, ...]:
+    return tuple(Invocation(disk_id, policy_id, epoch(due), epoch(nxt), epoch(seen))
+                 for due, nxt, seen in (raw or {}).get("runs", [])[-RECENT:])
+
+
+def policy_schedules_of(conn: Connection, disk_ids: Sequence[str]) -> dict[str, dict[str, PolicySchedule]]:
+    """Returns what has been observed of the policies' runs on the disks among `disk_ids`, by disk and policy id."""
+    s = policy_schedules.c
+    out: dict[str, dict[str, PolicySchedule]] = {}
+    for chunk in chunks(disk_ids, batch(conn)):
+        q = select(s.disk_id, s.policy_id, s.first_seen_at, s.next_invocation_at, s.recent).where(
+            among(conn, s.disk_id, chunk))
+        for disk_id, policy_id, first_seen, nxt, recent in conn.execute(q).all():
+            out.setdefault(disk_id, {})[policy_id] = PolicySchedule(disk_id, policy_id, first_seen, nxt,
+                                                                    _recent(disk_id, policy_id, recent))
+    return out
+
+
+def observation_starts(conn: Connection, *, disk_id: str | None = None) -> dict[str, tuple[datetime, datetime | None]]:
+    """Returns, per disk with observed policies (or for `disk_id` only), since when its policies' runs are observed
+    (the earliest first sighting of a current policy) and the latest observed run's due time (None: none yet)."""
+    s = policy_schedules.c
+    out: dict[str, tuple[datetime, datetime | None]] = {}
+    q = select(s.disk_id, s.policy_id, s.first_seen_at, s.recent)
+    if disk_id is not None:
+        q = q.where(s.disk_id == disk_id)
+    for disk_id, policy_id, first_seen, recent in conn.execute(q).all():
+        last = max((i.due_at for i in _recent(disk_id, policy_id, recent)), default=None)
+        since, latest = out.get(disk_id, (first_seen, None))
+        out[disk_id] = (min(since, first_seen), max((t for t in (latest, last) if t is not None), default=None))
+    return out
+
+
+def rpo_facts(conn: Connection, *, start: datetime, end: datetime,
+              disk_id: str | None = None) -> dict[str, RpoFacts]:
+    """Returns, per disk, the observed invocations due in [start, end): how many, the last one's due time and the
+    longest gap between two consecutive ones (one aggregate query; the gaps are worked out by the database)."""
+    i = invocations.c
+    lo, hi = int(start.timestamp()), int(end.timestamp())
+    where = [i.due_at >= lo, i.due_at < hi] + ([i.disk_id == disk_id] if disk_id is not None else [])
+    gap = (i.due_at - func.lag(i.due_at).over(partition_by=i.disk_id, order_by=i.due_at)).label("gap")
+    inner = select(i.disk_id, i.due_at, gap).where(*where).subquery()
+    q = select(inner.c.disk_id, func.count(), func.max(inner.c.due_at), func.max(inner.c.gap)).group_by(
+        inner.c.disk_id)
+    return {d: RpoFacts(int(n), epoch(int(last)), None if longest is None else timedelta(seconds=int(longest)))
+            for d, n, last, longest in conn.execute(q).all()}
+
+
+def observations(conn: Connection, *, start: datetime, end: datetime,
+                 disk_id: str | None = None) -> dict[str, DiskObservation]:
+    """Returns what was observed of every disk's policies' runs (or of `disk_id`'s) over [start, end): since when,
+    the latest run, and the observed RPO of the runs due in the window and from the last one to `end`."""
+    starts = observation_starts(conn, disk_id=disk_id)
+    facts = rpo_facts(conn, start=start, end=end, disk_id=disk_id)
+    out: dict[str, DiskObservation] = {}
+    for d in {*starts, *facts}:
+        since, latest = starts.get(d, (None, None))
+        out[d] = disk_observation(since, latest, facts.get(d), end=end)
+    return out
+
+
+DiskDetail = tuple[DiskHistory, DiskObservation | None, list[Invocation]]
+
+
+def disk_detail(conn: Connection, disk_id: str, *, now: datetime) -> DiskDetail:
+    """Returns a disk's history, what was observed of its runs over the report's window to `now`, and its latest
+    observed runs (newest first)."""
+    seen = observations(conn, start=now - RPO_WINDOW, end=now, disk_id=disk_id).get(disk_id)
+    return disk_history(conn, disk_id), seen, disk_invocations(conn, disk_id)
+
+
+def disk_invocations(conn: Connection, disk_id: str, *, limit: int = 50) -> list[Invocation]:
+    """Returns the disk's latest observed invocations, newest first."""
+    i = invocations.c
+    q = (select(i.policy_id, i.due_at, i.next_at, i.observed_at).where(i.disk_id == disk_id)
+         .order_by(i.due_at.desc(), i.id.desc()).limit(limit))
+    return [Invocation(disk_id, policy_id, epoch(due), epoch(nxt), epoch(seen))
+            for policy_id, due, nxt, seen in conn.execute(q).all()]
+
+
 def current_verdict_rows(conn: Connection, disk_ids: Sequence[str]) -> dict[str, Row[Any]]:
     """Returns the id, disk_id and status of the current verdict interval (`disk_states`) of the disks among
     `disk_ids`, by disk."""
@@ -555,11 +651,14 @@ class PeriodData:
     verdicts: list[Verdict]
     names: dict[str, str | None]
     events: list[LifecycleEvent]
+    observed: dict[str, DiskObservation] = field(default_factory=dict)
 
 
-def period_data(conn: Connection, *, start: datetime, end: datetime, lookback: datetime) -> PeriodData:
-    """Returns the runs polled in [lookback, end), the verdicts overlapping [start, end) and the lifecycle events
-    before `end` (ordered by finding and time): a few set-based queries, never one per disk."""
+def period_data(conn: Connection, *, start: datetime, end: datetime, lookback: datetime,
+                now: datetime | None = None) -> PeriodData:
+    """Returns the runs polled in [lookback, end), the verdicts overlapping [start, end), the lifecycle events
+    before `end` (ordered by finding and time) and what was observed of the policies' runs in [start, min(end,
+    now)): a few set-based queries, never one per disk."""
     polls = [Poll(at, status) for at, status in conn.execute(
         select(runs.c.started_at, runs.c.status).where(runs.c.started_at >= lookback, runs.c.started_at < end)
         .order_by(runs.c.started_at, runs.c.seq)).all()]
@@ -577,7 +676,8 @@ def period_data(conn: Connection, *, start: datetime, end: datetime, lookback: d
                                   e.kind)
                            .join(findings, findings.c.fingerprint == e.fingerprint)
                            .where(e.at < end).order_by(e.fingerprint, e.at, e.id)).all()]
-    return PeriodData(polls, verdicts, names, events)
+    until = end if now is None else max(min(end, now), start)
+    return PeriodData(polls, verdicts, names, events, observations(conn, start=start, end=until))
 
 
 def keys_where(conn: Connection, key: Any, condition: ColumnElement[bool], *, after: Any, limit: int) -> list[Any]:
@@ -658,6 +758,7 @@ class ReportInputs:
     findings: list[TrackedFinding]
     policies: dict[str, list[str]]
     drift: list[DriftRecord]
+    observed: dict[str, DiskObservation] = field(default_factory=dict)
 
 
 def report_inputs(conn: Connection, *, now: datetime, drift_since: datetime) -> ReportInputs:
@@ -665,4 +766,5 @@ def report_inputs(conn: Connection, *, now: datetime, drift_since: datetime) -> 
     drift since `drift_since`."""
     return ReportInputs(latest_run(conn, now=now), load_disks(conn, targets_only=True),
                         all_findings(conn, statuses=REPORTED_STATUSES), current_policy_ids(conn),
-                        recent_drift(conn, since=drift_since))
+                        recent_drift(conn, since=drift_since),
+                        observations(conn, start=now - RPO_WINDOW, end=now))

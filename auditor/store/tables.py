@@ -236,6 +236,36 @@ disk_states = Table(
     Index("ix_disk_states_window", "valid_from", "valid_to"),
 )
 
+# What the auditor has observed of each policy's runs on each disk (a read model the cycle reads before judging and
+# writes by change): when it first saw the policy there, the latest `next_invocation_at` it saw, and the latest
+# invocations ({"runs": [[due, next, observed], ...]} in epoch seconds, oldest first, at most `invocations.RECENT`;
+# an object, not a bare list: PostgreSQL's bulk writes pass a column as an array, and a list would nest in it). A row
+# goes when its policy no longer covers the disk.
+policy_schedules = Table(
+    "policy_schedules", metadata,
+    Column("disk_id", Text, primary_key=True),
+    Column("policy_id", Text, primary_key=True),
+    _utc("first_seen_at"),
+    _utc("next_invocation_at", nullable=True),
+    Column("recent", JSON, nullable=False, default=dict),
+)
+
+# Every observed invocation: a policy's `next_invocation_at` moved forward from a time that had passed, so the run
+# due then happened. Times in epoch seconds (as Katapult sends them), so the observed RPO's gaps are integer
+# arithmetic in SQL on every database.
+invocations = Table(
+    "invocations", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("disk_id", Text, nullable=False),
+    Column("policy_id", Text, nullable=False),
+    Column("due_at", BigInteger, nullable=False),
+    Column("next_at", BigInteger, nullable=False),
+    Column("observed_at", BigInteger, nullable=False),
+    Column("run_id", String(32), nullable=False),
+    Index("ix_invocations_disk_due", "disk_id", "due_at"),
+    Index("ix_invocations_due", "due_at"),
+)
+
 # Dashboard sessions ended before their expiry (logged out): a signed cookie would otherwise stay valid until then.
 # One row per session id, kept until the session would have expired anyway (then pruned: the cookie is dead).
 revoked_sessions = Table(

@@ -25,6 +25,7 @@ from sqlalchemy import delete, insert, update
 from sqlalchemy.engine import Connection
 
 from auditor.domain.alerts import AlertState, OutboxEntry, notification_to_dict
+from auditor.domain.invocations import Invocation, PolicySchedule
 from auditor.domain.lifecycle import Change, Transition
 from auditor.domain.models import DiskSnapshot, ReadOutcome, TrackedFinding
 from auditor.domain.records import RunError, RunStats, RunStatus, policy_settings
@@ -39,7 +40,9 @@ from auditor.store.tables import (
     drift_events,
     finding_events,
     findings,
+    invocations,
     outbox,
+    policy_schedules,
     policy_states,
     revoked_sessions,
     run_summaries,
@@ -75,6 +78,11 @@ class CycleWrite:
     disk_statuses: dict[str, str] = field(default_factory=dict)
     open_by_severity: dict[str, int] = field(default_factory=dict)
     open_by_rule: dict[str, int] = field(default_factory=dict)
+    # What was observed of the policies' runs (`invocations.observe`): the schedules that changed or are new, those
+    # of policies that no longer cover their disk (disk id, policy id), and the invocations seen.
+    schedules: list[PolicySchedule] = field(default_factory=list)
+    schedules_gone: list[tuple[str, str]] = field(default_factory=list)
+    invocations: list[Invocation] = field(default_factory=list)
 
 
 def revoke_session(conn: Connection, sid: str, *, expires: datetime, now: datetime) -> int:
@@ -202,6 +210,7 @@ def write_cycle(conn: Connection, cycle: CycleWrite) -> None:
     _write_states(conn, cycle, new_disks=new_disks, unchanged=unchanged.policies)
     _write_findings(conn, cycle)
     _write_history(conn, cycle, unchanged=unchanged.verdicts)
+    _write_observations(conn, cycle)
     opened = sum(1 for c in cycle.changes if c.kind in (Transition.OPENED, Transition.REOPENED,
                                                          Transition.UNWAIVED))
     resolved = sum(1 for c in cycle.changes if c.kind is Transition.RESOLVED)
@@ -389,6 +398,31 @@ def _write_states(conn: Connection, cycle: CycleWrite, *, new_disks: set[str], u
         insert_rows(conn, policy_states, inserts)
         update_rows(conn, policy_states, moving, key="id")
         insert_rows(conn, drift_events, drift)
+
+
+def _epoch(t: datetime) -> int:
+    return int(t.timestamp())
+
+
+def _write_observations(conn: Connection, cycle: CycleWrite) -> None:
+    """Writes the observed invocations and the policy schedules that changed, and deletes those that are gone."""
+    seen = [{"disk_id": i.disk_id, "policy_id": i.policy_id, "due_at": _epoch(i.due_at),
+             "next_at": _epoch(i.next_at), "observed_at": _epoch(i.observed_at), "run_id": cycle.run_id}
+            for i in cycle.invocations]
+    for part in chunks(seen, batch(conn)):
+        insert_rows(conn, invocations, part)
+    rows = [{"disk_id": s.disk_id, "policy_id": s.policy_id, "first_seen_at": s.first_seen_at,
+             "next_invocation_at": s.next_invocation_at,
+             "recent": {"runs": [[_epoch(i.due_at), _epoch(i.next_at), _epoch(i.observed_at)] for i in s.recent]}}
+            for s in cycle.schedules]
+    for part in chunks(rows, batch(conn)):
+        upsert_rows(conn, policy_schedules, part, keys=("disk_id", "policy_id"))
+    p = policy_schedules.c
+    by_disk: dict[str, list[str]] = {}
+    for disk_id, policy_id in cycle.schedules_gone:
+        by_disk.setdefault(disk_id, []).append(policy_id)
+    for disk_id, policy_ids in by_disk.items():
+        conn.execute(delete(policy_schedules).where(p.disk_id == disk_id, p.policy_id.in_(policy_ids)))
 
 
 def _finding_values(f: TrackedFinding) -> dict[str, Any]:

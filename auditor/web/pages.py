@@ -79,6 +79,7 @@ def _environment() -> Environment:
     env.filters["iso"] = iso
     env.filters["quote"] = lambda value: quote(str(value), safe="")
     env.filters["duration"] = _duration
+    env.filters["span"] = lambda seconds: format_duration(seconds, style="report")
     env.filters["pct"] = lambda value: "n/a" if value is None else f"{value:.1f}%"
     return env
 
