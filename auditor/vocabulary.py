@@ -53,6 +53,7 @@ INTERVAL_TOO_INFREQUENT: Final = "interval-too-infrequent"
 SCHEDULE_STALE: Final = "schedule-stale"
 DISK_NOT_FOUND: Final = "disk-not-found"
 DISK_IN_TRASH: Final = "disk-in-trash"
+DETACHED_FROM_COVERING_VM: Final = "detached-from-covering-vm"
 RULE_IDS: Final = (
     UNPROTECTED_DISK,
     RETENTION_BELOW_MINIMUM,
@@ -61,6 +62,7 @@ RULE_IDS: Final = (
     SCHEDULE_STALE,
     DISK_NOT_FOUND,
     DISK_IN_TRASH,
+    DETACHED_FROM_COVERING_VM,
 )
 # Not a rule: the alert raised while audit runs are partial or failed (notifiers may filter on it like a rule id).
 AUDIT_INCOMPLETE: Final = "audit-incomplete"

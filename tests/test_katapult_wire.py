@@ -63,6 +63,28 @@ def test_policy_as_it_really_arrives() -> None:
     assert result.pagination == wire.Pagination(current_page=1, total_pages=1, total=1, per_page=30, large_set=False)
 
 
+@pytest.mark.parametrize(
+    ("target", "kind", "target_id", "name"),
+    [
+        ({"type": "Disk", "value": {"id": "disk_1", "name": "sys"}}, TargetType.DISK, "disk_1", "sys"),
+        ({"type": "VirtualMachine", "value": {"id": "vm_1"}}, TargetType.VIRTUAL_MACHINE, "vm_1", None),
+        # The OpenAPI shape: the object under `target`, its kind from the id prefix.
+        ({"target": {"id": "disk_2", "name": "data"}}, TargetType.DISK, "disk_2", "data"),
+        ({"target": {"id": "vm_2", "fqdn": "web.example.com", "name": "web"}}, TargetType.VIRTUAL_MACHINE, "vm_2",
+         "web"),
+        # The object itself.
+        ({"id": "disk_3"}, TargetType.DISK, "disk_3", None),
+        ({"id": "vm_3", "name": "db"}, TargetType.VIRTUAL_MACHINE, "vm_3", "db"),
+        # `type` decides even when the prefix says otherwise.
+        ({"type": "VirtualMachine", "value": {"id": "disk_odd"}}, TargetType.VIRTUAL_MACHINE, "disk_odd", None),
+    ],
+)
+def test_every_known_target_shape(target: dict[str, Any], kind: TargetType, target_id: str,
+                                  name: str | None) -> None:
+    (p,) = parse(page([policy(target=target)])).items
+    assert (p.target_type, p.target_id, p.target_name) == (kind, target_id, name)
+
+
 def test_vm_target_and_optional_fields() -> None:
     raw = policy(target={"type": "VirtualMachine", "value": {"id": "vm_1"}}, schedule={"interval": "hourly"})
     del raw["total_size"]
@@ -109,7 +131,15 @@ def test_integer_total_size_becomes_float() -> None:
         (lambda p: p.pop("id"), "id", "missing"),
         (lambda p: p.update(id=""), "id", "non-empty"),
         (lambda p: p.update(total_size=False), "total_size", "boolean"),
-        (lambda p: p.update(target={"target": {"id": "disk_1"}}), "target.type", "missing"),
+        (lambda p: p.update(target={"target": {"id": "bucket_1"}}), "target.target.id", "bucket_1"),
+        (lambda p: p.update(target={"target": "disk_1"}), "target.target", "object"),
+        (lambda p: p.update(target={"target": {"name": "web"}}), "target.target.id", "missing"),
+        (lambda p: p.update(target={"id": "volume_1", "name": "x"}), "target.id", "neither a disk"),
+        (lambda p: p.update(target={}), "target.id", "missing"),
+        (lambda p: p.update(target={"type": "Disk"}), "target.value", "missing"),
+        (lambda p: p.update(target={"value": {"id": "disk_1"}}), "target.type", "missing"),
+        (lambda p: p.update(target=None), "target", "object"),
+        (lambda p: p.update(target=["disk_1"]), "target", "object"),
         (lambda p: p["target"].update(type="Bucket"), "target.type", "Bucket"),
         (lambda p: p["target"].pop("value"), "target.value", "missing"),
         (lambda p: p["target"]["value"].pop("id"), "target.value.id", "missing"),

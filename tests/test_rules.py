@@ -15,6 +15,7 @@ from profiles import examples
 import auditor.domain.rules as rules_module
 from auditor.config import RULE_IDS
 from auditor.domain.models import (
+    Attachment,
     BackupPolicy,
     Disk,
     DiskSnapshot,
@@ -27,6 +28,7 @@ from auditor.domain.models import (
     fingerprint,
 )
 from auditor.domain.rules import (
+    DETACHED_FROM_COVERING_VM,
     DISK_IN_TRASH,
     DISK_NOT_FOUND,
     INTERVAL_TOO_INFREQUENT,
@@ -91,6 +93,7 @@ def test_registry_ids_and_default_severities_are_the_documented_ones() -> None:
         "schedule-stale": Severity.HIGH,
         "disk-not-found": Severity.HIGH,
         "disk-in-trash": Severity.HIGH,
+        "detached-from-covering-vm": Severity.HIGH,
     }
 
 
@@ -337,6 +340,7 @@ def test_severity_override_applies_to_each_rule(rule: str) -> None:
         *evaluate(snap(bad), rs, now=NOW),
         *evaluate(snap(outcome=ReadOutcome.NOT_FOUND), rs, now=NOW),
         *evaluate(snap(outcome=ReadOutcome.IN_TRASH), rs, now=NOW),
+        *evaluate(snap(vm_policy(), disk=on_vm("detached")), rs, now=NOW),
     ]
     assert sorted({f.rule for f in produced}) == sorted(RULES)  # every rule fired once somewhere
     for f in produced:
@@ -352,6 +356,7 @@ def test_disabled_rule_never_fires_and_the_others_still_do(rule: str) -> None:
         *evaluate(snap(bad), rs, now=NOW),
         *evaluate(snap(outcome=ReadOutcome.NOT_FOUND), rs, now=NOW),
         *evaluate(snap(outcome=ReadOutcome.IN_TRASH), rs, now=NOW),
+        *evaluate(snap(vm_policy(), disk=on_vm("detached")), rs, now=NOW),
     ]
     assert sorted({f.rule for f in produced}) == sorted(set(RULES) - {rule})
 
@@ -499,3 +504,62 @@ def test_fingerprints_do_not_depend_on_thresholds_or_time(data: st.DataObject, p
     p = data.draw(policies(now))
     for f in evaluate(snap(p), ruleset(params), now=now):
         assert f.fingerprint == fingerprint(f.rule, DISK, p.id)
+
+
+# ---- attachment: VM policies cover attached disks only --------------------------------------------------------
+
+
+def vm_policy(pid: str = "dbp_vmvmvmvmvmvmvmvm", **kw: object) -> BackupPolicy:
+    return policy(pid, target_type=TargetType.VIRTUAL_MACHINE, target_id=VM, **kw)  # type: ignore[arg-type]
+
+
+def on_vm(state: str | None, *, boot: bool | None = True) -> Disk:
+    return Disk(DISK, vm_id=VM, attachment=None if state is None else Attachment(state, boot))
+
+
+def test_a_detached_disk_covered_only_by_its_vm_is_a_finding_not_compliant() -> None:
+    findings = evaluate(snap(vm_policy(retention=1), disk=on_vm("detached", boot=False)), ruleset(), now=NOW)
+    (f,) = findings
+    assert f.rule == DETACHED_FROM_COVERING_VM and f.severity is Severity.HIGH and f.policy_id is None
+    assert f.observed == {"vm_id": VM, "state": "detached", "attach_on_boot": False,
+                          "vm_policies": ["dbp_vmvmvmvmvmvmvmvm"]}
+    assert "detached from virtual machine" in f.message
+    # Attached, the same VM policy covers it and is judged (retention 1 fails the raised minimum).
+    attached = evaluate(snap(vm_policy(retention=1), disk=on_vm("attached")),
+                        ruleset(RuleParams(min_retention=7, min_retention_days=0, max_interval=Interval.MONTHLY)),
+                        now=NOW)
+    assert rule_ids(attached) == [RETENTION_BELOW_MINIMUM]
+
+
+def test_a_detached_disk_with_its_own_policy_is_judged_by_that_policy_only() -> None:
+    weak_vm = vm_policy(retention=1)
+    findings = evaluate(snap(policy(retention=14), weak_vm, disk=on_vm("detached")),
+                        ruleset(RuleParams(min_retention=7, min_retention_days=0, max_interval=Interval.MONTHLY)),
+                        now=NOW)
+    assert findings == []  # the VM's weak policy does not back this disk up, so it is not judged against it
+
+
+def test_a_detached_disk_without_any_policy_is_unprotected() -> None:
+    assert rule_ids(evaluate(snap(disk=on_vm("detached")), ruleset(), now=NOW)) == [UNPROTECTED_DISK]
+
+
+def test_disabling_the_rule_counts_detached_disks_as_covered() -> None:
+    # A Katapult that backs up detached disks: the operator disables the rule, and the VM policy covers again.
+    rs = ruleset(RuleParams(min_retention=7, min_retention_days=0, max_interval=Interval.MONTHLY),
+                 disabled=frozenset({DETACHED_FROM_COVERING_VM}))
+    assert evaluate(snap(vm_policy(retention=14), disk=on_vm("detached")), rs, now=NOW) == []
+    assert rule_ids(evaluate(snap(vm_policy(retention=1), disk=on_vm("detached")), rs, now=NOW)) == [
+        RETENTION_BELOW_MINIMUM]
+
+
+def test_a_lowered_severity_applies() -> None:
+    rs = ruleset(severity={DETACHED_FROM_COVERING_VM: Severity.LOW})
+    (f,) = evaluate(snap(vm_policy(), disk=on_vm("detached")), rs, now=NOW)
+    assert f.severity is Severity.LOW
+
+
+def test_an_unknown_attachment_state_is_never_taken_as_detached() -> None:
+    # Anything but "attached" is not attached; no state at all is decided by the collection (see collection tests).
+    (f,) = evaluate(snap(vm_policy(), disk=on_vm("detaching")), ruleset(), now=NOW)
+    assert f.rule == DETACHED_FROM_COVERING_VM
+    assert evaluate(snap(vm_policy(), disk=on_vm(None)), ruleset(), now=NOW) == []
