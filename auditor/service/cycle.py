@@ -24,6 +24,7 @@ from auditor.errors import AuditorError, LeaseLostError, StoreError
 from auditor.notify.heartbeat import summary_line
 from auditor.service.alerts import incomplete_fingerprint, plan_notifications
 from auditor.service.collection import (
+    AttachmentTruth,
     Collected,
     Progress,
     collect,
@@ -230,8 +231,11 @@ async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, b
         started.set_result(run_id)  # recorded: `GET /api/v1/runs` lists it as running from now on
     client.stats.snapshot_and_reset()
     known = await store.read(queries.target_sources)
+    truth = AttachmentTruth(now=now, known=await store.read(queries.verified_attachments),
+                            refresh=settings.audit.attachment_refresh)
     collected = await collect(client, services.targets, known_sources=known,
-                              concurrency=settings.katapult.max_concurrency, progress=progress, rules=rules)
+                              concurrency=settings.katapult.max_concurrency, progress=progress, rules=rules,
+                              attachments=truth)
     findings = judge(collected, rules, now=now)
     valid_waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=now)
     settled = {w.snapshot.disk_id for w in collected.disks if w.snapshot.outcome is not ReadOutcome.UNKNOWN}

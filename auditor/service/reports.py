@@ -90,6 +90,12 @@ def exemption_json(disk: DiskRecord) -> dict[str, Any]:
     return {"reason": detail.get("reason"), "because": dict(detail.get("because") or {})}
 
 
+def attachment_json(disk: DiskRecord) -> dict[str, Any] | None:
+    """Returns whether a VM-assigned disk is attached to its VM and when that was read (None: not known)."""
+    a = disk.attachment
+    return None if a is None else {"state": a.state, "verified_at": iso(a.verified_at)}
+
+
 def assemble_report(
     *, now: datetime, inputs: queries.ReportInputs, waivers: Sequence[Waiver] = (),
     waiver_problems: Sequence[WaiverProblem] = (), tier: str | None = None,
@@ -127,6 +133,7 @@ def assemble_report(
                       if d.outcome == ReadOutcome.UNKNOWN.value else None),
             "tier": d.tier,
             "exemption": exemption_json(d) if status is DiskStatus.EXEMPT else None,
+            "attachment": attachment_json(d),
         })
 
     target_ids = set(disks)
@@ -207,6 +214,7 @@ def detail_json(history: queries.DiskHistory) -> dict[str, Any] | None:
             "last_read_at": iso(disk.last_read_at),
             "tier": disk.tier,
             "exemption": exemption_json(disk) if status is DiskStatus.EXEMPT else None,
+            "attachment": attachment_json(disk),
         },
         "status": status.value,
         "policies": [_state_json(p) for p in states if p.valid_to is None],
