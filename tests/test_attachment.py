@@ -138,7 +138,8 @@ async def test_detached_disk_in_organization_mode_and_the_refresh_schedule(db_ur
     w, ids = vm_world()
     server = serve(w.fleet)
     clock = Clock()
-    settings = with_audit(settings_for(db_url, orgs=[w.org.id], api_url=server.url), attachment_refresh=timedelta(hours=24))
+    settings = with_audit(settings_for(db_url, orgs=[w.org.id], api_url=server.url),
+                          attachment_refresh=timedelta(hours=24))
     async with auditor(settings, clock) as rt:
         r1, rep = await cycle(rt)
         assert r1.status is RunStatus.COMPLETE
