@@ -1142,6 +1142,12 @@ def demo_fleet(*, now: int) -> tuple[Fleet, DemoTargets]:
     disk(demo, "db-1-data", on=db_1, size=160)
     policy(db_1, "db-1-vm", 14)
 
+    # A disk left assigned to a VM but detached from it: the VM policy does not back it up (detached-from-covering-vm).
+    batch_1 = vm(demo, "batch-1")
+    disk(demo, "batch-1-system", on=batch_1)
+    fleet.set_attachment(disk(demo, "batch-1-old-data", on=batch_1, size=80).id, "detached", attach_on_boot=False)
+    policy(batch_1, "batch-1-vm", 14)
+
     # 25 policies on one disk (three pages at per_page 10); one on the last page keeps too few backups.
     busy = disk(demo, "busy-volume", size=80)
     for n in range(25):
