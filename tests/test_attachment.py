@@ -341,3 +341,39 @@ async def test_every_visible_organization_listed_each_cycle(db_url: str, serve: 
     async with auditor(with_audit(settings, organizations=[w.org.id])) as rt:
         r6, rep = await cycle(rt)
         assert {d["disk_id"] for d in rep["disks"]} == {acme_disk.id}
+
+
+@pytest.mark.slow
+async def test_attachment_refreshes_are_spread_over_the_cycles_of_a_refresh(db_url: str, serve: Serve) -> None:
+    w = World()
+    vms = [w.vm(f"app-{n}") for n in range(4)]
+    disks = [w.disk(f"app-{n}-sys", vm=vm) for n, vm in enumerate(vms)]
+    for n, vm in enumerate(vms):
+        w.policy(vm, f"app-{n}", next_at=soon(FAR))
+    server = serve(w.fleet)
+    clock = Clock()
+    # Four VMs, a 6-hour interval and a 24-hour refresh: once due together, one VM a cycle is read again.
+    settings = with_audit(settings_for(db_url, orgs=[w.org.id], api_url=server.url),
+                          interval=timedelta(hours=6), attachment_refresh=timedelta(hours=24))
+    reads: list[int] = []
+    async with auditor(settings, clock) as rt:
+        for step in (timedelta(0), timedelta(hours=6), timedelta(hours=18), timedelta(hours=6), timedelta(hours=6),
+                     timedelta(hours=6), timedelta(hours=6)):
+            clock.advance(step)
+            before = calls(w.fleet, VM_DISKS)
+            r, rep = await cycle(rt)
+            assert r.status is RunStatus.COMPLETE
+            reads.append(calls(w.fleet, VM_DISKS) - before)
+            # A VM not read yet keeps what was read before: its disk stays judged, never unknown.
+            assert all(disk_of(rep, d.id)["status"] == "compliant" for d in disks)
+        # At 0h all; at 24h, 30h, 36h, 42h one each (oldest first); at 48h the one read at 24h is due again.
+        assert reads == [4, 0, 1, 1, 1, 1, 1]
+        verified = sorted(disk_of(rep, d.id)["attachment"]["verified_at"] for d in disks)
+        assert len(set(verified)) == 4  # now read at four different times: the next refreshes stay spread
+
+        # A disk moving to a VM it was never read for is read at once, whatever the share.
+        w.fleet.move_disk(disks[0].id, vms[1].id)
+        clock.advance(timedelta(minutes=1))
+        before = calls(w.fleet, VM_DISKS)
+        await cycle(rt)
+        assert calls(w.fleet, VM_DISKS) - before == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -224,16 +225,30 @@ StoredAttachments = dict[str, tuple[str, Attachment]]
 @dataclass(frozen=True, slots=True)
 class AttachmentTruth:
     """How the cycle learns whether VM-assigned disks are attached: what was read before (by disk id: the VM it was
-    read for and the attachment), how long that is trusted, and `now` (the cycle's clock reading)."""
+    read for and the attachment), how long that is trusted, `now` (the cycle's clock reading) and the audit
+    interval (None: no spreading, every due VM is read at once)."""
 
     now: datetime
     known: StoredAttachments = field(default_factory=dict)
     refresh: timedelta = DEFAULT_ATTACHMENT_REFRESH
+    interval: timedelta | None = None
 
     def stored(self, disk: Disk) -> Attachment | None:
         """Returns what was read of the disk's attachment to the VM it is assigned to now, if anything."""
         found = self.known.get(disk.id)
         return found[1] if found is not None and found[0] == disk.vm_id else None
+
+    def verified_at(self, disk: Disk) -> datetime | None:
+        """Returns when the disk's attachment to its current VM was read (None: never)."""
+        stored = self.stored(disk)
+        return None if stored is None else stored.verified_at
+
+    def share(self, vms: int) -> int:
+        """Returns how many of `vms` VMs may be read again in one cycle when their states fall due together: each
+        VM once per refresh, spread over the cycles of one refresh period (at least one a cycle)."""
+        if self.interval is None or self.interval >= self.refresh:
+            return vms
+        return max(1, math.ceil(vms * self.interval / self.refresh))
 
     def is_due(self, disk: Disk) -> bool:
         """Returns whether the disk's attachment must be read again: never read for its VM (new, or it moved), or
@@ -248,10 +263,21 @@ async def verify_attachments(snaps: list[DiskSnapshot], vm_disks: VmDisks, truth
 
     Organization disk lists do not carry the attachment state (README), so `GET /virtual_machines/virtual_machine/
     disks` is read for each VM whose policies are the only coverage of one of its disks, when that disk's state is
-    due (`AttachmentTruth.is_due`); every other disk keeps what was read before. A disk covered only by its VM whose
-    state cannot be read becomes unknown: "covered" is never assumed.
+    due (`AttachmentTruth.is_due`); every other disk keeps what was read before. A VM with such a disk never read
+    for it (new, or the disk moved there) is read at once; VMs whose states merely aged past the refresh are read
+    oldest first, at most their share per cycle (`AttachmentTruth.share`), so that states read together (the first
+    cycle reads them all) are read again spread over the following cycles, not all in one. A disk covered only by
+    its VM whose state cannot be read becomes unknown: "covered" is never assumed.
     """
-    due_vms = sorted({s.disk.vm_id for s in snaps if s.disk.vm_id and vm_only(s) and truth.is_due(s.disk)})
+    needing = [s for s in snaps if s.disk.vm_id and vm_only(s)]
+    urgent = {s.disk.vm_id for s in needing if truth.verified_at(s.disk) is None}
+    aged: dict[str, datetime] = {}
+    for s in needing:
+        at = truth.verified_at(s.disk)
+        if s.disk.vm_id and s.disk.vm_id not in urgent and at is not None and truth.is_due(s.disk):
+            aged[s.disk.vm_id] = min(at, aged.get(s.disk.vm_id, at))
+    share = truth.share(len({s.disk.vm_id for s in needing}))
+    due_vms = sorted(vm for vm in urgent if vm) + sorted(aged, key=lambda vm: (aged[vm], vm))[:share]
     answers = await asyncio.gather(*(vm_disks(vm_id) for vm_id in due_vms), return_exceptions=True)
     read: dict[str, dict[str, Attachment | None] | KatapultError] = {}
     for vm_id, answer in zip(due_vms, answers, strict=True):
@@ -272,6 +298,7 @@ async def verify_attachments(snaps: list[DiskSnapshot], vm_disks: VmDisks, truth
             attachment = None if fresh is None else replace(fresh, verified_at=truth.now)
         elif got is not None and vm_only(snap) and truth.is_due(disk):
             attachment = None  # due and unreadable: what was read before is too old to decide coverage
+        # A VM due but beyond this cycle's share keeps what was read: it is read in one of the next cycles.
         if attachment is None and vm_only(snap):
             why = (f"{got.code}: {got}" if isinstance(got, KatapultError)
                    else "the virtual machine's disk list does not show it with an attachment state")

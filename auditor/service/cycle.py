@@ -232,7 +232,7 @@ async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, b
     client.stats.snapshot_and_reset()
     known = await store.read(queries.target_sources)
     truth = AttachmentTruth(now=now, known=await store.read(queries.verified_attachments),
-                            refresh=settings.audit.attachment_refresh)
+                            refresh=settings.audit.attachment_refresh, interval=settings.audit.interval)
     collected = await collect(client, services.targets, known_sources=known,
                               concurrency=settings.katapult.max_concurrency, progress=progress, rules=rules,
                               attachments=truth)
