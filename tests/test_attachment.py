@@ -377,3 +377,39 @@ async def test_attachment_refreshes_are_spread_over_the_cycles_of_a_refresh(db_u
         before = calls(w.fleet, VM_DISKS)
         await cycle(rt)
         assert calls(w.fleet, VM_DISKS) - before == 1
+
+
+class _OrganizationsFail(httpx.AsyncBaseTransport):
+    """Serves the fake, except GET /organizations while `failing`: 503 service_unavailable."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.inner = httpx.ASGITransport(app=create_app(fleet))
+        self.failing = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.failing and request.url.path.endswith("/core/v1/organizations"):
+            return httpx.Response(503, json={"error": {"code": "service_unavailable", "description": "down",
+                                                       "detail": {}}}, headers={"x-api-schema": "json-error"})
+        return await self.inner.handle_async_request(request)
+
+
+async def test_when_the_organizations_cannot_be_listed_their_disks_stay_unknown(db_url: str) -> None:
+    w = World()
+    bare = w.disk("bare")  # unprotected: an open finding that must not resolve while unseen
+    explicit = w.disk("explicit", org=w.other)
+    w.policy(explicit, "explicit", next_at=soon(FAR))
+    transport = _OrganizationsFail(w.fleet)
+    settings = settings_for(db_url, orgs=["*", w.other.id], max_attempts=1)
+    async with open_services(settings, transport=transport, token=TOKEN) as rt:
+        r1, rep = await cycle(rt)
+        assert r1.status is RunStatus.COMPLETE and set(findings_of(rep, bare.id)) == {("unprotected-disk", None)}
+        transport.failing = True
+        r2, rep = await cycle(rt)
+        assert r2.status is RunStatus.PARTIAL and r2.resolved == 0
+        item = disk_of(rep, bare.id)
+        assert item["status"] == "unknown" and item["error"]["code"] == "service_unavailable"
+        assert "organizations could not be listed" in item["error"]["message"]
+        assert [f["status"] for f in rep["findings"] if f["disk_id"] == bare.id] == ["open"]
+        # An organization named beside "*" is read whatever the listing says.
+        assert disk_of(rep, explicit.id)["status"] == "compliant"
+        assert ("*", "service_unavailable") in {(e["target"], e["code"]) for e in rep["last_run"]["errors"]}
