@@ -413,3 +413,16 @@ async def test_when_the_organizations_cannot_be_listed_their_disks_stay_unknown(
         # An organization named beside "*" is read whatever the listing says.
         assert disk_of(rep, explicit.id)["status"] == "compliant"
         assert ("*", "service_unavailable") in {(e["target"], e["code"]) for e in rep["last_run"]["errors"]}
+
+
+@pytest.mark.parametrize(("audited", "warned"), [(["*"], False), (["org_acmeacmeacmeacme"], True)])
+def test_check_config_warns_about_tier_organizations_only_when_they_cannot_match(audited: list[str],
+                                                                                 warned: bool) -> None:
+    from auditor.cli import tier_lines
+    from auditor.config import settings_from
+
+    settings = settings_from({"audit": {"organizations": audited},
+                              "tiers": [{"name": "eu", "match": {"organizations": ["acme"]}, "min_retention": 9}]},
+                             {})
+    # With "*" every organization is known by its id and its sub-domain: "acme" matches.
+    assert any("not spelled as in audit.organizations" in line for line in tier_lines(settings)) is warned
