@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from auditor.config import EVERY_ORGANIZATION
@@ -50,6 +50,7 @@ from auditor.errors import (
     NotFoundError,
 )
 from auditor.katapult import KatapultClient, OrgRef
+from auditor.service.clock import utcnow
 from auditor.service.configuration import Targets
 from auditor.store.writes import DiskWrite
 from auditor.vocabulary import DiskVerdict
@@ -567,7 +568,8 @@ async def collect(
     writes: dict[str, DiskWrite] = {}
     facts: dict[str, DiskFacts] = {}
     reads = TierReads.of(rules.tiers) if rules is not None else TierReads()
-    truth = attachments or AttachmentTruth(now=datetime.now(UTC))
+    # The cycle passes its one clock reading; a caller without stored attachments reads every due state now.
+    truth = attachments or AttachmentTruth(now=utcnow())
     # Each organization's disks are listed once per cycle, whether it is audited, named by a tier, or both.
     listing = once_per_key(lambda ref: client.list_org_disks(OrgRef(ref)))
     vm_disks = once_per_key(client.list_vm_disks)
