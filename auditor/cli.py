@@ -228,6 +228,11 @@ def check_config(config_path: Path | None) -> None:
         if items:
             more = f" ... and {len(items) - CHECK_CONFIG_LIST} more" if len(items) > CHECK_CONFIG_LIST else ""
             lines.append(f"  {label}: {', '.join(items[:CHECK_CONFIG_LIST])}{more}")
+    if "*" in audit.organizations:
+        lines.append('  organizations: "*" is every organization the token can see (GET /organizations, each cycle)')
+    if audit.organizations:
+        lines.append(f"  attachment refresh: {format_duration(audit.attachment_refresh)} per VM whose policies are a "
+                     "disk's only coverage")
     lines.append(f"  rule parameters: min_retention {rules.min_retention}, min_retention_days "
                  f"{rules.min_retention_days:g}, max_interval {rules.max_interval}, stale_grace "
                  f"{format_duration(rules.stale_grace)}")

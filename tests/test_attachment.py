@@ -5,15 +5,20 @@ its request cost, both policy `target` shapes, and `audit.organizations = ["*"]`
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from auditor.config import Settings
+from auditor.cli import tier_lines
+from auditor.config import Settings, settings_from
 from auditor.domain.records import RunStatus
 from auditor.fake import FakeServer, Fault, Fleet, create_app
 from auditor.fake.fleet import TARGET_SHAPES
@@ -418,11 +423,19 @@ async def test_when_the_organizations_cannot_be_listed_their_disks_stay_unknown(
 @pytest.mark.parametrize(("audited", "warned"), [(["*"], False), (["org_acmeacmeacmeacme"], True)])
 def test_check_config_warns_about_tier_organizations_only_when_they_cannot_match(audited: list[str],
                                                                                  warned: bool) -> None:
-    from auditor.cli import tier_lines
-    from auditor.config import settings_from
-
     settings = settings_from({"audit": {"organizations": audited},
                               "tiers": [{"name": "eu", "match": {"organizations": ["acme"]}, "min_retention": 9}]},
                              {})
     # With "*" every organization is known by its id and its sub-domain: "acme" matches.
     assert any("not spelled as in audit.organizations" in line for line in tier_lines(settings)) is warned
+
+
+@pytest.mark.slow
+def test_check_config_shows_every_organization_and_the_attachment_refresh(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text('[audit]\norganizations = ["*"]\nattachment_refresh = "6h"\n', encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "auditor", "check-config", "--config", "c.toml"], cwd=tmp_path,
+                          env={**os.environ, "KATAPULT_API_TOKEN": "t"}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert '"*" is every organization the token can see' in done.stdout
+    assert "attachment refresh: 6h per VM" in done.stdout
+    assert "rule detached-from-covering-vm: high" in done.stdout
