@@ -228,6 +228,11 @@ def check_config(config_path: Path | None) -> None:
         if items:
             more = f" ... and {len(items) - CHECK_CONFIG_LIST} more" if len(items) > CHECK_CONFIG_LIST else ""
             lines.append(f"  {label}: {', '.join(items[:CHECK_CONFIG_LIST])}{more}")
+    if "*" in audit.organizations:
+        lines.append('  organizations: "*" is every organization the token can see (GET /organizations, each cycle)')
+    if audit.organizations:
+        lines.append(f"  attachment refresh: {format_duration(audit.attachment_refresh)} per VM whose policies are a "
+                     "disk's only coverage")
     lines.append(f"  rule parameters: min_retention {rules.min_retention}, min_retention_days "
                  f"{rules.min_retention_days:g}, max_interval {rules.max_interval}, stale_grace "
                  f"{format_duration(rules.stale_grace)}")
@@ -264,6 +269,7 @@ def check_config(config_path: Path | None) -> None:
 
 def tier_lines(settings: Settings) -> list[str]:
     """Returns check-config's lines about [[tiers]]: each tier, and warnings about tiers that can never match."""
+    from auditor.config import EVERY_ORGANIZATION
     from auditor.domain.tiers import shadowed
     from auditor.service.configuration import tier_from
 
@@ -291,7 +297,9 @@ def tier_lines(settings: Settings) -> list[str]:
     for tier, earlier in shadowed(tiers):
         lines.append(f"  warning: tier {tier.name} can never match: every disk it matches matches tier "
                      f"{earlier.name} first")
-    if settings.audit.organizations and not settings.audit.disks:
+    # With "*" every organization is listed with its id and sub-domain: a tier may name either.
+    if (settings.audit.organizations and not settings.audit.disks
+            and EVERY_ORGANIZATION not in settings.audit.organizations):
         audited = set(settings.audit.organizations)
         for t in settings.tiers:
             stray = [o for o in t.match.organizations if o not in audited]

@@ -62,6 +62,10 @@ def check_disk_id(value: str) -> str:
     return value
 
 
+# `audit.organizations = ["*"]`: every organization the token can see (GET /organizations, listed each cycle).
+EVERY_ORGANIZATION = "*"
+
+
 def check_org_ref(value: str) -> str:
     """Returns the organization reference if it is an org id (`org_…`) or a sub-domain, else ValueError."""
     if not (_ORG_ID.match(value) or _SUB_DOMAIN.match(value)):
@@ -90,8 +94,14 @@ def _unique(check: Callable[[str], str]) -> Callable[[list[str]], list[str]]:
     return validate
 
 
+def _audited_org(value: str) -> str:
+    return value if value == EVERY_ORGANIZATION else check_org_ref(value)
+
+
 DiskIds = Annotated[list[str], AfterValidator(_unique(check_disk_id))]
 OrgRefs = Annotated[list[str], AfterValidator(_unique(check_org_ref))]
+# audit.organizations: references, or "*" for every organization the token can see.
+AuditedOrgs = Annotated[list[str], AfterValidator(_unique(_audited_org))]
 GroupLabel = Literal["rule", "severity", "disk_id", "tier"]
 # Alert labels the auditor sets itself; a notifier's static `labels` may not override them.
 RESERVED_LABELS = ("alertname", "severity", "fingerprint", "source", "disk_id", "policy_id", "test", "tier")
@@ -173,8 +183,11 @@ class AuditSettings(Section):
 
     interval: Annotated[Duration, at_least(timedelta(seconds=1))] = timedelta(minutes=15)
     disks: DiskIds = Field(default_factory=list)
-    organizations: OrgRefs = Field(default_factory=list)
+    organizations: AuditedOrgs = Field(default_factory=list)
     jitter: Duration = timedelta(seconds=10)
+    # How long a VM's disk attachment states (GET /virtual_machines/virtual_machine/disks) are trusted in
+    # organization mode before they are read again; a disk that moved is read again at once.
+    attachment_refresh: Annotated[Duration, at_least(timedelta(seconds=1))] = timedelta(hours=24)
 
 
 class DaemonSettings(Section):

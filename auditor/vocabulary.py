@@ -55,6 +55,7 @@ DISK_NOT_FOUND: Final = "disk-not-found"
 DISK_IN_TRASH: Final = "disk-in-trash"
 OBSERVED_INTERVAL_TOO_LONG: Final = "observed-interval-too-long"
 NO_BACKUP_DATA: Final = "no-backup-data"
+DETACHED_FROM_COVERING_VM: Final = "detached-from-covering-vm"
 RULE_IDS: Final = (
     UNPROTECTED_DISK,
     RETENTION_BELOW_MINIMUM,
@@ -65,6 +66,7 @@ RULE_IDS: Final = (
     DISK_IN_TRASH,
     OBSERVED_INTERVAL_TOO_LONG,
     NO_BACKUP_DATA,
+    DETACHED_FROM_COVERING_VM,
 )
 # Not a rule: the alert raised while audit runs are partial or failed (notifiers may filter on it like a rule id).
 AUDIT_INCOMPLETE: Final = "audit-incomplete"

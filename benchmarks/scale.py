@@ -12,6 +12,8 @@ Figures:
 - requests per cycle against the minimum: per organization ceil(disks / 200) + ceil(policies / 200) (README
   "Pagination": per_page at most 200), counted from the fleet. Past 1,000 rows the API sends `large_set` without
   totals, so a list whose length is a multiple of 200 costs one more, empty, page: hence "+ 2 per organization".
+  The first cycle also reads, once per VM whose policies are some disk's only coverage, the VM's disk list for the
+  attachment states (README "Attachment"); the cycles after it, well within `audit.attachment_refresh`, read none.
 - wall time of a cycle against its rate floor, requests / permitted-per-minute. With `--rate` above the real limit
   the floor at 1,000/min is reported beside it (computed from the same requests, not measured).
 - commit time: the time spent inside the cycle's final transaction (lease fence, active findings, reconcile, the
@@ -110,6 +112,11 @@ def main() -> int:
     per_org = {o: (len(objects.disk_ids_of_org(o)), len(objects.policy_ids_of_org(o))) for o in orgs}
     n_disks, n_policies = len(objects.disks), len(objects.policies)
     minimum = sum(math.ceil(d / 200) + math.ceil(q / 200) for d, q in per_org.values())
+    # VMs whose policies are the only coverage of one of their disks: the first cycle reads each one's disk list.
+    attachment_reads = sum(
+        1 for vm_id in objects.vms
+        if objects.policy_ids_of_vm(vm_id)
+        and any(not objects.policy_ids_of_disk(d) for d in objects.disk_ids_of_vm(vm_id)))
     del objects
     report = c.header("scale", args, f"{n_disks:,} disks / {n_policies:,} policies in {len(orgs)} organizations, "
                                      f"{args.latency_ms:g} ms latency, {args.rate:,}/min permitted, "
@@ -157,14 +164,15 @@ def main() -> int:
     last = good[-1]
 
     allowed = minimum + TARGET_EXTRA_PER_ORG * len(orgs)
-    worst = max(cy["requests"] for cy in good)
+    over = [cy["requests"] - (attachment_reads if number == 1 else 0) for number, cy in enumerate(good, start=1)]
     report.result("requests per cycle",
                   target=f"<= minimum + {TARGET_EXTRA_PER_ORG} per org = {minimum} + "
-                         f"{TARGET_EXTRA_PER_ORG * len(orgs)} = {allowed}",
+                         f"{TARGET_EXTRA_PER_ORG * len(orgs)} = {allowed} (cycle 1: + {attachment_reads} VM disk "
+                         "lists for attachment states)",
                   measured=f"{' / '.join(str(cy['requests']) for cy in good)} (cycles 1..{len(good)}; minimum "
                            f"sum over orgs of ceil(disks/200) + ceil(policies/200) = {minimum}; "
                            f"{sum(cy['rate_limited'] for cy in good)} x 429)",
-                  passed=worst <= allowed and complete)
+                  passed=max(over) <= allowed and complete)
 
     floor = last["requests"] / (args.rate / 60)
     real_floor = last["requests"] / (REAL_RATE / 60)

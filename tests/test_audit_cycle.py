@@ -312,7 +312,12 @@ async def test_org_discovery_joins_vm_level_policies(db_url: str) -> None:
     # Paged at 2 per page: 6 disks are 3 pages, the org's 8 policies 4 pages.
     assert w.fleet.stats.by_endpoint["/organizations/organization/disks"] == 3
     assert w.fleet.stats.by_endpoint["/organizations/organization/disk_backup_policies"] == 4
-    assert r.stats.requests == 7
+    # Both VMs' policies are their disks' only coverage: each VM's disk list is read once for the attachment states.
+    assert w.fleet.stats.by_endpoint["/virtual_machines/virtual_machine/disks"] == 2
+    assert r.stats.requests == 9
+    for disk in (web_sys, web_data, db_sys, db_data):
+        assert disk_of(rep, disk.id)["attachment"] == {"state": "attached", "verified_at": iso(r.started_at)}
+    assert disk_of(rep, loose.id)["attachment"] is None
 
 
 async def test_explicit_disk_covered_only_by_its_vm_policy(db_url: str) -> None:

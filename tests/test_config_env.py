@@ -187,3 +187,23 @@ def test_any_section_values_give_settings_or_config_errors(items: list[tuple[tup
         settings_from(data, environ)
     except ConfigError as exc:
         assert exc.problems and all(line and "\n" not in line for line in exc.problems)
+
+
+def test_every_organization_and_the_attachment_refresh() -> None:
+    s = settings_from({"audit": {"organizations": ["*", "acme"], "attachment_refresh": "6h"}}, {})
+    assert s.audit.organizations == ["*", "acme"] and s.audit.attachment_refresh == timedelta(hours=6)
+    assert settings_from({}, {}).audit.attachment_refresh == timedelta(hours=24)
+    env = settings_from({}, {"AUDITOR_AUDIT__ORGANIZATIONS": '["*"]', "AUDITOR_AUDIT__ATTACHMENT_REFRESH": "2h"})
+    assert env.audit.organizations == ["*"] and env.audit.attachment_refresh == timedelta(hours=2)
+
+
+@pytest.mark.parametrize(("audit", "key", "needle"), [
+    ({"organizations": ["**"]}, "audit.organizations", "neither a Katapult organization id"),
+    ({"organizations": ["org_*"]}, "audit.organizations", "neither a Katapult organization id"),
+    ({"attachment_refresh": "0s"}, "audit.attachment_refresh", "at least 1s"),
+    ({"attachment_refresh": "soon"}, "audit.attachment_refresh", "expected a duration"),
+])
+def test_bad_organizations_and_attachment_refresh_name_the_key(audit: dict[str, object], key: str,
+                                                                needle: str) -> None:
+    (line,) = problems({"audit": audit}, {})
+    assert line.startswith(f"{key}") and needle in line

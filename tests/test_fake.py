@@ -29,6 +29,7 @@ ORG_POLICIES = "/organizations/organization/disk_backup_policies"
 VM_POLICIES = "/virtual_machines/virtual_machine/disk_backup_policies"
 ORG_DISKS = "/organizations/organization/disks"
 DISK = "/disks/disk"
+VM_DISKS = "/virtual_machines/virtual_machine/disks"
 
 
 def client_for(fleet: Fleet, *, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
@@ -180,6 +181,91 @@ async def test_get_disk_shape(client: httpx.AsyncClient, small: Small) -> None:
     assert disk["state"] == "attached"
     assert isinstance(disk["created_at"], int)
     assert disk["virtual_machine_disk"]["virtual_machine"]["fqdn"] == "web-1.acme.example.com"
+
+
+async def test_attachment_state_on_the_disk_lookup_and_not_in_the_org_list(small: Small) -> None:
+    small.fleet.set_attachment(small.data.id, "detached", attach_on_boot=False)
+    async with client_for(small.fleet) as client:
+        looked_up = (await client.get(DISK, params={"disk[id]": small.data.id})).json()["disk"]
+        listed = (await client.get(ORG_DISKS, params={"organization[id]": small.org.id})).json()["disk"]
+    assert looked_up["virtual_machine_disk"] == {
+        "virtual_machine": {"id": small.vm.id, "fqdn": small.vm.fqdn}, "attach_on_boot": False, "boot": False,
+        "state": "detached"}
+    # README: organization list items name the VM only, without the attachment state.
+    (item,) = [d for d in listed if d["id"] == small.data.id]
+    assert item["virtual_machine_disk"] == {"virtual_machine": {"id": small.vm.id, "fqdn": small.vm.fqdn}}
+
+
+async def test_vm_disk_list_shape_paging_and_faults(small: Small) -> None:
+    small.fleet.set_attachment(small.data.id, "detached")
+    async with client_for(small.fleet) as client:
+        first = await client.get(VM_DISKS, params={"virtual_machine[id]": small.vm.id, "per_page": 1})
+        second = await client.get(VM_DISKS, params={"virtual_machine[fqdn]": small.vm.fqdn, "page": 2,
+                                                    "per_page": 1})
+        missing = await client.get(VM_DISKS, params={"virtual_machine[id]": "vm_nonenonenonenone"})
+        small.fleet.faults[small.vm.id] = Fault.MALFORMED
+        malformed = await client.get(VM_DISKS, params={"virtual_machine[id]": small.vm.id})
+    assert first.status_code == 200
+    body = first.json()
+    assert set(body) == {"pagination", "disks"} and body["pagination"]["total_pages"] == 2
+    (system,) = body["disks"]
+    assert system["state"] == "attached" and system["boot"] is True and system["attach_on_boot"] is True
+    assert system["disk"]["id"] == small.system.id
+    assert {"id", "name", "size_in_gb", "wwn", "state", "created_at"} == set(system["disk"])
+    (data,) = second.json()["disks"]
+    assert data["disk"]["id"] == small.data.id and data["state"] == "detached"
+    assert_error(missing, 404, "virtual_machine_not_found")
+    assert "state" not in malformed.json()["disks"][0]
+
+
+async def test_organizations_lists_the_visible_ones(small: Small) -> None:
+    other = small.fleet.add_org("other", id="org_otherotherother0")
+    async with client_for(small.fleet) as client:
+        both = (await client.get("/organizations")).json()
+        other.visible = False
+        one = (await client.get("/organizations")).json()
+        hidden = await client.get(ORG_DISKS, params={"organization[id]": other.id})
+    assert set(both) == {"organizations"}  # not paginated
+    assert [(o["id"], o["sub_domain"], o["name"]) for o in both["organizations"]] == [
+        (small.org.id, "acme", "Acme"), (other.id, "other", "Other")]
+    assert [o["id"] for o in one["organizations"]] == [small.org.id]
+    assert_error(hidden, 404, "organization_not_found")
+
+
+@pytest.mark.parametrize(("shape", "target"), [
+    ("typed", {"type": "VirtualMachine", "value": {"id": "vm_web1web1web1web1", "name": "web-1"}}),
+    ("openapi", {"target": {"id": "vm_web1web1web1web1", "name": "web-1"}}),
+    ("bare", {"id": "vm_web1web1web1web1", "name": "web-1"}),
+])
+async def test_policy_target_shapes(small: Small, shape: str, target: dict[str, Any]) -> None:
+    small.fleet.policy_target_shape = shape
+    async with client_for(small.fleet) as client:
+        for path, params in ((VM_POLICIES, {"virtual_machine[id]": small.vm.id}),
+                             (ORG_POLICIES, {"organization[id]": small.org.id})):
+            items = (await client.get(path, params=params)).json()["disk_backup_policies"]
+            (policy,) = [p for p in items if p["id"] == small.vm_policy.id]
+            assert policy["target"] == target
+
+
+def test_fleet_file_attachment_visibility_and_target_shape() -> None:
+    fleet = Fleet.from_dict({
+        "policy_target_shape": "openapi",
+        "organizations": [{
+            "id": "org_x", "sub_domain": "x", "visible": False,
+            "virtual_machines": [{"id": "vm_x", "fqdn": "x.example.com"}],
+            "disks": [{"id": "disk_x", "vm": "vm_x", "attachment": "detached", "attach_on_boot": False},
+                      {"id": "disk_y", "vm": "vm_x"}],
+        }],
+    }, now=NOW)
+    assert fleet.policy_target_shape == "openapi" and fleet.orgs["org_x"].visible is False
+    assert (fleet.disks["disk_x"].attachment, fleet.disks["disk_x"].attach_on_boot) == ("detached", False)
+    assert (fleet.disks["disk_y"].attachment, fleet.disks["disk_y"].attach_on_boot) == ("attached", True)
+    fleet.move_disk("disk_x", None)
+    assert fleet.disk_ids_of_vm("vm_x") == ["disk_y"] and fleet.disks["disk_x"].vm_id is None
+    with pytest.raises(ValueError, match="unknown virtual machine"):
+        fleet.move_disk("disk_x", "vm_nope")
+    with pytest.raises(ValueError, match="attachment must be one of"):
+        fleet.set_attachment("disk_y", "half")
 
 
 # ----------------------------------------------------------------------------------------- paging
@@ -733,6 +819,12 @@ def test_from_file_json_with_generate(tmp_path: Path) -> None:
         ({"organizations": [{"id": "org_x", "sub_domain": "x", "disks": [{"id": "disk_x"}], "policies": [
             {"id": "p", "target_type": "Disk", "target_id": "disk_x", "retention": 7, "interval": "daily",
              "growth": -1}]}]}, r"organizations\[0\]\.policies\[0\]\.growth"),
+        ({"policy_target_shape": "oneOf"}, "policy_target_shape"),
+        ({"organizations": [{"id": "org_x", "sub_domain": "x", "visible": "no"}]}, r"organizations\[0\]\.visible"),
+        ({"organizations": [{"id": "org_x", "sub_domain": "x", "disks": [{"id": "d", "attachment": "loose"}]}]},
+         r"organizations\[0\]\.disks\[0\]: attachment must be one of attached, detached"),
+        ({"organizations": [{"id": "org_x", "sub_domain": "x", "disks": [{"id": "d", "attach_on_boot": 1}]}]},
+         r"organizations\[0\]\.disks\[0\]\.attach_on_boot"),
     ],
 )
 def test_from_dict_rejects_bad_input(data: dict[str, Any], message: str) -> None:
@@ -785,13 +877,18 @@ def test_demo_fleet_has_every_promised_case() -> None:
     assert any(p.retention == 10 and p.interval == "hourly" for p in policies)
     assert {"weekly", "monthly"} <= {p.interval for p in policies}
     assert any(p.next_invocation_at == NOW - 3 * 3600 for p in policies)
-    # A VM-level policy is the only protection of two disks.
+    # A VM-level policy is the only protection of two attached disks of one VM.
     vm_only = [
         d
         for d in demo_disks
         if d.vm_id and not fleet.policy_ids_of_disk(d.id) and fleet.policy_ids_of_vm(d.vm_id)
     ]
-    assert len(vm_only) == 2 and vm_only[0].vm_id == vm_only[1].vm_id
+    by_vm: dict[str, list[str]] = {}
+    for d in vm_only:
+        by_vm.setdefault(d.vm_id or "", []).append(d.attachment)
+    assert sorted(by_vm.values()) == [["attached", "attached"], ["attached", "detached"]]
+    (detached,) = [d for d in vm_only if d.attachment == "detached"]
+    assert detached.attach_on_boot is False
     busy = [d for d in demo_disks if len(fleet.policy_ids_of_disk(d.id)) == 25]
     assert len(busy) == 1
     assert sum(not ok(p) for p in covering[busy[0].id]) == 1

@@ -223,6 +223,49 @@ async def test_vm_policies_and_get_disk(h: Harness) -> None:
     assert dict(h.transport.requests[1].url.params) == {"disk[id]": "disk_db"}
 
 
+async def test_vm_disks_attachment_states_page_through(h: Harness) -> None:
+    org = h.fleet.add_org("acme", id="org_acme")
+    vm = h.fleet.add_vm(org.id, "db.acme.example.com", id="vm_db")
+    for n in range(3):
+        h.fleet.add_disk(org.id, f"db-{n}", id=f"disk_db{n}", vm_id=vm.id)
+    h.fleet.set_attachment("disk_db1", "detached", attach_on_boot=False)
+    async with h.client(per_page=2) as client:
+        states = await client.list_vm_disks(vm.id)
+        disk = await client.get_disk("disk_db1")
+    assert {k: (a.state, a.attach_on_boot) if a else None for k, a in states.items()} == {
+        "disk_db0": ("attached", True), "disk_db1": ("detached", False), "disk_db2": ("attached", True)}
+    assert [r.url.path.rsplit("/", 1)[-1] for r in h.transport.requests[:2]] == ["disks", "disks"]
+    assert h.transport.params(0) == {"virtual_machine[id]": "vm_db", "page": "1", "per_page": "2"}
+    assert disk.attachment is not None and (disk.attachment.state, disk.attachment.attach_on_boot) == (
+        "detached", False)
+
+
+async def test_organizations_are_one_request(h: Harness) -> None:
+    h.fleet.add_org("acme", id="org_acme")
+    h.fleet.add_org("beta", id="org_beta")
+    async with h.client() as client:
+        orgs = await client.list_organizations()
+    assert orgs == [("org_acme", "acme"), ("org_beta", "beta")]
+    (request,) = h.transport.requests
+    assert request.url.path.endswith("/organizations") and dict(request.url.params) == {}
+
+
+@pytest.mark.parametrize("shape", ["typed", "openapi", "bare"])
+async def test_every_target_shape_reads_the_same_policies(h: Harness, shape: str) -> None:
+    org = h.fleet.add_org("acme", id="org_acme")
+    vm = h.fleet.add_vm(org.id, "db.acme.example.com", id="vm_db")
+    h.fleet.add_disk(org.id, "db-system", id="disk_db", vm_id=vm.id)
+    h.fleet.add_policy(vm.id, id="dbp_vm", next_invocation_at=None)
+    h.fleet.add_policy("disk_db", id="dbp_disk", next_invocation_at=None)
+    h.fleet.policy_target_shape = shape
+    async with h.client() as client:
+        read = [*await client.list_org_policies(OrgRef("org_acme")), *await client.list_vm_policies("vm_db"),
+                *await client.list_disk_policies("disk_db")]
+    assert [(p.id, p.target_type, p.target_id) for p in read] == [
+        ("dbp_vm", TargetType.VIRTUAL_MACHINE, "vm_db"), ("dbp_disk", TargetType.DISK, "disk_db"),
+        ("dbp_vm", TargetType.VIRTUAL_MACHINE, "vm_db"), ("dbp_disk", TargetType.DISK, "disk_db")]
+
+
 async def test_generated_fleet_reads_cleanly() -> None:
     fleet = Fleet.generate(disks=60, now=NOW)
     h2 = Harness(fleet)

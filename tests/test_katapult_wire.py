@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from auditor.domain.models import Disk, Interval, TargetType
+from auditor.domain.models import Attachment, Disk, Interval, TargetType
 from auditor.errors import (
     AuthError,
     InTrashError,
@@ -63,6 +63,28 @@ def test_policy_as_it_really_arrives() -> None:
     assert result.pagination == wire.Pagination(current_page=1, total_pages=1, total=1, per_page=30, large_set=False)
 
 
+@pytest.mark.parametrize(
+    ("target", "kind", "target_id", "name"),
+    [
+        ({"type": "Disk", "value": {"id": "disk_1", "name": "sys"}}, TargetType.DISK, "disk_1", "sys"),
+        ({"type": "VirtualMachine", "value": {"id": "vm_1"}}, TargetType.VIRTUAL_MACHINE, "vm_1", None),
+        # The OpenAPI shape: the object under `target`, its kind from the id prefix.
+        ({"target": {"id": "disk_2", "name": "data"}}, TargetType.DISK, "disk_2", "data"),
+        ({"target": {"id": "vm_2", "fqdn": "web.example.com", "name": "web"}}, TargetType.VIRTUAL_MACHINE, "vm_2",
+         "web"),
+        # The object itself.
+        ({"id": "disk_3"}, TargetType.DISK, "disk_3", None),
+        ({"id": "vm_3", "name": "db"}, TargetType.VIRTUAL_MACHINE, "vm_3", "db"),
+        # `type` decides even when the prefix says otherwise.
+        ({"type": "VirtualMachine", "value": {"id": "disk_odd"}}, TargetType.VIRTUAL_MACHINE, "disk_odd", None),
+    ],
+)
+def test_every_known_target_shape(target: dict[str, Any], kind: TargetType, target_id: str,
+                                  name: str | None) -> None:
+    (p,) = parse(page([policy(target=target)])).items
+    assert (p.target_type, p.target_id, p.target_name) == (kind, target_id, name)
+
+
 def test_vm_target_and_optional_fields() -> None:
     raw = policy(target={"type": "VirtualMachine", "value": {"id": "vm_1"}}, schedule={"interval": "hourly"})
     del raw["total_size"]
@@ -109,7 +131,15 @@ def test_integer_total_size_becomes_float() -> None:
         (lambda p: p.pop("id"), "id", "missing"),
         (lambda p: p.update(id=""), "id", "non-empty"),
         (lambda p: p.update(total_size=False), "total_size", "boolean"),
-        (lambda p: p.update(target={"target": {"id": "disk_1"}}), "target.type", "missing"),
+        (lambda p: p.update(target={"target": {"id": "bucket_1"}}), "target.target.id", "bucket_1"),
+        (lambda p: p.update(target={"target": "disk_1"}), "target.target", "object"),
+        (lambda p: p.update(target={"target": {"name": "web"}}), "target.target.id", "missing"),
+        (lambda p: p.update(target={"id": "volume_1", "name": "x"}), "target.id", "neither a disk"),
+        (lambda p: p.update(target={}), "target.id", "missing"),
+        (lambda p: p.update(target={"type": "Disk"}), "target.value", "missing"),
+        (lambda p: p.update(target={"value": {"id": "disk_1"}}), "target.type", "missing"),
+        (lambda p: p.update(target=None), "target", "object"),
+        (lambda p: p.update(target=["disk_1"]), "target", "object"),
         (lambda p: p["target"].update(type="Bucket"), "target.type", "Bucket"),
         (lambda p: p["target"].pop("value"), "target.value", "missing"),
         (lambda p: p["target"]["value"].pop("id"), "target.value.id", "missing"),
@@ -194,6 +224,51 @@ def test_org_disks_use_the_singular_key_and_tie_disks_to_vms() -> None:
         Disk(id="disk_b", name="web-system", state="built", size_in_gb=20),
         Disk(id="disk_c"),
     ]
+
+
+def test_the_disk_lookup_carries_the_attachment_and_org_list_items_do_not() -> None:
+    attached = dict(ORG_DISK, virtual_machine_disk={"virtual_machine": {"id": "vm_1", "fqdn": "web.example.com"},
+                                                   "attach_on_boot": False, "boot": False, "state": "detached"})
+    disk = wire.parse_disk_response({"disk": attached, "annotations": []}, endpoint="/disks/disk", target="disk_a")
+    assert disk.vm_id == "vm_1" and disk.attachment == Attachment("detached", False)
+    assert disk.attachment is not None and not disk.attachment.is_attached
+    (listed,) = wire.parse_disk_page(page([ORG_DISK], key="disk"), endpoint="/o", target="org_1").items
+    assert listed.vm_id == "vm_1" and listed.attachment is None  # not known, never assumed
+
+
+@pytest.mark.parametrize(("mutate", "field"), [
+    (lambda d: d["virtual_machine_disk"].update(state=1), "disk.virtual_machine_disk.state"),
+    (lambda d: d["virtual_machine_disk"].update(attach_on_boot="yes"), "disk.virtual_machine_disk.attach_on_boot"),
+])
+def test_a_malformed_attachment_names_the_field(mutate: Any, field: str) -> None:
+    raw = dict(ORG_DISK, virtual_machine_disk={"virtual_machine": {"id": "vm_1"}, "state": "attached"})
+    mutate(raw)
+    with pytest.raises(KatapultResponseError) as info:
+        wire.parse_disk_response({"disk": raw}, endpoint="/disks/disk", target="disk_a")
+    assert info.value.field == field
+
+
+def test_vm_disk_page_and_its_malformed_items() -> None:
+    items = [{"disk": {"id": "disk_a", "name": "x"}, "attach_on_boot": True, "boot": True, "state": "attached"},
+             {"disk": {"id": "disk_b"}, "state": "detached"}, {"disk": {"id": "disk_c"}}]
+    result = wire.parse_vm_disk_page(page(items, key="disks"), endpoint="/v", target="vm_1")
+    assert result.items == [("disk_a", Attachment("attached", True)), ("disk_b", Attachment("detached")),
+                            ("disk_c", None)]
+    for bad, field in (([{"disk": None}], "disks[0].disk"), ([{"disk": {}}], "disks[0].disk.id"),
+                       ([{"disk": {"id": "disk_a"}, "state": 3}], "disks[0].state")):
+        with pytest.raises(KatapultResponseError) as info:
+            wire.parse_vm_disk_page(page(bad, key="disks"), endpoint="/v", target="vm_1")
+        assert info.value.field == field
+
+
+def test_organizations_parse_and_malformed() -> None:
+    body = {"organizations": [{"id": "org_a", "sub_domain": "a", "name": "A"}, {"id": "org_b"}]}
+    assert wire.parse_organizations(body, endpoint="/organizations") == [("org_a", "a"), ("org_b", None)]
+    for bad, field in (({}, "organizations"), ({"organizations": {}}, "organizations"),
+                       ({"organizations": [{"name": "x"}]}, "organizations[0].id")):
+        with pytest.raises(KatapultResponseError) as info:
+            wire.parse_organizations(bad, endpoint="/organizations")
+        assert info.value.field == field
 
 
 def test_org_disks_under_the_plural_key_are_rejected() -> None:

@@ -17,6 +17,7 @@ import auditor.domain.rules as rules_module
 from auditor.config import RULE_IDS
 from auditor.domain.invocations import Invocation, PolicySchedule
 from auditor.domain.models import (
+    Attachment,
     BackupPolicy,
     Disk,
     DiskSnapshot,
@@ -29,6 +30,7 @@ from auditor.domain.models import (
     fingerprint,
 )
 from auditor.domain.rules import (
+    DETACHED_FROM_COVERING_VM,
     DISK_IN_TRASH,
     DISK_NOT_FOUND,
     INTERVAL_TOO_INFREQUENT,
@@ -110,6 +112,7 @@ def test_registry_ids_and_default_severities_are_the_documented_ones() -> None:
         "disk-in-trash": Severity.HIGH,
         "observed-interval-too-long": Severity.HIGH,
         "no-backup-data": Severity.HIGH,
+        "detached-from-covering-vm": Severity.HIGH,
     }
 
 
@@ -356,6 +359,7 @@ def test_severity_override_applies_to_each_rule(rule: str) -> None:
         *evaluate(snap(bad), rs, now=NOW, schedules={bad.id: stepped(bad.id, days=7)}),
         *evaluate(snap(outcome=ReadOutcome.NOT_FOUND), rs, now=NOW),
         *evaluate(snap(outcome=ReadOutcome.IN_TRASH), rs, now=NOW),
+        *evaluate(snap(vm_policy(), disk=on_vm("detached")), rs, now=NOW),
     ]
     assert sorted({f.rule for f in produced}) == sorted(RULES)  # every rule fired once somewhere
     for f in produced:
@@ -371,6 +375,7 @@ def test_disabled_rule_never_fires_and_the_others_still_do(rule: str) -> None:
         *evaluate(snap(bad), rs, now=NOW, schedules={bad.id: stepped(bad.id, days=7)}),
         *evaluate(snap(outcome=ReadOutcome.NOT_FOUND), rs, now=NOW),
         *evaluate(snap(outcome=ReadOutcome.IN_TRASH), rs, now=NOW),
+        *evaluate(snap(vm_policy(), disk=on_vm("detached")), rs, now=NOW),
     ]
     assert sorted({f.rule for f in produced}) == sorted(set(RULES) - {rule})
 
@@ -579,3 +584,60 @@ def test_no_backup_data_after_an_observed_run_or_a_whole_interval() -> None:
 
 def sized(p: BackupPolicy, total_size: float | None = 1.0) -> BackupPolicy:
     return replace(p, total_size=total_size)
+# ---- attachment: VM policies cover attached disks only --------------------------------------------------------
+
+
+def vm_policy(pid: str = "dbp_vmvmvmvmvmvmvmvm", **kw: object) -> BackupPolicy:
+    return policy(pid, target_type=TargetType.VIRTUAL_MACHINE, target_id=VM, **kw)  # type: ignore[arg-type]
+
+
+def on_vm(state: str | None, *, boot: bool | None = True) -> Disk:
+    return Disk(DISK, vm_id=VM, attachment=None if state is None else Attachment(state, boot))
+
+
+def test_a_detached_disk_covered_only_by_its_vm_is_a_finding_not_compliant() -> None:
+    findings = evaluate(snap(vm_policy(retention=1), disk=on_vm("detached", boot=False)), ruleset(), now=NOW)
+    (f,) = findings
+    assert f.rule == DETACHED_FROM_COVERING_VM and f.severity is Severity.HIGH and f.policy_id is None
+    assert f.observed == {"vm_id": VM, "state": "detached", "attach_on_boot": False,
+                          "vm_policies": ["dbp_vmvmvmvmvmvmvmvm"]}
+    assert "detached from virtual machine" in f.message
+    # Attached, the same VM policy covers it and is judged (retention 1 fails the raised minimum).
+    attached = evaluate(snap(vm_policy(retention=1), disk=on_vm("attached")),
+                        ruleset(RuleParams(min_retention=7, min_retention_days=0, max_interval=Interval.MONTHLY)),
+                        now=NOW)
+    assert rule_ids(attached) == [RETENTION_BELOW_MINIMUM]
+
+
+def test_a_detached_disk_with_its_own_policy_is_judged_by_that_policy_only() -> None:
+    weak_vm = vm_policy(retention=1)
+    findings = evaluate(snap(policy(retention=14), weak_vm, disk=on_vm("detached")),
+                        ruleset(RuleParams(min_retention=7, min_retention_days=0, max_interval=Interval.MONTHLY)),
+                        now=NOW)
+    assert findings == []  # the VM's weak policy does not back this disk up, so it is not judged against it
+
+
+def test_a_detached_disk_without_any_policy_is_unprotected() -> None:
+    assert rule_ids(evaluate(snap(disk=on_vm("detached")), ruleset(), now=NOW)) == [UNPROTECTED_DISK]
+
+
+def test_disabling_the_rule_counts_detached_disks_as_covered() -> None:
+    # A Katapult that backs up detached disks: the operator disables the rule, and the VM policy covers again.
+    rs = ruleset(RuleParams(min_retention=7, min_retention_days=0, max_interval=Interval.MONTHLY),
+                 disabled=frozenset({DETACHED_FROM_COVERING_VM}))
+    assert evaluate(snap(vm_policy(retention=14), disk=on_vm("detached")), rs, now=NOW) == []
+    assert rule_ids(evaluate(snap(vm_policy(retention=1), disk=on_vm("detached")), rs, now=NOW)) == [
+        RETENTION_BELOW_MINIMUM]
+
+
+def test_a_lowered_severity_applies() -> None:
+    rs = ruleset(severity={DETACHED_FROM_COVERING_VM: Severity.LOW})
+    (f,) = evaluate(snap(vm_policy(), disk=on_vm("detached")), rs, now=NOW)
+    assert f.severity is Severity.LOW
+
+
+def test_an_unknown_attachment_state_is_never_taken_as_detached() -> None:
+    # Anything but "attached" is not attached; no state at all is decided by the collection (see collection tests).
+    (f,) = evaluate(snap(vm_policy(), disk=on_vm("detaching")), ruleset(), now=NOW)
+    assert f.rule == DETACHED_FROM_COVERING_VM
+    assert evaluate(snap(vm_policy(), disk=on_vm(None)), ruleset(), now=NOW) == []

@@ -343,15 +343,47 @@ async def test_a_failed_vm_lookup_leaves_the_disk_unknown_not_defaulted(db_url: 
     assert disk_of(rep, ids["plain"])["status"] == "compliant"
 
 
-async def test_an_unattached_disk_cannot_match_an_organization_tier_by_id_alone(db_url: str) -> None:
+async def test_an_unattached_disk_learns_its_organization_from_the_tiers_organization_listings(db_url: str) -> None:
     w, ids = world()
+    elsewhere = w.disk("elsewhere", org=w.other)  # unattached, in an organization no tier names
+    w.policy(elsewhere, "elsewhere", retention=14)
     eu = {"name": "eu", "match": {"organizations": [w.org.id]}, "min_retention": 20}
-    settings = with_tiers(settings_for(db_url, disks=list(ids.values())), [eu])
+    settings = with_tiers(settings_for(db_url, disks=[*ids.values(), elsewhere.id]), [eu])
+    async with open_services(settings, transport=httpx.ASGITransport(app=create_app(w.fleet)), token=TOKEN) as rt:
+        for cycle in (1, 2):
+            before = dict(w.fleet.stats.by_endpoint)
+            outcome = await run_cycle(rt)
+            rep = await report_of(rt)
+            assert outcome.status is RunStatus.COMPLETE
+            # Attached disks learn their organization from their VM; unattached ones from the listing of the
+            # organization the tier names: the 4 disks of acme are 2 pages at per_page 2, once per cycle.
+            listed = w.fleet.stats.by_endpoint["/organizations/organization/disks"] - before.get(
+                "/organizations/organization/disks", 0)
+            assert listed == 2, cycle
+            assert disk_of(rep, ids["prod"])["tier"] == "eu" and disk_of(rep, ids["prod"])["status"] == "noncompliant"
+            for name in ("gold", "plain"):
+                assert disk_of(rep, ids[name])["tier"] == "eu", name
+                assert disk_of(rep, ids[name])["status"] == "noncompliant", name
+            # Found in none of the listings: not in those organizations, so judged by [rules] (14 backups: fine).
+            assert disk_of(rep, elsewhere.id)["tier"] is None
+            assert disk_of(rep, elsewhere.id)["status"] == "compliant"
+
+
+async def test_an_unattached_disk_is_unknown_when_a_tier_organization_cannot_be_listed(db_url: str) -> None:
+    w, ids = world()
+    w.fleet.faults[w.other.id] = Fault.UNAVAILABLE
+    tiers = [{"name": "eu", "match": {"organizations": [w.org.id]}, "min_retention": 20},
+             {"name": "other", "match": {"organizations": [w.other.id]}, "min_retention": 10}]
+    settings = with_tiers(settings_for(db_url, disks=list(ids.values())), tiers)
     rep = await run(settings, httpx.ASGITransport(app=create_app(w.fleet)))
-    # Attached disks learn their organization from their VM (id and sub-domain); unattached ones cannot.
-    assert disk_of(rep, ids["prod"])["tier"] == "eu" and disk_of(rep, ids["prod"])["status"] == "noncompliant"
-    assert disk_of(rep, ids["gold"])["status"] == "unknown"
-    assert "organization" in disk_of(rep, ids["gold"])["error"]["message"]
+    # Found in acme's listing: its organization is known whatever the other listing says.
+    assert disk_of(rep, ids["gold"])["tier"] == "eu"
+    # Neither listing readable: whether the disk is in either organization cannot be told.
+    w.fleet.faults[w.org.id] = Fault.UNAVAILABLE
+    rep = await run(settings, httpx.ASGITransport(app=create_app(w.fleet)))
+    gold = disk_of(rep, ids["gold"])
+    assert gold["status"] == "unknown" and gold["error"]["code"] == TIER_UNKNOWN
+    assert "could not be read" in gold["error"]["message"]
 
 
 # ---- real cycles: organization mode --------------------------------------------------------------------------------

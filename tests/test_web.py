@@ -300,6 +300,18 @@ async def test_disk_page_equals_the_disk_api(world: World) -> None:
     assert missing.status_code == 404 and "does not know the disk disk_nosuchdisk0000" in missing.text
 
 
+async def test_disk_page_shows_the_attachment_the_api_gives(world: World) -> None:
+    detached, lone = fake_id("disk", "demo:batch-1-old-data"), fake_id("disk", "demo:shared-uploads")
+    async with web_client(deps_for(world)) as web:
+        page = (await web.get(f"/disks/{detached}")).text
+        api = (await web.get(f"/api/v1/disks/{detached}")).json()
+        unattached = (await web.get(f"/disks/{lone}")).text
+    assert api["disk"]["attachment"]["state"] == "detached" and api["status"] == "noncompliant"
+    assert metrics(page)["attachment"] == "detached"
+    assert api["disk"]["attachment"]["verified_at"] in page
+    assert "attachment" not in metrics(unattached)  # a disk on no VM has none
+
+
 async def test_runs_notifications_and_waivers_pages_equal_the_api(world: World) -> None:
     async with web_client(deps_for(world)) as web:
         runs_page = (await web.get("/runs")).text

@@ -139,6 +139,14 @@ class Exemption(Model):
     because: dict[str, Any]
 
 
+class AttachmentState(Model):
+    """Whether a VM-assigned disk is attached to its VM (a VM's policies back up only its attached disks)."""
+
+    state: str = Field(description="attached or detached, as Katapult's virtual_machine_disk.state says")
+    verified_at: str | None = Field(description="when the auditor last read it (organization mode re-reads it "
+                                                "once per audit.attachment_refresh, at once when the disk moves)")
+
+
 class ReportDisk(Observed):
     """One audited disk in the report."""
 
@@ -153,6 +161,8 @@ class ReportDisk(Observed):
     error: ReadError | None
     tier: str | None = Field(description="the [[tiers]] entry the disk was judged by; null for [rules]")
     exemption: Exemption | None
+    attachment: AttachmentState | None = Field(
+        description="whether the disk is attached to the VM it is assigned to, when known; null otherwise")
 
 
 class WaiverProblem(Model):
@@ -227,6 +237,8 @@ class DiskInfo(Observed):
     last_read_at: str | None
     tier: str | None
     exemption: Exemption | None
+    attachment: AttachmentState | None = Field(
+        description="whether the disk is attached to the VM it is assigned to, when known; null otherwise")
 
 
 class PolicyState(Model):

@@ -49,9 +49,31 @@ class BackupPolicy:
         return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
+ATTACHED = "attached"
+DETACHED = "detached"
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """Whether a disk assigned to a VM is attached to it (`virtual_machine_disk.state`), and when that was read.
+
+    A disk can stay assigned to a VM while `detached`: a policy on the VM then does not back it up.
+    """
+
+    state: str  # "attached" | "detached" (anything else Katapult sends is kept as sent, and never "attached")
+    attach_on_boot: bool | None = None
+    verified_at: datetime | None = None  # None: read by this cycle (the cycle stamps it)
+
+    @property
+    def is_attached(self) -> bool:
+        """Returns whether the disk is attached to its VM."""
+        return self.state == ATTACHED
+
+
 @dataclass(frozen=True, slots=True)
 class Disk:
-    """A disk as Katapult describes it; `vm_id` is the VM it is attached to, if any."""
+    """A disk as Katapult describes it; `vm_id` is the VM it is assigned to, if any, and `attachment` whether it is
+    attached to it (None: not known)."""
 
     id: str
     name: str | None = None
@@ -61,6 +83,7 @@ class Disk:
     size_in_gb: int | None = None
     # The disk's annotations when the response carried them (None: not in the response, so not known).
     annotations: tuple[tuple[str, str], ...] | None = None
+    attachment: Attachment | None = None
 
 
 @dataclass(frozen=True, slots=True)

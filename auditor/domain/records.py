@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from auditor.domain.models import Attachment
+
 # Defined in the vocabulary and importable from here as before.
 from auditor.vocabulary import DiskStatus as DiskStatus
 from auditor.vocabulary import RunStatus as RunStatus
@@ -70,6 +72,8 @@ class DiskRecord:
     last_read_at: datetime | None
     tier: str | None = None  # the tier of the latest definite reading (None: the defaults)
     tier_detail: dict[str, Any] | None = None  # {"exempt", "reason", "because"} for that tier
+    # Whether the disk is attached to the VM it is assigned to now, as last read (None: never read for that VM).
+    attachment: Attachment | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,13 @@ from auditor.domain.models import (
     Interval,
     ReadOutcome,
     Severity,
+    TargetType,
     utc_from_epoch,
 )
 from auditor.domain.tiers import DEFAULTS, Tier, TierDecision
 
 # The ids are defined in the vocabulary (the config checks rule ids too) and importable from here as before.
+from auditor.vocabulary import DETACHED_FROM_COVERING_VM as DETACHED_FROM_COVERING_VM
 from auditor.vocabulary import DISK_IN_TRASH as DISK_IN_TRASH
 from auditor.vocabulary import DISK_NOT_FOUND as DISK_NOT_FOUND
 from auditor.vocabulary import INTERVAL_TOO_INFREQUENT as INTERVAL_TOO_INFREQUENT
@@ -274,6 +276,12 @@ RULES: dict[str, Rule] = {
             "total_size is 0 after a run was observed, or interval plus rules.stale_grace after first seen",
             observed=check_no_backup_data,
         ),
+        Rule(
+            DETACHED_FROM_COVERING_VM,
+            Severity.HIGH,
+            "the disk's only backup policies are on a VM it is detached from (disable it if detached disks are "
+            "backed up)",
+        ),
     )
 }
 
@@ -309,7 +317,22 @@ def evaluate(snapshot: DiskSnapshot, rules: RuleSet, *, now: datetime,
 
     params = applied.params
     findings: list[Finding] = []
-    if not snapshot.policies:
+    policies, detached_from = covering(snapshot, honour_detached=DETACHED_FROM_COVERING_VM not in disabled)
+    if not policies and detached_from:
+        # Covered only through a VM it is detached from: the VM's policies back up the VM's attached disks.
+        vm = snapshot.disk.vm_id
+        attachment = snapshot.disk.attachment
+        findings.append(make(
+            DETACHED_FROM_COVERING_VM, None,
+            f"disk {disk_id} is detached from virtual machine {vm}, whose backup "
+            f"{'policy' if len(detached_from) == 1 else 'policies'} {', '.join(p.id for p in detached_from)} "
+            f"{'is' if len(detached_from) == 1 else 'are'} its only coverage",
+            {"vm_id": vm, "state": attachment.state if attachment else None,
+             "attach_on_boot": attachment.attach_on_boot if attachment else None,
+             "vm_policies": [p.id for p in detached_from]},
+            {"state": "attached"}))
+        return findings
+    if not policies:
         if UNPROTECTED_DISK not in disabled:
             vm = snapshot.disk.vm_id
             where = f" or its VM {vm}" if vm else ""
@@ -323,7 +346,7 @@ def evaluate(snapshot: DiskSnapshot, rules: RuleSet, *, now: datetime,
                 )
             )
         return findings
-    for policy in sorted(snapshot.policies, key=lambda p: p.id):
+    for policy in sorted(policies, key=lambda p: p.id):
         schedule = (schedules or {}).get(policy.id)
         for rule in _POLICY_RULES:
             if rule.id in disabled:
@@ -339,6 +362,21 @@ def evaluate(snapshot: DiskSnapshot, rules: RuleSet, *, now: datetime,
                 observed = {"target": f"{policy.target_type.value}:{policy.target_id}", **observed}
                 findings.append(make(rule.id, policy.id, message, observed, expected))
     return findings
+
+
+def covering(snapshot: DiskSnapshot, *, honour_detached: bool = True
+             ) -> tuple[tuple[BackupPolicy, ...], tuple[BackupPolicy, ...]]:
+    """Returns (the policies that cover the disk, the VM policies that do not because it is detached from the VM).
+
+    A policy on a VM covers the disks attached to it: a disk assigned to the VM but `detached` is not covered by
+    it (unless `honour_detached` is off: a Katapult that backs up detached disks). An unknown attachment counts as
+    attached here; the collection makes a disk whose only coverage is its VM unknown when it cannot verify that.
+    """
+    attachment = snapshot.disk.attachment
+    if not honour_detached or attachment is None or attachment.is_attached:
+        return snapshot.policies, ()
+    own = tuple(p for p in snapshot.policies if p.target_type is not TargetType.VIRTUAL_MACHINE)
+    return own, tuple(p for p in snapshot.policies if p.target_type is TargetType.VIRTUAL_MACHINE)
 
 
 def _trash_keep_until(detail: object) -> datetime | None:

@@ -162,6 +162,8 @@ class FakeKatapult:
                 ("/disks/disk", self._disk),
                 ("/organizations/organization/virtual_machines", self._org_vms),
                 ("/virtual_machines/virtual_machine", self._vm),
+                ("/virtual_machines/virtual_machine/disks", self._vm_disks),
+                ("/organizations", self._organizations),
             )
         }
 
@@ -288,7 +290,8 @@ class FakeKatapult:
         if kind is _DISK:
             return object_id in fleet.disks
         if kind is _ORG:
-            return object_id in fleet.orgs
+            org = fleet.orgs.get(object_id)
+            return org is not None and org.visible
         return object_id in fleet.vms
 
     def _org_id(self, params: dict[str, str]) -> str | None:
@@ -386,6 +389,25 @@ class FakeKatapult:
             del item["id"]
         return _Reply(200, _dumps({"virtual_machine": item, "annotations": _key_values(vm.annotations)}))
 
+    async def _vm_disks(self, query: _Query, page: int, per_page: int) -> _Reply:
+        # README: a VM's disks, paginated under `disks`: {"disk": {...}, "attach_on_boot", "boot", "state"}.
+        found = await self._lookup(_VM, self._vm_id(query.params))
+        if found.reply is not None:
+            return found.reply
+        disks = self._fleet.disks
+        chunk, pagination = _paginate(self._fleet.disk_ids_of_vm(found.object_id), page, per_page)
+        items = [self._vm_disk_item(disks[disk_id]) for disk_id in chunk]
+        if found.malformed:
+            return _Reply(200, _dumps(_malform(items, "disks", pagination, field="state")))
+        return _Reply(200, _dumps({"pagination": pagination, "disks": items}))
+
+    async def _organizations(self, query: _Query, page: int, per_page: int) -> _Reply:
+        # README: GET /organizations lists what the token can see, under `organizations`, not paginated.
+        items = [{"id": org.id, "name": org.name, "sub_domain": org.sub_domain, "personal": False,
+                  "created_at": _created_at(org.id), "suspended": False, "managed": False}
+                 for org in self._fleet.visible_orgs()]
+        return _Reply(200, _dumps({"organizations": items}))
+
     # ----------------------------------------------------------------- wire shapes
 
     def _policy_page(self, ids: list[str], page: int, per_page: int, *, malformed: bool) -> _Reply:
@@ -403,14 +425,16 @@ class FakeKatapult:
             target = self._fleet.disks.get(policy.target_id)
         else:
             target = self._fleet.vms.get(policy.target_id)
+        value = {"id": policy.target_id, "name": None if target is None else target.name}
+        shape = self._fleet.policy_target_shape
+        # README: the typed shape is the API framework's; the OpenAPI file describes {"target": <object>}.
+        sent: dict[str, Any] = ({"type": policy.target_type, "value": value} if shape == "typed"
+                                else {"target": value} if shape == "openapi" else value)
         return {
             "id": policy.id,
             "retention": policy.retention,
             "total_size": policy.total_size,
-            "target": {
-                "type": policy.target_type,
-                "value": {"id": policy.target_id, "name": None if target is None else target.name},
-            },
+            "target": sent,
             "schedule": {"interval": policy.interval, "next_invocation_at": policy.next_invocation_at},
             "annotations": [],
         }
@@ -420,12 +444,11 @@ class FakeKatapult:
         attachment: dict[str, Any] | None = None
         vm = None if disk.vm_id is None else self._fleet.vms.get(disk.vm_id)
         if vm is not None:
-            attachment = {
-                "virtual_machine": {"id": vm.id, "fqdn": vm.fqdn},
-                "attach_on_boot": True,
-                "boot": disk.name.endswith("system"),
-                "state": "attached",
-            }
+            # README: organization list items name the VM only; GET /disks/disk adds the attachment state.
+            attachment = {"virtual_machine": {"id": vm.id, "fqdn": vm.fqdn}}
+            if full:
+                attachment.update(attach_on_boot=disk.attach_on_boot, boot=disk.name.endswith("system"),
+                                  state=disk.attachment)
         item: dict[str, Any] = {
             "id": disk.id,
             "name": disk.name,
@@ -446,6 +469,16 @@ class FakeKatapult:
             item["data_center"] = {"id": "dc_demo", "name": "Demo DC", "permalink": "demo-dc"}
             item["installation"] = None
         return item
+
+    def _vm_disk_item(self, disk: FakeDisk) -> dict[str, Any]:
+        """Returns one item of a VM's disk list."""
+        return {
+            "disk": {"id": disk.id, "name": disk.name, "size_in_gb": disk.size_in_gb, "wwn": disk.wwn,
+                     "state": disk.state, "created_at": _created_at(disk.id)},
+            "attach_on_boot": disk.attach_on_boot,
+            "boot": disk.name.endswith("system"),
+            "state": disk.attachment,
+        }
 
     def _vm_item(self, vm: FakeVM, *, full: bool) -> dict[str, Any]:
         """Returns a VM as the organization list sends it, or as GET /virtual_machines/virtual_machine if `full`."""

@@ -19,6 +19,10 @@ from typing import Any
 
 INTERVALS = ("hourly", "daily", "weekly", "monthly")
 TARGET_TYPES = ("Disk", "VirtualMachine")
+# How a policy's `target` is sent (the real shape is unverified, see README): the API framework's typed shape
+# {"type", "value"}, the OpenAPI file's {"target": {...}}, or the bare object {...}.
+TARGET_SHAPES = ("typed", "openapi", "bare")
+ATTACHMENT_STATES = ("attached", "detached")
 DEFAULT_TOKEN = "fake-token"
 # Seconds per interval, used to place generated `next_invocation_at` within one interval from now.
 _INTERVAL_SECONDS = {"hourly": 3600, "daily": 86400, "weekly": 7 * 86400, "monthly": 30 * 86400}
@@ -62,6 +66,8 @@ class FakeOrg:
     id: str
     sub_domain: str
     name: str = ""
+    # Whether the token sees it: GET /organizations lists it and its lookups answer (else 404 as if it did not exist).
+    visible: bool = True
 
 
 @dataclass
@@ -81,7 +87,7 @@ class FakeVM:
 
 @dataclass
 class FakeDisk:
-    """A disk of an organization, attached to `vm_id` if set."""
+    """A disk of an organization, assigned to `vm_id` if set and then `attachment` ("attached" | "detached")."""
 
     id: str
     name: str
@@ -91,6 +97,8 @@ class FakeDisk:
     state: str = "attached"
     wwn: str = ""
     annotations: dict[str, str] = field(default_factory=dict)  # key -> value, in insertion order
+    attachment: str = "attached"  # virtual_machine_disk.state while assigned to a VM
+    attach_on_boot: bool = True
 
 
 @dataclass
@@ -210,6 +218,8 @@ class Fleet:
     # Whether the organization list endpoints send each item's `annotations` (newer API versions do; the spec's
     # items carry none). GET /disks/disk and GET /virtual_machines/virtual_machine always send them.
     list_annotations: bool = False
+    # How policies' `target` is sent: one of TARGET_SHAPES.
+    policy_target_shape: str = "typed"
     stats: FakeStats = field(default_factory=FakeStats)
     clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
     # The clock the policies' schedules run on (Unix seconds): None keeps every next_invocation_at where it was set;
@@ -366,10 +376,14 @@ class Fleet:
         state: str = "attached",
         wwn: str | None = None,
         annotations: Mapping[str, str] | None = None,
+        attachment: str = "attached",
+        attach_on_boot: bool = True,
     ) -> FakeDisk:
-        """Adds a disk to an organization (attached to `vm_id` if given, with a copy of `annotations`)."""
+        """Adds a disk to an organization (assigned to `vm_id` if given, `attachment` to it; with a copy of
+        `annotations`)."""
         self._check_index()
         checked = _checked_annotations(annotations)
+        _check_attachment(attachment)
         if org_id not in self.orgs:
             raise ValueError(f"unknown organization {org_id!r}")
         if vm_id is not None and vm_id not in self.vms:
@@ -386,6 +400,8 @@ class Fleet:
             state=state,
             wwn=_fake_wwn(disk_id) if wwn is None else wwn,
             annotations=checked,
+            attachment=attachment,
+            attach_on_boot=attach_on_boot,
         )
         self.disks[disk.id] = disk
         self._index_disk(disk)
@@ -450,6 +466,10 @@ class Fleet:
         policy.total_size = round(policy.total_size + runs * policy.growth, 6)
         return policy
 
+    def visible_orgs(self) -> list[FakeOrg]:
+        """Returns the organizations the token sees (GET /organizations), in insertion order."""
+        return [org for org in self.orgs.values() if org.visible]
+
     def _validate_policy(self, policy: FakePolicy) -> None:
         if policy.target_type not in TARGET_TYPES:
             choices = ", ".join(TARGET_TYPES)
@@ -504,6 +524,27 @@ class Fleet:
         finally:
             self._index_policy(policy)
         return policy
+
+    def move_disk(self, disk_id: str, vm_id: str | None, *, attachment: str = "attached") -> FakeDisk:
+        """Assigns a disk to another VM (or to none), `attachment` to it, and returns it."""
+        self._check_index()
+        _check_attachment(attachment)
+        if vm_id is not None and vm_id not in self.vms:
+            raise ValueError(f"unknown virtual machine {vm_id!r}")
+        disk = self.disks[disk_id]
+        self._unindex_disk(disk)
+        disk.vm_id, disk.attachment = vm_id, attachment
+        self._index_disk(disk)
+        return disk
+
+    def set_attachment(self, disk_id: str, attachment: str, *, attach_on_boot: bool | None = None) -> FakeDisk:
+        """Attaches or detaches a disk from the VM it is assigned to and returns it."""
+        _check_attachment(attachment)
+        disk = self.disks[disk_id]
+        disk.attachment = attachment
+        if attach_on_boot is not None:
+            disk.attach_on_boot = attach_on_boot
+        return disk
 
     def set_annotations(self, object_id: str, annotations: Mapping[str, str]) -> FakeDisk | FakeVM:
         """Replaces the annotations of a disk or VM with a copy of `annotations` and returns the object."""
@@ -670,6 +711,11 @@ class Fleet:
             fleet.list_annotations = _bool(data["list_annotations"], "list_annotations")
         if _bool(data.get("run_schedules", False), "run_schedules"):
             fleet.schedule_clock = time.time
+        if "policy_target_shape" in data:
+            shape = _str(data["policy_target_shape"], "policy_target_shape")
+            if shape not in TARGET_SHAPES:
+                raise ValueError(f"policy_target_shape: one of {', '.join(TARGET_SHAPES)}, not {shape!r}")
+            fleet.policy_target_shape = shape
         if "retry_after" in data:
             fleet.retry_after = _number(data["retry_after"], "retry_after", minimum=0.0)
         if "rate_limit_changes" in data:
@@ -796,13 +842,15 @@ _TOP_KEYS = frozenset(
         "generate",
         "list_annotations",
         "run_schedules",
+        "policy_target_shape",
     }
 )
 _GENERATE_KEYS = frozenset({"disks", "orgs", "policies_per_disk", "vm_share", "seed", "annotations"})
 _ANNOTATION_SHARE_KEYS = frozenset({"share", "disk", "vm"})
-_ORG_KEYS = frozenset({"id", "sub_domain", "name", "virtual_machines", "disks", "policies"})
+_ORG_KEYS = frozenset({"id", "sub_domain", "name", "visible", "virtual_machines", "disks", "policies"})
 _VM_KEYS = frozenset({"id", "fqdn", "annotations"})
-_DISK_KEYS = frozenset({"id", "name", "vm", "size_in_gb", "state", "wwn", "annotations"})
+_DISK_KEYS = frozenset({"id", "name", "vm", "size_in_gb", "state", "wwn", "annotations", "attachment",
+                        "attach_on_boot"})
 _POLICY_KEYS = frozenset(
     {
         "id",
@@ -840,6 +888,11 @@ def _list(value: Any, where: str) -> list[Any]:
     if not isinstance(value, list):
         raise ValueError(f"{where}: expected a list, got {type(value).__name__}")
     return value
+
+
+def _check_attachment(value: str) -> None:
+    if value not in ATTACHMENT_STATES:
+        raise ValueError(f"attachment must be one of {', '.join(ATTACHMENT_STATES)}, not {value!r}")
 
 
 def _str(value: Any, where: str) -> str:
@@ -972,8 +1025,9 @@ def _load_organizations(fleet: Fleet, organizations: Iterable[Any], *, now: int)
         org_id = _str(_required(org_table, "id", where), f"{where}.id")
         sub_domain = _str(_required(org_table, "sub_domain", where), f"{where}.sub_domain")
         org_name = _str(org_table.get("name", ""), f"{where}.name")
+        visible = _bool(org_table.get("visible", True), f"{where}.visible")
         with _located(where):
-            fleet.add_org(sub_domain, id=org_id, name=org_name)
+            fleet.add_org(sub_domain, id=org_id, name=org_name).visible = visible
         for j, raw_vm in enumerate(_list(org_table.get("virtual_machines", []), f"{where}.virtual_machines")):
             vm_where = f"{where}.virtual_machines[{j}]"
             vm_table = _table(raw_vm, vm_where)
@@ -1003,6 +1057,8 @@ def _load_disk(fleet: Fleet, table: dict[str, Any], *, org_id: str, where: str) 
     state = _str(table.get("state", "attached"), f"{where}.state")
     wwn = None if "wwn" not in table else _str(table["wwn"], f"{where}.wwn")
     annotations = _annotations(table.get("annotations", {}), f"{where}.annotations")
+    attachment = _str(table.get("attachment", "attached"), f"{where}.attachment")
+    attach_on_boot = _bool(table.get("attach_on_boot", True), f"{where}.attach_on_boot")
     with _located(where):
         fleet.add_disk(
             org_id,
@@ -1013,6 +1069,8 @@ def _load_disk(fleet: Fleet, table: dict[str, Any], *, org_id: str, where: str) 
             state=state,
             wwn=wwn,
             annotations=annotations,
+            attachment=attachment,
+            attach_on_boot=attach_on_boot,
         )
 
 
@@ -1127,6 +1185,12 @@ def demo_fleet(*, now: int) -> tuple[Fleet, DemoTargets]:
     disk(demo, "db-1-system", on=db_1)
     disk(demo, "db-1-data", on=db_1, size=160)
     policy(db_1, "db-1-vm", 14)
+
+    # A disk left assigned to a VM but detached from it: the VM policy does not back it up (detached-from-covering-vm).
+    batch_1 = vm(demo, "batch-1")
+    disk(demo, "batch-1-system", on=batch_1)
+    fleet.set_attachment(disk(demo, "batch-1-old-data", on=batch_1, size=80).id, "detached", attach_on_boot=False)
+    policy(batch_1, "batch-1-vm", 14)
 
     # 25 policies on one disk (three pages at per_page 10); one on the last page keeps too few backups.
     busy = disk(demo, "busy-volume", size=80)

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import httpx
 
-from auditor.domain.models import BackupPolicy, Disk, VirtualMachine
+from auditor.domain.models import Attachment, BackupPolicy, Disk, VirtualMachine
 from auditor.domain.retry import backoff, parse_retry_after
 from auditor.domain.tiers import Selector
 from auditor.errors import (
@@ -42,6 +42,8 @@ ORG_DISKS = "/organizations/organization/disks"
 DISK = "/disks/disk"
 VM = "/virtual_machines/virtual_machine"
 ORG_VMS = "/organizations/organization/virtual_machines"
+VM_DISKS = "/virtual_machines/virtual_machine/disks"
+ORGANIZATIONS = "/organizations"
 
 # README: per_page is at most 200; more is 400 invalid_argument.
 MAX_PER_PAGE = 200
@@ -254,6 +256,21 @@ class KatapultClient:
             parse=lambda body, page: parse(body, endpoint=endpoint, target=org.value, page=page),
             key=lambda item: item.id,
         )
+
+    async def list_vm_disks(self, vm_id: str) -> dict[str, Attachment | None]:
+        """Returns the attachment of every disk of one virtual machine, by disk id (None: no state sent)."""
+        # README: GET /virtual_machines/virtual_machine/disks is paginated, key `disks`, items carry `state`.
+        pairs = await self._list(
+            VM_DISKS, {"virtual_machine[id]": vm_id}, target=vm_id,
+            parse=lambda body, page: wire.parse_vm_disk_page(body, endpoint=VM_DISKS, target=vm_id, page=page),
+            key=lambda pair: pair[0],
+        )
+        return dict(pairs)
+
+    async def list_organizations(self) -> list[tuple[str, str | None]]:
+        """Returns (id, sub_domain) of every organization the token can see (one request: not paginated)."""
+        body = await self._get(ORGANIZATIONS, {}, target="organizations")
+        return wire.parse_organizations(body, endpoint=ORGANIZATIONS)
 
     async def get_vm(self, vm_id: str) -> VirtualMachine:
         """Returns one virtual machine with its organization and annotations."""

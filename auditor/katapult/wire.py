@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Generic, TypeVar
 
 from auditor.domain.models import (
+    Attachment,
     BackupPolicy,
     Disk,
     Interval,
@@ -37,6 +38,8 @@ POLICIES_KEY = "disk_backup_policies"
 # README: the organization disks list puts its array under "disk" (singular), not "disks".
 ORG_DISKS_KEY = "disk"
 ORG_VMS_KEY = "virtual_machines"
+VM_DISKS_KEY = "disks"
+ORGANIZATIONS_KEY = "organizations"
 # More annotations than this on one object is not a real object: refuse rather than hold it.
 MAX_ANNOTATIONS = 1000
 
@@ -285,18 +288,41 @@ def decode_json(content: bytes, *, endpoint: str, target: str, status_code: int 
     return reader.obj(value, "")
 
 
-def _parse_policy(reader: _Reader, raw: object, path: str) -> BackupPolicy:
-    item = reader.obj(raw, path)
-    # README: target is {"type": "Disk" | "VirtualMachine", "value": {"id", "name"}}, not the spec's oneOf shape.
+# README: the polymorphic target as the API framework serialises it ({"type", "value"}) has never been seen in a
+# recorded policy body; the OpenAPI file describes {"target": {...}} (or the object itself). Both are accepted: the
+# kind comes from `type` when present, else from the id's prefix. Anything else is malformed, never "no target".
+_TARGET_PREFIXES = {"disk_": TargetType.DISK, "vm_": TargetType.VIRTUAL_MACHINE}
+
+
+def _parse_target(reader: _Reader, item: Mapping[str, object], path: str) -> tuple[TargetType, str, str | None]:
+    """Returns a policy's (target type, target id, target name) from either known `target` shape."""
     target = reader.req_obj(item, "target", path)
     target_path = _join(path, "target")
-    type_name = reader.req_str(target, "type", target_path)
-    try:
-        target_type = TargetType(type_name)
-    except ValueError:
-        raise reader.fail(_join(target_path, "type"), f"unknown target type {_quote(type_name)}") from None
-    value = reader.req_obj(target, "value", target_path)
-    value_path = _join(target_path, "value")
+    if "type" in target or "value" in target:
+        type_name = reader.req_str(target, "type", target_path)
+        try:
+            target_type = TargetType(type_name)
+        except ValueError:
+            raise reader.fail(_join(target_path, "type"), f"unknown target type {_quote(type_name)}") from None
+        value_path = _join(target_path, "value")
+        value = reader.req_obj(target, "value", target_path)
+        return target_type, reader.req_str(value, "id", value_path), reader.opt_str(value, "name", value_path)
+    if "target" in target:  # the OpenAPI shape: {"target": {"target": <VirtualMachine | Disk>}}
+        value_path = _join(target_path, "target")
+        value = reader.req_obj(target, "target", target_path)
+    else:  # the object itself
+        value_path, value = target_path, target
+    target_id = reader.req_str(value, "id", value_path)
+    for prefix, kind in _TARGET_PREFIXES.items():
+        if target_id.startswith(prefix):
+            return kind, target_id, reader.opt_str(value, "name", value_path)
+    raise reader.fail(_join(value_path, "id"), f"target id {_quote(target_id)} is neither a disk (disk_…) nor a "
+                                               "virtual machine (vm_…), and the target has no type")
+
+
+def _parse_policy(reader: _Reader, raw: object, path: str) -> BackupPolicy:
+    item = reader.obj(raw, path)
+    target_type, target_id, target_name = _parse_target(reader, item, path)
 
     schedule = reader.req_obj(item, "schedule", path)
     schedule_path = _join(path, "schedule")
@@ -312,8 +338,8 @@ def _parse_policy(reader: _Reader, raw: object, path: str) -> BackupPolicy:
         # judged (it would read as a compliance verdict on garbage), so it is malformed.
         retention=reader.req_count(item, "retention", path),
         target_type=target_type,
-        target_id=reader.req_str(value, "id", value_path),
-        target_name=reader.opt_str(value, "name", value_path),
+        target_id=target_id,
+        target_name=target_name,
         # The list endpoints send only interval and next_invocation_at; a null next run is allowed.
         schedule=Schedule(
             interval=interval, next_invocation_at=reader.opt_time(schedule, "next_invocation_at", schedule_path)
@@ -326,7 +352,9 @@ def _parse_disk(reader: _Reader, raw: object, path: str) -> Disk:
     item = reader.obj(raw, path)
     vm_id: str | None = None
     vm_fqdn: str | None = None
-    # README: virtual_machine_disk is null, or an object whose virtual_machine has id and fqdn.
+    state: Attachment | None = None
+    # README: virtual_machine_disk is null, or an object whose virtual_machine has id and fqdn. GET /disks/disk adds
+    # the attachment `state` ("attached" | "detached") and `attach_on_boot`; organization list items do not.
     attachment = reader.opt_obj(item, "virtual_machine_disk", path)
     if attachment is not None:
         attachment_path = _join(path, "virtual_machine_disk")
@@ -334,6 +362,7 @@ def _parse_disk(reader: _Reader, raw: object, path: str) -> Disk:
         vm_path = _join(attachment_path, "virtual_machine")
         vm_id = reader.req_str(vm, "id", vm_path)
         vm_fqdn = reader.opt_str(vm, "fqdn", vm_path)
+        state = _parse_attachment(reader, attachment, attachment_path)
     return Disk(
         id=reader.req_str(item, "id", path),
         name=reader.opt_str(item, "name", path),
@@ -342,7 +371,30 @@ def _parse_disk(reader: _Reader, raw: object, path: str) -> Disk:
         state=reader.opt_str(item, "state", path),
         size_in_gb=reader.opt_int(item, "size_in_gb", path),
         annotations=_parse_annotations(reader, item, path),
+        attachment=state,
     )
+
+
+def _parse_attachment(reader: _Reader, parent: Mapping[str, object], path: str) -> Attachment | None:
+    """Returns the attachment `state` and `attach_on_boot` of a VM disk object; None when it carries no state."""
+    state = reader.opt_str(parent, "state", path)
+    if state is None:
+        return None
+    return Attachment(state=state, attach_on_boot=reader.opt_bool(parent, "attach_on_boot", path))
+
+
+def _parse_vm_disk(reader: _Reader, raw: object, path: str) -> tuple[str, Attachment | None]:
+    """Returns (disk id, attachment) of one item of a VM's disk list."""
+    # README: GET /virtual_machines/virtual_machine/disks lists {"disk": {id, …}, "attach_on_boot", "boot", "state"}.
+    item = reader.obj(raw, path)
+    disk = reader.req_obj(item, "disk", path)
+    return reader.req_str(disk, "id", _join(path, "disk")), _parse_attachment(reader, item, path)
+
+
+def _parse_organization(reader: _Reader, raw: object, path: str) -> tuple[str, str | None]:
+    """Returns (id, sub_domain) of one item of GET /organizations."""
+    item = reader.obj(raw, path)
+    return reader.req_str(item, "id", path), reader.opt_str(item, "sub_domain", path)
 
 
 def _parse_annotations(reader: _Reader, parent: Mapping[str, object], path: str) -> tuple[tuple[str, str], ...] | None:
@@ -438,6 +490,22 @@ def parse_vm_page(
 ) -> Page[VirtualMachine]:
     """Returns the VMs and pagination of one page of an organization's virtual machine list."""
     return _parse_page(body, ORG_VMS_KEY, _parse_vm, endpoint=endpoint, target=target, page=page)
+
+
+def parse_vm_disk_page(
+    body: Mapping[str, object], *, endpoint: str, target: str, page: int | None = None
+) -> Page[tuple[str, Attachment | None]]:
+    """Returns (disk id, attachment) per item and the pagination of one page of a VM's disk list (key `disks`)."""
+    return _parse_page(body, VM_DISKS_KEY, _parse_vm_disk, endpoint=endpoint, target=target, page=page)
+
+
+def parse_organizations(body: Mapping[str, object], *, endpoint: str) -> list[tuple[str, str | None]]:
+    """Returns (id, sub_domain) of every organization of a GET /organizations body (not paginated)."""
+    reader = _Reader(endpoint=endpoint, target="the token's organizations")
+    raw_items = reader.field(body, ORGANIZATIONS_KEY, "")
+    if not isinstance(raw_items, list):
+        raise reader.fail(ORGANIZATIONS_KEY, f"expected an array, got {_kind(raw_items)}")
+    return [_parse_organization(reader, raw, f"{ORGANIZATIONS_KEY}[{i}]") for i, raw in enumerate(raw_items)]
 
 
 def parse_vm_response(body: Mapping[str, object], *, endpoint: str, target: str) -> VirtualMachine:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from auditor.config import EVERY_ORGANIZATION
 from auditor.domain.invocations import PolicySchedule
 from auditor.domain.lifecycle import Change
 from auditor.domain.models import (
+    Attachment,
     BackupPolicy,
     Disk,
     DiskSnapshot,
@@ -48,6 +51,7 @@ from auditor.errors import (
     NotFoundError,
 )
 from auditor.katapult import KatapultClient, OrgRef
+from auditor.service.clock import utcnow
 from auditor.service.configuration import Targets
 from auditor.store.writes import DiskWrite
 from auditor.vocabulary import DiskVerdict
@@ -81,6 +85,11 @@ def _error_of(exc: KatapultError, target: str) -> RunError:
 
 INTERNAL_ERROR = "internal_error"
 UNEXPECTED_OBJECT = "unexpected_object"
+# A disk whose only coverage is a VM policy, when whether it is attached to that VM cannot be told.
+ATTACHMENT_UNKNOWN = "attachment_unknown"
+# A disk of an organization GET /organizations no longer lists (audit.organizations = ["*"]).
+ORGANIZATION_NOT_VISIBLE = "organization_not_visible"
+DEFAULT_ATTACHMENT_REFRESH = timedelta(hours=24)
 
 
 def internal_error(exc: BaseException, *, where: str) -> tuple[str, str]:
@@ -204,6 +213,121 @@ def join_org(disks: Iterable[Disk], policies: Iterable[BackupPolicy]) -> list[Di
     return out
 
 
+def vm_only(snap: DiskSnapshot) -> bool:
+    """Returns whether the disk's only coverage is policies on the VM it is assigned to (so whether it is attached
+    to that VM decides whether it is backed up at all)."""
+    return (snap.disk.vm_id is not None and bool(snap.policies)
+            and all(p.target_type is TargetType.VIRTUAL_MACHINE for p in snap.policies))
+
+
+VmDisks = Callable[[str], Awaitable[dict[str, Attachment | None]]]
+StoredAttachments = dict[str, tuple[str, Attachment]]
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentTruth:
+    """How the cycle learns whether VM-assigned disks are attached: what was read before (by disk id: the VM it was
+    read for and the attachment), how long that is trusted, `now` (the cycle's clock reading) and the audit
+    interval (None: no spreading, every due VM is read at once)."""
+
+    now: datetime
+    known: StoredAttachments = field(default_factory=dict)
+    refresh: timedelta = DEFAULT_ATTACHMENT_REFRESH
+    interval: timedelta | None = None
+
+    def stored(self, disk: Disk) -> Attachment | None:
+        """Returns what was read of the disk's attachment to the VM it is assigned to now, if anything."""
+        found = self.known.get(disk.id)
+        return found[1] if found is not None and found[0] == disk.vm_id else None
+
+    def verified_at(self, disk: Disk) -> datetime | None:
+        """Returns when the disk's attachment to its current VM was read (None: never)."""
+        stored = self.stored(disk)
+        return None if stored is None else stored.verified_at
+
+    def share(self, vms: int) -> int:
+        """Returns how many of `vms` VMs may be read again in one cycle when their states fall due together: each
+        VM once per refresh, spread over the cycles of one refresh period (at least one a cycle)."""
+        if self.interval is None or self.interval >= self.refresh:
+            return vms
+        return max(1, math.ceil(vms * self.interval / self.refresh))
+
+    def is_due(self, disk: Disk) -> bool:
+        """Returns whether the disk's attachment must be read again: never read for its VM (new, or it moved), or
+        read `refresh` ago or more."""
+        stored = self.stored(disk)
+        return stored is None or stored.verified_at is None or self.now - stored.verified_at >= self.refresh
+
+
+async def verify_attachments(snaps: list[DiskSnapshot], vm_disks: VmDisks, truth: AttachmentTruth
+                             ) -> list[DiskSnapshot]:
+    """Returns an organization's snapshots with each VM-assigned disk's attachment, as far as it is known.
+
+    Organization disk lists do not carry the attachment state (README), so `GET /virtual_machines/virtual_machine/
+    disks` is read for each VM whose policies are the only coverage of one of its disks, when that disk's state is
+    due (`AttachmentTruth.is_due`); every other disk keeps what was read before. A VM with such a disk never read
+    for it (new, or the disk moved there) is read at once; VMs whose states merely aged past the refresh are read
+    oldest first, at most their share per cycle (`AttachmentTruth.share`), so that states read together (the first
+    cycle reads them all) are read again spread over the following cycles, not all in one. A disk covered only by
+    its VM whose state cannot be read becomes unknown: "covered" is never assumed.
+    """
+    needing = [s for s in snaps if s.disk.vm_id and vm_only(s)]
+    urgent = {s.disk.vm_id for s in needing if truth.verified_at(s.disk) is None}
+    aged: dict[str, datetime] = {}
+    for s in needing:
+        at = truth.verified_at(s.disk)
+        if s.disk.vm_id and s.disk.vm_id not in urgent and at is not None and truth.is_due(s.disk):
+            aged[s.disk.vm_id] = min(at, aged.get(s.disk.vm_id, at))
+    share = truth.share(len({s.disk.vm_id for s in needing}))
+    due_vms = sorted(vm for vm in urgent if vm) + sorted(aged, key=lambda vm: (aged[vm], vm))[:share]
+    answers = await asyncio.gather(*(vm_disks(vm_id) for vm_id in due_vms), return_exceptions=True)
+    read: dict[str, dict[str, Attachment | None] | KatapultError] = {}
+    for vm_id, answer in zip(due_vms, answers, strict=True):
+        if isinstance(answer, KatapultError) or isinstance(answer, dict):
+            read[vm_id] = answer
+        else:
+            raise answer
+    out: list[DiskSnapshot] = []
+    for snap in snaps:
+        disk = snap.disk
+        if disk.vm_id is None:
+            out.append(snap)
+            continue
+        got = read.get(disk.vm_id)
+        attachment = truth.stored(disk)
+        if isinstance(got, dict):
+            fresh = got.get(disk.id)
+            attachment = None if fresh is None else replace(fresh, verified_at=truth.now)
+        elif got is not None and vm_only(snap) and truth.is_due(disk):
+            attachment = None  # due and unreadable: what was read before is too old to decide coverage
+        # A VM due but beyond this cycle's share keeps what was read: it is read in one of the next cycles.
+        if attachment is None and vm_only(snap):
+            why = (f"{got.code}: {got}" if isinstance(got, KatapultError)
+                   else "the virtual machine's disk list does not show it with an attachment state")
+            out.append(DiskSnapshot(disk, ReadOutcome.UNKNOWN, error_code=(
+                got.code if isinstance(got, KatapultError) else ATTACHMENT_UNKNOWN),
+                error_message=_safe(f"disk {disk.id}: whether it is attached to virtual machine {disk.vm_id}, "
+                                    f"whose policies are its only coverage, is not known: {why}")))
+            continue
+        out.append(replace(snap, disk=replace(disk, attachment=attachment)))
+    return out
+
+
+def stamp_attachment(snap: DiskSnapshot, *, now: datetime) -> DiskSnapshot:
+    """Returns a disk read through the per-disk endpoints with its attachment stamped `now` (the lookup carries the
+    state: no extra request); a disk covered only by its VM whose lookup carried no state becomes unknown."""
+    if snap.outcome is not ReadOutcome.OK or snap.disk.vm_id is None:
+        return snap
+    attachment = snap.disk.attachment
+    if attachment is None:
+        if not vm_only(snap):
+            return snap
+        return DiskSnapshot(snap.disk, ReadOutcome.UNKNOWN, error_code=ATTACHMENT_UNKNOWN, error_message=_safe(
+            f"disk {snap.disk_id}: the disk lookup carried no attachment state for virtual machine "
+            f"{snap.disk.vm_id}, whose policies are its only coverage"))
+    return replace(snap, disk=replace(snap.disk, attachment=replace(attachment, verified_at=now)))
+
+
 TIER_UNKNOWN = "tier_unknown"
 NOT_READ = Unknown("not read: no tier needs it")
 
@@ -245,12 +369,49 @@ def _known(pairs: tuple[tuple[str, str], ...] | None, missing: str) -> Annotatio
     return Unknown(missing) if pairs is None else Annotations.of(pairs)
 
 
-async def per_disk_facts(disk: Disk, reads: TierReads, vm_lookup: VmLookup) -> DiskFacts:
+OrgOf = Callable[[str], Awaitable[frozenset[str] | Unknown]]
+
+
+def org_of_unlisted(listing: Callable[[str], Awaitable[list[Disk]]], refs: Sequence[str]) -> OrgOf:
+    """Returns a reader of the organizations (among `refs`, those the tiers name) whose disk list holds a disk.
+
+    `GET /disks/disk` does not name a disk's organization, and a disk on no VM has no VM to ask: each organization
+    named in `[[tiers]]` has its disks listed once per cycle (⌈disks/200⌉ requests each, shared through `listing`
+    with the audit of that organization). A disk in none of those lists is in none of those organizations; a
+    listing that fails leaves a disk found in no other one unknown.
+    """
+    ids_of = once_per_key(lambda ref: _ids(listing(ref)))
+
+    async def org_of(disk_id: str) -> frozenset[str] | Unknown:
+        answers = await asyncio.gather(*(ids_of(ref) for ref in refs), return_exceptions=True)
+        found: set[str] = set()
+        failed: str | None = None
+        for ref, answer in zip(refs, answers, strict=True):
+            if isinstance(answer, KatapultError):
+                failed = failed or _safe(f"the disk list of organization {ref} could not be read: {answer.code}: "
+                                         f"{answer}")
+            elif isinstance(answer, BaseException):
+                raise answer
+            elif disk_id in answer:
+                found.add(ref)
+        if found or failed is None:
+            return frozenset(found)
+        return Unknown(failed)
+
+    return org_of
+
+
+async def _ids(disks: Awaitable[list[Disk]]) -> frozenset[str]:
+    return frozenset(d.id for d in await disks)
+
+
+async def per_disk_facts(disk: Disk, reads: TierReads, vm_lookup: VmLookup, org_of: OrgOf | None = None
+                         ) -> DiskFacts:
     """Returns what a disk read through the per-disk endpoints tells about its tier.
 
     The disk lookup carries the disk's annotations (no extra request). The VM is looked up (once per VM per
-    cycle) only when a tier matches on VM annotations or on organizations; an unattached disk's organization
-    is not known (`GET /disks/disk` does not name it).
+    cycle) only when a tier matches on VM annotations or on organizations; a disk on no VM has its organization
+    found in the disk lists of the organizations the tiers name (`org_of`, see `org_of_unlisted`).
     """
     disk_side = _known(disk.annotations, "the disk lookup carried no annotations") if reads.disk else NOT_READ
     vm_side: Annotations | Unknown = NOT_READ
@@ -258,8 +419,9 @@ async def per_disk_facts(disk: Disk, reads: TierReads, vm_lookup: VmLookup) -> D
     if disk.vm_id is None:
         vm_side = NO_VM
         if reads.organization:
-            orgs = Unknown("the disk is not attached to a virtual machine, and Katapult's disk lookup does not name "
-                           "its organization: audit its organization in audit.organizations instead")
+            orgs = await org_of(disk.id) if org_of is not None else Unknown(
+                "the disk is not attached to a virtual machine, and Katapult's disk lookup does not name its "
+                "organization: audit its organization in audit.organizations instead")
     elif reads.vm or reads.organization:
         try:
             vm = await vm_lookup(disk.vm_id)
@@ -300,13 +462,14 @@ async def _listing_facts(
     return known, unread, error
 
 
-async def org_facts(client: KatapultClient, org: OrgRef, disks: Sequence[Disk], reads: TierReads
-                    ) -> dict[str, DiskFacts]:
+async def org_facts(client: KatapultClient, org: OrgRef, disks: Sequence[Disk], reads: TierReads, *,
+                    names: frozenset[str] | None = None) -> dict[str, DiskFacts]:
     """Returns the tier facts of an organization's disks, with the fewest requests the API allows.
 
     Disk annotations come from the disk list's items when they carry them; otherwise from one filtered listing per
     distinct tier selector (⌈matching/200⌉ requests each). VM annotations come from one filtered VM listing per
-    selector. The organization is the one the disks were listed through.
+    selector. The organization is the one the disks were listed through (`names`: every reference naming it, when
+    known).
     """
     if not disks:
         return {}
@@ -339,7 +502,8 @@ async def org_facts(client: KatapultClient, org: OrgRef, disks: Sequence[Disk], 
             vm_side = NO_VM
         elif reads.vm:
             vm_side = by_vm.get(d.vm_id, vm_partial)
-        out[d.id] = DiskFacts(by_disk[d.id], vm_side, frozenset({org.value}) if reads.organization else NOT_READ)
+        out[d.id] = DiskFacts(by_disk[d.id], vm_side,
+                              (names or frozenset({org.value})) if reads.organization else NOT_READ)
     return out
 
 
@@ -391,47 +555,56 @@ async def collect(
     concurrency: int,
     progress: Progress | None = None,
     rules: RuleSet | None = None,
+    attachments: AttachmentTruth | None = None,
 ) -> Collected:
     """Reads every target; a disk is read once even if both an org and `audit.disks` name it.
 
     `known_sources` maps disks audited before to their source; disks of an org whose listing failed stay known
     (as unknown) rather than silently dropping out of the report. With tiers in `rules`, what decides each disk's
     tier is read too (see `org_facts`, `per_disk_facts`) and the tiers are assigned (`assign_tiers`).
+    `attachments` says what was read before of disks' attachments to their VMs and when (see
+    `verify_attachments`); without it every due state is read.
     """
     errors: list[RunError] = []
     writes: dict[str, DiskWrite] = {}
     facts: dict[str, DiskFacts] = {}
     reads = TierReads.of(rules.tiers) if rules is not None else TierReads()
+    # The cycle passes its one clock reading; a caller without stored attachments reads every due state now.
+    truth = attachments or AttachmentTruth(now=utcnow())
+    # Each organization's disks are listed once per cycle, whether it is audited, named by a tier, or both.
+    listing = once_per_key(lambda ref: client.list_org_disks(OrgRef(ref)))
+    vm_disks = once_per_key(client.list_vm_disks)
+    refs, names, gone = await _organizations(client, targets, known_sources, errors)
 
     async def read_org(ref: str) -> tuple[str, list[DiskSnapshot] | None, RunError | None, dict[str, DiskFacts]]:
         try:
             org = OrgRef(ref)
-            disks, policies = await asyncio.gather(client.list_org_disks(org), client.list_org_policies(org))
-            found = await org_facts(client, org, disks, reads) if reads.any else {}
-            return ref, join_org(disks, policies), None, found
+            disks, policies = await asyncio.gather(listing(ref), client.list_org_policies(org))
+            found = await org_facts(client, org, disks, reads, names=names.get(ref)) if reads.any else {}
+            return ref, await verify_attachments(join_org(disks, policies), vm_disks, truth), None, found
         except KatapultError as exc:
             return ref, None, _error_of(exc, ref), {}
         except Exception as exc:  # the org's fault boundary: its disks become unknown, never resolved
             code, message = internal_error(exc, where=f"reading organization {ref}")
             return ref, None, RunError(ref, code, message), {}
 
-    for ref, snaps, err, found in await asyncio.gather(*(read_org(r) for r in targets.organizations)):
+    for ref, snaps, err, found in await asyncio.gather(*(read_org(r) for r in refs)):
         source = f"org:{ref}"
         if snaps is None:
             assert err is not None
             errors.append(err)
-            for disk_id, known in known_sources.items():
-                if known == source and disk_id not in writes:
-                    writes[disk_id] = DiskWrite(
-                        unknown_snapshot(disk_id, err.code, f"organization {ref} could not be read: {err.message}"),
-                        source,
-                    )
+            _keep_unknown(writes, known_sources, {source}, err.code,
+                          f"organization {ref} could not be read: {err.message}")
             continue
         for snap in snaps:
             if snap.disk_id not in writes:
                 writes[snap.disk_id] = DiskWrite(snap, source)
                 if snap.disk_id in found:
                     facts[snap.disk_id] = found[snap.disk_id]
+                if snap.outcome is ReadOutcome.UNKNOWN:
+                    errors.append(RunError(snap.disk_id, snap.error_code or "unknown", snap.error_message or ""))
+    for source, (code, message) in gone.items():
+        _keep_unknown(writes, known_sources, {source}, code, message)
 
     pending = [d for d in targets.disks if d not in writes or writes[d].snapshot.outcome is ReadOutcome.UNKNOWN]
     total = len(pending)
@@ -445,13 +618,15 @@ async def collect(
 
     vm_policies = shared_vm_policies(client)
     vm_lookup = shared_vm_lookups(client)
+    tier_orgs = list(dict.fromkeys(o for t in reads.tiers for o in t.match.organizations))
+    org_of = org_of_unlisted(listing, tier_orgs) if tier_orgs else None
 
     async def read_one(disk_id: str) -> tuple[DiskSnapshot, DiskFacts | None]:
-        snap = await read_disk(client, disk_id, vm_policies=vm_policies)
+        snap = stamp_attachment(await read_disk(client, disk_id, vm_policies=vm_policies), now=truth.now)
         if not reads.any or snap.outcome is not ReadOutcome.OK or (rules is not None and rules.has_override(disk_id)):
             return snap, None
         try:
-            return snap, await per_disk_facts(snap.disk, reads, vm_lookup)
+            return snap, await per_disk_facts(snap.disk, reads, vm_lookup, org_of)
         except Exception as exc:  # the disk's fault boundary
             code, message = internal_error(exc, where=f"reading the tier facts of disk {disk_id}")
             return unknown_snapshot(disk_id, code, message), None
@@ -464,11 +639,55 @@ async def collect(
             errors.append(RunError(snap.disk_id, snap.error_code or "unknown", snap.error_message or ""))
 
     retired = {d for d in known_sources if d not in writes}
-    collected = Collected(list(writes.values()), errors, retired, len(targets.organizations) + len(targets.disks),
-                          facts)
+    collected = Collected(list(writes.values()), errors, retired, len(refs) + len(targets.disks), facts)
     if rules is not None:
         assign_tiers(collected, rules)
     return collected
+
+
+def _keep_unknown(writes: dict[str, DiskWrite], known_sources: dict[str, str], sources: set[str], code: str,
+                  message: str) -> None:
+    """Keeps the known disks of `sources` in the run as unknown (never dropped, never resolved)."""
+    for disk_id, known in known_sources.items():
+        if known in sources and disk_id not in writes:
+            writes[disk_id] = DiskWrite(unknown_snapshot(disk_id, code, message), known)
+
+
+async def _organizations(client: KatapultClient, targets: Targets, known_sources: dict[str, str],
+                         errors: list[RunError]) -> tuple[list[str], dict[str, frozenset[str]],
+                                                          dict[str, tuple[str, str]]]:
+    """Returns the organizations to read this cycle, the references naming each one listed by GET /organizations,
+    and the sources of known disks that must stay unknown (by source: code and message).
+
+    `"*"` in audit.organizations is every organization the token sees, listed afresh each cycle (one request): a
+    new one is read in the same cycle; the disks of one no longer listed stay unknown (`organization_not_visible`)
+    until it is listed again or `"*"` leaves the configuration.
+    """
+    refs = [r for r in targets.organizations if r != EVERY_ORGANIZATION]
+    if EVERY_ORGANIZATION not in targets.organizations:
+        return refs, {}, {}
+    explicit = {f"org:{r}" for r in refs}
+    others = sorted({s for s in known_sources.values() if s.startswith("org:") and s not in explicit})
+    try:
+        listed = await client.list_organizations()
+    except KatapultError as exc:
+        error = _error_of(exc, EVERY_ORGANIZATION)
+        errors.append(error)
+        return refs, {}, {s: (error.code, f"the organizations could not be listed: {error.message}") for s in others}
+    names: dict[str, frozenset[str]] = {}
+    seen: set[str] = set(refs)
+    for org_id, sub_domain in listed:
+        aliases = frozenset(r for r in (org_id, sub_domain) if r)
+        seen |= aliases
+        if not aliases & set(refs) and org_id not in names:
+            refs.append(org_id)
+            names[org_id] = aliases
+    gone = {s: (ORGANIZATION_NOT_VISIBLE, f"organization {s[4:]} is not among the organizations the token can see "
+                                          "(GET /organizations)")
+            for s in others if s[4:] not in seen}
+    for source in gone:
+        errors.append(RunError(source[4:], ORGANIZATION_NOT_VISIBLE, gone[source][1]))
+    return refs, names, gone
 
 
 def run_status(collected: Collected) -> RunStatus:

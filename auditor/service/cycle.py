@@ -24,6 +24,7 @@ from auditor.errors import AuditorError, LeaseHeldError, LeaseLostError, StoreEr
 from auditor.notify.heartbeat import summary_line
 from auditor.service.alerts import incomplete_fingerprint, plan_notifications
 from auditor.service.collection import (
+    AttachmentTruth,
     Collected,
     Progress,
     collect,
@@ -257,8 +258,11 @@ async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, b
         started.set_result(run_id)  # recorded: `GET /api/v1/runs` lists it as running from now on
     client.stats.snapshot_and_reset()
     known = await store.read(queries.target_sources)
+    truth = AttachmentTruth(now=now, known=await store.read(queries.verified_attachments),
+                            refresh=settings.audit.attachment_refresh, interval=settings.audit.interval)
     collected = await collect(client, services.targets, known_sources=known,
-                              concurrency=settings.katapult.max_concurrency, progress=progress, rules=rules)
+                              concurrency=settings.katapult.max_concurrency, progress=progress, rules=rules,
+                              attachments=truth)
     observed = await observe_runs(store, collected, now=now)
     findings = judge(collected, rules, now=now, schedules=observed.by_disk)
     valid_waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=now)

@@ -105,6 +105,12 @@ def exemption_json(disk: DiskRecord) -> dict[str, Any]:
     return {"reason": detail.get("reason"), "because": dict(detail.get("because") or {})}
 
 
+def attachment_json(disk: DiskRecord) -> dict[str, Any] | None:
+    """Returns whether a VM-assigned disk is attached to its VM and when that was read (None: not known)."""
+    a = disk.attachment
+    return None if a is None else {"state": a.state, "verified_at": iso(a.verified_at)}
+
+
 def assemble_report(
     *, now: datetime, inputs: queries.ReportInputs, waivers: Sequence[Waiver] = (),
     waiver_problems: Sequence[WaiverProblem] = (), tier: str | None = None,
@@ -143,6 +149,7 @@ def assemble_report(
             "tier": d.tier,
             "exemption": exemption_json(d) if status is DiskStatus.EXEMPT else None,
             **observation_json(inputs.observed.get(disk_id)),
+            "attachment": attachment_json(d),
         })
 
     target_ids = set(disks)
@@ -227,6 +234,7 @@ def detail_json(history: queries.DiskHistory, *, observed: DiskObservation | Non
             "tier": disk.tier,
             "exemption": exemption_json(disk) if status is DiskStatus.EXEMPT else None,
             **observation_json(observed),
+            "attachment": attachment_json(disk),
         },
         "status": status.value,
         "policies": [_state_json(p) for p in states if p.valid_to is None],

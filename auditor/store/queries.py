@@ -39,7 +39,7 @@ from auditor.domain.listings import (
     decode_cursor,
     encode_cursor,
 )
-from auditor.domain.models import FindingStatus, ReadOutcome, Severity, TrackedFinding
+from auditor.domain.models import Attachment, FindingStatus, ReadOutcome, Severity, TrackedFinding
 from auditor.domain.periods import LifecycleEvent, Verdict
 from auditor.domain.records import (
     DiskRecord,
@@ -114,8 +114,15 @@ def disk_record(row: Any) -> DiskRecord:
         id=row.id, name=row.name, vm_id=row.vm_id, vm_fqdn=row.vm_fqdn, source=row.source, is_target=row.is_target,
         outcome=row.outcome, error_code=row.error_code, error_message=row.error_message,
         first_seen_at=row.first_seen_at, last_checked_at=row.last_checked_at, last_read_at=row.last_read_at,
-        tier=row.tier, tier_detail=row.tier_detail,
+        tier=row.tier, tier_detail=row.tier_detail, attachment=_attachment(row),
     )
+
+
+def _attachment(row: Any) -> Attachment | None:
+    """Returns the stored attachment of a disk row when it was read for the VM the disk is assigned to now."""
+    if row.attachment_state is None or row.vm_id is None or row.attachment_vm_id != row.vm_id:
+        return None
+    return Attachment(row.attachment_state, row.attach_on_boot, row.attachment_verified_at)
 
 
 def finding_record(row: Any) -> TrackedFinding:
@@ -304,7 +311,8 @@ def load_disks(conn: Connection, *, targets_only: bool = False) -> dict[str, Dis
 # The facts of a disk the cycle rewrites when they change (`writes`), its read model among them; the per-poll
 # timestamps are written apart.
 DISK_FACTS = ("name", "vm_id", "vm_fqdn", "source", "is_target", "outcome", "error_code", "error_message", "tier",
-              "tier_detail", "policies_digest", "verdict")
+              "tier_detail", "policies_digest", "verdict", "attachment_state", "attach_on_boot", "attachment_vm_id",
+              "attachment_verified_at")
 
 
 def disk_facts(conn: Connection, ids: Sequence[str]) -> dict[str, Row[Any]]:
@@ -325,6 +333,15 @@ def target_sources(conn: Connection) -> dict[str, str]:
     """Returns the source (`config` or `org:<ref>`) of every disk audited as a target, by id (ids only)."""
     q = select(disks.c.id, disks.c.source).where(disks.c.is_target.is_(True))
     return {disk_id: source for disk_id, source in conn.execute(q).all()}
+
+
+def verified_attachments(conn: Connection) -> dict[str, tuple[str, Attachment]]:
+    """Returns, by disk id, the VM each audited disk's attachment was last read for and that attachment."""
+    d = disks.c
+    q = select(d.id, d.attachment_vm_id, d.attachment_state, d.attach_on_boot, d.attachment_verified_at).where(
+        d.is_target.is_(True), d.attachment_state.is_not(None), d.attachment_vm_id.is_not(None))
+    return {r.id: (r.attachment_vm_id, Attachment(r.attachment_state, r.attach_on_boot, r.attachment_verified_at))
+            for r in conn.execute(q).all()}
 
 
 def current_policy_ids(conn: Connection) -> dict[str, list[str]]:

@@ -89,6 +89,13 @@ disks = Table(
     # While both match what a cycle finds, that cycle reads neither table for the disk; NULL means "compare".
     Column("policies_digest", String(32)),
     Column("verdict", String(16)),
+    # Whether the disk is attached to the VM it is assigned to (`virtual_machine_disk.state`), as last read for
+    # VM `attachment_vm_id` at `attachment_verified_at`: in organization mode it is read per VM, at most once per
+    # `audit.attachment_refresh`, so the cycles between trust what was read. NULL: never read.
+    Column("attachment_state", String(16)),
+    Column("attach_on_boot", Boolean),
+    Column("attachment_vm_id", Text),
+    _utc("attachment_verified_at", nullable=True),
 )
 
 # One distinct setting of one policy as seen on one disk, with when it was seen.

@@ -239,6 +239,15 @@ def _tier_of(snap: DiskSnapshot) -> tuple[str | None, dict[str, Any] | None]:
 
 
 _FACTS_END = 1 + len(DISK_FACTS)
+_ATTACHMENT_FACTS = ("attachment_state", "attach_on_boot", "attachment_vm_id", "attachment_verified_at")
+
+
+def _attachment_of(snap: DiskSnapshot, *, now: datetime) -> tuple[Any, Any, Any, Any]:
+    """Returns the disk row's attachment columns for what this run read (all None when it read none)."""
+    attachment, vm_id = snap.disk.attachment, snap.disk.vm_id
+    if snap.outcome is not ReadOutcome.OK or attachment is None or vm_id is None:
+        return None, None, None, None
+    return attachment.state, attachment.attach_on_boot, vm_id, attachment.verified_at or now
 
 
 @dataclass(slots=True)
@@ -295,7 +304,8 @@ def _write_disks(conn: Connection, cycle: CycleWrite, unchanged: _Unchanged) -> 
                                 "first_seen_at": now, "last_checked_at": now,
                                 "last_read_at": now if definite else None, "last_run_id": cycle.run_id,
                                 "tier": tier, "tier_detail": tier_detail, "policies_digest": digest,
-                                "verdict": verdict})
+                                "verdict": verdict,
+                                **dict(zip(_ATTACHMENT_FACTS, _attachment_of(snap, now=now), strict=True))})
                 continue
             if definite and digest is not None and digest == row.policies_digest:
                 unchanged.policies.add(disk.id)
@@ -320,8 +330,13 @@ def _write_disks(conn: Connection, cycle: CycleWrite, unchanged: _Unchanged) -> 
             else:
                 unknown.append(disk.id)
                 name, vm_id, vm_fqdn = row.name, row.vm_id, row.vm_fqdn
+            attachment = _attachment_of(snap, now=now)
+            if attachment[0] is None and (snap.outcome is not ReadOutcome.OK or row.attachment_vm_id == vm_id):
+                # Not read in this run: what was read stays while the disk is on the VM it was read for.
+                attachment = (row.attachment_state, row.attach_on_boot, row.attachment_vm_id,
+                              row.attachment_verified_at)
             new = (name, vm_id, vm_fqdn, d.source, True, snap.outcome.value, snap.error_code, snap.error_message,
-                   tier, tier_detail, digest, verdict)
+                   tier, tier_detail, digest, verdict, *attachment)
             if new != row[1:_FACTS_END]:  # the row is (id, *DISK_FACTS, was_read)
                 changed.append({"id": disk.id, **dict(zip(DISK_FACTS, new, strict=True))})
         insert_rows(conn, disks, inserts)
