@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import platform
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from auditor import __version__
 from auditor.domain.alerts import Delivery
 from auditor.domain.listings import ALL_STATUSES, FindingQuery, FindingSearch
 from auditor.domain.models import FindingStatus, TrackedFinding, Waiver, WaiverProblem
@@ -182,6 +184,20 @@ async def read_readiness(services: Services) -> Readiness:
         return Readiness(f"the last complete or partial audit cycle finished {age:.0f}s ago, more than twice "
                          f"audit.interval ({limit:.0f}s){failed}", last)
     return Readiness(None, last)
+
+
+@dataclass(frozen=True, slots=True)
+class BuildInfo:
+    """What `auditor_build_info` names: the auditor's version, the Python running it, the database kind."""
+
+    version: str
+    python: str
+    database: str
+
+
+def build_info(services: Services) -> BuildInfo:
+    """Returns this process's build: the auditor's version, Python's (3.11.7) and the database kind."""
+    return BuildInfo(__version__, platform.python_version(), services.store.kind)
 
 
 @dataclass(frozen=True, slots=True)
