@@ -30,8 +30,8 @@ from prometheus_client.samples import Sample
 
 from auditor.api import ApiDeps, CycleMetrics, create_app
 from auditor.config import Settings
-from auditor.fake import create_app as fake_app
 from auditor.fake import Fleet, demo_fleet
+from auditor.fake import create_app as fake_app
 from auditor.service import open_services
 from auditor.service.cycle import run_cycle
 from auditor.service.delivery import deliver_due
