@@ -746,7 +746,7 @@ def test_charts_have_a_point_per_run_and_shade_gaps() -> None:
     many = [point(end - timedelta(minutes=5 * i)) for i in range(MAX_MARKS + 1)]
     big = compliance_chart(many, start=start, end=end, gap=timedelta(hours=2))
     assert big.marks == [] and sum(line.vertices for line in big.lines) == len(many)
-    assert compliance_pct(0, 0) is None and compliance_pct(2, 3) == 66.7
+    assert compliance_pct(0, 0) is None and compliance_pct(2, 3) == pytest.approx(66.667, abs=0.001)
 
 
 def test_charts_keep_one_vertex_per_pixel_column_when_runs_outnumber_them() -> None:

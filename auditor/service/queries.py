@@ -255,6 +255,12 @@ async def read_snapshot(services: Services) -> Snapshot:
     elif counts.get(FindingStatus.OPEN, 0) + counts.get(FindingStatus.WAIVED, 0) <= dashboard.INDEX_LIMIT:
         active = dashboard.OPEN_OR_WAIVED
         index = dashboard.FindingIndex(await store.read(reads.finding_listings, statuses=active), active)
+    # The overview's ten most severe open findings (severity, then disk and fingerprint, as the findings page).
+    most_severe = FindingSearch(limit=dashboard.TOP_FINDINGS)
+    if index is not None:
+        top = index.matching(most_severe)[:dashboard.TOP_FINDINGS]
+    else:
+        top, _found = await store.read(reads.search_findings, most_severe)
     summary = report["summary"]
     # Exempt disks are judged by no rule: outside the ratio, as in the period report.
     judged = summary["disks_total"] - summary.get("exempt", 0)
@@ -262,7 +268,7 @@ async def read_snapshot(services: Services) -> Snapshot:
         built_at=now, latest=latest, last_good=last_good, report={k: report[k] for k in dashboard.REPORT_KEYS},
         compliance_pct=dashboard.compliance_pct(summary["compliant"], judged),
         unknown=[d for d in report["disks"] if d["status"] == DiskStatus.UNKNOWN], history=history, sources=sources,
-        index=index, tiers=tiers)
+        index=index, tiers=tiers, top_open=list(top))
 
 
 async def read_search_page(services: Services, *, search: FindingSearch, page: int,
