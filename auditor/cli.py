@@ -200,7 +200,7 @@ def main() -> None:
 def check_config(config_path: Path | None) -> None:
     """Validate the configuration, print what is in effect (secrets redacted) and exit (0 valid, 78 invalid with
     one line per problem)."""
-    from auditor.domain.alerts import notifier_warnings
+    from auditor.domain.alerts import IGNORED_SETTINGS, notifier_warnings
     from auditor.domain.rules import RULES
     from auditor.service.configuration import waivers_from
 
@@ -252,11 +252,17 @@ def check_config(config_path: Path | None) -> None:
     for p in problems:
         lines.append(f"  warning: waivers[{p.index}] does not apply: {p.problem}")
     # Name, kind and filters only: a notifier's URL, key or password is a secret and is never printed.
+    # Settings the notifier's kind ignores are left out (Alertmanager is re-posted every cycle: no repeat_interval).
     for n in settings.notifiers:
-        repeat = format_duration(n.repeat_interval) if n.repeat_interval else "never"
-        only = f", rules {', '.join(n.rules)}" if n.rules else ""
-        lines.append(f"  notifier {n.name} ({getattr(n, 'kind', '?')}): min_severity {n.min_severity}, "
-                     f"repeat_interval {repeat}{only}")
+        kind = getattr(n, "kind", "?")
+        shown = [f"min_severity {n.min_severity}"]
+        if "repeat_interval" not in IGNORED_SETTINGS.get(kind, frozenset()):
+            shown.append(f"repeat_interval {format_duration(n.repeat_interval) if n.repeat_interval else 'never'}")
+        if n.rules:
+            shown.append(f"rules {', '.join(n.rules)}")
+        lines.append(f"  notifier {n.name} ({kind}): {', '.join(shown)}")
+    if settings.notify.runbook_url:
+        lines.append(f"  runbook_url {settings.notify.runbook_url}")
     lines += [f"  warning: {w}" for w in notifier_warnings(settings)]
     for line in lines:
         console.print(line, markup=False)

@@ -122,6 +122,14 @@ def test_check_config_warns_about_settings_that_cannot_work(tmp_path: Path) -> N
     result = CliRunner().invoke(main, ["check-config", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "warning: notifier am (alertmanager): repeat_interval is ignored" in result.output
+    # What a kind ignores is not shown as if it applied: no repeat_interval on the Alertmanager notifier's line.
+    assert "  notifier am (alertmanager): min_severity high\n" in result.output
+    config.write_text('[notify]\nrunbook_url = "https://wiki.example.com/{rule}"\n\n[[notifiers]]\nkind = "webhook"\n'
+                      'name = "hook"\nurl = "http://hook"\n')
+    result = CliRunner().invoke(main, ["check-config", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "  notifier hook (webhook): min_severity high, repeat_interval 4h\n" in result.output
+    assert "  runbook_url https://wiki.example.com/{rule}\n" in result.output
 
 
 # ---- (3) notify test resolves on stateful receivers -----------------------------------------------------------

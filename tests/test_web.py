@@ -348,6 +348,9 @@ async def test_failed_and_overdue_runs_show_banners(world: World) -> None:
         overview = (await web.get("/")).text
     assert re.findall(r'data-banner="(\w+)"', overview) == ["overdue"]
     assert "more than twice the audit interval (15 min)" in overview
+    # The banner names its kind once: "Overdue. The last …", never "Overdue. Overdue: …".
+    assert "<strong>Overdue.</strong> The last complete or partial run finished" in overview
+    assert overview.count("Overdue") == 1
     store = world.runtime.store
     run_id = writes.new_run_id()
     await store.write(writes.start_run, run_id=run_id, now=utcnow(), trigger="test", owner=None)

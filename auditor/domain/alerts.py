@@ -16,6 +16,9 @@ from auditor.vocabulary import format_duration
 
 # Kinds whose receiver resolves an alert by itself once its endsAt passes: open alerts are re-posted every cycle.
 KEEP_ALIVE_KINDS = frozenset({"alertmanager"})
+# Common notifier settings a kind ignores (check-config does not show them): a kept-alive receiver is re-posted
+# every cycle, whatever repeat_interval says.
+IGNORED_SETTINGS: Mapping[str, frozenset[str]] = {kind: frozenset({"repeat_interval"}) for kind in KEEP_ALIVE_KINDS}
 # Kinds whose receiver keeps the test alert open until told otherwise: `notify test` resolves it after sending.
 STATEFUL_KINDS = frozenset({"alertmanager", "pagerduty"})
 # PagerDuty Events API v2 accepts exactly these payload.severity values.
