@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_web import API_TOKEN, Dashboard, dashboard
+from test_web import API_TOKEN, Dashboard, dashboard, point
 
 from auditor.fake.fleet import fake_id
 from auditor.render.compliance import compliance_html
 from auditor.service.clock import utcnow
 from auditor.service.compliance import read_period_report
+from auditor.service.dashboard import default_trend_days
+from auditor.web.charts import MAX_MARKS, compliance_chart
 
 __all__ = ["dashboard"]  # the module-scoped fixture: one dashboard (real cycles, uvicorn) for this module
 
@@ -214,3 +216,29 @@ def test_the_overview_lists_the_ten_most_severe_open_findings(signed_in: Any, da
     assert first.locator("a[href^='/findings?status=open&rule=']").count() == 1
     first.locator("a[href^='/disks/']").click()
     signed_in.wait_for_url(re.compile(r".*/disks/disk_.*"))
+
+
+# ---- the trend window and its marks, without a browser ------------------------------------------------------
+
+
+def test_the_default_trend_is_24_hours_until_the_runs_span_7_days() -> None:
+    end = datetime(2030, 1, 8, tzinfo=UTC)
+    assert default_trend_days([], now=end) == 1
+    assert default_trend_days([point(end - timedelta(days=6, hours=23))], now=end) == 1
+    assert default_trend_days([point(end - timedelta(days=7)), point(end)], now=end) == 7
+
+
+def test_a_24_hour_chart_has_hour_ticks_and_a_busy_window_keeps_its_failed_and_partial_marks() -> None:
+    end = datetime(2030, 1, 8, 17, 40, tzinfo=UTC)
+    day = [point(end - timedelta(minutes=45 * k), status="failed" if k % 3 == 0 else "complete",
+                 total=0 if k % 3 == 0 else 10) for k in range(31, 0, -1)]
+    chart = compliance_chart(day, start=end - timedelta(days=1), end=end, gap=timedelta(hours=1))
+    assert [t.label for t in chart.x_ticks] == ["18:00", "00:00", "06:00", "12:00"]
+    assert [m.css for m in chart.marks].count("point point-failed") == 10
+    # 90 days of a 5-minute interval: too many runs for a point each, but the bad ones keep theirs.
+    start = end - timedelta(days=90)
+    busy = [point(start + timedelta(minutes=5 * k), status="partial" if k % 1000 == 7 else "complete")
+            for k in range(90 * 288)]
+    chart = compliance_chart(busy, start=start, end=end, gap=timedelta(minutes=10))
+    assert len(busy) > MAX_MARKS and {m.css for m in chart.marks} == {"point point-partial"}
+    assert len(chart.marks) == sum(p.status == "partial" for p in busy) == 26
