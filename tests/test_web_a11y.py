@@ -198,8 +198,9 @@ def test_a_new_deployment_sees_24_hours_with_failed_and_partial_runs_marked(sign
 @pytest.mark.slow
 @pytest.mark.parametrize("width", [1280])
 def test_the_overview_lists_the_ten_most_severe_open_findings(signed_in: Any, dashboard: Dashboard,
-                                                             width: int) -> None:
+                                                             width: int, tmp_path: Path) -> None:
     signed_in.goto("/")
+    signed_in.locator("#top-findings").screenshot(path=str(tmp_path / "top-findings.png"))
     rows = signed_in.locator("#top-findings tbody tr")
     report = dashboard.api("/api/v1/report")
     open_findings = [f for f in report["findings"] if f["status"] == "open"]
