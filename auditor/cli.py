@@ -200,7 +200,7 @@ def main() -> None:
 def check_config(config_path: Path | None) -> None:
     """Validate the configuration, print what is in effect (secrets redacted) and exit (0 valid, 78 invalid with
     one line per problem)."""
-    from auditor.domain.alerts import notifier_warnings
+    from auditor.domain.alerts import IGNORED_SETTINGS, notifier_warnings
     from auditor.domain.rules import RULES
     from auditor.service.configuration import waivers_from
 
@@ -257,11 +257,17 @@ def check_config(config_path: Path | None) -> None:
     for p in problems:
         lines.append(f"  warning: waivers[{p.index}] does not apply: {p.problem}")
     # Name, kind and filters only: a notifier's URL, key or password is a secret and is never printed.
+    # Settings the notifier's kind ignores are left out (Alertmanager is re-posted every cycle: no repeat_interval).
     for n in settings.notifiers:
-        repeat = format_duration(n.repeat_interval) if n.repeat_interval else "never"
-        only = f", rules {', '.join(n.rules)}" if n.rules else ""
-        lines.append(f"  notifier {n.name} ({getattr(n, 'kind', '?')}): min_severity {n.min_severity}, "
-                     f"repeat_interval {repeat}{only}")
+        kind = getattr(n, "kind", "?")
+        shown = [f"min_severity {n.min_severity}"]
+        if "repeat_interval" not in IGNORED_SETTINGS.get(kind, frozenset()):
+            shown.append(f"repeat_interval {format_duration(n.repeat_interval) if n.repeat_interval else 'never'}")
+        if n.rules:
+            shown.append(f"rules {', '.join(n.rules)}")
+        lines.append(f"  notifier {n.name} ({kind}): {', '.join(shown)}")
+    if settings.notify.runbook_url:
+        lines.append(f"  runbook_url {settings.notify.runbook_url}")
     lines += [f"  warning: {w}" for w in notifier_warnings(settings)]
     for line in lines:
         console.print(line, markup=False)
@@ -838,13 +844,32 @@ def notify_group() -> None:
     """Alert channels."""
 
 
+MAX_HOLD = timedelta(hours=1)
+
+
+def _hold(_ctx: click.Context, _param: click.Parameter, value: str) -> timedelta:
+    """Returns --hold as a timedelta (0 up to an hour), or a one-line usage error."""
+    try:
+        hold = parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if hold > MAX_HOLD:
+        raise click.BadParameter(f"at most {format_duration(MAX_HOLD)}")
+    return hold
+
+
 @notify_group.command("test")
 @config_option
 @click.option("--notifier", "name", default=None, help="Only this notifier (by name).")
-def notify_test(config_path: Path | None, name: str | None) -> None:
+@click.option("--hold", "hold", default="30s", show_default=True, metavar="DURATION", callback=_hold,
+              help="On Alertmanager and PagerDuty: how long the test alert stays firing before it is resolved, so "
+                   "it passes through routing and group_wait (Alertmanager's default group_wait is 30s) and reaches "
+                   "the on-call receiver; 0 resolves it at once. At most 1h.")
+def notify_test(config_path: Path | None, name: str | None, hold: timedelta) -> None:
     """Send a clearly-marked test message to each configured notifier and report the result.
 
-    Exit 0 when every channel accepted it, 2 otherwise.
+    On Alertmanager and PagerDuty the test alert fires, is held for --hold, then resolved (Ctrl-C resolves it at
+    once). Exit 0 when every channel accepted it, 2 otherwise.
     """
     settings = load(config_path)
     setup_logs(settings)
@@ -853,15 +878,19 @@ def notify_test(config_path: Path | None, name: str | None) -> None:
         _err().print(f"no notifier named {name!r}" if name else "no notifiers configured ([[notifiers]])",
                      markup=False)
         sys.exit(EXIT_CONFIG)
+    held = format_duration(hold)
 
-    async def send_test_messages() -> list[tuple[str, str, bool]]:
+    async def send_test_messages() -> dict[str, tuple[str, bool]]:
+        import asyncio
+
         from auditor.domain.alerts import STATEFUL_KINDS
         from auditor.errors import NotifyError
         from auditor.notify.dispatch import Dispatcher
         from auditor.service.alerts import resolved_test_notification, test_notification
         from auditor.service.clock import utcnow
 
-        results = []
+        results: dict[str, tuple[str, bool]] = {}
+        firing = []  # (settings, test notification, result text) of the stateful receivers that took the alert
         async with Dispatcher() as dispatcher:
             for n in chosen:
                 now = utcnow()
@@ -870,31 +899,43 @@ def notify_test(config_path: Path | None, name: str | None) -> None:
                     r = await dispatcher.send(test, n, now=now)
                 except NotifyError as exc:
                     kind = "permanent" if exc.permanent else "temporary"
-                    results.append((n.name, f"FAILED ({kind}): {exc}", False))
+                    results[n.name] = (f"FAILED ({kind}): {exc}", False)
                     continue
                 text = f"ok (HTTP {r.status_code})" if r.status_code else f"ok ({r.detail})"
-                if getattr(n, "kind", None) not in STATEFUL_KINDS:
-                    results.append((n.name, text, True))
-                    continue
-                # Alertmanager and PagerDuty keep the test alert open (12h, until acknowledged): resolve it now,
-                # with the same fingerprint (Alertmanager's label set, PagerDuty's dedup_key).
-                now = utcnow()
-                try:
-                    await dispatcher.send(resolved_test_notification(test, now=now), n, now=now)
-                except NotifyError as exc:
-                    kind = "permanent" if exc.permanent else "temporary"
-                    results.append((n.name, f"{text}, sent but NOT resolved ({kind}): {exc}; resolve the test "
-                                    "alert by hand", False))
-                    continue
-                results.append((n.name, f"{text}, sent and resolved", True))
+                if getattr(n, "kind", None) in STATEFUL_KINDS:
+                    firing.append((n, test, text))
+                else:
+                    results[n.name] = (text, True)
+            try:
+                if firing and hold:
+                    # Alertmanager routes a new alert only after its group_wait: resolved at once, it never
+                    # reaches the on-call receiver. Holding it firing lets it through.
+                    names = ", ".join(n.name for n, _, _ in firing)
+                    _out().print(f"holding the test alert firing on {names} for {held} (so it passes routing and "
+                                 "group_wait), then resolving it…", markup=False)
+                    await asyncio.sleep(hold.total_seconds())
+            finally:
+                # Alertmanager and PagerDuty keep the test alert open (12h, until acknowledged): resolve it, with
+                # the same fingerprint (Alertmanager's label set, PagerDuty's dedup_key), also after Ctrl-C.
+                for n, test, text in firing:
+                    now = utcnow()
+                    done = f"sent, held {held} and resolved" if hold else "sent and resolved"
+                    try:
+                        await dispatcher.send(resolved_test_notification(test, now=now), n, now=now)
+                    except NotifyError as exc:
+                        kind = "permanent" if exc.permanent else "temporary"
+                        results[n.name] = (f"{text}, sent but NOT resolved ({kind}): {exc}; resolve the test "
+                                           "alert by hand", False)
+                        continue
+                    results[n.name] = (f"{text}, {done}", True)
         return results
 
     results = run_async(send_test_messages())
     console = _out()
-    for notifier, text, _ in results:
-        kind = next(n.kind for n in chosen if n.name == notifier)
-        console.print(f"{notifier} [{kind}]: {text}", markup=False)
-    sys.exit(EXIT_OK if all(ok for *_, ok in results) else EXIT_INCOMPLETE)
+    for n in chosen:
+        text, _ = results[n.name]
+        console.print(f"{n.name} [{n.kind}]: {text}", markup=False)
+    sys.exit(EXIT_OK if all(ok for _, ok in results.values()) else EXIT_INCOMPLETE)
 
 
 # ---- fake Katapult and demo ----------------------------------------------------------------------------

@@ -478,6 +478,20 @@ class NotifySettings(Section):
 
     # A receiver's Retry-After (seconds or HTTP-date) is clamped to [0, max_retry_after].
     max_retry_after: Duration = timedelta(hours=1)
+    # A runbook link added to every alert: an http(s) URL template where {rule} stands for the rule id
+    # ("https://wiki.example.com/runbooks/auditor#{rule}"); "" adds none.
+    runbook_url: str = ""
+
+    @field_validator("runbook_url")
+    @classmethod
+    def _runbook_url(cls, value: str) -> str:
+        if not value:
+            return value
+        if not re.match(r"^https?://[^/\s{}]+", value) or any(c.isspace() for c in value):
+            raise ValueError("must be an http(s) URL like https://wiki.example.com/runbooks/{rule}")
+        if "{" in value.replace("{rule}", "") or "}" in value.replace("{rule}", ""):
+            raise ValueError("the only placeholder is {rule} (the rule id)")
+        return value
 
 
 class HeartbeatSettings(Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -63,7 +64,9 @@ def demo_settings(*, db_path: str, listen: str, interval: str = "30s") -> Settin
         "audit": {"interval": interval, "disks": targets.disks, "organizations": targets.organizations,
                   "jitter": "0s"},
         "api": {"listen": listen},
-        "log": {"level": "warning"},
+        # Nothing is logged before the first report (the daemon's "is now the leader" is a warning); `run_demo`
+        # lowers the threshold to warnings once the report is shown.
+        "log": {"level": "error"},
         # Alerts from the demo go to an in-process receiver that prints them (see PrintingReceiver).
         "notifiers": [{"kind": "webhook", "name": "demo-webhook", "url": DEMO_WEBHOOK_URL,
                        "min_severity": Severity.MEDIUM.value, "repeat_interval": "1h"}],
@@ -102,9 +105,12 @@ async def run_demo(settings: Settings, *, once: bool, show: Callable[[AuditOutco
             shown = True
             show(outcome, await read_report(services))
             base = f"http://{settings.api.listen}"
-            sys.stdout.write(f"API: {base}/api/v1/report  docs: {base}/docs  metrics: {base}/metrics\n"
+            sys.stdout.write(f"dashboard: {base}/\n"
+                             f"API: {base}/api/v1/report  docs: {base}/docs  metrics: {base}/metrics\n"
                              f"auditing every {settings.audit.interval.total_seconds():.0f}s; Ctrl-C stops\n")
             sys.stdout.flush()
+            # The report came first; from now on the daemon's warnings are worth seeing (see demo_settings).
+            logging.getLogger().setLevel(logging.WARNING)
 
         assert serve is not None, "the daemon demo needs auditor.daemon.serve"
         return await serve(settings, transport=transport, token=DEMO_TOKEN, on_cycle=first_report,

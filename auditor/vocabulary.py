@@ -296,3 +296,22 @@ def _wait(seconds: int) -> str:
     if seconds < 7200:
         return f"{math.ceil(seconds / 60)}m"
     return f"{math.ceil(seconds / 3600)}h"
+
+
+# ---- percentages --------------------------------------------------------------------------------------------
+
+
+def format_percent(value: float | None, *, decimals: int = 1, sep: str = "") -> str:
+    """Returns a percentage for people with at most `decimals` decimals (trailing zeros dropped), `sep` before the
+    "%"; None is "n/a". Never 0 or 100 when the value is not: 0.021 at one decimal is "< 0.1%", 99.97 "> 99.9%"."""
+    if value is None:
+        return "n/a"
+    if value <= 0 or value >= 100:
+        return f"{0 if value <= 0 else 100}{sep}%"
+    step = 10.0 ** -decimals
+    text = f"{value:.{decimals}f}"
+    if float(text) <= 0:
+        return f"< {step:.{decimals}f}{sep}%"
+    if float(text) >= 100:
+        return f"> {100 - step:.{decimals}f}{sep}%"
+    return (text.rstrip("0").rstrip(".") if "." in text else text) + f"{sep}%"

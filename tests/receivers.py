@@ -15,10 +15,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from typing import Any, cast
 
+import httpx
 import uvicorn
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -145,6 +147,42 @@ class RecordingApp:
         if self._release is not None:
             self._release.set()
             self._release = None
+
+
+class GroupWaitRouter(RecordingApp):
+    """An Alertmanager stand-in (POST /api/v2/alerts): like Alertmanager, it holds a new alert for `group_wait`,
+    then posts the alerts still active (endsAt in the future) to the on-call receiver at `route_to`, as a webhook
+    payload. An alert resolved within group_wait never reaches on-call."""
+
+    def __init__(self, route_to: str, *, group_wait: float) -> None:
+        super().__init__()
+        self.route_to = route_to
+        self.group_wait = group_wait
+        self.active: dict[str, dict[str, Any]] = {}  # label set (JSON) -> the alert as last posted
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        await super().__call__(scope, receive, send)
+        if scope.get("type") != "http" or not scope["path"].endswith("/api/v2/alerts"):
+            return
+        new = False
+        for alert in self.requests[-1].json():
+            key = json.dumps(alert["labels"], sort_keys=True)
+            new = new or key not in self.active
+            self.active[key] = alert
+        if new:
+            task = asyncio.get_running_loop().create_task(self._route())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _route(self) -> None:
+        await asyncio.sleep(self.group_wait)
+        now = datetime.now(UTC)
+        firing = [a for a in self.active.values()
+                  if datetime.fromisoformat(a["endsAt"].replace("Z", "+00:00")) > now]
+        if firing:
+            async with httpx.AsyncClient() as client:
+                await client.post(self.route_to, json={"version": "4", "status": "firing", "alerts": firing})
 
 
 class _QuietServer(uvicorn.Server):

@@ -8,6 +8,7 @@ import fnmatch
 import importlib.metadata
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -29,8 +30,8 @@ from prometheus_client.samples import Sample
 
 from auditor.api import ApiDeps, CycleMetrics, create_app
 from auditor.config import Settings
+from auditor.fake import Fleet, demo_fleet
 from auditor.fake import create_app as fake_app
-from auditor.fake import demo_fleet
 from auditor.service import open_services
 from auditor.service.cycle import run_cycle
 from auditor.service.delivery import deliver_due
@@ -143,24 +144,37 @@ def test_metric_name_extraction() -> None:
     assert matched_labels(expr) == [("auditor_notifications", "state"), ("up", "job")]
 
 
-async def scrape_after_a_cycle(tmp_path: Path) -> list[Sample]:
+async def scrape_after_a_cycle(tmp_path: Path, *, healthy: bool = False) -> list[Sample]:
     """Returns the samples /metrics exposes after a real cycle against the fake Katapult.
 
-    A webhook that answers 400 gives up the cycle's notifications, so the outbox has a `failed` state too; the
-    process is a leader, as in the daemon, so `auditor_leader` is there.
+    By default the demo fleet (findings of every severity) and a webhook that answers 400 and so gives up the
+    cycle's notifications, so the outbox has a `failed` state too; `healthy`: one organization whose only disk is
+    compliant, and no notifier. The process is a leader, as in the daemon, so `auditor_leader` is there.
     """
-    fleet, targets = demo_fleet(now=int(time.time()))
+    if healthy:
+        fleet = Fleet()
+        org = fleet.add_org("healthy")
+        disk = fleet.add_disk(org.id, "data")
+        fleet.add_policy(disk.id, retention=30, next_invocation_at=int(time.time()) + 3600)
+        audit: dict[str, Any] = {"organizations": [org.id]}
+        notifiers: list[dict[str, Any]] = []
+    else:
+        fleet, targets = demo_fleet(now=int(time.time()))
+        audit = {"disks": targets.disks, "organizations": targets.organizations}
+        notifiers = [{"kind": "webhook", "name": "hook", "url": "http://receiver/alerts", "min_severity": "low"}]
     fleet.rate_limit_per_minute = 100_000
     settings = Settings(**{
         "katapult": {"api_url": "http://fake/core/v1", "per_page": 10, "max_requests_per_minute": 60000},
         "database": {"url": f"sqlite:///{tmp_path / 'auditor.db'}"},
-        "audit": {"disks": targets.disks, "organizations": targets.organizations},
-        "notifiers": [{"kind": "webhook", "name": "hook", "url": "http://receiver/alerts", "min_severity": "low"}],
+        "audit": audit,
+        "notifiers": notifiers,
     })
     refuse = httpx.MockTransport(lambda _request: httpx.Response(400, text="no"))
     async with open_services(settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token="fake-token",
                              notify_transport=refuse) as services:
         outcome = await run_cycle(services)
+        if healthy:
+            assert outcome.status.value == "complete" and not outcome.open_findings, outcome
         await deliver_due(services)
         cycles = CycleMetrics(is_leader=True)
         cycles.record(outcome)
@@ -175,7 +189,8 @@ async def scrape_after_a_cycle(tmp_path: Path) -> list[Sample]:
     assert response.status_code == 200
     samples = []
     for family in text_string_to_metric_families(response.text):
-        assert family.samples, f"{family.name} has no sample after a cycle: the scrape would hide a name"
+        if not healthy:
+            assert family.samples, f"{family.name} has no sample after a cycle: the scrape would hide a name"
         samples.extend(family.samples)
     return samples
 
@@ -190,8 +205,13 @@ async def test_every_metric_the_rules_and_dashboard_use_is_exposed(tmp_path: Pat
     # The suffixes prometheus_client adds are what the text format carries.
     assert {"auditor_cycles_total", "auditor_cycle_duration_seconds_bucket", "auditor_cycle_duration_seconds_sum",
             "auditor_cycle_duration_seconds_count", "auditor_leader"} <= set(exposed)
+    assert {"auditor_build_info", "auditor_audit_interval_seconds", "process_start_time_seconds"} <= set(exposed)
+    [build] = [s for s in samples if s.name == "auditor_build_info"]
+    assert build.value == 1 and build.labels["database"] == "sqlite" and build.labels["version"], build
+    assert build.labels["python"] == platform.python_version()
+    [interval] = [s.value for s in samples if s.name == "auditor_audit_interval_seconds"]
+    assert interval == 900  # the default audit.interval, 15m
     recorded = {r["record"] for r in alert_rules() if "record" in r}
-    # The recording rule `vector(900)` (the audit interval) selects no metric; every alert does.
     sources = {"alerts.yml": [r["expr"] for r in alert_rules() if "alert" in r],
                "auditor.json": [grafana_to_promql(e) for e in dashboard_expressions()]}
     for source, exprs in sources.items():
@@ -250,6 +270,86 @@ def test_promtool_unit_tests_fire_the_alerts(promtool: str) -> None:
               for t in case["alert_rule_test"] if t.get("exp_alerts")}
     assert {"AuditorCyclesFailing", "AuditorNoSuccessfulCycle"} <= tested
     result = run(promtool, "test", "rules", ALERTS_TEST.name, cwd=ALERTS_TEST.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# The alerts whose timing depends on audit.interval (or which must stay single for one cause at any interval).
+INTERVAL_ALERTS = ("AuditorCyclesFailing", "AuditorNoSuccessfulCycle", "AuditorNeverCompletedCycle", "AuditorDown")
+
+
+def test_the_rules_assume_no_interval() -> None:
+    # No interval written into the rules: no constant vector, and no `for` long enough to stand for 2 x interval.
+    text = ALERTS.read_text()
+    assert "vector(" not in text and "900" not in text
+    [interval] = [r for r in alert_rules() if r.get("record") == "auditor:audit_interval_seconds"]
+    assert metric_names(interval["expr"]) == {"auditor_audit_interval_seconds"}
+    for rule in alert_rules():
+        window = rule.get("for", "0m")
+        assert re.fullmatch(r"\d+m", window) and int(window[:-1]) <= 10, (rule.get("alert"), window)
+    # ... and the unit tests fire each interval-dependent alert under two different audit intervals.
+    fired: dict[str, set[str]] = {}
+    for case in yaml.safe_load(ALERTS_TEST.read_text())["tests"]:
+        intervals = {v["values"].split("x")[0] for v in case["input_series"]
+                     if v["series"].startswith("auditor_audit_interval_seconds")}
+        for t in case["alert_rule_test"]:
+            if t.get("exp_alerts"):
+                fired.setdefault(t["alertname"], set()).update(intervals)
+    for name in INTERVAL_ALERTS:
+        assert len(fired.get(name, set())) >= 2, (name, fired.get(name))
+
+
+def test_promtool_catches_a_hard_coded_interval(promtool: str, tmp_path: Path) -> None:
+    # The unit tests can fail: the same tests against rules that assume 15m fail at the 1h interval.
+    broken = ALERTS.read_text().replace("expr: max by (job) (auditor_audit_interval_seconds)",
+                                        "expr: max by (job) (auditor_audit_interval_seconds * 0 + 900)")
+    assert broken != ALERTS.read_text()
+    (tmp_path / "alerts.yml").write_text(broken)
+    shutil.copy(ALERTS_TEST, tmp_path / "alerts_test.yml")
+    result = run(promtool, "test", "rules", "alerts_test.yml", cwd=tmp_path)
+    assert result.returncode != 0 and "AuditorNoSuccessfulCycle" in result.stdout + result.stderr, result.stdout
+
+
+def stat_panels() -> list[dict[str, Any]]:
+    return [p for p in dashboard_panels() if p["type"] == "stat"]
+
+
+async def test_grafana_stat_panels_show_zero_when_healthy(promtool: str, tmp_path: Path) -> None:
+    # A real scrape of a healthy auditor (one compliant disk, a complete cycle, no notifier) fed to promtool: every
+    # stat panel's query returns a value (never "No data"), 0 for the counts of trouble.
+    samples = await scrape_after_a_cycle(tmp_path, healthy=True)
+    series = []
+    for sample in samples:
+        labels = {**sample.labels, "job": "auditor", "instance": "a:8080"}
+        text = ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        series.append({"series": f"{sample.name}{{{text}}}", "values": f"{sample.value:g}x30"})
+    expected = {"Consecutive failed cycles": 0, "Open critical findings": 0, "Failed notifications": 0,
+                "Database up": 1, "Leaders": 1}
+    rules, tests = [], []
+    for i, panel in enumerate(stat_panels()):
+        [target] = panel["targets"]
+        expr = grafana_to_promql(target["expr"])
+        rules.append({"record": f"stat:panel_{i}", "expr": expr})
+        if panel["title"] in expected:
+            tests.append({"expr": f"stat:panel_{i}", "eval_time": "10m",
+                          "exp_samples": [{"labels": f"stat:panel_{i}", "value": expected[panel["title"]]}]})
+        else:  # a value, whatever it is
+            tests.append({"expr": f"count(stat:panel_{i})", "eval_time": "10m",
+                          "exp_samples": [{"labels": "{}", "value": 1}]})
+    assert set(expected) <= {p["title"] for p in stat_panels()}
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "stats", "rules": rules}]}))
+    (tmp_path / "test.yml").write_text(yaml.safe_dump({
+        "rule_files": ["rules.yml"], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": tests}]}))
+    result = run(promtool, "test", "rules", "test.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Without any auditor series the trouble counts show nothing rather than a reassuring 0.
+    (tmp_path / "test.yml").write_text(yaml.safe_dump({
+        "rule_files": ["rules.yml"], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": [{"series": 'up{job="auditor", instance="a:8080"}',
+                                                        "values": "0x30"}],
+                   "promql_expr_test": [{"expr": f"count(stat:panel_{i})", "eval_time": "10m", "exp_samples": []}
+                                        for i, _ in enumerate(stat_panels())]}]}))
+    result = run(promtool, "test", "rules", "test.yml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

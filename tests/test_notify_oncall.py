@@ -4,16 +4,18 @@ stateful receivers, and per-notifier labels, source, external_url and severity_m
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import notify_support
 import pytest
 from click.testing import CliRunner
 from pydantic import ValidationError
-from receivers import HttpReceiver
+from receivers import GroupWaitRouter, HttpReceiver
 
 from auditor.cli import main
 from auditor.config import Settings
@@ -120,6 +122,14 @@ def test_check_config_warns_about_settings_that_cannot_work(tmp_path: Path) -> N
     result = CliRunner().invoke(main, ["check-config", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "warning: notifier am (alertmanager): repeat_interval is ignored" in result.output
+    # What a kind ignores is not shown as if it applied: no repeat_interval on the Alertmanager notifier's line.
+    assert "  notifier am (alertmanager): min_severity high\n" in result.output
+    config.write_text('[notify]\nrunbook_url = "https://wiki.example.com/{rule}"\n\n[[notifiers]]\nkind = "webhook"\n'
+                      'name = "hook"\nurl = "http://hook"\n')
+    result = CliRunner().invoke(main, ["check-config", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "  notifier hook (webhook): min_severity high, repeat_interval 4h\n" in result.output
+    assert "  runbook_url https://wiki.example.com/{rule}\n" in result.output
 
 
 # ---- (3) notify test resolves on stateful receivers -----------------------------------------------------------
@@ -134,8 +144,9 @@ def test_notify_test_fires_then_resolves_on_alertmanager_and_pagerduty(receiver:
         f'events_url = "{receiver.url}/v2/enqueue"\n\n'
         f'[[notifiers]]\nkind = "webhook"\nname = "hook"\nurl = "{receiver.url}/hook"\n'
     )
-    result = CliRunner().invoke(main, ["notify", "test", "--config", str(config)])
+    result = CliRunner().invoke(main, ["notify", "test", "--hold", "0", "--config", str(config)])
     assert result.exit_code == 0, result.output
+    assert "holding" not in result.output
     assert "am [alertmanager]: ok (HTTP 200), sent and resolved" in result.output
     assert "pd [pagerduty]: ok (HTTP 200), sent and resolved" in result.output
     assert "hook [webhook]: ok (HTTP 200)\n" in result.output  # stateless: nothing to resolve
@@ -149,6 +160,65 @@ def test_notify_test_fires_then_resolves_on_alertmanager_and_pagerduty(receiver:
     assert [e["event_action"] for e in pd] == ["trigger", "resolve"]
     assert pd[0]["dedup_key"] == pd[1]["dedup_key"]
     assert len([r for r in receiver.requests if r.path == "/hook"]) == 1
+
+
+@pytest.mark.slow
+def test_a_held_notify_test_passes_group_wait_and_reaches_on_call(receiver: HttpReceiver, tmp_path: Path) -> None:
+    # An Alertmanager stand-in holds new alerts for its group_wait (1 s here, 30 s by default) and then routes the
+    # still-active ones to the on-call receiver; PagerDuty is the module's receiver.
+    with HttpReceiver() as on_call, HttpReceiver(GroupWaitRouter(on_call.url + "/oncall", group_wait=1.0)) as am:
+        config = tmp_path / "auditor.toml"
+        config.write_text(
+            f'[[notifiers]]\nkind = "alertmanager"\nname = "am"\nurl = "{am.url}"\n\n'
+            f'[[notifiers]]\nkind = "pagerduty"\nname = "pd"\nrouting_key = "R0UTING"\n'
+            f'events_url = "{receiver.url}/v2/enqueue"\n\n'
+            f'[[notifiers]]\nkind = "webhook"\nname = "hook"\nurl = "{receiver.url}/hook"\n'
+        )
+        router = cast(GroupWaitRouter, am.app)
+        # Resolved at once (the behaviour without a hold): Alertmanager took it, on-call never hears of it.
+        result = CliRunner().invoke(main, ["notify", "test", "--hold", "0", "--config", str(config)])
+        assert result.exit_code == 0, result.output
+        assert _wait_for(lambda: not router._tasks, within=5)
+        assert on_call.requests == []
+        # Held past group_wait: the on-call receiver gets the firing test alert, then it is resolved.
+        router.active.clear()
+        receiver.reset()
+        began = time.monotonic()
+        result = CliRunner().invoke(main, ["notify", "test", "--hold", "2s", "--config", str(config)])
+        took = time.monotonic() - began
+        assert result.exit_code == 0, result.output
+        assert "holding the test alert firing on am, pd for 2s" in result.output
+        assert "am [alertmanager]: ok (HTTP 200), sent, held 2s and resolved" in result.output
+        assert "pd [pagerduty]: ok (HTTP 200), sent, held 2s and resolved" in result.output
+        assert "hook [webhook]: ok (HTTP 200)\n" in result.output
+        assert took >= 2
+        assert _wait_for(lambda: bool(on_call.requests), within=5)
+        [routed] = on_call.requests
+        [alert] = routed.json()["alerts"]
+        assert alert["labels"]["alertname"] == "notifier-test" and alert["labels"]["test"] == "true"
+        am_posts = [json.loads(r.body) for r in am.requests if r.path == "/api/v2/alerts"]
+        assert len(am_posts) == 4 and _rfc(am_posts[-1][0]["endsAt"]) <= datetime.now(UTC)  # resolved at the end
+        pd = [json.loads(r.body)["event_action"] for r in receiver.requests if r.path == "/v2/enqueue"]
+        assert pd == ["trigger", "resolve"]
+
+
+def _wait_for(condition: Callable[[], bool], *, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.parametrize(("hold", "problem"), [("soon", "expected a duration"), ("2h", "at most 1h"),
+                                               ("-1s", "expected a duration")])
+def test_notify_test_refuses_a_bad_hold(hold: str, problem: str, tmp_path: Path) -> None:
+    config = tmp_path / "auditor.toml"
+    config.write_text('[[notifiers]]\nkind = "webhook"\nname = "hook"\nurl = "http://127.0.0.1:9/x"\n')
+    result = CliRunner().invoke(main, ["notify", "test", "--hold", hold, "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--hold'" in result.output and problem in result.output, result.output
 
 
 # ---- (4) labels, source, external_url, severity_map -----------------------------------------------------------

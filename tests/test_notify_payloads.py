@@ -22,6 +22,7 @@ from auditor.config import (
     WebhookNotifier,
 )
 from auditor.domain.alerts import AUDIT_INCOMPLETE, Alert, AlertStatus
+from auditor.domain.hints import REMEDIATION
 from auditor.domain.models import Severity
 from auditor.domain.retry import parse_retry_after
 from auditor.errors import ConfigError
@@ -32,6 +33,7 @@ from auditor.notify.base import headline, rfc3339, scrub, url_secrets
 from auditor.notify.email import NOTIFIER as EMAIL
 from auditor.notify.pagerduty import NOTIFIER as PAGERDUTY
 from auditor.notify.slack import NOTIFIER as SLACK
+from auditor.notify.slack import escape
 from auditor.notify.webhook import NOTIFIER as WEBHOOK
 from auditor.notify.webhook import sign
 from auditor.vocabulary import format_duration
@@ -161,7 +163,7 @@ def test_webhook_firing_payload_is_alertmanager_v4() -> None:
         "receiver": "ops",
         "groupLabels": {"alertname": "unprotected-disk"},
         "commonLabels": {"alertname": "unprotected-disk", "source": "auditor"},
-        "commonAnnotations": {},
+        "commonAnnotations": {"remediation": REMEDIATION["unprotected-disk"]},
         "externalURL": "",
         "alerts": [
             {
@@ -175,6 +177,7 @@ def test_webhook_firing_payload_is_alertmanager_v4() -> None:
                 "annotations": {
                     "summary": "Disk dsk_1 has no backup policy",
                     "description": "No backup policy covers disk dsk_1 (web-1).",
+                    "remediation": REMEDIATION["unprotected-disk"],
                 },
                 "startsAt": "2026-11-28T04:00:00Z",
                 "endsAt": "0001-01-01T00:00:00Z",
@@ -192,6 +195,7 @@ def test_webhook_firing_payload_is_alertmanager_v4() -> None:
                 "annotations": {
                     "summary": "Disk dsk_2 has no backup policy",
                     "description": "No backup policy covers disk dsk_2 (db-1).",
+                    "remediation": REMEDIATION["unprotected-disk"],
                 },
                 "startsAt": "2026-11-28T05:30:15.25Z",
                 "endsAt": "0001-01-01T00:00:00Z",
@@ -215,6 +219,7 @@ def test_webhook_resolved_payload_carries_end_time_and_common_annotations() -> N
     assert payload["commonAnnotations"] == {
         "summary": "Policy dbp_9 on dsk_3 missed its run",
         "description": "next_invocation_at is 2h in the past.",
+        "remediation": REMEDIATION["schedule-stale"],
     }
     assert payload["alerts"][0]["status"] == "resolved"
     assert payload["alerts"][0]["endsAt"] == "2026-11-28T07:00:00Z"
@@ -237,7 +242,7 @@ def test_webhook_audit_incomplete_drops_empty_labels() -> None:
 def test_webhook_test_notification_is_labelled_as_test() -> None:
     payload = WEBHOOK.build_payload(replace(FIRING, is_test=True), webhook_settings(), now=NOW)
     assert payload["commonLabels"] == {"alertname": "unprotected-disk", "source": "auditor", "test": "true"}
-    assert payload["commonAnnotations"] == {"test": TEST_NOTE}
+    assert payload["commonAnnotations"] == {"test": TEST_NOTE, "remediation": REMEDIATION["unprotected-disk"]}
     for alert in payload["alerts"]:
         assert alert["labels"]["test"] == "true"
         assert alert["annotations"]["test"] == TEST_NOTE
@@ -272,6 +277,7 @@ def test_alertmanager_payload_is_postable_alerts() -> None:
             "annotations": {
                 "summary": "Disk dsk_1 has no backup policy",
                 "description": "No backup policy covers disk dsk_1 (web-1).",
+                "remediation": REMEDIATION["unprotected-disk"],
             },
             "startsAt": "2026-11-28T04:00:00Z",
             # default repeat_interval 4h: kept alive for 3 x 4h
@@ -289,6 +295,7 @@ def test_alertmanager_payload_is_postable_alerts() -> None:
             "annotations": {
                 "summary": "Policy dbp_9 on dsk_3 missed its run",
                 "description": "next_invocation_at is 2h in the past.",
+                "remediation": REMEDIATION["schedule-stale"],
             },
             "startsAt": "2026-11-28T03:48:00Z",
             "endsAt": "2026-11-28T07:00:00Z",
@@ -357,6 +364,7 @@ def test_pagerduty_one_event_per_alert() -> None:
                     "fingerprint": "1111aaaa2222bbbb", "source": "auditor",
                     "starts_at": "2026-11-28T04:00:00Z",
                     "disk_id": "dsk_1",
+                    "remediation": REMEDIATION["unprotected-disk"],
                 },
             },
         },
@@ -388,6 +396,7 @@ def test_pagerduty_audit_incomplete_uses_auditor_as_source() -> None:
         "description": "Katapult answered 503 for 3 disks.",
         "fingerprint": "7777000088889999", "source": "auditor",
         "starts_at": "2026-11-28T06:45:00Z",
+        "remediation": REMEDIATION["audit-incomplete"],
     }
 
 
@@ -422,6 +431,7 @@ def test_slack_firing_message() -> None:
                     "text": ":red_circle: *Disk dsk_1 has no backup policy*\n"
                     "`unprotected-disk` · critical · disk `dsk_1`\n"
                     "No backup policy covers disk dsk_1 (web-1).\n"
+                    f"*What to do:* {escape(REMEDIATION['unprotected-disk'])}\n"
                     "Since 2026-11-28T04:00:00Z",
                 },
             },
@@ -432,7 +442,8 @@ def test_slack_firing_message() -> None:
                     "text": ":red_circle: *Disk dsk_2 has no backup policy*\n"
                     "`unprotected-disk` · high · disk `dsk_2`\n"
                     "No backup policy covers disk dsk_2 (db-1).\n"
-                    "Since 2026-11-28T05:30:15.25Z",
+                    f"*What to do:* {escape(REMEDIATION['unprotected-disk'])}\n"
+                    "Since 2026-11-28T05:30:15Z",  # whole seconds for people (the alert started at 05:30:15.25)
                 },
             },
             {"type": "context",

@@ -251,6 +251,8 @@ def test_percentages_truncate_and_never_claim_all_when_something_was_missing() -
     assert periods.pct(90 * DAY_US - 3600 * 10**6, 90 * DAY_US) == 99.953
     assert periods.pct(10**9 - 1, 10**9) == 99.999
     assert periods.pct(1, 3) == 33.333 and periods.pct(2, 3) == 66.666
+    # ... nor none when something was there: one covered second in 90 days.
+    assert periods.pct(10**6, 90 * DAY_US) == 0.001 and periods.pct(0, 90 * DAY_US) == 0.0
 
 
 # ---- findings over the period -----------------------------------------------------------------------------------

@@ -213,6 +213,17 @@ def test_window_exactly_the_minimum_passes_and_one_backup_less_fails(
     assert finding.severity is Severity.MEDIUM
 
 
+@pytest.mark.parametrize(("retention", "min_days", "text"), [
+    (1, 7, "covers 1 day (1 × daily), less than the required 7 days"),
+    (2, 7, "covers 2 days (2 × daily), less than the required 7 days"),
+    (0, 1, "covers 0 days (0 × daily), less than the required 1 day"),
+])
+def test_window_message_counts_days_in_words_that_agree(retention: int, min_days: float, text: str) -> None:
+    params = RuleParams(min_retention=0, min_retention_days=min_days, max_interval=Interval.MONTHLY)
+    [finding] = evaluate(snap(policy(retention=retention, interval=Interval.DAILY)), ruleset(params), now=NOW)
+    assert finding.message.endswith(text), finding.message
+
+
 def test_window_uses_the_interval_length_not_the_count() -> None:
     # 7 backups pass min_retention=7 but 7 hourly backups are only 7 hours.
     params = RuleParams(min_retention=7, min_retention_days=7, max_interval=Interval.DAILY)

@@ -15,6 +15,7 @@ from pydantic import SecretStr
 from receivers import HttpReceiver, Reply
 
 from auditor.config import TeamsNotifier, load_settings
+from auditor.domain.hints import REMEDIATION
 from auditor.errors import ConfigError, NotifyError
 from auditor.notify import NOTIFIERS, notifier_for
 from auditor.notify.teams import NOTIFIER as TEAMS
@@ -104,6 +105,7 @@ def test_firing_card_exactly() -> None:
                         ("Since", "2026-11-28T04:00:00Z"),
                     ),
                     literal("No backup policy covers disk dsk_1 (web-1).", isSubtle=True),
+                    literal(f"What to do: {REMEDIATION['unprotected-disk']}"),
                 ],
             },
             {
@@ -115,8 +117,9 @@ def test_firing_card_exactly() -> None:
                         ("Rule", "unprotected-disk"),
                         ("Severity", "high"),
                         ("Disk", "dsk_2"),
-                        ("Since", "2026-11-28T05:30:15.25Z"),
+                        ("Since", "2026-11-28T05:30:15Z"),  # whole seconds (it started at 05:30:15.25)
                     ),
+                    literal(f"What to do: {REMEDIATION['unprotected-disk']}"),
                 ],
             },
             FOOTER,

@@ -17,7 +17,7 @@ import pytest
 
 import auditor
 from auditor import vocabulary as v
-from auditor.vocabulary import DurationStyle, format_duration
+from auditor.vocabulary import DurationStyle, format_duration, format_percent
 
 PACKAGE = Path(auditor.__file__).resolve().parent
 VOCABULARY = "vocabulary.py"
@@ -241,3 +241,14 @@ def test_the_config_syntax_reads_back_what_it_writes() -> None:
     for seconds in (0, 0.25, 1, 59, 61, 90, 3600, 5400, 86400, 7 * 86400, 400 * 86400):
         value = timedelta(seconds=seconds)
         assert v.parse_duration(format_duration(value)) == value
+
+
+@pytest.mark.parametrize(("value", "decimals", "sep", "text"), [
+    (None, 1, "", "n/a"), (0.0, 1, "", "0%"), (100.0, 1, "", "100%"), (0.021, 1, "", "< 0.1%"),
+    (99.97, 1, "", "> 99.9%"), (99.94, 1, "", "99.9%"), (50.0, 1, "", "50%"), (66.666, 1, "", "66.7%"),
+    (0.021, 3, " ", "0.021 %"), (0.0004, 3, " ", "< 0.001 %"), (99.9996, 3, " ", "> 99.999 %"),
+    (83.333, 3, " ", "83.333 %"), (0.05, 1, " ", "0.1 %"), (0.04, 1, " ", "< 0.1 %"),
+])
+def test_percentages_are_never_0_or_100_when_they_are_not(value: float | None, decimals: int, sep: str,
+                                                            text: str) -> None:
+    assert format_percent(value, decimals=decimals, sep=sep) == text

@@ -360,6 +360,9 @@ async def test_failed_and_overdue_runs_show_banners(world: World) -> None:
         overview = (await web.get("/")).text
     assert re.findall(r'data-banner="(\w+)"', overview) == ["overdue"]
     assert "more than twice the audit interval (15 min)" in overview
+    # The banner names its kind once: "Overdue. The last …", never "Overdue. Overdue: …".
+    assert "<strong>Overdue.</strong> The last complete or partial run finished" in overview
+    assert overview.count("Overdue") == 1
     store = world.runtime.store
     run_id = writes.new_run_id()
     await store.write(writes.start_run, run_id=run_id, now=utcnow(), trigger="test", owner=None)
@@ -758,7 +761,7 @@ def test_charts_have_a_point_per_run_and_shade_gaps() -> None:
     many = [point(end - timedelta(minutes=5 * i)) for i in range(MAX_MARKS + 1)]
     big = compliance_chart(many, start=start, end=end, gap=timedelta(hours=2))
     assert big.marks == [] and sum(line.vertices for line in big.lines) == len(many)
-    assert compliance_pct(0, 0) is None and compliance_pct(2, 3) == 66.7
+    assert compliance_pct(0, 0) is None and compliance_pct(2, 3) == pytest.approx(66.667, abs=0.001)
 
 
 def test_charts_keep_one_vertex_per_pixel_column_when_runs_outnumber_them() -> None:

@@ -9,8 +9,9 @@ scrape never triggers a poll and two processes never share counters by accident.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -21,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from auditor.domain.models import FindingStatus
 from auditor.domain.periods import FINISHED_RUNS
-from auditor.service.queries import StoredState
+from auditor.service.queries import BuildInfo, StoredState
 from auditor.service.reloads import ConfigStatus
 from auditor.service.runner import CycleMetrics
 from auditor.web.auth import LoginThrottle
@@ -33,8 +34,9 @@ class _Snapshot(Collector):
     """A collector over one scrape's numbers (prometheus_client calls `collect` while rendering)."""
 
     def __init__(self, cycles: CycleMetrics, state: StoredState | None, config: ConfigStatus | None,
-                 logins: LoginThrottle | None) -> None:
+                 logins: LoginThrottle | None, process: ProcessInfo | None) -> None:
         self._cycles = cycles
+        self._process = process
         self._state = state
         self._config = config
         self._logins = logins
@@ -82,6 +84,8 @@ class _Snapshot(Collector):
                                     value=c.leader_epoch)
         if self._config is not None:
             yield from _config_metrics(self._config)
+        if self._process is not None:
+            yield from _process_metrics(self._process)
 
         if self._logins is not None:
             yield CounterMetricFamily("auditor_login_failures", "Dashboard logins with a wrong token, in this "
@@ -126,6 +130,26 @@ class _Snapshot(Collector):
         yield notifications
 
 
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """What a scrape says about this process itself: its build and the audit interval it runs on."""
+
+    build: BuildInfo
+    interval_seconds: float
+
+
+def _process_metrics(process: ProcessInfo) -> Iterator[Metric]:
+    """The build (Prometheus' own `prometheus_build_info` alike) and the audit interval, so alerting rules derive
+    their thresholds from the deployment instead of assuming one."""
+    info = GaugeMetricFamily("auditor_build_info", "The auditor's version, the Python running it and the database "
+                             "kind (sqlite or postgresql); always 1.", labels=["version", "python", "database"])
+    b = process.build
+    info.add_metric([b.version, b.python, b.database], 1)
+    yield info
+    yield GaugeMetricFamily("auditor_audit_interval_seconds", "audit.interval in force, in seconds: how often the "
+                            "leader runs an audit cycle.", value=process.interval_seconds)
+
+
 def _config_metrics(config: ConfigStatus) -> Iterator[Metric]:
     """The configuration in force and its reloads (SIGHUP), as Prometheus and Alertmanager report theirs."""
     yield GaugeMetricFamily("auditor_config_last_reload_success", "1 if the last configuration reload (SIGHUP) "
@@ -143,10 +167,14 @@ def _config_metrics(config: ConfigStatus) -> Iterator[Metric]:
 
 
 def render(cycles: CycleMetrics, state: StoredState | None, *, config: ConfigStatus | None = None,
-           logins: LoginThrottle | None = None) -> bytes:
-    """Returns the Prometheus text exposition of one scrape (the configuration's and the dashboard's login counters
-    when given)."""
+           logins: LoginThrottle | None = None, process: ProcessInfo | None = None) -> bytes:
+    """Returns the Prometheus text exposition of one scrape (the configuration's, the dashboard's login counters,
+    the build and the audit interval when given)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(cycles, state, config, logins))
+    registry.register(_Snapshot(cycles, state, config, logins, process))
+    if process is not None:
+        # process_start_time_seconds and the other standard process_* series (read from /proc on Linux): the
+        # shipped rules measure "no cycle since the auditor started" from it.
+        ProcessCollector(registry=registry)
     data: bytes = generate_latest(registry)
     return data

@@ -93,7 +93,9 @@ def ops_router(deps: ApiDeps) -> APIRouter:
     async def prometheus_metrics() -> Response:
         """Cycle durations, Katapult traffic, dashboard logins, open findings and disks by status (stored state)."""
         state = await queries.read_stored_state(deps.services)
-        return Response(metrics.render(deps.cycles, state, config=deps.config, logins=deps.logins),
+        process = metrics.ProcessInfo(queries.build_info(deps.services),
+                                      deps.services.settings.audit.interval.total_seconds())
+        return Response(metrics.render(deps.cycles, state, config=deps.config, logins=deps.logins, process=process),
                         media_type=metrics.CONTENT_TYPE)
 
     return router

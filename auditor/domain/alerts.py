@@ -7,13 +7,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
+from urllib.parse import quote
 
+from auditor.domain.hints import remediation_for
 from auditor.domain.models import Severity
 from auditor.vocabulary import AUDIT_INCOMPLETE as AUDIT_INCOMPLETE
 from auditor.vocabulary import format_duration
 
 # Kinds whose receiver resolves an alert by itself once its endsAt passes: open alerts are re-posted every cycle.
 KEEP_ALIVE_KINDS = frozenset({"alertmanager"})
+# Common notifier settings a kind ignores (check-config does not show them): a kept-alive receiver is re-posted
+# every cycle, whatever repeat_interval says.
+IGNORED_SETTINGS: Mapping[str, frozenset[str]] = {kind: frozenset({"repeat_interval"}) for kind in KEEP_ALIVE_KINDS}
 # Kinds whose receiver keeps the test alert open until told otherwise: `notify test` resolves it after sending.
 STATEFUL_KINDS = frozenset({"alertmanager", "pagerduty"})
 # PagerDuty Events API v2 accepts exactly these payload.severity values.
@@ -52,6 +57,15 @@ class Alert:
     disk_id: str | None = None
     policy_id: str | None = None
     tier: str | None = None  # the disk's [[tiers]] entry, None for the defaults
+    # Context for people (annotations, never labels: labels are the alert's identity in Alertmanager).
+    disk_name: str | None = None
+    organization: str | None = None  # the organization the disk was listed through; None: not known
+    runbook_url: str | None = None  # [notify] runbook_url with {rule} filled in
+
+    @property
+    def remediation(self) -> str:
+        """Returns the rule's one-line remediation hint ("" when it has none)."""
+        return remediation_for(self.rule)
 
     def labels(self) -> dict[str, str]:
         """Returns the Alertmanager labels: alertname = rule id, plus disk_id, policy_id, severity, fingerprint,
@@ -68,8 +82,24 @@ class Alert:
         return labels
 
     def annotations(self) -> dict[str, str]:
-        """Returns the Alertmanager annotations: summary and description."""
-        return {"summary": self.summary, "description": self.description}
+        """Returns the Alertmanager annotations: summary and description, then those known of `disk_name`,
+        `organization`, `remediation` and `runbook_url`."""
+        extra = {"disk_name": self.disk_name, "organization": self.organization, "remediation": self.remediation,
+                 "runbook_url": self.runbook_url}
+        return {"summary": self.summary, "description": self.description, **{k: v for k, v in extra.items() if v}}
+
+
+@dataclass(frozen=True, slots=True)
+class DiskContext:
+    """What an alert says about its disk besides the id: its name and organization (None: not known)."""
+
+    name: str | None = None
+    organization: str | None = None
+
+
+def runbook_link(template: str, rule: str) -> str | None:
+    """Returns [notify] runbook_url with `{rule}` replaced by the rule id (URL-quoted), or None without one."""
+    return template.replace("{rule}", quote(rule, safe="")) if template else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +207,8 @@ def notification_to_dict(n: Notification) -> dict[str, Any]:
                 "disk_id": a.disk_id,
                 "policy_id": a.policy_id,
                 **({"tier": a.tier} if a.tier else {}),
+                **{k: v for k, v in (("disk_name", a.disk_name), ("organization", a.organization),
+                                     ("runbook_url", a.runbook_url)) if v},
             }
             for a in n.alerts
         ],
@@ -198,6 +230,9 @@ def notification_from_dict(data: dict[str, Any]) -> Notification:
             disk_id=a.get("disk_id"),
             policy_id=a.get("policy_id"),
             tier=a.get("tier"),
+            disk_name=a.get("disk_name"),
+            organization=a.get("organization"),
+            runbook_url=a.get("runbook_url"),
         )
         for a in data["alerts"]
     )

@@ -75,13 +75,16 @@ def seconds(us: int) -> int:
 
 
 def pct(part: int, whole: int) -> float | None:
-    """Returns part/whole as a percentage truncated to 3 decimals (100.0 only when exactly all); None if whole is 0.
+    """Returns part/whole as a percentage truncated to 3 decimals (100.0 only when exactly all, 0.0 only when none);
+    None if whole is 0.
 
-    Truncated, not rounded: a fleet with one noncompliant hour in 90 days reads 99.999, never 100.0.
+    Truncated, not rounded: a fleet with one noncompliant hour in 90 days reads 99.999, never 100.0; and a part too
+    small for three decimals reads 0.001, never 0.0.
     """
     if whole <= 0:
         return None
-    return (part * 100_000 // whole) / 1000
+    thousandths = part * 100_000 // whole
+    return (1 if thousandths == 0 and part > 0 else thousandths) / 1000
 
 
 def parse_instant(text: str) -> datetime:

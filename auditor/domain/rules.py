@@ -117,6 +117,12 @@ def check_retention_below_minimum(
     )
 
 
+def _count_days(days: float, spec: str) -> str:
+    """Returns "1 day", "0.5 days", "14 days": the number as `spec` formats it, and the noun that agrees."""
+    text = format(days, spec)
+    return f"{text} day" if text == "1" else f"{text} days"
+
+
 def check_retention_window(
     policy: BackupPolicy, params: RuleParams, now: datetime
 ) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
@@ -127,8 +133,8 @@ def check_retention_window(
     if window_days >= params.min_retention_days:
         return None
     return (
-        f"policy {policy.id} covers {window_days:.3g} days ({policy.retention} × {policy.schedule.interval.value}),"
-        f" less than the required {params.min_retention_days:g} days",
+        f"policy {policy.id} covers {_count_days(window_days, '.3g')} ({policy.retention} × "
+        f"{policy.schedule.interval.value}), less than the required {_count_days(params.min_retention_days, 'g')}",
         {"retention": policy.retention, "interval": policy.schedule.interval.value, "window_days": window_days},
         {"min_retention_days": params.min_retention_days},
     )

@@ -78,6 +78,11 @@ def rfc3339(value: datetime) -> str:
     return text + "Z"
 
 
+def human_time(value: datetime) -> str:
+    """Returns a time as people read it in chat and mail: RFC 3339 UTC in whole seconds (fractions dropped)."""
+    return rfc3339(value.replace(microsecond=0))
+
+
 def headline(notification: Notification) -> str:
     """Returns Alertmanager's default title: "[FIRING:3] unprotected-disk" or "[RESOLVED] …", "[TEST] " first."""
     firing = sum(1 for a in notification.alerts if a.status is AlertStatus.FIRING)

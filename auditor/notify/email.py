@@ -30,7 +30,7 @@ from auditor.notify.base import (
     excerpt,
     generator_url,
     headline,
-    rfc3339,
+    human_time,
     settings_secrets,
     static_labels,
 )
@@ -50,19 +50,25 @@ def subject(notification: Notification) -> str:
 
 def _when(alert: Alert, *, now: datetime) -> str:
     if alert.status is AlertStatus.FIRING:
-        return f"Since {rfc3339(alert.starts_at)}"
+        return f"Since {human_time(alert.starts_at)}"
     ended = alert.ends_at or now
     lasted = format_duration(ended - alert.starts_at, style="alert")
-    return f"Lasted {lasted} ({rfc3339(alert.starts_at)} to {rfc3339(ended)})"
+    return f"Lasted {lasted} ({human_time(alert.starts_at)} to {human_time(ended)})"
 
 
 def _facts(alert: Alert, settings: NotifierCommon | None = None) -> list[tuple[str, str]]:
     facts = [("Rule", alert.rule), ("Severity", alert.severity.value)]
     if alert.disk_id:
-        facts.append(("Disk", alert.disk_id))
+        facts.append(("Disk", f"{alert.disk_name} ({alert.disk_id})" if alert.disk_name else alert.disk_id))
+    if alert.organization:
+        facts.append(("Organization", alert.organization))
     if alert.policy_id:
         facts.append(("Policy", alert.policy_id))
     facts.append(("Fingerprint", alert.fingerprint))
+    if alert.remediation and alert.status is AlertStatus.FIRING:
+        facts.append(("What to do", alert.remediation))
+    if alert.runbook_url:
+        facts.append(("Runbook", alert.runbook_url))
     if settings is not None:
         facts.append(("Labels", ", ".join(f"{k}={v}" for k, v in sorted(static_labels(settings).items()))))
         link = generator_url(alert, settings)
@@ -107,7 +113,7 @@ def render_html(notification: Notification, *, now: datetime, settings: Notifier
 
 
 def _cell(key: str, value: str) -> str:
-    if key == "Link":  # generator_url only builds http(s) URLs from the validated external_url
+    if key in ("Link", "Runbook"):  # http(s) URLs only: external_url and runbook_url are validated as such
         return f'<a href="{html.escape(value)}">{html.escape(value)}</a>'
     return html.escape(value)
 

@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 SOURCE = "katapult-backup-auditor"
 SUMMARY_MAX = 1024  # Events API v2: payload.summary is at most 1024 characters
+# Events API v2 refuses an event larger than 512 KB; stay under it with room for what we cannot clip.
+EVENT_MAX_BYTES = 512 * 1024 - 1024
+CLIPPED_NOTE = (" … [clipped to fit PagerDuty's 512 KB event limit: {shown} of {total} characters shown; the full "
+                "text is in the auditor]")
 TEST_PREFIX = "[TEST] "
 SEVERITY = {
     Severity.CRITICAL: "critical",
@@ -70,8 +74,16 @@ def _custom_details(alert: Alert, *, is_test: bool, settings: PagerDutyNotifier 
     }
     if alert.disk_id:
         details["disk_id"] = alert.disk_id
+    if alert.disk_name:
+        details["disk_name"] = alert.disk_name
+    if alert.organization:
+        details["organization"] = alert.organization
     if alert.policy_id:
         details["policy_id"] = alert.policy_id
+    if alert.remediation:
+        details["remediation"] = alert.remediation
+    if alert.runbook_url:
+        details["runbook_url"] = alert.runbook_url
     if is_test:
         details["test"] = True
     return details
@@ -102,10 +114,41 @@ def build_event(
         "payload": payload,
     }
     link = generator_url(alert, settings) if settings is not None else ""
+    links = []
     if link and settings is not None:
         event["client"] = CLIENT
         event["client_url"] = settings.external_url
-        event["links"] = [{"href": link, "text": f"{alert.disk_id} in the auditor" if alert.disk_id else "Audit runs"}]
+        links.append({"href": link, "text": f"{alert.disk_id} in the auditor" if alert.disk_id else "Audit runs"})
+    if alert.runbook_url:
+        links.append({"href": alert.runbook_url, "text": f"Runbook: {alert.rule}"})
+    if links:
+        event["links"] = links
+    return fit(event)
+
+
+def fit(event: dict[str, Any], *, limit: int = EVENT_MAX_BYTES) -> dict[str, Any]:
+    """Returns the event within `limit` bytes of JSON: the longest `custom_details` texts (a description, a disk
+    name) are clipped, longest first, each ending in a note saying so; an event that fits is returned as it is."""
+    size = len(json_body(event))
+    original = event["payload"]["custom_details"] if size > limit else {}
+    details = dict(original)
+    clipped: set[str] = set()
+    while size > limit:
+        texts = [k for k, v in details.items() if isinstance(v, str) and k not in clipped]
+        if not texts:
+            break
+        key = max(texts, key=lambda k: len(json_body(details[k])))
+        text: str = original[key]
+        note = CLIPPED_NOTE.format(shown="{shown}", total=len(text))
+        budget = len(json_body(text)) - (size - limit) - len(json_body(note)) - 16
+        lo, hi = 0, len(text)  # the longest prefix whose JSON fits the budget (UTF-8 and escapes vary per char)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if len(json_body(text[:mid])) <= budget else (lo, mid - 1)
+        details[key] = text[:lo] + note.format(shown=lo)
+        clipped.add(key)
+        event = {**event, "payload": {**event["payload"], "custom_details": details}}
+        size = len(json_body(event))
     return event
 
 

@@ -19,8 +19,8 @@ from auditor.notify.base import (
     DeliveryResult,
     generator_url,
     headline,
+    human_time,
     post_to_webhook,
-    rfc3339,
     static_labels,
 )
 from auditor.vocabulary import format_duration
@@ -52,16 +52,18 @@ def _alert_text(alert: Alert, *, now: datetime, settings: NotifierCommon | None 
         where.append(f"policy `{escape(alert.policy_id)}`")
     if alert.status is AlertStatus.FIRING:
         first = f":red_circle: *{escape(alert.summary)}*"
-        when = f"Since {rfc3339(alert.starts_at)}"
+        when = f"Since {human_time(alert.starts_at)}"
     else:
         first = f":large_green_circle: *Resolved:* {escape(alert.summary)}"
         ended = alert.ends_at or now
         lasted = format_duration(ended - alert.starts_at, style="alert")
-        when = f"Lasted {lasted} (until {rfc3339(ended)})"
+        when = f"Lasted {lasted} (until {human_time(ended)})"
     meta = " · ".join([f"`{escape(alert.rule)}`", escape(alert.severity.value), *where])
     lines = [first, meta]
     if alert.description:
         lines.append(escape(_clip(alert.description, DESCRIPTION_MAX)))
+    if alert.remediation and alert.status is AlertStatus.FIRING:
+        lines.append(f"*What to do:* {escape(alert.remediation)}")
     link = generator_url(alert, settings) if settings is not None else ""
     if link:
         # Slack link syntax <url|text>: the URL must not hold "|" or ">" (generator_url percent-quotes the id).
@@ -72,6 +74,16 @@ def _alert_text(alert: Alert, *, now: datetime, settings: NotifierCommon | None 
 
 def _section(text: str) -> dict[str, Any]:
     return {"type": "section", "text": {"type": "mrkdwn", "text": text}}
+
+
+def _alert_section(alert: Alert, index: int, *, now: datetime, settings: NotifierCommon) -> dict[str, Any]:
+    """Returns one alert's section, with a "Runbook" button beside it when [notify] runbook_url is set."""
+    section = _section(_alert_text(alert, now=now, settings=settings))
+    if alert.runbook_url:
+        # Block Kit: a section's accessory button opens `url` (at most 3000 characters); action_id is unique.
+        section["accessory"] = {"type": "button", "text": {"type": "plain_text", "text": "Runbook"},
+                                "url": alert.runbook_url[:3000], "action_id": f"runbook-{index}"}
+    return section
 
 
 def fallback_text(notification: Notification) -> str:
@@ -100,7 +112,7 @@ class SlackChannel:
         if notification.is_test:
             blocks.append(_section(f":test_tube: {TEST_NOTE}"))
         shown = notification.alerts[:MAX_ALERTS]
-        blocks += [_section(_alert_text(alert, now=now, settings=settings)) for alert in shown]
+        blocks += [_alert_section(alert, i, now=now, settings=settings) for i, alert in enumerate(shown)]
         hidden = len(notification.alerts) - len(shown)
         labels = ", ".join(f"{k}={v}" for k, v in sorted(static_labels(settings).items()))
         if hidden > 0:

@@ -22,8 +22,8 @@ from auditor.notify.base import (
     DeliveryResult,
     generator_url,
     headline,
+    human_time,
     post_to_webhook,
-    rfc3339,
     static_labels,
 )
 from auditor.vocabulary import format_duration
@@ -52,14 +52,17 @@ def literal(text: str, **style: Any) -> dict[str, Any]:
 def _facts(alert: Alert, *, now: datetime) -> list[dict[str, str]]:
     facts = [{"title": "Rule", "value": alert.rule}, {"title": "Severity", "value": alert.severity.value}]
     if alert.disk_id:
-        facts.append({"title": "Disk", "value": alert.disk_id})
+        facts.append({"title": "Disk", "value": f"{alert.disk_name} ({alert.disk_id})" if alert.disk_name
+                      else alert.disk_id})
+    if alert.organization:
+        facts.append({"title": "Organization", "value": alert.organization})
     if alert.policy_id:
         facts.append({"title": "Policy", "value": alert.policy_id})
     if alert.status is AlertStatus.FIRING:
-        facts.append({"title": "Since", "value": rfc3339(alert.starts_at)})
+        facts.append({"title": "Since", "value": human_time(alert.starts_at)})
     else:
         ended = alert.ends_at or now
-        facts.append({"title": "Resolved", "value": rfc3339(ended)})
+        facts.append({"title": "Resolved", "value": human_time(ended)})
         facts.append({"title": "Lasted", "value": format_duration(ended - alert.starts_at, style="alert")})
     return facts
 
@@ -73,11 +76,14 @@ def _alert_container(alert: Alert, *, settings: TeamsNotifier, now: datetime) ->
     ]
     if alert.description:
         items.append(literal(_clip(alert.description, DESCRIPTION_MAX), isSubtle=True))
+    if alert.remediation and is_firing:
+        items.append(literal(f"What to do: {alert.remediation}"))
     link = generator_url(alert, settings)  # "" without external_url
-    if link:
-        items.append(
-            {"type": "ActionSet", "actions": [{"type": "Action.OpenUrl", "title": "Open in the auditor", "url": link}]}
-        )
+    actions = [{"type": "Action.OpenUrl", "title": "Open in the auditor", "url": link}] if link else []
+    if alert.runbook_url:
+        actions.append({"type": "Action.OpenUrl", "title": "Runbook", "url": alert.runbook_url})
+    if actions:
+        items.append({"type": "ActionSet", "actions": actions})
     return {"type": "Container", "separator": True, "items": items}
 
 

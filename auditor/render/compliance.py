@@ -11,7 +11,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from auditor.render.cells import csv_cell, md_cell
-from auditor.vocabulary import format_duration
+from auditor.vocabulary import format_duration, format_percent
 
 DISK_CSV_COLUMNS = ("disk_id", "name", "compliance_pct", "compliant_seconds", "waived_seconds",
                     "noncompliant_seconds", "unknown_seconds", "no_data_seconds", "status_at_end", "exempt_seconds",
@@ -37,8 +37,9 @@ _duration = partial(format_duration, style="report")
 
 
 def format_pct(value: float | None) -> str:
-    """Returns a percentage with up to three decimals (trailing zeros dropped), or n/a."""
-    return "n/a" if value is None else f"{value:.3f}".rstrip("0").rstrip(".") + " %"
+    """Returns a percentage with up to three decimals (trailing zeros dropped), or n/a; never 0 or 100 when it is
+    not ("< 0.001 %", "> 99.999 %")."""
+    return format_percent(value, decimals=3, sep=" ")
 
 
 def rpo_text(rpo: Mapping[str, Any]) -> str:

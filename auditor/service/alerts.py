@@ -27,9 +27,11 @@ from auditor.domain.alerts import (
     Alert,
     AlertState,
     AlertStatus,
+    DiskContext,
     Notification,
     OutboxEntry,
     keep_alive_for,
+    runbook_link,
 )
 from auditor.domain.lifecycle import Change
 from auditor.domain.models import FindingStatus, Severity, TrackedFinding, fingerprint
@@ -52,26 +54,40 @@ def incomplete_fingerprint(disks: Sequence[str], organizations: Sequence[str]) -
     return fingerprint(AUDIT_INCOMPLETE, "targets:" + hashlib.sha256(key.encode()).hexdigest()[:16], None)
 
 
-def finding_alert(f: TrackedFinding, *, status: AlertStatus) -> Alert:
-    """Returns the alert for a finding (its `tier` label is the one the finding opened with)."""
-    where = f"{f.disk_id}" + (f" / {f.policy_id}" if f.policy_id else "")
+def finding_summary(f: TrackedFinding, disk: DiskContext) -> str:
+    """Returns an alert's one-line summary: the rule, then the disk by name and id, its organization and the
+    policy ("retention-below-minimum on disk web-1-system (disk_…) of organization acme, policy dbp_…")."""
+    named = f"{disk.name} ({f.disk_id})" if disk.name else f.disk_id
+    org = f"organization {disk.organization}" if disk.organization else "organization unknown"
+    return f"{f.rule} on disk {named} of {org}" + (f", policy {f.policy_id}" if f.policy_id else "")
+
+
+def finding_alert(f: TrackedFinding, *, status: AlertStatus, disk: DiskContext | None = None,
+                  runbook_url: str = "") -> Alert:
+    """Returns the alert for a finding (its `tier` label is the one the finding opened with); `disk` names the
+    disk and its organization, `runbook_url` is [notify] runbook_url."""
+    disk = disk or DiskContext()
     return Alert(
         fingerprint=f.fingerprint,
         rule=f.rule,
         severity=f.severity,
         status=status,
-        summary=f"{f.rule} on {where}",
+        summary=finding_summary(f, disk),
         description=f.message,
         starts_at=f.opened_at,
         ends_at=f.resolved_at if status is AlertStatus.RESOLVED else None,
         disk_id=f.disk_id,
         policy_id=f.policy_id,
         tier=f.tier,
+        disk_name=disk.name,
+        organization=disk.organization,
+        runbook_url=runbook_link(runbook_url, f.rule),
     )
 
 
 def incomplete_alert(
-    fp: str, *, status: RunStatus, errors: Sequence[RunError], starts_at: datetime, now: datetime
+    fp: str, *, status: RunStatus, errors: Sequence[RunError], starts_at: datetime, now: datetime,
+    runbook_url: str = "",
 ) -> Alert:
     """Returns the `audit-incomplete` alert: firing while runs are partial or failed, resolved by a complete one."""
     firing = status is not RunStatus.COMPLETE
@@ -88,6 +104,7 @@ def incomplete_alert(
         description="\n".join(lines) if firing else "The last audit run read every target.",
         starts_at=starts_at,
         ends_at=None if firing else now,
+        runbook_url=runbook_link(runbook_url, AUDIT_INCOMPLETE),
     )
 
 
@@ -111,12 +128,20 @@ def plan_notifications(
     new_id: Callable[[], str] | None = None,
     interval: timedelta = DEFAULT_INTERVAL,
     untouched: Iterable[TrackedFinding] = (),
+    disks: Mapping[str, DiskContext] | None = None,
+    runbook_url: str = "",
 ) -> Plan:
     """Returns what to tell each notifier after a run (pure: no I/O, `now` given).
 
     `interval` is the audit interval (it sets Alertmanager's keep-alive); `untouched` may hold stored findings
     the run did not change (open findings of a disk that could not be read): open ones still count as firing.
+    `disks` names the findings' disks and their organizations; `runbook_url` is [notify] runbook_url.
     """
+    disks = disks or {}
+
+    def alert(f: TrackedFinding, status: AlertStatus) -> Alert:
+        return finding_alert(f, status=status, disk=disks.get(f.disk_id), runbook_url=runbook_url)
+
     # (alert, is_open, forget): waived findings resolve silently; an expiring waiver later fires them as new.
     candidates: list[tuple[Alert, bool, bool]] = []
     changed: set[str] = set()
@@ -124,21 +149,20 @@ def plan_notifications(
         f = c.finding
         changed.add(f.fingerprint)
         if f.status is FindingStatus.OPEN:
-            candidates.append((finding_alert(f, status=AlertStatus.FIRING), True, False))
+            candidates.append((alert(f, AlertStatus.FIRING), True, False))
         else:
-            candidates.append((finding_alert(f, status=AlertStatus.RESOLVED), False,
-                               f.status is FindingStatus.WAIVED))
+            candidates.append((alert(f, AlertStatus.RESOLVED), False, f.status is FindingStatus.WAIVED))
     for f in untouched:
         if f.status is FindingStatus.OPEN and f.fingerprint not in changed:
             changed.add(f.fingerprint)
-            candidates.append((finding_alert(f, status=AlertStatus.FIRING), True, False))
+            candidates.append((alert(f, AlertStatus.FIRING), True, False))
     keep_alive = keep_alive_for(interval)
     plan = Plan()
     for n in notifiers:
         prior = states.get((n.name, incomplete_fp))
         inc = incomplete_alert(incomplete_fp, status=run_status, errors=errors,
                                starts_at=prior.starts_at if prior and prior.status is AlertStatus.FIRING else now,
-                               now=now)
+                               now=now, runbook_url=runbook_url)
         _plan_notifier(n, [*candidates, (inc, inc.status is AlertStatus.FIRING, False)], states=states, now=now,
                        new_id=new_id, plan=plan, keep_alive=keep_alive if is_kept_alive(n) else None)
     return plan

@@ -12,12 +12,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from auditor.domain.lifecycle import Change, Transition, parse_waivers, reconcile
-from auditor.domain.models import ReadOutcome, WaiverProblem
+from auditor.domain.models import FindingStatus, ReadOutcome, TrackedFinding, WaiverProblem
 from auditor.domain.records import RunError, RunStats, RunStatus
 from auditor.domain.rules import RULES
 from auditor.errors import AuditorError, LeaseHeldError, LeaseLostError, StoreError
@@ -194,7 +194,8 @@ async def record_failures(services: Services, *, failures: PendingFailures) -> i
                                               run_status=RunStatus.FAILED, errors=f.errors,
                                               incomplete_fp=_incomplete_fp(services),
                                               states=await tx.run(queries.alert_state_map), now=f.finished_at,
-                                              interval=settings.audit.interval)
+                                              interval=settings.audit.interval,
+                                              runbook_url=settings.notify.runbook_url)
                     await tx.run(writes.enqueue, plan.entries, plan.states, run_id=f.run_id, now=f.finished_at)
         except StoreError as exc:
             log.error("could not record failed run %s yet (%s); %d failure(s) waiting, retrying",
@@ -287,7 +288,9 @@ async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, b
             plan = plan_notifications(notifiers=settings.notifiers, changes=changes, run_status=status,
                                       errors=collected.errors, incomplete_fp=_incomplete_fp(services),
                                       states=await tx.run(queries.alert_state_map), now=now,
-                                      interval=settings.audit.interval, untouched=previous.values())
+                                      interval=settings.audit.interval, untouched=previous.values(),
+                                      disks=await tx.run(queries.alert_disks, _alert_disk_ids(changes, previous)),
+                                      runbook_url=settings.notify.runbook_url)
             await tx.run(writes.enqueue, plan.entries, plan.states, run_id=run_id, now=now)
     opened = sum(1 for c in changes if c.kind.value in ("opened", "reopened", "unwaived"))
     resolved = sum(1 for c in changes if c.kind.value == "resolved")
@@ -298,6 +301,12 @@ async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, b
         opened=opened, resolved=resolved, open_findings=open_after(previous, changes),
         waiver_problems=problems, changes=changes, trigger=trigger,
     )
+
+
+def _alert_disk_ids(changes: Iterable[Change], findings: Mapping[str, TrackedFinding]) -> set[str]:
+    """Returns the disks alerts may name: those of the changed findings and of the stored open ones."""
+    return {c.finding.disk_id for c in changes} | {f.disk_id for f in findings.values()
+                                                   if f.status is FindingStatus.OPEN}
 
 
 def _incomplete_fp(services: Services) -> str:
@@ -329,12 +338,15 @@ async def _keep_open_alerts_alive(services: Services, f: FailedCycle) -> None:
         return
     try:
         async with services.store.transaction() as tx:
+            active = await tx.run(queries.active_findings)
             plan = plan_notifications(notifiers=settings.notifiers, changes=[],
                                       run_status=RunStatus.FAILED, errors=f.errors,
                                       incomplete_fp=_incomplete_fp(services),
                                       states=await tx.run(queries.alert_state_map),
                                       now=f.finished_at, interval=settings.audit.interval,
-                                      untouched=(await tx.run(queries.active_findings)).values())
+                                      untouched=active.values(),
+                                      disks=await tx.run(queries.alert_disks, _alert_disk_ids((), active)),
+                                      runbook_url=settings.notify.runbook_url)
             await tx.run(writes.enqueue, plan.entries, plan.states, run_id=f.run_id, now=f.finished_at)
     except StoreError as exc:
         log.warning("after failed run %s: could not re-post open alerts to Alertmanager: %s", f.run_id, exc)

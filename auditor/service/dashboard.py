@@ -22,13 +22,25 @@ from auditor.domain.records import RunRecord, RunStatus
 from auditor.service.reports import EXPIRING_WITHIN
 from auditor.vocabulary import format_duration
 
-TREND_DAYS = (7, 30, 90)
+# Trend windows in days; 1 (24 hours) is the default while less than MATURE_DAYS of runs exist, so a new
+# deployment's first runs spread over the chart instead of one line at its right edge.
+TREND_DAYS = (1, 7, 30, 90)
+MATURE_DAYS = 7
+TOP_FINDINGS = 10  # the overview lists this many of the most severe open findings
+
+
+def default_trend_days(history: Sequence[RunPoint], *, now: datetime) -> int:
+    """Returns the overview's default trend window: 24 hours while the runs (oldest first) span less than
+    MATURE_DAYS, else MATURE_DAYS."""
+    young = not history or now - history[0].started_at < timedelta(days=MATURE_DAYS)
+    return 1 if young else MATURE_DAYS
 DELIVERY_STATES = tuple(s.value for s in DeliveryState)
 
 
 def compliance_pct(compliant: int, total: int) -> float | None:
-    """Returns compliant disks as a percentage of the judged disks (unknown ones count against), or None."""
-    return round(100.0 * compliant / total, 1) if total else None
+    """Returns compliant disks as a percentage of the judged disks (unknown ones count against), or None; not
+    rounded (pages format it: 1 of 5,000 disks is "< 0.1%", never 0)."""
+    return 100.0 * compliant / total if total else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +70,8 @@ def run_banners(*, latest: RunRecord | None, last_good: RunRecord | None, now: d
             banners.append(Banner("overdue", "No audit run has completed yet."))
     elif now - last_good.finished_at > limit:
         age = now - last_good.finished_at
-        banners.append(Banner("overdue", f"Overdue: the last complete or partial run finished "
+        # The page prints the kind first ("Overdue."), so the text does not say it again.
+        banners.append(Banner("overdue", f"The last complete or partial run finished "
                                          f"{format_duration(age, style='age')} ago, more than twice the audit "
                                          f"interval ({format_duration(interval, style='age')})."))
     return banners
@@ -178,6 +191,7 @@ class Snapshot:
     sources: list[str]
     index: FindingIndex | None
     tiers: list[str] = field(default_factory=list)
+    top_open: list[FindingListing] = field(default_factory=list)  # the most severe open findings (TOP_FINDINGS)
 
     def trend(self, *, days: int, now: datetime) -> tuple[list[RunPoint], datetime]:
         """Returns the runs started in the `days` before `now` (oldest first) and the window's start."""

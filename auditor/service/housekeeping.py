@@ -33,7 +33,7 @@ async def abandon_orphans(services: Services) -> list[str]:
                                       incomplete_fp=incomplete_fingerprint(settings.audit.disks,
                                                                            settings.audit.organizations),
                                       states=await tx.run(queries.alert_state_map), now=now,
-                                      interval=settings.audit.interval)
+                                      interval=settings.audit.interval, runbook_url=settings.notify.runbook_url)
             await tx.run(writes.enqueue, plan.entries, plan.states, run_id=abandoned[-1], now=now)
     if abandoned:
         sweep_log.warning("marked %d run(s) left running by a process that is gone as failed: %s", len(abandoned),

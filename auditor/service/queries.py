@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import platform
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from auditor import __version__
 from auditor.domain.alerts import Delivery
 from auditor.domain.listings import ALL_STATUSES, FindingQuery, FindingSearch
 from auditor.domain.models import FindingStatus, TrackedFinding, Waiver, WaiverProblem
@@ -188,6 +190,20 @@ async def read_readiness(services: Services) -> Readiness:
 
 
 @dataclass(frozen=True, slots=True)
+class BuildInfo:
+    """What `auditor_build_info` names: the auditor's version, the Python running it, the database kind."""
+
+    version: str
+    python: str
+    database: str
+
+
+def build_info(services: Services) -> BuildInfo:
+    """Returns this process's build: the auditor's version, Python's (3.11.7) and the database kind."""
+    return BuildInfo(__version__, platform.python_version(), services.store.kind)
+
+
+@dataclass(frozen=True, slots=True)
 class StoredState:
     """What a metrics scrape reads from the database."""
 
@@ -242,6 +258,12 @@ async def read_snapshot(services: Services) -> Snapshot:
     elif counts.get(FindingStatus.OPEN, 0) + counts.get(FindingStatus.WAIVED, 0) <= dashboard.INDEX_LIMIT:
         active = dashboard.OPEN_OR_WAIVED
         index = dashboard.FindingIndex(await store.read(reads.finding_listings, statuses=active), active)
+    # The overview's ten most severe open findings (severity, then disk and fingerprint, as the findings page).
+    most_severe = FindingSearch(limit=dashboard.TOP_FINDINGS)
+    if index is not None:
+        top = index.matching(most_severe)[:dashboard.TOP_FINDINGS]
+    else:
+        top, _found = await store.read(reads.search_findings, most_severe)
     summary = report["summary"]
     # Exempt disks are judged by no rule: outside the ratio, as in the period report.
     judged = summary["disks_total"] - summary.get("exempt", 0)
@@ -249,7 +271,7 @@ async def read_snapshot(services: Services) -> Snapshot:
         built_at=now, latest=latest, last_good=last_good, report={k: report[k] for k in dashboard.REPORT_KEYS},
         compliance_pct=dashboard.compliance_pct(summary["compliant"], judged),
         unknown=[d for d in report["disks"] if d["status"] == DiskStatus.UNKNOWN], history=history, sources=sources,
-        index=index, tiers=tiers)
+        index=index, tiers=tiers, top_open=list(top))
 
 
 async def read_search_page(services: Services, *, search: FindingSearch, page: int,

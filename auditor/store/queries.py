@@ -20,7 +20,14 @@ from sqlalchemy import and_, case, exists, func, inspect, null, or_, select, tex
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.sql.elements import ColumnElement
 
-from auditor.domain.alerts import AlertState, AlertStatus, Delivery, DeliveryState, notification_from_dict
+from auditor.domain.alerts import (
+    AlertState,
+    AlertStatus,
+    Delivery,
+    DeliveryState,
+    DiskContext,
+    notification_from_dict,
+)
 from auditor.domain.invocations import (
     RECENT,
     RPO_WINDOW,
@@ -326,6 +333,17 @@ def disk_facts(conn: Connection, ids: Sequence[str]) -> dict[str, Row[Any]]:
     out: dict[str, Row[Any]] = {}
     for chunk in chunks(ids, batch(conn)):
         out.update({r.id: r for r in conn.execute(select(*columns).where(among(conn, disks.c.id, chunk))).all()})
+    return out
+
+
+def alert_disks(conn: Connection, ids: Iterable[str]) -> dict[str, DiskContext]:
+    """Returns what alerts say about the stored disks among `ids`: name and organization (the `org:<ref>` the
+    disk was listed through; None for disks named in audit.disks, whose organization a disk lookup does not give)."""
+    out: dict[str, DiskContext] = {}
+    for chunk in chunks(sorted(set(ids)), batch(conn)):
+        q = select(disks.c.id, disks.c.name, disks.c.source).where(among(conn, disks.c.id, chunk))
+        out.update({r.id: DiskContext(r.name or None, r.source.removeprefix("org:") if r.source.startswith("org:")
+                                      else None) for r in conn.execute(q)})
     return out
 
 

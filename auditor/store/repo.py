@@ -46,6 +46,11 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({safe_url(self.database)})"
 
+    @property
+    def kind(self) -> str:
+        """Returns the database kind: "sqlite" or "postgresql" (SQLAlchemy's dialect name)."""
+        return str(self.engine.dialect.name)
+
     async def close(self) -> None:
         """Disposes of the engine's connections."""
         await self.engine.dispose()

@@ -17,9 +17,11 @@ from auditor.domain.listings import RunPoint
 from auditor.domain.models import Severity
 from auditor.domain.records import RunStatus
 from auditor.service.dashboard import compliance_pct
+from auditor.vocabulary import format_percent
 
 WIDTH, HEIGHT = 480.0, 220.0
-LEFT, RIGHT, TOP, BOTTOM = 40.0, 10.0, 10.0, 26.0
+# Margins hold the axis labels at the largest text size the stylesheet draws them (17 units on narrow screens).
+LEFT, RIGHT, TOP, BOTTOM = 54.0, 16.0, 10.0, 28.0
 # Above this many runs in the window a chart draws only its lines (each run is still a vertex): thousands of
 # circles would make the page heavy for nothing a reader can tell apart at that density.
 MAX_MARKS = 200
@@ -107,6 +109,16 @@ def _y_scale(top_value: float) -> Callable[[float], float]:
 def _x_ticks(start: datetime, end: datetime) -> list[Tick]:
     x = _x_scale(start, end)
     span = end - start
+    if span <= timedelta(days=2):  # the 24-hour window: whole hours, at most 5 ticks
+        hours = next((h for h in (1, 2, 3, 6, 12) if span / timedelta(hours=h) <= 5), 12)
+        t = datetime(start.year, start.month, start.day, start.hour, tzinfo=UTC) + timedelta(hours=1)
+        while t.hour % hours:
+            t += timedelta(hours=1)
+        ticks = []
+        while t <= end:
+            ticks.append(Tick(x(t), t.strftime("%H:%M")))
+            t += timedelta(hours=hours)
+        return ticks
     step = next((d for d in (1, 2, 7, 14, 30) if span / timedelta(days=d) <= 5), 30)
     first = datetime(start.year, start.month, start.day, tzinfo=UTC) + timedelta(days=1)
     ticks = []
@@ -183,22 +195,25 @@ def compliance_chart(runs: Sequence[RunPoint], *, start: datetime, end: datetime
                                                      or 0.0, thin=thin, worst=min), y)
              for seg in _segments(runs, gap=gap)]
     marks = []
-    if len(runs) <= MAX_MARKS:
-        for r in runs:
-            if _has_data(r):
-                pct = compliance_pct(r.compliant, r.disks_total) or 0.0
-                marks.append(Mark(x(r.started_at), y(pct), f"point point-{r.status}",
-                                  f"{_when(r.started_at)}: {pct:.1f}% compliant ({r.compliant} of "
-                                  f"{r.disks_total} disks, {r.unknown} unknown), run {r.status}"))
-            else:  # a failed run has no verdicts: marked on the axis, never as 0 %
-                marks.append(Mark(x(r.started_at), y(0.0), "point point-failed",
-                                  f"{_when(r.started_at)}: run {r.status}, no data"))
+    # Every run is a point while they fit; past MAX_MARKS, the partial and failed ones still are (the latest
+    # MAX_MARKS of them), so a run that went wrong never disappears into a line.
+    marked = runs if len(runs) <= MAX_MARKS else [r for r in runs if r.status != RunStatus.COMPLETE][-MAX_MARKS:]
+    for r in marked:
+        if _has_data(r):
+            pct = compliance_pct(r.compliant, r.disks_total) or 0.0
+            marks.append(Mark(x(r.started_at), y(pct), f"point point-{r.status}",
+                              f"{_when(r.started_at)}: {format_percent(pct)} compliant ({r.compliant} of "
+                              f"{r.disks_total} disks, {r.unknown} unknown), run {r.status}"))
+        else:  # a failed run has no verdicts: marked on the axis, never as 0 %
+            marks.append(Mark(x(r.started_at), y(0.0), "point point-failed",
+                              f"{_when(r.started_at)}: run {r.status}, no data"))
     with_data = [r for r in runs if _has_data(r)]
     if with_data:
         first = compliance_pct(with_data[0].compliant, with_data[0].disks_total) or 0.0
         last = compliance_pct(with_data[-1].compliant, with_data[-1].disks_total) or 0.0
-        desc = (f"{len(runs)} runs since {_when(start)}; compliance went from {first:.1f}% to {last:.1f}% "
-                f"(low {min(compliance_pct(r.compliant, r.disks_total) or 0.0 for r in with_data):.1f}%).")
+        low = min(compliance_pct(r.compliant, r.disks_total) or 0.0 for r in with_data)
+        desc = (f"{len(runs)} runs since {_when(start)}; compliance went from {format_percent(first)} to "
+                f"{format_percent(last)} (low {format_percent(low)}).")
     else:
         desc = f"No run with data since {_when(start)}."
     return Chart(key="compliance", title="Compliant disks, % of audited disks", desc=desc, lines=lines,

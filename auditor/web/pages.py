@@ -29,7 +29,7 @@ from auditor.errors import AuditorError, LeaseHeldError, StoreError
 from auditor.service import dashboard, queries
 from auditor.service.reports import iso
 from auditor.service.versions import DataVersion, SingleFlight, data_version
-from auditor.vocabulary import format_duration
+from auditor.vocabulary import format_duration, format_percent
 from auditor.web.auth import (
     SESSION_COOKIE,
     SESSION_TTL,
@@ -80,7 +80,7 @@ def _environment() -> Environment:
     env.filters["quote"] = lambda value: quote(str(value), safe="")
     env.filters["duration"] = _duration
     env.filters["span"] = lambda seconds: format_duration(seconds, style="report")
-    env.filters["pct"] = lambda value: "n/a" if value is None else f"{value:.1f}%"
+    env.filters["pct"] = lambda value: format_percent(value, decimals=1)
     return env
 
 
@@ -239,6 +239,7 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
         return slotted("overview.html", nav="overview", days=days, trend_days=dashboard.TREND_DAYS,
                        severities=[s.value for s in reversed(Severity)], report=snap.report,
                        compliance_pct=snap.compliance_pct, unknown=snap.unknown, trend_runs=len(trend),
+                       top=snap.top_open, top_limit=dashboard.TOP_FINDINGS,
                        charts=[compliance_chart(trend, start=start, end=now, gap=gap),
                                severity_chart(trend, start=start, end=now, gap=gap)],
                        banners=slot("banners"), last_good_ago=slot("last_good_ago"))
@@ -378,10 +379,11 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
     @router.get("/")
     async def overview(request: Request) -> Response:
         viewer = await viewer_of(request)
-        days = int(_choice(request.query_params.get("days"), [str(d) for d in dashboard.TREND_DAYS], name="days",
-                           default="7") or 7)
+        chosen = _choice(request.query_params.get("days"), [str(d) for d in dashboard.TREND_DAYS], name="days",
+                         default="")
         built = await current()
         now = clock()
+        days = int(chosen) if chosen else dashboard.default_trend_days(built.snapshot.history, now=now)
         page = await overview_page(built, days, now)
         # What moves with the clock, per request: the banners (overdue) and the last good run's age.
         snap = built.snapshot
