@@ -189,7 +189,8 @@ byte-identical (the signature aside).
 - `waivers.json`: the waivers of the configurations in force that applied during the period, with their events.
 - `findings.json`, `findings.csv`: the findings register: every finding open at some time of the period with its
   disk, organization, policy and tier, observed vs required values, when it opened and resolved, its status at
-  the end of the period and the waiver covering it then (by whom, until when); the JSON adds its events.
+  the end of the period and the waiver that covered it during the period (by whom, until when); the JSON adds
+  its events.
 - `snapshots.json`: the backup policy settings seen on each disk during the period, with when each was seen.
 - `drift.json`: the changes in the disks' protection during the period (policies added, removed or changed;
   tier changes).

@@ -143,8 +143,8 @@ def _status_at_end(events: Sequence[LifecycleEvent]) -> str:
 def register_json(entries: Sequence[queries.RegisterEntry], events: Sequence[LifecycleEvent],
                   waivers: Sequence[Waiver], period: Period) -> list[dict[str, Any]]:
     """Returns the findings register of the period: each finding open at some time of it with its disk, observed
-    and required values, when it opened and resolved, its status at the period's end (with the waiver covering it
-    then) and its lifecycle events up to the end."""
+    and required values, when it opened and resolved, its status at the period's end, the waiver that covered it
+    during the period (by whom, until when) and its lifecycle events up to the end."""
     by_fp: dict[str, list[LifecycleEvent]] = {}
     for e in events:
         by_fp.setdefault(e.fingerprint, []).append(e)
@@ -155,10 +155,9 @@ def register_json(entries: Sequence[queries.RegisterEntry], events: Sequence[Lif
         status = _status_at_end(mine)
         opened = [e.at for e in mine if e.kind in ("opened", "reopened")]
         resolved = [e.at for e in mine if e.kind == "resolved"]
-        waiver = None
-        if status == FindingStatus.WAIVED.value:
-            covering = [w for w in waivers_during(waivers, period) if w.matches(f)]
-            waiver = covering[0].as_dict() if covering else (dict(f.waiver) if f.waiver else None)
+        # The waiver that covered it during the period (it may have lapsed before the end: see status_at_end).
+        covering = [w for w in waivers_during(waivers, period) if w.matches(f)]
+        waiver = covering[0].as_dict() if covering else (dict(f.waiver) if f.waiver and status == "waived" else None)
         source = entry.disk_source or ""
         out.append({
             "fingerprint": f.fingerprint, "rule": f.rule, "severity": f.severity.value, "disk_id": f.disk_id,
@@ -303,7 +302,10 @@ def sign_manifest(manifest_bytes: bytes, key: Path) -> bytes:
     except OSError as exc:
         raise SigningError(key, exc.strerror or str(exc)) from None
     if proc.returncode != 0 or not proc.stdout.startswith(b"-----BEGIN SSH SIGNATURE-----"):
-        lines = [line.strip() for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()]
+        text = proc.stderr.decode(errors="replace")
+        if "passphrase" in text:  # without a terminal ssh-keygen cannot ask for it: "Enter passphrase: Load key …"
+            raise SigningError(key, "the key is protected by a passphrase; give a key without one")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         raise SigningError(key, lines[-1] if lines else f"ssh-keygen exited with {proc.returncode}")
     return proc.stdout
 
