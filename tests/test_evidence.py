@@ -203,6 +203,26 @@ async def test_the_export_does_not_depend_on_the_exporting_process(db_url: str) 
     assert as_json(files, "compliance.json")["coverage"]["interval_seconds"] == 6 * 3600
 
 
+async def test_runs_recorded_without_a_configuration_are_said_so(db_url: str) -> None:
+    """Runs recorded before configurations were kept (NULL fingerprint): the export falls back on the exporting
+    process's configuration for the interval and waivers and says so."""
+    from sqlalchemy import update
+
+    from auditor.store.tables import runs
+
+    async def as_if_recorded_before(services: Services) -> dict[str, bytes]:
+        async with services.store.engine.begin() as conn:
+            await conn.execute(update(runs).values(config_fingerprint=None))
+        return await build_evidence(services, period=PERIOD)
+
+    _, files, _, _ = await story(db_url, as_if_recorded_before)
+    metadata = as_json(files, "metadata.json")
+    assert (metadata["configuration_basis"], metadata["configurations"]) == ("exporting", [])
+    assert metadata["runs_without_configuration"] == metadata["runs"] == 11
+    assert as_json(files, "configs.json")["configs"] == {}
+    assert {r["config_fingerprint"] for r in as_json(files, "runs.json")["runs"]} == {None}
+
+
 async def test_the_register_snapshots_drift_and_deliveries(db_url: str) -> None:
     files, keys, _, _ = await story(db_url, lambda s: scalars(s, select(outbox.c.id)))
     register = {(f["disk_id"], f["rule"]): f for f in as_json(files, "findings.json")["findings"]}

@@ -22,7 +22,7 @@ from auditor.domain import periods
 from auditor.domain.alerts import Delivery
 from auditor.domain.models import FindingStatus, Waiver
 from auditor.domain.periods import LifecycleEvent, Period
-from auditor.domain.records import RunConfig, RunRecord
+from auditor.domain.records import PolicyStateRecord, RunConfig, RunRecord
 from auditor.domain.rules import RULES
 from auditor.errors import FolderNotEmptyError, SigningError
 from auditor.render.compliance import compliance_csv, compliance_html
@@ -152,6 +152,9 @@ def register_json(entries: Sequence[queries.RegisterEntry], events: Sequence[Lif
     for entry in entries:
         f = entry.finding
         mine = sorted(by_fp.get(f.fingerprint, []), key=lambda e: (e.at, e.kind))
+        before = [e for e in mine if e.at < period.start]
+        if mine and not (len(before) < len(mine) or _status_at_end(before) != FindingStatus.RESOLVED.value):
+            continue  # resolved before the period and reopened only after it: never open during the period
         status = _status_at_end(mine)
         opened = [e.at for e in mine if e.kind in ("opened", "reopened")]
         resolved = [e.at for e in mine if e.kind == "resolved"]
@@ -172,13 +175,15 @@ def register_json(entries: Sequence[queries.RegisterEntry], events: Sequence[Lif
     return out
 
 
-def snapshot_json(state: Any) -> dict[str, Any]:
-    """Returns one policy setting seen on a disk (its moving parts, next run and size, are left out: they are
-    updated in place and would make an export of a past period change)."""
+def snapshot_json(state: PolicyStateRecord, period: Period) -> dict[str, Any]:
+    """Returns one policy setting seen on a disk; `valid_to` is null when it was still in force at the period's end
+    (its moving parts, next run and size, are left out: they are updated in place, and neither they nor a later
+    change may alter an export of a past period)."""
     return {"disk_id": state.disk_id, "policy_id": state.policy_id, "retention": state.retention,
             "interval": state.interval, "target_type": state.target_type, "target_id": state.target_id,
             "target_name": state.target_name, "settings_hash": state.settings_hash,
-            "valid_from": iso(state.valid_from), "valid_to": iso(state.valid_to)}
+            "valid_from": iso(state.valid_from),
+            "valid_to": iso(state.valid_to) if state.valid_to is not None and state.valid_to < period.end else None}
 
 
 def delivery_row(delivery: Delivery, run_id: str | None, fingerprint: str | None,
@@ -262,7 +267,7 @@ async def build_evidence(services: Services, *, period: Period) -> dict[str, byt
         "runs.csv": runs_csv(run_items).encode(),
         "findings.json": json_bytes({"period": period_json, "findings": register}),
         "findings.csv": findings_csv(register).encode(),
-        "snapshots.json": json_bytes({"period": period_json, "policy_states": [snapshot_json(s) for s in states]}),
+        "snapshots.json": json_bytes({"period": period_json, "policy_states": [snapshot_json(s, period) for s in states]}),
         "drift.json": json_bytes({"period": period_json, "events": [
             {"at": iso(d.at), "disk_id": d.disk_id, "policy_id": d.policy_id, "run_id": d.run_id, "kind": d.kind,
              "before": d.before, "after": d.after} for d in drift]}),
