@@ -267,7 +267,8 @@ async def build_evidence(services: Services, *, period: Period) -> dict[str, byt
         "runs.csv": runs_csv(run_items).encode(),
         "findings.json": json_bytes({"period": period_json, "findings": register}),
         "findings.csv": findings_csv(register).encode(),
-        "snapshots.json": json_bytes({"period": period_json, "policy_states": [snapshot_json(s, period) for s in states]}),
+        "snapshots.json": json_bytes({"period": period_json,
+                                      "policy_states": [snapshot_json(s, period) for s in states]}),
         "drift.json": json_bytes({"period": period_json, "events": [
             {"at": iso(d.at), "disk_id": d.disk_id, "policy_id": d.policy_id, "run_id": d.run_id, "kind": d.kind,
              "before": d.before, "after": d.after} for d in drift]}),
