@@ -578,7 +578,7 @@ def test_evidence_refuses_a_folder_that_is_not_empty(site: Path) -> None:
     empty.mkdir()
     assert cli("evidence", "--out", str(empty), *args, cwd=cwd).returncode == 0
     written = {p.name: p.read_bytes() for p in empty.iterdir()}
-    assert len(written) == 9
+    assert len(written) == 17
     again = cli("evidence", "--out", str(empty), *args, cwd=cwd)
     assert again.returncode == 2 and str(empty) in again.stderr
     assert {p.name: p.read_bytes() for p in empty.iterdir()} == written

@@ -461,6 +461,15 @@ def test_evidence_on_the_command_line_is_signed_and_ignores_environment_override
     assert verify(tmp_path / "plain", signers).returncode == 0
     assert subprocess.run(["sha256sum", "-c", "--quiet", MANIFEST], cwd=tmp_path / "plain",
                           timeout=30).returncode == 0
+    # The bundle's README shows how to check each configuration against its fingerprint: it works as written.
+    readme = (tmp_path / "plain" / "README.md").read_text()
+    snippet = "\n".join(line.removeprefix("   ") for line in
+                        readme[readme.index("python3 - <<'PY'"):readme.index("   PY\n") + 6].splitlines())
+    checked = subprocess.run(["sh", "-c", snippet.replace("python3", sys.executable, 1)], cwd=tmp_path / "plain",
+                             capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    assert sorted(checked.stdout.split()) == sorted([*json.loads((tmp_path / "plain" / "configs.json").read_text())
+                                                     ["configs"], "True", "True"])
     flip_one_byte(tmp_path / "plain" / "findings.csv")
     assert subprocess.run(["sha256sum", "-c", "--quiet", MANIFEST], cwd=tmp_path / "plain", capture_output=True,
                           timeout=30).returncode != 0

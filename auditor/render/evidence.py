@@ -171,9 +171,10 @@ BUNDLE_README = """\
 # Backup policy compliance evidence
 
 This folder is an evidence export of the backup-policy compliance auditor for the period {period_from} (included)
-to {period_to} (excluded). Everything in it was read from the auditor's database; nothing depends on the
-configuration or the clock of the process that exported it, so two exports of the same database and period are
-byte-identical (the signature aside).
+to {period_to} (excluded). Everything in it was read from the auditor's database: the configurations are those
+the runs recorded they ran with, and nothing depends on the configuration or the clock of the process that
+exported it (unless `metadata.json` says `"configuration_basis": "exporting"`: no run of the period recorded its
+configuration), so two exports of the same database and period are byte-identical (the signature aside).
 
 ## Files
 
@@ -210,10 +211,17 @@ Times are UTC (ISO 8601). No file holds a secret: tokens, notifier URLs, routing
 2. That the manifest is the one the exporter signed (signed exports): put the signer's public key in an
    `allowed_signers` file as `<identity> namespaces="{namespace}" <public key>`, then run
    `ssh-keygen -Y verify -f allowed_signers -I <identity> -n {namespace} -s MANIFEST.sha256.sig < MANIFEST.sha256`.
-3. That a configuration is the one its fingerprint names: the SHA-256 of its canonical JSON (keys sorted, no
-   whitespace, UTF-8), e.g. `python3 -c 'import hashlib,json,sys; c=json.load(open("configs.json"))["configs"];
-   [print(f, hashlib.sha256(json.dumps(v["config"], sort_keys=True, separators=(",", ":"),
-   ensure_ascii=False).encode()).hexdigest() == f) for f, v in c.items()]'` prints `True` for each.
+3. That a configuration is the one its fingerprint names: the fingerprint is the SHA-256 of the configuration's
+   canonical JSON (keys sorted, no whitespace, UTF-8); this prints `True` for each configuration:
+
+   ```sh
+   python3 - <<'PY'
+   import hashlib, json
+   for fingerprint, entry in json.load(open("configs.json"))["configs"].items():
+       canonical = json.dumps(entry["config"], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+       print(fingerprint, hashlib.sha256(canonical.encode()).hexdigest() == fingerprint)
+   PY
+   ```
 """
 
 
