@@ -478,3 +478,56 @@ def test_evidence_on_the_command_line_is_signed_and_ignores_environment_override
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "cannot sign with" in bad.stderr and "no such key file" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+# ---- the register and recording, piece by piece ------------------------------------------------------------------
+
+
+def test_the_register_keeps_only_findings_open_during_the_period() -> None:
+    from auditor.domain.models import FindingStatus, Severity, TrackedFinding
+    from auditor.domain.periods import LifecycleEvent, Period
+    from auditor.service.evidence import register_json
+    from auditor.store.queries import RegisterEntry
+
+    period = Period(T0, T0 + 24 * H)
+
+    def entry(fp: str) -> RegisterEntry:
+        return RegisterEntry(TrackedFinding(fp, "unprotected-disk", D0, None, Severity.CRITICAL, FindingStatus.OPEN,
+                                            "m", {"policies": 0}, {"policies": ">= 1"}, T0 - 48 * H, T0, T0 - 48 * H),
+                             "unprotected", "org:acme")
+
+    def ev(fp: str, hours: int, kind: str) -> LifecycleEvent:
+        return LifecycleEvent(fp, "unprotected-disk", D0, None, T0 + hours * H, kind)
+
+    events = [ev("before", -48, "opened"), ev("before", -24, "resolved"),  # resolved before the period
+              ev("across", -48, "opened"),  # open when the period starts
+              ev("inside", -48, "opened"), ev("inside", -24, "resolved"), ev("inside", 2, "reopened"),
+              ev("inside", 5, "resolved"), ev("waived", -1, "opened"), ev("waived", 3, "waived")]
+    rows = {r["fingerprint"]: r for r in register_json([entry(fp) for fp in ("before", "across", "inside", "waived")],
+                                                       events, [], period)}
+    assert set(rows) == {"across", "inside", "waived"}
+    assert (rows["across"]["status_at_end"], rows["across"]["opened_at"], rows["across"]["resolved_at"]) == (
+        "open", "2029-12-30T00:00:00Z", None)
+    assert (rows["inside"]["status_at_end"], rows["inside"]["resolved_at"]) == ("resolved", "2030-01-01T05:00:00Z")
+    assert rows["waived"]["status_at_end"] == "waived" and rows["across"]["organization"] == "acme"
+    assert [e["kind"] for e in rows["inside"]["events"]] == ["opened", "resolved", "reopened", "resolved"]
+
+
+async def test_a_failed_run_recorded_late_keeps_its_configuration_and_each_is_stored_once(db_url: str) -> None:
+    from auditor.domain.records import RunError, RunStats
+    from auditor.store import queries, writes
+
+    async with open_services(config_a(db_url), katapult=False) as services:
+        config = services.run_config
+        assert config.fingerprint == config_fingerprint(services.settings)
+        await services.store.write(writes.start_run, run_id="a" * 32, now=T0, trigger="schedule", owner=None,
+                                   config=config)
+        await services.store.write(writes.record_failed_run, "b" * 32, trigger="schedule", started_at=T0 + H,
+                                   finished_at=T0 + H, errors=[RunError("*", "database_unavailable", "down")],
+                                   stats=RunStats(), owner=None, config=config)
+        runs = await services.store.read(queries.runs_between, start=T0, end=T0 + 2 * H)
+        assert [(r.id, r.config_fingerprint) for r in runs] == [("a" * 32, config.fingerprint),
+                                                                ("b" * 32, config.fingerprint)]
+        stored = await services.store.read(queries.stored_configs, [config.fingerprint, "0" * 64])
+        assert stored == {config.fingerprint: config}
+        assert await scalars(services, select(func.count()).select_from(run_configs)) == [1]
