@@ -531,3 +531,19 @@ async def test_a_failed_run_recorded_late_keeps_its_configuration_and_each_is_st
         stored = await services.store.read(queries.stored_configs, [config.fingerprint, "0" * 64])
         assert stored == {config.fingerprint: config}
         assert await scalars(services, select(func.count()).select_from(run_configs)) == [1]
+
+
+async def test_a_run_abandoned_in_the_period_carries_no_wall_clock_time(db_url: str) -> None:
+    from auditor.store import queries, writes
+
+    async def with_an_orphan(services: Services) -> dict[str, bytes]:
+        # Left running by a process that is gone (no live cycle lease names it): readers see it failed.
+        await services.store.write(writes.start_run, run_id="c" * 32, now=T0 + 70 * H, trigger="schedule",
+                                   owner="gone-host:1:nonce", config=services.run_config)
+        return await build_evidence(services, period=PERIOD)
+
+    _, files, _, _ = await story(db_url, with_an_orphan)
+    last = as_json(files, "runs.json")["runs"][-1]
+    assert (last["id"], last["status"]) == ("c" * 32, "failed")
+    assert last["errors"] == [{"target": "*", "code": queries.ABANDONED, "message": queries.ABANDONED_REASON}]
+    assert "noticed" not in files["runs.csv"].decode()

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
+from dataclasses import replace as dc_replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -227,7 +228,8 @@ async def build_evidence(services: Services, *, period: Period) -> dict[str, byt
     data = await read_period_data(services, period=period, interval=interval)
     report = compliance_from(data, period=period, interval=interval, waivers=waivers, generated_at=period.end)
     period_json = {"from": str(iso(period.start)), "to": str(iso(period.end))}
-    run_items = [{**(run_json(run) or {}), "config_fingerprint": run.config_fingerprint} for run in runs]
+    run_items = [{**(run_json(_without_clock(run)) or {}), "config_fingerprint": run.config_fingerprint}
+                 for run in runs]
     register = register_json(await store.read(queries.findings_register, start=period.start, end=period.end),
                              data.events, waivers, period)
     states = await store.read(queries.policy_states_during, start=period.start, end=period.end)
@@ -277,6 +279,15 @@ async def build_evidence(services: Services, *, period: Period) -> dict[str, byt
     }
     files[MANIFEST] = manifest(files)
     return files
+
+
+def _without_clock(run: RunRecord) -> RunRecord:
+    """Returns the run with the message of an `abandoned` error cut to its reason: the message says when a reader
+    (or the daemon) noticed, a wall-clock time that would make two exports differ."""
+    if not any(e.code == queries.ABANDONED for e in run.errors):
+        return run
+    return dc_replace(run, errors=tuple(dc_replace(e, message=queries.ABANDONED_REASON) if e.code == queries.ABANDONED
+                                        else e for e in run.errors))
 
 
 def _interval_of(config: RunConfig, *, fallback: Settings) -> timedelta:
