@@ -116,13 +116,15 @@ def configs_json(runs: Sequence[RunRecord], stored: Mapping[str, RunConfig]) -> 
 
 
 def _in_force(runs: Sequence[RunRecord], stored: Mapping[str, RunConfig]) -> list[RunConfig]:
-    """Returns the stored configurations the runs ran with, in the order they were first used."""
-    seen: dict[str, RunConfig] = {}
+    """Returns the stored configurations the runs ran with, ordered by the last run that used each (the last one is
+    the configuration in force at the end)."""
+    last: dict[str, RunConfig] = {}
     for run in runs:
         fp = run.config_fingerprint
-        if fp is not None and fp in stored and fp not in seen:
-            seen[fp] = stored[fp]
-    return list(seen.values())
+        if fp is not None and fp in stored:
+            last.pop(fp, None)
+            last[fp] = stored[fp]
+    return list(last.values())
 
 
 def _waivers_of(configs: Sequence[RunConfig]) -> list[dict[str, Any]]:
@@ -215,11 +217,8 @@ async def build_evidence(services: Services, *, period: Period) -> dict[str, byt
     runs = await read_period_runs(services, period=period)
     stored = await store.read(queries.stored_configs, [r.config_fingerprint for r in runs if r.config_fingerprint])
     in_force = _in_force(runs, stored)
-    basis = "recorded"
-    if in_force:
-        governing = stored[next(r.config_fingerprint for r in reversed(runs)
-                                if r.config_fingerprint in stored and r.config_fingerprint is not None)]
-        raw_waivers = _waivers_of(in_force)
+    if in_force:  # the last one used is in force at the period's end
+        governing, raw_waivers, basis = in_force[-1], _waivers_of(in_force), "recorded"
     else:
         settings = redacted_config(services.settings)
         governing, raw_waivers, basis = RunConfig(fingerprint_of(settings), settings), settings["waivers"], "exporting"
