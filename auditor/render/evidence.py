@@ -61,8 +61,11 @@ def deliveries_csv(deliveries: Sequence[Mapping[str, Any]]) -> str:
     return table_csv(DELIVERY_CSV_COLUMNS, deliveries)
 
 
-def json_bytes(value: Any) -> bytes:
-    """Returns a JSON file's bytes: indented, keys sorted, one final newline (the same value, the same bytes)."""
+def json_bytes(value: Any, *, compact: bool = False) -> bytes:
+    """Returns a JSON file's bytes: indented (or, `compact`, without whitespace: large machine-read files, written
+    by the C encoder), keys sorted, one final newline (the same value, the same bytes)."""
+    if compact:
+        return (json.dumps(value, sort_keys=True, separators=(",", ":")) + "\n").encode()
     return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
 
@@ -105,8 +108,10 @@ def oscal_assessment_results(*, period: Mapping[str, str], version: str, collect
     rows; `collected` is when the last run of the period polled (the period's end without runs).
     """
     by_disk_rule: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    rules_found: dict[str, set[str]] = {}
     for f in findings:
         by_disk_rule.setdefault((f["disk_id"], f["rule"]), []).append(f)
+        rules_found.setdefault(f["disk_id"], set()).add(f["rule"])
     descriptions = {r["id"]: r["description"] for r in rules}
     disk_rows = {d["disk_id"]: d for d in disks}
     for f in findings:  # a finding on a disk without verdicts in the period still gets its observation
@@ -117,7 +122,8 @@ def oscal_assessment_results(*, period: Mapping[str, str], version: str, collect
     for disk_id in sorted(disk_rows):
         disk = disk_rows[disk_id]
         label = f"{disk['name']} ({disk_id})" if disk.get("name") else disk_id
-        rule_ids = sorted({*descriptions, *(rule for d, rule in by_disk_rule if d == disk_id)})
+        subject = {"subject-uuid": oscal_uuid("disk", disk_id), "type": "resource", "title": label}
+        rule_ids = sorted({*descriptions, *rules_found.get(disk_id, ())})
         for rule in rule_ids:
             mine = by_disk_rule.get((disk_id, rule), [])
             obs_uuid = oscal_uuid("observation", period["from"], period["to"], disk_id, rule)
@@ -131,7 +137,7 @@ def oscal_assessment_results(*, period: Mapping[str, str], version: str, collect
                 "props": props,
                 "methods": ["TEST"],
                 "types": ["finding" if mine else "control-objective"],
-                "subjects": [{"subject-uuid": oscal_uuid("disk", disk_id), "type": "resource", "title": label}],
+                "subjects": [subject],
                 "collected": collected,
             })
             for f in mine:

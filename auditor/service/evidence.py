@@ -274,7 +274,7 @@ async def build_evidence(services: Services, *, period: Period) -> dict[str, byt
             {"at": iso(d.at), "disk_id": d.disk_id, "policy_id": d.policy_id, "run_id": d.run_id, "kind": d.kind,
              "before": d.before, "after": d.after} for d in drift]}),
         "deliveries.csv": deliveries_csv(deliveries).encode(),
-        "oscal-assessment-results.json": json_bytes(oscal),
+        "oscal-assessment-results.json": json_bytes(oscal, compact=True),
     }
     files[MANIFEST] = manifest(files)
     return files
