@@ -635,6 +635,8 @@ def evidence_cmd(config_path: Path | None, since: str, until: str | None, out: P
 
     if not is_empty_folder(out):  # checked before reading the database; write_evidence checks again
         fail_usage(str(FolderNotEmptyError(out)))
+    if sign_key is not None and not sign_key.is_file():  # likewise; sign_manifest checks again
+        fail_usage(str(SigningError(sign_key, "no such key file")))
 
     async def collect_evidence() -> dict[str, bytes]:
         from auditor.service import open_services
