@@ -151,6 +151,9 @@ def register_json(entries: Sequence[queries.RegisterEntry], events: Sequence[Lif
     by_fp: dict[str, list[LifecycleEvent]] = {}
     for e in events:
         by_fp.setdefault(e.fingerprint, []).append(e)
+    by_target: dict[tuple[str, str], list[Waiver]] = {}
+    for w in waivers_during(waivers, period):
+        by_target.setdefault((w.rule, w.disk_id), []).append(w)
     out = []
     for entry in entries:
         f = entry.finding
@@ -162,7 +165,7 @@ def register_json(entries: Sequence[queries.RegisterEntry], events: Sequence[Lif
         opened = [e.at for e in mine if e.kind in ("opened", "reopened")]
         resolved = [e.at for e in mine if e.kind == "resolved"]
         # The waiver that covered it during the period (it may have lapsed before the end: see status_at_end).
-        covering = [w for w in waivers_during(waivers, period) if w.matches(f)]
+        covering = [w for w in by_target.get((f.rule, f.disk_id), ()) if w.matches(f)]
         waiver = covering[0].as_dict() if covering else (dict(f.waiver) if f.waiver and status == "waived" else None)
         source = entry.disk_source or ""
         out.append({
