@@ -329,9 +329,9 @@ async def test_evidence_is_byte_identical_verifies_and_holds_no_secret(db_url: s
         second = await build_evidence(services, period=PERIOD)
     assert first == second
     assert sorted(first) == ["MANIFEST.sha256", "README.md", "compliance.csv", "compliance.html", "compliance.json",
-                             "configs.json", "deliveries.csv", "drift.json", "findings.csv", "findings.json",
-                             "metadata.json", "oscal-assessment-results.json", "rules.json", "runs.csv",
-                             "runs.json", "snapshots.json", "waivers.json"]
+                             "config.json", "configs.json", "deliveries.csv", "drift.json", "findings.csv",
+                             "findings.json", "metadata.json", "oscal-assessment-results.json", "rules.json",
+                             "runs.csv", "runs.json", "snapshots.json", "waivers.json"]
     a, b = write_evidence(first, tmp_path / "a"), write_evidence(second, tmp_path / "b" / "nested")
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     if shutil.which("sha256sum"):
@@ -357,7 +357,9 @@ async def test_evidence_is_byte_identical_verifies_and_holds_no_secret(db_url: s
     assert config["notifiers"][0]["url"] == "<redacted>" and config["heartbeat"]["url"] == "<redacted>"
     assert config["api"]["token"] == "<redacted>" and config["audit"]["interval"] == "6h"
     assert config["history"]["keep"] == "400d"
-    (rules,) = json.loads(first["rules.json"])["configs"].values()
+    rules = json.loads(first["rules.json"])
+    assert rules["configs"][rules["config_fingerprint"]]["defaults"] == rules["defaults"]
+    assert json.loads(first["config.json"]) == config
     assert rules["defaults"] == {"min_retention": 7, "min_retention_days": 7.0, "max_interval": "daily",
                                  "stale_grace": "1h"}
     assert {r["id"] for r in rules["rules"]} >= {"unprotected-disk", "retention-below-minimum"}
@@ -518,7 +520,7 @@ def test_report_since_and_evidence_on_the_command_line(site: Path) -> None:
         assert proc.returncode == 0, proc.stderr
         assert "sha256sum -c MANIFEST.sha256" in proc.stdout
     names = sorted(p.name for p in out_a.iterdir())
-    assert names == sorted(p.name for p in out_b.iterdir()) and len(names) == 17
+    assert names == sorted(p.name for p in out_b.iterdir()) and len(names) == 18
     assert all((out_a / n).read_bytes() == (out_b / n).read_bytes() for n in names)
     check = subprocess.run(["sha256sum", "-c", MANIFEST], cwd=out_a, capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -578,7 +580,7 @@ def test_evidence_refuses_a_folder_that_is_not_empty(site: Path) -> None:
     empty.mkdir()
     assert cli("evidence", "--out", str(empty), *args, cwd=cwd).returncode == 0
     written = {p.name: p.read_bytes() for p in empty.iterdir()}
-    assert len(written) == 17
+    assert len(written) == 18
     again = cli("evidence", "--out", str(empty), *args, cwd=cwd)
     assert again.returncode == 2 and str(empty) in again.stderr
     assert {p.name: p.read_bytes() for p in empty.iterdir()} == written

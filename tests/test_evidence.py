@@ -178,8 +178,12 @@ async def test_a_config_change_mid_period_lists_both_configurations_with_their_r
     for fingerprint, entry in configs["configs"].items():
         assert hashlib.sha256(canonical_json(entry["config"])).hexdigest() == fingerprint
     assert [r["config_fingerprint"] for r in csv_rows(files, "runs.csv")] == [fa] * 6 + [fb] * 5
-    rules = as_json(files, "rules.json")["configs"]
-    assert (rules[fa]["defaults"]["min_retention"], rules[fb]["defaults"]["min_retention"]) == (7, 5)
+    rules = as_json(files, "rules.json")
+    assert (rules["configs"][fa]["defaults"]["min_retention"], rules["configs"][fb]["defaults"]["min_retention"]) == (
+        7, 5)
+    # config.json and rules.json's top level: the configuration in force at the end, b.
+    assert (rules["config_fingerprint"], rules["defaults"]["min_retention"]) == (fb, 5)
+    assert as_json(files, "config.json") == first_b["config"]
     # Each distinct configuration is stored once, however many runs used it.
     assert stored == [2]
     metadata = as_json(files, "metadata.json")

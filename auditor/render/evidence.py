@@ -192,7 +192,9 @@ configuration), so two exports of the same database and period are byte-identica
   it ran with.
 - `compliance.json`, `compliance.csv`, `compliance.html`: the period report: coverage, the fleet's and each disk's
   compliance, the rules' statistics.
-- `rules.json`: the rule parameters and rules (severities, enabled) of each configuration, by fingerprint.
+- `config.json`: the configuration in force at the end of the period (that of its last run), as in `configs.json`.
+- `rules.json`: the rule parameters and rules (severities, enabled) of that configuration, and under `configs`
+  those of each configuration of the period, by fingerprint.
 - `waivers.json`: the waivers of the configurations in force that applied during the period, with their events.
 - `findings.json`, `findings.csv`: the findings register: every finding open at some time of the period with its
   disk, organization, policy and tier, observed vs required values, when it opened and resolved, its status at

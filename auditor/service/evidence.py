@@ -264,7 +264,10 @@ async def build_evidence(services: Services, *, period: Period) -> dict[str, byt
         "compliance.csv": compliance_csv(report).encode(),
         "compliance.html": compliance_html(report).encode(),
         "configs.json": json_bytes({"period": period_json, **configs}),
-        "rules.json": json_bytes({"period": period_json, "configs": {
+        # config.json and rules.json's top level: the configuration in force at the period's end (the last run's).
+        "config.json": json_bytes(governing.settings),
+        "rules.json": json_bytes({**rules_json(governing.settings.get("rules") or {}), "period": period_json,
+                                  "config_fingerprint": governing.fingerprint, "configs": {
             c.fingerprint: rules_json(c.settings.get("rules") or {}) for c in (in_force or [governing])}}),
         "waivers.json": json_bytes(waivers_json(raw_waivers, data.events, period)),
         "runs.json": json_bytes({"period": report["period"], "runs": run_items}),
