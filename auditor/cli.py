@@ -627,21 +627,30 @@ def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> No
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write into: a new or empty one (created if missing); a folder that already holds "
                    "anything is refused with exit 2 and nothing written.")
-def evidence_cmd(config_path: Path | None, since: str, until: str | None, out: Path) -> None:
-    """Write evidence for an external auditor: the period report (JSON, CSV, HTML), the configuration with secrets
-    redacted, rule parameters, waivers in force, the runs, and MANIFEST.sha256.
+@click.option("--sign", "sign_key", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              metavar="KEYFILE",
+              help="Sign MANIFEST.sha256 with this SSH private key (ssh-keygen -Y sign, namespace "
+                   "auditor-evidence) into MANIFEST.sha256.sig; the key must not need a passphrase.")
+def evidence_cmd(config_path: Path | None, since: str, until: str | None, out: Path, sign_key: Path | None) -> None:
+    """Write evidence for an external auditor: every configuration in force during the period with the runs that
+    used it, the period report (JSON, CSV, HTML), rules and waivers, the findings register, policy snapshots,
+    drift, alert deliveries, an OSCAL Assessment Results document, metadata, a README and MANIFEST.sha256
+    (signed with --sign).
 
-    Two exports of the same database and period are byte-identical. Reads the database only. Exit 0 written, 2 a
-    bad period, the database or the directory could not be used (a folder that is not empty among them).
+    Everything comes from the database: two exports of the same database and period are byte-identical, whatever
+    the configuration of the exporting process. Reads the database only. Exit 0 written, 2 a bad period, the
+    database, the directory or the signing key could not be used (a folder that is not empty among them).
     """
     settings = load(config_path)
     setup_logs(settings)
     period = parse_period(since, until)
-    from auditor.errors import FolderNotEmptyError
+    from auditor.errors import FolderNotEmptyError, SigningError
     from auditor.service.evidence import is_empty_folder
 
     if not is_empty_folder(out):  # checked before reading the database; write_evidence checks again
         fail_usage(str(FolderNotEmptyError(out)))
+    if sign_key is not None and not sign_key.is_file():  # likewise; sign_manifest checks again
+        fail_usage(str(SigningError(sign_key, "no such key file")))
 
     async def collect_evidence() -> dict[str, bytes]:
         from auditor.service import open_services
@@ -651,17 +660,26 @@ def evidence_cmd(config_path: Path | None, since: str, until: str | None, out: P
             return await build_evidence(services, period=period)
 
     files = run_async(collect_evidence())
-    from auditor.service.evidence import MANIFEST, write_evidence
+    from auditor.service.evidence import MANIFEST, SIGNATURE, SIGNATURE_NAMESPACE, sign_manifest, write_evidence
     from auditor.service.reports import iso
 
+    if sign_key is not None:
+        try:
+            files[SIGNATURE] = sign_manifest(files[MANIFEST], sign_key)
+        except SigningError as exc:
+            fail_usage(str(exc))
     try:
         write_evidence(files, out)
     except FolderNotEmptyError as exc:  # something appeared there while the database was read
         fail_usage(str(exc))
     except OSError as exc:
         fail_usage(f"cannot write {out}: {exc.strerror or exc}")
+    verify = f"cd {out} && sha256sum -c {MANIFEST}"
+    if sign_key is not None:
+        verify += (f" && ssh-keygen -Y verify -f ALLOWED_SIGNERS -I IDENTITY -n {SIGNATURE_NAMESPACE} "
+                   f"-s {SIGNATURE} < {MANIFEST}")
     _out().print(f"wrote {len(files)} files to {out} for {iso(period.start)} – {iso(period.end)}; verify with: "
-                 f"cd {out} && sha256sum -c {MANIFEST}", markup=False, soft_wrap=True)
+                 f"{verify}", markup=False, soft_wrap=True)
 
 
 async def _print_report(services: Any, fmt: str) -> None:

@@ -14,7 +14,7 @@ import re
 import tomllib
 import types
 from collections.abc import Callable, Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -843,9 +843,70 @@ def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
                       settings=effective)
 
 
+REDACTED = "<redacted>"  # what a secret reads as in a stored or exported configuration
+
+
+def _plain(value: Any) -> Any:
+    """Returns a JSON-ready copy of a settings value with every secret redacted (an empty secret stays empty)."""
+    if isinstance(value, SecretStr):
+        return REDACTED if value.get_secret_value() else ""
+    if isinstance(value, BaseModel):
+        return {name: _plain(getattr(value, name)) for name in sorted(type(value).model_fields)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_plain(v) for v in value]
+        return sorted(items, key=json.dumps) if isinstance(value, set | frozenset) else items
+    if isinstance(value, timedelta):
+        return format_duration(value, style="export")
+    if isinstance(value, datetime):
+        at = value.astimezone(UTC) if value.tzinfo else value
+        return at.isoformat().replace("+00:00", "Z")
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+def _masked_database_url(url: str) -> str:
+    """Returns the database URL with its password masked, or REDACTED when it does not parse."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return REDACTED
+
+
+def redacted_config(settings: Settings) -> dict[str, Any]:
+    """Returns the effective configuration as plain JSON values with every secret redacted: what a run records
+    as the configuration it ran with, and what its fingerprint is the hash of.
+
+    Secrets are the `SecretStr` settings (API token, notifier URLs, routing keys and passwords, the heartbeat
+    URL); they read "<redacted>" ("" when unset). The database URL keeps all but its password. Durations are
+    written as in the file ("6h"), the email notifier's sender as `from`.
+    """
+    out: dict[str, Any] = _plain(settings)
+    out["database"]["url"] = _masked_database_url(settings.database.url.get_secret_value())
+    # The email notifier's sender is `from` in the file (a Python keyword, so `from_` in the model).
+    for notifier in out["notifiers"]:
+        if "from_" in notifier:
+            notifier["from"] = notifier.pop("from_")
+    return out
+
+
+def canonical_json(value: Any) -> bytes:
+    """Returns the canonical JSON of a plain value (keys sorted, no whitespace, UTF-8): what fingerprints hash."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def fingerprint_of(config: Mapping[str, Any]) -> str:
+    """Returns the SHA-256 (64 hex digits) of a redacted configuration's canonical JSON."""
+    return hashlib.sha256(canonical_json(config)).hexdigest()
+
+
 def config_fingerprint(settings: Settings) -> str:
-    """Returns the first 12 hex digits of the SHA-256 of the settings as canonical JSON, secrets redacted (they
-    dump as "**********"): equal settings, equal fingerprint, on any replica."""
-    canonical = json.dumps(settings.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"),
-                           ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    """Returns the configuration's fingerprint: the SHA-256 of `redacted_config(settings)` as canonical JSON.
+    Equal settings give equal fingerprints on any replica; a change to a secret's value alone does not change it,
+    so anyone holding a stored configuration can recompute its fingerprint."""
+    return fingerprint_of(redacted_config(settings))

@@ -19,6 +19,7 @@ AuditorError
 │   └── SchemaError             the database is missing or not at the current revision (read-only commands)
 ├── LeaseHeldError              another process runs a cycle on this database (`holder`, `since`)
 ├── FolderNotEmptyError         an evidence export into a folder that already holds something (`folder`)
+├── SigningError                an evidence bundle could not be signed with the given key (`key`)
 └── NotifyError                 a notifier could not deliver (carries `permanent`)
 
 Errors carry fields (`code`, `status_code`, `target`, `permanent`) so callers branch on data, never on messages.
@@ -206,3 +207,12 @@ class FolderNotEmptyError(AuditorError):
     def __init__(self, folder: object) -> None:
         super().__init__(f"{folder} is not empty: give a new or empty folder (nothing was written)")
         self.folder = folder
+
+
+class SigningError(AuditorError):
+    """`ssh-keygen -Y sign` could not sign an evidence manifest with `key` (missing, unreadable, needs a passphrase,
+    or ssh-keygen is not installed); the message is one line."""
+
+    def __init__(self, key: object, problem: str) -> None:
+        super().__init__(f"cannot sign with {key}: {problem}")
+        self.key = key

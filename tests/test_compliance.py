@@ -329,15 +329,17 @@ async def test_evidence_is_byte_identical_verifies_and_holds_no_secret(db_url: s
         clock.now = T0 + 90 * H  # a later export of the same period: same bytes
         second = await build_evidence(services, period=PERIOD)
     assert first == second
-    assert sorted(first) == ["MANIFEST.sha256", "compliance.csv", "compliance.html", "compliance.json",
-                             "config.json", "rules.json", "runs.csv", "runs.json", "waivers.json"]
+    assert sorted(first) == ["MANIFEST.sha256", "README.md", "compliance.csv", "compliance.html", "compliance.json",
+                             "config.json", "configs.json", "deliveries.csv", "drift.json", "findings.csv",
+                             "findings.json", "metadata.json", "oscal-assessment-results.json", "rules.json",
+                             "runs.csv", "runs.json", "snapshots.json", "waivers.json"]
     a, b = write_evidence(first, tmp_path / "a"), write_evidence(second, tmp_path / "b" / "nested")
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     if shutil.which("sha256sum"):
         check = subprocess.run(["sha256sum", "-c", MANIFEST], cwd=tmp_path / "a", capture_output=True, text=True,
                                timeout=30)
         assert check.returncode == 0, check.stdout + check.stderr
-        assert check.stdout.count(": OK") == 8
+        assert check.stdout.count(": OK") == len(first) - 1
     else:  # pragma: no cover - coreutils are in every image the suite runs in
         pytest.fail("sha256sum is not installed")
     # Tampering is caught.
@@ -352,11 +354,13 @@ async def test_evidence_is_byte_identical_verifies_and_holds_no_secret(db_url: s
     report = json.loads(first["compliance.json"])
     assert report["generated_at"] == "2030-01-04T00:00:00Z"  # derived from the period, not the clock
     assert report["fleet"]["compliance_pct"] == 70.0
-    config = json.loads(first["config.json"])
+    (config,) = [c["config"] for c in json.loads(first["configs.json"])["configs"].values()]
     assert config["notifiers"][0]["url"] == "<redacted>" and config["heartbeat"]["url"] == "<redacted>"
     assert config["api"]["token"] == "<redacted>" and config["audit"]["interval"] == "6h"
     assert config["history"]["keep"] == "400d"
     rules = json.loads(first["rules.json"])
+    assert rules["configs"][rules["config_fingerprint"]]["defaults"] == rules["defaults"]
+    assert json.loads(first["config.json"]) == config
     assert rules["defaults"] == {"min_retention": 7, "min_retention_days": 7.0, "max_interval": "daily",
                                  "stale_grace": "1h"}
     assert {r["id"] for r in rules["rules"]} >= {"unprotected-disk", "retention-below-minimum"}
@@ -377,7 +381,7 @@ async def test_evidence_is_byte_identical_verifies_and_holds_no_secret(db_url: s
 
 
 async def test_database_passwords_are_masked_in_the_exported_config() -> None:
-    from auditor.service.evidence import redacted_config
+    from auditor.config import redacted_config
 
     settings = settings_for("postgresql+psycopg://auditor:pa55-SECRET@db.example.com:5432/auditor",
                             notifiers=[{"kind": "pagerduty", "name": "pd", "routing_key": "rk-SECRET"},
@@ -517,11 +521,16 @@ def test_report_since_and_evidence_on_the_command_line(site: Path) -> None:
         assert proc.returncode == 0, proc.stderr
         assert "sha256sum -c MANIFEST.sha256" in proc.stdout
     names = sorted(p.name for p in out_a.iterdir())
-    assert names == sorted(p.name for p in out_b.iterdir()) and len(names) == 9
+    assert names == sorted(p.name for p in out_b.iterdir()) and len(names) == 18
     assert all((out_a / n).read_bytes() == (out_b / n).read_bytes() for n in names)
     check = subprocess.run(["sha256sum", "-c", MANIFEST], cwd=out_a, capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert json.loads((out_a / "compliance.json").read_text()) == {**report, "generated_at": "2030-01-04T00:00:00Z"}
+    exported = json.loads((out_a / "compliance.json").read_text())
+    # The waivers are those of the configuration the runs ran with, not the exporting process's (its file names
+    # the same waiver with another reason).
+    assert [w["reason"] for w in exported.pop("waivers")] == ["rebuild <script>alert(1)</script>"]
+    assert [w["reason"] for w in report.pop("waivers")] == ["rebuild"]
+    assert exported == {**report, "generated_at": "2030-01-04T00:00:00Z"}
 
 
 @pytest.mark.slow
@@ -572,7 +581,7 @@ def test_evidence_refuses_a_folder_that_is_not_empty(site: Path) -> None:
     empty.mkdir()
     assert cli("evidence", "--out", str(empty), *args, cwd=cwd).returncode == 0
     written = {p.name: p.read_bytes() for p in empty.iterdir()}
-    assert len(written) == 9
+    assert len(written) == 18
     again = cli("evidence", "--out", str(empty), *args, cwd=cwd)
     assert again.returncode == 2 and str(empty) in again.stderr
     assert {p.name: p.read_bytes() for p in empty.iterdir()} == written

@@ -71,7 +71,7 @@ def test_every_restart_key_is_a_real_key() -> None:
 
 def test_the_fingerprint_is_stable_changes_with_the_config_and_never_holds_a_secret() -> None:
     a, b = settings(api={"token": "first-secret"}), settings(api={"token": "other-secret"})
-    assert len(config_fingerprint(a)) == 12 and int(config_fingerprint(a), 16) >= 0
+    assert len(config_fingerprint(a)) == 64 and int(config_fingerprint(a), 16) >= 0
     assert config_fingerprint(a) == config_fingerprint(settings(api={"token": "first-secret"}))
     assert config_fingerprint(a) == config_fingerprint(b)  # secrets are redacted before hashing
     assert config_fingerprint(settings(rules={"min_retention": 3})) != config_fingerprint(settings())

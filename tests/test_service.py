@@ -432,8 +432,8 @@ def test_services_is_wiring_without_state_or_use_cases() -> None:
     assert [f.name for f in dataclasses.fields(Services)] == ["settings", "store", "client", "dispatcher",
                                                               "heartbeat", "clock", "holder"]
     public = {name for name in vars(Services) if not name.startswith("_")}
-    assert public - {f.name for f in dataclasses.fields(Services)} == {"rules", "targets", "outbox", "leases",
-                                                                      "aclose"}
+    assert public - {f.name for f in dataclasses.fields(Services)} == {"rules", "run_config", "targets", "outbox",
+                                                                      "leases", "aclose"}
 
 
 async def test_a_run_abandoned_by_a_process_that_is_gone_is_announced_as_audit_incomplete(db_url: str) -> None:

@@ -176,7 +176,7 @@ class Waiver:
     expires: date
     policy_id: str | None = None
 
-    def matches(self, finding: Finding) -> bool:
+    def matches(self, finding: Finding | TrackedFinding) -> bool:
         """Returns whether this waiver covers the finding (ignoring expiry)."""
         if finding.rule != self.rule or finding.disk_id != self.disk_id:
             return False

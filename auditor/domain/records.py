@@ -37,6 +37,14 @@ class RunStats:
 
 
 @dataclass(frozen=True, slots=True)
+class RunConfig:
+    """A configuration a run ran with: its fingerprint and its redacted settings as plain JSON values."""
+
+    fingerprint: str
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class RunRecord:
     """A stored audit run."""
 
@@ -52,6 +60,7 @@ class RunRecord:
     findings_opened: int
     findings_resolved: int
     errors: tuple[RunError, ...]
+    config_fingerprint: str | None = None  # the configuration it ran with (None: recorded before they were kept)
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,13 +108,14 @@ async def read_period_report(services: Services, *, start: datetime | None = Non
                            generated_at=now)
 
 
-async def read_period_data(services: Services, *, period: Period) -> queries.PeriodData:
-    """Returns the stored history a period report of `period` is made of (runs from 2 × audit.interval before it,
-    every disk's verdicts, the findings' lifecycle events, what was observed of the policies' runs up to the
-    period's end or now)."""
+async def read_period_data(services: Services, *, period: Period,
+                           interval: timedelta | None = None) -> queries.PeriodData:
+    """Returns the stored history a period report of `period` is made of (runs from 2 × the audit interval before
+    it, every disk's verdicts, the findings' lifecycle events, what was observed of the policies' runs up to the
+    period's end or now); `interval` defaults to audit.interval."""
+    interval = interval if interval is not None else services.settings.audit.interval
     return await services.store.read(queries.period_data, start=period.start, end=period.end,
-                                     lookback=periods.earlier(period.start, 2 * services.settings.audit.interval),
-                                     now=services.clock())
+                                     lookback=periods.earlier(period.start, 2 * interval), now=services.clock())
 
 
 async def read_period_runs(services: Services, *, period: Period) -> list[RunRecord]:

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 from auditor.domain.lifecycle import Change, Transition, parse_waivers, reconcile
 from auditor.domain.models import FindingStatus, ReadOutcome, TrackedFinding, WaiverProblem
-from auditor.domain.records import RunError, RunStats, RunStatus
+from auditor.domain.records import RunConfig, RunError, RunStats, RunStatus
 from auditor.domain.rules import RULES
 from auditor.errors import AuditorError, LeaseHeldError, LeaseLostError, StoreError
 from auditor.notify.heartbeat import summary_line
@@ -81,6 +81,7 @@ class FailedCycle:
     finished_at: datetime
     errors: list[RunError]
     stats: RunStats
+    config: RunConfig | None = None  # the configuration it ran with
 
 
 @dataclass(slots=True)
@@ -188,7 +189,8 @@ async def record_failures(services: Services, *, failures: PendingFailures) -> i
             # (it reads nothing else, so even a database missing the findings table takes it).
             async with services.store.transaction() as tx:
                 await tx.run(writes.record_failed_run, f.run_id, trigger=f.trigger, started_at=f.started_at,
-                             finished_at=f.finished_at, errors=f.errors, stats=f.stats, owner=services.holder.id)
+                             finished_at=f.finished_at, errors=f.errors, stats=f.stats, owner=services.holder.id,
+                             config=f.config)
                 if settings.notifiers:
                     plan = plan_notifications(notifiers=settings.notifiers, changes=[],
                                               run_status=RunStatus.FAILED, errors=f.errors,
@@ -238,7 +240,8 @@ async def _start(services: Services, run_id: str, trigger: str, now: datetime, t
     try:
         async with services.store.transaction() as tx:
             await tx.fence(*terms, now=services.clock(), ttl=ttl)
-            await tx.run(writes.start_run, now=now, trigger=trigger, run_id=run_id, owner=services.holder.id)
+            await tx.run(writes.start_run, now=now, trigger=trigger, run_id=run_id, owner=services.holder.id,
+                         config=services.run_config)
     except LeaseLostError as exc:
         # Not a failed cycle: this process may no longer start one (it was deposed, or paused past its lease).
         leader = await services.leases.get(LEADER)
@@ -324,7 +327,8 @@ async def _fail(services: Services, failures: PendingFailures, run_id: str, trig
                 began: float, error: RunError) -> AuditOutcome:
     """Returns a failed outcome, recorded with its alert now or kept in `failures` until the database takes it."""
     log.error("audit run %s failed: %s: %s", run_id, error.code, error.message)
-    failure = FailedCycle(run_id, trigger, now, now + _elapsed(began), [error], _stats(services))
+    failure = FailedCycle(run_id, trigger, now, now + _elapsed(began), [error], _stats(services),
+                          config=services.run_config)
     failures.waiting.append(failure)
     await record_failures(services, failures=failures)
     return AuditOutcome(run_id, RunStatus.FAILED, now, failure.finished_at, errors=failure.errors,

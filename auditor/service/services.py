@@ -14,7 +14,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
-from auditor.config import Settings
+from auditor.config import Settings, fingerprint_of, redacted_config
+from auditor.domain.records import RunConfig
 from auditor.domain.rules import RuleSet
 from auditor.errors import SchemaError, StoreError
 from auditor.katapult import KatapultClient, Transport
@@ -50,6 +51,12 @@ class Services:
     def rules(self) -> RuleSet:
         """Returns the rule set of [rules] and [[tiers]]."""
         return ruleset_from(self.settings.rules, self.settings.tiers)
+
+    @cached_property
+    def run_config(self) -> RunConfig:
+        """Returns the configuration a run records it ran with: the settings redacted, and their fingerprint."""
+        settings = redacted_config(self.settings)
+        return RunConfig(fingerprint_of(settings), settings)
 
     @cached_property
     def targets(self) -> Targets:

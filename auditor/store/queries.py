@@ -54,6 +54,7 @@ from auditor.domain.records import (
     DriftRecord,
     FindingEventRecord,
     PolicyStateRecord,
+    RunConfig,
     RunError,
     RunRecord,
     RunStats,
@@ -74,6 +75,7 @@ from auditor.store.tables import (
     policy_schedules,
     policy_states,
     revoked_sessions,
+    run_configs,
     run_summaries,
     runs,
 )
@@ -112,6 +114,7 @@ def run_record(row: Any) -> RunRecord:
         findings_resolved=row.findings_resolved,
         errors=tuple(RunError(str(e.get("target", "")), str(e.get("code", "")), str(e.get("message", "")))
                      for e in (row.errors or [])),
+        config_fingerprint=row.config_fingerprint,
     )
 
 
@@ -713,6 +716,65 @@ def period_data(conn: Connection, *, start: datetime, end: datetime, lookback: d
                            .where(e.at < end).order_by(e.fingerprint, e.at, e.id)).all()]
     until = end if now is None else max(min(end, now), start)
     return PeriodData(polls, verdicts, names, events, observations(conn, start=start, end=until))
+
+
+# ---- the evidence export's inputs ------------------------------------------------------------------------------
+
+
+def stored_configs(conn: Connection, fingerprints: Sequence[str]) -> dict[str, RunConfig]:
+    """Returns the stored run configurations among `fingerprints`, by fingerprint."""
+    found: dict[str, RunConfig] = {}
+    for chunk in chunks(sorted(set(fingerprints))):
+        for fingerprint, config in conn.execute(select(run_configs.c.fingerprint, run_configs.c.config)
+                                                .where(run_configs.c.fingerprint.in_(list(chunk)))).all():
+            found[fingerprint] = RunConfig(fingerprint, dict(config))
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterEntry:
+    """A finding of the findings register with its disk's name and source (None: the disk is not stored)."""
+
+    finding: TrackedFinding
+    disk_name: str | None
+    disk_source: str | None
+
+
+def findings_register(conn: Connection, *, start: datetime, end: datetime) -> list[RegisterEntry]:
+    """Returns the findings open at some time of [start, end) — seen before its end and not resolved before its
+    start — with their disks' names and sources, by disk, rule and fingerprint."""
+    f = findings.c
+    q = (select(findings, disks.c.name.label("disk_name"), disks.c.source.label("disk_source"))
+         .outerjoin(disks, disks.c.id == f.disk_id)
+         .where(f.first_seen < end, or_(f.resolved_at.is_(None), f.resolved_at >= start))
+         .order_by(f.disk_id, f.rule, f.fingerprint))
+    return [RegisterEntry(finding_record(r), r.disk_name, r.disk_source) for r in conn.execute(q)]
+
+
+def policy_states_during(conn: Connection, *, start: datetime, end: datetime) -> list[PolicyStateRecord]:
+    """Returns the policy settings seen at some time of [start, end), by disk, policy and time."""
+    p = policy_states.c
+    q = (select(policy_states).where(p.valid_from < end, or_(p.valid_to.is_(None), p.valid_to > start))
+         .order_by(p.disk_id, p.policy_id, p.valid_from, p.id))
+    return [state_record(r) for r in conn.execute(q)]
+
+
+def drift_between(conn: Connection, *, start: datetime, end: datetime) -> list[DriftRecord]:
+    """Returns the drift events of [start, end), oldest first."""
+    d = drift_events.c
+    q = select(drift_events).where(d.at >= start, d.at < end).order_by(d.at, d.disk_id, d.policy_id, d.id)
+    return [drift_record(r) for r in conn.execute(q)]
+
+
+def deliveries_between(conn: Connection, *, start: datetime,
+                       end: datetime) -> list[tuple[Delivery, str | None, str | None]]:
+    """Returns the outbox entries created in [start, end), oldest first, each with the id and configuration
+    fingerprint of the run that caused it (None: a test notification, or a run recorded before configurations
+    were kept)."""
+    o = outbox.c
+    q = (select(outbox, runs.c.config_fingerprint).outerjoin(runs, runs.c.id == o.run_id)
+         .where(o.created_at >= start, o.created_at < end).order_by(o.created_at, o.id))
+    return [(delivery_record(r), r.run_id, r.config_fingerprint) for r in conn.execute(q)]
 
 
 def keys_where(conn: Connection, key: Any, condition: ColumnElement[bool], *, after: Any, limit: int) -> list[Any]:

@@ -62,6 +62,16 @@ runs = Table(
     Column("errors", JSON, nullable=False, default=list),
     # The process that ran it (`Holder.id`): a run left `running` is abandoned only once its owner is gone.
     Column("owner", String(120)),
+    # The configuration it ran with (`run_configs`; NULL for runs recorded before configurations were kept).
+    Column("config_fingerprint", String(64)),
+)
+
+# Each distinct configuration a run ran with, stored once: its redacted settings (`config.redacted_config`) by
+# their fingerprint, the SHA-256 of their canonical JSON (`config.config_fingerprint`).
+run_configs = Table(
+    "run_configs", metadata,
+    Column("fingerprint", String(64), primary_key=True),
+    Column("config", JSON, nullable=False),
 )
 
 # A disk the auditor has audited, with its latest verdict.

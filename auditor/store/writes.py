@@ -28,7 +28,7 @@ from auditor.domain.alerts import AlertState, OutboxEntry, notification_to_dict
 from auditor.domain.invocations import Invocation, PolicySchedule
 from auditor.domain.lifecycle import Change, Transition
 from auditor.domain.models import DiskSnapshot, ReadOutcome, TrackedFinding
-from auditor.domain.records import RunError, RunStats, RunStatus, policy_settings
+from auditor.domain.records import RunConfig, RunError, RunStats, RunStatus, policy_settings
 from auditor.store import queries
 from auditor.store.clauses import among, batch
 from auditor.store.queries import DISK_FACTS, chunks
@@ -45,6 +45,7 @@ from auditor.store.tables import (
     policy_schedules,
     policy_states,
     revoked_sessions,
+    run_configs,
     run_summaries,
     runs,
 )
@@ -100,8 +101,17 @@ def new_run_id() -> str:
 # ---- runs ------------------------------------------------------------------------------------------------------
 
 
-def start_run(conn: Connection, *, run_id: str, now: datetime, trigger: str, owner: str | None) -> None:
-    """Records a new running run.
+def record_config(conn: Connection, config: RunConfig | None) -> str | None:
+    """Stores a run's configuration unless stored already (each distinct one once); returns its fingerprint."""
+    if config is None:
+        return None
+    insert_if_absent(conn, run_configs, {"fingerprint": config.fingerprint, "config": config.settings})
+    return config.fingerprint
+
+
+def start_run(conn: Connection, *, run_id: str, now: datetime, trigger: str, owner: str | None,
+              config: RunConfig | None = None) -> None:
+    """Records a new running run, with the configuration it runs with.
 
     Runs are numbered by max(seq) + 1: safe because only the holder of the cycle lease starts runs (and the
     unique index turns a race into an error rather than two runs with one number).
@@ -110,7 +120,7 @@ def start_run(conn: Connection, *, run_id: str, now: datetime, trigger: str, own
         id=run_id, seq=queries.next_run_seq(conn), trigger=trigger, status=RunStatus.RUNNING.value,
         started_at=now, finished_at=None, targets_checked=0, disks_ok=0, disks_unknown=0, api_requests=0,
         api_retries=0, api_rate_limited=0, api_by_status={}, findings_opened=0, findings_resolved=0, errors=[],
-        owner=owner))
+        owner=owner, config_fingerprint=record_config(conn, config)))
 
 
 def _failed_summary(run_id: str, *, started_at: datetime, finished_at: datetime, stats: RunStats) -> dict[str, Any]:
@@ -135,8 +145,10 @@ def fail_run(conn: Connection, run_id: str, *, now: datetime, errors: Sequence[R
 
 
 def record_failed_run(conn: Connection, run_id: str, *, trigger: str, started_at: datetime, finished_at: datetime,
-                      errors: Sequence[RunError], stats: RunStats, owner: str | None) -> None:
-    """Marks a run failed, creating its row if the run never got recorded (the database was down at start)."""
+                      errors: Sequence[RunError], stats: RunStats, owner: str | None,
+                      config: RunConfig | None = None) -> None:
+    """Marks a run failed, creating its row (with its configuration) if the run never got recorded (the database
+    was down at start)."""
     if fail_run(conn, run_id, now=finished_at, errors=errors, stats=stats):
         return
     if queries.run_started_at(conn, run_id) is not None:
@@ -148,7 +160,7 @@ def record_failed_run(conn: Connection, run_id: str, *, trigger: str, started_at
         started_at=started_at, finished_at=finished_at, targets_checked=0, disks_ok=0, disks_unknown=0,
         api_requests=stats.requests, api_retries=stats.retries, api_rate_limited=stats.rate_limited,
         api_by_status=dict(stats.by_status), findings_opened=0, findings_resolved=0,
-        errors=[e.as_dict() for e in errors], owner=owner))
+        errors=[e.as_dict() for e in errors], owner=owner, config_fingerprint=record_config(conn, config)))
 
 
 def abandon_orphaned_runs(conn: Connection, *, now: datetime, reason: str = queries.ABANDONED_REASON) -> list[str]:
