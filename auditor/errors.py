@@ -19,6 +19,7 @@ AuditorError
 │   └── SchemaError             the database is missing or not at the current revision (read-only commands)
 ├── LeaseHeldError              another process runs a cycle on this database (`holder`, `since`)
 ├── FolderNotEmptyError         an evidence export into a folder that already holds something (`folder`)
+├── PlanError                   a remediation plan that cannot be applied: invalid, expired or edited (exit 2)
 └── NotifyError                 a notifier could not deliver (carries `permanent`)
 
 Errors carry fields (`code`, `status_code`, `target`, `permanent`) so callers branch on data, never on messages.
@@ -206,3 +207,7 @@ class FolderNotEmptyError(AuditorError):
     def __init__(self, folder: object) -> None:
         super().__init__(f"{folder} is not empty: give a new or empty folder (nothing was written)")
         self.folder = folder
+
+
+class PlanError(AuditorError):
+    """A remediation plan file that cannot be applied (not a plan, expired, or edited: its hash does not match)."""

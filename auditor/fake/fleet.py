@@ -20,8 +20,11 @@ from typing import Any
 INTERVALS = ("hourly", "daily", "weekly", "monthly")
 TARGET_TYPES = ("Disk", "VirtualMachine")
 DEFAULT_TOKEN = "fake-token"
+# The fake's token with the disk_backup_policies write scope (DEFAULT_TOKEN reads only: a write with it is 403).
+DEFAULT_WRITE_TOKEN = "fake-write-token"
 # Seconds per interval, used to place generated `next_invocation_at` within one interval from now.
 _INTERVAL_SECONDS = {"hourly": 3600, "daily": 86400, "weekly": 7 * 86400, "monthly": 30 * 86400}
+INTERVAL_SECONDS = _INTERVAL_SECONDS
 _ALPHABET = string.ascii_letters + string.digits
 # The real API counts a minute-long window per token (README: "requests per minute for this token").
 RATE_WINDOW_SECONDS = 60.0
@@ -195,6 +198,8 @@ class Fleet:
     disks: dict[str, FakeDisk] = field(default_factory=dict)
     policies: dict[str, FakePolicy] = field(default_factory=dict)
     tokens: set[str] = field(default_factory=lambda: {DEFAULT_TOKEN})
+    # Tokens that may also write policies (they read too).
+    write_tokens: set[str] = field(default_factory=lambda: {DEFAULT_WRITE_TOKEN})
     faults: dict[str, Fault] = field(default_factory=dict)
     rate_limit_per_minute: int = 1000
     latency: float = 0.0
