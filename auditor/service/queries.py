@@ -63,8 +63,12 @@ async def build_report(
 
 
 async def read_disk_detail(services: Services, *, disk_id: str) -> dict[str, Any] | None:
-    """Returns a disk's current policies, findings, snapshot history, drift and finding events; None if unknown."""
-    return detail_json(await services.store.read(reads.disk_history, disk_id))
+    """Returns a disk's current policies, findings, snapshot history, drift and finding events and the remediation
+    attempts concerning it; None if unknown."""
+    detail = detail_json(await services.store.read(reads.disk_history, disk_id))
+    if detail is not None:
+        detail["remediations"] = [r.as_dict() for r in await services.store.read(reads.disk_remediations, disk_id)]
+    return detail
 
 
 async def read_findings(services: Services, *, query: FindingQuery) -> tuple[list[TrackedFinding], str | None]:
@@ -140,7 +144,10 @@ def current_disk_detail(settings: Settings, disk_id: str) -> dict[str, Any] | No
     from auditor.store import queries
 
     with _checked_reader(settings) as reader:
-        return detail_json(reader.read(queries.disk_history, disk_id))
+        detail = detail_json(reader.read(queries.disk_history, disk_id))
+        if detail is not None:
+            detail["remediations"] = [r.as_dict() for r in reader.read(queries.disk_remediations, disk_id)]
+        return detail
 
 
 # ---- operations: readiness and the stored state /metrics shows --------------------------------------------------

@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from auditor import __version__
+from auditor.config import Settings
 from auditor.domain.models import BackupPolicy
 from auditor.domain.remediation import (
     PLAN_FORMAT,
@@ -58,7 +59,11 @@ ENABLE_HINT = ("remediation is not enabled: set enabled = true in [remediation] 
 
 def check_enabled(services: Services) -> None:
     """Raises ConfigError when [remediation] is off or a template would itself be a finding."""
-    settings = services.settings
+    check_remediation(services.settings)
+
+
+def check_remediation(settings: Settings) -> None:
+    """Raises ConfigError when [remediation] is off or a template would itself be a finding."""
     if not settings.remediation.enabled:
         raise ConfigError([f"remediation.enabled: {ENABLE_HINT}"])
     problems = template_problems(settings)
