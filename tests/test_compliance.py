@@ -329,7 +329,7 @@ async def test_evidence_is_byte_identical_verifies_and_holds_no_secret(db_url: s
         second = await build_evidence(services, period=PERIOD)
     assert first == second
     assert sorted(first) == ["MANIFEST.sha256", "compliance.csv", "compliance.html", "compliance.json",
-                             "config.json", "rules.json", "runs.csv", "runs.json", "waivers.json"]
+                             "config.json", "remediations.json", "rules.json", "runs.csv", "runs.json", "waivers.json"]
     a, b = write_evidence(first, tmp_path / "a"), write_evidence(second, tmp_path / "b" / "nested")
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     if shutil.which("sha256sum"):

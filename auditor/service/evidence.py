@@ -30,6 +30,7 @@ from auditor.service.compliance import (
     waiver_json,
     waivers_during,
 )
+from auditor.service.remediation import read_remediations
 from auditor.service.reports import iso, run_json
 from auditor.service.services import Services, database_label
 from auditor.vocabulary import format_duration
@@ -131,6 +132,9 @@ async def build_evidence(services: Services, *, period: Period) -> dict[str, byt
         "waivers.json": json_bytes(waivers_json(settings.waivers, data.events, period)),
         "runs.json": json_bytes({"period": report["period"], "runs": run_items}),
         "runs.csv": runs_csv(run_items).encode(),
+        # Every change `auditor apply` attempted in the period: who, when, the request, the answer, the outcome.
+        "remediations.json": json_bytes({"period": report["period"], "remediations": await read_remediations(
+            services, start=period.start, end=period.end)}),
     }
     files[MANIFEST] = manifest(files)
     return files

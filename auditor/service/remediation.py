@@ -340,3 +340,13 @@ def planned_fixes(document: dict[str, Any]) -> dict[str, str]:
     for item in document.get("manual", []):
         out.setdefault(item["fingerprint"], f"manual: {item['reason']}")
     return out
+
+
+async def read_planned_fixes(services: Services) -> dict[str, str]:
+    """Returns what the current plan does about each open finding (the dashboard's finding rows); empty while
+    [remediation] is off or a template is invalid."""
+    try:
+        check_enabled(services)
+    except ConfigError:
+        return {}
+    return planned_fixes(await make_plan(services))
