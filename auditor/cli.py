@@ -933,7 +933,7 @@ def apply_cmd(config_path: Path | None, plan_file: Path, yes: bool) -> None:
     try:
         write_token = settings.katapult.write_token()
     except ConfigError as err:
-        fail_usage(f"no write credential: {err.problems[0].split(': ', 1)[-1]}")
+        fail_usage(f"no write credential: {err.problems[0]}")
         raise AssertionError("unreachable") from None
     setup_logs(settings, extra_secrets=(read_token.get_secret_value(), write_token.get_secret_value()))
     print_plan(document)

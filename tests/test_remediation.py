@@ -374,3 +374,41 @@ def test_no_plan_lowers_a_retention_or_touches_an_exempt_or_waived_disk(
     # Every open finding is either fixed by a change or listed as manual with a reason (unknown rules included).
     assert open_fps <= fixed | listed
     assert all(m.reason for m in plan.manual)
+
+
+# ---- read-only surfaces: GET /api/v1/plan and the planned fix of each finding -------------------------------
+
+
+async def test_api_plan_is_the_plan_json_and_the_disk_detail_lists_remediations(sqlite_url: str) -> None:
+    from auditor.api import ApiDeps, CycleMetrics
+    from auditor.api import create_app as api_app
+    from auditor.service.remediation import planned_fixes, read_planned_fixes
+
+    site = build_fleet()
+    transport = httpx.ASGITransport(app=create_app(site.fleet))
+    async with wired(settings_for(sqlite_url, site, "http://fake/core/v1"), transport=transport) as (services, w):
+        await run_cycle(services)
+
+        async def no_trigger() -> str | None:
+            return None
+
+        deps = ApiDeps(services=services, trigger=no_trigger, cycles=CycleMetrics(), token=None)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api_app(deps)), base_url="http://api") as api:
+            got = (await api.get("/api/v1/plan")).json()
+            expected = await make_plan(services)
+            assert {k: v for k, v in got.items() if k not in ("created_at", "expires_at", "hash")} == {
+                k: v for k, v in expected.items() if k not in ("created_at", "expires_at", "hash")}
+            only = (await api.get("/api/v1/plan", params={"disk_id": site.disks["weak"]})).json()
+            assert [c["disk_id"] for c in only["changes"]] == [site.disks["weak"]]
+            assert (await api.get("/api/v1/plan", params={"rule": "no-such-rule"})).status_code == 422
+            await apply_plan(services, document=only, writer=w, actor=ACTOR, reaudit=False)
+            detail = (await api.get(f"/api/v1/disks/{site.disks['weak']}")).json()
+            assert [r["status"] for r in detail["remediations"]] == ["applied"]
+
+        fixes = await read_planned_fixes(services)
+        plan = await make_plan(services)
+        assert fixes == planned_fixes(plan)
+        stale_fp = next(m["fingerprint"] for m in plan["manual"] if m["rule"] == "schedule-stale")
+        assert fixes[stale_fp].startswith("manual: ")
+        bare_fp = next(c["fixes"][0] for c in plan["changes"] if c["disk_id"] == site.disks["bare"])
+        assert fixes[bare_fp].startswith("planned: create a policy (retention 14, daily) on Disk disk_bare")
