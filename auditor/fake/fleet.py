@@ -632,6 +632,9 @@ class Fleet:
         if "tokens" in data:
             tokens = _list(data["tokens"], "tokens")
             fleet.tokens = {_str(token, f"tokens[{i}]") for i, token in enumerate(tokens)}
+        if "write_tokens" in data:
+            tokens = _list(data["write_tokens"], "write_tokens")
+            fleet.write_tokens = {_str(token, f"write_tokens[{i}]") for i, token in enumerate(tokens)}
         if "rate_limit_per_minute" in data:
             limit = _int(data["rate_limit_per_minute"], "rate_limit_per_minute", minimum=1)
             fleet.rate_limit_per_minute = limit
@@ -756,6 +759,7 @@ class Fleet:
 _TOP_KEYS = frozenset(
     {
         "tokens",
+        "write_tokens",
         "rate_limit_per_minute",
         "latency_ms",
         "slow_seconds",
