@@ -412,3 +412,40 @@ async def test_api_plan_is_the_plan_json_and_the_disk_detail_lists_remediations(
         assert fixes[stale_fp].startswith("manual: ")
         bare_fp = next(c["fixes"][0] for c in plan["changes"] if c["disk_id"] == site.disks["bare"])
         assert fixes[bare_fp].startswith("planned: create a policy (retention 14, daily) on Disk disk_bare")
+
+
+def _state(disk_id: str, vm_id: str | None, policies: list[tuple[str, str, str, int, str]],
+           findings: list[tuple[str, str | None]], *, waived: bool = False) -> DiskState:
+    record = DiskRecord(disk_id, None, vm_id, None, "config", True, "ok", None, None, NOW, NOW, NOW)
+    states = tuple(PolicyStateRecord(disk_id, pid, retention, interval, ttype, tid, None, None, None, NOW, None, "h")
+                   for pid, ttype, tid, retention, interval in policies)
+    status = FindingStatus.WAIVED if waived else FindingStatus.OPEN
+    tracked = tuple(TrackedFinding(fingerprint(rule, disk_id, pid), rule, disk_id, pid, Severity.HIGH, status, "m",
+                                   {}, {}, NOW, NOW, NOW) for rule, pid in findings)
+    return DiskState(record, states, tracked)
+
+
+def test_one_write_for_a_policy_or_a_vm_that_covers_several_disks() -> None:
+    shared = [("dbp_vm", "VirtualMachine", "vm_a", 3, "daily")]
+    weak = [("retention-below-minimum", "dbp_vm"), ("retention-window-too-short", "dbp_vm")]
+    states = [_state("disk_a1", "vm_a", shared, weak), _state("disk_a2", "vm_a", shared, weak),
+              _state("disk_b1", "vm_b", [], [("unprotected-disk", None)]),
+              _state("disk_b2", "vm_b", [], [("unprotected-disk", None)]),
+              _state("disk_c1", None, [], [("unprotected-disk", None)])]
+    waived = TrackedFinding(fingerprint("some-future-rule", "disk_c1", None), "some-future-rule", "disk_c1", None,
+                            Severity.LOW, FindingStatus.WAIVED, "m", {}, {}, NOW, NOW, NOW)
+    states[-1] = DiskState(states[-1].disk, (), (*states[-1].findings, waived))
+    templates = {None: Template(Interval.DAILY, 14, target="vm")}
+    applied = {s.disk.id: Applied(RuleParams()) for s in states}
+    plan = build_plan(states, templates=templates, applied=applied, now=NOW)
+    assert [(c.kind.value, c.disks, len(c.fixes)) for c in plan.changes] == [
+        ("raise-retention", ("disk_a1", "disk_a2"), 4), ("create-policy", ("disk_b1", "disk_b2"), 2)]
+    create = plan.changes[1]
+    assert create.request == {"method": "POST", "path": "/virtual_machines/virtual_machine/disk_backup_policies",
+                              "body": {"virtual_machine": {"id": "vm_b"}, "properties": {
+                                  "retention": 14, "schedule": {"interval": "daily", "frequency": 1, "time": 2,
+                                                                "minute": 0}}}}
+    assert create.precondition == {"kind": "no-policy", "disks": ["disk_b1", "disk_b2"], "vm_id": "vm_b"}
+    # A disk with a waived finding is left alone even when another of its findings is open.
+    assert [(m.disk_id, m.rule) for m in plan.manual] == [("disk_c1", "unprotected-disk")]
+    assert "waived" in plan.manual[0].reason

@@ -202,8 +202,10 @@ def build_plan(states: Sequence[DiskState], *, templates: Mapping[str | None, Te
     """
     changes: list[Change] = []
     manual: list[Manual] = []
-    # Disks a VM-wide create already covers: vm id -> index of that change in `changes`.
+    # Disks a VM-wide create already covers: vm id -> index of that change in `changes`; the same for a policy a
+    # change already patches (a VM's policy covers each of its disks: one write for all of them).
     vm_creates: dict[str, int] = {}
+    patches: dict[str, int] = {}
     covered_vms = {p.target_id for s in states for p in s.policies if p.target_type == TargetType.VIRTUAL_MACHINE}
     for state in sorted(states, key=lambda s: s.disk.id):
         open_findings = [f for f in state.findings if f.status is FindingStatus.OPEN and only.admits(state, f)]
@@ -230,6 +232,11 @@ def build_plan(states: Sequence[DiskState], *, templates: Mapping[str | None, Te
             if template.target == "vm" and vm_id and vm_id in vm_creates:
                 at = vm_creates[vm_id]
                 prior = changes[at]
+                made = prior.after["policies"][0]
+                if broken := violations(made["retention"], Interval(made["interval"]), rules, now=now):
+                    manual += [_manual(f, f"the policy planned for VM {vm_id} would break {', '.join(broken)} "
+                                          "for this disk: create its policy by hand") for f in unprotected]
+                    continue
                 changes[at] = replace(prior, disks=(*prior.disks, state.disk.id),
                                       fixes=(*prior.fixes, *(f.fingerprint for f in unprotected)),
                                       precondition={**prior.precondition,
@@ -264,10 +271,25 @@ def build_plan(states: Sequence[DiskState], *, templates: Mapping[str | None, Te
                 manual += [_manual(f, f"policy {policy_id} is not among the disk's current policies: audit again")
                            for f in found]
                 continue
+            if policy_id in patches:
+                # Another disk's change already patches this (shared) policy: it fixes this disk's findings too,
+                # provided the result breaks none of this disk's rules.
+                at = patches[policy_id]
+                prior = changes[at]
+                after = prior.after
+                if broken := violations(after["retention"], Interval(after["interval"]), rules, now=now):
+                    manual += [_manual(f, f"the change planned for policy {policy_id} would still break "
+                                          f"{', '.join(broken)} for this disk") for f in found]
+                else:
+                    changes[at] = replace(prior, disks=(*prior.disks, state.disk.id),
+                                          fixes=(*prior.fixes, *(f.fingerprint for f in found)))
+                done = True
+                continue
             change_or_reason = _patch(state, policy, found, template, rules, now=now)
             if isinstance(change_or_reason, str):
                 manual += [_manual(f, change_or_reason) for f in found]
                 continue
+            patches[policy_id] = len(changes)
             changes.append(change_or_reason)
             done = True
     return Plan(tuple(changes), tuple(manual))
