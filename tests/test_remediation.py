@@ -16,6 +16,7 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from markupsafe import escape
 
 from auditor.config import Settings
 from auditor.domain.models import FindingStatus, Severity, TrackedFinding, fingerprint
@@ -401,6 +402,12 @@ async def test_api_plan_is_the_plan_json_and_the_disk_detail_lists_remediations(
             only = (await api.get("/api/v1/plan", params={"disk_id": site.disks["weak"]})).json()
             assert [c["disk_id"] for c in only["changes"]] == [site.disks["weak"]]
             assert (await api.get("/api/v1/plan", params={"rule": "no-such-rule"})).status_code == 422
+            # The dashboard's finding rows: the planned fix, or "manual: reason".
+            page = (await api.get("/findings")).text
+            fixes = planned_fixes(expected)
+            for fp, text in fixes.items():
+                row = page.split(f'data-fingerprint="{fp}"', 1)[1].split("</tr>", 1)[0]
+                assert "data-fix" in row and str(escape(text))[:60] in row, (fp, row)
             await apply_plan(services, document=only, writer=w, actor=ACTOR, reaudit=False)
             detail = (await api.get(f"/api/v1/disks/{site.disks['weak']}")).json()
             assert [r["status"] for r in detail["remediations"]] == ["applied"]
