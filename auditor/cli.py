@@ -1,7 +1,7 @@
 """The `auditor` command line: loads config once, runs a use case, maps errors to exit codes.
 
-Exit codes: 0 ok / compliant, 1 open findings (audit), 2 a run was partial or failed or the database could not
-be used, 78 configuration error (EX_CONFIG).
+Exit codes: 0 ok / compliant, 1 open findings (audit) or changes not applied (apply), 2 a run was partial or
+failed, the database could not be used, or a plan could not be applied at all, 78 configuration error (EX_CONFIG).
 """
 
 from __future__ import annotations
@@ -188,6 +188,7 @@ def main() -> None:
 
     Configuration: a TOML file (--config, $AUDITOR_CONFIG or config/auditor.toml), every key overridable by
     AUDITOR_<SECTION>__<KEY>; the Katapult token comes from $KATAPULT_API_TOKEN or katapult.api_token_file.
+    `auditor apply` alone also reads the write token, from $KATAPULT_WRITE_TOKEN or katapult.write_token_file.
     """
     _check_argv(sys.argv[1:])
 
