@@ -883,12 +883,23 @@ def print_plan(document: dict[str, Any]) -> None:
         print_table(console, ("disk", "change", "request", "before", "after", "fixes"), [
             (c["disk_id"] + (f" (+{len(c['disks']) - 1})" if len(c["disks"]) > 1 else ""), c["kind"],
              f"{c['request']['method']} {c['request']['path']} {json.dumps(c['request']['body'], sort_keys=True)}",
-             json.dumps(c["before"], sort_keys=True), json.dumps(c["after"], sort_keys=True),
+             _setting_text(c["before"]), _setting_text(c["after"]),
              str(len(c["fixes"]))) for c in document["changes"]], title="changes", fold=True)
     if document["manual"]:
         print_table(console, ("disk", "rule", "policy", "manual: reason"), [
             (m["disk_id"], m["rule"], m["policy_id"] or "-", m["reason"]) for m in document["manual"]],
             title="manual", fold=True)
+
+
+def _setting_text(state: dict[str, Any]) -> str:
+    """Returns a change's before or after state in a few words (the plan file holds it exactly)."""
+    if "policies" in state:
+        made = state["policies"]
+        if not made:
+            return "no policy"
+        p = made[0]
+        return f"retention {p['retention']} {p['interval']} on {p['target']['type']} {p['target']['id']}"
+    return f"{state.get('policy_id')}: retention {state.get('retention')} {state.get('interval')}"
 
 
 @main.command("apply")

@@ -369,7 +369,8 @@ def content_hash(document: Mapping[str, Any]) -> str:
 
 def plan_document(plan: Plan, *, version: str, created_at: datetime, ttl: timedelta, only: PlanFilter,
                   templates: Mapping[str | None, Template]) -> dict[str, Any]:
-    """Returns the plan as its JSON document, hash included."""
+    """Returns the plan as its JSON document, hash included (times to the second)."""
+    created_at = created_at.replace(microsecond=0)
     by_kind: dict[str, int] = {}
     for c in plan.changes:
         by_kind[c.kind.value] = by_kind.get(c.kind.value, 0) + 1
@@ -418,9 +419,10 @@ def check_precondition(change: Mapping[str, Any], policies: Sequence[BackupPolic
     if policy is None:
         return Check(f"policy {pre['policy_id']} no longer covers the disk")
     current = {"retention": policy.retention, "interval": policy.schedule.interval.value}
-    if (policy.retention, policy.schedule.interval.value) != (pre["retention"], pre["interval"]):
-        return Check(f"policy {policy.id} changed since the plan (retention {pre['retention']} -> "
-                     f"{policy.retention}, interval {pre['interval']} -> {policy.schedule.interval.value})", current)
+    changed = [f"{name} {pre[name]} -> {current[name]}" for name in ("retention", "interval")
+               if pre[name] != current[name]]
+    if changed:
+        return Check(f"policy {policy.id} changed since the plan ({', '.join(changed)})", current)
     return Check(None, current)
 
 
