@@ -516,7 +516,7 @@ def test_report_since_and_evidence_on_the_command_line(site: Path) -> None:
         assert proc.returncode == 0, proc.stderr
         assert "sha256sum -c MANIFEST.sha256" in proc.stdout
     names = sorted(p.name for p in out_a.iterdir())
-    assert names == sorted(p.name for p in out_b.iterdir()) and len(names) == 9
+    assert names == sorted(p.name for p in out_b.iterdir()) and len(names) == 10
     assert all((out_a / n).read_bytes() == (out_b / n).read_bytes() for n in names)
     check = subprocess.run(["sha256sum", "-c", MANIFEST], cwd=out_a, capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -571,7 +571,7 @@ def test_evidence_refuses_a_folder_that_is_not_empty(site: Path) -> None:
     empty.mkdir()
     assert cli("evidence", "--out", str(empty), *args, cwd=cwd).returncode == 0
     written = {p.name: p.read_bytes() for p in empty.iterdir()}
-    assert len(written) == 9
+    assert len(written) == 10
     again = cli("evidence", "--out", str(empty), *args, cwd=cwd)
     assert again.returncode == 2 and str(empty) in again.stderr
     assert {p.name: p.read_bytes() for p in empty.iterdir()} == written
