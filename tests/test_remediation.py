@@ -456,3 +456,27 @@ def test_one_write_for_a_policy_or_a_vm_that_covers_several_disks() -> None:
     # A disk with a waived finding is left alone even when another of its findings is open.
     assert [(m.disk_id, m.rule) for m in plan.manual] == [("disk_c1", "unprotected-disk")]
     assert "waived" in plan.manual[0].reason
+
+
+async def test_a_rehashed_hand_edited_plan_still_never_lowers_a_retention_or_slows_a_schedule(
+        sqlite_url: str) -> None:
+    from auditor.domain.remediation import content_hash
+
+    site = build_fleet()
+    transport = httpx.ASGITransport(app=create_app(site.fleet))
+    async with wired(settings_for(sqlite_url, site, "http://fake/core/v1"), transport=transport) as (services, w):
+        await run_cycle(services)
+        plan = await make_plan(services, only=PlanFilter(disk=site.disks["weak"]))
+        (change,) = plan["changes"]
+        lower = copy.deepcopy(plan)
+        lower["changes"][0]["request"]["body"]["properties"] = {"retention": 1}
+        slower = copy.deepcopy(plan)
+        slower["changes"][0]["request"]["body"]["properties"] = {"schedule": {"interval": "monthly"}}
+        for edited, why in ((lower, "lower the policy's retention"), (slower, "run less often")):
+            edited["hash"] = content_hash(edited)
+            verify_plan(edited, now=datetime.now(UTC))  # a valid plan by its hash: apply itself must refuse
+            outcome = await apply_plan(services, document=edited, writer=w, actor=ACTOR)
+            (result,) = outcome.results
+            assert result.status is RemediationStatus.STALE and why in (result.reason or ""), result
+        assert (site.fleet.policies["dbp_weak"].retention, site.fleet.policies["dbp_weak"].interval) == (3, "daily")
+        assert change["precondition"]["retention"] == 3

@@ -449,10 +449,20 @@ def request_of(change: Mapping[str, Any]) -> dict[str, Any]:
             "body": {"disk_backup_policy": {"id": change["precondition"]["policy_id"]}, "properties": props}}
 
 
-def lowers_retention(change: Mapping[str, Any], current_retention: int | None) -> bool:
-    """Returns whether applying the change would leave a policy keeping fewer backups than it does now."""
+def weakens(change: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """Returns why applying the change would weaken the policy as re-read (`current`: retention, interval) — fewer
+    backups kept or a less frequent schedule — or None. A plan never proposes that; an edited one might."""
+    if change["request"]["method"] != "PATCH":
+        return None
     props = change["request"]["body"].get("properties", {})
     new = props.get("retention")
-    if change["request"]["method"] != "PATCH" or new is None or current_retention is None:
-        return False
-    return bool(new < current_retention)
+    if new is not None and current.get("retention") is not None and not new >= current["retention"]:
+        return f"the write would lower the policy's retention ({current['retention']} -> {new}): refused"
+    interval = (props.get("schedule") or {}).get("interval")
+    if interval is not None and current.get("interval") is not None:
+        try:
+            if Interval(interval).rank > Interval(current["interval"]).rank:
+                return f"the write would make the policy run less often ({current['interval']} -> {interval}): refused"
+        except ValueError:
+            return f"unknown interval {interval!r}: refused"
+    return None

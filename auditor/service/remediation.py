@@ -28,9 +28,9 @@ from auditor.domain.remediation import (
     build_plan,
     check_precondition,
     content_hash,
-    lowers_retention,
     plan_document,
     request_of,
+    weakens,
 )
 from auditor.domain.rules import Applied
 from auditor.domain.tiers import DEFAULTS, TierDecision
@@ -271,8 +271,9 @@ async def _apply_one(services: Services, change: dict[str, Any], disks: list[str
     check = check_precondition(change, policies, vm_id=vm_id)
     if check.stale is not None:
         return await record(RemediationStatus.STALE, check.stale)
-    if lowers_retention(change, check.current.get("retention")):
-        return await record(RemediationStatus.STALE, "the write would lower the policy's retention: refused")
+    weaker = weakens(change, check.current)
+    if weaker is not None:
+        return await record(RemediationStatus.STALE, weaker)
     request = change["request"]
     now = services.clock()
     attempt_id = uuid.uuid4().hex
