@@ -411,6 +411,8 @@ async def test_api_plan_is_the_plan_json_and_the_disk_detail_lists_remediations(
             await apply_plan(services, document=only, writer=w, actor=ACTOR, reaudit=False)
             detail = (await api.get(f"/api/v1/disks/{site.disks['weak']}")).json()
             assert [r["status"] for r in detail["remediations"]] == ["applied"]
+            disk_page = (await api.get(f"/disks/{site.disks['weak']}")).text
+            assert disk_page.count('data-remediation="applied"') == 1 and "tester@test-host" in disk_page
 
         fixes = await read_planned_fixes(services)
         plan = await make_plan(services)
