@@ -482,3 +482,25 @@ async def test_a_rehashed_hand_edited_plan_still_never_lowers_a_retention_or_slo
             assert result.status is RemediationStatus.STALE and why in (result.reason or ""), result
         assert (site.fleet.policies["dbp_weak"].retention, site.fleet.policies["dbp_weak"].interval) == (3, "daily")
         assert change["precondition"]["retention"] == 3
+
+
+async def test_pruning_drops_old_attempts_but_never_an_unsettled_intent(store: Any) -> None:
+    from auditor.store import writes
+    from auditor.store.pruning import delete_history_before
+
+    old = datetime(2020, 1, 1, tzinfo=UTC)
+
+    def row(attempt: str, disk: str, status: str, at: datetime) -> dict[str, Any]:
+        return {"attempt_id": attempt, "disk_id": disk, "change_id": "chg_x", "plan_hash": "sha256:x",
+                "kind": "create-policy", "status": status, "actor_user": "u", "actor_host": "h", "requested_at": at,
+                "finished_at": at, "request": {"method": "POST", "path": "/p", "body": {}}, "response": None,
+                "error_code": None, "errors": None, "reason": None, "fixes": [], "before": None, "after": None}
+
+    await store.write(writes.record_intent, [row("a1", "disk_a", "applied", old), row("a1", "disk_b", "applied", old),
+                                             row("a2", "disk_a", "intent", old),
+                                             row("a3", "disk_a", "stale", datetime.now(UTC))])
+    counts = await delete_history_before(store, datetime(2021, 1, 1, tzinfo=UTC))
+    assert counts["remediations"] == 2  # the rows of one attempt
+    left = [r.status for r in await store.read(queries.disk_remediations, "disk_a")]
+    assert left == ["intent", "stale"]
+    assert await store.read(queries.disk_remediations, "disk_b") == []
