@@ -149,6 +149,10 @@ def test_plan_apply_exit_codes_history_and_the_write_credential(site: Site, db_u
                     AUDITOR_KATAPULT__API_URL="http://127.0.0.1:9/core/v1")
     assert down.returncode == 2 and "did not answer" in down.stderr, down.stderr
 
+    # Neither token is stored: the database holds requests, answers and outcomes only.
+    stored = b"".join(p.read_bytes() for p in site.tmp_path.glob("auditor.db*"))
+    assert stored and WRITE_SECRET.encode() not in stored and READ_SECRET.encode() not in stored
+
     checked = site.run("check-config")
     assert checked.returncode == 0 and "remediation template (rules defaults): retention 14, daily" in checked.stdout
     assert "write token: file katapult.write_token_file" in checked.stdout
