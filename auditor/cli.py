@@ -964,6 +964,10 @@ def apply_cmd(config_path: Path | None, plan_file: Path, yes: bool) -> None:
         console.print(printable(f"{r.status.value}{code}{errors}: {c['kind']} on {', '.join(c['disks'])}"
                                 + (f": {r.reason}" if r.reason and r.status.value != "refused" else "")),
                       markup=False)
+    if outcome.unreachable is not None:
+        _err().print(f"error: {outcome.unreachable}; the changes above not attempted were left for the next apply",
+                     markup=False)
+        sys.exit(EXIT_INCOMPLETE)
     if outcome.reaudit is not None:
         run = outcome.reaudit
         console.print(f"re-audit run {run.run_id}: {run.status.value}, {run.resolved} finding(s) resolved, "

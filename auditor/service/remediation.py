@@ -157,6 +157,7 @@ class ApplyOutcome:
 
     results: list[ChangeResult] = field(default_factory=list)
     reaudit: AuditOutcome | None = None
+    unreachable: str | None = None  # why apply stopped: Katapult did not answer a re-read
     before: dict[str, dict[str, Any]] = field(default_factory=dict)
     after: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -204,7 +205,8 @@ async def apply_plan(services: Services, *, document: dict[str, Any], writer: Ka
     """Applies a verified plan: per change, a re-read of Katapult, then the write if its precondition still holds,
     each outcome recorded; at most remediation.max_changes writes; then a re-audit when anything was applied.
 
-    Raises KatapultUnreachable (nothing more is attempted) when Katapult does not answer a re-read.
+    When Katapult does not answer a re-read, nothing more is attempted (`unreachable` says why; the rest of the
+    changes are not attempted) and there is no re-audit.
     """
     check_enabled(services)
     client = services.client
@@ -218,18 +220,26 @@ async def apply_plan(services: Services, *, document: dict[str, Any], writer: Ka
     touched: list[str] = []
     for change in document["changes"]:
         disks = [str(d) for d in change["disks"]]
+        if outcome.unreachable is not None:
+            outcome.results.append(ChangeResult(change, RemediationStatus.NOT_ATTEMPTED, "Katapult did not answer"))
+            continue
         if writes_sent >= limit:
             outcome.results.append(ChangeResult(change, RemediationStatus.NOT_ATTEMPTED,
                                                 f"remediation.max_changes ({limit}) writes reached"))
             continue
-        result = await _apply_one(services, change, disks, states=states, client=client, writer=writer, actor=actor,
-                                  plan_hash=plan_hash)
+        try:
+            result = await _apply_one(services, change, disks, states=states, client=client, writer=writer,
+                                      actor=actor, plan_hash=plan_hash)
+        except KatapultUnreachable as exc:
+            outcome.unreachable = str(exc)
+            outcome.results.append(ChangeResult(change, RemediationStatus.NOT_ATTEMPTED, "Katapult did not answer"))
+            continue
         outcome.results.append(result)
         if result.sent:
             writes_sent += 1
         if result.status is RemediationStatus.APPLIED:
             touched += disks
-    if touched:
+    if touched and outcome.unreachable is None:
         outcome.before = {d: _disk_view(inputs, d) for d in touched}
         if reaudit:
             outcome.reaudit = await run_cycle(services, trigger="remediation", wait=60.0)
