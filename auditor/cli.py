@@ -1,7 +1,7 @@
 """The `auditor` command line: loads config once, runs a use case, maps errors to exit codes.
 
-Exit codes: 0 ok / compliant, 1 open findings (audit), 2 a run was partial or failed or the database could not
-be used, 78 configuration error (EX_CONFIG).
+Exit codes: 0 ok / compliant, 1 open findings (audit) or changes not applied (apply), 2 a run was partial or
+failed, the database could not be used, or a plan could not be applied at all, 78 configuration error (EX_CONFIG).
 """
 
 from __future__ import annotations
@@ -188,6 +188,7 @@ def main() -> None:
 
     Configuration: a TOML file (--config, $AUDITOR_CONFIG or config/auditor.toml), every key overridable by
     AUDITOR_<SECTION>__<KEY>; the Katapult token comes from $KATAPULT_API_TOKEN or katapult.api_token_file.
+    `auditor apply` alone also reads the write token, from $KATAPULT_WRITE_TOKEN or katapult.write_token_file.
     """
     _check_argv(sys.argv[1:])
 
@@ -250,6 +251,7 @@ def check_config(config_path: Path | None) -> None:
                    if (value := getattr(o, name)) is not None]
         lines.append(f"  override for {', '.join(o.disks)}: {', '.join(changed) or 'nothing changed'}")
     lines += tier_lines(settings)
+    lines += remediation_lines(settings)
     lines.append(f"  waivers: {len(waivers)} in force, {len(problems)} not applying")
     for w in waivers:
         where = w.disk_id + (f" / {w.policy_id}" if w.policy_id else "")
@@ -271,6 +273,30 @@ def check_config(config_path: Path | None) -> None:
     lines += [f"  warning: {w}" for w in notifier_warnings(settings)]
     for line in lines:
         console.print(line, markup=False)
+
+
+def remediation_lines(settings: Settings) -> list[str]:
+    """Returns check-config's lines about [remediation] (the templates in force), or exits 78 when a template would
+    itself be a finding under its tier's rules."""
+    import os
+
+    from auditor.config import WRITE_TOKEN_ENV
+    from auditor.service.configuration import template_problems, templates_from
+
+    problems = template_problems(settings)
+    if problems:
+        fail_config(ConfigError(problems))
+    r = settings.remediation
+    # Only whether the write token is configured: check-config never reads it (`auditor apply` alone does).
+    write = ("file katapult.write_token_file" if settings.katapult.write_token_file
+             else f"env {WRITE_TOKEN_ENV}" if os.environ.get(WRITE_TOKEN_ENV, "").strip() else "not configured")
+    lines = [f"  remediation: {'enabled' if r.enabled else 'disabled'}; plan_ttl {format_duration(r.plan_ttl)}, "
+             f"max_changes {r.max_changes}; write token: {write}"]
+    for name, t in templates_from(settings).items():
+        lines.append(f"  remediation template {name or '(rules defaults)'}: retention {t.retention}, "
+                     f"{t.interval.value} (frequency {t.frequency}, time {t.time}, minute {t.minute}), "
+                     f"target {t.target}")
+    return lines
 
 
 def tier_lines(settings: Settings) -> list[str]:
@@ -816,6 +842,195 @@ def history_cmd(config_path: Path | None, disk_id: str, fmt: str) -> None:
         console.print(printable(f"{f['status']:>8} {f['severity']:>8} {f['rule']} {f['policy_id'] or '-'}: "
                                 f"{f['message']}"),
                       markup=False)
+    for r in detail.get("remediations", []):
+        req = r["request"]
+        code = f" {r['error_code']}" if r["error_code"] else ""
+        errors = f" [{'; '.join(r['errors'])}]" if r["errors"] else ""
+        console.print(printable(f"remediation {r['requested_at']} {r['kind']} {r['status']}{code}{errors} by "
+                                f"{r['actor']['user']}@{r['actor']['host']}: {req['method']} {req['path']} "
+                                f"{json.dumps(req['body'], sort_keys=True)}"
+                                + (f" ({r['reason']})" if r["reason"] else "")), markup=False)
+
+
+# ---- remediation ----------------------------------------------------------------------------------------
+
+
+@main.command("plan")
+@config_option
+@click.option("--tier", "tier", default=None, metavar="NAME", help="Only the disks of this [[tiers]] entry.")
+@click.option("--rule", "rule", default=None, metavar="ID", help="Only findings of this rule id.")
+@click.option("--disk", "disk", default=None, metavar="DISK_ID", help="Only this disk.")
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the plan (JSON, with its hash) to FILE for `auditor apply FILE`.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", help="Output format.")
+def plan_cmd(config_path: Path | None, tier: str | None, rule: str | None, disk: str | None, out: Path | None,
+             fmt: str) -> None:
+    """Propose the Katapult changes that fix the open findings, from the last audit (reads the database only;
+    never writes to Katapult).
+
+    At most one change per disk: create a policy from the disk's tier template on an unprotected disk (or its VM),
+    raise a retention up to the template's, run a policy at the template's interval; every other open finding is
+    listed as manual with the reason. Exempt disks and disks with a waived finding are never changed. The plan
+    expires after remediation.plan_ttl. Exit 0 planned, 2 bad options or the database, 78 configuration
+    ([remediation] disabled or a template that would itself be a finding).
+    """
+    settings = load(config_path)
+    from auditor.vocabulary import RULE_IDS
+
+    if tier is not None and tier not in {t.name for t in settings.tiers}:
+        fail_usage(f"--tier: no tier named {tier!r} (tiers: {', '.join(t.name for t in settings.tiers) or 'none'})")
+    if rule is not None and rule not in RULE_IDS:
+        fail_usage(f"--rule: unknown rule id {rule!r}; known: {', '.join(RULE_IDS)}")
+    setup_logs(settings)
+    from auditor.service.remediation import check_remediation
+
+    try:
+        check_remediation(settings)
+    except ConfigError as err:
+        fail_config(err)
+
+    async def make() -> dict[str, Any]:
+        from auditor.domain.remediation import PlanFilter
+        from auditor.service import open_services
+        from auditor.service.remediation import make_plan
+
+        async with open_services(settings, katapult=False, migrate=False) as services:
+            return await make_plan(services, only=PlanFilter(tier=tier, rule=rule, disk=disk))
+
+    document = run_async(make())
+    text = json.dumps(document, indent=2, sort_keys=True)
+    if out is not None:
+        try:
+            out.write_text(text + "\n", encoding="utf-8")
+        except OSError as exc:
+            fail_usage(f"cannot write {out}: {exc.strerror or exc}")
+    if fmt == "json":
+        click.echo(text)
+    else:
+        print_plan(document)
+    if out is not None:
+        (_err() if fmt == "json" else _out()).print(
+            f"plan written to {out} (expires {document['expires_at']}, {document['hash']}); review it, then: "
+            f"auditor apply {out}", markup=False, soft_wrap=True)
+
+
+def print_plan(document: dict[str, Any]) -> None:
+    """Prints a plan's changes and manual items as tables."""
+    console = _out()
+    s = document["summary"]
+    console.print(f"plan: {s['changes']} change(s), {s['manual']} finding(s) left to a person; created "
+                  f"{document['created_at']}, expires {document['expires_at']}", markup=False)
+    if document["changes"]:
+        print_table(console, ("disk", "change", "request", "before", "after", "fixes"), [
+            (c["disk_id"] + (f" (+{len(c['disks']) - 1})" if len(c["disks"]) > 1 else ""), c["kind"],
+             f"{c['request']['method']} {c['request']['path']} {json.dumps(c['request']['body'], sort_keys=True)}",
+             _setting_text(c["before"]), _setting_text(c["after"]),
+             str(len(c["fixes"]))) for c in document["changes"]], title="changes", fold=True)
+    if document["manual"]:
+        print_table(console, ("disk", "rule", "policy", "manual: reason"), [
+            (m["disk_id"], m["rule"], m["policy_id"] or "-", m["reason"]) for m in document["manual"]],
+            title="manual", fold=True)
+
+
+def _setting_text(state: dict[str, Any]) -> str:
+    """Returns a change's before or after state in a few words (the plan file holds it exactly)."""
+    if "policies" in state:
+        made = state["policies"]
+        if not made:
+            return "no policy"
+        p = made[0]
+        return f"retention {p['retention']} {p['interval']} on {p['target']['type']} {p['target']['id']}"
+    return f"{state.get('policy_id')}: retention {state.get('retention')} {state.get('interval')}"
+
+
+@main.command("apply")
+@config_option
+@click.argument("plan_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--yes", is_flag=True, help="Apply without asking.")
+def apply_cmd(config_path: Path | None, plan_file: Path, yes: bool) -> None:
+    """Apply a saved plan (`auditor plan --out FILE`) and nothing else, then re-audit the touched disks.
+
+    Shows the plan's summary and asks before writing (unless --yes). Each change is re-read from Katapult first and
+    skipped as stale when the facts it relies on no longer hold; nothing is deleted, no retention lowered, no exempt
+    or waived disk touched; at most remediation.max_changes writes. Uses the write credential
+    (katapult.write_token_file or env KATAPULT_WRITE_TOKEN), which no other command loads. Every outcome is recorded
+    (see `auditor history DISK`). Exit 0 every change applied; 1 some stale, refused, failed or not attempted (each
+    named); 2 the plan is invalid, expired or edited, no write credential, or Katapult unreachable; 78 config error.
+    """
+    settings = load(config_path)
+    try:
+        read_token = settings.katapult.token()
+    except ConfigError as err:
+        fail_config(err)
+        raise AssertionError("unreachable") from None
+    from auditor.service.remediation import check_remediation
+
+    try:
+        check_remediation(settings)
+    except ConfigError as err:
+        fail_config(err)
+    try:
+        document = json.loads(plan_file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        fail_usage(f"cannot read the plan {plan_file}: {exc.strerror or exc}")
+    except (ValueError, UnicodeDecodeError):
+        fail_usage(f"{plan_file} is not a plan (not JSON); make one with `auditor plan --out FILE`")
+    from auditor.errors import PlanError
+    from auditor.service.clock import utcnow
+    from auditor.service.remediation import verify_plan
+
+    try:
+        verify_plan(document, now=utcnow())
+    except PlanError as exc:
+        fail_usage(f"plan {plan_file}: {exc}")
+    try:
+        write_token = settings.katapult.write_token()
+    except ConfigError as err:
+        fail_usage(f"no write credential: {err.problems[0]}")
+        raise AssertionError("unreachable") from None
+    setup_logs(settings, extra_secrets=(read_token.get_secret_value(), write_token.get_secret_value()))
+    print_plan(document)
+    if not document["changes"]:
+        _out().print("nothing to apply", markup=False)
+        sys.exit(EXIT_OK)
+    if not yes and not click.confirm(f"Apply {len(document['changes'])} change(s) to Katapult?", default=False):
+        _err().print("not applied (answer yes, or pass --yes)", markup=False)
+        sys.exit(EXIT_FINDINGS)
+    outcome = run_async(_apply(settings, document, write_token.get_secret_value()))
+    console = _out()
+    for r in outcome.results:
+        c = r.change
+        code = f" {r.error_code}" if r.error_code else ""
+        errors = f" [{'; '.join(r.errors)}]" if r.errors else ""
+        console.print(printable(f"{r.status.value}{code}{errors}: {c['kind']} on {', '.join(c['disks'])}"
+                                + (f": {r.reason}" if r.reason and r.status.value != "refused" else "")),
+                      markup=False)
+    if outcome.unreachable is not None:
+        _err().print(f"error: {outcome.unreachable}; the changes above not attempted were left for the next apply",
+                     markup=False)
+        sys.exit(EXIT_INCOMPLETE)
+    if outcome.reaudit is not None:
+        run = outcome.reaudit
+        console.print(f"re-audit run {run.run_id}: {run.status.value}, {run.resolved} finding(s) resolved, "
+                      f"{run.opened} opened", markup=False)
+        for disk_id, before in outcome.before.items():
+            after = outcome.after.get(disk_id, {})
+            console.print(printable(f"{disk_id}: before {', '.join(before['open_findings']) or 'no open finding'}"
+                                    f" -> after {', '.join(after.get('open_findings', [])) or 'no open finding'}"
+                                    f"; policies now {', '.join(after.get('policies', [])) or 'none'}"),
+                          markup=False)
+    sys.exit(EXIT_OK if outcome.all_applied else EXIT_FINDINGS)
+
+
+async def _apply(settings: Settings, document: dict[str, Any], write_token: str) -> Any:
+    from auditor.service import open_services
+    from auditor.service.remediation import Actor, apply_plan
+    from auditor.service.services import client_from
+
+    async with open_services(settings) as services:
+        assert services.client is not None
+        async with client_from(settings, token=write_token, limiter=services.client.limiter) as writer:
+            return await apply_plan(services, document=document, writer=writer, actor=Actor.current())
 
 
 # ---- db -------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from auditor.errors import ConfigError
 
 # Severities, rule ids, intervals and durations are the vocabulary's, which the domain shares; RULE_IDS and the
 # duration functions stay importable from here.
-from auditor.vocabulary import AUDIT_INCOMPLETE, IntervalName, SeverityName
+from auditor.vocabulary import AUDIT_INCOMPLETE, IntervalName, PolicyTargetName, SeverityName
 from auditor.vocabulary import RULE_IDS as RULE_IDS
 from auditor.vocabulary import format_duration as format_duration
 from auditor.vocabulary import parse_duration as parse_duration
@@ -42,6 +42,7 @@ from auditor.vocabulary import parse_duration as parse_duration
 ENV_PREFIX = "AUDITOR_"
 CONFIG_ENV = "AUDITOR_CONFIG"
 TOKEN_ENV = "KATAPULT_API_TOKEN"
+WRITE_TOKEN_ENV = "KATAPULT_WRITE_TOKEN"
 DEFAULT_CONFIG_PATH = Path("config/auditor.toml")
 
 # Katapult ids are `<prefix>_` plus 16 alphanumerics today; dashes and underscores are accepted after the prefix
@@ -129,6 +130,9 @@ class KatapultSettings(Section):
 
     api_url: str = "https://api.katapult.io/core/v1"
     api_token_file: str = ""
+    # The credential with the disk_backup_policies write scope: loaded by `auditor apply` only, never by the daemon,
+    # `plan` or any other command.
+    write_token_file: str = ""
     timeout_seconds: float = Field(default=30, gt=0, le=600)
     max_requests_per_minute: int = Field(default=1000, gt=0)
     max_concurrency: int = Field(default=8, ge=1, le=64)
@@ -153,6 +157,17 @@ class KatapultSettings(Section):
             raise ConfigError(
                 [f"katapult token: not set (set env {TOKEN_ENV} or katapult.api_token_file)"]
             )
+        return SecretStr(value)
+
+    def write_token(self) -> SecretStr:
+        """Returns the write token from `write_token_file` or env KATAPULT_WRITE_TOKEN; ConfigError if unset (only
+        `auditor apply` calls this)."""
+        if self.write_token_file:
+            return _read_secret_file(self.write_token_file, "katapult.write_token_file")
+        value = os.environ.get(WRITE_TOKEN_ENV, "").strip()
+        if not value:
+            raise ConfigError([f"katapult write token: not set (set env {WRITE_TOKEN_ENV} or "
+                               "katapult.write_token_file)"])
         return SecretStr(value)
 
 
@@ -323,6 +338,43 @@ class TierMatchSettings(Section):
         return self
 
 
+class PolicyTemplatePart(Section):
+    """A tier's `remediation = { … }`: the keys of the default template it changes."""
+
+    interval: IntervalName | None = None
+    retention: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    frequency: int | None = Field(default=None, ge=1, le=1000)
+    time: int | None = Field(default=None, ge=0, le=23)
+    minute: int | None = Field(default=None, ge=0, le=59)
+    target: PolicyTargetName | None = None
+
+
+class PolicyTemplate(Section):
+    """[remediation].policy: the policy `auditor plan` creates, and the retention and interval it raises to."""
+
+    interval: IntervalName = "daily"
+    retention: int = Field(default=14, ge=1, le=2**31 - 1)
+    frequency: int = Field(default=1, ge=1, le=1000)
+    time: int = Field(default=2, ge=0, le=23)
+    minute: int = Field(default=0, ge=0, le=59)
+    target: PolicyTargetName = "disk"
+
+    def merged(self, part: PolicyTemplatePart | None) -> PolicyTemplate:
+        """Returns this template with the keys `part` sets replaced."""
+        if part is None:
+            return self
+        return self.model_copy(update=part.model_dump(exclude_none=True))
+
+
+class RemediationSettings(Section):
+    """[remediation]: `auditor plan` and `auditor apply`."""
+
+    enabled: bool = False
+    plan_ttl: Annotated[Duration, at_least(timedelta(seconds=1))] = timedelta(hours=1)
+    max_changes: int = Field(default=50, ge=1, le=100_000)
+    policy: PolicyTemplate = PolicyTemplate()
+
+
 class TierSettings(Section):
     """[[tiers]]: rules chosen by a disk's annotations, its VM's annotations and its organization."""
 
@@ -336,6 +388,7 @@ class TierSettings(Section):
     disabled: RuleIds | None = None
     exempt: bool = False
     reason: str = ""
+    remediation: PolicyTemplatePart | None = None
 
     @field_validator("name")
     @classmethod
@@ -350,7 +403,8 @@ class TierSettings(Section):
         if self.exempt:
             if not self.reason.strip():
                 raise ValueError("an exempt tier needs a reason (it is shown with every exempt disk)")
-            given = [k for k in ("min_retention", "min_retention_days", "max_interval", "stale_grace", "disabled")
+            given = [k for k in ("min_retention", "min_retention_days", "max_interval", "stale_grace", "disabled",
+                                 "remediation")
                      if getattr(self, k) is not None] + (["severity"] if self.severity else [])
             if given:
                 raise ValueError(f"an exempt tier is not judged by any rule: remove {', '.join(given)}")
@@ -546,6 +600,7 @@ class Settings(BaseModel):
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     history: HistorySettings = HistorySettings()
     log: LogSettings = LogSettings()
+    remediation: RemediationSettings = RemediationSettings()
 
     @model_validator(mode="after")
     def _unique_notifier_names(self) -> Settings:

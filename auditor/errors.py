@@ -20,6 +20,7 @@ AuditorError
 ├── LeaseHeldError              another process runs a cycle on this database (`holder`, `since`)
 ├── FolderNotEmptyError         an evidence export into a folder that already holds something (`folder`)
 ├── SigningError                an evidence bundle could not be signed with the given key (`key`)
+├── PlanError                   a remediation plan that cannot be applied: invalid, expired or edited (exit 2)
 └── NotifyError                 a notifier could not deliver (carries `permanent`)
 
 Errors carry fields (`code`, `status_code`, `target`, `permanent`) so callers branch on data, never on messages.
@@ -216,3 +217,7 @@ class SigningError(AuditorError):
     def __init__(self, key: object, problem: str) -> None:
         super().__init__(f"cannot sign with {key}: {problem}")
         self.key = key
+
+
+class PlanError(AuditorError):
+    """A remediation plan file that cannot be applied (not a plan, expired, or edited: its hash does not match)."""

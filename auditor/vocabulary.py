@@ -315,3 +315,31 @@ def format_percent(value: float | None, *, decimals: int = 1, sep: str = "") -> 
     if float(text) >= 100:
         return f"> {100 - step:.{decimals}f}{sep}%"
     return (text.rstrip("0").rstrip(".") if "." in text else text) + f"{sep}%"
+
+
+# ---- remediation --------------------------------------------------------------------------------------------
+# What `auditor plan` proposes and what `auditor apply` did with each change: stored, shown in history, the API and
+# the evidence bundle. Never rename a value.
+
+ChangeKindName = Literal["create-policy", "raise-retention", "shorten-interval"]
+
+
+class ChangeKind(StrEnum):
+    """What one planned change does: create a policy, raise a policy's retention, run a policy more often."""
+
+    CREATE_POLICY, RAISE_RETENTION, SHORTEN_INTERVAL = _strings(ChangeKindName)
+
+
+RemediationStatusName = Literal["intent", "applied", "stale", "refused", "failed", "not-attempted", "interrupted"]
+
+
+class RemediationStatus(StrEnum):
+    """A change's outcome: intent (recorded before the write, outcome not yet known), applied, stale (its
+    precondition no longer held: left alone), refused (Katapult answered with an error), failed (no answer),
+    not-attempted (past remediation.max_changes), interrupted (a process stopped between intent and outcome; a
+    later apply re-read Katapult and recorded what it found)."""
+
+    INTENT, APPLIED, STALE, REFUSED, FAILED, NOT_ATTEMPTED, INTERRUPTED = _strings(RemediationStatusName)
+
+
+PolicyTargetName = Literal["disk", "vm"]

@@ -331,8 +331,8 @@ async def test_evidence_is_byte_identical_verifies_and_holds_no_secret(db_url: s
     assert first == second
     assert sorted(first) == ["MANIFEST.sha256", "README.md", "compliance.csv", "compliance.html", "compliance.json",
                              "config.json", "configs.json", "deliveries.csv", "drift.json", "findings.csv",
-                             "findings.json", "metadata.json", "oscal-assessment-results.json", "rules.json",
-                             "runs.csv", "runs.json", "snapshots.json", "waivers.json"]
+                             "findings.json", "metadata.json", "oscal-assessment-results.json", "remediations.json",
+                             "rules.json", "runs.csv", "runs.json", "snapshots.json", "waivers.json"]
     a, b = write_evidence(first, tmp_path / "a"), write_evidence(second, tmp_path / "b" / "nested")
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
     if shutil.which("sha256sum"):
@@ -521,7 +521,7 @@ def test_report_since_and_evidence_on_the_command_line(site: Path) -> None:
         assert proc.returncode == 0, proc.stderr
         assert "sha256sum -c MANIFEST.sha256" in proc.stdout
     names = sorted(p.name for p in out_a.iterdir())
-    assert names == sorted(p.name for p in out_b.iterdir()) and len(names) == 18
+    assert names == sorted(p.name for p in out_b.iterdir()) and len(names) == 19
     assert all((out_a / n).read_bytes() == (out_b / n).read_bytes() for n in names)
     check = subprocess.run(["sha256sum", "-c", MANIFEST], cwd=out_a, capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -581,7 +581,7 @@ def test_evidence_refuses_a_folder_that_is_not_empty(site: Path) -> None:
     empty.mkdir()
     assert cli("evidence", "--out", str(empty), *args, cwd=cwd).returncode == 0
     written = {p.name: p.read_bytes() for p in empty.iterdir()}
-    assert len(written) == 18
+    assert len(written) == 19
     again = cli("evidence", "--out", str(empty), *args, cwd=cwd)
     assert again.returncode == 2 and str(empty) in again.stderr
     assert {p.name: p.read_bytes() for p in empty.iterdir()} == written

@@ -386,7 +386,7 @@ async def test_unknown_objects_are_404(client: httpx.AsyncClient) -> None:
 
 async def test_unknown_route(client: httpx.AsyncClient, small: Small) -> None:
     assert_error(await client.get("/disks/disk/snapshots"), 404, "route_not_found")
-    assert_error(await client.post(DISK_POLICIES, params={"disk[id]": small.lone.id}), 404, "route_not_found")
+    assert_error(await client.put(DISK_POLICIES, params={"disk[id]": small.lone.id}), 404, "route_not_found")
     assert small.fleet.stats.by_endpoint["(unknown)"] == 2
 
 

@@ -12,7 +12,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from auditor.domain.rules import RULES
-from auditor.vocabulary import DiskStatusName, DiskVerdict, FindingStatusName, RunStatusName
+from auditor.vocabulary import (
+    ChangeKindName,
+    DiskStatusName,
+    DiskVerdict,
+    FindingStatusName,
+    RemediationStatusName,
+    RunStatusName,
+)
 from auditor.vocabulary import SeverityName as SeverityName
 
 # The enum of rule ids comes from the one registry, so a new rule shows up in the API without another list.
@@ -286,8 +293,45 @@ class Invocation(Model):
     step_seconds: int = Field(description="the time to the next run the observations prove")
 
 
+class WriteRequest(Model):
+    """A Katapult write as sent: method, path and JSON body."""
+
+    method: Literal["POST", "PATCH"]
+    path: str
+    body: dict[str, Any]
+
+
+class Actor(Model):
+    """Who applied: the OS user and host of `auditor apply`."""
+
+    user: str
+    host: str
+
+
+class Remediation(Model):
+    """One change `auditor apply` attempted for this disk and its outcome."""
+
+    attempt_id: str
+    disk_id: str
+    change_id: str
+    plan_hash: str
+    kind: ChangeKindName
+    status: RemediationStatusName
+    actor: Actor
+    requested_at: str
+    finished_at: str | None
+    request: WriteRequest
+    response: dict[str, Any] | None
+    error_code: str | None
+    errors: list[str] | None
+    reason: str | None
+    fixes: list[str]
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
 class DiskDetail(Model):
-    """A disk's current policies, findings, snapshot history and drift."""
+    """A disk's current policies, findings, snapshot history and drift, and the remediations applied to it."""
 
     disk: DiskInfo
     status: DiskStatusName
@@ -297,6 +341,65 @@ class DiskDetail(Model):
     drift: list[DiskDrift]
     finding_events: list[FindingEvent]
     invocations: list[Invocation] = Field(description="the latest 50 observed runs, newest first")
+    remediations: list[Remediation]
+
+
+class PlannedChange(Model):
+    """One change of a remediation plan."""
+
+    id: str
+    kind: ChangeKindName
+    disk_id: str
+    disks: list[str]
+    tier: str | None
+    fixes: list[str]
+    rules: list[str]
+    request: WriteRequest
+    before: dict[str, Any]
+    after: dict[str, Any]
+    precondition: dict[str, Any]
+
+
+class ManualItem(Model):
+    """An open finding no change of the plan fixes, and why."""
+
+    fingerprint: str
+    rule: str
+    disk_id: str
+    policy_id: str | None
+    reason: str
+
+
+class PlanSummary(Model):
+    """How many changes and manual items, and the changes by kind."""
+
+    changes: int
+    manual: int
+    by_kind: dict[str, int]
+
+
+class PlanFilters(Model):
+    """What the plan was asked to cover (null: everything)."""
+
+    tier: str | None
+    rule: str | None
+    disk: str | None
+
+
+class RemediationPlan(Model):
+    """A remediation plan: the same JSON as `auditor plan --format json`."""
+
+    format: Literal["auditor-remediation-plan"]
+    format_version: int
+    auditor_version: str
+    created_at: str
+    expires_at: str
+    filters: PlanFilters
+    templates: dict[str, dict[str, Any]]
+    summary: PlanSummary
+    changes: list[PlannedChange]
+    manual: list[ManualItem]
+    hash: str
 
 
 class NotificationAlert(Model):

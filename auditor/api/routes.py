@@ -25,6 +25,7 @@ from auditor.api.models import (
     Health,
     NotificationsPage,
     Readiness,
+    RemediationPlan,
     Report,
     RuleId,
     RunsPage,
@@ -33,9 +34,11 @@ from auditor.api.models import (
 from auditor.domain.alerts import Delivery
 from auditor.domain.listings import ALL_STATUSES, FindingQuery, decode_cursor
 from auditor.domain.periods import parse_instant
-from auditor.errors import LeaseHeldError
+from auditor.domain.remediation import PlanFilter
+from auditor.errors import ConfigError, LeaseHeldError
 from auditor.service import queries
 from auditor.service.compliance import read_period_report
+from auditor.service.remediation import make_plan
 from auditor.service.reports import finding_json, iso, run_json
 from auditor.service.versions import DataVersion
 
@@ -219,6 +222,25 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
         if detail is None:
             return JSONResponse({"detail": f"disk {disk_id} is not known to the auditor"}, status_code=404)
         return JSONResponse(detail)
+
+    @router.get("/plan", response_model=RemediationPlan, summary="Remediation plan (read-only)",
+                responses={409: {"model": ErrorDetail, "description": "[remediation] is not enabled, or a template "
+                                                                      "would itself be a finding."}})
+    async def plan(
+        tier: Annotated[str | None, Query(description="Only disks of this `[[tiers]]` entry.", max_length=64,
+                                          pattern=TIER_PATTERN)] = None,
+        rule: Annotated[RuleId | None, Query(description="Only findings of this rule.")] = None,
+        disk_id: Annotated[str | None, Query(description="Only this disk.", max_length=ID_MAX,
+                                             pattern=ID_PATTERN)] = None,
+    ) -> JSONResponse:
+        """The same JSON as `auditor plan --format json`: what `auditor apply` would change (nothing is applied over
+        HTTP)."""
+        only = PlanFilter(tier=tier, rule=rule.value if rule is not None else None, disk=disk_id)
+        try:
+            document = await make_plan(deps.services, only=only)
+        except ConfigError as exc:
+            return JSONResponse({"detail": "; ".join(exc.problems)}, status_code=409)
+        return JSONResponse(document)
 
     @router.get("/runs", response_model=RunsPage, summary="Recent audit runs")
     async def runs(limit: Annotated[int, Query(ge=1, le=500, description="How many, newest first.")] = 20,

@@ -134,3 +134,40 @@ class FindingEventRecord:
     run_id: str
     at: datetime
     kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class RemediationRecord:
+    """One change `auditor apply` attempted, as stored for one disk it concerns."""
+
+    attempt_id: str
+    disk_id: str
+    change_id: str
+    plan_hash: str
+    kind: str
+    status: str
+    actor_user: str
+    actor_host: str
+    requested_at: datetime
+    finished_at: datetime | None
+    request: dict[str, Any]
+    response: dict[str, Any] | None
+    error_code: str | None
+    errors: list[str] | None
+    reason: str | None
+    fixes: list[str]
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Returns the record as JSON (history, the API and the evidence bundle)."""
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+        return {"attempt_id": self.attempt_id, "disk_id": self.disk_id, "change_id": self.change_id,
+                "plan_hash": self.plan_hash, "kind": self.kind, "status": self.status,
+                "actor": {"user": self.actor_user, "host": self.actor_host},
+                "requested_at": iso(self.requested_at), "finished_at": iso(self.finished_at),
+                "request": self.request, "response": self.response, "error_code": self.error_code,
+                "errors": self.errors, "reason": self.reason, "fixes": self.fixes, "before": self.before,
+                "after": self.after}

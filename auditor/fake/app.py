@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from auditor.fake.fleet import FakeDisk, FakePolicy, FakeVM, Fault, Fleet, fake_id
+from auditor.fake.fleet import INTERVAL_SECONDS, FakeDisk, FakePolicy, FakeVM, Fault, Fleet, fake_id
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -145,6 +145,7 @@ class _Query:
 _AnnotationFilter = list[tuple[str, str | None]]
 
 Handler = Callable[[_Query, int, int], Awaitable[_Reply]]
+WriteHandler = Callable[[dict[str, Any]], Awaitable[_Reply]]
 
 
 class FakeKatapult:
@@ -164,6 +165,15 @@ class FakeKatapult:
                 ("/virtual_machines/virtual_machine", self._vm),
                 ("/virtual_machines/virtual_machine/disks", self._vm_disks),
                 ("/organizations", self._organizations),
+            )
+        }
+        # README "Writing policies": the three write endpoints, with a JSON body.
+        self._writes: dict[tuple[str, str], tuple[str, WriteHandler]] = {
+            (method, PREFIX + path): (f"{method} {path}", handler)
+            for method, path, handler in (
+                ("POST", "/disks/disk/disk_backup_policies", self._create_on_disk),
+                ("POST", "/virtual_machines/virtual_machine/disk_backup_policies", self._create_on_vm),
+                ("PATCH", "/disk_backup_policies/disk_backup_policy", self._patch_policy),
             )
         }
 
@@ -188,11 +198,11 @@ class FakeKatapult:
         fleet = self.fleet
         pinned = _REQUEST_FLEET.set(fleet)
         try:
-            await self._serve(fleet, scope, send)
+            await self._serve(fleet, scope, send, receive)
         finally:
             _REQUEST_FLEET.reset(pinned)
 
-    async def _serve(self, fleet: Fleet, scope: Scope, send: Send) -> None:
+    async def _serve(self, fleet: Fleet, scope: Scope, send: Send, receive: Receive) -> None:
         """Answers one HTTP request from `fleet`."""
         stats = fleet.stats
         permitted = fleet.permitted_now()
@@ -200,7 +210,15 @@ class FakeKatapult:
         if fleet.latency > 0:
             await asyncio.sleep(fleet.latency)
         token = _bearer_token(scope)
-        route = self._routes.get(scope["path"]) if scope["method"] == "GET" else None
+        route: tuple[str, Handler] | None = None
+        if scope["method"] == "GET":
+            route = self._routes.get(scope["path"])
+        else:
+            write = self._writes.get((scope["method"], scope["path"]))
+            if write is not None:
+                body = await _read_body(receive)
+                name, write_handler = write
+                route = (name, self._write_handler(write_handler, body, token))
         remaining: int | None = None
         extra: list[tuple[bytes, bytes]] = []
         if route is None:
@@ -217,7 +235,7 @@ class FakeKatapult:
                     "No API token was provided in the Authorization header. "
                     "Ensure a token is provided prefixed with Bearer",
                 )
-            elif token not in fleet.tokens:
+            elif token not in fleet.tokens and token not in fleet.write_tokens:
                 reply = _error(
                     403,
                     "invalid_api_token",
@@ -408,6 +426,76 @@ class FakeKatapult:
                  for org in self._fleet.visible_orgs()]
         return _Reply(200, _dumps({"organizations": items}))
 
+    # ----------------------------------------------------------------- writes
+
+    def _write_handler(self, handler: WriteHandler, raw: bytes, token: str | None) -> Handler:
+        """Returns a handler that checks the token's write scope and the JSON body, then runs `handler`."""
+
+        async def run(query: _Query, page: int, per_page: int) -> _Reply:
+            if token not in self._fleet.write_tokens:
+                # README: a token without the disk_backup_policies write scope is 403 scope_not_granted.
+                return _error(403, "scope_not_granted", "The API token does not have the scope required for this "
+                              "action", {"scopes": ["disk_backup_policies"]})
+            try:
+                body = json.loads(raw or b"null")
+            except ValueError:
+                return _invalid_argument("body", "invalid_json", ["the request body is not JSON"])
+            if not isinstance(body, dict):
+                return _invalid_argument("body", "invalid_json", ["the request body must be a JSON object"])
+            return await handler(body)
+
+        return run
+
+    async def _create_on_disk(self, body: dict[str, Any]) -> _Reply:
+        return await self._create(body, "disk", _DISK, "Disk")
+
+    async def _create_on_vm(self, body: dict[str, Any]) -> _Reply:
+        return await self._create(body, "virtual_machine", _VM, "VirtualMachine")
+
+    async def _create(self, body: dict[str, Any], key: str, kind: _Kind, target_type: str) -> _Reply:
+        ref = body.get(key)
+        found = await self._lookup(kind, ref.get("id") if isinstance(ref, dict) else None)
+        if found.reply is not None:
+            return found.reply
+        properties = body.get("properties")
+        errors = _policy_errors(properties, partial=False)
+        if errors:
+            return _validation_error(errors)
+        assert isinstance(properties, dict)
+        schedule = properties["schedule"]
+        policy = self._fleet.add_policy(
+            found.object_id, target_type=target_type, retention=properties["retention"],
+            interval=schedule["interval"],
+            next_invocation_at=int(time.time()) + INTERVAL_SECONDS[schedule["interval"]],
+        )
+        return _Reply(200, _dumps({"disk_backup_policy": self._policy_item(policy)}))
+
+    async def _patch_policy(self, body: dict[str, Any]) -> _Reply:
+        ref = body.get("disk_backup_policy")
+        policy_id = ref.get("id") if isinstance(ref, dict) else None
+        fleet = self._fleet
+        if not isinstance(policy_id, str) or policy_id not in fleet.policies:
+            return _error(404, "disk_backup_policy_not_found",
+                          "No disk backup policy was found matching any of the criteria provided in the arguments")
+        policy = fleet.policies[policy_id]
+        kind = _DISK if policy.target_type == "Disk" else _VM
+        found = await self._lookup(kind, policy.target_id)
+        if found.reply is not None:
+            return found.reply
+        properties = body.get("properties")
+        errors = _policy_errors(properties, partial=True)
+        if errors:
+            return _validation_error(errors)
+        assert isinstance(properties, dict)
+        changes: dict[str, Any] = {}
+        if "retention" in properties:
+            changes["retention"] = properties["retention"]
+        if "schedule" in properties:
+            changes["interval"] = properties["schedule"]["interval"]
+        fleet.update_policy(policy_id, **changes)
+        # README: a PATCH answers `schedule` as {}.
+        return _Reply(200, _dumps({"disk_backup_policy": {**self._policy_item(policy), "schedule": {}}}))
+
     # ----------------------------------------------------------------- wire shapes
 
     def _policy_page(self, ids: list[str], page: int, per_page: int, *, malformed: bool) -> _Reply:
@@ -500,6 +588,49 @@ class FakeKatapult:
         if self._fleet.list_annotations:
             item["annotations"] = _key_values(vm.annotations)
         return item
+
+
+def _validation_error(errors: list[str]) -> _Reply:
+    """Returns Katapult's 422 (README "Writing policies": `detail.errors` is a list of strings)."""
+    return _error(422, "validation_error", "A validation error occurred with the object that was being created "
+                  "or updated", {"errors": errors})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _policy_errors(properties: Any, *, partial: bool) -> list[str]:
+    """Returns the validation errors of a policy's `properties` (all required unless `partial`)."""
+    if not isinstance(properties, dict):
+        return ["Properties must be provided"]
+    errors = []
+    if "retention" in properties or not partial:
+        retention = properties.get("retention")
+        if not isinstance(retention, int) or isinstance(retention, bool) or retention < 1:
+            errors.append("Retention must be greater than or equal to 1")
+    if "schedule" in properties or not partial:
+        schedule = properties.get("schedule")
+        if not isinstance(schedule, dict):
+            errors.append("Schedule must be provided")
+        else:
+            if schedule.get("interval") not in INTERVAL_SECONDS:
+                errors.append("Schedule interval is not included in the list")
+            for name, low, high in (("frequency", 1, 1000), ("time", 0, 23), ("minute", 0, 59)):
+                value = schedule.get(name)
+                if value is not None and (not _is_int(value) or not low <= value <= high):
+                    errors.append(f"Schedule {name} must be between {low} and {high}")
+    return errors
+
+
+async def _read_body(receive: Receive) -> bytes:
+    """Returns the whole request body."""
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
 
 
 def _created_at(object_id: str) -> int:

@@ -24,8 +24,11 @@ TARGET_TYPES = ("Disk", "VirtualMachine")
 TARGET_SHAPES = ("typed", "openapi", "bare")
 ATTACHMENT_STATES = ("attached", "detached")
 DEFAULT_TOKEN = "fake-token"
+# The fake's token with the disk_backup_policies write scope (DEFAULT_TOKEN reads only: a write with it is 403).
+DEFAULT_WRITE_TOKEN = "fake-write-token"
 # Seconds per interval, used to place generated `next_invocation_at` within one interval from now.
 _INTERVAL_SECONDS = {"hourly": 3600, "daily": 86400, "weekly": 7 * 86400, "monthly": 30 * 86400}
+INTERVAL_SECONDS = _INTERVAL_SECONDS
 _ALPHABET = string.ascii_letters + string.digits
 # The real API counts a minute-long window per token (README: "requests per minute for this token").
 RATE_WINDOW_SECONDS = 60.0
@@ -208,6 +211,8 @@ class Fleet:
     disks: dict[str, FakeDisk] = field(default_factory=dict)
     policies: dict[str, FakePolicy] = field(default_factory=dict)
     tokens: set[str] = field(default_factory=lambda: {DEFAULT_TOKEN})
+    # Tokens that may also write policies (they read too).
+    write_tokens: set[str] = field(default_factory=lambda: {DEFAULT_WRITE_TOKEN})
     faults: dict[str, Fault] = field(default_factory=dict)
     rate_limit_per_minute: int = 1000
     latency: float = 0.0
@@ -700,6 +705,9 @@ class Fleet:
         if "tokens" in data:
             tokens = _list(data["tokens"], "tokens")
             fleet.tokens = {_str(token, f"tokens[{i}]") for i, token in enumerate(tokens)}
+        if "write_tokens" in data:
+            tokens = _list(data["write_tokens"], "write_tokens")
+            fleet.write_tokens = {_str(token, f"write_tokens[{i}]") for i, token in enumerate(tokens)}
         if "rate_limit_per_minute" in data:
             limit = _int(data["rate_limit_per_minute"], "rate_limit_per_minute", minimum=1)
             fleet.rate_limit_per_minute = limit
@@ -831,6 +839,7 @@ class Fleet:
 _TOP_KEYS = frozenset(
     {
         "tokens",
+        "write_tokens",
         "rate_limit_per_minute",
         "latency_ms",
         "slow_seconds",

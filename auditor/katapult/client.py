@@ -44,6 +44,8 @@ VM = "/virtual_machines/virtual_machine"
 ORG_VMS = "/organizations/organization/virtual_machines"
 VM_DISKS = "/virtual_machines/virtual_machine/disks"
 ORGANIZATIONS = "/organizations"
+POLICY = "/disk_backup_policies/disk_backup_policy"
+WRITE_ENDPOINTS = (DISK_POLICIES, VM_POLICIES, POLICY)
 
 # README: per_page is at most 200; more is 400 invalid_argument.
 MAX_PER_PAGE = 200
@@ -282,6 +284,28 @@ class KatapultClient:
         return await self._get_one(DISK, {"disk[id]": disk_id}, disk_id, wire.parse_disk_response,
                                    noun="disk", field="disk.id")
 
+    async def write(self, method: str, endpoint: str, body: dict[str, object], *, target: str) -> dict[str, object]:
+        """Sends one policy write (POST or PATCH to a write endpoint) and returns Katapult's JSON answer.
+
+        Never retried except after a 429, which Katapult answers before doing anything: a write whose answer was
+        lost is not repeated blindly (the caller re-reads Katapult to learn what happened). Raises the typed error.
+        """
+        # README "Writing policies": POST /disks/disk/disk_backup_policies, POST
+        # /virtual_machines/virtual_machine/disk_backup_policies, PATCH /disk_backup_policies/disk_backup_policy.
+        if method not in ("POST", "PATCH") or endpoint not in WRITE_ENDPOINTS:
+            raise ValueError(f"not a policy write: {method} {endpoint}")
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._send(endpoint, {}, target=target, method=method, body=body)
+            except RateLimitedError as exc:
+                if attempt >= self._max_attempts:
+                    raise
+                delay, _required = self._retry_delay(exc, attempt)
+                self.stats.retries += 1
+                await self._sleep(min(delay, self._max_retry_seconds))
+
     async def _get_one(self, endpoint: str, lookup: Params, object_id: str, parse: Callable[..., Item], *,
                        noun: str, field: str) -> Item:
         body = await self._get(endpoint, lookup, target=object_id)
@@ -441,20 +465,22 @@ class KatapultClient:
         per_minute = permitted or self._limiter.per_minute
         return max(RATE_LIMIT_MIN_WAIT, 60.0 / per_minute * RATE_LIMIT_SLOTS)
 
-    async def _send(self, endpoint: str, params: Params, *, target: str) -> dict[str, object]:
-        """Sends one paced GET and returns its JSON body, or raises the typed error for the outcome."""
+    async def _send(self, endpoint: str, params: Params, *, target: str, method: str = "GET",
+                    body: dict[str, object] | None = None) -> dict[str, object]:
+        """Sends one paced request (a GET unless `method` says otherwise, with `body` as JSON) and returns its JSON
+        body, or raises the typed error for the outcome."""
         async with self._semaphore:
             started_at = await self._limiter.acquire()
             self.stats.requests += 1
             begin = time.monotonic()
             try:
                 # Streamed, so a body past the cap is never held in memory (nor decompressed past it).
-                async with self._http.stream("GET", endpoint, params=params) as response:
+                async with self._http.stream(method, endpoint, params=params or None, json=body) as response:
                     content = await self._read_body(response)
             except httpx.TimeoutException as exc:
                 self._count_failure("timeout", endpoint, target, begin)
                 raise KatapultTransportError(
-                    f"GET {endpoint} for {target}: timed out after {self._timeout:g}s ({type(exc).__name__})",
+                    f"{method} {endpoint} for {target}: timed out after {self._timeout:g}s ({type(exc).__name__})",
                     kind="timeout",
                     target=target,
                     endpoint=endpoint,
@@ -464,7 +490,7 @@ class KatapultClient:
                 kind = "connection_error" if isinstance(exc, httpx.NetworkError) else "transport_error"
                 self._count_failure(kind, endpoint, target, begin)
                 raise KatapultTransportError(
-                    self._redact(f"GET {endpoint} for {target}: {type(exc).__name__}: {exc}"),
+                    self._redact(f"{method} {endpoint} for {target}: {type(exc).__name__}: {exc}"),
                     kind=kind,
                     target=target,
                     endpoint=endpoint,
@@ -503,6 +529,7 @@ class KatapultClient:
             target=target,
             retry_after=retry_after,
             redact=self._redact,
+            method=method,
         )
         self._redact_error(error)
         self._after_refusal(

@@ -581,6 +581,7 @@ def api_error(
     target: str,
     retry_after: float | None = None,
     redact: Callable[[str], str] = str,
+    method: str = "GET",
 ) -> KatapultAPIError:
     """Returns the typed error for a non-2xx response; a body that is not the wrapped shape maps by status.
 
@@ -589,7 +590,7 @@ def api_error(
     body = parse_error_body(content)
     if body is None:
         body = ApiErrorBody(code=f"http_{status_code}", description="", detail={})
-    message = f"GET {endpoint} for {target}: HTTP {status_code} {body.code}"
+    message = f"{method} {endpoint} for {target}: HTTP {status_code} {body.code}"
     description = clip(redact(body.description), _MAX_DESCRIPTION)
     if description:
         message += f": {description}"

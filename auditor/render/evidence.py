@@ -205,6 +205,8 @@ configuration), so two exports of the same database and period are byte-identica
   tier changes).
 - `deliveries.csv`: the alert deliveries of the period: notifier name and kind, transition, `Idempotency-Key`,
   time, result.
+- `remediations.json`: every change `auditor apply` attempted in the period: who, when, the request, Katapult's
+  answer and the outcome.
 - `oscal-assessment-results.json`: the period as an OSCAL {oscal_version} Assessment Results document: one
   observation per disk per rule, one finding per finding of the register linked to its observation.
 - `MANIFEST.sha256`: the SHA-256 of every other file.

@@ -35,6 +35,8 @@ Where things are:
 - `queries`: every read — report, findings, runs, a disk's history, notifications, readiness, the metrics'
   stored state, the dashboard's snapshot and searches; `reports` shapes their JSON, `dashboard` their views;
 - `compliance`: the period report; `evidence`: the evidence export;
+- `remediation`: remediation plans (`make_plan`) and their application (`apply_plan`, each change re-checked
+  against Katapult, its intent recorded before the write), the plan's planned fix per finding;
 - `sessions`: dashboard sessions revoked on the server (logout), for every replica;
 - `runner`: running cycles in this process (`CycleRunner`, `CycleMetrics`); `versions`: the data version the
   read-side caches key on.

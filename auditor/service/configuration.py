@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from auditor.config import RuleOverride, RulesSettings, Settings, TierSettings
+from auditor.config import PolicyTemplate, RuleOverride, RulesSettings, Settings, TierSettings
 from auditor.domain.lifecycle import parse_waivers
 from auditor.domain.models import Interval, Severity, Waiver, WaiverProblem
+from auditor.domain.remediation import Template
+from auditor.domain.remediation import template_problems as remediation_problems
 from auditor.domain.rules import RULES, RuleParams, RuleSet, build_ruleset
 from auditor.domain.tiers import Tier, tier_from_tables
 from auditor.service.clock import utcnow
@@ -76,3 +78,36 @@ def targets_from(settings: Settings) -> Targets:
 
 
 __all__ = ["Targets", "ruleset_from", "targets_from", "tier_from", "waivers_from"]
+
+
+def templates_from(settings: Settings) -> dict[str | None, Template]:
+    """Returns the remediation templates in force: None for disks judged by [rules], each non-exempt tier's name
+    for its disks ([remediation].policy with the tier's `remediation` on top)."""
+    base = settings.remediation.policy
+    out: dict[str | None, Template] = {None: _template(base)}
+    for tier in settings.tiers:
+        if not tier.exempt:
+            out[tier.name] = _template(base.merged(tier.remediation))
+    return out
+
+
+def _template(p: PolicyTemplate) -> Template:
+    return Template(Interval(p.interval), p.retention, p.frequency, p.time, p.minute, p.target)
+
+
+def template_problems(settings: Settings, *, now: datetime | None = None) -> list[str]:
+    """Returns one line per template that would itself be a finding under its tier's rules (a policy `auditor
+    apply` creates or changes must never be one), naming the key that sets it."""
+    now = now or utcnow()
+    rules = ruleset_from(settings.rules, settings.tiers)
+    templates = templates_from(settings)
+    lines = [f"remediation.policy: {p} under [rules]"
+             for p in remediation_problems(templates[None], rules.applied(""), now=now)]
+    for index, tier in enumerate(settings.tiers):
+        if tier.exempt:
+            continue
+        applied = rules.tier_rules[tier.name]
+        key = f"tiers[{index}].remediation" if tier.remediation is not None else "remediation.policy"
+        lines += [f"{key}: {p} under tier {tier.name}'s rules" for p in
+                  remediation_problems(templates[tier.name], applied, now=now)]
+    return lines

@@ -44,6 +44,7 @@ from auditor.service.compliance import (
     waiver_json,
     waivers_during,
 )
+from auditor.service.remediation import read_remediations
 from auditor.service.reports import iso, run_json
 from auditor.service.services import Services
 from auditor.store import queries
@@ -281,6 +282,9 @@ async def build_evidence(services: Services, *, period: Period) -> dict[str, byt
              "before": d.before, "after": d.after} for d in drift]}),
         "deliveries.csv": deliveries_csv(deliveries).encode(),
         "oscal-assessment-results.json": json_bytes(oscal, compact=True),
+        # Every change `auditor apply` attempted in the period: who, when, the request, the answer, the outcome.
+        "remediations.json": json_bytes({"period": period_json, "remediations": await read_remediations(
+            services, start=period.start, end=period.end)}),
     }
     files[MANIFEST] = manifest(files)
     return files

@@ -65,9 +65,13 @@ async def build_report(
 
 
 async def read_disk_detail(services: Services, *, disk_id: str) -> dict[str, Any] | None:
-    """Returns a disk's current policies, findings, snapshot history, drift and finding events; None if unknown."""
+    """Returns a disk's current policies, findings, snapshot history, drift and finding events, observed runs and the
+    remediation attempts concerning it; None if unknown."""
     history, seen, runs = await services.store.read(reads.disk_detail, disk_id, now=services.clock())
-    return detail_json(history, observed=seen, invocations=runs)
+    detail = detail_json(history, observed=seen, invocations=runs)
+    if detail is not None:
+        detail["remediations"] = [r.as_dict() for r in await services.store.read(reads.disk_remediations, disk_id)]
+    return detail
 
 
 async def read_findings(services: Services, *, query: FindingQuery) -> tuple[list[TrackedFinding], str | None]:
@@ -145,7 +149,10 @@ def current_disk_detail(settings: Settings, disk_id: str, *,
 
     with _checked_reader(settings) as reader:
         history, seen, runs = reader.read(queries.disk_detail, disk_id, now=clock())
-        return detail_json(history, observed=seen, invocations=runs)
+        detail = detail_json(history, observed=seen, invocations=runs)
+        if detail is not None:
+            detail["remediations"] = [r.as_dict() for r in reader.read(queries.disk_remediations, disk_id)]
+        return detail
 
 
 # ---- operations: readiness and the stored state /metrics shows --------------------------------------------------

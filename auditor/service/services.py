@@ -19,6 +19,7 @@ from auditor.domain.records import RunConfig
 from auditor.domain.rules import RuleSet
 from auditor.errors import SchemaError, StoreError
 from auditor.katapult import KatapultClient, Transport
+from auditor.katapult.pacing import RateLimiter
 from auditor.notify.dispatch import Dispatcher
 from auditor.notify.heartbeat import Heartbeat
 from auditor.service.clock import Clock, utcnow
@@ -109,8 +110,10 @@ async def check_schema(url: str, *, hint: str = SCHEMA_HINT) -> None:
         raise problem
 
 
-def client_from(settings: Settings, *, transport: Transport | None = None, token: str | None = None) -> KatapultClient:
-    """Returns a Katapult client configured from [katapult] (the token is read here, once)."""
+def client_from(settings: Settings, *, transport: Transport | None = None, token: str | None = None,
+                limiter: RateLimiter | None = None) -> KatapultClient:
+    """Returns a Katapult client configured from [katapult] (the token is read here, once), pacing its requests
+    with `limiter` when given (`auditor apply`'s writes share the reads' limiter)."""
     k = settings.katapult
     return KatapultClient(
         base_url=k.api_url,
@@ -122,6 +125,7 @@ def client_from(settings: Settings, *, transport: Transport | None = None, token
         max_attempts=k.max_attempts,
         max_response_bytes=k.max_response_bytes,
         transport=transport,
+        limiter=limiter,
     )
 
 

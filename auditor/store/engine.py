@@ -16,7 +16,8 @@ if TYPE_CHECKING:  # Alembic is imported only where migrations run: read-only co
 # The code's schema revision: the newest file in migrations/versions (a test checks it is Alembic's head). Read-only
 # commands compare the database with it without loading Alembic.
 # Every revision this code knows, oldest first.
-SCHEMA_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009", "0010")
+SCHEMA_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009", "0010",
+                    "0011")
 SCHEMA_HEAD = SCHEMA_REVISIONS[-1]
 # What a command tells the operator to do about a database that is missing or behind the code.
 SCHEMA_HINT = "run `auditor db upgrade` or start `auditor run` once"

@@ -21,6 +21,7 @@ from auditor.store.tables import (
     invocations,
     outbox,
     policy_states,
+    remediations,
     run_summaries,
     runs,
 )
@@ -53,6 +54,9 @@ def _plans(before: datetime, kept: list[str]) -> list[tuple[str, Any, Any, Colum
         ("outbox", outbox, outbox.c.id,
          and_(outbox.c.state.in_([DeliveryState.DELIVERED.value, DeliveryState.FAILED.value]),
               outbox.c.created_at < before)),
+        # An attempt's rows share its id and time; one left at `intent` is kept for the next apply to settle.
+        ("remediations", remediations, remediations.c.attempt_id,
+         and_(remediations.c.requested_at < before, remediations.c.status != "intent")),
     ]
 
 
@@ -72,9 +76,10 @@ async def delete_history_before(store: Store, before: datetime, *, batch: int = 
     Deleted: run summaries and runs polled before it (never the latest run, the latest complete or partial run, or
     a running one), verdict intervals and policy states closed before it, drift events and observed runs due before
     it, finding events of episodes resolved before it (an open, waived or later-resolved finding keeps its whole
-    episode, so its age and time to resolve stay known), and delivered or failed notifications created before it.
-    Never touched: findings, disks, current verdicts and policy states, policy schedules, pending notifications,
-    alert states, leases.
+    episode, so its age and time to resolve stay known), delivered or failed notifications created before it, and
+    remediation attempts requested before it (except one whose outcome is still unknown). Never touched:
+    findings, disks, current verdicts and policy states, policy schedules, pending notifications, alert states,
+    leases.
     """
     kept = await store.read(queries.runs_to_keep)
     counts: dict[str, int] = {}

@@ -54,6 +54,7 @@ from auditor.domain.records import (
     DriftRecord,
     FindingEventRecord,
     PolicyStateRecord,
+    RemediationRecord,
     RunConfig,
     RunError,
     RunRecord,
@@ -74,6 +75,7 @@ from auditor.store.tables import (
     outbox,
     policy_schedules,
     policy_states,
+    remediations,
     revoked_sessions,
     run_configs,
     run_summaries,
@@ -865,3 +867,64 @@ def report_inputs(conn: Connection, *, now: datetime, drift_since: datetime) -> 
                         all_findings(conn, statuses=REPORTED_STATUSES), current_policy_ids(conn),
                         recent_drift(conn, since=drift_since),
                         observations(conn, start=now - RPO_WINDOW, end=now))
+
+
+# ---- remediation -----------------------------------------------------------------------------------------------
+
+
+def remediation_record(row: Any) -> RemediationRecord:
+    """Returns a remediations row as a RemediationRecord."""
+    return RemediationRecord(
+        attempt_id=row.attempt_id, disk_id=row.disk_id, change_id=row.change_id, plan_hash=row.plan_hash,
+        kind=row.kind, status=row.status, actor_user=row.actor_user, actor_host=row.actor_host,
+        requested_at=row.requested_at, finished_at=row.finished_at, request=dict(row.request or {}),
+        response=row.response, error_code=row.error_code, errors=row.errors, reason=row.reason,
+        fixes=list(row.fixes or []), before=row.before, after=row.after)
+
+
+def disk_remediations(conn: Connection, disk_id: str) -> list[RemediationRecord]:
+    """Returns every remediation attempt concerning a disk, oldest first."""
+    r = remediations.c
+    q = select(remediations).where(r.disk_id == disk_id).order_by(r.requested_at, r.attempt_id)
+    return [remediation_record(row) for row in conn.execute(q)]
+
+
+def remediations_between(conn: Connection, *, start: datetime, end: datetime) -> list[RemediationRecord]:
+    """Returns the remediation attempts requested in [start, end), oldest first."""
+    r = remediations.c
+    q = (select(remediations).where(r.requested_at >= start, r.requested_at < end)
+         .order_by(r.requested_at, r.attempt_id, r.disk_id))
+    return [remediation_record(row) for row in conn.execute(q)]
+
+
+def dangling_intents(conn: Connection, change_id: str) -> list[RemediationRecord]:
+    """Returns the attempts of a change still at `intent`: writes whose process stopped before their outcome."""
+    r = remediations.c
+    q = select(remediations).where(r.change_id == change_id, r.status == "intent").order_by(r.requested_at)
+    return [remediation_record(row) for row in conn.execute(q)]
+
+
+def current_policy_states(conn: Connection) -> dict[str, list[PolicyStateRecord]]:
+    """Returns the current policy states of every disk, by disk, ordered by policy id."""
+    p = policy_states.c
+    q = select(policy_states).where(p.valid_to.is_(None)).order_by(p.disk_id, p.policy_id)
+    out: dict[str, list[PolicyStateRecord]] = {}
+    for row in conn.execute(q):
+        out.setdefault(row.disk_id, []).append(state_record(row))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class PlanInputs:
+    """What a remediation plan is made from, read on one connection: the audited disks, their current policies and
+    their open and waived findings."""
+
+    disks: dict[str, DiskRecord]
+    policies: dict[str, list[PolicyStateRecord]]
+    findings: list[TrackedFinding]
+
+
+def plan_inputs(conn: Connection) -> PlanInputs:
+    """Returns the target disks, every disk's current policy states and the open and waived findings."""
+    return PlanInputs(load_disks(conn, targets_only=True), current_policy_states(conn),
+                      all_findings(conn, statuses=REPORTED_STATUSES))

@@ -291,3 +291,28 @@ revoked_sessions = Table(
     _utc("expires_at", index=True),
     _utc("revoked_at"),
 )
+
+# Every change `auditor apply` attempted, one row per disk it concerns: the intent is written before the write is
+# sent, the outcome over it once known (a row left at `intent` is a write whose process stopped). Who and when, the
+# request as sent and Katapult's answer (never a token: requests carry none, answers are bodies only).
+remediations = Table(
+    "remediations", metadata,
+    Column("attempt_id", String(40), primary_key=True),
+    Column("disk_id", Text, primary_key=True, index=True),
+    Column("change_id", String(40), nullable=False, index=True),
+    Column("plan_hash", String(80), nullable=False),
+    Column("kind", String(32), nullable=False),  # create-policy | raise-retention | shorten-interval
+    Column("status", String(16), nullable=False),  # vocabulary.RemediationStatus
+    Column("actor_user", Text, nullable=False),
+    Column("actor_host", Text, nullable=False),
+    _utc("requested_at", index=True),
+    _utc("finished_at", nullable=True),
+    Column("request", JSON, nullable=False),
+    Column("response", JSON),
+    Column("error_code", Text),
+    Column("errors", JSON),
+    Column("reason", Text),
+    Column("fixes", JSON, nullable=False),
+    Column("before", JSON),
+    Column("after", JSON),
+)

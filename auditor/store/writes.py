@@ -44,6 +44,7 @@ from auditor.store.tables import (
     outbox,
     policy_schedules,
     policy_states,
+    remediations,
     revoked_sessions,
     run_configs,
     run_summaries,
@@ -523,3 +524,24 @@ def _write_history(conn: Connection, cycle: CycleWrite, *, unchanged: set[str]) 
         # A disk no longer audited has no verdict from now on (not "compliant until further notice").
         conn.execute(update(disk_states).where(disk_states.c.valid_to.is_(None),
                                                among(conn, disk_states.c.disk_id, chunk)).values(valid_to=now))
+
+
+# ---- remediation -----------------------------------------------------------------------------------------------
+
+
+def record_intent(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Inserts one attempt's rows (one per disk it concerns) at status `intent`, before the write is sent."""
+    conn.execute(insert(remediations), [dict(row) for row in rows])
+
+
+def record_outcome(conn: Connection, attempt_id: str, *, values: dict[str, Any]) -> None:
+    """Writes the outcome of an attempt over its intent rows (status, answer, error, finished_at)."""
+    conn.execute(update(remediations).where(remediations.c.attempt_id == attempt_id).values(**values))
+
+
+def close_intents(conn: Connection, attempt_ids: Sequence[str], *, reason: str, now: datetime) -> None:
+    """Marks attempts left at `intent` by a process that stopped as `interrupted`, saying what a re-read found."""
+    if attempt_ids:
+        conn.execute(update(remediations)
+                     .where(remediations.c.attempt_id.in_(list(attempt_ids)), remediations.c.status == "intent")
+                     .values(status="interrupted", reason=reason, finished_at=now))

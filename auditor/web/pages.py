@@ -27,6 +27,7 @@ from auditor.domain.models import Severity
 from auditor.domain.rules import RULES
 from auditor.errors import AuditorError, LeaseHeldError, StoreError
 from auditor.service import dashboard, queries
+from auditor.service.remediation import read_planned_fixes
 from auditor.service.reports import iso
 from auditor.service.versions import DataVersion, SingleFlight, data_version
 from auditor.vocabulary import format_duration, format_percent
@@ -202,9 +203,11 @@ def dashboard_router(deps: ApiDeps) -> APIRouter:
     async def build_snapshot() -> tuple[Hashable, dashboard.Snapshot, dict[str, bytes]]:
         async def read_with_rows(own: Services) -> tuple[dashboard.Snapshot, dict[str, bytes]]:
             snap = await queries.read_snapshot(own)
+            # What the remediation plan does about each open finding: shown in its row.
+            fixes = await read_planned_fixes(own)
             # Each finding's table row, rendered (and encoded) here too: a findings page joins 50 of them.
-            rows = {item.finding.fingerprint: str(macros.finding_row(item)).encode()
-                    for item in (snap.index.items if snap.index is not None else ())}
+            rows = {item.finding.fingerprint: str(macros.finding_row(item, fixes.get(item.finding.fingerprint)))
+                    .encode() for item in (snap.index.items if snap.index is not None else ())}
             return snap, rows
 
         snap, rows = await queries.off_loop(services, read=read_with_rows)

@@ -1,0 +1,363 @@
+"""Remediation: `make_plan` (the plan of the stored findings, never a Katapult write) and `apply_plan` (a saved plan
+applied, each change re-checked against Katapult first, every outcome recorded, then a re-audit).
+
+Crash safety: each write's intent is recorded before it is sent and its outcome after. A process killed between the
+two leaves the intent; the next apply of the plan re-reads Katapult for that change, so a policy the killed process
+created makes its precondition ("no policy covers the disk") false: the change is stale and nothing is sent twice.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from auditor import __version__
+from auditor.config import Settings
+from auditor.domain.models import BackupPolicy
+from auditor.domain.remediation import (
+    PLAN_FORMAT,
+    DiskState,
+    PlanFilter,
+    build_plan,
+    check_precondition,
+    content_hash,
+    plan_document,
+    request_of,
+    weakens,
+)
+from auditor.domain.rules import Applied
+from auditor.domain.tiers import DEFAULTS, TierDecision
+from auditor.errors import (
+    ConfigError,
+    InTrashError,
+    KatapultAPIError,
+    KatapultError,
+    KatapultTransportError,
+    NotFoundError,
+    PlanError,
+    UnavailableError,
+)
+from auditor.katapult import KatapultClient
+from auditor.service.configuration import template_problems, templates_from
+from auditor.service.cycle import AuditOutcome, run_cycle
+from auditor.service.services import Services
+from auditor.store import queries, writes
+from auditor.vocabulary import FindingStatus, RemediationStatus
+
+log = logging.getLogger(__name__)
+
+ENABLE_HINT = ("remediation is not enabled: set enabled = true in [remediation] (env "
+               "AUDITOR_REMEDIATION__ENABLED=true), review the templates `auditor check-config` prints, then plan")
+
+
+def check_enabled(services: Services) -> None:
+    """Raises ConfigError when [remediation] is off or a template would itself be a finding."""
+    check_remediation(services.settings)
+
+
+def check_remediation(settings: Settings) -> None:
+    """Raises ConfigError when [remediation] is off or a template would itself be a finding."""
+    if not settings.remediation.enabled:
+        raise ConfigError([f"remediation.enabled: {ENABLE_HINT}"])
+    problems = template_problems(settings)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _applied(services: Services, disk_id: str, tier: str | None) -> Applied:
+    rules = services.rules
+    found = next((t for t in rules.tiers if t.name == tier), None)
+    return rules.applied(disk_id, DEFAULTS if found is None else TierDecision(found))
+
+
+def _states(services: Services, inputs: queries.PlanInputs) -> list[DiskState]:
+    by_disk: dict[str, list[Any]] = {}
+    for f in inputs.findings:
+        by_disk.setdefault(f.disk_id, []).append(f)
+    return [DiskState(disk, tuple(inputs.policies.get(disk_id, ())), tuple(by_disk.get(disk_id, ())))
+            for disk_id, disk in inputs.disks.items()]
+
+
+async def make_plan(services: Services, *, only: PlanFilter | None = None) -> dict[str, Any]:
+    """Returns the remediation plan of the stored findings as its JSON document (no Katapult call, no write)."""
+    only = only or PlanFilter()
+    check_enabled(services)
+    now = services.clock()
+    inputs = await services.store.read(queries.plan_inputs)
+    states = _states(services, inputs)
+    templates = templates_from(services.settings)
+    applied = {s.disk.id: _applied(services, s.disk.id, s.disk.tier) for s in states}
+    plan = build_plan(states, templates=templates, applied=applied, only=only, now=now)
+    return plan_document(plan, version=__version__, created_at=now, ttl=services.settings.remediation.plan_ttl,
+                         only=only, templates=templates)
+
+
+def verify_plan(document: Any, *, now: datetime) -> None:
+    """Raises PlanError unless `document` is a plan of this format, unexpired and unedited (its hash matches and
+    every request is the one its change allows)."""
+    if not isinstance(document, dict) or document.get("format") != PLAN_FORMAT:
+        raise PlanError(f"not a remediation plan (no \"format\": \"{PLAN_FORMAT}\"); make one with `auditor plan "
+                        "--out FILE`")
+    if document.get("hash") != content_hash(document):
+        raise PlanError("the plan was edited after it was made (its hash does not match its content): make a new "
+                        "one with `auditor plan --out FILE`")
+    try:
+        expires = datetime.fromisoformat(str(document["expires_at"]).replace("Z", "+00:00"))
+        changes = document["changes"]
+        for change in changes:
+            if request_of(change) != change["request"]:
+                raise PlanError(f"change {change.get('id')}: its request is not the one its kind and target allow")
+    except PlanError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise PlanError(f"the plan is malformed ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if now >= expires:
+        raise PlanError(f"the plan expired at {document['expires_at']} (remediation.plan_ttl): make a new one")
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who applies: the OS user and the host."""
+
+    user: str
+    host: str
+
+    @classmethod
+    def current(cls) -> Actor:
+        """Returns the OS user and host of this process."""
+        try:
+            user = getpass.getuser()
+        except (OSError, KeyError):
+            user = f"uid:{os.getuid()}"
+        return cls(user, socket.gethostname())
+
+
+@dataclass(slots=True)
+class ChangeResult:
+    """What apply did with one change."""
+
+    change: dict[str, Any]
+    status: RemediationStatus
+    reason: str | None = None
+    error_code: str | None = None
+    errors: list[str] = field(default_factory=list)
+    sent: bool = False  # whether a write was sent (counts towards remediation.max_changes)
+
+
+@dataclass(slots=True)
+class ApplyOutcome:
+    """Every change's result, the re-audit and the touched disks' state before and after it."""
+
+    results: list[ChangeResult] = field(default_factory=list)
+    reaudit: AuditOutcome | None = None
+    unreachable: str | None = None  # why apply stopped: Katapult did not answer a re-read
+    before: dict[str, dict[str, Any]] = field(default_factory=dict)
+    after: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def all_applied(self) -> bool:
+        """Returns whether every change of the plan was applied."""
+        return all(r.status is RemediationStatus.APPLIED for r in self.results)
+
+
+class KatapultUnreachable(KatapultError):
+    """Katapult did not answer a re-read: apply stops (exit 2)."""
+
+    code = "katapult_unreachable"
+
+
+def _disk_view(inputs: queries.PlanInputs, disk_id: str) -> dict[str, Any]:
+    disk = inputs.disks.get(disk_id)
+    found = sorted(f"{f.rule}" + (f" ({f.policy_id})" if f.policy_id else "")
+                   for f in inputs.findings if f.disk_id == disk_id and f.status is FindingStatus.OPEN)
+    policies = [f"{p.policy_id} retention {p.retention} {p.interval}" for p in inputs.policies.get(disk_id, [])]
+    return {"outcome": disk.outcome if disk else None, "open_findings": found, "policies": policies}
+
+
+async def _covering(client: KatapultClient, disks: Sequence[str]) -> tuple[list[BackupPolicy], str | None]:
+    """Returns the policies now covering the disks (their own and their VMs') and the first disk's VM."""
+    policies: dict[str, BackupPolicy] = {}
+    first_vm: str | None = None
+    vms: set[str] = set()
+    for index, disk_id in enumerate(disks):
+        disk = await client.get_disk(disk_id)
+        if index == 0:
+            first_vm = disk.vm_id
+        if disk.vm_id:
+            vms.add(disk.vm_id)
+        for p in await client.list_disk_policies(disk_id):
+            policies[p.id] = p
+    for vm_id in sorted(vms):
+        for p in await client.list_vm_policies(vm_id):
+            policies[p.id] = p
+    return list(policies.values()), first_vm
+
+
+async def apply_plan(services: Services, *, document: dict[str, Any], writer: KatapultClient,
+                     actor: Actor, reaudit: bool = True) -> ApplyOutcome:
+    """Applies a verified plan: per change, a re-read of Katapult, then the write if its precondition still holds,
+    each outcome recorded; at most remediation.max_changes writes; then a re-audit when anything was applied.
+
+    When Katapult does not answer a re-read, nothing more is attempted (`unreachable` says why; the rest of the
+    changes are not attempted) and there is no re-audit.
+    """
+    check_enabled(services)
+    client = services.client
+    assert client is not None, "apply needs the read client"
+    plan_hash = str(document["hash"])
+    limit = services.settings.remediation.max_changes
+    inputs = await services.store.read(queries.plan_inputs)
+    states = {s.disk.id: s for s in _states(services, inputs)}
+    outcome = ApplyOutcome()
+    writes_sent = 0
+    touched: list[str] = []
+    for change in document["changes"]:
+        disks = [str(d) for d in change["disks"]]
+        if outcome.unreachable is not None:
+            outcome.results.append(ChangeResult(change, RemediationStatus.NOT_ATTEMPTED, "Katapult did not answer"))
+            continue
+        if writes_sent >= limit:
+            outcome.results.append(ChangeResult(change, RemediationStatus.NOT_ATTEMPTED,
+                                                f"remediation.max_changes ({limit}) writes reached"))
+            continue
+        try:
+            result = await _apply_one(services, change, disks, states=states, client=client, writer=writer,
+                                      actor=actor, plan_hash=plan_hash)
+        except KatapultUnreachable as exc:
+            outcome.unreachable = str(exc)
+            outcome.results.append(ChangeResult(change, RemediationStatus.NOT_ATTEMPTED, "Katapult did not answer"))
+            continue
+        outcome.results.append(result)
+        if result.sent:
+            writes_sent += 1
+        if result.status is RemediationStatus.APPLIED:
+            touched += disks
+    if touched and outcome.unreachable is None:
+        outcome.before = {d: _disk_view(inputs, d) for d in touched}
+        if reaudit:
+            outcome.reaudit = await run_cycle(services, trigger="remediation", wait=60.0)
+            after = await services.store.read(queries.plan_inputs)
+            outcome.after = {d: _disk_view(after, d) for d in touched}
+    return outcome
+
+
+async def _apply_one(services: Services, change: dict[str, Any], disks: list[str], *, states: dict[str, DiskState],
+                     client: KatapultClient, writer: KatapultClient, actor: Actor, plan_hash: str) -> ChangeResult:
+    store = services.store
+    change_id = str(change["id"])
+    dangling = [r.attempt_id for r in await store.read(queries.dangling_intents, change_id)]
+
+    async def record(status: RemediationStatus, reason: str, **extra: Any) -> ChangeResult:
+        now = services.clock()
+        rows = [_row(change, disk, attempt_id=uuid.uuid4().hex, plan_hash=plan_hash, actor=actor, now=now,
+                     status=status, reason=reason) for disk in disks]
+        async with store.transaction() as tx:
+            await tx.run(writes.record_intent, rows)
+            await tx.run(writes.close_intents, dangling, reason=f"a later apply re-read Katapult: {reason}",
+                         now=now)
+        return ChangeResult(change, status, reason, **extra)
+
+    # Never touch a disk that is now exempt or has a waived finding (the store as the last audit left it).
+    for disk in disks:
+        state = states.get(disk)
+        if state is not None and (state.exempt or state.waived):
+            why = "exempt" if state.exempt else "waived"
+            return await record(RemediationStatus.STALE, f"disk {disk} is now {why}: left alone")
+    try:
+        policies, vm_id = await _covering(client, disks)
+    except (NotFoundError, InTrashError) as exc:
+        return await record(RemediationStatus.STALE, f"the disk can no longer be read: {exc.code}")
+    except (KatapultTransportError, UnavailableError) as exc:
+        raise KatapultUnreachable(f"Katapult did not answer the re-read for change {change_id}: {exc}") from None
+    except KatapultError as exc:
+        return await record(RemediationStatus.FAILED, f"the re-read failed: {exc}")
+    check = check_precondition(change, policies, vm_id=vm_id)
+    if check.stale is not None:
+        return await record(RemediationStatus.STALE, check.stale)
+    weaker = weakens(change, check.current)
+    if weaker is not None:
+        return await record(RemediationStatus.STALE, weaker)
+    request = change["request"]
+    now = services.clock()
+    attempt_id = uuid.uuid4().hex
+    rows = [_row(change, disk, attempt_id=attempt_id, plan_hash=plan_hash, actor=actor, now=now,
+                 status=RemediationStatus.INTENT, reason=None) for disk in disks]
+    # The intent is committed before the write is sent: a crash after the write leaves a trace the next apply sees.
+    async with store.transaction() as tx:
+        await tx.run(writes.record_intent, rows)
+        await tx.run(writes.close_intents, dangling, reason="a later apply re-read Katapult: the change was not "
+                     "made; it is being applied again", now=now)
+    values: dict[str, Any]
+    try:
+        answer = await writer.write(request["method"], request["path"], request["body"], target=disks[0])
+    except KatapultAPIError as exc:
+        raw = exc.detail.get("errors")
+        errors = [e[:500] for e in raw if isinstance(e, str)] if isinstance(raw, list) else []
+        values = {"status": RemediationStatus.REFUSED.value, "error_code": exc.code, "errors": errors,
+                  "response": {"status_code": exc.status_code, "error": {"code": exc.code, "detail": exc.detail}},
+                  "reason": str(exc)}
+        result = ChangeResult(change, RemediationStatus.REFUSED, str(exc), exc.code, errors, sent=True)
+    except KatapultError as exc:
+        reason = (f"no answer ({exc}): the write may or may not have been made; apply the plan again — the re-read "
+                  "decides")
+        values = {"status": RemediationStatus.FAILED.value, "error_code": exc.code, "reason": reason}
+        result = ChangeResult(change, RemediationStatus.FAILED, reason, exc.code, sent=True)
+    else:
+        values = {"status": RemediationStatus.APPLIED.value, "response": {"status_code": 200, "body": answer}}
+        result = ChangeResult(change, RemediationStatus.APPLIED, sent=True)
+    values["finished_at"] = services.clock()
+    await store.write(writes.record_outcome, attempt_id, values=values)
+    log.info("remediation %s %s on %s: %s", change_id, change["kind"], ", ".join(disks), result.status.value)
+    return result
+
+
+def _row(change: dict[str, Any], disk: str, *, attempt_id: str, plan_hash: str, actor: Actor, now: datetime,
+         status: RemediationStatus, reason: str | None) -> dict[str, Any]:
+    final = status is not RemediationStatus.INTENT
+    return {"attempt_id": attempt_id, "disk_id": disk, "change_id": str(change["id"]), "plan_hash": plan_hash,
+            "kind": str(change["kind"]), "status": status.value, "actor_user": actor.user, "actor_host": actor.host,
+            "requested_at": now, "finished_at": now if final else None, "request": change["request"],
+            "response": None, "error_code": None, "errors": None, "reason": reason, "fixes": list(change["fixes"]),
+            "before": change["before"], "after": change["after"]}
+
+
+async def read_remediations(services: Services, *, start: datetime, end: datetime) -> list[dict[str, Any]]:
+    """Returns the remediation attempts requested in [start, end) as JSON, oldest first."""
+    return [r.as_dict() for r in await services.store.read(queries.remediations_between, start=start, end=end)]
+
+
+def planned_fixes(document: dict[str, Any]) -> dict[str, str]:
+    """Returns, per finding fingerprint, what the plan does about it: the planned change or "manual: reason"."""
+    out: dict[str, str] = {}
+    for change in document.get("changes", []):
+        if change["kind"] == "create-policy":
+            made = change["after"]["policies"][0]
+            text = (f"planned: create a policy (retention {made['retention']}, {made['interval']}) on "
+                    f"{made['target']['type']} {made['target']['id']}")
+        else:
+            props = change["request"]["body"]["properties"]
+            parts = ([f"retention {props['retention']}"] if "retention" in props else []) + (
+                [f"interval {props['schedule'].get('interval')}"] if "schedule" in props else [])
+            text = f"planned: set {', '.join(parts)} on policy {change['precondition']['policy_id']}"
+        for fp in change["fixes"]:
+            out[fp] = text
+    for item in document.get("manual", []):
+        out.setdefault(item["fingerprint"], f"manual: {item['reason']}")
+    return out
+
+
+async def read_planned_fixes(services: Services) -> dict[str, str]:
+    """Returns what the current plan does about each open finding (the dashboard's finding rows); empty while
+    [remediation] is off or a template is invalid."""
+    try:
+        check_enabled(services)
+    except ConfigError:
+        return {}
+    return planned_fixes(await make_plan(services))
