@@ -579,3 +579,33 @@ def test_no_backup_data_after_an_observed_run_or_a_whole_interval() -> None:
 
 def sized(p: BackupPolicy, total_size: float | None = 1.0) -> BackupPolicy:
     return replace(p, total_size=total_size)
+
+
+def test_observe_records_runs_not_reschedules_and_chains_gaps_across_policies() -> None:
+    from auditor.domain.invocations import RpoFacts, observe, observed_rpo
+
+    a, b = policy("dbp_a"), policy("dbp_b")
+    at = NOW - timedelta(hours=30)
+
+    def moved(p: BackupPolicy, to: datetime | None) -> BackupPolicy:
+        return replace(p, schedule=Schedule(p.schedule.interval, to))
+
+    first = observe(DISK, [moved(a, at), moved(b, at + timedelta(hours=2))], {}, now=at - HOUR)
+    assert first.invocations == [] and {s.first_seen_at for s in first.schedules.values()} == {at - HOUR}
+    # b moved on from a time still to come: a reschedule; a ran (its old value has passed).
+    second = observe(DISK, [moved(a, at + DAY), moved(b, at + DAY)], first.schedules, now=at + HOUR)
+    assert [(i.policy_id, i.due_at, i.gap_seconds) for i in second.invocations] == [("dbp_a", at, None)]
+    assert second.schedules["dbp_b"].recent == () and second.schedules["dbp_b"].next_invocation_at == at + DAY
+    # A missing value keeps the last one; both then run: each gap is from the disk's previous run, any policy.
+    third = observe(DISK, [moved(a, None), moved(b, None)], second.schedules, now=at + 2 * HOUR)
+    assert third.invocations == [] and third.schedules["dbp_a"].next_invocation_at == at + DAY
+    fourth = observe(DISK, [moved(a, at + 2 * DAY), moved(b, at + 2 * DAY)], third.schedules, now=at + DAY + HOUR)
+    assert [(i.policy_id, i.gap_seconds) for i in fourth.invocations] == [("dbp_a", 86400), ("dbp_b", 0)]
+    # The RPO: the longest gap, or the time since the last run when that is longer; None without a gap, never 0.
+    assert observed_rpo(RpoFacts(2, at + DAY, timedelta(days=1)), end=at + DAY + HOUR) == 86400
+    assert observed_rpo(RpoFacts(2, at + DAY, timedelta(days=1)), end=at + 3 * DAY) == 2 * 86400
+    assert observed_rpo(RpoFacts(1, at, None), end=at + 3 * DAY) is None
+
+
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)

@@ -407,7 +407,8 @@ def _epoch(t: datetime) -> int:
 def _write_observations(conn: Connection, cycle: CycleWrite) -> None:
     """Writes the observed invocations and the policy schedules that changed, and deletes those that are gone."""
     seen = [{"disk_id": i.disk_id, "policy_id": i.policy_id, "due_at": _epoch(i.due_at),
-             "next_at": _epoch(i.next_at), "observed_at": _epoch(i.observed_at), "run_id": cycle.run_id}
+             "next_at": _epoch(i.next_at), "observed_at": _epoch(i.observed_at), "gap_seconds": i.gap_seconds,
+             "run_id": cycle.run_id}
             for i in cycle.invocations]
     for part in chunks(seen, batch(conn)):
         insert_rows(conn, invocations, part)
