@@ -609,3 +609,19 @@ def test_observe_records_runs_not_reschedules_and_chains_gaps_across_policies() 
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
+
+
+def test_observed_interval_follows_overrides_and_tiers() -> None:
+    # A disk allowed weekly runs (an override) passes a 7-day step; the defaults (daily) do not.
+    rs = build_ruleset(default=LAX, overrides=[(["disk_weekly"], {"max_interval": Interval.WEEKLY})])
+    rs = replace(rs, default=replace(LAX, max_interval=Interval.DAILY))
+    p = sized(policy())
+    week = {p.id: stepped(p.id, 7, 7)}
+    assert rule_ids(evaluate(snap(p, disk=Disk("disk_weekly")), rs, now=NOW, schedules=week)) == []
+    assert rule_ids(evaluate(snap(p), rs, now=NOW, schedules=week)) == [OBSERVED_INTERVAL_TOO_LONG]
+    # Disabled like any rule, or with another severity.
+    assert evaluate(snap(p), replace(rs, disabled=frozenset({OBSERVED_INTERVAL_TOO_LONG})), now=NOW,
+                    schedules=week) == []
+    (f,) = evaluate(snap(p), replace(rs, severity={OBSERVED_INTERVAL_TOO_LONG: Severity.LOW}), now=NOW,
+                    schedules=week)
+    assert f.severity is Severity.LOW

@@ -236,7 +236,7 @@ disk_states = Table(
 # writes by change): when it first saw the policy there, the latest `next_invocation_at` it saw, and the latest
 # invocations ({"runs": [[due, next, observed], ...]} in epoch seconds, oldest first, at most `invocations.RECENT`;
 # an object, not a bare list: PostgreSQL's bulk writes pass a column as an array, and a list would nest in it). A row
-# goes when its policy no longer covers the disk.
+# goes when its policy no longer covers the disk, or the disk is no longer audited.
 policy_schedules = Table(
     "policy_schedules", metadata,
     Column("disk_id", Text, primary_key=True),

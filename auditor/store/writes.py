@@ -424,6 +424,9 @@ def _write_observations(conn: Connection, cycle: CycleWrite) -> None:
         by_disk.setdefault(disk_id, []).append(policy_id)
     for disk_id, policy_ids in by_disk.items():
         conn.execute(delete(policy_schedules).where(p.disk_id == disk_id, p.policy_id.in_(policy_ids)))
+    for chunk in chunks(sorted(cycle.retired_disks), batch(conn)):
+        # A disk no longer audited is no longer observed: if it comes back, its observation starts afresh.
+        conn.execute(delete(policy_schedules).where(among(conn, p.disk_id, chunk)))
 
 
 def _finding_values(f: TrackedFinding) -> dict[str, Any]:
