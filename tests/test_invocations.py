@@ -210,6 +210,10 @@ async def test_the_disk_detail_api_and_page_show_the_observed_runs(db_url: str) 
             assert "Observed runs (<span data-metric=\"invocations\">3</span>)" in page.text
             assert '<time datetime="2030-03-03T01:00:00Z">' in page.text
             assert '<dd data-metric="observed_rpo">1d 0h</dd>' in page.text
+            # The overview gives the fleet's: two disks have two observed runs a day apart (the weekly one has one).
+            overview = await api.get("/")
+            assert overview.status_code == 200
+            assert '<dd data-metric="observed_rpo">1d 0h / 1d 0h</dd>' in overview.text
 
 
 async def _no_trigger() -> str | None:
