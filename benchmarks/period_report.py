@@ -59,10 +59,12 @@ def history(*, disks: int, days: int, seed: int, max_changes: int = 6,
                               "last_read_at": END, "last_run_id": None})
         if runs_per_day:
             due = int(start.timestamp()) + rnd.randint(0, step - 1)
+            gap = None
             while due < int(END.timestamp()):
                 rows["invocations"].append({"disk_id": disk_id, "policy_id": f"dbp_{i:016d}", "due_at": due,
-                                            "next_at": due + step, "observed_at": due + 300, "run_id": "x"})
-                due += step
+                                            "next_at": due + step, "observed_at": due + 300, "gap_seconds": gap,
+                                            "run_id": "x"})
+                due, gap = due + step, step
             rows["schedules"].append({"disk_id": disk_id, "policy_id": f"dbp_{i:016d}", "first_seen_at": start,
                                       "next_invocation_at": datetime.fromtimestamp(due, tz=UTC), "recent": {}})
         changes = sorted(rnd.sample(range(1, slots), rnd.randint(0, max_changes)))

@@ -26,6 +26,7 @@ from auditor.service.compliance import read_period_report
 from auditor.service.cycle import run_cycle
 from auditor.service.evidence import build_evidence
 from auditor.service.queries import read_disk_detail, read_report
+from auditor.store import queries
 from auditor.store.pruning import delete_history_before
 
 pytestmark = pytest.mark.slow  # a real loopback socket
@@ -177,6 +178,13 @@ async def test_no_backup_data_after_an_observed_run_and_resolved_once_data_arriv
         assert after[DAILY]["last_invocation_at"] == "2030-03-02T01:00:00Z"
         assert after[DAILY]["observed_since"] == "2030-03-01T00:00:00Z"
 
+        # A disk no longer audited is no longer observed: its schedules go with it.
+        assert await w.services.store.read(queries.policy_schedules_of, [EMPTY])
+        w.fleet.remove_disk(EMPTY)
+        await w.cycle_at(T0 + 2 * DAY)
+        assert await w.services.store.read(queries.policy_schedules_of, [EMPTY]) == {}
+        assert await w.services.store.read(queries.policy_schedules_of, [DAILY])
+
 
 async def test_the_disk_detail_api_and_page_show_the_observed_runs(db_url: str) -> None:
     async with world_for(db_url, "disks") as w:
@@ -202,6 +210,10 @@ async def test_the_disk_detail_api_and_page_show_the_observed_runs(db_url: str) 
             assert "Observed runs (<span data-metric=\"invocations\">3</span>)" in page.text
             assert '<time datetime="2030-03-03T01:00:00Z">' in page.text
             assert '<dd data-metric="observed_rpo">1d 0h</dd>' in page.text
+            # The overview gives the fleet's: two disks have two observed runs a day apart (the weekly one has one).
+            overview = await api.get("/")
+            assert overview.status_code == 200
+            assert '<dd data-metric="observed_rpo">1d 0h / 1d 0h</dd>' in overview.text
 
 
 async def _no_trigger() -> str | None:

@@ -652,3 +652,49 @@ def test_an_unknown_attachment_state_is_never_taken_as_detached() -> None:
     (f,) = evaluate(snap(vm_policy(), disk=on_vm("detaching")), ruleset(), now=NOW)
     assert f.rule == DETACHED_FROM_COVERING_VM
     assert evaluate(snap(vm_policy(), disk=on_vm(None)), ruleset(), now=NOW) == []
+
+
+def test_observe_records_runs_not_reschedules_and_chains_gaps_across_policies() -> None:
+    from auditor.domain.invocations import RpoFacts, observe, observed_rpo
+
+    a, b = policy("dbp_a"), policy("dbp_b")
+    at = NOW - timedelta(hours=30)
+
+    def moved(p: BackupPolicy, to: datetime | None) -> BackupPolicy:
+        return replace(p, schedule=Schedule(p.schedule.interval, to))
+
+    first = observe(DISK, [moved(a, at), moved(b, at + timedelta(hours=2))], {}, now=at - HOUR)
+    assert first.invocations == [] and {s.first_seen_at for s in first.schedules.values()} == {at - HOUR}
+    # b moved on from a time still to come: a reschedule; a ran (its old value has passed).
+    second = observe(DISK, [moved(a, at + DAY), moved(b, at + DAY)], first.schedules, now=at + HOUR)
+    assert [(i.policy_id, i.due_at, i.gap_seconds) for i in second.invocations] == [("dbp_a", at, None)]
+    assert second.schedules["dbp_b"].recent == () and second.schedules["dbp_b"].next_invocation_at == at + DAY
+    # A missing value keeps the last one; both then run: each gap is from the disk's previous run, any policy.
+    third = observe(DISK, [moved(a, None), moved(b, None)], second.schedules, now=at + 2 * HOUR)
+    assert third.invocations == [] and third.schedules["dbp_a"].next_invocation_at == at + DAY
+    fourth = observe(DISK, [moved(a, at + 2 * DAY), moved(b, at + 2 * DAY)], third.schedules, now=at + DAY + HOUR)
+    assert [(i.policy_id, i.gap_seconds) for i in fourth.invocations] == [("dbp_a", 86400), ("dbp_b", 0)]
+    # The RPO: the longest gap, or the time since the last run when that is longer; None without a gap, never 0.
+    assert observed_rpo(RpoFacts(2, at + DAY, timedelta(days=1)), end=at + DAY + HOUR) == 86400
+    assert observed_rpo(RpoFacts(2, at + DAY, timedelta(days=1)), end=at + 3 * DAY) == 2 * 86400
+    assert observed_rpo(RpoFacts(1, at, None), end=at + 3 * DAY) is None
+
+
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+
+
+def test_observed_interval_follows_overrides_and_tiers() -> None:
+    # A disk allowed weekly runs (an override) passes a 7-day step; the defaults (daily) do not.
+    rs = build_ruleset(default=LAX, overrides=[(["disk_weekly"], {"max_interval": Interval.WEEKLY})])
+    rs = replace(rs, default=replace(LAX, max_interval=Interval.DAILY))
+    p = sized(policy())
+    week = {p.id: stepped(p.id, 7, 7)}
+    assert rule_ids(evaluate(snap(p, disk=Disk("disk_weekly")), rs, now=NOW, schedules=week)) == []
+    assert rule_ids(evaluate(snap(p), rs, now=NOW, schedules=week)) == [OBSERVED_INTERVAL_TOO_LONG]
+    # Disabled like any rule, or with another severity.
+    assert evaluate(snap(p), replace(rs, disabled=frozenset({OBSERVED_INTERVAL_TOO_LONG})), now=NOW,
+                    schedules=week) == []
+    (f,) = evaluate(snap(p), replace(rs, severity={OBSERVED_INTERVAL_TOO_LONG: Severity.LOW}), now=NOW,
+                    schedules=week)
+    assert f.severity is Severity.LOW

@@ -13,7 +13,7 @@ every `Invocation` (history for the observed RPO).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from auditor.domain.models import BackupPolicy
@@ -36,6 +36,9 @@ class Invocation:
     due_at: datetime
     next_at: datetime
     observed_at: datetime
+    # Seconds from the disk's previous observed run (of any of its policies) to this one; None for its first. Worked
+    # out when the run is observed, so the observed RPO is a plain aggregate of the stored runs.
+    gap_seconds: int | None = field(default=None, compare=False)
 
     @property
     def step(self) -> timedelta:
@@ -85,10 +88,12 @@ def observe(disk_id: str, policies: Iterable[BackupPolicy], known: Mapping[str, 
 
     An invocation is recorded when `next_invocation_at` moved forward from a value at or before `now` (the run
     due then happened). A move from a time still to come is a reschedule, not a run; a missing value keeps the
-    last one seen, so a run is still recognised when a value comes back.
+    last one seen, so a run is still recognised when a value comes back. Each new invocation carries its gap from
+    the disk's previous observed run (the latest in `known`, of any policy, or one new in this poll).
     """
     schedules: dict[str, PolicySchedule] = {}
     invocations: list[Invocation] = []
+    latest = max((s.recent[-1].due_at for s in known.values() if s.recent), default=None)
     for policy in policies:
         if policy.id in schedules:
             continue  # listed twice: observed once
@@ -104,13 +109,19 @@ def observe(disk_id: str, policies: Iterable[BackupPolicy], known: Mapping[str, 
             invocations.append(invocation)
             recent = (*recent, invocation)[-RECENT:]
         schedules[policy.id] = replace(before, next_invocation_at=nxt if nxt is not None else due, recent=recent)
-    return Observed(schedules, invocations)
+    chained: list[Invocation] = []
+    for invocation in sorted(invocations, key=lambda i: (i.due_at, i.policy_id)):
+        gap = None if latest is None else max(int((invocation.due_at - latest).total_seconds()), 0)
+        chained.append(replace(invocation, gap_seconds=gap))
+        latest = invocation.due_at if latest is None else max(latest, invocation.due_at)
+    return Observed(schedules, chained)
 
 
 @dataclass(frozen=True, slots=True)
 class RpoFacts:
-    """A disk's observed invocations within a window, as the store sums them up: how many, the first and the
-    last one's due time, and the longest gap between two consecutive ones (None for fewer than two)."""
+    """A disk's observed invocations due within a window, as the store sums them up: how many, the last one's due
+    time, and the longest gap ending in the window between two consecutive ones (None: no run in the window has
+    an observed run before it)."""
 
     count: int
     last_due_at: datetime
@@ -120,7 +131,7 @@ class RpoFacts:
 def observed_rpo(facts: RpoFacts | None, *, end: datetime) -> int | None:
     """Returns the observed RPO in whole seconds: the longest of the gaps between consecutive observed invocations
     and the time from the last one to `end`; None (not 0) with fewer than two invocations."""
-    if facts is None or facts.count < 2 or facts.longest_gap is None:
+    if facts is None or facts.longest_gap is None:
         return None
     since_last = max(end - facts.last_due_at, timedelta(0))
     return int(max(facts.longest_gap, since_last).total_seconds())

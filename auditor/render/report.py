@@ -8,6 +8,7 @@ from typing import Any
 
 from auditor.domain.records import DiskStatus
 from auditor.render.cells import csv_cell, md_cell
+from auditor.render.compliance import rpo_text
 
 CSV_COLUMNS = ("fingerprint", "rule", "severity", "status", "disk_id", "policy_id", "message", "first_seen",
                "last_seen", "waiver_owner", "waiver_expires")
@@ -38,7 +39,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines.append("No audit has run yet.")
     lines += ["", "| disks | compliant | noncompliant | unknown | open findings |", "|---|---|---|---|---|",
               f"| {s['disks_total']} | {s['compliant']} | {s['noncompliant']} | {s['unknown']} | "
-              f"{s['open_findings']} |", ""]
+              f"{s['open_findings']} |", "", f"Observed RPO (30 days): {rpo_text(s['observed_rpo'])}.", ""]
     if report["findings"]:
         lines += ["## Findings", "", "| severity | rule | disk | policy | status | message |",
                   "|---|---|---|---|---|---|"]

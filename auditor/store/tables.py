@@ -257,7 +257,7 @@ disk_states = Table(
 # writes by change): when it first saw the policy there, the latest `next_invocation_at` it saw, and the latest
 # invocations ({"runs": [[due, next, observed], ...]} in epoch seconds, oldest first, at most `invocations.RECENT`;
 # an object, not a bare list: PostgreSQL's bulk writes pass a column as an array, and a list would nest in it). A row
-# goes when its policy no longer covers the disk.
+# goes when its policy no longer covers the disk, or the disk is no longer audited.
 policy_schedules = Table(
     "policy_schedules", metadata,
     Column("disk_id", Text, primary_key=True),
@@ -268,8 +268,9 @@ policy_schedules = Table(
 )
 
 # Every observed invocation: a policy's `next_invocation_at` moved forward from a time that had passed, so the run
-# due then happened. Times in epoch seconds (as Katapult sends them), so the observed RPO's gaps are integer
-# arithmetic in SQL on every database.
+# due then happened. Times in epoch seconds (as Katapult sends them); `gap_seconds` is the time since the disk's
+# previous observed run (NULL for its first), worked out when the run is observed, so the observed RPO of any
+# window is one plain aggregate (the index on disk and due time covers it).
 invocations = Table(
     "invocations", metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -278,9 +279,9 @@ invocations = Table(
     Column("due_at", BigInteger, nullable=False),
     Column("next_at", BigInteger, nullable=False),
     Column("observed_at", BigInteger, nullable=False),
+    Column("gap_seconds", BigInteger),
     Column("run_id", String(32), nullable=False),
-    Index("ix_invocations_disk_due", "disk_id", "due_at"),
-    Index("ix_invocations_due", "due_at"),
+    Index("ix_invocations_disk_due", "disk_id", "due_at", "gap_seconds"),
 )
 
 # Dashboard sessions ended before their expiry (logged out): a signed cookie would otherwise stay valid until then.

@@ -435,7 +435,8 @@ def _epoch(t: datetime) -> int:
 def _write_observations(conn: Connection, cycle: CycleWrite) -> None:
     """Writes the observed invocations and the policy schedules that changed, and deletes those that are gone."""
     seen = [{"disk_id": i.disk_id, "policy_id": i.policy_id, "due_at": _epoch(i.due_at),
-             "next_at": _epoch(i.next_at), "observed_at": _epoch(i.observed_at), "run_id": cycle.run_id}
+             "next_at": _epoch(i.next_at), "observed_at": _epoch(i.observed_at), "gap_seconds": i.gap_seconds,
+             "run_id": cycle.run_id}
             for i in cycle.invocations]
     for part in chunks(seen, batch(conn)):
         insert_rows(conn, invocations, part)
@@ -451,6 +452,9 @@ def _write_observations(conn: Connection, cycle: CycleWrite) -> None:
         by_disk.setdefault(disk_id, []).append(policy_id)
     for disk_id, policy_ids in by_disk.items():
         conn.execute(delete(policy_schedules).where(p.disk_id == disk_id, p.policy_id.in_(policy_ids)))
+    for chunk in chunks(sorted(cycle.retired_disks), batch(conn)):
+        # A disk no longer audited is no longer observed: if it comes back, its observation starts afresh.
+        conn.execute(delete(policy_schedules).where(among(conn, p.disk_id, chunk)))
 
 
 def _finding_values(f: TrackedFinding) -> dict[str, Any]:

@@ -34,15 +34,14 @@ def upgrade() -> None:
         sa.Column("due_at", sa.BigInteger(), nullable=False),
         sa.Column("next_at", sa.BigInteger(), nullable=False),
         sa.Column("observed_at", sa.BigInteger(), nullable=False),
+        sa.Column("gap_seconds", sa.BigInteger(), nullable=True),
         sa.Column("run_id", sa.String(32), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_invocations")),
     )
-    op.create_index("ix_invocations_disk_due", "invocations", ["disk_id", "due_at"])
-    op.create_index("ix_invocations_due", "invocations", ["due_at"])
+    op.create_index("ix_invocations_disk_due", "invocations", ["disk_id", "due_at", "gap_seconds"])
 
 
 def downgrade() -> None:
-    op.drop_index("ix_invocations_due", table_name="invocations")
     op.drop_index("ix_invocations_disk_due", table_name="invocations")
     op.drop_table("invocations")
     op.drop_table("policy_schedules")
