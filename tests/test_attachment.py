@@ -354,7 +354,8 @@ async def test_attachment_refreshes_are_spread_over_the_cycles_of_a_refresh(db_u
     vms = [w.vm(f"app-{n}") for n in range(4)]
     disks = [w.disk(f"app-{n}-sys", vm=vm) for n, vm in enumerate(vms)]
     for n, vm in enumerate(vms):
-        w.policy(vm, f"app-{n}", next_at=soon(FAR))
+        pid = w.policy(vm, f"app-{n}", next_at=soon(FAR))
+        w.fleet.policies[pid].total_size = 5.0  # holds backups: days pass here, and no-backup-data must not fire
     server = serve(w.fleet)
     clock = Clock()
     # Four VMs, a 6-hour interval and a 24-hour refresh: once due together, one VM a cycle is read again.
