@@ -109,19 +109,29 @@ async def compliance_report(services: Services, period: Period, *,
     return await read_period_report(services, start=period.start, end=period.end)
 
 
+async def cycle_at(services: Services, clock: Clock, hour: int, expected: RunStatus) -> None:
+    """Runs one of the story's cycles at its poll time (T0 + `hour` hours) and checks how it ended."""
+    clock.now = T0 + hour * H
+    outcome = await run_cycle(services, trigger="schedule")
+    assert outcome.status is expected, (hour, outcome.errors)
+
+
+async def opening(services: Services, fleet: Any, clock: Clock) -> None:
+    """The story's first 30 hours: four cycles, the weakened policy, two more cycles."""
+    for hour in (0, 6, 12, 18):
+        await cycle_at(services, clock, hour, RunStatus.COMPLETE)
+    fleet.update_policy("dbp_weakened", retention=3)
+    for hour in (24, 30):
+        await cycle_at(services, clock, hour, RunStatus.COMPLETE)
+
+
 async def play(services: Services, fleet: Fleet, clock: Clock) -> None:
     """Runs the story's cycles at their poll times."""
 
     async def run(hour: int, expected: RunStatus) -> None:
-        clock.now = T0 + hour * H
-        outcome = await run_cycle(services, trigger="schedule")
-        assert outcome.status is expected, (hour, outcome.errors)
+        await cycle_at(services, clock, hour, expected)
 
-    for hour in (0, 6, 12, 18):
-        await run(hour, RunStatus.COMPLETE)
-    fleet.update_policy("dbp_weakened", retention=3)
-    for hour in (24, 30):
-        await run(hour, RunStatus.COMPLETE)
+    await opening(services, fleet, clock)
     for disk in (D0, D1, D2):
         fleet.faults[disk] = Fault.UNAVAILABLE
     await run(36, RunStatus.FAILED)

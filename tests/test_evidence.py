@@ -36,7 +36,6 @@ from auditor.errors import SigningError
 from auditor.fake import Fault
 from auditor.fake import create_app as fake_app
 from auditor.service import Services, open_services
-from auditor.service.cycle import run_cycle
 from auditor.service.evidence import (
     MANIFEST,
     SIGNATURE,
@@ -59,7 +58,9 @@ from tests.test_compliance import (
     TOKEN,
     WEBHOOK_SECRET,
     H,
+    cycle_at,
     make_fleet,
+    opening,
     settings_for,
 )
 
@@ -92,15 +93,9 @@ async def play(services: Services, b: Settings, fleet: Any, clock: Clock) -> Ser
     """Runs the story's cycles, switching to configuration `b` after the 30h run; returns the services of b."""
 
     async def run(hour: int, expected: RunStatus) -> None:
-        clock.now = T0 + hour * H
-        outcome = await run_cycle(services, trigger="schedule")
-        assert outcome.status is expected, (hour, outcome.errors)
+        await cycle_at(services, clock, hour, expected)
 
-    for hour in (0, 6, 12, 18):
-        await run(hour, RunStatus.COMPLETE)
-    fleet.update_policy("dbp_weakened", retention=3)
-    for hour in (24, 30):
-        await run(hour, RunStatus.COMPLETE)
+    await opening(services, fleet, clock)
     services = rewire(services, b, transport=httpx.ASGITransport(app=fake_app(fleet)), token=TOKEN)
     await run(36, RunStatus.COMPLETE)
     await run(48, RunStatus.COMPLETE)
