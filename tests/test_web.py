@@ -902,7 +902,8 @@ def test_browser_login_and_logout(browser: Any, dashboard: Dashboard, tmp_path: 
     try:
         page.goto("/findings?status=all")
         assert page.url == f"{dashboard.url}/login?next=%2Ffindings%3Fstatus%3Dall"
-        assert page.evaluate("document.activeElement.id") == "token"  # the form is ready to type into
+        # The form is ready to type into (autofocus lands once the page has loaded: wait for it, up to 5 s).
+        page.wait_for_function("document.activeElement && document.activeElement.id === 'token'", timeout=5000)
         page.fill("#token", "not-the-token")
         page.keyboard.press("Enter")
         assert page.locator("#login-error").inner_text() == "That is not the API token."
