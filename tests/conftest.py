@@ -114,6 +114,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "browser" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.browser)
+        if "promtool" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)  # runs the promtool binary: a real process
     if hasattr(config, "workerinput"):
         # Under xdist (`--dist load --maxschedchunk 2` hands tests out in this order, two at a time), the long tests
         # go first: those that raise their timeout, then the other slow and browser tests; so the run does not end

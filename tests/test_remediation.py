@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from markupsafe import escape
+from profiles import examples
 
 from auditor.config import Settings
 from auditor.domain.models import FindingStatus, Severity, TrackedFinding, fingerprint
@@ -347,7 +348,7 @@ def disk_states(draw: st.DrawFn) -> list[DiskState]:
     return states
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(states=disk_states(), retention=st.integers(1, 90), interval=st.sampled_from(list(Interval)),
        target=st.sampled_from(["disk", "vm"]), min_retention=st.integers(1, 40))
 def test_no_plan_lowers_a_retention_or_touches_an_exempt_or_waived_disk(
