@@ -16,7 +16,7 @@ from pydantic import SecretStr
 
 from auditor.api import ApiDeps, CycleMetrics, create_app
 from auditor.api.models import DiskDetail, FindingsPage, NotificationsPage, Readiness, Report, RuleId, RunsPage
-from auditor.config import Settings
+from auditor.config import Settings, config_fingerprint
 from auditor.domain.records import RunStatus
 from auditor.domain.rules import RULES
 from auditor.fake import Fleet, demo_fleet
@@ -266,7 +266,7 @@ async def test_bad_path_and_limits_are_422(bare: httpx.AsyncClient) -> None:
         assert (await bare.get("/api/v1/runs", params={"limit": bad})).status_code == 422
 
 
-async def test_runs_newest_first(api: httpx.AsyncClient) -> None:
+async def test_runs_newest_first(api: httpx.AsyncClient, world: World) -> None:
     response = await api.get("/api/v1/runs")
     assert response.status_code == 200
     runs = RunsPage.model_validate(response.json()).runs
@@ -275,6 +275,8 @@ async def test_runs_newest_first(api: httpx.AsyncClient) -> None:
     assert runs[0].errors == [] and runs[0].findings_resolved == 2 and runs[1].findings_opened > 0
     one = (await api.get("/api/v1/runs", params={"limit": 1})).json()["runs"]
     assert [r["id"] for r in one] == [runs[0].id]
+    # Each run names the configuration it ran with: this process's, recomputable from the settings.
+    assert {r.config_fingerprint for r in runs} == {config_fingerprint(world.settings)}
 
 
 # ---- auth -----------------------------------------------------------------------------------------------

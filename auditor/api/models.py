@@ -71,6 +71,9 @@ class Run(Model):
     findings_opened: int
     findings_resolved: int
     errors: list[RunError]
+    config_fingerprint: str | None = Field(
+        default=None, description="SHA-256 of the configuration the run ran with (secrets redacted; the evidence "
+                                  "bundle's configs.json holds each one); null for runs recorded before it was kept")
 
 
 class Finding(Model):

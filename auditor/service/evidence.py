@@ -231,8 +231,7 @@ async def build_evidence(services: Services, *, period: Period) -> dict[str, byt
     data = await read_period_data(services, period=period, interval=interval)
     report = compliance_from(data, period=period, interval=interval, waivers=waivers, generated_at=period.end)
     period_json = {"from": str(iso(period.start)), "to": str(iso(period.end))}
-    run_items = [{**(run_json(_without_clock(run)) or {}), "config_fingerprint": run.config_fingerprint}
-                 for run in runs]
+    run_items = [run_json(_without_clock(run)) or {} for run in runs]
     register = register_json(await store.read(queries.findings_register, start=period.start, end=period.end),
                              data.events, waivers, period)
     states = await store.read(queries.policy_states_during, start=period.start, end=period.end)

@@ -45,6 +45,9 @@ def run_json(run: RunRecord | None) -> dict[str, Any] | None:
         "findings_opened": run.findings_opened,
         "findings_resolved": run.findings_resolved,
         "errors": [e.as_dict() for e in run.errors],
+        # The configuration the run ran with (`evidence` lists each one in `configs.json`); null for runs recorded
+        # before configurations were kept.
+        "config_fingerprint": run.config_fingerprint,
     }
 
 
