@@ -34,7 +34,7 @@ from auditor.errors import ConfigError
 
 # Severities, rule ids, intervals and durations are the vocabulary's, which the domain shares; RULE_IDS and the
 # duration functions stay importable from here.
-from auditor.vocabulary import AUDIT_INCOMPLETE, IntervalName, PolicyTargetName, SeverityName
+from auditor.vocabulary import AUDIT_INCOMPLETE, IntervalName, PolicyTargetName, SeverityName, format_instant
 from auditor.vocabulary import RULE_IDS as RULE_IDS
 from auditor.vocabulary import format_duration as format_duration
 from auditor.vocabulary import parse_duration as parse_duration
@@ -915,8 +915,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, timedelta):
         return format_duration(value, style="export")
     if isinstance(value, datetime):
-        at = value.astimezone(UTC) if value.tzinfo else value
-        return at.isoformat().replace("+00:00", "Z")
+        return format_instant(value.astimezone(UTC) if value.tzinfo else value)
     if hasattr(value, "isoformat"):
         return value.isoformat()
     return value

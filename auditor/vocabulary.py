@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final, Literal, get_args
 
@@ -296,6 +296,15 @@ def _wait(seconds: int) -> str:
     if seconds < 7200:
         return f"{math.ceil(seconds / 60)}m"
     return f"{math.ceil(seconds / 3600)}h"
+
+
+# ---- instants ------------------------------------------------------------------------------------------------
+
+
+def format_instant(value: datetime | None) -> str | None:
+    """Returns an instant as ISO 8601 with `Z` for UTC, at the precision it has (None stays None): how findings'
+    observed values and stored records spell a time."""
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
 
 
 # ---- percentages --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from auditor.domain.models import Attachment
 # Defined in the vocabulary and importable from here as before.
 from auditor.vocabulary import DiskStatus as DiskStatus
 from auditor.vocabulary import RunStatus as RunStatus
+from auditor.vocabulary import format_instant
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,13 +162,10 @@ class RemediationRecord:
 
     def as_dict(self) -> dict[str, Any]:
         """Returns the record as JSON (history, the API and the evidence bundle)."""
-        def iso(value: datetime | None) -> str | None:
-            return value.isoformat().replace("+00:00", "Z") if value is not None else None
-
         return {"attempt_id": self.attempt_id, "disk_id": self.disk_id, "change_id": self.change_id,
                 "plan_hash": self.plan_hash, "kind": self.kind, "status": self.status,
                 "actor": {"user": self.actor_user, "host": self.actor_host},
-                "requested_at": iso(self.requested_at), "finished_at": iso(self.finished_at),
+                "requested_at": format_instant(self.requested_at), "finished_at": format_instant(self.finished_at),
                 "request": self.request, "response": self.response, "error_code": self.error_code,
                 "errors": self.errors, "reason": self.reason, "fixes": self.fixes, "before": self.before,
                 "after": self.after}

@@ -32,6 +32,7 @@ from auditor.vocabulary import (
     ChangeKind,
     FindingStatus,
     Interval,
+    format_instant,
 )
 
 PLAN_FORMAT = "auditor-remediation-plan"
@@ -381,8 +382,8 @@ def plan_document(plan: Plan, *, version: str, created_at: datetime, ttl: timede
         "format": PLAN_FORMAT,
         "format_version": PLAN_VERSION,
         "auditor_version": version,
-        "created_at": _iso(created_at),
-        "expires_at": _iso(created_at + ttl),
+        "created_at": format_instant(created_at),
+        "expires_at": format_instant(created_at + ttl),
         "filters": {"tier": only.tier, "rule": only.rule, "disk": only.disk},
         "templates": {name or "": t.as_dict() for name, t in sorted(templates.items(), key=lambda i: i[0] or "")},
         "summary": {"changes": len(plan.changes), "manual": len(plan.manual), "by_kind": by_kind},
@@ -391,10 +392,6 @@ def plan_document(plan: Plan, *, version: str, created_at: datetime, ttl: timede
     }
     doc["hash"] = content_hash(doc)
     return doc
-
-
-def _iso(value: datetime) -> str:
-    return value.isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from auditor.vocabulary import DISK_IN_TRASH as DISK_IN_TRASH
 from auditor.vocabulary import DISK_NOT_FOUND as DISK_NOT_FOUND
 from auditor.vocabulary import INTERVAL_TOO_INFREQUENT as INTERVAL_TOO_INFREQUENT
 from auditor.vocabulary import NO_BACKUP_DATA as NO_BACKUP_DATA
-from auditor.vocabulary import OBSERVED_INTERVAL_LIMIT, format_duration
+from auditor.vocabulary import OBSERVED_INTERVAL_LIMIT, format_duration, format_instant
 from auditor.vocabulary import OBSERVED_INTERVAL_TOO_LONG as OBSERVED_INTERVAL_TOO_LONG
 from auditor.vocabulary import RETENTION_BELOW_MINIMUM as RETENTION_BELOW_MINIMUM
 from auditor.vocabulary import RETENTION_WINDOW_TOO_SHORT as RETENTION_WINDOW_TOO_SHORT
@@ -97,10 +97,6 @@ def _days(delta: timedelta) -> float:
     return delta.total_seconds() / 86400
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None
-
-
 PolicyCheck = Callable[[BackupPolicy, RuleParams, datetime], tuple[str, dict[str, Any], dict[str, Any]] | None]
 
 
@@ -165,16 +161,16 @@ def check_schedule_stale(
         return (
             f"policy {policy.id} has no next scheduled run",
             {"next_invocation_at": None},
-            {"next_invocation_at_after": _iso(now - params.stale_grace), "stale_grace_seconds": grace_s},
+            {"next_invocation_at_after": format_instant(now - params.stale_grace), "stale_grace_seconds": grace_s},
         )
     if due >= now - params.stale_grace:
         return None
     late = now - due
     overdue = format_duration(late, style="overdue")
     return (
-        f"policy {policy.id} was due at {_iso(due)} and has not run ({overdue} overdue)",
-        {"next_invocation_at": _iso(due), "overdue_seconds": late.total_seconds()},
-        {"next_invocation_at_after": _iso(now - params.stale_grace), "stale_grace_seconds": grace_s},
+        f"policy {policy.id} was due at {format_instant(due)} and has not run ({overdue} overdue)",
+        {"next_invocation_at": format_instant(due), "overdue_seconds": late.total_seconds()},
+        {"next_invocation_at_after": format_instant(now - params.stale_grace), "stale_grace_seconds": grace_s},
     )
 
 
@@ -193,11 +189,12 @@ def check_observed_interval(
         return None
     step = longest.step
     return (
-        f"policy {policy.id} ran at {_iso(longest.due_at)} and next at {_iso(longest.next_at)}:"
+        f"policy {policy.id} ran at {format_instant(longest.due_at)} and next at {format_instant(longest.next_at)}:"
         f" {format_duration(step, style='alert')} between runs, longer than the"
         f" {format_duration(limit, style='alert')} a {params.max_interval.value} schedule allows",
-        {"step_seconds": step.total_seconds(), "due_at": _iso(longest.due_at), "next_at": _iso(longest.next_at),
-         "observed_at": _iso(longest.observed_at), "interval": policy.schedule.interval.value},
+        {"step_seconds": step.total_seconds(), "due_at": format_instant(longest.due_at),
+         "next_at": format_instant(longest.next_at), "observed_at": format_instant(longest.observed_at),
+         "interval": policy.schedule.interval.value},
         {"max_step_seconds": limit.total_seconds(), "max_interval": params.max_interval.value,
          "stale_grace_seconds": params.stale_grace.total_seconds()},
     )
@@ -214,7 +211,7 @@ def check_no_backup_data(
     waited = now - schedule.first_seen_at
     allowed = policy.schedule.interval.length + params.stale_grace
     if schedule.invoked:
-        why = f"a run was observed at {_iso(schedule.recent[-1].due_at)}"
+        why = f"a run was observed at {format_instant(schedule.recent[-1].due_at)}"
     elif waited > allowed:
         why = f"it was first seen {format_duration(waited, style='alert')} ago"
     else:
@@ -222,7 +219,7 @@ def check_no_backup_data(
     shown = "missing" if size is None else f"{size:g}"
     return (
         f"policy {policy.id} holds no backup data (total_size {shown}) although {why}",
-        {"total_size": size, "invoked": schedule.invoked, "first_seen_at": _iso(schedule.first_seen_at)},
+        {"total_size": size, "invoked": schedule.invoked, "first_seen_at": format_instant(schedule.first_seen_at)},
         {"total_size": "> 0", "within_seconds": allowed.total_seconds()},
     )
 
@@ -317,7 +314,7 @@ def evaluate(snapshot: DiskSnapshot, rules: RuleSet, *, now: datetime,
     if snapshot.outcome is ReadOutcome.IN_TRASH:
         if DISK_IN_TRASH in disabled:
             return []
-        keep = _iso(_trash_keep_until(snapshot.detail))
+        keep = format_instant(_trash_keep_until(snapshot.detail))
         msg = f"disk {disk_id} is in the trash" + (f" until {keep}" if keep else "")
         return [make(DISK_IN_TRASH, None, msg, {"error": "object_in_trash", "keep_until": keep}, {})]
 
