@@ -121,11 +121,14 @@ async def test_a_commit_after_the_lease_was_taken_over_is_refused(db_url: str) -
             open_services(settings, transport=httpx.ASGITransport(app=fake_app(same)), token=TOKEN,
                           clock=late) as taker:
         cycle = asyncio.create_task(run_cycle(slow))
-        for _ in range(100):
+        for _ in range(250):  # until the slow cycle holds its lease and has recorded its run as started
             lease = await read_cycle_lease(slow)
-            if lease is not None and lease.holder == slow.holder.id:
+            started = [r for r in await slow.store.read(queries.list_runs) if r.status is RunStatus.RUNNING]
+            if lease is not None and lease.holder == slow.holder.id and started:
                 break
             await asyncio.sleep(0.02)
+        else:
+            pytest.fail("the slow cycle never started")
         # The taker's clock is past the lease expiry: it takes over and marks the slow run abandoned.
         taken = await run_cycle(taker)
         assert taken.status is RunStatus.COMPLETE
