@@ -135,7 +135,7 @@ async def test_hanging_receiver_never_blocks_the_caller(
     began = time.monotonic()
     beat.start("s")
     beat.success("ok")
-    assert time.monotonic() - began < 0.05
+    assert time.monotonic() - began < 0.5  # returned at once: the receiver holds each ping for HOLD
     await beat.flush(5)
     assert (beat.sent, beat.failures, beat.pending) == (0, 2, 0)
     await beat.aclose()

@@ -306,7 +306,7 @@ async def test_a_hanging_heartbeat_receiver_does_not_delay_the_cycle(tmp_path: P
         outcome = await run_cycle(s)
         took = time.monotonic() - began
         assert outcome.status is RunStatus.COMPLETE
-        assert took < 2.0, f"the cycle waited for the heartbeat ({took:.1f}s)"
+        assert took < 4.0, f"the cycle waited for the heartbeat ({took:.1f}s; its timeout is 5 s)"
         assert s.heartbeat is not None
         heartbeat.app.release_waiters()
 
