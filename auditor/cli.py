@@ -271,8 +271,8 @@ def check_config(config_path: Path | None) -> None:
     if settings.notify.runbook_url:
         lines.append(f"  runbook_url {settings.notify.runbook_url}")
     lines += [f"  warning: {w}" for w in notifier_warnings(settings)]
-    for line in lines:
-        console.print(line, markup=False)
+    for line in lines:  # one line each, never wrapped: scripts grep them
+        console.print(line, markup=False, soft_wrap=True)
 
 
 def remediation_lines(settings: Settings) -> list[str]:

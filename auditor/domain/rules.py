@@ -107,7 +107,8 @@ def check_retention_below_minimum(
     if policy.retention >= params.min_retention:
         return None
     return (
-        f"policy {policy.id} keeps {policy.retention} backups, fewer than the required {params.min_retention}",
+        f"policy {policy.id} keeps {policy.retention} backup{'' if policy.retention == 1 else 's'}, fewer than the "
+        f"required {params.min_retention}",
         {"retention": policy.retention},
         {"min_retention": params.min_retention},
     )

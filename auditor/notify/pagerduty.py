@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 
 SOURCE = "katapult-backup-auditor"
 SUMMARY_MAX = 1024  # Events API v2: payload.summary is at most 1024 characters
-# Events API v2 refuses an event larger than 512 KB; stay under it with room for what we cannot clip.
-EVENT_MAX_BYTES = 512 * 1024 - 1024
+# Events API v2 refuses an event larger than 512 KB; stay under it, read as decimal (512,000 bytes, the stricter
+# reading), with room for what we cannot clip.
+EVENT_MAX_BYTES = 512_000 - 1024
 CLIPPED_NOTE = (" … [clipped to fit PagerDuty's 512 KB event limit: {shown} of {total} characters shown; the full "
                 "text is in the auditor]")
 TEST_PREFIX = "[TEST] "
