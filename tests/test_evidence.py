@@ -338,8 +338,11 @@ def test_signing_problems_are_one_line(tmp_path: Path, signing_key: Path) -> Non
     assert ssh_keygen("-q", "-t", "ed25519", "-N", "a passphrase", "-f", str(locked), cwd=tmp_path).returncode == 0
     not_a_key = tmp_path / "notes.txt"
     not_a_key.write_text("not a key\n")
+    exposed = tmp_path / "exposed_ed25519"
+    assert ssh_keygen("-q", "-t", "ed25519", "-N", "", "-f", str(exposed), cwd=tmp_path).returncode == 0
+    exposed.chmod(0o644)
     for key, words in ((tmp_path / "missing", "no such key file"), (locked, "protected by a passphrase"),
-                       (not_a_key, "cannot sign with")):
+                       (not_a_key, "not an SSH private key"), (exposed, "readable by others (mode 0644)")):
         with pytest.raises(SigningError) as err:
             sign_manifest(b"x\n", key)
         assert words in str(err.value) and "\n" not in str(err.value) and str(key) in str(err.value)

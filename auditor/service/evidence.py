@@ -330,6 +330,11 @@ def sign_manifest(manifest_bytes: bytes, key: Path) -> bytes:
         text = proc.stderr.decode(errors="replace")
         if "passphrase" in text:  # without a terminal ssh-keygen cannot ask for it: "Enter passphrase: Load key …"
             raise SigningError(key, "the key is protected by a passphrase; give a key without one")
+        if "are too open" in text:  # "Permissions 0644 for 'k' are too open." … "No private key found"
+            raise SigningError(key, f"the key file is readable by others (mode {key.stat().st_mode & 0o777:04o}), "
+                                    "so ssh-keygen ignores it; chmod 600 it")
+        if "Couldn't load public key" in text or "invalid format" in text:  # it read no private key from the file
+            raise SigningError(key, "not an SSH private key (ssh-keygen could not load one from the file)")
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         raise SigningError(key, lines[-1] if lines else f"ssh-keygen exited with {proc.returncode}")
     return proc.stdout
