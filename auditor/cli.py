@@ -1102,7 +1102,7 @@ def notify_test(config_path: Path | None, name: str | None, hold: timedelta) -> 
     """Send a clearly-marked test message to each configured notifier and report the result.
 
     On Alertmanager and PagerDuty the test alert fires, is held for --hold, then resolved (Ctrl-C resolves it at
-    once). Exit 0 when every channel accepted it, 2 otherwise.
+    once, prints each channel's result and exits 130). Exit 0 when every channel accepted it, 2 otherwise.
     """
     settings = load(config_path)
     setup_logs(settings)
@@ -1139,6 +1139,7 @@ def notify_test(config_path: Path | None, name: str | None, hold: timedelta) -> 
                     firing.append((n, test, text))
                 else:
                     results[n.name] = (text, True)
+            interrupted = False
             try:
                 if firing and hold:
                     # Alertmanager routes a new alert only after its group_wait: resolved at once, it never
@@ -1146,13 +1147,18 @@ def notify_test(config_path: Path | None, name: str | None, hold: timedelta) -> 
                     names = ", ".join(n.name for n, _, _ in firing)
                     _out().print(f"holding the test alert firing on {names} for {held} (so it passes routing and "
                                  "group_wait), then resolving it…", markup=False)
-                    await asyncio.sleep(hold.total_seconds())
+                    try:
+                        await asyncio.sleep(hold.total_seconds())
+                    except asyncio.CancelledError:  # Ctrl-C: resolve now, say what each channel did, exit 130
+                        interrupted = True
+                        raise
             finally:
                 # Alertmanager and PagerDuty keep the test alert open (12h, until acknowledged): resolve it, with
                 # the same fingerprint (Alertmanager's label set, PagerDuty's dedup_key), also after Ctrl-C.
                 for n, test, text in firing:
                     now = utcnow()
-                    done = f"sent, held {held} and resolved" if hold else "sent and resolved"
+                    done = ("sent, resolved early (interrupted)" if interrupted
+                            else f"sent, held {held} and resolved" if hold else "sent and resolved")
                     try:
                         await dispatcher.send(resolved_test_notification(test, now=now), n, now=now)
                     except NotifyError as exc:
@@ -1161,13 +1167,18 @@ def notify_test(config_path: Path | None, name: str | None, hold: timedelta) -> 
                                            "alert by hand", False)
                         continue
                     results[n.name] = (f"{text}, {done}", True)
+                if interrupted:
+                    print_results(results)
         return results
 
+    def print_results(results: dict[str, tuple[str, bool]]) -> None:
+        console = _out()
+        for n in chosen:
+            text, _ = results[n.name]
+            console.print(f"{n.name} [{n.kind}]: {text}", markup=False)
+
     results = run_async(send_test_messages())
-    console = _out()
-    for n in chosen:
-        text, _ = results[n.name]
-        console.print(f"{n.name} [{n.kind}]: {text}", markup=False)
+    print_results(results)
     sys.exit(EXIT_OK if all(ok for _, ok in results.values()) else EXIT_INCOMPLETE)
 
 

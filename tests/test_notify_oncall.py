@@ -4,6 +4,9 @@ stateful receivers, and per-notifier labels, source, external_url and severity_m
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -14,6 +17,7 @@ from typing import Any, cast
 import notify_support
 import pytest
 from click.testing import CliRunner
+from procs import clean_env
 from pydantic import ValidationError
 from receivers import GroupWaitRouter, HttpReceiver
 
@@ -302,3 +306,24 @@ def test_pagerduty_slack_and_email_show_routing_labels() -> None:
 def test_routing_options_are_validated(options: dict[str, Any], problem: str) -> None:
     with pytest.raises(ValidationError, match=problem):
         _notifiers(x={"kind": "webhook", "url": "http://h", **options})
+
+
+@pytest.mark.slow  # a real `auditor notify test` process, interrupted
+def test_ctrl_c_during_a_hold_resolves_at_once_and_reports_each_channel(receiver: HttpReceiver,
+                                                                         tmp_path: Path) -> None:
+    config = tmp_path / "auditor.toml"
+    config.write_text(f'[[notifiers]]\nkind = "pagerduty"\nname = "pd"\nrouting_key = "R0UTING"\n'
+                      f'events_url = "{receiver.url}/v2/enqueue"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "auditor", "notify", "test", "--hold", "10m", "--config",
+                             str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env())
+    assert proc.stdout is not None
+    first = proc.stdout.readline()  # printed once the trigger was accepted
+    assert first.startswith("holding the test alert firing on pd for 10m"), first
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert "pd [pagerduty]: ok (HTTP 200), sent, resolved early (interrupted)" in out, out
+    assert err.strip() == "interrupted" and "Traceback" not in err
+    pd = [json.loads(r.body)["event_action"] for r in receiver.requests if r.path == "/v2/enqueue"]
+    assert pd == ["trigger", "resolve"]
