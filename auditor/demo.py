@@ -118,6 +118,6 @@ async def run_demo(settings: Settings, *, once: bool, show: Callable[[AuditOutco
 
     async with open_services(settings, transport=transport, token=DEMO_TOKEN, notify_transport=webhook) as services:
         outcome = await run_cycle(services, trigger="demo")
+        show(outcome, await read_report(services))  # the report first, then the alerts it sent
         await drain(services, within=10)
-        show(outcome, await read_report(services))
     return 0

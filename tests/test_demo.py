@@ -34,6 +34,8 @@ def test_demo_once_shows_every_rule_and_alerts(tmp_path: Path) -> None:
     for rule in RULES.keys() - over_time:
         assert rule in proc.stdout, f"the demo report shows no {rule} finding"
     assert "[demo webhook] FIRING" in proc.stdout
+    # The report first, then the alerts it sent (README: "prints the report and the alerts it sent").
+    assert proc.stdout.index("[demo webhook]") > proc.stdout.index("Compliance report generated")
     assert "Traceback" not in proc.stderr
 
 
