@@ -31,6 +31,8 @@ import regex
 from sqlalchemy import func, select
 
 from auditor.config import REDACTED, Settings, canonical_json, config_fingerprint
+from auditor.domain.models import FindingStatus, Severity, TrackedFinding
+from auditor.domain.periods import Period
 from auditor.domain.records import RunStatus
 from auditor.errors import SigningError
 from auditor.fake import Fault
@@ -220,6 +222,44 @@ async def test_runs_recorded_without_a_configuration_are_said_so(db_url: str) ->
     assert metadata["runs_without_configuration"] == metadata["runs"] == 11
     assert as_json(files, "configs.json")["configs"] == {}
     assert {r["config_fingerprint"] for r in as_json(files, "runs.json")["runs"]} == {None}
+
+
+async def test_a_period_without_runs_takes_the_configuration_of_the_last_run_before_it(db_url: str) -> None:
+    """The daemon was stopped through the period: the configuration in force is that of the last run before it
+    (b), never the exporting process's own."""
+    a = config_a(db_url)
+    other = a.model_copy(update={"rules": a.rules.model_copy(update={"min_retention": 1}),
+                                 "audit": a.audit.model_copy(update={"interval": a.audit.interval * 4})})
+    quiet = Period(T0 + 100 * H, T0 + 124 * H)  # after the story's last run (66 h)
+
+    async def both(services: Services) -> tuple[dict[str, bytes], dict[str, bytes]]:
+        mine = await build_evidence(services, period=quiet)
+        theirs = await build_evidence(replace(services, settings=other), period=quiet)
+        return mine, theirs
+
+    _, (mine, theirs), _, b = await story(db_url, both)
+    assert mine == theirs
+    metadata = as_json(mine, "metadata.json")
+    assert metadata["configuration_basis"] == "preceding" and metadata["runs"] == 0
+    assert as_json(mine, "rules.json")["config_fingerprint"] == config_fingerprint(b)
+    assert as_json(mine, "rules.json")["defaults"]["min_retention"] == 5
+    assert as_json(mine, "compliance.json")["coverage"]["interval_seconds"] == 6 * 3600
+
+
+def test_the_registers_tier_is_the_tier_that_required_the_values() -> None:
+    from auditor.domain.records import DriftRecord
+    from auditor.service.evidence import tier_at
+
+    finding = TrackedFinding("fp", "retention-below-minimum", D0, "dbp_x", Severity.HIGH, FindingStatus.OPEN, "m",
+                             {"retention": 3}, {"min_retention": 10}, T0, T0 + 10 * H, T0)  # opened in no tier
+
+    def moved(hours: int, before: str | None, after: str | None) -> DriftRecord:
+        return DriftRecord(D0, "", "run", T0 + hours * H, "tier-changed", {"tier": before}, {"tier": after})
+
+    assert tier_at(finding, []) is None  # never moved: the tier it opened in
+    assert tier_at(finding, [moved(5, None, "gold")]) == "gold"  # judged by gold when last seen
+    assert tier_at(finding, [moved(5, None, "gold"), moved(10, "gold", "silver")]) == "silver"  # at last_seen
+    assert tier_at(finding, [moved(12, "gold", "silver")]) == "gold"  # moved only after it was last judged
 
 
 async def test_the_register_snapshots_drift_and_deliveries(db_url: str) -> None:

@@ -179,7 +179,8 @@ BUNDLE_README = """\
 This folder is an evidence export of the backup-policy compliance auditor for the period {period_from} (included)
 to {period_to} (excluded). Everything in it was read from the auditor's database: the configurations are those
 the runs recorded they ran with, and nothing depends on the configuration or the clock of the process that
-exported it (unless `metadata.json` says `"configuration_basis": "exporting"`: no run of the period recorded its
+exported it (unless `metadata.json` says `"configuration_basis": "exporting"`: no run of the period, nor any run
+before it, recorded its configuration; `"preceding"`: the period had no run, and the last run before it gave the
 configuration), so two exports of the same database and period are byte-identical (the signature aside).
 
 ## Files

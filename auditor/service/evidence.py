@@ -21,9 +21,9 @@ from auditor import __version__
 from auditor.config import Settings, fingerprint_of, redacted_config
 from auditor.domain import periods
 from auditor.domain.alerts import Delivery
-from auditor.domain.models import FindingStatus, Waiver
+from auditor.domain.models import FindingStatus, TrackedFinding, Waiver
 from auditor.domain.periods import LifecycleEvent, Period
-from auditor.domain.records import PolicyStateRecord, RunConfig, RunRecord
+from auditor.domain.records import DriftRecord, PolicyStateRecord, RunConfig, RunRecord
 from auditor.domain.rules import RULES
 from auditor.errors import FolderNotEmptyError, SigningError
 from auditor.render.compliance import compliance_csv, compliance_html
@@ -144,11 +144,29 @@ def _status_at_end(events: Sequence[LifecycleEvent]) -> str:
         last, FindingStatus.OPEN.value)
 
 
+def tier_at(finding: TrackedFinding, changes: Sequence[DriftRecord]) -> str | None:
+    """Returns the tier of the finding's disk when the finding was last judged (its `last_seen`), which is the tier
+    whose rules gave its required values: from the disk's `tier-changed` events (oldest first), else the tier the
+    finding opened in."""
+    mine = [c for c in changes if c.disk_id == finding.disk_id]
+    before = [c for c in mine if c.at <= finding.last_seen]
+    if before:
+        return (before[-1].after or {}).get("tier")
+    if mine:  # it changed only later: the tier before that change
+        return (mine[0].before or {}).get("tier")
+    return finding.tier
+
+
 def register_json(entries: Sequence[queries.RegisterEntry], events: Sequence[LifecycleEvent],
-                  waivers: Sequence[Waiver], period: Period) -> list[dict[str, Any]]:
+                  waivers: Sequence[Waiver], period: Period, *,
+                  tier_changes: Sequence[DriftRecord] = ()) -> list[dict[str, Any]]:
     """Returns the findings register of the period: each finding open at some time of it with its disk, observed
-    and required values, when it opened and resolved, its status at the period's end, the waiver that covered it
-    during the period (by whom, until when) and its lifecycle events up to the end."""
+    and required values (and the tier whose rules required them), when it opened and resolved, its status at the
+    period's end, the waiver that covered it during the period (by whom, until when) and its lifecycle events up
+    to the end."""
+    changes_of: dict[str, list[DriftRecord]] = {}
+    for change in tier_changes:
+        changes_of.setdefault(change.disk_id, []).append(change)
     by_fp: dict[str, list[LifecycleEvent]] = {}
     for e in events:
         by_fp.setdefault(e.fingerprint, []).append(e)
@@ -173,7 +191,8 @@ def register_json(entries: Sequence[queries.RegisterEntry], events: Sequence[Lif
             "fingerprint": f.fingerprint, "rule": f.rule, "severity": f.severity.value, "disk_id": f.disk_id,
             "disk_name": entry.disk_name,
             "organization": source.removeprefix("org:") if source.startswith("org:") else None,
-            "policy_id": f.policy_id, "tier": f.tier, "observed": f.observed, "required": f.expected,
+            "policy_id": f.policy_id, "tier": tier_at(f, changes_of.get(f.disk_id, ())), "observed": f.observed,
+            "required": f.expected,
             "opened_at": iso(opened[0] if opened else f.opened_at),
             "resolved_at": iso(resolved[-1]) if status == FindingStatus.RESOLVED.value and resolved else None,
             "status_at_end": status, "waiver": waiver,
@@ -214,15 +233,19 @@ async def build_evidence(services: Services, *, period: Period) -> dict[str, byt
     period's end gives the report's audit interval; the waivers are those of every configuration in force), so the
     exporting process's configuration and clock change nothing, and the same database and period give the same
     bytes. A period none of whose runs recorded its configuration (runs from before configurations were kept, or
-    no run) falls back on the exporting process's configuration for the interval and waivers, and
-    `metadata.json` says so.
+    no run) takes the configuration of the last run before the period that recorded one (`"preceding"`), and only
+    when there is none falls back on the exporting process's configuration for the interval and waivers;
+    `metadata.json` says which (`configuration_basis`).
     """
     store = services.store
     runs = await read_period_runs(services, period=period)
     stored = await store.read(queries.stored_configs, [r.config_fingerprint for r in runs if r.config_fingerprint])
     in_force = _in_force(runs, stored)
+    preceding = None if in_force else await store.read(queries.config_before, at=period.start)
     if in_force:  # the last one used is in force at the period's end
         governing, raw_waivers, basis = in_force[-1], _waivers_of(in_force), "recorded"
+    elif preceding is not None:  # no run in the period: the configuration of the last run before it was in force
+        governing, raw_waivers, basis = preceding, _waivers_of([preceding]), "preceding"
     else:
         settings = redacted_config(services.settings)
         governing, raw_waivers, basis = RunConfig(fingerprint_of(settings), settings), settings["waivers"], "exporting"
@@ -232,8 +255,9 @@ async def build_evidence(services: Services, *, period: Period) -> dict[str, byt
     report = compliance_from(data, period=period, interval=interval, waivers=waivers, generated_at=period.end)
     period_json = {"from": str(iso(period.start)), "to": str(iso(period.end))}
     run_items = [run_json(_without_clock(run)) or {} for run in runs]
-    register = register_json(await store.read(queries.findings_register, start=period.start, end=period.end),
-                             data.events, waivers, period)
+    entries = await store.read(queries.findings_register, start=period.start, end=period.end)
+    tier_changes = await store.read(queries.tier_changes, disk_ids=[e.finding.disk_id for e in entries])
+    register = register_json(entries, data.events, waivers, period, tier_changes=tier_changes)
     states = await store.read(queries.policy_states_during, start=period.start, end=period.end)
     drift = await store.read(queries.drift_between, start=period.start, end=period.end)
     deliveries = [delivery_row(d, run_id, fp, stored, governing if in_force else None) for d, run_id, fp in

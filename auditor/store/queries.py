@@ -759,6 +759,25 @@ def policy_states_during(conn: Connection, *, start: datetime, end: datetime) ->
     return [state_record(r) for r in conn.execute(q)]
 
 
+def config_before(conn: Connection, *, at: datetime) -> RunConfig | None:
+    """Returns the stored configuration of the latest run started before `at` that recorded one (None: none did)."""
+    q = (select(run_configs.c.fingerprint, run_configs.c.config)
+         .join(runs, runs.c.config_fingerprint == run_configs.c.fingerprint)
+         .where(runs.c.started_at < at).order_by(runs.c.started_at.desc(), runs.c.seq.desc()).limit(1))
+    row = conn.execute(q).first()
+    return RunConfig(row.fingerprint, dict(row.config)) if row is not None else None
+
+
+def tier_changes(conn: Connection, *, disk_ids: Sequence[str]) -> list[DriftRecord]:
+    """Returns the `tier-changed` drift events of the disks, whenever they happened, oldest first."""
+    d = drift_events.c
+    found: list[DriftRecord] = []
+    for chunk in chunks(sorted(set(disk_ids))):
+        q = select(drift_events).where(d.kind == "tier-changed", d.disk_id.in_(list(chunk)))
+        found += [drift_record(r) for r in conn.execute(q)]
+    return sorted(found, key=lambda e: (e.at, e.disk_id))
+
+
 def drift_between(conn: Connection, *, start: datetime, end: datetime) -> list[DriftRecord]:
     """Returns the drift events of [start, end), oldest first."""
     d = drift_events.c
