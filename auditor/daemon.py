@@ -234,6 +234,9 @@ class _Daemon:
         self.delivery: asyncio.Task[None] | None = None
         self.is_leader = False
         self.term: Term | None = None  # this replica's leader term while it leads
+        # When (monotonic) the request of the last successful take or renewal of the leader lease was sent: the
+        # lease is ours for leader_ttl from then, by this process's own clock, whatever pause came after.
+        self.renewed_at = 0.0
         self.leader_epoch = 0  # the leader lease's epoch as last seen (led or followed); 0 before the first look
         # The API reads through Services of its own (its own store on the same database), ready before the
         # database answers.
@@ -267,14 +270,14 @@ class _Daemon:
         """Takes or renews the leader lease every ttl/3; leads (schedule + delivery) only while it holds it."""
         ttl = self.settings.daemon.leader_ttl  # a restart key: a reload never changes it
         every = ttl.total_seconds() / 3
-        last_renewed = time.monotonic()
         while not stop.is_set():
             services = self.services  # the store and the holder stay the same across reloads
             assert services is not None
             try:
+                sent = time.monotonic()
                 if self.is_leader and self.term is not None:
                     if await renew_lead(services, term=self.term):
-                        last_renewed = time.monotonic()
+                        self.renewed_at = sent
                     else:
                         self._step_down("the leader lease expired or was taken by another replica")
                 else:
@@ -282,14 +285,14 @@ class _Daemon:
                     if lease is not None:
                         self._saw_epoch(lease.epoch)
                     if taken and lease is not None:
-                        last_renewed = time.monotonic()
+                        self.renewed_at = sent
                         await self._become_leader(services, lease.term)
                     elif lease is not None:
                         log.debug("following the leader %s (epoch %d)", lease.describe(), lease.epoch)
                 if self.runner is not None:  # this process's failed cycles, leader or not: record them now
                     await self.runner.record_failures()
             except StoreError as exc:
-                if self.is_leader and time.monotonic() - last_renewed > ttl.total_seconds() - every:
+                if self.is_leader and time.monotonic() - self.renewed_at > ttl.total_seconds() - every:
                     # Stop leading before the lease can expire under us: another replica may take over then.
                     self._step_down(f"cannot renew the leader lease: {exc}")
                 else:
@@ -389,7 +392,9 @@ class _Daemon:
         if self.term is None:
             return False
         try:
+            sent = time.monotonic()
             if await renew_lead(self.services, term=self.term):
+                self.renewed_at = sent
                 return True
         except StoreError as exc:
             log.warning("leader job skipped: the leader lease could not be renewed (%s)", exc)
@@ -447,13 +452,20 @@ class _Daemon:
             # and shutdown lets it finish (or cancels it) — not an error worth a traceback in the log.
             return
 
+    def holds(self, term: Term) -> bool:
+        """Returns whether this process still leads in `term` by its own clock: not stepped down or released, and
+        the lease renewed less than leader_ttl ago (a process that wakes from a pause learns it here, before its
+        next send, without asking the database)."""
+        ttl = self.settings.daemon.leader_ttl.total_seconds()
+        return self.term is term and time.monotonic() - self.renewed_at < ttl
+
     async def _deliver_round(self) -> None:
         assert self.services is not None
         term = self.term
         if term is None:
             return  # stepped down since the job started
         try:
-            report = await deliver_due(self.services, term=term)
+            report = await deliver_due(self.services, term=term, holds=lambda: self.holds(term))
         except StoreError as exc:  # the database went away: the entries stay in the outbox for the next round
             log.warning("alert delivery round failed: %s", exc)
             return

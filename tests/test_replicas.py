@@ -5,6 +5,7 @@ deliverers (in-process) over one outbox, including a stale claim."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import json
@@ -542,7 +543,7 @@ async def test_a_leader_term_fences_its_claims_and_the_next_leader_takes_them_ov
     assert len(slow_receiver.requests) == ENTRIES
 
 
-@pytest.mark.parametrize("midway", ["cycle", "delivery"])
+@pytest.mark.parametrize("midway", ["cycle", "delivery", "paced-delivery"])
 def test_a_graceful_shutdown_hands_leadership_over_first_and_never_shows_two_leaders(cluster: Cluster,
                                                                                      midway: str) -> None:
     # The leader is mid-cycle (a slow Katapult) or mid-delivery (a receiver holding its first request) when it gets
@@ -552,8 +553,10 @@ def test_a_graceful_shutdown_hands_leadership_over_first_and_never_shows_two_lea
     if midway == "cycle":
         slow = write_fleet(cluster.tmp / "slow.json", disks=DISKS, policies_per_disk=0.0, latency_ms=1500)
         cluster.fake.restart(slow)
-    else:
+    elif midway == "delivery":
         cluster.receiver.script(Reply(200, "ok", delay=120))
+    else:  # every answer takes 0.5 s: at SIGTERM the leader has one send in flight and the rest of its round queued
+        cluster.receiver.script(*[Reply(200, "ok", delay=0.5)] * 100)
     hook = cluster.receiver.url + "/alerts"
     for i in range(2):
         cluster.configs.append(write_config(cluster.tmp / f"graceful{i}.toml", katapult=cluster.fake.api_url,
@@ -572,6 +575,8 @@ def test_a_graceful_shutdown_hands_leadership_over_first_and_never_shows_two_lea
     leaving = cluster.procs[old]
     assert leaving is not None
     leaving.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    sent_by_then: frozenset[str] | None = None
     seen: list[list[int]] = []
     new_led_while_old_alive = False
     deadline = time.monotonic() + 30
@@ -580,10 +585,13 @@ def test_a_graceful_shutdown_hands_leadership_over_first_and_never_shows_two_lea
         if found is not None:
             seen.append(found)
             new_led_while_old_alive |= found == [1 - old]
+        if sent_by_then is None and time.monotonic() - signalled >= 0.3:  # what was in flight at SIGTERM arrived
+            sent_by_then = frozenset(k for k in (_key(r) for r in list(cluster.receiver.requests)) if k)
         time.sleep(0.1)
     assert leaving.wait(30) == 0
     assert seen and max(len(found) for found in seen) <= 1, seen
-    assert new_led_while_old_alive, seen  # handed over before the old process was gone
+    if midway != "paced-delivery":  # there the old process is gone within one send, before the next check
+        assert new_led_while_old_alive, seen  # handed over before the old process was gone
     if midway == "delivery":
         # The follower took over the old leader's claims at once: everything arrives, the cut send repeated under
         # its own Idempotency-Key, nothing else twice.
@@ -592,6 +600,16 @@ def test_a_graceful_shutdown_hands_leadership_over_first_and_never_shows_two_lea
         cluster.settle()
         time.sleep(0.5)
         assert_delivered_once(cluster.receiver.requests, outbox(cluster.url), resent=frozenset({in_flight}))
+    if midway == "paced-delivery":
+        # Handed over, the old process finishes at most the send in flight: the rest of its round is the next
+        # leader's, so nothing but that one send can arrive twice.
+        cluster.settle()
+        time.sleep(0.5)
+        assert sent_by_then is not None
+        counts = collections.Counter(_key(r) for r in cluster.receiver.requests)
+        twice = {k for k, n in counts.items() if n > 1}
+        assert twice <= sent_by_then and max(counts.values()) <= 2, (twice, sent_by_then)
+        assert_delivered_once(cluster.receiver.requests, outbox(cluster.url), resent=frozenset(twice))
 
 
 # ---- fenced leadership: a deposed leader does nothing; failover delivers in seconds ------------------------------
@@ -634,6 +652,35 @@ def test_an_alert_in_flight_when_the_leader_dies_arrives_within_the_ttl_plus_ten
     # At least once: the cut send is repeated under its own Idempotency-Key; every other one arrives once.
     assert_delivered_once(cluster.receiver.requests, outbox(cluster.url), resent=frozenset({in_flight}))
     assert_clean_logs(cluster.live())
+
+
+def test_a_leader_paused_mid_delivery_sends_nothing_more_when_it_wakes(cluster: Cluster) -> None:
+    # Every answer takes 0.5 s: the leader is mid-round, its other claims queued behind the request in flight.
+    cluster.receiver.script(*[Reply(200, "ok", delay=0.5)] * 100)
+    cluster.add(2)
+    old = wait_for("exactly one leader", cluster.one_leader, alive=cluster.live())
+    wait_for("the leader mid-delivery", lambda: True if cluster.receiver.requests else None, alive=cluster.live())
+    paused = cluster.procs[old]
+    assert paused is not None
+    paused.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(0.3)  # a request sent before the pause has arrived by now
+        in_flight = frozenset(k for k in (_key(r) for r in list(cluster.receiver.requests)) if k)
+        other = [p for i, p in enumerate(cluster.procs) if i != old and p is not None]
+        wait_for("the next leader to deliver everything",
+                 lambda: True if all(e.state.value == "delivered" for e in outbox(cluster.url)) else None,
+                 alive=other, timeout=TTL + 30)
+        before_wake = len(cluster.receiver.requests)
+    finally:
+        paused.proc.send_signal(signal.SIGCONT)
+    time.sleep(3.0)  # several of its 0.5 s sends, had it gone on with its round
+    keys_before = {_key(r) for r in cluster.receiver.requests[:before_wake]}
+    repeated = [_key(r) for r in cluster.receiver.requests[before_wake:] if _key(r) in keys_before]
+    assert not repeated, f"the woken leader sent again what the next leader had delivered: {repeated}"
+    assert any("no longer the leader" in m for m in paused.messages()), paused.tail()
+    cluster.settle()
+    time.sleep(0.5)
+    assert_delivered_once(cluster.receiver.requests, outbox(cluster.url), resent=in_flight)
 
 
 def _leader_mid_cycle(cluster: Cluster) -> tuple[int, Proc, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -37,6 +38,11 @@ class DeliveryReport:
     failed: int = 0
     released: int = 0
     errors: int = 0  # unexpected exceptions (logged whole; the entry was released for a later round)
+    abandoned: int = 0  # claimed but left unsent: the term ended mid-round (the next leader sends them)
+
+
+class _ClaimLost(Exception):
+    """An outcome was refused: the entry's claim (and the round's others) belongs to nobody here any more."""
 
 
 ERROR_RETRY = timedelta(seconds=60)  # an entry whose delivery broke unexpectedly is tried again after this
@@ -50,7 +56,8 @@ def retry_at(now: datetime, seconds: float) -> datetime:
         return now + timedelta(days=1)
 
 
-async def deliver_due(services: Services, *, limit: int = 200, term: Term | None = None) -> DeliveryReport:
+async def deliver_due(services: Services, *, limit: int = 200, term: Term | None = None,
+                      holds: Callable[[], bool] | None = None) -> DeliveryReport:
     """Claims due outbox entries and delivers them, each notifier on its own so a failing one delays no other.
 
     Within a notifier entries go in order; after a temporary failure the notifier's other entries are put back
@@ -60,7 +67,11 @@ async def deliver_due(services: Services, *, limit: int = 200, term: Term | None
 
     A daemon's leader passes its `term`: the claims and every outcome are refused, in the same statement, once the
     term is over (another replica leads, or this one's lease expired while it was paused), and what this round
-    claimed is then taken over by the next leader at once (sent again with the same Idempotency-Key).
+    claimed is then taken over by the next leader at once (sent again with the same Idempotency-Key). With
+    `holds` (whether the term still holds by this process's own clock: not stepped down, released, or paused past
+    its lease), nothing more is sent once it says no, and a notifier whose outcome was refused sends nothing more:
+    what is left of the round is the next leader's, so a process that wakes from a pause, or hands over at
+    shutdown, finishes at most the request in flight.
     """
     dispatcher = services.dispatcher
     if dispatcher is None:
@@ -104,14 +115,24 @@ async def deliver_due(services: Services, *, limit: int = 200, term: Term | None
         if not await outbox.mark_delivered(d.id, now=clock(), status=result.status_code, detail=result.detail,
                                            worker=worker, term=term):
             log.warning("notification %s to %s was delivered after its claim expired", d.id, name)
+            report.delivered += 1
+            raise _ClaimLost
         report.delivered += 1
         return None
 
     async def run(name: str, items: list[Delivery]) -> None:
         settings = notifiers.get(name)
         for index, d in enumerate(items):
+            if holds is not None and not holds():
+                log.warning("delivery to %s stopped: this process no longer leads (%d entries left to the next "
+                            "leader)", name, len(items) - index)
+                report.abandoned += len(items) - index
+                return
             try:
                 next_at = await send_one(name, settings, d)
+            except _ClaimLost:
+                report.abandoned += len(items) - index - 1
+                return  # the claims are no longer ours: the next leader sends the rest
             except StoreError:
                 raise
             except Exception:  # a bug in delivery: log it whole, put the entry back, go on with the others
@@ -133,8 +154,9 @@ async def deliver_due(services: Services, *, limit: int = 200, term: Term | None
         if isinstance(r, BaseException):
             raise r  # a StoreError: the round's remaining claims expire and are retried by exactly one deliverer
     if claimed:
-        log.info("delivery round: %d delivered, %d to retry, %d failed, %d errors", report.delivered,
-                 report.retried, report.failed, report.errors)
+        log.info("delivery round: %d delivered, %d to retry, %d failed, %d errors%s", report.delivered,
+                 report.retried, report.failed, report.errors,
+                 f", {report.abandoned} left to the next leader" if report.abandoned else "")
     return report
 
 
