@@ -484,6 +484,7 @@ def run_cmd(config_path: Path | None) -> None:
     """
     from functools import partial
 
+    hangups = _hold_hangups()  # from the first step: SIGHUP's default action would end the process
     from auditor.config import check_runnable, load_settings
 
     settings = load(config_path)
@@ -496,7 +497,19 @@ def run_cmd(config_path: Path | None) -> None:
     setup_logs(settings, extra_secrets=secrets)
     from auditor.daemon import serve
 
-    sys.exit(run_async(serve(settings, reload=partial(load_settings, config_path))))
+    sys.exit(run_async(serve(settings, reload=partial(load_settings, config_path),
+                             hangups_at_start=lambda: bool(hangups))))
+
+
+def _hold_hangups() -> list[int]:
+    """Catches SIGHUP until the daemon installs its own handler (operators send it to reload: it must never end the
+    process while it starts); returns the list each one is noted in."""
+    import signal
+
+    noted: list[int] = []
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, _frame: noted.append(signum))
+    return noted
 
 
 # ---- report / findings / history ------------------------------------------------------------------------
@@ -1066,6 +1079,9 @@ def db_current(config_path: Path | None) -> None:
     url = settings.database.url.get_secret_value()
     current, head = run_async(engine.current_revision(url))
     _out().print(f"current {current or 'none'}; head {head}", markup=False)
+    problem = engine.schema_error(url, current)
+    if problem is not None and current is not None:  # behind (an upgrade fixes it) or newer (a newer auditor wrote it)
+        _err().print(str(problem), markup=False)
     sys.exit(EXIT_OK if current == head else EXIT_INCOMPLETE)
 
 
@@ -1187,7 +1203,8 @@ def notify_test(config_path: Path | None, name: str | None, hold: timedelta) -> 
 
 @main.command("fake-katapult")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listen address (loopback).")
-@click.option("--port", default=8765, show_default=True, type=int, help="Listen port (0 = any free port).")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535),
+              help="Listen port (0 = any free port).")
 @click.option("--fleet", "fleet_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Fleet description (TOML or JSON). Default: the demo fleet.")
 def fake_katapult(host: str, port: int, fleet_path: Path | None) -> None:

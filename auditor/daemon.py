@@ -35,7 +35,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from auditor.api import ApiDeps, CycleMetrics, create_app
 from auditor.config import RESTART_KEYS, Settings, check_runnable, config_fingerprint, configured_secrets, plan_reload
 from auditor.domain.retry import backoff
-from auditor.errors import AuditorError, ConfigError, StoreError
+from auditor.errors import AuditorError, ConfigError, SchemaNewerError, StoreError
 from auditor.katapult import Transport
 from auditor.log import update_logging
 from auditor.service import AuditOutcome, Services, open_services, reading_services, utcnow
@@ -167,6 +167,8 @@ async def _open_with_retry(
         try:
             services: Services = await stack.enter_async_context(open_services(current(), **seams))
             return services
+        except SchemaNewerError:
+            raise  # a newer auditor's database: no wait makes this version able to use it (exit 2, one line)
         except StoreError as exc:
             log.error("database %s unavailable at start (attempt %d): %s; retrying in %.0fs", shown, attempt, exc,
                       delay, extra={"attempt": attempt, "retry_in_s": delay})
@@ -184,12 +186,15 @@ async def serve(
     notify_transport: Transport | None = None,
     heartbeat_transport: Transport | None = None,
     reload: Callable[[], Settings] | None = None,
+    hangups_at_start: Callable[[], bool] | None = None,
 ) -> int:
     """Runs the daemon until SIGTERM/SIGINT: leadership, scheduled audits and the HTTP API; returns the exit code.
 
     `transport` and `token` reach the Katapult client (the demo and tests use the in-process fake);
     `on_cycle` is awaited after every cycle that ran to its end. `reload` reads the configuration again (the
     CLI's loader on the same file); SIGHUP calls it, and without it SIGHUP only says there is nothing to reload.
+    `hangups_at_start` says whether a SIGHUP came before the daemon's own handlers (the CLI holds them from its
+    first step, since the default action would end the process): it reloads at once.
     """
     stop = asyncio.Event()
     force = asyncio.Event()
@@ -200,12 +205,25 @@ async def serve(
              "heartbeat_transport": heartbeat_transport}
     daemon = _Daemon(settings, sock=sock, on_cycle=on_cycle, seams=seams, reload=reload)
     handled = _install_signals(stop, force, on_hangup=lambda: daemon.hangup(stop))
+    if hangups_at_start is not None and hangups_at_start():
+        # A SIGHUP between the process's start and these handlers (the CLI held it): the file may have changed
+        # after it was read, so reload now.
+        daemon.hangup(stop)
     try:
         return await daemon.run(stop, force, loop=loop)
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
         sock.close()
+
+
+def _token_values(settings: Settings) -> tuple[str | None, str | None]:
+    """Returns the Katapult and API tokens as they read now (None where one cannot be read or is not set)."""
+    try:
+        katapult_token, api_token = check_runnable(settings)
+    except ConfigError:
+        return None, None
+    return katapult_token.get_secret_value(), api_token.get_secret_value() if api_token else None
 
 
 class _Daemon:
@@ -222,6 +240,9 @@ class _Daemon:
         self.on_cycle = on_cycle
         self.seams = seams
         self.read_settings = reload
+        # The tokens as read at start or the last reload (from the environment or their files): a reload that only
+        # changed a token file's content changes no setting, and is logged by these.
+        self.tokens = _token_values(settings)
         self.config = ConfigStatus(fingerprint=config_fingerprint(settings), loaded_at=time.time())
         self.reloading = asyncio.Lock()  # one reload at a time, in the order the signals came
         self.background: set[asyncio.Task[None]] = set()  # reloads, and closing what reloads replaced
@@ -372,10 +393,16 @@ class _Daemon:
 
     # ---- jobs ---------------------------------------------------------------------------------------------
 
-    async def _after_cycle(self, services: Services, outcome: AuditOutcome) -> None:
-        if services.dispatcher is not None and self.scheduler.running and self.is_leader and not self._is_closing:
+    def _deliver_now(self) -> None:
+        """Brings the next delivery round forward to now (what was just queued goes out at once)."""
+        services = self.services
+        if (services is not None and services.dispatcher is not None and self.scheduler.running and self.is_leader
+                and not self._is_closing):
             with contextlib.suppress(Exception):  # the job is gone if leadership was lost meanwhile
-                self.scheduler.modify_job("alert-delivery", next_run_time=utcnow())  # what the cycle queued, now
+                self.scheduler.modify_job("alert-delivery", next_run_time=utcnow())
+
+    async def _after_cycle(self, services: Services, outcome: AuditOutcome) -> None:
+        self._deliver_now()  # what the cycle queued, now
         if services.heartbeat is not None:
             self.cycles.heartbeat_failures = services.heartbeat.failures
         if self.on_cycle is not None:
@@ -413,10 +440,11 @@ class _Daemon:
         assert self.services is not None
         if not await self._still_leader():
             return
-        if self.runner is not None and self.runner.is_busy:
-            return  # the cycle in flight sweeps before it starts; this process's own run is live
+        # Also while this process runs a cycle: a run is marked only when its cycle lease is not live, so a cycle
+        # in flight here is left alone, and one this process lost while paused is announced now.
         try:
-            await abandon_orphans(self.services)
+            if await abandon_orphans(self.services):
+                self._deliver_now()  # its audit-incomplete goes out now, not at the next delivery round
         except asyncio.CancelledError:
             return
         except StoreError as exc:
@@ -613,8 +641,13 @@ class _Daemon:
                             key, RESTART_KEYS[key])
             await self._put_in_force(settings)
             self.config.succeeded(config_fingerprint(settings))
+            tokens = (katapult_token.get_secret_value(), api_token.get_secret_value() if api_token else None)
+            changed = [*plan.changed, *(name for (name, section), before, after in zip(
+                (("the Katapult token", "katapult.api_token"), ("the API token", "api.token")), self.tokens, tokens,
+                strict=True) if before != after and not any(k.startswith(section) for k in plan.changed))]
+            self.tokens = tokens
             log.info("configuration reloaded (%s): %s", self.config.fingerprint,
-                     ", ".join(plan.changed) + " take(s) effect from the next cycle" if plan.changed
+                     ", ".join(changed) + " take(s) effect from the next cycle" if changed
                      else "nothing that can be reloaded changed")
             return True
 

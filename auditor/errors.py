@@ -193,6 +193,11 @@ class SchemaError(StoreError):
     """The database does not exist or is not at the code's schema revision (read-only commands never migrate)."""
 
 
+class SchemaNewerError(SchemaError):
+    """The database is at a schema revision this code does not know: a newer auditor wrote it. Waiting cannot fix
+    that (only running the newer auditor can), so a daemon stops rather than retrying."""
+
+
 class LeaseHeldError(AuditorError):
     """Another process holds the cycle lease; `holder` and `since` say who and since when."""
 

@@ -46,11 +46,28 @@ def wait_for(what: str, check: Callable[[], T | None], *, timeout: float = START
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+# `auditor run` sent a SIGHUP by itself as early as it can be held: once SIGHUP is no longer the default action, or
+# after 0.3 s (long before the daemon's own handlers, which come after the database and web stacks are imported).
+EARLY_HANGUP = """
+import os, signal, sys, threading, time
+def hang_up():
+    deadline = time.monotonic() + 0.3
+    while signal.getsignal(signal.SIGHUP) is signal.SIG_DFL and time.monotonic() < deadline:
+        time.sleep(0.001)
+    os.kill(os.getpid(), signal.SIGHUP)
+threading.Thread(target=hang_up, daemon=True).start()
+from auditor.cli import main
+sys.argv = ["auditor", "run", "--config", sys.argv[1]]
+main()
+"""
+
+
 class Daemon:
     """`auditor run --config FILE` with a clean environment; its stderr is collected line by line as it runs."""
 
-    def __init__(self, config: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "auditor", "run", "--config", str(config)],
+    def __init__(self, config: Path, *, early_hangup: bool = False) -> None:
+        argv = ["-c", EARLY_HANGUP, str(config)] if early_hangup else ["-m", "auditor", "run", "--config", str(config)]
+        self.proc = subprocess.Popen([sys.executable, *argv],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_env())
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -107,7 +124,7 @@ def setup(tmp_path: Path) -> Iterator[Callable[..., tuple[Fake, Daemon, str]]]:
 
     def start(*, latency_ms: int = 0, disks: int = 30, grace: str = "5s", interval: str = "2s",
               database_url: str | None = None, fake: bool = True, disk_ids: tuple[str, ...] = (),
-              extra: str = "") -> tuple[Fake, Daemon, str]:
+              extra: str = "", early_hangup: bool = False) -> tuple[Fake, Daemon, str]:
         fleet_file = tmp_path / "fleet.json"
         fleet_file.write_text(json.dumps({"generate": {"disks": disks, "orgs": 1, "seed": SEED},
                                           "rate_limit_per_minute": 100000, "latency_ms": latency_ms}))
@@ -143,7 +160,7 @@ level = "info"
 format = "json"
 {extra}
 """)
-        daemon = Daemon(config)
+        daemon = Daemon(config, early_hangup=early_hangup)
         started.append(daemon)
         return katapult, daemon, f"http://127.0.0.1:{api_port}"
 
@@ -340,6 +357,35 @@ def metric(base: str, name: str) -> str:
     response = get(f"{base}/metrics")
     assert response is not None
     return next(line for line in response.text.splitlines() if line.startswith(name))
+
+
+def test_a_sighup_while_the_daemon_starts_reloads_instead_of_ending_it(
+        setup: Callable[..., tuple[Fake, Daemon, str]]) -> None:
+    _, daemon, base = setup(early_hangup=True)
+    wait_for("the reload of the SIGHUP held at start",
+             lambda: any("reloading the configuration" in m for m in messages_of(daemon)) or None, alive=daemon)
+    wait_ready(base, daemon)
+    code, _ = daemon.stop(timeout=5 + 10)
+    assert code == 0, daemon.stderr[-4000:]
+
+
+def test_sighup_after_a_token_file_changed_says_the_token_changed(setup: Callable[..., tuple[Fake, Daemon, str]],
+                                                                   tmp_path: Path) -> None:
+    _, daemon, base = setup()
+    wait_ready(base, daemon)
+    config = tmp_path / "auditor.toml"
+    token_file = tmp_path / "api-token"
+    token_file.write_text("first-api-token-from-a-file\n")
+    config.write_text(config.read_text().replace(f'token = "{API_TOKEN}"', f'token_file = "{token_file}"'))
+    hangup(daemon, expect="configuration reloaded")
+    # Only the file's content changes: no setting differs, but the token does, and the log says so (never its value).
+    token_file.write_text("second-api-token-from-a-file\n")
+    [reloaded] = [m for m in hangup(daemon, expect="configuration reloaded") if "configuration reloaded" in m]
+    assert "the API token take(s) effect" in reloaded, reloaded
+    assert "second-api-token" not in daemon.stderr and "first-api-token" not in daemon.stderr
+    new = get(f"{base}/api/v1/report", headers={"Authorization": "Bearer second-api-token-from-a-file"})
+    old = get(f"{base}/api/v1/report", headers={"Authorization": "Bearer first-api-token-from-a-file"})
+    assert new is not None and old is not None and (new.status_code, old.status_code) == (200, 401)
 
 
 def test_sighup_puts_a_changed_rule_in_force_from_the_next_cycle(

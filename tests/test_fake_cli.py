@@ -232,3 +232,14 @@ def test_a_busy_port_is_one_line_and_exit_2() -> None:
     assert proc.stderr.strip().splitlines() == [
         f"fake katapult cannot listen on 127.0.0.1:{port}: Address already in use"], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_port_out_of_range_is_a_usage_error_not_a_traceback(port: str) -> None:
+    from click.testing import CliRunner
+
+    from auditor.cli import main
+
+    result = CliRunner().invoke(main, ["fake-katapult", "--port", port])
+    assert result.exit_code == 2 and "Invalid value for '--port'" in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from auditor.domain.lifecycle import Change, Transition, parse_waivers, reconcile
 from auditor.domain.models import FindingStatus, ReadOutcome, TrackedFinding, WaiverProblem
@@ -151,7 +152,8 @@ async def _run_cycle(services: Services, *, failures: PendingFailures | None, tr
     renewer = asyncio.create_task(keep_cycle_lease(services, term=cycle), name=f"cycle-lease-{run_id[:8]}")
     terms = (cycle,) if leader is None else (cycle, leader)
     try:
-        outcome = await _cycle(services, run_id, trigger, now, began, progress, started, terms)
+        outcome = await _while_held(_cycle(services, run_id, trigger, now, began, progress, started, terms),
+                                    renewer, cycle)
     except LeaseHeldError:
         raise  # refused at its start: no run exists, nothing failed
     except LeaseLostError as exc:
@@ -174,6 +176,29 @@ async def _run_cycle(services: Services, *, failures: PendingFailures | None, tr
             await renewer
         await release_cycle_lease(services, term=cycle)
     return _finish(services, outcome)
+
+
+async def _while_held(work: Coroutine[Any, Any, AuditOutcome], renewer: asyncio.Task[None],
+                      term: Term) -> AuditOutcome:
+    """Runs the cycle's work while its lease holds: the renewer ends only when the lease was lost (this process was
+    paused past it, or another took it), and then the work stops at once instead of reading Katapult for a verdict
+    its commit would refuse (LeaseLostError; the next leader announces the lost run)."""
+    task = asyncio.create_task(work, name=f"cycle-work-{term.epoch}")
+    try:
+        await asyncio.wait({task, renewer}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise LeaseLostError(f"the {term.name} lease of epoch {term.epoch} was lost mid-cycle (expired and taken by "
+                             "another process, or this process was paused past it): the cycle stopped; nothing "
+                             "was written")
+    return task.result()
 
 
 async def record_failures(services: Services, *, failures: PendingFailures) -> int:

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from auditor.errors import SchemaError, StoreError
+from auditor.errors import SchemaError, SchemaNewerError, StoreError
 
 if TYPE_CHECKING:  # Alembic is imported only where migrations run: read-only commands start faster without it
     from alembic.config import Config as AlembicConfig
@@ -193,8 +193,8 @@ def schema_error(url: str, current: str | None, *, hint: str = SCHEMA_HINT,
     if current == SCHEMA_HEAD:
         return None
     if current is not None and current not in SCHEMA_REVISIONS:
-        return SchemaError(f"database schema {current} is newer than this auditor, which knows up to {SCHEMA_HEAD}: "
-                           "upgrade the auditor")
+        return SchemaNewerError(f"database schema {current} is newer than this auditor, which knows up to "
+                                f"{SCHEMA_HEAD}: upgrade the auditor")
     return SchemaError(f"database {safe_url(url)} is at schema revision {current or 'none'}, this version needs "
                        f"{SCHEMA_HEAD}: {hint}")
 
