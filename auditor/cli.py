@@ -883,34 +883,41 @@ def plan_cmd(config_path: Path | None, tier: str | None, rule: str | None, disk:
 
     At most one change per disk: create a policy from the disk's tier template on an unprotected disk (or its VM),
     raise a retention up to the template's, run a policy at the template's interval; every other open finding is
-    listed as manual with the reason. Exempt disks and disks with a waived finding are never changed. The plan
-    expires after remediation.plan_ttl. Exit 0 planned, 2 bad options or the database, 78 configuration
-    ([remediation] disabled or a template that would itself be a finding).
+    listed as manual with the reason. Exempt disks and disks with a waived finding are never changed, nor a policy
+    on their VM (a create on such a VM is made on the disk itself). The plan expires after remediation.plan_ttl.
+    Exit 0 planned; 2 a bad option (a tier or rule id that does not exist, a disk the auditor has never seen) or
+    the database; 78 configuration ([remediation] disabled or a template that would itself be a finding).
     """
     settings = load(config_path)
-    from auditor.vocabulary import RULE_IDS
+    from auditor.domain.remediation import PlanFilter
+    from auditor.errors import PlanFilterError, UnknownDiskError
+    from auditor.service.remediation import check_filter, check_remediation
 
-    if tier is not None and tier not in {t.name for t in settings.tiers}:
-        fail_usage(f"--tier: no tier named {tier!r} (tiers: {', '.join(t.name for t in settings.tiers) or 'none'})")
-    if rule is not None and rule not in RULE_IDS:
-        fail_usage(f"--rule: unknown rule id {rule!r}; known: {', '.join(RULE_IDS)}")
+    only = PlanFilter(tier=tier, rule=rule, disk=disk)
+    try:
+        check_filter(settings, only)
+    except PlanFilterError as exc:
+        fail_usage(f"--{exc.option}: {exc}")
     setup_logs(settings)
-    from auditor.service.remediation import check_remediation
-
     try:
         check_remediation(settings)
     except ConfigError as err:
         fail_config(err)
 
-    async def make() -> dict[str, Any]:
-        from auditor.domain.remediation import PlanFilter
+    async def make() -> dict[str, Any] | UnknownDiskError:
         from auditor.service import open_services
         from auditor.service.remediation import make_plan
 
         async with open_services(settings, katapult=False, migrate=False) as services:
-            return await make_plan(services, only=PlanFilter(tier=tier, rule=rule, disk=disk))
+            try:
+                return await make_plan(services, only=only)
+            except UnknownDiskError as exc:
+                return exc
 
     document = run_async(make())
+    if isinstance(document, UnknownDiskError):
+        fail_usage(f"--disk: {document}")
+        raise AssertionError("unreachable")
     text = json.dumps(document, indent=2, sort_keys=True)
     if out is not None:
         try:
@@ -928,9 +935,12 @@ def plan_cmd(config_path: Path | None, tier: str | None, rule: str | None, disk:
 
 
 def print_plan(document: dict[str, Any]) -> None:
-    """Prints a plan's changes and manual items as tables."""
+    """Prints a plan's changes and manual items as tables, under a summary counted from them (a plan file's own
+    `summary` is not shown: an edited plan could say anything there)."""
+    from auditor.domain.remediation import summary_of
+
     console = _out()
-    s = document["summary"]
+    s = summary_of(document["changes"], document["manual"])
     console.print(f"plan: {s['changes']} change(s), {s['manual']} finding(s) left to a person; created "
                   f"{document['created_at']}, expires {document['expires_at']}", markup=False)
     if document["changes"]:
@@ -939,6 +949,9 @@ def print_plan(document: dict[str, Any]) -> None:
              f"{c['request']['method']} {c['request']['path']} {json.dumps(c['request']['body'], sort_keys=True)}",
              _setting_text(c["before"]), _setting_text(c["after"]),
              str(len(c["fixes"]))) for c in document["changes"]], title="changes", fold=True)
+        for c in document["changes"]:
+            if c.get("note"):
+                console.print(printable(f"note on {c['disk_id']}: {c['note']}"), markup=False, soft_wrap=True)
     if document["manual"]:
         print_table(console, ("disk", "rule", "policy", "manual: reason"), [
             (m["disk_id"], m["rule"], m["policy_id"] or "-", m["reason"]) for m in document["manual"]],
@@ -968,7 +981,10 @@ def apply_cmd(config_path: Path | None, plan_file: Path, yes: bool) -> None:
     or waived disk touched; at most remediation.max_changes writes. Uses the write credential
     (katapult.write_token_file or env KATAPULT_WRITE_TOKEN), which no other command loads. Every outcome is recorded
     (see `auditor history DISK`). Exit 0 every change applied; 1 some stale, refused, failed or not attempted (each
-    named); 2 the plan is invalid, expired or edited, no write credential, or Katapult unreachable; 78 config error.
+    named), or the question was not answered yes (declined, or stdin closed: "not applied: ...", nothing written);
+    2 the plan is invalid, expired (its expires_at or created_at + remediation.plan_ttl, whichever is sooner), made
+    in the future, of an unknown format_version or edited, no write credential, or Katapult unreachable; 78 config
+    error.
     """
     settings = load(config_path)
     try:
@@ -993,7 +1009,7 @@ def apply_cmd(config_path: Path | None, plan_file: Path, yes: bool) -> None:
     from auditor.service.remediation import verify_plan
 
     try:
-        verify_plan(document, now=utcnow())
+        verify_plan(document, now=utcnow(), ttl=settings.remediation.plan_ttl)
     except PlanError as exc:
         fail_usage(f"plan {plan_file}: {exc}")
     try:
@@ -1006,9 +1022,17 @@ def apply_cmd(config_path: Path | None, plan_file: Path, yes: bool) -> None:
     if not document["changes"]:
         _out().print("nothing to apply", markup=False)
         sys.exit(EXIT_OK)
-    if not yes and not click.confirm(f"Apply {len(document['changes'])} change(s) to Katapult?", default=False):
-        _err().print("not applied (answer yes, or pass --yes)", markup=False)
-        sys.exit(EXIT_FINDINGS)
+    if not yes:
+        try:
+            confirmed = click.confirm(f"Apply {len(document['changes'])} change(s) to Katapult?", default=False)
+        except click.Abort:  # stdin closed (or Ctrl-C) at the question: click would print "Aborted!"
+            click.echo()  # ends the question's line
+            _err().print("not applied: no answer to the question (stdin closed); answer yes, or pass --yes",
+                         markup=False)
+            sys.exit(EXIT_FINDINGS)
+        if not confirmed:
+            _err().print("not applied: the answer was not yes; answer yes, or pass --yes", markup=False)
+            sys.exit(EXIT_FINDINGS)
     outcome = run_async(_apply(settings, document, write_token.get_secret_value()))
     console = _out()
     for r in outcome.results:

@@ -6,6 +6,7 @@ and str are masked, so they cannot reach a log line or an error message by accid
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -338,14 +339,28 @@ class TierMatchSettings(Section):
         return self
 
 
+def _whole_number(value: object) -> object:
+    """Returns the value if it is an integer (not a bool, a float or a string of digits), else ValueError."""
+    # A template's integers go to Katapult as they are: "14" (a string) or 14.5 is refused here rather than coerced,
+    # so a mistyped template fails check-config instead of being read as something else. The environment's strings
+    # of digits are integers already (`env_overrides`).
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = {bool: "a boolean", str: "a string", float: "a decimal number"}.get(type(value), "not a number")
+        raise ValueError(f"must be an integer, written without quotes (this is {kind})")
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
+
+
 class PolicyTemplatePart(Section):
     """A tier's `remediation = { … }`: the keys of the default template it changes."""
 
     interval: IntervalName | None = None
-    retention: int | None = Field(default=None, ge=1, le=2**31 - 1)
-    frequency: int | None = Field(default=None, ge=1, le=1000)
-    time: int | None = Field(default=None, ge=0, le=23)
-    minute: int | None = Field(default=None, ge=0, le=59)
+    retention: WholeNumber | None = Field(default=None, ge=1, le=2**31 - 1)
+    frequency: WholeNumber | None = Field(default=None, ge=1, le=1000)
+    time: WholeNumber | None = Field(default=None, ge=0, le=23)
+    minute: WholeNumber | None = Field(default=None, ge=0, le=59)
     target: PolicyTargetName | None = None
 
 
@@ -353,10 +368,10 @@ class PolicyTemplate(Section):
     """[remediation].policy: the policy `auditor plan` creates, and the retention and interval it raises to."""
 
     interval: IntervalName = "daily"
-    retention: int = Field(default=14, ge=1, le=2**31 - 1)
-    frequency: int = Field(default=1, ge=1, le=1000)
-    time: int = Field(default=2, ge=0, le=23)
-    minute: int = Field(default=0, ge=0, le=59)
+    retention: WholeNumber = Field(default=14, ge=1, le=2**31 - 1)
+    frequency: WholeNumber = Field(default=1, ge=1, le=1000)
+    time: WholeNumber = Field(default=2, ge=0, le=23)
+    minute: WholeNumber = Field(default=0, ge=0, le=59)
     target: PolicyTargetName = "disk"
 
     def merged(self, part: PolicyTemplatePart | None) -> PolicyTemplate:
@@ -697,6 +712,23 @@ def _is_complex(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
+def _is_whole_number_key(path: list[str]) -> bool:
+    """Returns whether the key a path names is a `WholeNumber` (which takes integers only, not strings)."""
+    parent = _unwrap(_target(path[:-1]))
+    if not (isinstance(parent, type) and issubclass(parent, BaseModel)):
+        return False
+    field = parent.model_fields.get(path[-1])
+    if field is None:
+        return False
+    marks = list(field.metadata)
+    for annotation in (field.annotation, *get_args(field.annotation)):
+        marks += getattr(annotation, "__metadata__", ())
+    return any(isinstance(m, BeforeValidator) and m.func is _whole_number for m in marks)
+
+
+_DIGITS = re.compile(r"\s*[+-]?[0-9]+\s*")
+
+
 def _target(path: list[str]) -> Any:
     """Returns the annotation of the key a path names (None when no such key: the value stays a string)."""
     annotation: Any = Settings
@@ -748,6 +780,11 @@ def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str]
                                 f"{getattr(exc, 'pos', 0)}): lists and tables are set as JSON, e.g. "
                                 f"'[\"a\", \"b\"]' or '{{\"key\": \"value\"}}' (env {name})")
                 continue
+        elif _DIGITS.fullmatch(value) and _is_whole_number_key(path):
+            # An environment variable is a string: its digits set a key that takes integers only (as the file's 14
+            # does); other scalar keys stay strings, which validation converts as it sees fit.
+            with contextlib.suppress(ValueError):  # more digits than int() converts: left to validation
+                decoded = int(value)
         nested: Any = decoded
         for part in reversed(path):
             nested = {part: nested}

@@ -21,6 +21,8 @@ AuditorError
 ├── FolderNotEmptyError         an evidence export into a folder that already holds something (`folder`)
 ├── SigningError                an evidence bundle could not be signed with the given key (`key`)
 ├── PlanError                   a remediation plan that cannot be applied: invalid, expired or edited (exit 2)
+├── PlanFilterError             `plan --tier/--rule` naming no tier or rule (`option`; exit 2, API 422)
+├── UnknownDiskError            a disk the auditor has never stored (`disk_id`; exit 2, API 404)
 └── NotifyError                 a notifier could not deliver (carries `permanent`)
 
 Errors carry fields (`code`, `status_code`, `target`, `permanent`) so callers branch on data, never on messages.
@@ -63,7 +65,8 @@ class KatapultError(AuditorError):
 
 
 class KatapultAPIError(KatapultError):
-    """Katapult answered with a `{"error": {code, description, detail}}` body."""
+    """Katapult answered with a `{"error": {code, description, detail}}` body (`description` as cut for the
+    message, secrets blanked)."""
 
     permanent = True
 
@@ -74,11 +77,13 @@ class KatapultAPIError(KatapultError):
         code: str,
         status_code: int,
         detail: dict[str, object] | None = None,
+        description: str = "",
         target: str | None = None,
         endpoint: str | None = None,
     ) -> None:
         super().__init__(message, target=target, endpoint=endpoint, status_code=status_code)
         self.code = code
+        self.description = description
         self.detail = detail or {}
 
 
@@ -226,3 +231,19 @@ class SigningError(AuditorError):
 
 class PlanError(AuditorError):
     """A remediation plan file that cannot be applied (not a plan, expired, or edited: its hash does not match)."""
+
+
+class PlanFilterError(AuditorError):
+    """A plan filter naming nothing the auditor knows: `option` is "tier" or "rule"; the message says what is known."""
+
+    def __init__(self, option: str, message: str) -> None:
+        self.option = option
+        super().__init__(message)
+
+
+class UnknownDiskError(AuditorError):
+    """A disk id the auditor has never stored (no audit has read it)."""
+
+    def __init__(self, disk_id: str) -> None:
+        self.disk_id = disk_id
+        super().__init__(f"disk {disk_id} is not known to the auditor")

@@ -109,6 +109,56 @@ def redact(text: str, secrets: Iterable[str], *, mask: str = MASK) -> str:
     return "".join(out)
 
 
+def token_forms(token: str) -> list[str]:
+    """Returns every form in which a bearer token can come back in a server's answer: those of `secret_forms`,
+    and the token base64-encoded (standard and URL-safe alphabets, padded or not), as a server quoting a decoded
+    credential, or an encoded copy of it, shows it."""
+    forms = secret_forms(token)
+    if token:
+        raw = token.encode("utf-8")
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            text = encode(raw).decode("ascii")
+            forms += [text, text.rstrip("=")]
+    return list(dict.fromkeys(forms))
+
+
+class Redactor:
+    """Blanks every form of some secrets (`token_forms`) in text and in JSON values, with `mask`; never shows
+    the secrets itself (its repr is masked)."""
+
+    __slots__ = ("_forms", "_mask")
+
+    def __init__(self, tokens: Iterable[str], *, mask: str = MASK) -> None:
+        forms = {form for token in tokens for form in token_forms(token)}
+        self._forms = tuple(sorted(forms, key=len, reverse=True))
+        self._mask = mask
+
+    def __repr__(self) -> str:
+        return "Redactor(***)"
+
+    def __or__(self, other: Redactor) -> Redactor:
+        """Returns a redactor of both sets of secrets (this one's mask): one pass, so overlapping secrets of the
+        two are masked as one."""
+        both = Redactor((), mask=self._mask)
+        both._forms = tuple(sorted(set(self._forms) | set(other._forms), key=len, reverse=True))
+        return both
+
+    def text(self, text: str) -> str:
+        """Returns `text` with every form of every secret masked."""
+        return redact(text, self._forms, mask=self._mask) if self._forms else text
+
+    def json(self, value: Any) -> Any:
+        """Returns a copy of a JSON value (dicts, lists, strings, numbers) with every string, keys included,
+        masked as `text` masks it; anything else is returned as it is."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {self.json(k): self.json(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.json(v) for v in value]
+        return value
+
+
 class SecretScrubber(logging.Filter):
     """Replaces every form of every configured secret (see `secret_forms`) in a record with ***."""
 

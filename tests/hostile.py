@@ -48,10 +48,11 @@ _MISSING = object()
 
 @dataclass(frozen=True)
 class Request:
-    """What a request asked for: the endpoint (without /core/v1) and the query."""
+    """What a request asked for: the endpoint (without /core/v1), the query and the method."""
 
     endpoint: str
     params: dict[str, str]
+    method: str = "GET"
 
     @property
     def target(self) -> str | None:
@@ -135,7 +136,7 @@ class Tamper:
         path = str(scope["path"])
         endpoint = path[len(PREFIX):] if path.startswith(PREFIX) else path
         query = bytes(scope.get("query_string", b"")).decode("latin-1")
-        request = Request(endpoint, dict(parse_qsl(query, keep_blank_values=True)))
+        request = Request(endpoint, dict(parse_qsl(query, keep_blank_values=True)), str(scope["method"]))
         start: dict[str, Any] = {}
         chunks: list[bytes] = []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import socket
@@ -19,6 +20,7 @@ from auditor.errors import (
     AuthError,
     InTrashError,
     InvalidRequestError,
+    KatapultAPIError,
     KatapultError,
     KatapultResponseError,
     KatapultTransportError,
@@ -645,6 +647,26 @@ async def test_token_echoed_by_the_server_is_redacted() -> None:
         with pytest.raises(AuthError) as info:
             await client.get_disk("disk_x")
     assert TOKEN not in str(info.value) and "[redacted]" in str(info.value)
+
+
+async def test_a_token_echoed_in_a_write_answers_description_or_detail_is_redacted_plain_or_base64() -> None:
+    encoded = base64.b64encode(TOKEN.encode()).decode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = {"error": {"code": "validation_error", "description": f"token {TOKEN} / {encoded.rstrip('=')}",
+                          "detail": {"errors": [f"Bearer {TOKEN}", f"Basic {encoded}"], f"k{TOKEN}": [{"v": encoded}],
+                                     "total": 3}}}
+        return httpx.Response(422, content=json.dumps(body))
+
+    async with KatapultClient(base_url=BASE, token=TOKEN, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(KatapultAPIError) as info:
+            await client.write("PATCH", "/disk_backup_policies/disk_backup_policy", {}, target="disk_x")
+    error = info.value
+    assert error.code == "validation_error" and error.description == "token [redacted] / [redacted]"
+    assert error.detail == {"errors": ["Bearer [redacted]", "Basic [redacted]"], "k[redacted]": [{"v": "[redacted]"}],
+                            "total": 3}
+    for text in (str(error), repr(error.detail), error.description):
+        assert TOKEN not in text and encoded.rstrip("=") not in text
 
 
 # ---------------------------------------------------------------- real loopback sockets

@@ -361,6 +361,8 @@ class PlannedChange(Model):
     before: dict[str, Any]
     after: dict[str, Any]
     precondition: dict[str, Any]
+    note: str | None = Field(default=None, description="why the change differs from its template (e.g. made on the "
+                                                       "disk, not its VM, which holds an exempt or waived disk)")
 
 
 class ManualItem(Model):

@@ -35,7 +35,7 @@ from auditor.domain.alerts import Delivery
 from auditor.domain.listings import ALL_STATUSES, FindingQuery, decode_cursor
 from auditor.domain.periods import parse_instant
 from auditor.domain.remediation import PlanFilter
-from auditor.errors import ConfigError, LeaseHeldError
+from auditor.errors import ConfigError, LeaseHeldError, PlanFilterError, UnknownDiskError
 from auditor.service import queries
 from auditor.service.compliance import read_period_report
 from auditor.service.remediation import make_plan
@@ -225,7 +225,9 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
 
     @router.get("/plan", response_model=RemediationPlan, summary="Remediation plan (read-only)",
                 responses={409: {"model": ErrorDetail, "description": "[remediation] is not enabled, or a template "
-                                                                      "would itself be a finding."}})
+                                                                      "would itself be a finding."},
+                           404: {"model": ErrorDetail, "description": "`disk_id` names a disk the auditor does not "
+                                                                      "know."}})
     async def plan(
         tier: Annotated[str | None, Query(description="Only disks of this `[[tiers]]` entry.", max_length=64,
                                           pattern=TIER_PATTERN)] = None,
@@ -234,10 +236,16 @@ def api_router(deps: ApiDeps, *, is_guarded: bool) -> APIRouter:
                                              pattern=ID_PATTERN)] = None,
     ) -> JSONResponse:
         """The same JSON as `auditor plan --format json`: what `auditor apply` would change (nothing is applied over
-        HTTP)."""
+        HTTP). A tier no `[[tiers]]` entry names is 422, as an unknown rule is; a disk the auditor does not know is
+        404, as on /api/v1/disks/{disk_id}."""
         only = PlanFilter(tier=tier, rule=rule.value if rule is not None else None, disk=disk_id)
         try:
             document = await make_plan(deps.services, only=only)
+        except PlanFilterError as exc:
+            raise RequestValidationError([{"type": "value_error", "loc": ("query", exc.option), "msg": str(exc),
+                                           "input": getattr(only, exc.option)}]) from None
+        except UnknownDiskError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=404)
         except ConfigError as exc:
             return JSONResponse({"detail": "; ".join(exc.problems)}, status_code=409)
         return JSONResponse(document)

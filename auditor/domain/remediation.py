@@ -24,6 +24,7 @@ from auditor.vocabulary import (
     DISK_NOT_FOUND,
     INTERVAL_TOO_INFREQUENT,
     NO_BACKUP_DATA,
+    OBSERVED_INTERVAL_LIMIT,
     OBSERVED_INTERVAL_TOO_LONG,
     RETENTION_BELOW_MINIMUM,
     RETENTION_WINDOW_TOO_SHORT,
@@ -32,6 +33,7 @@ from auditor.vocabulary import (
     ChangeKind,
     FindingStatus,
     Interval,
+    format_duration,
     format_instant,
 )
 
@@ -83,23 +85,57 @@ def _settings(retention: int, interval: Interval) -> BackupPolicy:
     return BackupPolicy("template", retention, TargetType.DISK, "template", Schedule(interval, None))
 
 
-def violations(retention: int, interval: Interval, applied: Applied, *, now: datetime) -> list[str]:
-    """Returns the ids of the setting rules a policy with this retention and interval breaks under `applied`
-    (the same checks the audit runs; disabled rules excepted)."""
+# The rules that hold a policy to `max_interval`: a schedule running every `frequency` intervals is judged by its
+# cadence (interval × frequency), which the observed runs show; the first enabled one is named.
+CADENCE_RULES = (OBSERVED_INTERVAL_TOO_LONG, INTERVAL_TOO_INFREQUENT)
+
+
+def cadence(interval: Interval, frequency: int) -> timedelta:
+    """Returns the time between two backups of a schedule that runs every `frequency` `interval`s."""
+    return interval.length * frequency
+
+
+def cadence_violation(interval: Interval, frequency: int, applied: Applied) -> str | None:
+    """Returns the rule a schedule of `interval` × `frequency` breaks under `applied` — its backups further apart
+    than `max_interval` allows (the limit `observed-interval-too-long` judges observed runs by, before
+    `stale_grace`) — or None. Disabled rules excepted."""
+    limit = OBSERVED_INTERVAL_LIMIT[applied.params.max_interval]
+    if cadence(interval, frequency) <= limit:
+        return None
+    return next((rule for rule in CADENCE_RULES if rule not in applied.disabled), None)
+
+
+def violations(retention: int, interval: Interval, applied: Applied, *, now: datetime,
+               frequency: int = 1) -> list[str]:
+    """Returns the ids of the rules a policy with this retention and schedule (every `frequency` `interval`s)
+    breaks under `applied` (the same checks the audit runs, and its cadence against `max_interval`; disabled rules
+    excepted)."""
     out = []
     for rule_id in SETTING_RULES:
         check = RULES[rule_id].check
         if rule_id not in applied.disabled and check is not None and check(
                 _settings(retention, interval), applied.params, now) is not None:
             out.append(rule_id)
+    slow = cadence_violation(interval, frequency, applied)
+    if slow is not None and slow not in out:
+        out.append(slow)
     return out
 
 
 def template_problems(template: Template, applied: Applied, *, now: datetime) -> list[str]:
     """Returns why a template would itself be a finding under `applied` (empty: it is not)."""
     broken = violations(template.retention, template.interval, applied, now=now)
-    return [f"a policy of retention {template.retention} {template.interval.value} would break {rule}"
-            for rule in broken]
+    out = [f"a policy of retention {template.retention} {template.interval.value} would break {rule}"
+           for rule in broken]
+    slow = cadence_violation(template.interval, template.frequency, applied)
+    if slow is not None and slow not in broken:
+        every = cadence(template.interval, template.frequency)
+        limit = OBSERVED_INTERVAL_LIMIT[applied.params.max_interval]
+        out.append(f"interval {template.interval.value} × frequency {template.frequency} backs up every "
+                   f"{format_duration(every, style='alert')}, further apart than max_interval "
+                   f"{applied.params.max_interval.value} allows ({format_duration(limit, style='alert')}): a policy "
+                   f"made from it would break {slow}")
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +155,24 @@ class DiskState:
     def waived(self) -> bool:
         """Returns whether any finding against the disk is waived."""
         return any(f.status is FindingStatus.WAIVED for f in self.findings)
+
+    @property
+    def left_alone(self) -> str | None:
+        """Returns why no change may touch the disk ("exempt", "waived"), or None."""
+        return "exempt" if self.exempt else "waived" if self.waived else None
+
+
+def left_alone(states: Iterable[DiskState]) -> list[str]:
+    """Returns "disk_x (exempt)" or "disk_x (waived)" for each disk a change must not touch, in disk order."""
+    return [f"{s.disk.id} ({s.left_alone})" for s in sorted(states, key=lambda s: s.disk.id)
+            if s.left_alone is not None]
+
+
+def on_vm(states: Iterable[DiskState], vm_id: str) -> list[DiskState]:
+    """Returns the disks a policy on VM `vm_id` covers, as the store knows them: those assigned to the VM, and those
+    whose current policies include one on it."""
+    return [s for s in states if s.disk.vm_id == vm_id
+            or any(p.target_type == TargetType.VIRTUAL_MACHINE and p.target_id == vm_id for p in s.policies)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,12 +206,13 @@ class Change:
     before: dict[str, Any]
     after: dict[str, Any]
     precondition: dict[str, Any]
+    note: str | None = None  # why the change differs from what the template says (e.g. on the disk, not its VM)
 
     def as_dict(self) -> dict[str, Any]:
         """Returns the change as the plan's JSON."""
         return {"id": self.id, "kind": self.kind.value, "disk_id": self.disk_id, "disks": list(self.disks),
                 "tier": self.tier, "fixes": list(self.fixes), "rules": list(self.rules), "request": self.request,
-                "before": self.before, "after": self.after, "precondition": self.precondition}
+                "before": self.before, "after": self.after, "precondition": self.precondition, "note": self.note}
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +258,10 @@ def build_plan(states: Sequence[DiskState], *, templates: Mapping[str | None, Te
 
     `templates` maps a tier name (None: the defaults) to its template; `applied` a disk id to the rules it is
     judged by (a change must leave the policy breaking none of the setting rules).
+
+    A policy on a VM covers every disk of the VM: no change creates or patches one while the VM holds an exempt
+    disk or one with a waived finding. Such a patch is manual (naming those disks); such a create is made on the
+    disk itself instead, the change's `note` saying why.
     """
     changes: list[Change] = []
     manual: list[Manual] = []
@@ -211,6 +270,9 @@ def build_plan(states: Sequence[DiskState], *, templates: Mapping[str | None, Te
     vm_creates: dict[str, int] = {}
     patches: dict[str, int] = {}
     covered_vms = {p.target_id for s in states for p in s.policies if p.target_type == TargetType.VIRTUAL_MACHINE}
+
+    def blocked(vm_id: str) -> list[str]:
+        return left_alone(on_vm(states, vm_id))
     for state in sorted(states, key=lambda s: s.disk.id):
         open_findings = [f for f in state.findings if f.status is FindingStatus.OPEN and only.admits(state, f)]
         if not open_findings:
@@ -237,7 +299,8 @@ def build_plan(states: Sequence[DiskState], *, templates: Mapping[str | None, Te
                 at = vm_creates[vm_id]
                 prior = changes[at]
                 made = prior.after["policies"][0]
-                if broken := violations(made["retention"], Interval(made["interval"]), rules, now=now):
+                if broken := violations(made["retention"], Interval(made["interval"]), rules, now=now,
+                                        frequency=made["frequency"]):
                     manual += [_manual(f, f"the policy planned for VM {vm_id} would break {', '.join(broken)} "
                                           "for this disk: create its policy by hand") for f in unprotected]
                     continue
@@ -248,12 +311,16 @@ def build_plan(states: Sequence[DiskState], *, templates: Mapping[str | None, Te
             elif template.target == "vm" and vm_id and vm_id in covered_vms:
                 manual += [_manual(f, f"a policy already targets VM {vm_id}: the disk's reading is out of date; "
                                       "audit again") for f in unprotected]
-            elif broken := violations(template.retention, template.interval, rules, now=now):
+            elif broken := violations(template.retention, template.interval, rules, now=now,
+                                      frequency=template.frequency):
                 manual += [_manual(f, f"the template (retention {template.retention}, {template.interval.value}) "
                                       f"would break {', '.join(broken)} for this disk: create its policy by hand")
                            for f in unprotected]
             else:
-                change = _create(state, template, unprotected)
+                kept_off = blocked(vm_id) if template.target == "vm" and vm_id else []
+                note = (f"the template says target = \"vm\", but VM {vm_id} also holds {', '.join(kept_off)}, "
+                        "which no change may touch: the policy is created on the disk itself" if kept_off else None)
+                change = _create(state, template, unprotected, on_disk=bool(kept_off), note=note)
                 if change.request["path"] == CREATE_ON_VM and vm_id:
                     vm_creates[vm_id] = len(changes)
                 changes.append(change)
@@ -275,13 +342,21 @@ def build_plan(states: Sequence[DiskState], *, templates: Mapping[str | None, Te
                 manual += [_manual(f, f"policy {policy_id} is not among the disk's current policies: audit again")
                            for f in found]
                 continue
+            if policy.target_type == TargetType.VIRTUAL_MACHINE and (kept_off := blocked(policy.target_id)):
+                manual += [_manual(f, f"policy {policy_id} is on VM {policy.target_id}, which also holds "
+                                      f"{', '.join(kept_off)}: changing it would change their backups too, and no "
+                                      "change may touch them; fix it by hand (e.g. a policy on this disk)")
+                           for f in found]
+                continue
             if policy_id in patches:
                 # Another disk's change already patches this (shared) policy: it fixes this disk's findings too,
                 # provided the result breaks none of this disk's rules.
                 at = patches[policy_id]
                 prior = changes[at]
                 after = prior.after
-                if broken := violations(after["retention"], Interval(after["interval"]), rules, now=now):
+                schedule = prior.request["body"]["properties"].get("schedule", {})
+                if broken := violations(after["retention"], Interval(after["interval"]), rules, now=now,
+                                        frequency=schedule.get("frequency", 1)):
                     manual += [_manual(f, f"the change planned for policy {policy_id} would still break "
                                           f"{', '.join(broken)} for this disk") for f in found]
                 else:
@@ -299,11 +374,12 @@ def build_plan(states: Sequence[DiskState], *, templates: Mapping[str | None, Te
     return Plan(tuple(changes), tuple(manual))
 
 
-def _create(state: DiskState, template: Template, fixes: Sequence[TrackedFinding]) -> Change:
+def _create(state: DiskState, template: Template, fixes: Sequence[TrackedFinding], *, on_disk: bool = False,
+            note: str | None = None) -> Change:
     disk = state.disk
-    on_vm = template.target == "vm" and disk.vm_id is not None
+    vm_target = template.target == "vm" and disk.vm_id is not None and not on_disk
     properties = {"retention": template.retention, "schedule": template.schedule()}
-    if on_vm:
+    if vm_target:
         assert disk.vm_id is not None
         target = {"type": TargetType.VIRTUAL_MACHINE.value, "id": disk.vm_id}
         request = {"method": "POST", "path": CREATE_ON_VM,
@@ -319,6 +395,7 @@ def _create(state: DiskState, template: Template, fixes: Sequence[TrackedFinding
         after={"policies": [{"target": target, "retention": template.retention, **template.schedule()}]},
         # The facts the create relies on: nothing targets the disk or its VM (a policy on the VM covers the disk).
         precondition={"kind": "no-policy", "disks": [disk.id], "vm_id": disk.vm_id},
+        note=note,
     )
 
 
@@ -340,7 +417,10 @@ def _patch(state: DiskState, policy: PolicyStateRecord, found: Sequence[TrackedF
     if not properties:
         return (f"the template (retention {template.retention}, {template.interval.value}) would not improve "
                 f"policy {policy.policy_id} (retention {policy.retention}, {policy.interval}); never lowered")
-    still = violations(retention, interval, rules, now=now)
+    # A retention-only PATCH keeps the policy's frequency, which the lists do not send (README "A listed
+    # DiskBackupPolicy"): only a schedule this change sets is judged by its cadence.
+    frequency = template.frequency if "schedule" in properties else 1
+    still = violations(retention, interval, rules, now=now, frequency=frequency)
     if still:
         return (f"changing policy {policy.policy_id} to retention {retention} {interval.value} would still break "
                 f"{', '.join(still)}: fix it by hand or raise the template")
@@ -371,13 +451,21 @@ def content_hash(document: Mapping[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical(body)).hexdigest()
 
 
+def summary_of(changes: Sequence[Mapping[str, Any]], manual: Sequence[Any]) -> dict[str, Any]:
+    """Returns a plan's summary as computed from its changes and manual items (never read from a file: an edited
+    plan could say anything there)."""
+    by_kind: dict[str, int] = {}
+    for c in changes:
+        by_kind[str(c["kind"])] = by_kind.get(str(c["kind"]), 0) + 1
+    return {"changes": len(changes), "manual": len(manual), "by_kind": by_kind}
+
+
 def plan_document(plan: Plan, *, version: str, created_at: datetime, ttl: timedelta, only: PlanFilter,
                   templates: Mapping[str | None, Template]) -> dict[str, Any]:
     """Returns the plan as its JSON document, hash included (times to the second)."""
     created_at = created_at.replace(microsecond=0)
-    by_kind: dict[str, int] = {}
-    for c in plan.changes:
-        by_kind[c.kind.value] = by_kind.get(c.kind.value, 0) + 1
+    changes = [c.as_dict() for c in plan.changes]
+    manual = [m.as_dict() for m in plan.manual]
     doc: dict[str, Any] = {
         "format": PLAN_FORMAT,
         "format_version": PLAN_VERSION,
@@ -386,9 +474,9 @@ def plan_document(plan: Plan, *, version: str, created_at: datetime, ttl: timede
         "expires_at": format_instant(created_at + ttl),
         "filters": {"tier": only.tier, "rule": only.rule, "disk": only.disk},
         "templates": {name or "": t.as_dict() for name, t in sorted(templates.items(), key=lambda i: i[0] or "")},
-        "summary": {"changes": len(plan.changes), "manual": len(plan.manual), "by_kind": by_kind},
-        "changes": [c.as_dict() for c in plan.changes],
-        "manual": [m.as_dict() for m in plan.manual],
+        "summary": summary_of(changes, manual),
+        "changes": changes,
+        "manual": manual,
     }
     doc["hash"] = content_hash(doc)
     return doc

@@ -29,6 +29,7 @@ from auditor.errors import (
 )
 from auditor.katapult import wire
 from auditor.katapult.pacing import RateLimiter
+from auditor.log import Redactor
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +178,9 @@ class KatapultClient:
             raise ValueError("max_response_bytes must be positive")
         self._base_url = base_url.rstrip("/")
         self._token = _Secret(token)
+        # What blanks the token out of whatever Katapult (or a proxy) echoes back: errors raised here, and what the
+        # callers record of an answer (`auditor apply` joins the read and write clients' redactors).
+        self.redactor = Redactor((token,), mask=_REDACTED)
         self._per_page = per_page
         self._timeout = timeout
         self._max_attempts = max_attempts
@@ -490,7 +494,7 @@ class KatapultClient:
                 kind = "connection_error" if isinstance(exc, httpx.NetworkError) else "transport_error"
                 self._count_failure(kind, endpoint, target, begin)
                 raise KatapultTransportError(
-                    self._redact(f"{method} {endpoint} for {target}: {type(exc).__name__}: {exc}"),
+                    self.redactor.text(f"{method} {endpoint} for {target}: {type(exc).__name__}: {exc}"),
                     kind=kind,
                     target=target,
                     endpoint=endpoint,
@@ -528,7 +532,7 @@ class KatapultClient:
             endpoint=endpoint,
             target=target,
             retry_after=retry_after,
-            redact=self._redact,
+            redact=self.redactor.text,
             method=method,
         )
         self._redact_error(error)
@@ -598,16 +602,14 @@ class KatapultClient:
         self.stats.count(kind)
         logger.debug("GET %s for %s -> %s after %.3fs", endpoint, target, kind, time.monotonic() - begin)
 
-    def _redact(self, text: str) -> str:
-        """Returns `text` with the token blanked out, in case a server or library echoed it."""
-        token = self._token.reveal()
-        return text.replace(token, _REDACTED) if token in text else text
-
     def _redact_error(self, error: KatapultAPIError) -> None:
+        """Blanks the token in everything the error carries from the server: message, description and detail."""
         message = str(error)
-        clean = self._redact(message)
+        clean = self.redactor.text(message)
         if clean != message:
             error.args = (clean,)
+        error.description = self.redactor.text(error.description)
+        error.detail = self.redactor.json(error.detail)
 
 
 def _int_header(response: httpx.Response, name: str) -> int | None:

@@ -602,6 +602,7 @@ def api_error(
             code=body.code,
             status_code=status_code,
             detail=body.detail,
+            description=description,
             target=target,
             endpoint=endpoint,
             retry_after=retry_after,
@@ -612,11 +613,13 @@ def api_error(
             code=body.code,
             status_code=status_code,
             detail=body.detail,
+            description=description,
             target=target,
             endpoint=endpoint,
             retry_after=retry_after,
         )
-    return cls(message, code=body.code, status_code=status_code, detail=body.detail, target=target, endpoint=endpoint)
+    return cls(message, code=body.code, status_code=status_code, detail=body.detail, description=description,
+               target=target, endpoint=endpoint)
 
 
 def _error_class(status_code: int, code: str) -> type[KatapultAPIError]:

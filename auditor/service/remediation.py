@@ -15,19 +15,23 @@ import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from auditor import __version__
 from auditor.config import Settings
-from auditor.domain.models import BackupPolicy
+from auditor.domain.models import BackupPolicy, TargetType
+from auditor.domain.periods import parse_instant
 from auditor.domain.remediation import (
+    CREATE_ON_VM,
     PLAN_FORMAT,
+    PLAN_VERSION,
     DiskState,
     PlanFilter,
     build_plan,
     check_precondition,
     content_hash,
+    left_alone,
     plan_document,
     request_of,
     weakens,
@@ -42,17 +46,23 @@ from auditor.errors import (
     KatapultTransportError,
     NotFoundError,
     PlanError,
+    PlanFilterError,
     UnavailableError,
+    UnknownDiskError,
 )
 from auditor.katapult import KatapultClient
+from auditor.log import Redactor
 from auditor.service.configuration import template_problems, templates_from
 from auditor.service.cycle import AuditOutcome, run_cycle
 from auditor.service.services import Services
 from auditor.store import queries, writes
-from auditor.vocabulary import FindingStatus, RemediationStatus
+from auditor.vocabulary import RULE_IDS, FindingStatus, RemediationStatus, format_duration, format_instant
 
 log = logging.getLogger(__name__)
 
+# How far ahead of this clock a plan's created_at may be (the planning host's clock may run a little fast); further
+# ahead, the plan is refused: its expiry counts from created_at, so a future one would stretch plan_ttl.
+PLAN_CLOCK_SKEW = timedelta(minutes=5)
 ENABLE_HINT = ("remediation is not enabled: set enabled = true in [remediation] (env "
                "AUDITOR_REMEDIATION__ENABLED=true), review the templates `auditor check-config` prints, then plan")
 
@@ -85,11 +95,27 @@ def _states(services: Services, inputs: queries.PlanInputs) -> list[DiskState]:
             for disk_id, disk in inputs.disks.items()]
 
 
+def check_filter(settings: Settings, only: PlanFilter) -> None:
+    """Raises PlanFilterError for a tier no [[tiers]] entry names or a rule id no rule has (the disk is checked
+    against the database by `make_plan`)."""
+    names = [t.name for t in settings.tiers]
+    if only.tier is not None and only.tier not in names:
+        raise PlanFilterError("tier", f"no tier named {only.tier!r} (tiers: {', '.join(names) or 'none'})")
+    if only.rule is not None and only.rule not in RULE_IDS:
+        raise PlanFilterError("rule", f"unknown rule id {only.rule!r}; known: {', '.join(RULE_IDS)}")
+
+
 async def make_plan(services: Services, *, only: PlanFilter | None = None) -> dict[str, Any]:
-    """Returns the remediation plan of the stored findings as its JSON document (no Katapult call, no write)."""
+    """Returns the remediation plan of the stored findings as its JSON document (no Katapult call, no write).
+
+    Raises PlanFilterError for an unknown tier or rule and UnknownDiskError for a disk the auditor has never seen.
+    """
     only = only or PlanFilter()
+    check_filter(services.settings, only)
     check_enabled(services)
     now = services.clock()
+    if only.disk is not None and not await services.store.read(queries.disk_known, only.disk):
+        raise UnknownDiskError(only.disk)
     inputs = await services.store.read(queries.plan_inputs)
     states = _states(services, inputs)
     templates = templates_from(services.settings)
@@ -99,27 +125,66 @@ async def make_plan(services: Services, *, only: PlanFilter | None = None) -> di
                          only=only, templates=templates)
 
 
-def verify_plan(document: Any, *, now: datetime) -> None:
-    """Raises PlanError unless `document` is a plan of this format, unexpired and unedited (its hash matches and
-    every request is the one its change allows)."""
+def verify_plan(document: Any, *, now: datetime, ttl: timedelta) -> None:
+    """Raises PlanError unless `document` is a plan of this format and version, made no later than now (within
+    PLAN_CLOCK_SKEW), unexpired and unedited (its hash matches and every request is the one its change allows).
+
+    The hash is not keyed, so whoever can edit the file can rehash it: the plan's word is not taken for how long it
+    lasts. It expires at its `expires_at` or `created_at` + `ttl` (this configuration's remediation.plan_ttl),
+    whichever comes first.
+    """
     if not isinstance(document, dict) or document.get("format") != PLAN_FORMAT:
         raise PlanError(f"not a remediation plan (no \"format\": \"{PLAN_FORMAT}\"); make one with `auditor plan "
                         "--out FILE`")
+    version = document.get("format_version")
+    if type(version) is not int or version != PLAN_VERSION:
+        raise PlanError(f"format_version {repr(version)[:20]} is not one this auditor applies ({PLAN_VERSION}): "
+                        "make a new plan with `auditor plan --out FILE`")
     if document.get("hash") != content_hash(document):
         raise PlanError("the plan was edited after it was made (its hash does not match its content): make a new "
                         "one with `auditor plan --out FILE`")
     try:
-        expires = datetime.fromisoformat(str(document["expires_at"]).replace("Z", "+00:00"))
+        created = parse_instant(str(document["created_at"]))
+        expires = min(parse_instant(str(document["expires_at"])), created + ttl)
         changes = document["changes"]
+        _require_list(changes, "changes", _CHANGE_KEYS)
+        _require_list(document["manual"], "manual", _MANUAL_KEYS)
         for change in changes:
+            if not all(isinstance(change[k], list) for k in ("disks", "fixes")) or not change["disks"]:
+                raise TypeError(f"change {str(change['id'])[:40]!r}: disks and fixes must be lists, disks not empty")
+            if not all(isinstance(change[k], dict) for k in ("before", "after", "precondition")):
+                raise TypeError(f"change {str(change['id'])[:40]!r}: before, after and precondition must be objects")
             if request_of(change) != change["request"]:
                 raise PlanError(f"change {change.get('id')}: its request is not the one its kind and target allow")
     except PlanError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
         raise PlanError(f"the plan is malformed ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if created > now + PLAN_CLOCK_SKEW:
+        raise PlanError(f"the plan says it was made at {format_instant(created)}, after now "
+                        f"({format_instant(now)}, {format_duration(PLAN_CLOCK_SKEW)} of clock skew allowed): "
+                        "make a new one")
     if now >= expires:
-        raise PlanError(f"the plan expired at {document['expires_at']} (remediation.plan_ttl): make a new one")
+        raise PlanError(f"the plan expired at {format_instant(expires)} (created_at + remediation.plan_ttl "
+                        f"{format_duration(ttl)}, or its expires_at if sooner): make a new one")
+
+
+# What apply and its output read of each change and manual item (a plan's own JSON: `Change.as_dict`,
+# `Manual.as_dict`).
+_CHANGE_KEYS = ("id", "kind", "disk_id", "disks", "fixes", "request", "before", "after", "precondition")
+_MANUAL_KEYS = ("fingerprint", "rule", "disk_id", "policy_id", "reason")
+
+
+def _require_list(items: Any, name: str, keys: Sequence[str]) -> None:
+    """Raises TypeError or KeyError unless `items` is a list of objects that have every key of `keys`."""
+    if not isinstance(items, list):
+        raise TypeError(f"{name} must be a list")
+    for item in items:
+        if not isinstance(item, dict):
+            raise TypeError(f"every item of {name} must be an object")
+        missing = [k for k in keys if k not in item]
+        if missing:
+            raise KeyError(f"{name}: an item has no {', '.join(missing)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,11 +271,14 @@ async def apply_plan(services: Services, *, document: dict[str, Any], writer: Ka
     each outcome recorded; at most remediation.max_changes writes; then a re-audit when anything was applied.
 
     When Katapult does not answer a re-read, nothing more is attempted (`unreachable` says why; the rest of the
-    changes are not attempted) and there is no re-audit.
+    changes are not attempted) and there is no re-audit. Whatever Katapult (or a proxy) answers is recorded and
+    returned with both tokens blanked (the read client's and the writer's redactors, as the read path blanks its
+    errors).
     """
     check_enabled(services)
     client = services.client
     assert client is not None, "apply needs the read client"
+    scrub = client.redactor | writer.redactor
     plan_hash = str(document["hash"])
     limit = services.settings.remediation.max_changes
     inputs = await services.store.read(queries.plan_inputs)
@@ -229,9 +297,9 @@ async def apply_plan(services: Services, *, document: dict[str, Any], writer: Ka
             continue
         try:
             result = await _apply_one(services, change, disks, states=states, client=client, writer=writer,
-                                      actor=actor, plan_hash=plan_hash)
+                                      actor=actor, plan_hash=plan_hash, scrub=scrub)
         except KatapultUnreachable as exc:
-            outcome.unreachable = str(exc)
+            outcome.unreachable = scrub.text(str(exc))
             outcome.results.append(ChangeResult(change, RemediationStatus.NOT_ATTEMPTED, "Katapult did not answer"))
             continue
         outcome.results.append(result)
@@ -248,16 +316,31 @@ async def apply_plan(services: Services, *, document: dict[str, Any], writer: Ka
     return outcome
 
 
+def _covered_by_target(change: dict[str, Any], policies: Sequence[BackupPolicy]) -> str | None:
+    """Returns the VM whose policy the change would create or patch (a policy on a VM covers all its disks), as
+    re-read: the policy's own target for a patch, not what the plan says of it."""
+    request = change["request"]
+    if request["method"] == "POST":
+        return str(request["body"]["virtual_machine"]["id"]) if request["path"] == CREATE_ON_VM else None
+    policy_id = change["precondition"]["policy_id"]
+    policy = next((p for p in policies if p.id == policy_id), None)
+    if policy is not None and policy.target_type is TargetType.VIRTUAL_MACHINE:
+        return policy.target_id
+    return None
+
+
 async def _apply_one(services: Services, change: dict[str, Any], disks: list[str], *, states: dict[str, DiskState],
-                     client: KatapultClient, writer: KatapultClient, actor: Actor, plan_hash: str) -> ChangeResult:
+                     client: KatapultClient, writer: KatapultClient, actor: Actor, plan_hash: str,
+                     scrub: Redactor) -> ChangeResult:
     store = services.store
     change_id = str(change["id"])
     dangling = [r.attempt_id for r in await store.read(queries.dangling_intents, change_id)]
 
     async def record(status: RemediationStatus, reason: str, **extra: Any) -> ChangeResult:
         now = services.clock()
-        rows = [_row(change, disk, attempt_id=uuid.uuid4().hex, plan_hash=plan_hash, actor=actor, now=now,
-                     status=status, reason=reason) for disk in disks]
+        reason = scrub.text(reason)
+        rows = [scrub.json(_row(change, disk, attempt_id=uuid.uuid4().hex, plan_hash=plan_hash, actor=actor,
+                                now=now, status=status, reason=reason)) for disk in disks]
         async with store.transaction() as tx:
             await tx.run(writes.record_intent, rows)
             await tx.run(writes.close_intents, dangling, reason=f"a later apply re-read Katapult: {reason}",
@@ -267,11 +350,13 @@ async def _apply_one(services: Services, change: dict[str, Any], disks: list[str
     # Never touch a disk that is now exempt or has a waived finding (the store as the last audit left it).
     for disk in disks:
         state = states.get(disk)
-        if state is not None and (state.exempt or state.waived):
-            why = "exempt" if state.exempt else "waived"
-            return await record(RemediationStatus.STALE, f"disk {disk} is now {why}: left alone")
+        if state is not None and state.left_alone is not None:
+            return await record(RemediationStatus.STALE, f"disk {disk} is now {state.left_alone}: left alone")
     try:
         policies, vm_id = await _covering(client, disks)
+        # A policy on a VM covers every disk of the VM: the VM's disks as Katapult lists them now.
+        vm = _covered_by_target(change, policies)
+        on_vm = list(await client.list_vm_disks(vm)) if vm is not None else []
     except (NotFoundError, InTrashError) as exc:
         return await record(RemediationStatus.STALE, f"the disk can no longer be read: {exc.code}")
     except (KatapultTransportError, UnavailableError) as exc:
@@ -284,11 +369,16 @@ async def _apply_one(services: Services, change: dict[str, Any], disks: list[str
     weaker = weakens(change, check.current)
     if weaker is not None:
         return await record(RemediationStatus.STALE, weaker)
+    kept_off = left_alone(states[d] for d in on_vm if d in states and d not in disks)
+    if kept_off:
+        return await record(RemediationStatus.STALE, f"VM {vm} now also holds {', '.join(kept_off)}, which no "
+                                                     "change may touch (a policy on the VM covers them): left "
+                                                     "alone; make a new plan")
     request = change["request"]
     now = services.clock()
     attempt_id = uuid.uuid4().hex
-    rows = [_row(change, disk, attempt_id=attempt_id, plan_hash=plan_hash, actor=actor, now=now,
-                 status=RemediationStatus.INTENT, reason=None) for disk in disks]
+    rows = [scrub.json(_row(change, disk, attempt_id=attempt_id, plan_hash=plan_hash, actor=actor, now=now,
+                            status=RemediationStatus.INTENT, reason=None)) for disk in disks]
     # The intent is committed before the write is sent: a crash after the write leaves a trace the next apply sees.
     async with store.transaction() as tx:
         await tx.run(writes.record_intent, rows)
@@ -299,21 +389,24 @@ async def _apply_one(services: Services, change: dict[str, Any], disks: list[str
         answer = await writer.write(request["method"], request["path"], request["body"], target=disks[0])
     except KatapultAPIError as exc:
         raw = exc.detail.get("errors")
-        errors = [e[:500] for e in raw if isinstance(e, str)] if isinstance(raw, list) else []
+        # Blanked before the cut, so no cut leaves part of a token behind.
+        errors = [scrub.text(e)[:500] for e in raw if isinstance(e, str)] if isinstance(raw, list) else []
+        reason = scrub.text(str(exc))
         values = {"status": RemediationStatus.REFUSED.value, "error_code": exc.code, "errors": errors,
-                  "response": {"status_code": exc.status_code, "error": {"code": exc.code, "detail": exc.detail}},
-                  "reason": str(exc)}
-        result = ChangeResult(change, RemediationStatus.REFUSED, str(exc), exc.code, errors, sent=True)
+                  "response": {"status_code": exc.status_code,
+                               "error": {"code": exc.code, "description": exc.description, "detail": exc.detail}},
+                  "reason": reason}
+        result = ChangeResult(change, RemediationStatus.REFUSED, reason, scrub.text(exc.code), errors, sent=True)
     except KatapultError as exc:
         reason = (f"no answer ({exc}): the write may or may not have been made; apply the plan again — the re-read "
                   "decides")
         values = {"status": RemediationStatus.FAILED.value, "error_code": exc.code, "reason": reason}
-        result = ChangeResult(change, RemediationStatus.FAILED, reason, exc.code, sent=True)
+        result = ChangeResult(change, RemediationStatus.FAILED, scrub.text(reason), exc.code, sent=True)
     else:
         values = {"status": RemediationStatus.APPLIED.value, "response": {"status_code": 200, "body": answer}}
         result = ChangeResult(change, RemediationStatus.APPLIED, sent=True)
     values["finished_at"] = services.clock()
-    await store.write(writes.record_outcome, attempt_id, values=values)
+    await store.write(writes.record_outcome, attempt_id, values=scrub.json(values))
     log.info("remediation %s %s on %s: %s", change_id, change["kind"], ", ".join(disks), result.status.value)
     return result
 

@@ -320,6 +320,12 @@ def load_disks(conn: Connection, *, targets_only: bool = False) -> dict[str, Dis
     return {r.id: disk_record(r) for r in conn.execute(q)}
 
 
+def disk_known(conn: Connection, disk_id: str) -> bool:
+    """Returns whether the auditor has stored the disk (the disks `auditor history` and GET /api/v1/disks/{id}
+    know)."""
+    return conn.execute(select(disks.c.id).where(disks.c.id == disk_id).limit(1)).first() is not None
+
+
 # The facts of a disk the cycle rewrites when they change (`writes`), its read model among them; the per-poll
 # timestamps are written apart.
 DISK_FACTS = ("name", "vm_id", "vm_fqdn", "source", "is_target", "outcome", "error_code", "error_message", "tier",
