@@ -374,6 +374,9 @@ class _RewriteTargets(httpx.AsyncBaseTransport):
     ({"target": {"id": "bucket_1"}}, "disk_backup_policies[0].target.target.id"),
     ({"kind": "Disk", "ref": "disk_1"}, "disk_backup_policies[0].target.id"),
     ({"type": "Volume", "value": {"id": "disk_1"}}, "disk_backup_policies[0].target.type"),
+    # A type its id's prefix contradicts: neither dropped (it would cover nothing) nor trusted.
+    ({"type": "VirtualMachine", "value": {"id": "disk_1"}}, "disk_backup_policies[0].target.value.id"),
+    ({"type": "Disk", "value": {"id": "vm_1"}}, "disk_backup_policies[0].target.value.id"),
 ])
 @pytest.mark.parametrize("mode", ["organization", "per-disk"])
 async def test_an_unknown_target_shape_is_malformed_never_no_target(db_url: str, target: Any, field: str,
@@ -394,6 +397,44 @@ async def test_an_unknown_target_shape_is_malformed_never_no_target(db_url: str,
         (error,) = rep["last_run"]["errors"]
         assert error["code"] == "malformed_response" and field in error["message"]
     assert rep["summary"]["compliant"] == 0 and rep["findings"] == []
+
+
+class _StrayVmPolicy(httpx.AsyncBaseTransport):
+    """Serves the fake, with one more policy in VM web's policy list: one targeting `target`."""
+
+    def __init__(self, fleet: Fleet, target: Any) -> None:
+        self.inner = httpx.ASGITransport(app=create_app(fleet))
+        self.target = target
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if not (request.url.path.endswith("/virtual_machines/virtual_machine/disk_backup_policies")
+                and request.url.params.get("virtual_machine[id]") == "vm_web"):
+            return response
+        body = json.loads(await response.aread())
+        body["disk_backup_policies"].append({"id": "dbp_stray", "retention": 1, "target": self.target,
+                                             "schedule": {"interval": "monthly", "next_invocation_at": soon(FAR)}})
+        return httpx.Response(response.status_code, json=body, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("target", [
+    {"type": "Disk", "value": {"id": "disk_web-data"}},  # a disk of the VM: its own policies come from its own list
+    {"type": "VirtualMachine", "value": {"id": "vm_db"}},
+])
+async def test_a_vm_policy_list_answering_about_another_object_leaves_its_disks_unknown(db_url: str,
+                                                                                       target: Any) -> None:
+    w, ids = vm_world()
+    settings = settings_for(db_url, disks=[ids[n] for n in ("sys", "data", "db_sys", "lone")])
+    async with open_services(settings, transport=_StrayVmPolicy(w.fleet, target), token=TOKEN) as rt:
+        r, rep = await cycle(rt)
+    assert r.status is RunStatus.PARTIAL
+    for name in ("sys", "data"):  # web's disks: web's list was not about web alone
+        item = disk_of(rep, ids[name])
+        assert item["status"] == "unknown" and item["error"]["code"] == "unexpected_object", name
+        assert "virtual machine vm_web" in item["error"]["message"] and "dbp_stray" in item["error"]["message"]
+    assert disk_of(rep, ids["db_sys"])["status"] == disk_of(rep, ids["lone"])["status"] == "compliant"
+    assert all("dbp_stray" not in d["policies"] for d in rep["disks"])
+    assert rep["findings"] == []  # nothing judged by it: neither the weak stray policy nor "no policy"
 
 
 # ---- every organization the token can see ---------------------------------------------------------------------
