@@ -252,3 +252,39 @@ async def test_a_dead_daemon_period_reports_no_data_never_compliant(db_url: str)
         files = await build_evidence(w.services, period=dead)
         assert b'"status_at_end": "compliant"' not in files["compliance.json"]
         assert b'"status_at_start": "no_data"' in files["compliance.json"]
+
+
+def observed_of(report: dict[str, Any], disk_id: str) -> tuple[Any, Any, Any]:
+    d = by_disk(report)[disk_id]
+    return d["last_invocation_at"], d["observed_since"], d["observed_rpo_seconds"]
+
+
+async def test_a_period_reports_the_runs_due_in_it_alone_and_later_state_changes_nothing(db_url: str) -> None:
+    async with world_for(db_url, "disks") as w:
+        for n in range(10):  # every 6 h to T0 + 2d 6h: the daily runs due at T0 + 1h, 1d 1h and 2d 1h are seen
+            await w.cycle_at(T0 + n * 6 * HOUR)
+        past = Period(T0 + 12 * HOUR, T0 + 2 * DAY)
+        before = await read_period_report(w.services, start=past.start, end=past.end)
+        Compliance.model_validate(before)
+        # One run due in it (T0 + 1d 1h), whose gap reaches back a day to the one before; since that run.
+        assert observed_of(before, DAILY) == ("2030-03-02T01:00:00Z", "2030-03-02T01:00:00Z", 86400)
+        # The seven-day policy's only run (T0 + 1h) is before the period: nothing of it is in the period.
+        assert observed_of(before, WEEKLY_STEP) == (None, None, None)
+        assert before["fleet"]["observed_rpo"] == {"disks": 2, "p50_seconds": 86400, "p95_seconds": 86400,
+                                                   "max_seconds": 86400}
+
+        # A period reaching past now (T0 + 2d 6h) that no run is due in: no run from before it.
+        ahead = await read_period_report(w.services, start=T0 + 2 * DAY + 3 * HOUR, end=w.wall.now + DAY)
+        for disk_id in POLICY:
+            assert observed_of(ahead, disk_id) == (None, None, None), disk_id
+        assert ahead["fleet"]["observed_rpo"]["disks"] == 0
+        assert compliance_csv(ahead).splitlines()[1].endswith(",,,")
+
+        # Later state — a policy gone (its schedule with it), more runs — leaves the past period's report as it was.
+        w.fleet.remove_policy(POLICY[DAILY])
+        await w.cycle_at(T0 + 3 * DAY + 6 * HOUR)
+        assert await w.services.store.read(queries.policy_schedules_of, [DAILY]) == {}
+        after = await read_period_report(w.services, start=past.start, end=past.end)
+        for disk_id in POLICY:
+            assert observed_of(after, disk_id) == observed_of(before, disk_id), disk_id
+        assert after["fleet"]["observed_rpo"] == before["fleet"]["observed_rpo"]

@@ -537,8 +537,14 @@ class ComplianceFleet(Model):
 
 
 class ComplianceDisk(Observed):
-    """One disk over the period."""
+    """One disk over the period; its observed runs are those due in the period alone."""
 
+    last_invocation_at: str | None = Field(description="the latest observed run due in the period; null: none")
+    observed_rpo_seconds: int | None = Field(
+        description="the longest gap ending in the period between consecutive observed runs (the first run's gap "
+                    "reaches back to the run before it), and from the last one to the period's end or now, whichever "
+                    "is earlier; null (never 0) when no run in the period has an observed run before it")
+    observed_since: str | None = Field(description="the first observed run due in the period; null: none")
     disk_id: str
     name: str | None
     compliance_pct: float | None = Field(description="compliant ÷ (compliant + noncompliant + unknown)")
