@@ -231,7 +231,9 @@ async def test_a_dead_daemon_period_reports_no_data_never_compliant(db_url: str)
         for period in (dead, ahead):
             report = await read_period_report(w.services, start=period.start, end=period.end)
             Compliance.model_validate(report)
-            assert report["coverage"]["coverage_pct"] == 0.0
+            # The dead stretch was measured and nothing covered it; the period ahead has no measured time at all.
+            assert report["coverage"]["coverage_pct"] == (0.0 if period is dead else None)
+            assert report["period"]["measured_seconds"] == (86400 if period is dead else 0)
             for d in report["disks"]:
                 assert (d["status_at_start"], d["status_at_end"]) == ("no_data", "no_data"), d
                 assert d["compliant_seconds"] == 0 and d["compliance_pct"] is None

@@ -482,6 +482,9 @@ class CompliancePeriod(Model):
     from_: str = Field(alias="from", description="start, included")
     to: str = Field(description="end, excluded")
     seconds: int
+    measured_to: str = Field(description="where the measured part ends: `to`, or now if earlier (never before "
+                                         "`from`); time after now has not happened and counts as nothing")
+    measured_seconds: int = Field(description="the measured part's length: what every share is taken of")
 
 
 class Gap(Model):
@@ -496,7 +499,7 @@ class Coverage(Model):
     """How much of the period was checked: cycles, covered time and the gaps."""
 
     interval_seconds: int = Field(description="audit.interval")
-    scheduled_cycles: int = Field(description="the period divided by audit.interval")
+    scheduled_cycles: int = Field(description="the measured period divided by audit.interval")
     completed_cycles: int = Field(description="complete and partial runs polled in the period")
     complete_cycles: int
     partial_cycles: int
@@ -512,7 +515,7 @@ class ComplianceDay(Model):
     """The fleet over one UTC day of the period (disk-seconds by verdict within the covered time)."""
 
     date: str
-    seconds: int = Field(description="the part of the day inside the period")
+    seconds: int = Field(description="the part of the day inside the measured period")
     coverage_pct: float | None
     compliance_pct: float | None
     compliant_seconds: int
