@@ -140,6 +140,14 @@ async def test_a_daily_policy_stepping_seven_days_opens_observed_interval_too_lo
         assert disks[WEEKLY_STEP]["observed_rpo_seconds"] == 7 * 86400
         assert report["summary"]["observed_rpo"] == {"disks": 3, "p50_seconds": 86400,
                                                      "p95_seconds": 7 * 86400, "max_seconds": 7 * 86400}
+        # The dashboard's overview shows all three.
+        deps = ApiDeps(services=w.services, trigger=_no_trigger, token=SecretStr("api-token"))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(deps)),
+                                     base_url="http://api") as api:
+            await api.post("/login", data={"token": "api-token"})
+            overview = (await api.get("/")).text
+        for label, shown in (("p50", "1d 0h"), ("p95", "7d 0h"), ("max", "7d 0h")):
+            assert f'<span data-metric="observed_rpo.{label}">{shown}</span>' in overview, label
 
         # Back to daily runs, the next one at T0 + 8d 1h (a reschedule, not a run): one good step is not enough,
         # two in a row resolve it.
@@ -213,7 +221,8 @@ async def test_the_disk_detail_api_and_page_show_the_observed_runs(db_url: str) 
             # The overview gives the fleet's: two disks have two observed runs a day apart (the weekly one has one).
             overview = await api.get("/")
             assert overview.status_code == 200
-            assert '<dd data-metric="observed_rpo">1d 0h / 1d 0h</dd>' in overview.text
+            for label in ("p50", "p95", "max"):
+                assert f'<span data-metric="observed_rpo.{label}">1d 0h</span>' in overview.text, label
 
 
 async def _no_trigger() -> str | None:
