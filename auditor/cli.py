@@ -618,13 +618,16 @@ def print_compliance(report: dict[str, Any], fmt: str) -> None:
 
 def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> None:
     """Prints the period report as rich tables (the least compliant disks only; json/csv list every disk)."""
-    from auditor.render.compliance import format_pct, worst_disks
+    from auditor.render.compliance import format_pct, measured_note, worst_disks
 
     duration = partial(format_duration, style="report")
     console = _out()
     p, c, f = report["period"], report["coverage"], report["fleet"]
     console.print(f"[bold]Compliance {escape(p['from'])} – {escape(p['to'])}[/bold] generated "
                   f"{escape(report['generated_at'])}")
+    note = measured_note(p)
+    if note:
+        console.print(note, markup=False)
     console.print(f"fleet time in compliance {format_pct(f['compliance_pct'])} over {f['disks']} disk(s); coverage "
                   f"{format_pct(c['coverage_pct'])}: {c['completed_cycles']} of {c['scheduled_cycles']} scheduled "
                   f"cycles completed ({c['partial_cycles']} partial, {c['failed_cycles']} failed), no data for "

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +219,109 @@ async def test_an_unreadable_vm_disk_list_leaves_its_vm_covered_disks_unknown(db
         assert disk_of(rep, ids["sys"])["status"] == "compliant"
 
 
+# ---- observed runs of a VM's policy: only the disks attached to it ------------------------------------------
+
+
+def runs_of(rt: Services, disk_id: str) -> Any:
+    return rt.store.read(queries.disk_invocations, disk_id)
+
+
+def epoch_iso(seconds: int) -> str:
+    return iso(datetime.fromtimestamp(seconds, tz=UTC))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["organization", "per-disk"])
+async def test_a_vm_policys_runs_are_observed_only_for_the_disks_known_attached(db_url: str, serve: Serve,
+                                                                                mode: str) -> None:
+    w, ids = vm_world()
+    # db gets a policy of its own too: db-sys, which has its own, is attached, but in organization mode its
+    # attachment is never read (it does not decide its coverage), so whether db's runs back it up is not known
+    # there; the disk lookup of the per-disk mode always says.
+    w.policy(w.fleet.vms[ids["db"]], "db", next_at=soon(FAR))
+    server = serve(w.fleet)
+    clock = Clock()
+    audited = {"orgs": [w.org.id]} if mode == "organization" else {
+        "disks": [ids[n] for n in ("sys", "data", "db_sys")]}
+    settings = settings_for(db_url, api_url=server.url, **audited)  # type: ignore[arg-type]
+    t0 = int(clock.now.timestamp())
+    runs = [t0 + 3600, t0 + 3600 + 86400]  # every policy's two runs, a day apart
+
+    def plan(next_at: int) -> None:
+        for pid in ("dbp_web", "dbp_db", "dbp_db-sys"):
+            w.fleet.update_policy(pid, next_invocation_at=next_at, total_size=5.0)
+
+    plan(runs[0])
+    async with auditor(settings, clock) as rt:
+        await cycle(rt)
+        for due in runs:
+            clock.now = datetime.fromtimestamp(due + 3600, tz=UTC)
+            plan(due + 86400)  # the run due at `due` happened: the next one is planned
+            r, rep = await cycle(rt)
+            assert r.status is RunStatus.COMPLETE, r.errors
+        sys_, data, db_sys = (disk_of(rep, ids[n]) for n in ("sys", "data", "db_sys"))
+        # The attached disk: both runs of web's policy, a day apart.
+        assert sys_["last_invocation_at"] == epoch_iso(runs[1]) and sys_["observed_rpo_seconds"] == 86400
+        assert sys_["observed_since"] is not None
+        assert [(i.policy_id, int(i.due_at.timestamp())) for i in await runs_of(rt, ids["sys"])] == [
+            ("dbp_web", runs[1]), ("dbp_web", runs[0])]
+        # The detached disk: web's runs back up its attached disks, not this one.
+        assert set(findings_of(rep, ids["data"])) == {(DETACHED, None)}
+        assert (data["last_invocation_at"], data["observed_since"], data["observed_rpo_seconds"]) == (None, None, None)
+        assert await runs_of(rt, ids["data"]) == []
+        assert await rt.store.read(queries.policy_schedules_of, [ids["data"]]) == {}
+        # Its own policy's runs always count; web's only where the disk is known to be attached.
+        counted = {"organization": {"dbp_db-sys"}, "per-disk": {"dbp_db-sys", "dbp_db"}}[mode]
+        assert {i.policy_id for i in await runs_of(rt, ids["db_sys"])} == counted
+        assert db_sys["attachment"] == (None if mode == "organization" else
+                                        {"state": "attached", "verified_at": iso(r.started_at)})
+        assert rep["summary"]["observed_rpo"]["disks"] == 2  # sys and db-sys: never the detached disk
+
+        # Attached again: web's next run is the disk's too (the run due before the poll that saw it attached is
+        # not: whether it was attached then is not known).
+        w.fleet.set_attachment(ids["data"], "attached")
+        clock.now += timedelta(days=1, seconds=1)  # past the attachment refresh: read again in organization mode
+        plan(runs[1] + 2 * 86400)
+        r, rep = await cycle(rt)
+        assert findings_of(rep, ids["data"]) == {} and await runs_of(rt, ids["data"]) == []
+        clock.now += timedelta(days=1)
+        plan(runs[1] + 3 * 86400)
+        r, rep = await cycle(rt)
+        assert [int(i.due_at.timestamp()) for i in await runs_of(rt, ids["data"])] == [runs[1] + 2 * 86400]
+        assert disk_of(rep, ids["data"])["last_invocation_at"] == epoch_iso(runs[1] + 2 * 86400)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["organization", "per-disk"])
+async def test_a_tier_that_disables_the_detached_rule_counts_a_vm_policys_runs_on_its_detached_disks(
+        db_url: str, serve: Serve, mode: str) -> None:
+    w, ids = vm_world()
+    old = w.disk("web-old", vm=w.fleet.vms[ids["web"]])  # detached too, but in no tier
+    w.fleet.set_attachment(old.id, "detached")
+    ids["old"] = old.id
+    w.fleet.set_annotations(ids["data"], {"backups": "detached-too"})
+    server = serve(w.fleet)
+    clock = Clock()
+    audited = {"orgs": [w.org.id]} if mode == "organization" else {"disks": [ids[n] for n in ("sys", "data", "old")]}
+    tier = {"name": "detached-ok", "match": {"disk_annotations": {"backups": "detached-too"}},
+            "disabled": [DETACHED]}
+    settings = with_tiers(settings_for(db_url, api_url=server.url, **audited), [tier])  # type: ignore[arg-type]
+    due = int(clock.now.timestamp()) + 3600
+    w.fleet.update_policy("dbp_web", next_invocation_at=due, total_size=5.0)
+    async with auditor(settings, clock) as rt:
+        await cycle(rt)
+        clock.now = datetime.fromtimestamp(due + 3600, tz=UTC)
+        w.fleet.update_policy("dbp_web", next_invocation_at=due + 86400)
+        r, rep = await cycle(rt)
+        assert r.status is RunStatus.COMPLETE, r.errors
+        assert disk_of(rep, ids["data"])["tier"] == "detached-ok"
+        assert findings_of(rep, ids["data"]) == {}  # covered by web's policy under its tier's rules...
+        assert disk_of(rep, ids["data"])["last_invocation_at"] == epoch_iso(due)  # ... and so is web's run
+        assert set(findings_of(rep, ids["old"])) == {(DETACHED, None)}
+        assert disk_of(rep, ids["old"])["last_invocation_at"] is None
+        assert [i.disk_id for i in await runs_of(rt, ids["old"])] == []
+
+
 # ---- both target shapes --------------------------------------------------------------------------------------
 
 
@@ -271,6 +374,9 @@ class _RewriteTargets(httpx.AsyncBaseTransport):
     ({"target": {"id": "bucket_1"}}, "disk_backup_policies[0].target.target.id"),
     ({"kind": "Disk", "ref": "disk_1"}, "disk_backup_policies[0].target.id"),
     ({"type": "Volume", "value": {"id": "disk_1"}}, "disk_backup_policies[0].target.type"),
+    # A type its id's prefix contradicts: neither dropped (it would cover nothing) nor trusted.
+    ({"type": "VirtualMachine", "value": {"id": "disk_1"}}, "disk_backup_policies[0].target.value.id"),
+    ({"type": "Disk", "value": {"id": "vm_1"}}, "disk_backup_policies[0].target.value.id"),
 ])
 @pytest.mark.parametrize("mode", ["organization", "per-disk"])
 async def test_an_unknown_target_shape_is_malformed_never_no_target(db_url: str, target: Any, field: str,
@@ -291,6 +397,44 @@ async def test_an_unknown_target_shape_is_malformed_never_no_target(db_url: str,
         (error,) = rep["last_run"]["errors"]
         assert error["code"] == "malformed_response" and field in error["message"]
     assert rep["summary"]["compliant"] == 0 and rep["findings"] == []
+
+
+class _StrayVmPolicy(httpx.AsyncBaseTransport):
+    """Serves the fake, with one more policy in VM web's policy list: one targeting `target`."""
+
+    def __init__(self, fleet: Fleet, target: Any) -> None:
+        self.inner = httpx.ASGITransport(app=create_app(fleet))
+        self.target = target
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if not (request.url.path.endswith("/virtual_machines/virtual_machine/disk_backup_policies")
+                and request.url.params.get("virtual_machine[id]") == "vm_web"):
+            return response
+        body = json.loads(await response.aread())
+        body["disk_backup_policies"].append({"id": "dbp_stray", "retention": 1, "target": self.target,
+                                             "schedule": {"interval": "monthly", "next_invocation_at": soon(FAR)}})
+        return httpx.Response(response.status_code, json=body, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("target", [
+    {"type": "Disk", "value": {"id": "disk_web-data"}},  # a disk of the VM: its own policies come from its own list
+    {"type": "VirtualMachine", "value": {"id": "vm_db"}},
+])
+async def test_a_vm_policy_list_answering_about_another_object_leaves_its_disks_unknown(db_url: str,
+                                                                                       target: Any) -> None:
+    w, ids = vm_world()
+    settings = settings_for(db_url, disks=[ids[n] for n in ("sys", "data", "db_sys", "lone")])
+    async with open_services(settings, transport=_StrayVmPolicy(w.fleet, target), token=TOKEN) as rt:
+        r, rep = await cycle(rt)
+    assert r.status is RunStatus.PARTIAL
+    for name in ("sys", "data"):  # web's disks: web's list was not about web alone
+        item = disk_of(rep, ids[name])
+        assert item["status"] == "unknown" and item["error"]["code"] == "unexpected_object", name
+        assert "virtual machine vm_web" in item["error"]["message"] and "dbp_stray" in item["error"]["message"]
+    assert disk_of(rep, ids["db_sys"])["status"] == disk_of(rep, ids["lone"])["status"] == "compliant"
+    assert all("dbp_stray" not in d["policies"] for d in rep["disks"])
+    assert rep["findings"] == []  # nothing judged by it: neither the weak stray policy nor "no policy"
 
 
 # ---- every organization the token can see ---------------------------------------------------------------------

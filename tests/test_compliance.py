@@ -2,8 +2,8 @@
 SQLite and PostgreSQL; the API route; the evidence export (byte-identical, verified by `sha256sum -c`); pruning;
 and the CLI (`report --since`, `evidence`) as subprocesses.
 
-The story (audit.interval 6h, period 2030-01-01 – 2030-01-04, runs every 6 hours):
-- D0 has no policy: its unprotected-disk finding is born waived (waiver until 2030-01-02), unwaived at 48h.
+The story (audit.interval 6h, period 2025-01-01 – 2025-01-04, runs every 6 hours):
+- D0 has no policy: its unprotected-disk finding is born waived (waiver until 2025-01-02), unwaived at 48h.
 - D1 is fine, except unreadable at the 54h run (partial run: unknown until 60h).
 - D2 is weakened (retention 3) before the 24h run and fixed before the 60h run: two findings open 36h each.
 - The 36h run fails (nothing readable) and 42h has no run at all: no data from 36h to 48h.
@@ -50,7 +50,7 @@ from auditor.store.tables import runs as Run
 
 KATAPULT = "http://fake/core/v1"
 TOKEN = "fake-token"
-T0 = datetime(2030, 1, 1, tzinfo=UTC)
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
 H = timedelta(hours=1)
 HOUR = 3600
 NEXT = int((T0 + timedelta(days=365)).timestamp())  # the policies' next run: never stale in this story
@@ -79,10 +79,10 @@ def settings_for(db_url: str, **extra: Any) -> Settings:
         "daemon": {"leader_ttl": "30s"},
         "waivers": [
             {"rule": "unprotected-disk", "disk": D0, "reason": "rebuild <script>alert(1)</script>",
-             "owner": "ops@example.com", "expires": "2030-01-02"},
+             "owner": "ops@example.com", "expires": "2025-01-02"},
             {"rule": "unprotected-disk", "disk": D1, "reason": "long gone", "owner": "old@example.com",
-             "expires": "2029-06-30"},
-            {"rule": "no-such-rule", "disk": D1, "reason": "typo", "owner": "x@example.com", "expires": "2031-01-01"},
+             "expires": "2024-06-30"},
+            {"rule": "no-such-rule", "disk": D1, "reason": "typo", "owner": "x@example.com", "expires": "2026-01-01"},
         ],
     }
     data.update(extra)
@@ -174,8 +174,9 @@ def by_id(items: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
 async def test_the_period_report_over_real_cycles(world: World) -> None:
     report = await compliance_report(world.services, PERIOD)
     Compliance.model_validate(report)
-    assert report["generated_at"] == "2030-01-04T08:00:00Z"  # the clock: this is not an evidence export
-    assert report["period"] == {"from": "2030-01-01T00:00:00Z", "to": "2030-01-04T00:00:00Z", "seconds": 72 * HOUR}
+    assert report["generated_at"] == "2025-01-04T08:00:00Z"  # the clock: this is not an evidence export
+    assert report["period"] == {"from": "2025-01-01T00:00:00Z", "to": "2025-01-04T00:00:00Z", "seconds": 72 * HOUR,
+                                "measured_to": "2025-01-04T00:00:00Z", "measured_seconds": 72 * HOUR}
 
     # Coverage: every run covers until the next one (6h); the failed 36h run covers nothing and ends the 30h
     # run's cover, and nothing ran at 42h: no data from 36h to 48h.
@@ -184,7 +185,7 @@ async def test_the_period_report_over_real_cycles(world: World) -> None:
         "interval_seconds": 6 * HOUR, "scheduled_cycles": 12, "completed_cycles": 10, "complete_cycles": 9,
         "partial_cycles": 1, "failed_cycles": 1, "completed_pct": 83.333, "covered_seconds": 60 * HOUR,
         "no_data_seconds": 12 * HOUR, "coverage_pct": 83.333,
-        "gaps": [{"from": "2030-01-02T12:00:00Z", "to": "2030-01-03T00:00:00Z", "seconds": 12 * HOUR}],
+        "gaps": [{"from": "2025-01-02T12:00:00Z", "to": "2025-01-03T00:00:00Z", "seconds": 12 * HOUR}],
     }
 
     # Per disk: covered time only; waived counts as compliant, unknown does not.
@@ -207,8 +208,8 @@ async def test_the_period_report_over_real_cycles(world: World) -> None:
             f["noncompliant_seconds"], f["unknown_seconds"]) == (3, 70.0, 126 * HOUR, 36 * HOUR, 48 * HOUR,
                                                                  6 * HOUR)
     days = [(d["date"], d["seconds"], d["coverage_pct"], d["compliance_pct"]) for d in f["by_day"]]
-    assert days == [("2030-01-01", 24 * HOUR, 100.0, 100.0), ("2030-01-02", 24 * HOUR, 50.0, 66.666),
-                    ("2030-01-03", 24 * HOUR, 100.0, 41.666)]
+    assert days == [("2025-01-01", 24 * HOUR, 100.0, 100.0), ("2025-01-02", 24 * HOUR, 50.0, 66.666),
+                    ("2025-01-03", 24 * HOUR, 100.0, 41.666)]
     assert sum(d["compliant_seconds"] for d in f["by_day"]) == f["compliant_seconds"]
 
     # Per rule: D2's two findings open 36h each; D0's, born waived, is open at the end, 72h old.
@@ -227,28 +228,71 @@ async def test_the_period_report_over_real_cycles(world: World) -> None:
     # The waivers in force: D0's (lapsed in the period), not D1's (expired before it) nor the malformed one.
     assert report["waivers"] == [{"rule": "unprotected-disk", "disk_id": D0, "policy_id": None,
                                   "reason": "rebuild <script>alert(1)</script>", "owner": "ops@example.com",
-                                  "expires": "2030-01-02", "in_force_until": "2030-01-03T00:00:00Z",
+                                  "expires": "2025-01-02", "in_force_until": "2025-01-03T00:00:00Z",
                                   "lapsed_in_period": True}]
 
 
 async def test_a_period_inside_a_day_and_one_before_any_run(world: World) -> None:
-    # 2030-01-03 06:00 – 09:00: D1 unknown the whole time (the 54h run could not read it).
+    # 2025-01-03 06:00 – 09:00: D1 unknown the whole time (the 54h run could not read it).
     report = await compliance_report(world.services, Period(T0 + 54 * H, T0 + 57 * H))
     disks = by_id(report["disks"], "disk_id")
     assert disks[D1]["compliance_pct"] == 0.0 and disks[D1]["unknown_seconds"] == 3 * HOUR
     assert report["coverage"]["coverage_pct"] == 100.0 and report["coverage"]["scheduled_cycles"] == 0
     assert report["coverage"]["completed_pct"] is None
-    assert [d["date"] for d in report["fleet"]["by_day"]] == ["2030-01-03"]
+    assert [d["date"] for d in report["fleet"]["by_day"]] == ["2025-01-03"]
     # Before the first run: nothing was checked, so nothing is compliant or not.
     empty = await compliance_report(world.services, Period(T0 - 48 * H, T0))
     assert empty["disks"] == [] and empty["fleet"]["compliance_pct"] is None
     assert empty["coverage"]["coverage_pct"] == 0.0
-    assert empty["coverage"]["gaps"] == [{"from": "2029-12-30T00:00:00Z", "to": "2030-01-01T00:00:00Z",
+    assert empty["coverage"]["gaps"] == [{"from": "2024-12-30T00:00:00Z", "to": "2025-01-01T00:00:00Z",
                                           "seconds": 48 * HOUR}]
     # A period ending after the last run: its cover lasts 2 × interval at most, then no data.
     late = await compliance_report(world.services, Period(T0 + 66 * H, T0 + 96 * H))
     assert late["coverage"]["covered_seconds"] == 12 * HOUR
-    assert late["coverage"]["gaps"][0]["from"] == "2030-01-04T06:00:00Z"
+    assert late["coverage"]["gaps"][0]["from"] == "2025-01-04T06:00:00Z"
+
+
+async def test_a_period_reaching_past_now_is_measured_to_now(world: World) -> None:
+    # Now is 70h, 4h after the last run (66h), whose cover would reach 78h: `--since 25m --until <now + 20m>`.
+    now = T0 + 70 * H
+    world.clock.now = now
+    period = Period(now - timedelta(minutes=25), now + timedelta(minutes=20))
+    report = await compliance_report(world.services, period)
+    Compliance.model_validate(report)
+    assert report["period"] == {"from": "2025-01-03T21:35:00Z", "to": "2025-01-03T22:20:00Z", "seconds": 45 * 60,
+                                "measured_to": "2025-01-03T22:00:00Z", "measured_seconds": 25 * 60}
+    c = report["coverage"]
+    # The 20 minutes to come are neither covered nor a gap: they have not happened.
+    assert (c["covered_seconds"], c["no_data_seconds"], c["coverage_pct"], c["gaps"]) == (25 * 60, 0, 100.0, [])
+    for d in report["disks"]:
+        judged = d["compliant_seconds"] + d["noncompliant_seconds"] + d["unknown_seconds"] + d["exempt_seconds"]
+        assert (judged, d["no_data_seconds"]) == (25 * 60, 0), d
+        assert d["status_at_end"] == d["status_at_start"] != "no_data"  # the status at now: a run covers it
+    assert by_id(report["disks"], "disk_id")[D1]["compliant_seconds"] == 25 * 60
+    assert [(d["date"], d["seconds"]) for d in report["fleet"]["by_day"]] == [("2025-01-03", 25 * 60)]
+    # D0's finding, open since 0h, is 70h old now: not as old as it will be at the period's end.
+    assert by_id(report["rules"], "rule")["unprotected-disk"]["oldest_open_age_seconds"] == 70 * HOUR
+    note = "Measured to 2025-01-03T22:00:00Z (now): the rest of the period has not happened yet"
+    assert note in compliance_markdown(report) and note in compliance_html(report)
+    assert "Measured to" not in compliance_markdown(await compliance_report(world.services, Period(T0, T0 + 48 * H)))
+
+    # Once now is past the last run's cover (78h), the end is no data, whatever the period's end says.
+    world.clock.now = T0 + 79 * H
+    later = await compliance_report(world.services, Period(T0 + 77 * H, T0 + 90 * H))
+    assert later["period"]["measured_seconds"] == 2 * HOUR
+    assert later["coverage"]["covered_seconds"] == HOUR and later["coverage"]["coverage_pct"] == 50.0
+    assert {d["status_at_start"] for d in later["disks"]} != {"no_data"}
+    assert {d["status_at_end"] for d in later["disks"]} == {"no_data"}
+
+    # A period wholly ahead measures nothing: no coverage share, no status, no day.
+    ahead = await compliance_report(world.services, Period(T0 + 80 * H, T0 + 90 * H))
+    assert ahead["period"]["measured_seconds"] == 0 and ahead["coverage"]["coverage_pct"] is None
+    assert ahead["coverage"]["covered_seconds"] == ahead["coverage"]["no_data_seconds"] == 0
+    assert ahead["fleet"]["by_day"] == [] and ahead["fleet"]["compliance_pct"] is None
+    assert {(d["status_at_start"], d["status_at_end"]) for d in ahead["disks"]} == {("no_data", "no_data")}
+    assert by_id(ahead["rules"], "rule")["unprotected-disk"]["open_at_end"] == 0
+    assert "The period lies ahead" in compliance_markdown(ahead) and "The period lies ahead" in compliance_html(ahead)
+    assert len(compliance_csv(ahead).splitlines()) == 1 + len(ahead["disks"])
 
 
 def test_csv_cells_a_spreadsheet_would_evaluate_stay_text() -> None:
@@ -267,8 +311,8 @@ async def test_renderings(world: World) -> None:
     assert [r["disk_id"] for r in rows] == sorted([D0, D1, D2])
     assert by_id(rows, "disk_id")[D1]["compliance_pct"] == "90.0"
     markdown = compliance_markdown(report)
-    assert markdown.startswith("# Backup-policy compliance 2030-01-01T00:00:00Z – 2030-01-04T00:00:00Z")
-    assert "| 2030-01-02T12:00:00Z | 2030-01-03T00:00:00Z | 12h 0m |" in markdown
+    assert markdown.startswith("# Backup-policy compliance 2025-01-01T00:00:00Z – 2025-01-04T00:00:00Z")
+    assert "| 2025-01-02T12:00:00Z | 2025-01-03T00:00:00Z | 12h 0m |" in markdown
     assert "| retention-below-minimum | 1 | 1 | 1d 12h | 1d 12h | 0 | – |" in markdown
     html = compliance_html(report)
     assert html.startswith("<!DOCTYPE html>") and "<svg" in html
@@ -293,30 +337,31 @@ async def _no_trigger() -> str | None:
 async def test_the_api_gives_the_same_document_and_refuses_bad_periods(world: World) -> None:
     app = create_app(deps_for(world))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as api:
-        response = await api.get("/api/v1/compliance", params={"from": "2030-01-01", "to": "2030-01-04T00:00:00Z"})
+        response = await api.get("/api/v1/compliance", params={"from": "2025-01-01", "to": "2025-01-04T00:00:00Z"})
         assert response.status_code == 200, response.text
         body = response.json()
         Compliance.model_validate(body)
         # Expired waivers come back from the waiver problems: D0's is in force during the period.
         assert body == await compliance_report(world.services, PERIOD)
         # Offsets are converted to UTC.
-        shifted = await api.get("/api/v1/compliance", params={"from": "2030-01-01T01:00:00+01:00",
-                                                              "to": "2030-01-04"})
+        shifted = await api.get("/api/v1/compliance", params={"from": "2025-01-01T01:00:00+01:00",
+                                                              "to": "2025-01-04"})
         assert shifted.json()["period"] == body["period"]
         # Default: the 30 days before now (the clock).
         default = (await api.get("/api/v1/compliance")).json()
-        assert default["period"] == {"from": "2029-12-05T08:00:00Z", "to": "2030-01-04T08:00:00Z",
-                                     "seconds": 30 * 86400}
-        assert (await api.get("/api/v1/compliance", params={"to": "2030-01-03"})).json()["period"]["from"] == \
-            "2029-12-04T00:00:00Z"
-        for params in ({"from": "2030-01-04", "to": "2030-01-01"}, {"from": "2030-01-01", "to": "2030-01-01"},
-                       {"from": "yesterday"}, {"to": "2030-13-01"}, {"from": ""}, {"from": "2028-01-01"},
+        assert default["period"] == {"from": "2024-12-05T08:00:00Z", "to": "2025-01-04T08:00:00Z",
+                                     "seconds": 30 * 86400, "measured_to": "2025-01-04T08:00:00Z",
+                                     "measured_seconds": 30 * 86400}
+        assert (await api.get("/api/v1/compliance", params={"to": "2025-01-03"})).json()["period"]["from"] == \
+            "2024-12-04T00:00:00Z"
+        for params in ({"from": "2025-01-04", "to": "2025-01-01"}, {"from": "2025-01-01", "to": "2025-01-01"},
+                       {"from": "yesterday"}, {"to": "2025-13-01"}, {"from": ""}, {"from": "2023-01-01"},
                        {"from": "2020-01-01", "to": "2021-02-05"}, {"from": "0001-01-01"}, {"to": "9999-12-31"},
-                       {"from": "x" * 65}, {"from": "2031-01-01"}):
+                       {"from": "x" * 65}, {"from": "2026-01-01"}):
             bad = await api.get("/api/v1/compliance", params=params)
             assert bad.status_code == 422, (params, bad.text)
             assert isinstance(bad.json()["detail"], list)
-        assert "longer than 400 days" in (await api.get("/api/v1/compliance", params={"from": "2028-01-01"})).text
+        assert "longer than 400 days" in (await api.get("/api/v1/compliance", params={"from": "2023-01-01"})).text
         assert "/api/v1/compliance" in (await api.get("/openapi.json")).json()["paths"]
 
 
@@ -362,7 +407,7 @@ async def test_evidence_is_byte_identical_verifies_and_holds_no_secret(db_url: s
         assert secret not in everything
 
     report = json.loads(first["compliance.json"])
-    assert report["generated_at"] == "2030-01-04T00:00:00Z"  # derived from the period, not the clock
+    assert report["generated_at"] == "2025-01-04T00:00:00Z"  # derived from the period, not the clock
     assert report["fleet"]["compliance_pct"] == 70.0
     (config,) = [c["config"] for c in json.loads(first["configs.json"])["configs"].values()]
     assert config["notifiers"][0]["url"] == "<redacted>" and config["heartbeat"]["url"] == "<redacted>"
@@ -376,9 +421,9 @@ async def test_evidence_is_byte_identical_verifies_and_holds_no_secret(db_url: s
     assert {r["id"] for r in rules["rules"]} >= {"unprotected-disk", "retention-below-minimum"}
     waivers = json.loads(first["waivers.json"])
     (w,) = waivers["waivers"]
-    assert (w["disk_id"], w["expires"], [e["kind"] for e in w["events"]]) == (D0, "2030-01-02",
+    assert (w["disk_id"], w["expires"], [e["kind"] for e in w["events"]]) == (D0, "2025-01-02",
                                                                                ["waived", "unwaived"])
-    assert w["events"][1]["at"] == "2030-01-03T00:00:00Z"
+    assert w["events"][1]["at"] == "2025-01-03T00:00:00Z"
     assert [(p["index"], p["problem"].split(" ")[0]) for p in waivers["not_in_force"]] == [(1, "expired"),
                                                                                           (2, "malformed:")]
     runs = json.loads(first["runs.json"])["runs"]
@@ -423,7 +468,7 @@ async def test_pruning_keeps_what_current_verdicts_and_later_periods_need(db_url
                              clock=clock) as services:
         await play(services, fleet, clock)
         late = Period(T0 + 60 * H, T0 + 72 * H)
-        before = await compliance_report(services, late, generated_at=T0)
+        before = await compliance_report(services, late, generated_at=T0 + 72 * H)
         runs_before = await count(services, Run)
 
         clock.now = T0 + 72 * H  # keep 1d: everything before 48h goes
@@ -432,7 +477,7 @@ async def test_pruning_keeps_what_current_verdicts_and_later_periods_need(db_url
         assert counts["disk_states"] > 0 and counts["policy_states"] >= 1 and counts["drift_events"] >= 1
         assert await count(services, Run) == runs_before - 7
         # A period after the cut reads the same; the current report is untouched.
-        assert await compliance_report(services, late, generated_at=T0) == before
+        assert await compliance_report(services, late, generated_at=T0 + 72 * H) == before
         # D0's open finding keeps its whole episode (born waived at 0h): its age is still known.
         rules = by_id(before["rules"], "rule")
         assert rules["unprotected-disk"]["oldest_open_age_seconds"] == 72 * HOUR
@@ -500,7 +545,7 @@ def site(tmp_path: Path) -> Path:
     config.write_text(f'[database]\nurl = "sqlite:///{db}"\n[audit]\ninterval = "6h"\ndisks = ["{D0}", "{D1}", '
                       f'"{D2}"]\n[log]\nlevel = "warning"\n'
                       f'[[waivers]]\nrule = "unprotected-disk"\ndisk = "{D0}"\nreason = "rebuild"\n'
-                      'owner = "ops@example.com"\nexpires = 2030-01-02\n')
+                      'owner = "ops@example.com"\nexpires = 2025-01-02\n')
     return config
 
 
@@ -508,17 +553,17 @@ def site(tmp_path: Path) -> Path:
 def test_report_since_and_evidence_on_the_command_line(site: Path) -> None:
     cwd = site.parent
     args = ("--config", str(site))
-    as_json = cli("report", "--since", "3d", "--until", "2030-01-04", "--format", "json", *args, cwd=cwd)
+    as_json = cli("report", "--since", "3d", "--until", "2025-01-04", "--format", "json", *args, cwd=cwd)
     assert as_json.returncode == 0, as_json.stderr
     report = json.loads(as_json.stdout)
     assert report["fleet"]["compliance_pct"] == 70.0 and report["coverage"]["coverage_pct"] == 83.333
-    as_csv = cli("report", "--since", "72h", "--until", "2030-01-04T00:00:00Z", "--format", "csv", *args, cwd=cwd)
+    as_csv = cli("report", "--since", "72h", "--until", "2025-01-04T00:00:00Z", "--format", "csv", *args, cwd=cwd)
     assert as_csv.stdout == compliance_csv(report)
-    html = cli("report", "--since", "3d", "--until", "2030-01-04", "--format", "html", *args, cwd=cwd)
+    html = cli("report", "--since", "3d", "--until", "2025-01-04", "--format", "html", *args, cwd=cwd)
     assert html.returncode == 0 and html.stdout.startswith("<!DOCTYPE html>")
-    md = cli("report", "--since", "3d", "--until", "2030-01-04", "--format", "markdown", *args, cwd=cwd)
+    md = cli("report", "--since", "3d", "--until", "2025-01-04", "--format", "markdown", *args, cwd=cwd)
     assert md.returncode == 0 and "## Rules" in md.stdout
-    table = cli("report", "--since", "3d", "--until", "2030-01-04", *args, cwd=cwd)
+    table = cli("report", "--since", "3d", "--until", "2025-01-04", *args, cwd=cwd)
     assert table.returncode == 0 and "fleet time in compliance 70 %" in table.stdout
     # Without --since the current report is what it always was.
     current = json.loads(cli("report", "--format", "json", *args, cwd=cwd).stdout)
@@ -527,7 +572,7 @@ def test_report_since_and_evidence_on_the_command_line(site: Path) -> None:
 
     out_a, out_b = cwd / "evidence-a", cwd / "evidence-b"
     for out in (out_a, out_b):
-        proc = cli("evidence", "--since", "3d", "--until", "2030-01-04", "--out", str(out), *args, cwd=cwd)
+        proc = cli("evidence", "--since", "3d", "--until", "2025-01-04", "--out", str(out), *args, cwd=cwd)
         assert proc.returncode == 0, proc.stderr
         assert "sha256sum -c MANIFEST.sha256" in proc.stdout
     names = sorted(p.name for p in out_a.iterdir())
@@ -540,7 +585,7 @@ def test_report_since_and_evidence_on_the_command_line(site: Path) -> None:
     # the same waiver with another reason).
     assert [w["reason"] for w in exported.pop("waivers")] == ["rebuild <script>alert(1)</script>"]
     assert [w["reason"] for w in report.pop("waivers")] == ["rebuild"]
-    assert exported == {**report, "generated_at": "2030-01-04T00:00:00Z"}
+    assert exported == {**report, "generated_at": "2025-01-04T00:00:00Z"}
 
 
 @pytest.mark.slow
@@ -550,7 +595,7 @@ def test_report_since_and_evidence_on_the_command_line(site: Path) -> None:
     (("report", "--since", "0d"), "--since: must be longer than 0"),
     (("report", "--since", "9" * 400 + "d"), "--since:"),
     (("report", "--since", "3d", "--until", "tomorrow"), "--until: 'tomorrow' is not an ISO-8601"),
-    (("report", "--until", "2030-01-04"), "need --since"),
+    (("report", "--until", "2025-01-04"), "need --since"),
     (("report", "--format", "html"), "need --since"),
     (("evidence", "--since", "401d", "--out", "x"), "longer than 400 days"),
 ])
@@ -574,7 +619,7 @@ def test_read_only_commands_never_create_a_database(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_evidence_refuses_a_folder_that_is_not_empty(site: Path) -> None:
     cwd = site.parent
-    args = ("--until", "2030-01-04", "--config", str(site))
+    args = ("--until", "2025-01-04", "--config", str(site))
     foreign = cwd / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not part of any export\n")

@@ -4,9 +4,9 @@ runs, the findings register, snapshots, drift, deliveries, metadata); exports th
 process's configuration; SSH signatures checked with stock `ssh-keygen -Y verify`; the OSCAL document validated
 against NIST's published JSON schema; and the CLI as a subprocess.
 
-The story (the period 2030-01-01 – 2030-01-04, a run every 6 hours): configuration A until the 30h run, then B
+The story (the period 2025-01-01 – 2025-01-04, a run every 6 hours): configuration A until the 30h run, then B
 (`rules.min_retention` 5 instead of 7, a second notifier). D2's policy is weakened to retention 3 before the 24h run
-and fixed before the 60h run; D0 has no policy, waived until 2030-01-02; D1 cannot be read at the 54h run.
+and fixed before the 60h run; D0 has no policy, waived until 2025-01-02; D1 cannot be read at the 54h run.
 """
 
 from __future__ import annotations
@@ -168,8 +168,8 @@ async def test_a_config_change_mid_period_lists_both_configurations_with_their_r
                                                                                         6)
     assert (first_b["first_run"]["id"], first_b["last_run"]["id"], first_b["runs"]) == (runs[6]["id"], runs[10]["id"],
                                                                                         5)
-    assert first_a["first_run"]["started_at"] == "2030-01-01T00:00:00Z"
-    assert first_b["first_run"]["started_at"] == "2030-01-02T12:00:00Z"
+    assert first_a["first_run"]["started_at"] == "2025-01-01T00:00:00Z"
+    assert first_b["first_run"]["started_at"] == "2025-01-02T12:00:00Z"
     assert first_a["config"]["rules"]["min_retention"] == 7 and first_b["config"]["rules"]["min_retention"] == 5
     # A fingerprint is the SHA-256 of its configuration's canonical JSON: anyone can recompute it.
     for fingerprint, entry in configs["configs"].items():
@@ -186,7 +186,7 @@ async def test_a_config_change_mid_period_lists_both_configurations_with_their_r
     metadata = as_json(files, "metadata.json")
     assert metadata["configurations"] == [fa, fb] and metadata["configuration_basis"] == "recorded"
     assert metadata["schema_revision"] == SCHEMA_HEAD and metadata["database"] == db_url.split(":")[0].split("+")[0]
-    assert metadata["period"] == {"from": "2030-01-01T00:00:00Z", "to": "2030-01-04T00:00:00Z"}
+    assert metadata["period"] == {"from": "2025-01-01T00:00:00Z", "to": "2025-01-04T00:00:00Z"}
     assert metadata["audit_interval"] == "6h" and metadata["runs"] == 11
 
 
@@ -197,7 +197,7 @@ async def test_the_export_does_not_depend_on_the_exporting_process(db_url: str) 
         "rules": a.rules.model_copy(update={"min_retention": 1}),
         "audit": a.audit.model_copy(update={"interval": a.audit.interval * 4}),
         "waivers": [{"rule": "unprotected-disk", "disk": D0, "reason": "other", "owner": "x@example.com",
-                     "expires": "2031-01-01"}]})
+                     "expires": "2026-01-01"}]})
     files, again, _, _ = await story(db_url, lambda s: build_evidence(
         replace(s, settings=other, clock=lambda: T0 + 900 * H), period=PERIOD))
     assert again == files
@@ -267,25 +267,25 @@ async def test_the_register_snapshots_drift_and_deliveries(db_url: str) -> None:
     register = {(f["disk_id"], f["rule"]): f for f in as_json(files, "findings.json")["findings"]}
     retention = register[(D2, "retention-below-minimum")]
     assert retention["disk_name"] == "weakened" and retention["policy_id"] == "dbp_weakened"
-    assert retention["opened_at"] == "2030-01-02T00:00:00Z" and retention["resolved_at"] == "2030-01-03T12:00:00Z"
+    assert retention["opened_at"] == "2025-01-02T00:00:00Z" and retention["resolved_at"] == "2025-01-03T12:00:00Z"
     assert retention["status_at_end"] == "resolved" and retention["severity"]
     assert retention["observed"] and retention["required"] and retention["observed"] != retention["required"]
     assert [e["kind"] for e in retention["events"]] == ["opened", "resolved"]
     unprotected = register[(D0, "unprotected-disk")]
     assert unprotected["status_at_end"] == "open"
-    assert (unprotected["waiver"]["owner"], unprotected["waiver"]["expires"]) == ("ops@example.com", "2030-01-02")
+    assert (unprotected["waiver"]["owner"], unprotected["waiver"]["expires"]) == ("ops@example.com", "2025-01-02")
     assert [e["kind"] for e in unprotected["events"]] == ["waived", "unwaived"]  # born waived
     rows = {(r["disk_id"], r["rule"]): r for r in csv_rows(files, "findings.csv")}
     assert set(rows) == set(register)
     assert rows[(D0, "unprotected-disk")]["waived_by"] == "ops@example.com"
-    assert rows[(D0, "unprotected-disk")]["waived_until"] == "2030-01-02"
+    assert rows[(D0, "unprotected-disk")]["waived_until"] == "2025-01-02"
     assert json.loads(rows[(D2, "retention-below-minimum")]["observed"]) == retention["observed"]
 
     states = as_json(files, "snapshots.json")["policy_states"]
     assert sorted(s["retention"] for s in states if s["policy_id"] == "dbp_weakened") == [3, 14, 14]
     drift = as_json(files, "drift.json")["events"]
     changed = [d for d in drift if d["policy_id"] == "dbp_weakened" and d["kind"] == "policy-changed"]
-    assert [d["at"] for d in changed] == ["2030-01-02T00:00:00Z", "2030-01-03T12:00:00Z"]
+    assert [d["at"] for d in changed] == ["2025-01-02T00:00:00Z", "2025-01-03T12:00:00Z"]
 
     deliveries = csv_rows(files, "deliveries.csv")
     assert deliveries and {d["idempotency_key"] for d in deliveries} <= set(keys)
@@ -413,7 +413,7 @@ async def test_the_oscal_document_validates_against_nists_schema(db_url: str) ->
     doc = as_json(files, "oscal-assessment-results.json")
     assert errors_of(doc) == []
     (result,) = doc["assessment-results"]["results"]
-    assert (result["start"], result["end"]) == ("2030-01-01T00:00:00Z", "2030-01-04T00:00:00Z")
+    assert (result["start"], result["end"]) == ("2025-01-01T00:00:00Z", "2025-01-04T00:00:00Z")
     observations = {o["uuid"]: o for o in result["observations"]}
     titles = {o["title"] for o in observations.values()}
     # One observation per disk per rule.
@@ -434,7 +434,7 @@ BREAKAGES: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("no uuid", lambda d: d["assessment-results"].pop("uuid")),
     ("a version-1 uuid", lambda d: d["assessment-results"]["results"][0].update(
         uuid="c232d7c4-d2c4-11ee-a2b1-0242ac120002")),
-    ("a time without a zone", lambda d: d["assessment-results"]["results"][0].update(start="2030-01-01T00:00:00")),
+    ("a time without a zone", lambda d: d["assessment-results"]["results"][0].update(start="2025-01-01T00:00:00")),
     ("an unknown finding target type", lambda d: d["assessment-results"]["results"][0]["findings"][0]["target"]
      .update(type="disk")),
     ("an observation without methods", lambda d: d["assessment-results"]["results"][0]["observations"][0]
@@ -450,12 +450,12 @@ async def test_a_broken_oscal_document_does_not_validate(what: str, breakage: Ca
                                                          tmp_path: Path) -> None:
     from auditor.render.evidence import oscal_assessment_results
 
-    period = {"from": "2030-01-01T00:00:00Z", "to": "2030-01-04T00:00:00Z"}
+    period = {"from": "2025-01-01T00:00:00Z", "to": "2025-01-04T00:00:00Z"}
     disk = {"disk_id": D2, "name": "weakened", "compliance_pct": 50.0, "compliant_seconds": 1, "waived_seconds": 0,
             "noncompliant_seconds": 1, "unknown_seconds": 0, "no_data_seconds": 0}
     finding = {"fingerprint": "f" * 32, "rule": "retention-below-minimum", "severity": "warning", "disk_id": D2,
                "disk_name": "weakened", "observed": {"retention": 3}, "required": {"retention": 7},
-               "opened_at": "2030-01-02T00:00:00Z", "resolved_at": None, "status_at_end": "open"}
+               "opened_at": "2025-01-02T00:00:00Z", "resolved_at": None, "status_at_end": "open"}
     doc = oscal_assessment_results(period=period, version="0.1.0", collected=period["to"], disks=[disk],
                                    rules=[{"id": "retention-below-minimum", "description": "Retention"}],
                                    findings=[finding])
@@ -488,7 +488,7 @@ def test_evidence_on_the_command_line_is_signed_and_ignores_environment_override
     asyncio.run(fill())
     config = tmp_path / "auditor.toml"
     config.write_text(f'[database]\nurl = "sqlite:///{db}"\n[log]\nlevel = "warning"\n')
-    args = ("--config", str(config), "--since", "3d", "--until", "2030-01-04")
+    args = ("--config", str(config), "--since", "3d", "--until", "2025-01-04")
     plain = cli("evidence", *args, "--out", str(tmp_path / "plain"), "--sign", str(signing_key), cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr
     assert f"-n {SIGNATURE_NAMESPACE} -s {SIGNATURE}" in plain.stdout
@@ -549,8 +549,8 @@ def test_the_register_keeps_only_findings_open_during_the_period() -> None:
                                                        events, [], period)}
     assert set(rows) == {"across", "inside", "waived"}
     assert (rows["across"]["status_at_end"], rows["across"]["opened_at"], rows["across"]["resolved_at"]) == (
-        "open", "2029-12-30T00:00:00Z", None)
-    assert (rows["inside"]["status_at_end"], rows["inside"]["resolved_at"]) == ("resolved", "2030-01-01T05:00:00Z")
+        "open", "2024-12-30T00:00:00Z", None)
+    assert (rows["inside"]["status_at_end"], rows["inside"]["resolved_at"]) == ("resolved", "2025-01-01T05:00:00Z")
     assert rows["waived"]["status_at_end"] == "waived" and rows["across"]["organization"] == "acme"
     assert [e["kind"] for e in rows["inside"]["events"]] == ["opened", "resolved", "reopened", "resolved"]
 

@@ -140,6 +140,14 @@ async def test_a_daily_policy_stepping_seven_days_opens_observed_interval_too_lo
         assert disks[WEEKLY_STEP]["observed_rpo_seconds"] == 7 * 86400
         assert report["summary"]["observed_rpo"] == {"disks": 3, "p50_seconds": 86400,
                                                      "p95_seconds": 7 * 86400, "max_seconds": 7 * 86400}
+        # The dashboard's overview shows all three.
+        deps = ApiDeps(services=w.services, trigger=_no_trigger, token=SecretStr("api-token"))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(deps)),
+                                     base_url="http://api") as api:
+            await api.post("/login", data={"token": "api-token"})
+            overview = (await api.get("/")).text
+        for label, shown in (("p50", "1d 0h"), ("p95", "7d 0h"), ("max", "7d 0h")):
+            assert f'<span data-metric="observed_rpo.{label}">{shown}</span>' in overview, label
 
         # Back to daily runs, the next one at T0 + 8d 1h (a reschedule, not a run): one good step is not enough,
         # two in a row resolve it.
@@ -213,7 +221,8 @@ async def test_the_disk_detail_api_and_page_show_the_observed_runs(db_url: str) 
             # The overview gives the fleet's: two disks have two observed runs a day apart (the weekly one has one).
             overview = await api.get("/")
             assert overview.status_code == 200
-            assert '<dd data-metric="observed_rpo">1d 0h / 1d 0h</dd>' in overview.text
+            for label in ("p50", "p95", "max"):
+                assert f'<span data-metric="observed_rpo.{label}">1d 0h</span>' in overview.text, label
 
 
 async def _no_trigger() -> str | None:
@@ -231,7 +240,9 @@ async def test_a_dead_daemon_period_reports_no_data_never_compliant(db_url: str)
         for period in (dead, ahead):
             report = await read_period_report(w.services, start=period.start, end=period.end)
             Compliance.model_validate(report)
-            assert report["coverage"]["coverage_pct"] == 0.0
+            # The dead stretch was measured and nothing covered it; the period ahead has no measured time at all.
+            assert report["coverage"]["coverage_pct"] == (0.0 if period is dead else None)
+            assert report["period"]["measured_seconds"] == (86400 if period is dead else 0)
             for d in report["disks"]:
                 assert (d["status_at_start"], d["status_at_end"]) == ("no_data", "no_data"), d
                 assert d["compliant_seconds"] == 0 and d["compliance_pct"] is None
@@ -252,3 +263,39 @@ async def test_a_dead_daemon_period_reports_no_data_never_compliant(db_url: str)
         files = await build_evidence(w.services, period=dead)
         assert b'"status_at_end": "compliant"' not in files["compliance.json"]
         assert b'"status_at_start": "no_data"' in files["compliance.json"]
+
+
+def observed_of(report: dict[str, Any], disk_id: str) -> tuple[Any, Any, Any]:
+    d = by_disk(report)[disk_id]
+    return d["last_invocation_at"], d["observed_since"], d["observed_rpo_seconds"]
+
+
+async def test_a_period_reports_the_runs_due_in_it_alone_and_later_state_changes_nothing(db_url: str) -> None:
+    async with world_for(db_url, "disks") as w:
+        for n in range(10):  # every 6 h to T0 + 2d 6h: the daily runs due at T0 + 1h, 1d 1h and 2d 1h are seen
+            await w.cycle_at(T0 + n * 6 * HOUR)
+        past = Period(T0 + 12 * HOUR, T0 + 2 * DAY)
+        before = await read_period_report(w.services, start=past.start, end=past.end)
+        Compliance.model_validate(before)
+        # One run due in it (T0 + 1d 1h), whose gap reaches back a day to the one before; since that run.
+        assert observed_of(before, DAILY) == ("2030-03-02T01:00:00Z", "2030-03-02T01:00:00Z", 86400)
+        # The seven-day policy's only run (T0 + 1h) is before the period: nothing of it is in the period.
+        assert observed_of(before, WEEKLY_STEP) == (None, None, None)
+        assert before["fleet"]["observed_rpo"] == {"disks": 2, "p50_seconds": 86400, "p95_seconds": 86400,
+                                                   "max_seconds": 86400}
+
+        # A period reaching past now (T0 + 2d 6h) that no run is due in: no run from before it.
+        ahead = await read_period_report(w.services, start=T0 + 2 * DAY + 3 * HOUR, end=w.wall.now + DAY)
+        for disk_id in POLICY:
+            assert observed_of(ahead, disk_id) == (None, None, None), disk_id
+        assert ahead["fleet"]["observed_rpo"]["disks"] == 0
+        assert compliance_csv(ahead).splitlines()[1].endswith(",,,")
+
+        # Later state — a policy gone (its schedule with it), more runs — leaves the past period's report as it was.
+        w.fleet.remove_policy(POLICY[DAILY])
+        await w.cycle_at(T0 + 3 * DAY + 6 * HOUR)
+        assert await w.services.store.read(queries.policy_schedules_of, [DAILY]) == {}
+        after = await read_period_report(w.services, start=past.start, end=past.end)
+        for disk_id in POLICY:
+            assert observed_of(after, disk_id) == observed_of(before, disk_id), disk_id
+        assert after["fleet"]["observed_rpo"] == before["fleet"]["observed_rpo"]

@@ -492,6 +492,27 @@ async def test_get_vm_answering_about_another_vm_is_refused() -> None:
     assert_clean(err)
 
 
+@pytest.mark.parametrize(("target", "named"), [
+    ({"type": "Disk", "value": {"id": "disk_x"}}, "Disk disk_x"),
+    ({"type": "VirtualMachine", "value": {"id": "vm_other"}}, "VirtualMachine vm_other"),
+])
+async def test_a_vm_policy_list_holding_another_objects_policy_is_refused(target: dict[str, Any],
+                                                                         named: str) -> None:
+    items = [policy_item(id="dbp_vm", target={"type": "VirtualMachine", "value": {"id": "vm_1"}}),
+             policy_item(id="dbp_stray", target=target)]
+    async with client(respond(200, page(items))) as c:
+        with pytest.raises(UnexpectedObjectError) as info:
+            await c.list_vm_policies("vm_1")
+    async with client(respond(200, page(items[:1]))) as c:  # the VM's own policies only: accepted whole
+        assert [p.id for p in await c.list_vm_policies("vm_1")] == ["dbp_vm"]
+    err = info.value
+    assert err.code == "unexpected_object" and err.permanent and err.status_code == 200
+    assert err.target == "vm_1" and err.field == "disk_backup_policies[1].target"
+    assert err.endpoint == "/virtual_machines/virtual_machine/disk_backup_policies"
+    assert "virtual machine vm_1" in str(err) and f"(dbp_stray) targets {named}" in str(err)
+    assert_clean(err)
+
+
 async def test_get_disk_of_the_asked_disk_through_the_fake() -> None:
     _, transport = fake_harness()
     async with client(transport) as c:

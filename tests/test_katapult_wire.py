@@ -75,8 +75,10 @@ def test_policy_as_it_really_arrives() -> None:
         # The object itself.
         ({"id": "disk_3"}, TargetType.DISK, "disk_3", None),
         ({"id": "vm_3", "name": "db"}, TargetType.VIRTUAL_MACHINE, "vm_3", "db"),
-        # `type` decides even when the prefix says otherwise.
-        ({"type": "VirtualMachine", "value": {"id": "disk_odd"}}, TargetType.VIRTUAL_MACHINE, "disk_odd", None),
+        # `type` decides for an id without a known prefix.
+        ({"type": "VirtualMachine", "value": {"id": "server_odd"}}, TargetType.VIRTUAL_MACHINE, "server_odd", None),
+        ({"type": "Disk", "value": {"id": "volume_odd"}}, TargetType.DISK, "volume_odd", None),
+        ({"type": "Disk", "value": {"id": "VM_UPPER"}}, TargetType.DISK, "VM_UPPER", None),
     ],
 )
 def test_every_known_target_shape(target: dict[str, Any], kind: TargetType, target_id: str,
@@ -144,6 +146,11 @@ def test_integer_total_size_becomes_float() -> None:
         (lambda p: p["target"].pop("value"), "target.value", "missing"),
         (lambda p: p["target"]["value"].pop("id"), "target.value.id", "missing"),
         (lambda p: p["target"]["value"].update(name=5), "target.value.name", "number"),
+        # A `type` its id's known prefix contradicts: malformed, never a target that covers nothing.
+        (lambda p: p.update(target={"type": "VirtualMachine", "value": {"id": "disk_1"}}), "target.value.id",
+         "'disk_1' is a disk (disk_…), but the target's type is 'VirtualMachine'"),
+        (lambda p: p.update(target={"type": "Disk", "value": {"id": "vm_1", "name": "web"}}), "target.value.id",
+         "'vm_1' is a virtual machine (vm_…), but the target's type is 'Disk'"),
         (
             lambda p: p["schedule"].update(next_invocation_at="2026-01-01T00:00:00Z"),
             "schedule.next_invocation_at",

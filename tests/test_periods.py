@@ -321,6 +321,26 @@ def test_rule_figures_follow_each_findings_episodes(events: list[LifecycleEvent]
         assert all(v > 0 for v in g.resolve_us) and all(v > 0 for v in g.open_ages_us)
 
 
+def test_a_period_reaching_past_now_ages_its_open_findings_to_now_and_one_ahead_has_no_end_yet() -> None:
+    events = [LifecycleEvent("fp1", "r", "d", None, at(10), "opened"),
+              LifecycleEvent("fp2", "r", "d", None, at(20), "waived")]
+    reaching = rule_tallies(events, Period(at(0), at(1000), now=at(100)))["r"]
+    assert reaching.open_ages_us == [90 * MINUTE_US] and reaching.waived_at_end == 1 and reaching.opened == 1
+    assert rule_tallies(events, Period(at(0), at(1000)))["r"].open_ages_us == [990 * MINUTE_US]  # measured whole
+    ahead = rule_tallies(events, Period(at(200), at(300), now=at(100)))["r"]
+    assert (ahead.opened, ahead.open_ages_us, ahead.waived_at_end) == (0, [], 0)
+
+
+def test_a_period_is_measured_to_now_never_before_its_start_nor_past_its_end() -> None:
+    assert Period(at(0), at(10), now=at(4)).measured_us == 4 * MINUTE_US
+    assert Period(at(0), at(10), now=at(40)).measured_end == at(10)
+    assert Period(at(5), at(10), now=at(1)).measured_end == at(5)  # wholly ahead: nothing measured
+    assert Period(at(5), at(10), now=at(1)).days() == []
+    assert Period(at(0), at(10)).measured_end == at(10)
+    with pytest.raises(ValueError):
+        Period(at(0), at(10), now=datetime(2026, 1, 1))  # naive
+
+
 def test_a_resolution_whose_episode_start_was_pruned_has_no_time_to_resolve() -> None:
     period = Period(at(0), at(100))
     got = rule_tallies([LifecycleEvent("fp", "r", "d", None, at(10), "resolved")], period)
@@ -384,20 +404,25 @@ def test_a_period_needs_its_start_before_its_end() -> None:
 # ---- no data is never compliant: the whole period report over random run timelines ------------------------------
 
 
-@given(worlds())
-@settings(max_examples=examples(300), deadline=None)
-def test_no_data_is_never_compliant_in_the_period_report(world: World) -> None:
+@given(worlds(), st.one_of(st.just(SPAN), st.integers(-120, SPAN + 120)))
+@settings(max_examples=examples(400), deadline=None)
+def test_no_data_is_never_compliant_in_the_period_report(world: World, now: int) -> None:
+    """The whole period report, generated at `now` (a minute of the grid: after the period's end, or inside it, or
+    before its start): no time after now is covered or counted as any status, and shares are of the time to now."""
     from auditor.service.compliance import compliance_from
     from auditor.store.queries import PeriodData, Poll
 
     data = PeriodData([Poll(at(m), status) for m, status in world.polls], verdicts_of(world), {}, [])
     report = compliance_from(data, period=period_of(world), interval=timedelta(minutes=world.interval), waivers=[],
-                             generated_at=at(SPAN))
+                             generated_at=at(now), now=at(now))
     start, end = world.period
+    until = min(end, max(now, start))  # the measured part: [start, until)
 
-    def observed(minute: int) -> bool:  # a complete or partial run covered it
-        return covered(world, minute)
+    def observed(minute: int) -> bool:  # a complete or partial run covered it, and it has happened
+        return covered(world, minute) and minute < now
 
+    assert report["period"]["measured_seconds"] == (until - start) * 60
+    assert report["period"]["measured_to"] == at(until).strftime("%Y-%m-%dT%H:%M:%SZ")
     for d in report["disks"]:
         disk = d["disk_id"]
         # A disk's compliant (and every other verdict's) time is exactly its verdict over the observed minutes.
@@ -408,8 +433,20 @@ def test_no_data_is_never_compliant_in_the_period_report(world: World) -> None:
                 expected.add(status, MINUTE_US)
         assert (d["compliant_seconds"], d["waived_seconds"], d["noncompliant_seconds"], d["unknown_seconds"]) == \
             tuple(periods.seconds(us) for us in as_tuple(expected))
-        # At either edge: no_data unless a run covered that instant, and then the verdict it had (never guessed).
-        for key, minute in (("status_at_start", start), ("status_at_end", end - 1)):
-            assert d[key] == (verdict(world, disk, minute) if observed(minute) else "no_data"), key
+        assert d["no_data_seconds"] == (until - start) * 60 - sum(d[k] for k in (
+            "compliant_seconds", "noncompliant_seconds", "unknown_seconds", "exempt_seconds"))
+        # At either edge: no_data unless a run covered that instant, and then the verdict it had (never guessed);
+        # the end of a period reaching past now is now, and a period wholly ahead has no status at all.
+        for key, minute in (("status_at_start", start), ("status_at_end", until - 1)):
+            if until == start:
+                assert d[key] == "no_data", key
+            else:
+                assert d[key] == (verdict(world, disk, minute) if observed(minute) else "no_data"), key
     covered_minutes = sum(observed(m) for m in range(start, end))
-    assert report["coverage"]["covered_seconds"] == covered_minutes * 60
+    coverage = report["coverage"]
+    assert coverage["covered_seconds"] == covered_minutes * 60
+    assert coverage["no_data_seconds"] == (until - start - covered_minutes) * 60
+    assert coverage["coverage_pct"] == periods.pct(covered_minutes, until - start)
+    assert sum(g["seconds"] for g in coverage["gaps"]) == coverage["no_data_seconds"]
+    assert all(g["to"] <= report["period"]["measured_to"] for g in coverage["gaps"])
+    assert sum(day["seconds"] for day in report["fleet"]["by_day"]) == (until - start) * 60

@@ -41,11 +41,14 @@ from auditor.domain.rules import (
     RULES,
     SCHEDULE_STALE,
     UNPROTECTED_DISK,
+    Applied,
     RuleParams,
     RuleSet,
     build_ruleset,
     evaluate,
+    observed_coverage,
 )
+from auditor.domain.tiers import Tier, TierDecision, TierMatch
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 DISK = "disk_Eb8INAK4quHcSCfG"
@@ -652,6 +655,24 @@ def test_an_unknown_attachment_state_is_never_taken_as_detached() -> None:
     (f,) = evaluate(snap(vm_policy(), disk=on_vm("detaching")), ruleset(), now=NOW)
     assert f.rule == DETACHED_FROM_COVERING_VM
     assert evaluate(snap(vm_policy(), disk=on_vm(None)), ruleset(), now=NOW) == []
+
+
+def test_a_vm_policys_runs_count_only_for_disks_known_attached_unless_the_rule_is_disabled() -> None:
+    own, vm = policy("dbp_own"), vm_policy()
+    gold = Tier("gold", TierMatch())
+    rs = ruleset(tiers=(gold,), tier_rules={"gold": Applied(LAX, {}, frozenset({DETACHED_FROM_COVERING_VM}))})
+    ids = {state: [p.id for p in observed_coverage(snap(own, vm, disk=on_vm(state)), rs)]
+           for state in ("attached", "detached", "detaching", None)}
+    assert ids == {"attached": ["dbp_own", "dbp_vmvmvmvmvmvmvmvm"], "detached": ["dbp_own"], "detaching": ["dbp_own"],
+                   None: ["dbp_own"]}  # an unknown state is not taken as attached here (it is when judging)
+    assert [p.id for p in observed_coverage(snap(own, vm, disk=Disk(DISK)), rs)] == ["dbp_own", "dbp_vmvmvmvmvmvmvmvm"]
+    # A tier that disables the rule: VM policies cover its detached disks, for their runs as for their verdict.
+    in_gold = replace(snap(vm, disk=on_vm("detached")), tier=TierDecision(gold))
+    assert [p.id for p in observed_coverage(in_gold, rs)] == ["dbp_vmvmvmvmvmvmvmvm"]
+    assert evaluate(in_gold, rs, now=NOW) == []
+    assert [p.id for p in observed_coverage(replace(in_gold, disk=on_vm(None)), rs)] == ["dbp_vmvmvmvmvmvmvmvm"]
+    # ... and a per-disk override is judged by [rules], which does not.
+    assert observed_coverage(in_gold, replace(rs, overrides={DISK: LAX})) == ()
 
 
 def test_observe_records_runs_not_reschedules_and_chains_gaps_across_policies() -> None:

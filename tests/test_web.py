@@ -17,12 +17,12 @@ import re
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -35,7 +35,7 @@ from auditor.api import ApiDeps, CycleMetrics, create_app
 from auditor.config import Settings
 from auditor.domain.listings import RunPoint
 from auditor.domain.records import RunError, RunStats, RunStatus
-from auditor.fake import Fault, demo_fleet
+from auditor.fake import Fault, Fleet, demo_fleet
 from auditor.fake import create_app as fake_app
 from auditor.fake.fleet import fake_id
 from auditor.service import open_services, waivers_from
@@ -59,6 +59,7 @@ SLACK_URL = "http://127.0.0.1:9/services/T000/B000/slack-secret-c9d2"
 PAGES = ("/", "/?days=30", "/?days=90", "/findings", "/findings?status=all&sort=rule&dir=asc", "/runs",
          "/notifications", "/waivers")
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 def waivers(today: date) -> list[dict[str, Any]]:
@@ -828,8 +829,12 @@ async def _history(runtime: Any, fleet: Any, clock: list[datetime | None]) -> No
         await run_cycle(runtime, trigger="schedule")
 
 
-@pytest.fixture(scope="module")
-def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
+@contextlib.contextmanager
+def _served(build: Callable[[contextlib.AsyncExitStack], Awaitable[tuple[Any, T]]]
+            ) -> Iterator[tuple[str, asyncio.AbstractEventLoop, T]]:
+    """Runs `build` (which returns an ASGI app and what else the test needs) and uvicorn serving that app on a
+    loopback port, both in one thread's event loop (the store's engine belongs to it); yields the URL, the loop and
+    what `build` gave."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="dashboard", daemon=True)
     thread.start()
@@ -837,32 +842,20 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    db = tmp_path_factory.mktemp("dashboard") / "auditor.db"
     stack = contextlib.AsyncExitStack()
-    clock: list[datetime | None] = [None]
 
-    async def start() -> tuple[Dashboard, _QuietServer, concurrent.futures.Future[None] | asyncio.Task[None]]:
-        fleet, targets = demo_fleet(now=int(time.time()))
-        fleet.rate_limit_per_minute = 100_000
-        settings = web_settings(f"sqlite:///{db}", targets, interval="6h")
-        runtime = await stack.enter_async_context(open_services(
-            settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token="fake-token",
-            clock=lambda: clock[0] or utcnow()))
-        await _history(runtime, fleet, clock)
-        world = World(fleet, settings, runtime)
-        cycles = CycleMetrics()
-        runner = CycleRunner(runtime, cycles=cycles)
-        app = create_app(deps_for(world, token=API_TOKEN, trigger=runner.trigger, cycles=cycles))
+    async def start() -> tuple[T, _QuietServer, concurrent.futures.Future[None] | asyncio.Task[None]]:
+        app, extra = await build(stack)
         server = _QuietServer(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False,
                                              timeout_graceful_shutdown=1))
         serving = asyncio.ensure_future(server.serve(sockets=[sock]))
         while not server.started:
             await asyncio.sleep(0.01)
-        return Dashboard(url, loop, world, runner), server, serving
+        return extra, server, serving
 
-    dash, server, serving = asyncio.run_coroutine_threadsafe(start(), loop).result(120)
+    extra, server, serving = asyncio.run_coroutine_threadsafe(start(), loop).result(120)
     try:
-        yield dash
+        yield url, loop, extra
     finally:
         async def stop() -> None:
             server.should_exit = True
@@ -873,6 +866,63 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         sock.close()
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
+    db = tmp_path_factory.mktemp("dashboard") / "auditor.db"
+    clock: list[datetime | None] = [None]
+
+    async def build(stack: contextlib.AsyncExitStack) -> tuple[Any, tuple[World, CycleRunner]]:
+        fleet, targets = demo_fleet(now=int(time.time()))
+        fleet.rate_limit_per_minute = 100_000
+        settings = web_settings(f"sqlite:///{db}", targets, interval="6h")
+        runtime = await stack.enter_async_context(open_services(
+            settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token="fake-token",
+            clock=lambda: clock[0] or utcnow()))
+        await _history(runtime, fleet, clock)
+        world = World(fleet, settings, runtime)
+        cycles = CycleMetrics()
+        runner = CycleRunner(runtime, cycles=cycles)
+        return create_app(deps_for(world, token=API_TOKEN, trigger=runner.trigger, cycles=cycles)), (world, runner)
+
+    with _served(build) as (url, loop, (world, runner)):
+        yield Dashboard(url, loop, world, runner)
+
+
+# Three disks whose daily policies run every 1, 2 and 3 days (frequency), audited every 12 hours for a week: their
+# observed RPOs are 1, 2 and 3 days, so the fleet's p50 (2 days) differs from its p95 and max (3 days).
+RPO_T0 = datetime(2025, 3, 1, tzinfo=UTC)
+RPO_DISKS = {f"disk_rpoeverydays{n:04d}": n for n in (1, 2, 3)}
+
+
+@pytest.fixture(scope="module")
+def rpo_dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The dashboard of a fleet whose policies' runs were observed (RPOs 1, 2 and 3 days); yields its URL."""
+    db = tmp_path_factory.mktemp("rpo-dashboard") / "auditor.db"
+    clock = [RPO_T0]
+    fleet = Fleet(rate_limit_per_minute=100_000, schedule_clock=lambda: clock[0].timestamp())
+    org = fleet.add_org("rpo", id="org_rpodashboard0001")
+    for disk_id, every in RPO_DISKS.items():
+        fleet.add_disk(org.id, disk_id.removeprefix("disk_"), id=disk_id)
+        fleet.add_policy(disk_id, id=disk_id.replace("disk_", "dbp_"), retention=14, interval="daily",
+                         next_invocation_at=int((RPO_T0 + timedelta(hours=1)).timestamp()), frequency=every,
+                         growth=1.0)
+
+    async def build(stack: contextlib.AsyncExitStack) -> tuple[Any, None]:
+        settings = Settings(**{
+            "katapult": {"api_url": KATAPULT, "per_page": 10, "max_requests_per_minute": 60000, "max_attempts": 2},
+            "database": {"url": f"sqlite:///{db}"}, "audit": {"interval": "12h", "organizations": [org.id]}})
+        runtime = await stack.enter_async_context(open_services(
+            settings, transport=httpx.ASGITransport(app=fake_app(fleet)), token="fake-token",
+            clock=lambda: clock[0]))
+        for n in range(15):
+            clock[0] = RPO_T0 + n * timedelta(hours=12)
+            assert (await run_cycle(runtime, trigger="schedule")).status is RunStatus.COMPLETE
+        return create_app(ApiDeps(services=runtime, trigger=_no_trigger, token=SecretStr(API_TOKEN))), None
+
+    with _served(build) as (url, _, _):
+        yield url
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from test_web import API_TOKEN, Dashboard, dashboard, point
+from test_web import API_TOKEN, AUTH, Dashboard, dashboard, point, rpo_dashboard
 
 from auditor.fake.fleet import fake_id
 from auditor.render.compliance import compliance_html
@@ -24,7 +25,8 @@ from auditor.service.compliance import read_period_report
 from auditor.service.dashboard import default_trend_days
 from auditor.web.charts import MAX_MARKS, compliance_chart
 
-__all__ = ["dashboard"]  # the module-scoped fixture: one dashboard (real cycles, uvicorn) for this module
+# The module-scoped fixtures: one dashboard each (real cycles, uvicorn) for this module.
+__all__ = ["dashboard", "rpo_dashboard"]
 
 AXE = Path(__file__).parent / "axe" / "axe.min.js"
 WIDTHS = (1280, 375)
@@ -217,6 +219,46 @@ def test_the_overview_lists_the_ten_most_severe_open_findings(signed_in: Any, da
     assert first.locator("a[href^='/findings?status=open&rule=']").count() == 1
     first.locator("a[href^='/disks/']").click()
     signed_in.wait_for_url(re.compile(r".*/disks/disk_.*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("width", WIDTHS)
+def test_the_overview_shows_the_fleets_observed_rpo_p50_p95_and_max(browser: Any, rpo_dashboard: str, width: int,
+                                                                   tmp_path: Path) -> None:
+    context = browser.new_context(viewport={"width": width, "height": 900}, base_url=rpo_dashboard,
+                                  bypass_csp=True)
+    page = context.new_page()
+    try:
+        page.goto("/login")
+        page.fill("#token", API_TOKEN)
+        page.keyboard.press("Enter")
+        page.wait_for_url(f"{rpo_dashboard}/")
+        summary = httpx.get(f"{rpo_dashboard}/api/v1/report", headers=AUTH, timeout=10).json()["summary"]
+        # RPOs of 1, 2 and 3 days: the median differs from the 95th percentile and the maximum.
+        assert summary["observed_rpo"] == {"disks": 3, "p50_seconds": 2 * 86400, "p95_seconds": 3 * 86400,
+                                           "max_seconds": 3 * 86400}
+        card = page.locator(".card", has=page.locator('[data-metric="observed_rpo"]'))
+        card.screenshot(path=str(tmp_path / f"observed-rpo-{width}.png"))
+        shown = {k: page.locator(f'[data-metric="observed_rpo.{k}"]').inner_text() for k in ("p50", "p95", "max")}
+        assert shown == {"p50": "2d 0h", "p95": "3d 0h", "max": "3d 0h"}
+        assert card.locator("dt").first.inner_text().split() == ["Observed", "RPO,", "30", "days", "over", "3",
+                                                                   "disks"]
+        # Each figure is its own list item, named by its label (abbreviations expanded for assistive technology).
+        items = card.locator("ul.rpo li")
+        assert items.evaluate_all("ls => ls.map(l => l.innerText.replace(/\\s+/g, ' ').trim())") == [
+            "p50 2d 0h", "p95 3d 0h", "max 3d 0h"]
+        assert card.locator("abbr").evaluate_all("as => as.map(a => a.title)") == [
+            "median (50th percentile)", "95th percentile", "maximum"]
+        # It fits: no horizontal scroll, nothing of the card cut off or overflowing it.
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        assert card.evaluate("c => c.scrollWidth <= c.clientWidth")
+        card_box = card.bounding_box()
+        for box in items.evaluate_all("ls => ls.map(l => { const b = l.getBoundingClientRect();"
+                                      " return [b.left, b.right]; })"):
+            assert card_box["x"] <= box[0] and box[1] <= card_box["x"] + card_box["width"], (box, card_box)
+        assert violations(page) == []
+    finally:
+        context.close()
 
 
 # ---- the trend window and its marks, without a browser ------------------------------------------------------

@@ -484,6 +484,9 @@ class CompliancePeriod(Model):
     from_: str = Field(alias="from", description="start, included")
     to: str = Field(description="end, excluded")
     seconds: int
+    measured_to: str = Field(description="where the measured part ends: `to`, or now if earlier (never before "
+                                         "`from`); time after now has not happened and counts as nothing")
+    measured_seconds: int = Field(description="the measured part's length: what every share is taken of")
 
 
 class Gap(Model):
@@ -498,7 +501,7 @@ class Coverage(Model):
     """How much of the period was checked: cycles, covered time and the gaps."""
 
     interval_seconds: int = Field(description="audit.interval")
-    scheduled_cycles: int = Field(description="the period divided by audit.interval")
+    scheduled_cycles: int = Field(description="the measured period divided by audit.interval")
     completed_cycles: int = Field(description="complete and partial runs polled in the period")
     complete_cycles: int
     partial_cycles: int
@@ -514,7 +517,7 @@ class ComplianceDay(Model):
     """The fleet over one UTC day of the period (disk-seconds by verdict within the covered time)."""
 
     date: str
-    seconds: int = Field(description="the part of the day inside the period")
+    seconds: int = Field(description="the part of the day inside the measured period")
     coverage_pct: float | None
     compliance_pct: float | None
     compliant_seconds: int
@@ -539,8 +542,14 @@ class ComplianceFleet(Model):
 
 
 class ComplianceDisk(Observed):
-    """One disk over the period."""
+    """One disk over the period; its observed runs are those due in the period alone."""
 
+    last_invocation_at: str | None = Field(description="the latest observed run due in the period; null: none")
+    observed_rpo_seconds: int | None = Field(
+        description="the longest gap ending in the period between consecutive observed runs (the first run's gap "
+                    "reaches back to the run before it), and from the last one to the period's end or now, whichever "
+                    "is earlier; null (never 0) when no run in the period has an observed run before it")
+    observed_since: str | None = Field(description="the first observed run due in the period; null: none")
     disk_id: str
     name: str | None
     compliance_pct: float | None = Field(description="compliant ÷ (compliant + noncompliant + unknown)")

@@ -120,12 +120,13 @@ def observe(disk_id: str, policies: Iterable[BackupPolicy], known: Mapping[str, 
 @dataclass(frozen=True, slots=True)
 class RpoFacts:
     """A disk's observed invocations due within a window, as the store sums them up: how many, the last one's due
-    time, and the longest gap ending in the window between two consecutive ones (None: no run in the window has
-    an observed run before it)."""
+    time, the longest gap ending in the window between two consecutive ones (None: no run in the window has an
+    observed run before it) and the first one's due time (None: not asked for)."""
 
     count: int
     last_due_at: datetime
     longest_gap: timedelta | None
+    first_due_at: datetime | None = None
 
 
 def observed_rpo(facts: RpoFacts | None, *, end: datetime) -> int | None:
@@ -153,6 +154,15 @@ def disk_observation(since: datetime | None, latest: datetime | None, facts: Rpo
     `latest` from its schedules (the latest run counts only before `end`)."""
     last = facts.last_due_at if facts is not None else (latest if latest is not None and latest < end else None)
     return DiskObservation(since, last, observed_rpo(facts, end=end))
+
+
+def period_observation(facts: RpoFacts | None, *, end: datetime) -> DiskObservation:
+    """Returns a disk's observation over a period from the runs due in it alone (`facts`), measured to `end` (the
+    period's end, or now if that is earlier): since its first run in the period, its last one, and the observed
+    RPO; all None without a run in the period. What happened after `end` changes none of it."""
+    if facts is None:
+        return DiskObservation()
+    return DiskObservation(facts.first_due_at, facts.last_due_at, observed_rpo(facts, end=end))
 
 
 def rpo_distribution(values: Sequence[int | None]) -> dict[str, int | None]:

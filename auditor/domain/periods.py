@@ -10,9 +10,14 @@ cover nothing, so a failed run ends the previous run's cover: nothing was checke
 managed to record, e.g. every disk unknown, falls in uncovered time). Time of the period no run covers is
 "no data": never counted as compliant nor as noncompliant.
 
+Now. A period is measured up to `now` (the clock of whoever reads it): time after it has not happened, so it is
+neither covered nor any verdict, and it is not in the measured length the shares are taken of; a period reaching
+past now is measured to now, one wholly ahead measures nothing.
+
 Verdicts. A disk's verdict (`compliant`, `waived`, `noncompliant`, `unknown`) holds from one change to the next
 (`disk_states`). Only its covered part counts: per disk, compliant time (which includes waived time), waived
-time, noncompliant time, unknown time, and no-data time (the rest of the period: uncovered, or no verdict).
+time, noncompliant time, unknown time, and no-data time (the rest of the measured period: uncovered, or no
+verdict).
 Time in compliance = compliant / (compliant + noncompliant + unknown): unknown is not compliant. The fleet's
 figure is the same ratio over the sums of every disk (time-weighted), per period and per UTC day.
 
@@ -105,16 +110,36 @@ def parse_instant(text: str) -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Period:
-    """A half-open stretch of time `[start, end)`, both UTC."""
+    """A half-open stretch of time `[start, end)`, both UTC, measured at `now`: what comes from `now` on has not
+    happened yet, so its measured part is `[start, min(end, now))` (empty for a period wholly ahead; None: measured
+    whole, as a period in the past is)."""
 
     start: datetime
     end: datetime
+    now: datetime | None = None
 
     def __post_init__(self) -> None:
-        if self.start.tzinfo is None or self.end.tzinfo is None:
+        if self.start.tzinfo is None or self.end.tzinfo is None or (self.now is not None and self.now.tzinfo is None):
             raise ValueError("a period's edges must be timezone-aware")
         if not self.start < self.end:
             raise ValueError("the period's start must be before its end")
+
+    @property
+    def measured_end(self) -> datetime:
+        """Returns where the measured part ends: `end`, or `now` if earlier (never before `start`)."""
+        if self.now is None:
+            return self.end
+        return min(self.end, max(self.now, self.start))
+
+    @property
+    def measured_end_us(self) -> int:
+        """Returns where the measured part ends, in epoch microseconds."""
+        return to_us(self.measured_end)
+
+    @property
+    def measured_us(self) -> int:
+        """Returns the length of the measured part in microseconds (0 for a period wholly ahead)."""
+        return self.measured_end_us - self.start_us
 
     @property
     def start_us(self) -> int:
@@ -132,9 +157,11 @@ class Period:
         return self.end_us - self.start_us
 
     def days(self) -> list[tuple[date, int, int]]:
-        """Returns the UTC days the period touches as (day, start_us, end_us), clipped to the period."""
-        start, end = self.start_us, self.end_us
-        out = []
+        """Returns the UTC days the period's measured part touches as (day, start_us, end_us), clipped to it."""
+        start, end = self.start_us, self.measured_end_us
+        out: list[tuple[date, int, int]] = []
+        if end <= start:
+            return out
         midnight = start - start % DAY_US
         while midnight < end:
             out.append((from_us(midnight).date(), max(midnight, start), min(midnight + DAY_US, end)))
@@ -186,15 +213,15 @@ class Coverage:
         return self.covered(t, t + 1) == 1
 
     def gaps(self) -> list[tuple[int, int]]:
-        """Returns the uncovered stretches of the period ("no data"), in order."""
+        """Returns the uncovered stretches of the period's measured part ("no data"), in order."""
         out = []
         cursor = self.period.start_us
         for s, e in self.spans:
             if s > cursor:
                 out.append((cursor, s))
             cursor = e
-        if cursor < self.period.end_us:
-            out.append((cursor, self.period.end_us))
+        if cursor < self.period.measured_end_us:
+            out.append((cursor, self.period.measured_end_us))
         return out
 
 
@@ -204,7 +231,8 @@ def build_coverage(polls: Iterable[tuple[datetime, str]], *, period: Period, hor
     A complete or partial run covers until the next finished run (complete, partial or failed) or `horizon`
     (2 × audit.interval) after it, whichever comes first; failed runs cover nothing; other statuses (running) are
     ignored. Pass the runs from `horizon` before the period's start on, so a run just before it counts. Of runs
-    polled at the same instant, a covering one wins.
+    polled at the same instant, a covering one wins. Nothing is covered past the period's measured end (its
+    `now`): no run has checked time that has not happened.
     """
     covers: dict[int, bool] = {}
     for when, status in polls:
@@ -213,7 +241,7 @@ def build_coverage(polls: Iterable[tuple[datetime, str]], *, period: Period, hor
             covers[key] = covers.get(key, False) or status in COVERING_RUNS
     times = sorted(covers)
     reach = horizon // ONE_US
-    start, end = period.start_us, period.end_us
+    start, end = period.start_us, period.measured_end_us
     spans: list[tuple[int, int]] = []
     for i, t in enumerate(times):
         if not covers[t]:
@@ -321,7 +349,7 @@ def daily_tallies(verdicts: Iterable[Verdict], coverage: Coverage) -> list[DayTa
     edges) it is constant, so each step adds count × covered length. Cost: O(changes × log spans), not per disk.
     """
     period = coverage.period
-    start, end = period.start_us, period.end_us
+    start, end = period.start_us, period.measured_end_us
     slot = {COMPLIANT: 0, WAIVED: 1, NONCOMPLIANT: 2, EXEMPT: 4}
     deltas: dict[int, list[int]] = {}
     for v in verdicts:
@@ -378,13 +406,16 @@ def status_in_force(verdicts: Iterable[Verdict], instant: datetime) -> dict[str,
 
 def statuses_observed(verdicts: Sequence[Verdict], coverage: Coverage, disk_ids: Iterable[str]) -> tuple[
         dict[str, str | None], dict[str, str | None]]:
-    """Returns each disk's status at the period's start and just before its end: its verdict then, or `no_data`
-    when no complete or partial run covered that instant (never a verdict no run observed); None when runs covered
-    it but the disk had no verdict (not audited then)."""
-    start, end = coverage.period.start_us, coverage.period.end_us
-    covered_at_start, covered_at_end = coverage.covers(start), coverage.covers(end - 1)
-    at_start = status_in_force(verdicts, coverage.period.start)
-    at_end = status_at(verdicts, coverage.period.end)
+    """Returns each disk's status at the period's start and just before its measured end (its end, or `now` for a
+    period reaching past now): its verdict then, or `no_data` when no complete or partial run covered that instant
+    (never a verdict no run observed; a period wholly ahead is `no_data` at both); None when runs covered it but
+    the disk had no verdict (not audited then)."""
+    period = coverage.period
+    start, end = period.start_us, period.measured_end_us
+    measured = end > start
+    covered_at_start, covered_at_end = measured and coverage.covers(start), measured and coverage.covers(end - 1)
+    at_start = status_in_force(verdicts, period.start)
+    at_end = status_at(verdicts, period.measured_end)
     first: dict[str, str | None] = {}
     last: dict[str, str | None] = {}
     for disk_id in disk_ids:
@@ -419,12 +450,14 @@ class RuleTally:
 
 
 def rule_tallies(events: Iterable[LifecycleEvent], period: Period) -> dict[str, RuleTally]:
-    """Returns per-rule figures from lifecycle events up to the period's end (earlier events give episode starts).
+    """Returns per-rule figures from lifecycle events up to the period's measured end (earlier events give episode
+    starts); what is open or waived "at the end" is so at the measured end, and ages run to it (none for a period
+    wholly ahead: nothing of it has happened).
 
     Events of one finding are taken in time order (stable for equal times). An episode whose first known event is
     a resolution (its start was pruned) has no time to resolve.
     """
-    start, end = period.start_us, period.end_us
+    start, end = period.start_us, period.measured_end_us
     by_finding: dict[str, list[LifecycleEvent]] = {}
     for e in events:
         by_finding.setdefault(e.fingerprint, []).append(e)
@@ -458,6 +491,8 @@ def rule_tallies(events: Iterable[LifecycleEvent], period: Period) -> dict[str, 
             elif episode is None:
                 episode = at
             last_kind = e.kind
+        if end <= start:
+            continue  # a period wholly ahead has no end yet to be open or waived at
         if last_kind in OPEN_KINDS and episode is not None:
             tally.open_ages_us.append(end - episode)
         elif last_kind == "waived":

@@ -321,7 +321,7 @@ def evaluate(snapshot: DiskSnapshot, rules: RuleSet, *, now: datetime,
 
     params = applied.params
     findings: list[Finding] = []
-    policies, detached_from = covering(snapshot, honour_detached=DETACHED_FROM_COVERING_VM not in disabled)
+    policies, detached_from = covering(snapshot, honour_detached=honours_detached(applied))
     if not policies and detached_from:
         # Covered only through a VM it is detached from: the VM's policies back up the VM's attached disks.
         vm = snapshot.disk.vm_id
@@ -368,19 +368,40 @@ def evaluate(snapshot: DiskSnapshot, rules: RuleSet, *, now: datetime,
     return findings
 
 
-def covering(snapshot: DiskSnapshot, *, honour_detached: bool = True
+def honours_detached(applied: Applied) -> bool:
+    """Returns whether VM policies cover only the disks attached to the VM for a disk judged by `applied`: yes,
+    unless it disables `detached-from-covering-vm` (a Katapult that backs up detached disks too)."""
+    return DETACHED_FROM_COVERING_VM not in applied.disabled
+
+
+def covering(snapshot: DiskSnapshot, *, honour_detached: bool = True, unknown_is_attached: bool = True
              ) -> tuple[tuple[BackupPolicy, ...], tuple[BackupPolicy, ...]]:
     """Returns (the policies that cover the disk, the VM policies that do not because it is detached from the VM).
 
     A policy on a VM covers the disks attached to it: a disk assigned to the VM but `detached` is not covered by
     it (unless `honour_detached` is off: a Katapult that backs up detached disks). An unknown attachment counts as
-    attached here; the collection makes a disk whose only coverage is its VM unknown when it cannot verify that.
+    attached when judging (`unknown_is_attached`; the collection makes a disk whose only coverage is its VM unknown
+    when it cannot verify that), and as not attached where only what is known may count (`observed_coverage`).
     """
     attachment = snapshot.disk.attachment
-    if not honour_detached or attachment is None or attachment.is_attached:
+    if not honour_detached or snapshot.disk.vm_id is None or (
+            attachment.is_attached if attachment is not None else unknown_is_attached):
         return snapshot.policies, ()
     own = tuple(p for p in snapshot.policies if p.target_type is not TargetType.VIRTUAL_MACHINE)
     return own, tuple(p for p in snapshot.policies if p.target_type is TargetType.VIRTUAL_MACHINE)
+
+
+def observed_coverage(snapshot: DiskSnapshot, rules: RuleSet) -> tuple[BackupPolicy, ...]:
+    """Returns the policies whose runs, when observed, are runs of this disk: those covering it under the rules
+    of its tier (`covering`), a VM's only while the disk is known to be attached to that VM.
+
+    A VM's policy backs up the disks attached to it when it runs: its run says nothing of a detached disk, nor of
+    one whose attachment is not known (unless the disk's rules disable `detached-from-covering-vm`: then VM
+    policies cover detached disks too, for its runs as for its verdict).
+    """
+    applied = rules.applied(snapshot.disk_id, snapshot.tier)
+    policies, _ = covering(snapshot, honour_detached=honours_detached(applied), unknown_is_attached=False)
+    return policies
 
 
 def _trash_keep_until(detail: object) -> datetime | None:

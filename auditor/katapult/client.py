@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import httpx
 
-from auditor.domain.models import Attachment, BackupPolicy, Disk, VirtualMachine
+from auditor.domain.models import Attachment, BackupPolicy, Disk, TargetType, VirtualMachine
 from auditor.domain.retry import backoff, parse_retry_after
 from auditor.domain.tiers import Selector
 from auditor.errors import (
@@ -234,8 +234,23 @@ class KatapultClient:
         return await self._list_policies(DISK_POLICIES, {"disk[id]": disk_id}, target=disk_id)
 
     async def list_vm_policies(self, vm_id: str) -> list[BackupPolicy]:
-        """Returns every backup policy attached to one virtual machine."""
-        return await self._list_policies(VM_POLICIES, {"virtual_machine[id]": vm_id}, target=vm_id)
+        """Returns every backup policy attached to one virtual machine; raises UnexpectedObjectError if one of them
+        targets anything else."""
+        policies = await self._list_policies(VM_POLICIES, {"virtual_machine[id]": vm_id}, target=vm_id)
+        # README: without include_disks=true this list holds the VM's own policies only. One targeting another
+        # object means the answer is not about this VM: dropping it would read as "no such policy" for a disk it
+        # may cover, and keeping it would judge a disk by a policy that is not its VM's.
+        for index, p in enumerate(policies):
+            if p.target_type is not TargetType.VIRTUAL_MACHINE or p.target_id != vm_id:
+                raise UnexpectedObjectError(
+                    wire.clip(f"GET {VM_POLICIES}: asked for the policies of virtual machine {vm_id}, "
+                              f"disk_backup_policies[{index}] ({p.id}) targets {p.target_type.value} {p.target_id}"),
+                    field=f"disk_backup_policies[{index}].target",
+                    target=vm_id,
+                    endpoint=VM_POLICIES,
+                    status_code=200,
+                )
+        return policies
 
     async def list_org_policies(self, org: OrgRef) -> list[BackupPolicy]:
         """Returns every backup policy of an organization."""

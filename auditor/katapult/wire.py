@@ -290,8 +290,18 @@ def decode_json(content: bytes, *, endpoint: str, target: str, status_code: int 
 
 # README: the polymorphic target as the API framework serialises it ({"type", "value"}) has never been seen in a
 # recorded policy body; the OpenAPI file describes {"target": {...}} (or the object itself). Both are accepted: the
-# kind comes from `type` when present, else from the id's prefix. Anything else is malformed, never "no target".
+# kind comes from `type` when present, else from the id's prefix. Anything else is malformed, never "no target":
+# so is a `type` its id's known prefix contradicts (a "VirtualMachine" disk_… would cover no VM's disks, silently).
 _TARGET_PREFIXES = {"disk_": TargetType.DISK, "vm_": TargetType.VIRTUAL_MACHINE}
+_TARGET_NOUNS = {TargetType.DISK: "a disk (disk_…)", TargetType.VIRTUAL_MACHINE: "a virtual machine (vm_…)"}
+
+
+def _kind_of(target_id: str) -> TargetType | None:
+    """Returns what an id's prefix says it is, None for an id without a known prefix."""
+    for prefix, kind in _TARGET_PREFIXES.items():
+        if target_id.startswith(prefix):
+            return kind
+    return None
 
 
 def _parse_target(reader: _Reader, item: Mapping[str, object], path: str) -> tuple[TargetType, str, str | None]:
@@ -306,16 +316,22 @@ def _parse_target(reader: _Reader, item: Mapping[str, object], path: str) -> tup
             raise reader.fail(_join(target_path, "type"), f"unknown target type {_quote(type_name)}") from None
         value_path = _join(target_path, "value")
         value = reader.req_obj(target, "value", target_path)
-        return target_type, reader.req_str(value, "id", value_path), reader.opt_str(value, "name", value_path)
+        target_id = reader.req_str(value, "id", value_path)
+        prefixed = _kind_of(target_id)
+        if prefixed is not None and prefixed is not target_type:
+            # An id without a known prefix is trusted to be what `type` says.
+            raise reader.fail(_join(value_path, "id"), f"target id {_quote(target_id)} is {_TARGET_NOUNS[prefixed]}, "
+                                                       f"but the target's type is {_quote(type_name)}")
+        return target_type, target_id, reader.opt_str(value, "name", value_path)
     if "target" in target:  # the OpenAPI shape: {"target": {"target": <VirtualMachine | Disk>}}
         value_path = _join(target_path, "target")
         value = reader.req_obj(target, "target", target_path)
     else:  # the object itself
         value_path, value = target_path, target
     target_id = reader.req_str(value, "id", value_path)
-    for prefix, kind in _TARGET_PREFIXES.items():
-        if target_id.startswith(prefix):
-            return kind, target_id, reader.opt_str(value, "name", value_path)
+    kind = _kind_of(target_id)
+    if kind is not None:
+        return kind, target_id, reader.opt_str(value, "name", value_path)
     raise reader.fail(_join(value_path, "id"), f"target id {_quote(target_id)} is neither a disk (disk_…) nor a "
                                                "virtual machine (vm_…), and the target has no type")
 

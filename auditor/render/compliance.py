@@ -57,10 +57,22 @@ def worst_disks(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                                           d["disk_id"]))
 
 
+def measured_note(period: Mapping[str, Any]) -> str | None:
+    """Returns the sentence saying a period reaching past now is measured to now, None for one measured whole."""
+    measured = period.get("measured_to")
+    if measured is None or measured == period["to"]:
+        return None
+    if measured == period["from"]:
+        return "The period lies ahead: nothing of it has happened yet, so nothing is measured."
+    return f"Measured to {measured} (now): the rest of the period has not happened yet and counts as nothing."
+
+
 def compliance_markdown(report: Mapping[str, Any], *, max_disks: int = 100) -> str:
     """Returns the period report as Markdown (coverage, fleet by day, rules, waivers, least compliant disks)."""
     p, c, f = report["period"], report["coverage"], report["fleet"]
+    note = measured_note(p)
     lines = [f"# Backup-policy compliance {p['from']} – {p['to']}", "", f"Generated {report['generated_at']}.", "",
+             *([note, ""] if note else []),
              f"- Fleet time in compliance: **{format_pct(f['compliance_pct'])}** over {f['disks']} disk(s)",
              f"- Coverage: {format_pct(c['coverage_pct'])} of the period checked; {c['completed_cycles']} of "
              f"{c['scheduled_cycles']} scheduled cycles completed ({c['partial_cycles']} partial, "
@@ -129,4 +141,5 @@ def compliance_html(report: Mapping[str, Any]) -> str:
     worst = worst_disks(report)
     rows = worst + [d for d in report["disks"] if d["compliance_pct"] == 100.0]
     return template.render(r=report, bars=_day_bars(report["fleet"]["by_day"]), worst=worst, rows=rows,
-                           pct=format_pct, duration=_duration, rpo=rpo_text(report["fleet"]["observed_rpo"]))
+                           pct=format_pct, duration=_duration, rpo=rpo_text(report["fleet"]["observed_rpo"]),
+                           measured=measured_note(report["period"]))

@@ -185,10 +185,10 @@ async def read_disk(client: KatapultClient, disk_id: str, *, vm_policies: VmPoli
                 # list is about the VM, so the disk is unknown, not "not found" or "in trash".
                 return DiskSnapshot(disk, ReadOutcome.UNKNOWN, error_code=exc.code,
                                     error_message=_safe(f"virtual machine {disk.vm_id}: {exc}"))
+            # Every policy of the VM's list targets the VM (the client refuses any other answer as
+            # `unexpected_object`, and the disk is then unknown above): none is dropped here.
             seen = {p.id for p in policies}
-            policies = [*policies, *(p for p in vm_list
-                                     if p.target_type is TargetType.VIRTUAL_MACHINE and p.target_id == disk.vm_id
-                                     and p.id not in seen)]
+            policies = [*policies, *(p for p in vm_list if p.id not in seen)]
         return DiskSnapshot(disk, ReadOutcome.OK, tuple(policies))
     except KatapultError as exc:
         return _failed_snapshot(Disk(disk_id) if disk.id != disk_id else disk, exc)

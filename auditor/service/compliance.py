@@ -7,8 +7,11 @@ call). Its arithmetic lives in `auditor.domain.periods`; the semantics, as the R
   the next run being complete, partial or failed. Failed runs cover nothing, so one ends the previous run's
   cover. Time no run covers is "no data", never counted as compliant nor as noncompliant; `coverage.gaps` lists
   every such stretch (one appears after a failed run, or when two runs are more than 2 × audit.interval apart).
-  `scheduled_cycles` is the period divided by audit.interval, `completed_cycles` the complete and partial runs
-  polled in the period.
+  `scheduled_cycles` is the measured period divided by audit.interval, `completed_cycles` the complete and partial
+  runs polled in the period.
+- Now: the period is measured up to now (`period.measured_to`): time after now has not happened, so it is neither
+  covered nor any verdict, and every share and no-data figure is of the measured part; `status_at_end` is the
+  status just before now (or `no_data`); a period wholly ahead measures nothing.
 - Per disk: its verdict intervals (`disk_states`) intersected with the coverage and the period: compliant
   seconds (compliant + waived), waived, noncompliant, unknown and no-data seconds; time in compliance % =
   compliant / (compliant + noncompliant + unknown) — unknown is not compliant. The fleet's % is the same ratio
@@ -105,7 +108,7 @@ async def read_period_report(services: Services, *, start: datetime | None = Non
     waivers, _ = configured_waivers(services.settings.waivers)
     data = await read_period_data(services, period=period)
     return compliance_from(data, period=period, interval=services.settings.audit.interval, waivers=waivers,
-                           generated_at=now)
+                           generated_at=now, now=now)
 
 
 async def read_period_data(services: Services, *, period: Period,
@@ -124,16 +127,19 @@ async def read_period_runs(services: Services, *, period: Period) -> list[RunRec
 
 
 def compliance_from(data: queries.PeriodData, *, period: Period, interval: timedelta, waivers: Sequence[Waiver],
-                    generated_at: datetime) -> dict[str, Any]:
-    """Returns the period report from what `queries.period_data` read."""
+                    generated_at: datetime, now: datetime) -> dict[str, Any]:
+    """Returns the period report from what `queries.period_data` read, measured at `now`: the part of the period
+    after it has not happened, and counts as nothing (see `periods.Period`)."""
     s = periods.seconds
+    period = Period(period.start, period.end, now)
     coverage = periods.build_coverage([(p.at, p.status) for p in data.polls], period=period, horizon=2 * interval)
     in_period = [p for p in data.polls if period.start <= p.at < period.end]
     by_status = {status: sum(1 for p in in_period if p.status == status)
                  for status in (RunStatus.COMPLETE, RunStatus.PARTIAL, RunStatus.FAILED)}
     completed = by_status[RunStatus.COMPLETE] + by_status[RunStatus.PARTIAL]
-    scheduled = period.length_us // max(interval // periods.ONE_US, 1)
-    length = period.length_us
+    # Every share is of the measured part: the cycles still to come are not yet due, nor is their time.
+    length = period.measured_us
+    scheduled = length // max(interval // periods.ONE_US, 1)
 
     tallies = periods.disk_tallies(data.verdicts, coverage)
     at_start, at_end = periods.statuses_observed(data.verdicts, coverage, tallies)
@@ -190,7 +196,8 @@ def compliance_from(data: queries.PeriodData, *, period: Period, interval: timed
 
     return {
         "generated_at": iso(generated_at),
-        "period": {"from": iso(period.start), "to": iso(period.end), "seconds": s(length)},
+        "period": {"from": iso(period.start), "to": iso(period.end), "seconds": s(period.length_us),
+                   "measured_to": iso(period.measured_end), "measured_seconds": s(length)},
         "coverage": {
             "interval_seconds": s(interval // periods.ONE_US),
             "scheduled_cycles": scheduled,

@@ -292,7 +292,7 @@ async def _cycle(services: Services, run_id: str, trigger: str, now: datetime, b
     collected = await collect(client, services.targets, known_sources=known,
                               concurrency=settings.katapult.max_concurrency, progress=progress, rules=rules,
                               attachments=truth)
-    observed = await observe_runs(store, collected, now=now)
+    observed = await observe_runs(store, collected, rules, now=now)
     findings = judge(collected, rules, now=now, schedules=observed.by_disk)
     valid_waivers, problems = parse_waivers(settings.waivers, known_rules=RULES.keys(), now=now)
     settled = {w.snapshot.disk_id for w in collected.disks if w.snapshot.outcome is not ReadOutcome.UNKNOWN}

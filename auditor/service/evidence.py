@@ -2,7 +2,8 @@
 report, every configuration in force with the runs that used it, rules and waivers of those configurations, the
 findings register, policy snapshots, drift, alert deliveries, an OSCAL Assessment Results document, metadata, a
 README and `MANIFEST.sha256`). Everything comes from the database, never from the exporting process's own
-configuration or clock, so the same database and period give byte-identical files. `sign_manifest` signs the
+configuration or clock (but a period not ended yet, which is measured to now), so the same database and period
+give byte-identical files. `sign_manifest` signs the
 manifest with an SSH key (`ssh-keygen -Y sign`); `write_evidence` writes the files.
 """
 
@@ -252,7 +253,10 @@ async def build_evidence(services: Services, *, period: Period) -> dict[str, byt
     interval = _interval_of(governing, fallback=services.settings)
     waivers, _ = configured_waivers(raw_waivers)
     data = await read_period_data(services, period=period, interval=interval)
-    report = compliance_from(data, period=period, interval=interval, waivers=waivers, generated_at=period.end)
+    # Measured at the clock: a period in the past is measured whole whenever it is exported (the same bytes); one
+    # reaching past now only up to now, as the period report is.
+    report = compliance_from(data, period=period, interval=interval, waivers=waivers, generated_at=period.end,
+                             now=services.clock())
     period_json = {"from": str(iso(period.start)), "to": str(iso(period.end))}
     run_items = [run_json(_without_clock(run)) or {} for run in runs]
     entries = await store.read(queries.findings_register, start=period.start, end=period.end)

@@ -36,6 +36,7 @@ from auditor.domain.invocations import (
     PolicySchedule,
     RpoFacts,
     disk_observation,
+    period_observation,
 )
 from auditor.domain.listings import (
     FindingListing,
@@ -441,15 +442,16 @@ def observation_starts(conn: Connection, *, disk_id: str | None = None) -> dict[
 
 def rpo_facts(conn: Connection, *, start: datetime, end: datetime,
               disk_id: str | None = None) -> dict[str, RpoFacts]:
-    """Returns, per disk, the observed invocations due in [start, end): how many, the last one's due time and the
-    longest gap ending in the window (one aggregate query: each run's gap was stored with it)."""
+    """Returns, per disk, the observed invocations due in [start, end): how many, the first and the last one's due
+    time and the longest gap ending in the window (one aggregate query: each run's gap was stored with it)."""
     i = invocations.c
     lo, hi = int(start.timestamp()), int(end.timestamp())
     where = [i.due_at >= lo, i.due_at < hi] + ([i.disk_id == disk_id] if disk_id is not None else [])
-    q = select(i.disk_id, func.count(), func.max(i.due_at), func.max(i.gap_seconds)).where(*where).group_by(
-        i.disk_id)
-    return {d: RpoFacts(int(n), epoch(int(last)), None if longest is None else timedelta(seconds=int(longest)))
-            for d, n, last, longest in conn.execute(q).all()}
+    q = select(i.disk_id, func.count(), func.max(i.due_at), func.max(i.gap_seconds), func.min(i.due_at)).where(
+        *where).group_by(i.disk_id)
+    return {d: RpoFacts(int(n), epoch(int(last)), None if longest is None else timedelta(seconds=int(longest)),
+                        epoch(int(first)))
+            for d, n, last, longest, first in conn.execute(q).all()}
 
 
 def observations(conn: Connection, *, start: datetime, end: datetime,
@@ -463,6 +465,12 @@ def observations(conn: Connection, *, start: datetime, end: datetime,
         since, latest = starts.get(d, (None, None))
         out[d] = disk_observation(since, latest, facts.get(d), end=end)
     return out
+
+
+def period_observations(conn: Connection, *, start: datetime, end: datetime) -> dict[str, DiskObservation]:
+    """Returns what was observed of every disk's policies' runs due in [start, end), from those runs alone (see
+    `invocations.period_observation`): a disk without one is not in it."""
+    return {d: period_observation(f, end=end) for d, f in rpo_facts(conn, start=start, end=end).items()}
 
 
 DiskDetail = tuple[DiskHistory, DiskObservation | None, list[Invocation]]
@@ -721,7 +729,7 @@ def period_data(conn: Connection, *, start: datetime, end: datetime, lookback: d
                            .join(findings, findings.c.fingerprint == e.fingerprint)
                            .where(e.at < end).order_by(e.fingerprint, e.at, e.id)).all()]
     until = end if now is None else max(min(end, now), start)
-    return PeriodData(polls, verdicts, names, events, observations(conn, start=start, end=until))
+    return PeriodData(polls, verdicts, names, events, period_observations(conn, start=start, end=until))
 
 
 # ---- the evidence export's inputs ------------------------------------------------------------------------------
