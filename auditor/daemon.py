@@ -247,6 +247,7 @@ class _Daemon:
         self.reloading = asyncio.Lock()  # one reload at a time, in the order the signals came
         self.background: set[asyncio.Task[None]] = set()  # reloads, and closing what reloads replaced
         self.cycles = CycleMetrics(is_leader=False)
+        self.cycles.leading = self.leads_now
         # One login throttle for the process: a reload (which builds a new API application) keeps its waits.
         self.logins = LoginThrottle()
         self.services: Services | None = None
@@ -282,8 +283,15 @@ class _Daemon:
 
     def _leadership(self) -> dict[str, Any]:
         holder = self.services.holder if self.services is not None else None
-        return {"leader": self.is_leader, "leader_epoch": self.leader_epoch,
+        return {"leader": self.leads_now(), "leader_epoch": self.leader_epoch,
                 "replica": holder.describe() if holder else None}
+
+    def leads_now(self) -> bool:
+        """Whether this process leads at this instant: it took the lead and its term holds by its own clock. A
+        process that wakes from a pause answers False at once (its lease was renewed more than leader_ttl ago),
+        before its leadership loop has even looked, so /readyz and /metrics never show two leaders."""
+        term = self.term
+        return self.is_leader and term is not None and self.holds(term)
 
     # ---- leadership ---------------------------------------------------------------------------------------
 

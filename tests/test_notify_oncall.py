@@ -314,9 +314,11 @@ def test_ctrl_c_during_a_hold_resolves_at_once_and_reports_each_channel(receiver
     config = tmp_path / "auditor.toml"
     config.write_text(f'[[notifiers]]\nkind = "pagerduty"\nname = "pd"\nrouting_key = "R0UTING"\n'
                       f'events_url = "{receiver.url}/v2/enqueue"\n')
+    # SIGINT's default action in the child, as in a terminal: pytest-xdist workers ignore SIGINT, and an ignored
+    # signal stays ignored across exec (as for a background job of a shell script).
     proc = subprocess.Popen([sys.executable, "-m", "auditor", "notify", "test", "--hold", "10m", "--config",
                              str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=clean_env())
+                            env=clean_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout is not None
     first = proc.stdout.readline()  # printed once the trigger was accepted
     assert first.startswith("holding the test alert firing on pd for 10m"), first

@@ -77,8 +77,9 @@ class _Snapshot(Collector):
         yield CounterMetricFamily("auditor_delivery_errors", "Unexpected errors while delivering a notification "
                                   "(the entry was put back for a later round).", value=c.delivery_errors)
         if c.is_leader is not None:
+            leads = c.leading() if c.leading is not None else c.is_leader
             yield GaugeMetricFamily("auditor_leader", "1 while this replica is the leader (runs the schedule and "
-                                    "the alert delivery), else 0.", value=1 if c.is_leader else 0)
+                                    "the alert delivery), else 0.", value=1 if leads else 0)
             yield GaugeMetricFamily("auditor_leader_epoch", "The leader lease's epoch as this replica last saw it "
                                     "(grows by one with every new leader term; 0 before the first look).",
                                     value=c.leader_epoch)

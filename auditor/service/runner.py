@@ -45,6 +45,9 @@ class CycleMetrics:
     heartbeat_failures: int = 0
     delivery_errors: int = 0
     is_leader: bool | None = None  # None: not a daemon (no leadership)
+    # A daemon's live answer to "do I lead now?" (its term, by its own clock): what /metrics shows, so a process
+    # that wakes from a pause never reports itself leader before it has learnt it no longer is.
+    leading: Callable[[], bool] | None = None
     leader_epoch: int = 0  # the leader lease's epoch as this replica last saw it (led or followed)
 
     def _observe(self, seconds: float) -> None:
