@@ -119,6 +119,16 @@ def token_forms(token: str) -> list[str]:
         for encode in (base64.b64encode, base64.urlsafe_b64encode):
             text = encode(raw).decode("ascii")
             forms += [text, text.rstrip("=")]
+            # Inside a longer encoded text (`base64("Bearer " + token)`, a whole header or body encoded), the token
+            # starts at any of three byte offsets: the characters that depend on its bytes alone, at each offset.
+            for offset, skip in ((1, 2), (2, 3)):
+                core = encode(b"\0" * offset + raw).decode("ascii").rstrip("=")[skip:]
+                if (offset + len(raw)) % 3:
+                    core = core[:-1]  # its last character also holds bits of what follows
+                if len(core) >= 8:
+                    forms.append(core)
+            if len(raw) % 3 and len(text.rstrip("=")) > 8:
+                forms.append(text.rstrip("=")[:-1])
     return list(dict.fromkeys(forms))
 
 

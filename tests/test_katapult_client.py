@@ -669,6 +669,32 @@ async def test_a_token_echoed_in_a_write_answers_description_or_detail_is_redact
         assert TOKEN not in text and encoded.rstrip("=") not in text
 
 
+@pytest.mark.parametrize("prefix", ["", "Bearer ", "Bearer  ", "Authorization: Bearer "])
+@pytest.mark.parametrize("suffix", ["", "\n", "!?"])
+async def test_a_token_inside_a_longer_base64_text_is_redacted_at_any_offset(prefix: str, suffix: str) -> None:
+    # base64 of a whole header or body: the token starts at any of three byte offsets of the encoded text.
+    blobs = [encode(f"{prefix}{TOKEN}{suffix}".encode()).decode() for encode in (base64.b64encode,
+                                                                                  base64.urlsafe_b64encode)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = {"error": {"code": "validation_error", "description": " ".join(blobs), "detail": {"errors": blobs}}}
+        return httpx.Response(422, content=json.dumps(body))
+
+    async with KatapultClient(base_url=BASE, token=TOKEN, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(KatapultAPIError) as info:
+            await client.write("PATCH", "/disk_backup_policies/disk_backup_policy", {}, target="disk_x")
+    shown = str(info.value) + repr(info.value.detail) + info.value.description
+    for blob in blobs:
+        decodable = [w for w in shown.replace("[redacted]", " ").split() if len(w) >= 8]
+        for word in decodable:  # what is left of an encoded text never decodes to the token
+            for decode in (base64.b64decode, base64.urlsafe_b64decode):
+                try:
+                    assert TOKEN.encode() not in decode(word + "=" * (-len(word) % 4))
+                except (ValueError, TypeError):
+                    continue
+        assert blob not in shown
+
+
 # ---------------------------------------------------------------- real loopback sockets
 
 

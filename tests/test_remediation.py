@@ -554,7 +554,8 @@ def b64(text: str) -> str:
 
 # Every form in which an answer below carries a token (the base64 forms are what a server quoting a decoded
 # credential shows).
-SECRET_FORMS = (READ_SECRET, WRITE_SECRET, b64(READ_SECRET), b64(WRITE_SECRET))
+SECRET_FORMS = (READ_SECRET, WRITE_SECRET, b64(READ_SECRET), b64(WRITE_SECRET), b64(f"Bearer {WRITE_SECRET}"),
+                b64(f"Bearer {READ_SECRET}"))
 
 
 def echoing_tokens(request: Request, status: int, body: Any) -> Answer | None:
@@ -563,7 +564,9 @@ def echoing_tokens(request: Request, status: int, body: Any) -> Answer | None:
         return None
     return wrapped_error(422, "validation_error", f"bad token {READ_SECRET}", {
         "errors": [f"token {WRITE_SECRET} rejected", f"Bearer {b64(WRITE_SECRET)}", f"seen {b64(READ_SECRET)}"],
-        "echo": {f"Bearer {WRITE_SECRET}": [READ_SECRET]}})
+        "echo": {f"Bearer {WRITE_SECRET}": [READ_SECRET]},
+        # The whole Authorization value encoded: the token sits at another byte offset of the encoded text.
+        "headers": [b64(f"Bearer {WRITE_SECRET}"), b64(f"Bearer {READ_SECRET}")]})
 
 
 def assert_no_secret(where: str, data: bytes | str) -> None:
@@ -603,7 +606,10 @@ async def test_a_write_answer_echoing_the_tokens_is_recorded_and_shown_without_t
             assert stored[0]["response"] == {"status_code": 422, "error": {
                 "code": "validation_error", "description": "bad token [redacted]",
                 "detail": {"errors": ["token [redacted] rejected", "Bearer [redacted]", "seen [redacted]"],
-                           "echo": {"Bearer [redacted]": ["[redacted]"]}}}}
+                           "echo": {"Bearer [redacted]": ["[redacted]"]},
+                           # The encoded "Bearer " is left, and the character that mixes the token's last bits
+                           # with what follows; the token is gone.
+                           "headers": ["QmVhcmVyIG[redacted]", "QmVhcmVyIG[redacted]s="]}}}
             rows = await services.store.read(lambda conn: conn.execute(text("SELECT * FROM remediations")).all())
             assert len(rows) == 5
             assert_no_secret("the remediations table", repr(rows))
@@ -741,6 +747,34 @@ async def test_apply_creates_nothing_on_a_vm_that_now_holds_an_exempt_disk(sqlit
         assert [r.status for r in outcome.results] == [RemediationStatus.APPLIED]
         assert len(site.fleet.policy_ids_of_disk(site.disks["c"])) == 1
         assert site.fleet.policy_ids_of_vm("vm_appappappappap1") == []
+
+
+async def test_apply_sees_a_waiver_or_a_tier_added_to_the_configuration_since_the_last_audit(
+        sqlite_url: str) -> None:
+    site = vm_fleet()
+    transport = httpx.ASGITransport(app=create_app(site.fleet))
+    api = "http://fake/core/v1"
+    async with wired(settings_for(sqlite_url, site, api, waivers=[]), transport=transport) as (services, w):
+        await run_cycle(services)
+        plan = await make_plan(services, only=PlanFilter(disk=site.disks["a"]))
+        (change,) = plan["changes"]
+    # No audit since: a waiver in the configuration apply runs with names disk b (on the same VM as a).
+    waived = settings_for(sqlite_url, site, api, waivers=[waiver("retention-below-minimum", site.disks["b"])])
+    async with wired(waived, transport=transport) as (services, w):
+        outcome = await apply_plan(services, document=plan, writer=w, actor=ACTOR, reaudit=False)
+        (result,) = outcome.results
+        assert result.status is RemediationStatus.STALE, result
+        assert f"{site.disks['b']} (waived)" in (result.reason or "")
+        assert site.fleet.policies["dbp_shared"].retention == 3
+    # No audit since: the tiers changed (one may now exempt a disk the plan touches): apply refuses it whole.
+    tiered = settings_for(sqlite_url, site, api, waivers=[], tiers=[LAB])
+    async with wired(tiered, transport=transport) as (services, w):
+        with pytest.raises(PlanError, match=r"\[\[tiers\]\] changed since the last audit"):
+            await apply_plan(services, document=plan, writer=w, actor=ACTOR, reaudit=False)
+        assert site.fleet.policies["dbp_shared"].retention == 3
+        await run_cycle(services)  # audited under the new tiers: the plan may be applied
+        outcome = await apply_plan(services, document=plan, writer=w, actor=ACTOR, reaudit=False)
+        assert [r.status for r in outcome.results] == [RemediationStatus.APPLIED], outcome.results
 
 
 # ---- templates: their cadence and their integers ----------------------------------------------------------------

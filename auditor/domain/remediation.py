@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from auditor.domain.models import BackupPolicy, Schedule, TargetType, TrackedFinding
+from auditor.domain.models import BackupPolicy, Schedule, TargetType, TrackedFinding, Waiver
 from auditor.domain.records import DiskRecord, PolicyStateRecord
 from auditor.domain.rules import RULES, Applied
 from auditor.vocabulary import (
@@ -145,6 +145,9 @@ class DiskState:
     disk: DiskRecord
     policies: tuple[PolicyStateRecord, ...]
     findings: tuple[TrackedFinding, ...]
+    # The waivers of the configuration in force now that name this disk (the findings' statuses are the last
+    # audit's: a waiver added since is seen here, before any audit).
+    waivers: tuple[Waiver, ...] = ()
 
     @property
     def exempt(self) -> bool:
@@ -153,8 +156,8 @@ class DiskState:
 
     @property
     def waived(self) -> bool:
-        """Returns whether any finding against the disk is waived."""
-        return any(f.status is FindingStatus.WAIVED for f in self.findings)
+        """Returns whether any finding against the disk is waived, or a waiver in force names the disk."""
+        return bool(self.waivers) or any(f.status is FindingStatus.WAIVED for f in self.findings)
 
     @property
     def left_alone(self) -> str | None:

@@ -19,8 +19,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from auditor import __version__
-from auditor.config import Settings
-from auditor.domain.models import BackupPolicy, TargetType
+from auditor.config import Settings, redacted_config
+from auditor.domain.models import BackupPolicy, TargetType, Waiver
 from auditor.domain.periods import parse_instant
 from auditor.domain.remediation import (
     CREATE_ON_VM,
@@ -52,7 +52,7 @@ from auditor.errors import (
 )
 from auditor.katapult import KatapultClient
 from auditor.log import Redactor
-from auditor.service.configuration import template_problems, templates_from
+from auditor.service.configuration import template_problems, templates_from, waivers_from
 from auditor.service.cycle import AuditOutcome, run_cycle
 from auditor.service.services import Services
 from auditor.store import queries, writes
@@ -91,8 +91,25 @@ def _states(services: Services, inputs: queries.PlanInputs) -> list[DiskState]:
     by_disk: dict[str, list[Any]] = {}
     for f in inputs.findings:
         by_disk.setdefault(f.disk_id, []).append(f)
-    return [DiskState(disk, tuple(inputs.policies.get(disk_id, ())), tuple(by_disk.get(disk_id, ())))
-            for disk_id, disk in inputs.disks.items()]
+    # The waivers in force now, from the configuration this process runs with, not only the last audit's.
+    waivers: dict[str, list[Waiver]] = {}
+    for w in waivers_from(services.settings, now=services.clock())[0]:
+        waivers.setdefault(w.disk_id, []).append(w)
+    return [DiskState(disk, tuple(inputs.policies.get(disk_id, ())), tuple(by_disk.get(disk_id, ())),
+                      tuple(waivers.get(disk_id, ()))) for disk_id, disk in inputs.disks.items()]
+
+
+async def check_tiers_audited(services: Services) -> None:
+    """Raises PlanError when the [[tiers]] in force differ from those of the last audit: which disks are exempt
+    (and by which rules the others are judged) is what that audit recorded, so a plan made or applied after the tiers
+    changed could touch a disk they now exempt. An audit, then a new plan, settles it."""
+    last = await services.store.read(queries.config_before, at=services.clock() + timedelta(days=1))
+    if last is None:
+        return  # no audit recorded its configuration: nothing to compare (the plan holds no change then)
+    if last.settings.get("tiers") != redacted_config(services.settings).get("tiers"):
+        raise PlanError("[[tiers]] changed since the last audit (which disks are exempt, and by which rules the "
+                        "others are judged, is what that audit recorded): run `auditor audit --once`, then make a "
+                        "new plan")
 
 
 def check_filter(settings: Settings, only: PlanFilter) -> None:
@@ -281,6 +298,7 @@ async def apply_plan(services: Services, *, document: dict[str, Any], writer: Ka
     scrub = client.redactor | writer.redactor
     plan_hash = str(document["hash"])
     limit = services.settings.remediation.max_changes
+    await check_tiers_audited(services)
     inputs = await services.store.read(queries.plan_inputs)
     states = {s.disk.id: s for s in _states(services, inputs)}
     outcome = ApplyOutcome()
@@ -347,7 +365,8 @@ async def _apply_one(services: Services, change: dict[str, Any], disks: list[str
                          now=now)
         return ChangeResult(change, status, reason, **extra)
 
-    # Never touch a disk that is now exempt or has a waived finding (the store as the last audit left it).
+    # Never touch a disk that is now exempt (as the last audit recorded it, under the tiers in force) or waived (a
+    # waived finding, or a waiver in force now names it).
     for disk in disks:
         state = states.get(disk)
         if state is not None and state.left_alone is not None:
