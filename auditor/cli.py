@@ -618,7 +618,7 @@ def print_compliance(report: dict[str, Any], fmt: str) -> None:
 
 def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> None:
     """Prints the period report as rich tables (the least compliant disks only; json/csv list every disk)."""
-    from auditor.render.compliance import format_pct, measured_note, worst_disks
+    from auditor.render.compliance import cycles_text, format_pct, measured_note, worst_disks
 
     duration = partial(format_duration, style="report")
     console = _out()
@@ -629,9 +629,8 @@ def print_compliance_table(report: dict[str, Any], *, max_disks: int = 20) -> No
     if note:
         console.print(note, markup=False)
     console.print(f"fleet time in compliance {format_pct(f['compliance_pct'])} over {f['disks']} disk(s); coverage "
-                  f"{format_pct(c['coverage_pct'])}: {c['completed_cycles']} of {c['scheduled_cycles']} scheduled "
-                  f"cycles completed ({c['partial_cycles']} partial, {c['failed_cycles']} failed), no data for "
-                  f"{duration(c['no_data_seconds'])}", markup=False)
+                  f"{format_pct(c['coverage_pct'])}: {cycles_text(c)}, no data for {duration(c['no_data_seconds'])}",
+                  markup=False)
     day_columns = ("date", "coverage", "compliance", "noncompliant disk-time", "unknown disk-time")
     print_table(console, day_columns, [
         (d["date"], format_pct(d["coverage_pct"]), format_pct(d["compliance_pct"]),

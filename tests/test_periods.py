@@ -450,3 +450,11 @@ def test_no_data_is_never_compliant_in_the_period_report(world: World, now: int)
     assert sum(g["seconds"] for g in coverage["gaps"]) == coverage["no_data_seconds"]
     assert all(g["to"] <= report["period"]["measured_to"] for g in coverage["gaps"])
     assert sum(day["seconds"] for day in report["fleet"]["by_day"]) == (until - start) * 60
+
+
+def test_cycles_text_never_says_of_0_scheduled() -> None:
+    from auditor.render.compliance import cycles_text
+
+    short = {"completed_cycles": 3, "scheduled_cycles": 0, "partial_cycles": 1, "failed_cycles": 0}
+    assert cycles_text(short) == "3 cycle(s) completed (less than one audit interval measured) (1 partial, 0 failed)"
+    assert cycles_text({**short, "scheduled_cycles": 96}) == "3 of 96 scheduled cycles completed (1 partial, 0 failed)"

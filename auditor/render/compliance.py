@@ -42,6 +42,15 @@ def format_pct(value: float | None) -> str:
     return format_percent(value, decimals=3, sep=" ")
 
 
+def cycles_text(coverage: Mapping[str, Any]) -> str:
+    """Returns how many cycles completed of those scheduled ("3 of 96 scheduled cycles completed (1 partial, 0
+    failed)"); when less than one audit interval was measured none was scheduled, and it says so instead of "of 0"."""
+    c = coverage
+    done = (f"{c['completed_cycles']} of {c['scheduled_cycles']} scheduled cycles completed" if c["scheduled_cycles"]
+            else f"{c['completed_cycles']} cycle(s) completed (less than one audit interval measured)")
+    return f"{done} ({c['partial_cycles']} partial, {c['failed_cycles']} failed)"
+
+
 def rpo_text(rpo: Mapping[str, Any]) -> str:
     """Returns the fleet's observed RPO in words: p50, p95 and max over the disks that have one."""
     if not rpo["disks"]:
@@ -74,9 +83,8 @@ def compliance_markdown(report: Mapping[str, Any], *, max_disks: int = 100) -> s
     lines = [f"# Backup-policy compliance {p['from']} – {p['to']}", "", f"Generated {report['generated_at']}.", "",
              *([note, ""] if note else []),
              f"- Fleet time in compliance: **{format_pct(f['compliance_pct'])}** over {f['disks']} disk(s)",
-             f"- Coverage: {format_pct(c['coverage_pct'])} of the period checked; {c['completed_cycles']} of "
-             f"{c['scheduled_cycles']} scheduled cycles completed ({c['partial_cycles']} partial, "
-             f"{c['failed_cycles']} failed); no data for {_duration(c['no_data_seconds'])}",
+             f"- Coverage: {format_pct(c['coverage_pct'])} of the period checked; {cycles_text(c)}; no data for "
+             f"{_duration(c['no_data_seconds'])}",
              f"- Observed RPO: {rpo_text(f['observed_rpo'])}", ""]
     if c["gaps"]:
         lines += ["## Gaps (no data)", "", "| from | to | length |", "|---|---|---|"]

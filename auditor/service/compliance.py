@@ -103,7 +103,8 @@ async def read_period_report(services: Services, *, start: datetime | None = Non
 
     ValueError (one line, naming the problem) when the period is not one `resolve_period` accepts.
     """
-    now = services.clock()
+    # Whole seconds: the period's measured end, its length and every figure then agree to the second.
+    now = services.clock().replace(microsecond=0)
     period = resolve_period(start=start, end=end, now=now, span=span)
     waivers, _ = configured_waivers(services.settings.waivers)
     data = await read_period_data(services, period=period)
