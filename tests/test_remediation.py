@@ -520,6 +520,31 @@ async def test_a_rehashed_hand_edited_plan_still_never_lowers_a_retention_or_slo
         assert change["precondition"]["retention"] == 3
 
 
+async def test_a_rehashed_hand_edited_create_never_makes_a_policy_that_is_itself_a_finding(sqlite_url: str) -> None:
+    from auditor.domain.remediation import content_hash
+
+    site = build_fleet()
+    transport = httpx.ASGITransport(app=create_app(site.fleet))
+    async with wired(settings_for(sqlite_url, site, "http://fake/core/v1"), transport=transport) as (services, w):
+        await run_cycle(services)
+        plan = await make_plan(services, only=PlanFilter(disk=site.disks["bare"]))
+        (change,) = plan["changes"]
+        assert change["request"]["method"] == "POST"
+        edits = {"retention 1": {"retention": 1},
+                 "monthly": {"schedule": {**change["request"]["body"]["properties"]["schedule"],
+                                          "interval": "monthly"}},
+                 "daily × 7": {"schedule": {**change["request"]["body"]["properties"]["schedule"], "frequency": 7}}}
+        for name, props in edits.items():
+            edited = copy.deepcopy(plan)
+            edited["changes"][0]["request"]["body"]["properties"].update(props)
+            edited["hash"] = content_hash(edited)
+            outcome = await apply_plan(services, document=edited, writer=w, actor=ACTOR, reaudit=False)
+            (result,) = outcome.results
+            assert result.status is RemediationStatus.STALE, (name, result)
+            assert "would itself break" in (result.reason or ""), (name, result.reason)
+        assert site.fleet.policy_ids_of_disk(site.disks["bare"]) == []  # nothing was created
+
+
 async def test_pruning_drops_old_attempts_but_never_an_unsettled_intent(store: Any) -> None:
     from auditor.store import writes
     from auditor.store.pruning import delete_history_before

@@ -540,6 +540,27 @@ def request_of(change: Mapping[str, Any]) -> dict[str, Any]:
             "body": {"disk_backup_policy": {"id": change["precondition"]["policy_id"]}, "properties": props}}
 
 
+def breaks_rules(change: Mapping[str, Any], current: Mapping[str, Any], applied: Mapping[str, Applied], *,
+                 now: datetime) -> str | None:
+    """Returns why the policy the change leaves (a create's properties; a patch's over the policy as re-read,
+    `current`) would itself be a finding of a disk it covers (`applied`: each disk's rules) — or None. A plan's
+    changes come from templates `check-config` checked; an edited plan's might not."""
+    props = change["request"]["body"].get("properties", {})
+    schedule = props.get("schedule") or {}
+    raw = (props.get("retention", current.get("retention")), schedule.get("interval", current.get("interval")),
+           schedule.get("frequency", 1))
+    try:
+        retention, interval, frequency = int(raw[0]), Interval(str(raw[1])), int(raw[2])
+    except (TypeError, ValueError):
+        return f"the write's retention or schedule is not one a policy can have {raw!r}: refused"
+    for disk, rules in sorted(applied.items()):
+        broken = violations(retention, interval, rules, now=now, frequency=frequency)
+        if broken:
+            return (f"the policy would itself break {', '.join(broken)} on disk {disk} (retention {retention}, "
+                    f"{interval.value} × {frequency}): refused")
+    return None
+
+
 def weakens(change: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
     """Returns why applying the change would weaken the policy as re-read (`current`: retention, interval) — fewer
     backups kept or a less frequent schedule — or None. A plan never proposes that; an edited one might."""

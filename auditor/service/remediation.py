@@ -28,6 +28,7 @@ from auditor.domain.remediation import (
     PLAN_VERSION,
     DiskState,
     PlanFilter,
+    breaks_rules,
     build_plan,
     check_precondition,
     content_hash,
@@ -388,6 +389,10 @@ async def _apply_one(services: Services, change: dict[str, Any], disks: list[str
     weaker = weakens(change, check.current)
     if weaker is not None:
         return await record(RemediationStatus.STALE, weaker)
+    rules = {d: _applied(services, d, states[d].disk.tier if d in states else None) for d in disks}
+    unsound = breaks_rules(change, check.current, rules, now=services.clock())
+    if unsound is not None:
+        return await record(RemediationStatus.STALE, unsound)
     kept_off = left_alone(states[d] for d in on_vm if d in states and d not in disks)
     if kept_off:
         return await record(RemediationStatus.STALE, f"VM {vm} now also holds {', '.join(kept_off)}, which no "
