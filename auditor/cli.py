@@ -503,13 +503,11 @@ def run_cmd(config_path: Path | None) -> None:
 
 def _hold_hangups() -> list[int]:
     """Catches SIGHUP until the daemon installs its own handler (operators send it to reload: it must never end the
-    process while it starts); returns the list each one is noted in."""
-    import signal
+    process while it starts); returns the list each one is noted in. The `auditor` command and `python -m auditor`
+    already hold it from their first step (`auditor.entry`); this covers the CLI called any other way."""
+    from auditor.entry import hold_hangups
 
-    noted: list[int] = []
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, lambda signum, _frame: noted.append(signum))
-    return noted
+    return hold_hangups()
 
 
 # ---- report / findings / history ------------------------------------------------------------------------

@@ -650,13 +650,15 @@ class _Daemon:
             await self._put_in_force(settings)
             self.config.succeeded(config_fingerprint(settings))
             tokens = (katapult_token.get_secret_value(), api_token.get_secret_value() if api_token else None)
-            changed = [*plan.changed, *(name for (name, section), before, after in zip(
-                (("the Katapult token", "katapult.api_token"), ("the API token", "api.token")), self.tokens, tokens,
-                strict=True) if before != after and not any(k.startswith(section) for k in plan.changed))]
+            # A token file's new content changes no setting: said by itself (never its value), with when it counts.
+            token_news = [f"{name} changed ({when})" for (name, section, when), before, after in zip(
+                (("the Katapult token", "katapult.api_token", "used from the next cycle"),
+                 ("the API token", "api.token", "in force now")), self.tokens, tokens, strict=True)
+                if before != after and not any(k.startswith(section) for k in plan.changed)]
             self.tokens = tokens
+            said = [", ".join(plan.changed) + " take(s) effect from the next cycle"] if plan.changed else []
             log.info("configuration reloaded (%s): %s", self.config.fingerprint,
-                     ", ".join(changed) + " take(s) effect from the next cycle" if changed
-                     else "nothing that can be reloaded changed")
+                     "; ".join(said + token_news) or "nothing that can be reloaded changed")
             return True
 
     async def _put_in_force(self, settings: Settings) -> None:

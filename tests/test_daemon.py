@@ -381,7 +381,7 @@ def test_sighup_after_a_token_file_changed_says_the_token_changed(setup: Callabl
     # Only the file's content changes: no setting differs, but the token does, and the log says so (never its value).
     token_file.write_text("second-api-token-from-a-file\n")
     [reloaded] = [m for m in hangup(daemon, expect="configuration reloaded") if "configuration reloaded" in m]
-    assert "the API token take(s) effect" in reloaded, reloaded
+    assert "the API token changed (in force now)" in reloaded, reloaded
     assert "second-api-token" not in daemon.stderr and "first-api-token" not in daemon.stderr
     new = get(f"{base}/api/v1/report", headers={"Authorization": "Bearer second-api-token-from-a-file"})
     old = get(f"{base}/api/v1/report", headers={"Authorization": "Bearer first-api-token-from-a-file"})

@@ -677,10 +677,16 @@ def test_a_leader_paused_mid_delivery_sends_nothing_more_when_it_wakes(cluster: 
     keys_before = {_key(r) for r in cluster.receiver.requests[:before_wake]}
     repeated = [_key(r) for r in cluster.receiver.requests[before_wake:] if _key(r) in keys_before]
     assert not repeated, f"the woken leader sent again what the next leader had delivered: {repeated}"
-    assert any("no longer the leader" in m for m in paused.messages()), paused.tail()
     cluster.settle()
     time.sleep(0.5)
-    assert_delivered_once(cluster.receiver.requests, outbox(cluster.url), resent=in_flight)
+    # Only what was in flight at the pause can arrive twice (sent by the paused leader, again by the next one); what
+    # it had sent and recorded before the pause arrived once.
+    counts = collections.Counter(_key(r) for r in cluster.receiver.requests)
+    twice = frozenset(k for k, n in counts.items() if n > 1 and k)
+    assert twice <= in_flight and max(counts.values()) <= 2, (twice, in_flight)
+    assert_delivered_once(cluster.receiver.requests, outbox(cluster.url), resent=twice)
+    wait_for("the woken process to step down", lambda: True if any("no longer the leader" in m for m in
+             paused.messages()) else None, alive=cluster.live())
 
 
 def _leader_mid_cycle(cluster: Cluster) -> tuple[int, Proc, str]:

@@ -161,8 +161,8 @@ def _config_metrics(config: ConfigStatus) -> Iterator[Metric]:
                             "reload (Unix time).", value=config.loaded_at)
     yield CounterMetricFamily("auditor_config_reload_failures", "Configuration reloads refused because the file "
                               "or the environment was invalid.", value=config.reload_failures)
-    info = GaugeMetricFamily("auditor_config_info", "The configuration in force: the first 12 hex digits of the "
-                             "SHA-256 of its canonical JSON, secrets redacted.", labels=["fingerprint"])
+    info = GaugeMetricFamily("auditor_config_info", "The configuration in force: the SHA-256 (64 hex digits) of "
+                             "its canonical JSON, secrets redacted.", labels=["fingerprint"])
     info.add_metric([config.fingerprint], 1)
     yield info
 

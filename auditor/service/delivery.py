@@ -39,6 +39,7 @@ class DeliveryReport:
     released: int = 0
     errors: int = 0  # unexpected exceptions (logged whole; the entry was released for a later round)
     abandoned: int = 0  # claimed but left unsent: the term ended mid-round (the next leader sends them)
+    unrecorded: int = 0  # sent, but the record was refused (the claim had ended): the next leader sends it again
 
 
 class _ClaimLost(Exception):
@@ -114,8 +115,9 @@ async def deliver_due(services: Services, *, limit: int = 200, term: Term | None
             return next_at
         if not await outbox.mark_delivered(d.id, now=clock(), status=result.status_code, detail=result.detail,
                                            worker=worker, term=term):
-            log.warning("notification %s to %s was delivered after its claim expired", d.id, name)
-            report.delivered += 1
+            log.warning("notification %s to %s was sent after this process's claim ended: not recorded here, the "
+                        "next leader sends it again (same Idempotency-Key)", d.id, name)
+            report.unrecorded += 1
             raise _ClaimLost
         report.delivered += 1
         return None
@@ -156,7 +158,8 @@ async def deliver_due(services: Services, *, limit: int = 200, term: Term | None
     if claimed:
         log.info("delivery round: %d delivered, %d to retry, %d failed, %d errors%s", report.delivered,
                  report.retried, report.failed, report.errors,
-                 f", {report.abandoned} left to the next leader" if report.abandoned else "")
+                 (f", {report.unrecorded} sent but not recorded" if report.unrecorded else "")
+                 + (f", {report.abandoned} left to the next leader" if report.abandoned else ""))
     return report
 
 

@@ -36,7 +36,8 @@ async def abandon_orphans(services: Services) -> list[str]:
                                       interval=settings.audit.interval, runbook_url=settings.notify.runbook_url)
             await tx.run(writes.enqueue, plan.entries, plan.states, run_id=abandoned[-1], now=now)
     if abandoned:
-        sweep_log.warning("marked %d run(s) left running by a process that is gone as failed: %s", len(abandoned),
+        sweep_log.warning("marked %d run(s) failed (abandoned): left running under a cycle lease that expired (its "
+                          "process is gone, or was paused past it): %s", len(abandoned),
                           ", ".join(abandoned))
     return abandoned
 

@@ -54,8 +54,8 @@ async def keep_cycle_lease(services: Services, *, term: Term) -> None:
         await asyncio.sleep(ttl.total_seconds() / 3)
         try:
             if not await services.leases.renew(term, now=services.clock(), ttl=ttl):
-                log.error("the cycle lease was lost (expired and taken by another process); this cycle's "
-                          "commit will be refused")
+                log.error("the cycle lease was lost (it expired: this process was paused past it or could not "
+                          "renew it, or another process took it): the cycle stops and writes nothing")
                 return
         except StoreError as exc:
             log.warning("could not renew the cycle lease: %s", exc)
