@@ -191,6 +191,11 @@ async def _while_held(work: Coroutine[Any, Any, AuditOutcome], renewer: asyncio.
         with contextlib.suppress(asyncio.CancelledError):
             await task
         raise
+    if not task.done() and not renewer.cancelled() and renewer.exception() is not None:
+        # The renewer broke (a bug, not a lost lease): the work goes on, and its commit's fence still decides.
+        log.error("the cycle lease renewer broke: %r; the cycle goes on, its commit checks the lease",
+                  renewer.exception())
+        return await task
     if not task.done():
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

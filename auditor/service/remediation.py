@@ -104,7 +104,7 @@ async def check_tiers_audited(services: Services) -> None:
     """Raises PlanError when the [[tiers]] in force differ from those of the last audit: which disks are exempt
     (and by which rules the others are judged) is what that audit recorded, so a plan made or applied after the tiers
     changed could touch a disk they now exempt. An audit, then a new plan, settles it."""
-    last = await services.store.read(queries.config_before, at=services.clock() + timedelta(days=1))
+    last = await services.store.read(queries.config_before, at=services.clock() + timedelta(days=1), judged=True)
     if last is None:
         return  # no audit recorded its configuration: nothing to compare (the plan holds no change then)
     if last.settings.get("tiers") != redacted_config(services.settings).get("tiers"):

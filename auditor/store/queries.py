@@ -773,11 +773,14 @@ def policy_states_during(conn: Connection, *, start: datetime, end: datetime) ->
     return [state_record(r) for r in conn.execute(q)]
 
 
-def config_before(conn: Connection, *, at: datetime) -> RunConfig | None:
-    """Returns the stored configuration of the latest run started before `at` that recorded one (None: none did)."""
+def config_before(conn: Connection, *, at: datetime, judged: bool = False) -> RunConfig | None:
+    """Returns the stored configuration of the latest run started before `at` that recorded one (None: none did);
+    with `judged`, of the latest complete or partial one (a run that judged disks under it)."""
     q = (select(run_configs.c.fingerprint, run_configs.c.config)
          .join(runs, runs.c.config_fingerprint == run_configs.c.fingerprint)
          .where(runs.c.started_at < at).order_by(runs.c.started_at.desc(), runs.c.seq.desc()).limit(1))
+    if judged:
+        q = q.where(runs.c.status.in_([RunStatus.COMPLETE.value, RunStatus.PARTIAL.value]))
     row = conn.execute(q).first()
     return RunConfig(row.fingerprint, dict(row.config)) if row is not None else None
 
